@@ -1,0 +1,355 @@
+//! The agent's operations. Each change is validated against the whole state first, then
+//! committed to the store, then applied to the datapath; if the datapath refuses, the store and
+//! maps are put back, so a change is applied whole or not at all.
+use std::{collections::HashSet, net::IpAddr};
+
+use nv_common::{DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, v4_mapped};
+use tracing::{info, warn};
+
+use crate::{
+    config::Config,
+    datapath::{Datapath, Desired},
+    error::{NvError, Result, invalid},
+    model::{LookupRecord, Provider, ProviderState, validate_ifname},
+    netlink::Netlink,
+    store::{State, Store},
+};
+
+pub struct Agent {
+    uplink: String,
+    max_lookups: u32,
+    store: Store,
+    datapath: Datapath,
+    netlink: Netlink,
+}
+
+/// A record's move to another host or port: HNV migration, one change.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveRequest {
+    pub vsid: u32,
+    pub ca: IpAddr,
+    pub pa: IpAddr,
+    #[serde(default)]
+    pub port: Option<String>,
+}
+
+fn addr16(ip: IpAddr) -> nv_common::Addr {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn describe(r: &LookupRecord) -> String {
+    match &r.name {
+        Some(n) => format!("VSID {} CA {} ({n})", r.vsid, r.ca),
+        None => format!("VSID {} CA {}", r.vsid, r.ca),
+    }
+}
+
+impl Agent {
+    /// Opens the store, loads the datapath (reusing pins) and reconciles the maps with the store.
+    pub async fn start(config: &Config) -> Result<Agent> {
+        let uplink = config
+            .uplink
+            .clone()
+            .ok_or_else(|| invalid("no uplink configured: pass --uplink IFNAME or set uplink in the config file"))?;
+        let netlink = Netlink::connect()?;
+        if netlink.link(&uplink).await?.is_none() {
+            return Err(invalid(format!("uplink '{uplink}' does not exist on this host")));
+        }
+        let store = Store::open(&config.state_dir)?;
+        let datapath = Datapath::load(&config.pin_path, config.max_lookups)?;
+        let mut agent = Agent {
+            uplink,
+            max_lookups: config.max_lookups,
+            store,
+            datapath,
+            netlink,
+        };
+        agent.reconcile().await?;
+        Ok(agent)
+    }
+
+    /// Brings links, addresses and maps in line with the store: adds what is missing, removes
+    /// what is stale, never flushes.
+    async fn reconcile(&mut self) -> Result<()> {
+        let state = self.store.state().clone();
+        for p in &state.providers {
+            let link = self.require_link(&p.dev, "provider device").await?;
+            if !self.netlink.has_address(link.index, p.provider.pa.addr).await? {
+                warn!("provider address {} was missing from {}; adding it", p.provider.pa, p.dev);
+                self.netlink
+                    .add_address(link.index, p.provider.pa.addr, p.provider.pa.len)
+                    .await?;
+            }
+        }
+        let desired = self.desired(&state).await?;
+        self.datapath.attach_uplink(&self.uplink)?;
+        let ports = ports_of(&state);
+        for port in &ports {
+            self.datapath.attach_port(port)?;
+        }
+        self.datapath.sync(&desired)?;
+        for stale in self.datapath.attached_ports()? {
+            if !ports.contains(&stale) {
+                info!("detaching stale port {stale}");
+                self.datapath.detach_port(&stale)?;
+            }
+        }
+        info!(
+            "reconciled: {} providers, {} lookup records, {} ports",
+            state.providers.len(),
+            state.lookups.len(),
+            ports.len()
+        );
+        Ok(())
+    }
+
+    async fn require_link(&self, name: &str, what: &str) -> Result<crate::netlink::LinkInfo> {
+        self.netlink
+            .link(name)
+            .await?
+            .ok_or_else(|| invalid(format!("unknown {what} '{name}': no such interface on this host")))
+    }
+
+    /// What the maps must hold for `state`.
+    async fn desired(&self, state: &State) -> Result<Desired> {
+        let uplink = self.require_link(&self.uplink, "uplink").await?;
+        let mut d = Desired {
+            config: DatapathConfig {
+                uplink_ifindex: uplink.index,
+                ..DatapathConfig::default()
+            },
+            ..Desired::default()
+        };
+        for p in &state.providers {
+            let link = self.require_link(&p.dev, "provider device").await?;
+            d.local_pas.insert(addr16(p.provider.pa.addr), LocalPa { ifindex: link.index });
+        }
+        for r in &state.lookups {
+            let ifindex = match &r.port {
+                Some(port) => {
+                    let link = self.require_link(port, "port").await?;
+                    d.ports.insert(
+                        link.index,
+                        PortInfo {
+                            vsid: r.vsid,
+                            ca: addr16(r.ca),
+                            pa: addr16(r.pa),
+                            mac: r.mac.0,
+                            _pad: [0; 2],
+                        },
+                    );
+                    link.index
+                }
+                None => 0,
+            };
+            d.lookups.insert(
+                LookupKey {
+                    vsid: r.vsid,
+                    ca: addr16(r.ca),
+                },
+                LookupValue {
+                    pa: addr16(r.pa),
+                    mac: r.mac.0,
+                    method: r.method as u8,
+                    _pad: 0,
+                    ifindex,
+                },
+            );
+        }
+        Ok(d)
+    }
+
+    /// Commits `next` and applies it; on failure puts store and datapath back as they were.
+    async fn apply(&mut self, next: State) -> Result<()> {
+        let prev = self.store.state().clone();
+        let desired = self.desired(&next).await?;
+        let (old_ports, new_ports) = (ports_of(&prev), ports_of(&next));
+        self.store.commit(next)?;
+        let applied = async {
+            for port in new_ports.difference(&old_ports) {
+                self.datapath.attach_port(port)?;
+            }
+            self.datapath.sync(&desired)
+        }
+        .await;
+        if let Err(e) = applied {
+            warn!("datapath refused the change, rolling back: {e}");
+            self.store.commit(prev.clone())?;
+            let old = self.desired(&prev).await?;
+            self.datapath.sync(&old)?;
+            for port in new_ports.difference(&old_ports) {
+                self.datapath.detach_port(port)?;
+            }
+            return Err(e);
+        }
+        for port in old_ports.difference(&new_ports) {
+            self.datapath.detach_port(port)?;
+        }
+        Ok(())
+    }
+
+    pub fn providers(&self) -> Vec<ProviderState> {
+        self.store.state().providers.clone()
+    }
+
+    pub fn lookups(&self) -> Vec<LookupRecord> {
+        self.store.state().lookups.clone()
+    }
+
+    pub fn counters(&self) -> Result<Vec<(nv_common::Counter, u64)>> {
+        self.datapath.counters()
+    }
+
+    pub async fn add_provider(&mut self, p: Provider) -> Result<ProviderState> {
+        if !p.pa.addr.is_ipv4() {
+            return Err(invalid(format!("provider address {} is IPv6: the IPv6 underlay is not supported yet", p.pa)));
+        }
+        if p.pa.addr.is_unspecified() || p.pa.addr.is_multicast() || p.pa.addr.is_loopback() || p.pa.len == 0 {
+            return Err(invalid(format!("provider address {} is not a usable unicast address with a prefix", p.pa)));
+        }
+        let dev = p.dev.clone().unwrap_or_else(|| self.uplink.clone());
+        validate_ifname("device", &dev)?;
+        let mut next = self.store.state().clone();
+        if let Some(existing) = next.providers.iter().find(|e| e.provider.pa.addr == p.pa.addr) {
+            return Err(NvError::Conflict(format!(
+                "provider address {} already exists on {}",
+                existing.provider.pa, existing.dev
+            )));
+        }
+        let link = self.require_link(&dev, "device").await?;
+        let present = self.netlink.has_address(link.index, p.pa.addr).await?;
+        if !present {
+            self.netlink.add_address(link.index, p.pa.addr, p.pa.len).await?;
+        }
+        let state = ProviderState {
+            provider: p.clone(),
+            dev,
+            added_address: !present,
+        };
+        next.providers.push(state.clone());
+        if let Err(e) = self.apply(next).await {
+            if !present {
+                let _ = self.netlink.del_address(link.index, p.pa.addr).await;
+            }
+            return Err(e);
+        }
+        info!("added provider address {} on {}", state.provider.pa, state.dev);
+        Ok(state)
+    }
+
+    pub async fn del_provider(&mut self, pa: IpAddr) -> Result<ProviderState> {
+        let mut next = self.store.state().clone();
+        let idx = next
+            .providers
+            .iter()
+            .position(|p| p.provider.pa.addr == pa)
+            .ok_or_else(|| NvError::NotFound(format!("no provider address {pa}")))?;
+        let users = next.lookups.iter().filter(|r| r.pa == pa && r.port.is_some()).count();
+        if users > 0 {
+            return Err(NvError::Conflict(format!(
+                "provider address {pa} is used by {users} local lookup record(s); delete or move them first"
+            )));
+        }
+        let removed = next.providers.remove(idx);
+        self.apply(next).await?;
+        if removed.added_address
+            && let Some(link) = self.netlink.link(&removed.dev).await?
+        {
+            self.netlink.del_address(link.index, pa).await?;
+        }
+        info!("deleted provider address {}", removed.provider.pa);
+        Ok(removed)
+    }
+
+    /// Checks a record against the state it would join (the record itself already validated).
+    async fn check_placement(&self, state: &State, r: &LookupRecord) -> Result<()> {
+        let local_pa = state.providers.iter().any(|p| p.provider.pa.addr == r.pa);
+        match &r.port {
+            Some(port) => {
+                if *port == self.uplink {
+                    return Err(invalid(format!("port '{port}' is the uplink, not a VM port")));
+                }
+                self.require_link(port, "port").await?;
+                if !local_pa {
+                    return Err(invalid(format!(
+                        "PA {} is not a provider address of this host; a record with --port needs one (add it with `nvctl provider add`)",
+                        r.pa
+                    )));
+                }
+                if let Some(other) = state.lookups.iter().find(|o| o.port.as_deref() == Some(port) && o.key() != r.key()) {
+                    return Err(NvError::Conflict(format!("port '{port}' already belongs to {}", describe(other))));
+                }
+            }
+            None if local_pa => {
+                return Err(invalid(format!(
+                    "PA {} is a provider address of this host: give --port, the VM's port here",
+                    r.pa
+                )));
+            }
+            None => {}
+        }
+        if let Some(other) = state.lookups.iter().find(|o| o.vsid == r.vsid && o.mac == r.mac && o.key() != r.key()) {
+            return Err(NvError::Conflict(format!("MAC {} is already used by {}", r.mac, describe(other))));
+        }
+        Ok(())
+    }
+
+    pub async fn add_lookup(&mut self, r: LookupRecord) -> Result<LookupRecord> {
+        r.validate()?;
+        let mut next = self.store.state().clone();
+        if let Some(existing) = next.lookups.iter().find(|o| o.key() == r.key()) {
+            return Err(NvError::Conflict(format!(
+                "a lookup record for {} already exists; delete it first, or use `nvctl lookup move` to change its PA and port",
+                describe(existing)
+            )));
+        }
+        if next.lookups.len() >= usize::try_from(self.max_lookups).unwrap_or(usize::MAX) {
+            return Err(NvError::Conflict("the lookup table is full (max_lookups)".into()));
+        }
+        self.check_placement(&next, &r).await?;
+        next.lookups.push(r.clone());
+        self.apply(next).await?;
+        info!("added lookup record {}", describe(&r));
+        Ok(r)
+    }
+
+    pub async fn del_lookup(&mut self, vsid: u32, ca: IpAddr) -> Result<LookupRecord> {
+        let mut next = self.store.state().clone();
+        let idx = next
+            .lookups
+            .iter()
+            .position(|o| o.key() == (vsid, ca))
+            .ok_or_else(|| NvError::NotFound(format!("no lookup record for VSID {vsid} CA {ca}")))?;
+        let removed = next.lookups.remove(idx);
+        self.apply(next).await?;
+        info!("deleted lookup record {}", describe(&removed));
+        Ok(removed)
+    }
+
+    /// Replaces a record's PA and port in one change (migration).
+    pub async fn move_lookup(&mut self, m: MoveRequest) -> Result<LookupRecord> {
+        let mut next = self.store.state().clone();
+        let idx = next
+            .lookups
+            .iter()
+            .position(|o| o.key() == (m.vsid, m.ca))
+            .ok_or_else(|| NvError::NotFound(format!("no lookup record for VSID {} CA {}", m.vsid, m.ca)))?;
+        let mut moved = next.lookups[idx].clone();
+        moved.pa = m.pa;
+        moved.port = m.port;
+        moved.validate()?;
+        self.check_placement(&next, &moved).await?;
+        next.lookups[idx] = moved.clone();
+        self.apply(next).await?;
+        info!("moved lookup record {} to PA {}", describe(&moved), moved.pa);
+        Ok(moved)
+    }
+}
+
+fn ports_of(state: &State) -> HashSet<String> {
+    state.lookups.iter().filter_map(|r| r.port.clone()).collect()
+}

@@ -1,0 +1,75 @@
+//! nv-agent: see `nv-agent --help`.
+use std::{os::unix::fs::PermissionsExt as _, sync::Arc};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use nv_agent::{
+    agent::Agent,
+    api,
+    config::{AgentArgs, Config},
+    datapath,
+};
+use tokio::{net::UnixListener, signal::unix::{SignalKind, signal}};
+use tracing::info;
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = AgentArgs::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let config = Config::resolve(&args)?;
+    if args.purge {
+        datapath::purge(&config.pin_path)?;
+        info!("removed every pin under {}; the store in {} is kept", config.pin_path.display(), config.state_dir.display());
+        return Ok(());
+    }
+    let agent = Agent::start(&config).await?;
+    let socket = &config.api_socket;
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => info!("removed stale socket {}", socket.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove stale socket {}", socket.display())),
+    }
+    let listener = UnixListener::bind(socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set permissions of {}", socket.display()))?;
+    info!("serving nvctl on {}", socket.display());
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    axum::serve(listener, api::router(Arc::new(tokio::sync::Mutex::new(agent))))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    let _ = std::fs::remove_file(socket);
+    info!("stopped; forwarding continues from the pinned programs and maps");
+    Ok(())
+}

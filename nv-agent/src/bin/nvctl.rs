@@ -1,0 +1,94 @@
+//! nvctl: see `nvctl --help`.
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use hyper::Method;
+use nv_agent::{
+    cli::{Cli, Command, LookupCmd, Output, ProviderCmd},
+    client::call,
+};
+use serde_json::{Value, json};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(&cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Columns of each listing: (header, JSON field).
+const PROVIDER_COLUMNS: &[(&str, &str)] = &[("PA", "pa"), ("DEV", "dev")];
+const LOOKUP_COLUMNS: &[(&str, &str)] = &[
+    ("VSID", "vsid"),
+    ("CA", "ca"),
+    ("PA", "pa"),
+    ("MAC", "mac"),
+    ("METHOD", "method"),
+    ("PORT", "port"),
+    ("NAME", "name"),
+];
+const STATS_COLUMNS: &[(&str, &str)] = &[("COUNTER", "counter"), ("PACKETS", "packets")];
+
+async fn run(cli: &Cli) -> anyhow::Result<()> {
+    let s = &cli.socket;
+    let (value, columns) = match &cli.command {
+        Command::Provider(ProviderCmd::Add { pa, dev }) => (
+            call(s, Method::POST, "/v1/providers", Some(&json!({ "pa": pa, "dev": dev }))).await?,
+            PROVIDER_COLUMNS,
+        ),
+        Command::Provider(ProviderCmd::Del { pa }) => (
+            call(s, Method::DELETE, &format!("/v1/providers?pa={pa}"), None).await?,
+            PROVIDER_COLUMNS,
+        ),
+        Command::Provider(ProviderCmd::List) => (call(s, Method::GET, "/v1/providers", None).await?, PROVIDER_COLUMNS),
+        Command::Lookup(LookupCmd::Add { vsid, ca, pa, mac, method, port, name }) => {
+            let body = json!({ "vsid": vsid, "ca": ca, "pa": pa, "mac": mac, "method": method, "port": port, "name": name });
+            (call(s, Method::POST, "/v1/lookups", Some(&body)).await?, LOOKUP_COLUMNS)
+        }
+        Command::Lookup(LookupCmd::Del { vsid, ca }) => (
+            call(s, Method::DELETE, &format!("/v1/lookups?vsid={vsid}&ca={ca}"), None).await?,
+            LOOKUP_COLUMNS,
+        ),
+        Command::Lookup(LookupCmd::Move { vsid, ca, pa, port }) => {
+            let body = json!({ "vsid": vsid, "ca": ca, "pa": pa, "port": port });
+            (call(s, Method::POST, "/v1/lookups/move", Some(&body)).await?, LOOKUP_COLUMNS)
+        }
+        Command::Lookup(LookupCmd::List) => (call(s, Method::GET, "/v1/lookups", None).await?, LOOKUP_COLUMNS),
+        Command::Stats => (call(s, Method::GET, "/v1/stats", None).await?, STATS_COLUMNS),
+    };
+    match cli.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),
+        Output::Table => println!("{}", table(&value, columns)),
+    }
+    Ok(())
+}
+
+fn table(value: &Value, columns: &[(&str, &str)]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(columns.iter().map(|(h, _)| *h));
+    let rows: Vec<&Value> = match value {
+        Value::Array(rows) => rows.iter().collect(),
+        other => vec![other],
+    };
+    for row in rows {
+        t.add_row(columns.iter().map(|(_, field)| match row.get(field) {
+            None | Some(Value::Null) => "-".to_owned(),
+            Some(Value::String(s)) => s.clone(),
+            Some(v) => v.to_string(),
+        }));
+    }
+    t
+}

@@ -1,0 +1,126 @@
+//! nvctl's command line: the flags are the contract operators script against (DESIGN.md).
+use std::{net::IpAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::model::{Mac, Method, Prefixed};
+
+/// nvctl: configure nv network virtualization on this host.
+///
+/// Tenants keep their customer addresses (CA); hosts talk over provider addresses (PA).
+/// A lookup record maps (VSID, CA) to the PA of the host the VM runs on.
+///
+/// Example, host 1 of two, tenant RED in VSID 5001:
+///   nvctl provider add --pa 198.18.0.1/15 --dev uplink0
+///   nvctl lookup add --vsid 5001 --ca 10.0.0.1 --pa 198.18.0.1 --mac 02:00:00:00:00:01 --port red1 --name RED-1
+///   nvctl lookup add --vsid 5001 --ca 10.0.0.2 --pa 198.18.0.2 --mac 02:00:00:00:00:02 --name RED-2
+#[derive(Debug, Parser)]
+#[command(name = "nvctl", version, verbatim_doc_comment)]
+pub struct Cli {
+    /// The agent's API socket.
+    #[arg(long, global = true, env = "NV_SOCKET", default_value = "/run/nv/nv.sock")]
+    pub socket: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Provider addresses of this host (the underlay addresses tenants' traffic rides on).
+    #[command(subcommand)]
+    Provider(ProviderCmd),
+    /// Lookup records: where each customer address lives, and how to reach it.
+    #[command(subcommand)]
+    Lookup(LookupCmd),
+    /// Datapath counters: packets forwarded, and packets dropped by reason.
+    Stats,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProviderCmd {
+    /// Add a provider address; the agent puts it on the device if it is not there yet.
+    Add {
+        /// Address and prefix length, e.g. 198.18.0.1/15.
+        #[arg(long, value_parser = parse::<Prefixed>)]
+        pa: Prefixed,
+        /// Device that holds it [default: the agent's uplink].
+        #[arg(long)]
+        dev: Option<String>,
+    },
+    /// Delete a provider address (refused while local lookup records use it).
+    Del {
+        /// The address, with or without its prefix length.
+        #[arg(long, value_parser = parse_addr)]
+        pa: IpAddr,
+    },
+    /// List provider addresses.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LookupCmd {
+    /// Add a lookup record. With --port the VM is on this host, behind that port.
+    Add {
+        /// Virtual Subnet ID, 4096-16777214.
+        #[arg(long)]
+        vsid: u32,
+        /// Customer address: the VM's own IP.
+        #[arg(long)]
+        ca: IpAddr,
+        /// Provider address of the host the VM runs on.
+        #[arg(long)]
+        pa: IpAddr,
+        /// The VM's MAC address, e.g. 02:00:00:00:00:01.
+        #[arg(long, value_parser = parse::<Mac>)]
+        mac: Mac,
+        /// Translation method.
+        #[arg(long, value_enum, default_value_t = Method::Encap)]
+        method: Method,
+        /// The VM's port (veth or tap) on this host; omit for a VM on another host.
+        #[arg(long)]
+        port: Option<String>,
+        /// Free-text name of the VM.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Delete a lookup record.
+    Del {
+        #[arg(long)]
+        vsid: u32,
+        #[arg(long)]
+        ca: IpAddr,
+    },
+    /// Move a record to another host or port in one change (VM migration); its CA is kept.
+    Move {
+        #[arg(long)]
+        vsid: u32,
+        #[arg(long)]
+        ca: IpAddr,
+        /// The new provider address.
+        #[arg(long)]
+        pa: IpAddr,
+        /// The new port on this host; omit when the VM now runs on another host.
+        #[arg(long)]
+        port: Option<String>,
+    },
+    /// List lookup records.
+    List,
+}
+
+fn parse<T: std::str::FromStr<Err = crate::error::NvError>>(s: &str) -> Result<T, String> {
+    s.parse().map_err(|e: crate::error::NvError| e.to_string())
+}
+
+fn parse_addr(s: &str) -> Result<IpAddr, String> {
+    let addr = s.split_once('/').map_or(s, |(a, _)| a);
+    addr.parse().map_err(|_| format!("invalid IP address '{s}'"))
+}

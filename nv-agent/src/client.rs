@@ -1,0 +1,48 @@
+//! nvctl's side of the API: HTTP/1.1 over the agent's unix socket.
+use std::path::Path;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::UnixStream;
+
+/// Sends one request and returns the JSON answer, or the agent's one-line error.
+pub async fn call(socket: &Path, method: Method, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
+    let stream = UnixStream::connect(socket).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach nv-agent at {}: {e} (is nv-agent running? set --socket or NV_SOCKET)",
+            socket.display()
+        )
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "nv-agent")
+        .header("content-type", "application/json")
+        .body(Full::new(body))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    let value: Value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .map_err(|e| anyhow::anyhow!("nv-agent answered {status} with a body that is not JSON: {e}"))?
+    };
+    if status.is_success() {
+        return Ok(value);
+    }
+    let msg = value
+        .get("error")
+        .and_then(Value::as_str)
+        .map_or_else(|| format!("nv-agent answered {status}"), str::to_owned);
+    if status == StatusCode::INTERNAL_SERVER_ERROR {
+        anyhow::bail!("nv-agent failed: {msg}")
+    }
+    anyhow::bail!("{msg}")
+}

@@ -1,0 +1,135 @@
+//! Agent configuration: an optional TOML file whose every key is also a flag; flags win.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::error::{Result, invalid};
+
+/// nv host agent: loads the datapath, keeps it in step with its store, serves nvctl.
+///
+/// Every key of the config file is also a flag (`state_dir` is `--state-dir`); flags win.
+/// Forwarding keeps running while the agent is stopped: maps and program links stay pinned
+/// under the pin path, and a restarted agent picks them up.
+#[derive(Debug, Parser, Default)]
+#[command(name = "nv-agent", version)]
+pub struct AgentArgs {
+    /// TOML config file (optional).
+    #[arg(long, env = "NV_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Underlay interface: NVGRE leaves and arrives here [required, flag or file].
+    #[arg(long)]
+    pub uplink: Option<String>,
+    /// Directory of the store, the source of truth [default: /var/lib/nv].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Unix socket nvctl talks to [default: /run/nv/nv.sock].
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+    /// bpffs directory for pinned maps and links [default: /sys/fs/bpf/nv].
+    #[arg(long)]
+    pub pin_path: Option<PathBuf>,
+    /// Address for Prometheus metrics [default: 127.0.0.1:9469].
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Capacity of the lookup map [default: 1048576].
+    #[arg(long)]
+    pub max_lookups: Option<u32>,
+    /// Detach every program, remove every pin under the pin path, and exit (decommissioning).
+    /// The store is kept.
+    #[arg(long)]
+    pub purge: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    uplink: Option<String>,
+    state_dir: Option<PathBuf>,
+    api_socket: Option<PathBuf>,
+    pin_path: Option<PathBuf>,
+    metrics_addr: Option<SocketAddr>,
+    max_lookups: Option<u32>,
+}
+
+/// The resolved configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub uplink: Option<String>,
+    pub state_dir: PathBuf,
+    pub api_socket: PathBuf,
+    pub pin_path: PathBuf,
+    pub metrics_addr: SocketAddr,
+    pub max_lookups: u32,
+}
+
+impl Config {
+    pub fn resolve(args: &AgentArgs) -> Result<Config> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let config = Config {
+            uplink: args.uplink.clone().or(file.uplink),
+            state_dir: args.state_dir.clone().or(file.state_dir).unwrap_or_else(|| "/var/lib/nv".into()),
+            api_socket: args.api_socket.clone().or(file.api_socket).unwrap_or_else(|| "/run/nv/nv.sock".into()),
+            pin_path: args.pin_path.clone().or(file.pin_path).unwrap_or_else(|| "/sys/fs/bpf/nv".into()),
+            metrics_addr: args
+                .metrics_addr
+                .or(file.metrics_addr)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9469))),
+            max_lookups: args.max_lookups.or(file.max_lookups).unwrap_or(nv_common::DEFAULT_MAX_LOOKUPS),
+        };
+        if let Some(uplink) = &config.uplink {
+            crate::model::validate_ifname("uplink", uplink)?;
+        }
+        if !(1..=1 << 26).contains(&config.max_lookups) {
+            return Err(invalid(format!("max_lookups {} is out of range 1-67108864", config.max_lookups)));
+        }
+        Ok(config)
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(format!("cannot read config {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        invalid(format!("config {}: {}", path.display(), e.message()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file_and_defaults_fill_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "uplink = \"eth9\"\nstate_dir = \"/tmp/x\"\nmax_lookups = 1024\n").unwrap();
+        let args = AgentArgs {
+            config: Some(path),
+            uplink: Some("uplink0".into()),
+            ..AgentArgs::default()
+        };
+        let c = Config::resolve(&args).unwrap();
+        assert_eq!(c.uplink.as_deref(), Some("uplink0"));
+        assert_eq!(c.state_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.max_lookups, 1024);
+        assert_eq!(c.api_socket, PathBuf::from("/run/nv/nv.sock"));
+        assert_eq!(c.pin_path, PathBuf::from("/sys/fs/bpf/nv"));
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "uplinkk = \"eth0\"\n").unwrap();
+        let args = AgentArgs { config: Some(path), ..AgentArgs::default() };
+        let err = Config::resolve(&args).unwrap_err().to_string();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+}

@@ -1,0 +1,313 @@
+//! The only module that touches aya: loads the eBPF object, pins maps and program links under
+//! the pin path, attaches programs, and keeps the maps equal to what the store says.
+//!
+//! Pins make forwarding independent of the agent process: maps are reused by name on load,
+//! links are replaced atomically (`bpf_link_update`) rather than detached and re-attached.
+use std::{
+    collections::HashMap,
+    ffi::CString,
+    fs,
+    hash::Hash,
+    io,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader, Pod,
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+        LinkOrder,
+    },
+};
+use nv_common::{
+    Addr, Counter, DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, map_names,
+    program_names,
+};
+use tracing::{debug, info};
+
+use crate::error::{NvError, Result};
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn dp_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> NvError {
+    NvError::Datapath(format!("{what}: {e}"))
+}
+
+/// Everything the maps should hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub config: DatapathConfig,
+    pub lookups: HashMap<LookupKey, LookupValue>,
+    pub ports: HashMap<u32, PortInfo>,
+    pub local_pas: HashMap<Addr, LocalPa>,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    links_dir: PathBuf,
+}
+
+/// Mounts bpffs at /sys/fs/bpf when `pin_path` is not on a bpffs yet.
+pub fn ensure_bpffs(pin_path: &Path) -> Result<()> {
+    let mut probe = pin_path.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    if is_bpffs(&probe) {
+        return Ok(());
+    }
+    let root = Path::new("/sys/fs/bpf");
+    if !pin_path.starts_with(root) {
+        return Err(NvError::Datapath(format!(
+            "pin path {} is not on a bpffs; mount one there or use a path under /sys/fs/bpf",
+            pin_path.display()
+        )));
+    }
+    if is_bpffs(root) {
+        return Ok(());
+    }
+    info!("mounting bpffs at /sys/fs/bpf");
+    let c = |s: &str| CString::new(s).expect("no NUL");
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c("bpf").as_ptr(),
+            c("/sys/fs/bpf").as_ptr(),
+            c("bpf").as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(dp_err("mount bpffs at /sys/fs/bpf", io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills the zeroed struct we pass.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &raw mut st) == 0 && st.f_type == BPF_FS_MAGIC
+    }
+}
+
+/// Removes every pin under `pin_path` (links first, so programs detach), then the directory.
+pub fn purge(pin_path: &Path) -> Result<()> {
+    for sub in ["links", "maps"] {
+        let dir = pin_path.join(sub);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(dp_err(format!("remove {}", dir.display()), e)),
+        }
+    }
+    match fs::remove_dir(pin_path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(dp_err(format!("remove {}", pin_path.display()), e)),
+    }
+}
+
+fn port_link_name(ifname: &str) -> String {
+    format!("port-{ifname}")
+}
+
+impl Datapath {
+    /// Loads the programs, reusing the maps pinned under `pin_path` when they exist.
+    pub fn load(pin_path: &Path, max_lookups: u32) -> Result<Datapath> {
+        ensure_bpffs(pin_path)?;
+        let maps_dir = pin_path.join("maps");
+        let links_dir = pin_path.join("links");
+        for dir in [&maps_dir, &links_dir] {
+            fs::create_dir_all(dir).map_err(|e| dp_err(format!("create {}", dir.display()), e))?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .map_max_entries(map_names::LOOKUPS, max_lookups)
+            .load(crate::EBPF_OBJECT)
+            .map_err(|e| dp_err("load eBPF object", e))?;
+        for name in [program_names::FROM_VM, program_names::UPLINK_TC] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| dp_err(format!("load {name}"), e))?;
+        }
+        let xdp: &mut Xdp = program(&mut ebpf, program_names::UPLINK_XDP)?;
+        xdp.load()
+            .map_err(|e| dp_err(format!("load {}", program_names::UPLINK_XDP), e))?;
+        Ok(Datapath { ebpf, links_dir })
+    }
+
+    /// Attaches XDP and TC ingress to the uplink, replacing earlier links in place.
+    pub fn attach_uplink(&mut self, ifname: &str) -> Result<()> {
+        let xdp_pin = self.links_dir.join("uplink-xdp");
+        let xdp: &mut Xdp = program(&mut self.ebpf, program_names::UPLINK_XDP)?;
+        let replaced = match PinnedLink::from_pin(&xdp_pin) {
+            Ok(old) => XdpLink::try_from(FdLink::from(old))
+                .map_err(|e| dp_err("open pinned XDP link", e))
+                .and_then(|link| {
+                    xdp.attach_to_link(link)
+                        .map_err(|e| dp_err("replace XDP program", e))
+                }),
+            Err(e) => Err(dp_err("no pinned XDP link", e)),
+        };
+        if let Err(e) = replaced {
+            debug!("attaching XDP to {ifname} afresh ({e})");
+            let _ = fs::remove_file(&xdp_pin);
+            let id = xdp
+                .attach(ifname, XdpMode::default())
+                .map_err(|e| dp_err(format!("attach XDP to {ifname}"), e))?;
+            let link = FdLink::try_from(xdp.take_link(id).map_err(|e| dp_err("take XDP link", e))?)
+                .map_err(|e| dp_err("XDP link is not an fd link", e))?;
+            link.pin(&xdp_pin)
+                .map_err(|e| dp_err(format!("pin {}", xdp_pin.display()), e))?;
+        }
+        self.attach_tc(program_names::UPLINK_TC, ifname, "uplink-tc")
+    }
+
+    /// Attaches the from-VM program to a VM port's ingress.
+    pub fn attach_port(&mut self, ifname: &str) -> Result<()> {
+        self.attach_tc(program_names::FROM_VM, ifname, &port_link_name(ifname))
+    }
+
+    /// Detaches the from-VM program from a port by removing its link's pin.
+    pub fn detach_port(&mut self, ifname: &str) -> Result<()> {
+        let pin = self.links_dir.join(port_link_name(ifname));
+        match fs::remove_file(&pin) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(dp_err(format!("remove {}", pin.display()), e)),
+        }
+    }
+
+    /// Ports that have a pinned link (from this run or an earlier one).
+    pub fn attached_ports(&self) -> Result<Vec<String>> {
+        let entries = fs::read_dir(&self.links_dir)
+            .map_err(|e| dp_err(format!("read {}", self.links_dir.display()), e))?;
+        Ok(entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("port-").map(str::to_owned)))
+            .collect())
+    }
+
+    fn attach_tc(&mut self, prog_name: &str, ifname: &str, link_name: &str) -> Result<()> {
+        let pin = self.links_dir.join(link_name);
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, prog_name)?;
+        let replaced = match PinnedLink::from_pin(&pin) {
+            Ok(old) => SchedClassifierLink::try_from(FdLink::from(old))
+                .map_err(|e| dp_err("open pinned TC link", e))
+                .and_then(|link| {
+                    prog.attach_to_link(link)
+                        .map_err(|e| dp_err("replace TC program", e))
+                }),
+            Err(e) => Err(dp_err("no pinned TC link", e)),
+        };
+        if let Err(e) = replaced {
+            debug!("attaching {prog_name} to {ifname} afresh ({e})");
+            let _ = fs::remove_file(&pin);
+            let id = prog
+                .attach_with_options(
+                    ifname,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
+                )
+                .map_err(|e| dp_err(format!("attach {prog_name} to {ifname}"), e))?;
+            let link = FdLink::try_from(prog.take_link(id).map_err(|e| dp_err("take TC link", e))?)
+                .map_err(|e| dp_err("TC link is not an fd link", e))?;
+            link.pin(&pin)
+                .map_err(|e| dp_err(format!("pin {}", pin.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the maps hold exactly `desired`: new and changed entries first, stale ones last,
+    /// so a record being replaced never disappears in between.
+    pub fn sync(&mut self, desired: &Desired) -> Result<()> {
+        let mut config: Array<&mut MapData, DatapathConfig> = map(&mut self.ebpf, map_names::CONFIG)?;
+        config
+            .set(0, desired.config, 0)
+            .map_err(|e| dp_err("write config", e))?;
+        sync_hash(&mut self.ebpf, map_names::LOCAL_PAS, &desired.local_pas)?;
+        sync_hash(&mut self.ebpf, map_names::PORTS, &desired.ports)?;
+        sync_hash(&mut self.ebpf, map_names::LOOKUPS, &desired.lookups)?;
+        Ok(())
+    }
+
+    /// Counter totals over all CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+        let m = self
+            .ebpf
+            .map(map_names::COUNTERS)
+            .ok_or_else(|| NvError::Datapath("counter map missing".into()))?;
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(m).map_err(|e| dp_err("counter map", e))?;
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let values = arr.get(&(*c as u32), 0).map_err(|e| dp_err("read counter", e))?;
+                Ok((*c, values.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Direct access for program tests and benchmarks.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| NvError::Datapath(format!("program {name} missing from the object")))?
+        .try_into()
+        .map_err(|e| dp_err(format!("program {name}"), e))
+}
+
+fn map<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+{
+    ebpf.map_mut(name)
+        .ok_or_else(|| NvError::Datapath(format!("map {name} missing from the object")))?
+        .try_into()
+        .map_err(|e| dp_err(format!("map {name}"), e))
+}
+
+fn sync_hash<K, V>(ebpf: &mut Ebpf, name: &str, desired: &HashMap<K, V>) -> Result<()>
+where
+    K: Pod + Eq + Hash,
+    V: Pod + PartialEq,
+{
+    let mut m: BpfHashMap<&mut MapData, K, V> = map(ebpf, name)?;
+    let mut present = HashMap::new();
+    for entry in m.iter() {
+        let (k, v) = entry.map_err(|e| dp_err(format!("iterate {name}"), e))?;
+        present.insert(k, v);
+    }
+    for (k, v) in desired {
+        if present.get(k) != Some(v) {
+            m.insert(k, v, 0).map_err(|e| dp_err(format!("update {name}"), e))?;
+        }
+    }
+    for k in present.keys() {
+        if !desired.contains_key(k) {
+            match m.remove(k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(dp_err(format!("delete from {name}"), e)),
+            }
+        }
+    }
+    Ok(())
+}

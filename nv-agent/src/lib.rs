@@ -1,0 +1,15 @@
+//! nv's host agent as a library: the daemon (`nv-agent`) and the CLI (`nvctl`) are thin
+//! binaries over these modules.
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod datapath;
+pub mod error;
+pub mod model;
+pub mod netlink;
+pub mod store;
+
+/// The eBPF object built from nv-ebpf by this crate's build script.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nv"));

@@ -1,0 +1,126 @@
+//! The datapath's per-CPU counters: what it forwarded and, for every drop, why.
+
+/// Index into the per-CPU counter array. Every `TC_ACT_SHOT`/`XDP_DROP` in the datapath counts
+/// exactly one of the `Drop*` variants first.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// From a VM: encapsulated and sent to the underlay.
+    VmTxEncap = 0,
+    /// From a VM: delivered to a VM on this host.
+    VmTxLocal,
+    /// From a VM: ARP request answered from the lookup records.
+    VmArpReplied,
+    /// From a VM on a port that has no port record.
+    DropVmUnknownPort,
+    /// From a VM: no lookup record for (VSID, destination).
+    DropVmUnknownDst,
+    /// From a VM: ARP that is not a request for a known customer address.
+    DropVmArp,
+    /// From a VM: neither IPv4 nor ARP.
+    DropVmNotIp,
+    /// From a VM: headers shorter than they claim.
+    DropVmMalformed,
+    /// From a VM: no underlay route or neighbour for the destination's provider address.
+    DropVmNoUnderlayRoute,
+    /// From a VM: the encapsulated packet would not fit the uplink MTU.
+    DropVmTooBig,
+    /// From a VM: the kernel refused to grow or rewrite the packet.
+    DropVmEncapFailed,
+    /// From a VM: the destination's translation method is not supported by this datapath.
+    DropVmMethod,
+    /// Uplink: not NVGRE for a local provider address, passed to the host stack untouched.
+    UplinkPassed,
+    /// Uplink: NVGRE decapsulated for a VM on this host.
+    UplinkDecap,
+    /// Uplink: NVGRE to a local PA whose headers are truncated or inconsistent.
+    DropUplinkMalformed,
+    /// Uplink: GRE with the checksum or sequence bit, without the key bit, or a non-zero version.
+    DropUplinkGreFlags,
+    /// Uplink: an outer IPv4 fragment (the encapsulator never fragments).
+    DropUplinkFragment,
+    /// Uplink: inner frame carries an 802.1Q tag.
+    DropUplinkInnerVlan,
+    /// Uplink: inner frame is not IPv4.
+    DropUplinkInnerNotIp,
+    /// Uplink: no lookup record for (VSID, inner destination).
+    DropUplinkUnknownDst,
+    /// Uplink: the inner destination is not a VM on this host.
+    DropUplinkNotLocal,
+    /// Uplink: the kernel refused to strip the outer headers.
+    DropUplinkDecapFailed,
+    /// Uplink TC: decapsulated frame handed to its VM port.
+    UplinkDelivered,
+    /// Uplink TC: the VM port could not take the frame.
+    DropUplinkDeliver,
+}
+
+impl Counter {
+    pub const COUNT: u32 = Counter::DropUplinkDeliver as u32 + 1;
+
+    pub const ALL: [Counter; Counter::COUNT as usize] = [
+        Counter::VmTxEncap,
+        Counter::VmTxLocal,
+        Counter::VmArpReplied,
+        Counter::DropVmUnknownPort,
+        Counter::DropVmUnknownDst,
+        Counter::DropVmArp,
+        Counter::DropVmNotIp,
+        Counter::DropVmMalformed,
+        Counter::DropVmNoUnderlayRoute,
+        Counter::DropVmTooBig,
+        Counter::DropVmEncapFailed,
+        Counter::DropVmMethod,
+        Counter::UplinkPassed,
+        Counter::UplinkDecap,
+        Counter::DropUplinkMalformed,
+        Counter::DropUplinkGreFlags,
+        Counter::DropUplinkFragment,
+        Counter::DropUplinkInnerVlan,
+        Counter::DropUplinkInnerNotIp,
+        Counter::DropUplinkUnknownDst,
+        Counter::DropUplinkNotLocal,
+        Counter::DropUplinkDecapFailed,
+        Counter::UplinkDelivered,
+        Counter::DropUplinkDeliver,
+    ];
+
+    /// Stable snake_case name, used by `nvctl stats` and as the metrics label.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::VmTxEncap => "vm_tx_encap",
+            Counter::VmTxLocal => "vm_tx_local",
+            Counter::VmArpReplied => "vm_arp_replied",
+            Counter::DropVmUnknownPort => "drop_vm_unknown_port",
+            Counter::DropVmUnknownDst => "drop_vm_unknown_dst",
+            Counter::DropVmArp => "drop_vm_arp",
+            Counter::DropVmNotIp => "drop_vm_not_ip",
+            Counter::DropVmMalformed => "drop_vm_malformed",
+            Counter::DropVmNoUnderlayRoute => "drop_vm_no_underlay_route",
+            Counter::DropVmTooBig => "drop_vm_too_big",
+            Counter::DropVmEncapFailed => "drop_vm_encap_failed",
+            Counter::DropVmMethod => "drop_vm_method",
+            Counter::UplinkPassed => "uplink_passed",
+            Counter::UplinkDecap => "uplink_decap",
+            Counter::DropUplinkMalformed => "drop_uplink_malformed",
+            Counter::DropUplinkGreFlags => "drop_uplink_gre_flags",
+            Counter::DropUplinkFragment => "drop_uplink_fragment",
+            Counter::DropUplinkInnerVlan => "drop_uplink_inner_vlan",
+            Counter::DropUplinkInnerNotIp => "drop_uplink_inner_not_ip",
+            Counter::DropUplinkUnknownDst => "drop_uplink_unknown_dst",
+            Counter::DropUplinkNotLocal => "drop_uplink_not_local",
+            Counter::DropUplinkDecapFailed => "drop_uplink_decap_failed",
+            Counter::UplinkDelivered => "uplink_delivered",
+            Counter::DropUplinkDeliver => "drop_uplink_deliver",
+        }
+    }
+}
+
+const _: () = {
+    let mut i = 0;
+    while i < Counter::ALL.len() {
+        assert!(Counter::ALL[i] as usize == i);
+        i += 1;
+    }
+};

@@ -1,0 +1,158 @@
+//! Types shared by nv's eBPF programs and its agent.
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding, so the layout the verifier sees
+//! is the one userspace writes; sizes are asserted at compile time. Addresses are 16 bytes wide
+//! (IPv4 as IPv4-mapped IPv6) so the maps are ready for IPv6 without a format change.
+#![no_std]
+
+pub mod counters;
+pub mod flow;
+pub mod wire;
+
+pub use counters::Counter;
+
+/// Lowest valid Virtual Subnet ID; 0x000000-0x000FFF are reserved by RFC 7637.
+pub const VSID_MIN: u32 = 0x1000;
+/// Highest valid Virtual Subnet ID; 0xFFFFFF is reserved by RFC 7637.
+pub const VSID_MAX: u32 = 0xFF_FFFE;
+
+/// Names of the maps, as the eBPF object declares them and userspace pins them.
+pub mod map_names {
+    pub const LOOKUPS: &str = "NV_LOOKUPS";
+    pub const PORTS: &str = "NV_PORTS";
+    pub const LOCAL_PAS: &str = "NV_LOCAL_PAS";
+    pub const CONFIG: &str = "NV_CONFIG";
+    pub const COUNTERS: &str = "NV_COUNTERS";
+    pub const ALL: [&str; 5] = [LOOKUPS, PORTS, LOCAL_PAS, CONFIG, COUNTERS];
+}
+
+/// Names of the programs in the eBPF object.
+pub mod program_names {
+    /// TC ingress on a VM port: traffic leaving a VM.
+    pub const FROM_VM: &str = "nv_from_vm";
+    /// XDP on the uplink: NVGRE validation and decapsulation.
+    pub const UPLINK_XDP: &str = "nv_uplink_xdp";
+    /// TC ingress on the uplink: hands decapsulated frames to their VM port.
+    pub const UPLINK_TC: &str = "nv_uplink_tc";
+}
+
+/// Default size of the lookup map; the agent's `max_lookups` overrides it at load time.
+pub const DEFAULT_MAX_LOOKUPS: u32 = 1 << 20;
+pub const MAX_PORTS: u32 = 65_536;
+pub const MAX_LOCAL_PAS: u32 = 4_096;
+
+/// A 16-byte address: IPv6, or IPv4 mapped into IPv6 (`::ffff:a.b.c.d`).
+pub type Addr = [u8; 16];
+
+/// IPv4 address in network byte order mapped into the 16-byte form.
+#[inline(always)]
+#[must_use]
+pub const fn v4_mapped(v4: [u8; 4]) -> Addr {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}
+
+/// The IPv4 part of an IPv4-mapped address, or `None` for a real IPv6 address.
+#[inline(always)]
+#[must_use]
+pub fn mapped_v4(a: &Addr) -> Option<[u8; 4]> {
+    if a[..10].iter().all(|b| *b == 0) && a[10] == 0xff && a[11] == 0xff {
+        Some([a[12], a[13], a[14], a[15]])
+    } else {
+        None
+    }
+}
+
+/// Key of the lookup map: a customer address within its virtual subnet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LookupKey {
+    pub vsid: u32,
+    pub ca: Addr,
+}
+
+/// How packets to a customer address are translated.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Encap = 0,
+    Rewrite = 1,
+}
+
+/// Value of the lookup map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LookupValue {
+    /// Provider address of the host the customer address lives on.
+    pub pa: Addr,
+    pub mac: [u8; 6],
+    /// A [`Method`] as `u8`.
+    pub method: u8,
+    pub _pad: u8,
+    /// The VM port on this host, or 0 when the customer address is on another host.
+    pub ifindex: u32,
+}
+
+/// Value of the ports map, keyed by the port's ifindex: who sits behind the port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortInfo {
+    pub vsid: u32,
+    pub ca: Addr,
+    /// The local provider address that carries this VM's traffic (outer source on encap).
+    pub pa: Addr,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Value of the local provider address map (keyed by [`Addr`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalPa {
+    /// The interface that holds the address.
+    pub ifindex: u32,
+}
+
+/// The single entry of the config array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DatapathConfig {
+    /// Underlay interface: encapsulated frames leave through it.
+    pub uplink_ifindex: u32,
+    pub _reserved: [u32; 3],
+}
+
+/// XDP metadata in front of a decapsulated frame, read by the uplink TC program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeliverMeta {
+    /// [`DeliverMeta::MAGIC`], so frames the XDP program did not touch are never redirected.
+    pub magic: u32,
+    /// The VM port to deliver to.
+    pub ifindex: u32,
+}
+
+impl DeliverMeta {
+    pub const MAGIC: u32 = 0x6e76_6d31; // "nvm1"
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<LookupKey>() == 20);
+    assert!(core::mem::size_of::<LookupValue>() == 28);
+    assert!(core::mem::size_of::<PortInfo>() == 44);
+    assert!(core::mem::size_of::<LocalPa>() == 4);
+    assert!(core::mem::size_of::<DatapathConfig>() == 16);
+    assert!(core::mem::size_of::<DeliverMeta>() == 8);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), contain only integers and byte arrays, and have no
+    // implicit padding (sizes asserted above), so any byte pattern is a valid value.
+    unsafe impl aya::Pod for super::LookupKey {}
+    unsafe impl aya::Pod for super::LookupValue {}
+    unsafe impl aya::Pod for super::PortInfo {}
+    unsafe impl aya::Pod for super::LocalPa {}
+    unsafe impl aya::Pod for super::DatapathConfig {}
+}

@@ -1,0 +1,44 @@
+//! Wire constants of NVGRE (RFC 7637) and the protocols around it.
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_ALEN: usize = 6;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+/// Transparent Ethernet Bridging: the GRE protocol type of NVGRE.
+pub const ETH_P_TEB: u16 = 0x6558;
+
+pub const IPV4_HLEN: usize = 20;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_GRE: u8 = 47;
+/// Don't Fragment, in the IPv4 flags/fragment-offset field.
+pub const IPV4_DF: u16 = 0x4000;
+/// More Fragments and the offset: any of these set means a fragment.
+pub const IPV4_FRAG_MASK: u16 = 0x3fff;
+
+pub const GRE_HLEN: usize = 8;
+/// GRE flags and version of NVGRE: K=1, C=0, S=0, version 0.
+pub const GRE_FLAGS_NVGRE: u16 = 0x2000;
+pub const GRE_FLAG_C: u16 = 0x8000;
+pub const GRE_FLAG_K: u16 = 0x2000;
+pub const GRE_FLAG_S: u16 = 0x1000;
+
+/// Outer Ethernet + IPv4 + GRE (the inner Ethernet header is the customer's).
+pub const NVGRE_V4_OVERHEAD: usize = ETH_HLEN + IPV4_HLEN + GRE_HLEN;
+pub const OUTER_TTL: u8 = 64;
+
+pub const ARP_HLEN: usize = 28;
+pub const ARPOP_REQUEST: u16 = 1;
+pub const ARPOP_REPLY: u16 = 2;
+pub const ARPHRD_ETHER: u16 = 1;
+
+/// GRE key of NVGRE: the 24-bit VSID followed by the 8-bit FlowID.
+#[inline(always)]
+#[must_use]
+pub const fn nvgre_key(vsid: u32, flow_id: u8) -> u32 {
+    (vsid << 8) | flow_id as u32
+}

@@ -1,0 +1,53 @@
+//! The ARP responder: a VM's request for a customer address of its own VSID is answered from the
+//! lookup records, so nothing is flooded and no MAC is ever learned.
+use aya_ebpf::{
+    bindings::TC_ACT_REDIRECT, helpers::bpf_redirect, programs::TcContext,
+};
+use nv_common::{
+    Counter, LookupKey, PortInfo, v4_mapped,
+    wire::{ARPHRD_ETHER, ARPOP_REPLY, ARPOP_REQUEST, ETH_HLEN, ETH_P_IP},
+};
+
+use crate::{
+    counters::count,
+    maps::LOOKUPS,
+    packet::{ArpEth, EthHdr, ptr_at},
+};
+
+pub fn reply(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let eth = ptr_at::<EthHdr>(data, end, 0).ok_or(Counter::DropVmMalformed)?;
+    let arp = ptr_at::<ArpEth>(data, end, ETH_HLEN).ok_or(Counter::DropVmMalformed)?;
+    // SAFETY: both pointers were bounds-checked against data_end just above.
+    let (eth, arp) = unsafe { (&mut *eth, &mut *arp) };
+    if u16::from_be_bytes(arp.htype) != ARPHRD_ETHER
+        || u16::from_be_bytes(arp.ptype) != ETH_P_IP
+        || arp.hlen != 6
+        || arp.plen != 4
+        || u16::from_be_bytes(arp.op) != ARPOP_REQUEST
+    {
+        return Err(Counter::DropVmArp);
+    }
+    let key = LookupKey {
+        vsid: port.vsid,
+        ca: v4_mapped(arp.tpa),
+    };
+    // SAFETY: read-only use of a value the agent replaces whole.
+    let target = unsafe { LOOKUPS.get(&key) }.ok_or(Counter::DropVmArp)?;
+
+    // Turn the request into the reply in place and send it back out of the same port.
+    let (requester_mac, requester_ip, target_ip) = (arp.sha, arp.spa, arp.tpa);
+    arp.op = ARPOP_REPLY.to_be_bytes();
+    arp.sha = target.mac;
+    arp.spa = target_ip;
+    arp.tha = requester_mac;
+    arp.tpa = requester_ip;
+    eth.dst = requester_mac;
+    eth.src = target.mac;
+    count(Counter::VmArpReplied);
+    // SAFETY: plain helper call; egress of the port the request came in on.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let action = unsafe { bpf_redirect(ifindex, 0) };
+    debug_assert!(action == i64::from(TC_ACT_REDIRECT));
+    Ok(action as i32)
+}

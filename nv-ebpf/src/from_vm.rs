@@ -1,0 +1,91 @@
+//! TC ingress on a VM port: everything a VM sends enters here. The port identifies the VSID;
+//! frames are answered (ARP), delivered to a VM on this host, encapsulated to another host, or
+//! dropped with a counted reason. Nothing from a VM reaches the host stack.
+use aya_ebpf::{
+    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT},
+    helpers::{bpf_redirect_peer, bpf_skb_vlan_pop},
+    programs::TcContext,
+};
+use nv_common::{
+    Counter, LookupKey, Method, PortInfo, flow::flow_id_v4, v4_mapped,
+    wire::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
+};
+
+use crate::{
+    arp, counters::count, encap,
+    maps::{LOOKUPS, PORTS},
+    packet::{EthHdr, Ipv4Hdr, read_at},
+};
+
+/// Enough linear bytes for Ethernet, an IPv4 header with options and the L4 ports.
+const PULL_LEN: u32 = (ETH_HLEN + 60 + 4) as u32;
+
+pub fn run(ctx: &TcContext) -> i32 {
+    match try_run(ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            count(reason);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+fn try_run(ctx: &TcContext) -> Result<i32, Counter> {
+    let skb = ctx.skb.skb;
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ifindex = unsafe { (*skb).ifindex };
+    // SAFETY: values are only read; the agent replaces them whole.
+    let port = *unsafe { PORTS.get(&ifindex) }.ok_or(Counter::DropVmUnknownPort)?;
+    // SAFETY: as above.
+    if unsafe { (*skb).vlan_present } != 0 {
+        // The inner frame of NVGRE carries no 802.1Q tag (RFC 7637): strip it here.
+        // SAFETY: helper on the program's own skb.
+        if unsafe { bpf_skb_vlan_pop(skb) } != 0 {
+            return Err(Counter::DropVmMalformed);
+        }
+    }
+    let len = ctx.len();
+    let _ = ctx.pull_data(if len < PULL_LEN { len } else { PULL_LEN });
+
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let eth: EthHdr = read_at(data, end, 0).ok_or(Counter::DropVmMalformed)?;
+    match eth.proto() {
+        ETH_P_ARP => arp::reply(ctx, &port),
+        ETH_P_IP => forward_ipv4(ctx, &port),
+        _ => Err(Counter::DropVmNotIp),
+    }
+}
+
+fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let ip: Ipv4Hdr = read_at(data, end, ETH_HLEN).ok_or(Counter::DropVmMalformed)?;
+    let hlen = ip.hlen();
+    if ip.ver_ihl >> 4 != 4 || hlen < 20 {
+        return Err(Counter::DropVmMalformed);
+    }
+    let key = LookupKey {
+        vsid: port.vsid,
+        ca: v4_mapped(ip.dst),
+    };
+    // SAFETY: read-only use of a value the agent replaces whole.
+    let dst = *unsafe { LOOKUPS.get(&key) }.ok_or(Counter::DropVmUnknownDst)?;
+    if dst.method != Method::Encap as u8 {
+        return Err(Counter::DropVmMethod);
+    }
+    if dst.ifindex != 0 {
+        count(Counter::VmTxLocal);
+        // SAFETY: plain helper call; the kernel checks the target device.
+        return Ok(unsafe { bpf_redirect_peer(dst.ifindex, 0) } as i32);
+    }
+
+    let ports = if (ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP) && !ip.is_fragment() {
+        read_at::<[u8; 4]>(data, end, ETH_HLEN + hlen).map_or(0, u32::from_be_bytes)
+    } else {
+        0
+    };
+    let flow_id = flow_id_v4(ip.src, ip.dst, ip.proto, ports);
+    let action = encap::nvgre(ctx, port, &dst, port.vsid, ip.tos, flow_id)?;
+    count(Counter::VmTxEncap);
+    debug_assert!(action == TC_ACT_REDIRECT as i32);
+    Ok(action)
+}

@@ -1,0 +1,48 @@
+//! nv's datapath. One concern per file:
+//! - `from_vm`: TC ingress on VM ports (traffic leaving a VM): identity, ARP, forwarding
+//! - `arp`: the ARP responder that answers VMs from the lookup records
+//! - `encap`: NVGRE encapsulation and the underlay next hop
+//! - `uplink_xdp`: XDP on the uplink: NVGRE validation and decapsulation
+//! - `uplink_tc`: TC ingress on the uplink: hands decapsulated frames to VM ports
+#![no_std]
+#![no_main]
+
+mod arp;
+mod counters;
+mod encap;
+mod from_vm;
+mod maps;
+mod packet;
+mod uplink_tc;
+mod uplink_xdp;
+
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+#[classifier]
+pub fn nv_from_vm(ctx: TcContext) -> i32 {
+    from_vm::run(&ctx)
+}
+
+#[xdp]
+pub fn nv_uplink_xdp(ctx: XdpContext) -> u32 {
+    uplink_xdp::run(&ctx)
+}
+
+#[classifier]
+pub fn nv_uplink_tc(ctx: TcContext) -> i32 {
+    uplink_tc::run(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+// bpf_fib_lookup and bpf_redirect_neigh are GPL-only helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

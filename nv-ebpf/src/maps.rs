@@ -1,0 +1,25 @@
+//! The maps. All are pinned by name, so a restarted agent finds the same maps and forwarding
+//! never stops; sizes of the big ones are overridden by the agent at load time.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use nv_common::{
+    Addr, Counter, DEFAULT_MAX_LOOKUPS, DatapathConfig, LocalPa, LookupKey, LookupValue,
+    MAX_LOCAL_PAS, MAX_PORTS, PortInfo,
+};
+
+#[map(name = "NV_LOOKUPS")]
+pub static LOOKUPS: HashMap<LookupKey, LookupValue> = HashMap::pinned(DEFAULT_MAX_LOOKUPS, 0);
+
+#[map(name = "NV_PORTS")]
+pub static PORTS: HashMap<u32, PortInfo> = HashMap::pinned(MAX_PORTS, 0);
+
+#[map(name = "NV_LOCAL_PAS")]
+pub static LOCAL_PAS: HashMap<Addr, LocalPa> = HashMap::pinned(MAX_LOCAL_PAS, 0);
+
+#[map(name = "NV_CONFIG")]
+pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
+
+#[map(name = "NV_COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
