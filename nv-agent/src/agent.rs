@@ -78,10 +78,10 @@ impl Agent {
         let state = self.store.state().clone();
         for p in &state.providers {
             let link = self.require_link(&p.dev, "provider device").await?;
-            if !self.netlink.has_address(link.index, p.provider.pa.addr).await? {
-                warn!("provider address {} was missing from {}; adding it", p.provider.pa, p.dev);
+            if !self.netlink.has_address(link.index, p.pa.addr).await? {
+                warn!("provider address {} was missing from {}; adding it", p.pa, p.dev);
                 self.netlink
-                    .add_address(link.index, p.provider.pa.addr, p.provider.pa.len)
+                    .add_address(link.index, p.pa.addr, p.pa.len)
                     .await?;
             }
         }
@@ -126,7 +126,7 @@ impl Agent {
         };
         for p in &state.providers {
             let link = self.require_link(&p.dev, "provider device").await?;
-            d.local_pas.insert(addr16(p.provider.pa.addr), LocalPa { ifindex: link.index });
+            d.local_pas.insert(addr16(p.pa.addr), LocalPa { ifindex: link.index });
         }
         for r in &state.lookups {
             let ifindex = match &r.port {
@@ -214,10 +214,10 @@ impl Agent {
         let dev = p.dev.clone().unwrap_or_else(|| self.uplink.clone());
         validate_ifname("device", &dev)?;
         let mut next = self.store.state().clone();
-        if let Some(existing) = next.providers.iter().find(|e| e.provider.pa.addr == p.pa.addr) {
+        if let Some(existing) = next.providers.iter().find(|e| e.pa.addr == p.pa.addr) {
             return Err(NvError::Conflict(format!(
                 "provider address {} already exists on {}",
-                existing.provider.pa, existing.dev
+                existing.pa, existing.dev
             )));
         }
         let link = self.require_link(&dev, "device").await?;
@@ -226,7 +226,7 @@ impl Agent {
             self.netlink.add_address(link.index, p.pa.addr, p.pa.len).await?;
         }
         let state = ProviderState {
-            provider: p.clone(),
+            pa: p.pa,
             dev,
             added_address: !present,
         };
@@ -237,7 +237,7 @@ impl Agent {
             }
             return Err(e);
         }
-        info!("added provider address {} on {}", state.provider.pa, state.dev);
+        info!("added provider address {} on {}", state.pa, state.dev);
         Ok(state)
     }
 
@@ -246,7 +246,7 @@ impl Agent {
         let idx = next
             .providers
             .iter()
-            .position(|p| p.provider.pa.addr == pa)
+            .position(|p| p.pa.addr == pa)
             .ok_or_else(|| NvError::NotFound(format!("no provider address {pa}")))?;
         let users = next.lookups.iter().filter(|r| r.pa == pa && r.port.is_some()).count();
         if users > 0 {
@@ -261,13 +261,13 @@ impl Agent {
         {
             self.netlink.del_address(link.index, pa).await?;
         }
-        info!("deleted provider address {}", removed.provider.pa);
+        info!("deleted provider address {}", removed.pa);
         Ok(removed)
     }
 
     /// Checks a record against the state it would join (the record itself already validated).
     async fn check_placement(&self, state: &State, r: &LookupRecord) -> Result<()> {
-        let local_pa = state.providers.iter().any(|p| p.provider.pa.addr == r.pa);
+        let local_pa = state.providers.iter().any(|p| p.pa.addr == r.pa);
         match &r.port {
             Some(port) => {
                 if *port == self.uplink {

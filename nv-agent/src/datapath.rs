@@ -34,8 +34,22 @@ use crate::error::{NvError, Result};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-fn dp_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> NvError {
-    NvError::Datapath(format!("{what}: {e}"))
+/// Verifier logs run to thousands of lines; the reason is at the end.
+const MAX_ERROR_CHARS: usize = 2000;
+
+fn dp_err(what: impl std::fmt::Display, e: impl std::error::Error) -> NvError {
+    let mut msg = format!("{what}: {e}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    if msg.len() > MAX_ERROR_CHARS {
+        let cut = msg.len() - MAX_ERROR_CHARS;
+        let cut = (cut..msg.len()).find(|i| msg.is_char_boundary(*i)).unwrap_or(cut);
+        msg = format!("{what}: ...{}", &msg[cut..]);
+    }
+    NvError::Datapath(msg)
 }
 
 /// Everything the maps should hold.

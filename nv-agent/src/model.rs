@@ -129,9 +129,9 @@ pub struct Provider {
 
 /// What the agent remembers about a provider address beyond what the operator gave.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProviderState {
-    #[serde(flatten)]
-    pub provider: Provider,
+    pub pa: Prefixed,
     /// The interface that holds it, resolved.
     pub dev: String,
     /// Whether the agent added the address to the interface (and so removes it on delete).

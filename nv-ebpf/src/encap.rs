@@ -9,11 +9,12 @@ use core::{ffi::c_void, mem::size_of, ptr};
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_GRE,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         BPF_FIB_LOOKUP_OUTPUT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
+        bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
     },
     bpf_f_adj_room_encap_l2,
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use nv_common::{
@@ -48,11 +49,14 @@ pub fn nvgre(
     }
 
     let mut hdrs = [0u8; HDRS_LEN];
-    ctx.load_bytes(0, &mut hdrs[NVGRE_V4_OVERHEAD..])
-        .map_err(|_| Counter::DropVmMalformed)?;
-    let inner_len = ctx.len() as usize - ETH_HLEN;
-    let outer_len = inner_len + NVGRE_V4_OVERHEAD;
-    if outer_len > usize::from(u16::MAX) {
+    let inner_eth: [u8; ETH_HLEN] = ctx.load(0).map_err(|_| Counter::DropVmMalformed)?;
+    hdrs[NVGRE_V4_OVERHEAD..].copy_from_slice(&inner_eth);
+    // Outer IPv4 carries itself, GRE and the whole inner frame (its Ethernet header included).
+    let outer_ip_len = ctx.len() as usize + NVGRE_V4_OVERHEAD - ETH_HLEN;
+    // SAFETY: the context pointer is valid for the whole program run.
+    let gso = unsafe { (*ctx.skb.skb).gso_segs } > 1;
+    // A GSO super-packet's IPv4 length is rewritten per segment; anything else must fit.
+    if outer_ip_len > usize::from(u16::MAX) && !gso {
         return Err(Counter::DropVmTooBig);
     }
 
@@ -71,8 +75,8 @@ pub fn nvgre(
     let mut ip = [0u8; 20];
     ip[0] = 0x45;
     ip[1] = inner_tos & 0xfc;
-    #[expect(clippy::cast_possible_truncation, reason = "checked against u16::MAX above")]
-    let tot_len = (outer_len - ETH_HLEN) as u16;
+    #[expect(clippy::cast_possible_truncation, reason = "clamped to u16::MAX")]
+    let tot_len = if outer_ip_len > usize::from(u16::MAX) { u16::MAX } else { outer_ip_len as u16 };
     ip[2..4].copy_from_slice(&tot_len.to_be_bytes());
     ip[6..8].copy_from_slice(&IPV4_DF.to_be_bytes());
     ip[8] = OUTER_TTL;
@@ -88,6 +92,16 @@ pub fn nvgre(
     hdrs[gre + 2..gre + 4].copy_from_slice(&ETH_P_TEB.to_be_bytes());
     hdrs[gre + 4..gre + 8].copy_from_slice(&nvgre_key(vsid, flow_id).to_be_bytes());
 
+    // The grown frame (and, for GSO, each of its segments) must fit the uplink's MTU.
+    let mut mtu_len = 0u32;
+    // SAFETY: helper on the program's own skb with a stack out-parameter.
+    let mtu_rc = unsafe {
+        bpf_check_mtu(ctx.skb.skb.cast::<c_void>(), uplink, &raw mut mtu_len, 0, u64::from(BPF_MTU_CHK_SEGS))
+    };
+    if mtu_rc != 0 {
+        return Err(Counter::DropVmTooBig);
+    }
+
     // SAFETY: zeroed bindgen struct of plain integers.
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
@@ -95,7 +109,6 @@ pub fn nvgre(
     fib.ifindex = uplink;
     fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(outer_src);
     fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(outer_dst);
-    // tot_len 0: the kernel checks the grown skb itself against the egress MTU, GSO-aware.
     // SAFETY: helper with a stack struct of the size we pass.
     #[expect(clippy::cast_possible_truncation, clippy::cast_possible_wrap, reason = "64 bytes")]
     let rc = unsafe {
@@ -111,12 +124,8 @@ pub fn nvgre(
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
         hdrs[0..6].copy_from_slice(&fib.dmac);
         hdrs[6..12].copy_from_slice(&fib.smac);
-    } else if rc != BPF_FIB_LKUP_RET_NO_NEIGH {
-        return Err(if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
-            Counter::DropVmTooBig
-        } else {
-            Counter::DropVmNoUnderlayRoute
-        });
+    } else if rc != BPF_FIB_LKUP_RET_NO_NEIGH && rc != BPF_FIB_LKUP_RET_FWD_DISABLED {
+        return Err(Counter::DropVmNoUnderlayRoute);
     }
     ctx.store(0, &hdrs, 0).map_err(|_| Counter::DropVmEncapFailed)?;
 
@@ -124,8 +133,10 @@ pub fn nvgre(
     let action = if rc == BPF_FIB_LKUP_RET_SUCCESS {
         unsafe { bpf_redirect(fib.ifindex, 0) }
     } else {
-        // The neighbour is not resolved yet: let the kernel resolve it and queue the packet.
-        unsafe { bpf_redirect_neigh(fib.ifindex, ptr::null_mut(), 0, 0) }
+        // Neighbour not resolved yet, or the FIB helper refused because the host does not
+        // forward on the uplink (it checks that even for output lookups): the kernel routes
+        // the outer packet itself, resolves the neighbour and queues the packet meanwhile.
+        unsafe { bpf_redirect_neigh(uplink, ptr::null_mut(), 0, 0) }
     };
     Ok(action as i32)
 }

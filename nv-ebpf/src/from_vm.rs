@@ -14,7 +14,7 @@ use nv_common::{
 use crate::{
     arp, counters::count, encap,
     maps::{LOOKUPS, PORTS},
-    packet::{EthHdr, Ipv4Hdr, read_at},
+    packet::{EthHdr, Ipv4Hdr, PACKET_HOST, read_at},
 };
 
 /// Enough linear bytes for Ethernet, an IPv4 header with options and the L4 ports.
@@ -73,6 +73,9 @@ fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
         return Err(Counter::DropVmMethod);
     }
     if dst.ifindex != 0 {
+        // Classified against the port's own MAC on the way in; the receiving VM must see it
+        // as addressed to it, and redirect_peer does not classify again.
+        let _ = ctx.change_type(PACKET_HOST);
         count(Counter::VmTxLocal);
         // SAFETY: plain helper call; the kernel checks the target device.
         return Ok(unsafe { bpf_redirect_peer(dst.ifindex, 0) } as i32);

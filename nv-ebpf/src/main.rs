@@ -26,7 +26,7 @@ pub fn nv_from_vm(ctx: TcContext) -> i32 {
     from_vm::run(&ctx)
 }
 
-#[xdp]
+#[xdp(frags)]
 pub fn nv_uplink_xdp(ctx: XdpContext) -> u32 {
     uplink_xdp::run(&ctx)
 }

@@ -2,6 +2,9 @@
 //! and byte order is explicit at every read.
 use core::mem::size_of;
 
+/// `skb->pkt_type` of a frame addressed to this host (uapi `PACKET_HOST`).
+pub const PACKET_HOST: u32 = 0;
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct EthHdr {

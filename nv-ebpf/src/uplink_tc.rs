@@ -4,7 +4,10 @@
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect_peer, programs::TcContext};
 use nv_common::{Counter, DeliverMeta};
 
-use crate::{counters::count, packet::read_at};
+use crate::{
+    counters::count,
+    packet::{PACKET_HOST, read_at},
+};
 
 pub fn run(ctx: &TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
@@ -15,6 +18,9 @@ pub fn run(ctx: &TcContext) -> i32 {
     if meta.magic != DeliverMeta::MAGIC {
         return TC_ACT_OK as i32;
     }
+    // The frame was classified against the uplink's MAC (other host); the VM must see it as
+    // addressed to it, and redirect_peer does not classify again.
+    let _ = ctx.change_type(PACKET_HOST);
     // SAFETY: plain helper call; the kernel checks the target device.
     let action = unsafe { bpf_redirect_peer(meta.ifindex, 0) };
     if action == i64::from(aya_ebpf::bindings::TC_ACT_REDIRECT) {
