@@ -51,13 +51,14 @@ fn describe(r: &LookupRecord) -> String {
 impl Agent {
     /// Opens the store, loads the datapath (reusing pins) and reconciles the maps with the store.
     pub async fn start(config: &Config) -> Result<Agent> {
-        let uplink = config
-            .uplink
-            .clone()
-            .ok_or_else(|| invalid("no uplink configured: pass --uplink IFNAME or set uplink in the config file"))?;
+        let uplink = config.uplink.clone().ok_or_else(|| {
+            invalid("no uplink configured: pass --uplink IFNAME or set uplink in the config file")
+        })?;
         let netlink = Netlink::connect()?;
         if netlink.link(&uplink).await?.is_none() {
-            return Err(invalid(format!("uplink '{uplink}' does not exist on this host")));
+            return Err(invalid(format!(
+                "uplink '{uplink}' does not exist on this host"
+            )));
         }
         let store = Store::open(&config.state_dir)?;
         let datapath = Datapath::load(&config.pin_path, config.max_lookups)?;
@@ -79,7 +80,10 @@ impl Agent {
         for p in &state.providers {
             let link = self.require_link(&p.dev, "provider device").await?;
             if !self.netlink.has_address(link.index, p.pa.addr).await? {
-                warn!("provider address {} was missing from {}; adding it", p.pa, p.dev);
+                warn!(
+                    "provider address {} was missing from {}; adding it",
+                    p.pa, p.dev
+                );
                 self.netlink
                     .add_address(link.index, p.pa.addr, p.pa.len)
                     .await?;
@@ -108,10 +112,11 @@ impl Agent {
     }
 
     async fn require_link(&self, name: &str, what: &str) -> Result<crate::netlink::LinkInfo> {
-        self.netlink
-            .link(name)
-            .await?
-            .ok_or_else(|| invalid(format!("unknown {what} '{name}': no such interface on this host")))
+        self.netlink.link(name).await?.ok_or_else(|| {
+            invalid(format!(
+                "unknown {what} '{name}': no such interface on this host"
+            ))
+        })
     }
 
     /// What the maps must hold for `state`.
@@ -126,7 +131,12 @@ impl Agent {
         };
         for p in &state.providers {
             let link = self.require_link(&p.dev, "provider device").await?;
-            d.local_pas.insert(addr16(p.pa.addr), LocalPa { ifindex: link.index });
+            d.local_pas.insert(
+                addr16(p.pa.addr),
+                LocalPa {
+                    ifindex: link.index,
+                },
+            );
         }
         for r in &state.lookups {
             let ifindex = match &r.port {
@@ -206,10 +216,20 @@ impl Agent {
 
     pub async fn add_provider(&mut self, p: Provider) -> Result<ProviderState> {
         if !p.pa.addr.is_ipv4() {
-            return Err(invalid(format!("provider address {} is IPv6: the IPv6 underlay is not supported yet", p.pa)));
+            return Err(invalid(format!(
+                "provider address {} is IPv6: the IPv6 underlay is not supported yet",
+                p.pa
+            )));
         }
-        if p.pa.addr.is_unspecified() || p.pa.addr.is_multicast() || p.pa.addr.is_loopback() || p.pa.len == 0 {
-            return Err(invalid(format!("provider address {} is not a usable unicast address with a prefix", p.pa)));
+        if p.pa.addr.is_unspecified()
+            || p.pa.addr.is_multicast()
+            || p.pa.addr.is_loopback()
+            || p.pa.len == 0
+        {
+            return Err(invalid(format!(
+                "provider address {} is not a usable unicast address with a prefix",
+                p.pa
+            )));
         }
         let dev = p.dev.clone().unwrap_or_else(|| self.uplink.clone());
         validate_ifname("device", &dev)?;
@@ -223,7 +243,9 @@ impl Agent {
         let link = self.require_link(&dev, "device").await?;
         let present = self.netlink.has_address(link.index, p.pa.addr).await?;
         if !present {
-            self.netlink.add_address(link.index, p.pa.addr, p.pa.len).await?;
+            self.netlink
+                .add_address(link.index, p.pa.addr, p.pa.len)
+                .await?;
         }
         let state = ProviderState {
             pa: p.pa,
@@ -248,7 +270,11 @@ impl Agent {
             .iter()
             .position(|p| p.pa.addr == pa)
             .ok_or_else(|| NvError::NotFound(format!("no provider address {pa}")))?;
-        let users = next.lookups.iter().filter(|r| r.pa == pa && r.port.is_some()).count();
+        let users = next
+            .lookups
+            .iter()
+            .filter(|r| r.pa == pa && r.port.is_some())
+            .count();
         if users > 0 {
             return Err(NvError::Conflict(format!(
                 "provider address {pa} is used by {users} local lookup record(s); delete or move them first"
@@ -271,7 +297,9 @@ impl Agent {
         match &r.port {
             Some(port) => {
                 if *port == self.uplink {
-                    return Err(invalid(format!("port '{port}' is the uplink, not a VM port")));
+                    return Err(invalid(format!(
+                        "port '{port}' is the uplink, not a VM port"
+                    )));
                 }
                 self.require_link(port, "port").await?;
                 if !local_pa {
@@ -280,8 +308,15 @@ impl Agent {
                         r.pa
                     )));
                 }
-                if let Some(other) = state.lookups.iter().find(|o| o.port.as_deref() == Some(port) && o.key() != r.key()) {
-                    return Err(NvError::Conflict(format!("port '{port}' already belongs to {}", describe(other))));
+                if let Some(other) = state
+                    .lookups
+                    .iter()
+                    .find(|o| o.port.as_deref() == Some(port) && o.key() != r.key())
+                {
+                    return Err(NvError::Conflict(format!(
+                        "port '{port}' already belongs to {}",
+                        describe(other)
+                    )));
                 }
             }
             None if local_pa => {
@@ -292,8 +327,16 @@ impl Agent {
             }
             None => {}
         }
-        if let Some(other) = state.lookups.iter().find(|o| o.vsid == r.vsid && o.mac == r.mac && o.key() != r.key()) {
-            return Err(NvError::Conflict(format!("MAC {} is already used by {}", r.mac, describe(other))));
+        if let Some(other) = state
+            .lookups
+            .iter()
+            .find(|o| o.vsid == r.vsid && o.mac == r.mac && o.key() != r.key())
+        {
+            return Err(NvError::Conflict(format!(
+                "MAC {} is already used by {}",
+                r.mac,
+                describe(other)
+            )));
         }
         Ok(())
     }
@@ -308,7 +351,9 @@ impl Agent {
             )));
         }
         if next.lookups.len() >= usize::try_from(self.max_lookups).unwrap_or(usize::MAX) {
-            return Err(NvError::Conflict("the lookup table is full (max_lookups)".into()));
+            return Err(NvError::Conflict(
+                "the lookup table is full (max_lookups)".into(),
+            ));
         }
         self.check_placement(&next, &r).await?;
         next.lookups.push(r.clone());
@@ -323,7 +368,9 @@ impl Agent {
             .lookups
             .iter()
             .position(|o| o.key() == (vsid, ca))
-            .ok_or_else(|| NvError::NotFound(format!("no lookup record for VSID {vsid} CA {ca}")))?;
+            .ok_or_else(|| {
+                NvError::NotFound(format!("no lookup record for VSID {vsid} CA {ca}"))
+            })?;
         let removed = next.lookups.remove(idx);
         self.apply(next).await?;
         info!("deleted lookup record {}", describe(&removed));
@@ -337,7 +384,9 @@ impl Agent {
             .lookups
             .iter()
             .position(|o| o.key() == (m.vsid, m.ca))
-            .ok_or_else(|| NvError::NotFound(format!("no lookup record for VSID {} CA {}", m.vsid, m.ca)))?;
+            .ok_or_else(|| {
+                NvError::NotFound(format!("no lookup record for VSID {} CA {}", m.vsid, m.ca))
+            })?;
         let mut moved = next.lookups[idx].clone();
         moved.pa = m.pa;
         moved.port = m.port;
@@ -345,11 +394,19 @@ impl Agent {
         self.check_placement(&next, &moved).await?;
         next.lookups[idx] = moved.clone();
         self.apply(next).await?;
-        info!("moved lookup record {} to PA {}", describe(&moved), moved.pa);
+        info!(
+            "moved lookup record {} to PA {}",
+            describe(&moved),
+            moved.pa
+        );
         Ok(moved)
     }
 }
 
 fn ports_of(state: &State) -> HashSet<String> {
-    state.lookups.iter().filter_map(|r| r.port.clone()).collect()
+    state
+        .lookups
+        .iter()
+        .filter_map(|r| r.port.clone())
+        .collect()
 }

@@ -85,8 +85,14 @@ struct LookupQuery {
 
 pub fn router(agent: Shared) -> Router {
     Router::new()
-        .route("/v1/providers", get(list_providers).post(add_provider).delete(del_provider))
-        .route("/v1/lookups", get(list_lookups).post(add_lookup).delete(del_lookup))
+        .route(
+            "/v1/providers",
+            get(list_providers).post(add_provider).delete(del_provider),
+        )
+        .route(
+            "/v1/lookups",
+            get(list_lookups).post(add_lookup).delete(del_lookup),
+        )
         .route("/v1/lookups/move", post(move_lookup))
         .route("/v1/stats", get(stats))
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -97,13 +103,19 @@ async fn list_providers(State(a): State<Shared>) -> impl IntoResponse {
     Json(a.lock().await.providers())
 }
 
-async fn add_provider(State(a): State<Shared>, body: Result<Json<Provider>, JsonRejection>) -> ApiResult<impl IntoResponse> {
+async fn add_provider(
+    State(a): State<Shared>,
+    body: Result<Json<Provider>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
     let Json(p) = body?;
     let added = a.lock().await.add_provider(p).await?;
     Ok((StatusCode::CREATED, Json(added)))
 }
 
-async fn del_provider(State(a): State<Shared>, q: Result<Query<ProviderQuery>, axum::extract::rejection::QueryRejection>) -> ApiResult<impl IntoResponse> {
+async fn del_provider(
+    State(a): State<Shared>,
+    q: Result<Query<ProviderQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
     let Query(q) = q.map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))?;
     Ok(Json(a.lock().await.del_provider(q.pa).await?))
 }
@@ -112,18 +124,27 @@ async fn list_lookups(State(a): State<Shared>) -> impl IntoResponse {
     Json(a.lock().await.lookups())
 }
 
-async fn add_lookup(State(a): State<Shared>, body: Result<Json<LookupRecord>, JsonRejection>) -> ApiResult<impl IntoResponse> {
+async fn add_lookup(
+    State(a): State<Shared>,
+    body: Result<Json<LookupRecord>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
     let Json(r) = body?;
     let added = a.lock().await.add_lookup(r).await?;
     Ok((StatusCode::CREATED, Json(added)))
 }
 
-async fn del_lookup(State(a): State<Shared>, q: Result<Query<LookupQuery>, axum::extract::rejection::QueryRejection>) -> ApiResult<impl IntoResponse> {
+async fn del_lookup(
+    State(a): State<Shared>,
+    q: Result<Query<LookupQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
     let Query(q) = q.map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))?;
     Ok(Json(a.lock().await.del_lookup(q.vsid, q.ca).await?))
 }
 
-async fn move_lookup(State(a): State<Shared>, body: Result<Json<MoveRequest>, JsonRejection>) -> ApiResult<impl IntoResponse> {
+async fn move_lookup(
+    State(a): State<Shared>,
+    body: Result<Json<MoveRequest>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
     let Json(m) = body?;
     Ok(Json(a.lock().await.move_lookup(m).await?))
 }

@@ -18,7 +18,12 @@ use crate::model::{Mac, Method, Prefixed};
 #[command(name = "nvctl", version, verbatim_doc_comment)]
 pub struct Cli {
     /// The agent's API socket.
-    #[arg(long, global = true, env = "NV_SOCKET", default_value = "/run/nv/nv.sock")]
+    #[arg(
+        long,
+        global = true,
+        env = "NV_SOCKET",
+        default_value = "/run/nv/nv.sock"
+    )]
     pub socket: PathBuf,
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
@@ -122,5 +127,6 @@ fn parse<T: std::str::FromStr<Err = crate::error::NvError>>(s: &str) -> Result<T
 
 fn parse_addr(s: &str) -> Result<IpAddr, String> {
     let addr = s.split_once('/').map_or(s, |(a, _)| a);
-    addr.parse().map_err(|_| format!("invalid IP address '{s}'"))
+    addr.parse()
+        .map_err(|_| format!("invalid IP address '{s}'"))
 }

@@ -9,7 +9,12 @@ use serde_json::Value;
 use tokio::net::UnixStream;
 
 /// Sends one request and returns the JSON answer, or the agent's one-line error.
-pub async fn call(socket: &Path, method: Method, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
+pub async fn call(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<Value> {
     let stream = UnixStream::connect(socket).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot reach nv-agent at {}: {e} (is nv-agent running? set --socket or NV_SOCKET)",
@@ -31,8 +36,9 @@ pub async fn call(socket: &Path, method: Method, path: &str, body: Option<&Value
     let value: Value = if bytes.is_empty() {
         Value::Null
     } else {
-        serde_json::from_slice(&bytes)
-            .map_err(|e| anyhow::anyhow!("nv-agent answered {status} with a body that is not JSON: {e}"))?
+        serde_json::from_slice(&bytes).map_err(|e| {
+            anyhow::anyhow!("nv-agent answered {status} with a body that is not JSON: {e}")
+        })?
     };
     if status.is_success() {
         return Ok(value);

@@ -74,20 +74,38 @@ impl Config {
         };
         let config = Config {
             uplink: args.uplink.clone().or(file.uplink),
-            state_dir: args.state_dir.clone().or(file.state_dir).unwrap_or_else(|| "/var/lib/nv".into()),
-            api_socket: args.api_socket.clone().or(file.api_socket).unwrap_or_else(|| "/run/nv/nv.sock".into()),
-            pin_path: args.pin_path.clone().or(file.pin_path).unwrap_or_else(|| "/sys/fs/bpf/nv".into()),
+            state_dir: args
+                .state_dir
+                .clone()
+                .or(file.state_dir)
+                .unwrap_or_else(|| "/var/lib/nv".into()),
+            api_socket: args
+                .api_socket
+                .clone()
+                .or(file.api_socket)
+                .unwrap_or_else(|| "/run/nv/nv.sock".into()),
+            pin_path: args
+                .pin_path
+                .clone()
+                .or(file.pin_path)
+                .unwrap_or_else(|| "/sys/fs/bpf/nv".into()),
             metrics_addr: args
                 .metrics_addr
                 .or(file.metrics_addr)
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9469))),
-            max_lookups: args.max_lookups.or(file.max_lookups).unwrap_or(nv_common::DEFAULT_MAX_LOOKUPS),
+            max_lookups: args
+                .max_lookups
+                .or(file.max_lookups)
+                .unwrap_or(nv_common::DEFAULT_MAX_LOOKUPS),
         };
         if let Some(uplink) = &config.uplink {
             crate::model::validate_ifname("uplink", uplink)?;
         }
         if !(1..=1 << 26).contains(&config.max_lookups) {
-            return Err(invalid(format!("max_lookups {} is out of range 1-67108864", config.max_lookups)));
+            return Err(invalid(format!(
+                "max_lookups {} is out of range 1-67108864",
+                config.max_lookups
+            )));
         }
         Ok(config)
     }
@@ -96,9 +114,8 @@ impl Config {
 fn read_file(path: &Path) -> Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| invalid(format!("cannot read config {}: {e}", path.display())))?;
-    toml::from_str(&text).map_err(|e| {
-        invalid(format!("config {}: {}", path.display(), e.message()))
-    })
+    toml::from_str(&text)
+        .map_err(|e| invalid(format!("config {}: {}", path.display(), e.message())))
 }
 
 #[cfg(test)]
@@ -109,7 +126,11 @@ mod tests {
     fn flags_win_over_file_and_defaults_fill_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.toml");
-        std::fs::write(&path, "uplink = \"eth9\"\nstate_dir = \"/tmp/x\"\nmax_lookups = 1024\n").unwrap();
+        std::fs::write(
+            &path,
+            "uplink = \"eth9\"\nstate_dir = \"/tmp/x\"\nmax_lookups = 1024\n",
+        )
+        .unwrap();
         let args = AgentArgs {
             config: Some(path),
             uplink: Some("uplink0".into()),
@@ -128,7 +149,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.toml");
         std::fs::write(&path, "uplinkk = \"eth0\"\n").unwrap();
-        let args = AgentArgs { config: Some(path), ..AgentArgs::default() };
+        let args = AgentArgs {
+            config: Some(path),
+            ..AgentArgs::default()
+        };
         let err = Config::resolve(&args).unwrap_err().to_string();
         assert!(err.contains("unknown field"), "{err}");
     }

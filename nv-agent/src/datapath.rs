@@ -17,11 +17,10 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
     maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
-        LinkOrder,
     },
 };
 use nv_common::{
@@ -46,7 +45,9 @@ fn dp_err(what: impl std::fmt::Display, e: impl std::error::Error) -> NvError {
     }
     if msg.len() > MAX_ERROR_CHARS {
         let cut = msg.len() - MAX_ERROR_CHARS;
-        let cut = (cut..msg.len()).find(|i| msg.is_char_boundary(*i)).unwrap_or(cut);
+        let cut = (cut..msg.len())
+            .find(|i| msg.is_char_boundary(*i))
+            .unwrap_or(cut);
         msg = format!("{what}: ...{}", &msg[cut..]);
     }
     NvError::Datapath(msg)
@@ -100,7 +101,10 @@ pub fn ensure_bpffs(pin_path: &Path) -> Result<()> {
         )
     };
     if rc != 0 {
-        return Err(dp_err("mount bpffs at /sys/fs/bpf", io::Error::last_os_error()));
+        return Err(dp_err(
+            "mount bpffs at /sys/fs/bpf",
+            io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }
@@ -209,7 +213,11 @@ impl Datapath {
             .map_err(|e| dp_err(format!("read {}", self.links_dir.display()), e))?;
         Ok(entries
             .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("port-").map(str::to_owned)))
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("port-").map(str::to_owned))
+            })
             .collect())
     }
 
@@ -246,7 +254,8 @@ impl Datapath {
     /// Makes the maps hold exactly `desired`: new and changed entries first, stale ones last,
     /// so a record being replaced never disappears in between.
     pub fn sync(&mut self, desired: &Desired) -> Result<()> {
-        let mut config: Array<&mut MapData, DatapathConfig> = map(&mut self.ebpf, map_names::CONFIG)?;
+        let mut config: Array<&mut MapData, DatapathConfig> =
+            map(&mut self.ebpf, map_names::CONFIG)?;
         config
             .set(0, desired.config, 0)
             .map_err(|e| dp_err("write config", e))?;
@@ -267,16 +276,70 @@ impl Datapath {
         Counter::ALL
             .iter()
             .map(|c| {
-                let values = arr.get(&(*c as u32), 0).map_err(|e| dp_err("read counter", e))?;
+                let values = arr
+                    .get(&(*c as u32), 0)
+                    .map_err(|e| dp_err("read counter", e))?;
                 Ok((*c, values.iter().sum()))
             })
             .collect()
     }
 
-    /// Direct access for program tests and benchmarks.
-    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
+    /// Runs a program once or `repeat` times on `data` with `BPF_PROG_TEST_RUN`, for program
+    /// tests and benchmarks. For TC programs `ifindex` becomes the skb's device (it must exist
+    /// in the calling thread's network namespace). XDP output starts with the metadata.
+    pub fn test_run(
+        &self,
+        prog: &str,
+        data: &[u8],
+        ifindex: Option<u32>,
+        repeat: u32,
+    ) -> Result<TestRunOutcome> {
+        let program = self
+            .ebpf
+            .program(prog)
+            .ok_or_else(|| NvError::Datapath(format!("program {prog} missing from the object")))?;
+        let mut out = vec![0u8; data.len() + 256];
+        let mut ctx = [0u8; SK_BUFF_SIZE];
+        ctx[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4]
+            .copy_from_slice(&ifindex.unwrap_or(0).to_ne_bytes());
+        let result = match program {
+            aya::programs::Program::Xdp(p) => p.test_run(TestRunOptions {
+                data_in: Some(data),
+                data_out: Some(&mut out),
+                repeat,
+                ..TestRunOptions::default()
+            }),
+            aya::programs::Program::SchedClassifier(p) => p.test_run(TestRunOptions {
+                data_in: Some(data),
+                data_out: Some(&mut out),
+                ctx_in: ifindex.map(|_| &ctx[..]),
+                repeat,
+                ..TestRunOptions::default()
+            }),
+            _ => return Err(NvError::Datapath(format!("{prog} cannot be test-run"))),
+        }
+        .map_err(|e| dp_err(format!("test run {prog}"), e))?;
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutcome {
+            ret: result.return_value,
+            data: out,
+            duration: result.duration,
+        })
     }
+}
+
+/// `struct __sk_buff` as `BPF_PROG_TEST_RUN` takes it: 192 bytes, `ifindex` at offset 40
+/// (include/uapi/linux/bpf.h); every other field we pass stays zero.
+const SK_BUFF_SIZE: usize = 192;
+const SK_BUFF_IFINDEX: usize = 40;
+
+/// What one `BPF_PROG_TEST_RUN` returned.
+#[derive(Debug, Clone)]
+pub struct TestRunOutcome {
+    pub ret: u32,
+    pub data: Vec<u8>,
+    /// Mean time per run, as the kernel measured it.
+    pub duration: std::time::Duration,
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
@@ -312,7 +375,8 @@ where
     }
     for (k, v) in desired {
         if present.get(k) != Some(v) {
-            m.insert(k, v, 0).map_err(|e| dp_err(format!("update {name}"), e))?;
+            m.insert(k, v, 0)
+                .map_err(|e| dp_err(format!("update {name}"), e))?;
         }
     }
     for k in present.keys() {

@@ -14,7 +14,11 @@ impl FromStr for Mac {
     type Err = NvError;
 
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || invalid(format!("invalid MAC address '{s}': expected six hex pairs like 02:00:00:00:00:01"));
+        let bad = || {
+            invalid(format!(
+                "invalid MAC address '{s}': expected six hex pairs like 02:00:00:00:00:01"
+            ))
+        };
         let mut out = [0u8; 6];
         let mut parts = s.split([':', '-']);
         for byte in &mut out {
@@ -34,7 +38,11 @@ impl FromStr for Mac {
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
@@ -82,18 +90,20 @@ impl FromStr for Prefixed {
     type Err = NvError;
 
     fn from_str(s: &str) -> Result<Self> {
-        let (addr, len) = s
-            .split_once('/')
-            .ok_or_else(|| invalid(format!("invalid provider address '{s}': expected ADDRESS/PREFIX, e.g. 198.18.0.1/15")))?;
+        let (addr, len) = s.split_once('/').ok_or_else(|| {
+            invalid(format!(
+                "invalid provider address '{s}': expected ADDRESS/PREFIX, e.g. 198.18.0.1/15"
+            ))
+        })?;
         let addr: IpAddr = addr
             .parse()
             .map_err(|_| invalid(format!("invalid IP address '{addr}' in '{s}'")))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len: u8 = len
-            .parse()
-            .ok()
-            .filter(|l| *l <= max)
-            .ok_or_else(|| invalid(format!("invalid prefix length '{len}' in '{s}': expected 0-{max}")))?;
+        let len: u8 = len.parse().ok().filter(|l| *l <= max).ok_or_else(|| {
+            invalid(format!(
+                "invalid prefix length '{len}' in '{s}': expected 0-{max}"
+            ))
+        })?;
         Ok(Prefixed { addr, len })
     }
 }
@@ -171,8 +181,15 @@ pub fn validate_vsid(vsid: u32) -> Result<()> {
 
 /// Checks that an interface name is one the kernel would accept.
 pub fn validate_ifname(what: &str, name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) || name == "." || name == ".." {
-        return Err(invalid(format!("invalid {what} '{name}': an interface name has 1-15 characters, no '/' or spaces")));
+    if name.is_empty()
+        || name.len() > 15
+        || name.contains(['/', ' ', '\0'])
+        || name == "."
+        || name == ".."
+    {
+        return Err(invalid(format!(
+            "invalid {what} '{name}': an interface name has 1-15 characters, no '/' or spaces"
+        )));
     }
     Ok(())
 }
@@ -182,22 +199,42 @@ impl LookupRecord {
     pub fn validate(&self) -> Result<()> {
         validate_vsid(self.vsid)?;
         if !self.ca.is_ipv4() {
-            return Err(invalid(format!("customer address {} is IPv6: this datapath forwards IPv4 customer addresses only", self.ca)));
+            return Err(invalid(format!(
+                "customer address {} is IPv6: this datapath forwards IPv4 customer addresses only",
+                self.ca
+            )));
         }
         if !self.pa.is_ipv4() {
-            return Err(invalid(format!("provider address {} is IPv6: the IPv6 underlay is not supported yet", self.pa)));
+            return Err(invalid(format!(
+                "provider address {} is IPv6: the IPv6 underlay is not supported yet",
+                self.pa
+            )));
         }
-        if self.ca.is_unspecified() || self.ca.is_multicast() || self.ca == IpAddr::from([255, 255, 255, 255]) {
-            return Err(invalid(format!("customer address {} is not a unicast address", self.ca)));
+        if self.ca.is_unspecified()
+            || self.ca.is_multicast()
+            || self.ca == IpAddr::from([255, 255, 255, 255])
+        {
+            return Err(invalid(format!(
+                "customer address {} is not a unicast address",
+                self.ca
+            )));
         }
         if self.pa.is_unspecified() || self.pa.is_multicast() || self.pa.is_loopback() {
-            return Err(invalid(format!("provider address {} is not a usable unicast address", self.pa)));
+            return Err(invalid(format!(
+                "provider address {} is not a usable unicast address",
+                self.pa
+            )));
         }
         if self.mac.0[0] & 1 != 0 || self.mac.0 == [0; 6] {
-            return Err(invalid(format!("MAC address {} is not a unicast address", self.mac)));
+            return Err(invalid(format!(
+                "MAC address {} is not a unicast address",
+                self.mac
+            )));
         }
         if self.method == Method::Rewrite {
-            return Err(invalid("method 'rewrite' is not supported by this datapath yet; use --method encap"));
+            return Err(invalid(
+                "method 'rewrite' is not supported by this datapath yet; use --method encap",
+            ));
         }
         if let Some(port) = &self.port {
             validate_ifname("port", port)?;

@@ -54,7 +54,12 @@ impl Netlink {
 
     /// The link called `name`, or `None` when there is none.
     pub async fn link(&self, name: &str) -> Result<Option<LinkInfo>> {
-        let mut links = self.handle.link().get().match_name(name.to_owned()).execute();
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
         match links.try_next().await {
             Ok(msg) => Ok(msg.as_ref().map(link_info)),
             // The kernel answers ENODEV for an unknown name.
@@ -71,7 +76,11 @@ impl Netlink {
             .get()
             .set_link_index_filter(index)
             .execute();
-        while let Some(msg) = addrs.try_next().await.map_err(|e| nl_err("get addresses", e))? {
+        while let Some(msg) = addrs
+            .try_next()
+            .await
+            .map_err(|e| nl_err("get addresses", e))?
+        {
             if msg
                 .attributes
                 .iter()
@@ -100,7 +109,11 @@ impl Netlink {
             .set_link_index_filter(index)
             .set_address_filter(addr)
             .execute();
-        while let Some(msg) = addrs.try_next().await.map_err(|e| nl_err("get addresses", e))? {
+        while let Some(msg) = addrs
+            .try_next()
+            .await
+            .map_err(|e| nl_err("get addresses", e))?
+        {
             self.handle
                 .address()
                 .del(msg)

@@ -43,8 +43,9 @@ impl Store {
         let path = dir.join(FILE);
         let state = match fs::read(&path) {
             Ok(bytes) => {
-                let disk: OnDisk = serde_json::from_slice(&bytes)
-                    .map_err(|e| NvError::Store(format!("{} is unreadable: {e}", path.display())))?;
+                let disk: OnDisk = serde_json::from_slice(&bytes).map_err(|e| {
+                    NvError::Store(format!("{} is unreadable: {e}", path.display()))
+                })?;
                 if disk.version != FORMAT_VERSION {
                     return Err(NvError::Store(format!(
                         "{} has format version {}, this agent reads version {FORMAT_VERSION}",
@@ -55,7 +56,12 @@ impl Store {
                 disk.state
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(e) => return Err(NvError::Store(format!("cannot read {}: {e}", path.display()))),
+            Err(e) => {
+                return Err(NvError::Store(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )));
+            }
         };
         Ok(Store {
             dir: dir.to_owned(),
@@ -69,7 +75,9 @@ impl Store {
 
     /// Makes `state` the stored state; on error the stored state is unchanged.
     pub fn commit(&mut self, state: State) -> Result<()> {
-        let err = |what: &str, e: std::io::Error| NvError::Store(format!("{what} in {}: {e}", self.dir.display()));
+        let err = |what: &str, e: std::io::Error| {
+            NvError::Store(format!("{what} in {}: {e}", self.dir.display()))
+        };
         let bytes = serde_json::to_vec_pretty(&OnDisk {
             version: FORMAT_VERSION,
             state: state.clone(),

@@ -15,7 +15,10 @@ pub fn flow_id_v4(src: [u8; 4], dst: [u8; 4], proto: u8, ports: u32) -> u8 {
     h ^= h >> 13;
     h = h.wrapping_mul(0xc2b2_ae35);
     h ^= h >> 16;
-    #[expect(clippy::cast_possible_truncation, reason = "the FlowID is the low byte by design")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the FlowID is the low byte by design"
+    )]
     let id = h as u8;
     id
 }

@@ -1,8 +1,6 @@
 //! The ARP responder: a VM's request for a customer address of its own VSID is answered from the
 //! lookup records, so nothing is flooded and no MAC is ever learned.
-use aya_ebpf::{
-    bindings::TC_ACT_REDIRECT, helpers::bpf_redirect, programs::TcContext,
-};
+use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::bpf_redirect, programs::TcContext};
 use nv_common::{
     Counter, LookupKey, PortInfo, v4_mapped,
     wire::{ARPHRD_ETHER, ARPOP_REPLY, ARPOP_REQUEST, ETH_HLEN, ETH_P_IP},

@@ -10,8 +10,8 @@ use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_GRE,
         BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_OUTPUT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
-        bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
+        BPF_FIB_LOOKUP_OUTPUT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_fib_lookup,
     },
     bpf_f_adj_room_encap_l2,
     helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
@@ -76,7 +76,11 @@ pub fn nvgre(
     ip[0] = 0x45;
     ip[1] = inner_tos & 0xfc;
     #[expect(clippy::cast_possible_truncation, reason = "clamped to u16::MAX")]
-    let tot_len = if outer_ip_len > usize::from(u16::MAX) { u16::MAX } else { outer_ip_len as u16 };
+    let tot_len = if outer_ip_len > usize::from(u16::MAX) {
+        u16::MAX
+    } else {
+        outer_ip_len as u16
+    };
     ip[2..4].copy_from_slice(&tot_len.to_be_bytes());
     ip[6..8].copy_from_slice(&IPV4_DF.to_be_bytes());
     ip[8] = OUTER_TTL;
@@ -96,7 +100,13 @@ pub fn nvgre(
     let mut mtu_len = 0u32;
     // SAFETY: helper on the program's own skb with a stack out-parameter.
     let mtu_rc = unsafe {
-        bpf_check_mtu(ctx.skb.skb.cast::<c_void>(), uplink, &raw mut mtu_len, 0, u64::from(BPF_MTU_CHK_SEGS))
+        bpf_check_mtu(
+            ctx.skb.skb.cast::<c_void>(),
+            uplink,
+            &raw mut mtu_len,
+            0,
+            u64::from(BPF_MTU_CHK_SEGS),
+        )
     };
     if mtu_rc != 0 {
         return Err(Counter::DropVmTooBig);
@@ -110,7 +120,11 @@ pub fn nvgre(
     fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(outer_src);
     fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(outer_dst);
     // SAFETY: helper with a stack struct of the size we pass.
-    #[expect(clippy::cast_possible_truncation, clippy::cast_possible_wrap, reason = "64 bytes")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        reason = "64 bytes"
+    )]
     let rc = unsafe {
         fib_lookup(
             ctx.skb.skb.cast::<c_void>(),
@@ -119,7 +133,10 @@ pub fn nvgre(
             BPF_FIB_LOOKUP_OUTPUT,
         )
     };
-    #[expect(clippy::cast_sign_loss, reason = "return codes are small and non-negative")]
+    #[expect(
+        clippy::cast_sign_loss,
+        reason = "return codes are small and non-negative"
+    )]
     let rc = rc as u32;
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
         hdrs[0..6].copy_from_slice(&fib.dmac);
@@ -127,7 +144,8 @@ pub fn nvgre(
     } else if rc != BPF_FIB_LKUP_RET_NO_NEIGH && rc != BPF_FIB_LKUP_RET_FWD_DISABLED {
         return Err(Counter::DropVmNoUnderlayRoute);
     }
-    ctx.store(0, &hdrs, 0).map_err(|_| Counter::DropVmEncapFailed)?;
+    ctx.store(0, &hdrs, 0)
+        .map_err(|_| Counter::DropVmEncapFailed)?;
 
     // SAFETY: plain helper calls.
     let action = if rc == BPF_FIB_LKUP_RET_SUCCESS {

@@ -7,12 +7,16 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use nv_common::{
-    Counter, LookupKey, Method, PortInfo, flow::flow_id_v4, v4_mapped,
+    Counter, LookupKey, Method, PortInfo,
+    flow::flow_id_v4,
+    v4_mapped,
     wire::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
 };
 
 use crate::{
-    arp, counters::count, encap,
+    arp,
+    counters::count,
+    encap,
     maps::{LOOKUPS, PORTS},
     packet::{EthHdr, Ipv4Hdr, PACKET_HOST, read_at},
 };

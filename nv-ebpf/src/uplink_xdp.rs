@@ -91,9 +91,17 @@ fn try_run(ctx: &XdpContext) -> Result<u32, Counter> {
     }
     let port = dst.ifindex;
 
-    #[expect(clippy::cast_possible_truncation, clippy::cast_possible_wrap, reason = "< 100")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        reason = "< 100"
+    )]
     let strip = inner as i32;
-    #[expect(clippy::cast_possible_truncation, clippy::cast_possible_wrap, reason = "8 bytes")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        reason = "8 bytes"
+    )]
     let meta_len = core::mem::size_of::<DeliverMeta>() as i32;
     // SAFETY: helpers on the program's own context; pointers are re-derived after each.
     unsafe {

@@ -9,7 +9,10 @@ use nv_agent::{
     config::{AgentArgs, Config},
     datapath,
 };
-use tokio::{net::UnixListener, signal::unix::{SignalKind, signal}};
+use tokio::{
+    net::UnixListener,
+    signal::unix::{SignalKind, signal},
+};
 use tracing::info;
 
 fn main() -> std::process::ExitCode {
@@ -20,7 +23,11 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = AgentArgs::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start runtime: {e}");
@@ -40,7 +47,11 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let config = Config::resolve(&args)?;
     if args.purge {
         datapath::purge(&config.pin_path)?;
-        info!("removed every pin under {}; the store in {} is kept", config.pin_path.display(), config.state_dir.display());
+        info!(
+            "removed every pin under {}; the store in {} is kept",
+            config.pin_path.display(),
+            config.state_dir.display()
+        );
         return Ok(());
     }
     let agent = Agent::start(&config).await?;
@@ -51,9 +62,13 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
     match std::fs::remove_file(socket) {
         Ok(()) => info!("removed stale socket {}", socket.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot remove stale socket {}", socket.display())),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot remove stale socket {}", socket.display()));
+        }
     }
-    let listener = UnixListener::bind(socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
+    let listener = UnixListener::bind(socket)
+        .with_context(|| format!("cannot listen on {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("cannot set permissions of {}", socket.display()))?;
     info!("serving nvctl on {}", socket.display());
@@ -66,9 +81,12 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
             _ = int.recv() => {}
         }
     };
-    axum::serve(listener, api::router(Arc::new(tokio::sync::Mutex::new(agent))))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    axum::serve(
+        listener,
+        api::router(Arc::new(tokio::sync::Mutex::new(agent))),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await?;
     let _ = std::fs::remove_file(socket);
     info!("stopped; forwarding continues from the pinned programs and maps");
     Ok(())

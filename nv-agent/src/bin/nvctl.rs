@@ -2,6 +2,7 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
+
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use hyper::Method;
 use nv_agent::{
@@ -11,8 +12,25 @@ use nv_agent::{
 use serde_json::{Value, json};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line, like every other nvctl error; `--help` has the rest.
+            let rendered = e.render().to_string();
+            let line = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{} (see --help)", line.trim());
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: {e}");
@@ -45,28 +63,63 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
     let s = &cli.socket;
     let (value, columns) = match &cli.command {
         Command::Provider(ProviderCmd::Add { pa, dev }) => (
-            call(s, Method::POST, "/v1/providers", Some(&json!({ "pa": pa, "dev": dev }))).await?,
+            call(
+                s,
+                Method::POST,
+                "/v1/providers",
+                Some(&json!({ "pa": pa, "dev": dev })),
+            )
+            .await?,
             PROVIDER_COLUMNS,
         ),
         Command::Provider(ProviderCmd::Del { pa }) => (
             call(s, Method::DELETE, &format!("/v1/providers?pa={pa}"), None).await?,
             PROVIDER_COLUMNS,
         ),
-        Command::Provider(ProviderCmd::List) => (call(s, Method::GET, "/v1/providers", None).await?, PROVIDER_COLUMNS),
-        Command::Lookup(LookupCmd::Add { vsid, ca, pa, mac, method, port, name }) => {
+        Command::Provider(ProviderCmd::List) => (
+            call(s, Method::GET, "/v1/providers", None).await?,
+            PROVIDER_COLUMNS,
+        ),
+        Command::Lookup(LookupCmd::Add {
+            vsid,
+            ca,
+            pa,
+            mac,
+            method,
+            port,
+            name,
+        }) => {
             let body = json!({ "vsid": vsid, "ca": ca, "pa": pa, "mac": mac, "method": method, "port": port, "name": name });
-            (call(s, Method::POST, "/v1/lookups", Some(&body)).await?, LOOKUP_COLUMNS)
+            (
+                call(s, Method::POST, "/v1/lookups", Some(&body)).await?,
+                LOOKUP_COLUMNS,
+            )
         }
         Command::Lookup(LookupCmd::Del { vsid, ca }) => (
-            call(s, Method::DELETE, &format!("/v1/lookups?vsid={vsid}&ca={ca}"), None).await?,
+            call(
+                s,
+                Method::DELETE,
+                &format!("/v1/lookups?vsid={vsid}&ca={ca}"),
+                None,
+            )
+            .await?,
             LOOKUP_COLUMNS,
         ),
         Command::Lookup(LookupCmd::Move { vsid, ca, pa, port }) => {
             let body = json!({ "vsid": vsid, "ca": ca, "pa": pa, "port": port });
-            (call(s, Method::POST, "/v1/lookups/move", Some(&body)).await?, LOOKUP_COLUMNS)
+            (
+                call(s, Method::POST, "/v1/lookups/move", Some(&body)).await?,
+                LOOKUP_COLUMNS,
+            )
         }
-        Command::Lookup(LookupCmd::List) => (call(s, Method::GET, "/v1/lookups", None).await?, LOOKUP_COLUMNS),
-        Command::Stats => (call(s, Method::GET, "/v1/stats", None).await?, STATS_COLUMNS),
+        Command::Lookup(LookupCmd::List) => (
+            call(s, Method::GET, "/v1/lookups", None).await?,
+            LOOKUP_COLUMNS,
+        ),
+        Command::Stats => (
+            call(s, Method::GET, "/v1/stats", None).await?,
+            STATS_COLUMNS,
+        ),
     };
     match cli.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),

@@ -1,0 +1,172 @@
+//! Underlay captures with tcpdump, decoded by tshark: an independent decoder, not our parser.
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{netns::Netns, sys::run};
+
+/// A running tcpdump, stopped (by its pid) on drop.
+pub struct Capture {
+    child: Child,
+    pub file: PathBuf,
+}
+
+impl Capture {
+    /// Captures on `iface` inside `ns` into `file`, at most `max_seconds`.
+    pub fn start(
+        ns: &Netns,
+        iface: &str,
+        file: &Path,
+        max_seconds: u32,
+    ) -> anyhow::Result<Capture> {
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                "timeout",
+                &max_seconds.to_string(),
+                "tcpdump",
+                "-i",
+                iface,
+                "-U",
+                "-n",
+                "-s",
+                "256",
+                "-w",
+            ])
+            .arg(file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("start tcpdump")?;
+        let mut cap = Capture {
+            child,
+            file: file.to_owned(),
+        };
+        // tcpdump says "listening on" once its socket is open; packets before that are lost.
+        let stderr = cap.child.stderr.take().context("tcpdump stderr")?;
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .context("tcpdump did not start listening within 10 s")?;
+        Ok(cap)
+    }
+
+    /// Stops the capture and returns the file.
+    pub fn stop(mut self) -> anyhow::Result<PathBuf> {
+        thread::sleep(Duration::from_millis(300));
+        // SAFETY: signalling the child we spawned, by its pid (`timeout` passes it on).
+        unsafe { libc::kill(self.child.id().cast_signed(), libc::SIGTERM) };
+        let _ = self.child.wait();
+        if !self.file.exists() {
+            bail!("tcpdump wrote no capture file");
+        }
+        Ok(self.file.clone())
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One IPv4 packet as tshark decoded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decoded {
+    /// `ip.src`/`ip.dst` of every IPv4 layer, outermost first.
+    pub ip_src: Vec<String>,
+    pub ip_dst: Vec<String>,
+    /// GRE key, when there is a GRE layer.
+    pub gre_key: Option<u32>,
+    pub gre_proto: Option<u16>,
+    /// Whether tshark verified each IPv4 header checksum as good (`ip.checksum.status` 1; 0 is
+    /// bad, 2 unverified).
+    pub ip_checksum_ok: Vec<bool>,
+    pub protocols: String,
+}
+
+/// Decodes every IPv4 packet of a capture with tshark.
+pub fn decode(file: &Path) -> anyhow::Result<Vec<Decoded>> {
+    let file = file.to_str().context("utf-8 path")?;
+    let out = run(
+        "tshark",
+        &[
+            "-r",
+            file,
+            "-o",
+            "ip.check_checksum:TRUE",
+            "-Y",
+            "ip",
+            "-T",
+            "fields",
+            "-E",
+            "separator=|",
+            "-E",
+            "occurrence=a",
+            "-E",
+            "aggregator=,",
+            "-e",
+            "ip.src",
+            "-e",
+            "ip.dst",
+            "-e",
+            "gre.key",
+            "-e",
+            "gre.proto",
+            "-e",
+            "ip.checksum.status",
+            "-e",
+            "frame.protocols",
+        ],
+    )?;
+    let mut packets = Vec::new();
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split('|').collect();
+        if f.len() < 6 {
+            bail!("unexpected tshark line: {line}");
+        }
+        let list = |s: &str| {
+            s.split(',')
+                .filter(|x| !x.is_empty())
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let num = |s: &str| -> anyhow::Result<Option<u32>> {
+            let s = s.split(',').next().unwrap_or("");
+            if s.is_empty() {
+                return Ok(None);
+            }
+            let v = s
+                .strip_prefix("0x")
+                .map_or_else(|| s.parse(), |h| u32::from_str_radix(h, 16))?;
+            Ok(Some(v))
+        };
+        packets.push(Decoded {
+            ip_src: list(f[0]),
+            ip_dst: list(f[1]),
+            gre_key: num(f[2])?,
+            gre_proto: num(f[3])?.map(|p| u16::try_from(p).unwrap_or(0)),
+            ip_checksum_ok: list(f[4]).iter().map(|s| s == "1").collect(),
+            protocols: f[5].to_owned(),
+        });
+    }
+    Ok(packets)
+}

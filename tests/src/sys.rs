@@ -1,0 +1,69 @@
+//! Running the independent tools the tests lean on (`ip`, `tcpdump`, `tshark`, `ping`).
+use std::{
+    path::PathBuf,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context as _, bail};
+
+/// Fails loudly unless running as root: namespaces, bpffs and program loading need it.
+pub fn require_root() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "this test needs root (network namespaces, bpffs, BPF programs): run `cargo xtask test` as root"
+        );
+    }
+    Ok(())
+}
+
+/// Runs a command to completion; an error carries its stderr.
+pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = output(program, args)?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn output(program: &str, args: &[&str]) -> anyhow::Result<Output> {
+    Command::new(program).args(args).output().with_context(|| {
+        format!("cannot run {program} (is it installed? `cargo xtask setup` installs it)")
+    })
+}
+
+/// Where the workspace's binaries are: `NV_BIN_DIR`, or target/debug of this workspace.
+pub fn bin_dir() -> PathBuf {
+    std::env::var_os("NV_BIN_DIR").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug"),
+        PathBuf::from,
+    )
+}
+
+/// Path of a workspace binary; fails loudly when it was not built.
+pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    let path = bin_dir().join(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: build the workspace first (`cargo xtask test` does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A short prefix unique to this process and call, for namespace and pin names.
+pub fn unique_prefix(tag: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "nv{tag}{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}

@@ -1,0 +1,431 @@
+//! The two-host topology of the foundation tests and the demo:
+//!
+//! ```text
+//!  [RED-1 10.0.0.1] [BLUE-1 10.0.0.1]          [RED-2 10.0.0.2] [BLUE-2 10.0.0.2]
+//!        red1           blue1                        red2           blue2
+//!   host1 (agent, PA 198.18.0.1) --uplink0--[br0 underlay]--uplink0-- host2 (agent, PA 198.18.0.2)
+//! ```
+//! RED is VSID 5001, BLUE is VSID 6001: the same customer addresses, isolated by VSID.
+use std::{
+    collections::HashMap,
+    fs,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+use crate::{
+    netns::Netns,
+    sys::{bin, require_root, run, unique_prefix},
+};
+
+pub const RED_VSID: u32 = 5001;
+pub const BLUE_VSID: u32 = 6001;
+/// Jumbo underlay, so 1500-byte VM frames fit after the 42 bytes of NVGRE.
+pub const UNDERLAY_MTU: &str = "9000";
+
+/// One tenant VM: a namespace with `eth0` behind a veth port on its host.
+#[derive(Debug)]
+pub struct Vm {
+    pub name: String,
+    pub vsid: u32,
+    pub ca: String,
+    pub mac: String,
+    /// Port name on the host side.
+    pub port: String,
+    /// Index into `TwoHosts::hosts` of the host the VM runs on now.
+    pub host: usize,
+    pub ns: Netns,
+}
+
+/// A running agent, killed (by its pid) on drop.
+#[derive(Debug)]
+pub struct AgentProcess {
+    child: Child,
+}
+
+impl AgentProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        // SAFETY: signalling the child we spawned, by its pid.
+        unsafe { libc::kill(self.child.id().cast_signed(), libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+pub struct Host {
+    pub name: String,
+    pub pa: String,
+    pub ns: Netns,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub pin_path: PathBuf,
+    pub log: PathBuf,
+    pub agent: Option<AgentProcess>,
+}
+
+impl Host {
+    /// Starts this host's agent inside its namespace with `nsenter`, so its bpffs pins live in
+    /// the real bpffs and survive its restart, and waits for its socket.
+    pub fn start_agent(&mut self) -> anyhow::Result<()> {
+        let log = fs::File::create(&self.log)?;
+        let _ = fs::remove_file(&self.socket);
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.ns.path()))
+            .arg(bin("nv-agent")?)
+            .args(["--uplink", "uplink0"])
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--api-socket")
+            .arg(&self.socket)
+            .arg("--pin-path")
+            .arg(&self.pin_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn nv-agent through nsenter")?;
+        let mut agent = AgentProcess { child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.socket.exists() {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                bail!(
+                    "nv-agent on {} exited ({status}): {}",
+                    self.name,
+                    self.agent_log()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "nv-agent on {} did not open its socket in 20 s: {}",
+                    self.name,
+                    self.agent_log()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    pub fn stop_agent(&mut self) {
+        self.agent = None;
+    }
+
+    pub fn agent_log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs nvctl against this host's agent; `Err` carries nvctl's stderr.
+    pub fn nvctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(bin("nvctl")?)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn nvctl_json(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        Ok(serde_json::from_str(&self.nvctl(&all)?)?)
+    }
+
+    /// Datapath counters by name.
+    pub fn counters(&self) -> anyhow::Result<HashMap<String, u64>> {
+        let v = self.nvctl_json(&["stats"])?;
+        let mut out = HashMap::new();
+        for c in v.as_array().context("stats is a list")? {
+            out.insert(
+                c["counter"].as_str().context("counter name")?.to_owned(),
+                c["packets"].as_u64().context("packets")?,
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// The whole topology; everything is removed on drop.
+pub struct TwoHosts {
+    pub prefix: String,
+    pub vms: Vec<Vm>,
+    pub hosts: Vec<Host>,
+    pub underlay: Netns,
+    tmp: PathBuf,
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for h in &mut self.hosts {
+            h.stop_agent();
+        }
+        for h in &self.hosts {
+            let _ = nv_agent::datapath::purge(&h.pin_path);
+        }
+        // VMs, then hosts, then the underlay: their namespaces (and links) go with the fields.
+        self.vms.clear();
+        self.hosts.clear();
+        let _ = fs::remove_dir_all(&self.tmp);
+    }
+}
+
+fn vm_mac(host: usize, vsid: u32) -> String {
+    format!(
+        "02:00:00:00:0{}:0{}",
+        host + 1,
+        if vsid == RED_VSID { 1 } else { 2 }
+    )
+}
+
+impl TwoHosts {
+    /// Builds the namespaces and links and starts both agents; nothing is configured yet.
+    pub fn build(tag: &str) -> anyhow::Result<TwoHosts> {
+        require_root()?;
+        let prefix = unique_prefix(tag);
+        let tmp = std::env::temp_dir().join(&prefix);
+        fs::create_dir_all(&tmp)?;
+        let underlay = Netns::new(&format!("{prefix}-ul"))?;
+        let mut bed = TwoHosts {
+            prefix: prefix.clone(),
+            vms: Vec::new(),
+            hosts: Vec::new(),
+            underlay,
+            tmp: tmp.clone(),
+        };
+        bed.underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
+        bed.underlay.ip(&["link", "set", "br0", "up"])?;
+        for i in 0..2 {
+            let name = format!("host{}", i + 1);
+            let ns = Netns::new(&format!("{prefix}-h{}", i + 1))?;
+            let ul = format!("ul{}", i + 1);
+            bed.underlay.ip(&[
+                "link", "add", &ul, "type", "veth", "peer", "name", "uplink0", "netns", &ns.name,
+            ])?;
+            bed.underlay.ip(&[
+                "link",
+                "set",
+                &ul,
+                "master",
+                "br0",
+                "mtu",
+                UNDERLAY_MTU,
+                "up",
+            ])?;
+            ns.ip(&["link", "set", "uplink0", "mtu", UNDERLAY_MTU, "up"])?;
+            bed.hosts.push(Host {
+                pa: format!("198.18.0.{}", i + 1),
+                socket: tmp.join(format!("{name}.sock")),
+                state_dir: tmp.join(format!("{name}-state")),
+                pin_path: PathBuf::from(format!("/sys/fs/bpf/{prefix}-h{}", i + 1)),
+                log: tmp.join(format!("{name}-agent.log")),
+                name,
+                ns,
+                agent: None,
+            });
+        }
+        for host in 0..2 {
+            for (tenant, vsid) in [("red", RED_VSID), ("blue", BLUE_VSID)] {
+                let port = format!("{tenant}{}", host + 1);
+                let vm = Vm {
+                    name: format!("{}-{}", tenant.to_uppercase(), host + 1),
+                    vsid,
+                    ca: format!("10.0.0.{}", host + 1),
+                    mac: vm_mac(host, vsid),
+                    ns: Netns::new(&format!("{prefix}-{port}"))?,
+                    port,
+                    host,
+                };
+                bed.plug(&vm, host)?;
+                bed.vms.push(vm);
+            }
+        }
+        for h in &mut bed.hosts {
+            h.start_agent()?;
+        }
+        Ok(bed)
+    }
+
+    /// Connects a VM's namespace to `host` with a fresh veth pair (VM side `eth0`).
+    fn plug(&self, vm: &Vm, host: usize) -> anyhow::Result<()> {
+        let h = &self.hosts[host].ns;
+        h.ip(&[
+            "link",
+            "add",
+            &vm.port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &vm.ns.name,
+        ])?;
+        h.ip(&["link", "set", &vm.port, "up"])?;
+        vm.ns
+            .ip(&["link", "set", "eth0", "address", &vm.mac, "up"])?;
+        vm.ns
+            .ip(&["addr", "add", &format!("{}/24", vm.ca), "dev", "eth0"])?;
+        Ok(())
+    }
+
+    /// Configures both hosts through nvctl only: provider addresses, then every VM's record,
+    /// local ones with their port.
+    pub fn configure(&self) -> anyhow::Result<()> {
+        for h in &self.hosts {
+            h.nvctl(&[
+                "provider",
+                "add",
+                "--pa",
+                &format!("{}/15", h.pa),
+                "--dev",
+                "uplink0",
+            ])?;
+        }
+        for (i, h) in self.hosts.iter().enumerate() {
+            for vm in &self.vms {
+                let vsid = vm.vsid.to_string();
+                let pa = &self.hosts[vm.host].pa;
+                let mut args = vec![
+                    "lookup", "add", "--vsid", &vsid, "--ca", &vm.ca, "--pa", pa, "--mac", &vm.mac,
+                    "--name", &vm.name,
+                ];
+                if vm.host == i {
+                    args.extend_from_slice(&["--port", &vm.port]);
+                }
+                h.nvctl(&args)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn vm(&self, name: &str) -> &Vm {
+        self.vms
+            .iter()
+            .find(|v| v.name == name)
+            .expect("known VM name")
+    }
+
+    /// Pings `dst` from a VM: `count` echo requests, 0.2 s apart, 1 s wait; returns replies.
+    pub fn ping(&self, from: &str, dst: &str, count: u32) -> anyhow::Result<u32> {
+        let out = self.vm(from).ns.exec_output(
+            "ping",
+            &["-c", &count.to_string(), "-i", "0.2", "-W", "1", "-q", dst],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let received = text
+            .split(',')
+            .find_map(|p| p.trim().strip_suffix(" received").map(str::to_owned))
+            .with_context(|| format!("unexpected ping output: {text}"))?;
+        Ok(received.trim().parse()?)
+    }
+
+    /// Migrates a VM to another host: its old port goes away, a new one appears on `to`
+    /// (same MAC, same IP inside the VM). The records are the caller's to update.
+    pub fn rehome(&mut self, name: &str, to: usize) -> anyhow::Result<()> {
+        let idx = self
+            .vms
+            .iter()
+            .position(|v| v.name == name)
+            .context("known VM")?;
+        let from = self.vms[idx].host;
+        self.hosts[from]
+            .ns
+            .ip(&["link", "del", &self.vms[idx].port])?;
+        self.plug(&self.vms[idx], to)?;
+        self.vms[idx].host = to;
+        Ok(())
+    }
+
+    pub fn tmp_dir(&self) -> &PathBuf {
+        &self.tmp
+    }
+}
+
+/// Runs `nv-tcpcheck` in two VMs: sends `bytes` pseudo-random bytes and returns
+/// (sent digest, received digest) as each side computed it.
+pub fn tcp_transfer(
+    server: &Vm,
+    client: &Vm,
+    dst: &str,
+    bytes: u64,
+) -> anyhow::Result<(String, String)> {
+    let tool = bin("nv-tcpcheck")?;
+    let tool = tool.to_str().context("utf-8 path")?;
+    let mut srv = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &server.ns.name,
+            tool,
+            "serve",
+            "0.0.0.0:7001",
+            "--timeout",
+            "30",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let sent = server_guard_run(&mut srv, || {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &client.ns.name,
+                tool,
+                "send",
+                &format!("{dst}:7001"),
+                "--bytes",
+                &bytes.to_string(),
+                "--timeout",
+                "30",
+            ],
+        )
+    });
+    let out = srv.wait_with_output()?;
+    let sent = sent?;
+    if !out.status.success() {
+        bail!(
+            "tcpcheck server failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok((
+        sent.trim().to_owned(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    ))
+}
+
+fn server_guard_run<T>(
+    srv: &mut Child,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let r = f();
+    if r.is_err() {
+        let _ = srv.kill();
+    }
+    r
+}

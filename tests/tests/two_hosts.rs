@@ -1,0 +1,547 @@
+//! The foundation scenario end to end: two hosts, RED and BLUE with the same customer
+//! addresses, NVGRE on the underlay decoded by tshark, isolation, delete, migration, restart.
+use std::collections::HashMap;
+
+use anyhow::{Context as _, ensure};
+use nv_tests::{
+    capture::{self, Capture},
+    testbed::{BLUE_VSID, RED_VSID, TwoHosts, tcp_transfer},
+};
+
+fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str) -> u64 {
+    after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
+}
+
+/// During `traffic`, every IPv4 packet between the two PAs on the underlay is NVGRE keyed with
+/// `vsid` with customer addresses inside, and no customer address appears outside GRE;
+/// returns how many NVGRE packets there were.
+fn underlay_is_nvgre(
+    bed: &TwoHosts,
+    tag: &str,
+    vsid: u32,
+    traffic: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<usize> {
+    let file = bed.tmp_dir().join(format!("{tag}.pcap"));
+    let cap = Capture::start(&bed.underlay, "br0", &file, 60)?;
+    traffic()?;
+    let file = cap.stop()?;
+    let packets = capture::decode(&file)?;
+    let pas = ["198.18.0.1", "198.18.0.2"];
+    let mut nvgre = 0;
+    for p in &packets {
+        let (Some(src), Some(dst)) = (p.ip_src.first(), p.ip_dst.first()) else {
+            continue;
+        };
+        ensure!(
+            !src.starts_with("10.") && !dst.starts_with("10."),
+            "{tag}: a customer address on the underlay: {p:?}"
+        );
+        if !(pas.contains(&src.as_str()) && pas.contains(&dst.as_str())) {
+            // The namespaces' own control traffic (IGMP and the like), not tenants'.
+            continue;
+        }
+        ensure!(
+            p.gre_key.is_some(),
+            "{tag}: non-NVGRE packet between the PAs: {p:?}"
+        );
+        ensure!(
+            p.gre_proto == Some(0x6558),
+            "{tag}: GRE protocol is not TEB: {p:?}"
+        );
+        let key = p.gre_key.unwrap_or(0);
+        ensure!(
+            key >> 8 == vsid,
+            "{tag}: VSID {} in the GRE key, expected {vsid}: {p:?}",
+            key >> 8
+        );
+        ensure!(
+            p.ip_src.len() == 2 && p.ip_dst.len() == 2,
+            "{tag}: expected outer and inner IPv4: {p:?}"
+        );
+        ensure!(
+            p.ip_src[1].starts_with("10.0.0.") && p.ip_dst[1].starts_with("10.0.0."),
+            "{tag}: inner addresses: {p:?}"
+        );
+        ensure!(
+            p.ip_checksum_ok.first() == Some(&true),
+            "{tag}: outer IPv4 checksum not valid per tshark: {p:?}"
+        );
+        nvgre += 1;
+    }
+    Ok(nvgre)
+}
+
+#[test]
+fn red_and_blue_share_addresses_across_hosts_and_stay_isolated() -> anyhow::Result<()> {
+    let mut bed = TwoHosts::build("f")?;
+    bed.configure()?;
+
+    // RED and BLUE both ping 10.0.0.2 from 10.0.0.1, over the underlay as NVGRE with their VSID.
+    let red = underlay_is_nvgre(&bed, "red-ping", RED_VSID, || {
+        ensure!(
+            bed.ping("RED-1", "10.0.0.2", 5)? == 5,
+            "RED-1 -> RED-2 ping lost packets"
+        );
+        Ok(())
+    })?;
+    ensure!(
+        red >= 10,
+        "expected 5 requests and 5 replies on the underlay, saw {red}"
+    );
+    let blue = underlay_is_nvgre(&bed, "blue-ping", BLUE_VSID, || {
+        ensure!(
+            bed.ping("BLUE-1", "10.0.0.2", 5)? == 5,
+            "BLUE-1 -> BLUE-2 ping lost packets"
+        );
+        Ok(())
+    })?;
+    ensure!(
+        blue >= 10,
+        "expected 10 BLUE packets on the underlay, saw {blue}"
+    );
+
+    // TCP with content check, both tenants, also seen only as NVGRE of the right VSID.
+    for (tenant, vsid, src, dst) in [
+        ("red", RED_VSID, "RED-1", "RED-2"),
+        ("blue", BLUE_VSID, "BLUE-1", "BLUE-2"),
+    ] {
+        let mut digests = None;
+        underlay_is_nvgre(&bed, &format!("{tenant}-tcp"), vsid, || {
+            digests = Some(tcp_transfer(bed.vm(dst), bed.vm(src), "10.0.0.2", 8 << 20)?);
+            Ok(())
+        })?;
+        let (sent, received) = digests.context("transfer ran")?;
+        ensure!(
+            sent.starts_with(&format!("{} ", 8 << 20)),
+            "{tenant}: sender reports {sent}"
+        );
+        ensure!(
+            sent == received,
+            "{tenant}: content differs: sent {sent}, received {received}"
+        );
+    }
+
+    // Isolation: RED-1's traffic to 10.0.0.2 reaches RED-2 and never BLUE-2.
+    let file = bed.tmp_dir().join("blue2.pcap");
+    let blue2 = Capture::start(&bed.vm("BLUE-2").ns, "eth0", &file, 30)?;
+    let red2_rx_before = bed.hosts[1].counters()?;
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 5)? == 5,
+        "RED-1 -> RED-2 ping lost packets"
+    );
+    let seen_by_blue2 = capture::decode(&blue2.stop()?)?;
+    ensure!(
+        seen_by_blue2.is_empty(),
+        "BLUE-2 saw {} IPv4 packets of RED's: {seen_by_blue2:?}",
+        seen_by_blue2.len()
+    );
+    let d = delta(
+        &red2_rx_before,
+        &bed.hosts[1].counters()?,
+        "uplink_delivered",
+    );
+    ensure!(
+        d >= 5,
+        "host2 delivered {d} frames, expected the 5 requests"
+    );
+
+    // Deleting RED-2's record on host1 stops the flow, counted as unknown destination; BLUE is
+    // untouched; re-adding restores it.
+    let h1 = &bed.hosts[0];
+    let before = h1.counters()?;
+    h1.nvctl(&["lookup", "del", "--vsid", "5001", "--ca", "10.0.0.2"])?;
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 3)? == 0,
+        "RED-1 still reaches RED-2 after its record was deleted"
+    );
+    ensure!(
+        bed.ping("BLUE-1", "10.0.0.2", 3)? == 3,
+        "BLUE lost traffic when a RED record was deleted"
+    );
+    let dropped = delta(&before, &h1.counters()?, "drop_vm_unknown_dst");
+    ensure!(
+        dropped >= 3,
+        "expected >= 3 drops for unknown destination, counted {dropped}"
+    );
+    h1.nvctl(&[
+        "lookup",
+        "add",
+        "--vsid",
+        "5001",
+        "--ca",
+        "10.0.0.2",
+        "--pa",
+        "198.18.0.2",
+        "--mac",
+        "02:00:00:00:02:01",
+        "--name",
+        "RED-2",
+    ])?;
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 3)? == 3,
+        "RED-1 -> RED-2 did not come back after re-adding"
+    );
+
+    // Migration: RED-2 moves to host1, keeping 10.0.0.2 and its MAC; records change through
+    // nvctl on both hosts; traffic flows again, now local on host1; BLUE is untouched.
+    bed.rehome("RED-2", 0)?;
+    bed.hosts[0].nvctl(&[
+        "lookup",
+        "move",
+        "--vsid",
+        "5001",
+        "--ca",
+        "10.0.0.2",
+        "--pa",
+        "198.18.0.1",
+        "--port",
+        "red2",
+    ])?;
+    bed.hosts[1].nvctl(&[
+        "lookup",
+        "move",
+        "--vsid",
+        "5001",
+        "--ca",
+        "10.0.0.2",
+        "--pa",
+        "198.18.0.1",
+    ])?;
+    let before = bed.hosts[0].counters()?;
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 5)? == 5,
+        "RED-1 cannot reach RED-2 after it moved to host1"
+    );
+    let local = delta(&before, &bed.hosts[0].counters()?, "vm_tx_local");
+    ensure!(
+        local >= 10,
+        "expected RED-1 <-> RED-2 to be delivered locally on host1, counted {local}"
+    );
+    ensure!(
+        bed.ping("BLUE-1", "10.0.0.2", 3)? == 3,
+        "BLUE lost traffic during RED's migration"
+    );
+    let list = bed.hosts[0].nvctl_json(&["lookup", "list"])?;
+    let red2 = list
+        .as_array()
+        .context("list")?
+        .iter()
+        .find(|r| r["vsid"] == 5001 && r["ca"] == "10.0.0.2")
+        .context("RED-2 listed")?;
+    ensure!(
+        red2["pa"] == "198.18.0.1" && red2["port"] == "red2",
+        "RED-2 record after the move: {red2}"
+    );
+    Ok(())
+}
+
+#[test]
+fn agent_restart_keeps_records_and_forwarding() -> anyhow::Result<()> {
+    let mut bed = TwoHosts::build("r")?;
+    bed.configure()?;
+    let records = bed.hosts[0].nvctl_json(&["lookup", "list"])?;
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 2)? == 2,
+        "no traffic before the restart"
+    );
+
+    // With host1's agent stopped, the pinned programs and maps keep forwarding.
+    bed.hosts[0].stop_agent();
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 3)? == 3,
+        "forwarding stopped with the agent"
+    );
+    bed.hosts[0].start_agent()?;
+    ensure!(
+        bed.hosts[0].nvctl_json(&["lookup", "list"])? == records,
+        "records changed across the restart"
+    );
+    ensure!(
+        bed.ping("BLUE-1", "10.0.0.2", 3)? == 3,
+        "forwarding broken after the restart"
+    );
+    let log = bed.hosts[0].agent_log();
+    ensure!(
+        log.contains("reconciled: 1 providers, 4 lookup records, 2 ports"),
+        "agent log: {log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn nvctl_refuses_bad_input_with_one_line_and_changes_nothing() -> anyhow::Result<()> {
+    let bed = TwoHosts::build("v")?;
+    bed.configure()?;
+    let h = &bed.hosts[0];
+    let store = h.state_dir.join("state.json");
+    let before = std::fs::read(&store)?;
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "lookup",
+                "add",
+                "--vsid",
+                "100",
+                "--ca",
+                "10.0.0.9",
+                "--pa",
+                "198.18.0.2",
+                "--mac",
+                "02:00:00:00:09:01",
+            ],
+            "invalid VSID 100",
+        ),
+        (
+            &[
+                "lookup",
+                "add",
+                "--vsid",
+                "16777215",
+                "--ca",
+                "10.0.0.9",
+                "--pa",
+                "198.18.0.2",
+                "--mac",
+                "02:00:00:00:09:01",
+            ],
+            "reserved",
+        ),
+        (
+            &[
+                "lookup",
+                "add",
+                "--vsid",
+                "4095",
+                "--ca",
+                "10.0.0.9",
+                "--pa",
+                "198.18.0.2",
+                "--mac",
+                "02:00:00:00:09:01",
+            ],
+            "reserved",
+        ),
+        (
+            &[
+                "lookup",
+                "add",
+                "--vsid",
+                "5001",
+                "--ca",
+                "fd00::9",
+                "--pa",
+                "198.18.0.2",
+                "--mac",
+                "02:00:00:00:09:01",
+            ],
+            "IPv6",
+        ),
+        (
+            &[
+                "lookup",
+                "add",
+                "--vsid",
+                "5001",
+                "--ca",
+                "10.0.0.9",
+                "--pa",
+                "fd00::2",
+                "--mac",
+                "02:00:00:00:09:01",
+            ],
+            "IPv6",
+        ),
+        (
+            &[
+                "lookup",
+                "add",
+                "--vsid",
+                "5001",
+                "--ca",
+                "10.0.0.9",
+                "--pa",
+                "198.18.0.2",
+                "--mac",
+                "02:00:00:00:09",
+            ],
+            "invalid MAC",
+        ),
+        (
+            &[
+                "lookup",
+                "add",
+                "--vsid",
+                "5001",
+                "--ca",
+                "10.0.0.9",
+                "--pa",
+                "198.18.0.2",
+                "--mac",
+                "01:00:5e:00:00:01",
+            ],
+            "not a unicast",
+        ),
+        (
+            &[
+                "lookup",
+                "add",
+                "--vsid",
+                "5001",
+                "--ca",
+                "10.0.0.9",
+                "--pa",
+                "198.18.0.1",
+                "--mac",
+                "02:00:00:00:09:01",
+                "--port",
+                "nosuch0",
+            ],
+            "unknown port",
+        ),
+        (
+            &[
+                "lookup",
+                "add",
+                "--vsid",
+                "5001",
+                "--ca",
+                "10.0.0.2",
+                "--pa",
+                "198.18.0.2",
+                "--mac",
+                "02:00:00:00:09:01",
+            ],
+            "already exists",
+        ),
+        (
+            &[
+                "lookup",
+                "add",
+                "--vsid",
+                "5001",
+                "--ca",
+                "10.0.0.9",
+                "--pa",
+                "198.18.0.2",
+                "--mac",
+                "02:00:00:00:02:01",
+            ],
+            "already used",
+        ),
+        (
+            &[
+                "lookup",
+                "add",
+                "--vsid",
+                "5001",
+                "--ca",
+                "10.0.0.9",
+                "--pa",
+                "198.18.0.1",
+                "--mac",
+                "02:00:00:00:09:01",
+            ],
+            "give --port",
+        ),
+        (
+            &[
+                "lookup",
+                "add",
+                "--vsid",
+                "5001",
+                "--ca",
+                "10.0.0.9",
+                "--pa",
+                "198.18.0.2",
+                "--mac",
+                "02:00:00:00:09:01",
+                "--method",
+                "rewrite",
+            ],
+            "rewrite",
+        ),
+        (
+            &[
+                "lookup",
+                "add",
+                "--vsid",
+                "5001",
+                "--ca",
+                "10.0.0.9",
+                "--pa",
+                "198.18.0.7",
+                "--mac",
+                "02:00:00:00:09:01",
+                "--port",
+                "blue1",
+            ],
+            "not a provider address",
+        ),
+        (
+            &[
+                "lookup",
+                "add",
+                "--vsid",
+                "5001",
+                "--ca",
+                "10.0.0.9",
+                "--pa",
+                "198.18.0.1",
+                "--mac",
+                "02:00:00:00:09:01",
+                "--port",
+                "blue1",
+            ],
+            "already belongs",
+        ),
+        (
+            &["lookup", "del", "--vsid", "5001", "--ca", "10.0.0.99"],
+            "no lookup record",
+        ),
+        (&["provider", "add", "--pa", "198.18.0.1"], "ADDRESS/PREFIX"),
+        (
+            &["provider", "add", "--pa", "198.18.0.1/15"],
+            "already exists",
+        ),
+        (
+            &[
+                "provider",
+                "add",
+                "--pa",
+                "198.18.0.9/15",
+                "--dev",
+                "nosuch0",
+            ],
+            "unknown device",
+        ),
+        (&["provider", "del", "--pa", "198.18.0.1"], "used by"),
+        (
+            &["provider", "del", "--pa", "198.18.0.99"],
+            "no provider address",
+        ),
+    ];
+    for (args, expect) in cases {
+        let err = h
+            .nvctl(args)
+            .err()
+            .with_context(|| format!("nvctl {args:?} succeeded"))?
+            .to_string();
+        ensure!(
+            err.contains(expect),
+            "nvctl {args:?}: expected an error mentioning '{expect}', got: {err}"
+        );
+        ensure!(
+            err.trim().lines().count() == 1,
+            "nvctl {args:?}: error is not one line: {err}"
+        );
+        ensure!(
+            std::fs::read(&store)? == before,
+            "nvctl {args:?} changed the store"
+        );
+    }
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 2)? == 2,
+        "the agent stopped forwarding after bad input"
+    );
+    Ok(())
+}
