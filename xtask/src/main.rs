@@ -1,1 +1,88 @@
-fn main() {}
+//! `cargo xtask setup|test|demo`: the commands a fresh machine needs (see README.md).
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "nv project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks (Debian packages, nightly rust-src, bpf-linker, bpffs).
+    /// Idempotent; seconds when everything is there.
+    Setup,
+    /// Set up, then run every check and test: fmt, clippy, unit, program and integration tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run the two-host demo: RED and BLUE tenants with the same addresses.
+    Demo {
+        /// Leave the hosts and agents running for exploring (prints how to remove them).
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Test { args } => {
+            setup::run()?;
+            require_root("the tests load BPF programs and create network namespaces")?;
+            cargo(&["fmt", "--all", "--", "--check"])
+                .context("code is not formatted: run `cargo fmt --all`")?;
+            cargo(&["clippy", "--all-targets", "--quiet", "--", "-D", "warnings"])?;
+            cargo(&["build", "--quiet"])?;
+            let mut test = vec!["test"];
+            test.extend(args.iter().map(String::as_str));
+            cargo(&test)
+        }
+        Task::Demo { keep } => {
+            setup::run()?;
+            require_root("the demo loads BPF programs and creates network namespaces")?;
+            cargo(&["build", "--quiet"])?;
+            let mut demo = vec![
+                "run",
+                "--quiet",
+                "--package",
+                "nv-tests",
+                "--bin",
+                "nv-demo",
+            ];
+            if keep {
+                demo.extend(["--", "--keep"]);
+            }
+            cargo(&demo)
+        }
+    }
+}
+
+fn require_root(why: &str) -> anyhow::Result<()> {
+    let uid = String::from_utf8(Command::new("id").arg("-u").output()?.stdout)?;
+    if uid.trim() != "0" {
+        bail!("run this as root: {why}");
+    }
+    Ok(())
+}
+
+/// Runs cargo with the tool directory on PATH (bpf-linker for the eBPF build).
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .env("PATH", setup::path_with_tools()?)
+        .status()
+        .with_context(|| format!("run cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}

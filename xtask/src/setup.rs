@@ -1,0 +1,165 @@
+//! Installs what a fresh machine of this kind lacks, idempotently:
+//! Debian packages for the tests and demo, nightly's rust-src, bpf-linker built against
+//! nightly's own LLVM (kept outside target/ so `cargo clean` does not rebuild it), and bpffs.
+use std::{env, ffi::OsString, fs, os::unix::fs::symlink, path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+
+/// Debian packages the tests and the demo use as independent tools.
+const PACKAGES: &[&str] = &[
+    "iproute2",
+    "iputils-ping",
+    "tcpdump",
+    "tshark",
+    "iperf3",
+    "ethtool",
+    "util-linux",
+    "python3-scapy",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_FEATURE: &str = "llvm-22";
+
+/// Where nv's tools live: `NV_TOOLS_DIR`, else ~/.cache/nv.
+pub fn tools_dir() -> PathBuf {
+    env::var_os("NV_TOOLS_DIR").map_or_else(
+        || PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/nv"),
+        PathBuf::from,
+    )
+}
+
+pub fn path_with_tools() -> anyhow::Result<OsString> {
+    let mut paths = vec![tools_dir().join("bin")];
+    paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+    Ok(env::join_paths(paths)?)
+}
+
+pub fn run() -> anyhow::Result<()> {
+    packages()?;
+    rust_src()?;
+    bpf_linker()?;
+    bpffs()?;
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let st = cmd.status().with_context(|| format!("run {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(())
+}
+
+fn packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map_or(true, |o| {
+                    !String::from_utf8_lossy(&o.stdout).contains("install ok installed")
+                })
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing Debian packages: {}", missing.join(" "));
+    status(Command::new("apt-get").arg("update").arg("-qq"))?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("the nightly toolchain is needed for the eBPF crate (rustup toolchain list)")?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    eprintln!("setup: adding rust-src to nightly");
+    status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let dir = tools_dir();
+    let llvm = dir.join("llvm");
+    let bin = dir.join("bin/bpf-linker");
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let lib = PathBuf::from(sysroot.trim()).join("lib");
+    let libllvm = fs::read_dir(&lib)?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so.") && n.ends_with("-nightly"))
+        .with_context(|| format!("no libLLVM.so.*-nightly in {}", lib.display()))?;
+    // bpf-linker loads nightly's libLLVM through these links at run time.
+    fs::create_dir_all(llvm.join("lib"))?;
+    for name in ["libLLVM.so".to_owned(), libllvm.clone()] {
+        let link = llvm.join("lib").join(&name);
+        if fs::read_link(&link).ok() != Some(lib.join(&libllvm)) {
+            let _ = fs::remove_file(&link);
+            symlink(lib.join(&libllvm), &link)?;
+        }
+    }
+    let works = Command::new(&bin).arg("--version").output().is_ok_and(|o| {
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+    });
+    if works {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM (a few minutes, once)"
+    );
+    status(
+        Command::new("cargo")
+            .args([
+                "+nightly",
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                LLVM_FEATURE,
+                "--force",
+                "--root",
+            ])
+            .arg(&dir)
+            .env("LLVM_PREFIX", &llvm),
+    )
+}
+
+fn bpffs() -> anyhow::Result<()> {
+    let mounts = fs::read_to_string("/proc/mounts")?;
+    if mounts.lines().any(|l| {
+        l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
+            && l.split_whitespace().nth(2) == Some("bpf")
+    }) {
+        return Ok(());
+    }
+    eprintln!("setup: mounting bpffs at /sys/fs/bpf");
+    status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
