@@ -1,5 +1,5 @@
 //! Builds the eBPF object (nv-ebpf) with nightly and bpf-linker, as `cargo xtask setup` installs
-//! them, and places it in OUT_DIR for `include_bytes_aligned!`.
+//! them, and places it in `OUT_DIR` for `include_bytes_aligned!`.
 use std::{env, path::PathBuf};
 
 fn main() -> anyhow::Result<()> {

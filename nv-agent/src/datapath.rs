@@ -6,6 +6,7 @@
 use std::{
     collections::HashMap,
     ffi::CString,
+    fmt::Write as _,
     fs,
     hash::Hash,
     io,
@@ -40,7 +41,7 @@ fn dp_err(what: impl std::fmt::Display, e: impl std::error::Error) -> NvError {
     let mut msg = format!("{what}: {e}");
     let mut source = e.source();
     while let Some(s) = source {
-        msg.push_str(&format!(": {s}"));
+        let _ = write!(msg, ": {s}");
         source = s.source();
     }
     if msg.len() > MAX_ERROR_CHARS {
@@ -212,7 +213,7 @@ impl Datapath {
         let entries = fs::read_dir(&self.links_dir)
             .map_err(|e| dp_err(format!("read {}", self.links_dir.display()), e))?;
         Ok(entries
-            .filter_map(|e| e.ok())
+            .filter_map(Result::ok)
             .filter_map(|e| {
                 e.file_name()
                     .to_str()
@@ -369,7 +370,7 @@ where
 {
     let mut m: BpfHashMap<&mut MapData, K, V> = map(ebpf, name)?;
     let mut present = HashMap::new();
-    for entry in m.iter() {
+    for entry in &m {
         let (k, v) = entry.map_err(|e| dp_err(format!("iterate {name}"), e))?;
         present.insert(k, v);
     }

@@ -75,9 +75,15 @@ fn underlay_is_nvgre(
 fn red_and_blue_share_addresses_across_hosts_and_stay_isolated() -> anyhow::Result<()> {
     let mut bed = TwoHosts::build("f")?;
     bed.configure()?;
+    tenants_ride_nvgre_with_their_vsid(&bed)?;
+    red_never_reaches_blue(&bed)?;
+    deleting_a_record_stops_its_flow(&bed)?;
+    migration_keeps_the_address(&mut bed)
+}
 
+fn tenants_ride_nvgre_with_their_vsid(bed: &TwoHosts) -> anyhow::Result<()> {
     // RED and BLUE both ping 10.0.0.2 from 10.0.0.1, over the underlay as NVGRE with their VSID.
-    let red = underlay_is_nvgre(&bed, "red-ping", RED_VSID, || {
+    let red = underlay_is_nvgre(bed, "red-ping", RED_VSID, || {
         ensure!(
             bed.ping("RED-1", "10.0.0.2", 5)? == 5,
             "RED-1 -> RED-2 ping lost packets"
@@ -88,7 +94,7 @@ fn red_and_blue_share_addresses_across_hosts_and_stay_isolated() -> anyhow::Resu
         red >= 10,
         "expected 5 requests and 5 replies on the underlay, saw {red}"
     );
-    let blue = underlay_is_nvgre(&bed, "blue-ping", BLUE_VSID, || {
+    let blue = underlay_is_nvgre(bed, "blue-ping", BLUE_VSID, || {
         ensure!(
             bed.ping("BLUE-1", "10.0.0.2", 5)? == 5,
             "BLUE-1 -> BLUE-2 ping lost packets"
@@ -106,7 +112,7 @@ fn red_and_blue_share_addresses_across_hosts_and_stay_isolated() -> anyhow::Resu
         ("blue", BLUE_VSID, "BLUE-1", "BLUE-2"),
     ] {
         let mut digests = None;
-        underlay_is_nvgre(&bed, &format!("{tenant}-tcp"), vsid, || {
+        underlay_is_nvgre(bed, &format!("{tenant}-tcp"), vsid, || {
             digests = Some(tcp_transfer(bed.vm(dst), bed.vm(src), "10.0.0.2", 8 << 20)?);
             Ok(())
         })?;
@@ -121,6 +127,10 @@ fn red_and_blue_share_addresses_across_hosts_and_stay_isolated() -> anyhow::Resu
         );
     }
 
+    Ok(())
+}
+
+fn red_never_reaches_blue(bed: &TwoHosts) -> anyhow::Result<()> {
     // Isolation: RED-1's traffic to 10.0.0.2 reaches RED-2 and never BLUE-2.
     let file = bed.tmp_dir().join("blue2.pcap");
     let blue2 = Capture::start(&bed.vm("BLUE-2").ns, "eth0", &file, 30)?;
@@ -145,6 +155,10 @@ fn red_and_blue_share_addresses_across_hosts_and_stay_isolated() -> anyhow::Resu
         "host2 delivered {d} frames, expected the 5 requests"
     );
 
+    Ok(())
+}
+
+fn deleting_a_record_stops_its_flow(bed: &TwoHosts) -> anyhow::Result<()> {
     // Deleting RED-2's record on host1 stops the flow, counted as unknown destination; BLUE is
     // untouched; re-adding restores it.
     let h1 = &bed.hosts[0];
@@ -182,6 +196,10 @@ fn red_and_blue_share_addresses_across_hosts_and_stay_isolated() -> anyhow::Resu
         "RED-1 -> RED-2 did not come back after re-adding"
     );
 
+    Ok(())
+}
+
+fn migration_keeps_the_address(bed: &mut TwoHosts) -> anyhow::Result<()> {
     // Migration: RED-2 moves to host1, keeping 10.0.0.2 and its MAC; records change through
     // nvctl on both hosts; traffic flows again, now local on host1; BLUE is untouched.
     bed.rehome("RED-2", 0)?;
@@ -269,6 +287,7 @@ fn agent_restart_keeps_records_and_forwarding() -> anyhow::Result<()> {
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one table of cases")]
 fn nvctl_refuses_bad_input_with_one_line_and_changes_nothing() -> anyhow::Result<()> {
     let bed = TwoHosts::build("v")?;
     bed.configure()?;

@@ -51,8 +51,34 @@ fn run() -> anyhow::Result<()> {
         print!("{}", h.nvctl(&["lookup", "list"])?);
     }
 
+    traffic_and_underlay(&bed, &stop)?;
+    isolation(&bed, &stop)?;
+
+    step(&stop, "datapath counters on host2 (nvctl stats)")?;
+    print!("{}", bed.hosts[1].nvctl(&["stats"])?);
+
+    if keep {
+        println!("\n--keep: hosts stay up. Try:");
+        println!("  ip netns exec {}-red1 ping 10.0.0.2", bed.prefix);
+        println!(
+            "  {}/nvctl --socket {} lookup list",
+            nv_tests::sys::bin_dir().display(),
+            bed.hosts[0].socket.display()
+        );
+        println!("Press Ctrl-C to remove everything.");
+        while !stop.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+    println!("\nremoving namespaces, agents and pins...");
+    drop(bed);
+    println!("done.");
+    Ok(())
+}
+
+fn traffic_and_underlay(bed: &TwoHosts, stop: &AtomicBool) -> anyhow::Result<()> {
     step(
-        &stop,
+        stop,
         "RED-1 and BLUE-1 (both 10.0.0.1 on host1) ping 10.0.0.2 on host2",
     )?;
     let file = bed.tmp_dir().join("underlay.pcap");
@@ -79,7 +105,7 @@ fn run() -> anyhow::Result<()> {
     }
     let packets = capture::decode(&cap.stop()?)?;
 
-    step(&stop, "what the underlay carried (tshark)")?;
+    step(stop, "what the underlay carried (tshark)")?;
     let mut by_vsid = std::collections::BTreeMap::new();
     let mut bare = 0;
     for p in &packets {
@@ -105,8 +131,12 @@ fn run() -> anyhow::Result<()> {
         );
     }
 
+    Ok(())
+}
+
+fn isolation(bed: &TwoHosts, stop: &AtomicBool) -> anyhow::Result<()> {
     step(
-        &stop,
+        stop,
         "isolation: RED-1 pings 10.0.0.2 while BLUE-2 (also 10.0.0.2) listens",
     )?;
     let blue2 = Capture::start(
@@ -121,26 +151,6 @@ fn run() -> anyhow::Result<()> {
     if leaked != 0 {
         bail!("isolation broken: BLUE-2 saw RED's packets");
     }
-
-    step(&stop, "datapath counters on host2 (nvctl stats)")?;
-    print!("{}", bed.hosts[1].nvctl(&["stats"])?);
-
-    if keep {
-        println!("\n--keep: hosts stay up. Try:");
-        println!("  ip netns exec {}-red1 ping 10.0.0.2", bed.prefix);
-        println!(
-            "  {}/nvctl --socket {} lookup list",
-            nv_tests::sys::bin_dir().display(),
-            bed.hosts[0].socket.display()
-        );
-        println!("Press Ctrl-C to remove everything.");
-        while !stop.load(Ordering::SeqCst) {
-            thread::sleep(Duration::from_millis(200));
-        }
-    }
-    println!("\nremoving namespaces, agents and pins...");
-    drop(bed);
-    println!("done.");
     Ok(())
 }
 

@@ -62,7 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 match TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(1)) {
                     Ok(s) => break s,
                     Err(_) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(100))
+                        std::thread::sleep(Duration::from_millis(100));
                     }
                     Err(e) => return Err(e.into()),
                 }
