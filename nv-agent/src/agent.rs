@@ -1,7 +1,7 @@
 //! The agent's operations. Each change is validated against the whole state first, then
 //! committed to the store, then applied to the datapath; if the datapath refuses, the store and
 //! maps are put back, so a change is applied whole or not at all.
-use std::{collections::HashSet, net::IpAddr};
+use std::{collections::HashMap, net::IpAddr};
 
 use nv_common::{DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, v4_mapped};
 use tracing::{info, warn};
@@ -21,6 +21,10 @@ pub struct Agent {
     store: Store,
     datapath: Datapath,
     netlink: Netlink,
+    /// What the maps hold now.
+    applied: Desired,
+    /// Ports with the from-VM program attached, and the ifindex they had then.
+    attached: HashMap<String, u32>,
 }
 
 /// A record's move to another host or port: HNV migration, one change.
@@ -68,6 +72,8 @@ impl Agent {
             store,
             datapath,
             netlink,
+            applied: Desired::default(),
+            attached: HashMap::new(),
         };
         agent.reconcile().await?;
         Ok(agent)
@@ -89,15 +95,13 @@ impl Agent {
                     .await?;
             }
         }
-        let desired = self.desired(&state).await?;
         self.datapath.attach_uplink(&self.uplink)?;
-        let ports = ports_of(&state);
-        for port in &ports {
-            self.datapath.attach_port(port)?;
-        }
+        let (desired, ports) = self.desired(&state).await?;
+        self.attach_ports(&ports)?;
         self.datapath.sync(&desired)?;
+        self.applied = desired;
         for stale in self.datapath.attached_ports()? {
-            if !ports.contains(&stale) {
+            if !ports.contains_key(&stale) {
                 info!("detaching stale port {stale}");
                 self.datapath.detach_port(&stale)?;
             }
@@ -106,8 +110,34 @@ impl Agent {
             "reconciled: {} providers, {} lookup records, {} ports",
             state.providers.len(),
             state.lookups.len(),
-            ports.len()
+            self.attached.len()
         );
+        Ok(())
+    }
+
+    /// Attaches the from-VM program to ports that are new or were re-created (new ifindex).
+    fn attach_ports(&mut self, ports: &HashMap<String, u32>) -> Result<()> {
+        for (name, ifindex) in ports {
+            if self.attached.get(name) != Some(ifindex) {
+                self.datapath.attach_port(name)?;
+                self.attached.insert(name.clone(), *ifindex);
+            }
+        }
+        Ok(())
+    }
+
+    /// Follows ports that appeared, disappeared or were re-created since the last change
+    /// (a VM started late or restarted): called periodically.
+    pub async fn refresh(&mut self) -> Result<()> {
+        let state = self.store.state().clone();
+        let (desired, ports) = self.desired(&state).await?;
+        self.attached.retain(|name, _| ports.contains_key(name));
+        self.attach_ports(&ports)?;
+        if desired != self.applied {
+            info!("ports changed; updating the datapath");
+            self.datapath.sync(&desired)?;
+            self.applied = desired;
+        }
         Ok(())
     }
 
@@ -119,8 +149,10 @@ impl Agent {
         })
     }
 
-    /// What the maps must hold for `state`.
-    async fn desired(&self, state: &State) -> Result<Desired> {
+    /// What the maps must hold for `state`, and the ports that exist now (name, ifindex).
+    /// A record whose port is missing (VM not started yet, or gone) is left out of the maps
+    /// until its port appears: traffic to it is dropped and counted, never sent elsewhere.
+    async fn desired(&self, state: &State) -> Result<(Desired, HashMap<String, u32>)> {
         let uplink = self.require_link(&self.uplink, "uplink").await?;
         let mut d = Desired {
             config: DatapathConfig {
@@ -129,8 +161,12 @@ impl Agent {
             },
             ..Desired::default()
         };
+        let mut ports = HashMap::new();
         for p in &state.providers {
-            let link = self.require_link(&p.dev, "provider device").await?;
+            let Some(link) = self.netlink.link(&p.dev).await? else {
+                warn!("provider device {} of {} is missing", p.dev, p.pa);
+                continue;
+            };
             d.local_pas.insert(
                 addr16(p.pa.addr),
                 LocalPa {
@@ -141,7 +177,14 @@ impl Agent {
         for r in &state.lookups {
             let ifindex = match &r.port {
                 Some(port) => {
-                    let link = self.require_link(port, "port").await?;
+                    let Some(link) = self.netlink.link(port).await? else {
+                        warn!(
+                            "port {port} of {} is missing; its record waits for it",
+                            describe(r)
+                        );
+                        continue;
+                    };
+                    ports.insert(port.clone(), link.index);
                     d.ports.insert(
                         link.index,
                         PortInfo {
@@ -170,34 +213,45 @@ impl Agent {
                 },
             );
         }
-        Ok(d)
+        Ok((d, ports))
     }
 
     /// Commits `next` and applies it; on failure puts store and datapath back as they were.
     async fn apply(&mut self, next: State) -> Result<()> {
         let prev = self.store.state().clone();
-        let desired = self.desired(&next).await?;
-        let (old_ports, new_ports) = (ports_of(&prev), ports_of(&next));
+        let (desired, ports) = self.desired(&next).await?;
         self.store.commit(next)?;
-        let applied = async {
-            for port in new_ports.difference(&old_ports) {
-                self.datapath.attach_port(port)?;
-            }
-            self.datapath.sync(&desired)
-        }
-        .await;
+        let applied = match self.attach_ports(&ports) {
+            Ok(()) => self.datapath.sync(&desired),
+            Err(e) => Err(e),
+        };
         if let Err(e) = applied {
             warn!("datapath refused the change, rolling back: {e}");
             self.store.commit(prev.clone())?;
-            let old = self.desired(&prev).await?;
+            let (old, old_ports) = self.desired(&prev).await?;
             self.datapath.sync(&old)?;
-            for port in new_ports.difference(&old_ports) {
-                self.datapath.detach_port(port)?;
+            let added: Vec<String> = self
+                .attached
+                .keys()
+                .filter(|p| !old_ports.contains_key(*p))
+                .cloned()
+                .collect();
+            for port in added {
+                self.datapath.detach_port(&port)?;
+                self.attached.remove(&port);
             }
             return Err(e);
         }
-        for port in old_ports.difference(&new_ports) {
-            self.datapath.detach_port(port)?;
+        self.applied = desired;
+        let gone: Vec<String> = self
+            .attached
+            .keys()
+            .filter(|p| !ports.contains_key(*p))
+            .cloned()
+            .collect();
+        for port in gone {
+            self.datapath.detach_port(&port)?;
+            self.attached.remove(&port);
         }
         Ok(())
     }
@@ -401,12 +455,4 @@ impl Agent {
         );
         Ok(moved)
     }
-}
-
-fn ports_of(state: &State) -> HashSet<String> {
-    state
-        .lookups
-        .iter()
-        .filter_map(|r| r.port.clone())
-        .collect()
 }

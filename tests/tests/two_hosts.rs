@@ -564,3 +564,51 @@ fn nvctl_refuses_bad_input_with_one_line_and_changes_nothing() -> anyhow::Result
     );
     Ok(())
 }
+
+/// Polls with single pings (bounded: `tries` of them) until one is answered.
+fn ping_within(bed: &TwoHosts, from: &str, dst: &str, tries: u32) -> anyhow::Result<bool> {
+    for _ in 0..tries {
+        if bed.ping(from, dst, 1)? == 1 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+#[test]
+fn vm_ports_that_vanish_or_are_recreated_are_followed_without_nvctl() -> anyhow::Result<()> {
+    let mut bed = TwoHosts::build("p")?;
+    bed.configure()?;
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 2)? == 2,
+        "no traffic at the start"
+    );
+
+    // RED-2 restarts: its port is deleted and created again (new ifindex), same name.
+    bed.rehome("RED-2", 1)?;
+    ensure!(
+        ping_within(&bed, "RED-1", "10.0.0.2", 15)?,
+        "traffic to RED-2 did not resume after its port was re-created"
+    );
+
+    // Host2's agent starts while RED-2's port is missing: it starts anyway and picks the port
+    // up when it appears.
+    bed.hosts[1].stop_agent();
+    bed.hosts[1].ns.ip(&["link", "del", "red2"])?;
+    bed.hosts[1].start_agent()?;
+    ensure!(
+        bed.ping("BLUE-1", "10.0.0.2", 2)? == 2,
+        "BLUE broken while RED-2's port is missing"
+    );
+    let log = bed.hosts[1].agent_log();
+    ensure!(
+        log.contains("port red2 of VSID 5001 CA 10.0.0.2 (RED-2) is missing"),
+        "agent log: {log}"
+    );
+    bed.rehome("RED-2", 1)?;
+    ensure!(
+        ping_within(&bed, "RED-1", "10.0.0.2", 15)?,
+        "traffic to RED-2 did not resume after its port appeared"
+    );
+    Ok(())
+}

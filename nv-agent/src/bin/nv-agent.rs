@@ -15,12 +15,16 @@ use tokio::{
 };
 use tracing::info;
 
+/// How often the agent looks for VM ports that appeared, vanished or were re-created.
+const PORT_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = AgentArgs::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -81,12 +85,21 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
             _ = int.recv() => {}
         }
     };
-    axum::serve(
-        listener,
-        api::router(Arc::new(tokio::sync::Mutex::new(agent))),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await?;
+    let agent = Arc::new(tokio::sync::Mutex::new(agent));
+    // VMs start, stop and restart on their own schedule: follow their ports.
+    let watched = agent.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(PORT_REFRESH);
+        loop {
+            tick.tick().await;
+            if let Err(e) = watched.lock().await.refresh().await {
+                tracing::warn!("refreshing ports: {e}");
+            }
+        }
+    });
+    axum::serve(listener, api::router(agent))
+        .with_graceful_shutdown(shutdown)
+        .await?;
     let _ = std::fs::remove_file(socket);
     info!("stopped; forwarding continues from the pinned programs and maps");
     Ok(())
