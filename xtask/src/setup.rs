@@ -9,6 +9,7 @@ use anyhow::{Context as _, bail};
 const PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
+    "procps",
     "tcpdump",
     "tshark",
     "iperf3",
