@@ -1,7 +1,10 @@
 //! `cargo xtask setup|test|demo`: the commands a fresh machine needs (see README.md).
 mod setup;
 
-use std::process::Command;
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -44,7 +47,7 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "--quiet"])?;
             let mut test = vec!["test"];
             test.extend(args.iter().map(String::as_str));
-            cargo(&test)
+            cargo_test(&test)
         }
         Task::Demo { keep } => {
             setup::run()?;
@@ -70,6 +73,48 @@ fn require_root(why: &str) -> anyhow::Result<()> {
     let uid = String::from_utf8(Command::new("id").arg("-u").output()?.stdout)?;
     if uid.trim() != "0" {
         bail!("run this as root: {why}");
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and closes with one summary line over all test
+/// binaries (`tests: N passed, N failed`).
+fn cargo_test(args: &[&str]) -> anyhow::Result<()> {
+    let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .env("PATH", setup::path_with_tools()?)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("run cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().context("stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)?
+                            .trim()
+                            .rsplit(' ')
+                            .next()?
+                            .parse::<u64>()
+                            .ok()
+                    })
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    if passed == 0 {
+        bail!("no test ran");
     }
     Ok(())
 }
