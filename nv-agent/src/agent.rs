@@ -3,14 +3,14 @@
 //! maps are put back, so a change is applied whole or not at all.
 use std::{collections::HashMap, net::IpAddr};
 
-use nv_common::{DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, v4_mapped};
+use nv_common::{DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, v4_mapped};
 use tracing::{info, warn};
 
 use crate::{
     config::Config,
     datapath::{Datapath, Desired},
     error::{NvError, Result, invalid},
-    model::{LookupRecord, Provider, ProviderState, validate_ifname},
+    model::{LookupRecord, Method, Provider, ProviderState, validate_ifname},
     netlink::Netlink,
     store::{State, Store},
 };
@@ -42,6 +42,13 @@ fn addr16(ip: IpAddr) -> nv_common::Addr {
     match ip {
         IpAddr::V4(v4) => v4_mapped(v4.octets()),
         IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn datapath_method(m: Method) -> nv_common::Method {
+    match m {
+        Method::Encap => nv_common::Method::Encap,
+        Method::Rewrite => nv_common::Method::Rewrite,
     }
 }
 
@@ -192,7 +199,8 @@ impl Agent {
                             ca: addr16(r.ca),
                             pa: addr16(r.pa),
                             mac: r.mac.0,
-                            _pad: [0; 2],
+                            method: datapath_method(r.method) as u8,
+                            _pad: 0,
                         },
                     );
                     link.index
@@ -207,11 +215,23 @@ impl Agent {
                 LookupValue {
                     pa: addr16(r.pa),
                     mac: r.mac.0,
-                    method: r.method as u8,
+                    method: datapath_method(r.method) as u8,
                     _pad: 0,
                     ifindex,
                 },
             );
+            if r.method == Method::Rewrite {
+                d.rewrite_pas.insert(
+                    addr16(r.pa),
+                    RewritePa {
+                        vsid: r.vsid,
+                        ca: addr16(r.ca),
+                        mac: r.mac.0,
+                        _pad: [0; 2],
+                        ifindex,
+                    },
+                );
+            }
         }
         Ok((d, ports))
     }
@@ -380,6 +400,32 @@ impl Agent {
                 )));
             }
             None => {}
+        }
+        // IP rewrite dedicates a PA to one CA: no other record, of either method, may share it.
+        if let Some(other) = state.lookups.iter().find(|o| {
+            o.pa == r.pa
+                && o.key() != r.key()
+                && (o.method == Method::Rewrite || r.method == Method::Rewrite)
+        }) {
+            return Err(NvError::Conflict(format!(
+                "PA {} is already used by {}; a rewrite record needs a PA of its own",
+                r.pa,
+                describe(other)
+            )));
+        }
+        // One method per VSID: a sender can only rewrite if it has a rewrite PA itself, so
+        // mixing methods in a VSID would leave some pairs unable to talk.
+        if let Some(other) = state
+            .lookups
+            .iter()
+            .find(|o| o.vsid == r.vsid && o.method != r.method && o.key() != r.key())
+        {
+            return Err(NvError::Conflict(format!(
+                "VSID {} uses method {} ({}); all records of a VSID use one method",
+                r.vsid,
+                other.method,
+                describe(other)
+            )));
         }
         if let Some(other) = state
             .lookups

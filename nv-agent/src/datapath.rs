@@ -25,7 +25,7 @@ use aya::{
     },
 };
 use nv_common::{
-    Addr, Counter, DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, map_names,
+    Addr, Counter, DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, map_names,
     program_names,
 };
 use tracing::{debug, info};
@@ -61,6 +61,7 @@ pub struct Desired {
     pub lookups: HashMap<LookupKey, LookupValue>,
     pub ports: HashMap<u32, PortInfo>,
     pub local_pas: HashMap<Addr, LocalPa>,
+    pub rewrite_pas: HashMap<Addr, RewritePa>,
 }
 
 pub struct Datapath {
@@ -263,6 +264,7 @@ impl Datapath {
         sync_hash(&mut self.ebpf, map_names::LOCAL_PAS, &desired.local_pas)?;
         sync_hash(&mut self.ebpf, map_names::PORTS, &desired.ports)?;
         sync_hash(&mut self.ebpf, map_names::LOOKUPS, &desired.lookups)?;
+        sync_hash(&mut self.ebpf, map_names::REWRITE_PAS, &desired.rewrite_pas)?;
         Ok(())
     }
 

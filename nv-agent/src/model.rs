@@ -231,11 +231,6 @@ impl LookupRecord {
                 self.mac
             )));
         }
-        if self.method == Method::Rewrite {
-            return Err(invalid(
-                "method 'rewrite' is not supported by this datapath yet; use --method encap",
-            ));
-        }
         if let Some(port) = &self.port {
             validate_ifname("port", port)?;
         }

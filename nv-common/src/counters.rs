@@ -25,10 +25,14 @@ pub enum Counter {
     DropVmNoUnderlayRoute,
     /// From a VM: the encapsulated packet would not fit the uplink MTU.
     DropVmTooBig,
-    /// From a VM: the kernel refused to grow or rewrite the packet.
-    DropVmEncapFailed,
+    /// From a VM: the kernel refused to grow the packet or rewrite its addresses.
+    DropVmTranslateFailed,
     /// From a VM: the destination's translation method is not supported by this datapath.
     DropVmMethod,
+    /// From a VM: sent by IP rewrite (addresses replaced by PAs).
+    VmTxRewrite,
+    /// From a VM: the destination wants IP rewrite but the VM has no rewrite PA of its own.
+    DropVmNoRewritePa,
     /// Uplink: not NVGRE for a local provider address, passed to the host stack untouched.
     UplinkPassed,
     /// Uplink: NVGRE decapsulated for a VM on this host.
@@ -53,10 +57,17 @@ pub enum Counter {
     UplinkDelivered,
     /// Uplink TC: the VM port could not take the frame.
     DropUplinkDeliver,
+    /// Uplink: IP-rewrite packet to a local rewrite PA whose source PA is unknown, or belongs
+    /// to another VSID.
+    DropUplinkRewriteUnknownSrc,
+    /// Uplink TC: IP-rewrite packet restored and handed to its VM port.
+    UplinkRewriteDelivered,
+    /// Uplink TC: the kernel refused to restore the addresses or checksums.
+    DropUplinkRewriteFailed,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::DropUplinkDeliver as u32 + 1;
+    pub const COUNT: u32 = Counter::DropUplinkRewriteFailed as u32 + 1;
 
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::VmTxEncap,
@@ -69,8 +80,10 @@ impl Counter {
         Counter::DropVmMalformed,
         Counter::DropVmNoUnderlayRoute,
         Counter::DropVmTooBig,
-        Counter::DropVmEncapFailed,
+        Counter::DropVmTranslateFailed,
         Counter::DropVmMethod,
+        Counter::VmTxRewrite,
+        Counter::DropVmNoRewritePa,
         Counter::UplinkPassed,
         Counter::UplinkDecap,
         Counter::DropUplinkMalformed,
@@ -83,6 +96,9 @@ impl Counter {
         Counter::DropUplinkDecapFailed,
         Counter::UplinkDelivered,
         Counter::DropUplinkDeliver,
+        Counter::DropUplinkRewriteUnknownSrc,
+        Counter::UplinkRewriteDelivered,
+        Counter::DropUplinkRewriteFailed,
     ];
 
     /// Stable snake_case name, used by `nvctl stats` and as the metrics label.
@@ -99,7 +115,7 @@ impl Counter {
             Counter::DropVmMalformed => "drop_vm_malformed",
             Counter::DropVmNoUnderlayRoute => "drop_vm_no_underlay_route",
             Counter::DropVmTooBig => "drop_vm_too_big",
-            Counter::DropVmEncapFailed => "drop_vm_encap_failed",
+            Counter::DropVmTranslateFailed => "drop_vm_translate_failed",
             Counter::DropVmMethod => "drop_vm_method",
             Counter::UplinkPassed => "uplink_passed",
             Counter::UplinkDecap => "uplink_decap",
@@ -113,6 +129,11 @@ impl Counter {
             Counter::DropUplinkDecapFailed => "drop_uplink_decap_failed",
             Counter::UplinkDelivered => "uplink_delivered",
             Counter::DropUplinkDeliver => "drop_uplink_deliver",
+            Counter::VmTxRewrite => "vm_tx_rewrite",
+            Counter::DropVmNoRewritePa => "drop_vm_no_rewrite_pa",
+            Counter::DropUplinkRewriteUnknownSrc => "drop_uplink_rewrite_unknown_src",
+            Counter::UplinkRewriteDelivered => "uplink_rewrite_delivered",
+            Counter::DropUplinkRewriteFailed => "drop_uplink_rewrite_failed",
         }
     }
 }

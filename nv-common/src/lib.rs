@@ -23,7 +23,8 @@ pub mod map_names {
     pub const LOCAL_PAS: &str = "NV_LOCAL_PAS";
     pub const CONFIG: &str = "NV_CONFIG";
     pub const COUNTERS: &str = "NV_COUNTERS";
-    pub const ALL: [&str; 5] = [LOOKUPS, PORTS, LOCAL_PAS, CONFIG, COUNTERS];
+    pub const REWRITE_PAS: &str = "NV_REWRITE_PAS";
+    pub const ALL: [&str; 6] = [LOOKUPS, PORTS, LOCAL_PAS, CONFIG, COUNTERS, REWRITE_PAS];
 }
 
 /// Names of the programs in the eBPF object.
@@ -40,6 +41,8 @@ pub mod program_names {
 pub const DEFAULT_MAX_LOOKUPS: u32 = 1 << 20;
 pub const MAX_PORTS: u32 = 65_536;
 pub const MAX_LOCAL_PAS: u32 = 4_096;
+/// Rewrite records, local and remote (one PA each).
+pub const MAX_REWRITE_PAS: u32 = 65_536;
 
 /// A 16-byte address: IPv6, or IPv4 mapped into IPv6 (`::ffff:a.b.c.d`).
 pub type Addr = [u8; 16];
@@ -103,7 +106,23 @@ pub struct PortInfo {
     /// The local provider address that carries this VM's traffic (outer source on encap).
     pub pa: Addr,
     pub mac: [u8; 6],
+    /// The VM's own [`Method`]: with `Rewrite`, `pa` is dedicated to it and it may send by
+    /// rewrite.
+    pub method: u8,
+    pub _pad: u8,
+}
+
+/// Value of the rewrite map, keyed by a PA dedicated to one CA (IP rewrite records, local and
+/// remote): whose PA it is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RewritePa {
+    pub vsid: u32,
+    pub ca: Addr,
+    pub mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// The VM port on this host, or 0 when the CA is on another host.
+    pub ifindex: u32,
 }
 
 /// Value of the local provider address map (keyed by [`Addr`]).
@@ -137,6 +156,28 @@ impl DeliverMeta {
     pub const MAGIC: u32 = 0x6e76_6d31; // "nvm1"
 }
 
+/// XDP metadata in front of an IP-rewrite packet for a local VM: what the uplink TC program
+/// needs to restore the customer's packet (XDP has no checksum helpers that respect the skb's
+/// checksum state, TC does).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestoreMeta {
+    /// [`RestoreMeta::MAGIC`].
+    pub magic: u32,
+    /// The VM port to deliver to.
+    pub ifindex: u32,
+    /// Customer addresses (IPv4) that replace the provider addresses.
+    pub src_ca: [u8; 4],
+    pub dst_ca: [u8; 4],
+    /// Ethernet addresses the VM sees: the sender VM's and its own.
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+}
+
+impl RestoreMeta {
+    pub const MAGIC: u32 = 0x6e76_7231; // "nvr1"
+}
+
 const _: () = {
     assert!(core::mem::size_of::<LookupKey>() == 20);
     assert!(core::mem::size_of::<LookupValue>() == 28);
@@ -144,6 +185,8 @@ const _: () = {
     assert!(core::mem::size_of::<LocalPa>() == 4);
     assert!(core::mem::size_of::<DatapathConfig>() == 16);
     assert!(core::mem::size_of::<DeliverMeta>() == 8);
+    assert!(core::mem::size_of::<RestoreMeta>() == 28);
+    assert!(core::mem::size_of::<RewritePa>() == 32);
 };
 
 #[cfg(feature = "user")]
@@ -155,4 +198,5 @@ mod pod {
     unsafe impl aya::Pod for super::PortInfo {}
     unsafe impl aya::Pod for super::LocalPa {}
     unsafe impl aya::Pod for super::DatapathConfig {}
+    unsafe impl aya::Pod for super::RewritePa {}
 }

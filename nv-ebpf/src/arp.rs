@@ -12,6 +12,8 @@ use crate::{
     packet::{ArpEth, EthHdr, ptr_at},
 };
 
+// Out of line: its own stack frame keeps every path under the 512-byte BPF stack limit.
+#[inline(never)]
 pub fn reply(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
     let (data, end) = (ctx.data(), ctx.data_end());
     let eth = ptr_at::<EthHdr>(data, end, 0).ok_or(Counter::DropVmMalformed)?;

@@ -4,49 +4,61 @@
 //! copied to become the inner one, and the outer Ethernet, IPv4 and GRE headers are written in
 //! front of it in one store. The encapsulation flags tell the kernel where the inner headers
 //! are, so GSO super-packets are segmented correctly (each segment keeps its own outer header).
-use core::{ffi::c_void, mem::size_of, ptr};
-
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_GRE,
-        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_OUTPUT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_fib_lookup,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     bpf_f_adj_room_encap_l2,
-    helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use nv_common::{
-    Counter, LookupValue, PortInfo, mapped_v4,
+    Counter, LookupValue, PortInfo,
+    flow::flow_id_v4,
+    mapped_v4,
     wire::{
-        ETH_HLEN, ETH_P_IP, ETH_P_TEB, GRE_FLAGS_NVGRE, IPPROTO_GRE, IPV4_DF, NVGRE_V4_OVERHEAD,
-        OUTER_TTL, nvgre_key,
+        ETH_HLEN, ETH_P_IP, ETH_P_TEB, GRE_FLAGS_NVGRE, IPPROTO_GRE, IPPROTO_TCP, IPPROTO_UDP,
+        IPV4_DF, NVGRE_V4_OVERHEAD, OUTER_TTL, nvgre_key,
     },
 };
 
-use crate::{maps::CONFIG, packet::ipv4_header_checksum};
+use crate::{
+    packet::{Ipv4Hdr, ipv4_header_checksum, read_at},
+    underlay,
+};
 
-const AF_INET: u8 = 2;
+/// The FlowID of the inner packet: its addresses, protocol and, for unfragmented TCP/UDP, the
+/// ports.
+#[inline(always)]
+fn flow_id(ctx: &TcContext, ip: &Ipv4Hdr) -> u8 {
+    let ports = if (ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP) && !ip.is_fragment() {
+        read_at::<[u8; 4]>(ctx.data(), ctx.data_end(), ETH_HLEN + ip.hlen())
+            .map_or(0, u32::from_be_bytes)
+    } else {
+        0
+    };
+    flow_id_v4(ip.src, ip.dst, ip.proto, ports)
+}
+
 /// Outer Ethernet, outer IPv4, GRE, inner Ethernet.
 const HDRS_LEN: usize = NVGRE_V4_OVERHEAD + ETH_HLEN;
 
+// Out of line: its own stack frame keeps every path under the 512-byte BPF stack limit.
+#[inline(never)]
 pub fn nvgre(
     ctx: &TcContext,
     src: &PortInfo,
     dst: &LookupValue,
-    vsid: u32,
-    inner_tos: u8,
-    flow_id: u8,
+    ip: &Ipv4Hdr,
 ) -> Result<i32, Counter> {
+    let vsid = src.vsid;
+    let inner_tos = ip.tos;
+    let flow_id = flow_id(ctx, ip);
     let (Some(outer_src), Some(outer_dst)) = (mapped_v4(&src.pa), mapped_v4(&dst.pa)) else {
         // IPv6 underlay has its own issue; the agent refuses such records today.
         return Err(Counter::DropVmMethod);
     };
-    let uplink = CONFIG.get(0).map_or(0, |c| c.uplink_ifindex);
-    if uplink == 0 {
-        return Err(Counter::DropVmNoUnderlayRoute);
-    }
+    let uplink = underlay::uplink()?;
 
     let mut hdrs = [0u8; HDRS_LEN];
     let inner_eth: [u8; ETH_HLEN] = ctx.load(0).map_err(|_| Counter::DropVmMalformed)?;
@@ -67,9 +79,9 @@ pub fn nvgre(
         | u64::from(BPF_F_ADJ_ROOM_ENCAP_L2_ETH)
         | bpf_f_adj_room_encap_l2(ETH_HLEN as u64);
     ctx.adjust_room(grow, BPF_ADJ_ROOM_MAC, flags)
-        .map_err(|_| Counter::DropVmEncapFailed)?;
+        .map_err(|_| Counter::DropVmTranslateFailed)?;
 
-    // Outer Ethernet: addresses come from the FIB below.
+    // Outer Ethernet: addresses come from the FIB (underlay::transmit).
     hdrs[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
     // Outer IPv4: DSCP copied from the inner packet, ECN not, DF set, TTL 64.
     let mut ip = [0u8; 20];
@@ -96,65 +108,7 @@ pub fn nvgre(
     hdrs[gre + 2..gre + 4].copy_from_slice(&ETH_P_TEB.to_be_bytes());
     hdrs[gre + 4..gre + 8].copy_from_slice(&nvgre_key(vsid, flow_id).to_be_bytes());
 
-    // The grown frame (and, for GSO, each of its segments) must fit the uplink's MTU.
-    let mut mtu_len = 0u32;
-    // SAFETY: helper on the program's own skb with a stack out-parameter.
-    let mtu_rc = unsafe {
-        bpf_check_mtu(
-            ctx.skb.skb.cast::<c_void>(),
-            uplink,
-            &raw mut mtu_len,
-            0,
-            u64::from(BPF_MTU_CHK_SEGS),
-        )
-    };
-    if mtu_rc != 0 {
-        return Err(Counter::DropVmTooBig);
-    }
-
-    // SAFETY: zeroed bindgen struct of plain integers.
-    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = IPPROTO_GRE;
-    fib.ifindex = uplink;
-    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(outer_src);
-    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(outer_dst);
-    // SAFETY: helper with a stack struct of the size we pass.
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_possible_wrap,
-        reason = "64 bytes"
-    )]
-    let rc = unsafe {
-        fib_lookup(
-            ctx.skb.skb.cast::<c_void>(),
-            &raw mut fib,
-            size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
-        )
-    };
-    #[expect(
-        clippy::cast_sign_loss,
-        reason = "return codes are small and non-negative"
-    )]
-    let rc = rc as u32;
-    if rc == BPF_FIB_LKUP_RET_SUCCESS {
-        hdrs[0..6].copy_from_slice(&fib.dmac);
-        hdrs[6..12].copy_from_slice(&fib.smac);
-    } else if rc != BPF_FIB_LKUP_RET_NO_NEIGH && rc != BPF_FIB_LKUP_RET_FWD_DISABLED {
-        return Err(Counter::DropVmNoUnderlayRoute);
-    }
     ctx.store(0, &hdrs, 0)
-        .map_err(|_| Counter::DropVmEncapFailed)?;
-
-    // SAFETY: plain helper calls.
-    let action = if rc == BPF_FIB_LKUP_RET_SUCCESS {
-        unsafe { bpf_redirect(fib.ifindex, 0) }
-    } else {
-        // Neighbour not resolved yet, or the FIB helper refused because the host does not
-        // forward on the uplink (it checks that even for output lookups): the kernel routes
-        // the outer packet itself, resolves the neighbour and queues the packet meanwhile.
-        unsafe { bpf_redirect_neigh(uplink, ptr::null_mut(), 0, 0) }
-    };
-    Ok(action as i32)
+        .map_err(|_| Counter::DropVmTranslateFailed)?;
+    underlay::transmit(ctx, uplink, outer_src, outer_dst, IPPROTO_GRE)
 }

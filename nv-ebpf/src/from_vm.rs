@@ -7,10 +7,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use nv_common::{
-    Counter, LookupKey, Method, PortInfo,
-    flow::flow_id_v4,
-    v4_mapped,
-    wire::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
+    Counter, LookupKey, Method, PortInfo, v4_mapped,
+    wire::{ETH_HLEN, ETH_P_ARP, ETH_P_IP},
 };
 
 use crate::{
@@ -19,6 +17,7 @@ use crate::{
     encap,
     maps::{LOOKUPS, PORTS},
     packet::{EthHdr, Ipv4Hdr, PACKET_HOST, read_at},
+    rewrite,
 };
 
 /// Enough linear bytes for Ethernet, an IPv4 header with options and the L4 ports.
@@ -73,9 +72,6 @@ fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
     };
     // SAFETY: read-only use of a value the agent replaces whole.
     let dst = *unsafe { LOOKUPS.get(&key) }.ok_or(Counter::DropVmUnknownDst)?;
-    if dst.method != Method::Encap as u8 {
-        return Err(Counter::DropVmMethod);
-    }
     if dst.ifindex != 0 {
         // Classified against the port's own MAC on the way in; the receiving VM must see it
         // as addressed to it, and redirect_peer does not classify again.
@@ -85,13 +81,16 @@ fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
         return Ok(unsafe { bpf_redirect_peer(dst.ifindex, 0) } as i32);
     }
 
-    let ports = if (ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP) && !ip.is_fragment() {
-        read_at::<[u8; 4]>(data, end, ETH_HLEN + hlen).map_or(0, u32::from_be_bytes)
-    } else {
-        0
-    };
-    let flow_id = flow_id_v4(ip.src, ip.dst, ip.proto, ports);
-    let action = encap::nvgre(ctx, port, &dst, port.vsid, ip.tos, flow_id)?;
+    // The destination's record decides the method (README: "Translation methods").
+    if dst.method == Method::Rewrite as u8 {
+        let action = rewrite::send(ctx, port, &dst, &ip)?;
+        count(Counter::VmTxRewrite);
+        return Ok(action);
+    }
+    if dst.method != Method::Encap as u8 {
+        return Err(Counter::DropVmMethod);
+    }
+    let action = encap::nvgre(ctx, port, &dst, &ip)?;
     count(Counter::VmTxEncap);
     debug_assert!(action == TC_ACT_REDIRECT as i32);
     Ok(action)

@@ -1,7 +1,9 @@
 //! nv's datapath. One concern per file:
 //! - `from_vm`: TC ingress on VM ports (traffic leaving a VM): identity, ARP, forwarding
 //! - `arp`: the ARP responder that answers VMs from the lookup records
-//! - `encap`: NVGRE encapsulation and the underlay next hop
+//! - `encap`: NVGRE encapsulation
+//! - `rewrite`: IP rewrite (customer addresses to provider addresses and back)
+//! - `underlay`: MTU check, next hop from the FIB, redirect to the uplink
 //! - `uplink_xdp`: XDP on the uplink: NVGRE validation and decapsulation
 //! - `uplink_tc`: TC ingress on the uplink: hands decapsulated frames to VM ports
 #![no_std]
@@ -13,6 +15,8 @@ mod encap;
 mod from_vm;
 mod maps;
 mod packet;
+mod rewrite;
+mod underlay;
 mod uplink_tc;
 mod uplink_xdp;
 

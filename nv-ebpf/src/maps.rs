@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use nv_common::{
     Addr, Counter, DEFAULT_MAX_LOOKUPS, DatapathConfig, LocalPa, LookupKey, LookupValue,
-    MAX_LOCAL_PAS, MAX_PORTS, PortInfo,
+    MAX_LOCAL_PAS, MAX_PORTS, MAX_REWRITE_PAS, PortInfo, RewritePa,
 };
 
 #[map(name = "NV_LOOKUPS")]
@@ -23,3 +23,6 @@ pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 
 #[map(name = "NV_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+
+#[map(name = "NV_REWRITE_PAS")]
+pub static REWRITE_PAS: HashMap<Addr, RewritePa> = HashMap::pinned(MAX_REWRITE_PAS, 0);

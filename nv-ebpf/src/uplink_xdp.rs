@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use nv_common::{
-    Counter, DeliverMeta, LookupKey, v4_mapped,
+    Counter, DeliverMeta, LookupKey, RestoreMeta, RewritePa, mapped_v4, v4_mapped,
     wire::{
         ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_TEB, GRE_FLAGS_NVGRE, GRE_HLEN,
         IPPROTO_GRE,
@@ -17,7 +17,7 @@ use nv_common::{
 
 use crate::{
     counters::count,
-    maps::{LOCAL_PAS, LOOKUPS},
+    maps::{LOCAL_PAS, LOOKUPS, REWRITE_PAS},
     packet::{EthHdr, GreHdr, Ipv4Hdr, ptr_at, read_at},
 };
 
@@ -49,11 +49,21 @@ fn try_run(ctx: &XdpContext) -> Result<u32, Counter> {
         return pass();
     };
     let hlen = ip.hlen();
-    if ip.proto != IPPROTO_GRE || ip.ver_ihl >> 4 != 4 || hlen < 20 {
+    if ip.ver_ihl >> 4 != 4 || hlen < 20 {
         return pass();
     }
     // SAFETY: presence check only.
     if unsafe { LOCAL_PAS.get(&v4_mapped(ip.dst)) }.is_none() {
+        return pass();
+    }
+    // A PA dedicated to a local VM carries only that VM's IP-rewrite traffic.
+    // SAFETY: read-only use of a value the agent replaces whole.
+    if let Some(dst) = unsafe { REWRITE_PAS.get(&v4_mapped(ip.dst)) }
+        && dst.ifindex != 0
+    {
+        return rewrite_in(ctx, &ip, dst);
+    }
+    if ip.proto != IPPROTO_GRE {
         return pass();
     }
     let gre_off = ETH_HLEN + hlen;
@@ -120,5 +130,42 @@ fn try_run(ctx: &XdpContext) -> Result<u32, Counter> {
         });
     }
     count(Counter::UplinkDecap);
+    Ok(XDP_PASS)
+}
+
+/// An IP-rewrite packet for a local VM: the source PA must be the dedicated PA of a CA in the
+/// same VSID. The uplink TC program restores the addresses with checksum helpers XDP lacks.
+fn rewrite_in(ctx: &XdpContext, ip: &Ipv4Hdr, dst: &RewritePa) -> Result<u32, Counter> {
+    // SAFETY: read-only use of a value the agent replaces whole.
+    let src = unsafe { REWRITE_PAS.get(&v4_mapped(ip.src)) }
+        .ok_or(Counter::DropUplinkRewriteUnknownSrc)?;
+    if src.vsid != dst.vsid {
+        return Err(Counter::DropUplinkRewriteUnknownSrc);
+    }
+    let (Some(src_ca), Some(dst_ca)) = (mapped_v4(&src.ca), mapped_v4(&dst.ca)) else {
+        return Err(Counter::DropUplinkRewriteUnknownSrc);
+    };
+    let meta = RestoreMeta {
+        magic: RestoreMeta::MAGIC,
+        ifindex: dst.ifindex,
+        src_ca,
+        dst_ca,
+        src_mac: src.mac,
+        dst_mac: dst.mac,
+    };
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        reason = "28 bytes"
+    )]
+    let meta_len = core::mem::size_of::<RestoreMeta>() as i32;
+    // SAFETY: helper on the program's own context; pointers are re-derived after it.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -meta_len) } != 0 {
+        return Err(Counter::DropUplinkDecapFailed);
+    }
+    let at = ptr_at::<RestoreMeta>(ctx.metadata(), ctx.data(), 0)
+        .ok_or(Counter::DropUplinkDecapFailed)?;
+    // SAFETY: bounds-checked against the start of the frame just above.
+    unsafe { at.write_unaligned(meta) };
     Ok(XDP_PASS)
 }

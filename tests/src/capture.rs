@@ -3,7 +3,7 @@ use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::{Arc, Mutex, mpsc},
     thread,
     time::Duration,
 };
@@ -16,6 +16,8 @@ use crate::{netns::Netns, sys::run};
 pub struct Capture {
     child: Child,
     pub file: PathBuf,
+    /// What tcpdump said on stderr.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Capture {
@@ -37,9 +39,10 @@ impl Capture {
                 "-i",
                 iface,
                 "-U",
+                "--immediate-mode",
                 "-n",
                 "-s",
-                "256",
+                "0",
                 "-w",
             ])
             .arg(file)
@@ -50,15 +53,18 @@ impl Capture {
         let mut cap = Capture {
             child,
             file: file.to_owned(),
+            log: Arc::default(),
         };
         // tcpdump says "listening on" once its socket is open; packets before that are lost.
         let stderr = cap.child.stderr.take().context("tcpdump stderr")?;
         let (tx, rx) = mpsc::channel();
+        let log = cap.log.clone();
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("listening on") {
                     let _ = tx.send(());
                 }
+                log.lock().expect("log lock").push(line);
             }
         });
         rx.recv_timeout(Duration::from_secs(10))
@@ -73,8 +79,12 @@ impl Capture {
         unsafe { libc::kill(self.child.id().cast_signed(), libc::SIGTERM) };
         let _ = self.child.wait();
         if !self.file.exists() {
-            bail!("tcpdump wrote no capture file");
+            bail!(
+                "tcpdump wrote no capture file: {:?}",
+                self.log.lock().expect("log lock")
+            );
         }
+
         Ok(self.file.clone())
     }
 }
@@ -86,6 +96,30 @@ impl Drop for Capture {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The frames of a classic pcap file, as captured (the container only; packets are for tshark
+/// to decode).
+pub fn frames(file: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
+    let bytes = std::fs::read(file)?;
+    if bytes.len() < 24 || bytes[..4] != [0xd4, 0xc3, 0xb2, 0xa1] {
+        bail!(
+            "{} is not a little-endian classic pcap file",
+            file.display()
+        );
+    }
+    let mut out = Vec::new();
+    let mut at = 24;
+    while at + 16 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into()?) as usize;
+        let start = at + 16;
+        let frame = bytes
+            .get(start..start + len)
+            .context("truncated pcap record")?;
+        out.push(frame.to_vec());
+        at = start + len;
+    }
+    Ok(out)
 }
 
 /// One IPv4 packet as tshark decoded it.
@@ -101,6 +135,8 @@ pub struct Decoded {
     /// bad, 2 unverified).
     pub ip_checksum_ok: Vec<bool>,
     pub protocols: String,
+    /// TCP or UDP checksum status per tshark (1 good, 0 bad, 2 unverified), when present.
+    pub l4_checksum_status: Option<u32>,
 }
 
 /// Decodes every IPv4 packet of a capture with tshark.
@@ -135,12 +171,20 @@ pub fn decode(file: &Path) -> anyhow::Result<Vec<Decoded>> {
             "ip.checksum.status",
             "-e",
             "frame.protocols",
+            "-o",
+            "tcp.check_checksum:TRUE",
+            "-o",
+            "udp.check_checksum:TRUE",
+            "-e",
+            "tcp.checksum.status",
+            "-e",
+            "udp.checksum.status",
         ],
     )?;
     let mut packets = Vec::new();
     for line in out.lines().filter(|l| !l.trim().is_empty()) {
         let f: Vec<&str> = line.split('|').collect();
-        if f.len() < 6 {
+        if f.len() < 8 {
             bail!("unexpected tshark line: {line}");
         }
         let list = |s: &str| {
@@ -166,6 +210,7 @@ pub fn decode(file: &Path) -> anyhow::Result<Vec<Decoded>> {
             gre_proto: num(f[3])?.map(|p| u16::try_from(p).unwrap_or(0)),
             ip_checksum_ok: list(f[4]).iter().map(|s| s == "1").collect(),
             protocols: f[5].to_owned(),
+            l4_checksum_status: num(f[6])?.or(num(f[7])?),
         });
     }
     Ok(packets)

@@ -3,6 +3,7 @@
 //! its own agent. Everything is created with a unique prefix and removed by RAII guards, even
 //! when a test fails.
 pub mod capture;
+pub mod checks;
 pub mod netns;
 pub mod sys;
 pub mod testbed;

@@ -28,6 +28,18 @@ pub const BLUE_VSID: u32 = 6001;
 /// Jumbo underlay, so 1500-byte VM frames fit after the 42 bytes of NVGRE.
 pub const UNDERLAY_MTU: &str = "9000";
 
+/// How RED's traffic crosses the underlay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Translation {
+    Encap,
+    Rewrite,
+}
+
+/// The rewrite PA of the RED VM on the host whose PA is `host_pa` (198.18.0.N -> 198.18.1.N).
+pub fn rewrite_pa(host_pa: &str) -> String {
+    host_pa.replacen("198.18.0.", "198.18.1.", 1)
+}
+
 /// One tenant VM: a namespace with `eth0` behind a veth port on its host.
 #[derive(Debug)]
 pub struct Vm {
@@ -294,6 +306,13 @@ impl TwoHosts {
     /// Configures both hosts through nvctl only: provider addresses, then every VM's record,
     /// local ones with their port.
     pub fn configure(&self) -> anyhow::Result<()> {
+        self.configure_with(Translation::Encap)
+    }
+
+    /// As `configure`, with RED translated by `red`; BLUE always uses NVGRE. With IP rewrite
+    /// every RED VM gets a PA of its own (198.18.1.N on host N), added as a provider address of
+    /// its host.
+    pub fn configure_with(&self, red: Translation) -> anyhow::Result<()> {
         for h in &self.hosts {
             h.nvctl(&[
                 "provider",
@@ -303,14 +322,29 @@ impl TwoHosts {
                 "--dev",
                 "uplink0",
             ])?;
+            if red == Translation::Rewrite {
+                h.nvctl(&[
+                    "provider",
+                    "add",
+                    "--pa",
+                    &format!("{}/15", rewrite_pa(&h.pa)),
+                    "--dev",
+                    "uplink0",
+                ])?;
+            }
         }
         for (i, h) in self.hosts.iter().enumerate() {
             for vm in &self.vms {
                 let vsid = vm.vsid.to_string();
-                let pa = &self.hosts[vm.host].pa;
+                let host_pa = &self.hosts[vm.host].pa;
+                let (pa, method) = if vm.vsid == RED_VSID && red == Translation::Rewrite {
+                    (rewrite_pa(host_pa), "rewrite")
+                } else {
+                    (host_pa.clone(), "encap")
+                };
                 let mut args = vec![
-                    "lookup", "add", "--vsid", &vsid, "--ca", &vm.ca, "--pa", pa, "--mac", &vm.mac,
-                    "--name", &vm.name,
+                    "lookup", "add", "--vsid", &vsid, "--ca", &vm.ca, "--pa", &pa, "--mac",
+                    &vm.mac, "--method", method, "--name", &vm.name,
                 ];
                 if vm.host == i {
                     args.extend_from_slice(&["--port", &vm.port]);
@@ -365,68 +399,88 @@ impl TwoHosts {
     }
 }
 
-/// Runs `nv-tcpcheck` in two VMs: sends `bytes` pseudo-random bytes and returns
-/// (sent digest, received digest) as each side computed it.
+/// Runs `nv-transfer` over TCP in two VMs: sends `bytes` pseudo-random bytes and returns
+/// ("BYTES SHA256" the client sent, the same for what the server received).
 pub fn tcp_transfer(
     server: &Vm,
     client: &Vm,
     dst: &str,
     bytes: u64,
 ) -> anyhow::Result<(String, String)> {
-    let tool = bin("nv-tcpcheck")?;
+    transfer(
+        server,
+        client,
+        &["tcp-serve", "0.0.0.0:47001"],
+        &[
+            "tcp-send",
+            &format!("{dst}:47001"),
+            "--bytes",
+            &bytes.to_string(),
+        ],
+    )
+}
+
+/// Runs `nv-transfer` over UDP: `count` datagrams of `size` bytes; returns ("COUNT SHA256"
+/// sent, the same over the datagrams that arrived intact).
+pub fn udp_transfer(
+    server: &Vm,
+    client: &Vm,
+    dst: &str,
+    count: u64,
+    size: usize,
+) -> anyhow::Result<(String, String)> {
+    let count = count.to_string();
+    transfer(
+        server,
+        client,
+        &["udp-serve", "0.0.0.0:47002", "--count", &count],
+        &[
+            "udp-send",
+            &format!("{dst}:47002"),
+            "--count",
+            &count,
+            "--size",
+            &size.to_string(),
+        ],
+    )
+}
+
+/// Starts the server side in `server`'s namespace, runs the client side in `client`'s, and
+/// returns both sides' reports. Both are bounded by a 30 s timeout.
+fn transfer(
+    server: &Vm,
+    client: &Vm,
+    serve: &[&str],
+    send: &[&str],
+) -> anyhow::Result<(String, String)> {
+    let tool = bin("nv-transfer")?;
     let tool = tool.to_str().context("utf-8 path")?;
     let mut srv = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &server.ns.name,
-            tool,
-            "serve",
-            "0.0.0.0:7001",
-            "--timeout",
-            "30",
-        ])
+        .args(["netns", "exec", &server.ns.name, tool])
+        .args(serve)
+        .args(["--timeout", "30"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    let sent = server_guard_run(&mut srv, || {
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &client.ns.name,
-                tool,
-                "send",
-                &format!("{dst}:7001"),
-                "--bytes",
-                &bytes.to_string(),
-                "--timeout",
-                "30",
-            ],
-        )
-    });
+    // Give the server a moment to bind (TCP clients retry; UDP datagrams would be lost).
+    thread::sleep(Duration::from_millis(200));
+    let mut args = vec!["netns", "exec", &client.ns.name, tool];
+    args.extend_from_slice(send);
+    args.extend_from_slice(&["--timeout", "30"]);
+    let client_report = run("ip", &args);
+    if client_report.is_err() {
+        let _ = srv.kill();
+    }
     let out = srv.wait_with_output()?;
-    let sent = sent?;
+    let client_line = client_report?;
     if !out.status.success() {
         bail!(
-            "tcpcheck server failed: {}",
+            "transfer server failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
     Ok((
-        sent.trim().to_owned(),
+        client_line.trim().to_owned(),
         String::from_utf8_lossy(&out.stdout).trim().to_owned(),
     ))
-}
-
-fn server_guard_run<T>(
-    srv: &mut Child,
-    f: impl FnOnce() -> anyhow::Result<T>,
-) -> anyhow::Result<T> {
-    let r = f();
-    if r.is_err() {
-        let _ = srv.kill();
-    }
-    r
 }

@@ -7,7 +7,8 @@ use anyhow::{Context as _, ensure};
 use etherparse::{IpNumber, Ipv4Header, Ipv4HeaderSlice, PacketBuilder};
 use nv_agent::datapath::{Datapath, Desired};
 use nv_common::{
-    DatapathConfig, DeliverMeta, LocalPa, LookupKey, LookupValue, PortInfo,
+    DatapathConfig, DeliverMeta, LocalPa, LookupKey, LookupValue, Method, PortInfo, RestoreMeta,
+    RewritePa,
     flow::flow_id_v4,
     program_names::{FROM_VM, UPLINK_TC, UPLINK_XDP},
     v4_mapped,
@@ -36,6 +37,13 @@ const BLUE2_MAC: [u8; 6] = [2, 0, 0, 0, 2, 2];
 const CA1: [u8; 4] = [10, 0, 0, 1];
 const CA2: [u8; 4] = [10, 0, 0, 2];
 const CA3: [u8; 4] = [10, 0, 0, 3];
+const GREEN: u32 = 7001;
+const GREEN1_PA: [u8; 4] = [198, 18, 1, 1];
+const GREEN2_PA: [u8; 4] = [198, 18, 1, 2];
+const OTHER_PA: [u8; 4] = [198, 18, 1, 9];
+const GREEN_GATEWAY_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x03];
+const GREEN1_MAC: [u8; 6] = [2, 0, 0, 0, 1, 7];
+const GREEN2_MAC: [u8; 6] = [2, 0, 0, 0, 2, 7];
 
 /// A host in a namespace with an uplink (PA 198.18.0.1, the remote PA's neighbour known) and
 /// three VM ports: RED-1 (10.0.0.1), BLUE-1 (10.0.0.1) and RED-3 (10.0.0.3). RED-2 and BLUE-2
@@ -47,6 +55,8 @@ struct Host {
     uplink_mac: [u8; 6],
     red1: u32,
     blue1: u32,
+    green1: u32,
+    desired: Desired,
 }
 
 impl Drop for Host {
@@ -55,66 +65,78 @@ impl Drop for Host {
     }
 }
 
-fn host(forwarding: bool) -> anyhow::Result<Host> {
+/// The host's namespace: uplink with both local PAs and the remote PAs' neighbours known,
+/// and the VM ports.
+fn host_namespace(forwarding: bool) -> anyhow::Result<Netns> {
     require_root()?;
-    let prefix = unique_prefix("p");
-    let ns = Netns::new(&prefix)?;
+    let ns = Netns::new(&unique_prefix("p"))?;
     ns.ip(&[
         "link", "add", "uplink0", "type", "veth", "peer", "name", "peer0",
     ])?;
-    for port in ["red1", "blue1", "red3"] {
+    ns.ip(&["link", "set", "uplink0", "up"])?;
+    ns.ip(&["link", "set", "peer0", "up"])?;
+    for port in ["red1", "blue1", "red3", "green1"] {
+        let peer = format!("{port}p");
+        ns.ip(&["link", "add", port, "type", "veth", "peer", "name", &peer])?;
+        ns.ip(&["link", "set", port, "up"])?;
+        ns.ip(&["link", "set", &peer, "up"])?;
+    }
+    for (local, remote, mac) in [
+        ("198.18.0.1/15", "198.18.0.2", "02:aa:00:00:00:02"),
+        ("198.18.1.1/15", "198.18.1.2", "02:aa:00:00:00:03"),
+    ] {
+        ns.ip(&["addr", "add", local, "dev", "uplink0"])?;
         ns.ip(&[
-            "link",
-            "add",
-            port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &format!("{port}p"),
+            "neigh",
+            "replace",
+            remote,
+            "lladdr",
+            mac,
+            "dev",
+            "uplink0",
+            "nud",
+            "permanent",
         ])?;
     }
-    for l in [
-        "uplink0", "peer0", "red1", "red1p", "blue1", "blue1p", "red3", "red3p",
-    ] {
-        ns.ip(&["link", "set", l, "up"])?;
-    }
-    ns.ip(&["addr", "add", "198.18.0.1/15", "dev", "uplink0"])?;
-    ns.ip(&[
-        "neigh",
-        "replace",
-        "198.18.0.2",
-        "lladdr",
-        "02:aa:00:00:00:02",
-        "dev",
-        "uplink0",
-        "nud",
-        "permanent",
-    ])?;
     if forwarding {
         ns.exec("sysctl", &["-qw", "net.ipv4.conf.uplink0.forwarding=1"])?;
     }
-    ns.enter_current_thread()?;
-    let pin = PathBuf::from(format!("/sys/fs/bpf/{prefix}"));
-    let mut dp = Datapath::load(&pin, 1024)?;
-    let (uplink, red1, blue1, red3) = (
+    Ok(ns)
+}
+
+/// The maps as the agent would fill them for the VMs of `host_namespace`.
+fn host_maps(ns: &Netns) -> anyhow::Result<Desired> {
+    let (uplink, red1, blue1, red3, green1) = (
         ns.ifindex("uplink0")?,
         ns.ifindex("red1")?,
         ns.ifindex("blue1")?,
         ns.ifindex("red3")?,
+        ns.ifindex("green1")?,
     );
     let port = |vsid, ca, mac| PortInfo {
         vsid,
         ca: v4_mapped(ca),
         pa: v4_mapped(LOCAL_PA),
         mac,
-        _pad: [0; 2],
+        method: 0,
+        _pad: 0,
     };
     let lookup = |pa, mac, ifindex| LookupValue {
         pa: v4_mapped(pa),
         mac,
         method: 0,
         _pad: 0,
+        ifindex,
+    };
+    let rewrite = |pa, mac, ifindex| LookupValue {
+        method: Method::Rewrite as u8,
+        ..lookup(pa, mac, ifindex)
+    };
+    let dedicated = |vsid, ca, mac, ifindex| RewritePa {
+        vsid,
+        ca: v4_mapped(ca),
+        mac,
+        _pad: [0; 2],
         ifindex,
     };
     let key = |vsid, ca| LookupKey {
@@ -128,8 +150,10 @@ fn host(forwarding: bool) -> anyhow::Result<Host> {
         },
         ..Desired::default()
     };
-    d.local_pas
-        .insert(v4_mapped(LOCAL_PA), LocalPa { ifindex: uplink });
+    for pa in [LOCAL_PA, GREEN1_PA] {
+        d.local_pas
+            .insert(v4_mapped(pa), LocalPa { ifindex: uplink });
+    }
     d.ports.insert(red1, port(RED, CA1, RED1_MAC));
     d.ports.insert(blue1, port(BLUE, CA1, BLUE1_MAC));
     d.ports.insert(red3, port(RED, CA3, RED3_MAC));
@@ -143,8 +167,43 @@ fn host(forwarding: bool) -> anyhow::Result<Host> {
         .insert(key(RED, CA2), lookup(REMOTE_PA, RED2_MAC, 0));
     d.lookups
         .insert(key(BLUE, CA2), lookup(REMOTE_PA, BLUE2_MAC, 0));
-    dp.sync(&d)?;
-    let uplink_mac = ns.mac("uplink0")?;
+    // GREEN uses IP rewrite: GREEN-1 (10.0.0.1, here, PA 198.18.1.1) and GREEN-2 (10.0.0.2,
+    // remote, PA 198.18.1.2).
+    let green_port = PortInfo {
+        pa: v4_mapped(GREEN1_PA),
+        method: Method::Rewrite as u8,
+        ..port(GREEN, CA1, GREEN1_MAC)
+    };
+    d.ports.insert(green1, green_port);
+    d.lookups
+        .insert(key(GREEN, CA1), rewrite(GREEN1_PA, GREEN1_MAC, green1));
+    d.lookups
+        .insert(key(GREEN, CA2), rewrite(GREEN2_PA, GREEN2_MAC, 0));
+    d.rewrite_pas.insert(
+        v4_mapped(GREEN1_PA),
+        dedicated(GREEN, CA1, GREEN1_MAC, green1),
+    );
+    d.rewrite_pas
+        .insert(v4_mapped(GREEN2_PA), dedicated(GREEN, CA2, GREEN2_MAC, 0));
+    // A rewrite PA of another VSID, to prove sources are checked within the VSID.
+    d.rewrite_pas
+        .insert(v4_mapped(OTHER_PA), dedicated(7002, CA2, GREEN2_MAC, 0));
+    Ok(d)
+}
+
+fn host(forwarding: bool) -> anyhow::Result<Host> {
+    let ns = host_namespace(forwarding)?;
+    ns.enter_current_thread()?;
+    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
+    let mut dp = Datapath::load(&pin, 1024)?;
+    let desired = host_maps(&ns)?;
+    dp.sync(&desired)?;
+    let (uplink_mac, red1, blue1, green1) = (
+        ns.mac("uplink0")?,
+        ns.ifindex("red1")?,
+        ns.ifindex("blue1")?,
+        ns.ifindex("green1")?,
+    );
     Ok(Host {
         dp,
         ns,
@@ -152,10 +211,27 @@ fn host(forwarding: bool) -> anyhow::Result<Host> {
         uplink_mac,
         red1,
         blue1,
+        green1,
+        desired,
     })
 }
 
 impl Host {
+    /// Points RED's record for 10.0.0.2 at another method, as a disagreeing host might.
+    fn set_red2_method(&mut self, method: Method) -> anyhow::Result<()> {
+        let key = LookupKey {
+            vsid: RED,
+            ca: v4_mapped(CA2),
+        };
+        self.desired
+            .lookups
+            .get_mut(&key)
+            .context("RED-2 record")?
+            .method = method as u8;
+        self.dp.sync(&self.desired)?;
+        Ok(())
+    }
+
     fn counter(&self, name: &str) -> anyhow::Result<u64> {
         Ok(self
             .dp
@@ -617,5 +693,123 @@ fn vm_side_answers_arp_delivers_locally_and_drops_unknown() -> anyhow::Result<()
         TC_ACT_SHOT,
         "drop_vm_unknown_port",
     )?;
+    Ok(())
+}
+
+/// One packet of each kind a VM sends, built by etherparse with correct checksums.
+fn green_packets(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+) -> Vec<(&'static str, Vec<u8>)> {
+    let mut out = Vec::new();
+    let eth = || PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, 61);
+    let mut tcp = Vec::new();
+    eth()
+        .tcp(40000, 80, 0x0102_0304, 4096)
+        .ack(77)
+        .write(&mut tcp, b"tcp payload")
+        .expect("tcp");
+    out.push(("tcp", tcp));
+    let mut udp = Vec::new();
+    eth()
+        .udp(40000, 7001)
+        .write(&mut udp, b"udp payload")
+        .expect("udp");
+    out.push(("udp", udp.clone()));
+    // UDP without a checksum (0): it must stay 0.
+    let mut udp0 = udp;
+    udp0[40..42].copy_from_slice(&[0, 0]);
+    out.push(("udp-zero-checksum", udp0));
+    let mut icmp = Vec::new();
+    eth()
+        .icmpv4_echo_request(9, 1)
+        .write(&mut icmp, b"ping payload")
+        .expect("icmp");
+    out.push(("icmp", icmp));
+    out
+}
+
+#[test]
+fn rewrite_out_is_byte_exact_with_checksums_computed_independently() -> anyhow::Result<()> {
+    let h = host(true)?;
+    let sent = green_packets(GREEN1_MAC, GREEN2_MAC, CA1, CA2);
+    // What the wire must carry: the same packets built afresh by etherparse between the PAs.
+    let wire = green_packets(h.uplink_mac, GREEN_GATEWAY_MAC, GREEN1_PA, GREEN2_PA);
+    for ((kind, frame), (_, expected)) in sent.iter().zip(&wire) {
+        let out = h
+            .expect(
+                FROM_VM,
+                frame,
+                Some(h.green1),
+                TC_ACT_REDIRECT,
+                "vm_tx_rewrite",
+            )
+            .with_context(|| *kind)?;
+        ensure!(
+            out == *expected,
+            "{kind}: rewrite differs:\n got {out:02x?}\nwant {expected:02x?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn rewrite_in_is_validated_in_xdp_and_described_for_tc() -> anyhow::Result<()> {
+    let h = host(true)?;
+    for (kind, frame) in green_packets(GREEN_GATEWAY_MAC, h.uplink_mac, GREEN2_PA, GREEN1_PA) {
+        let res = h.dp.test_run(UPLINK_XDP, &frame, None, 1)?;
+        ensure!(res.ret == XDP_PASS, "{kind}: XDP returned {}", res.ret);
+        // Metadata for the TC program: port, customer addresses, the VMs' MACs; frame as sent.
+        let meta = RestoreMeta {
+            magic: RestoreMeta::MAGIC,
+            ifindex: h.green1,
+            src_ca: CA2,
+            dst_ca: CA1,
+            src_mac: GREEN2_MAC,
+            dst_mac: GREEN1_MAC,
+        };
+        let mut expected = Vec::new();
+        expected.extend_from_slice(&meta.magic.to_ne_bytes());
+        expected.extend_from_slice(&meta.ifindex.to_ne_bytes());
+        expected.extend_from_slice(&meta.src_ca);
+        expected.extend_from_slice(&meta.dst_ca);
+        expected.extend_from_slice(&meta.src_mac);
+        expected.extend_from_slice(&meta.dst_mac);
+        expected.extend_from_slice(&frame);
+        ensure!(res.data == expected, "{kind}: got {:02x?}", res.data);
+    }
+    // From a PA that is no rewrite record's, or one of another VSID: dropped and counted.
+    for src in [[198, 18, 7, 7], OTHER_PA, REMOTE_PA] {
+        let (_, frame) = green_packets(GREEN_GATEWAY_MAC, h.uplink_mac, src, GREEN1_PA).remove(1);
+        h.expect(
+            UPLINK_XDP,
+            &frame,
+            None,
+            XDP_DROP,
+            "drop_uplink_rewrite_unknown_src",
+        )
+        .with_context(|| format!("source {src:?}"))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_vm_without_a_rewrite_pa_cannot_send_by_rewrite() -> anyhow::Result<()> {
+    let h = host(true)?;
+    // RED-1 (encap, shared PA) addressing GREEN-2's record is refused with its own reason.
+    // (The agent keeps one method per VSID; this guards the datapath against remote records
+    // that disagree.)
+    let mut h = h;
+    let frame = udp_frame(RED1_MAC, RED2_MAC, CA1, CA2, b"x");
+    let before = h.counter("drop_vm_no_rewrite_pa")?;
+    h.set_red2_method(Method::Rewrite)?;
+    let out = h.dp.test_run(FROM_VM, &frame, Some(h.red1), 1)?;
+    ensure!(out.ret == TC_ACT_SHOT, "returned {}", out.ret);
+    ensure!(
+        h.counter("drop_vm_no_rewrite_pa")? == before + 1,
+        "not counted"
+    );
     Ok(())
 }

@@ -14,6 +14,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use nv_tests::{
     capture::{self, Capture},
+    checks,
     testbed::{TwoHosts, tcp_transfer},
 };
 
@@ -139,15 +140,8 @@ fn isolation(bed: &TwoHosts, stop: &AtomicBool) -> anyhow::Result<()> {
         stop,
         "isolation: RED-1 pings 10.0.0.2 while BLUE-2 (also 10.0.0.2) listens",
     )?;
-    let blue2 = Capture::start(
-        &bed.vm("BLUE-2").ns,
-        "eth0",
-        &bed.tmp_dir().join("blue2.pcap"),
-        30,
-    )?;
-    let got = bed.ping("RED-1", "10.0.0.2", 5)?;
-    let leaked = capture::decode(&blue2.stop()?)?.len();
-    println!("RED-2 answered {got}/5; BLUE-2 saw {leaked} IPv4 packets");
+    let (leaked, control) = checks::frames_seen_by(bed, "BLUE-2", "RED-1", "BLUE-1")?;
+    println!("BLUE-2 saw {leaked} frames from RED-1 (and {control} from BLUE-1, its own tenant)");
     if leaked != 0 {
         bail!("isolation broken: BLUE-2 saw RED's packets");
     }

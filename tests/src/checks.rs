@@ -1,0 +1,156 @@
+//! What the underlay must look like, checked on captures decoded by tshark.
+use anyhow::ensure;
+
+use crate::{
+    capture::{self, Capture, Decoded},
+    testbed::TwoHosts,
+};
+
+/// Captures the underlay bridge while `traffic` runs and decodes it.
+pub fn underlay_during(
+    bed: &TwoHosts,
+    tag: &str,
+    traffic: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<Decoded>> {
+    let file = bed.tmp_dir().join(format!("{tag}.pcap"));
+    let cap = Capture::start(&bed.underlay, "br0", &file, 120)?;
+    traffic()?;
+    capture::decode(&cap.stop()?)
+}
+
+/// No customer address may appear outside a tunnel; returns the packets whose outermost
+/// addresses are both in `pas` (the rest is the namespaces' own control traffic, like IGMP).
+fn between<'a>(
+    tag: &str,
+    packets: &'a [Decoded],
+    pas: &[&str],
+) -> anyhow::Result<Vec<&'a Decoded>> {
+    let mut out = Vec::new();
+    for p in packets {
+        let (Some(src), Some(dst)) = (p.ip_src.first(), p.ip_dst.first()) else {
+            continue;
+        };
+        ensure!(
+            !src.starts_with("10.") && !dst.starts_with("10."),
+            "{tag}: a customer address on the underlay: {p:?}"
+        );
+        if pas.contains(&src.as_str()) && pas.contains(&dst.as_str()) {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+/// During `traffic`, every IPv4 packet between the hosts' PAs is NVGRE keyed with `vsid`
+/// with customer addresses inside; returns how many there were.
+pub fn underlay_is_nvgre(
+    bed: &TwoHosts,
+    tag: &str,
+    vsid: u32,
+    traffic: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<usize> {
+    let packets = underlay_during(bed, tag, traffic)?;
+    let tunnelled = between(tag, &packets, &["198.18.0.1", "198.18.0.2"])?;
+    for p in &tunnelled {
+        ensure!(
+            p.gre_key.is_some(),
+            "{tag}: non-NVGRE packet between the PAs: {p:?}"
+        );
+        ensure!(
+            p.gre_proto == Some(0x6558),
+            "{tag}: GRE protocol is not TEB: {p:?}"
+        );
+        let key = p.gre_key.unwrap_or(0);
+        ensure!(
+            key >> 8 == vsid,
+            "{tag}: VSID {} in the GRE key, expected {vsid}: {p:?}",
+            key >> 8
+        );
+        ensure!(
+            p.ip_src.len() == 2 && p.ip_dst.len() == 2,
+            "{tag}: expected outer and inner IPv4: {p:?}"
+        );
+        ensure!(
+            p.ip_src[1].starts_with("10.0.0.") && p.ip_dst[1].starts_with("10.0.0."),
+            "{tag}: inner addresses: {p:?}"
+        );
+        ensure!(
+            p.ip_checksum_ok.first() == Some(&true),
+            "{tag}: outer IPv4 checksum not valid per tshark: {p:?}"
+        );
+    }
+    Ok(tunnelled.len())
+}
+
+/// During `traffic`, every packet between the rewrite PAs is plain IPv4 (no GRE, one IPv4
+/// header) with a valid header checksum, and, when `l4_checksums` (the senders compute full
+/// checksums), valid TCP/UDP checksums; returns how many there were.
+pub fn underlay_is_rewrite(
+    bed: &TwoHosts,
+    tag: &str,
+    pas: [&str; 2],
+    l4_checksums: bool,
+    traffic: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<usize> {
+    let packets = underlay_during(bed, tag, traffic)?;
+    let plain = between(tag, &packets, &pas)?;
+    for p in &plain {
+        ensure!(
+            p.gre_key.is_none() && !p.protocols.contains("gre"),
+            "{tag}: GRE between rewrite PAs: {p:?}"
+        );
+        ensure!(
+            p.ip_src.len() == 1,
+            "{tag}: more than one IPv4 header: {p:?}"
+        );
+        ensure!(
+            p.ip_checksum_ok.first() == Some(&true),
+            "{tag}: IPv4 checksum not valid per tshark: {p:?}"
+        );
+        if l4_checksums && let Some(status) = p.l4_checksum_status {
+            ensure!(
+                status == 1,
+                "{tag}: TCP/UDP checksum not valid per tshark: {p:?}"
+            );
+        }
+    }
+    Ok(plain.len())
+}
+
+/// Isolation seen from inside a VM: while `from` pings 10.0.0.2, `watcher` (another tenant's
+/// VM that has the same address) captures its `eth0`. A ping from `control` (the watcher's own
+/// tenant) runs in the same capture, to prove it sees traffic at all. Returns (frames from
+/// `from` the watcher saw, which must be none; frames from `control`).
+pub fn frames_seen_by(
+    bed: &TwoHosts,
+    watcher: &str,
+    from: &str,
+    control: &str,
+) -> anyhow::Result<(usize, usize)> {
+    let file = bed.tmp_dir().join(format!("{watcher}-watch.pcap"));
+    let cap = Capture::start(&bed.vm(watcher).ns, "eth0", &file, 30)?;
+    ensure!(
+        bed.ping(from, "10.0.0.2", 3)? == 3,
+        "{from} -> 10.0.0.2 lost pings"
+    );
+    ensure!(
+        bed.ping(control, "10.0.0.2", 3)? == 3,
+        "{control} -> 10.0.0.2 lost pings"
+    );
+    let frames = capture::frames(&cap.stop()?)?;
+    let mac = |name: &str| -> anyhow::Result<[u8; 6]> {
+        let mut out = [0u8; 6];
+        for (b, part) in out.iter_mut().zip(bed.vm(name).mac.split(':')) {
+            *b = u8::from_str_radix(part, 16)?;
+        }
+        Ok(out)
+    };
+    let (leaker, control_mac) = (mac(from)?, mac(control)?);
+    let count = |m: [u8; 6]| {
+        frames
+            .iter()
+            .filter(|f| f.len() >= 12 && f[6..12] == m)
+            .count()
+    };
+    Ok((count(leaker), count(control_mac)))
+}
