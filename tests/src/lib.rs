@@ -4,6 +4,7 @@
 //! when a test fails.
 pub mod capture;
 pub mod checks;
+pub mod fixture;
 pub mod netns;
 pub mod sys;
 pub mod testbed;

@@ -1,0 +1,365 @@
+//! A simulated host for program tests and benchmarks: a namespace with an uplink and VM ports,
+//! the datapath loaded with maps filled as the agent fills them, and frames built with
+//! etherparse (headers and checksums computed independently of the datapath).
+use std::path::PathBuf;
+
+use anyhow::{Context as _, ensure};
+use etherparse::{IpNumber, Ipv4Header, Ipv4HeaderSlice, PacketBuilder};
+use nv_agent::datapath::{Datapath, Desired};
+use nv_common::{
+    DatapathConfig, LocalPa, LookupKey, LookupValue, Method, PortInfo, RewritePa, flow::flow_id_v4,
+    v4_mapped,
+};
+
+use crate::{
+    netns::Netns,
+    sys::{require_root, unique_prefix},
+};
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+pub const RED: u32 = 5001;
+pub const BLUE: u32 = 6001;
+pub const LOCAL_PA: [u8; 4] = [198, 18, 0, 1];
+pub const REMOTE_PA: [u8; 4] = [198, 18, 0, 2];
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x02];
+pub const RED1_MAC: [u8; 6] = [2, 0, 0, 0, 1, 1];
+pub const BLUE1_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
+pub const RED3_MAC: [u8; 6] = [2, 0, 0, 0, 1, 3];
+pub const RED2_MAC: [u8; 6] = [2, 0, 0, 0, 2, 1];
+pub const BLUE2_MAC: [u8; 6] = [2, 0, 0, 0, 2, 2];
+pub const CA1: [u8; 4] = [10, 0, 0, 1];
+pub const CA2: [u8; 4] = [10, 0, 0, 2];
+pub const CA3: [u8; 4] = [10, 0, 0, 3];
+pub const GREEN: u32 = 7001;
+pub const GREEN1_PA: [u8; 4] = [198, 18, 1, 1];
+pub const GREEN2_PA: [u8; 4] = [198, 18, 1, 2];
+pub const OTHER_PA: [u8; 4] = [198, 18, 1, 9];
+pub const GREEN_GATEWAY_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x03];
+pub const GREEN1_MAC: [u8; 6] = [2, 0, 0, 0, 1, 7];
+pub const GREEN2_MAC: [u8; 6] = [2, 0, 0, 0, 2, 7];
+
+/// A host in a namespace with an uplink (PA 198.18.0.1, the remote PA's neighbour known) and
+/// three VM ports: RED-1 (10.0.0.1), BLUE-1 (10.0.0.1) and RED-3 (10.0.0.3). RED-2 and BLUE-2
+/// (10.0.0.2) are remote. The test thread runs inside the namespace.
+pub struct Host {
+    pub dp: Datapath,
+    pub ns: Netns,
+    pin: PathBuf,
+    pub uplink_mac: [u8; 6],
+    pub red1: u32,
+    pub blue1: u32,
+    pub green1: u32,
+    pub desired: Desired,
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = nv_agent::datapath::purge(&self.pin);
+    }
+}
+
+/// The host's namespace: uplink with both local PAs and the remote PAs' neighbours known,
+/// and the VM ports.
+pub fn host_namespace(forwarding: bool) -> anyhow::Result<Netns> {
+    require_root()?;
+    let ns = Netns::new(&unique_prefix("p"))?;
+    ns.ip(&[
+        "link", "add", "uplink0", "type", "veth", "peer", "name", "peer0",
+    ])?;
+    ns.ip(&["link", "set", "uplink0", "up"])?;
+    ns.ip(&["link", "set", "peer0", "up"])?;
+    for port in ["red1", "blue1", "red3", "green1"] {
+        let peer = format!("{port}p");
+        ns.ip(&["link", "add", port, "type", "veth", "peer", "name", &peer])?;
+        ns.ip(&["link", "set", port, "up"])?;
+        ns.ip(&["link", "set", &peer, "up"])?;
+    }
+    for (local, remote, mac) in [
+        ("198.18.0.1/15", "198.18.0.2", "02:aa:00:00:00:02"),
+        ("198.18.1.1/15", "198.18.1.2", "02:aa:00:00:00:03"),
+    ] {
+        ns.ip(&["addr", "add", local, "dev", "uplink0"])?;
+        ns.ip(&[
+            "neigh",
+            "replace",
+            remote,
+            "lladdr",
+            mac,
+            "dev",
+            "uplink0",
+            "nud",
+            "permanent",
+        ])?;
+    }
+    if forwarding {
+        ns.exec("sysctl", &["-qw", "net.ipv4.conf.uplink0.forwarding=1"])?;
+    }
+    Ok(ns)
+}
+
+/// The maps as the agent would fill them for the VMs of `host_namespace`.
+pub fn host_maps(ns: &Netns) -> anyhow::Result<Desired> {
+    let (uplink, red1, blue1, red3, green1) = (
+        ns.ifindex("uplink0")?,
+        ns.ifindex("red1")?,
+        ns.ifindex("blue1")?,
+        ns.ifindex("red3")?,
+        ns.ifindex("green1")?,
+    );
+    let port = |vsid, ca, mac| PortInfo {
+        vsid,
+        ca: v4_mapped(ca),
+        pa: v4_mapped(LOCAL_PA),
+        mac,
+        method: 0,
+        _pad: 0,
+    };
+    let lookup = |pa, mac, ifindex| LookupValue {
+        pa: v4_mapped(pa),
+        mac,
+        method: 0,
+        _pad: 0,
+        ifindex,
+    };
+    let rewrite = |pa, mac, ifindex| LookupValue {
+        method: Method::Rewrite as u8,
+        ..lookup(pa, mac, ifindex)
+    };
+    let dedicated = |vsid, ca, mac, ifindex| RewritePa {
+        vsid,
+        ca: v4_mapped(ca),
+        mac,
+        _pad: [0; 2],
+        ifindex,
+    };
+    let key = |vsid, ca| LookupKey {
+        vsid,
+        ca: v4_mapped(ca),
+    };
+    let mut d = Desired {
+        config: DatapathConfig {
+            uplink_ifindex: uplink,
+            ..DatapathConfig::default()
+        },
+        ..Desired::default()
+    };
+    for pa in [LOCAL_PA, GREEN1_PA] {
+        d.local_pas
+            .insert(v4_mapped(pa), LocalPa { ifindex: uplink });
+    }
+    d.ports.insert(red1, port(RED, CA1, RED1_MAC));
+    d.ports.insert(blue1, port(BLUE, CA1, BLUE1_MAC));
+    d.ports.insert(red3, port(RED, CA3, RED3_MAC));
+    d.lookups
+        .insert(key(RED, CA1), lookup(LOCAL_PA, RED1_MAC, red1));
+    d.lookups
+        .insert(key(BLUE, CA1), lookup(LOCAL_PA, BLUE1_MAC, blue1));
+    d.lookups
+        .insert(key(RED, CA3), lookup(LOCAL_PA, RED3_MAC, red3));
+    d.lookups
+        .insert(key(RED, CA2), lookup(REMOTE_PA, RED2_MAC, 0));
+    d.lookups
+        .insert(key(BLUE, CA2), lookup(REMOTE_PA, BLUE2_MAC, 0));
+    // GREEN uses IP rewrite: GREEN-1 (10.0.0.1, here, PA 198.18.1.1) and GREEN-2 (10.0.0.2,
+    // remote, PA 198.18.1.2).
+    let green_port = PortInfo {
+        pa: v4_mapped(GREEN1_PA),
+        method: Method::Rewrite as u8,
+        ..port(GREEN, CA1, GREEN1_MAC)
+    };
+    d.ports.insert(green1, green_port);
+    d.lookups
+        .insert(key(GREEN, CA1), rewrite(GREEN1_PA, GREEN1_MAC, green1));
+    d.lookups
+        .insert(key(GREEN, CA2), rewrite(GREEN2_PA, GREEN2_MAC, 0));
+    d.rewrite_pas.insert(
+        v4_mapped(GREEN1_PA),
+        dedicated(GREEN, CA1, GREEN1_MAC, green1),
+    );
+    d.rewrite_pas
+        .insert(v4_mapped(GREEN2_PA), dedicated(GREEN, CA2, GREEN2_MAC, 0));
+    // A rewrite PA of another VSID, to prove sources are checked within the VSID.
+    d.rewrite_pas
+        .insert(v4_mapped(OTHER_PA), dedicated(7002, CA2, GREEN2_MAC, 0));
+    Ok(d)
+}
+
+pub fn host(forwarding: bool) -> anyhow::Result<Host> {
+    let ns = host_namespace(forwarding)?;
+    ns.enter_current_thread()?;
+    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
+    let mut dp = Datapath::load(&pin, 1024)?;
+    let desired = host_maps(&ns)?;
+    dp.sync(&desired)?;
+    let (uplink_mac, red1, blue1, green1) = (
+        ns.mac("uplink0")?,
+        ns.ifindex("red1")?,
+        ns.ifindex("blue1")?,
+        ns.ifindex("green1")?,
+    );
+    Ok(Host {
+        dp,
+        ns,
+        pin,
+        uplink_mac,
+        red1,
+        blue1,
+        green1,
+        desired,
+    })
+}
+
+impl Host {
+    /// Points RED's record for 10.0.0.2 at another method, as a disagreeing host might.
+    pub fn set_red2_method(&mut self, method: Method) -> anyhow::Result<()> {
+        let key = LookupKey {
+            vsid: RED,
+            ca: v4_mapped(CA2),
+        };
+        self.desired
+            .lookups
+            .get_mut(&key)
+            .context("RED-2 record")?
+            .method = method as u8;
+        self.dp.sync(&self.desired)?;
+        Ok(())
+    }
+
+    pub fn counter(&self, name: &str) -> anyhow::Result<u64> {
+        Ok(self
+            .dp
+            .counters()?
+            .into_iter()
+            .find(|(c, _)| c.name() == name)
+            .with_context(|| format!("counter {name}"))?
+            .1)
+    }
+
+    /// Runs `prog`, and checks it returned `ret` and counted one `counter`.
+    pub fn expect(
+        &self,
+        prog: &str,
+        frame: &[u8],
+        ifindex: Option<u32>,
+        ret: u32,
+        counter: &str,
+    ) -> anyhow::Result<Vec<u8>> {
+        let before = self.counter(counter)?;
+        let out = self.dp.test_run(prog, frame, ifindex, 1)?;
+        ensure!(
+            out.ret == ret,
+            "{prog}: returned {}, expected {ret}",
+            out.ret
+        );
+        let after = self.counter(counter)?;
+        ensure!(
+            after == before + 1,
+            "{prog}: counter {counter} went {before} -> {after}, expected +1"
+        );
+        Ok(out.data)
+    }
+}
+
+pub fn udp_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    payload: &[u8],
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src, dst, 64)
+        .udp(40000, 7001);
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).expect("build frame");
+    out
+}
+
+/// Sets the IPv4 TOS byte of a frame and fixes its header checksum (etherparse computes it).
+pub fn with_tos(mut frame: Vec<u8>, tos: u8) -> Vec<u8> {
+    let mut h = Ipv4HeaderSlice::from_slice(&frame[14..])
+        .expect("ipv4")
+        .to_header();
+    h.dscp = etherparse::IpDscp::try_new(tos >> 2).expect("dscp");
+    h.ecn = etherparse::IpEcn::try_new(tos & 3).expect("ecn");
+    h.header_checksum = h.calc_header_checksum();
+    frame[14..34].copy_from_slice(&h.to_bytes());
+    frame
+}
+
+/// The NVGRE frame RFC 7637 specifies around `inner`, built with etherparse.
+pub fn nvgre(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    key: u32,
+    dscp: u8,
+    inner: &[u8],
+) -> Vec<u8> {
+    let mut ip = Ipv4Header::new(
+        u16::try_from(8 + inner.len()).expect("fits"),
+        64,
+        IpNumber(47),
+        src,
+        dst,
+    )
+    .expect("ipv4");
+    ip.dont_fragment = true;
+    ip.dscp = etherparse::IpDscp::try_new(dscp).expect("dscp");
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut out = Vec::new();
+    out.extend_from_slice(&dst_mac);
+    out.extend_from_slice(&src_mac);
+    out.extend_from_slice(&0x0800u16.to_be_bytes());
+    out.extend_from_slice(&ip.to_bytes());
+    out.extend_from_slice(&0x2000u16.to_be_bytes());
+    out.extend_from_slice(&0x6558u16.to_be_bytes());
+    out.extend_from_slice(&key.to_be_bytes());
+    out.extend_from_slice(inner);
+    out
+}
+
+pub fn udp_flow_id(src: [u8; 4], dst: [u8; 4]) -> u8 {
+    flow_id_v4(src, dst, 17, (40000u32 << 16) | 0x1b59)
+}
+
+/// One packet of each kind a VM sends, built by etherparse with correct checksums.
+pub fn green_packets(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+) -> Vec<(&'static str, Vec<u8>)> {
+    let mut out = Vec::new();
+    let eth = || PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, 61);
+    let mut tcp = Vec::new();
+    eth()
+        .tcp(40000, 80, 0x0102_0304, 4096)
+        .ack(77)
+        .write(&mut tcp, b"tcp payload")
+        .expect("tcp");
+    out.push(("tcp", tcp));
+    let mut udp = Vec::new();
+    eth()
+        .udp(40000, 7001)
+        .write(&mut udp, b"udp payload")
+        .expect("udp");
+    out.push(("udp", udp.clone()));
+    // UDP without a checksum (0): it must stay 0.
+    let mut udp0 = udp;
+    udp0[40..42].copy_from_slice(&[0, 0]);
+    out.push(("udp-zero-checksum", udp0));
+    let mut icmp = Vec::new();
+    eth()
+        .icmpv4_echo_request(9, 1)
+        .write(&mut icmp, b"ping payload")
+        .expect("icmp");
+    out.push(("icmp", icmp));
+    out
+}
