@@ -167,6 +167,14 @@ impl Datapath {
         Ok(Datapath { ebpf, links_dir })
     }
 
+    /// Loads the do-nothing programs, so a benchmark can measure its floor in the same run.
+    pub fn load_floors(&mut self) -> Result<()> {
+        let xdp: &mut Xdp = program(&mut self.ebpf, program_names::NOOP_XDP)?;
+        xdp.load().map_err(|e| dp_err("load no-op XDP", e))?;
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, program_names::NOOP_TC)?;
+        tc.load().map_err(|e| dp_err("load no-op TC", e))
+    }
+
     /// Attaches XDP and TC ingress to the uplink, replacing earlier links in place.
     pub fn attach_uplink(&mut self, ifname: &str) -> Result<()> {
         let xdp_pin = self.links_dir.join("uplink-xdp");
@@ -328,6 +336,24 @@ impl Datapath {
             data: out,
             duration: result.duration,
         })
+    }
+}
+
+/// A read-only view of a running agent's pinned lookup map, for benchmarks and diagnostics.
+pub struct LookupView(BpfHashMap<MapData, LookupKey, LookupValue>);
+
+impl LookupView {
+    pub fn open(pin_path: &Path) -> Result<LookupView> {
+        let path = pin_path.join("maps").join(map_names::LOOKUPS);
+        let data =
+            MapData::from_pin(&path).map_err(|e| dp_err(format!("open {}", path.display()), e))?;
+        let map = BpfHashMap::try_from(aya::maps::Map::HashMap(data))
+            .map_err(|e| dp_err("lookup map", e))?;
+        Ok(LookupView(map))
+    }
+
+    pub fn get(&self, key: &LookupKey) -> Option<LookupValue> {
+        self.0.get(key, 0).ok()
     }
 }
 

@@ -35,6 +35,9 @@ pub mod program_names {
     pub const UPLINK_XDP: &str = "nv_uplink_xdp";
     /// TC ingress on the uplink: hands decapsulated frames to their VM port.
     pub const UPLINK_TC: &str = "nv_uplink_tc";
+    /// Do-nothing programs: the benchmark's floors.
+    pub const NOOP_XDP: &str = "nv_noop_xdp";
+    pub const NOOP_TC: &str = "nv_noop_tc";
 }
 
 /// Default size of the lookup map; the agent's `max_lookups` overrides it at load time.

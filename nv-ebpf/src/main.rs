@@ -40,6 +40,18 @@ pub fn nv_uplink_tc(ctx: TcContext) -> i32 {
     uplink_tc::run(&ctx)
 }
 
+/// The floor for benchmarks: an XDP program that does nothing, measured in the same run.
+#[xdp]
+pub fn nv_noop_xdp(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
+/// The floor for benchmarks: a TC program that does nothing, measured in the same run.
+#[classifier]
+pub fn nv_noop_tc(_ctx: TcContext) -> i32 {
+    aya_ebpf::bindings::TC_ACT_OK as i32
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -190,11 +190,34 @@ pub fn host_maps(ns: &Netns) -> anyhow::Result<Desired> {
 }
 
 pub fn host(forwarding: bool) -> anyhow::Result<Host> {
+    host_with(forwarding, 0)
+}
+
+/// As `host`, with `extra` more remote lookup records (VSID 9001, 10.x.y.z) in the map, so
+/// lookups run against a table of realistic size.
+pub fn host_with(forwarding: bool, extra: u32) -> anyhow::Result<Host> {
     let ns = host_namespace(forwarding)?;
     ns.enter_current_thread()?;
     let pin = PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
-    let mut dp = Datapath::load(&pin, 1024)?;
-    let desired = host_maps(&ns)?;
+    let mut dp = Datapath::load(&pin, 1024 + extra)?;
+    dp.load_floors()?;
+    let mut desired = host_maps(&ns)?;
+    for i in 0..extra {
+        let [_, a, b, c] = i.to_be_bytes();
+        desired.lookups.insert(
+            LookupKey {
+                vsid: 9001,
+                ca: v4_mapped([10, a, b, c]),
+            },
+            LookupValue {
+                pa: v4_mapped(REMOTE_PA),
+                mac: [2, 9, 0, a, b, c],
+                method: 0,
+                _pad: 0,
+                ifindex: 0,
+            },
+        );
+    }
     dp.sync(&desired)?;
     let (uplink_mac, red1, blue1, green1) = (
         ns.mac("uplink0")?,

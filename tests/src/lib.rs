@@ -2,6 +2,7 @@
 //! namespaces joined by an underlay bridge, VMs are namespaces behind veth ports, each host runs
 //! its own agent. Everything is created with a unique prefix and removed by RAII guards, even
 //! when a test fails.
+pub mod bench;
 pub mod capture;
 pub mod checks;
 pub mod fixture;

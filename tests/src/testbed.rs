@@ -215,6 +215,15 @@ fn vm_mac(host: usize, vsid: u32) -> String {
 impl TwoHosts {
     /// Builds the namespaces and links and starts both agents; nothing is configured yet.
     pub fn build(tag: &str) -> anyhow::Result<TwoHosts> {
+        let mut bed = Self::build_bare(tag)?;
+        for h in &mut bed.hosts {
+            h.start_agent()?;
+        }
+        Ok(bed)
+    }
+
+    /// Builds the namespaces and links only: no agent, for the kernel's own baselines.
+    pub fn build_bare(tag: &str) -> anyhow::Result<TwoHosts> {
         require_root()?;
         let prefix = unique_prefix(tag);
         let tmp = std::env::temp_dir().join(&prefix);
@@ -273,9 +282,6 @@ impl TwoHosts {
                 bed.plug(&vm, host)?;
                 bed.vms.push(vm);
             }
-        }
-        for h in &mut bed.hosts {
-            h.start_agent()?;
         }
         Ok(bed)
     }

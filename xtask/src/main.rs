@@ -27,6 +27,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, then measure nv against the kernel's VXLAN in one run (release build); prints a
+    /// table, writes target/bench/results.json and target/bench/e2e.svg.
+    Bench {
+        /// Tiny counts: checks the benchmark works (part of `cargo xtask test`).
+        #[arg(long)]
+        smoke: bool,
+    },
     /// Set up, then run the two-host demo: RED and BLUE tenants with the same addresses.
     Demo {
         /// Leave the hosts and agents running for exploring (prints how to remove them).
@@ -47,7 +54,45 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "--quiet"])?;
             let mut test = vec!["test"];
             test.extend(args.iter().map(String::as_str));
-            cargo_test(&test)
+            cargo_test(&test)?;
+            if args.is_empty() {
+                // The benchmark is not a test, but it must not rot: a smoke run.
+                cargo(&[
+                    "run",
+                    "--quiet",
+                    "--package",
+                    "nv-tests",
+                    "--bin",
+                    "nv-bench",
+                    "--",
+                    "--smoke",
+                    "--out",
+                    "target/bench-smoke",
+                ])?;
+            }
+            Ok(())
+        }
+        Task::Bench { smoke } => {
+            setup::run()?;
+            require_root("the benchmark loads BPF programs and creates network namespaces")?;
+            cargo(&["build", "--release", "--quiet"])?;
+            let mut bench = vec![
+                "run",
+                "--release",
+                "--quiet",
+                "--package",
+                "nv-tests",
+                "--bin",
+                "nv-bench",
+                "--",
+            ];
+            if smoke {
+                bench.push("--smoke");
+            }
+            // The agent and nvctl measured are the release builds.
+            // SAFETY: single-threaded at this point.
+            unsafe { std::env::set_var("NV_BIN_DIR", "target/release") };
+            cargo(&bench)
         }
         Task::Demo { keep } => {
             setup::run()?;

@@ -7,6 +7,8 @@
 //! nv-transfer tcp-send ADDR --bytes N [--timeout S]
 //! nv-transfer udp-serve ADDR --count N [--timeout S]   COUNT is datagrams arrived intact
 //! nv-transfer udp-send ADDR --count N --size B [--timeout S]
+//! nv-transfer udp-flood ADDR --seconds S --size B   as fast as it can, for S seconds: "sent N"
+//! nv-transfer udp-sink ADDR --seconds S             counts datagrams for S seconds: "received N"
 //! ```
 use std::{
     collections::BTreeMap,
@@ -37,6 +39,26 @@ fn main() -> Result<()> {
                 .into(),
         );
     };
+    match mode.as_str() {
+        "udp-flood" => {
+            let sent = udp_flood(
+                addr,
+                Duration::from_secs_f64(flag("--seconds").ok_or("--seconds is required")?.parse()?),
+                usize::try_from(number("--size")?)?,
+            )?;
+            println!("sent {sent}");
+            return Ok(());
+        }
+        "udp-sink" => {
+            let got = udp_sink(
+                addr,
+                Duration::from_secs_f64(flag("--seconds").ok_or("--seconds is required")?.parse()?),
+            )?;
+            println!("received {got}");
+            return Ok(());
+        }
+        _ => {}
+    }
     let (count, digest) = match mode.as_str() {
         "tcp-serve" => tcp_serve(addr, timeout)?,
         "tcp-send" => tcp_send(addr, number("--bytes")?, timeout)?,
@@ -172,4 +194,55 @@ fn udp_serve(addr: &str, count: u64, timeout: Duration) -> Result<(u64, Digest)>
         hash.update(d);
     }
     Ok((intact.len() as u64, hash.finalize()))
+}
+
+/// Sends `size`-byte datagrams in batches of 64 (`sendmmsg`) until `duration` has passed.
+fn udp_flood(addr: &str, duration: Duration, size: usize) -> Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    const BATCH: u32 = 64;
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    sock.connect(addr)?;
+    let payload = vec![0x5au8; size];
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr().cast_mut().cast(),
+        iov_len: size,
+    };
+    // SAFETY: zeroed mmsghdr is valid; each points at the one iovec above, which outlives the loop.
+    let mut msgs: Vec<libc::mmsghdr> = (0..BATCH)
+        .map(|_| {
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = &raw mut iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect();
+    let deadline = Instant::now() + duration;
+    let mut sent = 0u64;
+    while Instant::now() < deadline {
+        // SAFETY: msgs holds BATCH valid headers.
+        let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH, 0) };
+        if let Ok(n) = u64::try_from(n) {
+            sent += n;
+        }
+    }
+    Ok(sent)
+}
+
+/// Counts datagrams arriving at `addr` for `duration`.
+fn udp_sink(addr: &str, duration: Duration) -> Result<u64> {
+    let sock = UdpSocket::bind(addr)?;
+    let deadline = Instant::now() + duration;
+    let mut buf = vec![0u8; 2048];
+    let mut got = 0u64;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        sock.set_read_timeout(Some(left))?;
+        if sock.recv(&mut buf).is_ok() {
+            got += 1;
+        }
+    }
+    Ok(got)
 }

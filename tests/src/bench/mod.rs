@@ -1,0 +1,38 @@
+//! `cargo xtask bench`: nv measured against a baseline run in the same invocation.
+//! - `programs`: ns per packet of each datapath path with `BPF_PROG_TEST_RUN`, against do-nothing
+//!   programs (the floor), with 1K and 1M lookup records.
+//! - `e2e`: the two-host topology for nv encap, nv rewrite, the kernel's VXLAN over a bridge (the
+//!   baseline) and plain routed veth (the ceiling): 64-byte UDP pps, TCP throughput, RTT.
+//! - `control`: how long `nvctl lookup add` takes until the record is in the datapath.
+pub mod control;
+pub mod e2e;
+pub mod programs;
+pub mod report;
+
+/// How much to measure: `smoke` runs everything with tiny counts so the benchmark cannot rot.
+#[derive(Clone, Copy, Debug)]
+pub struct Scale {
+    pub smoke: bool,
+}
+
+impl Scale {
+    pub fn pick<T>(self, full: T, smoke: T) -> T {
+        if self.smoke { smoke } else { full }
+    }
+}
+
+/// The `q`-quantile (0..=1) of `samples` (sorted in place).
+pub fn quantile(samples: &mut [f64], q: f64) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    samples.sort_by(f64::total_cmp);
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "index into a short list"
+    )]
+    let i = ((samples.len() - 1) as f64 * q).round() as usize;
+    samples[i]
+}

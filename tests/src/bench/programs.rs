@@ -1,0 +1,222 @@
+//! Program cost with `BPF_PROG_TEST_RUN`, JIT on. The kernel reuses one packet across the
+//! repetitions of a run, so a program that changes its packet (encap, decap, rewrite) would be
+//! measured on its own output from the second repetition on; those paths are measured as the
+//! median of many single runs instead. Every path is measured that way, floors included, so
+//! "above the floor" compares like with like; paths that leave the packet alone are also
+//! measured with one run of `repeat` repetitions.
+use nv_common::program_names::{FROM_VM, NOOP_TC, NOOP_XDP, UPLINK_XDP};
+use serde::Serialize;
+
+use super::{Scale, quantile};
+use crate::fixture::{
+    BLUE2_MAC, CA1, CA2, CA3, GATEWAY_MAC, GREEN_GATEWAY_MAC, GREEN1_MAC, GREEN1_PA, GREEN2_MAC,
+    GREEN2_PA, Host, LOCAL_PA, RED, RED1_MAC, RED2_MAC, RED3_MAC, REMOTE_PA, host_with, nvgre,
+    udp_frame,
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Cost {
+    pub path: String,
+    pub program: String,
+    pub frame_bytes: usize,
+    pub records: u32,
+    /// Median of single runs, ns.
+    pub single_ns: f64,
+    /// Mean over one run of `repeat` repetitions, ns, for paths that leave the packet alone.
+    pub repeat_ns: Option<f64>,
+    pub repeat: u32,
+    /// `single_ns` minus the floor of the same hook measured the same way.
+    pub above_floor_ns: f64,
+}
+
+struct Path {
+    name: &'static str,
+    program: &'static str,
+    frame: Vec<u8>,
+    ifindex: Option<u32>,
+    /// The program leaves the packet as it found it, so repetitions are meaningful.
+    idempotent: bool,
+    floor: &'static str,
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "one entry per path, formatted one argument a line"
+)]
+fn paths(h: &Host, size: usize) -> Vec<Path> {
+    let payload = vec![0u8; size.saturating_sub(42)];
+    let to_red2 = udp_frame(RED1_MAC, RED2_MAC, CA1, CA2, &payload);
+    let to_red1 = udp_frame(RED2_MAC, RED1_MAC, CA2, CA1, &payload);
+    let path = |name, program, frame, ifindex, idempotent, floor| Path {
+        name,
+        program,
+        frame,
+        ifindex,
+        idempotent,
+        floor,
+    };
+    vec![
+        path(
+            "floor_xdp",
+            NOOP_XDP,
+            to_red1.clone(),
+            None,
+            true,
+            "floor_xdp",
+        ),
+        path(
+            "floor_tc",
+            NOOP_TC,
+            to_red2.clone(),
+            Some(h.red1),
+            true,
+            "floor_tc",
+        ),
+        path(
+            "encap",
+            FROM_VM,
+            to_red2.clone(),
+            Some(h.red1),
+            false,
+            "floor_tc",
+        ),
+        path(
+            "local_vm_to_vm",
+            FROM_VM,
+            udp_frame(RED1_MAC, RED3_MAC, CA1, CA3, &payload),
+            Some(h.red1),
+            true,
+            "floor_tc",
+        ),
+        path(
+            "rewrite_out",
+            FROM_VM,
+            udp_frame(GREEN1_MAC, GREEN2_MAC, CA1, CA2, &payload),
+            Some(h.green1),
+            false,
+            "floor_tc",
+        ),
+        path(
+            "drop_vm_unknown_dst",
+            FROM_VM,
+            udp_frame(RED1_MAC, BLUE2_MAC, CA1, [10, 0, 0, 99], &payload),
+            Some(h.red1),
+            true,
+            "floor_tc",
+        ),
+        path(
+            "decap",
+            UPLINK_XDP,
+            nvgre(
+                GATEWAY_MAC,
+                h.uplink_mac,
+                REMOTE_PA,
+                LOCAL_PA,
+                RED << 8,
+                0,
+                &to_red1,
+            ),
+            None,
+            false,
+            "floor_xdp",
+        ),
+        path(
+            "rewrite_in",
+            UPLINK_XDP,
+            udp_frame(
+                GREEN_GATEWAY_MAC,
+                h.uplink_mac,
+                GREEN2_PA,
+                GREEN1_PA,
+                &payload,
+            ),
+            None,
+            false,
+            "floor_xdp",
+        ),
+        path(
+            "drop_uplink_unknown_vsid",
+            UPLINK_XDP,
+            nvgre(
+                GATEWAY_MAC,
+                h.uplink_mac,
+                REMOTE_PA,
+                LOCAL_PA,
+                7777 << 8,
+                0,
+                &to_red1,
+            ),
+            None,
+            true,
+            "floor_xdp",
+        ),
+        path(
+            "pass_host_traffic",
+            UPLINK_XDP,
+            udp_frame(GATEWAY_MAC, h.uplink_mac, REMOTE_PA, LOCAL_PA, &payload),
+            None,
+            true,
+            "floor_xdp",
+        ),
+    ]
+}
+
+fn single_runs(h: &Host, p: &Path, n: u32) -> anyhow::Result<f64> {
+    let mut samples = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        #[expect(clippy::cast_precision_loss, reason = "nanoseconds of one run")]
+        samples.push(
+            h.dp.test_run(p.program, &p.frame, p.ifindex, 1)?
+                .duration
+                .as_nanos() as f64,
+        );
+    }
+    Ok(quantile(&mut samples, 0.5))
+}
+
+/// Measures every path for 64- and 1500-byte frames with 1K and 1M extra lookup records.
+/// Runs in its own thread: the fixture moves that thread into its network namespace.
+pub fn run(scale: Scale) -> anyhow::Result<Vec<Cost>> {
+    std::thread::spawn(move || measure(scale))
+        .join()
+        .map_err(|_| anyhow::anyhow!("program benchmark panicked"))?
+}
+
+fn measure(scale: Scale) -> anyhow::Result<Vec<Cost>> {
+    let singles = scale.pick(100_000, 500);
+    let repeat = scale.pick(1_000_000, 1_000);
+    let mut out = Vec::new();
+    for records in [1_000u32, scale.pick(1_000_000, 20_000)] {
+        let h = host_with(true, records)?;
+        for size in [64usize, 1500] {
+            let paths = paths(&h, size);
+            let mut single = std::collections::HashMap::new();
+            for p in &paths {
+                single.insert(p.name, single_runs(&h, p, singles)?);
+            }
+            for p in &paths {
+                let repeat_ns = if p.idempotent {
+                    #[expect(clippy::cast_precision_loss, reason = "nanoseconds per run")]
+                    Some(
+                        h.dp.test_run(p.program, &p.frame, p.ifindex, repeat)?
+                            .duration
+                            .as_nanos() as f64,
+                    )
+                } else {
+                    None
+                };
+                out.push(Cost {
+                    path: p.name.to_owned(),
+                    program: p.program.to_owned(),
+                    frame_bytes: size,
+                    records,
+                    single_ns: single[p.name],
+                    repeat_ns,
+                    repeat,
+                    above_floor_ns: single[p.name] - single[p.floor],
+                });
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,208 @@
+//! The benchmark's table, JSON and chart, and its goals, each a ratio or a difference against a
+//! baseline measured in the same run.
+use std::{fmt::Write as _, path::Path};
+
+use serde::Serialize;
+
+use super::{control, e2e, programs::Cost};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Goal {
+    pub name: String,
+    pub measured: f64,
+    pub target: String,
+    pub met: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub smoke: bool,
+    pub programs: Vec<Cost>,
+    pub e2e: Vec<e2e::Result>,
+    pub control: control::Result,
+    pub goals: Vec<Goal>,
+}
+
+fn cost<'a>(programs: &'a [Cost], path: &str, size: usize, records: u32) -> Option<&'a Cost> {
+    programs
+        .iter()
+        .find(|c| c.path == path && c.frame_bytes == size && c.records == records)
+}
+
+/// The issue's goals, evaluated on this run.
+pub fn goals(programs: &[Cost], e2e: &[e2e::Result]) -> Vec<Goal> {
+    let mut goals = Vec::new();
+    let max_records = programs.iter().map(|c| c.records).max().unwrap_or(0);
+    for size in [64, 1500] {
+        for (path, limit) in [
+            ("decap", 25.0),
+            ("encap", 50.0),
+            ("rewrite_out", 50.0),
+            ("pass_host_traffic", 5.0),
+        ] {
+            if let Some(c) = cost(programs, path, size, 1000) {
+                goals.push(Goal {
+                    name: format!("{path} above floor, {size} B, 1K records (ns)"),
+                    measured: c.above_floor_ns,
+                    target: format!("<= {limit}"),
+                    met: c.above_floor_ns <= limit,
+                });
+            }
+        }
+        for path in [
+            "encap",
+            "decap",
+            "rewrite_out",
+            "rewrite_in",
+            "pass_host_traffic",
+        ] {
+            if let (Some(small), Some(big)) = (
+                cost(programs, path, size, 1000),
+                cost(programs, path, size, max_records),
+            ) {
+                let ratio = big.single_ns / small.single_ns;
+                goals.push(Goal {
+                    name: format!("{path} {size} B, {max_records} / 1K records"),
+                    measured: ratio,
+                    target: "<= 1.3".into(),
+                    met: ratio <= 1.3,
+                });
+            }
+        }
+    }
+    let by = |c: &str| e2e.iter().find(|r| r.config == c);
+    if let (Some(base), Some(encap), Some(rewrite)) =
+        (by("vxlan-bridge"), by("nv-encap"), by("nv-rewrite"))
+    {
+        for (name, measured, target) in [
+            ("nv encap / VXLAN pps", encap.pps / base.pps, 1.5),
+            ("nv encap / VXLAN TCP", encap.tcp_gbps / base.tcp_gbps, 1.0),
+            (
+                "nv rewrite / VXLAN TCP",
+                rewrite.tcp_gbps / base.tcp_gbps,
+                1.2,
+            ),
+        ] {
+            goals.push(Goal {
+                name: name.into(),
+                measured,
+                target: format!(">= {target}"),
+                met: measured >= target,
+            });
+        }
+    }
+    goals
+}
+
+pub fn table(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\nprogram cost (BPF_PROG_TEST_RUN, median of single runs; repeat-run mean where the packet is unchanged)"
+    );
+    let _ = writeln!(
+        s,
+        "{:<26} {:>6} {:>9} {:>10} {:>10} {:>12}",
+        "path", "bytes", "records", "single ns", "repeat ns", "above floor"
+    );
+    for c in &r.programs {
+        let repeat = c
+            .repeat_ns
+            .map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
+        let _ = writeln!(
+            s,
+            "{:<26} {:>6} {:>9} {:>10.1} {:>10} {:>12.1}",
+            c.path, c.frame_bytes, c.records, c.single_ns, repeat, c.above_floor_ns
+        );
+    }
+    let _ = writeln!(s, "\nend to end, RED-1 -> RED-2 (same run)");
+    let _ = writeln!(
+        s,
+        "{:<14} {:>12} {:>10} {:>10} {:>10}",
+        "config", "64B pps", "TCP Gb/s", "RTT p50us", "RTT p99us"
+    );
+    for e in &r.e2e {
+        let _ = writeln!(
+            s,
+            "{:<14} {:>12.0} {:>10.2} {:>10.1} {:>10.1}",
+            e.config, e.pps, e.tcp_gbps, e.rtt_p50_us, e.rtt_p99_us
+        );
+    }
+    let c = &r.control;
+    let _ = writeln!(
+        s,
+        "\ncontrol plane: {} adds, nvctl start to record in the map p50 {:.2} ms, p99 {:.2} ms; in the map when nvctl returned: {}/{}",
+        c.adds, c.add_to_datapath_p50_ms, c.add_to_datapath_p99_ms, c.present_on_return, c.adds
+    );
+    let _ = writeln!(s, "\ngoals");
+    for g in &r.goals {
+        let _ = writeln!(
+            s,
+            "{:<4} {:<48} {:>9.2} (target {})",
+            if g.met { "met" } else { "MISS" },
+            g.name,
+            g.measured,
+            g.target
+        );
+    }
+    s
+}
+
+/// A bar chart of the end-to-end results, one panel per measure, as SVG.
+pub fn chart(e2e: &[e2e::Result]) -> String {
+    type Measure = fn(&e2e::Result) -> f64;
+    let panels: [(&str, Measure); 4] = [
+        ("64-byte UDP, Mpps", |r| r.pps / 1e6),
+        ("TCP, Gbit/s", |r| r.tcp_gbps),
+        ("RTT p50, us", |r| r.rtt_p50_us),
+        ("RTT p99, us", |r| r.rtt_p99_us),
+    ];
+    let colors = ["#1f77b4", "#2ca02c", "#7f7f7f", "#ff7f0e"];
+    let (pw, ph) = (300.0, 260.0);
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="12">"#,
+        pw * 4.0,
+        ph + 60.0
+    );
+    svg.push_str(r#"<rect width="100%" height="100%" fill="white"/>"#);
+    for (p, (title, value)) in panels.iter().enumerate() {
+        #[expect(clippy::cast_precision_loss, reason = "four panels")]
+        let x0 = p as f64 * pw;
+        let max = e2e.iter().map(value).fold(0.0_f64, f64::max).max(1e-9);
+        let _ = write!(
+            svg,
+            r#"<text x="{}" y="20" text-anchor="middle" font-weight="bold">{title}</text>"#,
+            x0 + pw / 2.0
+        );
+        for (i, r) in e2e.iter().enumerate() {
+            #[expect(clippy::cast_precision_loss, reason = "four bars")]
+            let bx = x0 + 30.0 + i as f64 * 62.0;
+            let h = value(r) / max * (ph - 60.0);
+            let y = ph - h;
+            let _ = write!(
+                svg,
+                r#"<rect x="{bx}" y="{y}" width="50" height="{h}" fill="{}"/><text x="{}" y="{}" text-anchor="middle">{:.2}</text><text x="{}" y="{}" text-anchor="middle" font-size="10">{}</text>"#,
+                colors[i % colors.len()],
+                bx + 25.0,
+                y - 4.0,
+                value(r),
+                bx + 25.0,
+                ph + 16.0,
+                r.config
+            );
+        }
+    }
+    let _ = write!(
+        svg,
+        r#"<text x="10" y="{}" font-size="11">nv encap, nv rewrite, kernel VXLAN over a bridge (baseline) and routed veth (ceiling), measured in one run on the two-host namespace topology.</text></svg>"#,
+        ph + 48.0
+    );
+    svg
+}
+
+pub fn write(r: &Report, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(r)?)?;
+    std::fs::write(dir.join("e2e.svg"), chart(&r.e2e))?;
+    Ok(())
+}
