@@ -7,7 +7,7 @@ use nv_common::{DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, Rewri
 use tracing::{info, warn};
 
 use crate::{
-    config::Config,
+    config::{Config, DecapHook},
     datapath::{Datapath, Desired},
     error::{NvError, Result, invalid},
     model::{LookupRecord, Method, Provider, ProviderState, validate_ifname},
@@ -17,6 +17,7 @@ use crate::{
 
 pub struct Agent {
     uplink: String,
+    decap_hook: DecapHook,
     max_lookups: u32,
     store: Store,
     datapath: Datapath,
@@ -75,6 +76,7 @@ impl Agent {
         let datapath = Datapath::load(&config.pin_path, config.max_lookups)?;
         let mut agent = Agent {
             uplink,
+            decap_hook: config.decap_hook,
             max_lookups: config.max_lookups,
             store,
             datapath,
@@ -102,11 +104,14 @@ impl Agent {
                     .await?;
             }
         }
-        self.datapath.attach_uplink(&self.uplink)?;
+        self.datapath.attach_uplink(&self.uplink, self.decap_hook)?;
         let (desired, ports) = self.desired(&state).await?;
         self.attach_ports(&ports)?;
         self.datapath.sync(&desired)?;
         self.applied = desired;
+        if self.decap_hook == DecapHook::Tc {
+            self.datapath.detach_uplink_xdp()?;
+        }
         for stale in self.datapath.attached_ports()? {
             if !ports.contains_key(&stale) {
                 info!("detaching stale port {stale}");
@@ -164,6 +169,15 @@ impl Agent {
         let mut d = Desired {
             config: DatapathConfig {
                 uplink_ifindex: uplink.index,
+                flags: if self.decap_hook == DecapHook::Tc {
+                    DatapathConfig::TC_DECAP
+                } else {
+                    0
+                } | if state.lookups.iter().any(|r| r.method == Method::Rewrite) {
+                    DatapathConfig::HAS_REWRITE
+                } else {
+                    0
+                },
                 ..DatapathConfig::default()
             },
             ..Desired::default()

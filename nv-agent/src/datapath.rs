@@ -30,7 +30,10 @@ use nv_common::{
 };
 use tracing::{debug, info};
 
-use crate::error::{NvError, Result};
+use crate::{
+    config::DecapHook,
+    error::{NvError, Result},
+};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -175,8 +178,28 @@ impl Datapath {
         tc.load().map_err(|e| dp_err("load no-op TC", e))
     }
 
-    /// Attaches XDP and TC ingress to the uplink, replacing earlier links in place.
-    pub fn attach_uplink(&mut self, ifname: &str) -> Result<()> {
+    /// Attaches TC ingress, and XDP unless decapsulation runs on TC, to the uplink, replacing
+    /// earlier links in place.
+    pub fn attach_uplink(&mut self, ifname: &str, hook: DecapHook) -> Result<()> {
+        self.attach_tc(program_names::UPLINK_TC, ifname, "uplink-tc")?;
+        if hook == DecapHook::Xdp {
+            self.attach_uplink_xdp(ifname)?;
+        }
+        Ok(())
+    }
+
+    /// Detaches the uplink's XDP program, if any (after switching to TC decapsulation; call it
+    /// once the maps say so, so no frame falls between the two).
+    pub fn detach_uplink_xdp(&mut self) -> Result<()> {
+        let pin = self.links_dir.join("uplink-xdp");
+        match fs::remove_file(&pin) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(dp_err(format!("remove {}", pin.display()), e)),
+        }
+    }
+
+    fn attach_uplink_xdp(&mut self, ifname: &str) -> Result<()> {
         let xdp_pin = self.links_dir.join("uplink-xdp");
         let xdp: &mut Xdp = program(&mut self.ebpf, program_names::UPLINK_XDP)?;
         let replaced = match PinnedLink::from_pin(&xdp_pin) {
@@ -199,7 +222,7 @@ impl Datapath {
             link.pin(&xdp_pin)
                 .map_err(|e| dp_err(format!("pin {}", xdp_pin.display()), e))?;
         }
-        self.attach_tc(program_names::UPLINK_TC, ifname, "uplink-tc")
+        Ok(())
     }
 
     /// Attaches the from-VM program to a VM port's ingress.

@@ -33,8 +33,6 @@ pub enum Counter {
     VmTxRewrite,
     /// From a VM: the destination wants IP rewrite but the VM has no rewrite PA of its own.
     DropVmNoRewritePa,
-    /// Uplink: not NVGRE for a local provider address, passed to the host stack untouched.
-    UplinkPassed,
     /// Uplink: NVGRE decapsulated for a VM on this host.
     UplinkDecap,
     /// Uplink: NVGRE to a local PA whose headers are truncated or inconsistent.
@@ -84,7 +82,6 @@ impl Counter {
         Counter::DropVmMethod,
         Counter::VmTxRewrite,
         Counter::DropVmNoRewritePa,
-        Counter::UplinkPassed,
         Counter::UplinkDecap,
         Counter::DropUplinkMalformed,
         Counter::DropUplinkGreFlags,
@@ -117,7 +114,6 @@ impl Counter {
             Counter::DropVmTooBig => "drop_vm_too_big",
             Counter::DropVmTranslateFailed => "drop_vm_translate_failed",
             Counter::DropVmMethod => "drop_vm_method",
-            Counter::UplinkPassed => "uplink_passed",
             Counter::UplinkDecap => "uplink_decap",
             Counter::DropUplinkMalformed => "drop_uplink_malformed",
             Counter::DropUplinkGreFlags => "drop_uplink_gre_flags",

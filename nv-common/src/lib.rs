@@ -142,7 +142,17 @@ pub struct LocalPa {
 pub struct DatapathConfig {
     /// Underlay interface: encapsulated frames leave through it.
     pub uplink_ifindex: u32,
-    pub _reserved: [u32; 3],
+    /// `DatapathConfig::*` bits.
+    pub flags: u32,
+    pub _reserved: [u32; 2],
+}
+
+impl DatapathConfig {
+    /// Some lookup record uses IP rewrite: the uplink must look up every packet's destination
+    /// among the rewrite PAs. Without it, host traffic passes after one cheap check.
+    pub const HAS_REWRITE: u32 = 1;
+    /// Decapsulate and restore on the uplink's TC hook (no XDP program attached).
+    pub const TC_DECAP: u32 = 2;
 }
 
 /// XDP metadata in front of a decapsulated frame, read by the uplink TC program.

@@ -17,6 +17,7 @@ mod maps;
 mod packet;
 mod rewrite;
 mod underlay;
+mod uplink_rx;
 mod uplink_tc;
 mod uplink_xdp;
 

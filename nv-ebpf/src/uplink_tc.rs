@@ -1,51 +1,90 @@
-//! TC ingress on the uplink: frames `uplink_xdp` prepared carry metadata naming their VM port.
-//! NVGRE frames arrive decapsulated and go straight into the VM's namespace; IP-rewrite packets
-//! get their customer addresses and Ethernet header back first (checksum helpers live here, not
-//! in XDP). `XDP_REDIRECT` into a veth whose peer has no XDP program loses frames (DESIGN.md);
-//! `bpf_redirect_peer` from here does not. Frames without our metadata pass untouched.
+//! TC ingress on the uplink. With XDP decapsulation (the default), frames `uplink_xdp` prepared
+//! carry metadata naming their VM port: NVGRE frames arrive decapsulated and go straight into the
+//! VM's namespace; IP-rewrite packets get their customer addresses and Ethernet header back first
+//! (checksum helpers live here, not in XDP). With TC decapsulation (`decap_hook = "tc"`), this
+//! program classifies and decapsulates itself: no XDP program on the uplink means a veth uplink
+//! keeps GSO super-packets whole. `XDP_REDIRECT` into a veth whose peer has no XDP program loses
+//! frames (DESIGN.md); `bpf_redirect_peer` from here does not. Other frames pass untouched.
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     helpers::bpf_redirect_peer,
     programs::TcContext,
 };
-use nv_common::{Counter, DeliverMeta, RestoreMeta, wire::ETH_HLEN};
+use nv_common::{Counter, DatapathConfig, DeliverMeta, RestoreMeta, wire::ETH_HLEN};
 
 use crate::{
     counters::count,
+    maps::CONFIG,
     packet::{Ipv4Hdr, PACKET_HOST, read_at},
     rewrite,
+    uplink_rx::{Verdict, classify},
 };
+
+/// Linear bytes needed to classify: outer Ethernet, IPv4 with options, GRE, inner Ethernet and
+/// inner IPv4.
+const PULL_LEN: u32 = (ETH_HLEN + 60 + 8 + ETH_HLEN + 20) as u32;
 
 pub fn run(ctx: &TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let meta_start = unsafe { (*ctx.skb.skb).data_meta } as usize;
-    let Some(head) = read_at::<DeliverMeta>(meta_start, ctx.data(), 0) else {
-        return TC_ACT_OK as i32;
-    };
-    match head.magic {
-        DeliverMeta::MAGIC => deliver(
-            ctx,
-            head.ifindex,
-            Counter::UplinkDelivered,
-            Counter::DropUplinkDeliver,
-        ),
-        RestoreMeta::MAGIC => {
-            let Some(meta) = read_at::<RestoreMeta>(meta_start, ctx.data(), 0) else {
-                return TC_ACT_OK as i32;
-            };
-            if restore(ctx, &meta).is_err() {
-                count(Counter::DropUplinkRewriteFailed);
-                return TC_ACT_SHOT as i32;
+    if let Some(head) = read_at::<DeliverMeta>(meta_start, ctx.data(), 0) {
+        match head.magic {
+            DeliverMeta::MAGIC => return deliver(ctx, head.ifindex, Counter::UplinkDelivered),
+            RestoreMeta::MAGIC => {
+                return match read_at::<RestoreMeta>(meta_start, ctx.data(), 0) {
+                    Some(meta) => restore_and_deliver(ctx, &meta),
+                    None => TC_ACT_OK as i32,
+                };
             }
-            deliver(
-                ctx,
-                meta.ifindex,
-                Counter::UplinkRewriteDelivered,
-                Counter::DropUplinkDeliver,
-            )
+            _ => {}
         }
-        _ => TC_ACT_OK as i32,
     }
+    if CONFIG.get(0).map_or(0, |c| c.flags) & DatapathConfig::TC_DECAP == 0 {
+        return TC_ACT_OK as i32;
+    }
+    let len = ctx.len();
+    let _ = ctx.pull_data(if len < PULL_LEN { len } else { PULL_LEN });
+    match classify(ctx.data(), ctx.data_end()) {
+        Ok(Verdict::Pass) => TC_ACT_OK as i32,
+        Ok(Verdict::Nvgre { strip, port }) => match decap(ctx, strip) {
+            Ok(()) => {
+                count(Counter::UplinkDecap);
+                deliver(ctx, port, Counter::UplinkDelivered)
+            }
+            Err(()) => drop(Counter::DropUplinkDecapFailed),
+        },
+        Ok(Verdict::Rewrite(meta)) => restore_and_deliver(ctx, &meta),
+        Err(reason) => drop(reason),
+    }
+}
+
+fn drop(reason: Counter) -> i32 {
+    count(reason);
+    TC_ACT_SHOT as i32
+}
+
+/// Removes the outer Ethernet, IPv4 and GRE headers: the bytes after the first 14 go (outer
+/// IPv4, GRE and the inner Ethernet header), then the inner Ethernet header is written where
+/// the outer one was. GSO super-packets stay whole; their segment size grows back by the 42
+/// bytes the encapsulator took.
+fn decap(ctx: &TcContext, strip: usize) -> Result<(), ()> {
+    let inner_eth: [u8; ETH_HLEN] = ctx.load(strip).map_err(|_| ())?;
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        reason = "< 100"
+    )]
+    let shrink = -(strip as i32);
+    ctx.adjust_room(shrink, BPF_ADJ_ROOM_MAC, 0)
+        .map_err(|_| ())?;
+    ctx.store(0, &inner_eth, 0).map_err(|_| ())
+}
+
+fn restore_and_deliver(ctx: &TcContext, meta: &RestoreMeta) -> i32 {
+    if restore(ctx, meta).is_err() {
+        return drop(Counter::DropUplinkRewriteFailed);
+    }
+    deliver(ctx, meta.ifindex, Counter::UplinkRewriteDelivered)
 }
 
 /// Puts the customer's addresses and Ethernet header back on an IP-rewrite packet.
@@ -58,7 +97,7 @@ fn restore(ctx: &TcContext, meta: &RestoreMeta) -> Result<(), ()> {
     ctx.store(0, &macs, 0).map_err(|_| ())
 }
 
-fn deliver(ctx: &TcContext, ifindex: u32, ok: Counter, failed: Counter) -> i32 {
+fn deliver(ctx: &TcContext, ifindex: u32, ok: Counter) -> i32 {
     // The frame was classified against the uplink's MAC (other host); the VM must see it as
     // addressed to it, and redirect_peer does not classify again.
     let _ = ctx.change_type(PACKET_HOST);
@@ -67,7 +106,7 @@ fn deliver(ctx: &TcContext, ifindex: u32, ok: Counter, failed: Counter) -> i32 {
     count(if action == i64::from(TC_ACT_REDIRECT) {
         ok
     } else {
-        failed
+        Counter::DropUplinkDeliver
     });
     action as i32
 }

@@ -144,6 +144,7 @@ pub fn host_maps(ns: &Netns) -> anyhow::Result<Desired> {
     let mut d = Desired {
         config: DatapathConfig {
             uplink_ifindex: uplink,
+            flags: DatapathConfig::HAS_REWRITE,
             ..DatapathConfig::default()
         },
         ..Desired::default()
@@ -238,6 +239,13 @@ pub fn host_with(forwarding: bool, extra: u32) -> anyhow::Result<Host> {
 }
 
 impl Host {
+    /// Replaces the datapath flags (`DatapathConfig::*`).
+    pub fn set_flags(&mut self, flags: u32) -> anyhow::Result<()> {
+        self.desired.config.flags = flags;
+        self.dp.sync(&self.desired)?;
+        Ok(())
+    }
+
     /// Points RED's record for 10.0.0.2 at another method, as a disagreeing host might.
     pub fn set_red2_method(&mut self, method: Method) -> anyhow::Result<()> {
         let key = LookupKey {

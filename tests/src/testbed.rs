@@ -92,6 +92,8 @@ pub struct Host {
     pub pin_path: PathBuf,
     pub log: PathBuf,
     pub agent: Option<AgentProcess>,
+    /// Extra flags for this host's agent.
+    pub agent_args: Vec<String>,
 }
 
 impl Host {
@@ -110,6 +112,7 @@ impl Host {
             .arg(&self.socket)
             .arg("--pin-path")
             .arg(&self.pin_path)
+            .args(&self.agent_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -215,8 +218,14 @@ fn vm_mac(host: usize, vsid: u32) -> String {
 impl TwoHosts {
     /// Builds the namespaces and links and starts both agents; nothing is configured yet.
     pub fn build(tag: &str) -> anyhow::Result<TwoHosts> {
+        Self::build_with(tag, &[])
+    }
+
+    /// As `build`, with extra flags for both agents (e.g. `--decap-hook tc`).
+    pub fn build_with(tag: &str, agent_args: &[&str]) -> anyhow::Result<TwoHosts> {
         let mut bed = Self::build_bare(tag)?;
         for h in &mut bed.hosts {
+            h.agent_args = agent_args.iter().map(|a| (*a).to_owned()).collect();
             h.start_agent()?;
         }
         Ok(bed)
@@ -265,6 +274,7 @@ impl TwoHosts {
                 name,
                 ns,
                 agent: None,
+                agent_args: Vec::new(),
             });
         }
         for host in 0..2 {

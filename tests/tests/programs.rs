@@ -4,7 +4,7 @@
 use anyhow::{Context as _, ensure};
 use etherparse::PacketBuilder;
 use nv_common::{
-    DeliverMeta, Method, RestoreMeta,
+    DatapathConfig, DeliverMeta, Method, RestoreMeta,
     flow::flow_id_v4,
     program_names::{FROM_VM, UPLINK_TC, UPLINK_XDP},
 };
@@ -273,10 +273,9 @@ fn uplink_drops_bad_nvgre_with_its_reason_and_passes_the_rest_untouched() -> any
         (&mut host_udp.clone(), "host UDP"),
         (&mut runt.clone(), "runt"),
     ] {
-        let out = h
-            .expect(UPLINK_XDP, frame, None, XDP_PASS, "uplink_passed")
-            .with_context(|| what)?;
-        ensure!(out == *frame, "{what}: passed frame was modified");
+        let out = h.dp.test_run(UPLINK_XDP, frame, None, 1)?;
+        ensure!(out.ret == XDP_PASS, "{what}: returned {}", out.ret);
+        ensure!(out.data == *frame, "{what}: passed frame was modified");
     }
     // The uplink's TC program leaves frames without our metadata alone.
     let out = h.dp.test_run(UPLINK_TC, &host_udp, None, 1)?;
@@ -454,6 +453,85 @@ fn a_vm_without_a_rewrite_pa_cannot_send_by_rewrite() -> anyhow::Result<()> {
     ensure!(
         h.counter("drop_vm_no_rewrite_pa")? == before + 1,
         "not counted"
+    );
+    Ok(())
+}
+
+#[test]
+fn tc_decapsulation_restores_the_frame_exactly_and_drops_like_xdp() -> anyhow::Result<()> {
+    let mut h = host(true)?;
+    h.set_flags(DatapathConfig::HAS_REWRITE | DatapathConfig::TC_DECAP)?;
+    let inner = udp_frame(RED2_MAC, RED1_MAC, CA2, CA1, b"to red-1 via tc");
+    let frame = nvgre(
+        GATEWAY_MAC,
+        h.uplink_mac,
+        REMOTE_PA,
+        LOCAL_PA,
+        (RED << 8) | 7,
+        0,
+        &inner,
+    );
+    let out = h.expect(UPLINK_TC, &frame, None, TC_ACT_REDIRECT, "uplink_decap")?;
+    ensure!(
+        out == inner,
+        "TC decap differs:\n got {out:02x?}\nwant {inner:02x?}"
+    );
+    // IP rewrite restored on TC: the VM gets the packet GREEN-2 sent, addresses and MACs back.
+    for (kind, frame) in green_packets(GREEN_GATEWAY_MAC, h.uplink_mac, GREEN2_PA, GREEN1_PA) {
+        let out = h
+            .expect(
+                UPLINK_TC,
+                &frame,
+                None,
+                TC_ACT_REDIRECT,
+                "uplink_rewrite_delivered",
+            )
+            .with_context(|| kind)?;
+        let (_, sent) = green_packets(GREEN2_MAC, GREEN1_MAC, CA2, CA1)
+            .into_iter()
+            .find(|(k, _)| *k == kind)
+            .context("same kind")?;
+        ensure!(
+            out == sent,
+            "{kind}: restore differs:\n got {out:02x?}\nwant {sent:02x?}"
+        );
+    }
+    // Bad NVGRE is dropped with the same reasons as on XDP; host traffic passes untouched.
+    h.expect(
+        UPLINK_TC,
+        &nvgre(
+            GATEWAY_MAC,
+            h.uplink_mac,
+            REMOTE_PA,
+            LOCAL_PA,
+            7777 << 8,
+            0,
+            &inner,
+        ),
+        None,
+        TC_ACT_SHOT,
+        "drop_uplink_unknown_dst",
+    )?;
+    let mut flags = frame.clone();
+    flags[34..36].copy_from_slice(&0xa000u16.to_be_bytes());
+    h.expect(
+        UPLINK_TC,
+        &flags,
+        None,
+        TC_ACT_SHOT,
+        "drop_uplink_gre_flags",
+    )?;
+    let host_udp = udp_frame(
+        GATEWAY_MAC,
+        h.uplink_mac,
+        REMOTE_PA,
+        LOCAL_PA,
+        b"host traffic",
+    );
+    let out = h.dp.test_run(UPLINK_TC, &host_udp, None, 1)?;
+    ensure!(
+        out.ret == TC_ACT_OK && out.data == host_udp,
+        "TC touched host traffic"
     );
     Ok(())
 }

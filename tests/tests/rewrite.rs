@@ -20,7 +20,17 @@ fn set_tx_checksum_offload(vm: &Vm, on: bool) -> anyhow::Result<()> {
 
 #[test]
 fn red_by_rewrite_and_blue_by_nvgre_share_addresses_and_stay_isolated() -> anyhow::Result<()> {
-    let bed = TwoHosts::build("w")?;
+    rewrite_scenario("tc")
+}
+
+/// The same with decapsulation and restore split between XDP and TC (`--decap-hook xdp`).
+#[test]
+fn red_by_rewrite_and_blue_by_nvgre_with_xdp_decap() -> anyhow::Result<()> {
+    rewrite_scenario("xdp")
+}
+
+fn rewrite_scenario(hook: &str) -> anyhow::Result<()> {
+    let bed = TwoHosts::build_with("w", &["--decap-hook", hook])?;
     bed.configure_with(Translation::Rewrite)?;
     let (red1, red2) = (bed.vm("RED-1"), bed.vm("RED-2"));
 

@@ -14,7 +14,18 @@ fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str
 
 #[test]
 fn red_and_blue_share_addresses_across_hosts_and_stay_isolated() -> anyhow::Result<()> {
-    let mut bed = TwoHosts::build("f")?;
+    foundation_scenario("tc")
+}
+
+/// The same with decapsulation on XDP (`--decap-hook xdp`), DESIGN.md's other delivery path.
+#[test]
+fn red_and_blue_share_addresses_across_hosts_and_stay_isolated_with_xdp_decap() -> anyhow::Result<()>
+{
+    foundation_scenario("xdp")
+}
+
+fn foundation_scenario(hook: &str) -> anyhow::Result<()> {
+    let mut bed = TwoHosts::build_with("f", &["--decap-hook", hook])?;
     bed.configure()?;
     tenants_ride_nvgre_with_their_vsid(&bed)?;
     red_never_reaches_blue(&bed)?;

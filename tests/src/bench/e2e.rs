@@ -22,35 +22,45 @@ pub struct Result {
     pub rtt_p99_us: f64,
 }
 
-pub const CONFIGS: [&str; 4] = ["nv-encap", "nv-rewrite", "vxlan-bridge", "routed-veth"];
+/// nv with decapsulation on XDP (`-xdp`) and on TC (`-tc`), DESIGN.md's two delivery
+/// candidates, then the baseline and the ceiling.
+pub const CONFIGS: [&str; 6] = [
+    "nv-encap-xdp",
+    "nv-encap-tc",
+    "nv-rewrite-xdp",
+    "nv-rewrite-tc",
+    "vxlan-bridge",
+    "routed-veth",
+];
 
 pub fn run_all(scale: Scale) -> anyhow::Result<Vec<Result>> {
     CONFIGS.iter().map(|c| run_one(c, scale)).collect()
 }
 
 fn run_one(config: &str, scale: Scale) -> anyhow::Result<Result> {
-    let bed = match config {
-        "nv-encap" => {
-            let bed = TwoHosts::build("be")?;
-            bed.configure()?;
+    let bed = match config.split_once('-').map(|(_, rest)| rest.split_once('-')) {
+        Some(Some((method, hook))) if config.starts_with("nv-") => {
+            let bed = TwoHosts::build_with("bn", &["--decap-hook", hook])?;
+            bed.configure_with(if method == "rewrite" {
+                Translation::Rewrite
+            } else {
+                Translation::Encap
+            })?;
             bed
         }
-        "nv-rewrite" => {
-            let bed = TwoHosts::build("bw")?;
-            bed.configure_with(Translation::Rewrite)?;
-            bed
-        }
-        "vxlan-bridge" => {
-            let bed = TwoHosts::build_bare("bx")?;
-            vxlan_bridge(&bed)?;
-            bed
-        }
-        "routed-veth" => {
-            let bed = TwoHosts::build_bare("br")?;
-            routed(&bed)?;
-            bed
-        }
-        other => bail!("unknown configuration {other}"),
+        _ => match config {
+            "vxlan-bridge" => {
+                let bed = TwoHosts::build_bare("bx")?;
+                vxlan_bridge(&bed)?;
+                bed
+            }
+            "routed-veth" => {
+                let bed = TwoHosts::build_bare("br")?;
+                routed(&bed)?;
+                bed
+            }
+            other => bail!("unknown configuration {other}"),
+        },
     };
     let (red1, red2) = (bed.vm("RED-1"), bed.vm("RED-2"));
     // Warm up ARP and neighbours so no measurement pays for them.

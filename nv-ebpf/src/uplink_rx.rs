@@ -1,0 +1,127 @@
+//! What a frame arriving on the uplink is, decided the same way by the XDP hook and, when the
+//! agent runs decapsulation on TC, by the TC hook: NVGRE for a VM here, IP rewrite for a VM
+//! here, or not ours (passed untouched, so the host's own traffic keeps working). Malformed or
+//! unknown tenant traffic is an `Err` carrying its drop reason.
+use nv_common::{
+    Counter, DatapathConfig, LookupKey, RestoreMeta, mapped_v4, v4_mapped,
+    wire::{
+        ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_TEB, GRE_FLAGS_NVGRE, GRE_HLEN,
+        IPPROTO_GRE,
+    },
+};
+
+use crate::{
+    maps::{CONFIG, LOCAL_PAS, LOOKUPS, REWRITE_PAS},
+    packet::{EthHdr, GreHdr, Ipv4Hdr, read_at},
+};
+
+pub enum Verdict {
+    /// Not tenant traffic for this host.
+    Pass,
+    /// NVGRE for the VM behind `port`; the customer's frame starts `strip` bytes in.
+    Nvgre { strip: usize, port: u32 },
+    /// IP rewrite for a VM here: how to restore it.
+    Rewrite(RestoreMeta),
+}
+
+/// Classifies the frame in `[data, end)`.
+#[inline(always)]
+pub fn classify(data: usize, end: usize) -> Result<Verdict, Counter> {
+    let Some(eth) = read_at::<EthHdr>(data, end, 0) else {
+        return Ok(Verdict::Pass);
+    };
+    if eth.proto() != ETH_P_IP {
+        return Ok(Verdict::Pass);
+    }
+    let Some(ip) = read_at::<Ipv4Hdr>(data, end, ETH_HLEN) else {
+        return Ok(Verdict::Pass);
+    };
+    let hlen = ip.hlen();
+    if ip.ver_ihl >> 4 != 4 || hlen < 20 {
+        return Ok(Verdict::Pass);
+    }
+    // A PA dedicated to a local VM carries only that VM's IP-rewrite traffic, whatever its
+    // protocol. Hosts without rewrite records skip the lookup (an array read).
+    let flags = CONFIG.get(0).map_or(0, |c| c.flags);
+    if flags & DatapathConfig::HAS_REWRITE != 0 {
+        // SAFETY: read-only use of a value the agent replaces whole.
+        if let Some(dst) = unsafe { REWRITE_PAS.get(&v4_mapped(ip.dst)) }
+            && dst.ifindex != 0
+        {
+            return rewrite(&ip, dst.vsid, dst.ifindex, dst.ca, dst.mac);
+        }
+    }
+    if ip.proto != IPPROTO_GRE {
+        return Ok(Verdict::Pass);
+    }
+    // SAFETY: presence check only.
+    if unsafe { LOCAL_PAS.get(&v4_mapped(ip.dst)) }.is_none() {
+        return Ok(Verdict::Pass);
+    }
+    let gre_off = ETH_HLEN + hlen;
+    let gre: GreHdr = read_at(data, end, gre_off).ok_or(Counter::DropUplinkMalformed)?;
+    if u16::from_be_bytes(gre.proto) != ETH_P_TEB {
+        // GRE for another user of this address (not NVGRE): not ours to judge.
+        return Ok(Verdict::Pass);
+    }
+    if u16::from_be_bytes(gre.flags) != GRE_FLAGS_NVGRE {
+        return Err(Counter::DropUplinkGreFlags);
+    }
+    if ip.is_fragment() {
+        return Err(Counter::DropUplinkFragment);
+    }
+    let key: [u8; 4] = read_at(data, end, gre_off + 4).ok_or(Counter::DropUplinkMalformed)?;
+    let vsid = u32::from_be_bytes(key) >> 8;
+
+    let inner = gre_off + GRE_HLEN;
+    let inner_eth: EthHdr = read_at(data, end, inner).ok_or(Counter::DropUplinkMalformed)?;
+    match inner_eth.proto() {
+        ETH_P_IP => {}
+        ETH_P_8021Q | ETH_P_8021AD => return Err(Counter::DropUplinkInnerVlan),
+        _ => return Err(Counter::DropUplinkInnerNotIp),
+    }
+    let inner_ip: Ipv4Hdr =
+        read_at(data, end, inner + ETH_HLEN).ok_or(Counter::DropUplinkMalformed)?;
+    let lookup = LookupKey {
+        vsid,
+        ca: v4_mapped(inner_ip.dst),
+    };
+    // SAFETY: read-only use of a value the agent replaces whole.
+    let dst = unsafe { LOOKUPS.get(&lookup) }.ok_or(Counter::DropUplinkUnknownDst)?;
+    if dst.ifindex == 0 {
+        return Err(Counter::DropUplinkNotLocal);
+    }
+    Ok(Verdict::Nvgre {
+        strip: inner,
+        port: dst.ifindex,
+    })
+}
+
+/// An IP-rewrite packet for a local VM: the source PA must be the dedicated PA of a CA in the
+/// same VSID.
+#[inline(always)]
+fn rewrite(
+    ip: &Ipv4Hdr,
+    vsid: u32,
+    port: u32,
+    dst_ca: nv_common::Addr,
+    dst_mac: [u8; 6],
+) -> Result<Verdict, Counter> {
+    // SAFETY: read-only use of a value the agent replaces whole.
+    let src = unsafe { REWRITE_PAS.get(&v4_mapped(ip.src)) }
+        .ok_or(Counter::DropUplinkRewriteUnknownSrc)?;
+    if src.vsid != vsid {
+        return Err(Counter::DropUplinkRewriteUnknownSrc);
+    }
+    let (Some(src_ca), Some(dst_ca)) = (mapped_v4(&src.ca), mapped_v4(&dst_ca)) else {
+        return Err(Counter::DropUplinkRewriteUnknownSrc);
+    };
+    Ok(Verdict::Rewrite(RestoreMeta {
+        magic: RestoreMeta::MAGIC,
+        ifindex: port,
+        src_ca,
+        dst_ca,
+        src_mac: src.mac,
+        dst_mac,
+    }))
+}
