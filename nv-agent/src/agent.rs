@@ -1,31 +1,39 @@
-//! The agent's operations. Each change is validated against the whole state first, then
-//! committed to the store, then applied to the datapath; if the datapath refuses, the store and
-//! maps are put back, so a change is applied whole or not at all.
+//! The agent's operations. A change is validated against the catalog (O(1) per record, see
+//! `catalog`), written to the store's journal, then applied to the maps entry by entry; if the
+//! datapath refuses, the store, catalog and maps are put back, so a change is applied whole or
+//! not at all. Only start-up compares the whole table with the maps.
 use std::{collections::HashMap, net::IpAddr};
 
 use nv_common::{DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, v4_mapped};
 use tracing::{info, warn};
 
 use crate::{
+    catalog::{Catalog, Key, describe},
     config::{Config, DecapHook},
     datapath::{Datapath, Desired},
     error::{NvError, Result, invalid},
     model::{LookupRecord, Method, Provider, ProviderState, validate_ifname},
     netlink::Netlink,
-    store::{State, Store},
+    store::{Change, State, Store},
 };
+
+/// Imports at least this big are written as a snapshot rather than journal lines.
+const SNAPSHOT_IMPORTS_FROM: usize = 1000;
 
 pub struct Agent {
     uplink: String,
+    uplink_ifindex: u32,
     decap_hook: DecapHook,
     max_lookups: u32,
     store: Store,
+    catalog: Catalog,
     datapath: Datapath,
     netlink: Netlink,
-    /// What the maps hold now.
-    applied: Desired,
-    /// Ports with the from-VM program attached, and the ifindex they had then.
+    /// Ports with the from-VM program attached, and the ifindex they had then. A record whose
+    /// port is missing is left out of the maps until the port appears.
     attached: HashMap<String, u32>,
+    /// The flags last written to the config map.
+    flags: u32,
 }
 
 /// A record's move to another host or port: HNV migration, one change.
@@ -53,10 +61,69 @@ fn datapath_method(m: Method) -> nv_common::Method {
     }
 }
 
-fn describe(r: &LookupRecord) -> String {
-    match &r.name {
-        Some(n) => format!("VSID {} CA {} ({n})", r.vsid, r.ca),
-        None => format!("VSID {} CA {}", r.vsid, r.ca),
+fn lookup_key(key: &Key) -> LookupKey {
+    LookupKey {
+        vsid: key.0,
+        ca: addr16(key.1),
+    }
+}
+
+/// The map entries of one record whose port (if any) has `ifindex`.
+struct Entries {
+    key: LookupKey,
+    value: LookupValue,
+    port: Option<PortInfo>,
+    rewrite: Option<(nv_common::Addr, RewritePa)>,
+}
+
+fn entries(r: &LookupRecord, ifindex: u32) -> Entries {
+    let method = datapath_method(r.method) as u8;
+    Entries {
+        key: lookup_key(&r.key()),
+        value: LookupValue {
+            pa: addr16(r.pa),
+            mac: r.mac.0,
+            method,
+            _pad: 0,
+            ifindex,
+        },
+        port: r.port.as_ref().map(|_| PortInfo {
+            vsid: r.vsid,
+            ca: addr16(r.ca),
+            pa: addr16(r.pa),
+            mac: r.mac.0,
+            method,
+            _pad: 0,
+        }),
+        rewrite: (r.method == Method::Rewrite).then(|| {
+            (
+                addr16(r.pa),
+                RewritePa {
+                    vsid: r.vsid,
+                    ca: addr16(r.ca),
+                    mac: r.mac.0,
+                    _pad: [0; 2],
+                    ifindex,
+                },
+            )
+        }),
+    }
+}
+
+fn apply_change(catalog: &mut Catalog, change: Change) {
+    match change {
+        Change::PutLookup { record } => {
+            catalog.insert(record);
+        }
+        Change::DelLookup { vsid, ca } => {
+            catalog.remove(&(vsid, ca));
+        }
+        Change::PutProvider { provider } => {
+            let providers = catalog.providers_mut();
+            providers.retain(|p| p.pa.addr != provider.pa.addr);
+            providers.push(provider);
+        }
+        Change::DelProvider { pa } => catalog.providers_mut().retain(|p| p.pa.addr != pa),
     }
 }
 
@@ -67,32 +134,59 @@ impl Agent {
             invalid("no uplink configured: pass --uplink IFNAME or set uplink in the config file")
         })?;
         let netlink = Netlink::connect()?;
-        if netlink.link(&uplink).await?.is_none() {
+        let Some(link) = netlink.link(&uplink).await? else {
             return Err(invalid(format!(
                 "uplink '{uplink}' does not exist on this host"
             )));
+        };
+        let (mut store, state, changes) = Store::open(&config.state_dir)?;
+        let mut catalog = Catalog::from_state(state)?;
+        if !changes.is_empty() {
+            for c in changes {
+                apply_change(&mut catalog, c);
+            }
+            store.snapshot(&catalog.to_state())?;
         }
-        let store = Store::open(&config.state_dir)?;
         let datapath = Datapath::load(&config.pin_path, config.max_lookups)?;
         let mut agent = Agent {
             uplink,
+            uplink_ifindex: link.index,
             decap_hook: config.decap_hook,
             max_lookups: config.max_lookups,
             store,
+            catalog,
             datapath,
             netlink,
-            applied: Desired::default(),
             attached: HashMap::new(),
+            flags: 0,
         };
         agent.reconcile().await?;
         Ok(agent)
     }
 
+    fn wanted_flags(&self) -> u32 {
+        let mut flags = 0;
+        if self.decap_hook == DecapHook::Tc {
+            flags |= DatapathConfig::TC_DECAP;
+        }
+        if self.catalog.has_rewrite() {
+            flags |= DatapathConfig::HAS_REWRITE;
+        }
+        flags
+    }
+
+    fn datapath_config(&self) -> DatapathConfig {
+        DatapathConfig {
+            uplink_ifindex: self.uplink_ifindex,
+            flags: self.wanted_flags(),
+            ..DatapathConfig::default()
+        }
+    }
+
     /// Brings links, addresses and maps in line with the store: adds what is missing, removes
     /// what is stale, never flushes.
     async fn reconcile(&mut self) -> Result<()> {
-        let state = self.store.state().clone();
-        for p in &state.providers {
+        for p in self.catalog.providers().to_vec() {
             let link = self.require_link(&p.dev, "provider device").await?;
             if !self.netlink.has_address(link.index, p.pa.addr).await? {
                 warn!(
@@ -105,10 +199,10 @@ impl Agent {
             }
         }
         self.datapath.attach_uplink(&self.uplink, self.decap_hook)?;
-        let (desired, ports) = self.desired(&state).await?;
+        let (desired, ports) = self.desired().await?;
         self.attach_ports(&ports)?;
         self.datapath.sync(&desired)?;
-        self.applied = desired;
+        self.flags = desired.config.flags;
         if self.decap_hook == DecapHook::Tc {
             self.datapath.detach_uplink_xdp()?;
         }
@@ -120,8 +214,8 @@ impl Agent {
         }
         info!(
             "reconciled: {} providers, {} lookup records, {} ports",
-            state.providers.len(),
-            state.lookups.len(),
+            self.catalog.providers().len(),
+            self.catalog.len(),
             self.attached.len()
         );
         Ok(())
@@ -138,17 +232,36 @@ impl Agent {
         Ok(())
     }
 
-    /// Follows ports that appeared, disappeared or were re-created since the last change
-    /// (a VM started late or restarted): called periodically.
+    /// Follows ports that appeared, disappeared or were re-created since the last look (a VM
+    /// started late or restarted): called periodically; costs one netlink query per port.
     pub async fn refresh(&mut self) -> Result<()> {
-        let state = self.store.state().clone();
-        let (desired, ports) = self.desired(&state).await?;
-        self.attached.retain(|name, _| ports.contains_key(name));
-        self.attach_ports(&ports)?;
-        if desired != self.applied {
-            info!("ports changed; updating the datapath");
-            self.datapath.sync(&desired)?;
-            self.applied = desired;
+        let ports: Vec<String> = self.catalog.ports().cloned().collect();
+        for port in ports {
+            let now = self.netlink.link(&port).await?.map(|l| l.index);
+            let before = self.attached.get(&port).copied();
+            if now == before {
+                continue;
+            }
+            let Some(record) = self.catalog.by_port(&port).cloned() else {
+                continue;
+            };
+            info!(
+                "port {port} of {} changed ({before:?} -> {now:?}); updating the datapath",
+                describe(&record)
+            );
+            if now.is_some() {
+                self.map(&record).await?;
+            } else {
+                let e = entries(&record, 0);
+                self.datapath.del_lookup(&e.key)?;
+                if let Some((pa, _)) = &e.rewrite {
+                    self.datapath.del_rewrite(pa)?;
+                }
+                self.attached.remove(&port);
+            }
+            if let Some(old) = before {
+                self.datapath.del_port(old)?;
+            }
         }
         Ok(())
     }
@@ -161,141 +274,193 @@ impl Agent {
         })
     }
 
-    /// What the maps must hold for `state`, and the ports that exist now (name, ifindex).
-    /// A record whose port is missing (VM not started yet, or gone) is left out of the maps
-    /// until its port appears: traffic to it is dropped and counted, never sent elsewhere.
-    async fn desired(&self, state: &State) -> Result<(Desired, HashMap<String, u32>)> {
-        let uplink = self.require_link(&self.uplink, "uplink").await?;
-        let mut d = Desired {
-            config: DatapathConfig {
-                uplink_ifindex: uplink.index,
-                flags: if self.decap_hook == DecapHook::Tc {
-                    DatapathConfig::TC_DECAP
-                } else {
-                    0
-                } | if state.lookups.iter().any(|r| r.method == Method::Rewrite) {
-                    DatapathConfig::HAS_REWRITE
-                } else {
-                    0
-                },
-                ..DatapathConfig::default()
-            },
-            ..Desired::default()
-        };
-        let mut ports = HashMap::new();
-        for p in &state.providers {
+    async fn local_pas(&self) -> Result<HashMap<nv_common::Addr, LocalPa>> {
+        let mut out = HashMap::new();
+        for p in self.catalog.providers() {
             let Some(link) = self.netlink.link(&p.dev).await? else {
                 warn!("provider device {} of {} is missing", p.dev, p.pa);
                 continue;
             };
-            d.local_pas.insert(
+            out.insert(
                 addr16(p.pa.addr),
                 LocalPa {
                     ifindex: link.index,
                 },
             );
         }
-        for r in &state.lookups {
-            let ifindex = match &r.port {
-                Some(port) => {
-                    let Some(link) = self.netlink.link(port).await? else {
-                        warn!(
-                            "port {port} of {} is missing; its record waits for it",
-                            describe(r)
-                        );
-                        continue;
-                    };
-                    ports.insert(port.clone(), link.index);
-                    d.ports.insert(
-                        link.index,
-                        PortInfo {
-                            vsid: r.vsid,
-                            ca: addr16(r.ca),
-                            pa: addr16(r.pa),
-                            mac: r.mac.0,
-                            method: datapath_method(r.method) as u8,
-                            _pad: 0,
-                        },
+        Ok(out)
+    }
+
+    /// Everything the maps must hold, and the ports that exist now (name, ifindex).
+    async fn desired(&self) -> Result<(Desired, HashMap<String, u32>)> {
+        let mut d = Desired {
+            config: self.datapath_config(),
+            local_pas: self.local_pas().await?,
+            ..Desired::default()
+        };
+        let mut ports = HashMap::new();
+        for r in self.catalog.lookups() {
+            let ifindex = if let Some(port) = &r.port {
+                let Some(link) = self.netlink.link(port).await? else {
+                    warn!(
+                        "port {port} of {} is missing; its record waits for it",
+                        describe(r)
                     );
-                    link.index
-                }
-                None => 0,
+                    continue;
+                };
+                ports.insert(port.clone(), link.index);
+                link.index
+            } else {
+                0
             };
-            d.lookups.insert(
-                LookupKey {
-                    vsid: r.vsid,
-                    ca: addr16(r.ca),
-                },
-                LookupValue {
-                    pa: addr16(r.pa),
-                    mac: r.mac.0,
-                    method: datapath_method(r.method) as u8,
-                    _pad: 0,
-                    ifindex,
-                },
-            );
-            if r.method == Method::Rewrite {
-                d.rewrite_pas.insert(
-                    addr16(r.pa),
-                    RewritePa {
-                        vsid: r.vsid,
-                        ca: addr16(r.ca),
-                        mac: r.mac.0,
-                        _pad: [0; 2],
-                        ifindex,
-                    },
-                );
+            let e = entries(r, ifindex);
+            d.lookups.insert(e.key, e.value);
+            if let Some(p) = e.port {
+                d.ports.insert(ifindex, p);
+            }
+            if let Some((pa, v)) = e.rewrite {
+                d.rewrite_pas.insert(pa, v);
             }
         }
         Ok((d, ports))
     }
 
-    /// Commits `next` and applies it; on failure puts store and datapath back as they were.
-    async fn apply(&mut self, next: State) -> Result<()> {
-        let prev = self.store.state().clone();
-        let (desired, ports) = self.desired(&next).await?;
-        self.store.commit(next)?;
-        let applied = match self.attach_ports(&ports) {
-            Ok(()) => self.datapath.sync(&desired),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = applied {
-            warn!("datapath refused the change, rolling back: {e}");
-            self.store.commit(prev.clone())?;
-            let (old, old_ports) = self.desired(&prev).await?;
-            self.datapath.sync(&old)?;
-            let added: Vec<String> = self
-                .attached
-                .keys()
-                .filter(|p| !old_ports.contains_key(*p))
-                .cloned()
-                .collect();
-            for port in added {
-                self.datapath.detach_port(&port)?;
-                self.attached.remove(&port);
+    /// Puts one record's entries in the maps (a missing port leaves it out, to be picked up
+    /// by `refresh`).
+    async fn map(&mut self, r: &LookupRecord) -> Result<()> {
+        let ifindex = if let Some(port) = &r.port {
+            let Some(link) = self.netlink.link(port).await? else {
+                warn!(
+                    "port {port} of {} is missing; its record waits for it",
+                    describe(r)
+                );
+                return Ok(());
+            };
+            if self.attached.get(port) != Some(&link.index) {
+                self.datapath.attach_port(port)?;
+                self.attached.insert(port.clone(), link.index);
             }
-            return Err(e);
+            link.index
+        } else {
+            0
+        };
+        let e = entries(r, ifindex);
+        if let Some(p) = &e.port {
+            self.datapath.put_port(ifindex, p)?;
         }
-        self.applied = desired;
-        let gone: Vec<String> = self
-            .attached
-            .keys()
-            .filter(|p| !ports.contains_key(*p))
-            .cloned()
-            .collect();
-        for port in gone {
-            self.datapath.detach_port(&port)?;
-            self.attached.remove(&port);
+        if let Some((pa, v)) = &e.rewrite {
+            self.datapath.put_rewrite(pa, v)?;
+        }
+        self.datapath.put_lookup(&e.key, &e.value)?;
+        self.update_flags()
+    }
+
+    /// Takes out of the maps what `old` had and `new` (its replacement, if any) does not
+    /// reuse, detaching a port no longer used.
+    fn unmap_stale(&mut self, old: &LookupRecord, new: Option<&LookupRecord>) -> Result<()> {
+        let e = entries(old, 0);
+        if new.is_none_or(|n| n.key() != old.key()) {
+            self.datapath.del_lookup(&e.key)?;
+        }
+        if let Some((pa, _)) = &e.rewrite
+            && new.is_none_or(|n| n.pa != old.pa || n.method != Method::Rewrite)
+        {
+            self.datapath.del_rewrite(pa)?;
+        }
+        if let Some(port) = &old.port
+            && new.is_none_or(|n| n.port.as_ref() != Some(port))
+            && let Some(ifindex) = self.attached.remove(port)
+        {
+            self.datapath.del_port(ifindex)?;
+            self.datapath.detach_port(port)?;
+        }
+        self.update_flags()
+    }
+
+    fn update_flags(&mut self) -> Result<()> {
+        let flags = self.wanted_flags();
+        if flags != self.flags {
+            self.datapath.set_config(self.datapath_config())?;
+            self.flags = flags;
         }
         Ok(())
     }
 
+    /// Replaces `old` by `new` in the maps, new entries first and stale ones last, so a record
+    /// being replaced never disappears in between; on failure puts the catalog, the store and
+    /// the maps back as they were and returns the error.
+    async fn remap(
+        &mut self,
+        old: Option<&LookupRecord>,
+        new: Option<&LookupRecord>,
+    ) -> Result<()> {
+        let applied = async {
+            if let Some(n) = new {
+                self.map(n).await?;
+            }
+            if let Some(o) = old {
+                self.unmap_stale(o, new)?;
+            }
+            Ok::<(), NvError>(())
+        }
+        .await;
+        if let Err(e) = applied {
+            warn!("datapath refused the change, rolling back: {e}");
+            let mut undo = Vec::new();
+            if let Some(n) = new {
+                self.catalog.remove(&n.key());
+                undo.push(Change::DelLookup {
+                    vsid: n.vsid,
+                    ca: n.ca,
+                });
+            }
+            if let Some(o) = old {
+                self.catalog.insert(o.clone());
+                undo.push(Change::PutLookup { record: o.clone() });
+            }
+            self.store.append(&undo)?;
+            let (desired, ports) = self.desired().await?;
+            self.datapath.sync(&desired)?;
+            self.attached.retain(|p, _| ports.contains_key(p));
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn journal(&mut self, changes: &[Change]) -> Result<()> {
+        self.store.append(changes)?;
+        if self.store.wants_snapshot() {
+            self.store.snapshot(&self.catalog_state_after(changes))?;
+        }
+        Ok(())
+    }
+
+    /// The state the catalog will have once `changes` (already journalled) are applied.
+    fn catalog_state_after(&self, changes: &[Change]) -> State {
+        let mut state = self.catalog.to_state();
+        for c in changes {
+            match c {
+                Change::PutLookup { record } => {
+                    state.lookups.retain(|r| r.key() != record.key());
+                    state.lookups.push(record.clone());
+                }
+                Change::DelLookup { vsid, ca } => state.lookups.retain(|r| r.key() != (*vsid, *ca)),
+                Change::PutProvider { provider } => {
+                    state.providers.retain(|p| p.pa.addr != provider.pa.addr);
+                    state.providers.push(provider.clone());
+                }
+                Change::DelProvider { pa } => state.providers.retain(|p| p.pa.addr != *pa),
+            }
+        }
+        state
+    }
+
     pub fn providers(&self) -> Vec<ProviderState> {
-        self.store.state().providers.clone()
+        self.catalog.providers().to_vec()
     }
 
     pub fn lookups(&self) -> Vec<LookupRecord> {
-        self.store.state().lookups.clone()
+        self.catalog.lookups().cloned().collect()
     }
 
     pub fn counters(&self) -> Result<Vec<(nv_common::Counter, u64)>> {
@@ -321,8 +486,12 @@ impl Agent {
         }
         let dev = p.dev.clone().unwrap_or_else(|| self.uplink.clone());
         validate_ifname("device", &dev)?;
-        let mut next = self.store.state().clone();
-        if let Some(existing) = next.providers.iter().find(|e| e.pa.addr == p.pa.addr) {
+        if let Some(existing) = self
+            .catalog
+            .providers()
+            .iter()
+            .find(|e| e.pa.addr == p.pa.addr)
+        {
             return Err(NvError::Conflict(format!(
                 "provider address {} already exists on {}",
                 existing.pa, existing.dev
@@ -330,21 +499,36 @@ impl Agent {
         }
         let link = self.require_link(&dev, "device").await?;
         let present = self.netlink.has_address(link.index, p.pa.addr).await?;
-        if !present {
-            self.netlink
-                .add_address(link.index, p.pa.addr, p.pa.len)
-                .await?;
-        }
         let state = ProviderState {
             pa: p.pa,
             dev,
             added_address: !present,
         };
-        next.providers.push(state.clone());
-        if let Err(e) = self.apply(next).await {
+        self.journal(&[Change::PutProvider {
+            provider: state.clone(),
+        }])?;
+        self.catalog.providers_mut().push(state.clone());
+        let applied = async {
+            if !present {
+                self.netlink
+                    .add_address(link.index, p.pa.addr, p.pa.len)
+                    .await?;
+            }
+            let local = self.local_pas().await?;
+            self.datapath.sync_local_pas(&local)
+        }
+        .await;
+        if let Err(e) = applied {
+            self.catalog
+                .providers_mut()
+                .retain(|e| e.pa.addr != p.pa.addr);
+            self.store
+                .append(&[Change::DelProvider { pa: p.pa.addr }])?;
             if !present {
                 let _ = self.netlink.del_address(link.index, p.pa.addr).await;
             }
+            let local = self.local_pas().await?;
+            self.datapath.sync_local_pas(&local)?;
             return Err(e);
         }
         info!("added provider address {} on {}", state.pa, state.dev);
@@ -352,24 +536,25 @@ impl Agent {
     }
 
     pub async fn del_provider(&mut self, pa: IpAddr) -> Result<ProviderState> {
-        let mut next = self.store.state().clone();
-        let idx = next
-            .providers
+        let Some(removed) = self
+            .catalog
+            .providers()
             .iter()
-            .position(|p| p.pa.addr == pa)
-            .ok_or_else(|| NvError::NotFound(format!("no provider address {pa}")))?;
-        let users = next
-            .lookups
-            .iter()
-            .filter(|r| r.pa == pa && r.port.is_some())
-            .count();
+            .find(|p| p.pa.addr == pa)
+            .cloned()
+        else {
+            return Err(NvError::NotFound(format!("no provider address {pa}")));
+        };
+        let users = self.catalog.local_users_of(pa);
         if users > 0 {
             return Err(NvError::Conflict(format!(
                 "provider address {pa} is used by {users} local lookup record(s); delete or move them first"
             )));
         }
-        let removed = next.providers.remove(idx);
-        self.apply(next).await?;
+        self.journal(&[Change::DelProvider { pa }])?;
+        self.catalog.providers_mut().retain(|p| p.pa.addr != pa);
+        let local = self.local_pas().await?;
+        self.datapath.sync_local_pas(&local)?;
         if removed.added_address
             && let Some(link) = self.netlink.link(&removed.dev).await?
         {
@@ -379,77 +564,25 @@ impl Agent {
         Ok(removed)
     }
 
-    /// Checks a record against the state it would join (the record itself already validated).
-    async fn check_placement(&self, state: &State, r: &LookupRecord) -> Result<()> {
-        let local_pa = state.providers.iter().any(|p| p.pa.addr == r.pa);
-        match &r.port {
-            Some(port) => {
-                if *port == self.uplink {
-                    return Err(invalid(format!(
-                        "port '{port}' is the uplink, not a VM port"
-                    )));
-                }
-                self.require_link(port, "port").await?;
-                if !local_pa {
-                    return Err(invalid(format!(
-                        "PA {} is not a provider address of this host; a record with --port needs one (add it with `nvctl provider add`)",
-                        r.pa
-                    )));
-                }
-                if let Some(other) = state
-                    .lookups
-                    .iter()
-                    .find(|o| o.port.as_deref() == Some(port) && o.key() != r.key())
-                {
-                    return Err(NvError::Conflict(format!(
-                        "port '{port}' already belongs to {}",
-                        describe(other)
-                    )));
-                }
-            }
-            None if local_pa => {
+    /// Checks what needs the host itself: the port exists, and it is not the uplink.
+    async fn check_port(&self, r: &LookupRecord) -> Result<()> {
+        if let Some(port) = &r.port {
+            if *port == self.uplink {
                 return Err(invalid(format!(
-                    "PA {} is a provider address of this host: give --port, the VM's port here",
-                    r.pa
+                    "port '{port}' is the uplink, not a VM port"
                 )));
             }
-            None => {}
+            self.require_link(port, "port").await?;
         }
-        // IP rewrite dedicates a PA to one CA: no other record, of either method, may share it.
-        if let Some(other) = state.lookups.iter().find(|o| {
-            o.pa == r.pa
-                && o.key() != r.key()
-                && (o.method == Method::Rewrite || r.method == Method::Rewrite)
-        }) {
+        Ok(())
+    }
+
+    fn check_capacity(&self, adding: usize) -> Result<()> {
+        if self.catalog.len() + adding > usize::try_from(self.max_lookups).unwrap_or(usize::MAX) {
             return Err(NvError::Conflict(format!(
-                "PA {} is already used by {}; a rewrite record needs a PA of its own",
-                r.pa,
-                describe(other)
-            )));
-        }
-        // One method per VSID: a sender can only rewrite if it has a rewrite PA itself, so
-        // mixing methods in a VSID would leave some pairs unable to talk.
-        if let Some(other) = state
-            .lookups
-            .iter()
-            .find(|o| o.vsid == r.vsid && o.method != r.method && o.key() != r.key())
-        {
-            return Err(NvError::Conflict(format!(
-                "VSID {} uses method {} ({}); all records of a VSID use one method",
-                r.vsid,
-                other.method,
-                describe(other)
-            )));
-        }
-        if let Some(other) = state
-            .lookups
-            .iter()
-            .find(|o| o.vsid == r.vsid && o.mac == r.mac && o.key() != r.key())
-        {
-            return Err(NvError::Conflict(format!(
-                "MAC {} is already used by {}",
-                r.mac,
-                describe(other)
+                "the lookup table would hold {} records, over max_lookups ({})",
+                self.catalog.len() + adding,
+                self.max_lookups
             )));
         }
         Ok(())
@@ -457,57 +590,114 @@ impl Agent {
 
     pub async fn add_lookup(&mut self, r: LookupRecord) -> Result<LookupRecord> {
         r.validate()?;
-        let mut next = self.store.state().clone();
-        if let Some(existing) = next.lookups.iter().find(|o| o.key() == r.key()) {
-            return Err(NvError::Conflict(format!(
-                "a lookup record for {} already exists; delete it first, or use `nvctl lookup move` to change its PA and port",
-                describe(existing)
-            )));
-        }
-        if next.lookups.len() >= usize::try_from(self.max_lookups).unwrap_or(usize::MAX) {
-            return Err(NvError::Conflict(
-                "the lookup table is full (max_lookups)".into(),
-            ));
-        }
-        self.check_placement(&next, &r).await?;
-        next.lookups.push(r.clone());
-        self.apply(next).await?;
+        self.catalog.check(&r, None)?;
+        self.check_capacity(1)?;
+        self.check_port(&r).await?;
+        self.journal(&[Change::PutLookup { record: r.clone() }])?;
+        self.catalog.insert(r.clone());
+        self.remap(None, Some(&r)).await?;
         info!("added lookup record {}", describe(&r));
         Ok(r)
     }
 
+    /// Adds many records as one change: all are checked (against the table and each other)
+    /// before any is stored; then they are stored and mapped.
+    pub async fn import_lookups(&mut self, records: Vec<LookupRecord>) -> Result<usize> {
+        self.check_capacity(records.len())?;
+        let mut checked: Vec<Key> = Vec::with_capacity(records.len());
+        let mut failure = None;
+        for (i, r) in records.iter().enumerate() {
+            let ok = match r.validate().and_then(|()| self.catalog.check(r, None)) {
+                Ok(()) => self.check_port(r).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = ok {
+                failure = Some(invalid(format!("record {} ({}): {e}", i + 1, describe(r))));
+                break;
+            }
+            // Inserted as checked, so later records are checked against earlier ones.
+            self.catalog.insert(r.clone());
+            checked.push(r.key());
+        }
+        if let Some(e) = failure {
+            for k in &checked {
+                self.catalog.remove(k);
+            }
+            return Err(e);
+        }
+        let stored = if records.len() >= SNAPSHOT_IMPORTS_FROM {
+            self.store.snapshot(&self.catalog.to_state())
+        } else {
+            let changes: Vec<Change> = records
+                .iter()
+                .map(|r| Change::PutLookup { record: r.clone() })
+                .collect();
+            self.store.append(&changes)
+        };
+        if let Err(e) = stored {
+            for k in &checked {
+                self.catalog.remove(k);
+            }
+            return Err(e);
+        }
+        for (i, r) in records.iter().enumerate() {
+            if let Err(e) = self.map(r).await {
+                warn!(
+                    "datapath refused record {}, rolling the import back: {e}",
+                    i + 1
+                );
+                for k in &checked {
+                    self.catalog.remove(k);
+                }
+                self.store.snapshot(&self.catalog.to_state())?;
+                let (desired, ports) = self.desired().await?;
+                self.datapath.sync(&desired)?;
+                self.attached.retain(|p, _| ports.contains_key(p));
+                self.update_flags()?;
+                return Err(e);
+            }
+        }
+        info!("imported {} lookup records", records.len());
+        Ok(records.len())
+    }
+
     pub async fn del_lookup(&mut self, vsid: u32, ca: IpAddr) -> Result<LookupRecord> {
-        let mut next = self.store.state().clone();
-        let idx = next
-            .lookups
-            .iter()
-            .position(|o| o.key() == (vsid, ca))
-            .ok_or_else(|| {
-                NvError::NotFound(format!("no lookup record for VSID {vsid} CA {ca}"))
-            })?;
-        let removed = next.lookups.remove(idx);
-        self.apply(next).await?;
+        let key = (vsid, ca);
+        if self.catalog.get(&key).is_none() {
+            return Err(NvError::NotFound(format!(
+                "no lookup record for VSID {vsid} CA {ca}"
+            )));
+        }
+        self.journal(&[Change::DelLookup { vsid, ca }])?;
+        let removed = self
+            .catalog
+            .remove(&key)
+            .ok_or_else(|| NvError::NotFound("vanished".into()))?;
+        self.remap(Some(&removed), None).await?;
         info!("deleted lookup record {}", describe(&removed));
         Ok(removed)
     }
 
     /// Replaces a record's PA and port in one change (migration).
     pub async fn move_lookup(&mut self, m: MoveRequest) -> Result<LookupRecord> {
-        let mut next = self.store.state().clone();
-        let idx = next
-            .lookups
-            .iter()
-            .position(|o| o.key() == (m.vsid, m.ca))
-            .ok_or_else(|| {
-                NvError::NotFound(format!("no lookup record for VSID {} CA {}", m.vsid, m.ca))
-            })?;
-        let mut moved = next.lookups[idx].clone();
+        let key = (m.vsid, m.ca);
+        let Some(old) = self.catalog.get(&key).cloned() else {
+            return Err(NvError::NotFound(format!(
+                "no lookup record for VSID {} CA {}",
+                m.vsid, m.ca
+            )));
+        };
+        let mut moved = old.clone();
         moved.pa = m.pa;
         moved.port = m.port;
         moved.validate()?;
-        self.check_placement(&next, &moved).await?;
-        next.lookups[idx] = moved.clone();
-        self.apply(next).await?;
+        self.catalog.check(&moved, Some(&key))?;
+        self.check_port(&moved).await?;
+        self.journal(&[Change::PutLookup {
+            record: moved.clone(),
+        }])?;
+        self.catalog.insert(moved.clone());
+        self.remap(Some(&old), Some(&moved)).await?;
         info!(
             "moved lookup record {} to PA {}",
             describe(&moved),

@@ -9,6 +9,7 @@
 //! | POST   | /v1/lookups          | a lookup record    |
 //! | DELETE | /v1/lookups          | `?vsid=N&ca=ADDR`  |
 //! | POST   | /v1/lookups/move     | `{vsid, ca, pa, port?}` |
+//! | POST   | /v1/lookups/import   | a list of lookup records, all or none |
 //! | GET    | /v1/stats            |                    |
 //!
 //! Errors are `{"error": "one line"}` with 400 (invalid), 404, 409 (conflict) or 500.
@@ -33,6 +34,8 @@ use crate::{
 
 /// Request bodies are small records; anything bigger is refused before parsing.
 const MAX_BODY: usize = 64 * 1024;
+/// An import carries a table: a million records are about 150 MB of JSON.
+const MAX_IMPORT_BODY: usize = 512 * 1024 * 1024;
 
 pub type Shared = Arc<Mutex<Agent>>;
 
@@ -94,6 +97,10 @@ pub fn router(agent: Shared) -> Router {
             get(list_lookups).post(add_lookup).delete(del_lookup),
         )
         .route("/v1/lookups/move", post(move_lookup))
+        .route(
+            "/v1/lookups/import",
+            post(import_lookups).layer(DefaultBodyLimit::max(MAX_IMPORT_BODY)),
+        )
         .route("/v1/stats", get(stats))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(agent)
@@ -147,6 +154,15 @@ async fn move_lookup(
 ) -> ApiResult<impl IntoResponse> {
     let Json(m) = body?;
     Ok(Json(a.lock().await.move_lookup(m).await?))
+}
+
+async fn import_lookups(
+    State(a): State<Shared>,
+    body: Result<Json<Vec<LookupRecord>>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(records) = body?;
+    let imported = a.lock().await.import_lookups(records).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "imported": imported }))))
 }
 
 async fn stats(State(a): State<Shared>) -> ApiResult<impl IntoResponse> {

@@ -119,6 +119,10 @@ pub enum LookupCmd {
     },
     /// List lookup records.
     List,
+    /// Add many lookup records at once, all or none: a JSON list, or CSV with a header line,
+    /// both using the flag names (vsid,ca,pa,mac,method,port,name; method, port and name may be
+    /// left out or empty). FILE `-` reads standard input.
+    Import { file: PathBuf },
 }
 
 fn parse<T: std::str::FromStr<Err = crate::error::NvError>>(s: &str) -> Result<T, String> {

@@ -299,6 +299,39 @@ impl Datapath {
         Ok(())
     }
 
+    pub fn put_lookup(&mut self, k: &LookupKey, v: &LookupValue) -> Result<()> {
+        put_entry(&mut self.ebpf, map_names::LOOKUPS, k, v)
+    }
+
+    pub fn del_lookup(&mut self, k: &LookupKey) -> Result<()> {
+        del_entry::<LookupKey, LookupValue>(&mut self.ebpf, map_names::LOOKUPS, k)
+    }
+
+    pub fn put_port(&mut self, ifindex: u32, p: &PortInfo) -> Result<()> {
+        put_entry(&mut self.ebpf, map_names::PORTS, &ifindex, p)
+    }
+
+    pub fn del_port(&mut self, ifindex: u32) -> Result<()> {
+        del_entry::<u32, PortInfo>(&mut self.ebpf, map_names::PORTS, &ifindex)
+    }
+
+    pub fn put_rewrite(&mut self, pa: &Addr, v: &RewritePa) -> Result<()> {
+        put_entry(&mut self.ebpf, map_names::REWRITE_PAS, pa, v)
+    }
+
+    pub fn del_rewrite(&mut self, pa: &Addr) -> Result<()> {
+        del_entry::<Addr, RewritePa>(&mut self.ebpf, map_names::REWRITE_PAS, pa)
+    }
+
+    pub fn set_config(&mut self, config: DatapathConfig) -> Result<()> {
+        let mut m: Array<&mut MapData, DatapathConfig> = map(&mut self.ebpf, map_names::CONFIG)?;
+        m.set(0, config, 0).map_err(|e| dp_err("write config", e))
+    }
+
+    pub fn sync_local_pas(&mut self, local_pas: &HashMap<Addr, LocalPa>) -> Result<()> {
+        sync_hash(&mut self.ebpf, map_names::LOCAL_PAS, local_pas)
+    }
+
     /// Counter totals over all CPUs.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
         let m = self
@@ -412,6 +445,20 @@ where
         .ok_or_else(|| NvError::Datapath(format!("map {name} missing from the object")))?
         .try_into()
         .map_err(|e| dp_err(format!("map {name}"), e))
+}
+
+fn put_entry<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &str, k: &K, v: &V) -> Result<()> {
+    let mut m: BpfHashMap<&mut MapData, K, V> = map(ebpf, name)?;
+    m.insert(k, v, 0)
+        .map_err(|e| dp_err(format!("update {name}"), e))
+}
+
+fn del_entry<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &str, k: &K) -> Result<()> {
+    let mut m: BpfHashMap<&mut MapData, K, V> = map(ebpf, name)?;
+    match m.remove(k) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(dp_err(format!("delete from {name}"), e)),
+    }
 }
 
 fn sync_hash<K, V>(ebpf: &mut Ebpf, name: &str, desired: &HashMap<K, V>) -> Result<()>

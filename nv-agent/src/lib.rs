@@ -2,11 +2,13 @@
 //! binaries over these modules.
 pub mod agent;
 pub mod api;
+pub mod catalog;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod datapath;
 pub mod error;
+pub mod import;
 pub mod model;
 pub mod netlink;
 pub mod store;

@@ -146,6 +146,20 @@ impl Host {
         self.agent = None;
     }
 
+    /// Every file of this host's store, by name: to prove a refused change left it alone.
+    pub fn store_files(&self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        let mut files = Vec::new();
+        for entry in fs::read_dir(&self.state_dir)? {
+            let entry = entry?;
+            files.push((
+                entry.file_name().to_string_lossy().into_owned(),
+                fs::read(entry.path())?,
+            ));
+        }
+        files.sort();
+        Ok(files)
+    }
+
     pub fn agent_log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }

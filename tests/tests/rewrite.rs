@@ -146,8 +146,7 @@ fn rewrite_pas_are_dedicated_and_vsids_use_one_method() -> anyhow::Result<()> {
     let bed = TwoHosts::build("x")?;
     bed.configure_with(Translation::Rewrite)?;
     let h = &bed.hosts[0];
-    let store = h.state_dir.join("state.json");
-    let before = std::fs::read(&store)?;
+    let before = h.store_files()?;
     let cases: &[(&[&str], &str)] = &[
         // RED-1's dedicated PA, reused by another CA.
         (
@@ -246,7 +245,7 @@ fn rewrite_pas_are_dedicated_and_vsids_use_one_method() -> anyhow::Result<()> {
             "nvctl {args:?}: expected '{expect}', got: {err}"
         );
         ensure!(
-            std::fs::read(&store)? == before,
+            h.store_files()? == before,
             "nvctl {args:?} changed the store"
         );
     }

@@ -240,8 +240,7 @@ fn nvctl_refuses_bad_input_with_one_line_and_changes_nothing() -> anyhow::Result
     let bed = TwoHosts::build("v")?;
     bed.configure()?;
     let h = &bed.hosts[0];
-    let store = h.state_dir.join("state.json");
-    let before = std::fs::read(&store)?;
+    let before = h.store_files()?;
     let cases: &[(&[&str], &str)] = &[
         (
             &[
@@ -502,7 +501,7 @@ fn nvctl_refuses_bad_input_with_one_line_and_changes_nothing() -> anyhow::Result
             "nvctl {args:?}: error is not one line: {err}"
         );
         ensure!(
-            std::fs::read(&store)? == before,
+            h.store_files()? == before,
             "nvctl {args:?} changed the store"
         );
     }
@@ -557,6 +556,94 @@ fn vm_ports_that_vanish_or_are_recreated_are_followed_without_nvctl() -> anyhow:
     ensure!(
         ping_within(&bed, "RED-1", "10.0.0.2", 15)?,
         "traffic to RED-2 did not resume after its port appeared"
+    );
+    Ok(())
+}
+
+fn import_file(bed: &TwoHosts, name: &str, rows: &[String]) -> anyhow::Result<String> {
+    let path = bed.tmp_dir().join(name);
+    let mut text = String::from("vsid,ca,pa,mac,method,port,name\n");
+    for r in rows {
+        text.push_str(r);
+        text.push('\n');
+    }
+    std::fs::write(&path, text)?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+#[test]
+fn import_is_all_or_nothing_and_survives_restart() -> anyhow::Result<()> {
+    let mut bed = TwoHosts::build("i")?;
+    bed.configure()?;
+    let row = |i: u32| {
+        let [_, _, a, b] = i.to_be_bytes();
+        format!("7001,10.2.{a}.{b},198.18.0.2,02:07:00:00:{a:02x}:{b:02x},encap,,VM-{i}")
+    };
+    // A bad record anywhere refuses the whole file, naming it; nothing changes.
+    let before = bed.hosts[0].store_files()?;
+    let mut rows: Vec<String> = (0..2000).map(row).collect();
+    rows[1500] = "7001,10.9.9.9,198.18.0.2,02:00:00:00:01:01,rewrite,,BAD".into();
+    let bad = import_file(&bed, "bad.csv", &rows)?;
+    let err = bed.hosts[0]
+        .nvctl(&["lookup", "import", &bad])
+        .err()
+        .context("bad import succeeded")?;
+    ensure!(
+        err.to_string().contains("record 1501"),
+        "error does not name the record: {err}"
+    );
+    ensure!(
+        bed.hosts[0].store_files()? == before,
+        "a refused import changed the store"
+    );
+    // A duplicate inside the file is refused too.
+    let mut dup: Vec<String> = (0..10).map(row).collect();
+    dup.push(row(3));
+    let dup = import_file(&bed, "dup.csv", &dup)?;
+    ensure!(
+        bed.hosts[0].nvctl(&["lookup", "import", &dup]).is_err(),
+        "duplicate import succeeded"
+    );
+
+    // 2000 records (written as a snapshot) and then 10 more (journalled) arrive whole.
+    let good = import_file(&bed, "good.csv", &(0..2000).map(row).collect::<Vec<_>>())?;
+    let out = bed.hosts[0].nvctl_json(&["lookup", "import", &good])?;
+    ensure!(out["imported"] == 2000, "import answered {out}");
+    let more = import_file(&bed, "more.csv", &(2000..2010).map(row).collect::<Vec<_>>())?;
+    ensure!(
+        bed.hosts[0].nvctl_json(&["lookup", "import", &more])?["imported"] == 10,
+        "second import"
+    );
+    let count = |bed: &TwoHosts| -> anyhow::Result<usize> {
+        Ok(bed.hosts[0]
+            .nvctl_json(&["lookup", "list"])?
+            .as_array()
+            .context("list")?
+            .len())
+    };
+    ensure!(
+        count(&bed)? == 4 + 2010,
+        "list after import: {}",
+        count(&bed)?
+    );
+    let view = nv_agent::datapath::LookupView::open(&bed.hosts[0].pin_path)?;
+    for i in [0u32, 1999, 2009] {
+        let [_, _, a, b] = i.to_be_bytes();
+        let key = nv_common::LookupKey {
+            vsid: 7001,
+            ca: nv_common::v4_mapped([10, 2, a, b]),
+        };
+        ensure!(
+            view.get(&key).is_some(),
+            "imported record {i} is not in the datapath"
+        );
+    }
+    bed.hosts[0].stop_agent();
+    bed.hosts[0].start_agent()?;
+    ensure!(count(&bed)? == 4 + 2010, "records lost across the restart");
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 2)? == 2,
+        "forwarding broken after the import"
     );
     Ok(())
 }

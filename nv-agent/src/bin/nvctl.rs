@@ -57,6 +57,7 @@ const LOOKUP_COLUMNS: &[(&str, &str)] = &[
     ("PORT", "port"),
     ("NAME", "name"),
 ];
+const IMPORT_COLUMNS: &[(&str, &str)] = &[("IMPORTED", "imported")];
 const STATS_COLUMNS: &[(&str, &str)] = &[("COUNTER", "counter"), ("PACKETS", "packets")];
 
 async fn run(cli: &Cli) -> anyhow::Result<()> {
@@ -110,6 +111,19 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             (
                 call(s, Method::POST, "/v1/lookups/move", Some(&body)).await?,
                 LOOKUP_COLUMNS,
+            )
+        }
+        Command::Lookup(LookupCmd::Import { file }) => {
+            let records = nv_agent::import::read(file)?;
+            (
+                call(
+                    s,
+                    Method::POST,
+                    "/v1/lookups/import",
+                    Some(&serde_json::to_value(&records)?),
+                )
+                .await?,
+                IMPORT_COLUMNS,
             )
         }
         Command::Lookup(LookupCmd::List) => (
