@@ -16,6 +16,7 @@ const PACKAGES: &[&str] = &[
     "ethtool",
     "util-linux",
     "python3-scapy",
+    "bpftool",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_FEATURE: &str = "llvm-22";

@@ -131,8 +131,18 @@ pub fn table(r: &Report) -> String {
     let c = &r.control;
     let _ = writeln!(
         s,
-        "\ncontrol plane: {} adds, nvctl start to record in the map p50 {:.2} ms, p99 {:.2} ms; in the map when nvctl returned: {}/{}",
+        "\ncontrol plane: {} adds, nvctl start to record in the map p50 {:.2} ms, p99 {:.2} ms (in the map when nvctl returned: {}/{})",
         c.adds, c.add_to_datapath_p50_ms, c.add_to_datapath_p99_ms, c.present_on_return, c.adds
+    );
+    let _ = writeln!(
+        s,
+        "import of {} records: {:.1} s; agent memory {:.0} B/record; lookup map {:.0} B/entry; add on that table p50 {:.2} ms, p99 {:.2} ms",
+        c.imported,
+        c.import_seconds,
+        c.agent_bytes_per_record,
+        c.map_bytes_per_entry,
+        c.add_on_big_table_p50_ms,
+        c.add_on_big_table_p99_ms
     );
     let _ = writeln!(s, "\ngoals");
     for g in &r.goals {
