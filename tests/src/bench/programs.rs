@@ -4,7 +4,10 @@
 //! median of many single runs instead. Every path is measured that way, floors included, so
 //! "above the floor" compares like with like; paths that leave the packet alone are also
 //! measured with one run of `repeat` repetitions.
-use nv_common::program_names::{FROM_VM, NOOP_TC, NOOP_XDP, UPLINK_XDP};
+use nv_common::{
+    DatapathConfig,
+    program_names::{FROM_VM, NOOP_TC, NOOP_XDP, UPLINK_TC, UPLINK_XDP},
+};
 use serde::Serialize;
 
 use super::{Scale, quantile};
@@ -27,6 +30,8 @@ pub struct Cost {
     pub repeat: u32,
     /// `single_ns` minus the floor of the same hook measured the same way.
     pub above_floor_ns: f64,
+    /// `repeat_ns` minus the repeat-run floor: the steadier figure, where there is one.
+    pub above_floor_repeat_ns: Option<f64>,
 }
 
 struct Path {
@@ -37,6 +42,8 @@ struct Path {
     /// The program leaves the packet as it found it, so repetitions are meaningful.
     idempotent: bool,
     floor: &'static str,
+    /// Datapath flags (`DatapathConfig::*`) in force while measuring.
+    flags: u32,
 }
 
 #[expect(
@@ -54,8 +61,61 @@ fn paths(h: &Host, size: usize) -> Vec<Path> {
         ifindex,
         idempotent,
         floor,
+        flags: DatapathConfig::HAS_REWRITE,
     };
+    let tc = DatapathConfig::HAS_REWRITE | DatapathConfig::TC_DECAP;
+    let nvgre_to_red1 = nvgre(
+        GATEWAY_MAC,
+        h.uplink_mac,
+        REMOTE_PA,
+        LOCAL_PA,
+        RED << 8,
+        0,
+        &to_red1,
+    );
+    let rewrite_to_green1 = udp_frame(
+        GREEN_GATEWAY_MAC,
+        h.uplink_mac,
+        GREEN2_PA,
+        GREEN1_PA,
+        &payload,
+    );
+    let host_udp = udp_frame(GATEWAY_MAC, h.uplink_mac, REMOTE_PA, LOCAL_PA, &payload);
     vec![
+        Path {
+            flags: tc,
+            ..path(
+                "decap_tc",
+                UPLINK_TC,
+                nvgre_to_red1.clone(),
+                None,
+                false,
+                "floor_tc",
+            )
+        },
+        Path {
+            flags: tc,
+            ..path(
+                "rewrite_in_tc",
+                UPLINK_TC,
+                rewrite_to_green1.clone(),
+                None,
+                false,
+                "floor_tc",
+            )
+        },
+        // A host without rewrite records: host traffic passes after one array read.
+        Path {
+            flags: 0,
+            ..path(
+                "pass_host_traffic_no_rewrite",
+                UPLINK_XDP,
+                host_udp.clone(),
+                None,
+                true,
+                "floor_xdp",
+            )
+        },
         path(
             "floor_xdp",
             NOOP_XDP,
@@ -183,28 +243,32 @@ pub fn run(scale: Scale) -> anyhow::Result<Vec<Cost>> {
 }
 
 fn measure(scale: Scale) -> anyhow::Result<Vec<Cost>> {
+    let set = |h: &mut Host, flags: u32| -> anyhow::Result<()> {
+        if h.desired.config.flags != flags {
+            h.set_flags(flags)?;
+        }
+        Ok(())
+    };
     let singles = scale.pick(100_000, 500);
     let repeat = scale.pick(1_000_000, 1_000);
     let mut out = Vec::new();
     for records in [1_000u32, scale.pick(1_000_000, 20_000)] {
-        let h = host_with(true, records)?;
+        let mut h = host_with(true, records)?;
         for size in [64usize, 1500] {
             let paths = paths(&h, size);
             let mut single = std::collections::HashMap::new();
+            let mut repeated = std::collections::HashMap::new();
             for p in &paths {
+                set(&mut h, p.flags)?;
                 single.insert(p.name, single_runs(&h, p, singles)?);
+                if p.idempotent {
+                    let run = h.dp.test_run(p.program, &p.frame, p.ifindex, repeat)?;
+                    #[expect(clippy::cast_precision_loss, reason = "nanoseconds per run")]
+                    repeated.insert(p.name, run.duration.as_nanos() as f64);
+                }
             }
             for p in &paths {
-                let repeat_ns = if p.idempotent {
-                    #[expect(clippy::cast_precision_loss, reason = "nanoseconds per run")]
-                    Some(
-                        h.dp.test_run(p.program, &p.frame, p.ifindex, repeat)?
-                            .duration
-                            .as_nanos() as f64,
-                    )
-                } else {
-                    None
-                };
+                let repeat_ns = repeated.get(p.name).copied();
                 out.push(Cost {
                     path: p.name.to_owned(),
                     program: p.program.to_owned(),
@@ -214,6 +278,7 @@ fn measure(scale: Scale) -> anyhow::Result<Vec<Cost>> {
                     repeat_ns,
                     repeat,
                     above_floor_ns: single[p.name] - single[p.floor],
+                    above_floor_repeat_ns: repeat_ns.zip(repeated.get(p.floor)).map(|(r, f)| r - f),
                 });
             }
         }

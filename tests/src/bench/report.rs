@@ -36,16 +36,22 @@ pub fn goals(programs: &[Cost], e2e: &[e2e::Result]) -> Vec<Goal> {
     for size in [64, 1500] {
         for (path, limit) in [
             ("decap", 25.0),
+            ("decap_tc", 25.0),
             ("encap", 50.0),
             ("rewrite_out", 50.0),
             ("pass_host_traffic", 5.0),
+            ("pass_host_traffic_no_rewrite", 5.0),
         ] {
             if let Some(c) = cost(programs, path, size, 1000) {
+                // Repeat runs where the packet allows them (steadier), single runs otherwise.
+                let (measured, how) = c
+                    .above_floor_repeat_ns
+                    .map_or((c.above_floor_ns, "single"), |r| (r, "repeat"));
                 goals.push(Goal {
-                    name: format!("{path} above floor, {size} B, 1K records (ns)"),
-                    measured: c.above_floor_ns,
+                    name: format!("{path} above floor, {size} B, 1K records (ns, {how})"),
+                    measured,
                     target: format!("<= {limit}"),
-                    met: c.above_floor_ns <= limit,
+                    met: measured <= limit,
                 });
             }
         }
