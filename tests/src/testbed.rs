@@ -146,6 +146,26 @@ impl Host {
         self.agent = None;
     }
 
+    /// Runs nvctl expecting a refusal: it fails with one line that mentions `expect`, and
+    /// the store is byte for byte what it was.
+    pub fn expect_refused(&self, args: &[&str], expect: &str) -> anyhow::Result<()> {
+        let before = self.store_files()?;
+        let err = match self.nvctl(args) {
+            Ok(out) => bail!("nvctl {args:?} succeeded: {out}"),
+            Err(e) => e.to_string(),
+        };
+        if !err.contains(expect) {
+            bail!("nvctl {args:?}: expected an error mentioning '{expect}', got: {err}");
+        }
+        if err.trim().lines().count() != 1 {
+            bail!("nvctl {args:?}: error is not one line: {err}");
+        }
+        if self.store_files()? != before {
+            bail!("nvctl {args:?} changed the store");
+        }
+        Ok(())
+    }
+
     /// Every file of this host's store, by name: to prove a refused change left it alone.
     pub fn store_files(&self) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         let mut files = Vec::new();
