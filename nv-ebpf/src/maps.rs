@@ -2,11 +2,11 @@
 //! never stops; sizes of the big ones are overridden by the agent at load time.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use nv_common::{
     Addr, Counter, DEFAULT_MAX_LOOKUPS, DatapathConfig, LocalPa, LookupKey, LookupValue,
-    MAX_LOCAL_PAS, MAX_PORTS, MAX_REWRITE_PAS, PortInfo, RewritePa,
+    MAX_LOCAL_PAS, MAX_PORTS, MAX_REWRITE_PAS, NextHop, PortInfo, RewritePa,
 };
 
 #[map(name = "NV_LOOKUPS")]
@@ -26,3 +26,7 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
 
 #[map(name = "NV_REWRITE_PAS")]
 pub static REWRITE_PAS: HashMap<Addr, RewritePa> = HashMap::pinned(MAX_REWRITE_PAS, 0);
+
+/// The underlay next hop of each destination PA (IPv4, network order), cached by the datapath.
+#[map(name = "NV_NEXTHOPS")]
+pub static NEXTHOPS: LruHashMap<u32, NextHop> = LruHashMap::pinned(NextHop::MAX, 0);

@@ -7,12 +7,15 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         BPF_FIB_LOOKUP_OUTPUT, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_fib_lookup,
     },
-    helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{
+        bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_jiffies64, bpf_redirect,
+        bpf_redirect_neigh,
+    },
     programs::TcContext,
 };
-use nv_common::Counter;
+use nv_common::{Counter, NextHop};
 
-use crate::maps::CONFIG;
+use crate::maps::{CONFIG, NEXTHOPS};
 
 const AF_INET: u8 = 2;
 
@@ -26,6 +29,8 @@ pub fn uplink() -> Result<u32, Counter> {
 }
 
 /// Sends the packet (its IPv4 header already between provider addresses) out of the uplink.
+/// Inlined: BPF calls take at most five arguments.
+#[inline(always)]
 pub fn transmit(
     ctx: &TcContext,
     uplink: u32,
@@ -47,6 +52,24 @@ pub fn transmit(
     };
     if mtu_rc != 0 {
         return Err(Counter::DropVmTooBig);
+    }
+
+    // The FIB costs more than the rest of encapsulation together: its answer for this PA is
+    // cached for NextHop::TTL_JIFFIES (jiffies: far cheaper to read than the clock).
+    let key = u32::from_ne_bytes(dst_pa);
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_jiffies64() };
+    // SAFETY: read-only use of a value replaced whole.
+    if let Some(nh) = unsafe { NEXTHOPS.get(&key) }
+        && nh.expires > now
+    {
+        let (ifindex, mut macs) = (nh.ifindex, [0u8; 12]);
+        macs[..6].copy_from_slice(&nh.dmac);
+        macs[6..].copy_from_slice(&nh.smac);
+        ctx.store(0, &macs, 0)
+            .map_err(|_| Counter::DropVmTranslateFailed)?;
+        // SAFETY: plain helper call.
+        return Ok(unsafe { bpf_redirect(ifindex, 0) } as i32);
     }
 
     // SAFETY: zeroed bindgen struct of plain integers.
@@ -81,6 +104,13 @@ pub fn transmit(
         macs[6..].copy_from_slice(&fib.smac);
         ctx.store(0, &macs, 0)
             .map_err(|_| Counter::DropVmTranslateFailed)?;
+        let nh = NextHop {
+            ifindex: fib.ifindex,
+            smac: fib.smac,
+            dmac: fib.dmac,
+            expires: now + NextHop::TTL_JIFFIES,
+        };
+        let _ = NEXTHOPS.insert(&key, &nh, 0);
         // SAFETY: plain helper call.
         return Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as i32);
     }
