@@ -62,10 +62,21 @@ pub enum Counter {
     UplinkRewriteDelivered,
     /// Uplink TC: the kernel refused to restore the addresses or checksums.
     DropUplinkRewriteFailed,
+    /// From a VM: source MAC is not the one bound to its port.
+    DropVmSpoofedMac,
+    /// From a VM: IPv4 source is not the customer address bound to its port.
+    DropVmSpoofedIp,
+    /// From a VM: ARP whose sender fields are not the port's own (poisoning attempt).
+    DropVmSpoofedArp,
+    /// Uplink: NVGRE whose outer source is not the PA recorded for (VSID, inner source CA),
+    /// or whose inner source is no CA of that VSID.
+    DropUplinkSpoofedPa,
+    /// Uplink: NVGRE whose inner source MAC is not the one recorded for its CA.
+    DropUplinkSpoofedMac,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::DropUplinkRewriteFailed as u32 + 1;
+    pub const COUNT: u32 = Counter::DropUplinkSpoofedMac as u32 + 1;
 
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::VmTxEncap,
@@ -96,6 +107,11 @@ impl Counter {
         Counter::DropUplinkRewriteUnknownSrc,
         Counter::UplinkRewriteDelivered,
         Counter::DropUplinkRewriteFailed,
+        Counter::DropVmSpoofedMac,
+        Counter::DropVmSpoofedIp,
+        Counter::DropVmSpoofedArp,
+        Counter::DropUplinkSpoofedPa,
+        Counter::DropUplinkSpoofedMac,
     ];
 
     /// Stable snake_case name, used by `nvctl stats` and as the metrics label.
@@ -130,6 +146,11 @@ impl Counter {
             Counter::DropUplinkRewriteUnknownSrc => "drop_uplink_rewrite_unknown_src",
             Counter::UplinkRewriteDelivered => "uplink_rewrite_delivered",
             Counter::DropUplinkRewriteFailed => "drop_uplink_rewrite_failed",
+            Counter::DropVmSpoofedMac => "drop_vm_spoofed_mac",
+            Counter::DropVmSpoofedIp => "drop_vm_spoofed_ip",
+            Counter::DropVmSpoofedArp => "drop_vm_spoofed_arp",
+            Counter::DropUplinkSpoofedPa => "drop_uplink_spoofed_pa",
+            Counter::DropUplinkSpoofedMac => "drop_uplink_spoofed_mac",
         }
     }
 }

@@ -28,6 +28,15 @@ pub fn reply(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
     {
         return Err(Counter::DropVmArp);
     }
+    // The sender fields must be the port's own (0.0.0.0 is an address probe): nothing a VM
+    // says about other addresses is believed, and nothing is learned from it anyway.
+    if arp.sha != port.mac || (v4_mapped(arp.spa) != port.ca && arp.spa != [0; 4]) {
+        return Err(Counter::DropVmSpoofedArp);
+    }
+    // Gratuitous ARP and probes for its own address: nothing to answer.
+    if v4_mapped(arp.tpa) == port.ca {
+        return Err(Counter::DropVmArp);
+    }
     let key = LookupKey {
         vsid: port.vsid,
         ca: v4_mapped(arp.tpa),

@@ -7,7 +7,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use nv_common::{
-    Counter, LookupKey, Method, PortInfo, v4_mapped,
+    Counter, LookupKey, Method, PortInfo, mapped_v4, v4_mapped,
     wire::{ETH_HLEN, ETH_P_ARP, ETH_P_IP},
 };
 
@@ -38,7 +38,7 @@ fn try_run(ctx: &TcContext) -> Result<i32, Counter> {
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*skb).ifindex };
     // SAFETY: values are only read; the agent replaces them whole.
-    let port = *unsafe { PORTS.get(&ifindex) }.ok_or(Counter::DropVmUnknownPort)?;
+    let port = unsafe { PORTS.get(&ifindex) }.ok_or(Counter::DropVmUnknownPort)?;
     // SAFETY: as above.
     if unsafe { (*skb).vlan_present } != 0 {
         // The inner frame of NVGRE carries no 802.1Q tag (RFC 7637): strip it here.
@@ -52,9 +52,13 @@ fn try_run(ctx: &TcContext) -> Result<i32, Counter> {
 
     let (data, end) = (ctx.data(), ctx.data_end());
     let eth: EthHdr = read_at(data, end, 0).ok_or(Counter::DropVmMalformed)?;
+    // A VM is hostile until proven otherwise: it speaks only with the identity of its port.
+    if eth.src != port.mac {
+        return Err(Counter::DropVmSpoofedMac);
+    }
     match eth.proto() {
-        ETH_P_ARP => arp::reply(ctx, &port),
-        ETH_P_IP => forward_ipv4(ctx, &port),
+        ETH_P_ARP => arp::reply(ctx, port),
+        ETH_P_IP => forward_ipv4(ctx, port),
         _ => Err(Counter::DropVmNotIp),
     }
 }
@@ -66,12 +70,15 @@ fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
     if ip.ver_ihl >> 4 != 4 || hlen < 20 {
         return Err(Counter::DropVmMalformed);
     }
+    if mapped_v4(&port.ca) != Some(ip.src) {
+        return Err(Counter::DropVmSpoofedIp);
+    }
     let key = LookupKey {
         vsid: port.vsid,
         ca: v4_mapped(ip.dst),
     };
     // SAFETY: read-only use of a value the agent replaces whole.
-    let dst = *unsafe { LOOKUPS.get(&key) }.ok_or(Counter::DropVmUnknownDst)?;
+    let dst = unsafe { LOOKUPS.get(&key) }.ok_or(Counter::DropVmUnknownDst)?;
     if dst.ifindex != 0 {
         // Classified against the port's own MAC on the way in; the receiving VM must see it
         // as addressed to it, and redirect_peer does not classify again.
@@ -83,14 +90,14 @@ fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
 
     // The destination's record decides the method (README: "Translation methods").
     if dst.method == Method::Rewrite as u8 {
-        let action = rewrite::send(ctx, port, &dst, &ip)?;
+        let action = rewrite::send(ctx, port, dst, &ip)?;
         count(Counter::VmTxRewrite);
         return Ok(action);
     }
     if dst.method != Method::Encap as u8 {
         return Err(Counter::DropVmMethod);
     }
-    let action = encap::nvgre(ctx, port, &dst, &ip)?;
+    let action = encap::nvgre(ctx, port, dst, &ip)?;
     count(Counter::VmTxEncap);
     debug_assert!(action == TC_ACT_REDIRECT as i32);
     Ok(action)

@@ -91,6 +91,20 @@ pub fn classify(data: usize, end: usize) -> Result<Verdict, Counter> {
     if dst.ifindex == 0 {
         return Err(Counter::DropUplinkNotLocal);
     }
+    // The sender must be a CA of this VSID, behind the PA and with the MAC its record says:
+    // another host cannot speak for a tenant it does not host.
+    let source = LookupKey {
+        vsid,
+        ca: v4_mapped(inner_ip.src),
+    };
+    // SAFETY: read-only use of a value the agent replaces whole.
+    let src = unsafe { LOOKUPS.get(&source) }.ok_or(Counter::DropUplinkSpoofedPa)?;
+    if mapped_v4(&src.pa) != Some(ip.src) {
+        return Err(Counter::DropUplinkSpoofedPa);
+    }
+    if inner_eth.src != src.mac {
+        return Err(Counter::DropUplinkSpoofedMac);
+    }
     Ok(Verdict::Nvgre {
         strip: inner,
         port: dst.ifindex,

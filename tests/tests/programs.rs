@@ -535,3 +535,145 @@ fn tc_decapsulation_restores_the_frame_exactly_and_drops_like_xdp() -> anyhow::R
     );
     Ok(())
 }
+
+#[test]
+fn a_vm_speaks_only_with_its_own_identity() -> anyhow::Result<()> {
+    let h = host(true)?;
+    // From RED-1's port: another VM's MAC, or its own MAC with another address.
+    let spoofed_mac = udp_frame(RED3_MAC, RED2_MAC, CA1, CA2, b"x");
+    h.expect(
+        FROM_VM,
+        &spoofed_mac,
+        Some(h.red1),
+        TC_ACT_SHOT,
+        "drop_vm_spoofed_mac",
+    )?;
+    let spoofed_ip = udp_frame(RED1_MAC, RED2_MAC, CA3, CA2, b"x");
+    h.expect(
+        FROM_VM,
+        &spoofed_ip,
+        Some(h.red1),
+        TC_ACT_SHOT,
+        "drop_vm_spoofed_ip",
+    )?;
+    // ARP poisoning: RED-1 claims 10.0.0.3 (RED-3's address), or speaks with RED-3's MAC.
+    let arp = |sha: [u8; 6], spa: [u8; 4], tpa: [u8; 4]| {
+        let mut f = Vec::new();
+        f.extend_from_slice(&[0xff; 6]);
+        f.extend_from_slice(&RED1_MAC);
+        f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        f.extend_from_slice(&sha);
+        f.extend_from_slice(&spa);
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&tpa);
+        f
+    };
+    h.expect(
+        FROM_VM,
+        &arp(RED1_MAC, CA3, CA2),
+        Some(h.red1),
+        TC_ACT_SHOT,
+        "drop_vm_spoofed_arp",
+    )?;
+    h.expect(
+        FROM_VM,
+        &arp(RED3_MAC, CA1, CA2),
+        Some(h.red1),
+        TC_ACT_SHOT,
+        "drop_vm_spoofed_arp",
+    )?;
+    // Gratuitous ARP for its own address changes nothing and gets no answer.
+    h.expect(
+        FROM_VM,
+        &arp(RED1_MAC, CA1, CA1),
+        Some(h.red1),
+        TC_ACT_SHOT,
+        "drop_vm_arp",
+    )?;
+    // An address probe (sender 0.0.0.0) for another VM's address is answered.
+    h.expect(
+        FROM_VM,
+        &arp(RED1_MAC, [0; 4], CA2),
+        Some(h.red1),
+        TC_ACT_REDIRECT,
+        "vm_arp_replied",
+    )?;
+    // Aiming at the host or the underlay: no record, nothing leaves.
+    for dst in [LOCAL_PA, REMOTE_PA, [10, 0, 0, 254]] {
+        let frame = udp_frame(RED1_MAC, RED2_MAC, CA1, dst, b"x");
+        h.expect(
+            FROM_VM,
+            &frame,
+            Some(h.red1),
+            TC_ACT_SHOT,
+            "drop_vm_unknown_dst",
+        )
+        .with_context(|| format!("to {dst:?}"))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn the_underlay_cannot_speak_for_a_tenant_it_does_not_host() -> anyhow::Result<()> {
+    let mut h = host(true)?;
+    for flags in [
+        DatapathConfig::HAS_REWRITE,
+        DatapathConfig::HAS_REWRITE | DatapathConfig::TC_DECAP,
+    ] {
+        h.set_flags(flags)?;
+        let (program, drop) = if flags & DatapathConfig::TC_DECAP == 0 {
+            (UPLINK_XDP, XDP_DROP)
+        } else {
+            (UPLINK_TC, TC_ACT_SHOT)
+        };
+        let to_red1 = udp_frame(RED2_MAC, RED1_MAC, CA2, CA1, b"x");
+        // A valid VSID and inner frame, from a PA that is not RED-2's.
+        let unknown_pa = nvgre(
+            GATEWAY_MAC,
+            h.uplink_mac,
+            [198, 18, 9, 9],
+            LOCAL_PA,
+            RED << 8,
+            0,
+            &to_red1,
+        );
+        h.expect(program, &unknown_pa, None, drop, "drop_uplink_spoofed_pa")?;
+        // From RED-2's PA, but with an inner source that is no CA of RED.
+        let stranger = udp_frame(RED2_MAC, RED1_MAC, [10, 0, 0, 66], CA1, b"x");
+        let forged = nvgre(
+            GATEWAY_MAC,
+            h.uplink_mac,
+            REMOTE_PA,
+            LOCAL_PA,
+            RED << 8,
+            0,
+            &stranger,
+        );
+        h.expect(program, &forged, None, drop, "drop_uplink_spoofed_pa")?;
+        // RED-2's addresses with BLUE-2's MAC.
+        let wrong_mac = udp_frame(BLUE2_MAC, RED1_MAC, CA2, CA1, b"x");
+        let forged = nvgre(
+            GATEWAY_MAC,
+            h.uplink_mac,
+            REMOTE_PA,
+            LOCAL_PA,
+            RED << 8,
+            0,
+            &wrong_mac,
+        );
+        h.expect(program, &forged, None, drop, "drop_uplink_spoofed_mac")?;
+        // Another tenant's VSID aimed at RED-1's address reaches BLUE-1, never RED-1, and only
+        // with BLUE-2's identity; RED-2's MAC under BLUE's VSID is refused.
+        let under_blue = nvgre(
+            GATEWAY_MAC,
+            h.uplink_mac,
+            REMOTE_PA,
+            LOCAL_PA,
+            BLUE << 8,
+            0,
+            &to_red1,
+        );
+        h.expect(program, &under_blue, None, drop, "drop_uplink_spoofed_mac")?;
+    }
+    Ok(())
+}
