@@ -132,8 +132,19 @@ impl Config {
 fn read_file(path: &Path) -> Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| invalid(format!("cannot read config {}: {e}", path.display())))?;
-    toml::from_str(&text)
-        .map_err(|e| invalid(format!("config {}: {}", path.display(), e.message())))
+    toml::from_str(&text).map_err(|e| {
+        // toml's message names the problem; the line says where (and which key).
+        let at = e.span().map_or_else(String::new, |span| {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let content = text.lines().nth(line - 1).unwrap_or("").trim();
+            format!(" line {line} (`{content}`)")
+        });
+        invalid(format!(
+            "config {}{at}: {}",
+            path.display(),
+            e.message().trim()
+        ))
+    })
 }
 
 #[cfg(test)]

@@ -15,6 +15,18 @@ use tokio::{
 };
 use tracing::info;
 
+/// Members of this group (where it exists) may use the API socket besides root.
+const API_GROUP: &str = "nv";
+
+/// The gid of `name`, or `None` when there is no such group.
+fn group_id(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getgrnam returns NULL or a pointer to a static entry; read at once.
+    let entry = unsafe { libc::getgrnam(c.as_ptr()) };
+    // SAFETY: checked for NULL.
+    (!entry.is_null()).then(|| unsafe { (*entry).gr_gid })
+}
+
 /// How often the agent looks for VM ports that appeared, vanished or were re-created.
 const PORT_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -71,10 +83,20 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot remove stale socket {}", socket.display()));
         }
     }
-    let listener = UnixListener::bind(socket)
-        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    // Created 0660 from the start (no window with wider permissions): root and, where it
+    // exists, the `nv` group may configure; nobody else.
+    // SAFETY: umask only changes this process's file creation mask; restored right after.
+    let old_mask = unsafe { libc::umask(0o117) };
+    let bound = UnixListener::bind(socket);
+    // SAFETY: as above.
+    unsafe { libc::umask(old_mask) };
+    let listener = bound.with_context(|| format!("cannot listen on {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("cannot set permissions of {}", socket.display()))?;
+    if let Some(gid) = group_id(API_GROUP) {
+        std::os::unix::fs::chown(socket, None, Some(gid))
+            .with_context(|| format!("cannot give {} to group {API_GROUP}", socket.display()))?;
+    }
     info!("serving nvctl on {}", socket.display());
 
     let mut term = signal(SignalKind::terminate())?;

@@ -1,0 +1,400 @@
+//! Bad input never crashes the agent, corrupts the store or half-applies a change: malformed
+//! API requests, config files and import files each get a clear error, the agent keeps
+//! running, and the store stays byte for byte as it was. Together with the nvctl cases in
+//! `two_hosts` and `rewrite` this covers well over 50 malformed inputs. Also: who may talk to
+//! the API socket.
+use std::{
+    io::{Read as _, Write as _},
+    os::unix::{fs::MetadataExt as _, net::UnixStream},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail, ensure};
+use nv_tests::{
+    sys::bin,
+    testbed::{Host, TwoHosts},
+};
+
+/// Sends raw bytes to the API socket and returns (status, body).
+fn raw(socket: &Path, request: &[u8]) -> anyhow::Result<(u16, String)> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(request)?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no HTTP status in {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Ok((status, body))
+}
+
+fn request(method: &str, path: &str, content_type: &str, body: &str) -> Vec<u8> {
+    format!(
+        "{method} {path} HTTP/1.1\r\nhost: nv\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+const RECORD: &str = r#""vsid":5001,"ca":"10.0.0.9","pa":"198.18.0.2","mac":"02:00:00:00:09:09""#;
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "one table of cases")]
+fn malformed_api_requests_are_refused_and_change_nothing() -> anyhow::Result<()> {
+    let bed = TwoHosts::build("a")?;
+    bed.configure()?;
+    let h = &bed.hosts[0];
+    let long_name = format!(r#"{{{RECORD},"name":"{}"}}"#, "x".repeat(100_000));
+    let cases: Vec<(&str, &str, &str, String)> = vec![
+        ("POST", "/v1/lookups", "application/json", "{".into()),
+        ("POST", "/v1/lookups", "application/json", "[]".into()),
+        (
+            "POST",
+            "/v1/lookups",
+            "application/json",
+            format!(
+                "{{{}}}",
+                RECORD.replace(r#""vsid":5001"#, r#""vsid":"5001""#)
+            ),
+        ),
+        (
+            "POST",
+            "/v1/lookups",
+            "application/json",
+            format!(r#"{{{RECORD},"evil":1}}"#),
+        ),
+        (
+            "POST",
+            "/v1/lookups",
+            "application/json",
+            r#"{"vsid":5001,"ca":"10.0.0.9","pa":"198.18.0.2"}"#.into(),
+        ),
+        (
+            "POST",
+            "/v1/lookups",
+            "application/json",
+            format!("{{{}}}", RECORD.replace("5001", "-1")),
+        ),
+        (
+            "POST",
+            "/v1/lookups",
+            "application/json",
+            format!("{{{}}}", RECORD.replace("5001", "1099511627776")),
+        ),
+        (
+            "POST",
+            "/v1/lookups",
+            "application/json",
+            format!("{{{}}}", RECORD.replace("10.0.0.9", "10.0.0.256")),
+        ),
+        (
+            "POST",
+            "/v1/lookups",
+            "application/json",
+            format!(
+                "{{{}}}",
+                RECORD.replace("02:00:00:00:09:09", "zz:zz:zz:zz:zz:zz")
+            ),
+        ),
+        (
+            "POST",
+            "/v1/lookups",
+            "application/json",
+            format!(r#"{{{RECORD},"method":"nat"}}"#),
+        ),
+        (
+            "POST",
+            "/v1/lookups",
+            "application/json",
+            format!(r#"{{{RECORD},"port":"../../etc"}}"#),
+        ),
+        (
+            "POST",
+            "/v1/lookups",
+            "application/json",
+            format!(r#"{{{RECORD},"name":"a\u0001b"}}"#),
+        ),
+        ("POST", "/v1/lookups", "application/json", long_name),
+        ("POST", "/v1/lookups", "text/plain", format!("{{{RECORD}}}")),
+        (
+            "DELETE",
+            "/v1/lookups?vsid=abc&ca=10.0.0.1",
+            "application/json",
+            String::new(),
+        ),
+        ("DELETE", "/v1/lookups", "application/json", String::new()),
+        (
+            "POST",
+            "/v1/providers",
+            "application/json",
+            r#"{"pa":"198.18.0.9"}"#.into(),
+        ),
+        (
+            "POST",
+            "/v1/providers",
+            "application/json",
+            r#"{"pa":"198.18.0.9/40"}"#.into(),
+        ),
+        (
+            "POST",
+            "/v1/providers",
+            "application/json",
+            r#"{"pa":"fd00::9/64"}"#.into(),
+        ),
+        (
+            "POST",
+            "/v1/lookups/move",
+            "application/json",
+            r#"{"vsid":5001,"ca":"10.0.0.99","pa":"198.18.0.2"}"#.into(),
+        ),
+        ("GET", "/v2/lookups", "application/json", String::new()),
+        (
+            "PUT",
+            "/v1/lookups",
+            "application/json",
+            format!("{{{RECORD}}}"),
+        ),
+        (
+            "POST",
+            "/v1/lookups/import",
+            "application/json",
+            r#"[{"vsid":1}]"#.into(),
+        ),
+        (
+            "POST",
+            "/v1/lookups/import",
+            "application/json",
+            format!("[{{{RECORD}}},{{{}}}]", RECORD.replace("5001", "12")),
+        ),
+    ];
+    let before = h.store_files()?;
+    for (method, path, content_type, body) in &cases {
+        let shown = &body[..body.len().min(80)];
+        let (status, answer) = raw(&h.socket, &request(method, path, content_type, body))
+            .with_context(|| format!("{method} {path} {shown}"))?;
+        ensure!(
+            (400..500).contains(&status),
+            "{method} {path} {shown}: status {status}, body {answer}"
+        );
+        ensure!(
+            h.store_files()? == before,
+            "{method} {path} {shown}: changed the store"
+        );
+    }
+    // Not even HTTP.
+    let (status, _) = raw(&h.socket, b"GARBAGE\r\n\r\n")?;
+    ensure!(status == 400, "garbage got {status}");
+    // Our own handlers explain themselves in one JSON line.
+    let (_, answer) = raw(
+        &h.socket,
+        &request(
+            "POST",
+            "/v1/lookups",
+            "application/json",
+            &format!(r#"{{{RECORD},"method":"nat"}}"#),
+        ),
+    )?;
+    let json: serde_json::Value =
+        serde_json::from_str(&answer).with_context(|| format!("not JSON: {answer}"))?;
+    ensure!(
+        json["error"].as_str().is_some_and(|e| !e.contains('\n')),
+        "error body: {answer}"
+    );
+    // Still serving, still forwarding.
+    ensure!(
+        h.nvctl_json(&["lookup", "list"])?.as_array().map(Vec::len) == Some(4),
+        "records changed"
+    );
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 2)? == 2,
+        "forwarding broken after bad requests"
+    );
+    Ok(())
+}
+
+/// Runs nv-agent with `config` in host1's namespace; it must exit non-zero within 20 s
+/// with one line that mentions `expect`.
+fn agent_refuses(
+    bed: &TwoHosts,
+    h: &Host,
+    name: &str,
+    config: &str,
+    expect: &str,
+) -> anyhow::Result<()> {
+    let dir = bed.tmp_dir().join(format!("cfg-{name}"));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("agent.toml");
+    std::fs::write(&file, config)?;
+    let out = Command::new("timeout")
+        .arg("20")
+        .arg("nsenter")
+        .arg(format!("--net={}", h.ns.path()))
+        .arg(bin("nv-agent")?)
+        .arg("--config")
+        .arg(if name == "missing-file" {
+            dir.join("nope.toml")
+        } else {
+            file
+        })
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--api-socket")
+        .arg(dir.join("api.sock"))
+        .arg("--pin-path")
+        .arg(format!("/sys/fs/bpf/{}-{name}", bed.prefix))
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let code = out.status.code();
+    ensure!(
+        code.is_some_and(|c| c != 0 && c != 124),
+        "{name}: exit {code:?} (124 is a hang): {stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    ensure!(
+        lines.len() == 1 && lines[0].contains(expect),
+        "{name}: expected one error line mentioning '{expect}': {stderr}"
+    );
+    ensure!(
+        !Path::new(&format!("/sys/fs/bpf/{}-{name}", bed.prefix)).exists(),
+        "{name}: left pins behind"
+    );
+    Ok(())
+}
+
+#[test]
+fn malformed_config_and_import_files_are_refused() -> anyhow::Result<()> {
+    let bed = TwoHosts::build("c")?;
+    bed.configure()?;
+    let h = &bed.hosts[0];
+    let configs = [
+        ("wrong-type", "uplink = 5\n", "invalid type"),
+        ("unknown-key", "uplinks = \"uplink0\"\n", "unknown field"),
+        (
+            "zero-lookups",
+            "uplink = \"uplink0\"\nmax_lookups = 0\n",
+            "out of range",
+        ),
+        (
+            "negative-lookups",
+            "uplink = \"uplink0\"\nmax_lookups = -5\n",
+            "max_lookups",
+        ),
+        (
+            "bad-metrics",
+            "uplink = \"uplink0\"\nmetrics_addr = \"not an address\"\n",
+            "metrics_addr",
+        ),
+        (
+            "bad-hook",
+            "uplink = \"uplink0\"\ndecap_hook = \"ebpf\"\n",
+            "unknown variant",
+        ),
+        ("not-toml", "[[[\n", "config"),
+        ("bad-ifname", "uplink = \"a/b\"\n", "invalid uplink"),
+        ("missing-file", "", "cannot read config"),
+        ("no-such-uplink", "uplink = \"nosuch9\"\n", "does not exist"),
+        (
+            "no-uplink",
+            "state_dir = \"/tmp/x\"\n",
+            "no uplink configured",
+        ),
+    ];
+    let before = h.store_files()?;
+    for (name, config, expect) in configs {
+        agent_refuses(&bed, h, name, config, expect)?;
+    }
+    let file = |name: &str, text: &str| -> anyhow::Result<String> {
+        let p = bed.tmp_dir().join(name);
+        std::fs::write(&p, text)?;
+        Ok(p.to_string_lossy().into_owned())
+    };
+    let imports = [
+        (file("empty.csv", "")?, "holds no records"),
+        (file("header.csv", "vsid,ca,pa,mac\n")?, "holds no records"),
+        (
+            file(
+                "bad-ip.csv",
+                "vsid,ca,pa,mac\n5001,10.0.0.300,198.18.0.2,02:00:00:00:09:09\n",
+            )?,
+            "line 2",
+        ),
+        (
+            file("no-mac.csv", "vsid,ca,pa\n5001,10.0.0.9,198.18.0.2\n")?,
+            "mac",
+        ),
+        (file("object.json", r#"{"vsid":5001}"#)?, "holds no records"),
+        (
+            file("dup.json", &format!("[{{{RECORD}}},{{{RECORD}}}]"))?,
+            "already exists",
+        ),
+        (
+            file(
+                "mixed.csv",
+                "vsid,ca,pa,mac,method\n5001,10.0.0.9,198.18.0.77,02:00:00:00:09:09,rewrite\n",
+            )?,
+            "one method",
+        ),
+        (
+            file("nofile", "")?.replace("nofile", "does-not-exist.csv"),
+            "cannot read",
+        ),
+    ];
+    for (path, expect) in &imports {
+        h.expect_refused(&["lookup", "import", path], expect)?;
+    }
+    ensure!(
+        h.store_files()? == before,
+        "a refused config or import changed the running agent's store"
+    );
+    ensure!(bed.ping("RED-1", "10.0.0.2", 2)? == 2, "forwarding broken");
+    Ok(())
+}
+
+#[test]
+fn the_api_socket_admits_root_and_its_group_only() -> anyhow::Result<()> {
+    let bed = TwoHosts::build("s")?;
+    let h = &bed.hosts[0];
+    let meta = std::fs::metadata(&h.socket)?;
+    ensure!(
+        meta.mode() & 0o777 == 0o660,
+        "socket mode {:o}",
+        meta.mode() & 0o777
+    );
+    let as_nobody = |groups: &str| -> anyhow::Result<std::process::Output> {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534"]);
+        if groups.is_empty() {
+            cmd.arg("--clear-groups");
+        } else {
+            cmd.arg(format!("--groups={groups}"));
+        }
+        Ok(cmd
+            .arg(bin("nvctl")?)
+            .arg("--socket")
+            .arg(&h.socket)
+            .args(["lookup", "list"])
+            .output()?)
+    };
+    let refused = as_nobody("")?;
+    let err = String::from_utf8_lossy(&refused.stderr);
+    if refused.status.success() || !err.contains("Permission denied") {
+        bail!("a user outside the socket's group got in: {err}");
+    }
+    // The socket's group (nv where it exists, else root's) is let in.
+    let member = as_nobody(&meta.gid().to_string())?;
+    ensure!(
+        member.status.success(),
+        "a member of the socket's group was refused: {}",
+        String::from_utf8_lossy(&member.stderr)
+    );
+    Ok(())
+}
