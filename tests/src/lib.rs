@@ -6,6 +6,7 @@ pub mod bench;
 pub mod capture;
 pub mod checks;
 pub mod fixture;
+pub mod fuzz;
 pub mod netns;
 pub mod sys;
 pub mod testbed;

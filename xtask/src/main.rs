@@ -34,6 +34,16 @@ enum Task {
         #[arg(long)]
         smoke: bool,
     },
+    /// Set up, then fuzz every datapath program with random and mutated frames (a short run
+    /// is part of `cargo xtask test`).
+    Fuzz {
+        /// How many frames (each runs through a VM-port program and an uplink program).
+        #[arg(long, default_value_t = 1_000_000)]
+        packets: u64,
+        /// Seed of the frame generator [default: the time]; a failure prints the one it used.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Set up, then run the two-host demo: RED and BLUE tenants with the same addresses.
     Demo {
         /// Leave the hosts and agents running for exploring (prints how to remove them).
@@ -72,6 +82,28 @@ fn main() -> anyhow::Result<()> {
             let mut test = vec!["test"];
             test.extend(args.iter().map(String::as_str));
             cargo_test(&test)
+        }
+        Task::Fuzz { packets, seed } => {
+            setup::run()?;
+            require_root("fuzzing loads BPF programs and creates a network namespace")?;
+            let packets = packets.to_string();
+            let seed = seed.map(|s| s.to_string());
+            let mut run = vec![
+                "run",
+                "--release",
+                "--quiet",
+                "--package",
+                "nv-tests",
+                "--bin",
+                "nv-fuzz",
+                "--",
+                "--packets",
+                &packets,
+            ];
+            if let Some(seed) = &seed {
+                run.extend(["--seed", seed]);
+            }
+            cargo(&run)
         }
         Task::Bench { smoke } => {
             setup::run()?;

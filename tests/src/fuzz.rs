@@ -1,0 +1,456 @@
+//! Fuzzing the datapath with `BPF_PROG_TEST_RUN`: random and mutated frames (valid NVGRE, ARP,
+//! IPv4 TCP/UDP and IP-rewrite packets as seeds) through every program, against the maps of
+//! `fixture::host`, with two properties checked on every frame:
+//! - no verdict outside the program's contract (never `XDP_ABORTED`), and every drop counted
+//!   under a reason (the drop counters grow by exactly the number of drops);
+//! - every frame that comes out goes to the port of the VSID and CA it belongs to, and to no
+//!   other: NVGRE only to the VM whose (VSID, CA) the key and inner destination name, a VM's frame
+//!   only inside its own VSID.
+use std::collections::HashMap;
+
+use anyhow::{bail, ensure};
+use nv_common::{
+    DatapathConfig, DeliverMeta, LookupKey, RestoreMeta,
+    program_names::{FROM_VM, UPLINK_TC, UPLINK_XDP},
+    v4_mapped,
+};
+
+use crate::fixture::{
+    BLUE1_MAC, BLUE2_MAC, CA1, CA2, CA3, GATEWAY_MAC, GREEN_GATEWAY_MAC, GREEN1_MAC, GREEN1_PA,
+    GREEN2_MAC, GREEN2_PA, Host, LOCAL_PA, RED, RED1_MAC, RED2_MAC, RED3_MAC, REMOTE_PA,
+    green_packets, host, nvgre, udp_frame,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// xorshift64*: deterministic, so a failure names the seed that reproduces it.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        #[expect(clippy::cast_possible_truncation, reason = "modulo a usize")]
+        let r = (self.next() % n as u64) as usize;
+        r
+    }
+
+    fn byte(&mut self) -> u8 {
+        self.next().to_le_bytes()[0]
+    }
+}
+
+fn seeds(h: &Host) -> Vec<Vec<u8>> {
+    let to_red1 = udp_frame(RED2_MAC, RED1_MAC, CA2, CA1, b"seed payload");
+    let mut seeds = vec![
+        udp_frame(RED1_MAC, RED2_MAC, CA1, CA2, b"seed payload"),
+        udp_frame(RED1_MAC, RED3_MAC, CA1, CA3, b"seed"),
+        udp_frame(BLUE1_MAC, BLUE2_MAC, CA1, CA2, b"seed"),
+        nvgre(
+            GATEWAY_MAC,
+            h.uplink_mac,
+            REMOTE_PA,
+            LOCAL_PA,
+            (RED << 8) | 3,
+            0,
+            &to_red1,
+        ),
+        nvgre(
+            GATEWAY_MAC,
+            h.uplink_mac,
+            REMOTE_PA,
+            LOCAL_PA,
+            6001 << 8,
+            0,
+            &udp_frame(BLUE2_MAC, BLUE1_MAC, CA2, CA1, b"s"),
+        ),
+        udp_frame(
+            GATEWAY_MAC,
+            h.uplink_mac,
+            REMOTE_PA,
+            LOCAL_PA,
+            b"host traffic",
+        ),
+    ];
+    let mut arp = Vec::new();
+    arp.extend_from_slice(&[0xff; 6]);
+    arp.extend_from_slice(&RED1_MAC);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&RED1_MAC);
+    arp.extend_from_slice(&CA1);
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&CA2);
+    seeds.push(arp);
+    seeds.extend(
+        green_packets(GREEN1_MAC, GREEN2_MAC, CA1, CA2)
+            .into_iter()
+            .map(|(_, f)| f),
+    );
+    seeds.extend(
+        green_packets(GREEN_GATEWAY_MAC, h.uplink_mac, GREEN2_PA, GREEN1_PA)
+            .into_iter()
+            .map(|(_, f)| f),
+    );
+    seeds
+}
+
+/// Header offsets worth aiming at: Ethernet type, IPv4 version/IHL, protocol, addresses, GRE
+/// flags, protocol and key, inner Ethernet type and addresses.
+const HOT: [usize; 14] = [
+    12,
+    13,
+    14,
+    23,
+    26,
+    30,
+    34,
+    35,
+    36,
+    38,
+    41,
+    54,
+    56 + 12,
+    56 + 16,
+];
+
+/// `BPF_PROG_TEST_RUN` itself refuses frames shorter than Ethernet, or than the IPv4/IPv6
+/// header their type announces; such frames are padded with random bytes (the programs still
+/// meet every truncation beyond those headers).
+fn runnable(rng: &mut Rng, mut f: Vec<u8>) -> Vec<u8> {
+    while f.len() < 14 {
+        f.push(rng.byte());
+    }
+    let need = match f.get(12..14) {
+        Some([0x08, 0x00]) => 34,
+        Some([0x86, 0xdd]) => 54,
+        _ => 14,
+    };
+    while f.len() < need {
+        f.push(rng.byte());
+    }
+    f
+}
+
+fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+    let mut f = seed.to_vec();
+    match rng.below(6) {
+        0 => {
+            // Entirely random.
+            let len = 14 + rng.below(200);
+            f = (0..len).map(|_| rng.byte()).collect();
+        }
+        1 => {
+            let cut = rng.below(f.len().max(1));
+            f.truncate(cut.max(1));
+        }
+        2 => {
+            let extra = rng.below(64);
+            f.extend((0..extra).map(|_| rng.byte()));
+        }
+        _ => {
+            for _ in 0..=rng.below(4) {
+                let at = if rng.below(2) == 0 {
+                    HOT[rng.below(HOT.len())]
+                } else {
+                    rng.below(f.len().max(1))
+                };
+                if at < f.len() {
+                    f[at] = rng.byte();
+                }
+            }
+        }
+    }
+    f
+}
+
+/// Where each (VSID, CA) of the fixture lives: its port ifindex (0 when remote).
+fn ports_by_record(h: &Host) -> HashMap<LookupKey, u32> {
+    h.desired
+        .lookups
+        .iter()
+        .map(|(k, v)| (*k, v.ifindex))
+        .collect()
+}
+
+fn ipv4(frame: &[u8], at: usize) -> Option<([u8; 4], [u8; 4])> {
+    let ip = frame.get(at..at + 20)?;
+    Some((ip[12..16].try_into().ok()?, ip[16..20].try_into().ok()?))
+}
+
+/// The VSID and inner frame of an NVGRE input, as the fuzzer's own reading of RFC 7637.
+fn nvgre_parts(frame: &[u8]) -> Option<(u32, &[u8])> {
+    let ihl = usize::from(*frame.get(14)? & 0x0f) * 4;
+    let gre = 14 + ihl;
+    let key = u32::from_be_bytes(frame.get(gre + 4..gre + 8)?.try_into().ok()?);
+    Some((key >> 8, frame.get(gre + 8..)?))
+}
+
+fn drops(h: &Host) -> anyhow::Result<u64> {
+    Ok(h.dp
+        .counters()?
+        .iter()
+        .filter(|(c, _)| c.name().starts_with("drop_"))
+        .map(|(_, n)| n)
+        .sum())
+}
+
+/// Checks the properties of one uplink run; `input` went in, `out`/`ret` came out.
+fn check_uplink(
+    records: &HashMap<LookupKey, u32>,
+    hook: &str,
+    input: &[u8],
+    ret: u32,
+    out: &[u8],
+    drop: u32,
+    pass: u32,
+) -> anyhow::Result<()> {
+    if ret == drop {
+        return Ok(());
+    }
+    let redirected = hook == UPLINK_TC && ret == TC_ACT_REDIRECT;
+    ensure!(ret == pass || redirected, "{hook}: verdict {ret}");
+    if hook == UPLINK_XDP
+        && out.len() >= 8
+        && u32::from_ne_bytes(out[..4].try_into()?) == DeliverMeta::MAGIC
+    {
+        let port = u32::from_ne_bytes(out[4..8].try_into()?);
+        let (vsid, inner) = nvgre_parts(input)
+            .ok_or_else(|| anyhow::anyhow!("delivered a frame that is not NVGRE"))?;
+        ensure!(
+            out[8..] == *inner,
+            "decapsulated frame differs from the inner frame"
+        );
+        let (_, dst) =
+            ipv4(inner, 14).ok_or_else(|| anyhow::anyhow!("delivered a frame without IPv4"))?;
+        let owner = records.get(&LookupKey {
+            vsid,
+            ca: v4_mapped(dst),
+        });
+        ensure!(
+            owner == Some(&port) && port != 0,
+            "VSID {vsid} {dst:?} delivered to port {port}, its record says {owner:?}"
+        );
+        return Ok(());
+    }
+    if hook == UPLINK_XDP
+        && out.len() >= 28
+        && u32::from_ne_bytes(out[..4].try_into()?) == RestoreMeta::MAGIC
+    {
+        let port = u32::from_ne_bytes(out[4..8].try_into()?);
+        let (_, dst_pa) = ipv4(input, 14).ok_or_else(|| anyhow::anyhow!("restore without IPv4"))?;
+        ensure!(
+            dst_pa == GREEN1_PA && port != 0,
+            "rewrite delivered for {dst_pa:?} to {port}"
+        );
+        return Ok(());
+    }
+    if redirected {
+        // TC decapsulated or restored it: what remains is a customer frame for a VM here.
+        if input.get(23) == Some(&47)
+            && let Some((vsid, inner)) = nvgre_parts(input)
+            && out == inner
+        {
+            let (_, dst) =
+                ipv4(inner, 14).ok_or_else(|| anyhow::anyhow!("delivered a frame without IPv4"))?;
+            let owner = records
+                .get(&LookupKey {
+                    vsid,
+                    ca: v4_mapped(dst),
+                })
+                .copied();
+            ensure!(
+                owner.is_some_and(|p| p != 0),
+                "TC delivered VSID {vsid} {dst:?}, which is no VM here"
+            );
+        } else {
+            // A restored IP-rewrite packet: GREEN-1 is the only rewrite VM here.
+            let (_, dst) =
+                ipv4(out, 14).ok_or_else(|| anyhow::anyhow!("redirected a frame without IPv4"))?;
+            ensure!(
+                dst == CA1 && out.get(0..6) == Some(&GREEN1_MAC[..]),
+                "restored packet for {dst:?} to {:02x?}",
+                out.get(0..6)
+            );
+        }
+        return Ok(());
+    }
+    // Passed: untouched.
+    ensure!(out == input, "{hook} passed a modified frame");
+    Ok(())
+}
+
+/// Checks a from-VM run on the port of (`vsid`, `ca`, `mac`).
+fn check_from_vm(
+    records: &HashMap<LookupKey, u32>,
+    vsid: u32,
+    mac: [u8; 6],
+    input: &[u8],
+    ret: u32,
+    out: &[u8],
+) -> anyhow::Result<()> {
+    match ret {
+        TC_ACT_SHOT => return Ok(()),
+        TC_ACT_REDIRECT => {}
+        other => bail!("from-VM verdict {other}"),
+    }
+    ensure!(
+        input.get(6..12) == Some(&mac[..]),
+        "a frame with another source MAC got through"
+    );
+    if out.get(12..14) == Some(&[0x08, 0x06]) {
+        // An ARP reply back to the VM, about an address of its own VSID.
+        ensure!(
+            out.get(0..6) == Some(&mac[..]),
+            "ARP reply not addressed to the asking VM"
+        );
+        let spa: [u8; 4] = out
+            .get(28..32)
+            .ok_or_else(|| anyhow::anyhow!("short ARP"))?
+            .try_into()?;
+        ensure!(
+            records.contains_key(&LookupKey {
+                vsid,
+                ca: v4_mapped(spa)
+            }),
+            "ARP answered for {spa:?} outside VSID {vsid}"
+        );
+        return Ok(());
+    }
+    // NVGRE grows the frame by exactly its 42 bytes (a rewritten frame keeps its size, even
+    // when the customer's own protocol is GRE).
+    if out.len() == input.len() + 42 && out.get(23) == Some(&47) {
+        let (key_vsid, inner) = nvgre_parts(out).ok_or_else(|| anyhow::anyhow!("bad NVGRE out"))?;
+        ensure!(
+            key_vsid == vsid,
+            "port of VSID {vsid} encapsulated into VSID {key_vsid}"
+        );
+        ensure!(inner == input, "inner frame differs from what the VM sent");
+        let (_, dst) = ipv4(inner, 14).ok_or_else(|| anyhow::anyhow!("no inner IPv4"))?;
+        ensure!(
+            records.contains_key(&LookupKey {
+                vsid,
+                ca: v4_mapped(dst)
+            }),
+            "sent to {dst:?}, no CA of VSID {vsid}"
+        );
+        return Ok(());
+    }
+    let (src, dst) =
+        ipv4(out, 14).ok_or_else(|| anyhow::anyhow!("redirected a frame without IPv4"))?;
+    if out == input {
+        ensure!(
+            records
+                .get(&LookupKey {
+                    vsid,
+                    ca: v4_mapped(dst)
+                })
+                .is_some_and(|p| *p != 0),
+            "delivered locally to {dst:?}, no VM of VSID {vsid} here"
+        );
+    } else {
+        // IP rewrite: only GREEN's dedicated PAs may appear.
+        ensure!(
+            src == GREEN1_PA && dst == GREEN2_PA && vsid == 7001,
+            "rewrite from VSID {vsid}: {src:?} -> {dst:?}"
+        );
+    }
+    Ok(())
+}
+
+/// What a fuzzing run saw: every category must be non-empty for the properties to mean much.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    pub runs: u64,
+    pub dropped: u64,
+    /// Redirected by TC, or passed up by XDP with metadata for a VM.
+    pub delivered: u64,
+    /// Passed to the host untouched.
+    pub passed: u64,
+}
+
+/// Runs `frames` random and mutated frames from `seed` through every program.
+pub fn run(frames: u64, seed: u64) -> anyhow::Result<Stats> {
+    std::thread::spawn(move || fuzz(frames, seed))
+        .join()
+        .map_err(|_| anyhow::anyhow!("fuzzer panicked"))?
+}
+
+fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
+    let mut h = host(true)?;
+    let records = ports_by_record(&h);
+    let ports = [
+        (h.red1, RED, RED1_MAC),
+        (h.blue1, 6001, BLUE1_MAC),
+        (h.green1, 7001, GREEN1_MAC),
+    ];
+    let seeds = seeds(&h);
+    // splitmix64 of the seed: every seed its own stream, never the all-zero state.
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    let mut rng = Rng((z ^ (z >> 31)) | 1);
+    let mut stats = Stats::default();
+    for (phase, flags) in [
+        DatapathConfig::HAS_REWRITE,
+        DatapathConfig::HAS_REWRITE | DatapathConfig::TC_DECAP,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        h.set_flags(flags)?;
+        let before = drops(&h)?;
+        let mut dropped = 0u64;
+        for i in 0..frames / 2 {
+            let pick = rng.below(seeds.len());
+            let mutated = mutate(&mut rng, &seeds[pick]);
+            let frame = runnable(&mut rng, mutated);
+            let why = |e: anyhow::Error| {
+                e.context(format!(
+                    "seed {seed}, phase {phase}, frame {i}: {frame:02x?}"
+                ))
+            };
+            let (port, vsid, mac) = ports[rng.below(ports.len())];
+            let out =
+                h.dp.test_run(FROM_VM, &frame, Some(port), 1)
+                    .map_err(|e| why(e.into()))?;
+            check_from_vm(&records, vsid, mac, &frame, out.ret, &out.data).map_err(why)?;
+            dropped += u64::from(out.ret == TC_ACT_SHOT);
+            stats.delivered += u64::from(out.ret == TC_ACT_REDIRECT);
+            let (hook, drop, pass) = if phase == 0 {
+                (UPLINK_XDP, XDP_DROP, XDP_PASS)
+            } else {
+                (UPLINK_TC, TC_ACT_SHOT, TC_ACT_OK)
+            };
+            let out =
+                h.dp.test_run(hook, &frame, None, 1)
+                    .map_err(|e| why(e.into()))?;
+            check_uplink(&records, hook, &frame, out.ret, &out.data, drop, pass).map_err(why)?;
+            dropped += u64::from(out.ret == drop);
+            let meta = out.data.len() >= 4
+                && [DeliverMeta::MAGIC, RestoreMeta::MAGIC]
+                    .contains(&u32::from_ne_bytes(out.data[..4].try_into()?));
+            if out.ret == TC_ACT_REDIRECT || (out.ret == XDP_PASS && hook == UPLINK_XDP && meta) {
+                stats.delivered += 1;
+            } else if out.ret == pass {
+                stats.passed += 1;
+            }
+            stats.runs += 2;
+        }
+        let counted = drops(&h)? - before;
+        ensure!(
+            counted == dropped,
+            "phase {phase}: {dropped} drops but {counted} counted under a reason"
+        );
+        stats.dropped += dropped;
+    }
+    Ok(stats)
+}
