@@ -24,7 +24,6 @@ pub fn reply(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
         || u16::from_be_bytes(arp.ptype) != ETH_P_IP
         || arp.hlen != 6
         || arp.plen != 4
-        || u16::from_be_bytes(arp.op) != ARPOP_REQUEST
     {
         return Err(Counter::DropVmArp);
     }
@@ -32,6 +31,10 @@ pub fn reply(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
     // says about other addresses is believed, and nothing is learned from it anyway.
     if arp.sha != port.mac || (v4_mapped(arp.spa) != port.ca && arp.spa != [0; 4]) {
         return Err(Counter::DropVmSpoofedArp);
+    }
+    // Replies (the host answers every request itself) and anything but requests: dropped.
+    if u16::from_be_bytes(arp.op) != ARPOP_REQUEST {
+        return Err(Counter::DropVmArp);
     }
     // Gratuitous ARP and probes for its own address: nothing to answer.
     if v4_mapped(arp.tpa) == port.ca {

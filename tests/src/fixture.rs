@@ -43,24 +43,28 @@ pub const GREEN_GATEWAY_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x03];
 pub const GREEN1_MAC: [u8; 6] = [2, 0, 0, 0, 1, 7];
 pub const GREEN2_MAC: [u8; 6] = [2, 0, 0, 0, 2, 7];
 
+/// A pin directory, purged on drop (also when loading into it failed half way).
+pub struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = nv_agent::datapath::purge(&self.0);
+    }
+}
+
 /// A host in a namespace with an uplink (PA 198.18.0.1, the remote PA's neighbour known) and
 /// three VM ports: RED-1 (10.0.0.1), BLUE-1 (10.0.0.1) and RED-3 (10.0.0.3). RED-2 and BLUE-2
-/// (10.0.0.2) are remote. The test thread runs inside the namespace.
+/// (10.0.0.2) are remote. The test thread runs inside the namespace. Fields drop in order:
+/// the datapath, then its pins, then the namespace.
 pub struct Host {
     pub dp: Datapath,
+    _pin: PinDir,
     pub ns: Netns,
-    pin: PathBuf,
     pub uplink_mac: [u8; 6],
     pub red1: u32,
     pub blue1: u32,
     pub green1: u32,
     pub desired: Desired,
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = nv_agent::datapath::purge(&self.pin);
-    }
 }
 
 /// The host's namespace: uplink with both local PAs and the remote PAs' neighbours known,
@@ -199,8 +203,8 @@ pub fn host(forwarding: bool) -> anyhow::Result<Host> {
 pub fn host_with(forwarding: bool, extra: u32) -> anyhow::Result<Host> {
     let ns = host_namespace(forwarding)?;
     ns.enter_current_thread()?;
-    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
-    let mut dp = Datapath::load(&pin, 1024 + extra)?;
+    let pin = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", ns.name)));
+    let mut dp = Datapath::load(&pin.0, 1024 + extra)?;
     dp.load_floors()?;
     let mut desired = host_maps(&ns)?;
     for i in 0..extra {
@@ -228,8 +232,8 @@ pub fn host_with(forwarding: bool, extra: u32) -> anyhow::Result<Host> {
     );
     Ok(Host {
         dp,
+        _pin: pin,
         ns,
-        pin,
         uplink_mac,
         red1,
         blue1,

@@ -1,0 +1,147 @@
+//! Attacks crafted with scapy (an independent packet builder) from a tenant VM and from a
+//! stranger on the underlay: none is delivered to any VM, each is counted under its reason,
+//! and the tenants' own traffic keeps flowing.
+use std::collections::HashMap;
+
+use anyhow::{Context as _, ensure};
+use nv_tests::{
+    capture::{self, Capture},
+    sys::run,
+    testbed::TwoHosts,
+};
+
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/attack.py");
+/// Debian's Python, where Debian's python3-scapy imports (the first python3 on PATH may not be).
+const PYTHON: &str = "/usr/bin/python3";
+
+fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str) -> u64 {
+    after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
+}
+
+/// Frames carrying the attack marker in a capture.
+fn marked(file: &std::path::Path) -> anyhow::Result<usize> {
+    Ok(capture::frames(file)?
+        .iter()
+        .filter(|f| f.windows(9).any(|w| w == b"nv-attack"))
+        .count())
+}
+
+/// Plugs a stranger's interface (`evil`) into the underlay bridge and waits until it forwards.
+fn plug_stranger(bed: &TwoHosts) -> anyhow::Result<()> {
+    bed.underlay.ip(&[
+        "link", "add", "evil", "type", "veth", "peer", "name", "evilp",
+    ])?;
+    bed.underlay
+        .ip(&["link", "set", "evilp", "master", "br0", "up"])?;
+    bed.underlay.ip(&["link", "set", "evil", "up"])?;
+    // A new bridge port forwards only once the kernel has seen its carrier (asynchronously).
+    let mut ready = false;
+    for _ in 0..50 {
+        let state = bed
+            .underlay
+            .exec("cat", &["/sys/class/net/evilp/operstate"])?;
+        if state.trim() == "up" {
+            ready = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    ensure!(ready, "the stranger's port never came up");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    Ok(())
+}
+
+#[test]
+fn attacks_from_a_vm_and_from_the_underlay_are_dropped_and_counted() -> anyhow::Result<()> {
+    let bed = TwoHosts::build("x")?;
+    bed.configure()?;
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 2)? == 2,
+        "no traffic before the attacks"
+    );
+    let (h1, h2) = (&bed.hosts[0], &bed.hosts[1]);
+    let watch: Vec<Capture> = ["RED-2", "BLUE-2", "BLUE-1"]
+        .iter()
+        .map(|vm| {
+            Capture::start(
+                &bed.vm(vm).ns,
+                "eth0",
+                &bed.tmp_dir().join(format!("{vm}.pcap")),
+                60,
+            )
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let underlay = Capture::start(
+        &bed.underlay,
+        "br0",
+        &bed.tmp_dir().join("underlay.pcap"),
+        60,
+    )?;
+
+    // From inside RED-1.
+    let before = h1.counters()?;
+    bed.vm("RED-1").ns.exec(PYTHON, &[SCRIPT, "vm", "eth0"])?;
+    let after = h1.counters()?;
+    for (reason, at_least) in [
+        ("drop_vm_spoofed_ip", 5),
+        ("drop_vm_spoofed_mac", 5),
+        ("drop_vm_spoofed_arp", 10),
+        ("drop_vm_unknown_dst", 15),
+    ] {
+        let d = delta(&before, &after, reason);
+        ensure!(
+            d >= at_least,
+            "{reason}: counted {d}, expected at least {at_least}"
+        );
+    }
+
+    // A stranger on the underlay bridge, forging NVGRE to host1.
+    plug_stranger(&bed)?;
+    let host1_mac = h1.ns.exec("cat", &["/sys/class/net/uplink0/address"])?;
+    let before = h1.counters()?;
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &bed.underlay.name,
+            PYTHON,
+            SCRIPT,
+            "underlay",
+            "evil",
+            host1_mac.trim(),
+        ],
+    )?;
+    let after = h1.counters()?;
+    ensure!(
+        delta(&before, &after, "drop_uplink_spoofed_pa") >= 5,
+        "forged PA not counted: {after:?}"
+    );
+    ensure!(
+        delta(&before, &after, "drop_uplink_spoofed_mac") >= 5,
+        "other tenant's VSID not counted: {after:?}"
+    );
+
+    // Nothing reached a VM, and nothing a VM aimed at the host or the underlay left its host.
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 2)? == 2,
+        "RED traffic broken by the attacks"
+    );
+    for (vm, cap) in ["RED-2", "BLUE-2", "BLUE-1"].iter().zip(watch) {
+        let n = marked(&cap.stop()?)?;
+        ensure!(n == 0, "{vm} received {n} attack frames");
+    }
+    let file = underlay.stop()?;
+    let leaked = capture::frames(&file)?
+        .iter()
+        .filter(|f| f.windows(9).any(|w| w == b"nv-attack"))
+        // The stranger's own NVGRE is on the bridge by design; VMs' attacks must not be.
+        .filter(|f| f.get(23) != Some(&47))
+        .count();
+    ensure!(
+        leaked == 0,
+        "{leaked} attack frames from RED-1 reached the underlay"
+    );
+    let _ = h2.counters().context("host2 still answers")?;
+    Ok(())
+}
