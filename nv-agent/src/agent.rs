@@ -317,6 +317,7 @@ impl Agent {
             d.lookups.insert(e.key, e.value);
             if let Some(p) = e.port {
                 d.ports.insert(ifindex, p);
+                *d.hosted_vsids.entry(r.vsid).or_default() += 1;
             }
             if let Some((pa, v)) = e.rewrite {
                 d.rewrite_pas.insert(pa, v);
@@ -377,7 +378,20 @@ impl Agent {
         self.update_flags()
     }
 
+    /// VSIDs with a VM whose port is attached here.
+    fn hosted_vsids(&self) -> HashMap<u32, u32> {
+        let mut hosted = HashMap::new();
+        for port in self.attached.keys() {
+            if let Some(r) = self.catalog.by_port(port) {
+                *hosted.entry(r.vsid).or_default() += 1;
+            }
+        }
+        hosted
+    }
+
     fn update_flags(&mut self) -> Result<()> {
+        let hosted = self.hosted_vsids();
+        self.datapath.sync_hosted_vsids(&hosted)?;
         let flags = self.wanted_flags();
         if flags != self.flags {
             self.datapath.set_config(self.datapath_config())?;

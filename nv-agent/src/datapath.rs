@@ -65,6 +65,8 @@ pub struct Desired {
     pub ports: HashMap<u32, PortInfo>,
     pub local_pas: HashMap<Addr, LocalPa>,
     pub rewrite_pas: HashMap<Addr, RewritePa>,
+    /// VSIDs with a VM on this host, and how many ports each has.
+    pub hosted_vsids: HashMap<u32, u32>,
 }
 
 pub struct Datapath {
@@ -296,6 +298,11 @@ impl Datapath {
         sync_hash(&mut self.ebpf, map_names::PORTS, &desired.ports)?;
         sync_hash(&mut self.ebpf, map_names::LOOKUPS, &desired.lookups)?;
         sync_hash(&mut self.ebpf, map_names::REWRITE_PAS, &desired.rewrite_pas)?;
+        sync_hash(
+            &mut self.ebpf,
+            map_names::HOSTED_VSIDS,
+            &desired.hosted_vsids,
+        )?;
         Ok(())
     }
 
@@ -326,6 +333,10 @@ impl Datapath {
     pub fn set_config(&mut self, config: DatapathConfig) -> Result<()> {
         let mut m: Array<&mut MapData, DatapathConfig> = map(&mut self.ebpf, map_names::CONFIG)?;
         m.set(0, config, 0).map_err(|e| dp_err("write config", e))
+    }
+
+    pub fn sync_hosted_vsids(&mut self, hosted: &HashMap<u32, u32>) -> Result<()> {
+        sync_hash(&mut self.ebpf, map_names::HOSTED_VSIDS, hosted)
     }
 
     pub fn sync_local_pas(&mut self, local_pas: &HashMap<Addr, LocalPa>) -> Result<()> {

@@ -73,10 +73,12 @@ pub enum Counter {
     DropUplinkSpoofedPa,
     /// Uplink: NVGRE whose inner source MAC is not the one recorded for its CA.
     DropUplinkSpoofedMac,
+    /// Uplink: NVGRE for a VSID that has no VM on this host.
+    DropUplinkVsidNotHosted,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::DropUplinkSpoofedMac as u32 + 1;
+    pub const COUNT: u32 = Counter::DropUplinkVsidNotHosted as u32 + 1;
 
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::VmTxEncap,
@@ -112,6 +114,7 @@ impl Counter {
         Counter::DropVmSpoofedArp,
         Counter::DropUplinkSpoofedPa,
         Counter::DropUplinkSpoofedMac,
+        Counter::DropUplinkVsidNotHosted,
     ];
 
     /// Stable snake_case name, used by `nvctl stats` and as the metrics label.
@@ -151,6 +154,7 @@ impl Counter {
             Counter::DropVmSpoofedArp => "drop_vm_spoofed_arp",
             Counter::DropUplinkSpoofedPa => "drop_uplink_spoofed_pa",
             Counter::DropUplinkSpoofedMac => "drop_uplink_spoofed_mac",
+            Counter::DropUplinkVsidNotHosted => "drop_uplink_vsid_not_hosted",
         }
     }
 }

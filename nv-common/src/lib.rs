@@ -25,7 +25,8 @@ pub mod map_names {
     pub const COUNTERS: &str = "NV_COUNTERS";
     pub const REWRITE_PAS: &str = "NV_REWRITE_PAS";
     pub const NEXTHOPS: &str = "NV_NEXTHOPS";
-    pub const ALL: [&str; 7] = [
+    pub const HOSTED_VSIDS: &str = "NV_HOSTED_VSIDS";
+    pub const ALL: [&str; 8] = [
         LOOKUPS,
         PORTS,
         LOCAL_PAS,
@@ -33,6 +34,7 @@ pub mod map_names {
         COUNTERS,
         REWRITE_PAS,
         NEXTHOPS,
+        HOSTED_VSIDS,
     ];
 }
 
@@ -53,6 +55,8 @@ pub mod program_names {
 pub const DEFAULT_MAX_LOOKUPS: u32 = 1 << 20;
 pub const MAX_PORTS: u32 = 65_536;
 pub const MAX_LOCAL_PAS: u32 = 4_096;
+/// VSIDs with a VM on this host.
+pub const MAX_HOSTED_VSIDS: u32 = 65_536;
 /// Rewrite records, local and remote (one PA each).
 pub const MAX_REWRITE_PAS: u32 = 65_536;
 

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use nv_common::{
     Addr, Counter, DEFAULT_MAX_LOOKUPS, DatapathConfig, LocalPa, LookupKey, LookupValue,
-    MAX_LOCAL_PAS, MAX_PORTS, MAX_REWRITE_PAS, NextHop, PortInfo, RewritePa,
+    MAX_HOSTED_VSIDS, MAX_LOCAL_PAS, MAX_PORTS, MAX_REWRITE_PAS, NextHop, PortInfo, RewritePa,
 };
 
 #[map(name = "NV_LOOKUPS")]
@@ -30,3 +30,8 @@ pub static REWRITE_PAS: HashMap<Addr, RewritePa> = HashMap::pinned(MAX_REWRITE_P
 /// The underlay next hop of each destination PA (IPv4, network order), cached by the datapath.
 #[map(name = "NV_NEXTHOPS")]
 pub static NEXTHOPS: LruHashMap<u32, NextHop> = LruHashMap::pinned(NextHop::MAX, 0);
+
+/// VSIDs with a VM on this host (value: how many ports): NVGRE for any other VSID is refused
+/// with its own reason.
+#[map(name = "NV_HOSTED_VSIDS")]
+pub static HOSTED_VSIDS: HashMap<u32, u32> = HashMap::pinned(MAX_HOSTED_VSIDS, 0);

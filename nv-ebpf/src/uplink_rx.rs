@@ -11,7 +11,7 @@ use nv_common::{
 };
 
 use crate::{
-    maps::{CONFIG, LOCAL_PAS, LOOKUPS, REWRITE_PAS},
+    maps::{CONFIG, HOSTED_VSIDS, LOCAL_PAS, LOOKUPS, REWRITE_PAS},
     packet::{EthHdr, GreHdr, Ipv4Hdr, read_at},
 };
 
@@ -87,7 +87,14 @@ pub fn classify(data: usize, end: usize) -> Result<Verdict, Counter> {
         ca: v4_mapped(inner_ip.dst),
     };
     // SAFETY: read-only use of a value the agent replaces whole.
-    let dst = unsafe { LOOKUPS.get(&lookup) }.ok_or(Counter::DropUplinkUnknownDst)?;
+    let Some(dst) = (unsafe { LOOKUPS.get(&lookup) }) else {
+        // SAFETY: presence check only.
+        return Err(if unsafe { HOSTED_VSIDS.get(&vsid) }.is_none() {
+            Counter::DropUplinkVsidNotHosted
+        } else {
+            Counter::DropUplinkUnknownDst
+        });
+    };
     if dst.ifindex == 0 {
         return Err(Counter::DropUplinkNotLocal);
     }

@@ -42,6 +42,8 @@ def underlay(iface, host1_mac):
         Ether(src=me, dst=host1_mac) / IP(src="198.18.0.66", dst="198.18.0.1", flags="DF") / GRE(key_present=1, key=5001 << 8, proto=0x6558) / inner_red,
         # RED-2's PA forged as the source, under BLUE's VSID, carrying RED-2's frame.
         Ether(src=me, dst=host1_mac) / IP(src="198.18.0.2", dst="198.18.0.1", flags="DF") / GRE(key_present=1, key=6001 << 8, proto=0x6558) / inner_red,
+        # A VSID no VM on host1 belongs to.
+        Ether(src=me, dst=host1_mac) / IP(src="198.18.0.2", dst="198.18.0.1", flags="DF") / GRE(key_present=1, key=7777 << 8, proto=0x6558) / inner_red,
     ]
     for f in frames:
         sendp(f, iface=iface, count=COUNT, verbose=False)

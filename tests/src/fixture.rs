@@ -191,6 +191,8 @@ pub fn host_maps(ns: &Netns) -> anyhow::Result<Desired> {
     // A rewrite PA of another VSID, to prove sources are checked within the VSID.
     d.rewrite_pas
         .insert(v4_mapped(OTHER_PA), dedicated(7002, CA2, GREEN2_MAC, 0));
+    // RED (RED-1, RED-3), BLUE (BLUE-1) and GREEN (GREEN-1) have VMs here.
+    d.hosted_vsids.extend([(RED, 2), (BLUE, 1), (GREEN, 1)]);
     Ok(d)
 }
 

@@ -121,6 +121,10 @@ fn attacks_from_a_vm_and_from_the_underlay_are_dropped_and_counted() -> anyhow::
         delta(&before, &after, "drop_uplink_spoofed_mac") >= 5,
         "other tenant's VSID not counted: {after:?}"
     );
+    ensure!(
+        delta(&before, &after, "drop_uplink_vsid_not_hosted") >= 5,
+        "VSID not hosted here not counted: {after:?}"
+    );
 
     // Nothing reached a VM, and nothing a VM aimed at the host or the underlay left its host.
     ensure!(

@@ -181,7 +181,7 @@ fn uplink_drops_bad_nvgre_with_its_reason_and_passes_the_rest_untouched() -> any
         &ours(7777 << 8),
         None,
         XDP_DROP,
-        "drop_uplink_unknown_dst",
+        "drop_uplink_vsid_not_hosted",
     )?;
     let unknown_ca = nvgre(
         GATEWAY_MAC,
@@ -510,7 +510,7 @@ fn tc_decapsulation_restores_the_frame_exactly_and_drops_like_xdp() -> anyhow::R
         ),
         None,
         TC_ACT_SHOT,
-        "drop_uplink_unknown_dst",
+        "drop_uplink_vsid_not_hosted",
     )?;
     let mut flags = frame.clone();
     flags[34..36].copy_from_slice(&0xa000u16.to_be_bytes());
