@@ -317,6 +317,20 @@ pub fn udp_frame(
     out
 }
 
+/// An Ethernet ARP frame from `src_mac` (broadcast): `op` 1 is a request, 2 a reply; the
+/// target hardware address is left zero.
+pub fn arp_frame(src_mac: [u8; 6], op: u8, sha: [u8; 6], spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(42);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, op]);
+    f.extend_from_slice(&sha);
+    f.extend_from_slice(&spa);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&tpa);
+    f
+}
+
 /// Sets the IPv4 TOS byte of a frame and fixes its header checksum (etherparse computes it).
 pub fn with_tos(mut frame: Vec<u8>, tos: u8) -> Vec<u8> {
     let mut h = Ipv4HeaderSlice::from_slice(&frame[14..])

@@ -17,7 +17,7 @@ use nv_common::{
 
 use crate::fixture::{
     BLUE1_MAC, BLUE2_MAC, CA1, CA2, CA3, GATEWAY_MAC, GREEN_GATEWAY_MAC, GREEN1_MAC, GREEN1_PA,
-    GREEN2_MAC, GREEN2_PA, Host, LOCAL_PA, RED, RED1_MAC, RED2_MAC, RED3_MAC, REMOTE_PA,
+    GREEN2_MAC, GREEN2_PA, Host, LOCAL_PA, RED, RED1_MAC, RED2_MAC, RED3_MAC, REMOTE_PA, arp_frame,
     green_packets, host, nvgre, udp_frame,
 };
 
@@ -81,15 +81,7 @@ fn seeds(h: &Host) -> Vec<Vec<u8>> {
             b"host traffic",
         ),
     ];
-    let mut arp = Vec::new();
-    arp.extend_from_slice(&[0xff; 6]);
-    arp.extend_from_slice(&RED1_MAC);
-    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
-    arp.extend_from_slice(&RED1_MAC);
-    arp.extend_from_slice(&CA1);
-    arp.extend_from_slice(&[0; 6]);
-    arp.extend_from_slice(&CA2);
-    seeds.push(arp);
+    seeds.push(arp_frame(RED1_MAC, 1, RED1_MAC, CA1, CA2));
     seeds.extend(
         green_packets(GREEN1_MAC, GREEN2_MAC, CA1, CA2)
             .into_iter()

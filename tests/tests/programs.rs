@@ -290,17 +290,7 @@ fn uplink_drops_bad_nvgre_with_its_reason_and_passes_the_rest_untouched() -> any
 fn vm_side_answers_arp_delivers_locally_and_drops_unknown() -> anyhow::Result<()> {
     let h = host(true)?;
     // ARP request from RED-1 for 10.0.0.2: answered with RED-2's MAC, back out of red1.
-    let arp = {
-        let mut f = Vec::new();
-        f.extend_from_slice(&[0xff; 6]);
-        f.extend_from_slice(&RED1_MAC);
-        f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
-        f.extend_from_slice(&RED1_MAC);
-        f.extend_from_slice(&CA1);
-        f.extend_from_slice(&[0; 6]);
-        f.extend_from_slice(&CA2);
-        f
-    };
+    let arp = arp_frame(RED1_MAC, 1, RED1_MAC, CA1, CA2);
     let out = h.expect(
         FROM_VM,
         &arp,
@@ -557,17 +547,7 @@ fn a_vm_speaks_only_with_its_own_identity() -> anyhow::Result<()> {
         "drop_vm_spoofed_ip",
     )?;
     // ARP poisoning: RED-1 claims 10.0.0.3 (RED-3's address), or speaks with RED-3's MAC.
-    let arp = |sha: [u8; 6], spa: [u8; 4], tpa: [u8; 4]| {
-        let mut f = Vec::new();
-        f.extend_from_slice(&[0xff; 6]);
-        f.extend_from_slice(&RED1_MAC);
-        f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
-        f.extend_from_slice(&sha);
-        f.extend_from_slice(&spa);
-        f.extend_from_slice(&[0; 6]);
-        f.extend_from_slice(&tpa);
-        f
-    };
+    let arp = |sha, spa, tpa| arp_frame(RED1_MAC, 1, sha, spa, tpa);
     h.expect(
         FROM_VM,
         &arp(RED1_MAC, CA3, CA2),
