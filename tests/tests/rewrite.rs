@@ -85,7 +85,13 @@ fn rewrite_scenario(hook: &str) -> anyhow::Result<()> {
     let from_red1 = |file| -> anyhow::Result<Vec<Vec<u8>>> {
         Ok(capture::frames(file)?
             .into_iter()
-            .filter(|f| f.len() > 14 && f[6..12] == [2, 0, 0, 0, 1, 1] && f[12..14] == [8, 0])
+            // IPv4 from RED-1 to RED-2 (not, say, an IGMP report the VM's kernel sends).
+            .filter(|f| {
+                f.len() >= 34
+                    && f[6..12] == [2, 0, 0, 0, 1, 1]
+                    && f[12..14] == [8, 0]
+                    && f[30..34] == [10, 0, 0, 2]
+            })
             .collect())
     };
     let (sent, received) = (from_red1(&a)?, from_red1(&b)?);
