@@ -10,6 +10,20 @@ use nv_tests::{
 
 const RED_PAS: [&str; 2] = ["198.18.1.1", "198.18.1.2"];
 
+/// The IPv4 frames from RED-1 to RED-2 in a capture (not, say, an IGMP report the VM's kernel
+/// sends on its own).
+fn red1_to_red2(file: &std::path::Path) -> anyhow::Result<Vec<Vec<u8>>> {
+    Ok(capture::frames(file)?
+        .into_iter()
+        .filter(|f| {
+            f.len() >= 34
+                && f[6..12] == [2, 0, 0, 0, 1, 1]
+                && f[12..14] == [8, 0]
+                && f[30..34] == [10, 0, 0, 2]
+        })
+        .collect())
+}
+
 fn set_tx_checksum_offload(vm: &Vm, on: bool) -> anyhow::Result<()> {
     vm.ns.exec(
         "ethtool",
@@ -82,19 +96,7 @@ fn rewrite_scenario(hook: &str) -> anyhow::Result<()> {
     let (sent, got) = udp_transfer(red2, red1, "10.0.0.2", 20, 300)?;
     ensure!(sent == got, "UDP: sent {sent}, intact {got}");
     let (a, b) = (cap_a.stop()?, cap_b.stop()?);
-    let from_red1 = |file| -> anyhow::Result<Vec<Vec<u8>>> {
-        Ok(capture::frames(file)?
-            .into_iter()
-            // IPv4 from RED-1 to RED-2 (not, say, an IGMP report the VM's kernel sends).
-            .filter(|f| {
-                f.len() >= 34
-                    && f[6..12] == [2, 0, 0, 0, 1, 1]
-                    && f[12..14] == [8, 0]
-                    && f[30..34] == [10, 0, 0, 2]
-            })
-            .collect())
-    };
-    let (sent, received) = (from_red1(&a)?, from_red1(&b)?);
+    let (sent, received) = (red1_to_red2(&a)?, red1_to_red2(&b)?);
     ensure!(
         sent.len() >= 23,
         "captured only {} IPv4 frames from RED-1",
