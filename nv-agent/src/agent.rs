@@ -258,6 +258,7 @@ impl Agent {
                     self.datapath.del_rewrite(pa)?;
                 }
                 self.attached.remove(&port);
+                self.sync_hosted()?;
             }
             if let Some(old) = before {
                 self.datapath.del_port(old)?;
@@ -348,6 +349,7 @@ impl Agent {
         let e = entries(r, ifindex);
         if let Some(p) = &e.port {
             self.datapath.put_port(ifindex, p)?;
+            self.sync_hosted()?;
         }
         if let Some((pa, v)) = &e.rewrite {
             self.datapath.put_rewrite(pa, v)?;
@@ -374,6 +376,7 @@ impl Agent {
         {
             self.datapath.del_port(ifindex)?;
             self.datapath.detach_port(port)?;
+            self.sync_hosted()?;
         }
         self.update_flags()
     }
@@ -389,9 +392,13 @@ impl Agent {
         hosted
     }
 
-    fn update_flags(&mut self) -> Result<()> {
+    /// Rewrites the hosted-VSID map: only when ports came or went (it walks the ports).
+    fn sync_hosted(&mut self) -> Result<()> {
         let hosted = self.hosted_vsids();
-        self.datapath.sync_hosted_vsids(&hosted)?;
+        self.datapath.sync_hosted_vsids(&hosted)
+    }
+
+    fn update_flags(&mut self) -> Result<()> {
         let flags = self.wanted_flags();
         if flags != self.flags {
             self.datapath.set_config(self.datapath_config())?;

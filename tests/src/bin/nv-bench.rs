@@ -22,12 +22,32 @@ fn run() -> anyhow::Result<()> {
             || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench"),
             PathBuf::from,
         );
-    eprintln!("bench: program cost ...");
-    let programs = programs::run(scale)?;
-    eprintln!("bench: end to end ...");
-    let e2e = e2e::run_all(scale)?;
+    // `--only control` (or programs, e2e) measures one part, for working on it.
+    let only = std::env::args().skip_while(|a| a != "--only").nth(1);
+    let wanted = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    if let Some(part) = &only
+        && !["programs", "e2e", "control"].contains(&part.as_str())
+    {
+        anyhow::bail!("--only takes programs, e2e or control, not '{part}'");
+    }
+    let programs = if wanted("programs") {
+        eprintln!("bench: program cost ...");
+        programs::run(scale)?
+    } else {
+        Vec::new()
+    };
+    let e2e = if wanted("e2e") {
+        eprintln!("bench: end to end ...");
+        e2e::run_all(scale)?
+    } else {
+        Vec::new()
+    };
     eprintln!("bench: control plane ...");
-    let control = control::run(scale)?;
+    let control = control::run(if wanted("control") {
+        scale
+    } else {
+        Scale { smoke: true }
+    })?;
     let goals = report::goals(&programs, &e2e);
     let r = report::Report {
         smoke: scale.smoke,
