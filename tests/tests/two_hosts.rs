@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use anyhow::{Context as _, ensure};
 use nv_tests::{
     checks,
-    testbed::{BLUE_VSID, RED_VSID, TwoHosts, tcp_transfer},
+    testbed::{BLUE_VSID, RED_VSID, TwoHosts, tcp_transfer, udp_transfer},
 };
 
 fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str) -> u64 {
@@ -28,9 +28,49 @@ fn foundation_scenario(hook: &str) -> anyhow::Result<()> {
     let mut bed = TwoHosts::build_with("f", &["--decap-hook", hook])?;
     bed.configure()?;
     tenants_ride_nvgre_with_their_vsid(&bed)?;
+    inner_checksums_survive_encapsulation(&bed)?;
     red_never_reaches_blue(&bed)?;
     deleting_a_record_stops_its_flow(&bed)?;
     migration_keeps_the_address(&mut bed)
+}
+
+/// With checksum offload off in the VMs (so every packet carries its real checksums), tshark
+/// finds every inner IPv4, TCP and UDP checksum of the NVGRE on the underlay valid.
+fn inner_checksums_survive_encapsulation(bed: &TwoHosts) -> anyhow::Result<()> {
+    for vm in ["RED-1", "RED-2"] {
+        bed.vm(vm)
+            .ns
+            .exec("ethtool", &["-K", "eth0", "tx", "off"])?;
+    }
+    let packets = checks::underlay_during(bed, "inner-checksums", || {
+        let (sent, got) = udp_transfer(bed.vm("RED-2"), bed.vm("RED-1"), "10.0.0.2", 50, 500)?;
+        ensure!(sent == got, "UDP: sent {sent}, intact {got}");
+        let (sent, got) = tcp_transfer(bed.vm("RED-2"), bed.vm("RED-1"), "10.0.0.2", 256 << 10)?;
+        ensure!(sent == got, "TCP: sent {sent}, received {got}");
+        Ok(())
+    })?;
+    let mut checked = 0;
+    for p in packets.iter().filter(|p| p.gre_key.is_some()) {
+        ensure!(
+            p.ip_checksum_ok == [true, true],
+            "outer or inner IPv4 checksum bad: {p:?}"
+        );
+        if let Some(status) = p.l4_checksum_status {
+            ensure!(
+                status == 1,
+                "inner TCP/UDP checksum not valid per tshark: {p:?}"
+            );
+            checked += 1;
+        }
+    }
+    ensure!(
+        checked >= 100,
+        "only {checked} inner TCP/UDP checksums checked"
+    );
+    for vm in ["RED-1", "RED-2"] {
+        bed.vm(vm).ns.exec("ethtool", &["-K", "eth0", "tx", "on"])?;
+    }
+    Ok(())
 }
 
 fn tenants_ride_nvgre_with_their_vsid(bed: &TwoHosts) -> anyhow::Result<()> {
