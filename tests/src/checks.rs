@@ -82,6 +82,23 @@ pub fn underlay_is_nvgre(
     Ok(tunnelled.len())
 }
 
+/// `from` pings 10.0.0.2 five times: every ping is answered and the 10 packets ride the
+/// underlay as NVGRE keyed with `vsid`.
+pub fn pings_over_nvgre(bed: &TwoHosts, from: &str, vsid: u32) -> anyhow::Result<()> {
+    let seen = underlay_is_nvgre(bed, &format!("{from}-ping"), vsid, || {
+        ensure!(
+            bed.ping(from, "10.0.0.2", 5)? == 5,
+            "{from} -> 10.0.0.2 lost pings"
+        );
+        Ok(())
+    })?;
+    ensure!(
+        seen >= 10,
+        "expected 5 requests and 5 replies of {from} on the underlay, saw {seen}"
+    );
+    Ok(())
+}
+
 /// During `traffic`, every packet between the rewrite PAs is plain IPv4 (no GRE, one IPv4
 /// header) with a valid header checksum, and, when `l4_checksums` (the senders compute full
 /// checksums), valid TCP/UDP checksums; returns how many there were.

@@ -75,28 +75,8 @@ fn inner_checksums_survive_encapsulation(bed: &TwoHosts) -> anyhow::Result<()> {
 
 fn tenants_ride_nvgre_with_their_vsid(bed: &TwoHosts) -> anyhow::Result<()> {
     // RED and BLUE both ping 10.0.0.2 from 10.0.0.1, over the underlay as NVGRE with their VSID.
-    let red = checks::underlay_is_nvgre(bed, "red-ping", RED_VSID, || {
-        ensure!(
-            bed.ping("RED-1", "10.0.0.2", 5)? == 5,
-            "RED-1 -> RED-2 ping lost packets"
-        );
-        Ok(())
-    })?;
-    ensure!(
-        red >= 10,
-        "expected 5 requests and 5 replies on the underlay, saw {red}"
-    );
-    let blue = checks::underlay_is_nvgre(bed, "blue-ping", BLUE_VSID, || {
-        ensure!(
-            bed.ping("BLUE-1", "10.0.0.2", 5)? == 5,
-            "BLUE-1 -> BLUE-2 ping lost packets"
-        );
-        Ok(())
-    })?;
-    ensure!(
-        blue >= 10,
-        "expected 10 BLUE packets on the underlay, saw {blue}"
-    );
+    checks::pings_over_nvgre(bed, "RED-1", RED_VSID)?;
+    checks::pings_over_nvgre(bed, "BLUE-1", BLUE_VSID)?;
 
     // TCP with content check, both tenants, also seen only as NVGRE of the right VSID.
     for (tenant, vsid, src, dst) in [

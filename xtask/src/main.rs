@@ -66,18 +66,11 @@ fn main() -> anyhow::Result<()> {
                 // The benchmark is not a test, but it must not rot: a smoke run with tiny
                 // counts (its figures mean nothing; `cargo xtask bench` measures).
                 println!("benchmark smoke run (tiny counts, not measurements):");
-                let smoke = ["--smoke", "--out", "target/bench-smoke"];
-                let mut run = vec![
-                    "run",
-                    "--quiet",
-                    "--package",
-                    "nv-tests",
-                    "--bin",
+                run_tool(
                     "nv-bench",
-                    "--",
-                ];
-                run.extend(smoke);
-                cargo(&run)?;
+                    Build::Debug,
+                    &["--smoke", "--out", "target/bench-smoke"],
+                )?;
             }
             let mut test = vec!["test"];
             test.extend(args.iter().map(String::as_str));
@@ -88,61 +81,31 @@ fn main() -> anyhow::Result<()> {
             require_root("fuzzing loads BPF programs and creates a network namespace")?;
             let packets = packets.to_string();
             let seed = seed.map(|s| s.to_string());
-            let mut run = vec![
-                "run",
-                "--release",
-                "--quiet",
-                "--package",
-                "nv-tests",
-                "--bin",
-                "nv-fuzz",
-                "--",
-                "--packets",
-                &packets,
-            ];
+            let mut args = vec!["--packets", &packets];
             if let Some(seed) = &seed {
-                run.extend(["--seed", seed]);
+                args.extend(["--seed", seed]);
             }
-            cargo(&run)
+            run_tool("nv-fuzz", Build::Release, &args)
         }
         Task::Bench { smoke } => {
             setup::run()?;
             require_root("the benchmark loads BPF programs and creates network namespaces")?;
             cargo(&["build", "--release", "--quiet"])?;
-            let mut bench = vec![
-                "run",
-                "--release",
-                "--quiet",
-                "--package",
-                "nv-tests",
-                "--bin",
-                "nv-bench",
-                "--",
-            ];
-            if smoke {
-                bench.push("--smoke");
-            }
+            let args: &[&str] = if smoke { &["--smoke"] } else { &[] };
             // The agent and nvctl measured are the release builds.
             // SAFETY: single-threaded at this point.
             unsafe { std::env::set_var("NV_BIN_DIR", "target/release") };
-            cargo(&bench)
+            run_tool("nv-bench", Build::Release, args)
         }
         Task::Demo { keep } => {
             setup::run()?;
             require_root("the demo loads BPF programs and creates network namespaces")?;
             cargo(&["build", "--quiet"])?;
-            let mut demo = vec![
-                "run",
-                "--quiet",
-                "--package",
-                "nv-tests",
-                "--bin",
+            run_tool(
                 "nv-demo",
-            ];
-            if keep {
-                demo.extend(["--", "--keep"]);
-            }
-            cargo(&demo)
+                Build::Debug,
+                if keep { &["--keep"] } else { &[] },
+            )
         }
     }
 }
@@ -195,6 +158,23 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<()> {
         bail!("no test ran");
     }
     Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Build {
+    Debug,
+    Release,
+}
+
+/// Runs one of the test bed's binaries (demo, bench, fuzz) with `args`.
+fn run_tool(bin: &str, build: Build, args: &[&str]) -> anyhow::Result<()> {
+    let mut run = vec!["run", "--quiet", "--package", "nv-tests", "--bin", bin];
+    if build == Build::Release {
+        run.push("--release");
+    }
+    run.push("--");
+    run.extend_from_slice(args);
+    cargo(&run)
 }
 
 /// Runs cargo with the tool directory on PATH (bpf-linker for the eBPF build).
