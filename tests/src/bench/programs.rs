@@ -104,6 +104,29 @@ fn paths(h: &Host, size: usize) -> Vec<Path> {
                 "floor_tc",
             )
         },
+        // A host without rewrite records: decapsulation skips the rewrite-PA lookup.
+        Path {
+            flags: 0,
+            ..path(
+                "decap_no_rewrite",
+                UPLINK_XDP,
+                nvgre_to_red1.clone(),
+                None,
+                false,
+                "floor_xdp",
+            )
+        },
+        Path {
+            flags: DatapathConfig::TC_DECAP,
+            ..path(
+                "decap_tc_no_rewrite",
+                UPLINK_TC,
+                nvgre_to_red1.clone(),
+                None,
+                false,
+                "floor_tc",
+            )
+        },
         // A host without rewrite records: host traffic passes after one array read.
         Path {
             flags: 0,

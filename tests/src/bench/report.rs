@@ -37,6 +37,8 @@ pub fn goals(programs: &[Cost], e2e: &[e2e::Result]) -> Vec<Goal> {
         for (path, limit) in [
             ("decap", 25.0),
             ("decap_tc", 25.0),
+            ("decap_no_rewrite", 25.0),
+            ("decap_tc_no_rewrite", 25.0),
             ("encap", 50.0),
             ("rewrite_out", 50.0),
             ("pass_host_traffic", 5.0),
