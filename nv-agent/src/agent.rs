@@ -224,10 +224,16 @@ impl Agent {
     /// Attaches the from-VM program to ports that are new or were re-created (new ifindex).
     fn attach_ports(&mut self, ports: &HashMap<String, u32>) -> Result<()> {
         for (name, ifindex) in ports {
-            if self.attached.get(name) != Some(ifindex) {
-                self.datapath.attach_port(name)?;
-                self.attached.insert(name.clone(), *ifindex);
-            }
+            self.attach_port(name, *ifindex)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the from-VM program to `port` unless it is attached at this ifindex already.
+    fn attach_port(&mut self, port: &str, ifindex: u32) -> Result<()> {
+        if self.attached.get(port) != Some(&ifindex) {
+            self.datapath.attach_port(port)?;
+            self.attached.insert(port.to_owned(), ifindex);
         }
         Ok(())
     }
@@ -338,10 +344,7 @@ impl Agent {
                 );
                 return Ok(());
             };
-            if self.attached.get(port) != Some(&link.index) {
-                self.datapath.attach_port(port)?;
-                self.attached.insert(port.clone(), link.index);
-            }
+            self.attach_port(port, link.index)?;
             link.index
         } else {
             0

@@ -289,21 +289,12 @@ impl Datapath {
     /// Makes the maps hold exactly `desired`: new and changed entries first, stale ones last,
     /// so a record being replaced never disappears in between.
     pub fn sync(&mut self, desired: &Desired) -> Result<()> {
-        let mut config: Array<&mut MapData, DatapathConfig> =
-            map(&mut self.ebpf, map_names::CONFIG)?;
-        config
-            .set(0, desired.config, 0)
-            .map_err(|e| dp_err("write config", e))?;
-        sync_hash(&mut self.ebpf, map_names::LOCAL_PAS, &desired.local_pas)?;
+        self.set_config(desired.config)?;
+        self.sync_local_pas(&desired.local_pas)?;
         sync_hash(&mut self.ebpf, map_names::PORTS, &desired.ports)?;
         sync_hash(&mut self.ebpf, map_names::LOOKUPS, &desired.lookups)?;
         sync_hash(&mut self.ebpf, map_names::REWRITE_PAS, &desired.rewrite_pas)?;
-        sync_hash(
-            &mut self.ebpf,
-            map_names::HOSTED_VSIDS,
-            &desired.hosted_vsids,
-        )?;
-        Ok(())
+        self.sync_hosted_vsids(&desired.hosted_vsids)
     }
 
     pub fn put_lookup(&mut self, k: &LookupKey, v: &LookupValue) -> Result<()> {
