@@ -32,8 +32,8 @@ pub struct Agent {
     /// Ports with the from-VM program attached, and the ifindex they had then. A record whose
     /// port is missing is left out of the maps until the port appears.
     attached: HashMap<String, u32>,
-    /// The flags last written to the config map.
-    flags: u32,
+    /// What the config map holds.
+    config: DatapathConfig,
 }
 
 /// A record's move to another host or port: HNV migration, one change.
@@ -158,29 +158,32 @@ impl Agent {
             datapath,
             netlink,
             attached: HashMap::new(),
-            flags: 0,
+            config: DatapathConfig::default(),
         };
         agent.reconcile().await?;
         Ok(agent)
     }
 
-    fn wanted_flags(&self) -> u32 {
-        let mut flags = 0;
-        if self.decap_hook == DecapHook::Tc {
-            flags |= DatapathConfig::TC_DECAP;
-        }
-        if self.catalog.has_rewrite() {
-            flags |= DatapathConfig::HAS_REWRITE;
-        }
-        flags
-    }
-
-    fn datapath_config(&self) -> DatapathConfig {
-        DatapathConfig {
+    /// The config for VMs on `ports`: their rewrite PAs go into the uplink's filter.
+    fn datapath_config<'a>(&self, ports: impl Iterator<Item = &'a String>) -> DatapathConfig {
+        let mut config = DatapathConfig {
             uplink_ifindex: self.uplink_ifindex,
-            flags: self.wanted_flags(),
+            flags: if self.decap_hook == DecapHook::Tc {
+                DatapathConfig::TC_DECAP
+            } else {
+                0
+            },
             ..DatapathConfig::default()
+        };
+        for port in ports {
+            if let Some(r) = self.catalog.by_port(port)
+                && r.method == Method::Rewrite
+                && let IpAddr::V4(pa) = r.pa
+            {
+                config.add_rewrite_pa(pa.octets());
+            }
         }
+        config
     }
 
     /// Brings links, addresses and maps in line with the store: adds what is missing, removes
@@ -202,7 +205,7 @@ impl Agent {
         let (desired, ports) = self.desired().await?;
         self.attach_ports(&ports)?;
         self.datapath.sync(&desired)?;
-        self.flags = desired.config.flags;
+        self.config = desired.config;
         if self.decap_hook == DecapHook::Tc {
             self.datapath.detach_uplink_xdp()?;
         }
@@ -301,7 +304,6 @@ impl Agent {
     /// Everything the maps must hold, and the ports that exist now (name, ifindex).
     async fn desired(&self) -> Result<(Desired, HashMap<String, u32>)> {
         let mut d = Desired {
-            config: self.datapath_config(),
             local_pas: self.local_pas().await?,
             ..Desired::default()
         };
@@ -330,6 +332,7 @@ impl Agent {
                 d.rewrite_pas.insert(pa, v);
             }
         }
+        d.config = self.datapath_config(ports.keys());
         Ok((d, ports))
     }
 
@@ -358,7 +361,10 @@ impl Agent {
             self.datapath.put_rewrite(pa, v)?;
         }
         self.datapath.put_lookup(&e.key, &e.value)?;
-        self.update_flags()
+        if e.port.is_some() && e.rewrite.is_some() {
+            self.update_config()?;
+        }
+        Ok(())
     }
 
     /// Takes out of the maps what `old` had and `new` (its replacement, if any) does not
@@ -381,7 +387,10 @@ impl Agent {
             self.datapath.detach_port(port)?;
             self.sync_hosted()?;
         }
-        self.update_flags()
+        if old.port.is_some() && e.rewrite.is_some() {
+            self.update_config()?;
+        }
+        Ok(())
     }
 
     /// VSIDs with a VM whose port is attached here.
@@ -401,11 +410,12 @@ impl Agent {
         self.datapath.sync_hosted_vsids(&hosted)
     }
 
-    fn update_flags(&mut self) -> Result<()> {
-        let flags = self.wanted_flags();
-        if flags != self.flags {
-            self.datapath.set_config(self.datapath_config())?;
-            self.flags = flags;
+    /// Rewrites the config map after a local VM's rewrite PA came or went.
+    fn update_config(&mut self) -> Result<()> {
+        let config = self.datapath_config(self.attached.keys());
+        if config != self.config {
+            self.datapath.set_config(config)?;
+            self.config = config;
         }
         Ok(())
     }
@@ -446,6 +456,7 @@ impl Agent {
             let (desired, ports) = self.desired().await?;
             self.datapath.sync(&desired)?;
             self.attached.retain(|p, _| ports.contains_key(p));
+            self.config = desired.config;
             return Err(e);
         }
         Ok(())
@@ -677,7 +688,7 @@ impl Agent {
                 let (desired, ports) = self.desired().await?;
                 self.datapath.sync(&desired)?;
                 self.attached.retain(|p, _| ports.contains_key(p));
-                self.update_flags()?;
+                self.config = desired.config;
                 return Err(e);
             }
         }

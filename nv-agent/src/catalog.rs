@@ -40,7 +40,6 @@ pub struct Catalog {
     by_mac: HashMap<(u32, [u8; 6]), Key>,
     by_pa: HashMap<IpAddr, PaUse>,
     by_vsid: HashMap<u32, VsidUse>,
-    rewrites: usize,
 }
 
 pub fn describe(r: &LookupRecord) -> String {
@@ -112,10 +111,6 @@ impl Catalog {
 
     pub fn ports(&self) -> impl Iterator<Item = &String> {
         self.by_port.keys()
-    }
-
-    pub fn has_rewrite(&self) -> bool {
-        self.rewrites > 0
     }
 
     /// How many records use `pa` (local records make a provider address busy).
@@ -226,7 +221,6 @@ impl Catalog {
         u.example = Some(key);
         if r.method == Method::Rewrite {
             u.rewrite = Some(key);
-            self.rewrites += 1;
         }
         let v = self.by_vsid.entry(r.vsid).or_insert(VsidUse {
             method: r.method,
@@ -255,9 +249,6 @@ impl Catalog {
                 // Any other user will do for error messages; find one only when needed.
                 u.example = None;
             }
-        }
-        if r.method == Method::Rewrite {
-            self.rewrites -= 1;
         }
         if let Some(v) = self.by_vsid.get_mut(&r.vsid) {
             v.records -= 1;

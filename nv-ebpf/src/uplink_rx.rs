@@ -11,22 +11,27 @@ use nv_common::{
 };
 
 use crate::{
-    maps::{CONFIG, HOSTED_VSIDS, LOCAL_PAS, LOOKUPS, REWRITE_PAS},
+    maps::{HOSTED_VSIDS, LOCAL_PAS, LOOKUPS, REWRITE_PAS},
     packet::{EthHdr, GreHdr, Ipv4Hdr, read_at},
 };
 
 pub enum Verdict {
     /// Not tenant traffic for this host.
     Pass,
-    /// NVGRE for the VM behind `port`; the customer's frame starts `strip` bytes in.
-    Nvgre { strip: usize, port: u32 },
+    /// NVGRE for the VM behind `port`, whose PA is `pa`; the customer's frame starts `strip`
+    /// bytes in.
+    Nvgre {
+        strip: usize,
+        port: u32,
+        pa: [u8; 4],
+    },
     /// IP rewrite for a VM here: how to restore it.
     Rewrite(RestoreMeta),
 }
 
-/// Classifies the frame in `[data, end)`.
+/// Classifies the frame in `[data, end)` under `config`.
 #[inline(always)]
-pub fn classify(data: usize, end: usize) -> Result<Verdict, Counter> {
+pub fn classify(config: &DatapathConfig, data: usize, end: usize) -> Result<Verdict, Counter> {
     let Some(eth) = read_at::<EthHdr>(data, end, 0) else {
         return Ok(Verdict::Pass);
     };
@@ -41,9 +46,8 @@ pub fn classify(data: usize, end: usize) -> Result<Verdict, Counter> {
         return Ok(Verdict::Pass);
     }
     // A PA dedicated to a local VM carries only that VM's IP-rewrite traffic, whatever its
-    // protocol. Hosts without rewrite records skip the lookup (an array read).
-    let flags = CONFIG.get(0).map_or(0, |c| c.flags);
-    if flags & DatapathConfig::HAS_REWRITE != 0 {
+    // protocol. The filter keeps the lookup off every other packet, host traffic first.
+    if config.may_be_rewrite_pa(ip.dst) {
         // SAFETY: read-only use of a value the agent replaces whole.
         if let Some(dst) = unsafe { REWRITE_PAS.get(&v4_mapped(ip.dst)) }
             && dst.ifindex != 0
@@ -54,10 +58,24 @@ pub fn classify(data: usize, end: usize) -> Result<Verdict, Counter> {
     if ip.proto != IPPROTO_GRE {
         return Ok(Verdict::Pass);
     }
-    // SAFETY: presence check only.
-    if unsafe { LOCAL_PAS.get(&v4_mapped(ip.dst)) }.is_none() {
-        return Ok(Verdict::Pass);
+    // GRE to an address that is not one of our PAs belongs to some other user of the host:
+    // not ours to judge. Asked only when the answer matters (a drop, or a destination record
+    // whose PA is not the outer destination), so a valid packet pays no lookup for it.
+    let ours = || {
+        // SAFETY: presence check only.
+        unsafe { LOCAL_PAS.get(&v4_mapped(ip.dst)) }.is_some()
+    };
+    match nvgre(data, end, &ip, hlen) {
+        Ok(Verdict::Nvgre { pa, .. }) if pa != ip.dst && !ours() => Ok(Verdict::Pass),
+        Ok(v) => Ok(v),
+        Err(_) if !ours() => Ok(Verdict::Pass),
+        Err(reason) => Err(reason),
     }
+}
+
+/// NVGRE, whoever it is addressed to: the caller decides whether the outer destination is ours.
+#[inline(always)]
+fn nvgre(data: usize, end: usize, ip: &Ipv4Hdr, hlen: usize) -> Result<Verdict, Counter> {
     let gre_off = ETH_HLEN + hlen;
     let gre: GreHdr = read_at(data, end, gre_off).ok_or(Counter::DropUplinkMalformed)?;
     if u16::from_be_bytes(gre.proto) != ETH_P_TEB {
@@ -115,6 +133,7 @@ pub fn classify(data: usize, end: usize) -> Result<Verdict, Counter> {
     Ok(Verdict::Nvgre {
         strip: inner,
         port: dst.ifindex,
+        pa: mapped_v4(&dst.pa).unwrap_or_default(),
     })
 }
 

@@ -39,14 +39,17 @@ pub fn run(ctx: &TcContext) -> i32 {
             _ => {}
         }
     }
-    if CONFIG.get(0).map_or(0, |c| c.flags) & DatapathConfig::TC_DECAP == 0 {
+    let Some(config) = CONFIG.get(0) else {
+        return TC_ACT_OK as i32;
+    };
+    if config.flags & DatapathConfig::TC_DECAP == 0 {
         return TC_ACT_OK as i32;
     }
     let len = ctx.len();
     let _ = ctx.pull_data(if len < PULL_LEN { len } else { PULL_LEN });
-    match classify(ctx.data(), ctx.data_end()) {
+    match classify(config, ctx.data(), ctx.data_end()) {
         Ok(Verdict::Pass) => TC_ACT_OK as i32,
-        Ok(Verdict::Nvgre { strip, port }) => match decap(ctx, strip) {
+        Ok(Verdict::Nvgre { strip, port, .. }) => match decap(ctx, strip) {
             Ok(()) => {
                 count(Counter::UplinkDecap);
                 deliver(ctx, port, Counter::UplinkDelivered)

@@ -11,6 +11,7 @@ use nv_common::{Counter, DeliverMeta};
 
 use crate::{
     counters::count,
+    maps::CONFIG,
     packet::ptr_at,
     uplink_rx::{Verdict, classify},
 };
@@ -26,9 +27,12 @@ pub fn run(ctx: &XdpContext) -> u32 {
 }
 
 fn try_run(ctx: &XdpContext) -> Result<u32, Counter> {
-    match classify(ctx.data(), ctx.data_end())? {
+    let Some(config) = CONFIG.get(0) else {
+        return Ok(XDP_PASS);
+    };
+    match classify(config, ctx.data(), ctx.data_end())? {
         Verdict::Pass => Ok(XDP_PASS),
-        Verdict::Nvgre { strip, port } => {
+        Verdict::Nvgre { strip, port, .. } => {
             #[expect(
                 clippy::cast_possible_truncation,
                 clippy::cast_possible_wrap,

@@ -148,11 +148,12 @@ pub fn host_maps(ns: &Netns) -> anyhow::Result<Desired> {
     let mut d = Desired {
         config: DatapathConfig {
             uplink_ifindex: uplink,
-            flags: DatapathConfig::HAS_REWRITE,
             ..DatapathConfig::default()
         },
         ..Desired::default()
     };
+    // GREEN-1's PA is the one rewrite PA of a VM here.
+    d.config.add_rewrite_pa(GREEN1_PA);
     for pa in [LOCAL_PA, GREEN1_PA] {
         d.local_pas
             .insert(v4_mapped(pa), LocalPa { ifindex: uplink });

@@ -151,8 +151,9 @@ fn rx_packets(vm: &Vm) -> anyhow::Result<u64> {
         .parse()?)
 }
 
-/// 64-byte frames (18 bytes of UDP payload) from RED-1 as fast as one sender can, for
-/// `seconds`; counted as they arrive on RED-2's eth0.
+/// 64-byte frames (18 bytes of UDP payload, sent as raw frames so the sender's own UDP stack
+/// does not bound the result) from RED-1 as fast as one sender can, for `seconds`; counted as
+/// they arrive on RED-2's eth0.
 fn pps(red1: &Vm, red2: &Vm, seconds: f64) -> anyhow::Result<f64> {
     let tool = bin("nv-transfer")?;
     let tool = tool.to_str().context("utf-8 path")?;
@@ -181,7 +182,7 @@ fn pps(red1: &Vm, red2: &Vm, seconds: f64) -> anyhow::Result<f64> {
             "exec",
             &red1.ns.name,
             tool,
-            "udp-flood",
+            "frame-flood",
             "10.0.0.2:47003",
             "--seconds",
             &seconds.to_string(),

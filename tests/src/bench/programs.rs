@@ -61,9 +61,9 @@ fn paths(h: &Host, size: usize) -> Vec<Path> {
         ifindex,
         idempotent,
         floor,
-        flags: DatapathConfig::HAS_REWRITE,
+        flags: 0,
     };
-    let tc = DatapathConfig::HAS_REWRITE | DatapathConfig::TC_DECAP;
+    let tc = DatapathConfig::TC_DECAP;
     let nvgre_to_red1 = nvgre(
         GATEWAY_MAC,
         h.uplink_mac,
@@ -102,41 +102,6 @@ fn paths(h: &Host, size: usize) -> Vec<Path> {
                 None,
                 false,
                 "floor_tc",
-            )
-        },
-        // A host without rewrite records: decapsulation skips the rewrite-PA lookup.
-        Path {
-            flags: 0,
-            ..path(
-                "decap_no_rewrite",
-                UPLINK_XDP,
-                nvgre_to_red1.clone(),
-                None,
-                false,
-                "floor_xdp",
-            )
-        },
-        Path {
-            flags: DatapathConfig::TC_DECAP,
-            ..path(
-                "decap_tc_no_rewrite",
-                UPLINK_TC,
-                nvgre_to_red1.clone(),
-                None,
-                false,
-                "floor_tc",
-            )
-        },
-        // A host without rewrite records: host traffic passes after one array read.
-        Path {
-            flags: 0,
-            ..path(
-                "pass_host_traffic_no_rewrite",
-                UPLINK_XDP,
-                host_udp.clone(),
-                None,
-                true,
-                "floor_xdp",
             )
         },
         path(
@@ -236,11 +201,22 @@ fn paths(h: &Host, size: usize) -> Vec<Path> {
         path(
             "pass_host_traffic",
             UPLINK_XDP,
-            udp_frame(GATEWAY_MAC, h.uplink_mac, REMOTE_PA, LOCAL_PA, &payload),
+            host_udp.clone(),
             None,
             true,
             "floor_xdp",
         ),
+        Path {
+            flags: tc,
+            ..path(
+                "pass_host_traffic_tc",
+                UPLINK_TC,
+                host_udp,
+                None,
+                true,
+                "floor_tc",
+            )
+        },
     ]
 }
 

@@ -37,12 +37,10 @@ pub fn goals(programs: &[Cost], e2e: &[e2e::Result]) -> Vec<Goal> {
         for (path, limit) in [
             ("decap", 25.0),
             ("decap_tc", 25.0),
-            ("decap_no_rewrite", 25.0),
-            ("decap_tc_no_rewrite", 25.0),
             ("encap", 50.0),
             ("rewrite_out", 50.0),
             ("pass_host_traffic", 5.0),
-            ("pass_host_traffic_no_rewrite", 5.0),
+            ("pass_host_traffic_tc", 5.0),
         ] {
             if let Some(c) = cost(programs, path, size, 1000) {
                 // Repeat runs where the packet allows them (steadier), single runs otherwise.
