@@ -23,8 +23,8 @@ use nv_common::{
 };
 
 use crate::{
-    packet::{Ipv4Hdr, ipv4_header_checksum, read_at},
-    underlay,
+    packet::{EthHdr, Ipv4Hdr, ptr_at, read_at},
+    underlay::{self, Hop},
 };
 
 /// The FlowID of the inner packet: its addresses, protocol and, for unfragmented TCP/UDP, the
@@ -39,9 +39,6 @@ fn flow_id(ctx: &TcContext, ip: &Ipv4Hdr) -> u8 {
     };
     flow_id_v4(ip.src, ip.dst, ip.proto, ports)
 }
-
-/// Outer Ethernet, outer IPv4, GRE, inner Ethernet.
-const HDRS_LEN: usize = NVGRE_V4_OVERHEAD + ETH_HLEN;
 
 // Out of line: its own stack frame keeps every path under the 512-byte BPF stack limit.
 #[inline(never)]
@@ -58,11 +55,9 @@ pub fn nvgre(
         // IPv6 underlay has its own issue; the agent refuses such records today.
         return Err(Counter::DropVmMethod);
     };
+    let (outer_src, outer_dst) = (u32::from_ne_bytes(outer_src), u32::from_ne_bytes(outer_dst));
     let uplink = underlay::uplink()?;
 
-    let mut hdrs = [0u8; HDRS_LEN];
-    let inner_eth: [u8; ETH_HLEN] = ctx.load(0).map_err(|_| Counter::DropVmMalformed)?;
-    hdrs[NVGRE_V4_OVERHEAD..].copy_from_slice(&inner_eth);
     // Outer IPv4 carries itself, GRE and the whole inner frame (its Ethernet header included).
     let outer_ip_len = ctx.len() as usize + NVGRE_V4_OVERHEAD - ETH_HLEN;
     // SAFETY: the context pointer is valid for the whole program run.
@@ -80,35 +75,66 @@ pub fn nvgre(
         | bpf_f_adj_room_encap_l2(ETH_HLEN as u64);
     ctx.adjust_room(grow, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| Counter::DropVmTranslateFailed)?;
+    let hop = underlay::next_hop(ctx, uplink, outer_src, outer_dst, IPPROTO_GRE)?;
 
-    // Outer Ethernet: addresses come from the FIB (underlay::transmit).
-    hdrs[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    // The headers are written in place (the room just made is linear), field by field: no
+    // copy of them on the BPF stack, which is small (bytes held across a helper call are
+    // spilled one 8-byte slot each).
+    let h =
+        ptr_at::<Headers>(ctx.data(), ctx.data_end(), 0).ok_or(Counter::DropVmTranslateFailed)?;
+    // SAFETY: bounds-checked above; every field is a byte array (alignment 1).
+    let h = unsafe { &mut *h };
+    // The room went in after the customer's Ethernet header, which becomes the inner one.
+    h.inner_eth = h.outer_eth;
+    // Outer Ethernet: addresses from the next hop (the kernel writes them for Hop::Kernel).
+    if let Hop::Direct { dmac, smac, .. } = &hop {
+        h.outer_eth.dst = *dmac;
+        h.outer_eth.src = *smac;
+    }
+    h.outer_eth.proto = ETH_P_IP.to_be_bytes();
     // Outer IPv4: DSCP copied from the inner packet, ECN not, DF set, TTL 64.
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[1] = inner_tos & 0xfc;
     #[expect(clippy::cast_possible_truncation, reason = "clamped to u16::MAX")]
     let tot_len = if outer_ip_len > usize::from(u16::MAX) {
         u16::MAX
     } else {
         outer_ip_len as u16
     };
-    ip[2..4].copy_from_slice(&tot_len.to_be_bytes());
-    ip[6..8].copy_from_slice(&IPV4_DF.to_be_bytes());
-    ip[8] = OUTER_TTL;
-    ip[9] = IPPROTO_GRE;
-    ip[12..16].copy_from_slice(&outer_src);
-    ip[16..20].copy_from_slice(&outer_dst);
-    let csum = ipv4_header_checksum(&ip);
-    ip[10..12].copy_from_slice(&csum.to_be_bytes());
-    hdrs[ETH_HLEN..ETH_HLEN + 20].copy_from_slice(&ip);
+    h.outer_ip = Ipv4Hdr {
+        ver_ihl: 0x45,
+        tos: inner_tos & 0xfc,
+        tot_len: tot_len.to_be_bytes(),
+        id: [0; 2],
+        frag: IPV4_DF.to_be_bytes(),
+        ttl: OUTER_TTL,
+        proto: IPPROTO_GRE,
+        csum: [0; 2],
+        src: outer_src.to_ne_bytes(),
+        dst: outer_dst.to_ne_bytes(),
+    };
+    h.outer_ip.csum = h.outer_ip.checksum().to_be_bytes();
     // GRE: K=1 only, Transparent Ethernet Bridging, key = VSID << 8 | FlowID.
-    let gre = ETH_HLEN + 20;
-    hdrs[gre..gre + 2].copy_from_slice(&GRE_FLAGS_NVGRE.to_be_bytes());
-    hdrs[gre + 2..gre + 4].copy_from_slice(&ETH_P_TEB.to_be_bytes());
-    hdrs[gre + 4..gre + 8].copy_from_slice(&nvgre_key(vsid, flow_id).to_be_bytes());
+    h.gre = GreKeyHdr {
+        flags: GRE_FLAGS_NVGRE.to_be_bytes(),
+        proto: ETH_P_TEB.to_be_bytes(),
+        key: nvgre_key(vsid, flow_id).to_be_bytes(),
+    };
+    Ok(underlay::send(uplink, &hop))
+}
 
-    ctx.store(0, &hdrs, 0)
-        .map_err(|_| Counter::DropVmTranslateFailed)?;
-    underlay::transmit(ctx, uplink, outer_src, outer_dst, IPPROTO_GRE)
+/// What encapsulation puts in front of the customer's IP packet.
+#[repr(C)]
+struct Headers {
+    outer_eth: EthHdr,
+    outer_ip: Ipv4Hdr,
+    gre: GreKeyHdr,
+    inner_eth: EthHdr,
+}
+
+const _: () = assert!(core::mem::size_of::<Headers>() == NVGRE_V4_OVERHEAD + ETH_HLEN);
+
+#[repr(C)]
+struct GreKeyHdr {
+    flags: [u8; 2],
+    proto: [u8; 2],
+    key: [u8; 4],
 }

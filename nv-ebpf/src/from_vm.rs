@@ -16,7 +16,7 @@ use crate::{
     counters::count,
     encap,
     maps::{LOOKUPS, PORTS},
-    packet::{EthHdr, Ipv4Hdr, PACKET_HOST, read_at},
+    packet::{EthHdr, Ipv4Hdr, pull, read_at, set_host},
     rewrite,
 };
 
@@ -47,8 +47,7 @@ fn try_run(ctx: &TcContext) -> Result<i32, Counter> {
             return Err(Counter::DropVmMalformed);
         }
     }
-    let len = ctx.len();
-    let _ = ctx.pull_data(if len < PULL_LEN { len } else { PULL_LEN });
+    pull(ctx, PULL_LEN);
 
     let (data, end) = (ctx.data(), ctx.data_end());
     let eth: EthHdr = read_at(data, end, 0).ok_or(Counter::DropVmMalformed)?;
@@ -82,7 +81,7 @@ fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
     if dst.ifindex != 0 {
         // Classified against the port's own MAC on the way in; the receiving VM must see it
         // as addressed to it, and redirect_peer does not classify again.
-        let _ = ctx.change_type(PACKET_HOST);
+        set_host(ctx);
         count(Counter::VmTxLocal);
         // SAFETY: plain helper call; the kernel checks the target device.
         return Ok(unsafe { bpf_redirect_peer(dst.ifindex, 0) } as i32);

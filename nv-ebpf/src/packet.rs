@@ -2,8 +2,30 @@
 //! and byte order is explicit at every read.
 use core::mem::size_of;
 
+use aya_ebpf::programs::TcContext;
+
 /// `skb->pkt_type` of a frame addressed to this host (uapi `PACKET_HOST`).
-pub const PACKET_HOST: u32 = 0;
+const PACKET_HOST: u32 = 0;
+
+/// Makes the first `want` bytes (or the whole frame, if shorter) linear, calling the helper
+/// only when they are not already: receive paths usually have the headers linear.
+#[inline(always)]
+pub fn pull(ctx: &TcContext, want: u32) {
+    let len = ctx.len();
+    let want = if len < want { len } else { want };
+    if ctx.data() + (want as usize) > ctx.data_end() {
+        let _ = ctx.pull_data(want);
+    }
+}
+
+/// Marks the frame as addressed to this host; the helper only when it is not already.
+#[inline(always)]
+pub fn set_host(ctx: &TcContext) {
+    // SAFETY: the context pointer is valid for the whole program run.
+    if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+        let _ = ctx.change_type(PACKET_HOST);
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -40,6 +62,26 @@ impl Ipv4Hdr {
     #[inline(always)]
     pub fn hlen(&self) -> usize {
         usize::from(self.ver_ihl & 0x0f) * 4
+    }
+
+    /// The header checksum of this option-less header, its own checksum field taken as zero.
+    #[inline(always)]
+    pub fn checksum(&self) -> u16 {
+        let w = |b: [u8; 2]| u32::from(u16::from_be_bytes(b));
+        let mut sum = w([self.ver_ihl, self.tos])
+            + w(self.tot_len)
+            + w(self.id)
+            + w(self.frag)
+            + w([self.ttl, self.proto])
+            + w([self.src[0], self.src[1]])
+            + w([self.src[2], self.src[3]])
+            + w([self.dst[0], self.dst[1]])
+            + w([self.dst[2], self.dst[3]]);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits above")]
+        let folded = sum as u16;
+        !folded
     }
 
     #[inline(always)]
@@ -85,18 +127,17 @@ pub fn read_at<T: Copy>(start: usize, end: usize, offset: usize) -> Option<T> {
     ptr_at::<T>(start, end, offset).map(|p| unsafe { p.read_unaligned() })
 }
 
-/// The Internet checksum of a 20-byte IPv4 header whose checksum field is zero.
+/// Writes `value` at `offset`, bounds-checked; `false` when it would cross `end`. On TC, a
+/// direct write costs far less than `bpf_skb_store_bytes` (the verifier unclones the skb once,
+/// in the program's prologue).
 #[inline(always)]
-pub fn ipv4_header_checksum(hdr: &[u8; 20]) -> u16 {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < 20 {
-        sum += u32::from(u16::from_be_bytes([hdr[i], hdr[i + 1]]));
-        i += 2;
+pub fn write_at<T: Copy>(start: usize, end: usize, offset: usize, value: T) -> bool {
+    match ptr_at::<T>(start, end, offset) {
+        // SAFETY: ptr_at checked that the whole T lies inside [start, end).
+        Some(p) => {
+            unsafe { p.write_unaligned(value) };
+            true
+        }
+        None => false,
     }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits above")]
-    let folded = sum as u16;
-    !folded
 }

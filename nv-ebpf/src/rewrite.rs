@@ -12,24 +12,61 @@ use nv_common::{
     wire::{ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP},
 };
 
-use crate::{packet::Ipv4Hdr, underlay};
+use crate::{
+    packet::{Ipv4Hdr, write_at},
+    underlay,
+};
 
-/// Offsets in the IPv4 header.
-const IP_CSUM: usize = ETH_HLEN + 10;
-const IP_SRC: usize = ETH_HLEN + 12;
-const IP_DST: usize = ETH_HLEN + 16;
 /// Offsets of the checksum in the TCP and UDP headers.
 const TCP_CSUM: usize = 16;
 const UDP_CSUM: usize = 6;
 
+/// The addresses, checksum included, as they follow the TTL and protocol in the IPv4 header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Addresses {
+    csum: [u8; 2],
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
 /// Replaces the IPv4 source and destination and fixes the IPv4 and, for the first (or only)
-/// fragment, the TCP/UDP pseudo-header checksums. ICMP has no pseudo-header.
+/// fragment, the TCP/UDP pseudo-header checksums. ICMP has no pseudo-header. One
+/// ones-complement difference serves both checksums: the IPv4 header is written directly (its
+/// sum stays 0xffff, so a CHECKSUM_COMPLETE skb's sum needs no change); the L4 checksum goes
+/// through the helper, which knows the skb's checksum state (a TSO packet's partial checksum
+/// changes differently from a complete one).
 pub fn replace_addresses(
     ctx: &TcContext,
     ip: &Ipv4Hdr,
     src: [u8; 4],
     dst: [u8; 4],
 ) -> Result<(), ()> {
+    let word = |a: [u8; 4]| u64::from(u32::from_ne_bytes(a));
+    let diff = fold32(
+        (!word(ip.src) & 0xffff_ffff) + word(src) + (!word(ip.dst) & 0xffff_ffff) + word(dst),
+    );
+    // As the kernel's csum_fold(csum_add(diff, ~csum_unfold(sum))).
+    let old = u64::from(!u32::from(u16::from_ne_bytes(ip.csum)));
+    let sum = fold32(u64::from(diff) + old);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits")]
+    let csum = !(sum as u16);
+    let at = ETH_HLEN + 10;
+    if !write_at(
+        ctx.data(),
+        ctx.data_end(),
+        at,
+        Addresses {
+            csum: csum.to_ne_bytes(),
+            src,
+            dst,
+        },
+    ) {
+        return Err(());
+    }
+
     let l4 = ETH_HLEN + ip.hlen();
     let first_fragment = u16::from_be_bytes(ip.frag) & 0x1fff == 0;
     let l4_csum = match ip.proto {
@@ -37,19 +74,22 @@ pub fn replace_addresses(
         IPPROTO_UDP if first_fragment => Some((l4 + UDP_CSUM, u64::from(BPF_F_MARK_MANGLED_0))),
         _ => None,
     };
-    for (old, new, at) in [(ip.src, src, IP_SRC), (ip.dst, dst, IP_DST)] {
-        let (from, to) = (
-            u64::from(u32::from_ne_bytes(old)),
-            u64::from(u32::from_ne_bytes(new)),
-        );
-        ctx.l3_csum_replace(IP_CSUM, from, to, 4).map_err(|_| ())?;
-        if let Some((off, flags)) = l4_csum {
-            ctx.l4_csum_replace(off, from, to, u64::from(BPF_F_PSEUDO_HDR) | flags | 4)
-                .map_err(|_| ())?;
-        }
-        ctx.store(at, &new, 0).map_err(|_| ())?;
+    if let Some((off, flags)) = l4_csum {
+        // Field size 0: `to` is a checksum difference.
+        ctx.l4_csum_replace(off, 0, u64::from(diff), u64::from(BPF_F_PSEUDO_HDR) | flags)
+            .map_err(|_| ())?;
     }
     Ok(())
+}
+
+/// A 64-bit ones-complement sum folded to 32 bits.
+#[inline(always)]
+fn fold32(sum: u64) -> u32 {
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    #[expect(clippy::cast_possible_truncation, reason = "folded to 32 bits")]
+    let folded = sum as u32;
+    folded
 }
 
 /// From a VM to a destination whose record says rewrite: source CA becomes the VM's own
@@ -70,5 +110,11 @@ pub fn send(
     };
     let uplink = underlay::uplink()?;
     replace_addresses(ctx, ip, src_pa, dst_pa).map_err(|()| Counter::DropVmTranslateFailed)?;
-    underlay::transmit(ctx, uplink, src_pa, dst_pa, ip.proto)
+    underlay::transmit(
+        ctx,
+        uplink,
+        u32::from_ne_bytes(src_pa),
+        u32::from_ne_bytes(dst_pa),
+        ip.proto,
+    )
 }

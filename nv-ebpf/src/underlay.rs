@@ -15,7 +15,10 @@ use aya_ebpf::{
 };
 use nv_common::{Counter, NextHop};
 
-use crate::maps::{CONFIG, NEXTHOPS};
+use crate::{
+    maps::{CONFIG, NEXTHOPS},
+    packet::{EthHdr, ptr_at},
+};
 
 const AF_INET: u8 = 2;
 
@@ -28,16 +31,64 @@ pub fn uplink() -> Result<u32, Counter> {
     }
 }
 
+/// Where a packet for a PA goes next.
+pub enum Hop {
+    /// Straight out of `ifindex`, with these destination and source MACs.
+    Direct {
+        ifindex: u32,
+        dmac: [u8; 6],
+        smac: [u8; 6],
+    },
+    /// The neighbour is not resolved yet (or the host does not forward on the uplink): the
+    /// kernel routes the packet, resolves the neighbour and writes the Ethernet header.
+    Kernel,
+}
+
 /// Sends the packet (its IPv4 header already between provider addresses) out of the uplink.
+/// Addresses are IPv4 in network order, as one register each.
 /// Inlined: BPF calls take at most five arguments.
 #[inline(always)]
 pub fn transmit(
     ctx: &TcContext,
     uplink: u32,
-    src_pa: [u8; 4],
-    dst_pa: [u8; 4],
+    src_pa: u32,
+    dst_pa: u32,
     l4_protocol: u8,
 ) -> Result<i32, Counter> {
+    let hop = next_hop(ctx, uplink, src_pa, dst_pa, l4_protocol)?;
+    if let Hop::Direct { dmac, smac, .. } = &hop {
+        let eth = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0)
+            .ok_or(Counter::DropVmTranslateFailed)?;
+        // SAFETY: bounds-checked; byte arrays only (alignment 1).
+        unsafe {
+            (*eth).dst = *dmac;
+            (*eth).src = *smac;
+        }
+    }
+    Ok(send(uplink, &hop))
+}
+
+/// Hands the packet, its Ethernet header written for `hop`, to the underlay.
+#[inline(always)]
+pub fn send(uplink: u32, hop: &Hop) -> i32 {
+    match hop {
+        // SAFETY: plain helper call.
+        Hop::Direct { ifindex, .. } => unsafe { bpf_redirect(*ifindex, 0) as i32 },
+        // SAFETY: plain helper call.
+        Hop::Kernel => unsafe { bpf_redirect_neigh(uplink, ptr::null_mut(), 0, 0) as i32 },
+    }
+}
+
+/// Checks that the packet (translated, but for its Ethernet addresses) fits the uplink, and
+/// finds its next hop. Inlined: BPF calls take at most five arguments.
+#[inline(always)]
+pub fn next_hop(
+    ctx: &TcContext,
+    uplink: u32,
+    src_pa: u32,
+    dst_pa: u32,
+    l4_protocol: u8,
+) -> Result<Hop, Counter> {
     // The frame (and, for GSO, each of its segments) must fit the uplink's MTU.
     let mut mtu_len = 0u32;
     // SAFETY: helper on the program's own skb with a stack out-parameter.
@@ -56,29 +107,47 @@ pub fn transmit(
 
     // The FIB costs more than the rest of encapsulation together: its answer for this PA is
     // cached for NextHop::TTL_JIFFIES (jiffies: far cheaper to read than the clock).
-    let key = u32::from_ne_bytes(dst_pa);
+    let key = dst_pa;
     // SAFETY: plain helper call.
     let now = unsafe { bpf_jiffies64() };
     // SAFETY: read-only use of a value replaced whole.
     if let Some(nh) = unsafe { NEXTHOPS.get(&key) }
         && nh.expires > now
     {
-        let (ifindex, mut macs) = (nh.ifindex, [0u8; 12]);
-        macs[..6].copy_from_slice(&nh.dmac);
-        macs[6..].copy_from_slice(&nh.smac);
-        ctx.store(0, &macs, 0)
-            .map_err(|_| Counter::DropVmTranslateFailed)?;
-        // SAFETY: plain helper call.
-        return Ok(unsafe { bpf_redirect(ifindex, 0) } as i32);
+        return Ok(Hop::Direct {
+            ifindex: nh.ifindex,
+            dmac: nh.dmac,
+            smac: nh.smac,
+        });
     }
+    match ask_fib(ctx, uplink, src_pa, dst_pa, l4_protocol) {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            // SAFETY: as above.
+            let nh = unsafe { NEXTHOPS.get(&key) }.ok_or(Counter::DropVmNoUnderlayRoute)?;
+            Ok(Hop::Direct {
+                ifindex: nh.ifindex,
+                dmac: nh.dmac,
+                smac: nh.smac,
+            })
+        }
+        // The FIB helper also refuses when the host does not forward on the uplink (it checks
+        // that even for output lookups).
+        BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_FWD_DISABLED => Ok(Hop::Kernel),
+        _ => Err(Counter::DropVmNoUnderlayRoute),
+    }
+}
 
+/// Asks the FIB for the next hop of `dst_pa` and, when it has one, caches it. Out of line and
+/// only on a cache miss: the 64-byte lookup struct lives in its own stack frame.
+#[inline(never)]
+fn ask_fib(ctx: &TcContext, uplink: u32, src_pa: u32, dst_pa: u32, l4_protocol: u8) -> u32 {
     // SAFETY: zeroed bindgen struct of plain integers.
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
     fib.l4_protocol = l4_protocol;
     fib.ifindex = uplink;
-    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src_pa);
-    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst_pa);
+    fib.__bindgen_anon_3.ipv4_src = src_pa;
+    fib.__bindgen_anon_4.ipv4_dst = dst_pa;
     // SAFETY: helper with a stack struct of the size we pass.
     #[expect(
         clippy::cast_possible_truncation,
@@ -95,31 +164,21 @@ pub fn transmit(
     };
     #[expect(
         clippy::cast_sign_loss,
+        clippy::cast_possible_truncation,
         reason = "return codes are small and non-negative"
     )]
     let rc = rc as u32;
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
-        let mut macs = [0u8; 12];
-        macs[..6].copy_from_slice(&fib.dmac);
-        macs[6..].copy_from_slice(&fib.smac);
-        ctx.store(0, &macs, 0)
-            .map_err(|_| Counter::DropVmTranslateFailed)?;
         let nh = NextHop {
             ifindex: fib.ifindex,
             smac: fib.smac,
             dmac: fib.dmac,
-            expires: now + NextHop::TTL_JIFFIES,
+            // SAFETY: plain helper call.
+            expires: unsafe { bpf_jiffies64() } + NextHop::TTL_JIFFIES,
         };
-        let _ = NEXTHOPS.insert(&key, &nh, 0);
-        // SAFETY: plain helper call.
-        return Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as i32);
+        if NEXTHOPS.insert(&dst_pa, &nh, 0).is_err() {
+            return BPF_FIB_LKUP_RET_NO_NEIGH;
+        }
     }
-    if rc != BPF_FIB_LKUP_RET_NO_NEIGH && rc != BPF_FIB_LKUP_RET_FWD_DISABLED {
-        return Err(Counter::DropVmNoUnderlayRoute);
-    }
-    // Neighbour not resolved yet, or the FIB helper refused because the host does not forward
-    // on the uplink (it checks that even for output lookups): the kernel routes the packet
-    // itself, resolves the neighbour and queues the packet meanwhile.
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect_neigh(uplink, ptr::null_mut(), 0, 0) } as i32)
+    rc
 }

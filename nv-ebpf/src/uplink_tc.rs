@@ -15,7 +15,7 @@ use nv_common::{Counter, DatapathConfig, DeliverMeta, RestoreMeta, wire::ETH_HLE
 use crate::{
     counters::count,
     maps::CONFIG,
-    packet::{Ipv4Hdr, PACKET_HOST, read_at},
+    packet::{Ipv4Hdr, pull, read_at, set_host, write_at},
     rewrite,
     uplink_rx::{Verdict, classify},
 };
@@ -45,8 +45,7 @@ pub fn run(ctx: &TcContext) -> i32 {
     if config.flags & DatapathConfig::TC_DECAP == 0 {
         return TC_ACT_OK as i32;
     }
-    let len = ctx.len();
-    let _ = ctx.pull_data(if len < PULL_LEN { len } else { PULL_LEN });
+    pull(ctx, PULL_LEN);
     match classify(config, ctx.data(), ctx.data_end()) {
         Ok(Verdict::Pass) => TC_ACT_OK as i32,
         Ok(Verdict::Nvgre { strip, port, .. }) => match decap(ctx, strip) {
@@ -71,7 +70,7 @@ fn drop(reason: Counter) -> i32 {
 /// the outer one was. GSO super-packets stay whole; their segment size grows back by the 42
 /// bytes the encapsulator took.
 fn decap(ctx: &TcContext, strip: usize) -> Result<(), ()> {
-    let inner_eth: [u8; ETH_HLEN] = ctx.load(strip).map_err(|_| ())?;
+    let inner_eth: [u8; ETH_HLEN] = read_at(ctx.data(), ctx.data_end(), strip).ok_or(())?;
     #[expect(
         clippy::cast_possible_truncation,
         clippy::cast_possible_wrap,
@@ -80,7 +79,11 @@ fn decap(ctx: &TcContext, strip: usize) -> Result<(), ()> {
     let shrink = -(strip as i32);
     ctx.adjust_room(shrink, BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| ())?;
-    ctx.store(0, &inner_eth, 0).map_err(|_| ())
+    if write_at(ctx.data(), ctx.data_end(), 0, inner_eth) {
+        Ok(())
+    } else {
+        Err(())
+    }
 }
 
 fn restore_and_deliver(ctx: &TcContext, meta: &RestoreMeta) -> i32 {
@@ -92,18 +95,21 @@ fn restore_and_deliver(ctx: &TcContext, meta: &RestoreMeta) -> i32 {
 
 /// Puts the customer's addresses and Ethernet header back on an IP-rewrite packet.
 fn restore(ctx: &TcContext, meta: &RestoreMeta) -> Result<(), ()> {
-    let ip: Ipv4Hdr = ctx.load(ETH_HLEN).map_err(|_| ())?;
-    rewrite::replace_addresses(ctx, &ip, meta.src_ca, meta.dst_ca)?;
+    pull(ctx, (ETH_HLEN + 60) as u32);
+    let ip: Ipv4Hdr = read_at(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(())?;
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&meta.dst_mac);
     macs[6..].copy_from_slice(&meta.src_mac);
-    ctx.store(0, &macs, 0).map_err(|_| ())
+    if !write_at(ctx.data(), ctx.data_end(), 0, macs) {
+        return Err(());
+    }
+    rewrite::replace_addresses(ctx, &ip, meta.src_ca, meta.dst_ca)
 }
 
 fn deliver(ctx: &TcContext, ifindex: u32, ok: Counter) -> i32 {
     // The frame was classified against the uplink's MAC (other host); the VM must see it as
     // addressed to it, and redirect_peer does not classify again.
-    let _ = ctx.change_type(PACKET_HOST);
+    set_host(ctx);
     // SAFETY: plain helper call; the kernel checks the target device.
     let action = unsafe { bpf_redirect_peer(ifindex, 0) };
     count(if action == i64::from(TC_ACT_REDIRECT) {
