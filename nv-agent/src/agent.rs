@@ -4,7 +4,9 @@
 //! not at all. Only start-up compares the whole table with the maps.
 use std::{collections::HashMap, net::IpAddr};
 
-use nv_common::{DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, v4_mapped};
+use nv_common::{
+    DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, V4, v4_mapped,
+};
 use tracing::{info, warn};
 
 use crate::{
@@ -61,10 +63,19 @@ fn datapath_method(m: Method) -> nv_common::Method {
     }
 }
 
+/// The IPv4 form of an address in a map key. IPv6 customer and provider addresses are refused
+/// before they get here (model.rs), and the datapath has no IPv6 maps yet.
+fn key_v4(ip: IpAddr) -> V4 {
+    match ip {
+        IpAddr::V4(v4) => v4.octets(),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or([0; 4], |v4| v4.octets()),
+    }
+}
+
 fn lookup_key(key: &Key) -> LookupKey {
     LookupKey {
         vsid: key.0,
-        ca: addr16(key.1),
+        ca: key_v4(key.1),
     }
 }
 
@@ -73,7 +84,7 @@ struct Entries {
     key: LookupKey,
     value: LookupValue,
     port: Option<PortInfo>,
-    rewrite: Option<(nv_common::Addr, RewritePa)>,
+    rewrite: Option<(V4, RewritePa)>,
 }
 
 fn entries(r: &LookupRecord, ifindex: u32) -> Entries {
@@ -97,7 +108,7 @@ fn entries(r: &LookupRecord, ifindex: u32) -> Entries {
         }),
         rewrite: (r.method == Method::Rewrite).then(|| {
             (
-                addr16(r.pa),
+                key_v4(r.pa),
                 RewritePa {
                     vsid: r.vsid,
                     ca: addr16(r.ca),
@@ -284,7 +295,7 @@ impl Agent {
         })
     }
 
-    async fn local_pas(&self) -> Result<HashMap<nv_common::Addr, LocalPa>> {
+    async fn local_pas(&self) -> Result<HashMap<V4, LocalPa>> {
         let mut out = HashMap::new();
         for p in self.catalog.providers() {
             let Some(link) = self.netlink.link(&p.dev).await? else {
@@ -292,7 +303,7 @@ impl Agent {
                 continue;
             };
             out.insert(
-                addr16(p.pa.addr),
+                key_v4(p.pa.addr),
                 LocalPa {
                     ifindex: link.index,
                 },

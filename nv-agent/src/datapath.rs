@@ -25,7 +25,7 @@ use aya::{
     },
 };
 use nv_common::{
-    Addr, Counter, DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, map_names,
+    Counter, DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, V4, map_names,
     program_names,
 };
 use tracing::{debug, info};
@@ -63,8 +63,8 @@ pub struct Desired {
     pub config: DatapathConfig,
     pub lookups: HashMap<LookupKey, LookupValue>,
     pub ports: HashMap<u32, PortInfo>,
-    pub local_pas: HashMap<Addr, LocalPa>,
-    pub rewrite_pas: HashMap<Addr, RewritePa>,
+    pub local_pas: HashMap<V4, LocalPa>,
+    pub rewrite_pas: HashMap<V4, RewritePa>,
     /// VSIDs with a VM on this host, and how many ports each has.
     pub hosted_vsids: HashMap<u32, u32>,
 }
@@ -144,6 +144,91 @@ pub fn purge(pin_path: &Path) -> Result<()> {
     }
 }
 
+/// Refuses maps pinned by an nv whose map layout differs from this one's: reusing them would
+/// fail in the verifier with a message nobody could act on, or worse, be read with the wrong
+/// layout. The way out, `nv-agent --purge`, stops forwarding until the agent starts again, so
+/// it is the operator's call, not the agent's.
+fn check_pinned_layouts(maps_dir: &Path) -> Result<()> {
+    use std::mem::size_of;
+    let counters = Counter::COUNT;
+    let expected: [(&str, usize, usize, Option<u32>); 8] = [
+        (
+            map_names::LOOKUPS,
+            size_of::<LookupKey>(),
+            size_of::<LookupValue>(),
+            None,
+        ),
+        (
+            map_names::PORTS,
+            size_of::<u32>(),
+            size_of::<PortInfo>(),
+            None,
+        ),
+        (
+            map_names::LOCAL_PAS,
+            size_of::<V4>(),
+            size_of::<LocalPa>(),
+            None,
+        ),
+        (
+            map_names::CONFIG,
+            size_of::<u32>(),
+            size_of::<DatapathConfig>(),
+            Some(1),
+        ),
+        (
+            map_names::COUNTERS,
+            size_of::<u32>(),
+            size_of::<u64>(),
+            Some(counters),
+        ),
+        (
+            map_names::REWRITE_PAS,
+            size_of::<V4>(),
+            size_of::<RewritePa>(),
+            None,
+        ),
+        (
+            map_names::NEXTHOPS,
+            size_of::<u32>(),
+            size_of::<nv_common::NextHop>(),
+            None,
+        ),
+        (
+            map_names::HOSTED_VSIDS,
+            size_of::<u32>(),
+            size_of::<u32>(),
+            None,
+        ),
+    ];
+    for (name, key, value, entries) in expected {
+        let pin = maps_dir.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        let info = MapData::from_pin(&pin)
+            .and_then(|m| m.info())
+            .map_err(|e| dp_err(format!("read pinned map {}", pin.display()), e))?;
+        let (k, v, n) = (info.key_size(), info.value_size(), info.max_entries());
+        let same = usize::try_from(k).is_ok_and(|k| k == key)
+            && usize::try_from(v).is_ok_and(|v| v == value)
+            && entries.is_none_or(|e| e == n);
+        if !same {
+            return Err(NvError::Datapath(format!(
+                "map {name} pinned at {} has another layout (key {k} bytes, value {v} bytes, \
+                 {n} entries) than this nv uses (key {key}, value {value}{}): it was left by \
+                 another version. Run `nv-agent --purge` and start the agent again; forwarding \
+                 stops until it has loaded",
+                pin.display(),
+                entries
+                    .map(|e| format!(", {e} entries"))
+                    .unwrap_or_default()
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn port_link_name(ifname: &str) -> String {
     format!("port-{ifname}")
 }
@@ -157,6 +242,7 @@ impl Datapath {
         for dir in [&maps_dir, &links_dir] {
             fs::create_dir_all(dir).map_err(|e| dp_err(format!("create {}", dir.display()), e))?;
         }
+        check_pinned_layouts(&maps_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(map_names::LOOKUPS, max_lookups)
@@ -313,12 +399,12 @@ impl Datapath {
         del_entry::<u32, PortInfo>(&mut self.ebpf, map_names::PORTS, &ifindex)
     }
 
-    pub fn put_rewrite(&mut self, pa: &Addr, v: &RewritePa) -> Result<()> {
+    pub fn put_rewrite(&mut self, pa: &V4, v: &RewritePa) -> Result<()> {
         put_entry(&mut self.ebpf, map_names::REWRITE_PAS, pa, v)
     }
 
-    pub fn del_rewrite(&mut self, pa: &Addr) -> Result<()> {
-        del_entry::<Addr, RewritePa>(&mut self.ebpf, map_names::REWRITE_PAS, pa)
+    pub fn del_rewrite(&mut self, pa: &V4) -> Result<()> {
+        del_entry::<V4, RewritePa>(&mut self.ebpf, map_names::REWRITE_PAS, pa)
     }
 
     pub fn set_config(&mut self, config: DatapathConfig) -> Result<()> {
@@ -330,7 +416,7 @@ impl Datapath {
         sync_hash(&mut self.ebpf, map_names::HOSTED_VSIDS, hosted)
     }
 
-    pub fn sync_local_pas(&mut self, local_pas: &HashMap<Addr, LocalPa>) -> Result<()> {
+    pub fn sync_local_pas(&mut self, local_pas: &HashMap<V4, LocalPa>) -> Result<()> {
         sync_hash(&mut self.ebpf, map_names::LOCAL_PAS, local_pas)
     }
 

@@ -42,7 +42,7 @@ pub fn reply(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
     }
     let key = LookupKey {
         vsid: port.vsid,
-        ca: v4_mapped(arp.tpa),
+        ca: arp.tpa,
     };
     // SAFETY: read-only use of a value the agent replaces whole.
     let target = unsafe { LOOKUPS.get(&key) }.ok_or(Counter::DropVmArp)?;

@@ -7,7 +7,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use nv_common::{
-    Counter, LookupKey, Method, PortInfo, mapped_v4, v4_mapped,
+    Counter, LookupKey, Method, PortInfo, mapped_v4,
     wire::{ETH_HLEN, ETH_P_ARP, ETH_P_IP},
 };
 
@@ -74,7 +74,7 @@ fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
     }
     let key = LookupKey {
         vsid: port.vsid,
-        ca: v4_mapped(ip.dst),
+        ca: ip.dst,
     };
     // SAFETY: read-only use of a value the agent replaces whole.
     let dst = unsafe { LOOKUPS.get(&key) }.ok_or(Counter::DropVmUnknownDst)?;

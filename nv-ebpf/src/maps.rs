@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use nv_common::{
-    Addr, Counter, DEFAULT_MAX_LOOKUPS, DatapathConfig, LocalPa, LookupKey, LookupValue,
-    MAX_HOSTED_VSIDS, MAX_LOCAL_PAS, MAX_PORTS, MAX_REWRITE_PAS, NextHop, PortInfo, RewritePa,
+    Counter, DEFAULT_MAX_LOOKUPS, DatapathConfig, LocalPa, LookupKey, LookupValue,
+    MAX_HOSTED_VSIDS, MAX_LOCAL_PAS, MAX_PORTS, MAX_REWRITE_PAS, NextHop, PortInfo, RewritePa, V4,
 };
 
 #[map(name = "NV_LOOKUPS")]
@@ -16,7 +16,7 @@ pub static LOOKUPS: HashMap<LookupKey, LookupValue> = HashMap::pinned(DEFAULT_MA
 pub static PORTS: HashMap<u32, PortInfo> = HashMap::pinned(MAX_PORTS, 0);
 
 #[map(name = "NV_LOCAL_PAS")]
-pub static LOCAL_PAS: HashMap<Addr, LocalPa> = HashMap::pinned(MAX_LOCAL_PAS, 0);
+pub static LOCAL_PAS: HashMap<V4, LocalPa> = HashMap::pinned(MAX_LOCAL_PAS, 0);
 
 #[map(name = "NV_CONFIG")]
 pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
@@ -25,7 +25,7 @@ pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
 
 #[map(name = "NV_REWRITE_PAS")]
-pub static REWRITE_PAS: HashMap<Addr, RewritePa> = HashMap::pinned(MAX_REWRITE_PAS, 0);
+pub static REWRITE_PAS: HashMap<V4, RewritePa> = HashMap::pinned(MAX_REWRITE_PAS, 0);
 
 /// The underlay next hop of each destination PA (IPv4, network order), cached by the datapath.
 #[map(name = "NV_NEXTHOPS")]

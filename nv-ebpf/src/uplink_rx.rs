@@ -3,7 +3,7 @@
 //! here, or not ours (passed untouched, so the host's own traffic keeps working). Malformed or
 //! unknown tenant traffic is an `Err` carrying its drop reason.
 use nv_common::{
-    Counter, DatapathConfig, LookupKey, RestoreMeta, mapped_v4, v4_mapped,
+    Counter, DatapathConfig, LookupKey, RestoreMeta, mapped_v4,
     wire::{
         ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_TEB, GRE_FLAGS_NVGRE, GRE_HLEN,
         IPPROTO_GRE,
@@ -49,7 +49,7 @@ pub fn classify(config: &DatapathConfig, data: usize, end: usize) -> Result<Verd
     // protocol. The filter keeps the lookup off every other packet, host traffic first.
     if config.may_be_rewrite_pa(ip.dst) {
         // SAFETY: read-only use of a value the agent replaces whole.
-        if let Some(dst) = unsafe { REWRITE_PAS.get(&v4_mapped(ip.dst)) }
+        if let Some(dst) = unsafe { REWRITE_PAS.get(&ip.dst) }
             && dst.ifindex != 0
         {
             return rewrite(&ip, dst.vsid, dst.ifindex, dst.ca, dst.mac);
@@ -63,7 +63,7 @@ pub fn classify(config: &DatapathConfig, data: usize, end: usize) -> Result<Verd
     // whose PA is not the outer destination), so a valid packet pays no lookup for it.
     let ours = || {
         // SAFETY: presence check only.
-        unsafe { LOCAL_PAS.get(&v4_mapped(ip.dst)) }.is_some()
+        unsafe { LOCAL_PAS.get(&ip.dst) }.is_some()
     };
     match nvgre(data, end, &ip, hlen) {
         Ok(Verdict::Nvgre { pa, .. }) if pa != ip.dst && !ours() => Ok(Verdict::Pass),
@@ -102,7 +102,7 @@ fn nvgre(data: usize, end: usize, ip: &Ipv4Hdr, hlen: usize) -> Result<Verdict, 
         read_at(data, end, inner + ETH_HLEN).ok_or(Counter::DropUplinkMalformed)?;
     let lookup = LookupKey {
         vsid,
-        ca: v4_mapped(inner_ip.dst),
+        ca: inner_ip.dst,
     };
     // SAFETY: read-only use of a value the agent replaces whole.
     let Some(dst) = (unsafe { LOOKUPS.get(&lookup) }) else {
@@ -120,7 +120,7 @@ fn nvgre(data: usize, end: usize, ip: &Ipv4Hdr, hlen: usize) -> Result<Verdict, 
     // another host cannot speak for a tenant it does not host.
     let source = LookupKey {
         vsid,
-        ca: v4_mapped(inner_ip.src),
+        ca: inner_ip.src,
     };
     // SAFETY: read-only use of a value the agent replaces whole.
     let src = unsafe { LOOKUPS.get(&source) }.ok_or(Counter::DropUplinkSpoofedPa)?;
@@ -148,8 +148,7 @@ fn rewrite(
     dst_mac: [u8; 6],
 ) -> Result<Verdict, Counter> {
     // SAFETY: read-only use of a value the agent replaces whole.
-    let src = unsafe { REWRITE_PAS.get(&v4_mapped(ip.src)) }
-        .ok_or(Counter::DropUplinkRewriteUnknownSrc)?;
+    let src = unsafe { REWRITE_PAS.get(&ip.src) }.ok_or(Counter::DropUplinkRewriteUnknownSrc)?;
     if src.vsid != vsid {
         return Err(Counter::DropUplinkRewriteUnknownSrc);
     }

@@ -46,6 +46,14 @@ pub const GREEN2_MAC: [u8; 6] = [2, 0, 0, 0, 2, 7];
 /// A pin directory, purged on drop (also when loading into it failed half way).
 pub struct PinDir(PathBuf);
 
+impl PinDir {
+    /// Takes charge of `path`: purged when dropped.
+    #[must_use]
+    pub fn new(path: PathBuf) -> Self {
+        Self(path)
+    }
+}
+
 impl Drop for PinDir {
     fn drop(&mut self) {
         let _ = nv_agent::datapath::purge(&self.0);
@@ -141,10 +149,7 @@ pub fn host_maps(ns: &Netns) -> anyhow::Result<Desired> {
         _pad: [0; 2],
         ifindex,
     };
-    let key = |vsid, ca| LookupKey {
-        vsid,
-        ca: v4_mapped(ca),
-    };
+    let key = |vsid, ca| LookupKey { vsid, ca };
     let mut d = Desired {
         config: DatapathConfig {
             uplink_ifindex: uplink,
@@ -155,8 +160,7 @@ pub fn host_maps(ns: &Netns) -> anyhow::Result<Desired> {
     // GREEN-1's PA is the one rewrite PA of a VM here.
     d.config.add_rewrite_pa(GREEN1_PA);
     for pa in [LOCAL_PA, GREEN1_PA] {
-        d.local_pas
-            .insert(v4_mapped(pa), LocalPa { ifindex: uplink });
+        d.local_pas.insert(pa, LocalPa { ifindex: uplink });
     }
     d.ports.insert(red1, port(RED, CA1, RED1_MAC));
     d.ports.insert(blue1, port(BLUE, CA1, BLUE1_MAC));
@@ -183,15 +187,13 @@ pub fn host_maps(ns: &Netns) -> anyhow::Result<Desired> {
         .insert(key(GREEN, CA1), rewrite(GREEN1_PA, GREEN1_MAC, green1));
     d.lookups
         .insert(key(GREEN, CA2), rewrite(GREEN2_PA, GREEN2_MAC, 0));
-    d.rewrite_pas.insert(
-        v4_mapped(GREEN1_PA),
-        dedicated(GREEN, CA1, GREEN1_MAC, green1),
-    );
     d.rewrite_pas
-        .insert(v4_mapped(GREEN2_PA), dedicated(GREEN, CA2, GREEN2_MAC, 0));
+        .insert(GREEN1_PA, dedicated(GREEN, CA1, GREEN1_MAC, green1));
+    d.rewrite_pas
+        .insert(GREEN2_PA, dedicated(GREEN, CA2, GREEN2_MAC, 0));
     // A rewrite PA of another VSID, to prove sources are checked within the VSID.
     d.rewrite_pas
-        .insert(v4_mapped(OTHER_PA), dedicated(7002, CA2, GREEN2_MAC, 0));
+        .insert(OTHER_PA, dedicated(7002, CA2, GREEN2_MAC, 0));
     // RED (RED-1, RED-3), BLUE (BLUE-1) and GREEN (GREEN-1) have VMs here.
     d.hosted_vsids.extend([(RED, 2), (BLUE, 1), (GREEN, 1)]);
     Ok(d)
@@ -215,7 +217,7 @@ pub fn host_with(forwarding: bool, extra: u32) -> anyhow::Result<Host> {
         desired.lookups.insert(
             LookupKey {
                 vsid: 9001,
-                ca: v4_mapped([10, a, b, c]),
+                ca: [10, a, b, c],
             },
             LookupValue {
                 pa: v4_mapped(REMOTE_PA),
@@ -255,10 +257,7 @@ impl Host {
 
     /// Points RED's record for 10.0.0.2 at another method, as a disagreeing host might.
     pub fn set_red2_method(&mut self, method: Method) -> anyhow::Result<()> {
-        let key = LookupKey {
-            vsid: RED,
-            ca: v4_mapped(CA2),
-        };
+        let key = LookupKey { vsid: RED, ca: CA2 };
         self.desired
             .lookups
             .get_mut(&key)

@@ -12,7 +12,6 @@ use anyhow::{bail, ensure};
 use nv_common::{
     DatapathConfig, DeliverMeta, LookupKey, RestoreMeta,
     program_names::{FROM_VM, UPLINK_TC, UPLINK_XDP},
-    v4_mapped,
 };
 
 use crate::fixture::{
@@ -223,10 +222,7 @@ fn check_uplink(
         );
         let (_, dst) =
             ipv4(inner, 14).ok_or_else(|| anyhow::anyhow!("delivered a frame without IPv4"))?;
-        let owner = records.get(&LookupKey {
-            vsid,
-            ca: v4_mapped(dst),
-        });
+        let owner = records.get(&LookupKey { vsid, ca: dst });
         ensure!(
             owner == Some(&port) && port != 0,
             "VSID {vsid} {dst:?} delivered to port {port}, its record says {owner:?}"
@@ -253,12 +249,7 @@ fn check_uplink(
         {
             let (_, dst) =
                 ipv4(inner, 14).ok_or_else(|| anyhow::anyhow!("delivered a frame without IPv4"))?;
-            let owner = records
-                .get(&LookupKey {
-                    vsid,
-                    ca: v4_mapped(dst),
-                })
-                .copied();
+            let owner = records.get(&LookupKey { vsid, ca: dst }).copied();
             ensure!(
                 owner.is_some_and(|p| p != 0),
                 "TC delivered VSID {vsid} {dst:?}, which is no VM here"
@@ -309,10 +300,7 @@ fn check_from_vm(
             .ok_or_else(|| anyhow::anyhow!("short ARP"))?
             .try_into()?;
         ensure!(
-            records.contains_key(&LookupKey {
-                vsid,
-                ca: v4_mapped(spa)
-            }),
+            records.contains_key(&LookupKey { vsid, ca: spa }),
             "ARP answered for {spa:?} outside VSID {vsid}"
         );
         return Ok(());
@@ -328,10 +316,7 @@ fn check_from_vm(
         ensure!(inner == input, "inner frame differs from what the VM sent");
         let (_, dst) = ipv4(inner, 14).ok_or_else(|| anyhow::anyhow!("no inner IPv4"))?;
         ensure!(
-            records.contains_key(&LookupKey {
-                vsid,
-                ca: v4_mapped(dst)
-            }),
+            records.contains_key(&LookupKey { vsid, ca: dst }),
             "sent to {dst:?}, no CA of VSID {vsid}"
         );
         return Ok(());
@@ -341,10 +326,7 @@ fn check_from_vm(
     if out == input {
         ensure!(
             records
-                .get(&LookupKey {
-                    vsid,
-                    ca: v4_mapped(dst)
-                })
+                .get(&LookupKey { vsid, ca: dst })
                 .is_some_and(|p| *p != 0),
             "delivered locally to {dst:?}, no VM of VSID {vsid} here"
         );

@@ -634,7 +634,7 @@ fn import_is_all_or_nothing_and_survives_restart() -> anyhow::Result<()> {
         let [_, _, a, b] = i.to_be_bytes();
         let key = nv_common::LookupKey {
             vsid: 7001,
-            ca: nv_common::v4_mapped([10, 2, a, b]),
+            ca: [10, 2, a, b],
         };
         ensure!(
             view.get(&key).is_some(),

@@ -5,7 +5,7 @@ use std::{fmt::Write as _, net::Ipv4Addr, time::Instant};
 
 use anyhow::{Context as _, ensure};
 use nv_agent::datapath::LookupView;
-use nv_common::{LookupKey, v4_mapped};
+use nv_common::LookupKey;
 use serde::Serialize;
 
 use super::{Scale, quantile};
@@ -56,7 +56,7 @@ fn adds(h: &Host, view: &LookupView, net: u8, count: u32) -> anyhow::Result<(Vec
         ])?;
         let key = LookupKey {
             vsid: 5001,
-            ca: v4_mapped(ca.octets()),
+            ca: ca.octets(),
         };
         let mut present = view.get(&key).is_some();
         if present {
@@ -131,7 +131,7 @@ pub fn run(scale: Scale) -> anyhow::Result<Result> {
     ensure!(
         view.get(&LookupKey {
             vsid: 9001,
-            ca: v4_mapped([11, a, b, c])
+            ca: [11, a, b, c]
         })
         .is_some(),
         "last imported record not in the map"
