@@ -16,7 +16,7 @@ use crate::{
     counters::count,
     encap,
     maps::{LOOKUPS, PORTS},
-    packet::{EthHdr, Ipv4Hdr, pull, read_at, set_host},
+    packet::{EthHdr, Ipv4Hdr, pull, set_host, view_at},
     rewrite,
 };
 
@@ -50,7 +50,7 @@ fn try_run(ctx: &TcContext) -> Result<i32, Counter> {
     pull(ctx, PULL_LEN);
 
     let (data, end) = (ctx.data(), ctx.data_end());
-    let eth: EthHdr = read_at(data, end, 0).ok_or(Counter::DropVmMalformed)?;
+    let eth: &EthHdr = view_at(data, end, 0).ok_or(Counter::DropVmMalformed)?;
     // A VM is hostile until proven otherwise: it speaks only with the identity of its port.
     if eth.src != port.mac {
         return Err(Counter::DropVmSpoofedMac);
@@ -64,7 +64,7 @@ fn try_run(ctx: &TcContext) -> Result<i32, Counter> {
 
 fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
     let (data, end) = (ctx.data(), ctx.data_end());
-    let ip: Ipv4Hdr = read_at(data, end, ETH_HLEN).ok_or(Counter::DropVmMalformed)?;
+    let ip: &Ipv4Hdr = view_at(data, end, ETH_HLEN).ok_or(Counter::DropVmMalformed)?;
     let hlen = ip.hlen();
     if ip.ver_ihl >> 4 != 4 || hlen < 20 {
         return Err(Counter::DropVmMalformed);
@@ -89,14 +89,14 @@ fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
 
     // The destination's record decides the method (README: "Translation methods").
     if dst.method == Method::Rewrite as u8 {
-        let action = rewrite::send(ctx, port, dst, &ip)?;
+        let action = rewrite::send(ctx, port, dst, ip)?;
         count(Counter::VmTxRewrite);
         return Ok(action);
     }
     if dst.method != Method::Encap as u8 {
         return Err(Counter::DropVmMethod);
     }
-    let action = encap::nvgre(ctx, port, dst, &ip)?;
+    let action = encap::nvgre(ctx, port, dst, ip)?;
     count(Counter::VmTxEncap);
     debug_assert!(action == TC_ACT_REDIRECT as i32);
     Ok(action)

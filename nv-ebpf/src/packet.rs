@@ -120,6 +120,16 @@ pub fn ptr_at<T>(start: usize, end: usize, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// A view of the `T` at `offset`, bounds-checked, without copying it: a header read with
+/// `read_at` is copied byte by byte (alignment 1) onto the stack, which costs more than the
+/// parsing. `T` must be made of byte arrays. A helper call that may move the packet ends the
+/// view's life; the verifier refuses a program that uses it after that.
+#[inline(always)]
+pub fn view_at<'a, T>(start: usize, end: usize, offset: usize) -> Option<&'a T> {
+    // SAFETY: ptr_at checked that the whole T lies inside [start, end); alignment is 1.
+    ptr_at::<T>(start, end, offset).map(|p| unsafe { &*p })
+}
+
 /// Reads a `T` at `offset`, bounds-checked.
 #[inline(always)]
 pub fn read_at<T: Copy>(start: usize, end: usize, offset: usize) -> Option<T> {

@@ -109,12 +109,14 @@ pub fn send(
         return Err(Counter::DropVmMethod);
     };
     let uplink = underlay::uplink()?;
+    // `ip` views the packet, which the checksum helper may move: read it before.
+    let proto = ip.proto;
     replace_addresses(ctx, ip, src_pa, dst_pa).map_err(|()| Counter::DropVmTranslateFailed)?;
     underlay::transmit(
         ctx,
         uplink,
         u32::from_ne_bytes(src_pa),
         u32::from_ne_bytes(dst_pa),
-        ip.proto,
+        proto,
     )
 }

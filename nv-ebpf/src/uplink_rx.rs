@@ -12,7 +12,7 @@ use nv_common::{
 
 use crate::{
     maps::{HOSTED_VSIDS, LOCAL_PAS, LOOKUPS, REWRITE_PAS},
-    packet::{EthHdr, GreHdr, Ipv4Hdr, read_at},
+    packet::{EthHdr, GreHdr, Ipv4Hdr, read_at, view_at},
 };
 
 pub enum Verdict {
@@ -32,13 +32,13 @@ pub enum Verdict {
 /// Classifies the frame in `[data, end)` under `config`.
 #[inline(always)]
 pub fn classify(config: &DatapathConfig, data: usize, end: usize) -> Result<Verdict, Counter> {
-    let Some(eth) = read_at::<EthHdr>(data, end, 0) else {
+    let Some(eth) = view_at::<EthHdr>(data, end, 0) else {
         return Ok(Verdict::Pass);
     };
     if eth.proto() != ETH_P_IP {
         return Ok(Verdict::Pass);
     }
-    let Some(ip) = read_at::<Ipv4Hdr>(data, end, ETH_HLEN) else {
+    let Some(ip) = view_at::<Ipv4Hdr>(data, end, ETH_HLEN) else {
         return Ok(Verdict::Pass);
     };
     let hlen = ip.hlen();
@@ -52,7 +52,7 @@ pub fn classify(config: &DatapathConfig, data: usize, end: usize) -> Result<Verd
         if let Some(dst) = unsafe { REWRITE_PAS.get(&ip.dst) }
             && dst.ifindex != 0
         {
-            return rewrite(&ip, dst.vsid, dst.ifindex, dst.ca, dst.mac);
+            return rewrite(ip, dst.vsid, dst.ifindex, dst.ca, dst.mac);
         }
     }
     if ip.proto != IPPROTO_GRE {
@@ -65,7 +65,7 @@ pub fn classify(config: &DatapathConfig, data: usize, end: usize) -> Result<Verd
         // SAFETY: presence check only.
         unsafe { LOCAL_PAS.get(&ip.dst) }.is_some()
     };
-    match nvgre(data, end, &ip, hlen) {
+    match nvgre(data, end, ip, hlen) {
         Ok(Verdict::Nvgre { pa, .. }) if pa != ip.dst && !ours() => Ok(Verdict::Pass),
         Ok(v) => Ok(v),
         Err(_) if !ours() => Ok(Verdict::Pass),
@@ -77,7 +77,7 @@ pub fn classify(config: &DatapathConfig, data: usize, end: usize) -> Result<Verd
 #[inline(always)]
 fn nvgre(data: usize, end: usize, ip: &Ipv4Hdr, hlen: usize) -> Result<Verdict, Counter> {
     let gre_off = ETH_HLEN + hlen;
-    let gre: GreHdr = read_at(data, end, gre_off).ok_or(Counter::DropUplinkMalformed)?;
+    let gre: &GreHdr = view_at(data, end, gre_off).ok_or(Counter::DropUplinkMalformed)?;
     if u16::from_be_bytes(gre.proto) != ETH_P_TEB {
         // GRE for another user of this address (not NVGRE): not ours to judge.
         return Ok(Verdict::Pass);
@@ -92,14 +92,14 @@ fn nvgre(data: usize, end: usize, ip: &Ipv4Hdr, hlen: usize) -> Result<Verdict, 
     let vsid = u32::from_be_bytes(key) >> 8;
 
     let inner = gre_off + GRE_HLEN;
-    let inner_eth: EthHdr = read_at(data, end, inner).ok_or(Counter::DropUplinkMalformed)?;
+    let inner_eth: &EthHdr = view_at(data, end, inner).ok_or(Counter::DropUplinkMalformed)?;
     match inner_eth.proto() {
         ETH_P_IP => {}
         ETH_P_8021Q | ETH_P_8021AD => return Err(Counter::DropUplinkInnerVlan),
         _ => return Err(Counter::DropUplinkInnerNotIp),
     }
-    let inner_ip: Ipv4Hdr =
-        read_at(data, end, inner + ETH_HLEN).ok_or(Counter::DropUplinkMalformed)?;
+    let inner_ip: &Ipv4Hdr =
+        view_at(data, end, inner + ETH_HLEN).ok_or(Counter::DropUplinkMalformed)?;
     let lookup = LookupKey {
         vsid,
         ca: inner_ip.dst,

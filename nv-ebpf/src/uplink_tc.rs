@@ -15,7 +15,7 @@ use nv_common::{Counter, DatapathConfig, DeliverMeta, RestoreMeta, wire::ETH_HLE
 use crate::{
     counters::count,
     maps::CONFIG,
-    packet::{Ipv4Hdr, pull, read_at, set_host, write_at},
+    packet::{Ipv4Hdr, pull, read_at, set_host, view_at, write_at},
     rewrite,
     uplink_rx::{Verdict, classify},
 };
@@ -96,14 +96,14 @@ fn restore_and_deliver(ctx: &TcContext, meta: &RestoreMeta) -> i32 {
 /// Puts the customer's addresses and Ethernet header back on an IP-rewrite packet.
 fn restore(ctx: &TcContext, meta: &RestoreMeta) -> Result<(), ()> {
     pull(ctx, (ETH_HLEN + 60) as u32);
-    let ip: Ipv4Hdr = read_at(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(())?;
+    let ip: &Ipv4Hdr = view_at(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(())?;
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&meta.dst_mac);
     macs[6..].copy_from_slice(&meta.src_mac);
     if !write_at(ctx.data(), ctx.data_end(), 0, macs) {
         return Err(());
     }
-    rewrite::replace_addresses(ctx, &ip, meta.src_ca, meta.dst_ca)
+    rewrite::replace_addresses(ctx, ip, meta.src_ca, meta.dst_ca)
 }
 
 fn deliver(ctx: &TcContext, ifindex: u32, ok: Counter) -> i32 {
