@@ -192,7 +192,7 @@ fn check_pinned_layouts(maps_dir: &Path) -> Result<()> {
             map_names::NEXTHOPS,
             size_of::<u32>(),
             size_of::<nv_common::NextHop>(),
-            None,
+            Some(nv_common::NextHop::SLOTS),
         ),
         (
             map_names::HOSTED_VSIDS,

@@ -147,23 +147,36 @@ pub struct RewritePa {
     pub ifindex: u32,
 }
 
-/// A cached underlay next hop for a provider address (the datapath's own cache of
-/// `bpf_fib_lookup`, which costs more than the rest of encapsulation together).
+/// A cached underlay next hop for a provider address: the datapath's own cache of
+/// `bpf_fib_lookup`, which costs more than the rest of encapsulation together. A per-CPU array
+/// of [`NextHop::SLOTS`] entries, each PA in slot [`NextHop::slot`]: an array read costs a
+/// fraction of a hash lookup, and two PAs sharing a slot only cost each other FIB lookups.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NextHop {
+    /// The PA this entry is for (IPv4, network order; 0: empty).
+    pub pa: u32,
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+    /// The route's MTU: a frame that is not GSO and fits needs no MTU helper.
+    pub mtu: u32,
     /// `bpf_jiffies64` after which the entry is looked up again.
     pub expires: u64,
 }
 
 impl NextHop {
-    /// How long a cached next hop is trusted: a changed neighbour is followed within this
-    /// many jiffies (50 to 200 ms at the usual 250 to 1000 Hz).
+    /// How long a cached next hop is trusted: a changed neighbour or MTU is followed within
+    /// this many jiffies (50 to 200 ms at the usual 250 to 1000 Hz).
     pub const TTL_JIFFIES: u64 = 50;
-    pub const MAX: u32 = 65_536;
+    pub const SLOTS: u32 = 1024;
+
+    /// The slot of `pa` (IPv4, network order, as a native `u32`).
+    #[inline(always)]
+    #[must_use]
+    pub fn slot(pa: u32) -> u32 {
+        pa.wrapping_mul(0x9e37_79b1) >> 22
+    }
 }
 
 /// Value of the local provider address map (keyed by an IPv4 PA, [`V4`]).
@@ -267,7 +280,7 @@ const _: () = {
     assert!(core::mem::size_of::<DeliverMeta>() == 8);
     assert!(core::mem::size_of::<RestoreMeta>() == 28);
     assert!(core::mem::size_of::<RewritePa>() == 32);
-    assert!(core::mem::size_of::<NextHop>() == 24);
+    assert!(core::mem::size_of::<NextHop>() == 32);
 };
 
 #[cfg(feature = "user")]

@@ -2,7 +2,7 @@
 //! never stops; sizes of the big ones are overridden by the agent at load time.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use nv_common::{
     Counter, DEFAULT_MAX_LOOKUPS, DatapathConfig, LocalPa, LookupKey, LookupValue,
@@ -27,9 +27,9 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
 #[map(name = "NV_REWRITE_PAS")]
 pub static REWRITE_PAS: HashMap<V4, RewritePa> = HashMap::pinned(MAX_REWRITE_PAS, 0);
 
-/// The underlay next hop of each destination PA (IPv4, network order), cached by the datapath.
+/// The underlay next hops of destination PAs, cached by the datapath ([`NextHop`]).
 #[map(name = "NV_NEXTHOPS")]
-pub static NEXTHOPS: LruHashMap<u32, NextHop> = LruHashMap::pinned(NextHop::MAX, 0);
+pub static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::pinned(NextHop::SLOTS, 0);
 
 /// VSIDs with a VM on this host (value: how many ports): NVGRE for any other VSID is refused
 /// with its own reason.

@@ -13,7 +13,7 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
-use nv_common::{Counter, NextHop};
+use nv_common::{Counter, NextHop, wire::ETH_HLEN};
 
 use crate::{
     maps::{CONFIG, NEXTHOPS},
@@ -89,41 +89,29 @@ pub fn next_hop(
     dst_pa: u32,
     l4_protocol: u8,
 ) -> Result<Hop, Counter> {
-    // The frame (and, for GSO, each of its segments) must fit the uplink's MTU.
-    let mut mtu_len = 0u32;
-    // SAFETY: helper on the program's own skb with a stack out-parameter.
-    let mtu_rc = unsafe {
-        bpf_check_mtu(
-            ctx.skb.skb.cast::<c_void>(),
-            uplink,
-            &raw mut mtu_len,
-            0,
-            u64::from(BPF_MTU_CHK_SEGS),
-        )
-    };
-    if mtu_rc != 0 {
-        return Err(Counter::DropVmTooBig);
-    }
-
-    // The FIB costs more than the rest of encapsulation together: its answer for this PA is
-    // cached for NextHop::TTL_JIFFIES (jiffies: far cheaper to read than the clock).
-    let key = dst_pa;
+    let slot = NextHop::slot(dst_pa);
     // SAFETY: plain helper call.
     let now = unsafe { bpf_jiffies64() };
-    // SAFETY: read-only use of a value replaced whole.
-    if let Some(nh) = unsafe { NEXTHOPS.get(&key) }
-        && nh.expires > now
-    {
-        return Ok(Hop::Direct {
-            ifindex: nh.ifindex,
-            dmac: nh.dmac,
-            smac: nh.smac,
-        });
+    if let Some(nh) = NEXTHOPS.get_ptr(slot) {
+        // SAFETY: this CPU's slot; only this CPU writes it, and not while we run.
+        let nh = unsafe { &*nh };
+        if nh.pa == dst_pa && nh.expires > now {
+            // SAFETY: the context pointer is valid for the whole program run.
+            let gso = unsafe { (*ctx.skb.skb).gso_segs } > 1;
+            if gso || ctx.len() > nh.mtu + ETH_HLEN as u32 {
+                check_mtu(ctx, uplink)?;
+            }
+            return Ok(Hop::Direct {
+                ifindex: nh.ifindex,
+                dmac: nh.dmac,
+                smac: nh.smac,
+            });
+        }
     }
+    check_mtu(ctx, uplink)?;
     match ask_fib(ctx, uplink, src_pa, dst_pa, l4_protocol) {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            // SAFETY: as above.
-            let nh = unsafe { NEXTHOPS.get(&key) }.ok_or(Counter::DropVmNoUnderlayRoute)?;
+            let nh = NEXTHOPS.get(slot).ok_or(Counter::DropVmNoUnderlayRoute)?;
             Ok(Hop::Direct {
                 ifindex: nh.ifindex,
                 dmac: nh.dmac,
@@ -137,8 +125,30 @@ pub fn next_hop(
     }
 }
 
-/// Asks the FIB for the next hop of `dst_pa` and, when it has one, caches it. Out of line and
-/// only on a cache miss: the 64-byte lookup struct lives in its own stack frame.
+/// The frame (and, for GSO, each of its segments) must fit the uplink's MTU.
+#[inline(always)]
+fn check_mtu(ctx: &TcContext, uplink: u32) -> Result<(), Counter> {
+    let mut mtu_len = 0u32;
+    // SAFETY: helper on the program's own skb with a stack out-parameter.
+    let rc = unsafe {
+        bpf_check_mtu(
+            ctx.skb.skb.cast::<c_void>(),
+            uplink,
+            &raw mut mtu_len,
+            0,
+            u64::from(BPF_MTU_CHK_SEGS),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Counter::DropVmTooBig)
+    }
+}
+
+/// Asks the FIB for the next hop of `dst_pa` and, when it has one, caches it in this CPU's
+/// slot. Out of line and only on a cache miss: the 64-byte lookup struct lives in its own
+/// stack frame.
 #[inline(never)]
 fn ask_fib(ctx: &TcContext, uplink: u32, src_pa: u32, dst_pa: u32, l4_protocol: u8) -> u32 {
     // SAFETY: zeroed bindgen struct of plain integers.
@@ -169,15 +179,22 @@ fn ask_fib(ctx: &TcContext, uplink: u32, src_pa: u32, dst_pa: u32, l4_protocol: 
     )]
     let rc = rc as u32;
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
-        let nh = NextHop {
-            ifindex: fib.ifindex,
-            smac: fib.smac,
-            dmac: fib.dmac,
-            // SAFETY: plain helper call.
-            expires: unsafe { bpf_jiffies64() } + NextHop::TTL_JIFFIES,
-        };
-        if NEXTHOPS.insert(&dst_pa, &nh, 0).is_err() {
+        let Some(slot) = NEXTHOPS.get_ptr_mut(NextHop::slot(dst_pa)) else {
             return BPF_FIB_LKUP_RET_NO_NEIGH;
+        };
+        // SAFETY: this CPU's slot, written whole.
+        unsafe {
+            *slot = NextHop {
+                pa: dst_pa,
+                ifindex: fib.ifindex,
+                smac: fib.smac,
+                dmac: fib.dmac,
+                // SAFETY: union member the helper fills on success (0 for GSO: the helper
+                // then checks every packet).
+                mtu: u32::from(fib.__bindgen_anon_1.mtu_result),
+                // SAFETY: plain helper call.
+                expires: bpf_jiffies64() + NextHop::TTL_JIFFIES,
+            };
         }
     }
     rc

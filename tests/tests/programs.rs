@@ -66,6 +66,29 @@ fn encapsulation_is_byte_exact() -> anyhow::Result<()> {
 }
 
 #[test]
+fn frames_too_big_for_the_uplink_are_dropped_with_or_without_a_cached_next_hop()
+-> anyhow::Result<()> {
+    let h = host(true)?;
+    // The uplink's MTU is 1500. A 1500-byte IPv4 packet is 1542 bytes once encapsulated; one
+    // of 1458 bytes is exactly 1500.
+    let big = udp_frame(RED1_MAC, RED2_MAC, CA1, CA2, &[7u8; 1472]);
+    let fits = udp_frame(RED1_MAC, RED2_MAC, CA1, CA2, &[7u8; 1430]);
+    // Nothing cached yet.
+    h.expect(FROM_VM, &big, Some(h.red1), TC_ACT_SHOT, "drop_vm_too_big")?;
+    // The largest frame that fits goes out, and caches the next hop and the route's MTU ...
+    let out = h.expect(FROM_VM, &fits, Some(h.red1), TC_ACT_REDIRECT, "vm_tx_encap")?;
+    ensure!(
+        out.len() == 14 + 1500,
+        "encapsulated to {} bytes",
+        out.len()
+    );
+    h.expect(FROM_VM, &fits, Some(h.red1), TC_ACT_REDIRECT, "vm_tx_encap")?;
+    // ... which must not let a bigger one through.
+    h.expect(FROM_VM, &big, Some(h.red1), TC_ACT_SHOT, "drop_vm_too_big")?;
+    Ok(())
+}
+
+#[test]
 fn encapsulation_without_host_forwarding_leaves_l2_to_the_kernel() -> anyhow::Result<()> {
     // bpf_fib_lookup refuses when the host does not forward on the uplink; the frame is then
     // handed to bpf_redirect_neigh, which writes the Ethernet addresses itself.
