@@ -279,6 +279,9 @@ impl Agent {
                 }
                 self.attached.remove(&port);
                 self.sync_hosted()?;
+                if e.rewrite.is_some() {
+                    self.update_config()?;
+                }
             }
             if let Some(old) = before {
                 self.datapath.del_port(old)?;

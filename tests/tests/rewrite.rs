@@ -2,10 +2,12 @@
 //! customer addresses. The underlay, decoded by tshark, carries RED as plain IPv4 between its
 //! dedicated PAs and BLUE as NVGRE; RED-2 receives byte for byte what RED-1 sent.
 use anyhow::{Context as _, ensure};
+use nv_common::DatapathConfig;
 use nv_tests::{
     capture::{self, Capture},
     checks,
-    testbed::{BLUE_VSID, Translation, TwoHosts, Vm, tcp_transfer, udp_transfer},
+    sys::run,
+    testbed::{BLUE_VSID, Host, Translation, TwoHosts, Vm, tcp_transfer, udp_transfer},
 };
 
 const RED_PAS: [&str; 2] = ["198.18.1.1", "198.18.1.2"];
@@ -233,5 +235,54 @@ fn rewrite_pas_are_dedicated_and_vsids_use_one_method() -> anyhow::Result<()> {
     for (args, expect) in cases {
         h.expect_refused(args, expect)?;
     }
+
+    filter_follows_red1(h)
+}
+
+/// The uplink's rewrite-PA filter, read back with bpftool: it holds RED-1's PA while RED-1
+/// is here, and nothing once RED-1's record is gone.
+fn filter_follows_red1(h: &Host) -> anyhow::Result<()> {
+    let red1_pa = [198, 18, 1, 1];
+    let (word, bit) = DatapathConfig::rewrite_filter_slot(red1_pa);
+    let filter = filter_words(h)?;
+    ensure!(
+        filter[word] & bit != 0,
+        "RED-1's PA is not in the filter: {filter:x?}"
+    );
+    h.nvctl(&["lookup", "del", "--vsid", "5001", "--ca", "10.0.0.1"])?;
+    let filter = filter_words(h)?;
+    ensure!(
+        filter.iter().all(|w| *w == 0),
+        "filter not cleared: {filter:x?}"
+    );
     Ok(())
+}
+
+/// The rewrite-PA filter words of a host's datapath config, as bpftool dumps the pinned map.
+fn filter_words(h: &Host) -> anyhow::Result<Vec<u32>> {
+    let pin = h.pin_path.join("maps/NV_CONFIG");
+    let out = run(
+        "bpftool",
+        &["-j", "map", "dump", "pinned", &pin.to_string_lossy()],
+    )?;
+    let json: serde_json::Value = serde_json::from_str(&out)?;
+    let bytes: Vec<u8> = json[0]["value"]
+        .as_array()
+        .context("no value in the config dump")?
+        .iter()
+        .map(|b| {
+            let b = b.as_str().context("byte")?;
+            Ok(u8::from_str_radix(b.trim_start_matches("0x"), 16)?)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(
+        bytes.len() == std::mem::size_of::<DatapathConfig>(),
+        "config value of {} bytes",
+        bytes.len()
+    );
+    // After uplink_ifindex and flags.
+    Ok(bytes[8..8 + 4 * DatapathConfig::REWRITE_FILTER_WORDS]
+        .chunks(4)
+        .map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }
