@@ -280,6 +280,15 @@ const _: () = {
     assert!(core::mem::size_of::<DeliverMeta>() == 8);
     assert!(core::mem::size_of::<RestoreMeta>() == 28);
     assert!(core::mem::size_of::<RewritePa>() == 32);
+    // The datapath reads the addresses in map values word by word (nv-ebpf `packet::v4_of`):
+    // each sits 4-aligned in a 4-aligned value.
+    assert!(core::mem::align_of::<LookupValue>() >= 4);
+    assert!(core::mem::offset_of!(LookupValue, pa) % 4 == 0);
+    assert!(core::mem::align_of::<PortInfo>() >= 4);
+    assert!(core::mem::offset_of!(PortInfo, ca) % 4 == 0);
+    assert!(core::mem::offset_of!(PortInfo, pa) % 4 == 0);
+    assert!(core::mem::align_of::<RewritePa>() >= 4);
+    assert!(core::mem::offset_of!(RewritePa, ca) % 4 == 0);
     assert!(core::mem::size_of::<NextHop>() == 32);
 };
 

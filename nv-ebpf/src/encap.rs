@@ -15,7 +15,6 @@ use aya_ebpf::{
 use nv_common::{
     Counter, LookupValue, PortInfo,
     flow::flow_id_v4,
-    mapped_v4,
     wire::{
         ETH_HLEN, ETH_P_IP, ETH_P_TEB, GRE_FLAGS_NVGRE, IPPROTO_GRE, IPPROTO_TCP, IPPROTO_UDP,
         IPV4_DF, NVGRE_V4_OVERHEAD, OUTER_TTL, nvgre_key,
@@ -23,7 +22,7 @@ use nv_common::{
 };
 
 use crate::{
-    packet::{EthHdr, Ipv4Hdr, ptr_at, read_at},
+    packet::{EthHdr, Ipv4Hdr, ptr_at, read_at, v4_of},
     underlay::{self, Hop},
 };
 
@@ -51,7 +50,7 @@ pub fn nvgre(
     let vsid = src.vsid;
     let inner_tos = ip.tos;
     let flow_id = flow_id(ctx, ip);
-    let (Some(outer_src), Some(outer_dst)) = (mapped_v4(&src.pa), mapped_v4(&dst.pa)) else {
+    let (Some(outer_src), Some(outer_dst)) = (v4_of(&src.pa), v4_of(&dst.pa)) else {
         // IPv6 underlay has its own issue; the agent refuses such records today.
         return Err(Counter::DropVmMethod);
     };

@@ -7,7 +7,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use nv_common::{
-    Counter, LookupKey, Method, PortInfo, mapped_v4,
+    Counter, LookupKey, Method, PortInfo,
     wire::{ETH_HLEN, ETH_P_ARP, ETH_P_IP},
 };
 
@@ -16,7 +16,7 @@ use crate::{
     counters::count,
     encap,
     maps::{LOOKUPS, PORTS},
-    packet::{EthHdr, Ipv4Hdr, pull, set_host, view_at},
+    packet::{EthHdr, Ipv4Hdr, pull, set_host, v4_of, view_at},
     rewrite,
 };
 
@@ -69,7 +69,7 @@ fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
     if ip.ver_ihl >> 4 != 4 || hlen < 20 {
         return Err(Counter::DropVmMalformed);
     }
-    if mapped_v4(&port.ca) != Some(ip.src) {
+    if v4_of(&port.ca) != Some(ip.src) {
         return Err(Counter::DropVmSpoofedIp);
     }
     let key = LookupKey {

@@ -151,3 +151,20 @@ pub fn write_at<T: Copy>(start: usize, end: usize, offset: usize, value: T) -> b
         None => false,
     }
 }
+
+/// The IPv4 address in an IPv4-mapped [`nv_common::Addr`] held in a map value, or `None`
+/// for any other address. Word by word: `nv_common::mapped_v4` goes byte by byte (an `Addr`
+/// alone has alignment 1), which costs a dozen loads and branches per check.
+///
+/// Only for the `Addr` fields of map values: nv-common asserts at compile time that they sit
+/// at 4-aligned offsets of 4-aligned structs, and map values are 8-aligned.
+#[inline(always)]
+pub fn v4_of(a: &nv_common::Addr) -> Option<[u8; 4]> {
+    // SAFETY: see above: the address is 4-aligned, and [u32; 4] has the same size.
+    let w = unsafe { &*core::ptr::from_ref(a).cast::<[u32; 4]>() };
+    if w[0] == 0 && w[1] == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]) {
+        Some(w[3].to_ne_bytes())
+    } else {
+        None
+    }
+}

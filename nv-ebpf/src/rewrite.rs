@@ -8,12 +8,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use nv_common::{
-    Counter, LookupValue, PortInfo, mapped_v4,
+    Counter, LookupValue, PortInfo,
     wire::{ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP},
 };
 
 use crate::{
-    packet::{Ipv4Hdr, write_at},
+    packet::{Ipv4Hdr, v4_of, write_at},
     underlay,
 };
 
@@ -105,7 +105,7 @@ pub fn send(
     if port.method != nv_common::Method::Rewrite as u8 {
         return Err(Counter::DropVmNoRewritePa);
     }
-    let (Some(src_pa), Some(dst_pa)) = (mapped_v4(&port.pa), mapped_v4(&dst.pa)) else {
+    let (Some(src_pa), Some(dst_pa)) = (v4_of(&port.pa), v4_of(&dst.pa)) else {
         return Err(Counter::DropVmMethod);
     };
     let uplink = underlay::uplink()?;

@@ -3,7 +3,7 @@
 //! here, or not ours (passed untouched, so the host's own traffic keeps working). Malformed or
 //! unknown tenant traffic is an `Err` carrying its drop reason.
 use nv_common::{
-    Counter, DatapathConfig, LookupKey, RestoreMeta, mapped_v4,
+    Counter, DatapathConfig, LookupKey, RestoreMeta, RewritePa,
     wire::{
         ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_TEB, GRE_FLAGS_NVGRE, GRE_HLEN,
         IPPROTO_GRE,
@@ -12,7 +12,7 @@ use nv_common::{
 
 use crate::{
     maps::{HOSTED_VSIDS, LOCAL_PAS, LOOKUPS, REWRITE_PAS},
-    packet::{EthHdr, GreHdr, Ipv4Hdr, read_at, view_at},
+    packet::{EthHdr, GreHdr, Ipv4Hdr, read_at, v4_of, view_at},
 };
 
 pub enum Verdict {
@@ -52,7 +52,7 @@ pub fn classify(config: &DatapathConfig, data: usize, end: usize) -> Result<Verd
         if let Some(dst) = unsafe { REWRITE_PAS.get(&ip.dst) }
             && dst.ifindex != 0
         {
-            return rewrite(ip, dst.vsid, dst.ifindex, dst.ca, dst.mac);
+            return rewrite(ip, dst);
         }
     }
     if ip.proto != IPPROTO_GRE {
@@ -124,7 +124,7 @@ fn nvgre(data: usize, end: usize, ip: &Ipv4Hdr, hlen: usize) -> Result<Verdict, 
     };
     // SAFETY: read-only use of a value the agent replaces whole.
     let src = unsafe { LOOKUPS.get(&source) }.ok_or(Counter::DropUplinkSpoofedPa)?;
-    if mapped_v4(&src.pa) != Some(ip.src) {
+    if v4_of(&src.pa) != Some(ip.src) {
         return Err(Counter::DropUplinkSpoofedPa);
     }
     if inner_eth.src != src.mac {
@@ -133,34 +133,28 @@ fn nvgre(data: usize, end: usize, ip: &Ipv4Hdr, hlen: usize) -> Result<Verdict, 
     Ok(Verdict::Nvgre {
         strip: inner,
         port: dst.ifindex,
-        pa: mapped_v4(&dst.pa).unwrap_or_default(),
+        pa: v4_of(&dst.pa).unwrap_or_default(),
     })
 }
 
 /// An IP-rewrite packet for a local VM: the source PA must be the dedicated PA of a CA in the
 /// same VSID.
 #[inline(always)]
-fn rewrite(
-    ip: &Ipv4Hdr,
-    vsid: u32,
-    port: u32,
-    dst_ca: nv_common::Addr,
-    dst_mac: [u8; 6],
-) -> Result<Verdict, Counter> {
+fn rewrite(ip: &Ipv4Hdr, dst: &RewritePa) -> Result<Verdict, Counter> {
     // SAFETY: read-only use of a value the agent replaces whole.
     let src = unsafe { REWRITE_PAS.get(&ip.src) }.ok_or(Counter::DropUplinkRewriteUnknownSrc)?;
-    if src.vsid != vsid {
+    if src.vsid != dst.vsid {
         return Err(Counter::DropUplinkRewriteUnknownSrc);
     }
-    let (Some(src_ca), Some(dst_ca)) = (mapped_v4(&src.ca), mapped_v4(&dst_ca)) else {
+    let (Some(src_ca), Some(dst_ca)) = (v4_of(&src.ca), v4_of(&dst.ca)) else {
         return Err(Counter::DropUplinkRewriteUnknownSrc);
     };
     Ok(Verdict::Rewrite(RestoreMeta {
         magic: RestoreMeta::MAGIC,
-        ifindex: port,
+        ifindex: dst.ifindex,
         src_ca,
         dst_ca,
         src_mac: src.mac,
-        dst_mac,
+        dst_mac: dst.mac,
     }))
 }
