@@ -45,7 +45,7 @@ pub fn reply(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
         ca: arp.tpa,
     };
     // SAFETY: read-only use of a value the agent replaces whole.
-    let target = unsafe { LOOKUPS.get(&key) }.ok_or(Counter::DropVmArp)?;
+    let target = unsafe { LOOKUPS.get(key) }.ok_or(Counter::DropVmArp)?;
 
     // Turn the request into the reply in place and send it back out of the same port.
     let (requester_mac, requester_ip, target_ip) = (arp.sha, arp.spa, arp.tpa);

@@ -28,7 +28,7 @@ pub fn run(ctx: &TcContext) -> i32 {
         Ok(action) => action,
         Err(reason) => {
             count(reason);
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
     }
 }
@@ -38,7 +38,7 @@ fn try_run(ctx: &TcContext) -> Result<i32, Counter> {
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*skb).ifindex };
     // SAFETY: values are only read; the agent replaces them whole.
-    let port = unsafe { PORTS.get(&ifindex) }.ok_or(Counter::DropVmUnknownPort)?;
+    let port = unsafe { PORTS.get(ifindex) }.ok_or(Counter::DropVmUnknownPort)?;
     // SAFETY: as above.
     if unsafe { (*skb).vlan_present } != 0 {
         // The inner frame of NVGRE carries no 802.1Q tag (RFC 7637): strip it here.
@@ -77,7 +77,7 @@ fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
         ca: ip.dst,
     };
     // SAFETY: read-only use of a value the agent replaces whole.
-    let dst = unsafe { LOOKUPS.get(&key) }.ok_or(Counter::DropVmUnknownDst)?;
+    let dst = unsafe { LOOKUPS.get(key) }.ok_or(Counter::DropVmUnknownDst)?;
     if dst.ifindex != 0 {
         // Classified against the port's own MAC on the way in; the receiving VM must see it
         // as addressed to it, and redirect_peer does not classify again.
@@ -98,6 +98,6 @@ fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
     }
     let action = encap::nvgre(ctx, port, dst, ip)?;
     count(Counter::VmTxEncap);
-    debug_assert!(action == TC_ACT_REDIRECT as i32);
+    debug_assert!(action == TC_ACT_REDIRECT);
     Ok(action)
 }

@@ -50,7 +50,7 @@ pub fn nv_noop_xdp(_ctx: XdpContext) -> u32 {
 /// The floor for benchmarks: a TC program that does nothing, measured in the same run.
 #[classifier]
 pub fn nv_noop_tc(_ctx: TcContext) -> i32 {
-    aya_ebpf::bindings::TC_ACT_OK as i32
+    aya_ebpf::bindings::TC_ACT_OK
 }
 
 #[cfg(not(test))]

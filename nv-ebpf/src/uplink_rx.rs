@@ -49,7 +49,7 @@ pub fn classify(config: &DatapathConfig, data: usize, end: usize) -> Result<Verd
     // protocol. The filter keeps the lookup off every other packet, host traffic first.
     if config.may_be_rewrite_pa(ip.dst) {
         // SAFETY: read-only use of a value the agent replaces whole.
-        if let Some(dst) = unsafe { REWRITE_PAS.get(&ip.dst) }
+        if let Some(dst) = unsafe { REWRITE_PAS.get(ip.dst) }
             && dst.ifindex != 0
         {
             return rewrite(ip, dst);
@@ -63,7 +63,7 @@ pub fn classify(config: &DatapathConfig, data: usize, end: usize) -> Result<Verd
     // whose PA is not the outer destination), so a valid packet pays no lookup for it.
     let ours = || {
         // SAFETY: presence check only.
-        unsafe { LOCAL_PAS.get(&ip.dst) }.is_some()
+        unsafe { LOCAL_PAS.get(ip.dst) }.is_some()
     };
     match nvgre(data, end, ip, hlen) {
         Ok(Verdict::Nvgre { pa, .. }) if pa != ip.dst && !ours() => Ok(Verdict::Pass),
@@ -105,9 +105,9 @@ fn nvgre(data: usize, end: usize, ip: &Ipv4Hdr, hlen: usize) -> Result<Verdict, 
         ca: inner_ip.dst,
     };
     // SAFETY: read-only use of a value the agent replaces whole.
-    let Some(dst) = (unsafe { LOOKUPS.get(&lookup) }) else {
+    let Some(dst) = (unsafe { LOOKUPS.get(lookup) }) else {
         // SAFETY: presence check only.
-        return Err(if unsafe { HOSTED_VSIDS.get(&vsid) }.is_none() {
+        return Err(if unsafe { HOSTED_VSIDS.get(vsid) }.is_none() {
             Counter::DropUplinkVsidNotHosted
         } else {
             Counter::DropUplinkUnknownDst
@@ -123,7 +123,7 @@ fn nvgre(data: usize, end: usize, ip: &Ipv4Hdr, hlen: usize) -> Result<Verdict, 
         ca: inner_ip.src,
     };
     // SAFETY: read-only use of a value the agent replaces whole.
-    let src = unsafe { LOOKUPS.get(&source) }.ok_or(Counter::DropUplinkSpoofedPa)?;
+    let src = unsafe { LOOKUPS.get(source) }.ok_or(Counter::DropUplinkSpoofedPa)?;
     if v4_of(&src.pa) != Some(ip.src) {
         return Err(Counter::DropUplinkSpoofedPa);
     }
@@ -142,7 +142,7 @@ fn nvgre(data: usize, end: usize, ip: &Ipv4Hdr, hlen: usize) -> Result<Verdict, 
 #[inline(always)]
 fn rewrite(ip: &Ipv4Hdr, dst: &RewritePa) -> Result<Verdict, Counter> {
     // SAFETY: read-only use of a value the agent replaces whole.
-    let src = unsafe { REWRITE_PAS.get(&ip.src) }.ok_or(Counter::DropUplinkRewriteUnknownSrc)?;
+    let src = unsafe { REWRITE_PAS.get(ip.src) }.ok_or(Counter::DropUplinkRewriteUnknownSrc)?;
     if src.vsid != dst.vsid {
         return Err(Counter::DropUplinkRewriteUnknownSrc);
     }

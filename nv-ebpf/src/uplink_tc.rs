@@ -33,21 +33,21 @@ pub fn run(ctx: &TcContext) -> i32 {
             RestoreMeta::MAGIC => {
                 return match read_at::<RestoreMeta>(meta_start, ctx.data(), 0) {
                     Some(meta) => restore_and_deliver(ctx, &meta),
-                    None => TC_ACT_OK as i32,
+                    None => TC_ACT_OK,
                 };
             }
             _ => {}
         }
     }
     let Some(config) = CONFIG.get(0) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     if config.flags & DatapathConfig::TC_DECAP == 0 {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     pull(ctx, PULL_LEN);
     match classify(config, ctx.data(), ctx.data_end()) {
-        Ok(Verdict::Pass) => TC_ACT_OK as i32,
+        Ok(Verdict::Pass) => TC_ACT_OK,
         Ok(Verdict::Nvgre { strip, port, .. }) => match decap(ctx, strip) {
             Ok(()) => {
                 count(Counter::UplinkDecap);
@@ -62,7 +62,7 @@ pub fn run(ctx: &TcContext) -> i32 {
 
 fn drop(reason: Counter) -> i32 {
     count(reason);
-    TC_ACT_SHOT as i32
+    TC_ACT_SHOT
 }
 
 /// Removes the outer Ethernet, IPv4 and GRE headers: the bytes after the first 14 go (outer
