@@ -16,7 +16,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, MapType, PerCpuArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -25,8 +25,8 @@ use aya::{
     },
 };
 use nv_common::{
-    Counter, DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, V4, map_names,
-    program_names,
+    Counter, DatapathConfig, LocalPa, LookupKey, LookupValue, NextHop, PortInfo, RewritePa, V4,
+    map_names, program_names,
 };
 use tracing::{debug, info};
 
@@ -150,58 +150,50 @@ pub fn purge(pin_path: &Path) -> Result<()> {
 /// it is the operator's call, not the agent's.
 fn check_pinned_layouts(maps_dir: &Path) -> Result<()> {
     use std::mem::size_of;
-    let counters = Counter::COUNT;
-    let expected: [(&str, usize, usize, Option<u32>); 8] = [
+
+    use aya::maps::MapType::{Array as A, Hash as H, PerCpuArray as P};
+    // Name, type, key and value sizes, and the entry count where it is fixed.
+    let expected: [(&str, MapType, usize, usize, Option<u32>); 8] = [
         (
             map_names::LOOKUPS,
+            H,
             size_of::<LookupKey>(),
             size_of::<LookupValue>(),
             None,
         ),
-        (
-            map_names::PORTS,
-            size_of::<u32>(),
-            size_of::<PortInfo>(),
-            None,
-        ),
+        (map_names::PORTS, H, 4, size_of::<PortInfo>(), None),
         (
             map_names::LOCAL_PAS,
+            H,
             size_of::<V4>(),
             size_of::<LocalPa>(),
             None,
         ),
         (
             map_names::CONFIG,
-            size_of::<u32>(),
+            A,
+            4,
             size_of::<DatapathConfig>(),
             Some(1),
         ),
-        (
-            map_names::COUNTERS,
-            size_of::<u32>(),
-            size_of::<u64>(),
-            Some(counters),
-        ),
+        (map_names::COUNTERS, P, 4, 8, Some(Counter::COUNT)),
         (
             map_names::REWRITE_PAS,
+            H,
             size_of::<V4>(),
             size_of::<RewritePa>(),
             None,
         ),
         (
             map_names::NEXTHOPS,
-            size_of::<u32>(),
-            size_of::<nv_common::NextHop>(),
-            Some(nv_common::NextHop::SLOTS),
+            P,
+            4,
+            size_of::<NextHop>(),
+            Some(NextHop::SLOTS),
         ),
-        (
-            map_names::HOSTED_VSIDS,
-            size_of::<u32>(),
-            size_of::<u32>(),
-            None,
-        ),
+        (map_names::HOSTED_VSIDS, H, 4, 4, None),
     ];
-    for (name, key, value, entries) in expected {
+    for (name, kind, key, value, entries) in expected {
         let pin = maps_dir.join(name);
         if !pin.exists() {
             continue;
@@ -209,16 +201,23 @@ fn check_pinned_layouts(maps_dir: &Path) -> Result<()> {
         let info = MapData::from_pin(&pin)
             .and_then(|m| m.info())
             .map_err(|e| dp_err(format!("read pinned map {}", pin.display()), e))?;
-        let (k, v, n) = (info.key_size(), info.value_size(), info.max_entries());
-        let same = usize::try_from(k).is_ok_and(|k| k == key)
-            && usize::try_from(v).is_ok_and(|v| v == value)
-            && entries.is_none_or(|e| e == n);
+        let found = (
+            info.map_type().ok(),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+        );
+        let same = found.0 == Some(kind)
+            && usize::try_from(found.1).is_ok_and(|k| k == key)
+            && usize::try_from(found.2).is_ok_and(|v| v == value)
+            && entries.is_none_or(|e| e == found.3);
         if !same {
+            let (t, k, v, n) = found;
             return Err(NvError::Datapath(format!(
-                "map {name} pinned at {} has another layout (key {k} bytes, value {v} bytes, \
-                 {n} entries) than this nv uses (key {key}, value {value}{}): it was left by \
-                 another version. Run `nv-agent --purge` and start the agent again; forwarding \
-                 stops until it has loaded",
+                "map {name} pinned at {} has another layout ({t:?}, key {k} bytes, value {v} \
+                 bytes, {n} entries) than this nv uses ({kind:?}, key {key}, value {value}{}): \
+                 it was left by another version. Run `nv-agent --purge` and start the agent \
+                 again; forwarding stops until it has loaded",
                 pin.display(),
                 entries
                     .map(|e| format!(", {e} entries"))
