@@ -26,6 +26,29 @@ use crate::{
     underlay::{self, Hop},
 };
 
+/// What encapsulation needs of the customer's IPv4 header, read by the caller: no view into
+/// the packet may be alive while the packet changes. The TOS byte and the FlowID in one
+/// register (BPF calls take five, the result's out-pointer counting as one).
+#[derive(Clone, Copy)]
+pub struct Inner(u16);
+
+impl Inner {
+    #[inline(always)]
+    pub fn of(ctx: &TcContext, ip: &Ipv4Hdr) -> Self {
+        Self(u16::from_be_bytes([ip.tos, flow_id(ctx, ip)]))
+    }
+
+    #[inline(always)]
+    fn tos(self) -> u8 {
+        self.0.to_be_bytes()[0]
+    }
+
+    #[inline(always)]
+    fn flow_id(self) -> u8 {
+        self.0.to_be_bytes()[1]
+    }
+}
+
 /// The FlowID of the inner packet: its addresses, protocol and, for unfragmented TCP/UDP, the
 /// ports.
 #[inline(always)]
@@ -45,11 +68,9 @@ pub fn nvgre(
     ctx: &TcContext,
     src: &PortInfo,
     dst: &LookupValue,
-    ip: &Ipv4Hdr,
+    inner: Inner,
 ) -> Result<i32, Counter> {
-    let vsid = src.vsid;
-    let inner_tos = ip.tos;
-    let flow_id = flow_id(ctx, ip);
+    let (vsid, inner_tos, flow_id) = (src.vsid, inner.tos(), inner.flow_id());
     let (Some(outer_src), Some(outer_dst)) = (v4_of(&src.pa), v4_of(&dst.pa)) else {
         // IPv6 underlay has its own issue; the agent refuses such records today.
         return Err(Counter::DropVmMethod);

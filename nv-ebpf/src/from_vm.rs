@@ -89,14 +89,14 @@ fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
 
     // The destination's record decides the method (README: "Translation methods").
     if dst.method == Method::Rewrite as u8 {
-        let action = rewrite::send(ctx, port, dst, ip)?;
+        let action = rewrite::send(ctx, port, dst, &rewrite::Ipv4Fields::of(ip))?;
         count(Counter::VmTxRewrite);
         return Ok(action);
     }
     if dst.method != Method::Encap as u8 {
         return Err(Counter::DropVmMethod);
     }
-    let action = encap::nvgre(ctx, port, dst, ip)?;
+    let action = encap::nvgre(ctx, port, dst, encap::Inner::of(ctx, ip))?;
     count(Counter::VmTxEncap);
     debug_assert!(action == TC_ACT_REDIRECT);
     Ok(action)

@@ -30,6 +30,34 @@ struct Addresses {
     dst: [u8; 4],
 }
 
+/// What address replacement needs of the IPv4 header, copied out before the packet changes:
+/// a view into the packet must not be alive while the packet is written.
+#[derive(Clone, Copy)]
+pub struct Ipv4Fields {
+    src: [u8; 4],
+    dst: [u8; 4],
+    csum: [u8; 2],
+    frag: [u8; 2],
+    hlen: u8,
+    proto: u8,
+}
+
+impl Ipv4Fields {
+    #[inline(always)]
+    pub fn of(ip: &Ipv4Hdr) -> Self {
+        #[expect(clippy::cast_possible_truncation, reason = "at most 60")]
+        let hlen = ip.hlen() as u8;
+        Self {
+            src: ip.src,
+            dst: ip.dst,
+            csum: ip.csum,
+            frag: ip.frag,
+            hlen,
+            proto: ip.proto,
+        }
+    }
+}
+
 /// Replaces the IPv4 source and destination and fixes the IPv4 and, for the first (or only)
 /// fragment, the TCP/UDP pseudo-header checksums. ICMP has no pseudo-header. One
 /// ones-complement difference serves both checksums: the IPv4 header is written directly (its
@@ -38,7 +66,7 @@ struct Addresses {
 /// changes differently from a complete one).
 pub fn replace_addresses(
     ctx: &TcContext,
-    ip: &Ipv4Hdr,
+    ip: &Ipv4Fields,
     src: [u8; 4],
     dst: [u8; 4],
 ) -> Result<(), ()> {
@@ -67,7 +95,7 @@ pub fn replace_addresses(
         return Err(());
     }
 
-    let l4 = ETH_HLEN + ip.hlen();
+    let l4 = ETH_HLEN + usize::from(ip.hlen);
     let first_fragment = u16::from_be_bytes(ip.frag) & 0x1fff == 0;
     let l4_csum = match ip.proto {
         IPPROTO_TCP if first_fragment => Some((l4 + TCP_CSUM, 0)),
@@ -100,7 +128,7 @@ pub fn send(
     ctx: &TcContext,
     port: &PortInfo,
     dst: &LookupValue,
-    ip: &Ipv4Hdr,
+    ip: &Ipv4Fields,
 ) -> Result<i32, Counter> {
     if port.method != nv_common::Method::Rewrite as u8 {
         return Err(Counter::DropVmNoRewritePa);
@@ -109,14 +137,12 @@ pub fn send(
         return Err(Counter::DropVmMethod);
     };
     let uplink = underlay::uplink()?;
-    // `ip` views the packet, which the checksum helper may move: read it before.
-    let proto = ip.proto;
     replace_addresses(ctx, ip, src_pa, dst_pa).map_err(|()| Counter::DropVmTranslateFailed)?;
     underlay::transmit(
         ctx,
         uplink,
         u32::from_ne_bytes(src_pa),
         u32::from_ne_bytes(dst_pa),
-        proto,
+        ip.proto,
     )
 }

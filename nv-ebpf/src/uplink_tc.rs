@@ -97,13 +97,14 @@ fn restore_and_deliver(ctx: &TcContext, meta: &RestoreMeta) -> i32 {
 fn restore(ctx: &TcContext, meta: &RestoreMeta) -> Result<(), ()> {
     pull(ctx, (ETH_HLEN + 60) as u32);
     let ip: &Ipv4Hdr = view_at(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(())?;
+    let ip = rewrite::Ipv4Fields::of(ip);
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&meta.dst_mac);
     macs[6..].copy_from_slice(&meta.src_mac);
     if !write_at(ctx.data(), ctx.data_end(), 0, macs) {
         return Err(());
     }
-    rewrite::replace_addresses(ctx, ip, meta.src_ca, meta.dst_ca)
+    rewrite::replace_addresses(ctx, &ip, meta.src_ca, meta.dst_ca)
 }
 
 fn deliver(ctx: &TcContext, ifindex: u32, ok: Counter) -> i32 {
