@@ -68,7 +68,7 @@ impl Ipv4Hdr {
     #[inline(always)]
     pub fn checksum(&self) -> u16 {
         let w = |b: [u8; 2]| u32::from(u16::from_be_bytes(b));
-        let mut sum = w([self.ver_ihl, self.tos])
+        let sum = w([self.ver_ihl, self.tos])
             + w(self.tot_len)
             + w(self.id)
             + w(self.frag)
@@ -77,11 +77,7 @@ impl Ipv4Hdr {
             + w([self.src[2], self.src[3]])
             + w([self.dst[0], self.dst[1]])
             + w([self.dst[2], self.dst[3]]);
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum = (sum & 0xffff) + (sum >> 16);
-        #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits above")]
-        let folded = sum as u16;
-        !folded
+        csum_fold(sum)
     }
 
     #[inline(always)]
@@ -135,6 +131,17 @@ pub fn view_at<'a, T>(start: usize, end: usize, offset: usize) -> Option<&'a T> 
 pub fn read_at<T: Copy>(start: usize, end: usize, offset: usize) -> Option<T> {
     // SAFETY: ptr_at checked that the whole T lies inside [start, end).
     ptr_at::<T>(start, end, offset).map(|p| unsafe { p.read_unaligned() })
+}
+
+/// A 32-bit ones-complement sum folded to 16 bits and complemented: a checksum field (the
+/// kernel's `csum_fold`).
+#[inline(always)]
+pub fn csum_fold(sum: u32) -> u16 {
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits above")]
+    let folded = sum as u16;
+    !folded
 }
 
 /// Writes `value` at `offset`, bounds-checked; `false` when it would cross `end`. On TC, a

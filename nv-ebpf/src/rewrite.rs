@@ -13,7 +13,7 @@ use nv_common::{
 };
 
 use crate::{
-    packet::{Ipv4Hdr, v4_of, write_at},
+    packet::{Ipv4Hdr, csum_fold, v4_of, write_at},
     underlay,
 };
 
@@ -76,11 +76,7 @@ pub fn replace_addresses(
     );
     // As the kernel's csum_fold(csum_add(diff, ~csum_unfold(sum))).
     let old = u64::from(!u32::from(u16::from_ne_bytes(ip.csum)));
-    let sum = fold32(u64::from(diff) + old);
-    let sum = (sum & 0xffff) + (sum >> 16);
-    let sum = (sum & 0xffff) + (sum >> 16);
-    #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits")]
-    let csum = !(sum as u16);
+    let csum = csum_fold(fold32(u64::from(diff) + old));
     let at = ETH_HLEN + 10;
     if !write_at(
         ctx.data(),

@@ -71,11 +71,7 @@ impl Netns {
     /// The MAC address of a link inside the namespace.
     pub fn mac(&self, link: &str) -> anyhow::Result<[u8; 6]> {
         let out = self.exec("cat", &[&format!("/sys/class/net/{link}/address")])?;
-        let mut mac = [0u8; 6];
-        for (b, part) in mac.iter_mut().zip(out.trim().split(':')) {
-            *b = u8::from_str_radix(part, 16)?;
-        }
-        Ok(mac)
+        Ok(out.trim().parse::<nv_agent::model::Mac>()?.0)
     }
 }
 

@@ -295,12 +295,7 @@ fn neighbour(ip: std::net::Ipv4Addr) -> Result<(String, [u8; 6])> {
 }
 
 fn mac(text: &str) -> Result<[u8; 6]> {
-    let bytes: Vec<u8> = text
-        .trim()
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<std::result::Result<_, _>>()?;
-    Ok(bytes.try_into().map_err(|_| format!("not a MAC: {text}"))?)
+    Ok(text.trim().parse::<nv_agent::model::Mac>()?.0)
 }
 
 /// Counts datagrams arriving at `addr` for `duration`.
