@@ -5,7 +5,8 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use nv_common::{
-    DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, V4, v4_mapped,
+    DatapathConfig, IFINDEX_GONE, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, V4,
+    v4_mapped, wire::NVGRE_V4_OVERHEAD,
 };
 use tracing::{info, warn};
 
@@ -15,7 +16,7 @@ use crate::{
     datapath::{Datapath, Desired},
     error::{NvError, Result, invalid},
     model::{LookupRecord, Method, Provider, ProviderState, validate_ifname},
-    netlink::Netlink,
+    netlink::{LinkInfo, LinkKind, Netlink},
     store::{Change, State, Store},
 };
 
@@ -31,11 +32,48 @@ pub struct Agent {
     catalog: Catalog,
     datapath: Datapath,
     netlink: Netlink,
-    /// Ports with the from-VM program attached, and the ifindex they had then. A record whose
-    /// port is missing is left out of the maps until the port appears.
-    attached: HashMap<String, u32>,
+    /// Ports with the from-VM program attached, as they were then. A record whose port is
+    /// missing stays in the maps with `IFINDEX_GONE`, so what is sent to it is dropped as
+    /// such, until the port appears.
+    attached: HashMap<String, Attached>,
     /// What the config map holds.
     config: DatapathConfig,
+    uplink_mtu: u32,
+    /// The configured VM MTU; `None`: derived from the uplink's.
+    vm_mtu: Option<u32>,
+}
+
+/// A port as the agent attached it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Attached {
+    ifindex: u32,
+    /// `PortInfo::flags` as written.
+    flags: u8,
+}
+
+/// What `nvctl status` shows.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub uplink: String,
+    pub uplink_mtu: u32,
+    /// The MTU VMs must use (set on the ports the agent attaches).
+    pub vm_mtu: u32,
+    pub decap_hook: String,
+    pub providers: usize,
+    pub lookups: usize,
+    /// Ports attached, by kind: veth and tap, running or not.
+    pub ports: Vec<PortStatus>,
+    /// Local records whose port does not exist now.
+    pub ports_missing: Vec<String>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PortStatus {
+    pub port: String,
+    pub kind: String,
+    pub ifindex: u32,
+    pub running: bool,
 }
 
 /// A record's move to another host or port: HNV migration, one change.
@@ -79,7 +117,20 @@ fn lookup_key(key: &Key) -> LookupKey {
     }
 }
 
-/// The map entries of one record whose port (if any) has `ifindex`.
+/// The datapath's flags of a VM port.
+fn port_flags(link: &LinkInfo) -> u8 {
+    let mut flags = 0;
+    if link.kind == LinkKind::Tap {
+        flags |= PortInfo::TAP;
+    }
+    if !link.running {
+        flags |= PortInfo::DOWN;
+    }
+    flags
+}
+
+/// The map entries of one record whose port (if any) is `at` (ifindex, flags); a record
+/// whose port is missing points at `IFINDEX_GONE`.
 struct Entries {
     key: LookupKey,
     value: LookupValue,
@@ -87,8 +138,13 @@ struct Entries {
     rewrite: Option<(V4, RewritePa)>,
 }
 
-fn entries(r: &LookupRecord, ifindex: u32) -> Entries {
+fn entries(r: &LookupRecord, at: Option<Attached>) -> Entries {
     let method = datapath_method(r.method) as u8;
+    let ifindex = match (&r.port, at) {
+        (Some(_), Some(a)) => a.ifindex,
+        (Some(_), None) => IFINDEX_GONE,
+        (None, _) => 0,
+    };
     Entries {
         key: lookup_key(&r.key()),
         value: LookupValue {
@@ -98,13 +154,13 @@ fn entries(r: &LookupRecord, ifindex: u32) -> Entries {
             _pad: 0,
             ifindex,
         },
-        port: r.port.as_ref().map(|_| PortInfo {
+        port: at.filter(|_| r.port.is_some()).map(|a| PortInfo {
             vsid: r.vsid,
             ca: addr16(r.ca),
             pa: addr16(r.pa),
             mac: r.mac.0,
             method,
-            _pad: 0,
+            flags: a.flags,
         }),
         rewrite: (r.method == Method::Rewrite).then(|| {
             (
@@ -170,13 +226,17 @@ impl Agent {
             netlink,
             attached: HashMap::new(),
             config: DatapathConfig::default(),
+            uplink_mtu: link.mtu,
+            vm_mtu: config.vm_mtu,
         };
         agent.reconcile().await?;
         Ok(agent)
     }
 
-    /// The config for VMs on `ports`: their rewrite PAs go into the uplink's filter.
-    fn datapath_config<'a>(&self, ports: impl Iterator<Item = &'a String>) -> DatapathConfig {
+    /// The config map: the uplink, its MTU and hook, and the rewrite PAs of the VMs of this
+    /// host in the uplink's filter, whether their port exists now or not (traffic to a local
+    /// VM's PA is its, or dropped: never the host's).
+    fn datapath_config(&self) -> DatapathConfig {
         let mut config = DatapathConfig {
             uplink_ifindex: self.uplink_ifindex,
             flags: if self.decap_hook == DecapHook::Tc {
@@ -184,9 +244,10 @@ impl Agent {
             } else {
                 0
             },
+            uplink_mtu: self.uplink_mtu,
             ..DatapathConfig::default()
         };
-        for port in ports {
+        for port in self.catalog.ports() {
             if let Some(r) = self.catalog.by_port(port)
                 && r.method == Method::Rewrite
                 && let IpAddr::V4(pa) = r.pa
@@ -195,6 +256,15 @@ impl Agent {
             }
         }
         config
+    }
+
+    /// The MTU VMs must use: configured, or what fits the uplink after NVGRE.
+    fn vm_mtu(&self) -> u32 {
+        self.vm_mtu.unwrap_or_else(|| {
+            #[expect(clippy::cast_possible_truncation, reason = "42")]
+            let overhead = NVGRE_V4_OVERHEAD as u32;
+            self.uplink_mtu.saturating_sub(overhead)
+        })
     }
 
     /// Brings links, addresses and maps in line with the store: adds what is missing, removes
@@ -214,7 +284,7 @@ impl Agent {
         }
         self.datapath.attach_uplink(&self.uplink, self.decap_hook)?;
         let (desired, ports) = self.desired().await?;
-        self.attach_ports(&ports)?;
+        self.attach_ports(&ports).await?;
         self.datapath.sync(&desired)?;
         self.config = desired.config;
         if self.decap_hook == DecapHook::Tc {
@@ -236,56 +306,142 @@ impl Agent {
     }
 
     /// Attaches the from-VM program to ports that are new or were re-created (new ifindex).
-    fn attach_ports(&mut self, ports: &HashMap<String, u32>) -> Result<()> {
-        for (name, ifindex) in ports {
-            self.attach_port(name, *ifindex)?;
+    async fn attach_ports(&mut self, ports: &HashMap<String, LinkInfo>) -> Result<()> {
+        for link in ports.values() {
+            self.attach_port(link).await?;
         }
         Ok(())
     }
 
-    /// Attaches the from-VM program to `port` unless it is attached at this ifindex already.
-    fn attach_port(&mut self, port: &str, ifindex: u32) -> Result<()> {
-        if self.attached.get(port) != Some(&ifindex) {
-            self.datapath.attach_port(port)?;
-            self.attached.insert(port.to_owned(), ifindex);
+    /// Attaches the from-VM program to the port `link` unless it is attached at this ifindex
+    /// already, and gives a new port the VM MTU.
+    async fn attach_port(&mut self, link: &LinkInfo) -> Result<Attached> {
+        let at = Attached {
+            ifindex: link.index,
+            flags: port_flags(link),
+        };
+        let before = self.attached.get(&link.name).map(|a| a.ifindex);
+        if before != Some(link.index) {
+            self.datapath.attach_port(&link.name)?;
+            self.set_port_mtu(link).await;
         }
-        Ok(())
+        self.attached.insert(link.name.clone(), at);
+        Ok(at)
     }
 
-    /// Follows ports that appeared, disappeared or were re-created since the last look (a VM
-    /// started late or restarted): called periodically; costs one netlink query per port.
+    /// Gives a port the VM MTU: a tap's host side; both ends of a veth (the host side alone
+    /// would make the kernel drop the VM's bigger frames before nv sees them). Best effort:
+    /// a VM that keeps a bigger MTU is answered with ICMP "fragmentation needed".
+    async fn set_port_mtu(&self, link: &LinkInfo) {
+        let mtu = self.vm_mtu();
+        let mut ends = vec![(link.index, None)];
+        if let Some(peer) = link.peer {
+            ends.push(peer);
+        }
+        // Lowering, the VM's end first: the host side then never drops what the VM sends;
+        // raising, the host's end first.
+        if mtu < link.mtu {
+            ends.reverse();
+        }
+        for (index, netns) in ends {
+            if netns.is_none() && index == link.index && link.mtu == mtu {
+                continue;
+            }
+            if let Err(e) = self.netlink.set_mtu(index, netns, mtu).await {
+                warn!("port {}: cannot set MTU {mtu}: {e}", link.name);
+            }
+        }
+    }
+
+    /// The port called `name` if it exists and can be a VM port (veth or tap); anything else
+    /// is treated as missing, and said so.
+    async fn port_link(&self, name: &str) -> Result<Option<LinkInfo>> {
+        match self.netlink.link(name).await? {
+            Some(link) if matches!(link.kind, LinkKind::Veth | LinkKind::Tap) => Ok(Some(link)),
+            Some(link) => {
+                warn!(
+                    "port {name} is a {} device now, not a veth or tap; not attaching it",
+                    link.kind
+                );
+                Ok(None)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Looks at every port again: a backstop for link events lost to a socket overrun.
     pub async fn refresh(&mut self) -> Result<()> {
         let ports: Vec<String> = self.catalog.ports().cloned().collect();
         for port in ports {
-            let now = self.netlink.link(&port).await?.map(|l| l.index);
-            let before = self.attached.get(&port).copied();
-            if now == before {
-                continue;
-            }
-            let Some(record) = self.catalog.by_port(&port).cloned() else {
-                continue;
-            };
-            info!(
-                "port {port} of {} changed ({before:?} -> {now:?}); updating the datapath",
-                describe(&record)
-            );
-            if now.is_some() {
-                self.map(&record).await?;
-            } else {
-                let e = entries(&record, 0);
-                self.datapath.del_lookup(&e.key)?;
-                if let Some((pa, _)) = &e.rewrite {
-                    self.datapath.del_rewrite(pa)?;
+            self.refresh_port(&port).await?;
+        }
+        self.refresh_uplink().await
+    }
+
+    /// Follows a link event: the uplink's MTU, or a VM port that appeared, went down or up,
+    /// vanished or was re-created.
+    pub async fn link_changed(&mut self, name: &str) -> Result<()> {
+        if name == self.uplink {
+            return self.refresh_uplink().await;
+        }
+        if self.catalog.by_port(name).is_some() {
+            return self.refresh_port(name).await;
+        }
+        Ok(())
+    }
+
+    /// Follows the uplink's MTU: into the config map, and onto the ports when the VM MTU is
+    /// derived from it.
+    async fn refresh_uplink(&mut self) -> Result<()> {
+        let link = self.require_link(&self.uplink.clone(), "uplink").await?;
+        if link.mtu == self.uplink_mtu {
+            return Ok(());
+        }
+        info!(
+            "uplink {} MTU changed from {} to {}",
+            self.uplink, self.uplink_mtu, link.mtu
+        );
+        self.uplink_mtu = link.mtu;
+        self.update_config()?;
+        if self.vm_mtu.is_none() {
+            let ports: Vec<String> = self.attached.keys().cloned().collect();
+            for port in ports {
+                if let Some(link) = self.port_link(&port).await? {
+                    self.set_port_mtu(&link).await;
                 }
-                self.attached.remove(&port);
-                self.sync_hosted()?;
-                if e.rewrite.is_some() {
-                    self.update_config()?;
-                }
             }
-            if let Some(old) = before {
-                self.datapath.del_port(old)?;
-            }
+        }
+        Ok(())
+    }
+
+    /// Brings one VM port's map entries in line with its device.
+    async fn refresh_port(&mut self, port: &str) -> Result<()> {
+        let Some(record) = self.catalog.by_port(port).cloned() else {
+            return Ok(());
+        };
+        let link = self.port_link(port).await?;
+        let before = self.attached.get(port).copied();
+        let now = link.as_ref().map(|l| Attached {
+            ifindex: l.index,
+            flags: port_flags(l),
+        });
+        if now == before {
+            return Ok(());
+        }
+        info!(
+            "port {port} of {} changed ({before:?} -> {now:?}); updating the datapath",
+            describe(&record)
+        );
+        if let Some(link) = &link {
+            self.map_at(&record, Some(link)).await?;
+        } else {
+            self.attached.remove(port);
+            self.map_at(&record, None).await?;
+        }
+        if let Some(old) = before
+            && now.is_none_or(|n| n.ifindex != old.ifindex)
+        {
+            self.datapath.del_port(old.ifindex)?;
         }
         Ok(())
     }
@@ -315,67 +471,74 @@ impl Agent {
         Ok(out)
     }
 
-    /// Everything the maps must hold, and the ports that exist now (name, ifindex).
-    async fn desired(&self) -> Result<(Desired, HashMap<String, u32>)> {
+    /// Everything the maps must hold, and the ports that exist now.
+    async fn desired(&self) -> Result<(Desired, HashMap<String, LinkInfo>)> {
         let mut d = Desired {
             local_pas: self.local_pas().await?,
             ..Desired::default()
         };
         let mut ports = HashMap::new();
         for r in self.catalog.lookups() {
-            let ifindex = if let Some(port) = &r.port {
-                let Some(link) = self.netlink.link(port).await? else {
+            let at = if let Some(port) = &r.port {
+                let link = self.port_link(port).await?;
+                if link.is_none() {
                     warn!(
-                        "port {port} of {} is missing; its record waits for it",
+                        "port {port} of {} is missing; what is sent to it is dropped until it appears",
                         describe(r)
                     );
-                    continue;
-                };
-                ports.insert(port.clone(), link.index);
-                link.index
+                }
+                link.map(|link| {
+                    let at = Attached {
+                        ifindex: link.index,
+                        flags: port_flags(&link),
+                    };
+                    ports.insert(port.clone(), link);
+                    at
+                })
             } else {
-                0
+                None
             };
-            let e = entries(r, ifindex);
+            let e = entries(r, at);
             d.lookups.insert(e.key, e.value);
             if let Some(p) = e.port {
-                d.ports.insert(ifindex, p);
-                *d.hosted_vsids.entry(r.vsid).or_default() += 1;
+                d.ports.insert(e.value.ifindex, p);
             }
             if let Some((pa, v)) = e.rewrite {
                 d.rewrite_pas.insert(pa, v);
             }
         }
-        d.config = self.datapath_config(ports.keys());
+        d.hosted_vsids = self.hosted_vsids();
+        d.config = self.datapath_config();
         Ok((d, ports))
     }
 
-    /// Puts one record's entries in the maps (a missing port leaves it out, to be picked up
-    /// by `refresh`).
+    /// Puts one record's entries in the maps; a record whose port is missing points at
+    /// `IFINDEX_GONE` until `refresh_port` sees the port.
     async fn map(&mut self, r: &LookupRecord) -> Result<()> {
-        let ifindex = if let Some(port) = &r.port {
-            let Some(link) = self.netlink.link(port).await? else {
-                warn!(
-                    "port {port} of {} is missing; its record waits for it",
-                    describe(r)
-                );
-                return Ok(());
-            };
-            self.attach_port(port, link.index)?;
-            link.index
-        } else {
-            0
+        let link = match &r.port {
+            Some(port) => self.port_link(port).await?,
+            None => None,
         };
-        let e = entries(r, ifindex);
+        self.map_at(r, link.as_ref()).await
+    }
+
+    async fn map_at(&mut self, r: &LookupRecord, link: Option<&LinkInfo>) -> Result<()> {
+        let at = match link {
+            Some(link) => Some(self.attach_port(link).await?),
+            None => None,
+        };
+        let e = entries(r, at);
         if let Some(p) = &e.port {
-            self.datapath.put_port(ifindex, p)?;
+            self.datapath.put_port(e.value.ifindex, p)?;
+        }
+        if r.port.is_some() {
             self.sync_hosted()?;
         }
         if let Some((pa, v)) = &e.rewrite {
             self.datapath.put_rewrite(pa, v)?;
         }
         self.datapath.put_lookup(&e.key, &e.value)?;
-        if e.port.is_some() && e.rewrite.is_some() {
+        if r.port.is_some() && e.rewrite.is_some() {
             self.update_config()?;
         }
         Ok(())
@@ -384,7 +547,7 @@ impl Agent {
     /// Takes out of the maps what `old` had and `new` (its replacement, if any) does not
     /// reuse, detaching a port no longer used.
     fn unmap_stale(&mut self, old: &LookupRecord, new: Option<&LookupRecord>) -> Result<()> {
-        let e = entries(old, 0);
+        let e = entries(old, None);
         if new.is_none_or(|n| n.key() != old.key()) {
             self.datapath.del_lookup(&e.key)?;
         }
@@ -395,10 +558,11 @@ impl Agent {
         }
         if let Some(port) = &old.port
             && new.is_none_or(|n| n.port.as_ref() != Some(port))
-            && let Some(ifindex) = self.attached.remove(port)
         {
-            self.datapath.del_port(ifindex)?;
-            self.datapath.detach_port(port)?;
+            if let Some(a) = self.attached.remove(port) {
+                self.datapath.del_port(a.ifindex)?;
+                self.datapath.detach_port(port)?;
+            }
             self.sync_hosted()?;
         }
         if old.port.is_some() && e.rewrite.is_some() {
@@ -407,10 +571,10 @@ impl Agent {
         Ok(())
     }
 
-    /// VSIDs with a VM whose port is attached here.
+    /// VSIDs with a VM on this host (whether its port exists now or not).
     fn hosted_vsids(&self) -> HashMap<u32, u32> {
         let mut hosted = HashMap::new();
-        for port in self.attached.keys() {
+        for port in self.catalog.ports() {
             if let Some(r) = self.catalog.by_port(port) {
                 *hosted.entry(r.vsid).or_default() += 1;
             }
@@ -424,9 +588,9 @@ impl Agent {
         self.datapath.sync_hosted_vsids(&hosted)
     }
 
-    /// Rewrites the config map after a local VM's rewrite PA came or went.
+    /// Rewrites the config map after a local VM's rewrite PA, or the uplink's MTU, changed.
     fn update_config(&mut self) -> Result<()> {
-        let config = self.datapath_config(self.attached.keys());
+        let config = self.datapath_config();
         if config != self.config {
             self.datapath.set_config(config)?;
             self.config = config;
@@ -502,6 +666,43 @@ impl Agent {
             }
         }
         state
+    }
+
+    pub fn status(&self) -> Status {
+        let mut ports: Vec<PortStatus> = self
+            .attached
+            .iter()
+            .map(|(port, a)| PortStatus {
+                port: port.clone(),
+                kind: if a.flags & PortInfo::TAP != 0 {
+                    "tap"
+                } else {
+                    "veth"
+                }
+                .into(),
+                ifindex: a.ifindex,
+                running: a.flags & PortInfo::DOWN == 0,
+            })
+            .collect();
+        ports.sort_by(|a, b| a.port.cmp(&b.port));
+        let mut ports_missing: Vec<String> = self
+            .catalog
+            .ports()
+            .filter(|p| !self.attached.contains_key(*p))
+            .cloned()
+            .collect();
+        ports_missing.sort();
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            uplink: self.uplink.clone(),
+            uplink_mtu: self.uplink_mtu,
+            vm_mtu: self.vm_mtu(),
+            decap_hook: format!("{:?}", self.decap_hook).to_lowercase(),
+            providers: self.catalog.providers().len(),
+            lookups: self.catalog.len(),
+            ports,
+            ports_missing,
+        }
     }
 
     pub fn providers(&self) -> Vec<ProviderState> {
@@ -621,7 +822,13 @@ impl Agent {
                     "port '{port}' is the uplink, not a VM port"
                 )));
             }
-            self.require_link(port, "port").await?;
+            let link = self.require_link(port, "port").await?;
+            if !matches!(link.kind, LinkKind::Veth | LinkKind::Tap) {
+                return Err(invalid(format!(
+                    "port '{port}' is a {} device: VM ports are veth or tap devices",
+                    link.kind
+                )));
+            }
         }
         Ok(())
     }

@@ -102,8 +102,13 @@ pub fn router(agent: Shared) -> Router {
             post(import_lookups).layer(DefaultBodyLimit::max(MAX_IMPORT_BODY)),
         )
         .route("/v1/stats", get(stats))
+        .route("/v1/status", get(status))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(agent)
+}
+
+async fn status(State(a): State<Shared>) -> impl IntoResponse {
+    Json(a.lock().await.status())
 }
 
 async fn list_providers(State(a): State<Shared>) -> impl IntoResponse {

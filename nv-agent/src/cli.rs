@@ -48,6 +48,9 @@ pub enum Command {
     Lookup(LookupCmd),
     /// Datapath counters: packets forwarded, and packets dropped by reason.
     Stats,
+    /// The agent: its uplink and the MTU VMs must use, its ports (veth or tap, running or
+    /// not) and records.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]

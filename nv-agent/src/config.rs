@@ -44,6 +44,12 @@ pub struct AgentArgs {
     /// the kernel allocates for it [default: tc].
     #[arg(long, value_enum)]
     pub decap_hook: Option<DecapHook>,
+    /// MTU of the VMs' NICs: set on every port the agent attaches (a tap's host side, which
+    /// libvirt and QEMU's `host_mtu` tell the guest; both ends of a veth). A VM that sends
+    /// more than fits the uplink anyway is answered with ICMP "fragmentation needed"
+    /// [default: the uplink's MTU minus the 42 bytes of NVGRE, followed as it changes].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(68..=65_535))]
+    pub vm_mtu: Option<u32>,
     /// Detach every program, remove every pin under the pin path, and exit (decommissioning).
     /// The store is kept.
     #[arg(long)]
@@ -60,6 +66,7 @@ struct FileConfig {
     metrics_addr: Option<SocketAddr>,
     max_lookups: Option<u32>,
     decap_hook: Option<DecapHook>,
+    vm_mtu: Option<u32>,
 }
 
 /// The uplink hook that decapsulates.
@@ -81,6 +88,8 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     pub max_lookups: u32,
     pub decap_hook: DecapHook,
+    /// `None`: derived from the uplink's MTU.
+    pub vm_mtu: Option<u32>,
 }
 
 impl Config {
@@ -115,6 +124,7 @@ impl Config {
                 .or(file.max_lookups)
                 .unwrap_or(nv_common::DEFAULT_MAX_LOOKUPS),
             decap_hook: args.decap_hook.or(file.decap_hook).unwrap_or_default(),
+            vm_mtu: args.vm_mtu.or(file.vm_mtu),
         };
         if let Some(uplink) = &config.uplink {
             crate::model::validate_ifname("uplink", uplink)?;
@@ -124,6 +134,11 @@ impl Config {
                 "max_lookups {} is out of range 1-67108864",
                 config.max_lookups
             )));
+        }
+        if let Some(mtu) = config.vm_mtu
+            && !(68..=65_535).contains(&mtu)
+        {
+            return Err(invalid(format!("vm_mtu {mtu} is out of range 68-65535")));
         }
         Ok(config)
     }

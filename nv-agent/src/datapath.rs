@@ -25,8 +25,8 @@ use aya::{
     },
 };
 use nv_common::{
-    Counter, DatapathConfig, LocalPa, LookupKey, LookupValue, NextHop, PortInfo, RewritePa, V4,
-    map_names, program_names,
+    Counter, DatapathConfig, IcmpBucket, LocalPa, LookupKey, LookupValue, NextHop, PortInfo,
+    RewritePa, V4, map_names, program_names,
 };
 use tracing::{debug, info};
 
@@ -153,7 +153,7 @@ fn check_pinned_layouts(maps_dir: &Path) -> Result<()> {
 
     use aya::maps::MapType::{Array as A, Hash as H, PerCpuArray as P};
     // Name, type, key and value sizes, and the entry count where it is fixed.
-    let expected: [(&str, MapType, usize, usize, Option<u32>); 8] = [
+    let expected: [(&str, MapType, usize, usize, Option<u32>); 9] = [
         (
             map_names::LOOKUPS,
             H,
@@ -176,7 +176,7 @@ fn check_pinned_layouts(maps_dir: &Path) -> Result<()> {
             size_of::<DatapathConfig>(),
             Some(1),
         ),
-        (map_names::COUNTERS, P, 4, 8, Some(Counter::COUNT)),
+        (map_names::COUNTERS, P, 4, 8, Some(Counter::SLOTS)),
         (
             map_names::REWRITE_PAS,
             H,
@@ -192,6 +192,13 @@ fn check_pinned_layouts(maps_dir: &Path) -> Result<()> {
             Some(NextHop::SLOTS),
         ),
         (map_names::HOSTED_VSIDS, H, 4, 4, None),
+        (
+            map_names::ICMP_BUCKET,
+            P,
+            4,
+            size_of::<IcmpBucket>(),
+            Some(1),
+        ),
     ];
     for (name, kind, key, value, entries) in expected {
         let pin = maps_dir.join(name);

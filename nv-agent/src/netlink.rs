@@ -4,10 +4,15 @@ use std::net::IpAddr;
 use futures::TryStreamExt as _;
 use rtnetlink::{
     Handle, LinkUnspec,
+    packet_core::{NetlinkMessage, NetlinkPayload, Nla as _},
     packet_route::{
+        RouteNetlinkMessage,
         address::AddressAttribute,
-        link::{LinkAttribute, LinkMessage},
+        link::{
+            InfoData, InfoKind, InfoTun, LinkAttribute, LinkFlags, LinkInfo as Info, LinkMessage,
+        },
     },
+    sys::{AsyncSocket as _, SocketAddr},
 };
 
 use crate::error::{NvError, Result};
@@ -20,28 +25,142 @@ fn nl_err(what: &str, e: impl std::fmt::Display) -> NvError {
     NvError::Netlink(format!("{what}: {e}"))
 }
 
+/// What kind of device a link is, as far as VM ports go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    Veth,
+    /// A tun device in tap mode (Ethernet frames): QEMU's and libvirt's VM NICs.
+    Tap,
+    /// Anything else, by its rtnetlink kind ("tun" for an L3 tun, "bridge", ...; "device" for
+    /// a physical NIC or loopback, which have none).
+    Other(String),
+}
+
+impl std::fmt::Display for LinkKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkKind::Veth => f.write_str("veth"),
+            LinkKind::Tap => f.write_str("tap"),
+            LinkKind::Other(kind) => f.write_str(kind),
+        }
+    }
+}
+
 /// Link facts the agent needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinkInfo {
     pub index: u32,
     pub name: String,
     pub mtu: u32,
+    pub kind: LinkKind,
+    /// Up and with carrier (`IFF_UP` and `IFF_LOWER_UP`): a tap some QEMU holds, a veth whose
+    /// other end is up too.
+    pub running: bool,
+    /// A veth's other end: its ifindex, and the id of its network namespace as seen from ours
+    /// (`None`: the same namespace).
+    pub peer: Option<(u32, Option<i32>)>,
+}
+
+/// `IFLA_TUN_TYPE` and its tap value (`IFF_TAP`), from linux/if_link.h and if_tun.h.
+const IFLA_TUN_TYPE: u16 = 3;
+const IFF_TAP: u8 = 2;
+
+fn tun_is_tap(nlas: &[InfoTun]) -> bool {
+    nlas.iter().any(|t| {
+        let InfoTun::Other(nla) = t else {
+            return false;
+        };
+        let mut value = vec![0; nla.value_len()];
+        nla.emit_value(&mut value);
+        nla.kind() == IFLA_TUN_TYPE && value.first() == Some(&IFF_TAP)
+    })
 }
 
 fn link_info(msg: &LinkMessage) -> LinkInfo {
+    let flags = msg.header.flags;
     let mut info = LinkInfo {
         index: msg.header.index,
         name: String::new(),
         mtu: 0,
+        kind: LinkKind::Other("device".into()),
+        running: flags.contains(LinkFlags::Up) && flags.contains(LinkFlags::LowerUp),
+        peer: None,
     };
+    let (mut link, mut link_netns) = (None, None);
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(name) => info.name.clone_from(name),
             LinkAttribute::Mtu(mtu) => info.mtu = *mtu,
+            LinkAttribute::Link(peer) => link = Some(*peer),
+            LinkAttribute::LinkNetNsId(id) => link_netns = Some(*id),
+            LinkAttribute::LinkInfo(infos) => {
+                let kind = infos.iter().find_map(|i| match i {
+                    Info::Kind(k) => Some(k.clone()),
+                    _ => None,
+                });
+                let tap = infos
+                    .iter()
+                    .any(|i| matches!(i, Info::Data(InfoData::Tun(t)) if tun_is_tap(t)));
+                info.kind = match kind {
+                    Some(InfoKind::Veth) => LinkKind::Veth,
+                    Some(InfoKind::Tun) if tap => LinkKind::Tap,
+                    Some(k) => LinkKind::Other(k.to_string()),
+                    None => LinkKind::Other("device".into()),
+                };
+            }
             _ => {}
         }
     }
+    if info.kind == LinkKind::Veth {
+        info.peer = link.map(|l| (l, link_netns));
+    }
     info
+}
+
+/// A change to some link of the agent's namespace, from `RTNLGRP_LINK`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkEvent {
+    pub name: String,
+    pub index: u32,
+}
+
+/// `RTMGRP_LINK` (linux/rtnetlink.h): new, changed and deleted links.
+const RTMGRP_LINK: u32 = 1;
+
+/// Every link change in this network namespace, as the kernel announces it: VM ports that
+/// appear, go down, come up, vanish. A lost event (the socket overran) is made up for by the
+/// agent's periodic look at its ports.
+pub fn link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<LinkEvent>> {
+    let (mut conn, _handle, mut messages) =
+        rtnetlink::new_connection().map_err(|e| nl_err("connect", e))?;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&SocketAddr::new(0, RTMGRP_LINK))
+        .map_err(|e| nl_err("subscribe to link events", e))?;
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        use futures::StreamExt as _;
+        while let Some((msg, _)) = messages.next().await {
+            let msg: NetlinkMessage<RouteNetlinkMessage> = msg;
+            let link = match msg.payload {
+                NetlinkPayload::InnerMessage(
+                    RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l),
+                ) => link_info(&l),
+                _ => continue,
+            };
+            if tx
+                .send(LinkEvent {
+                    name: link.name,
+                    index: link.index,
+                })
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    Ok(rx)
 }
 
 impl Netlink {
@@ -124,8 +243,14 @@ impl Netlink {
         Ok(())
     }
 
-    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<()> {
-        let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
+    /// Sets the MTU of link `index`, in the namespace `netns` names (an id as our namespace
+    /// sees it; `None`: ours), for a veth's other end.
+    pub async fn set_mtu(&self, index: u32, netns: Option<i32>, mtu: u32) -> Result<()> {
+        let mut msg = LinkUnspec::new_with_index(index).mtu(mtu);
+        if let Some(id) = netns {
+            msg = msg.append_extra_attribute(LinkAttribute::IfNetnsId(id));
+        }
+        let msg = msg.build();
         self.handle
             .link()
             .set(msg)

@@ -23,7 +23,8 @@ pub enum Counter {
     DropVmMalformed,
     /// From a VM: no underlay route or neighbour for the destination's provider address.
     DropVmNoUnderlayRoute,
-    /// From a VM: the encapsulated packet would not fit the uplink MTU.
+    /// From a VM: too big for the uplink once translated, and not answered (the ICMP budget
+    /// was spent, or the answer could not be built). Answered ones are `VmIcmpFragNeeded`.
     DropVmTooBig,
     /// From a VM: the kernel refused to grow the packet or rewrite its addresses.
     DropVmTranslateFailed,
@@ -75,10 +76,22 @@ pub enum Counter {
     DropUplinkSpoofedMac,
     /// Uplink: NVGRE for a VSID that has no VM on this host.
     DropUplinkVsidNotHosted,
+    /// Delivery to a VM here (from the uplink or another VM): its port is gone or being
+    /// re-created (no port entry, or the device now belongs to another VM).
+    DropPortGone,
+    /// Delivery to a VM here: its port is down (admin down, a tap no QEMU holds, a veth whose
+    /// VM end is down).
+    DropPortDown,
+    /// From a VM: too big for the uplink once translated; answered with ICMP "fragmentation
+    /// needed" naming the MTU to use, so path MTU discovery works through nv.
+    VmIcmpFragNeeded,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::DropUplinkVsidNotHosted as u32 + 1;
+    pub const COUNT: u32 = Counter::VmIcmpFragNeeded as u32 + 1;
+    /// Entries of the counter map: room for counters yet to come, so a new one does not
+    /// change the pinned map's layout. Discriminants are stable: new counters go at the end.
+    pub const SLOTS: u32 = 256;
 
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::VmTxEncap,
@@ -115,6 +128,9 @@ impl Counter {
         Counter::DropUplinkSpoofedPa,
         Counter::DropUplinkSpoofedMac,
         Counter::DropUplinkVsidNotHosted,
+        Counter::DropPortGone,
+        Counter::DropPortDown,
+        Counter::VmIcmpFragNeeded,
     ];
 
     /// Stable snake_case name, used by `nvctl stats` and as the metrics label.
@@ -155,11 +171,15 @@ impl Counter {
             Counter::DropUplinkSpoofedPa => "drop_uplink_spoofed_pa",
             Counter::DropUplinkSpoofedMac => "drop_uplink_spoofed_mac",
             Counter::DropUplinkVsidNotHosted => "drop_uplink_vsid_not_hosted",
+            Counter::DropPortGone => "drop_port_gone",
+            Counter::DropPortDown => "drop_port_down",
+            Counter::VmIcmpFragNeeded => "vm_icmp_frag_needed",
         }
     }
 }
 
 const _: () = {
+    assert!(Counter::COUNT <= Counter::SLOTS);
     let mut i = 0;
     while i < Counter::ALL.len() {
         assert!(Counter::ALL[i] as usize == i);

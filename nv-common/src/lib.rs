@@ -29,7 +29,8 @@ pub mod map_names {
     pub const REWRITE_PAS: &str = "NV_REWRITE_PAS";
     pub const NEXTHOPS: &str = "NV_NEXTHOPS";
     pub const HOSTED_VSIDS: &str = "NV_HOSTED_VSIDS";
-    pub const ALL: [&str; 8] = [
+    pub const ICMP_BUCKET: &str = "NV_ICMP_BUCKET";
+    pub const ALL: [&str; 9] = [
         LOOKUPS,
         PORTS,
         LOCAL_PAS,
@@ -38,6 +39,7 @@ pub mod map_names {
         REWRITE_PAS,
         NEXTHOPS,
         HOSTED_VSIDS,
+        ICMP_BUCKET,
     ];
 }
 
@@ -52,6 +54,23 @@ pub mod program_names {
     /// Do-nothing programs: the benchmark's floors.
     pub const NOOP_XDP: &str = "nv_noop_xdp";
     pub const NOOP_TC: &str = "nv_noop_tc";
+}
+
+/// Per-CPU token bucket of the ICMP errors the datapath sends to VMs (as Linux's
+/// `icmp_msgs_per_sec` and `icmp_msgs_burst`): a VM flooding oversize packets gets a bounded
+/// number of answers, and the rest is dropped and counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct IcmpBucket {
+    /// `bpf_ktime_get_ns` of the last refill.
+    pub last_ns: u64,
+    pub tokens: u64,
+}
+
+impl IcmpBucket {
+    /// Answers per second and CPU, and the burst allowed.
+    pub const PER_SEC: u64 = 1000;
+    pub const BURST: u64 = 50;
 }
 
 /// Default size of the lookup map; the agent's `max_lookups` overrides it at load time.
@@ -131,8 +150,38 @@ pub struct PortInfo {
     /// The VM's own [`Method`]: with `Rewrite`, `pa` is dedicated to it and it may send by
     /// rewrite.
     pub method: u8,
-    pub _pad: u8,
+    /// `PortInfo::TAP`, `PortInfo::DOWN`: how to deliver into the port, and whether it can
+    /// take a frame now. 0 (a veth that is up) is what entries written before these bits
+    /// existed hold.
+    pub flags: u8,
 }
+
+impl PortInfo {
+    /// A tap: its transmit is the guest's receive, so delivery is a redirect to its egress.
+    /// Without the bit the port is a veth, delivered to with `bpf_redirect_peer`.
+    pub const TAP: u8 = 1;
+    /// Not running (admin down, or no carrier: a tap no QEMU holds, a veth whose VM end is
+    /// down). The kernel would free a frame redirected there without a trace, so the
+    /// datapath drops it with its own reason instead.
+    pub const DOWN: u8 = 2;
+
+    #[inline(always)]
+    #[must_use]
+    pub const fn is_tap(&self) -> bool {
+        self.flags & Self::TAP != 0
+    }
+
+    #[inline(always)]
+    #[must_use]
+    pub const fn is_down(&self) -> bool {
+        self.flags & Self::DOWN != 0
+    }
+}
+
+/// The `ifindex` of a lookup record whose VM port is missing: no device has it (ifindexes are
+/// positive `int`s), so delivery finds no port entry and drops the frame as `DropPortGone`,
+/// while the record still says "this CA lives here" (nothing else may answer for it).
+pub const IFINDEX_GONE: u32 = u32::MAX;
 
 /// Value of the rewrite map, keyed by an IPv4 PA ([`V4`]) dedicated to one CA (IP rewrite records, local and
 /// remote): whose PA it is.
@@ -201,7 +250,11 @@ pub struct DatapathConfig {
     /// "no" with this array read instead of a hash lookup, so host traffic passes almost free.
     /// A set bit may be a collision: the rewrite-PA map has the last word.
     pub rewrite_filter: [u32; DatapathConfig::REWRITE_FILTER_WORDS],
-    pub _reserved: [u32; 2],
+    /// The uplink's MTU, followed by the agent: a VM's packet that would not fit once
+    /// translated is answered with ICMP "fragmentation needed" (0: not known yet; the datapath
+    /// then asks the kernel).
+    pub uplink_mtu: u32,
+    pub _reserved: u32,
 }
 
 impl DatapathConfig {
@@ -243,6 +296,9 @@ pub struct DeliverMeta {
     pub magic: u32,
     /// The VM port to deliver to.
     pub ifindex: u32,
+    /// The VM the frame is for: delivery checks the port is still its.
+    pub vsid: u32,
+    pub ca: [u8; 4],
 }
 
 impl DeliverMeta {
@@ -259,6 +315,8 @@ pub struct RestoreMeta {
     pub magic: u32,
     /// The VM port to deliver to.
     pub ifindex: u32,
+    /// The VSID of the VM behind it: delivery checks the port is still that VM's.
+    pub vsid: u32,
     /// Customer addresses (IPv4) that replace the provider addresses.
     pub src_ca: [u8; 4],
     pub dst_ca: [u8; 4],
@@ -277,8 +335,8 @@ const _: () = {
     assert!(core::mem::size_of::<PortInfo>() == 44);
     assert!(core::mem::size_of::<LocalPa>() == 4);
     assert!(core::mem::size_of::<DatapathConfig>() == 144);
-    assert!(core::mem::size_of::<DeliverMeta>() == 8);
-    assert!(core::mem::size_of::<RestoreMeta>() == 28);
+    assert!(core::mem::size_of::<DeliverMeta>() == 16);
+    assert!(core::mem::size_of::<RestoreMeta>() == 32);
     assert!(core::mem::size_of::<RewritePa>() == 32);
     // The datapath reads the addresses in map values word by word (nv-ebpf `packet::v4_of`):
     // each sits 4-aligned in a 4-aligned value.
@@ -290,6 +348,7 @@ const _: () = {
     assert!(core::mem::align_of::<RewritePa>() >= 4);
     assert!(core::mem::offset_of!(RewritePa, ca) % 4 == 0);
     assert!(core::mem::size_of::<NextHop>() == 32);
+    assert!(core::mem::size_of::<IcmpBucket>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -303,6 +362,7 @@ mod pod {
     unsafe impl aya::Pod for super::DatapathConfig {}
     unsafe impl aya::Pod for super::RewritePa {}
     unsafe impl aya::Pod for super::NextHop {}
+    unsafe impl aya::Pod for super::IcmpBucket {}
 }
 
 #[cfg(test)]

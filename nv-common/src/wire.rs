@@ -42,3 +42,12 @@ pub const ARPHRD_ETHER: u16 = 1;
 pub const fn nvgre_key(vsid: u32, flow_id: u8) -> u32 {
     (vsid << 8) | flow_id as u32
 }
+
+/// ICMP "destination unreachable", code "fragmentation needed and DF set" (RFC 792, 1191).
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+/// How much of the offending packet an ICMP error from the datapath quotes: the longest IPv4
+/// header and the 8 bytes RFC 792 asks for (RFC 1812 allows more, never less).
+pub const ICMP_QUOTE: usize = 68;
+/// The smallest MTU an IPv4 host must accept (RFC 791); no answer names less.
+pub const IPV4_MIN_MTU: u32 = 68;

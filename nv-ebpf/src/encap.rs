@@ -76,6 +76,7 @@ pub fn nvgre(
         return Err(Counter::DropVmMethod);
     };
     let (outer_src, outer_dst) = (u32::from_ne_bytes(outer_src), u32::from_ne_bytes(outer_dst));
+    // Read again rather than passed: BPF calls take five arguments, the result's pointer one.
     let uplink = underlay::uplink()?;
 
     // Outer IPv4 carries itself, GRE and the whole inner frame (its Ethernet header included).

@@ -3,25 +3,26 @@
 //! dropped with a counted reason. Nothing from a VM reaches the host stack.
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::{bpf_redirect_peer, bpf_skb_vlan_pop},
+    helpers::bpf_skb_vlan_pop,
     programs::TcContext,
 };
 use nv_common::{
     Counter, LookupKey, Method, PortInfo,
-    wire::{ETH_HLEN, ETH_P_ARP, ETH_P_IP},
+    wire::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, NVGRE_V4_OVERHEAD},
 };
 
 use crate::{
     arp,
     counters::count,
-    encap,
+    deliver, encap,
     maps::{LOOKUPS, PORTS},
-    packet::{EthHdr, Ipv4Hdr, pull, set_host, v4_of, view_at},
-    rewrite,
+    packet::{EthHdr, Ipv4Hdr, pull, v4_of, view_at},
+    pmtu, rewrite, underlay,
 };
 
 /// Enough linear bytes for Ethernet, an IPv4 header with options and the L4 ports.
-const PULL_LEN: u32 = (ETH_HLEN + 60 + 4) as u32;
+/// Enough for an ICMP answer's quote too (`pmtu`).
+const PULL_LEN: u32 = (ETH_HLEN + 60 + 4 + 4) as u32;
 
 pub fn run(ctx: &TcContext) -> i32 {
     match try_run(ctx) {
@@ -79,22 +80,27 @@ fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
     // SAFETY: read-only use of a value the agent replaces whole.
     let dst = unsafe { LOOKUPS.get(key) }.ok_or(Counter::DropVmUnknownDst)?;
     if dst.ifindex != 0 {
-        // Classified against the port's own MAC on the way in; the receiving VM must see it
-        // as addressed to it, and redirect_peer does not classify again.
-        set_host(ctx);
+        let action = deliver::to_vm(ctx, dst.ifindex, port.vsid, ip.dst)?;
         count(Counter::VmTxLocal);
-        // SAFETY: plain helper call; the kernel checks the target device.
-        return Ok(unsafe { bpf_redirect_peer(dst.ifindex, 0) } as i32);
+        return Ok(action);
     }
 
     // The destination's record decides the method (README: "Translation methods").
-    if dst.method == Method::Rewrite as u8 {
+    let overhead = match dst.method {
+        m if m == Method::Rewrite as u8 => 0,
+        m if m == Method::Encap as u8 => NVGRE_V4_OVERHEAD as u32,
+        _ => return Err(Counter::DropVmMethod),
+    };
+    let uplink = underlay::uplink()?;
+    if let Err(offender) = pmtu::fits(ctx, uplink, ip, overhead) {
+        let action = pmtu::frag_needed(ctx, port, dst.mac, offender)?;
+        count(Counter::VmIcmpFragNeeded);
+        return Ok(action);
+    }
+    if overhead == 0 {
         let action = rewrite::send(ctx, port, dst, &rewrite::Ipv4Fields::of(ip))?;
         count(Counter::VmTxRewrite);
         return Ok(action);
-    }
-    if dst.method != Method::Encap as u8 {
-        return Err(Counter::DropVmMethod);
     }
     let action = encap::nvgre(ctx, port, dst, encap::Inner::of(ctx, ip))?;
     count(Counter::VmTxEncap);

@@ -4,6 +4,8 @@
 //! - `encap`: NVGRE encapsulation
 //! - `rewrite`: IP rewrite (customer addresses to provider addresses and back)
 //! - `underlay`: MTU check, next hop from the FIB, redirect to the uplink
+//! - `pmtu`: ICMP "fragmentation needed" for VM packets too big for the uplink
+//! - `deliver`: delivery into a VM port (veth or tap), known to be the VM's and running
 //! - `uplink_xdp`: XDP on the uplink: NVGRE validation and decapsulation
 //! - `uplink_tc`: TC ingress on the uplink: hands decapsulated frames to VM ports
 #![no_std]
@@ -11,10 +13,12 @@
 
 mod arp;
 mod counters;
+mod deliver;
 mod encap;
 mod from_vm;
 mod maps;
 mod packet;
+mod pmtu;
 mod rewrite;
 mod underlay;
 mod uplink_rx;

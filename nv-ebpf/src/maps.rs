@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use nv_common::{
-    Counter, DEFAULT_MAX_LOOKUPS, DatapathConfig, LocalPa, LookupKey, LookupValue,
+    Counter, DEFAULT_MAX_LOOKUPS, DatapathConfig, IcmpBucket, LocalPa, LookupKey, LookupValue,
     MAX_HOSTED_VSIDS, MAX_LOCAL_PAS, MAX_PORTS, MAX_REWRITE_PAS, NextHop, PortInfo, RewritePa, V4,
 };
 
@@ -22,7 +22,7 @@ pub static LOCAL_PAS: HashMap<V4, LocalPa> = HashMap::pinned(MAX_LOCAL_PAS, 0);
 pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 
 #[map(name = "NV_COUNTERS")]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::SLOTS, 0);
 
 #[map(name = "NV_REWRITE_PAS")]
 pub static REWRITE_PAS: HashMap<V4, RewritePa> = HashMap::pinned(MAX_REWRITE_PAS, 0);
@@ -35,3 +35,7 @@ pub static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::pinned(NextHop::SLOTS, 
 /// with its own reason.
 #[map(name = "NV_HOSTED_VSIDS")]
 pub static HOSTED_VSIDS: HashMap<u32, u32> = HashMap::pinned(MAX_HOSTED_VSIDS, 0);
+
+/// The ICMP error budget ([`IcmpBucket`]), one bucket per CPU.
+#[map(name = "NV_ICMP_BUCKET")]
+pub static ICMP_BUCKET: PerCpuArray<IcmpBucket> = PerCpuArray::pinned(1, 0);

@@ -132,6 +132,7 @@ pub fn send(
     let (Some(src_pa), Some(dst_pa)) = (v4_of(&port.pa), v4_of(&dst.pa)) else {
         return Err(Counter::DropVmMethod);
     };
+    // Read again rather than passed: BPF calls take five arguments, the result's pointer one.
     let uplink = underlay::uplink()?;
     replace_addresses(ctx, ip, src_pa, dst_pa).map_err(|()| Counter::DropVmTranslateFailed)?;
     underlay::transmit(

@@ -24,6 +24,8 @@ pub enum Verdict {
         strip: usize,
         port: u32,
         pa: [u8; 4],
+        vsid: u32,
+        ca: [u8; 4],
     },
     /// IP rewrite for a VM here: how to restore it.
     Rewrite(RestoreMeta),
@@ -134,6 +136,8 @@ fn nvgre(data: usize, end: usize, ip: &Ipv4Hdr, hlen: usize) -> Result<Verdict, 
         strip: inner,
         port: dst.ifindex,
         pa: v4_of(&dst.pa).unwrap_or_default(),
+        vsid,
+        ca: lookup.ca,
     })
 }
 
@@ -152,6 +156,7 @@ fn rewrite(ip: &Ipv4Hdr, dst: &RewritePa) -> Result<Verdict, Counter> {
     Ok(Verdict::Rewrite(RestoreMeta {
         magic: RestoreMeta::MAGIC,
         ifindex: dst.ifindex,
+        vsid: dst.vsid,
         src_ca,
         dst_ca,
         src_mac: src.mac,

@@ -4,18 +4,18 @@
 //! (checksum helpers live here, not in XDP). With TC decapsulation (`decap_hook = "tc"`), this
 //! program classifies and decapsulates itself: no XDP program on the uplink means a veth uplink
 //! keeps GSO super-packets whole. `XDP_REDIRECT` into a veth whose peer has no XDP program loses
-//! frames (DESIGN.md); `bpf_redirect_peer` from here does not. Other frames pass untouched.
+//! frames (DESIGN.md); delivery from here (`deliver`) does not. Other frames pass untouched.
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
-    helpers::bpf_redirect_peer,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     programs::TcContext,
 };
 use nv_common::{Counter, DatapathConfig, DeliverMeta, RestoreMeta, wire::ETH_HLEN};
 
 use crate::{
     counters::count,
+    deliver,
     maps::CONFIG,
-    packet::{Ipv4Hdr, pull, read_at, set_host, view_at, write_at},
+    packet::{Ipv4Hdr, pull, read_at, view_at, write_at},
     rewrite,
     uplink_rx::{Verdict, classify},
 };
@@ -29,7 +29,7 @@ pub fn run(ctx: &TcContext) -> i32 {
     let meta_start = unsafe { (*ctx.skb.skb).data_meta } as usize;
     if let Some(head) = read_at::<DeliverMeta>(meta_start, ctx.data(), 0) {
         match head.magic {
-            DeliverMeta::MAGIC => return deliver(ctx, head.ifindex, Counter::UplinkDelivered),
+            DeliverMeta::MAGIC => return deliver(ctx, &head, Counter::UplinkDelivered),
             RestoreMeta::MAGIC => {
                 return match read_at::<RestoreMeta>(meta_start, ctx.data(), 0) {
                     Some(meta) => restore_and_deliver(ctx, &meta),
@@ -48,10 +48,22 @@ pub fn run(ctx: &TcContext) -> i32 {
     pull(ctx, PULL_LEN);
     match classify(config, ctx.data(), ctx.data_end()) {
         Ok(Verdict::Pass) => TC_ACT_OK,
-        Ok(Verdict::Nvgre { strip, port, .. }) => match decap(ctx, strip) {
+        Ok(Verdict::Nvgre {
+            strip,
+            port,
+            vsid,
+            ca,
+            ..
+        }) => match decap(ctx, strip) {
             Ok(()) => {
                 count(Counter::UplinkDecap);
-                deliver(ctx, port, Counter::UplinkDelivered)
+                let to = DeliverMeta {
+                    magic: DeliverMeta::MAGIC,
+                    ifindex: port,
+                    vsid,
+                    ca,
+                };
+                deliver(ctx, &to, Counter::UplinkDelivered)
             }
             Err(()) => drop(Counter::DropUplinkDecapFailed),
         },
@@ -90,7 +102,13 @@ fn restore_and_deliver(ctx: &TcContext, meta: &RestoreMeta) -> i32 {
     if restore(ctx, meta).is_err() {
         return drop(Counter::DropUplinkRewriteFailed);
     }
-    deliver(ctx, meta.ifindex, Counter::UplinkRewriteDelivered)
+    let to = DeliverMeta {
+        magic: DeliverMeta::MAGIC,
+        ifindex: meta.ifindex,
+        vsid: meta.vsid,
+        ca: meta.dst_ca,
+    };
+    deliver(ctx, &to, Counter::UplinkRewriteDelivered)
 }
 
 /// Puts the customer's addresses and Ethernet header back on an IP-rewrite packet.
@@ -107,16 +125,12 @@ fn restore(ctx: &TcContext, meta: &RestoreMeta) -> Result<(), ()> {
     rewrite::replace_addresses(ctx, &ip, meta.src_ca, meta.dst_ca)
 }
 
-fn deliver(ctx: &TcContext, ifindex: u32, ok: Counter) -> i32 {
-    // The frame was classified against the uplink's MAC (other host); the VM must see it as
-    // addressed to it, and redirect_peer does not classify again.
-    set_host(ctx);
-    // SAFETY: plain helper call; the kernel checks the target device.
-    let action = unsafe { bpf_redirect_peer(ifindex, 0) };
-    count(if action == i64::from(TC_ACT_REDIRECT) {
-        ok
-    } else {
-        Counter::DropUplinkDeliver
-    });
-    action as i32
+fn deliver(ctx: &TcContext, to: &DeliverMeta, ok: Counter) -> i32 {
+    match deliver::to_vm(ctx, to.ifindex, to.vsid, to.ca) {
+        Ok(action) => {
+            count(ok);
+            action
+        }
+        Err(reason) => drop(reason),
+    }
 }

@@ -32,7 +32,13 @@ fn try_run(ctx: &XdpContext) -> Result<u32, Counter> {
     };
     match classify(config, ctx.data(), ctx.data_end())? {
         Verdict::Pass => Ok(XDP_PASS),
-        Verdict::Nvgre { strip, port, .. } => {
+        Verdict::Nvgre {
+            strip,
+            port,
+            vsid,
+            ca,
+            ..
+        } => {
             #[expect(
                 clippy::cast_possible_truncation,
                 clippy::cast_possible_wrap,
@@ -48,6 +54,8 @@ fn try_run(ctx: &XdpContext) -> Result<u32, Counter> {
                 DeliverMeta {
                     magic: DeliverMeta::MAGIC,
                     ifindex: port,
+                    vsid,
+                    ca,
                 },
             )?;
             count(Counter::UplinkDecap);

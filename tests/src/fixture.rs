@@ -129,7 +129,7 @@ pub fn host_maps(ns: &Netns) -> anyhow::Result<Desired> {
         pa: v4_mapped(LOCAL_PA),
         mac,
         method: 0,
-        _pad: 0,
+        flags: 0,
     };
     let lookup = |pa, mac, ifindex| LookupValue {
         pa: v4_mapped(pa),

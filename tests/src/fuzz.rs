@@ -6,7 +6,7 @@
 //! - every frame that comes out goes to the port of the VSID and CA it belongs to, and to no
 //!   other: NVGRE only to the VM whose (VSID, CA) the key and inner destination name, a VM's frame
 //!   only inside its own VSID.
-use std::collections::HashMap;
+use std::{collections::HashMap, mem::size_of};
 
 use anyhow::{bail, ensure};
 use nv_common::{
@@ -209,16 +209,23 @@ fn check_uplink(
     }
     let redirected = hook == UPLINK_TC && ret == TC_ACT_REDIRECT;
     ensure!(ret == pass || redirected, "{hook}: verdict {ret}");
+    let meta_len = size_of::<DeliverMeta>();
     if hook == UPLINK_XDP
-        && out.len() >= 8
+        && out.len() >= meta_len
         && u32::from_ne_bytes(out[..4].try_into()?) == DeliverMeta::MAGIC
     {
         let port = u32::from_ne_bytes(out[4..8].try_into()?);
         let (vsid, inner) = nvgre_parts(input)
             .ok_or_else(|| anyhow::anyhow!("delivered a frame that is not NVGRE"))?;
         ensure!(
-            out[8..] == *inner,
+            out[meta_len..] == *inner,
             "decapsulated frame differs from the inner frame"
+        );
+        let (_, meta_dst) =
+            ipv4(inner, 14).ok_or_else(|| anyhow::anyhow!("delivered a frame without IPv4"))?;
+        ensure!(
+            u32::from_ne_bytes(out[8..12].try_into()?) == vsid && out[12..16] == meta_dst,
+            "delivery metadata names another VM than the inner frame's"
         );
         let (_, dst) =
             ipv4(inner, 14).ok_or_else(|| anyhow::anyhow!("delivered a frame without IPv4"))?;

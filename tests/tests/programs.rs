@@ -65,16 +65,50 @@ fn encapsulation_is_byte_exact() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// ICMP "fragmentation needed" for `offender` (a frame RED-1 sent to RED-2) naming `mtu`, as
+/// etherparse builds it: from RED-2 (the address written to), quoting the first 68 bytes of
+/// the IPv4 packet, TOS 0xc0 and no DF as Linux sends its errors.
+fn frag_needed_answer(offender: &[u8], mtu: u16) -> anyhow::Result<Vec<u8>> {
+    use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+    let quote = &offender[14..14 + 68];
+    let builder = PacketBuilder::ethernet2(RED2_MAC, RED1_MAC)
+        .ipv4(CA2, CA1, 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+        ));
+    let mut out = Vec::new();
+    builder.write(&mut out, quote)?;
+    let (mut ip, _) = etherparse::Ipv4Header::from_slice(&out[14..])?;
+    ip.dscp = etherparse::IpDscp::try_new(0x30)?;
+    ip.dont_fragment = false;
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut header = Vec::new();
+    ip.write(&mut header)?;
+    out[14..34].copy_from_slice(&header);
+    Ok(out)
+}
+
 #[test]
-fn frames_too_big_for_the_uplink_are_dropped_with_or_without_a_cached_next_hop()
+fn frames_too_big_for_the_uplink_are_answered_with_frag_needed_with_or_without_a_cached_next_hop()
 -> anyhow::Result<()> {
     let h = host(true)?;
     // The uplink's MTU is 1500. A 1500-byte IPv4 packet is 1542 bytes once encapsulated; one
     // of 1458 bytes is exactly 1500.
     let big = udp_frame(RED1_MAC, RED2_MAC, CA1, CA2, &[7u8; 1472]);
     let fits = udp_frame(RED1_MAC, RED2_MAC, CA1, CA2, &[7u8; 1430]);
-    // Nothing cached yet.
-    h.expect(FROM_VM, &big, Some(h.red1), TC_ACT_SHOT, "drop_vm_too_big")?;
+    let answer = frag_needed_answer(&big, 1458)?;
+    // Nothing cached yet: answered with the MTU the VM must use, back out of its own port.
+    let out = h.expect(
+        FROM_VM,
+        &big,
+        Some(h.red1),
+        TC_ACT_REDIRECT,
+        "vm_icmp_frag_needed",
+    )?;
+    ensure!(
+        out == answer,
+        "ICMP answer differs:\n got {out:02x?}\nwant {answer:02x?}"
+    );
     // The largest frame that fits goes out, and caches the next hop and the route's MTU ...
     let out = h.expect(FROM_VM, &fits, Some(h.red1), TC_ACT_REDIRECT, "vm_tx_encap")?;
     ensure!(
@@ -84,7 +118,242 @@ fn frames_too_big_for_the_uplink_are_dropped_with_or_without_a_cached_next_hop()
     );
     h.expect(FROM_VM, &fits, Some(h.red1), TC_ACT_REDIRECT, "vm_tx_encap")?;
     // ... which must not let a bigger one through.
-    h.expect(FROM_VM, &big, Some(h.red1), TC_ACT_SHOT, "drop_vm_too_big")?;
+    let out = h.expect(
+        FROM_VM,
+        &big,
+        Some(h.red1),
+        TC_ACT_REDIRECT,
+        "vm_icmp_frag_needed",
+    )?;
+    ensure!(out == answer, "second ICMP answer differs: {out:02x?}");
+    // DF clear: nv never fragments, so the same answer (a Linux sender then fragments).
+    let mut no_df = big.clone();
+    no_df[20] &= !0x40;
+    let (mut ip, _) = etherparse::Ipv4Header::from_slice(&no_df[14..])?;
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut header = Vec::new();
+    ip.write(&mut header)?;
+    no_df[14..34].copy_from_slice(&header);
+    let out = h.expect(
+        FROM_VM,
+        &no_df,
+        Some(h.red1),
+        TC_ACT_REDIRECT,
+        "vm_icmp_frag_needed",
+    )?;
+    ensure!(
+        out == frag_needed_answer(&no_df, 1458)?,
+        "DF-clear answer differs"
+    );
+    Ok(())
+}
+
+#[test]
+fn frag_needed_follows_the_agents_uplink_mtu_and_never_answers_an_error() -> anyhow::Result<()> {
+    let mut h = host(true)?;
+    // The agent says the uplink's MTU is 1400: a 1400-byte packet no longer fits.
+    h.desired.config.uplink_mtu = 1400;
+    h.dp.set_config(h.desired.config)?;
+    let big = udp_frame(RED1_MAC, RED2_MAC, CA1, CA2, &[7u8; 1400 - 28]);
+    let out = h.expect(
+        FROM_VM,
+        &big,
+        Some(h.red1),
+        TC_ACT_REDIRECT,
+        "vm_icmp_frag_needed",
+    )?;
+    ensure!(out == frag_needed_answer(&big, 1358)?, "answer differs");
+    // An oversize ICMP error is not answered with another one (RFC 1122): dropped, counted.
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(RED1_MAC, RED2_MAC)
+        .ipv4(CA1, CA2, 64)
+        .icmpv4(etherparse::Icmpv4Type::TimeExceeded(
+            etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit,
+        ))
+        .write(&mut frame, &[0u8; 1400])?;
+    h.expect(
+        FROM_VM,
+        &frame,
+        Some(h.red1),
+        TC_ACT_SHOT,
+        "drop_vm_too_big",
+    )?;
+    // An echo request is answered.
+    let mut ping = Vec::new();
+    PacketBuilder::ethernet2(RED1_MAC, RED2_MAC)
+        .ipv4(CA1, CA2, 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut ping, &[0u8; 1400])?;
+    h.expect(
+        FROM_VM,
+        &ping,
+        Some(h.red1),
+        TC_ACT_REDIRECT,
+        "vm_icmp_frag_needed",
+    )?;
+    Ok(())
+}
+
+#[test]
+fn frag_needed_answers_are_rate_limited_and_the_rest_counted() -> anyhow::Result<()> {
+    let h = host(true)?;
+    // One CPU, so one token bucket: at most its burst plus what it earns meanwhile.
+    pin_to_one_cpu()?;
+    let big = udp_frame(RED1_MAC, RED2_MAC, CA1, CA2, &[7u8; 1472]);
+    let (answered_before, dropped_before) = (
+        h.counter("vm_icmp_frag_needed")?,
+        h.counter("drop_vm_too_big")?,
+    );
+    let start = std::time::Instant::now();
+    let sent = 400u64;
+    for _ in 0..sent {
+        let out = h.dp.test_run(FROM_VM, &big, Some(h.red1), 1)?;
+        ensure!(
+            out.ret == TC_ACT_REDIRECT || out.ret == TC_ACT_SHOT,
+            "verdict {}",
+            out.ret
+        );
+    }
+    let elapsed_ms = u64::try_from(start.elapsed().as_millis())?;
+    let answered = h.counter("vm_icmp_frag_needed")? - answered_before;
+    let dropped = h.counter("drop_vm_too_big")? - dropped_before;
+    ensure!(
+        answered + dropped == sent,
+        "{answered} answered + {dropped} dropped != {sent}"
+    );
+    let most =
+        nv_common::IcmpBucket::BURST + (elapsed_ms + 1) * nv_common::IcmpBucket::PER_SEC / 1000;
+    ensure!(
+        (nv_common::IcmpBucket::BURST..=most).contains(&answered),
+        "{answered} answers in {elapsed_ms} ms: the bucket allows {} to {most}",
+        nv_common::IcmpBucket::BURST
+    );
+    Ok(())
+}
+
+/// Keeps the calling thread on the CPU it is on (per-CPU maps then behave as one).
+fn pin_to_one_cpu() -> anyhow::Result<()> {
+    // SAFETY: plain syscalls on the calling thread with a zeroed, then filled, CPU set.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        ensure!(cpu >= 0, "sched_getcpu failed");
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(usize::try_from(cpu)?, &mut set);
+        ensure!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) == 0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn delivery_checks_the_port_is_the_vms_and_running() -> anyhow::Result<()> {
+    let mut h = host(true)?;
+    let local = udp_frame(RED1_MAC, RED3_MAC, CA1, CA3, b"to red-3");
+    let inner = udp_frame(RED2_MAC, RED1_MAC, CA2, CA1, b"to red-1");
+    let decap = nvgre(
+        GATEWAY_MAC,
+        h.uplink_mac,
+        REMOTE_PA,
+        LOCAL_PA,
+        RED << 8,
+        0,
+        &inner,
+    );
+    let red3 = h.ns.ifindex("red3")?;
+    let run = |h: &Host, reason: &str| -> anyhow::Result<()> {
+        let ret = if reason.starts_with("drop") {
+            TC_ACT_SHOT
+        } else {
+            TC_ACT_REDIRECT
+        };
+        h.expect(
+            FROM_VM,
+            &local,
+            Some(h.red1),
+            ret,
+            if ret == TC_ACT_SHOT {
+                reason
+            } else {
+                "vm_tx_local"
+            },
+        )?;
+        let uplink = h.ns.ifindex("uplink0")?;
+        h.expect(
+            UPLINK_TC,
+            &decap,
+            Some(uplink),
+            ret,
+            if ret == TC_ACT_SHOT {
+                reason
+            } else {
+                "uplink_delivered"
+            },
+        )?;
+        Ok(())
+    };
+    h.desired.config.flags |= DatapathConfig::TC_DECAP;
+    h.dp.set_config(h.desired.config)?;
+    // Both ports up and theirs: delivered, counted as such.
+    run(&h, "delivered")?;
+    // Down (a tap no QEMU holds, a veth whose VM end is down): dropped with that reason.
+    for (ifindex, ca) in [(red3, CA3), (h.red1, CA1)] {
+        let mut p = h.desired.ports[&ifindex];
+        assert_eq!(nv_common::v4_mapped(ca), p.ca);
+        p.flags |= nv_common::PortInfo::DOWN;
+        h.desired.ports.insert(ifindex, p);
+    }
+    h.dp.sync(&h.desired)?;
+    run(&h, "drop_port_down")?;
+    // Gone (no port entry under the ifindex the record names, as while a port is re-created):
+    // dropped as such, not counted delivered.
+    h.desired.ports.remove(&red3);
+    let red1_port = h.desired.ports.remove(&h.red1).context("red1 port")?;
+    h.dp.sync(&h.desired)?;
+    h.dp.put_port(
+        h.red1,
+        &nv_common::PortInfo {
+            flags: 0,
+            ..red1_port
+        },
+    )?;
+    // (RED-1 itself must still send: its own port entry is back.)
+    h.expect(FROM_VM, &local, Some(h.red1), TC_ACT_SHOT, "drop_port_gone")?;
+    // The ifindex now belongs to another VM (BLUE-1's identity under RED-1's ifindex): gone.
+    h.dp.put_port(
+        h.red1,
+        &nv_common::PortInfo {
+            vsid: BLUE,
+            mac: BLUE1_MAC,
+            flags: 0,
+            ..red1_port
+        },
+    )?;
+    let uplink = h.ns.ifindex("uplink0")?;
+    h.expect(
+        UPLINK_TC,
+        &decap,
+        Some(uplink),
+        TC_ACT_SHOT,
+        "drop_port_gone",
+    )?;
+    // A record whose port is missing points at IFINDEX_GONE.
+    let mut missing = h.desired.lookups[&nv_common::LookupKey { vsid: RED, ca: CA1 }];
+    missing.ifindex = nv_common::IFINDEX_GONE;
+    h.desired
+        .lookups
+        .insert(nv_common::LookupKey { vsid: RED, ca: CA1 }, missing);
+    h.desired.ports.insert(h.red1, red1_port);
+    h.dp.sync(&h.desired)?;
+    h.expect(
+        UPLINK_TC,
+        &decap,
+        Some(uplink),
+        TC_ACT_SHOT,
+        "drop_port_gone",
+    )?;
     Ok(())
 }
 
@@ -154,6 +423,8 @@ fn decapsulation_restores_the_frame_exactly() -> anyhow::Result<()> {
     // Output: the metadata naming the VM port, then the customer's frame unchanged.
     let mut expected = DeliverMeta::MAGIC.to_ne_bytes().to_vec();
     expected.extend_from_slice(&h.red1.to_ne_bytes());
+    expected.extend_from_slice(&RED.to_ne_bytes());
+    expected.extend_from_slice(&CA1);
     expected.extend_from_slice(&inner);
     ensure!(
         out == expected,
@@ -173,7 +444,7 @@ fn decapsulation_restores_the_frame_exactly() -> anyhow::Result<()> {
     );
     let out = h.expect(UPLINK_XDP, &frame, None, XDP_PASS, "uplink_decap")?;
     ensure!(
-        out[4..8] == h.blue1.to_ne_bytes() && out[8..] == inner[..],
+        out[4..8] == h.blue1.to_ne_bytes() && out[16..] == inner[..],
         "BLUE decap differs: {out:02x?}"
     );
     Ok(())
@@ -437,6 +708,7 @@ fn rewrite_in_is_validated_in_xdp_and_described_for_tc() -> anyhow::Result<()> {
         let meta = RestoreMeta {
             magic: RestoreMeta::MAGIC,
             ifindex: h.green1,
+            vsid: GREEN,
             src_ca: CA2,
             dst_ca: CA1,
             src_mac: GREEN2_MAC,
@@ -445,6 +717,7 @@ fn rewrite_in_is_validated_in_xdp_and_described_for_tc() -> anyhow::Result<()> {
         let mut expected = Vec::new();
         expected.extend_from_slice(&meta.magic.to_ne_bytes());
         expected.extend_from_slice(&meta.ifindex.to_ne_bytes());
+        expected.extend_from_slice(&meta.vsid.to_ne_bytes());
         expected.extend_from_slice(&meta.src_ca);
         expected.extend_from_slice(&meta.dst_ca);
         expected.extend_from_slice(&meta.src_mac);

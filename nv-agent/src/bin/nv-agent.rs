@@ -27,8 +27,9 @@ fn group_id(name: &str) -> Option<u32> {
     (!entry.is_null()).then(|| unsafe { (*entry).gr_gid })
 }
 
-/// How often the agent looks for VM ports that appeared, vanished or were re-created.
-const PORT_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often the agent looks at every VM port even without a link event: a backstop for
+/// events lost to a netlink socket overrun.
+const PORT_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
@@ -108,14 +109,28 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     };
     let agent = Arc::new(tokio::sync::Mutex::new(agent));
-    // VMs start, stop and restart on their own schedule: follow their ports.
+    // VMs start, stop and restart on their own schedule: follow their ports as the kernel
+    // announces them, and look at all of them now and then.
     let watched = agent.clone();
+    let mut events = Some(nv_agent::netlink::link_events()?);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(PORT_REFRESH);
         loop {
-            tick.tick().await;
-            if let Err(e) = watched.lock().await.refresh().await {
-                tracing::warn!("refreshing ports: {e}");
+            let event = tokio::select! {
+                e = next_event(&mut events) => Some(e),
+                _ = tick.tick() => None,
+            };
+            let done = match event {
+                Some(Some(e)) => watched.lock().await.link_changed(&e.name).await,
+                Some(None) => {
+                    tracing::warn!("link events stopped; looking at ports every {PORT_REFRESH:?}");
+                    events = None;
+                    Ok(())
+                }
+                None => watched.lock().await.refresh().await,
+            };
+            if let Err(e) = done {
+                tracing::warn!("following ports: {e}");
             }
         }
     });
@@ -125,4 +140,14 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(socket);
     info!("stopped; forwarding continues from the pinned programs and maps");
     Ok(())
+}
+
+/// The next link event; never, once they stopped.
+async fn next_event(
+    events: &mut Option<tokio::sync::mpsc::UnboundedReceiver<nv_agent::netlink::LinkEvent>>,
+) -> Option<nv_agent::netlink::LinkEvent> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }

@@ -134,6 +134,14 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             call(s, Method::GET, "/v1/stats", None).await?,
             STATS_COLUMNS,
         ),
+        Command::Status => {
+            let value = call(s, Method::GET, "/v1/status", None).await?;
+            match cli.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),
+                Output::Table => println!("{}", status_table(&value)),
+            }
+            return Ok(());
+        }
     };
     match cli.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),
@@ -156,6 +164,49 @@ fn table(value: &Value, columns: &[(&str, &str)]) -> Table {
             Some(Value::String(s)) => s.clone(),
             Some(v) => v.to_string(),
         }));
+    }
+    t
+}
+
+/// `nvctl status` as a table: one line a fact, ports one line each.
+fn status_table(v: &Value) -> Table {
+    let field = |name: &str| match &v[name] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    };
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(["", ""]);
+    t.add_row(["agent version".to_owned(), field("version")]);
+    t.add_row([
+        "uplink".to_owned(),
+        format!("{} (MTU {})", field("uplink"), field("uplink_mtu")),
+    ]);
+    t.add_row(["VM MTU to use".to_owned(), field("vm_mtu")]);
+    t.add_row(["decap hook".to_owned(), field("decap_hook")]);
+    t.add_row(["provider addresses".to_owned(), field("providers")]);
+    t.add_row(["lookup records".to_owned(), field("lookups")]);
+    for p in v["ports"].as_array().into_iter().flatten() {
+        let state = if p["running"].as_bool() == Some(true) {
+            "running"
+        } else {
+            "down"
+        };
+        t.add_row([
+            format!("port {}", p["port"].as_str().unwrap_or("?")),
+            format!(
+                "{}, ifindex {}, {state}",
+                p["kind"].as_str().unwrap_or("?"),
+                p["ifindex"]
+            ),
+        ]);
+    }
+    for p in v["ports_missing"].as_array().into_iter().flatten() {
+        t.add_row([
+            format!("port {}", p.as_str().unwrap_or("?")),
+            "missing: traffic to its VM is dropped".to_owned(),
+        ]);
     }
     t
 }

@@ -1,0 +1,44 @@
+//! Delivery into a VM port on this host, the one place every path ends that hands a frame to a
+//! VM (NVGRE decapsulation, IP-rewrite restore, VM to VM). The port's map entry decides:
+//! whether it is still the VM the frame is for (a port re-created, or a record whose port is
+//! missing, has no entry under that ifindex), whether it can take a frame now, and how to hand
+//! it over. The redirect helpers report success before the kernel looks the target up, and a
+//! target that is down frees the frame without a trace: so a frame is counted delivered only
+//! once the port is known to be the VM's and running, and otherwise dropped with its reason.
+use aya_ebpf::{
+    helpers::{bpf_redirect, bpf_redirect_peer},
+    programs::TcContext,
+};
+use nv_common::Counter;
+
+use crate::{maps::PORTS, packet::set_host};
+
+/// Hands the frame to the VM (`vsid`, `ca`: IPv4, network order) behind `ifindex`, or says why
+/// it cannot.
+#[inline(always)]
+pub fn to_vm(ctx: &TcContext, ifindex: u32, vsid: u32, ca: [u8; 4]) -> Result<i32, Counter> {
+    // SAFETY: read-only use of a value the agent replaces whole.
+    let port = unsafe { PORTS.get(ifindex) }.ok_or(Counter::DropPortGone)?;
+    if port.vsid != vsid || crate::packet::v4_of(&port.ca) != Some(ca) {
+        return Err(Counter::DropPortGone);
+    }
+    if port.is_down() {
+        return Err(Counter::DropPortDown);
+    }
+    // The frame was classified against another MAC on the way in (the uplink's, or the
+    // sending VM's port); the VM must see it as addressed to it, and neither redirect
+    // classifies again.
+    set_host(ctx);
+    // SAFETY: plain helper calls; the port entry says which one the device takes.
+    let action = unsafe {
+        if port.is_tap() {
+            // A tap's transmit is the guest's receive: redirect_peer only works for veth and
+            // netkit, and into a tap it frees the frame.
+            bpf_redirect(ifindex, 0)
+        } else {
+            bpf_redirect_peer(ifindex, 0)
+        }
+    };
+    #[expect(clippy::cast_possible_truncation, reason = "TC_ACT_REDIRECT")]
+    Ok(action as i32)
+}
