@@ -329,27 +329,19 @@ impl Agent {
         Ok(at)
     }
 
-    /// Gives a port the VM MTU: a tap's host side; both ends of a veth (the host side alone
-    /// would make the kernel drop the VM's bigger frames before nv sees them). Best effort:
-    /// a VM that keeps a bigger MTU is answered with ICMP "fragmentation needed".
+    /// Gives a tap port the VM MTU: its host side is what libvirt mirrors and QEMU's
+    /// `host_mtu` tells a virtio guest, and a tap takes the guest's frames whatever its MTU.
+    /// A veth is left alone: its VM end is in the VM's namespace, which rtnetlink cannot
+    /// address for a change, and a host end smaller than the VM's would make the kernel drop
+    /// the VM's bigger frames before nv sees them. Best effort either way: a VM that sends
+    /// more than fits is answered with ICMP "fragmentation needed".
     async fn set_port_mtu(&self, link: &LinkInfo) {
         let mtu = self.vm_mtu();
-        let mut ends = vec![(link.index, None)];
-        if let Some(peer) = link.peer {
-            ends.push(peer);
+        if link.kind != LinkKind::Tap || link.mtu == mtu {
+            return;
         }
-        // Lowering, the VM's end first: the host side then never drops what the VM sends;
-        // raising, the host's end first.
-        if mtu < link.mtu {
-            ends.reverse();
-        }
-        for (index, netns) in ends {
-            if netns.is_none() && index == link.index && link.mtu == mtu {
-                continue;
-            }
-            if let Err(e) = self.netlink.set_mtu(index, netns, mtu).await {
-                warn!("port {}: cannot set MTU {mtu}: {e}", link.name);
-            }
+        if let Err(e) = self.netlink.set_mtu(link.index, mtu).await {
+            warn!("port {}: cannot set MTU {mtu}: {e}", link.name);
         }
     }
 

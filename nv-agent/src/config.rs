@@ -44,9 +44,10 @@ pub struct AgentArgs {
     /// the kernel allocates for it [default: tc].
     #[arg(long, value_enum)]
     pub decap_hook: Option<DecapHook>,
-    /// MTU of the VMs' NICs: set on every port the agent attaches (a tap's host side, which
-    /// libvirt and QEMU's `host_mtu` tell the guest; both ends of a veth). A VM that sends
-    /// more than fits the uplink anyway is answered with ICMP "fragmentation needed"
+    /// MTU of the VMs' NICs, shown by `nvctl status` and set on the tap ports the agent
+    /// attaches (libvirt mirrors it, QEMU's `host_mtu` tells the guest; a veth's VM end is the
+    /// VM's to set). A VM that sends more than fits the uplink anyway is answered with ICMP
+    /// "fragmentation needed"
     /// [default: the uplink's MTU minus the 42 bytes of NVGRE, followed as it changes].
     #[arg(long, value_parser = clap::value_parser!(u32).range(68..=65_535))]
     pub vm_mtu: Option<u32>,

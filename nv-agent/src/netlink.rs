@@ -56,9 +56,6 @@ pub struct LinkInfo {
     /// Up and with carrier (`IFF_UP` and `IFF_LOWER_UP`): a tap some QEMU holds, a veth whose
     /// other end is up too.
     pub running: bool,
-    /// A veth's other end: its ifindex, and the id of its network namespace as seen from ours
-    /// (`None`: the same namespace).
-    pub peer: Option<(u32, Option<i32>)>,
 }
 
 /// `IFLA_TUN_TYPE` and its tap value (`IFF_TAP`), from linux/if_link.h and if_tun.h.
@@ -84,15 +81,11 @@ fn link_info(msg: &LinkMessage) -> LinkInfo {
         mtu: 0,
         kind: LinkKind::Other("device".into()),
         running: flags.contains(LinkFlags::Up) && flags.contains(LinkFlags::LowerUp),
-        peer: None,
     };
-    let (mut link, mut link_netns) = (None, None);
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(name) => info.name.clone_from(name),
             LinkAttribute::Mtu(mtu) => info.mtu = *mtu,
-            LinkAttribute::Link(peer) => link = Some(*peer),
-            LinkAttribute::LinkNetNsId(id) => link_netns = Some(*id),
             LinkAttribute::LinkInfo(infos) => {
                 let kind = infos.iter().find_map(|i| match i {
                     Info::Kind(k) => Some(k.clone()),
@@ -110,9 +103,6 @@ fn link_info(msg: &LinkMessage) -> LinkInfo {
             }
             _ => {}
         }
-    }
-    if info.kind == LinkKind::Veth {
-        info.peer = link.map(|l| (l, link_netns));
     }
     info
 }
@@ -243,14 +233,8 @@ impl Netlink {
         Ok(())
     }
 
-    /// Sets the MTU of link `index`, in the namespace `netns` names (an id as our namespace
-    /// sees it; `None`: ours), for a veth's other end.
-    pub async fn set_mtu(&self, index: u32, netns: Option<i32>, mtu: u32) -> Result<()> {
-        let mut msg = LinkUnspec::new_with_index(index).mtu(mtu);
-        if let Some(id) = netns {
-            msg = msg.append_extra_attribute(LinkAttribute::IfNetnsId(id));
-        }
-        let msg = msg.build();
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
         self.handle
             .link()
             .set(msg)

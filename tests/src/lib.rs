@@ -7,6 +7,7 @@ pub mod capture;
 pub mod checks;
 pub mod fixture;
 pub mod fuzz;
+pub mod guest;
 pub mod netns;
 pub mod sys;
 pub mod testbed;

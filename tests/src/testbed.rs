@@ -257,7 +257,16 @@ impl TwoHosts {
 
     /// As `build`, with extra flags for both agents (e.g. `--decap-hook tc`).
     pub fn build_with(tag: &str, agent_args: &[&str]) -> anyhow::Result<TwoHosts> {
-        let mut bed = Self::build_bare(tag)?;
+        Self::build_on(tag, agent_args, UNDERLAY_MTU)
+    }
+
+    /// As `build_with`, on an underlay of MTU `underlay_mtu`.
+    pub fn build_on(
+        tag: &str,
+        agent_args: &[&str],
+        underlay_mtu: &str,
+    ) -> anyhow::Result<TwoHosts> {
+        let mut bed = Self::build_bare_on(tag, underlay_mtu)?;
         for h in &mut bed.hosts {
             h.agent_args = agent_args.iter().map(|a| (*a).to_owned()).collect();
             h.start_agent()?;
@@ -267,6 +276,10 @@ impl TwoHosts {
 
     /// Builds the namespaces and links only: no agent, for the kernel's own baselines.
     pub fn build_bare(tag: &str) -> anyhow::Result<TwoHosts> {
+        Self::build_bare_on(tag, UNDERLAY_MTU)
+    }
+
+    fn build_bare_on(tag: &str, underlay_mtu: &str) -> anyhow::Result<TwoHosts> {
         require_root()?;
         let prefix = unique_prefix(tag);
         let tmp = std::env::temp_dir().join(&prefix);
@@ -295,10 +308,10 @@ impl TwoHosts {
                 "master",
                 "br0",
                 "mtu",
-                UNDERLAY_MTU,
+                underlay_mtu,
                 "up",
             ])?;
-            ns.ip(&["link", "set", "uplink0", "mtu", UNDERLAY_MTU, "up"])?;
+            ns.ip(&["link", "set", "uplink0", "mtu", underlay_mtu, "up"])?;
             bed.hosts.push(Host {
                 pa: format!("198.18.0.{}", i + 1),
                 socket: tmp.join(format!("{name}.sock")),
@@ -533,4 +546,47 @@ fn transfer(
         client_line.trim().to_owned(),
         String::from_utf8_lossy(&out.stdout).trim().to_owned(),
     ))
+}
+
+/// Sends `bytes` pseudo-random bytes by TCP from `client`'s namespace to `dst` (ADDR:PORT),
+/// where something else listens (a guest); returns "BYTES SHA256" of what was sent.
+pub fn tcp_transfer_to(client: &Vm, dst: &str, bytes: u64) -> anyhow::Result<String> {
+    let tool = bin("nv-transfer")?;
+    let tool = tool.to_str().context("utf-8 path")?;
+    let line = client.ns.exec(
+        tool,
+        &["tcp-send", dst, "--bytes", &bytes.to_string(), "--timeout", "60"],
+    )?;
+    Ok(line.trim().to_owned())
+}
+
+/// Listens on `port` in `server`'s namespace while `send` makes something else (a guest)
+/// connect and send; returns "BYTES SHA256" of what arrived.
+pub fn tcp_transfer_from(
+    server: &Vm,
+    port: u16,
+    send: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<String> {
+    let tool = bin("nv-transfer")?;
+    let tool = tool.to_str().context("utf-8 path")?;
+    let mut srv = Command::new("ip")
+        .args(["netns", "exec", &server.ns.name, tool])
+        .args(["tcp-serve", &format!("0.0.0.0:{port}"), "--timeout", "120"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    thread::sleep(Duration::from_millis(200));
+    if let Err(e) = send() {
+        let _ = srv.kill();
+        let _ = srv.wait();
+        return Err(e);
+    }
+    let out = srv.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "transfer server failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }

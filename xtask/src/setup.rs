@@ -17,6 +17,12 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     "python3-scapy",
     "bpftool",
+    // Real guests (tests and demo): QEMU, Debian's kernel with its virtio modules, busybox
+    // for the initramfs, cpio to pack it.
+    "qemu-system-x86",
+    "linux-image-amd64",
+    "busybox-static",
+    "cpio",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_FEATURE: &str = "llvm-22";

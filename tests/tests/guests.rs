@@ -1,0 +1,357 @@
+//! Real Linux guests (Debian's kernel, virtio-net, QEMU) on tap ports, as libvirt, Nova and
+//! Proxmox attach VMs: they ping, move megabytes by TCP with veth VMs and with each other,
+//! stay isolated from another tenant's guest with the same address, find the path MTU through
+//! nv, and are forwarded again after a restart that re-creates their tap, with every state in
+//! between a counted drop.
+use std::{collections::HashMap, thread, time::Duration};
+
+use anyhow::{Context as _, ensure};
+use nv_tests::{
+    capture::{self, Capture},
+    guest::{self, Guest, Spec},
+    testbed::{BLUE_VSID, RED_VSID, TwoHosts, tcp_transfer_to, tcp_transfer_from},
+};
+
+/// A guest of the test: where it runs and who it is.
+struct G {
+    name: &'static str,
+    host: usize,
+    vsid: u32,
+    ca: &'static str,
+    mac: &'static str,
+    tap: &'static str,
+}
+
+const RED_G1: G = G {
+    name: "RED-G1",
+    host: 0,
+    vsid: RED_VSID,
+    ca: "10.0.0.11",
+    mac: "02:00:00:00:01:11",
+    tap: "gred1",
+};
+const BLUE_G1: G = G {
+    name: "BLUE-G1",
+    host: 0,
+    vsid: BLUE_VSID,
+    ca: "10.0.0.11",
+    mac: "02:00:00:00:01:12",
+    tap: "gblue1",
+};
+const RED_G2: G = G {
+    name: "RED-G2",
+    host: 1,
+    vsid: RED_VSID,
+    ca: "10.0.0.12",
+    mac: "02:00:00:00:02:11",
+    tap: "gred2",
+};
+
+const TWO_MB: u64 = 2 << 20;
+
+/// Creates the guest's tap on its host and adds its record on both hosts through nvctl.
+fn plug(bed: &TwoHosts, g: &G) -> anyhow::Result<()> {
+    guest::create_tap(&bed.hosts[g.host].ns.name, g.tap)?;
+    for (i, h) in bed.hosts.iter().enumerate() {
+        let (vsid, pa) = (g.vsid.to_string(), &bed.hosts[g.host].pa);
+        let mut args = vec![
+            "lookup", "add", "--vsid", &vsid, "--ca", g.ca, "--pa", pa, "--mac", g.mac, "--name",
+            g.name,
+        ];
+        if i == g.host {
+            args.extend(["--port", g.tap]);
+        }
+        h.nvctl(&args)?;
+    }
+    Ok(())
+}
+
+fn spec(bed: &TwoHosts, g: &G, mtu: Option<u32>) -> Spec {
+    Spec {
+        name: g.name.into(),
+        host_ns: bed.hosts[g.host].ns.name.clone(),
+        tap: g.tap.into(),
+        mac: g.mac.into(),
+        ip: format!("{}/24", g.ca),
+        mtu,
+    }
+}
+
+/// Boots guests side by side (each takes seconds under TCG).
+fn boot_all(specs: Vec<Spec>) -> anyhow::Result<Vec<Guest>> {
+    let booted: Vec<anyhow::Result<Guest>> = thread::scope(|s| {
+        let handles: Vec<_> = specs
+            .into_iter()
+            .map(|spec| s.spawn(move || Guest::boot(spec)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("boot thread"))
+            .collect()
+    });
+    booted.into_iter().collect()
+}
+
+fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str) -> u64 {
+    after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
+}
+
+#[test]
+fn guests_on_tap_ports_talk_to_veth_vms_and_to_each_other_and_stay_isolated() -> anyhow::Result<()>
+{
+    let bed = TwoHosts::build("g")?;
+    bed.configure()?;
+    for g in [&RED_G1, &BLUE_G1, &RED_G2] {
+        plug(&bed, g)?;
+    }
+    let mut guests = boot_all(vec![
+        spec(&bed, &RED_G1, None),
+        spec(&bed, &BLUE_G1, None),
+        spec(&bed, &RED_G2, None),
+    ])?;
+    let status = bed.hosts[0].nvctl_json(&["status"])?;
+    let ports = status["ports"].as_array().context("ports")?;
+    ensure!(
+        ports
+            .iter()
+            .any(|p| p["port"] == "gred1" && p["kind"] == "tap" && p["running"] == true),
+        "host1 does not show gred1 as a running tap: {status}"
+    );
+    let [red_g1, blue_g1, red_g2] = &mut guests[..] else {
+        unreachable!()
+    };
+
+    // A tap guest and a veth VM across hosts, and on one host; two tap guests across hosts.
+    for (dst, what) in [
+        ("10.0.0.2", "RED-2, a veth VM on host2"),
+        ("10.0.0.1", "RED-1, a veth VM on host1"),
+        ("10.0.0.12", "RED-G2, a guest on host2"),
+    ] {
+        let got = red_g1.ping(dst, 5)?;
+        ensure!(got == 5, "RED-G1 -> {what}: {got} of 5 replies");
+    }
+    ensure!(
+        bed.ping("RED-1", "10.0.0.11", 5)? == 5,
+        "RED-1 (veth) -> RED-G1 (tap) on one host lost pings"
+    );
+
+    // 2 MB each way by TCP, content hashes compared, with the veth VM and with the guest.
+    let red2 = bed.vm("RED-2");
+    red_g1.listen(47001)?;
+    let sent = tcp_transfer_to(red2, "10.0.0.11:47001", TWO_MB)?;
+    let got = red_g1.received()?;
+    ensure!(sent == got, "RED-2 -> RED-G1: sent {sent}, guest got {got}");
+    let made = red_g1.make_file(TWO_MB)?;
+    let got = tcp_transfer_from(red2, 47002, || red_g1.send_file("10.0.0.2", 47002))?;
+    ensure!(made == got, "RED-G1 -> RED-2: guest sent {made}, RED-2 got {got}");
+    red_g2.listen(47003)?;
+    let made = red_g1.make_file(TWO_MB)?;
+    red_g1.send_file("10.0.0.12", 47003)?;
+    let got = red_g2.received()?;
+    ensure!(made == got, "RED-G1 -> RED-G2: sent {made}, got {got}");
+    red_g1.listen(47004)?;
+    let made = red_g2.make_file(TWO_MB)?;
+    red_g2.send_file("10.0.0.11", 47004)?;
+    let got = red_g1.received()?;
+    ensure!(made == got, "RED-G2 -> RED-G1: sent {made}, got {got}");
+
+    // Isolation: BLUE-G1 has RED-G1's address on the same host. Its tap sees BLUE-2's pings
+    // (the positive control) and none of RED-2's; RED-G1's tap the other way round.
+    for (watcher, tap, leaker, control) in [
+        (&*blue_g1, "gblue1", "RED-2", "BLUE-2"),
+        (&*red_g1, "gred1", "BLUE-2", "RED-2"),
+    ] {
+        let file = bed.tmp_dir().join(format!("{tap}.pcap"));
+        let cap = Capture::start(&bed.hosts[0].ns, tap, &file, 60)?;
+        ensure!(
+            bed.ping(leaker, "10.0.0.11", 3)? == 3,
+            "{leaker} -> 10.0.0.11 lost pings"
+        );
+        ensure!(
+            bed.ping(control, "10.0.0.11", 3)? == 3,
+            "{control} -> 10.0.0.11 lost pings"
+        );
+        let frames = capture::frames(&cap.stop()?)?;
+        let from = |name: &str| -> anyhow::Result<usize> {
+            let mac: nv_agent::model::Mac = bed.vm(name).mac.parse()?;
+            Ok(frames
+                .iter()
+                .filter(|f| f.len() >= 12 && f[6..12] == mac.0)
+                .count())
+        };
+        ensure!(
+            from(leaker)? == 0,
+            "{}'s tap saw {} frames from {leaker}",
+            watcher.spec.name,
+            from(leaker)?
+        );
+        ensure!(
+            from(control)? >= 3,
+            "{}'s tap saw only {} frames from {control}",
+            watcher.spec.name,
+            from(control)?
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn guests_with_mtu_1500_over_a_1500_underlay_find_the_path_mtu_through_nv() -> anyhow::Result<()>
+{
+    let bed = TwoHosts::build_on("gm", &[], "1500")?;
+    bed.configure()?;
+    plug(&bed, &RED_G1)?;
+    plug(&bed, &RED_G2)?;
+    // The agents say what VMs must use, and give it to the taps they attach.
+    let status = bed.hosts[0].nvctl_json(&["status"])?;
+    ensure!(
+        status["uplink_mtu"] == 1500 && status["vm_mtu"] == 1458,
+        "status: {status}"
+    );
+    let tap_mtu = bed.hosts[0]
+        .ns
+        .exec("cat", &["/sys/class/net/gred1/mtu"])?;
+    ensure!(tap_mtu.trim() == "1458", "gred1 MTU is {tap_mtu}");
+    // The guests keep 1500, as a guest nobody configured does.
+    let mut guests = boot_all(vec![
+        spec(&bed, &RED_G1, Some(1500)),
+        spec(&bed, &RED_G2, Some(1500)),
+    ])?;
+    let [g1, g2] = &mut guests[..] else {
+        unreachable!()
+    };
+    let before: Vec<_> = bed
+        .hosts
+        .iter()
+        .map(|h| h.counters())
+        .collect::<anyhow::Result<_>>()?;
+    g2.listen(47011)?;
+    let made = g1.make_file(TWO_MB)?;
+    g1.send_file("10.0.0.12", 47011)?;
+    let got = g2.received()?;
+    ensure!(made == got, "RED-G1 -> RED-G2: sent {made}, got {got}");
+    g1.listen(47012)?;
+    let made = g2.make_file(TWO_MB)?;
+    g2.send_file("10.0.0.11", 47012)?;
+    let got = g1.received()?;
+    ensure!(made == got, "RED-G2 -> RED-G1: sent {made}, got {got}");
+    // Each sender learnt the path MTU from nv's answers: the guest's route cache says so.
+    for (g, peer, host) in [(&mut *g1, "10.0.0.12", 0), (&mut *g2, "10.0.0.11", 1)] {
+        let route = g.ok(&format!("ip route get {peer}"), Duration::from_secs(10))?;
+        ensure!(
+            route.contains("mtu 1458"),
+            "{} has not learnt the path MTU: {route}",
+            g.spec.name
+        );
+        let answered = delta(&before[host], &bed.hosts[host].counters()?, "vm_icmp_frag_needed");
+        ensure!(
+            answered >= 1,
+            "host{} sent no ICMP fragmentation needed",
+            host + 1
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_restarted_guest_is_forwarded_again_and_every_state_between_is_a_counted_drop()
+-> anyhow::Result<()> {
+    let bed = TwoHosts::build("gr")?;
+    bed.configure()?;
+    plug(&bed, &RED_G1)?;
+    let g = Guest::boot(spec(&bed, &RED_G1, None))?;
+    ensure!(
+        bed.ping("RED-2", "10.0.0.11", 3)? == 3,
+        "RED-2 -> RED-G1 lost pings"
+    );
+    let host1 = &bed.hosts[0];
+    let port_state = || -> anyhow::Result<String> {
+        let status = host1.nvctl_json(&["status"])?;
+        let attached = status["ports"]
+            .as_array()
+            .context("ports")?
+            .iter()
+            .find(|p| p["port"] == "gred1")
+            .map(|p| {
+                if p["running"] == true {
+                    "running"
+                } else {
+                    "down"
+                }
+            });
+        let missing = status["ports_missing"]
+            .as_array()
+            .context("ports_missing")?
+            .iter()
+            .any(|p| p == "gred1");
+        Ok(attached
+            .unwrap_or(if missing { "missing" } else { "?" })
+            .to_owned())
+    };
+    let wait_state = |want: &str| -> anyhow::Result<()> {
+        for _ in 0..100 {
+            if port_state()? == want {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        anyhow::bail!("gred1 is {} after 5 s, not {want}", port_state()?)
+    };
+
+    // QEMU exits: the tap stays without carrier. What is sent to the guest is a drop of its
+    // own, not "delivered".
+    g.stop();
+    wait_state("down")?;
+    let before = host1.counters()?;
+    ensure!(bed.ping("RED-2", "10.0.0.11", 3)? == 0, "a stopped guest answered");
+    let after = host1.counters()?;
+    ensure!(
+        delta(&before, &after, "drop_port_down") >= 3
+            && delta(&before, &after, "uplink_delivered") == 0,
+        "stopped guest: down {} delivered {}",
+        delta(&before, &after, "drop_port_down"),
+        delta(&before, &after, "uplink_delivered")
+    );
+
+    // The tap is deleted (libvirt does on shutdown): gone, counted as such.
+    host1.ns.ip(&["link", "del", "gred1"])?;
+    wait_state("missing")?;
+    let before = host1.counters()?;
+    ensure!(bed.ping("RED-2", "10.0.0.11", 3)? == 0, "a deleted tap answered");
+    let after = host1.counters()?;
+    ensure!(
+        delta(&before, &after, "drop_port_gone") >= 3
+            && delta(&before, &after, "uplink_delivered") == 0,
+        "deleted tap: gone {} delivered {}",
+        delta(&before, &after, "drop_port_gone"),
+        delta(&before, &after, "uplink_delivered")
+    );
+
+    // The VM starts again on a new tap of the same name: forwarded again, no nvctl.
+    guest::create_tap(&host1.ns.name, "gred1")?;
+    let mut g = Guest::boot(spec(&bed, &RED_G1, None))?;
+    wait_state("running")?;
+    ensure!(
+        bed.ping("RED-2", "10.0.0.11", 3)? == 3,
+        "RED-2 -> restarted RED-G1 lost pings"
+    );
+    let got = g.ping("10.0.0.2", 3)?;
+    ensure!(got == 3, "restarted RED-G1 -> RED-2: {got} of 3");
+    Ok(())
+}
+
+#[test]
+fn zz_debug() -> anyhow::Result<()> {
+    let bed = TwoHosts::build("gd")?;
+    bed.configure()?;
+    plug(&bed, &RED_G1)?;
+    let mut g = Guest::boot(spec(&bed, &RED_G1, None))?;
+    println!("ping RED-2 -> G1: {}", bed.ping("RED-2", "10.0.0.11", 3)?);
+    println!("ping G1 -> RED-2: {}", g.ping("10.0.0.2", 3)?);
+    println!("{:?}", bed.hosts[0].counters()?.iter().filter(|(_, v)| **v > 0).collect::<Vec<_>>());
+    println!("{:?}", bed.hosts[1].counters()?.iter().filter(|(_, v)| **v > 0).collect::<Vec<_>>());
+    println!("{}", bed.hosts[0].ns.ip(&["-s", "link", "show", "gred1"])?);
+    println!("{}", g.ok("ip -s link show eth0; ip neigh; ip addr", Duration::from_secs(10))?);
+    println!("{}", bed.hosts[0].agent_log());
+    Ok(())
+}
