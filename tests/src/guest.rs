@@ -54,7 +54,11 @@ ip addr add "$IP" dev eth0
 stty -echo
 export PS1=''
 echo "@@READY $(cat /sys/class/net/eth0/address) $(cat /sys/class/net/eth0/mtu)"
-exec sh
+# A shell with the console as its controlling terminal, as a child: PID 1 must never exit.
+while :; do
+  setsid cttyhack sh
+  echo "@@SHELL-EXITED $?"
+done
 "#;
 
 /// The kernel and initramfs every guest boots; built once per machine (rebuilt when the
@@ -91,7 +95,10 @@ fn build_image() -> anyhow::Result<Image> {
         busybox.exists(),
         "no /bin/busybox: `cargo xtask setup` installs busybox-static"
     );
-    let initrd = dir.join(format!("initrd-{version}-{:016x}.cpio", fnv(INIT.as_bytes())));
+    let initrd = dir.join(format!(
+        "initrd-{version}-{:016x}.cpio",
+        fnv(INIT.as_bytes())
+    ));
     if initrd.exists() {
         return Ok(Image { kernel, initrd });
     }
@@ -180,16 +187,29 @@ impl Guest {
     /// Boots a guest on the existing tap `spec.tap` and waits until its shell is ready.
     pub fn boot(spec: Spec) -> anyhow::Result<Guest> {
         let image = image()?;
-        let mut append = format!(
-            "console=ttyS0 quiet loglevel=1 panic=-1 nv.ip={}",
-            spec.ip
-        );
+        let mut append = format!("console=ttyS0 quiet loglevel=1 panic=-1 nv.ip={}", spec.ip);
         if let Some(mtu) = spec.mtu {
             append.push_str(&format!(" nv.mtu={mtu}"));
         }
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &spec.host_ns, "timeout", "-s", "KILL", LIFETIME])
-            .args(["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "256"])
+            .args([
+                "netns",
+                "exec",
+                &spec.host_ns,
+                "timeout",
+                "-s",
+                "KILL",
+                LIFETIME,
+            ])
+            .args([
+                "qemu-system-x86_64",
+                "-accel",
+                "tcg",
+                "-cpu",
+                "max",
+                "-m",
+                "256",
+            ])
             .args(["-smp", "1", "-nodefaults", "-no-reboot", "-display", "none"])
             .args(["-monitor", "none", "-serial", "stdio"])
             .arg("-kernel")
@@ -236,6 +256,9 @@ impl Guest {
         if ready.contains("@@FAILED") {
             bail!("{}: guest init failed:\n{ready}", guest.spec.name);
         }
+        // The shell's first command settles its start (banner, "job control turned off"); a
+        // first command that starts a background job ended the shell, and the guest with it.
+        guest.ok("true", Duration::from_secs(30))?;
         Ok(guest)
     }
 
@@ -252,6 +275,11 @@ impl Guest {
                 let end = self.read + at + n + 1;
                 let out = text[self.read..end].to_owned();
                 self.read = end;
+                ensure!(
+                    !out.contains("@@SHELL-EXITED"),
+                    "{}: the guest's shell exited:\n{out}",
+                    self.spec.name
+                );
                 return Ok(out);
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -306,8 +334,13 @@ impl Guest {
 
     /// Pings `dst` from the guest (`count` requests, 0.2 s apart); returns the replies.
     pub fn ping(&mut self, dst: &str, count: u32) -> anyhow::Result<u32> {
+        self.ping_sized(dst, count, 56)
+    }
+
+    /// As `ping`, with `size` bytes of ICMP payload.
+    pub fn ping_sized(&mut self, dst: &str, count: u32, size: u32) -> anyhow::Result<u32> {
         let (_, out) = self.run(
-            &format!("ping -c {count} -i 0.2 -W 2 {dst}"),
+            &format!("ping -c {count} -s {size} -i 0.2 -W 2 {dst}"),
             Duration::from_secs(u64::from(count) + 30),
         )?;
         let received = out
@@ -327,7 +360,7 @@ impl Guest {
             ),
             Duration::from_secs(60),
         )?;
-        Ok(format!("{bytes} {}", first_word(&out)?))
+        Ok(format!("{bytes} {}", digest_of(&out, "/tmp/out")?))
     }
 
     /// Sends /tmp/out by TCP to `dst:port`.
@@ -342,7 +375,9 @@ impl Guest {
     /// Listens on `port` in the background; `received` then reports what arrived.
     pub fn listen(&mut self, port: u16) -> anyhow::Result<()> {
         self.ok(
-            &format!("rm -f /tmp/in; (timeout 120 nc -l -p {port} > /tmp/in < /dev/null &)"),
+            // Its standard input never ends: busybox nc quits once either side says EOF, and
+            // an EOF sent first would stop the sender before it has sent everything.
+            &format!("rm -f /tmp/in; (sleep 130 | timeout 120 nc -l -p {port} > /tmp/in &)"),
             Duration::from_secs(10),
         )?;
         Ok(())
@@ -351,13 +386,14 @@ impl Guest {
     /// Waits for the background listener to finish; returns "BYTES SHA256" of what arrived.
     pub fn received(&mut self) -> anyhow::Result<String> {
         let out = self.ok(
-            "while pidof nc >/dev/null; do sleep 0.2; done; wc -c < /tmp/in; sha256sum /tmp/in",
+            "while pidof nc >/dev/null; do sleep 0.2; done; echo \"bytes $(wc -c < /tmp/in)\"; sha256sum /tmp/in",
             Duration::from_secs(150),
         )?;
-        let mut words = out.split_whitespace();
-        let bytes = words.next().context("no byte count")?;
-        let digest = words.next().context("no digest")?;
-        Ok(format!("{bytes} {digest}"))
+        let bytes = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("bytes "))
+            .with_context(|| format!("no byte count in {out}"))?;
+        Ok(format!("{} {}", bytes.trim(), digest_of(&out, "/tmp/in")?))
     }
 
     /// Stops QEMU (the guest powers off hard, as a killed VM does) and waits for it.
@@ -402,19 +438,32 @@ fn pump(mut stream: Box<dyn std::io::Read + Send>, console: &Console) {
     }
 }
 
+/// The console's last lines, kernel messages (a panic's trace) left out but for their first.
 fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
+    let mut lines: Vec<&str> = Vec::new();
+    for l in text.lines() {
+        let kernel = l.starts_with('[');
+        if !kernel || lines.last().is_none_or(|p| !p.starts_with('[')) {
+            lines.push(l);
+        }
+    }
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
-fn first_word(text: &str) -> anyhow::Result<&str> {
-    text.split_whitespace().next().context("empty output")
+/// The digest on sha256sum's line for `file`.
+fn digest_of<'a>(text: &'a str, file: &str) -> anyhow::Result<&'a str> {
+    text.lines()
+        .find_map(|l| l.trim().strip_suffix(file)?.split_whitespace().next())
+        .with_context(|| format!("no sha256sum of {file} in {text}"))
 }
 
 /// Creates a tap port `name` in the namespace `ns` (persistent, up), as libvirt does before it
 /// starts QEMU.
 pub fn create_tap(ns: &str, name: &str) -> anyhow::Result<()> {
-    run("ip", &["-n", ns, "tuntap", "add", "dev", name, "mode", "tap"])?;
+    run(
+        "ip",
+        &["-n", ns, "tuntap", "add", "dev", name, "mode", "tap"],
+    )?;
     run("ip", &["-n", ns, "link", "set", name, "up"])?;
     Ok(())
 }

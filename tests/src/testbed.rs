@@ -555,7 +555,14 @@ pub fn tcp_transfer_to(client: &Vm, dst: &str, bytes: u64) -> anyhow::Result<Str
     let tool = tool.to_str().context("utf-8 path")?;
     let line = client.ns.exec(
         tool,
-        &["tcp-send", dst, "--bytes", &bytes.to_string(), "--timeout", "60"],
+        &[
+            "tcp-send",
+            dst,
+            "--bytes",
+            &bytes.to_string(),
+            "--timeout",
+            "60",
+        ],
     )?;
     Ok(line.trim().to_owned())
 }
