@@ -58,7 +58,7 @@ pub struct LinkInfo {
     pub running: bool,
 }
 
-/// `IFLA_TUN_TYPE` and its tap value (`IFF_TAP`), from linux/if_link.h and if_tun.h.
+/// `IFLA_TUN_TYPE` and its tap value (`IFF_TAP`), from `linux/if_link.h` and `if_tun.h`.
 const IFLA_TUN_TYPE: u16 = 3;
 const IFF_TAP: u8 = 2;
 

@@ -1,7 +1,7 @@
 //! Real Linux guests: Debian's kernel under QEMU (TCG), with a busybox initramfs that loads the
 //! virtio-net modules, configures `eth0` from the kernel command line and then runs a shell on
 //! the serial console, which the test drives. Each guest sits behind a tap port on a simulated
-//! host, as a libvirt or OpenStack VM does; it is bounded in time and killed (by its pid) when
+//! host, as a `libvirt` or `OpenStack` VM does; it is bounded in time and killed (by its pid) when
 //! dropped, also when a test fails.
 use std::{
     fs,
@@ -13,6 +13,8 @@ use std::{
     thread,
     time::{Duration, Instant},
 };
+
+use std::fmt::Write as _;
 
 use anyhow::{Context as _, bail, ensure};
 
@@ -189,7 +191,7 @@ impl Guest {
         let image = image()?;
         let mut append = format!("console=ttyS0 quiet loglevel=1 panic=-1 nv.ip={}", spec.ip);
         if let Some(mtu) = spec.mtu {
-            append.push_str(&format!(" nv.mtu={mtu}"));
+            let _ = write!(append, " nv.mtu={mtu}");
         }
         let mut child = Command::new("ip")
             .args([
@@ -352,13 +354,13 @@ impl Guest {
 
     /// Writes `bytes` random bytes to /tmp/out in the guest; returns "BYTES SHA256" of it.
     pub fn make_file(&mut self, bytes: u64) -> anyhow::Result<String> {
-        ensure!(bytes % 1024 == 0, "whole KiB only");
+        ensure!(bytes.is_multiple_of(1024), "whole KiB only");
         let out = self.ok(
             &format!(
                 "dd if=/dev/urandom of=/tmp/out bs=1024 count={} 2>/dev/null && sha256sum /tmp/out",
                 bytes / 1024
             ),
-            Duration::from_secs(60),
+            Duration::from_mins(1),
         )?;
         Ok(format!("{bytes} {}", digest_of(&out, "/tmp/out")?))
     }

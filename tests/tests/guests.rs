@@ -223,7 +223,7 @@ fn guests_with_mtu_1500_over_a_1500_underlay_find_the_path_mtu_through_nv() -> a
     let before: Vec<_> = bed
         .hosts
         .iter()
-        .map(|h| h.counters())
+        .map(nv_tests::testbed::Host::counters)
         .collect::<anyhow::Result<_>>()?;
     g2.listen(47011)?;
     let made = g1.make_file(TWO_MB)?;
