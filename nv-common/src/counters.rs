@@ -54,7 +54,8 @@ pub enum Counter {
     DropUplinkDecapFailed,
     /// Uplink TC: decapsulated frame handed to its VM port.
     UplinkDelivered,
-    /// Uplink TC: the VM port could not take the frame.
+    /// Retired (its discriminant stays reserved): the redirect helper's answer it counted says
+    /// nothing of delivery. `DropPortGone` and `DropPortDown` say what it meant to.
     DropUplinkDeliver,
     /// Uplink: IP-rewrite packet to a local rewrite PA whose source PA is unknown, or belongs
     /// to another VSID.

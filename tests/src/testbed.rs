@@ -54,6 +54,19 @@ pub struct Vm {
     pub ns: Netns,
 }
 
+/// A VM that is a real guest (QEMU) behind a tap port.
+#[derive(Debug)]
+pub struct TapVm {
+    pub name: &'static str,
+    /// Index into `TwoHosts::hosts`.
+    pub host: usize,
+    pub vsid: u32,
+    pub ca: &'static str,
+    pub mac: &'static str,
+    /// The tap's name on its host.
+    pub port: &'static str,
+}
+
 /// A running agent, killed (by its pid) on drop.
 #[derive(Debug)]
 pub struct AgentProcess {
@@ -416,6 +429,36 @@ impl TwoHosts {
             }
         }
         Ok(())
+    }
+
+    /// Plugs a real guest's port: a tap on `host` (created as libvirt does before it starts
+    /// QEMU), and the guest's record on both hosts through nvctl, with the port on its own.
+    pub fn plug_tap(&self, tap: &TapVm) -> anyhow::Result<()> {
+        crate::guest::create_tap(&self.hosts[tap.host].ns.name, tap.port)?;
+        let (vsid, pa) = (tap.vsid.to_string(), &self.hosts[tap.host].pa);
+        for (i, h) in self.hosts.iter().enumerate() {
+            let mut args = vec![
+                "lookup", "add", "--vsid", &vsid, "--ca", tap.ca, "--pa", pa, "--mac", tap.mac,
+                "--name", tap.name,
+            ];
+            if i == tap.host {
+                args.extend(["--port", tap.port]);
+            }
+            h.nvctl(&args)?;
+        }
+        Ok(())
+    }
+
+    /// How to boot the guest behind `tap` (its MTU the kernel's default unless `mtu`).
+    pub fn guest_spec(&self, tap: &TapVm, mtu: Option<u32>) -> crate::guest::Spec {
+        crate::guest::Spec {
+            name: tap.name.into(),
+            host_ns: self.hosts[tap.host].ns.name.clone(),
+            tap: tap.port.into(),
+            mac: tap.mac.into(),
+            ip: format!("{}/24", tap.ca),
+            mtu,
+        }
     }
 
     pub fn vm(&self, name: &str) -> &Vm {

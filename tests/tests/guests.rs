@@ -9,73 +9,35 @@ use anyhow::{Context as _, ensure};
 use nv_tests::{
     capture::{self, Capture},
     guest::{self, Guest, Spec},
-    testbed::{BLUE_VSID, RED_VSID, TwoHosts, tcp_transfer_from, tcp_transfer_to},
+    testbed::{BLUE_VSID, RED_VSID, TapVm, TwoHosts, tcp_transfer_from, tcp_transfer_to},
 };
 
-/// A guest of the test: where it runs and who it is.
-struct G {
-    name: &'static str,
-    host: usize,
-    vsid: u32,
-    ca: &'static str,
-    mac: &'static str,
-    tap: &'static str,
-}
-
-const RED_G1: G = G {
+const RED_G1: TapVm = TapVm {
     name: "RED-G1",
     host: 0,
     vsid: RED_VSID,
     ca: "10.0.0.11",
     mac: "02:00:00:00:01:11",
-    tap: "gred1",
+    port: "gred1",
 };
-const BLUE_G1: G = G {
+const BLUE_G1: TapVm = TapVm {
     name: "BLUE-G1",
     host: 0,
     vsid: BLUE_VSID,
     ca: "10.0.0.11",
     mac: "02:00:00:00:01:12",
-    tap: "gblue1",
+    port: "gblue1",
 };
-const RED_G2: G = G {
+const RED_G2: TapVm = TapVm {
     name: "RED-G2",
     host: 1,
     vsid: RED_VSID,
     ca: "10.0.0.12",
     mac: "02:00:00:00:02:11",
-    tap: "gred2",
+    port: "gred2",
 };
 
 const TWO_MB: u64 = 2 << 20;
-
-/// Creates the guest's tap on its host and adds its record on both hosts through nvctl.
-fn plug(bed: &TwoHosts, g: &G) -> anyhow::Result<()> {
-    guest::create_tap(&bed.hosts[g.host].ns.name, g.tap)?;
-    for (i, h) in bed.hosts.iter().enumerate() {
-        let (vsid, pa) = (g.vsid.to_string(), &bed.hosts[g.host].pa);
-        let mut args = vec![
-            "lookup", "add", "--vsid", &vsid, "--ca", g.ca, "--pa", pa, "--mac", g.mac, "--name",
-            g.name,
-        ];
-        if i == g.host {
-            args.extend(["--port", g.tap]);
-        }
-        h.nvctl(&args)?;
-    }
-    Ok(())
-}
-
-fn spec(bed: &TwoHosts, g: &G, mtu: Option<u32>) -> Spec {
-    Spec {
-        name: g.name.into(),
-        host_ns: bed.hosts[g.host].ns.name.clone(),
-        tap: g.tap.into(),
-        mac: g.mac.into(),
-        ip: format!("{}/24", g.ca),
-        mtu,
-    }
-}
 
 /// Boots guests side by side (each takes seconds under TCG).
 fn boot_all(specs: Vec<Spec>) -> anyhow::Result<Vec<Guest>> {
@@ -102,12 +64,12 @@ fn guests_on_tap_ports_talk_to_veth_vms_and_to_each_other_and_stay_isolated() ->
     let bed = TwoHosts::build("g")?;
     bed.configure()?;
     for g in [&RED_G1, &BLUE_G1, &RED_G2] {
-        plug(&bed, g)?;
+        bed.plug_tap(g)?;
     }
     let mut guests = boot_all(vec![
-        spec(&bed, &RED_G1, None),
-        spec(&bed, &BLUE_G1, None),
-        spec(&bed, &RED_G2, None),
+        bed.guest_spec(&RED_G1, None),
+        bed.guest_spec(&BLUE_G1, None),
+        bed.guest_spec(&RED_G2, None),
     ])?;
     let status = bed.hosts[0].nvctl_json(&["status"])?;
     let ports = status["ports"].as_array().context("ports")?;
@@ -202,8 +164,8 @@ fn guests_on_tap_ports_talk_to_veth_vms_and_to_each_other_and_stay_isolated() ->
 fn guests_with_mtu_1500_over_a_1500_underlay_find_the_path_mtu_through_nv() -> anyhow::Result<()> {
     let bed = TwoHosts::build_on("gm", &[], "1500")?;
     bed.configure()?;
-    plug(&bed, &RED_G1)?;
-    plug(&bed, &RED_G2)?;
+    bed.plug_tap(&RED_G1)?;
+    bed.plug_tap(&RED_G2)?;
     // The agents say what VMs must use, and give it to the taps they attach.
     let status = bed.hosts[0].nvctl_json(&["status"])?;
     ensure!(
@@ -214,8 +176,8 @@ fn guests_with_mtu_1500_over_a_1500_underlay_find_the_path_mtu_through_nv() -> a
     ensure!(tap_mtu.trim() == "1458", "gred1 MTU is {tap_mtu}");
     // The guests keep 1500, as a guest nobody configured does.
     let mut guests = boot_all(vec![
-        spec(&bed, &RED_G1, Some(1500)),
-        spec(&bed, &RED_G2, Some(1500)),
+        bed.guest_spec(&RED_G1, Some(1500)),
+        bed.guest_spec(&RED_G2, Some(1500)),
     ])?;
     let [g1, g2] = &mut guests[..] else {
         unreachable!()
@@ -253,8 +215,8 @@ fn a_restarted_guest_is_forwarded_again_and_every_state_between_is_a_counted_dro
 -> anyhow::Result<()> {
     let bed = TwoHosts::build("gr")?;
     bed.configure()?;
-    plug(&bed, &RED_G1)?;
-    let g = Guest::boot(spec(&bed, &RED_G1, None))?;
+    bed.plug_tap(&RED_G1)?;
+    let g = Guest::boot(bed.guest_spec(&RED_G1, None))?;
     ensure!(
         bed.ping("RED-2", "10.0.0.11", 3)? == 3,
         "RED-2 -> RED-G1 lost pings"
@@ -330,7 +292,7 @@ fn a_restarted_guest_is_forwarded_again_and_every_state_between_is_a_counted_dro
 
     // The VM starts again on a new tap of the same name: forwarded again, no nvctl.
     guest::create_tap(&host1.ns.name, "gred1")?;
-    let mut g = Guest::boot(spec(&bed, &RED_G1, None))?;
+    let mut g = Guest::boot(bed.guest_spec(&RED_G1, None))?;
     wait_state("running")?;
     ensure!(
         bed.ping("RED-2", "10.0.0.11", 3)? == 3,

@@ -15,7 +15,18 @@ use anyhow::{Context as _, bail};
 use nv_tests::{
     capture::{self, Capture},
     checks,
-    testbed::{TwoHosts, tcp_transfer},
+    guest::Guest,
+    testbed::{RED_VSID, TapVm, TwoHosts, tcp_transfer, tcp_transfer_from},
+};
+
+/// The demo's real VM: a Linux guest under QEMU on a tap port, as libvirt attaches VMs.
+const RED_3: TapVm = TapVm {
+    name: "RED-3",
+    host: 0,
+    vsid: RED_VSID,
+    ca: "10.0.0.3",
+    mac: "02:00:00:00:01:03",
+    port: "red3",
 };
 
 fn main() {
@@ -54,6 +65,7 @@ fn run() -> anyhow::Result<()> {
 
     traffic_and_underlay(&bed, &stop)?;
     isolation(&bed, &stop)?;
+    let guest = real_guest(&bed, &stop)?;
 
     step(&stop, "datapath counters on host2 (nvctl stats)")?;
     print!("{}", bed.hosts[1].nvctl(&["stats"])?);
@@ -61,6 +73,10 @@ fn run() -> anyhow::Result<()> {
     if keep {
         println!("\n--keep: hosts stay up. Try:");
         println!("  ip netns exec {}-red1 ping 10.0.0.2", bed.prefix);
+        println!(
+            "  ip netns exec {}-red1 ping 10.0.0.3   # RED-3, the QEMU guest on host1's tap red3",
+            bed.prefix
+        );
         println!(
             "  {}/nvctl --socket {} lookup list",
             nv_tests::sys::bin_dir().display(),
@@ -71,7 +87,8 @@ fn run() -> anyhow::Result<()> {
             thread::sleep(Duration::from_millis(200));
         }
     }
-    println!("\nremoving namespaces, agents and pins...");
+    println!("\nremoving the guest, namespaces, agents and pins...");
+    drop(guest);
     drop(bed);
     println!("done.");
     Ok(())
@@ -146,6 +163,62 @@ fn isolation(bed: &TwoHosts, stop: &AtomicBool) -> anyhow::Result<()> {
         bail!("isolation broken: BLUE-2 saw RED's packets");
     }
     Ok(())
+}
+
+fn real_guest(bed: &TwoHosts, stop: &AtomicBool) -> anyhow::Result<Guest> {
+    step(
+        stop,
+        "a real VM: RED-3 (10.0.0.3), a Linux guest under QEMU on tap port red3 of host1",
+    )?;
+    bed.plug_tap(&RED_3)?;
+    let mut guest = Guest::boot(bed.guest_spec(&RED_3, None))?;
+    println!(
+        "booted Debian's kernel with virtio-net; host1 says: {}",
+        port_line(bed, "red3")?
+    );
+    print!("{}", bed.hosts[0].nvctl(&["status"])?);
+    let got = guest.ping("10.0.0.2", 5)?;
+    println!("RED-3 -> RED-2 (10.0.0.2 on host2): {got}/5 replies");
+    if got != 5 {
+        bail!("RED-3 lost pings");
+    }
+    let made = guest.make_file(2 << 20)?;
+    let got = tcp_transfer_from(bed.vm("RED-2"), 47003, || {
+        guest.send_file("10.0.0.2", 47003)
+    })?;
+    let ok = if made == got {
+        "content identical"
+    } else {
+        "CONTENT DIFFERS"
+    };
+    println!(
+        "RED-3 -> RED-2 TCP 2 MiB: sha256 sent {}, received {} ({ok})",
+        short(&made),
+        short(&got)
+    );
+    if made != got {
+        bail!("the guest's transfer arrived changed");
+    }
+    Ok(guest)
+}
+
+/// What `nvctl status` says of one port.
+fn port_line(bed: &TwoHosts, port: &str) -> anyhow::Result<String> {
+    let status = bed.hosts[0].nvctl_json(&["status"])?;
+    let p = status["ports"]
+        .as_array()
+        .and_then(|ports| ports.iter().find(|p| p["port"] == port))
+        .with_context(|| format!("{port} is not attached: {status}"))?;
+    Ok(format!(
+        "port {port} is a {}, {}; VMs should use MTU {}",
+        p["kind"].as_str().unwrap_or("?"),
+        if p["running"] == true {
+            "running"
+        } else {
+            "down"
+        },
+        status["vm_mtu"]
+    ))
 }
 
 fn short(digest: &str) -> String {
