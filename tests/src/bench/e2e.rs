@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::{Scale, quantile};
 use crate::{
     sys::{bin, run},
-    testbed::{Translation, TwoHosts, Vm},
+    testbed::{RED_VSID, TapVm, Translation, TwoHosts, Vm},
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -20,6 +20,9 @@ pub struct Result {
     pub tcp_gbps: f64,
     pub rtt_p50_us: f64,
     pub rtt_p99_us: f64,
+    /// For nv on TC: the same 64-byte flood into a tap port on host2 that a process reads, as
+    /// QEMU does, measured in the same bed right after the veth one (frames read per second).
+    pub tap_pps: Option<f64>,
 }
 
 /// nv with decapsulation on XDP (`-xdp`) and on TC (`-tc`), DESIGN.md's two delivery
@@ -75,12 +78,20 @@ fn run_one(config: &str, scale: Scale) -> anyhow::Result<Result> {
         bail!("{config}: RED-1 cannot reach RED-2");
     }
     let (p50, p99) = rtt(red1, scale.pick(500, 20))?;
+    let seconds = scale.pick(5.0, 0.5);
+    let pps = pps(red1, red2, seconds)?;
+    let tap_pps = if config == "nv-encap-tc" {
+        Some(tap_pps(&bed, seconds)?)
+    } else {
+        None
+    };
     Ok(Result {
         config: config.to_owned(),
-        pps: pps(red1, red2, scale.pick(5.0, 0.5))?,
+        pps,
         tcp_gbps: tcp(red1, red2, scale.pick(10, 1))?,
         rtt_p50_us: p50,
         rtt_p99_us: p99,
+        tap_pps,
     })
 }
 
@@ -199,6 +210,69 @@ fn pps(red1: &Vm, red2: &Vm, seconds: f64) -> anyhow::Result<f64> {
     flood?;
     #[expect(clippy::cast_precision_loss, reason = "packet counts")]
     Ok((after - before) as f64 / elapsed)
+}
+
+/// The flood of `pps`, from RED-1 into RED-T: a tap on host2 read by `nv-transfer tap-sink`
+/// as QEMU reads its tap; frames read per second.
+fn tap_pps(bed: &TwoHosts, seconds: f64) -> anyhow::Result<f64> {
+    let tap = TapVm {
+        name: "RED-T",
+        host: 1,
+        vsid: RED_VSID,
+        ca: "10.0.0.22",
+        mac: "02:00:00:00:02:22",
+        port: "redt2",
+    };
+    bed.plug_tap(&tap)?;
+    let tool = bin("nv-transfer")?;
+    let tool = tool.to_str().context("utf-8 path")?;
+    let sink = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &bed.hosts[1].ns.name,
+            tool,
+            "tap-sink",
+            tap.port,
+        ])
+        .args(["--seconds", &format!("{}", seconds + 2.0)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // RED-1 learns RED-T's MAC from nv's ARP answer (nobody answers the ping itself).
+    let _ = bed.ping("RED-1", tap.ca, 1)?;
+    let start = std::time::Instant::now();
+    let flood = run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &bed.vm("RED-1").ns.name,
+            tool,
+            "frame-flood",
+            &format!("{}:47003", tap.ca),
+            "--seconds",
+            &seconds.to_string(),
+            "--size",
+            "18",
+        ],
+    );
+    let elapsed = start.elapsed().as_secs_f64();
+    let out = sink.wait_with_output()?;
+    flood?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let got: f64 = text
+        .trim()
+        .strip_prefix("received ")
+        .with_context(|| {
+            format!(
+                "tap-sink said {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?
+        .parse()?;
+    Ok(got / elapsed)
 }
 
 /// iperf3, one TCP stream, `seconds` long; the receiver's throughput.

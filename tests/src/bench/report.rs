@@ -134,6 +134,17 @@ pub fn table(r: &Report) -> String {
             e.config, e.pps, e.tcp_gbps, e.rtt_p50_us, e.rtt_p99_us
         );
     }
+    for e in &r.e2e {
+        if let Some(tap) = e.tap_pps {
+            let _ = writeln!(
+                s,
+                "{:<14} {:>12.0}   into a tap read by a process (as QEMU does): {:.2} of the veth rate",
+                format!("{}", e.config.replace("nv-encap-tc", "  tap")),
+                tap,
+                tap / e.pps
+            );
+        }
+    }
     let c = &r.control;
     let _ = writeln!(
         s,

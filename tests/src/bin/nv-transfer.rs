@@ -9,6 +9,8 @@
 //! nv-transfer udp-send ADDR --count N --size B [--timeout S]
 //! nv-transfer frame-flood ADDR --seconds S --size B  UDP as raw frames, for S seconds: "sent N"
 //! nv-transfer udp-sink ADDR --seconds S             counts datagrams for S seconds: "received N"
+//! nv-transfer tap-sink TAP --seconds S              reads frames from tap TAP as QEMU does:
+//!                                                   "received N"
 //! ```
 use std::{
     collections::BTreeMap,
@@ -47,6 +49,14 @@ fn main() -> Result<()> {
                 usize::try_from(number("--size")?)?,
             )?;
             println!("sent {sent}");
+            return Ok(());
+        }
+        "tap-sink" => {
+            let got = tap_sink(
+                addr,
+                Duration::from_secs_f64(flag("--seconds").ok_or("--seconds is required")?.parse()?),
+            )?;
+            println!("received {got}");
             return Ok(());
         }
         "udp-sink" => {
@@ -312,6 +322,55 @@ fn udp_sink(addr: &str, duration: Duration) -> Result<u64> {
         sock.set_read_timeout(Some(left))?;
         if sock.recv(&mut buf).is_ok() {
             got += 1;
+        }
+    }
+    Ok(got)
+}
+
+/// Attaches to the existing tap `name` (as QEMU's `-netdev tap` does: `TUNSETIFF` on
+/// /dev/net/tun, no packet info) and counts the frames it reads for `duration`.
+fn tap_sink(name: &str, duration: Duration) -> Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    /// `TUNSETIFF`, `IFF_TAP` and `IFF_NO_PI` from linux/if_tun.h.
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    const IFF_TAP: libc::c_short = 0x0002;
+    const IFF_NO_PI: libc::c_short = 0x1000;
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    // struct ifreq: the name, then the flags; 40 bytes.
+    let mut ifr = [0u8; 40];
+    if name.len() >= 16 {
+        return Err(format!("tap name {name} is too long").into());
+    }
+    ifr[..name.len()].copy_from_slice(name.as_bytes());
+    ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI).to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes a struct ifreq of this size.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) } != 0 {
+        return Err(format!("attach to tap {name}: {}", std::io::Error::last_os_error()).into());
+    }
+    let deadline = Instant::now() + duration;
+    let mut buf = vec![0u8; 65_536];
+    let mut got = 0u64;
+    let mut fds = libc::pollfd {
+        fd: tun.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&raw mut fds, 1, ms) } > 0 {
+            // SAFETY: reading into our own buffer of the given length.
+            let n = unsafe { libc::read(tun.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 0 {
+                got += 1;
+            }
         }
     }
     Ok(got)
