@@ -331,7 +331,7 @@ fn udp_sink(addr: &str, duration: Duration) -> Result<u64> {
 /// /dev/net/tun, no packet info) and counts the frames it reads for `duration`.
 fn tap_sink(name: &str, duration: Duration) -> Result<u64> {
     use std::os::fd::AsRawFd as _;
-    /// `TUNSETIFF`, `IFF_TAP` and `IFF_NO_PI` from linux/if_tun.h.
+    /// `TUNSETIFF`, `IFF_TAP` and `IFF_NO_PI` from `linux/if_tun.h`.
     const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
     const IFF_TAP: libc::c_short = 0x0002;
     const IFF_NO_PI: libc::c_short = 0x1000;
