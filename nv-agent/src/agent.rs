@@ -372,12 +372,22 @@ impl Agent {
 
     /// Follows a link event: the uplink's MTU, or a VM port that appeared, went down or up,
     /// vanished or was re-created.
-    pub async fn link_changed(&mut self, name: &str) -> Result<()> {
+    pub async fn link_changed(&mut self, name: &str, index: u32) -> Result<()> {
         if name == self.uplink {
             return self.refresh_uplink().await;
         }
         if self.catalog.by_port(name).is_some() {
-            return self.refresh_port(name).await;
+            self.refresh_port(name).await?;
+        }
+        // A port renamed away keeps its ifindex: the port of that name is gone.
+        let renamed: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|(port, a)| a.ifindex == index && port.as_str() != name)
+            .map(|(port, _)| port.clone())
+            .collect();
+        for port in renamed {
+            self.refresh_port(&port).await?;
         }
         Ok(())
     }

@@ -52,6 +52,8 @@ fn seeds(h: &Host) -> Vec<Vec<u8>> {
     let to_red1 = udp_frame(RED2_MAC, RED1_MAC, CA2, CA1, b"seed payload");
     let mut seeds = vec![
         udp_frame(RED1_MAC, RED2_MAC, CA1, CA2, b"seed payload"),
+        // Too big for the uplink once encapsulated: answered with ICMP fragmentation needed.
+        udp_frame(RED1_MAC, RED2_MAC, CA1, CA2, &[0x5a; 1472]),
         udp_frame(RED1_MAC, RED3_MAC, CA1, CA3, b"seed"),
         udp_frame(BLUE1_MAC, BLUE2_MAC, CA1, CA2, b"seed"),
         nvgre(
@@ -330,6 +332,29 @@ fn check_from_vm(
     }
     let (src, dst) =
         ipv4(out, 14).ok_or_else(|| anyhow::anyhow!("redirected a frame without IPv4"))?;
+    // ICMP "fragmentation needed" back to the VM: from an address of its VSID, to the address
+    // it sent from, quoting what it sent.
+    if out.get(23) == Some(&1) && out.get(34..36) == Some(&[3, 4]) && out.len() == 14 + 96 {
+        let (sent_from, sent_to) =
+            ipv4(input, 14).ok_or_else(|| anyhow::anyhow!("answered a frame without IPv4"))?;
+        ensure!(
+            out.get(0..6) == Some(&mac[..]),
+            "ICMP answer not addressed to the sending VM"
+        );
+        ensure!(
+            src == sent_to && dst == sent_from,
+            "ICMP answer {src:?} -> {dst:?} for {sent_from:?} -> {sent_to:?}"
+        );
+        ensure!(
+            records.contains_key(&LookupKey { vsid, ca: src }),
+            "ICMP answer from {src:?}, no CA of VSID {vsid}"
+        );
+        ensure!(
+            out.get(42..) == input.get(14..14 + 68),
+            "ICMP answer does not quote what the VM sent"
+        );
+        return Ok(());
+    }
     if out == input {
         ensure!(
             records

@@ -65,6 +65,9 @@ pub struct TapVm {
     pub mac: &'static str,
     /// The tap's name on its host.
     pub port: &'static str,
+    /// With IP rewrite: the guest's own PA (added to its host as a provider address);
+    /// otherwise NVGRE to its host's PA.
+    pub rewrite_pa: Option<&'static str>,
 }
 
 /// A running agent, killed (by its pid) on drop.
@@ -435,11 +438,26 @@ impl TwoHosts {
     /// QEMU), and the guest's record on both hosts through nvctl, with the port on its own.
     pub fn plug_tap(&self, tap: &TapVm) -> anyhow::Result<()> {
         crate::guest::create_tap(&self.hosts[tap.host].ns.name, tap.port)?;
-        let (vsid, pa) = (tap.vsid.to_string(), &self.hosts[tap.host].pa);
+        let home = &self.hosts[tap.host];
+        let (pa, method) = match tap.rewrite_pa {
+            Some(pa) => {
+                home.nvctl(&[
+                    "provider",
+                    "add",
+                    "--pa",
+                    &format!("{pa}/15"),
+                    "--dev",
+                    "uplink0",
+                ])?;
+                (pa, "rewrite")
+            }
+            None => (home.pa.as_str(), "encap"),
+        };
+        let vsid = tap.vsid.to_string();
         for (i, h) in self.hosts.iter().enumerate() {
             let mut args = vec![
                 "lookup", "add", "--vsid", &vsid, "--ca", tap.ca, "--pa", pa, "--mac", tap.mac,
-                "--name", tap.name,
+                "--method", method, "--name", tap.name,
             ];
             if i == tap.host {
                 args.extend(["--port", tap.port]);

@@ -1,15 +1,17 @@
 //! Real Linux guests (Debian's kernel, virtio-net, QEMU) on tap ports, as libvirt, Nova and
 //! Proxmox attach VMs: they ping, move megabytes by TCP with veth VMs and with each other,
 //! stay isolated from another tenant's guest with the same address, find the path MTU through
-//! nv, and are forwarded again after a restart that re-creates their tap, with every state in
-//! between a counted drop.
+//! nv, are reached by IP rewrite and NVGRE on either decapsulation hook, and are forwarded
+//! again after a restart that re-creates their tap, with every state in between a counted drop.
 use std::{collections::HashMap, thread, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use nv_tests::{
     capture::{self, Capture},
     guest::{self, Guest, Spec},
-    testbed::{BLUE_VSID, RED_VSID, TapVm, TwoHosts, tcp_transfer_from, tcp_transfer_to},
+    testbed::{
+        BLUE_VSID, Host, RED_VSID, TapVm, Translation, TwoHosts, tcp_transfer_from, tcp_transfer_to,
+    },
 };
 
 const RED_G1: TapVm = TapVm {
@@ -19,6 +21,7 @@ const RED_G1: TapVm = TapVm {
     ca: "10.0.0.11",
     mac: "02:00:00:00:01:11",
     port: "gred1",
+    rewrite_pa: None,
 };
 const BLUE_G1: TapVm = TapVm {
     name: "BLUE-G1",
@@ -27,6 +30,7 @@ const BLUE_G1: TapVm = TapVm {
     ca: "10.0.0.11",
     mac: "02:00:00:00:01:12",
     port: "gblue1",
+    rewrite_pa: None,
 };
 const RED_G2: TapVm = TapVm {
     name: "RED-G2",
@@ -35,6 +39,7 @@ const RED_G2: TapVm = TapVm {
     ca: "10.0.0.12",
     mac: "02:00:00:00:02:11",
     port: "gred2",
+    rewrite_pa: None,
 };
 
 const TWO_MB: u64 = 2 << 20;
@@ -52,6 +57,45 @@ fn boot_all(specs: Vec<Spec>) -> anyhow::Result<Vec<Guest>> {
             .collect()
     });
     booted.into_iter().collect()
+}
+
+/// What `nvctl status` says of `port`: running, down, missing.
+fn port_state(host: &Host, port: &str) -> anyhow::Result<String> {
+    let status = host.nvctl_json(&["status"])?;
+    let attached = status["ports"]
+        .as_array()
+        .context("ports")?
+        .iter()
+        .find(|p| p["port"] == port)
+        .map(|p| {
+            if p["running"] == true {
+                "running"
+            } else {
+                "down"
+            }
+        });
+    let missing = status["ports_missing"]
+        .as_array()
+        .context("ports_missing")?
+        .iter()
+        .any(|p| p == port);
+    Ok(attached
+        .unwrap_or(if missing { "missing" } else { "?" })
+        .to_owned())
+}
+
+/// Waits (5 s at most) until the agent says `port` is `want`.
+fn wait_port(host: &Host, port: &str, want: &str) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        if port_state(host, port)? == want {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    anyhow::bail!(
+        "{port} is {} after 5 s, not {want}",
+        port_state(host, port)?
+    )
 }
 
 fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str) -> u64 {
@@ -222,38 +266,7 @@ fn a_restarted_guest_is_forwarded_again_and_every_state_between_is_a_counted_dro
         "RED-2 -> RED-G1 lost pings"
     );
     let host1 = &bed.hosts[0];
-    let port_state = || -> anyhow::Result<String> {
-        let status = host1.nvctl_json(&["status"])?;
-        let attached = status["ports"]
-            .as_array()
-            .context("ports")?
-            .iter()
-            .find(|p| p["port"] == "gred1")
-            .map(|p| {
-                if p["running"] == true {
-                    "running"
-                } else {
-                    "down"
-                }
-            });
-        let missing = status["ports_missing"]
-            .as_array()
-            .context("ports_missing")?
-            .iter()
-            .any(|p| p == "gred1");
-        Ok(attached
-            .unwrap_or(if missing { "missing" } else { "?" })
-            .to_owned())
-    };
-    let wait_state = |want: &str| -> anyhow::Result<()> {
-        for _ in 0..100 {
-            if port_state()? == want {
-                return Ok(());
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        anyhow::bail!("gred1 is {} after 5 s, not {want}", port_state()?)
-    };
+    let wait_state = |want: &str| wait_port(host1, "gred1", want);
 
     // QEMU exits: the tap stays without carrier. What is sent to the guest is a drop of its
     // own, not "delivered".
@@ -300,5 +313,70 @@ fn a_restarted_guest_is_forwarded_again_and_every_state_between_is_a_counted_dro
     );
     let got = g.ping("10.0.0.2", 3)?;
     ensure!(got == 3, "restarted RED-G1 -> RED-2: {got} of 3");
+
+    // A veth VM whose end goes down: its host end loses carrier, the same drop of its own.
+    bed.vm("RED-1").ns.ip(&["link", "set", "eth0", "down"])?;
+    wait_port(host1, "red1", "down")?;
+    let before = host1.counters()?;
+    ensure!(
+        bed.ping("RED-2", "10.0.0.1", 3)? == 0,
+        "a downed VM answered"
+    );
+    let after = host1.counters()?;
+    ensure!(
+        delta(&before, &after, "drop_port_down") >= 3
+            && delta(&before, &after, "uplink_delivered") == 0,
+        "veth down: down {} delivered {}",
+        delta(&before, &after, "drop_port_down"),
+        delta(&before, &after, "uplink_delivered")
+    );
+    Ok(())
+}
+
+#[test]
+fn guests_reached_by_ip_rewrite_and_nvgre_on_either_decap_hook() -> anyhow::Result<()> {
+    const RED_R1: TapVm = TapVm {
+        name: "RED-R1",
+        host: 0,
+        vsid: RED_VSID,
+        ca: "10.0.0.21",
+        mac: "02:00:00:00:01:21",
+        port: "gredr1",
+        rewrite_pa: Some("198.18.1.21"),
+    };
+    for hook in ["xdp", "tc"] {
+        let bed = TwoHosts::build_with(&format!("gx{hook}"), &["--decap-hook", hook])?;
+        // RED by IP rewrite (each VM its own PA), BLUE by NVGRE.
+        bed.configure_with(Translation::Rewrite)?;
+        bed.plug_tap(&RED_R1)?;
+        bed.plug_tap(&BLUE_G1)?;
+        let mut guests = boot_all(vec![
+            bed.guest_spec(&RED_R1, None),
+            bed.guest_spec(&BLUE_G1, None),
+        ])?;
+        let [red, blue] = &mut guests[..] else {
+            unreachable!()
+        };
+        let before = bed.hosts[0].counters()?;
+        let got = red.ping("10.0.0.2", 5)?;
+        ensure!(got == 5, "{hook}: RED-R1 -> RED-2 by rewrite: {got} of 5");
+        let got = blue.ping("10.0.0.2", 5)?;
+        ensure!(got == 5, "{hook}: BLUE-G1 -> BLUE-2 by NVGRE: {got} of 5");
+        red.listen(47021)?;
+        let sent = tcp_transfer_to(bed.vm("RED-2"), "10.0.0.21:47021", TWO_MB)?;
+        let got = red.received()?;
+        ensure!(
+            sent == got,
+            "{hook}: RED-2 -> RED-R1: sent {sent}, got {got}"
+        );
+        let after = bed.hosts[0].counters()?;
+        for counter in ["uplink_rewrite_delivered", "uplink_delivered"] {
+            ensure!(
+                delta(&before, &after, counter) >= 5,
+                "{hook}: host1 {counter} went up by {} only",
+                delta(&before, &after, counter)
+            );
+        }
+    }
     Ok(())
 }

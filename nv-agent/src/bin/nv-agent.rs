@@ -121,7 +121,7 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 _ = tick.tick() => None,
             };
             let done = match event {
-                Some(Some(e)) => watched.lock().await.link_changed(&e.name).await,
+                Some(Some(e)) => watched.lock().await.link_changed(&e.name, e.index).await,
                 Some(None) => {
                     tracing::warn!("link events stopped; looking at ports every {PORT_REFRESH:?}");
                     events = None;

@@ -222,6 +222,7 @@ fn tap_pps(bed: &TwoHosts, seconds: f64) -> anyhow::Result<f64> {
         ca: "10.0.0.22",
         mac: "02:00:00:00:02:22",
         port: "redt2",
+        rewrite_pa: None,
     };
     bed.plug_tap(&tap)?;
     let tool = bin("nv-transfer")?;

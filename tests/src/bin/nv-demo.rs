@@ -27,6 +27,7 @@ const RED_3: TapVm = TapVm {
     ca: "10.0.0.3",
     mac: "02:00:00:00:01:03",
     port: "red3",
+    rewrite_pa: None,
 };
 
 fn main() {
