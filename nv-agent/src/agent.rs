@@ -827,7 +827,7 @@ impl Agent {
             let link = self.require_link(port, "port").await?;
             if !matches!(link.kind, LinkKind::Veth | LinkKind::Tap) {
                 return Err(invalid(format!(
-                    "port '{port}' is a {} device: VM ports are veth or tap devices",
+                    "port '{port}' is a {} device, not a veth or tap: only a VM's port can be one",
                     link.kind
                 )));
             }

@@ -31,7 +31,7 @@ pub enum LinkKind {
     Veth,
     /// A tun device in tap mode (Ethernet frames): QEMU's and libvirt's VM NICs.
     Tap,
-    /// Anything else, by its rtnetlink kind ("tun" for an L3 tun, "bridge", ...; "device" for
+    /// Anything else, by its rtnetlink kind ("tun" for an L3 tun, "bridge", ...; "plain" for
     /// a physical NIC or loopback, which have none).
     Other(String),
 }
@@ -79,7 +79,7 @@ fn link_info(msg: &LinkMessage) -> LinkInfo {
         index: msg.header.index,
         name: String::new(),
         mtu: 0,
-        kind: LinkKind::Other("device".into()),
+        kind: LinkKind::Other("plain".into()),
         running: flags.contains(LinkFlags::Up) && flags.contains(LinkFlags::LowerUp),
     };
     for attr in &msg.attributes {
@@ -98,7 +98,7 @@ fn link_info(msg: &LinkMessage) -> LinkInfo {
                     Some(InfoKind::Veth) => LinkKind::Veth,
                     Some(InfoKind::Tun) if tap => LinkKind::Tap,
                     Some(k) => LinkKind::Other(k.to_string()),
-                    None => LinkKind::Other("device".into()),
+                    None => LinkKind::Other("plain".into()),
                 };
             }
             _ => {}

@@ -516,6 +516,68 @@ fn nvctl_refuses_bad_input_with_one_line_and_changes_nothing() -> anyhow::Result
 }
 
 /// Polls with single pings (bounded: `tries` of them) until one is answered.
+#[test]
+fn ports_other_than_veth_and_tap_are_refused_with_one_line() -> anyhow::Result<()> {
+    let bed = TwoHosts::build("k")?;
+    bed.configure()?;
+    let h = &bed.hosts[0];
+    h.ns.ip(&["link", "add", "br9", "type", "bridge"])?;
+    h.ns.ip(&["tuntap", "add", "dev", "tun9", "mode", "tun"])?;
+    for (port, kind) in [("lo", "plain"), ("br9", "bridge"), ("tun9", "tun")] {
+        h.expect_refused(
+            &[
+                "lookup",
+                "add",
+                "--vsid",
+                "5001",
+                "--ca",
+                "10.0.0.9",
+                "--pa",
+                "198.18.0.1",
+                "--mac",
+                "02:00:00:00:09:01",
+                "--port",
+                port,
+            ],
+            &format!("port '{port}' is a {kind} device, not a veth or tap"),
+        )?;
+    }
+    // The positive control: a tap is a VM port, and so is a veth (RED-1's, configured above).
+    h.ns.ip(&["tuntap", "add", "dev", "tap9", "mode", "tap"])?;
+    h.nvctl(&[
+        "lookup",
+        "add",
+        "--vsid",
+        "5001",
+        "--ca",
+        "10.0.0.9",
+        "--pa",
+        "198.18.0.1",
+        "--mac",
+        "02:00:00:00:09:01",
+        "--port",
+        "tap9",
+    ])?;
+    let status = h.nvctl_json(&["status"])?;
+    let kinds: Vec<(String, String)> = status["ports"]
+        .as_array()
+        .context("ports")?
+        .iter()
+        .map(|p| {
+            (
+                p["port"].as_str().unwrap_or("").to_owned(),
+                p["kind"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    ensure!(
+        kinds.contains(&("tap9".into(), "tap".into()))
+            && kinds.contains(&("red1".into(), "veth".into())),
+        "status ports: {kinds:?}"
+    );
+    Ok(())
+}
+
 fn ping_within(bed: &TwoHosts, from: &str, dst: &str, tries: u32) -> anyhow::Result<bool> {
     for _ in 0..tries {
         if bed.ping(from, dst, 1)? == 1 {
