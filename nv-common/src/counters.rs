@@ -86,10 +86,13 @@ pub enum Counter {
     /// From a VM: too big for the uplink once translated; answered with ICMP "fragmentation
     /// needed" naming the MTU to use, so path MTU discovery works through nv.
     VmIcmpFragNeeded,
+    /// From a VM: a VLAN tag (802.1Q or 802.1ad, single or stacked): a tenant must not pick
+    /// underlay treatment, and the inner frame of NVGRE carries none (RFC 7637).
+    DropVmVlan,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::VmIcmpFragNeeded as u32 + 1;
+    pub const COUNT: u32 = Counter::DropVmVlan as u32 + 1;
     /// Entries of the counter map: room for counters yet to come, so a new one does not
     /// change the pinned map's layout. Discriminants are stable: new counters go at the end.
     pub const SLOTS: u32 = 256;
@@ -132,6 +135,7 @@ impl Counter {
         Counter::DropPortGone,
         Counter::DropPortDown,
         Counter::VmIcmpFragNeeded,
+        Counter::DropVmVlan,
     ];
 
     /// Stable snake_case name, used by `nvctl stats` and as the metrics label.
@@ -175,6 +179,7 @@ impl Counter {
             Counter::DropPortGone => "drop_port_gone",
             Counter::DropPortDown => "drop_port_down",
             Counter::VmIcmpFragNeeded => "vm_icmp_frag_needed",
+            Counter::DropVmVlan => "drop_vm_vlan",
         }
     }
 }

@@ -3,12 +3,11 @@
 //! dropped with a counted reason. Nothing from a VM reaches the host stack.
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::bpf_skb_vlan_pop,
     programs::TcContext,
 };
 use nv_common::{
     Counter, LookupKey, Method, PortInfo,
-    wire::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, NVGRE_V4_OVERHEAD},
+    wire::{ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, NVGRE_V4_OVERHEAD},
 };
 
 use crate::{
@@ -40,13 +39,13 @@ fn try_run(ctx: &TcContext) -> Result<i32, Counter> {
     let ifindex = unsafe { (*skb).ifindex };
     // SAFETY: values are only read; the agent replaces them whole.
     let port = unsafe { PORTS.get(ifindex) }.ok_or(Counter::DropVmUnknownPort)?;
+    // A tag the kernel took out of the frame (the first on receive), or one still in it (the
+    // next ones): refused, whatever its kind. Stripping one only uncovers the next, which the
+    // kernel then moves out of the frame, and a tag that left with the packet would pick its
+    // treatment on the underlay.
     // SAFETY: as above.
     if unsafe { (*skb).vlan_present } != 0 {
-        // The inner frame of NVGRE carries no 802.1Q tag (RFC 7637): strip it here.
-        // SAFETY: helper on the program's own skb.
-        if unsafe { bpf_skb_vlan_pop(skb) } != 0 {
-            return Err(Counter::DropVmMalformed);
-        }
+        return Err(Counter::DropVmVlan);
     }
     pull(ctx, PULL_LEN);
 
@@ -59,6 +58,7 @@ fn try_run(ctx: &TcContext) -> Result<i32, Counter> {
     match eth.proto() {
         ETH_P_ARP => arp::reply(ctx, port),
         ETH_P_IP => forward_ipv4(ctx, port),
+        ETH_P_8021Q | ETH_P_8021AD => Err(Counter::DropVmVlan),
         _ => Err(Counter::DropVmNotIp),
     }
 }

@@ -1,13 +1,15 @@
 """Crafted attacks for nv's isolation tests, sent with scapy (an independent packet builder).
 
 Usage: attack.py vm IFACE          attacks from inside a tenant VM (RED-1)
+       attack.py vlan IFACE        VLAN-tagged frames from RED-1 (marked b"nv-vlan"), and the
+                                   same frame untagged (marked b"nv-ok": the positive control)
        attack.py underlay IFACE     NVGRE forged by a stranger on the underlay
 Every packet carries the marker b"nv-attack" so captures can look for it. Each kind is sent
 COUNT times, bounded; nothing loops.
 """
 import sys
 
-from scapy.all import ARP, GRE, IP, UDP, Ether, Raw, get_if_hwaddr, sendp
+from scapy.all import ARP, GRE, IP, UDP, Dot1Q, Ether, Raw, get_if_hwaddr, sendp
 
 COUNT = 5
 MARK = Raw(b"nv-attack")
@@ -27,6 +29,23 @@ def vm(iface):
         Ether(src=RED1_MAC, dst=RED2_MAC) / IP(src="10.0.0.1", dst="198.18.0.1") / UDP(sport=1, dport=9) / MARK,
         Ether(src=RED1_MAC, dst=RED2_MAC) / IP(src="10.0.0.1", dst="198.18.0.2") / UDP(sport=1, dport=9) / MARK,
         Ether(src=RED1_MAC, dst=RED2_MAC) / IP(src="10.0.0.1", dst="198.18.255.255") / UDP(sport=1, dport=9) / MARK,
+    ]
+    for f in frames:
+        sendp(f, iface=iface, count=COUNT, verbose=False)
+
+
+def vlan(iface):
+    def to_red2(mark):
+        return IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=9) / Raw(mark)
+    frames = [
+        # One 802.1Q tag (the kernel moves it out of the frame on receive).
+        Ether(src=RED1_MAC, dst=RED2_MAC) / Dot1Q(vlan=100) / to_red2(b"nv-vlan"),
+        # 802.1ad outer, 802.1Q inner: QinQ, the outer one picking the underlay's service VLAN.
+        Ether(src=RED1_MAC, dst=RED2_MAC, type=0x88A8) / Dot1Q(vlan=200, type=0x8100) / Dot1Q(vlan=100) / to_red2(b"nv-vlan"),
+        # Two 802.1Q tags stacked.
+        Ether(src=RED1_MAC, dst=RED2_MAC) / Dot1Q(vlan=300) / Dot1Q(vlan=100) / to_red2(b"nv-vlan"),
+        # The same packet untagged: must arrive.
+        Ether(src=RED1_MAC, dst=RED2_MAC) / to_red2(b"nv-ok"),
     ]
     for f in frames:
         sendp(f, iface=iface, count=COUNT, verbose=False)
@@ -52,5 +71,7 @@ def underlay(iface, host1_mac):
 if __name__ == "__main__":
     if sys.argv[1] == "vm":
         vm(sys.argv[2])
+    elif sys.argv[1] == "vlan":
+        vlan(sys.argv[2])
     else:
         underlay(sys.argv[2], sys.argv[3])

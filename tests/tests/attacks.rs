@@ -20,9 +20,14 @@ fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str
 
 /// Frames carrying the attack marker in a capture.
 fn marked(file: &std::path::Path) -> anyhow::Result<usize> {
+    carrying(file, b"nv-attack")
+}
+
+/// Frames of a capture with `mark` anywhere in them, inside GRE too.
+fn carrying(file: &std::path::Path, mark: &[u8]) -> anyhow::Result<usize> {
     Ok(capture::frames(file)?
         .iter()
-        .filter(|f| f.windows(9).any(|w| w == b"nv-attack"))
+        .filter(|f| f.windows(mark.len()).any(|w| w == mark))
         .count())
 }
 
@@ -147,5 +152,56 @@ fn attacks_from_a_vm_and_from_the_underlay_are_dropped_and_counted() -> anyhow::
         "{leaked} attack frames from RED-1 reached the underlay"
     );
     let _ = h2.counters().context("host2 still answers")?;
+    Ok(())
+}
+
+#[test]
+fn vlan_tags_from_a_vm_never_leave_its_host() -> anyhow::Result<()> {
+    let bed = TwoHosts::build("vl")?;
+    bed.configure()?;
+    let h1 = &bed.hosts[0];
+    let red2 = Capture::start(
+        &bed.vm("RED-2").ns,
+        "eth0",
+        &bed.tmp_dir().join("red2.pcap"),
+        60,
+    )?;
+    let underlay = Capture::start(
+        &bed.underlay,
+        "br0",
+        &bed.tmp_dir().join("underlay.pcap"),
+        60,
+    )?;
+    let before = h1.counters()?;
+    bed.vm("RED-1").ns.exec(PYTHON, &[SCRIPT, "vlan", "eth0"])?;
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 2)? == 2,
+        "RED traffic broken by tagged frames"
+    );
+    let after = h1.counters()?;
+    let (red2, underlay) = (red2.stop()?, underlay.stop()?);
+    for (what, file) in [("the underlay", &underlay), ("RED-2", &red2)] {
+        let leaked = carrying(file, b"nv-vlan")?;
+        ensure!(leaked == 0, "{leaked} tagged frames reached {what}");
+        // The positive control: the same packet untagged crossed (inside NVGRE on the
+        // underlay) and arrived.
+        let control = carrying(file, b"nv-ok")?;
+        ensure!(
+            control >= 5,
+            "only {control} untagged frames reached {what}"
+        );
+    }
+    // tshark agrees: no 802.1Q or 802.1ad layer on the underlay, inside GRE or out.
+    let tagged = capture::decode(&underlay)?
+        .iter()
+        .filter(|p| p.protocols.contains("vlan") || p.protocols.contains("ieee8021ad"))
+        .count();
+    ensure!(
+        tagged == 0,
+        "tshark found {tagged} tagged packets on the underlay"
+    );
+    // Single, 802.1ad and stacked: five of each, all refused and counted.
+    let refused = delta(&before, &after, "drop_vm_vlan");
+    ensure!(refused >= 15, "drop_vm_vlan counted {refused} of 15");
     Ok(())
 }
