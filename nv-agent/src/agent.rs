@@ -36,6 +36,10 @@ pub struct Agent {
     /// missing stays in the maps with `IFINDEX_GONE`, so what is sent to it is dropped as
     /// such, until the port appears.
     attached: HashMap<String, Attached>,
+    /// Ports nv attached that no record names any more (deleted or moved away while the VM
+    /// runs), by ifindex: their filter stays, with no port entry, so every frame they send is
+    /// dropped and counted, until the device goes.
+    orphans: HashMap<String, u32>,
     /// What the config map holds.
     config: DatapathConfig,
     uplink_mtu: u32,
@@ -66,6 +70,9 @@ pub struct Status {
     pub ports: Vec<PortStatus>,
     /// Local records whose port does not exist now.
     pub ports_missing: Vec<String>,
+    /// Ports no record names any more, still filtered: every frame they send is dropped.
+    #[serde(default)]
+    pub ports_without_record: Vec<String>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -225,6 +232,7 @@ impl Agent {
             datapath,
             netlink,
             attached: HashMap::new(),
+            orphans: HashMap::new(),
             config: DatapathConfig::default(),
             uplink_mtu: link.mtu,
             vm_mtu: config.vm_mtu,
@@ -291,9 +299,20 @@ impl Agent {
             self.datapath.detach_uplink_xdp()?;
         }
         for stale in self.datapath.attached_ports()? {
-            if !ports.contains_key(&stale) {
-                info!("detaching stale port {stale}");
-                self.datapath.detach_port(&stale)?;
+            if ports.contains_key(&stale) {
+                continue;
+            }
+            // Filtered before this start: it stays so while its device exists.
+            match self.port_link(&stale).await? {
+                Some(link) => {
+                    self.datapath.attach_port(&stale)?;
+                    info!("port {stale} has no record; it stays filtered, its frames dropped");
+                    self.orphans.insert(stale, link.index);
+                }
+                None => {
+                    info!("detaching port {stale}: its device is gone");
+                    self.datapath.detach_port(&stale)?;
+                }
             }
         }
         info!(
@@ -320,7 +339,11 @@ impl Agent {
             ifindex: link.index,
             flags: port_flags(link),
         };
-        let before = self.attached.get(&link.name).map(|a| a.ifindex);
+        let before = self
+            .attached
+            .get(&link.name)
+            .map(|a| a.ifindex)
+            .or_else(|| self.orphans.remove(&link.name));
         if before != Some(link.index) {
             self.datapath.attach_port(&link.name)?;
             self.set_port_mtu(link).await;
@@ -367,6 +390,11 @@ impl Agent {
         for port in ports {
             self.refresh_port(&port).await?;
         }
+        let orphans: Vec<(String, u32)> =
+            self.orphans.iter().map(|(p, i)| (p.clone(), *i)).collect();
+        for (port, ifindex) in orphans {
+            self.refresh_orphans(&port, ifindex).await?;
+        }
         self.refresh_uplink().await
     }
 
@@ -379,6 +407,7 @@ impl Agent {
         if self.catalog.by_port(name).is_some() {
             self.refresh_port(name).await?;
         }
+        self.refresh_orphans(name, index).await?;
         // A port renamed away keeps its ifindex: the port of that name is gone.
         let renamed: Vec<String> = self
             .attached
@@ -388,6 +417,25 @@ impl Agent {
             .collect();
         for port in renamed {
             self.refresh_port(&port).await?;
+        }
+        Ok(())
+    }
+
+    /// Lets go of orphaned ports whose device is gone or was replaced (a new device of that
+    /// name is not nv's).
+    async fn refresh_orphans(&mut self, name: &str, index: u32) -> Result<()> {
+        let touched: Vec<(String, u32)> = self
+            .orphans
+            .iter()
+            .filter(|(port, i)| port.as_str() == name || **i == index)
+            .map(|(port, i)| (port.clone(), *i))
+            .collect();
+        for (port, ifindex) in touched {
+            if self.netlink.link(&port).await?.map(|l| l.index) != Some(ifindex) {
+                info!("port {port} (no record) is gone; releasing its filter");
+                self.datapath.detach_port(&port)?;
+                self.orphans.remove(&port);
+            }
         }
         Ok(())
     }
@@ -562,8 +610,11 @@ impl Agent {
             && new.is_none_or(|n| n.port.as_ref() != Some(port))
         {
             if let Some(a) = self.attached.remove(port) {
+                // Its VM may still run: the filter stays, and with no port entry every frame
+                // it sends is dropped (a bare port would reach the host's stack).
                 self.datapath.del_port(a.ifindex)?;
-                self.datapath.detach_port(port)?;
+                info!("port {port} has no record now; it stays filtered, its frames dropped");
+                self.orphans.insert(port.clone(), a.ifindex);
             }
             self.sync_hosted()?;
         }
@@ -571,6 +622,29 @@ impl Agent {
             self.update_config()?;
         }
         Ok(())
+    }
+
+    /// After a rollback put the maps back to `desired`: the ports its records name are the
+    /// attached ones again (their filters never left); others attached meanwhile are orphans.
+    fn adopt(&mut self, ports: &HashMap<String, LinkInfo>) {
+        let released: Vec<(String, u32)> = self
+            .attached
+            .iter()
+            .filter(|(p, _)| !ports.contains_key(*p))
+            .map(|(p, a)| (p.clone(), a.ifindex))
+            .collect();
+        for (port, ifindex) in released {
+            // Attached for a record rolled back: filtered, no record, like any orphan.
+            self.attached.remove(&port);
+            self.orphans.insert(port, ifindex);
+        }
+        for (name, link) in ports {
+            self.orphans.remove(name);
+            self.attached.entry(name.clone()).or_insert(Attached {
+                ifindex: link.index,
+                flags: port_flags(link),
+            });
+        }
     }
 
     /// VSIDs with a VM on this host (whether its port exists now or not).
@@ -635,7 +709,7 @@ impl Agent {
             self.store.append(&undo)?;
             let (desired, ports) = self.desired().await?;
             self.datapath.sync(&desired)?;
-            self.attached.retain(|p, _| ports.contains_key(p));
+            self.adopt(&ports);
             self.config = desired.config;
             return Err(e);
         }
@@ -694,6 +768,8 @@ impl Agent {
             .cloned()
             .collect();
         ports_missing.sort();
+        let mut ports_without_record: Vec<String> = self.orphans.keys().cloned().collect();
+        ports_without_record.sort();
         Status {
             version: env!("CARGO_PKG_VERSION").into(),
             uplink: self.uplink.clone(),
@@ -704,6 +780,7 @@ impl Agent {
             lookups: self.catalog.len(),
             ports,
             ports_missing,
+            ports_without_record,
         }
     }
 
@@ -910,7 +987,7 @@ impl Agent {
                 self.store.snapshot(&self.catalog.to_state())?;
                 let (desired, ports) = self.desired().await?;
                 self.datapath.sync(&desired)?;
-                self.attached.retain(|p, _| ports.contains_key(p));
+                self.adopt(&ports);
                 self.config = desired.config;
                 return Err(e);
             }

@@ -208,5 +208,11 @@ fn status_table(v: &Value) -> Table {
             "missing: traffic to its VM is dropped".to_owned(),
         ]);
     }
+    for p in v["ports_without_record"].as_array().into_iter().flatten() {
+        t.add_row([
+            format!("port {}", p.as_str().unwrap_or("?")),
+            "no record: still filtered, every frame it sends is dropped".to_owned(),
+        ]);
+    }
     t
 }
