@@ -303,16 +303,13 @@ impl Agent {
                 continue;
             }
             // Filtered before this start: it stays so while its device exists.
-            match self.port_link(&stale).await? {
-                Some(link) => {
-                    self.datapath.attach_port(&stale)?;
-                    info!("port {stale} has no record; it stays filtered, its frames dropped");
-                    self.orphans.insert(stale, link.index);
-                }
-                None => {
-                    info!("detaching port {stale}: its device is gone");
-                    self.datapath.detach_port(&stale)?;
-                }
+            if let Some(link) = self.port_link(&stale).await? {
+                self.datapath.attach_port(&stale)?;
+                info!("port {stale} has no record; it stays filtered, its frames dropped");
+                self.orphans.insert(stale, link.index);
+            } else {
+                info!("detaching port {stale}: its device is gone");
+                self.datapath.detach_port(&stale)?;
             }
         }
         info!(
