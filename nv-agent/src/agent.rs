@@ -812,6 +812,12 @@ impl Agent {
         }
         let dev = p.dev.clone().unwrap_or_else(|| self.uplink.clone());
         validate_ifname("device", &dev)?;
+        if dev != self.uplink {
+            return Err(invalid(format!(
+                "provider addresses go on the uplink ({}), not on '{dev}'",
+                self.uplink
+            )));
+        }
         if let Some(existing) = self
             .catalog
             .providers()
@@ -903,6 +909,12 @@ impl Agent {
                 return Err(invalid(format!(
                     "port '{port}' is a {} device, not a veth or tap: only a VM's port can be one",
                     link.kind
+                )));
+            }
+            // A device the host itself talks through is not a VM's port.
+            if let Some(addr) = self.netlink.routable_addresses(link.index).await?.first() {
+                return Err(invalid(format!(
+                    "port '{port}' carries the host address {addr}: a VM's port carries none"
                 )));
             }
         }

@@ -201,6 +201,33 @@ impl Netlink {
         Ok(false)
     }
 
+    /// The addresses on the link that the host's stack would answer from beyond the link
+    /// itself: every IPv4 address, and IPv6 but link-local.
+    pub async fn routable_addresses(&self, index: u32) -> Result<Vec<IpAddr>> {
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut out = Vec::new();
+        while let Some(msg) = addrs
+            .try_next()
+            .await
+            .map_err(|e| nl_err("get addresses", e))?
+        {
+            for a in &msg.attributes {
+                if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = a {
+                    let link_local = matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local());
+                    if !link_local && !out.contains(ip) {
+                        out.push(*ip);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     pub async fn add_address(&self, index: u32, addr: IpAddr, len: u8) -> Result<()> {
         self.handle
             .address()

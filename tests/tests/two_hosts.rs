@@ -497,7 +497,7 @@ fn nvctl_refuses_bad_input_with_one_line_and_changes_nothing() -> anyhow::Result
                 "--dev",
                 "nosuch0",
             ],
-            "unknown device",
+            "go on the uplink",
         ),
         (&["provider", "del", "--pa", "198.18.0.1"], "used by"),
         (
@@ -542,6 +542,38 @@ fn ports_other_than_veth_and_tap_are_refused_with_one_line() -> anyhow::Result<(
             &format!("port '{port}' is a {kind} device, not a veth or tap"),
         )?;
     }
+    // A veth the host talks through (it carries an address) is no VM's port either.
+    h.ns.ip(&["link", "add", "hv9", "type", "veth", "peer", "name", "hv9p"])?;
+    h.ns.ip(&["addr", "add", "192.0.2.9/24", "dev", "hv9"])?;
+    h.expect_refused(
+        &[
+            "lookup",
+            "add",
+            "--vsid",
+            "5001",
+            "--ca",
+            "10.0.0.9",
+            "--pa",
+            "198.18.0.1",
+            "--mac",
+            "02:00:00:00:09:01",
+            "--port",
+            "hv9",
+        ],
+        "port 'hv9' carries the host address 192.0.2.9",
+    )?;
+    // Provider addresses go on the uplink only: not on a VM's port, not on loopback.
+    for dev in ["red1", "lo"] {
+        h.expect_refused(
+            &["provider", "add", "--pa", "198.18.0.9/15", "--dev", dev],
+            &format!("provider addresses go on the uplink (uplink0), not on '{dev}'"),
+        )?;
+    }
+    let red1_addrs = h.ns.ip(&["-4", "addr", "show", "dev", "red1"])?;
+    ensure!(
+        !red1_addrs.contains("inet "),
+        "a refused provider address landed on red1: {red1_addrs}"
+    );
     // The positive control: a tap is a VM port, and so is a veth (RED-1's, configured above).
     h.ns.ip(&["tuntap", "add", "dev", "tap9", "mode", "tap"])?;
     h.nvctl(&[
