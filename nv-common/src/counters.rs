@@ -89,10 +89,13 @@ pub enum Counter {
     /// From a VM: a VLAN tag (802.1Q or 802.1ad, single or stacked): a tenant must not pick
     /// underlay treatment, and the inner frame of NVGRE carries none (RFC 7637).
     DropVmVlan,
+    /// From a VM: IPv4 options on a packet to be sent by IP rewrite, where they would cross
+    /// the underlay as the tenant wrote them (NVGRE carries them inside, untouched).
+    DropVmIpOptions,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::DropVmVlan as u32 + 1;
+    pub const COUNT: u32 = Counter::DropVmIpOptions as u32 + 1;
     /// Entries of the counter map: room for counters yet to come, so a new one does not
     /// change the pinned map's layout. Discriminants are stable: new counters go at the end.
     pub const SLOTS: u32 = 256;
@@ -136,6 +139,7 @@ impl Counter {
         Counter::DropPortDown,
         Counter::VmIcmpFragNeeded,
         Counter::DropVmVlan,
+        Counter::DropVmIpOptions,
     ];
 
     /// Stable snake_case name, used by `nvctl stats` and as the metrics label.
@@ -180,6 +184,7 @@ impl Counter {
             Counter::DropPortDown => "drop_port_down",
             Counter::VmIcmpFragNeeded => "vm_icmp_frag_needed",
             Counter::DropVmVlan => "drop_vm_vlan",
+            Counter::DropVmIpOptions => "drop_vm_ip_options",
         }
     }
 }

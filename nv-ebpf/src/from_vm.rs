@@ -91,6 +91,9 @@ fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
         m if m == Method::Encap as u8 => NVGRE_V4_OVERHEAD as u32,
         _ => return Err(Counter::DropVmMethod),
     };
+    if overhead == 0 && hlen != 20 {
+        return Err(Counter::DropVmIpOptions);
+    }
     let uplink = underlay::uplink()?;
     if let Err(offender) = pmtu::fits(ctx, uplink, ip, overhead) {
         let action = pmtu::frag_needed(ctx, port, dst.mac, offender)?;

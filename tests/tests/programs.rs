@@ -699,6 +699,51 @@ fn rewrite_out_is_byte_exact_with_checksums_computed_independently() -> anyhow::
 }
 
 #[test]
+fn ip_options_never_cross_the_underlay_by_rewrite() -> anyhow::Result<()> {
+    let h = host(true)?;
+    for (kind, frame) in green_packets(GREEN1_MAC, GREEN2_MAC, CA1, CA2) {
+        // The same packet with four bytes of options (NOP, NOP, NOP, end): IHL 6.
+        let mut with = frame[..34].to_vec();
+        with.extend_from_slice(&[1, 1, 1, 0]);
+        with.extend_from_slice(&frame[34..]);
+        with[14] = 0x46;
+        let len = u16::from_be_bytes([with[16], with[17]]) + 4;
+        with[16..18].copy_from_slice(&len.to_be_bytes());
+        with[24..26].copy_from_slice(&[0, 0]);
+        let csum = etherparse::Ipv4HeaderSlice::from_slice(&with[14..])?
+            .to_header()
+            .calc_header_checksum();
+        with[24..26].copy_from_slice(&csum.to_be_bytes());
+        h.expect(
+            FROM_VM,
+            &with,
+            Some(h.green1),
+            TC_ACT_SHOT,
+            "drop_vm_ip_options",
+        )
+        .with_context(|| kind)?;
+        // The positive control: without options it is rewritten and sent.
+        h.expect(
+            FROM_VM,
+            &frame,
+            Some(h.green1),
+            TC_ACT_REDIRECT,
+            "vm_tx_rewrite",
+        )
+        .with_context(|| kind)?;
+    }
+    // By NVGRE, options ride inside the customer's packet, untouched.
+    let mut with = udp_frame(RED1_MAC, RED2_MAC, CA1, CA2, b"opts");
+    with.splice(34..34, [1, 1, 1, 0]);
+    with[14] = 0x46;
+    let len = u16::from_be_bytes([with[16], with[17]]) + 4;
+    with[16..18].copy_from_slice(&len.to_be_bytes());
+    let out = h.expect(FROM_VM, &with, Some(h.red1), TC_ACT_REDIRECT, "vm_tx_encap")?;
+    ensure!(out[42..] == with[..], "the encapsulated frame differs");
+    Ok(())
+}
+
+#[test]
 fn rewrite_in_is_validated_in_xdp_and_described_for_tc() -> anyhow::Result<()> {
     let h = host(true)?;
     for (kind, frame) in green_packets(GREEN_GATEWAY_MAC, h.uplink_mac, GREEN2_PA, GREEN1_PA) {
