@@ -45,6 +45,7 @@ pub struct Agent {
     uplink_mtu: u32,
     /// The configured VM MTU; `None`: derived from the uplink's.
     vm_mtu: Option<u32>,
+    underlay_dscp: crate::config::DscpPolicy,
 }
 
 /// A port as the agent attached it.
@@ -64,6 +65,8 @@ pub struct Status {
     /// The MTU VMs must use (set on the ports the agent attaches).
     pub vm_mtu: u32,
     pub decap_hook: String,
+    /// DSCP of tenant traffic on the underlay: zero, copy or a codepoint.
+    pub underlay_dscp: String,
     pub providers: usize,
     pub lookups: usize,
     /// Ports attached, by kind: veth and tap, running or not.
@@ -236,6 +239,7 @@ impl Agent {
             config: DatapathConfig::default(),
             uplink_mtu: link.mtu,
             vm_mtu: config.vm_mtu,
+            underlay_dscp: config.underlay_dscp,
         };
         agent.reconcile().await?;
         Ok(agent)
@@ -253,6 +257,7 @@ impl Agent {
                 0
             },
             uplink_mtu: self.uplink_mtu,
+            underlay_dscp: self.underlay_dscp.0,
             ..DatapathConfig::default()
         };
         for port in self.catalog.ports() {
@@ -773,6 +778,7 @@ impl Agent {
             uplink_mtu: self.uplink_mtu,
             vm_mtu: self.vm_mtu(),
             decap_hook: format!("{:?}", self.decap_hook).to_lowercase(),
+            underlay_dscp: self.underlay_dscp.to_string(),
             providers: self.catalog.providers().len(),
             lookups: self.catalog.len(),
             ports,

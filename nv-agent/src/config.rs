@@ -51,6 +51,11 @@ pub struct AgentArgs {
     /// [default: the uplink's MTU minus the 42 bytes of NVGRE, followed as it changes].
     #[arg(long, value_parser = clap::value_parser!(u32).range(68..=65_535))]
     pub vm_mtu: Option<u32>,
+    /// DSCP of tenant traffic on the underlay: `zero` (best effort), a codepoint 0-63, or
+    /// `copy` (the DSCP the tenant wrote: only where tenants are trusted to pick their
+    /// treatment on the physical network) [default: zero].
+    #[arg(long)]
+    pub underlay_dscp: Option<DscpPolicy>,
     /// Detach every program, remove every pin under the pin path, and exit (decommissioning).
     /// The store is kept.
     #[arg(long)]
@@ -68,6 +73,55 @@ struct FileConfig {
     max_lookups: Option<u32>,
     decap_hook: Option<DecapHook>,
     vm_mtu: Option<u32>,
+    underlay_dscp: Option<DscpPolicy>,
+}
+
+/// What DSCP tenant traffic gets on the underlay, as the datapath's config holds it: a fixed
+/// codepoint, or `DatapathConfig::DSCP_COPY`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DscpPolicy(pub u32);
+
+impl std::str::FromStr for DscpPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "copy" => Ok(DscpPolicy(nv_common::DatapathConfig::DSCP_COPY)),
+            "zero" => Ok(DscpPolicy(0)),
+            n => match n.parse::<u32>() {
+                Ok(v) if v <= 63 => Ok(DscpPolicy(v)),
+                _ => Err(format!(
+                    "underlay_dscp '{s}' is not copy, zero or a DSCP codepoint 0-63"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DscpPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            nv_common::DatapathConfig::DSCP_COPY => f.write_str("copy"),
+            0 => f.write_str("zero"),
+            v => write!(f, "{v}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DscpPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Name(String),
+            Number(u32),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Name(s) => s,
+            Raw::Number(n) => n.to_string(),
+        };
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// The uplink hook that decapsulates.
@@ -91,6 +145,7 @@ pub struct Config {
     pub decap_hook: DecapHook,
     /// `None`: derived from the uplink's MTU.
     pub vm_mtu: Option<u32>,
+    pub underlay_dscp: DscpPolicy,
 }
 
 impl Config {
@@ -126,6 +181,10 @@ impl Config {
                 .unwrap_or(nv_common::DEFAULT_MAX_LOOKUPS),
             decap_hook: args.decap_hook.or(file.decap_hook).unwrap_or_default(),
             vm_mtu: args.vm_mtu.or(file.vm_mtu),
+            underlay_dscp: args
+                .underlay_dscp
+                .or(file.underlay_dscp)
+                .unwrap_or_default(),
         };
         if let Some(uplink) = &config.uplink {
             crate::model::validate_ifname("uplink", uplink)?;
@@ -187,6 +246,40 @@ mod tests {
         assert_eq!(c.max_lookups, 1024);
         assert_eq!(c.api_socket, PathBuf::from("/run/nv/nv.sock"));
         assert_eq!(c.pin_path, PathBuf::from("/sys/fs/bpf/nv"));
+    }
+
+    #[test]
+    fn underlay_dscp_is_copy_zero_or_a_codepoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        for (text, want) in [
+            (
+                "underlay_dscp = \"copy\"\n",
+                Ok(nv_common::DatapathConfig::DSCP_COPY),
+            ),
+            ("underlay_dscp = \"zero\"\n", Ok(0)),
+            ("underlay_dscp = 46\n", Ok(46)),
+            ("", Ok(0)),
+            (
+                "underlay_dscp = 64\n",
+                Err("not copy, zero or a DSCP codepoint"),
+            ),
+            (
+                "underlay_dscp = \"ef\"\n",
+                Err("not copy, zero or a DSCP codepoint"),
+            ),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let args = AgentArgs {
+                config: Some(path.clone()),
+                ..AgentArgs::default()
+            };
+            match (Config::resolve(&args), want) {
+                (Ok(c), Ok(v)) => assert_eq!(c.underlay_dscp.0, v, "{text}"),
+                (Err(e), Err(msg)) => assert!(e.to_string().contains(msg), "{text}: {e}"),
+                (got, want) => panic!("{text}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]

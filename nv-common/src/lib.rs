@@ -254,12 +254,18 @@ pub struct DatapathConfig {
     /// translated is answered with ICMP "fragmentation needed" (0: not known yet; the datapath
     /// then asks the kernel).
     pub uplink_mtu: u32,
-    pub _reserved: u32,
+    /// The DSCP of what leaves for the underlay: `DatapathConfig::DSCP_COPY` (the tenant's own),
+    /// or a fixed codepoint 0..=63 (0, best effort, is the default: a tenant must not pick its
+    /// treatment on the underlay).
+    pub underlay_dscp: u32,
 }
 
 impl DatapathConfig {
     /// Decapsulate and restore on the uplink's TC hook (no XDP program attached).
     pub const TC_DECAP: u32 = 2;
+    /// `underlay_dscp`: the outer header (NVGRE) or the rewritten one carries the DSCP the
+    /// tenant wrote.
+    pub const DSCP_COPY: u32 = 0x100;
     /// 1024 bits: a host with 100 rewrite VMs sends about one host packet in ten to the map.
     pub const REWRITE_FILTER_WORDS: usize = 32;
 
@@ -276,6 +282,18 @@ impl DatapathConfig {
         let (word, bit) = Self::rewrite_filter_slot(pa);
         if let Some(w) = self.rewrite_filter.get_mut(word) {
             *w |= bit;
+        }
+    }
+
+    /// The TOS byte for the underlay, given the tenant's: its DSCP per policy, ECN never
+    /// (congestion marks are the underlay's own).
+    #[inline(always)]
+    #[must_use]
+    pub const fn underlay_tos(&self, tenant_tos: u8) -> u8 {
+        if self.underlay_dscp == Self::DSCP_COPY {
+            tenant_tos & 0xfc
+        } else {
+            ((self.underlay_dscp & 0x3f) as u8) << 2
         }
     }
 

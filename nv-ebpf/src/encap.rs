@@ -22,6 +22,7 @@ use nv_common::{
 };
 
 use crate::{
+    maps::CONFIG,
     packet::{EthHdr, Ipv4Hdr, ptr_at, read_at, v4_of},
     underlay::{self, Hop},
 };
@@ -77,7 +78,11 @@ pub fn nvgre(
     };
     let (outer_src, outer_dst) = (u32::from_ne_bytes(outer_src), u32::from_ne_bytes(outer_dst));
     // Read again rather than passed: BPF calls take five arguments, the result's pointer one.
-    let uplink = underlay::uplink()?;
+    let config = CONFIG.get(0).ok_or(Counter::DropVmNoUnderlayRoute)?;
+    let (uplink, outer_tos) = (config.uplink_ifindex, config.underlay_tos(inner_tos));
+    if uplink == 0 {
+        return Err(Counter::DropVmNoUnderlayRoute);
+    }
 
     // Outer IPv4 carries itself, GRE and the whole inner frame (its Ethernet header included).
     let outer_ip_len = ctx.len() as usize + NVGRE_V4_OVERHEAD - ETH_HLEN;
@@ -113,7 +118,7 @@ pub fn nvgre(
         h.outer_eth.src = *smac;
     }
     h.outer_eth.proto = ETH_P_IP.to_be_bytes();
-    // Outer IPv4: DSCP copied from the inner packet, ECN not, DF set, TTL 64.
+    // Outer IPv4: DSCP by host policy, ECN not copied, DF set, TTL 64.
     #[expect(clippy::cast_possible_truncation, reason = "clamped to u16::MAX")]
     let tot_len = if outer_ip_len > usize::from(u16::MAX) {
         u16::MAX
@@ -122,7 +127,7 @@ pub fn nvgre(
     };
     h.outer_ip = Ipv4Hdr {
         ver_ihl: 0x45,
-        tos: inner_tos & 0xfc,
+        tos: outer_tos,
         tot_len: tot_len.to_be_bytes(),
         id: [0; 2],
         frag: IPV4_DF.to_be_bytes(),

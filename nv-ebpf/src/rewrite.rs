@@ -13,6 +13,7 @@ use nv_common::{
 };
 
 use crate::{
+    maps::CONFIG,
     packet::{Ipv4Hdr, csum_fold, v4_of, write_at},
     underlay,
 };
@@ -40,6 +41,8 @@ pub struct Ipv4Fields {
     frag: [u8; 2],
     hlen: u8,
     proto: u8,
+    ver_ihl: u8,
+    tos: u8,
 }
 
 impl Ipv4Fields {
@@ -54,6 +57,8 @@ impl Ipv4Fields {
             frag: ip.frag,
             hlen,
             proto: ip.proto,
+            ver_ihl: ip.ver_ihl,
+            tos: ip.tos,
         }
     }
 }
@@ -133,8 +138,26 @@ pub fn send(
         return Err(Counter::DropVmMethod);
     };
     // Read again rather than passed: BPF calls take five arguments, the result's pointer one.
-    let uplink = underlay::uplink()?;
+    let config = CONFIG.get(0).ok_or(Counter::DropVmNoUnderlayRoute)?;
+    // ECN stays the tenant's: the transport's end-to-end marks ride in this very header.
+    let (uplink, tos) = (
+        config.uplink_ifindex,
+        config.underlay_tos(ip.tos) | (ip.tos & 0x03),
+    );
+    if uplink == 0 {
+        return Err(Counter::DropVmNoUnderlayRoute);
+    }
     replace_addresses(ctx, ip, src_pa, dst_pa).map_err(|()| Counter::DropVmTranslateFailed)?;
+    // The tenant's own header crosses the underlay: its DSCP follows host policy too (the
+    // receiver gets it as sent on the underlay).
+    if tos != ip.tos {
+        let word = |tos: u8| u64::from(u16::from_ne_bytes([ip.ver_ihl, tos]));
+        ctx.l3_csum_replace(ETH_HLEN + 10, word(ip.tos), word(tos), 2)
+            .map_err(|_| Counter::DropVmTranslateFailed)?;
+        if !write_at(ctx.data(), ctx.data_end(), ETH_HLEN + 1, tos) {
+            return Err(Counter::DropVmTranslateFailed);
+        }
+    }
     underlay::transmit(
         ctx,
         uplink,

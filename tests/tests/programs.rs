@@ -12,33 +12,40 @@ use nv_tests::fixture::*;
 
 #[test]
 fn encapsulation_is_byte_exact() -> anyhow::Result<()> {
-    let h = host(true)?;
-    // DSCP EF with ECN bits set: DSCP is copied to the outer header, ECN is not.
+    let mut h = host(true)?;
+    // DSCP EF with ECN bits set, as the tenant wrote them. The outer DSCP follows host policy
+    // (default: zero; a fixed codepoint; the tenant's own only with `copy`); ECN never crosses.
     let inner = with_tos(
         udp_frame(RED1_MAC, RED2_MAC, CA1, CA2, b"hello nvgre"),
         (46 << 2) | 1,
     );
-    let out = h.expect(
-        FROM_VM,
-        &inner,
-        Some(h.red1),
-        TC_ACT_REDIRECT,
-        "vm_tx_encap",
-    )?;
     let key = (RED << 8) | u32::from(udp_flow_id(CA1, CA2));
-    let expected = nvgre(
-        h.uplink_mac,
-        GATEWAY_MAC,
-        LOCAL_PA,
-        REMOTE_PA,
-        key,
-        46,
-        &inner,
-    );
-    ensure!(
-        out == expected,
-        "encap differs:\n got {out:02x?}\nwant {expected:02x?}"
-    );
+    for (policy, outer_dscp) in [(0, 0), (10, 10), (DatapathConfig::DSCP_COPY, 46)] {
+        h.desired.config.underlay_dscp = policy;
+        h.dp.set_config(h.desired.config)?;
+        let out = h.expect(
+            FROM_VM,
+            &inner,
+            Some(h.red1),
+            TC_ACT_REDIRECT,
+            "vm_tx_encap",
+        )?;
+        let expected = nvgre(
+            h.uplink_mac,
+            GATEWAY_MAC,
+            LOCAL_PA,
+            REMOTE_PA,
+            key,
+            outer_dscp,
+            &inner,
+        );
+        ensure!(
+            out == expected,
+            "encap (policy {policy}) differs:\n got {out:02x?}\nwant {expected:02x?}"
+        );
+    }
+    h.desired.config.underlay_dscp = 0;
+    h.dp.set_config(h.desired.config)?;
 
     // BLUE's frame with the same addresses gets BLUE's VSID.
     let inner = udp_frame(BLUE1_MAC, BLUE2_MAC, CA1, CA2, b"hello blue");
@@ -694,6 +701,35 @@ fn rewrite_out_is_byte_exact_with_checksums_computed_independently() -> anyhow::
             out == *expected,
             "{kind}: rewrite differs:\n got {out:02x?}\nwant {expected:02x?}"
         );
+    }
+    Ok(())
+}
+
+#[test]
+fn rewrite_puts_the_host_dscp_on_the_tenants_header_and_keeps_its_ecn() -> anyhow::Result<()> {
+    let mut h = host(true)?;
+    for (policy, dscp) in [(0u32, 0u8), (10, 10), (DatapathConfig::DSCP_COPY, 46)] {
+        h.desired.config.underlay_dscp = policy;
+        h.dp.set_config(h.desired.config)?;
+        let sent = green_packets(GREEN1_MAC, GREEN2_MAC, CA1, CA2);
+        let wire = green_packets(h.uplink_mac, GREEN_GATEWAY_MAC, GREEN1_PA, GREEN2_PA);
+        for ((kind, frame), (_, expected)) in sent.iter().zip(&wire) {
+            let frame = with_tos(frame.clone(), (46 << 2) | 2);
+            let expected = with_tos(expected.clone(), (dscp << 2) | 2);
+            let out = h
+                .expect(
+                    FROM_VM,
+                    &frame,
+                    Some(h.green1),
+                    TC_ACT_REDIRECT,
+                    "vm_tx_rewrite",
+                )
+                .with_context(|| format!("{kind}, policy {policy}"))?;
+            ensure!(
+                out == expected,
+                "{kind}, policy {policy}: rewrite differs:\n got {out:02x?}\nwant {expected:02x?}"
+            );
+        }
     }
     Ok(())
 }

@@ -185,6 +185,7 @@ fn status_table(v: &Value) -> Table {
     ]);
     t.add_row(["VM MTU to use".to_owned(), field("vm_mtu")]);
     t.add_row(["decap hook".to_owned(), field("decap_hook")]);
+    t.add_row(["underlay DSCP".to_owned(), field("underlay_dscp")]);
     t.add_row(["provider addresses".to_owned(), field("providers")]);
     t.add_row(["lookup records".to_owned(), field("lookups")]);
     for p in v["ports"].as_array().into_iter().flatten() {
