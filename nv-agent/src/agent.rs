@@ -26,6 +26,7 @@ const SNAPSHOT_IMPORTS_FROM: usize = 1000;
 pub struct Agent {
     uplink: String,
     uplink_ifindex: u32,
+    uplink_mac: [u8; 6],
     decap_hook: DecapHook,
     max_lookups: u32,
     store: Store,
@@ -228,6 +229,7 @@ impl Agent {
         let mut agent = Agent {
             uplink,
             uplink_ifindex: link.index,
+            uplink_mac: link.mac,
             decap_hook: config.decap_hook,
             max_lookups: config.max_lookups,
             store,
@@ -258,6 +260,7 @@ impl Agent {
             },
             uplink_mtu: self.uplink_mtu,
             underlay_dscp: self.underlay_dscp.0,
+            uplink_mac: self.uplink_mac,
             ..DatapathConfig::default()
         };
         for port in self.catalog.ports() {
@@ -446,6 +449,11 @@ impl Agent {
     /// derived from it.
     async fn refresh_uplink(&mut self) -> Result<()> {
         let link = self.require_link(&self.uplink.clone(), "uplink").await?;
+        if link.mac != self.uplink_mac {
+            info!("uplink {} MAC is now {:02x?}", self.uplink, link.mac);
+            self.uplink_mac = link.mac;
+            self.update_config()?;
+        }
         if link.mtu == self.uplink_mtu {
             return Ok(());
         }

@@ -56,6 +56,8 @@ pub struct LinkInfo {
     /// Up and with carrier (`IFF_UP` and `IFF_LOWER_UP`): a tap some QEMU holds, a veth whose
     /// other end is up too.
     pub running: bool,
+    /// The link's Ethernet address (zero when it has none).
+    pub mac: [u8; 6],
 }
 
 /// `IFLA_TUN_TYPE` and its tap value (`IFF_TAP`), from `linux/if_link.h` and `if_tun.h`.
@@ -81,11 +83,17 @@ fn link_info(msg: &LinkMessage) -> LinkInfo {
         mtu: 0,
         kind: LinkKind::Other("plain".into()),
         running: flags.contains(LinkFlags::Up) && flags.contains(LinkFlags::LowerUp),
+        mac: [0; 6],
     };
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(name) => info.name.clone_from(name),
             LinkAttribute::Mtu(mtu) => info.mtu = *mtu,
+            LinkAttribute::Address(a) => {
+                if let Ok(mac) = <[u8; 6]>::try_from(a.as_slice()) {
+                    info.mac = mac;
+                }
+            }
             LinkAttribute::LinkInfo(infos) => {
                 let kind = infos.iter().find_map(|i| match i {
                     Info::Kind(k) => Some(k.clone()),

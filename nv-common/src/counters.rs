@@ -92,10 +92,20 @@ pub enum Counter {
     /// From a VM: IPv4 options on a packet to be sent by IP rewrite, where they would cross
     /// the underlay as the tenant wrote them (NVGRE carries them inside, untouched).
     DropVmIpOptions,
+    /// Uplink: NVGRE for a local PA not addressed to the uplink's own MAC (flooded, multicast,
+    /// or seen in promiscuous mode).
+    DropUplinkNotOurMac,
+    /// Uplink: NVGRE whose inner IPv4 header is not one a VM would take (version, header
+    /// length, total length, checksum).
+    DropUplinkInnerMalformed,
+    /// Uplink: an ICMP error from the underlay (a router's "fragmentation needed" or "time
+    /// exceeded") addressed to a local VM's rewrite PA: not the tenant's traffic, never
+    /// passed up.
+    DropUplinkRewriteIcmp,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::DropVmIpOptions as u32 + 1;
+    pub const COUNT: u32 = Counter::DropUplinkRewriteIcmp as u32 + 1;
     /// Entries of the counter map: room for counters yet to come, so a new one does not
     /// change the pinned map's layout. Discriminants are stable: new counters go at the end.
     pub const SLOTS: u32 = 256;
@@ -140,6 +150,9 @@ impl Counter {
         Counter::VmIcmpFragNeeded,
         Counter::DropVmVlan,
         Counter::DropVmIpOptions,
+        Counter::DropUplinkNotOurMac,
+        Counter::DropUplinkInnerMalformed,
+        Counter::DropUplinkRewriteIcmp,
     ];
 
     /// Stable snake_case name, used by `nvctl stats` and as the metrics label.
@@ -185,6 +198,9 @@ impl Counter {
             Counter::VmIcmpFragNeeded => "vm_icmp_frag_needed",
             Counter::DropVmVlan => "drop_vm_vlan",
             Counter::DropVmIpOptions => "drop_vm_ip_options",
+            Counter::DropUplinkNotOurMac => "drop_uplink_not_our_mac",
+            Counter::DropUplinkInnerMalformed => "drop_uplink_inner_malformed",
+            Counter::DropUplinkRewriteIcmp => "drop_uplink_rewrite_icmp",
         }
     }
 }

@@ -258,6 +258,9 @@ pub struct DatapathConfig {
     /// or a fixed codepoint 0..=63 (0, best effort, is the default: a tenant must not pick its
     /// treatment on the underlay).
     pub underlay_dscp: u32,
+    /// The uplink's MAC: NVGRE must be addressed to it (all zero: not known yet, not checked).
+    pub uplink_mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 impl DatapathConfig {
@@ -352,7 +355,7 @@ const _: () = {
     assert!(core::mem::size_of::<LookupValue>() == 28);
     assert!(core::mem::size_of::<PortInfo>() == 44);
     assert!(core::mem::size_of::<LocalPa>() == 4);
-    assert!(core::mem::size_of::<DatapathConfig>() == 144);
+    assert!(core::mem::size_of::<DatapathConfig>() == 152);
     assert!(core::mem::size_of::<DeliverMeta>() == 16);
     assert!(core::mem::size_of::<RestoreMeta>() == 32);
     assert!(core::mem::size_of::<RewritePa>() == 32);

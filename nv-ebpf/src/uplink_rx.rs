@@ -6,7 +6,7 @@ use nv_common::{
     Counter, DatapathConfig, LookupKey, RestoreMeta, RewritePa,
     wire::{
         ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_TEB, GRE_FLAGS_NVGRE, GRE_HLEN,
-        IPPROTO_GRE,
+        IPPROTO_GRE, IPPROTO_ICMP, IPV4_HLEN,
     },
 };
 
@@ -67,7 +67,7 @@ pub fn classify(config: &DatapathConfig, data: usize, end: usize) -> Result<Verd
         // SAFETY: presence check only.
         unsafe { LOCAL_PAS.get(ip.dst) }.is_some()
     };
-    match nvgre(data, end, ip, hlen) {
+    match nvgre(config, data, end, ip, hlen) {
         Ok(Verdict::Nvgre { pa, .. }) if pa != ip.dst && !ours() => Ok(Verdict::Pass),
         Ok(v) => Ok(v),
         Err(_) if !ours() => Ok(Verdict::Pass),
@@ -77,7 +77,13 @@ pub fn classify(config: &DatapathConfig, data: usize, end: usize) -> Result<Verd
 
 /// NVGRE, whoever it is addressed to: the caller decides whether the outer destination is ours.
 #[inline(always)]
-fn nvgre(data: usize, end: usize, ip: &Ipv4Hdr, hlen: usize) -> Result<Verdict, Counter> {
+fn nvgre(
+    config: &DatapathConfig,
+    data: usize,
+    end: usize,
+    ip: &Ipv4Hdr,
+    hlen: usize,
+) -> Result<Verdict, Counter> {
     let gre_off = ETH_HLEN + hlen;
     let gre: &GreHdr = view_at(data, end, gre_off).ok_or(Counter::DropUplinkMalformed)?;
     if u16::from_be_bytes(gre.proto) != ETH_P_TEB {
@@ -89,6 +95,16 @@ fn nvgre(data: usize, end: usize, ip: &Ipv4Hdr, hlen: usize) -> Result<Verdict, 
     }
     if ip.is_fragment() {
         return Err(Counter::DropUplinkFragment);
+    }
+    // Unicast to this host's uplink: never a copy flooded to it, or one seen promiscuously.
+    let outer_eth: &EthHdr = view_at(data, end, 0).ok_or(Counter::DropUplinkMalformed)?;
+    if config.uplink_mac != [0; 6] && outer_eth.dst != config.uplink_mac {
+        return Err(Counter::DropUplinkNotOurMac);
+    }
+    // The outer packet must at least hold what it claims to carry: GRE and an inner Ethernet
+    // and IPv4 header.
+    if usize::from(u16::from_be_bytes(ip.tot_len)) < hlen + GRE_HLEN + ETH_HLEN + IPV4_HLEN {
+        return Err(Counter::DropUplinkMalformed);
     }
     let key: [u8; 4] = read_at(data, end, gre_off + 4).ok_or(Counter::DropUplinkMalformed)?;
     let vsid = u32::from_be_bytes(key) >> 8;
@@ -102,6 +118,16 @@ fn nvgre(data: usize, end: usize, ip: &Ipv4Hdr, hlen: usize) -> Result<Verdict, 
     }
     let inner_ip: &Ipv4Hdr =
         view_at(data, end, inner + ETH_HLEN).ok_or(Counter::DropUplinkMalformed)?;
+    // A header the VM's stack would take: version 4, a header length that holds the header,
+    // a total length that holds the header, and (without options) a good checksum.
+    let inner_hlen = inner_ip.hlen();
+    if inner_ip.ver_ihl >> 4 != 4
+        || inner_hlen < IPV4_HLEN
+        || usize::from(u16::from_be_bytes(inner_ip.tot_len)) < inner_hlen
+        || (inner_hlen == IPV4_HLEN && inner_ip.checksum() != u16::from_be_bytes(inner_ip.csum))
+    {
+        return Err(Counter::DropUplinkInnerMalformed);
+    }
     let lookup = LookupKey {
         vsid,
         ca: inner_ip.dst,
@@ -146,7 +172,15 @@ fn nvgre(data: usize, end: usize, ip: &Ipv4Hdr, hlen: usize) -> Result<Verdict, 
 #[inline(always)]
 fn rewrite(ip: &Ipv4Hdr, dst: &RewritePa) -> Result<Verdict, Counter> {
     // SAFETY: read-only use of a value the agent replaces whole.
-    let src = unsafe { REWRITE_PAS.get(ip.src) }.ok_or(Counter::DropUplinkRewriteUnknownSrc)?;
+    let Some(src) = (unsafe { REWRITE_PAS.get(ip.src) }) else {
+        // An underlay router's ICMP error about something sent from this PA is not spoofing,
+        // and it is not the tenant's either.
+        return Err(if ip.proto == IPPROTO_ICMP {
+            Counter::DropUplinkRewriteIcmp
+        } else {
+            Counter::DropUplinkRewriteUnknownSrc
+        });
+    };
     if src.vsid != dst.vsid {
         return Err(Counter::DropUplinkRewriteUnknownSrc);
     }

@@ -153,6 +153,7 @@ pub fn host_maps(ns: &Netns) -> anyhow::Result<Desired> {
     let mut d = Desired {
         config: DatapathConfig {
             uplink_ifindex: uplink,
+            uplink_mac: ns.mac("uplink0")?,
             ..DatapathConfig::default()
         },
         ..Desired::default()

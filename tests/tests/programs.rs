@@ -458,6 +458,107 @@ fn decapsulation_restores_the_frame_exactly() -> anyhow::Result<()> {
 }
 
 #[test]
+fn the_underlay_gets_no_more_trust_than_it_must() -> anyhow::Result<()> {
+    let mut h = host(true)?;
+    let to_red1 = udp_frame(RED2_MAC, RED1_MAC, CA2, CA1, b"payload");
+    let nvgre_to = |dst_mac: [u8; 6], inner: &[u8]| {
+        nvgre(
+            GATEWAY_MAC,
+            dst_mac,
+            REMOTE_PA,
+            LOCAL_PA,
+            RED << 8,
+            0,
+            inner,
+        )
+    };
+    // A bad inner IPv4 header: checksum, version, header length, total length.
+    let mut bad_csum = to_red1.clone();
+    bad_csum[24] ^= 0xff;
+    let mut bad_version = to_red1.clone();
+    bad_version[14] = 0x65;
+    let mut bad_ihl = to_red1.clone();
+    bad_ihl[14] = 0x44;
+    let mut bad_len = to_red1.clone();
+    bad_len[16..18].copy_from_slice(&[0, 12]);
+    // The outer IPv4 length does not even hold GRE and the inner headers.
+    let mut short_outer = nvgre_to(h.uplink_mac, &to_red1);
+    short_outer[16..18].copy_from_slice(&[0, 40]);
+    short_outer[24..26].copy_from_slice(&[0, 0]);
+    let outer = etherparse::Ipv4HeaderSlice::from_slice(&short_outer[14..])?.to_header();
+    short_outer[24..26].copy_from_slice(&outer.calc_header_checksum().to_be_bytes());
+    let cases = [
+        (
+            "broadcast",
+            nvgre_to([0xff; 6], &to_red1),
+            "drop_uplink_not_our_mac",
+        ),
+        (
+            "another host's MAC",
+            nvgre_to(GATEWAY_MAC, &to_red1),
+            "drop_uplink_not_our_mac",
+        ),
+        (
+            "inner checksum",
+            nvgre_to(h.uplink_mac, &bad_csum),
+            "drop_uplink_inner_malformed",
+        ),
+        (
+            "inner version",
+            nvgre_to(h.uplink_mac, &bad_version),
+            "drop_uplink_inner_malformed",
+        ),
+        (
+            "inner IHL",
+            nvgre_to(h.uplink_mac, &bad_ihl),
+            "drop_uplink_inner_malformed",
+        ),
+        (
+            "inner length",
+            nvgre_to(h.uplink_mac, &bad_len),
+            "drop_uplink_inner_malformed",
+        ),
+        ("outer length", short_outer, "drop_uplink_malformed"),
+    ];
+    for (hook, drop) in [(UPLINK_XDP, XDP_DROP), (UPLINK_TC, TC_ACT_SHOT)] {
+        if hook == UPLINK_TC {
+            h.set_flags(DatapathConfig::TC_DECAP)?;
+        }
+        let uplink = if hook == UPLINK_TC {
+            Some(h.ns.ifindex("uplink0")?)
+        } else {
+            None
+        };
+        for (what, frame, reason) in &cases {
+            h.expect(hook, frame, uplink, drop, reason)
+                .with_context(|| format!("{hook}: {what}"))?;
+        }
+        // The positive control: the same frame, well formed and to our MAC, is taken.
+        let ok = nvgre_to(h.uplink_mac, &to_red1);
+        let ret = h.dp.test_run(hook, &ok, uplink, 1)?.ret;
+        ensure!(ret != drop, "{hook}: the well-formed frame was dropped");
+    }
+    // An underlay router's ICMP error about a packet from GREEN-1's rewrite PA: its own reason,
+    // not spoofing, and never passed up.
+    let mut icmp = Vec::new();
+    PacketBuilder::ethernet2(GREEN_GATEWAY_MAC, h.uplink_mac)
+        .ipv4([198, 18, 0, 254], GREEN1_PA, 64)
+        .icmpv4(etherparse::Icmpv4Type::TimeExceeded(
+            etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit,
+        ))
+        .write(&mut icmp, &[0u8; 28])?;
+    h.set_flags(0)?;
+    h.expect(
+        UPLINK_XDP,
+        &icmp,
+        None,
+        XDP_DROP,
+        "drop_uplink_rewrite_icmp",
+    )?;
+    Ok(())
+}
+
+#[test]
 #[expect(
     clippy::too_many_lines,
     reason = "one case per drop reason, in sequence"
