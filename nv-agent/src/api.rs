@@ -25,6 +25,7 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::Mutex;
+use tower::limit::ConcurrencyLimitLayer;
 
 use crate::{
     agent::{Agent, MoveRequest},
@@ -36,6 +37,11 @@ use crate::{
 const MAX_BODY: usize = 64 * 1024;
 /// An import carries a table: a million records are about 150 MB of JSON.
 const MAX_IMPORT_BODY: usize = 512 * 1024 * 1024;
+/// Imports read and parsed at once: each may hold a table's worth of memory, so more wait
+/// their turn (unread) instead of exhausting the host.
+const IMPORTS_AT_ONCE: usize = 1;
+/// Requests served at once; the rest wait for a slot before their bodies are read.
+const REQUESTS_AT_ONCE: usize = 32;
 
 pub type Shared = Arc<Mutex<Agent>>;
 
@@ -99,12 +105,30 @@ pub fn router(agent: Shared) -> Router {
         .route("/v1/lookups/move", post(move_lookup))
         .route(
             "/v1/lookups/import",
-            post(import_lookups).layer(DefaultBodyLimit::max(MAX_IMPORT_BODY)),
+            post(import_lookups)
+                .layer::<_, std::convert::Infallible>(DefaultBodyLimit::max(MAX_IMPORT_BODY))
+                .layer::<_, std::convert::Infallible>(ConcurrencyLimitLayer::new(IMPORTS_AT_ONCE)),
         )
         .route("/v1/stats", get(stats))
         .route("/v1/status", get(status))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(ConcurrencyLimitLayer::new(REQUESTS_AT_ONCE))
         .with_state(agent)
+}
+
+/// Runs a change on a task of its own, to the end: a client that hangs up mid-request drops
+/// the handler's future, which would otherwise stop the change between store, catalog and
+/// maps. Its result is simply not delivered then.
+async fn whole<T: Send + 'static>(
+    change: impl Future<Output = crate::error::Result<T>> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::spawn(change).await {
+        Ok(result) => Ok(result?),
+        Err(e) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the change failed: {e}"),
+        )),
+    }
 }
 
 async fn status(State(a): State<Shared>) -> impl IntoResponse {
@@ -120,7 +144,7 @@ async fn add_provider(
     body: Result<Json<Provider>, JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Json(p) = body?;
-    let added = a.lock().await.add_provider(p).await?;
+    let added = whole(async move { a.lock().await.add_provider(p).await }).await?;
     Ok((StatusCode::CREATED, Json(added)))
 }
 
@@ -129,7 +153,9 @@ async fn del_provider(
     q: Result<Query<ProviderQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Query(q) = q.map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))?;
-    Ok(Json(a.lock().await.del_provider(q.pa).await?))
+    Ok(Json(
+        whole(async move { a.lock().await.del_provider(q.pa).await }).await?,
+    ))
 }
 
 async fn list_lookups(State(a): State<Shared>) -> impl IntoResponse {
@@ -141,7 +167,7 @@ async fn add_lookup(
     body: Result<Json<LookupRecord>, JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Json(r) = body?;
-    let added = a.lock().await.add_lookup(r).await?;
+    let added = whole(async move { a.lock().await.add_lookup(r).await }).await?;
     Ok((StatusCode::CREATED, Json(added)))
 }
 
@@ -150,7 +176,9 @@ async fn del_lookup(
     q: Result<Query<LookupQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Query(q) = q.map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))?;
-    Ok(Json(a.lock().await.del_lookup(q.vsid, q.ca).await?))
+    Ok(Json(
+        whole(async move { a.lock().await.del_lookup(q.vsid, q.ca).await }).await?,
+    ))
 }
 
 async fn move_lookup(
@@ -158,7 +186,9 @@ async fn move_lookup(
     body: Result<Json<MoveRequest>, JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Json(m) = body?;
-    Ok(Json(a.lock().await.move_lookup(m).await?))
+    Ok(Json(
+        whole(async move { a.lock().await.move_lookup(m).await }).await?,
+    ))
 }
 
 async fn import_lookups(
@@ -166,7 +196,7 @@ async fn import_lookups(
     body: Result<Json<Vec<LookupRecord>>, JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Json(records) = body?;
-    let imported = a.lock().await.import_lookups(records).await?;
+    let imported = whole(async move { a.lock().await.import_lookups(records).await }).await?;
     Ok((StatusCode::CREATED, Json(json!({ "imported": imported }))))
 }
 

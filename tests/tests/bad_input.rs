@@ -440,3 +440,133 @@ fn the_api_socket_admits_root_and_its_group_only() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Entries of a host's pinned lookup map, as bpftool dumps it.
+fn lookup_entries(h: &Host) -> anyhow::Result<usize> {
+    let pin = h.pin_path.join("maps/NV_LOOKUPS");
+    let out = run(
+        "bpftool",
+        &[
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            pin.to_str().context("utf-8 path")?,
+        ],
+    )?;
+    let dump: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(dump.as_array().context("a list of entries")?.len())
+}
+
+/// An import of 3000 records of VSID `vsid` as one request.
+fn import_request(vsid: u32) -> Vec<u8> {
+    let records: Vec<String> = (0..3000u32)
+        .map(|i| {
+            format!(
+                r#"{{"vsid":{vsid},"ca":"10.{}.{}.{}","pa":"198.18.0.2","mac":"02:09:00:{:02x}:{:02x}:{:02x}"}}"#,
+                i >> 16,
+                (i >> 8) & 0xff,
+                i & 0xff,
+                i >> 16,
+                (i >> 8) & 0xff,
+                i & 0xff
+            )
+        })
+        .collect();
+    request(
+        "POST",
+        "/v1/lookups/import",
+        "application/json",
+        &format!("[{}]", records.join(",")),
+    )
+}
+
+fn listed(h: &Host) -> anyhow::Result<usize> {
+    Ok(h.nvctl_json(&["lookup", "list"])?
+        .as_array()
+        .map_or(0, Vec::len))
+}
+
+#[test]
+fn clients_that_hang_up_mid_change_leave_store_and_maps_agreeing() -> anyhow::Result<()> {
+    let mut bed = TwoHosts::build("hu")?;
+    bed.configure()?;
+    let h = &bed.hosts[0];
+    // The positive control: over a connection that stays, an import is applied whole.
+    let (status, body) = raw(&h.socket, &import_request(6999))?;
+    ensure!(status == 201, "the full import answered {status}: {body}");
+    let mut expected = listed(h)?;
+    ensure!(
+        lookup_entries(h)? == expected,
+        "the full import is not all in the map"
+    );
+    // The client gone after sending the whole body (at once, or some milliseconds into the
+    // change), after half of it, or mid-way through the request line. Whatever the connection did, the agent ends in the old state
+    // or the new one (a whole body may still be refused unread, but a change once begun runs
+    // to its end), store and maps agreeing.
+    let mut applied = 0;
+    let rounds = [
+        (1.0f64, 0u64),
+        (0.5, 0),
+        (1.0, 5),
+        (0.01, 0),
+        (1.0, 15),
+        (1.0, 30),
+        (1.0, 60),
+    ];
+    for (round, (cut, linger_ms)) in (0u32..).zip(rounds) {
+        let req = import_request(7000 + round);
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss,
+            reason = "a prefix of a short request"
+        )]
+        let sent = (req.len() as f64 * cut) as usize;
+        let mut s = UnixStream::connect(&h.socket)?;
+        s.write_all(&req[..sent])?;
+        std::thread::sleep(Duration::from_millis(linger_ms));
+        drop(s);
+        let states = if cut >= 1.0 {
+            vec![expected, expected + 3000]
+        } else {
+            vec![expected]
+        };
+        // Settled: the same on both sides twice in a row, 5 s at most.
+        let mut settled = None;
+        for _ in 0..100 {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = listed(h)?;
+            if states.contains(&now) && lookup_entries(h)? == now {
+                std::thread::sleep(Duration::from_millis(200));
+                if listed(h)? == now && lookup_entries(h)? == now {
+                    settled = Some(now);
+                    break;
+                }
+            }
+        }
+        let Some(now) = settled else {
+            bail!(
+                "round {round} (cut at {cut}, gone after {linger_ms} ms): {} records listed, {} in the map, expected one of {states:?}",
+                listed(h)?,
+                lookup_entries(h)?
+            );
+        };
+        applied += usize::from(now != expected);
+        expected = now;
+    }
+    println!("{applied} of 5 whole-body imports whose client hung up were applied");
+    // And the store agrees: a restarted agent lists the same.
+    bed.hosts[0].stop_agent();
+    bed.hosts[0].start_agent()?;
+    let after = listed(&bed.hosts[0])?;
+    ensure!(
+        after == expected,
+        "after a restart: {after} records, expected {expected}"
+    );
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 2)? == 2,
+        "forwarding stopped after the hang-ups"
+    );
+    Ok(())
+}
