@@ -493,8 +493,8 @@ fn clients_that_hang_up_mid_change_leave_store_and_maps_agreeing() -> anyhow::Re
     bed.configure()?;
     let h = &bed.hosts[0];
     // The positive control: over a connection that stays, an import is applied whole.
-    let (status, body) = raw(&h.socket, &import_request(6999))?;
-    ensure!(status == 201, "the full import answered {status}: {body}");
+    let (code, body) = raw(&h.socket, &import_request(6999))?;
+    ensure!(code == 201, "the full import answered {code}: {body}");
     let mut expected = listed(h)?;
     ensure!(
         lookup_entries(h)? == expected,
