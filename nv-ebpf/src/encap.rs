@@ -7,7 +7,7 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_GRE,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     bpf_f_adj_room_encap_l2,
     programs::TcContext,
@@ -28,15 +28,19 @@ use crate::{
 };
 
 /// What encapsulation needs of the customer's IPv4 header, read by the caller: no view into
-/// the packet may be alive while the packet changes. The TOS byte and the FlowID in one
-/// register (BPF calls take five, the result's out-pointer counting as one).
+/// the packet may be alive while the packet changes. The TOS byte, the FlowID and whether the
+/// packet is UDP GSO in one register (BPF calls take five, the result's out-pointer counting
+/// as one).
 #[derive(Clone, Copy)]
-pub struct Inner(u16);
+pub struct Inner(u32);
 
 impl Inner {
     #[inline(always)]
     pub fn of(ctx: &TcContext, ip: &Ipv4Hdr) -> Self {
-        Self(u16::from_be_bytes([ip.tos, flow_id(ctx, ip)]))
+        // SAFETY: the context pointer is valid for the whole program run.
+        let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+        let udp_gso = u8::from(gso && ip.proto == IPPROTO_UDP);
+        Self(u32::from_be_bytes([ip.tos, flow_id(ctx, ip), udp_gso, 0]))
     }
 
     #[inline(always)]
@@ -47,6 +51,12 @@ impl Inner {
     #[inline(always)]
     fn flow_id(self) -> u8 {
         self.0.to_be_bytes()[1]
+    }
+
+    /// UDP segmentation offload (QUIC's `UDP_SEGMENT`): `gso_size` delimits the datagrams.
+    #[inline(always)]
+    fn udp_gso(self) -> bool {
+        self.0.to_be_bytes()[2] != 0
     }
 }
 
@@ -71,7 +81,8 @@ pub fn nvgre(
     dst: &LookupValue,
     inner: Inner,
 ) -> Result<i32, Counter> {
-    let (vsid, inner_tos, flow_id) = (src.vsid, inner.tos(), inner.flow_id());
+    let (vsid, inner_tos, flow_id, udp_gso) =
+        (src.vsid, inner.tos(), inner.flow_id(), inner.udp_gso());
     let (Some(outer_src), Some(outer_dst)) = (v4_of(&src.pa), v4_of(&dst.pa)) else {
         // IPv6 underlay has its own issue; the agent refuses such records today.
         return Err(Counter::DropVmMethod);
@@ -95,10 +106,16 @@ pub fn nvgre(
 
     #[expect(clippy::cast_possible_wrap, reason = "42 fits")]
     let grow = NVGRE_V4_OVERHEAD as i32;
-    let flags = u64::from(BPF_F_ADJ_ROOM_ENCAP_L3_IPV4)
+    let mut flags = u64::from(BPF_F_ADJ_ROOM_ENCAP_L3_IPV4)
         | u64::from(BPF_F_ADJ_ROOM_ENCAP_L4_GRE)
         | u64::from(BPF_F_ADJ_ROOM_ENCAP_L2_ETH)
         | bpf_f_adj_room_encap_l2(ETH_HLEN as u64);
+    // A UDP GSO packet's gso_size is its datagrams' size, not a segment budget the kernel may
+    // shrink: it keeps it (and refuses to grow the packet otherwise). The outer headers come
+    // on top of each datagram, which `pmtu::fits` checked against the uplink.
+    if udp_gso {
+        flags |= u64::from(BPF_F_ADJ_ROOM_FIXED_GSO);
+    }
     ctx.adjust_room(grow, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| Counter::DropVmTranslateFailed)?;
     let hop = underlay::next_hop(ctx, uplink, outer_src, outer_dst, IPPROTO_GRE)?;

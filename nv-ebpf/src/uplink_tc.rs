@@ -6,10 +6,15 @@
 //! keeps GSO super-packets whole. `XDP_REDIRECT` into a veth whose peer has no XDP program loses
 //! frames (DESIGN.md); delivery from here (`deliver`) does not. Other frames pass untouched.
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    bindings::{
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
     programs::TcContext,
 };
-use nv_common::{Counter, DatapathConfig, DeliverMeta, RestoreMeta, wire::ETH_HLEN};
+use nv_common::{
+    Counter, DatapathConfig, DeliverMeta, RestoreMeta,
+    wire::{ETH_HLEN, IPPROTO_UDP},
+};
 
 use crate::{
     counters::count,
@@ -83,13 +88,23 @@ fn drop(reason: Counter) -> i32 {
 /// bytes the encapsulator took.
 fn decap(ctx: &TcContext, strip: usize) -> Result<(), ()> {
     let inner_eth: [u8; ETH_HLEN] = read_at(ctx.data(), ctx.data_end(), strip).ok_or(())?;
+    let inner_proto: u8 = read_at(ctx.data(), ctx.data_end(), strip + ETH_HLEN + 9).ok_or(())?;
     #[expect(
         clippy::cast_possible_truncation,
         clippy::cast_possible_wrap,
         reason = "< 100"
     )]
     let shrink = -(strip as i32);
-    ctx.adjust_room(shrink, BPF_ADJ_ROOM_MAC, 0)
+    // A UDP GSO packet's gso_size is its datagrams' size: kept as it is (the kernel refuses to
+    // shrink the packet otherwise). A TCP one's segments grow back by what encapsulation took.
+    // SAFETY: the context pointer is valid for the whole program run.
+    let udp_gso = unsafe { (*ctx.skb.skb).gso_size } != 0 && inner_proto == IPPROTO_UDP;
+    let flags = if udp_gso {
+        u64::from(BPF_F_ADJ_ROOM_FIXED_GSO)
+    } else {
+        0
+    };
+    ctx.adjust_room(shrink, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| ())?;
     if write_at(ctx.data(), ctx.data_end(), 0, inner_eth) {
         Ok(())

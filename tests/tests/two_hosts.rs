@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use anyhow::{Context as _, ensure};
 use nv_tests::{
     checks,
-    testbed::{BLUE_VSID, RED_VSID, TwoHosts, tcp_transfer, udp_transfer},
+    testbed::{BLUE_VSID, RED_VSID, Translation, TwoHosts, tcp_transfer, udp_transfer},
 };
 
 fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str) -> u64 {
@@ -742,5 +742,40 @@ fn import_is_all_or_nothing_and_survives_restart() -> anyhow::Result<()> {
         bed.ping("RED-1", "10.0.0.2", 2)? == 2,
         "forwarding broken after the import"
     );
+    Ok(())
+}
+
+#[test]
+fn udp_gso_crosses_by_nvgre_and_by_rewrite_on_both_decap_hooks() -> anyhow::Result<()> {
+    const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/udp_gso.py");
+    for hook in ["tc", "xdp"] {
+        for method in [Translation::Encap, Translation::Rewrite] {
+            let bed = TwoHosts::build_with("u", &["--decap-hook", hook])?;
+            bed.configure_with(method)?;
+            let recv = std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &bed.vm("RED-2").ns.name,
+                    "/usr/bin/python3",
+                ])
+                .args([SCRIPT, "recv", "47100", "3"])
+                .stdout(std::process::Stdio::piped())
+                .spawn()?;
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let sent = bed
+                .vm("RED-1")
+                .ns
+                .exec("/usr/bin/python3", &[SCRIPT, "send", "10.0.0.2", "47100"])?;
+            let out = recv.wait_with_output()?;
+            let got = String::from_utf8_lossy(&out.stdout);
+            ensure!(
+                sent.trim() == "sent 50" && got.trim() == "intact 50",
+                "{hook}, {method:?}: {} but {}",
+                sent.trim(),
+                got.trim()
+            );
+        }
+    }
     Ok(())
 }
