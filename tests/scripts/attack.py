@@ -22,14 +22,17 @@ def vm(iface):
         Ether(src=RED1_MAC, dst=RED2_MAC) / IP(src="10.0.0.3", dst="10.0.0.2") / UDP(sport=1, dport=9) / MARK,
         # Spoofed source MAC (BLUE-2's).
         Ether(src=BLUE2_MAC, dst=RED2_MAC) / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=9) / MARK,
-        # ARP poisoning: RED-1 claims 10.0.0.2, by gratuitous reply and by request.
-        Ether(src=RED1_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=2, hwsrc=RED1_MAC, psrc="10.0.0.2", hwdst="ff:ff:ff:ff:ff:ff", pdst="10.0.0.2"),
-        Ether(src=RED1_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=RED1_MAC, psrc="10.0.0.2", pdst="10.0.0.1"),
+        # ARP poisoning: RED-1 claims 10.0.0.2, by gratuitous reply and by request (marked in
+        # the frame's padding, after the ARP payload).
+        Ether(src=RED1_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=2, hwsrc=RED1_MAC, psrc="10.0.0.2", hwdst="ff:ff:ff:ff:ff:ff", pdst="10.0.0.2") / MARK,
+        Ether(src=RED1_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=RED1_MAC, psrc="10.0.0.2", pdst="10.0.0.1") / MARK,
         # Aiming at the host's provider address, the other host's, and the underlay.
         Ether(src=RED1_MAC, dst=RED2_MAC) / IP(src="10.0.0.1", dst="198.18.0.1") / UDP(sport=1, dport=9) / MARK,
         Ether(src=RED1_MAC, dst=RED2_MAC) / IP(src="10.0.0.1", dst="198.18.0.2") / UDP(sport=1, dport=9) / MARK,
         Ether(src=RED1_MAC, dst=RED2_MAC) / IP(src="10.0.0.1", dst="198.18.255.255") / UDP(sport=1, dport=9) / MARK,
     ]
+    # The positive control: a legitimate packet, marked too, that must arrive at RED-2.
+    frames.append(Ether(src=RED1_MAC, dst=RED2_MAC) / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=9) / Raw(b"nv-legit"))
     for f in frames:
         sendp(f, iface=iface, count=COUNT, verbose=False)
 
@@ -63,6 +66,10 @@ def underlay(iface, host1_mac):
         Ether(src=me, dst=host1_mac) / IP(src="198.18.0.2", dst="198.18.0.1", flags="DF") / GRE(key_present=1, key=6001 << 8, proto=0x6558) / inner_red,
         # A VSID no VM on host1 belongs to.
         Ether(src=me, dst=host1_mac) / IP(src="198.18.0.2", dst="198.18.0.1", flags="DF") / GRE(key_present=1, key=7777 << 8, proto=0x6558) / inner_red,
+        # The positive control: what RED-2's host would send, from RED-2's PA (forged, which
+        # the underlay must prevent: see the README), must arrive at RED-1.
+        Ether(src=me, dst=host1_mac) / IP(src="198.18.0.2", dst="198.18.0.1", flags="DF") / GRE(key_present=1, key=5001 << 8, proto=0x6558)
+        / Ether(src=RED2_MAC, dst=RED1_MAC) / IP(src="10.0.0.2", dst="10.0.0.1") / UDP(sport=1, dport=9) / Raw(b"nv-legit"),
     ]
     for f in frames:
         sendp(f, iface=iface, count=COUNT, verbose=False)
