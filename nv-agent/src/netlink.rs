@@ -185,33 +185,8 @@ impl Netlink {
         }
     }
 
-    /// Whether `addr/len` is on the link.
-    pub async fn has_address(&self, index: u32, addr: IpAddr) -> Result<bool> {
-        let mut addrs = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute();
-        while let Some(msg) = addrs
-            .try_next()
-            .await
-            .map_err(|e| nl_err("get addresses", e))?
-        {
-            if msg
-                .attributes
-                .iter()
-                .any(|a| matches!(a, AddressAttribute::Address(a) | AddressAttribute::Local(a) if *a == addr))
-            {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-
-    /// The addresses on the link that the host's stack would answer from beyond the link
-    /// itself: every IPv4 address, and IPv6 but link-local.
-    pub async fn routable_addresses(&self, index: u32) -> Result<Vec<IpAddr>> {
+    /// Every address on the link.
+    async fn addresses(&self, index: u32) -> Result<Vec<IpAddr>> {
         let mut addrs = self
             .handle
             .address()
@@ -225,14 +200,26 @@ impl Netlink {
             .map_err(|e| nl_err("get addresses", e))?
         {
             for a in &msg.attributes {
-                if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = a {
-                    let link_local = matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local());
-                    if !link_local && !out.contains(ip) {
-                        out.push(*ip);
-                    }
+                if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = a
+                    && !out.contains(ip)
+                {
+                    out.push(*ip);
                 }
             }
         }
+        Ok(out)
+    }
+
+    /// Whether `addr` is on the link.
+    pub async fn has_address(&self, index: u32, addr: IpAddr) -> Result<bool> {
+        Ok(self.addresses(index).await?.contains(&addr))
+    }
+
+    /// The addresses on the link that the host's stack would answer from beyond the link
+    /// itself: every IPv4 address, and IPv6 but link-local.
+    pub async fn routable_addresses(&self, index: u32) -> Result<Vec<IpAddr>> {
+        let mut out = self.addresses(index).await?;
+        out.retain(|ip| !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()));
         Ok(out)
     }
 

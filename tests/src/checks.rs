@@ -144,30 +144,34 @@ pub fn frames_seen_by(
     from: &str,
     control: &str,
 ) -> anyhow::Result<(usize, usize)> {
-    let file = bed.tmp_dir().join(format!("{watcher}-watch.pcap"));
-    let cap = Capture::start(&bed.vm(watcher).ns, "eth0", &file, 30)?;
-    ensure!(
-        bed.ping(from, "10.0.0.2", 3)? == 3,
-        "{from} -> 10.0.0.2 lost pings"
-    );
-    ensure!(
-        bed.ping(control, "10.0.0.2", 3)? == 3,
-        "{control} -> 10.0.0.2 lost pings"
-    );
+    frames_from(bed, &bed.vm(watcher).ns, "eth0", "10.0.0.2", from, control)
+}
+
+/// Frames from VMs `from` and `control` (by source MAC) a capture on `iface` in `ns` sees
+/// while each of them pings `dst` three times, all of which must be answered: (from `from`,
+/// from `control`).
+pub fn frames_from(
+    bed: &TwoHosts,
+    ns: &crate::netns::Netns,
+    iface: &str,
+    dst: &str,
+    from: &str,
+    control: &str,
+) -> anyhow::Result<(usize, usize)> {
+    let file = bed
+        .tmp_dir()
+        .join(format!("{}-{iface}-watch.pcap", ns.name));
+    let cap = Capture::start(ns, iface, &file, 30)?;
+    for vm in [from, control] {
+        ensure!(bed.ping(vm, dst, 3)? == 3, "{vm} -> {dst} lost pings");
+    }
     let frames = capture::frames(&cap.stop()?)?;
-    let mac = |name: &str| -> anyhow::Result<[u8; 6]> {
-        let mut out = [0u8; 6];
-        for (b, part) in out.iter_mut().zip(bed.vm(name).mac.split(':')) {
-            *b = u8::from_str_radix(part, 16)?;
-        }
-        Ok(out)
-    };
-    let (leaker, control_mac) = (mac(from)?, mac(control)?);
-    let count = |m: [u8; 6]| {
-        frames
+    let count = |name: &str| -> anyhow::Result<usize> {
+        let mac: nv_agent::model::Mac = bed.vm(name).mac.parse()?;
+        Ok(frames
             .iter()
-            .filter(|f| f.len() >= 12 && f[6..12] == m)
-            .count()
+            .filter(|f| f.len() >= 12 && f[6..12] == mac.0)
+            .count())
     };
-    Ok((count(leaker), count(control_mac)))
+    Ok((count(from)?, count(control)?))
 }

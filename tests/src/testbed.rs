@@ -658,3 +658,9 @@ pub fn tcp_transfer_from(
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
+
+/// How much counter `name` grew between two readings of `Host::counters`.
+#[expect(clippy::implicit_hasher, reason = "the maps `Host::counters` returns")]
+pub fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str) -> u64 {
+    after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
+}

@@ -1,22 +1,17 @@
 //! Attacks crafted with scapy (an independent packet builder) from a tenant VM and from a
 //! stranger on the underlay: none is delivered to any VM, each is counted under its reason,
 //! and the tenants' own traffic keeps flowing.
-use std::collections::HashMap;
 
 use anyhow::{Context as _, ensure};
 use nv_tests::{
     capture::{self, Capture},
     sys::run,
-    testbed::TwoHosts,
+    testbed::{TwoHosts, delta},
 };
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/attack.py");
 /// Debian's Python, where Debian's python3-scapy imports (the first python3 on PATH may not be).
 const PYTHON: &str = "/usr/bin/python3";
-
-fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str) -> u64 {
-    after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
-}
 
 /// Frames carrying the attack marker in a capture.
 fn marked(file: &std::path::Path) -> anyhow::Result<usize> {

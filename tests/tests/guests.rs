@@ -3,14 +3,15 @@
 //! stay isolated from another tenant's guest with the same address, find the path MTU through
 //! nv, are reached by IP rewrite and NVGRE on either decapsulation hook, and are forwarded
 //! again after a restart that re-creates their tap, with every state in between a counted drop.
-use std::{collections::HashMap, thread, time::Duration};
+use std::{thread, time::Duration};
 
 use anyhow::{Context as _, ensure};
 use nv_tests::{
-    capture::{self, Capture},
+    checks,
     guest::{self, Guest, Spec},
     testbed::{
-        BLUE_VSID, Host, RED_VSID, TapVm, Translation, TwoHosts, tcp_transfer_from, tcp_transfer_to,
+        BLUE_VSID, Host, RED_VSID, TapVm, Translation, TwoHosts, delta, tcp_transfer_from,
+        tcp_transfer_to,
     },
 };
 
@@ -59,6 +60,27 @@ fn boot_all(specs: Vec<Spec>) -> anyhow::Result<Vec<Guest>> {
     booted.into_iter().collect()
 }
 
+/// RED-2's pings to `dst` get no answer, and host1 counts every one under `reason`, none as
+/// delivered.
+fn unanswered_and_counted(bed: &TwoHosts, dst: &str, reason: &str) -> anyhow::Result<()> {
+    let host1 = &bed.hosts[0];
+    let before = host1.counters()?;
+    ensure!(
+        bed.ping("RED-2", dst, 3)? == 0,
+        "{dst} answered ({reason} expected)"
+    );
+    let after = host1.counters()?;
+    let (dropped, delivered) = (
+        delta(&before, &after, reason),
+        delta(&before, &after, "uplink_delivered"),
+    );
+    ensure!(
+        dropped >= 3 && delivered == 0,
+        "to {dst}: {reason} {dropped}, uplink_delivered {delivered}"
+    );
+    Ok(())
+}
+
 /// What `nvctl status` says of `port`: running, down, missing.
 fn port_state(host: &Host, port: &str) -> anyhow::Result<String> {
     let status = host.nvctl_json(&["status"])?;
@@ -96,10 +118,6 @@ fn wait_port(host: &Host, port: &str, want: &str) -> anyhow::Result<()> {
         "{port} is {} after 5 s, not {want}",
         port_state(host, port)?
     )
-}
-
-fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str) -> u64 {
-    after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
 }
 
 #[test]
@@ -170,35 +188,17 @@ fn guests_on_tap_ports_talk_to_veth_vms_and_to_each_other_and_stay_isolated() ->
         (&*blue_g1, "gblue1", "RED-2", "BLUE-2"),
         (&*red_g1, "gred1", "BLUE-2", "RED-2"),
     ] {
-        let file = bed.tmp_dir().join(format!("{tap}.pcap"));
-        let cap = Capture::start(&bed.hosts[0].ns, tap, &file, 60)?;
+        let (leaked, seen) =
+            checks::frames_from(&bed, &bed.hosts[0].ns, tap, "10.0.0.11", leaker, control)?;
         ensure!(
-            bed.ping(leaker, "10.0.0.11", 3)? == 3,
-            "{leaker} -> 10.0.0.11 lost pings"
+            leaked == 0,
+            "{}'s tap saw {leaked} frames from {leaker}",
+            watcher.spec.name
         );
         ensure!(
-            bed.ping(control, "10.0.0.11", 3)? == 3,
-            "{control} -> 10.0.0.11 lost pings"
-        );
-        let frames = capture::frames(&cap.stop()?)?;
-        let from = |name: &str| -> anyhow::Result<usize> {
-            let mac: nv_agent::model::Mac = bed.vm(name).mac.parse()?;
-            Ok(frames
-                .iter()
-                .filter(|f| f.len() >= 12 && f[6..12] == mac.0)
-                .count())
-        };
-        ensure!(
-            from(leaker)? == 0,
-            "{}'s tap saw {} frames from {leaker}",
-            watcher.spec.name,
-            from(leaker)?
-        );
-        ensure!(
-            from(control)? >= 3,
-            "{}'s tap saw only {} frames from {control}",
-            watcher.spec.name,
-            from(control)?
+            seen >= 3,
+            "{}'s tap saw only {seen} frames from {control}",
+            watcher.spec.name
         );
     }
     Ok(())
@@ -272,36 +272,12 @@ fn a_restarted_guest_is_forwarded_again_and_every_state_between_is_a_counted_dro
     // own, not "delivered".
     g.stop();
     wait_state("down")?;
-    let before = host1.counters()?;
-    ensure!(
-        bed.ping("RED-2", "10.0.0.11", 3)? == 0,
-        "a stopped guest answered"
-    );
-    let after = host1.counters()?;
-    ensure!(
-        delta(&before, &after, "drop_port_down") >= 3
-            && delta(&before, &after, "uplink_delivered") == 0,
-        "stopped guest: down {} delivered {}",
-        delta(&before, &after, "drop_port_down"),
-        delta(&before, &after, "uplink_delivered")
-    );
+    unanswered_and_counted(&bed, "10.0.0.11", "drop_port_down")?;
 
     // The tap is deleted (libvirt does on shutdown): gone, counted as such.
     host1.ns.ip(&["link", "del", "gred1"])?;
     wait_state("missing")?;
-    let before = host1.counters()?;
-    ensure!(
-        bed.ping("RED-2", "10.0.0.11", 3)? == 0,
-        "a deleted tap answered"
-    );
-    let after = host1.counters()?;
-    ensure!(
-        delta(&before, &after, "drop_port_gone") >= 3
-            && delta(&before, &after, "uplink_delivered") == 0,
-        "deleted tap: gone {} delivered {}",
-        delta(&before, &after, "drop_port_gone"),
-        delta(&before, &after, "uplink_delivered")
-    );
+    unanswered_and_counted(&bed, "10.0.0.11", "drop_port_gone")?;
 
     // The VM starts again on a new tap of the same name: forwarded again, no nvctl.
     guest::create_tap(&host1.ns.name, "gred1")?;
@@ -317,19 +293,7 @@ fn a_restarted_guest_is_forwarded_again_and_every_state_between_is_a_counted_dro
     // A veth VM whose end goes down: its host end loses carrier, the same drop of its own.
     bed.vm("RED-1").ns.ip(&["link", "set", "eth0", "down"])?;
     wait_port(host1, "red1", "down")?;
-    let before = host1.counters()?;
-    ensure!(
-        bed.ping("RED-2", "10.0.0.1", 3)? == 0,
-        "a downed VM answered"
-    );
-    let after = host1.counters()?;
-    ensure!(
-        delta(&before, &after, "drop_port_down") >= 3
-            && delta(&before, &after, "uplink_delivered") == 0,
-        "veth down: down {} delivered {}",
-        delta(&before, &after, "drop_port_down"),
-        delta(&before, &after, "uplink_delivered")
-    );
+    unanswered_and_counted(&bed, "10.0.0.1", "drop_port_down")?;
     Ok(())
 }
 

@@ -3,7 +3,6 @@
 //! agent restart too, until its device goes; a rewrite VM whose port vanishes while its record
 //! stays does not hand its provider address's traffic to the host.
 use std::{
-    collections::HashMap,
     process::{Command, Stdio},
     thread,
     time::Duration,
@@ -12,12 +11,8 @@ use std::{
 use anyhow::{Context as _, ensure};
 use nv_tests::{
     sys::bin,
-    testbed::{Translation, TwoHosts, Vm},
+    testbed::{Translation, TwoHosts, Vm, delta},
 };
-
-fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str) -> u64 {
-    after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
-}
 
 /// The host end's IPv6 link-local address on `port`, once duplicate address detection is done.
 fn host_link_local(bed: &TwoHosts, port: &str) -> anyhow::Result<String> {

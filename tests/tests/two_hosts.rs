@@ -1,16 +1,11 @@
 //! The foundation scenario end to end: two hosts, RED and BLUE with the same customer
 //! addresses, NVGRE on the underlay decoded by tshark, isolation, delete, migration, restart.
-use std::collections::HashMap;
 
 use anyhow::{Context as _, ensure};
 use nv_tests::{
     checks,
-    testbed::{BLUE_VSID, RED_VSID, Translation, TwoHosts, tcp_transfer, udp_transfer},
+    testbed::{BLUE_VSID, RED_VSID, Translation, TwoHosts, delta, tcp_transfer, udp_transfer},
 };
-
-fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str) -> u64 {
-    after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
-}
 
 #[test]
 fn red_and_blue_share_addresses_across_hosts_and_stay_isolated() -> anyhow::Result<()> {
