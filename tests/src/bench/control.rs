@@ -30,6 +30,16 @@ pub struct Result {
     /// The add latency again, with the imported table in place.
     pub add_on_big_table_p50_ms: f64,
     pub add_on_big_table_p99_ms: f64,
+    /// A VM's port deleted and re-created (a restarted VM), from starting to re-create it to
+    /// its record naming the new port (the from-VM filter is attached before that), ms. An
+    /// upper bound on the window in which the new port is not filtered: it includes `ip`
+    /// creating and configuring the port.
+    pub port_filtered_p50_ms: f64,
+    pub port_filtered_p99_ms: f64,
+    /// Of that, how long after `ip` was done the agent still had not followed, ms (0 when it
+    /// had followed by then).
+    pub port_filtered_after_ip_p50_ms: f64,
+    pub port_filtered_after_ip_p99_ms: f64,
 }
 
 /// Adds `count` remote records in 10.<net>.x.y through nvctl; returns the latency samples (ms)
@@ -100,11 +110,45 @@ fn map_memlock(name: &str) -> anyhow::Result<(f64, f64)> {
     Ok((memlock, entries))
 }
 
+/// Re-creates RED-1's port `count` times; the samples (ms) until the agent has followed, from
+/// the start and from the moment `ip` was done.
+fn port_windows(bed: &mut TwoHosts, count: u32) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let view = LookupView::open(&bed.hosts[0].pin_path)?;
+    let key = LookupKey {
+        vsid: 5001,
+        ca: [10, 0, 0, 1],
+    };
+    let (mut samples, mut after_ip) = (Vec::new(), Vec::new());
+    for _ in 0..count {
+        let old = view.get(&key).context("RED-1's record")?.ifindex;
+        let start = Instant::now();
+        bed.rehome("RED-1", 0)?;
+        let ip_done = start.elapsed().as_secs_f64() * 1e3;
+        // Bounded: 5 s.
+        let followed = loop {
+            let now = view.get(&key).context("RED-1's record")?.ifindex;
+            if now != old && now != nv_common::IFINDEX_GONE {
+                break true;
+            }
+            if start.elapsed().as_secs() >= 5 {
+                break false;
+            }
+            std::thread::yield_now();
+        };
+        ensure!(followed, "the agent did not follow RED-1's new port in 5 s");
+        let total = start.elapsed().as_secs_f64() * 1e3;
+        samples.push(total);
+        after_ip.push((total - ip_done).max(0.0));
+    }
+    Ok((samples, after_ip))
+}
+
 pub fn run(scale: Scale) -> anyhow::Result<Result> {
     let (small_adds, big): (u32, u32) = (scale.pick(1000, 20), scale.pick(1_000_000, 2000));
     let max = (big + small_adds * 2 + 100).to_string();
-    let bed = TwoHosts::build_with("bc", &["--max-lookups", &max])?;
+    let mut bed = TwoHosts::build_with("bc", &["--max-lookups", &max])?;
     bed.configure()?;
+    let (mut windows, mut after_ip) = port_windows(&mut bed, scale.pick(50, 3))?;
     let h = &bed.hosts[0];
     let view = LookupView::open(&h.pin_path)?;
     let (mut small, present_on_return) = adds(h, &view, 1, small_adds)?;
@@ -150,5 +194,9 @@ pub fn run(scale: Scale) -> anyhow::Result<Result> {
         map_bytes_per_entry: memlock / entries,
         add_on_big_table_p50_ms: quantile(&mut on_big, 0.5),
         add_on_big_table_p99_ms: quantile(&mut on_big, 0.99),
+        port_filtered_p50_ms: quantile(&mut windows, 0.5),
+        port_filtered_p99_ms: quantile(&mut windows, 0.99),
+        port_filtered_after_ip_p50_ms: quantile(&mut after_ip, 0.5),
+        port_filtered_after_ip_p99_ms: quantile(&mut after_ip, 0.99),
     })
 }
