@@ -1,0 +1,264 @@
+//! `cargo xtask mutants`: shows that the tests guard each isolation check of the datapath. In a
+//! scratch copy of the tree, each check in turn is patched out (its condition made false, or
+//! its drop turned into a pass), the tests that should notice are run, and a table says which
+//! failed. A check whose removal no test notices is guarded by nothing: the command fails.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+/// One isolation check: where it is, what it becomes with the check removed, which tests must
+/// notice (test targets of nv-tests; program tests and the fuzzer unless the check needs a
+/// real device state that `BPF_PROG_TEST_RUN` cannot give).
+struct Mutation {
+    name: &'static str,
+    file: &'static str,
+    check: &'static str,
+    removed: &'static str,
+    tests: &'static [&'static str],
+}
+
+const PROGRAMS: &[&str] = &["programs", "fuzz"];
+
+const MUTATIONS: &[Mutation] = &[
+    Mutation {
+        name: "VM source MAC is its port's",
+        file: "nv-ebpf/src/from_vm.rs",
+        check: "if eth.src != port.mac {",
+        removed: "if false {",
+        tests: PROGRAMS,
+    },
+    Mutation {
+        name: "VM source IPv4 is its port's CA",
+        file: "nv-ebpf/src/from_vm.rs",
+        check: "if v4_of(&port.ca) != Some(ip.src) {",
+        removed: "if false {",
+        tests: PROGRAMS,
+    },
+    Mutation {
+        name: "ARP sender fields are the port's",
+        file: "nv-ebpf/src/arp.rs",
+        check: "if arp.sha != port.mac || (v4_mapped(arp.spa) != port.ca && arp.spa != [0; 4]) {",
+        removed: "if false {",
+        tests: PROGRAMS,
+    },
+    Mutation {
+        name: "VLAN tag the kernel moved out of a VM's frame refused",
+        file: "nv-ebpf/src/from_vm.rs",
+        check: "if unsafe { (*skb).vlan_present } != 0 {",
+        removed: "if false {",
+        tests: &["attacks"],
+    },
+    Mutation {
+        name: "VLAN tag in a VM's frame refused",
+        file: "nv-ebpf/src/from_vm.rs",
+        check: "ETH_P_8021Q | ETH_P_8021AD => Err(Counter::DropVmVlan),",
+        removed: "",
+        tests: &["attacks"],
+    },
+    Mutation {
+        name: "no IPv4 options by rewrite",
+        file: "nv-ebpf/src/from_vm.rs",
+        check: "if overhead == 0 && hlen != 20 {",
+        removed: "if false {",
+        tests: PROGRAMS,
+    },
+    Mutation {
+        name: "too big for the uplink answered, not sent",
+        file: "nv-ebpf/src/pmtu.rs",
+        check: "if mtu == 0 || l3_len + overhead <= mtu {",
+        removed: "if true {",
+        tests: PROGRAMS,
+    },
+    Mutation {
+        name: "delivery only to the VM's own port",
+        file: "nv-ebpf/src/deliver.rs",
+        check: "if port.vsid != vsid || crate::packet::v4_of(&port.ca) != Some(ca) {",
+        removed: "if false {",
+        tests: PROGRAMS,
+    },
+    Mutation {
+        name: "no delivery to a port that is down",
+        file: "nv-ebpf/src/deliver.rs",
+        check: "if port.is_down() {",
+        removed: "if false {",
+        tests: PROGRAMS,
+    },
+    Mutation {
+        name: "NVGRE flags are NVGRE's",
+        file: "nv-ebpf/src/uplink_rx.rs",
+        check: "if u16::from_be_bytes(gre.flags) != GRE_FLAGS_NVGRE {",
+        removed: "if false {",
+        tests: PROGRAMS,
+    },
+    Mutation {
+        name: "no outer fragments",
+        file: "nv-ebpf/src/uplink_rx.rs",
+        check: "if ip.is_fragment() {\n        return Err(Counter::DropUplinkFragment);",
+        removed: "if false {\n        return Err(Counter::DropUplinkFragment);",
+        tests: PROGRAMS,
+    },
+    Mutation {
+        name: "NVGRE addressed to the uplink's MAC",
+        file: "nv-ebpf/src/uplink_rx.rs",
+        check: "if config.uplink_mac != [0; 6] && outer_eth.dst != config.uplink_mac {",
+        removed: "if false {",
+        tests: PROGRAMS,
+    },
+    Mutation {
+        name: "no tagged inner frame",
+        file: "nv-ebpf/src/uplink_rx.rs",
+        check: "ETH_P_8021Q | ETH_P_8021AD => return Err(Counter::DropUplinkInnerVlan),",
+        removed: "",
+        tests: PROGRAMS,
+    },
+    Mutation {
+        name: "inner IPv4 header a VM would take",
+        file: "nv-ebpf/src/uplink_rx.rs",
+        check: "if inner_ip.ver_ihl >> 4 != 4",
+        removed: "if false && inner_ip.ver_ihl >> 4 != 4",
+        tests: PROGRAMS,
+    },
+    Mutation {
+        name: "NVGRE only to a VM here",
+        file: "nv-ebpf/src/uplink_rx.rs",
+        check: "if dst.ifindex == 0 {",
+        removed: "if false {",
+        tests: PROGRAMS,
+    },
+    Mutation {
+        name: "NVGRE from the PA recorded for its source",
+        file: "nv-ebpf/src/uplink_rx.rs",
+        check: "if v4_of(&src.pa) != Some(ip.src) {",
+        removed: "if false {",
+        tests: PROGRAMS,
+    },
+    Mutation {
+        name: "NVGRE with the MAC recorded for its source",
+        file: "nv-ebpf/src/uplink_rx.rs",
+        check: "if inner_eth.src != src.mac {",
+        removed: "if false {",
+        tests: PROGRAMS,
+    },
+    Mutation {
+        name: "rewrite source PA of the same VSID",
+        file: "nv-ebpf/src/uplink_rx.rs",
+        check: "if src.vsid != dst.vsid {",
+        removed: "if false {",
+        tests: PROGRAMS,
+    },
+];
+
+pub fn run(only: Option<&str>) -> anyhow::Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let scratch = root.join("target/mutants/src");
+    copy_tree(&root, &scratch)?;
+    let mut rows = Vec::new();
+    for m in MUTATIONS
+        .iter()
+        .filter(|m| only.is_none_or(|o| m.name.contains(o)))
+    {
+        let path = scratch.join(m.file);
+        let original = fs::read_to_string(&path)?;
+        ensure!(
+            original.matches(m.check).count() == 1,
+            "{}: the check `{}` is not in {} exactly once (the table needs updating)",
+            m.name,
+            m.check,
+            m.file
+        );
+        fs::write(&path, original.replacen(m.check, m.removed, 1))?;
+        let start = Instant::now();
+        let caught = tests_fail(&scratch, m.tests);
+        fs::write(&path, &original)?;
+        let caught = caught?;
+        println!(
+            "{:<56} {:<8} {:>4.0} s  ({})",
+            m.name,
+            if caught { "caught" } else { "MISSED" },
+            start.elapsed().as_secs_f64(),
+            m.tests.join(", ")
+        );
+        rows.push((m.name, caught));
+    }
+    let missed: Vec<&str> = rows.iter().filter(|r| !r.1).map(|r| r.0).collect();
+    println!(
+        "mutants: {} caught, {} missed",
+        rows.len() - missed.len(),
+        missed.len()
+    );
+    if !missed.is_empty() {
+        bail!("no test notices the removal of: {}", missed.join("; "));
+    }
+    Ok(())
+}
+
+/// The tracked files of the tree, copied afresh into `to` (its build directory is kept).
+fn copy_tree(root: &Path, to: &Path) -> anyhow::Result<()> {
+    let listed = Command::new("git")
+        .args(["ls-files", "-z"])
+        .current_dir(root)
+        .output()
+        .context("run git ls-files")?;
+    ensure!(listed.status.success(), "git ls-files failed");
+    let _ = fs::remove_dir_all(to);
+    for file in listed.stdout.split(|b| *b == 0).filter(|f| !f.is_empty()) {
+        let rel = Path::new(std::str::from_utf8(file)?);
+        let dst = to.join(rel);
+        if let Some(dir) = dst.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        fs::copy(root.join(rel), &dst).with_context(|| format!("copy {}", rel.display()))?;
+    }
+    Ok(())
+}
+
+/// Whether the test targets fail in the scratch tree (a build failure is an error, not a
+/// catch: the mutation must compile).
+fn tests_fail(scratch: &Path, tests: &[&str]) -> anyhow::Result<bool> {
+    let target = scratch.join("../target");
+    let cargo = || {
+        let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        c.current_dir(scratch).env("CARGO_TARGET_DIR", &target);
+        c
+    };
+    // The integration tests run the agent binary of this build.
+    let agent = cargo()
+        .args(["build", "--quiet", "-p", "nv-agent", "--bins"])
+        .env("PATH", crate::setup::path_with_tools()?)
+        .output()
+        .context("build the agent")?;
+    if !agent.status.success() {
+        bail!(
+            "the mutated tree does not build: {}",
+            String::from_utf8_lossy(&agent.stderr)
+        );
+    }
+    let mut args = vec!["test", "--quiet", "-p", "nv-tests", "--no-run"];
+    for t in tests {
+        args.extend(["--test", t]);
+    }
+    let built = cargo()
+        .args(&args)
+        .env("PATH", crate::setup::path_with_tools()?)
+        .output()
+        .context("build the tests")?;
+    if !built.status.success() {
+        bail!(
+            "the mutated tree does not build: {}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+    }
+    args.retain(|a| *a != "--no-run");
+    let ran = cargo()
+        .args(&args)
+        .env("NV_BIN_DIR", target.join("debug"))
+        .env("PATH", crate::setup::path_with_tools()?)
+        .output()
+        .context("run the tests")?;
+    Ok(!ran.status.success())
+}
