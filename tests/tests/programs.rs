@@ -457,6 +457,50 @@ fn decapsulation_restores_the_frame_exactly() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Recomputes the checksum of the 20-byte IPv4 header at offset 14, whatever the header says
+/// (etherparse refuses to parse some of the broken ones).
+fn reset_ipv4_checksum(frame: &mut [u8]) {
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let mut sum: u32 = frame[14..34]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits")]
+    let csum = !(sum as u16);
+    frame[24..26].copy_from_slice(&csum.to_be_bytes());
+}
+
+#[test]
+fn vlan_tags_still_in_a_vms_frame_are_refused() -> anyhow::Result<()> {
+    // BPF_PROG_TEST_RUN leaves tags in the frame (the kernel's receive path would have moved
+    // the first out): 802.1Q, 802.1ad, stacked.
+    let h = host(true)?;
+    let frame = udp_frame(RED1_MAC, RED2_MAC, CA1, CA2, b"tagged");
+    for tags in [
+        &[0x81u8, 0x00, 0x00, 0x64][..],
+        &[0x88, 0xa8, 0x00, 0xc8, 0x81, 0x00, 0x00, 0x64],
+        &[0x81, 0x00, 0x01, 0x2c, 0x81, 0x00, 0x00, 0x64],
+    ] {
+        let mut tagged = frame[..12].to_vec();
+        tagged.extend_from_slice(tags);
+        tagged.extend_from_slice(&frame[12..]);
+        h.expect(FROM_VM, &tagged, Some(h.red1), TC_ACT_SHOT, "drop_vm_vlan")
+            .with_context(|| format!("tags {tags:02x?}"))?;
+    }
+    // The positive control: untagged, it is sent.
+    h.expect(
+        FROM_VM,
+        &frame,
+        Some(h.red1),
+        TC_ACT_REDIRECT,
+        "vm_tx_encap",
+    )?;
+    Ok(())
+}
+
 #[test]
 fn the_underlay_gets_no_more_trust_than_it_must() -> anyhow::Result<()> {
     let mut h = host(true)?;
@@ -472,7 +516,8 @@ fn the_underlay_gets_no_more_trust_than_it_must() -> anyhow::Result<()> {
             inner,
         )
     };
-    // A bad inner IPv4 header: checksum, version, header length, total length.
+    // A bad inner IPv4 header: checksum, version, header length, total length; each of the
+    // last three with a good checksum, so each check is met on its own.
     let mut bad_csum = to_red1.clone();
     bad_csum[24] ^= 0xff;
     let mut bad_version = to_red1.clone();
@@ -481,6 +526,13 @@ fn the_underlay_gets_no_more_trust_than_it_must() -> anyhow::Result<()> {
     bad_ihl[14] = 0x44;
     let mut bad_len = to_red1.clone();
     bad_len[16..18].copy_from_slice(&[0, 12]);
+    for frame in [&mut bad_version, &mut bad_ihl, &mut bad_len] {
+        reset_ipv4_checksum(frame);
+    }
+    // A first fragment (MF set): the encapsulator never fragments.
+    let mut outer_fragment = nvgre_to(h.uplink_mac, &to_red1);
+    outer_fragment[20] |= 0x20;
+    reset_ipv4_checksum(&mut outer_fragment);
     // The outer IPv4 length does not even hold GRE and the inner headers.
     let mut short_outer = nvgre_to(h.uplink_mac, &to_red1);
     short_outer[16..18].copy_from_slice(&[0, 40]);
@@ -519,6 +571,7 @@ fn the_underlay_gets_no_more_trust_than_it_must() -> anyhow::Result<()> {
             "drop_uplink_inner_malformed",
         ),
         ("outer length", short_outer, "drop_uplink_malformed"),
+        ("outer fragment", outer_fragment, "drop_uplink_fragment"),
     ];
     for (hook, drop) in [(UPLINK_XDP, XDP_DROP), (UPLINK_TC, TC_ACT_SHOT)] {
         if hook == UPLINK_TC {

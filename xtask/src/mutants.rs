@@ -58,7 +58,7 @@ const MUTATIONS: &[Mutation] = &[
         file: "nv-ebpf/src/from_vm.rs",
         check: "ETH_P_8021Q | ETH_P_8021AD => Err(Counter::DropVmVlan),",
         removed: "",
-        tests: &["attacks"],
+        tests: PROGRAMS,
     },
     Mutation {
         name: "no IPv4 options by rewrite",
@@ -119,8 +119,8 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "inner IPv4 header a VM would take",
         file: "nv-ebpf/src/uplink_rx.rs",
-        check: "if inner_ip.ver_ihl >> 4 != 4",
-        removed: "if false && inner_ip.ver_ihl >> 4 != 4",
+        check: "return Err(Counter::DropUplinkInnerMalformed);",
+        removed: "",
         tests: PROGRAMS,
     },
     Mutation {
