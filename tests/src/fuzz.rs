@@ -166,6 +166,36 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
 }
 
 /// Where each (VSID, CA) of the fixture lives: its port ifindex (0 when remote).
+/// The PA and MAC each record says its CA sends from: what NVGRE delivered for it must carry.
+fn sources_by_record(h: &Host) -> HashMap<LookupKey, ([u8; 4], [u8; 6])> {
+    h.desired
+        .lookups
+        .iter()
+        .map(|(k, v)| (*k, (nv_common::mapped_v4(&v.pa).unwrap_or_default(), v.mac)))
+        .collect()
+}
+
+/// A delivered NVGRE frame speaks for its inner source only as its record allows: from the
+/// PA and with the MAC recorded for (VSID, inner source CA).
+fn check_nvgre_source(
+    sources: &HashMap<LookupKey, ([u8; 4], [u8; 6])>,
+    input: &[u8],
+    vsid: u32,
+    inner: &[u8],
+) -> anyhow::Result<()> {
+    let (outer_src, _) = ipv4(input, 14).ok_or_else(|| anyhow::anyhow!("no outer IPv4"))?;
+    let (inner_src, _) = ipv4(inner, 14).ok_or_else(|| anyhow::anyhow!("no inner IPv4"))?;
+    let recorded = sources.get(&LookupKey {
+        vsid,
+        ca: inner_src,
+    });
+    ensure!(
+        recorded.is_some_and(|(pa, mac)| *pa == outer_src && inner.get(6..12) == Some(&mac[..])),
+        "delivered VSID {vsid} from {inner_src:?} via {outer_src:?}, its record says {recorded:?}"
+    );
+    Ok(())
+}
+
 fn ports_by_record(h: &Host) -> HashMap<LookupKey, u32> {
     h.desired
         .lookups
@@ -197,8 +227,14 @@ fn drops(h: &Host) -> anyhow::Result<u64> {
 }
 
 /// Checks the properties of one uplink run; `input` went in, `out`/`ret` came out.
+/// What the records say: the port of each CA here, and where each CA sends from.
+struct Known {
+    ports: HashMap<LookupKey, u32>,
+    sources: HashMap<LookupKey, ([u8; 4], [u8; 6])>,
+}
+
 fn check_uplink(
-    records: &HashMap<LookupKey, u32>,
+    known: &Known,
     hook: &str,
     input: &[u8],
     ret: u32,
@@ -209,6 +245,7 @@ fn check_uplink(
     if ret == drop {
         return Ok(());
     }
+    let (records, sources) = (&known.ports, &known.sources);
     let redirected = hook == UPLINK_TC && ret == TC_ACT_REDIRECT;
     ensure!(ret == pass || redirected, "{hook}: verdict {ret}");
     let meta_len = size_of::<DeliverMeta>();
@@ -236,7 +273,7 @@ fn check_uplink(
             owner == Some(&port) && port != 0,
             "VSID {vsid} {dst:?} delivered to port {port}, its record says {owner:?}"
         );
-        return Ok(());
+        return check_nvgre_source(sources, input, vsid, inner);
     }
     if hook == UPLINK_XDP
         && out.len() >= 28
@@ -263,6 +300,7 @@ fn check_uplink(
                 owner.is_some_and(|p| p != 0),
                 "TC delivered VSID {vsid} {dst:?}, which is no VM here"
             );
+            check_nvgre_source(sources, input, vsid, inner)?;
         } else {
             // A restored IP-rewrite packet: GREEN-1 is the only rewrite VM here.
             let (_, dst) =
@@ -393,6 +431,10 @@ pub fn run(frames: u64, seed: u64) -> anyhow::Result<Stats> {
 fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
     let mut h = host(true)?;
     let records = ports_by_record(&h);
+    let known = Known {
+        ports: records.clone(),
+        sources: sources_by_record(&h),
+    };
     let ports = [
         (h.red1, RED, RED1_MAC),
         (h.blue1, 6001, BLUE1_MAC),
@@ -433,7 +475,7 @@ fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
             let out =
                 h.dp.test_run(hook, &frame, None, 1)
                     .map_err(|e| why(e.into()))?;
-            check_uplink(&records, hook, &frame, out.ret, &out.data, drop, pass).map_err(why)?;
+            check_uplink(&known, hook, &frame, out.ret, &out.data, drop, pass).map_err(why)?;
             dropped += u64::from(out.ret == drop);
             let meta = out.data.len() >= 4
                 && [DeliverMeta::MAGIC, RestoreMeta::MAGIC]
