@@ -518,30 +518,9 @@ fn ports_other_than_veth_and_tap_are_refused_with_one_line() -> anyhow::Result<(
     let h = &bed.hosts[0];
     h.ns.ip(&["link", "add", "br9", "type", "bridge"])?;
     h.ns.ip(&["tuntap", "add", "dev", "tun9", "mode", "tun"])?;
-    for (port, kind) in [("lo", "plain"), ("br9", "bridge"), ("tun9", "tun")] {
-        h.expect_refused(
-            &[
-                "lookup",
-                "add",
-                "--vsid",
-                "5001",
-                "--ca",
-                "10.0.0.9",
-                "--pa",
-                "198.18.0.1",
-                "--mac",
-                "02:00:00:00:09:01",
-                "--port",
-                port,
-            ],
-            &format!("port '{port}' is a {kind} device, not a veth or tap"),
-        )?;
-    }
-    // A veth the host talks through (it carries an address) is no VM's port either.
-    h.ns.ip(&["link", "add", "hv9", "type", "veth", "peer", "name", "hv9p"])?;
-    h.ns.ip(&["addr", "add", "192.0.2.9/24", "dev", "hv9"])?;
-    h.expect_refused(
-        &[
+    // The same local record each time, on another port.
+    let add_on = |port: &'static str| {
+        [
             "lookup",
             "add",
             "--vsid",
@@ -553,8 +532,20 @@ fn ports_other_than_veth_and_tap_are_refused_with_one_line() -> anyhow::Result<(
             "--mac",
             "02:00:00:00:09:01",
             "--port",
-            "hv9",
-        ],
+            port,
+        ]
+    };
+    for (port, kind) in [("lo", "plain"), ("br9", "bridge"), ("tun9", "tun")] {
+        h.expect_refused(
+            &add_on(port),
+            &format!("port '{port}' is a {kind} device, not a veth or tap"),
+        )?;
+    }
+    // A veth the host talks through (it carries an address) is no VM's port either.
+    h.ns.ip(&["link", "add", "hv9", "type", "veth", "peer", "name", "hv9p"])?;
+    h.ns.ip(&["addr", "add", "192.0.2.9/24", "dev", "hv9"])?;
+    h.expect_refused(
+        &add_on("hv9"),
         "port 'hv9' carries the host address 192.0.2.9",
     )?;
     // Provider addresses go on the uplink only: not on a VM's port, not on loopback.
@@ -571,20 +562,7 @@ fn ports_other_than_veth_and_tap_are_refused_with_one_line() -> anyhow::Result<(
     );
     // The positive control: a tap is a VM port, and so is a veth (RED-1's, configured above).
     h.ns.ip(&["tuntap", "add", "dev", "tap9", "mode", "tap"])?;
-    h.nvctl(&[
-        "lookup",
-        "add",
-        "--vsid",
-        "5001",
-        "--ca",
-        "10.0.0.9",
-        "--pa",
-        "198.18.0.1",
-        "--mac",
-        "02:00:00:00:09:01",
-        "--port",
-        "tap9",
-    ])?;
+    h.nvctl(&add_on("tap9"))?;
     let status = h.nvctl_json(&["status"])?;
     let kinds: Vec<(String, String)> = status["ports"]
         .as_array()
