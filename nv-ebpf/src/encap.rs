@@ -22,7 +22,6 @@ use nv_common::{
 };
 
 use crate::{
-    maps::CONFIG,
     packet::{EthHdr, Ipv4Hdr, ptr_at, read_at, v4_of},
     underlay::{self, Hop},
 };
@@ -89,11 +88,8 @@ pub fn nvgre(
     };
     let (outer_src, outer_dst) = (u32::from_ne_bytes(outer_src), u32::from_ne_bytes(outer_dst));
     // Read again rather than passed: BPF calls take five arguments, the result's pointer one.
-    let config = CONFIG.get(0).ok_or(Counter::DropVmNoUnderlayRoute)?;
+    let config = underlay::config()?;
     let (uplink, outer_tos) = (config.uplink_ifindex, config.underlay_tos(inner_tos));
-    if uplink == 0 {
-        return Err(Counter::DropVmNoUnderlayRoute);
-    }
 
     // Outer IPv4 carries itself, GRE and the whole inner frame (its Ethernet header included).
     let outer_ip_len = ctx.len() as usize + NVGRE_V4_OVERHEAD - ETH_HLEN;

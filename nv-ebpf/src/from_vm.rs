@@ -94,8 +94,8 @@ fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
     if overhead == 0 && hlen != 20 {
         return Err(Counter::DropVmIpOptions);
     }
-    let uplink = underlay::uplink()?;
-    if let Err(offender) = pmtu::fits(ctx, uplink, ip, overhead) {
+    let config = underlay::config()?;
+    if let Err(offender) = pmtu::fits(ctx, config, ip, overhead) {
         let action = pmtu::frag_needed(ctx, port, dst.mac, offender)?;
         count(Counter::VmIcmpFragNeeded);
         return Ok(action);

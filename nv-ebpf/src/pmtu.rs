@@ -12,7 +12,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use nv_common::{
-    Counter, IcmpBucket, PortInfo,
+    Counter, DatapathConfig, IcmpBucket, PortInfo,
     wire::{
         ETH_HLEN, ETH_P_IP, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_QUOTE, IPPROTO_ICMP,
         IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IPV4_MIN_MTU, OUTER_TTL,
@@ -20,7 +20,7 @@ use nv_common::{
 };
 
 use crate::{
-    maps::{CONFIG, ICMP_BUCKET},
+    maps::ICMP_BUCKET,
     packet::{EthHdr, Ipv4Hdr, ptr_at, read_at, v4_of},
 };
 
@@ -36,8 +36,13 @@ pub struct Offender {
 /// `Ok` when the packet (its IPv4 header at `ip`) still fits the uplink with `overhead` more
 /// bytes: every segment of a GSO packet, or the packet itself. Otherwise the MTU the VM must use.
 #[inline(always)]
-pub fn fits(ctx: &TcContext, uplink: u32, ip: &Ipv4Hdr, overhead: u32) -> Result<(), Offender> {
-    let mtu = uplink_mtu(ctx, uplink);
+pub fn fits(
+    ctx: &TcContext,
+    config: &DatapathConfig,
+    ip: &Ipv4Hdr,
+    overhead: u32,
+) -> Result<(), Offender> {
+    let mtu = uplink_mtu(ctx, config);
     // SAFETY: the context pointer is valid for the whole program run.
     let (gso_segs, gso_size) = unsafe { ((*ctx.skb.skb).gso_segs, (*ctx.skb.skb).gso_size) };
     #[expect(clippy::cast_possible_truncation, reason = "at most 60")]
@@ -66,14 +71,21 @@ pub fn fits(ctx: &TcContext, uplink: u32, ip: &Ipv4Hdr, overhead: u32) -> Result
 
 /// The uplink's MTU: as the agent last saw it, or (before it said) the device's own.
 #[inline(always)]
-fn uplink_mtu(ctx: &TcContext, uplink: u32) -> u32 {
-    match CONFIG.get(0).map_or(0, |c| c.uplink_mtu) {
+fn uplink_mtu(ctx: &TcContext, config: &DatapathConfig) -> u32 {
+    match config.uplink_mtu {
         0 => {
             let mut mtu = 0u32;
             // SAFETY: helper on the program's own skb with a stack out-parameter; it writes
             // the device's MTU whatever the verdict.
-            let _ =
-                unsafe { bpf_check_mtu(ctx.skb.skb.cast::<c_void>(), uplink, &raw mut mtu, 0, 0) };
+            let _ = unsafe {
+                bpf_check_mtu(
+                    ctx.skb.skb.cast::<c_void>(),
+                    config.uplink_ifindex,
+                    &raw mut mtu,
+                    0,
+                    0,
+                )
+            };
             mtu
         }
         mtu => mtu,

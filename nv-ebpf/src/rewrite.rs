@@ -13,7 +13,6 @@ use nv_common::{
 };
 
 use crate::{
-    maps::CONFIG,
     packet::{Ipv4Hdr, csum_fold, v4_of, write_at},
     underlay,
 };
@@ -138,15 +137,12 @@ pub fn send(
         return Err(Counter::DropVmMethod);
     };
     // Read again rather than passed: BPF calls take five arguments, the result's pointer one.
-    let config = CONFIG.get(0).ok_or(Counter::DropVmNoUnderlayRoute)?;
+    let config = underlay::config()?;
     // ECN stays the tenant's: the transport's end-to-end marks ride in this very header.
     let (uplink, tos) = (
         config.uplink_ifindex,
         config.underlay_tos(ip.tos) | (ip.tos & 0x03),
     );
-    if uplink == 0 {
-        return Err(Counter::DropVmNoUnderlayRoute);
-    }
     replace_addresses(ctx, ip, src_pa, dst_pa).map_err(|()| Counter::DropVmTranslateFailed)?;
     // The tenant's own header crosses the underlay: its DSCP follows host policy too (the
     // receiver gets it as sent on the underlay).

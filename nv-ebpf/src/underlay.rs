@@ -13,7 +13,7 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
-use nv_common::{Counter, NextHop, wire::ETH_HLEN};
+use nv_common::{Counter, DatapathConfig, NextHop, wire::ETH_HLEN};
 
 use crate::{
     maps::{CONFIG, NEXTHOPS},
@@ -22,12 +22,12 @@ use crate::{
 
 const AF_INET: u8 = 2;
 
-/// The uplink's ifindex, or a counted drop when the agent has not configured it.
+/// The datapath's config once the agent has named the uplink, or a counted drop before.
 #[inline(always)]
-pub fn uplink() -> Result<u32, Counter> {
-    match CONFIG.get(0).map_or(0, |c| c.uplink_ifindex) {
-        0 => Err(Counter::DropVmNoUnderlayRoute),
-        ifindex => Ok(ifindex),
+pub fn config() -> Result<&'static DatapathConfig, Counter> {
+    match CONFIG.get(0) {
+        Some(c) if c.uplink_ifindex != 0 => Ok(c),
+        _ => Err(Counter::DropVmNoUnderlayRoute),
     }
 }
 

@@ -221,43 +221,36 @@ fn copy_tree(root: &Path, to: &Path) -> anyhow::Result<()> {
 /// catch: the mutation must compile).
 fn tests_fail(scratch: &Path, tests: &[&str]) -> anyhow::Result<bool> {
     let target = scratch.join("../target");
-    let cargo = || {
+    let path = crate::setup::path_with_tools()?;
+    let cargo = |args: &[&str]| {
         let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        c.current_dir(scratch).env("CARGO_TARGET_DIR", &target);
+        c.args(args)
+            .current_dir(scratch)
+            .env("CARGO_TARGET_DIR", &target)
+            .env("PATH", &path);
         c
     };
-    // The integration tests run the agent binary of this build.
-    let agent = cargo()
-        .args(["build", "--quiet", "-p", "nv-agent", "--bins"])
-        .env("PATH", crate::setup::path_with_tools()?)
-        .output()
-        .context("build the agent")?;
-    if !agent.status.success() {
-        bail!(
-            "the mutated tree does not build: {}",
-            String::from_utf8_lossy(&agent.stderr)
-        );
-    }
-    let mut args = vec!["test", "--quiet", "-p", "nv-tests", "--no-run"];
+    let mut test = vec!["test", "--quiet", "-p", "nv-tests"];
     for t in tests {
-        args.extend(["--test", t]);
+        test.extend(["--test", t]);
     }
-    let built = cargo()
-        .args(&args)
-        .env("PATH", crate::setup::path_with_tools()?)
-        .output()
-        .context("build the tests")?;
-    if !built.status.success() {
-        bail!(
-            "the mutated tree does not build: {}",
-            String::from_utf8_lossy(&built.stderr)
-        );
+    let mut build_tests = test.clone();
+    build_tests.push("--no-run");
+    // The integration tests run the agent binary of this build.
+    for args in [
+        &["build", "--quiet", "-p", "nv-agent", "--bins"][..],
+        &build_tests,
+    ] {
+        let built = cargo(args).output().context("build the mutated tree")?;
+        if !built.status.success() {
+            bail!(
+                "the mutated tree does not build: {}",
+                String::from_utf8_lossy(&built.stderr)
+            );
+        }
     }
-    args.retain(|a| *a != "--no-run");
-    let ran = cargo()
-        .args(&args)
+    let ran = cargo(&test)
         .env("NV_BIN_DIR", target.join("debug"))
-        .env("PATH", crate::setup::path_with_tools()?)
         .output()
         .context("run the tests")?;
     Ok(!ran.status.success())
