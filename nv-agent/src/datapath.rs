@@ -26,7 +26,7 @@ use aya::{
 };
 use nv_common::{
     Counter, DatapathConfig, IcmpBucket, LocalPa, LookupKey, LookupValue, NextHop, PortInfo,
-    RewritePa, V4, map_names, program_names,
+    RedirectTrace, RewritePa, TRACE_GLOBAL, V4, map_names, program_names,
 };
 use tracing::{debug, info};
 
@@ -69,9 +69,23 @@ pub struct Desired {
     pub hosted_vsids: HashMap<u32, u32>,
 }
 
+/// Which copy of the programs to load. Both share the pinned maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Programs {
+    /// What forwards: nothing recorded, nothing paid for it.
+    Forwarding,
+    /// For tests and packet traces: every redirect records its target
+    /// ([`TestRunOutcome::redirect`]). Never attached.
+    Tracing,
+}
+
 pub struct Datapath {
     ebpf: Ebpf,
     links_dir: PathBuf,
+    programs: Programs,
+    /// The tracing copy's redirect record, taken out of `ebpf` so it can be written through
+    /// `&self` (the loaded programs keep the map alive).
+    trace: Option<std::sync::Mutex<Array<MapData, RedirectTrace>>>,
 }
 
 /// Mounts bpffs at /sys/fs/bpf when `pin_path` is not on a bpffs yet.
@@ -242,6 +256,15 @@ fn port_link_name(ifname: &str) -> String {
 impl Datapath {
     /// Loads the programs, reusing the maps pinned under `pin_path` when they exist.
     pub fn load(pin_path: &Path, max_lookups: u32) -> Result<Datapath> {
+        Self::load_programs(pin_path, max_lookups, Programs::Forwarding)
+    }
+
+    /// As [`Datapath::load`], choosing the copy of the programs.
+    pub fn load_programs(
+        pin_path: &Path,
+        max_lookups: u32,
+        programs: Programs,
+    ) -> Result<Datapath> {
         ensure_bpffs(pin_path)?;
         let maps_dir = pin_path.join("maps");
         let links_dir = pin_path.join("links");
@@ -249,7 +272,9 @@ impl Datapath {
             fs::create_dir_all(dir).map_err(|e| dp_err(format!("create {}", dir.display()), e))?;
         }
         check_pinned_layouts(&maps_dir)?;
+        let trace = u32::from(programs == Programs::Tracing);
         let mut ebpf = EbpfLoader::new()
+            .override_global(TRACE_GLOBAL, &trace, true)
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(map_names::LOOKUPS, max_lookups)
             .load(crate::EBPF_OBJECT)
@@ -261,7 +286,22 @@ impl Datapath {
         let xdp: &mut Xdp = program(&mut ebpf, program_names::UPLINK_XDP)?;
         xdp.load()
             .map_err(|e| dp_err(format!("load {}", program_names::UPLINK_XDP), e))?;
-        Ok(Datapath { ebpf, links_dir })
+        let trace = match programs {
+            Programs::Tracing => {
+                let map = ebpf.take_map(map_names::TRACE_REDIRECT).ok_or_else(|| {
+                    NvError::Datapath(format!("{} missing", map_names::TRACE_REDIRECT))
+                })?;
+                let map = Array::try_from(map).map_err(|e| dp_err("trace map", e))?;
+                Some(std::sync::Mutex::new(map))
+            }
+            Programs::Forwarding => None,
+        };
+        Ok(Datapath {
+            ebpf,
+            links_dir,
+            programs,
+            trace,
+        })
     }
 
     /// Loads the do-nothing programs, so a benchmark can measure its floor in the same run.
@@ -460,6 +500,9 @@ impl Datapath {
             .program(prog)
             .ok_or_else(|| NvError::Datapath(format!("program {prog} missing from the object")))?;
         let mut out = vec![0u8; data.len() + 256];
+        if self.programs == Programs::Tracing {
+            self.set_redirect_trace(RedirectTrace::default())?;
+        }
         let mut ctx = [0u8; SK_BUFF_SIZE];
         ctx[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4]
             .copy_from_slice(&ifindex.unwrap_or(0).to_ne_bytes());
@@ -481,11 +524,37 @@ impl Datapath {
         }
         .map_err(|e| dp_err(format!("test run {prog}"), e))?;
         out.truncate(result.data_size_out as usize);
+        let redirect = match self.programs {
+            Programs::Tracing => Some(self.redirect_trace()?).filter(|r| r.how != 0),
+            Programs::Forwarding => None,
+        };
         Ok(TestRunOutcome {
             ret: result.return_value,
             data: out,
             duration: result.duration,
+            redirect,
         })
+    }
+
+    fn set_redirect_trace(&self, value: RedirectTrace) -> Result<()> {
+        let Some(trace) = &self.trace else {
+            return Err(NvError::Datapath("not a tracing copy".into()));
+        };
+        let mut map = trace
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.set(0, value, 0)
+            .map_err(|e| dp_err("reset trace map", e))
+    }
+
+    fn redirect_trace(&self) -> Result<RedirectTrace> {
+        let Some(trace) = &self.trace else {
+            return Err(NvError::Datapath("not a tracing copy".into()));
+        };
+        let map = trace
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(&0, 0).map_err(|e| dp_err("read trace map", e))
     }
 }
 
@@ -519,6 +588,8 @@ pub struct TestRunOutcome {
     pub data: Vec<u8>,
     /// Mean time per run, as the kernel measured it.
     pub duration: std::time::Duration,
+    /// Where the frame was redirected, for programs loaded as [`Programs::Tracing`].
+    pub redirect: Option<RedirectTrace>,
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>

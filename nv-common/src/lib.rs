@@ -30,6 +30,8 @@ pub mod map_names {
     pub const NEXTHOPS: &str = "NV_NEXTHOPS";
     pub const HOSTED_VSIDS: &str = "NV_HOSTED_VSIDS";
     pub const ICMP_BUCKET: &str = "NV_ICMP_BUCKET";
+    /// Not pinned: each loaded copy of the programs has its own ([`RedirectTrace`]).
+    pub const TRACE_REDIRECT: &str = "NV_TRACE_REDIRECT";
     pub const ALL: [&str; 9] = [
         LOOKUPS,
         PORTS,
@@ -346,6 +348,29 @@ pub struct RestoreMeta {
     pub dst_mac: [u8; 6],
 }
 
+/// Where the last redirect of a program run went, recorded only by programs loaded with the
+/// [`TRACE_GLOBAL`] switch on (tests and packet traces, never the forwarding copy: with the
+/// switch off the verifier removes the recording as dead code).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedirectTrace {
+    pub ifindex: u32,
+    /// [`RedirectTrace::EGRESS`], [`RedirectTrace::PEER`] or [`RedirectTrace::NEIGH`].
+    pub how: u32,
+}
+
+impl RedirectTrace {
+    /// `bpf_redirect` to the device's egress (the uplink, a tap, or back out of a VM's port).
+    pub const EGRESS: u32 = 1;
+    /// `bpf_redirect_peer`: into the namespace behind a veth.
+    pub const PEER: u32 = 2;
+    /// `bpf_redirect_neigh`: to the uplink, the kernel resolving the next hop.
+    pub const NEIGH: u32 = 3;
+}
+
+/// The name of the read-only global that turns [`RedirectTrace`] recording on at load time.
+pub const TRACE_GLOBAL: &str = "NV_TRACE";
+
 impl RestoreMeta {
     pub const MAGIC: u32 = 0x6e76_7231; // "nvr1"
 }
@@ -370,6 +395,7 @@ const _: () = {
     assert!(core::mem::offset_of!(RewritePa, ca) % 4 == 0);
     assert!(core::mem::size_of::<NextHop>() == 32);
     assert!(core::mem::size_of::<IcmpBucket>() == 16);
+    assert!(core::mem::size_of::<RedirectTrace>() == 8);
 };
 
 #[cfg(feature = "user")]
@@ -384,6 +410,7 @@ mod pod {
     unsafe impl aya::Pod for super::RewritePa {}
     unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::IcmpBucket {}
+    unsafe impl aya::Pod for super::RedirectTrace {}
 }
 
 #[cfg(test)]

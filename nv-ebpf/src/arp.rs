@@ -1,6 +1,6 @@
 //! The ARP responder: a VM's request for a customer address of its own VSID is answered from the
 //! lookup records, so nothing is flooded and no MAC is ever learned.
-use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::bpf_redirect, programs::TcContext};
+use aya_ebpf::programs::TcContext;
 use nv_common::{
     Counter, LookupKey, PortInfo, v4_mapped,
     wire::{ARPHRD_ETHER, ARPOP_REPLY, ARPOP_REQUEST, ETH_HLEN, ETH_P_IP},
@@ -57,9 +57,7 @@ pub fn reply(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
     eth.dst = requester_mac;
     eth.src = target.mac;
     count(Counter::VmArpReplied);
-    // SAFETY: plain helper call; egress of the port the request came in on.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let action = unsafe { bpf_redirect(ifindex, 0) };
-    debug_assert!(action == i64::from(TC_ACT_REDIRECT));
-    Ok(action as i32)
+    // Egress of the port the request came in on.
+    // SAFETY: the context pointer is valid for the whole program run.
+    Ok(crate::redirect::egress(unsafe { (*ctx.skb.skb).ifindex }))
 }

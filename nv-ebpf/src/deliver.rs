@@ -5,13 +5,10 @@
 //! it over. The redirect helpers report success before the kernel looks the target up, and a
 //! target that is down frees the frame without a trace: so a frame is counted delivered only
 //! once the port is known to be the VM's and running, and otherwise dropped with its reason.
-use aya_ebpf::{
-    helpers::{bpf_redirect, bpf_redirect_peer},
-    programs::TcContext,
-};
+use aya_ebpf::programs::TcContext;
 use nv_common::Counter;
 
-use crate::{maps::PORTS, packet::set_host};
+use crate::{maps::PORTS, packet::set_host, redirect};
 
 /// Hands the frame to the VM (`vsid`, `ca`: IPv4, network order) behind `ifindex`, or says why
 /// it cannot.
@@ -29,16 +26,11 @@ pub fn to_vm(ctx: &TcContext, ifindex: u32, vsid: u32, ca: [u8; 4]) -> Result<i3
     // sending VM's port); the VM must see it as addressed to it, and neither redirect
     // classifies again.
     set_host(ctx);
-    // SAFETY: plain helper calls; the port entry says which one the device takes.
-    let action = unsafe {
-        if port.is_tap() {
-            // A tap's transmit is the guest's receive: redirect_peer only works for veth and
-            // netkit, and into a tap it frees the frame.
-            bpf_redirect(ifindex, 0)
-        } else {
-            bpf_redirect_peer(ifindex, 0)
-        }
-    };
-    #[expect(clippy::cast_possible_truncation, reason = "TC_ACT_REDIRECT")]
-    Ok(action as i32)
+    Ok(if port.is_tap() {
+        // A tap's transmit is the guest's receive: redirect_peer only works for veth and
+        // netkit, and into a tap it frees the frame.
+        redirect::egress(ifindex)
+    } else {
+        redirect::peer(ifindex)
+    })
 }

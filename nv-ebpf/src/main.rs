@@ -5,6 +5,7 @@
 //! - `rewrite`: IP rewrite (customer addresses to provider addresses and back)
 //! - `underlay`: MTU check, next hop from the FIB, redirect to the uplink
 //! - `pmtu`: ICMP "fragmentation needed" for VM packets too big for the uplink
+//! - `redirect`: every redirect, recorded in copies loaded for tests and traces
 //! - `deliver`: delivery into a VM port (veth or tap), known to be the VM's and running
 //! - `uplink_xdp`: XDP on the uplink: NVGRE validation and decapsulation
 //! - `uplink_tc`: TC ingress on the uplink: hands decapsulated frames to VM ports
@@ -19,6 +20,7 @@ mod from_vm;
 mod maps;
 mod packet;
 mod pmtu;
+mod redirect;
 mod rewrite;
 mod underlay;
 mod uplink_rx;

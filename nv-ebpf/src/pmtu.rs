@@ -7,8 +7,8 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_REDIRECT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
-    helpers::{bpf_check_mtu, bpf_csum_diff, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail},
+    bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    helpers::{bpf_check_mtu, bpf_csum_diff, bpf_ktime_get_ns, bpf_skb_change_tail},
     programs::TcContext,
 };
 use nv_common::{
@@ -121,37 +121,50 @@ fn may_answer() -> bool {
 /// ICMP "fragmentation needed" back to the VM behind `port`, from the address it wrote to
 /// (Ethernet source `from_mac`, the MAC that address answers ARP with). The packet becomes
 /// the answer: trimmed to the quote, 28 bytes of IPv4 and ICMP header put in front of it.
-// Out of line: its own stack frame keeps every path under the 512-byte BPF stack limit.
-#[inline(never)]
+#[inline(always)]
 pub fn frag_needed(
     ctx: &TcContext,
     port: &PortInfo,
     from_mac: [u8; 6],
     offender: Offender,
 ) -> Result<i32, Counter> {
-    let ip: Ipv4Hdr = read_at(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(Counter::DropVmTooBig)?;
+    build_answer(ctx, port, from_mac, offender).ok_or(Counter::DropVmTooBig)?;
+    // Out of the port the packet came in on: its egress is the VM's receive, veth or tap.
+    // SAFETY: the context pointer is valid for the whole program run.
+    Ok(crate::redirect::egress(unsafe { (*ctx.skb.skb).ifindex }))
+}
+
+/// Turns the packet into the answer, or says it must not be answered (then it is dropped as
+/// too big).
+// Out of line: its own stack frame keeps every path under the 512-byte BPF stack limit. It
+// returns a scalar: a BPF subprogram cannot hand back an aggregate through its caller's stack.
+#[inline(never)]
+fn build_answer(
+    ctx: &TcContext,
+    port: &PortInfo,
+    from_mac: [u8; 6],
+    offender: Offender,
+) -> Option<()> {
+    let ip: Ipv4Hdr = read_at(ctx.data(), ctx.data_end(), ETH_HLEN)?;
     // Never an error about an error (RFC 1122 3.2.2), nor about a later fragment.
     let later_fragment = u16::from_be_bytes(ip.frag) & 0x1fff != 0;
     let is_error = ip.proto == IPPROTO_ICMP
         && read_at::<u8>(ctx.data(), ctx.data_end(), ETH_HLEN + ip.hlen())
             .is_none_or(|t| !matches!(t, 0 | 8 | 13 | 14));
-    let Some(vm_ca) = v4_of(&port.ca) else {
-        return Err(Counter::DropVmTooBig);
-    };
+    let vm_ca = v4_of(&port.ca)?;
     if later_fragment || is_error || offender.mtu < IPV4_MIN_MTU || !may_answer() {
-        return Err(Counter::DropVmTooBig);
+        return None;
     }
     // SAFETY: helper on the program's own skb; the packet is longer than the quote (it is
     // bigger than an MTU of at least 68 bytes).
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + ICMP_QUOTE) as u32, 0) } != 0 {
-        return Err(Counter::DropVmTooBig);
+        return None;
     }
     #[expect(clippy::cast_possible_wrap, reason = "28 bytes")]
     let room = (IPV4_HLEN + ICMP_HLEN) as i32;
-    ctx.adjust_room(room, BPF_ADJ_ROOM_MAC, 0)
-        .map_err(|_| Counter::DropVmTooBig)?;
+    ctx.adjust_room(room, BPF_ADJ_ROOM_MAC, 0).ok()?;
 
-    let h = ptr_at::<Answer>(ctx.data(), ctx.data_end(), 0).ok_or(Counter::DropVmTooBig)?;
+    let h = ptr_at::<Answer>(ctx.data(), ctx.data_end(), 0)?;
     // SAFETY: bounds-checked above; every field is a byte array (alignment 1).
     let h = unsafe { &mut *h };
     h.eth = EthHdr {
@@ -188,8 +201,7 @@ pub fn frag_needed(
         mtu,
     };
     let quote =
-        ptr_at::<[u8; ICMP_QUOTE]>(ctx.data(), ctx.data_end(), ETH_HLEN + IPV4_HLEN + ICMP_HLEN)
-            .ok_or(Counter::DropVmTooBig)?;
+        ptr_at::<[u8; ICMP_QUOTE]>(ctx.data(), ctx.data_end(), ETH_HLEN + IPV4_HLEN + ICMP_HLEN)?;
     // SAFETY: helper reading the bounds-checked quote; no "from" buffer.
     let sum = unsafe {
         bpf_csum_diff(
@@ -200,7 +212,7 @@ pub fn frag_needed(
             0,
         )
     };
-    let h = ptr_at::<Answer>(ctx.data(), ctx.data_end(), 0).ok_or(Counter::DropVmTooBig)?;
+    let h = ptr_at::<Answer>(ctx.data(), ctx.data_end(), 0)?;
     // SAFETY: bounds-checked again: the helper call ended the earlier view's life.
     let h = unsafe { &mut *h };
     #[expect(
@@ -218,13 +230,7 @@ pub fn frag_needed(
     #[expect(clippy::cast_possible_truncation, reason = "folded to 32 bits")]
     let csum = crate::packet::csum_fold(((sum & 0xffff_ffff) + (sum >> 32)) as u32);
     h.icmp.csum = csum.to_ne_bytes();
-
-    // Out of the port the packet came in on: its egress is the VM's receive, veth or tap.
-    // SAFETY: the context pointer is valid for the whole program run; plain helper call.
-    let action = unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) };
-    debug_assert!(action == i64::from(TC_ACT_REDIRECT));
-    #[expect(clippy::cast_possible_truncation, reason = "TC_ACT_REDIRECT")]
-    Ok(action as i32)
+    Some(())
 }
 
 const ICMP_HLEN: usize = 8;

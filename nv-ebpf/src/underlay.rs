@@ -1,16 +1,13 @@
 //! The hand-off of a translated packet to the underlay: MTU check, next hop from the FIB,
 //! redirect to the uplink. Shared by NVGRE encapsulation and IP rewrite.
-use core::{ffi::c_void, mem::size_of, ptr};
+use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         BPF_FIB_LOOKUP_OUTPUT, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_fib_lookup,
     },
-    helpers::{
-        bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_jiffies64, bpf_redirect,
-        bpf_redirect_neigh,
-    },
+    helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_jiffies64},
     programs::TcContext,
 };
 use nv_common::{Counter, DatapathConfig, NextHop, wire::ETH_HLEN};
@@ -72,10 +69,8 @@ pub fn transmit(
 #[inline(always)]
 pub fn send(uplink: u32, hop: &Hop) -> i32 {
     match hop {
-        // SAFETY: plain helper call.
-        Hop::Direct { ifindex, .. } => unsafe { bpf_redirect(*ifindex, 0) as i32 },
-        // SAFETY: plain helper call.
-        Hop::Kernel => unsafe { bpf_redirect_neigh(uplink, ptr::null_mut(), 0, 0) as i32 },
+        Hop::Direct { ifindex, .. } => crate::redirect::egress(*ifindex),
+        Hop::Kernel => crate::redirect::neigh(uplink),
     }
 }
 

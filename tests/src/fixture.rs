@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, ensure};
 use etherparse::{IpNumber, Ipv4Header, Ipv4HeaderSlice, PacketBuilder};
+pub use nv_agent::datapath::Programs;
 use nv_agent::datapath::{Datapath, Desired};
 use nv_common::{
     DatapathConfig, LocalPa, LookupKey, LookupValue, Method, PortInfo, RewritePa, flow::flow_id_v4,
@@ -200,17 +201,19 @@ pub fn host_maps(ns: &Netns) -> anyhow::Result<Desired> {
     Ok(d)
 }
 
+/// A host whose programs record where they redirect ([`Programs::Tracing`]).
 pub fn host(forwarding: bool) -> anyhow::Result<Host> {
-    host_with(forwarding, 0)
+    host_with(forwarding, 0, Programs::Tracing)
 }
 
 /// As `host`, with `extra` more remote lookup records (VSID 9001, 10.x.y.z) in the map, so
-/// lookups run against a table of realistic size.
-pub fn host_with(forwarding: bool, extra: u32) -> anyhow::Result<Host> {
+/// lookups run against a table of realistic size, and the copy of the programs to load (a
+/// benchmark measures the forwarding copy).
+pub fn host_with(forwarding: bool, extra: u32, programs: Programs) -> anyhow::Result<Host> {
     let ns = host_namespace(forwarding)?;
     ns.enter_current_thread()?;
     let pin = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", ns.name)));
-    let mut dp = Datapath::load(&pin.0, 1024 + extra)?;
+    let mut dp = Datapath::load_programs(&pin.0, 1024 + extra, programs)?;
     dp.load_floors()?;
     let mut desired = host_maps(&ns)?;
     for i in 0..extra {

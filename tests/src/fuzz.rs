@@ -5,12 +5,14 @@
 //!   under a reason (the drop counters grow by exactly the number of drops);
 //! - every frame that comes out goes to the port of the VSID and CA it belongs to, and to no
 //!   other: NVGRE only to the VM whose (VSID, CA) the key and inner destination name, a VM's frame
-//!   only inside its own VSID.
+//!   only inside its own VSID. On TC paths the port is the one the program redirected to, as
+//!   the tracing copy of the programs records it ([`RedirectTrace`]), and how it was redirected
+//!   (into a veth's peer, out of the uplink, back out of the sending VM's own port).
 use std::{collections::HashMap, mem::size_of};
 
 use anyhow::{bail, ensure};
 use nv_common::{
-    DatapathConfig, DeliverMeta, LookupKey, RestoreMeta,
+    DatapathConfig, DeliverMeta, LookupKey, RedirectTrace, RestoreMeta,
     program_names::{FROM_VM, UPLINK_TC, UPLINK_XDP},
 };
 
@@ -231,14 +233,46 @@ fn drops(h: &Host) -> anyhow::Result<u64> {
 struct Known {
     ports: HashMap<LookupKey, u32>,
     sources: HashMap<LookupKey, ([u8; 4], [u8; 6])>,
+    uplink: u32,
 }
 
+/// The fixture's VM ports are veths: delivery into one is a redirect to its peer.
+fn into_vm(port: u32) -> RedirectTrace {
+    RedirectTrace {
+        ifindex: port,
+        how: RedirectTrace::PEER,
+    }
+}
+
+/// Back out of the port a frame came in on: the VM's receive.
+fn back_to(port: u32) -> RedirectTrace {
+    RedirectTrace {
+        ifindex: port,
+        how: RedirectTrace::EGRESS,
+    }
+}
+
+fn ensure_to_uplink(known: &Known, redirect: Option<RedirectTrace>) -> anyhow::Result<()> {
+    ensure!(
+        redirect.is_some_and(|r| r.ifindex == known.uplink
+            && [RedirectTrace::EGRESS, RedirectTrace::NEIGH].contains(&r.how)),
+        "underlay frame redirected as {redirect:?}, not out of the uplink {}",
+        known.uplink
+    );
+    Ok(())
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one run's input, verdict and output"
+)]
 fn check_uplink(
     known: &Known,
     hook: &str,
     input: &[u8],
     ret: u32,
     out: &[u8],
+    redirect: Option<RedirectTrace>,
     drop: u32,
     pass: u32,
 ) -> anyhow::Result<()> {
@@ -300,6 +334,10 @@ fn check_uplink(
                 owner.is_some_and(|p| p != 0),
                 "TC delivered VSID {vsid} {dst:?}, which is no VM here"
             );
+            ensure!(
+                redirect == owner.map(into_vm),
+                "TC delivered VSID {vsid} {dst:?} as {redirect:?}, its record says port {owner:?}"
+            );
             check_nvgre_source(sources, input, vsid, inner)?;
         } else {
             // A restored IP-rewrite packet: GREEN-1 is the only rewrite VM here.
@@ -310,23 +348,44 @@ fn check_uplink(
                 "restored packet for {dst:?} to {:02x?}",
                 out.get(0..6)
             );
+            let green1 = records
+                .get(&LookupKey {
+                    vsid: 7001,
+                    ca: CA1,
+                })
+                .copied();
+            ensure!(
+                redirect == green1.map(into_vm),
+                "restored packet for GREEN-1 (port {green1:?}) redirected as {redirect:?}"
+            );
         }
         return Ok(());
     }
-    // Passed: untouched.
+    // Passed: untouched, and nowhere else.
     ensure!(out == input, "{hook} passed a modified frame");
+    ensure!(
+        redirect.is_none(),
+        "{hook} passed a frame it redirected: {redirect:?}"
+    );
     Ok(())
 }
 
-/// Checks a from-VM run on the port of (`vsid`, `ca`, `mac`).
+/// Checks a from-VM run on `port`, the port of (`vsid`, `mac`).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one run's input, verdict and output"
+)]
 fn check_from_vm(
-    records: &HashMap<LookupKey, u32>,
+    known: &Known,
+    port: u32,
     vsid: u32,
     mac: [u8; 6],
     input: &[u8],
     ret: u32,
     out: &[u8],
+    redirect: Option<RedirectTrace>,
 ) -> anyhow::Result<()> {
+    let records = &known.ports;
     match ret {
         TC_ACT_SHOT => return Ok(()),
         TC_ACT_REDIRECT => {}
@@ -350,6 +409,10 @@ fn check_from_vm(
             records.contains_key(&LookupKey { vsid, ca: spa }),
             "ARP answered for {spa:?} outside VSID {vsid}"
         );
+        ensure!(
+            redirect == Some(back_to(port)),
+            "ARP reply to port {port} redirected as {redirect:?}"
+        );
         return Ok(());
     }
     // NVGRE grows the frame by exactly its 42 bytes (a rewritten frame keeps its size, even
@@ -366,7 +429,7 @@ fn check_from_vm(
             records.contains_key(&LookupKey { vsid, ca: dst }),
             "sent to {dst:?}, no CA of VSID {vsid}"
         );
-        return Ok(());
+        return ensure_to_uplink(known, redirect);
     }
     let (src, dst) =
         ipv4(out, 14).ok_or_else(|| anyhow::anyhow!("redirected a frame without IPv4"))?;
@@ -391,23 +454,31 @@ fn check_from_vm(
             out.get(42..) == input.get(14..14 + 68),
             "ICMP answer does not quote what the VM sent"
         );
+        ensure!(
+            redirect == Some(back_to(port)),
+            "ICMP answer to port {port} redirected as {redirect:?}"
+        );
         return Ok(());
     }
     if out == input {
+        let owner = records.get(&LookupKey { vsid, ca: dst }).copied();
         ensure!(
-            records
-                .get(&LookupKey { vsid, ca: dst })
-                .is_some_and(|p| *p != 0),
+            owner.is_some_and(|p| p != 0),
             "delivered locally to {dst:?}, no VM of VSID {vsid} here"
         );
+        ensure!(
+            redirect == owner.map(into_vm),
+            "delivered locally to {dst:?} as {redirect:?}, its record says port {owner:?}"
+        );
+        Ok(())
     } else {
         // IP rewrite: only GREEN's dedicated PAs may appear.
         ensure!(
             src == GREEN1_PA && dst == GREEN2_PA && vsid == 7001,
             "rewrite from VSID {vsid}: {src:?} -> {dst:?}"
         );
+        ensure_to_uplink(known, redirect)
     }
-    Ok(())
 }
 
 /// What a fuzzing run saw: every category must be non-empty for the properties to mean much.
@@ -430,10 +501,10 @@ pub fn run(frames: u64, seed: u64) -> anyhow::Result<Stats> {
 
 fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
     let mut h = host(true)?;
-    let records = ports_by_record(&h);
     let known = Known {
-        ports: records.clone(),
+        ports: ports_by_record(&h),
         sources: sources_by_record(&h),
+        uplink: h.ns.ifindex("uplink0")?,
     };
     let ports = [
         (h.red1, RED, RED1_MAC),
@@ -464,7 +535,17 @@ fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
             let out =
                 h.dp.test_run(FROM_VM, &frame, Some(port), 1)
                     .map_err(|e| why(e.into()))?;
-            check_from_vm(&records, vsid, mac, &frame, out.ret, &out.data).map_err(why)?;
+            check_from_vm(
+                &known,
+                port,
+                vsid,
+                mac,
+                &frame,
+                out.ret,
+                &out.data,
+                out.redirect,
+            )
+            .map_err(why)?;
             dropped += u64::from(out.ret == TC_ACT_SHOT);
             stats.delivered += u64::from(out.ret == TC_ACT_REDIRECT);
             let (hook, drop, pass) = if phase == 0 {
@@ -475,7 +556,17 @@ fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
             let out =
                 h.dp.test_run(hook, &frame, None, 1)
                     .map_err(|e| why(e.into()))?;
-            check_uplink(&known, hook, &frame, out.ret, &out.data, drop, pass).map_err(why)?;
+            check_uplink(
+                &known,
+                hook,
+                &frame,
+                out.ret,
+                &out.data,
+                out.redirect,
+                drop,
+                pass,
+            )
+            .map_err(why)?;
             dropped += u64::from(out.ret == drop);
             let meta = out.data.len() >= 4
                 && [DeliverMeta::MAGIC, RestoreMeta::MAGIC]

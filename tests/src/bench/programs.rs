@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::{Scale, quantile};
 use crate::fixture::{
     BLUE2_MAC, CA1, CA2, CA3, GATEWAY_MAC, GREEN_GATEWAY_MAC, GREEN1_MAC, GREEN1_PA, GREEN2_MAC,
-    GREEN2_PA, Host, LOCAL_PA, RED, RED1_MAC, RED2_MAC, RED3_MAC, REMOTE_PA, TC_ACT_OK,
+    GREEN2_PA, Host, LOCAL_PA, Programs, RED, RED1_MAC, RED2_MAC, RED3_MAC, REMOTE_PA, TC_ACT_OK,
     TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, host_with, nvgre, udp_frame,
 };
 
@@ -289,7 +289,7 @@ fn measure(scale: Scale) -> anyhow::Result<Vec<Cost>> {
     let repeat = scale.pick(1_000_000, 1_000);
     let mut out = Vec::new();
     for records in [1_000u32, scale.pick(1_000_000, 20_000)] {
-        let mut h = host_with(true, records)?;
+        let mut h = host_with(true, records, Programs::Forwarding)?;
         // An underlay with room for the NVGRE header on 1500-byte frames, as the README asks
         // of operators: otherwise 1500-byte encapsulation is a drop (too big).
         h.ns.ip(&["link", "set", "uplink0", "mtu", "9000"])?;
