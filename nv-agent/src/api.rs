@@ -11,20 +11,23 @@
 //! | POST   | /v1/lookups/move     | `{vsid, ca, pa, port?}` |
 //! | POST   | /v1/lookups/import   | a list of lookup records, all or none |
 //! | GET    | /v1/stats            |                    |
+//! | GET    | /v1/status           |                    |
 //!
-//! Errors are `{"error": "one line"}` with 400 (invalid), 404, 409 (conflict) or 500.
+//! Errors are `{"error": "one line"}` with 400 (invalid), 404, 409 (conflict), 503 (too many
+//! imports waiting) or 500.
 use std::{net::IpAddr, sync::Arc};
 
 use axum::{
-    Json, Router,
-    extract::{DefaultBodyLimit, Query, State, rejection::JsonRejection},
+    Extension, Json, Router,
+    extract::{DefaultBodyLimit, Query, Request, State, rejection::JsonRejection},
     http::StatusCode,
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tower::limit::ConcurrencyLimitLayer;
 
 use crate::{
@@ -37,10 +40,15 @@ use crate::{
 const MAX_BODY: usize = 64 * 1024;
 /// An import carries a table: a million records are about 150 MB of JSON.
 const MAX_IMPORT_BODY: usize = 512 * 1024 * 1024;
-/// Imports read and parsed at once: each may hold a table's worth of memory, so more wait
-/// their turn (unread) instead of exhausting the host.
+/// Imports read, parsed and applied at once: each may hold a table's worth of memory, so more
+/// wait their turn (unread) instead of exhausting the host.
 const IMPORTS_AT_ONCE: usize = 1;
-/// Requests served at once; the rest wait for a slot before their bodies are read.
+/// Imports that may wait for their turn; more are refused at once (503), so that waiting
+/// imports never hold every connection the agent serves.
+const IMPORTS_WAITING: usize = 4;
+/// Requests other than imports served at once; the rest wait for a slot before their bodies
+/// are read. Imports do not count: a queue of them never keeps `nvctl status` waiting for
+/// more than the import that is running.
 const REQUESTS_AT_ONCE: usize = 32;
 
 pub type Shared = Arc<Mutex<Agent>>;
@@ -92,7 +100,47 @@ struct LookupQuery {
     ca: IpAddr,
 }
 
+/// An import's turn: held from before its body is read until its change has run to the end
+/// (the change keeps it when the client hangs up), so parsed tables never pile up in memory.
+#[derive(Clone)]
+struct ImportTurn(#[expect(dead_code, reason = "held, never read")] Arc<[OwnedSemaphorePermit; 2]>);
+
+struct ImportGate {
+    admitted: Arc<Semaphore>,
+    running: Arc<Semaphore>,
+}
+
+async fn admit_import(
+    State(gate): State<Arc<ImportGate>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let Ok(admitted) = gate.admitted.clone().try_acquire_owned() else {
+        return ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "an import is running and {IMPORTS_WAITING} more are waiting; retry when one is done"
+            ),
+        )
+        .into_response();
+    };
+    let Ok(running) = gate.running.clone().acquire_owned().await else {
+        return ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is stopping".into(),
+        )
+        .into_response();
+    };
+    req.extensions_mut()
+        .insert(ImportTurn(Arc::new([admitted, running])));
+    next.run(req).await
+}
+
 pub fn router(agent: Shared) -> Router {
+    let gate = Arc::new(ImportGate {
+        admitted: Arc::new(Semaphore::new(IMPORTS_AT_ONCE + IMPORTS_WAITING)),
+        running: Arc::new(Semaphore::new(IMPORTS_AT_ONCE)),
+    });
     Router::new()
         .route(
             "/v1/providers",
@@ -103,16 +151,17 @@ pub fn router(agent: Shared) -> Router {
             get(list_lookups).post(add_lookup).delete(del_lookup),
         )
         .route("/v1/lookups/move", post(move_lookup))
-        .route(
-            "/v1/lookups/import",
-            post(import_lookups)
-                .layer::<_, std::convert::Infallible>(DefaultBodyLimit::max(MAX_IMPORT_BODY))
-                .layer::<_, std::convert::Infallible>(ConcurrencyLimitLayer::new(IMPORTS_AT_ONCE)),
-        )
         .route("/v1/stats", get(stats))
         .route("/v1/status", get(status))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(ConcurrencyLimitLayer::new(REQUESTS_AT_ONCE))
+        // Added after the layers above, so outside them: imports have their own limits.
+        .route(
+            "/v1/lookups/import",
+            post(import_lookups)
+                .layer::<_, std::convert::Infallible>(DefaultBodyLimit::max(MAX_IMPORT_BODY))
+                .layer(middleware::from_fn_with_state(gate, admit_import)),
+        )
         .with_state(agent)
 }
 
@@ -193,10 +242,15 @@ async fn move_lookup(
 
 async fn import_lookups(
     State(a): State<Shared>,
+    Extension(turn): Extension<ImportTurn>,
     body: Result<Json<Vec<LookupRecord>>, JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Json(records) = body?;
-    let imported = whole(async move { a.lock().await.import_lookups(records).await }).await?;
+    let imported = whole(async move {
+        let _turn = turn;
+        a.lock().await.import_lookups(records).await
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(json!({ "imported": imported }))))
 }
 

@@ -20,9 +20,19 @@ use nv_tests::{
 
 /// Sends raw bytes to the API socket and returns (status, body).
 fn raw(socket: &Path, request: &[u8]) -> anyhow::Result<(u16, String)> {
+    raw_waiting(socket, request, Duration::from_secs(10))
+}
+
+/// As [`raw`], waiting up to `wait` for the answer. An answer given before the whole request
+/// was taken (a refusal) still counts: the agent closes its end then, and writing fails.
+fn raw_waiting(socket: &Path, request: &[u8], wait: Duration) -> anyhow::Result<(u16, String)> {
     let mut s = UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(request)?;
+    s.set_read_timeout(Some(wait))?;
+    if let Err(e) = s.write_all(request)
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        return Err(e.into());
+    }
     let mut out = Vec::new();
     s.read_to_end(&mut out)?;
     let text = String::from_utf8_lossy(&out).into_owned();
@@ -460,7 +470,12 @@ fn lookup_entries(h: &Host) -> anyhow::Result<usize> {
 
 /// An import of 3000 records of VSID `vsid` as one request.
 fn import_request(vsid: u32) -> Vec<u8> {
-    let records: Vec<String> = (0..3000u32)
+    import_of(vsid, 3000)
+}
+
+/// An import of `n` records of VSID `vsid` as one request.
+fn import_of(vsid: u32, n: u32) -> Vec<u8> {
+    let records: Vec<String> = (0..n)
         .map(|i| {
             format!(
                 r#"{{"vsid":{vsid},"ca":"10.{}.{}.{}","pa":"198.18.0.2","mac":"02:09:00:{:02x}:{:02x}:{:02x}"}}"#,
@@ -567,6 +582,154 @@ fn clients_that_hang_up_mid_change_leave_store_and_maps_agreeing() -> anyhow::Re
     ensure!(
         bed.ping("RED-1", "10.0.0.2", 2)? == 2,
         "forwarding stopped after the hang-ups"
+    );
+    Ok(())
+}
+
+/// The agent's peak resident memory so far (VmHWM), in bytes.
+fn peak_rss(h: &Host) -> anyhow::Result<u64> {
+    let pid = h.agent.as_ref().context("agent not running")?.pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .context("no VmHWM")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+#[test]
+fn many_large_imports_at_once_neither_exhaust_memory_nor_stall_the_agent() -> anyhow::Result<()> {
+    let mut bed = TwoHosts::build("mi")?;
+    bed.configure()?;
+    let h = &bed.hosts[0];
+
+    // Forty clients start an import of 10 MB and stall after its first kilobyte, as a slow or
+    // hostile client would. One is read, four wait their turn unread, the other 35 are refused
+    // at once; none of them holds a slot that other requests need.
+    let head = format!(
+        "POST /v1/lookups/import HTTP/1.1\r\nhost: nv\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n[",
+        10_000_000
+    );
+    let mut stalled = Vec::new();
+    for _ in 0..40 {
+        let mut s = UnixStream::connect(&h.socket)?;
+        s.write_all(head.as_bytes())?;
+        s.write_all(&[b' '; 1024])?;
+        stalled.push(s);
+    }
+    let (code, body) = raw(
+        &h.socket,
+        &request("GET", "/v1/status", "application/json", ""),
+    )?;
+    ensure!(
+        code == 200,
+        "status behind 40 stalled imports answered {code}: {body}"
+    );
+    h.nvctl(&[
+        "lookup",
+        "add",
+        "--vsid",
+        "5001",
+        "--ca",
+        "10.0.0.9",
+        "--pa",
+        "198.18.0.2",
+        "--mac",
+        "02:00:00:00:09:09",
+    ])?;
+    let mut refused = 0;
+    let mut silent = 0;
+    for s in &mut stalled {
+        s.set_read_timeout(Some(Duration::from_millis(500)))?;
+        let mut buf = [0u8; 512];
+        match s.read(&mut buf) {
+            Ok(n) if n > 0 => {
+                let text = String::from_utf8_lossy(&buf[..n]);
+                ensure!(
+                    text.starts_with("HTTP/1.1 503") && text.contains("retry when one is done"),
+                    "a stalled import was answered {text:?}"
+                );
+                refused += 1;
+            }
+            Ok(_) => bail!("a stalled import's connection was closed without an answer"),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                silent += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    ensure!(
+        refused == 35 && silent == 5,
+        "of 40 stalled imports {refused} were refused and {silent} admitted; expected 35 and 5"
+    );
+    // Hung up, they free their turns: a whole import goes through (the positive control).
+    drop(stalled);
+    let before = listed(h)?;
+    let base = peak_rss(h)?;
+    let table = import_of(8000, 100_000);
+    let mut answered = None;
+    for _ in 0..50 {
+        let (code, body) = raw(&h.socket, &table)?;
+        if code != 503 {
+            answered = Some((code, body));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, body) = answered.context("imports still refused after their clients hung up")?;
+    ensure!(
+        code == 201,
+        "a 100,000-record import answered {code}: {body}"
+    );
+    let one = peak_rss(h)?;
+
+    // Twelve clients send the same 10 MB table at once: each is parsed in its turn and
+    // refused (its records exist), or refused unread. Memory must not grow with their number.
+    let answers: Vec<anyhow::Result<(u16, String)>> = std::thread::scope(|scope| {
+        let jobs: Vec<_> = (0..12)
+            .map(|_| scope.spawn(|| raw_waiting(&h.socket, &table, Duration::from_secs(120))))
+            .collect();
+        jobs.into_iter()
+            .map(|j| j.join().map_err(|_| anyhow::anyhow!("client panicked"))?)
+            .collect()
+    });
+    let mut conflicts = 0;
+    for a in answers {
+        let (code, body) = a?;
+        ensure!(
+            (code == 400 && body.contains("already exists"))
+                || (code == 503 && body.contains("retry when one is done")),
+            "a concurrent import answered {code}: {body}"
+        );
+        conflicts += usize::from(code == 400);
+    }
+    let twelve = peak_rss(h)?;
+    println!(
+        "peak RSS: {} MiB before, {} MiB after one import, {} MiB after 12 at once ({conflicts} parsed and refused, the rest refused unread)",
+        base >> 20,
+        one >> 20,
+        twelve >> 20
+    );
+    ensure!(conflicts >= 5, "only {conflicts} of 12 imports were read");
+    ensure!(
+        twelve - one <= one - base,
+        "12 imports at once grew the agent by {} MiB, more than one whole import ({} MiB)",
+        (twelve - one) >> 20,
+        (one - base) >> 20
+    );
+    ensure!(listed(h)? == before + 100_000, "the table changed");
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 2)? == 2,
+        "forwarding stopped during the imports"
     );
     Ok(())
 }

@@ -82,6 +82,14 @@ const MUTATIONS: &[Mutation] = &[
         tests: PROGRAMS,
     },
     Mutation {
+        name: "into a tap by its egress (the guest's receive)",
+        file: "nv-ebpf/src/deliver.rs",
+        check: "Ok(if port.is_tap() {",
+        removed: "Ok(if false {",
+        // Only a real guest behind a real tap tells a frame handed to it from one freed.
+        tests: &["guests"],
+    },
+    Mutation {
         name: "no delivery to a port that is down",
         file: "nv-ebpf/src/deliver.rs",
         check: "if port.is_down() {",
