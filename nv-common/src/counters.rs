@@ -102,10 +102,16 @@ pub enum Counter {
     /// exceeded") addressed to a local VM's rewrite PA: not the tenant's traffic, never
     /// passed up.
     DropUplinkRewriteIcmp,
+    /// From a VM: a segmentation-offloaded super-packet of a tunnel the VM runs itself (VXLAN,
+    /// GRE, IPIP with TSO) to be sent by NVGRE. Linux offloads one tunnel per packet, not a
+    /// tunnel inside a tunnel, and a BPF program cannot segment: the VM must segment itself
+    /// (`ethtool -K eth0 tx-udp_tnl-segmentation off tx-gre-segmentation off
+    /// tx-ipxip4-segmentation off`). Its packets that are not super-packets cross.
+    DropVmNestedGso,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::DropUplinkRewriteIcmp as u32 + 1;
+    pub const COUNT: u32 = Counter::DropVmNestedGso as u32 + 1;
     /// Entries of the counter map: room for counters yet to come, so a new one does not
     /// change the pinned map's layout. Discriminants are stable: new counters go at the end.
     pub const SLOTS: u32 = 256;
@@ -153,6 +159,7 @@ impl Counter {
         Counter::DropUplinkNotOurMac,
         Counter::DropUplinkInnerMalformed,
         Counter::DropUplinkRewriteIcmp,
+        Counter::DropVmNestedGso,
     ];
 
     /// Stable snake_case name, used by `nvctl stats` and as the metrics label.
@@ -201,6 +208,7 @@ impl Counter {
             Counter::DropUplinkNotOurMac => "drop_uplink_not_our_mac",
             Counter::DropUplinkInnerMalformed => "drop_uplink_inner_malformed",
             Counter::DropUplinkRewriteIcmp => "drop_uplink_rewrite_icmp",
+            Counter::DropVmNestedGso => "drop_vm_nested_gso",
         }
     }
 }

@@ -112,8 +112,19 @@ pub fn nvgre(
     if udp_gso {
         flags |= u64::from(BPF_F_ADJ_ROOM_FIXED_GSO);
     }
-    ctx.adjust_room(grow, BPF_ADJ_ROOM_MAC, flags)
-        .map_err(|_| Counter::DropVmTranslateFailed)?;
+    if ctx.adjust_room(grow, BPF_ADJ_ROOM_MAC, flags).is_err() {
+        // The kernel marks an skb it already carries a tunnel in (the VM runs VXLAN, GRE or
+        // IPIP of its own, with checksum offload) and refuses a second tunnel's offload
+        // bookkeeping for it. A packet that is not a GSO super-packet needs none: its inner
+        // checksum offset stays where it was (the room opens after the Ethernet header), and
+        // the outer headers are written whole below. A super-packet would be segmented by
+        // the VM's tunnel's offsets, under our headers: garbage on the wire.
+        if gso {
+            return Err(Counter::DropVmNestedGso);
+        }
+        ctx.adjust_room(grow, BPF_ADJ_ROOM_MAC, 0)
+            .map_err(|_| Counter::DropVmTranslateFailed)?;
+    }
     let hop = underlay::next_hop(ctx, uplink, outer_src, outer_dst, IPPROTO_GRE)?;
 
     // The headers are written in place (the room just made is linear), field by field: no

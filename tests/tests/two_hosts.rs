@@ -752,3 +752,142 @@ fn udp_gso_crosses_by_nvgre_and_by_rewrite_on_both_decap_hooks() -> anyhow::Resu
     }
     Ok(())
 }
+
+/// The segmentation offloads of tunnels, off on a device: the kernel then segments such
+/// super-packets in software before the device sends them.
+const TUNNEL_GSO: [&str; 5] = [
+    "tx-udp_tnl-segmentation",
+    "tx-udp_tnl-csum-segmentation",
+    "tx-gre-segmentation",
+    "tx-gre-csum-segmentation",
+    "tx-ipxip4-segmentation",
+];
+
+fn tunnel_gso(ns: &nv_tests::netns::Netns, dev: &str, on: bool) -> anyhow::Result<()> {
+    let mut args = vec!["-K", dev];
+    for f in TUNNEL_GSO {
+        args.extend([f, if on { "on" } else { "off" }]);
+    }
+    ns.exec("ethtool", &args)?;
+    Ok(())
+}
+
+/// A TCP send of 1 MiB from RED-1 to `dst` in RED-2 that gives up after 2 s without progress
+/// (a transfer that cannot complete), returning what the sender said.
+fn bounded_tcp_send(bed: &TwoHosts, dst: &str) -> anyhow::Result<String> {
+    let tool = nv_tests::sys::bin("nv-transfer")?;
+    let tool = tool.to_str().context("utf-8 path")?;
+    let mut server = std::process::Command::new("ip")
+        .args(["netns", "exec", &bed.vm("RED-2").ns.name, tool])
+        .args(["tcp-serve", "0.0.0.0:47003", "--timeout", "4"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let sent = bed.vm("RED-1").ns.exec_output(
+        tool,
+        &[
+            "tcp-send",
+            &format!("{dst}:47003"),
+            "--bytes",
+            "1048576",
+            "--timeout",
+            "2",
+        ],
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let out = sent?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    ))
+}
+
+/// A VM that runs tunnels of its own (VXLAN over its customer addresses, as a Kubernetes
+/// node inside a VM does) reaches its peer through them, by NVGRE and by rewrite, on
+/// both decap hooks, byte-exact; the underlay segments in software, so any wrong offset would
+/// show. By rewrite the VM keeps its tunnels' offloads; by NVGRE it segments them itself
+/// (Linux offloads one tunnel per packet), and a super-packet of its own tunnel is dropped
+/// under `drop_vm_nested_gso` rather than sent with another tunnel's offsets.
+#[test]
+fn a_vms_own_tunnels_cross_by_nvgre_and_by_rewrite() -> anyhow::Result<()> {
+    // This machine's kernel has VXLAN but neither GRE nor IPIP tunnels: VXLAN without and
+    // with its outer UDP checksum (SKB_GSO_UDP_TUNNEL and SKB_GSO_UDP_TUNNEL_CSUM).
+    let tunnels: [(&str, &[&str]); 2] = [
+        (
+            "vxlan",
+            &["type", "vxlan", "id", "42", "dstport", "4789", "noudpcsum"],
+        ),
+        (
+            "vxcsum",
+            &["type", "vxlan", "id", "43", "dstport", "4790", "udpcsum"],
+        ),
+    ];
+    for hook in ["tc", "xdp"] {
+        for method in [Translation::Encap, Translation::Rewrite] {
+            let bed = TwoHosts::build_with("vt", &["--decap-hook", hook])?;
+            bed.configure_with(method)?;
+            for h in &bed.hosts {
+                tunnel_gso(&h.ns, "uplink0", false)?;
+            }
+            for vm in ["RED-1", "RED-2"] {
+                tunnel_gso(&bed.vm(vm).ns, "eth0", method == Translation::Rewrite)?;
+            }
+            for (n, (kind, args)) in (1u8..).zip(tunnels) {
+                for (vm, local, remote, inner) in [
+                    ("RED-1", "10.0.0.1", "10.0.0.2", 1u8),
+                    ("RED-2", "10.0.0.2", "10.0.0.1", 2u8),
+                ] {
+                    let ns = &bed.vm(vm).ns;
+                    let dev = format!("t{kind}");
+                    let mut add = vec!["link", "add", &dev];
+                    add.extend_from_slice(args);
+                    add.extend(["local", local, "remote", remote]);
+                    ns.ip(&add)?;
+                    ns.ip(&[
+                        "addr",
+                        "add",
+                        &format!("192.168.{n}.{inner}/24"),
+                        "dev",
+                        &dev,
+                    ])?;
+                    ns.ip(&["link", "set", &dev, "up"])?;
+                }
+                let (sent, got) = tcp_transfer(
+                    bed.vm("RED-2"),
+                    bed.vm("RED-1"),
+                    &format!("192.168.{n}.2"),
+                    4 << 20,
+                )?;
+                ensure!(
+                    sent == got,
+                    "{hook}, {method:?}, {kind} inside the VM: sent {sent}, received {got}"
+                );
+            }
+            if hook == "tc" && method == Translation::Encap {
+                // The VM turns its tunnels' offloads back on: its super-packets are refused and
+                // counted; its packets that are not (pings) still cross.
+                tunnel_gso(&bed.vm("RED-1").ns, "eth0", true)?;
+                let before = bed.hosts[0].counters()?;
+                ensure!(
+                    bed.ping("RED-1", "192.168.1.2", 3)? == 3,
+                    "pings through the VM's VXLAN stopped with its offloads on"
+                );
+                let bulk = bounded_tcp_send(&bed, "192.168.1.2")?;
+                let after = bed.hosts[0].counters()?;
+                let nested = delta(&before, &after, "drop_vm_nested_gso");
+                ensure!(
+                    nested > 0,
+                    "a VM's VXLAN super-packets were not counted as nested GSO ({bulk:?}); counters that grew: {:?}",
+                    after
+                        .iter()
+                        .filter(|(k, v)| before.get(*k) != Some(v))
+                        .collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+    Ok(())
+}
