@@ -799,8 +799,13 @@ impl Agent {
         self.catalog.providers().to_vec()
     }
 
-    pub fn lookups(&self) -> Vec<LookupRecord> {
-        self.catalog.lookups().cloned().collect()
+    /// The records in (VSID, CA) order, of one VSID or all.
+    pub fn lookups(&self, vsid: Option<u32>) -> Vec<LookupRecord> {
+        self.catalog
+            .lookups()
+            .filter(|r| vsid.is_none_or(|v| r.vsid == v))
+            .cloned()
+            .collect()
     }
 
     pub fn counters(&self) -> Result<Vec<(nv_common::Counter, u64)>> {
@@ -938,8 +943,8 @@ impl Agent {
     fn check_capacity(&self, adding: usize) -> Result<()> {
         if self.catalog.len() + adding > usize::try_from(self.max_lookups).unwrap_or(usize::MAX) {
             return Err(NvError::Conflict(format!(
-                "the lookup table would hold {} records, over max_lookups ({})",
-                self.catalog.len() + adding,
+                "lookup table full: {} entries of {}, {adding} more asked for; raise max_lookups",
+                self.catalog.len(),
                 self.max_lookups
             )));
         }

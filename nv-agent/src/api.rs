@@ -5,7 +5,7 @@
 //! | GET    | /v1/providers        |                    |
 //! | POST   | /v1/providers        | `{pa, dev?}`       |
 //! | DELETE | /v1/providers        | `?pa=ADDR`         |
-//! | GET    | /v1/lookups          |                    |
+//! | GET    | /v1/lookups          | `?vsid=N` (optional) |
 //! | POST   | /v1/lookups          | a lookup record    |
 //! | DELETE | /v1/lookups          | `?vsid=N&ca=ADDR`  |
 //! | POST   | /v1/lookups/move     | `{vsid, ca, pa, port?}` |
@@ -207,8 +207,19 @@ async fn del_provider(
     ))
 }
 
-async fn list_lookups(State(a): State<Shared>) -> impl IntoResponse {
-    Json(a.lock().await.lookups())
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    vsid: Option<u32>,
+}
+
+/// Every record, in (VSID, CA) order; `?vsid=N`: that VSID's only.
+async fn list_lookups(
+    State(a): State<Shared>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Query(q) = q.map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))?;
+    Ok(Json(a.lock().await.lookups(q.vsid)))
 }
 
 async fn add_lookup(

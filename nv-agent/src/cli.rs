@@ -51,6 +51,30 @@ pub enum Command {
     /// The agent: its uplink and the MTU VMs must use, its ports (veth or tap, running or
     /// not) and records.
     Status,
+    /// Print a shell completion script, e.g. `nvctl completions bash >
+    /// /usr/share/bash-completion/completions/nvctl`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print a man page (roff), of nvctl or of nv-agent, e.g. `nvctl man | man -l -`.
+    Man {
+        #[arg(value_enum, default_value_t = ManPage::Nvctl)]
+        page: ManPage,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ManPage {
+    Nvctl,
+    NvAgent,
+}
+
+/// What `nvctl lookup export` writes: the formats `nvctl lookup import` reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    Json,
+    Csv,
 }
 
 #[derive(Debug, Subcommand)]
@@ -120,8 +144,22 @@ pub enum LookupCmd {
         #[arg(long)]
         port: Option<String>,
     },
-    /// List lookup records.
-    List,
+    /// List lookup records, in (VSID, CA) order.
+    List {
+        /// Only the records of this VSID.
+        #[arg(long)]
+        vsid: Option<u32>,
+    },
+    /// Write lookup records to standard output in the import format, in (VSID, CA) order:
+    /// `nvctl lookup export > records.json` and `nvctl lookup import records.json` on another
+    /// agent round-trip byte for byte.
+    Export {
+        #[arg(long, value_enum, default_value_t = ExportFormat::Json)]
+        format: ExportFormat,
+        /// Only the records of this VSID.
+        #[arg(long)]
+        vsid: Option<u32>,
+    },
     /// Add many lookup records at once, all or none: a JSON list, or CSV with a header line,
     /// both using the flag names (vsid,ca,pa,mac,method,port,name; method, port and name may be
     /// left out or empty). FILE `-` reads standard input.

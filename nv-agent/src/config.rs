@@ -248,6 +248,44 @@ mod tests {
         assert_eq!(c.pin_path, PathBuf::from("/sys/fs/bpf/nv"));
     }
 
+    /// The shipped config (dist/agent.toml) names every key, and each commented value is the
+    /// default, but for the two that have none (`uplink`, `vm_mtu`).
+    #[test]
+    fn the_default_config_names_every_key_with_its_default() {
+        let shipped = include_str!("../../dist/agent.toml");
+        let uncommented: String = shipped
+            .lines()
+            .filter_map(|l| l.strip_prefix('#').filter(|l| l.contains(" = ")))
+            .fold(String::new(), |all, l| all + l + "\n");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, shipped).unwrap();
+        let as_shipped = Config::resolve(&AgentArgs {
+            config: Some(path.clone()),
+            ..AgentArgs::default()
+        })
+        .unwrap();
+        std::fs::write(&path, &uncommented).unwrap();
+        let every = Config::resolve(&AgentArgs {
+            config: Some(path),
+            ..AgentArgs::default()
+        })
+        .unwrap();
+        let keys = uncommented.lines().count();
+        assert_eq!(
+            keys, 9,
+            "a key of FileConfig is missing from dist/agent.toml"
+        );
+        assert_eq!(as_shipped.uplink, None);
+        assert_eq!(every.state_dir, as_shipped.state_dir);
+        assert_eq!(every.api_socket, as_shipped.api_socket);
+        assert_eq!(every.pin_path, as_shipped.pin_path);
+        assert_eq!(every.metrics_addr, as_shipped.metrics_addr);
+        assert_eq!(every.max_lookups, as_shipped.max_lookups);
+        assert_eq!(every.decap_hook, as_shipped.decap_hook);
+        assert_eq!(every.underlay_dscp, as_shipped.underlay_dscp);
+    }
+
     #[test]
     fn underlay_dscp_is_copy_zero_or_a_codepoint() {
         let dir = tempfile::tempdir().unwrap();

@@ -78,6 +78,40 @@ pub fn read(file: &Path) -> anyhow::Result<Vec<LookupRecord>> {
     Ok(out)
 }
 
+/// Writes `records` as `read` takes them: a JSON list, one record a line.
+pub fn write_json(records: &[LookupRecord], out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    writeln!(out, "[")?;
+    for (i, r) in records.iter().enumerate() {
+        let sep = if i + 1 < records.len() { "," } else { "" };
+        writeln!(out, "  {}{sep}", serde_json::to_string(r)?)?;
+    }
+    writeln!(out, "]")?;
+    Ok(())
+}
+
+/// Writes `records` as CSV with the header line `read` takes; absent fields are empty.
+pub fn write_csv(records: &[LookupRecord], out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    let mut w = csv::Writer::from_writer(out);
+    w.write_record(["vsid", "ca", "pa", "mac", "method", "port", "name"])?;
+    for r in records {
+        let method = match r.method {
+            Method::Encap => "encap",
+            Method::Rewrite => "rewrite",
+        };
+        w.write_record([
+            r.vsid.to_string(),
+            r.ca.to_string(),
+            r.pa.to_string(),
+            r.mac.to_string(),
+            method.to_owned(),
+            r.port.clone().unwrap_or_default(),
+            r.name.clone().unwrap_or_default(),
+        ])?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -116,6 +116,11 @@ impl Host {
     /// Starts this host's agent inside its namespace with `nsenter`, so its bpffs pins live in
     /// the real bpffs and survive its restart, and waits for its socket.
     pub fn start_agent(&mut self) -> anyhow::Result<()> {
+        self.start_agent_with_env(&[])
+    }
+
+    /// As `start_agent`, with more environment variables for the agent.
+    pub fn start_agent_with_env(&mut self, env: &[(&str, &str)]) -> anyhow::Result<()> {
         let log = fs::File::create(&self.log)?;
         let _ = fs::remove_file(&self.socket);
         let child = Command::new("nsenter")
@@ -130,6 +135,7 @@ impl Host {
             .arg(&self.pin_path)
             .args(&self.agent_args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -1,4 +1,5 @@
 //! `cargo xtask setup|test|demo`: the commands a fresh machine needs (see README.md).
+mod install;
 mod mutants;
 mod setup;
 
@@ -52,6 +53,16 @@ enum Task {
         /// Only the checks whose name contains this.
         #[arg(long)]
         only: Option<String>,
+    },
+    /// Set up, then install nv on this host (release build): nv-agent, nvctl, the systemd unit,
+    /// /etc/nv/agent.toml (kept if it exists), man pages, bash completion, the `nv` group.
+    Install {
+        /// Where binaries and man pages go (`sbin/`, `bin/`, `share/`).
+        #[arg(long, default_value = "/usr/local")]
+        prefix: std::path::PathBuf,
+        /// Root of the tree to install into, for packaging or a test [default: /].
+        #[arg(long, default_value = "/")]
+        destdir: std::path::PathBuf,
     },
     /// Set up, then run the two-host demo: RED and BLUE tenants with the same addresses.
     Demo {
@@ -111,6 +122,10 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             require_root("the tests load BPF programs and create network namespaces")?;
             mutants::run(only.as_deref())
+        }
+        Task::Install { prefix, destdir } => {
+            setup::run()?;
+            install::run(&install::Options { prefix, destdir })
         }
         Task::Demo { keep } => {
             setup::run()?;

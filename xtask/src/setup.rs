@@ -23,6 +23,9 @@ const PACKAGES: &[&str] = &[
     "linux-image-amd64",
     "busybox-static",
     "cpio",
+    // The unit file's check (systemd-analyze) and the man pages' (man -l).
+    "systemd",
+    "man-db",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_FEATURE: &str = "llvm-22";

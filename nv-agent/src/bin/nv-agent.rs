@@ -99,6 +99,7 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot give {} to group {API_GROUP}", socket.display()))?;
     }
     info!("serving nvctl on {}", socket.display());
+    let status = agent.status();
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -134,8 +135,29 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
             }
         }
     });
+    // Ready for systemd (Type=notify) only now: programs attached, maps equal to the store,
+    // ports followed, the API listening. Without NOTIFY_SOCKET this does nothing.
+    let summary = format!(
+        "forwarding on {}: {} lookup records, {} ports attached",
+        status.uplink,
+        status.lookups,
+        status.ports.len()
+    );
+    if let Err(e) = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&summary),
+        ],
+    ) {
+        tracing::warn!("cannot tell systemd the agent is ready: {e}");
+    }
+    info!("ready: {summary}");
     axum::serve(listener, api::router(agent))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        })
         .await?;
     let _ = std::fs::remove_file(socket);
     info!("stopped; forwarding continues from the pinned programs and maps");

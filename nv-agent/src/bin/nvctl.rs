@@ -1,15 +1,23 @@
 //! nvctl: see `nvctl --help`.
 use std::process::ExitCode;
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use hyper::Method;
+use nv_agent::model::LookupRecord;
 use nv_agent::{
-    cli::{Cli, Command, LookupCmd, Output, ProviderCmd},
+    cli::{Cli, Command, ExportFormat, LookupCmd, ManPage, Output, ProviderCmd},
     client::call,
 };
 use serde_json::{Value, json};
+
+fn lookups_path(vsid: Option<u32>) -> String {
+    match vsid {
+        Some(v) => format!("/v1/lookups?vsid={v}"),
+        None => "/v1/lookups".to_owned(),
+    }
+}
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -60,7 +68,43 @@ const LOOKUP_COLUMNS: &[(&str, &str)] = &[
 const IMPORT_COLUMNS: &[(&str, &str)] = &[("IMPORTED", "imported")];
 const STATS_COLUMNS: &[(&str, &str)] = &[("COUNTER", "counter"), ("PACKETS", "packets")];
 
+/// The commands that print something other than a table or JSON of one API answer.
+async fn run_other(cli: &Cli) -> Option<anyhow::Result<()>> {
+    let mut out = std::io::stdout().lock();
+    Some(match &cli.command {
+        Command::Lookup(LookupCmd::Export { format, vsid }) => {
+            async {
+                let value = call(&cli.socket, Method::GET, &lookups_path(*vsid), None).await?;
+                let records: Vec<LookupRecord> = serde_json::from_value(value)?;
+                match format {
+                    ExportFormat::Json => nv_agent::import::write_json(&records, &mut out),
+                    ExportFormat::Csv => nv_agent::import::write_csv(&records, &mut out),
+                }
+            }
+            .await
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "nvctl", &mut out);
+            Ok(())
+        }
+        Command::Man { page } => {
+            // nv-agent is a system daemon: section 8.
+            let man = match page {
+                ManPage::Nvctl => clap_mangen::Man::new(Cli::command()),
+                ManPage::NvAgent => {
+                    clap_mangen::Man::new(nv_agent::config::AgentArgs::command()).section("8")
+                }
+            };
+            man.render(&mut out).map_err(Into::into)
+        }
+        _ => return None,
+    })
+}
+
 async fn run(cli: &Cli) -> anyhow::Result<()> {
+    if let Some(done) = run_other(cli).await {
+        return done;
+    }
     let s = &cli.socket;
     let (value, columns) = match &cli.command {
         Command::Provider(ProviderCmd::Add { pa, dev }) => (
@@ -126,14 +170,17 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
                 IMPORT_COLUMNS,
             )
         }
-        Command::Lookup(LookupCmd::List) => (
-            call(s, Method::GET, "/v1/lookups", None).await?,
+        Command::Lookup(LookupCmd::List { vsid }) => (
+            call(s, Method::GET, &lookups_path(*vsid), None).await?,
             LOOKUP_COLUMNS,
         ),
         Command::Stats => (
             call(s, Method::GET, "/v1/stats", None).await?,
             STATS_COLUMNS,
         ),
+        Command::Lookup(LookupCmd::Export { .. })
+        | Command::Completions { .. }
+        | Command::Man { .. } => unreachable!("run_other"),
         Command::Status => {
             let value = call(s, Method::GET, "/v1/status", None).await?;
             match cli.output {
