@@ -244,6 +244,7 @@ impl Agent {
             underlay_dscp: config.underlay_dscp,
         };
         agent.reconcile().await?;
+        agent.datapath.finish_migration()?;
         Ok(agent)
     }
 
@@ -298,11 +299,13 @@ impl Agent {
                     .await?;
             }
         }
-        self.datapath.attach_uplink(&self.uplink, self.decap_hook)?;
+        // Maps first, programs second: after a migration the maps are new and empty, and
+        // the programs that replace the running ones must find them full.
         let (desired, ports) = self.desired().await?;
-        self.attach_ports(&ports).await?;
         self.datapath.sync(&desired)?;
         self.config = desired.config;
+        self.datapath.attach_uplink(&self.uplink, self.decap_hook)?;
+        self.attach_ports(&ports).await?;
         if self.decap_hook == DecapHook::Tc {
             self.datapath.detach_uplink_xdp()?;
         }

@@ -83,6 +83,9 @@ pub struct Datapath {
     ebpf: Ebpf,
     links_dir: PathBuf,
     programs: Programs,
+    /// Where the pins of migrated maps wait until the programs are swapped.
+    aside: PathBuf,
+    migrating: Vec<&'static str>,
     /// The tracing copy's redirect record, taken out of `ebpf` so it can be written through
     /// `&self` (the loaded programs keep the map alive).
     trace: Option<std::sync::Mutex<Array<MapData, RedirectTrace>>>,
@@ -158,11 +161,11 @@ pub fn purge(pin_path: &Path) -> Result<()> {
     }
 }
 
-/// Refuses maps pinned by an nv whose map layout differs from this one's: reusing them would
-/// fail in the verifier with a message nobody could act on, or worse, be read with the wrong
-/// layout. The way out, `nv-agent --purge`, stops forwarding until the agent starts again, so
-/// it is the operator's call, not the agent's.
-fn check_pinned_layouts(maps_dir: &Path) -> Result<()> {
+/// The maps pinned by an nv whose layout (type, key and value sizes, entries) differs from
+/// this build's, or the lookup map at another `max_lookups`: reusing them would fail in the
+/// verifier, or worse, be read with the wrong layout. They are migrated instead
+/// ([`Datapath::load`]).
+fn stale_layouts(maps_dir: &Path, max_lookups: u32) -> Result<Vec<(&'static str, String)>> {
     use std::mem::size_of;
 
     use aya::maps::MapType::{Array as A, Hash as H, PerCpuArray as P};
@@ -173,7 +176,7 @@ fn check_pinned_layouts(maps_dir: &Path) -> Result<()> {
             H,
             size_of::<LookupKey>(),
             size_of::<LookupValue>(),
-            None,
+            Some(max_lookups),
         ),
         (map_names::PORTS, H, 4, size_of::<PortInfo>(), None),
         (
@@ -214,6 +217,7 @@ fn check_pinned_layouts(maps_dir: &Path) -> Result<()> {
             Some(1),
         ),
     ];
+    let mut stale = Vec::new();
     for (name, kind, key, value, entries) in expected {
         let pin = maps_dir.join(name);
         if !pin.exists() {
@@ -234,19 +238,49 @@ fn check_pinned_layouts(maps_dir: &Path) -> Result<()> {
             && entries.is_none_or(|e| e == found.3);
         if !same {
             let (t, k, v, n) = found;
-            return Err(NvError::Datapath(format!(
-                "map {name} pinned at {} has another layout ({t:?}, key {k} bytes, value {v} \
-                 bytes, {n} entries) than this nv uses ({kind:?}, key {key}, value {value}{}): \
-                 it was left by another version. Run `nv-agent --purge` and start the agent \
-                 again; forwarding stops until it has loaded",
-                pin.display(),
-                entries
-                    .map(|e| format!(", {e} entries"))
-                    .unwrap_or_default()
-            )));
+            stale.push((
+                name,
+                format!(
+                    "pinned as {t:?}, key {k} bytes, value {v} bytes, {n} entries; this build \
+                     uses {kind:?}, key {key}, value {value}{}",
+                    entries
+                        .map(|e| format!(", {e} entries"))
+                        .unwrap_or_default()
+                ),
+            ));
         }
     }
+    Ok(stale)
+}
+
+/// Copies per-CPU counter values from the old counter map pinned at `old` into this build's:
+/// discriminants are stable, so slot N is the same counter in both.
+fn carry_counters(ebpf: &mut Ebpf, old: &Path) -> Result<()> {
+    let old = MapData::from_pin(old).map_err(|e| dp_err("open the old counter map", e))?;
+    let Ok(old) = PerCpuArray::<_, u64>::try_from(aya::maps::Map::PerCpuArray(old)) else {
+        info!("the old counter map holds no 8-byte counters; counters start from zero");
+        return Ok(());
+    };
+    let new = ebpf
+        .map_mut(map_names::COUNTERS)
+        .ok_or_else(|| NvError::Datapath("counter map missing".into()))?;
+    let mut new: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(new).map_err(|e| dp_err("counter map", e))?;
+    for slot in 0..old.len().min(new.len()) {
+        let values = old
+            .get(&slot, 0)
+            .map_err(|e| dp_err("read an old counter", e))?;
+        new.set(slot, values, 0)
+            .map_err(|e| dp_err("carry a counter over", e))?;
+    }
     Ok(())
+}
+
+/// Puts the pins of `names` back from `aside` (a migration that could not load).
+fn restore_pins(aside: &Path, maps_dir: &Path, names: &[&str]) {
+    for name in names {
+        let _ = fs::rename(aside.join(name), maps_dir.join(name));
+    }
 }
 
 fn port_link_name(ifname: &str) -> String {
@@ -260,6 +294,12 @@ impl Datapath {
     }
 
     /// As [`Datapath::load`], choosing the copy of the programs.
+    ///
+    /// Maps pinned with another layout (an older or newer nv, another `max_lookups`) are
+    /// migrated without stopping forwarding: their pins are moved aside (the attached programs
+    /// keep using those maps), this build's maps are created and pinned in their place, the
+    /// counters are carried over, and the agent fills the rest from its store before it swaps
+    /// the programs (`bpf_link_update`) and drops the old maps ([`Datapath::finish_migration`]).
     pub fn load_programs(
         pin_path: &Path,
         max_lookups: u32,
@@ -268,17 +308,41 @@ impl Datapath {
         ensure_bpffs(pin_path)?;
         let maps_dir = pin_path.join("maps");
         let links_dir = pin_path.join("links");
+        let aside = pin_path.join("migrating");
         for dir in [&maps_dir, &links_dir] {
             fs::create_dir_all(dir).map_err(|e| dp_err(format!("create {}", dir.display()), e))?;
         }
-        check_pinned_layouts(&maps_dir)?;
+        let stale = stale_layouts(&maps_dir, max_lookups)?;
+        let migrating: Vec<&'static str> = stale.iter().map(|(n, _)| *n).collect();
+        if !stale.is_empty() {
+            fs::create_dir_all(&aside)
+                .map_err(|e| dp_err(format!("create {}", aside.display()), e))?;
+        }
+        for (name, why) in &stale {
+            info!("migrating map {name} ({why}); forwarding continues on the old one meanwhile");
+            // Left by a migration that stopped half-way: the programs attached hold that map
+            // if they still use it, so its pin can go.
+            let _ = fs::remove_file(aside.join(name));
+            fs::rename(maps_dir.join(name), aside.join(name))
+                .map_err(|e| dp_err(format!("move the pin of {name} aside"), e))?;
+        }
         let trace = u32::from(programs == Programs::Tracing);
-        let mut ebpf = EbpfLoader::new()
+        let loaded = EbpfLoader::new()
             .override_global(TRACE_GLOBAL, &trace, true)
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(map_names::LOOKUPS, max_lookups)
             .load(crate::EBPF_OBJECT)
-            .map_err(|e| dp_err("load eBPF object", e))?;
+            .map_err(|e| dp_err("load eBPF object", e));
+        let mut ebpf = match loaded {
+            Ok(ebpf) => ebpf,
+            Err(e) => {
+                restore_pins(&aside, &maps_dir, &migrating);
+                return Err(e);
+            }
+        };
+        if migrating.contains(&map_names::COUNTERS) {
+            carry_counters(&mut ebpf, &aside.join(map_names::COUNTERS))?;
+        }
         for name in [program_names::FROM_VM, program_names::UPLINK_TC] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load().map_err(|e| dp_err(format!("load {name}"), e))?;
@@ -300,8 +364,29 @@ impl Datapath {
             ebpf,
             links_dir,
             programs,
+            aside,
+            migrating,
             trace,
         })
+    }
+
+    /// Drops the maps a migration replaced, once every program is swapped for this build's
+    /// (the caller has synced and attached everything).
+    pub fn finish_migration(&mut self) -> Result<()> {
+        for name in std::mem::take(&mut self.migrating) {
+            match fs::remove_file(self.aside.join(name)) {
+                Ok(()) => info!("map {name} migrated; the old one is released"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(dp_err(format!("remove the old pin of {name}"), e)),
+            }
+        }
+        let _ = fs::remove_dir(&self.aside);
+        Ok(())
+    }
+
+    /// The maps this load is migrating (see [`Datapath::load_programs`]).
+    pub fn migrating(&self) -> &[&'static str] {
+        &self.migrating
     }
 
     /// Loads the do-nothing programs, so a benchmark can measure its floor in the same run.

@@ -84,7 +84,11 @@ impl AgentProcess {
 
 impl Drop for AgentProcess {
     fn drop(&mut self) {
-        // SAFETY: signalling the child we spawned, by its pid.
+        // Reaped already (killed by a test): its pid may be another process's by now.
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: signalling the child we spawned, by its pid, not reaped yet.
         unsafe { libc::kill(self.child.id().cast_signed(), libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
@@ -166,6 +170,14 @@ impl Host {
 
     pub fn stop_agent(&mut self) {
         self.agent = None;
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would: no chance to clean up.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.child.kill();
+            let _ = a.child.wait();
+        }
     }
 
     /// Runs nvctl expecting a refusal: it fails with one line that mentions `expect`, and

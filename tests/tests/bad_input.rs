@@ -13,7 +13,6 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use nv_tests::{
-    fixture::PinDir,
     sys::{bin, run},
     testbed::{Host, TwoHosts},
 };
@@ -275,49 +274,7 @@ fn agent_refuses(
         "{name}: expected one error line mentioning '{expect}': {stderr}"
     );
     let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/{}-{name}", bed.prefix));
-    if name == "old-layout" {
-        // Pins that were there before (another version's) are the operator's to remove.
-        ensure!(
-            pins.join("maps/NV_LOOKUPS").exists(),
-            "{name}: removed pins it did not make"
-        );
-    } else {
-        ensure!(!pins.exists(), "{name}: left pins behind");
-    }
-    Ok(())
-}
-
-/// Maps pinned by an nv with another layout (a 20-byte lookup key, as before per-family keys):
-/// the agent refuses them with the way out, and leaves them in place.
-fn old_layout_pins_are_refused_and_kept(bed: &TwoHosts, h: &Host) -> anyhow::Result<()> {
-    let old = format!("/sys/fs/bpf/{}-old-layout", bed.prefix);
-    let _old = PinDir::new(old.clone().into());
-    std::fs::create_dir_all(format!("{old}/maps"))?;
-    run(
-        "bpftool",
-        &[
-            "map",
-            "create",
-            &format!("{old}/maps/NV_LOOKUPS"),
-            "type",
-            "hash",
-            "key",
-            "20",
-            "value",
-            "28",
-            "entries",
-            "16",
-            "name",
-            "NV_LOOKUPS",
-        ],
-    )?;
-    agent_refuses(
-        bed,
-        h,
-        "old-layout",
-        "uplink = \"uplink0\"\n",
-        "nv-agent --purge",
-    )?;
+    ensure!(!pins.exists(), "{name}: left pins behind");
     Ok(())
 }
 
@@ -363,7 +320,6 @@ fn malformed_config_and_import_files_are_refused() -> anyhow::Result<()> {
     for (name, config, expect) in configs {
         agent_refuses(&bed, h, name, config, expect)?;
     }
-    old_layout_pins_are_refused_and_kept(&bed, h)?;
     let file = |name: &str, text: &str| -> anyhow::Result<String> {
         let p = bed.tmp_dir().join(name);
         std::fs::write(&p, text)?;

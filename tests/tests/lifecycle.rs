@@ -242,3 +242,155 @@ fn nvctl_prints_completions_and_man_pages() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Replies to a bounded ping stream running in the background.
+struct PingStream(std::process::Child);
+
+impl PingStream {
+    /// `count` echo requests from `vm`'s namespace to `dst`, one a millisecond.
+    fn start(bed: &TwoHosts, vm: &str, dst: &str, count: u32) -> anyhow::Result<PingStream> {
+        Ok(PingStream(
+            Command::new("ip")
+                .args(["netns", "exec", &bed.vm(vm).ns.name])
+                .args(["timeout", "120", "ping", "-q", "-i", "0.001", "-W", "2"])
+                .args(["-c", &count.to_string(), dst])
+                .stdout(std::process::Stdio::piped())
+                .spawn()?,
+        ))
+    }
+
+    /// (sent, received) once it ends.
+    fn finish(self) -> anyhow::Result<(u32, u32)> {
+        let out = self.0.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let summary = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .with_context(|| format!("no ping summary in {text}"))?;
+        let field = |suffix: &str| {
+            summary
+                .split(',')
+                .find_map(|p| p.trim().strip_suffix(suffix).map(|n| n.trim().parse()))
+                .with_context(|| format!("no '{suffix}' in {summary}"))?
+                .map_err(anyhow::Error::from)
+        };
+        Ok((field(" packets transmitted")?, field(" received")?))
+    }
+}
+
+fn pinned_entries(pin: &std::path::Path) -> anyhow::Result<u64> {
+    let info: serde_json::Value = serde_json::from_str(&nv_tests::sys::run(
+        "bpftool",
+        &[
+            "-j",
+            "map",
+            "show",
+            "pinned",
+            pin.to_str().context("utf-8")?,
+        ],
+    )?)?;
+    info["max_entries"].as_u64().context("max_entries")
+}
+
+/// Forwarding never stops: a stream of 10,000 pings between two VMs on two hosts loses none
+/// while both agents are killed (SIGKILL) and started again, and then replaced by agents whose
+/// maps have another layout: a lookup map of another size (`--max-lookups`), and a counter map
+/// left by an older nv (64 slots, put in place of the pin with bpftool). The new agents
+/// migrate both maps while the old programs forward, swap the programs, and carry the
+/// counters over.
+#[test]
+fn forwarding_never_stops_across_agent_kills_and_a_map_migration() -> anyhow::Result<()> {
+    let mut bed = TwoHosts::build("up")?;
+    bed.configure()?;
+    let stream = PingStream::start(&bed, "RED-1", "10.0.0.2", 10_000)?;
+    std::thread::sleep(Duration::from_secs(1));
+    for h in &mut bed.hosts {
+        h.kill_agent();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for h in &mut bed.hosts {
+        h.start_agent()?;
+    }
+    std::thread::sleep(Duration::from_secs(1));
+
+    // An older nv's counter map on host 1, with a count in slot 0 (vm_tx_encap).
+    let h1 = &mut bed.hosts[0];
+    h1.stop_agent();
+    let counters = h1.pin_path.join("maps/NV_COUNTERS");
+    std::fs::remove_file(&counters)?;
+    let pin = counters.to_str().context("utf-8")?;
+    nv_tests::sys::run(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            pin,
+            "type",
+            "percpu_array",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "64",
+            "name",
+            "NV_COUNTERS",
+        ],
+    )?;
+    nv_tests::sys::run(
+        "bpftool",
+        &[
+            "map", "update", "pinned", pin, "key", "0", "0", "0", "0", "value", "0x40", "0x42",
+            "0x0f", "0", "0", "0", "0", "0",
+        ],
+    )?;
+    // 1,000,000 (0x0f4240) on every CPU.
+    let old_count = 1_000_000 * u64::try_from(std::thread::available_parallelism()?.get())?;
+    for h in &mut bed.hosts {
+        h.stop_agent();
+        h.agent_args.extend(["--max-lookups".into(), "4096".into()]);
+        h.start_agent()?;
+    }
+    let (sent, received) = stream.finish()?;
+    ensure!(
+        sent == 10_000 && received == 10_000,
+        "{received} of {sent} pings answered across kills and a migration"
+    );
+    for h in &bed.hosts {
+        let log = h.agent_log();
+        ensure!(
+            log.contains("migrating map NV_LOOKUPS") && log.contains("map NV_LOOKUPS migrated"),
+            "{}: no lookup map migration in the log: {log}",
+            h.name
+        );
+        ensure!(
+            pinned_entries(&h.pin_path.join("maps/NV_LOOKUPS"))? == 4096,
+            "{}: the lookup map has not the new size",
+            h.name
+        );
+        ensure!(
+            !h.pin_path.join("migrating").exists(),
+            "{}: old pins left behind",
+            h.name
+        );
+    }
+    let h1 = &bed.hosts[0];
+    ensure!(
+        pinned_entries(&h1.pin_path.join("maps/NV_COUNTERS"))?
+            == u64::from(nv_common::Counter::SLOTS),
+        "the counter map was not migrated"
+    );
+    let encap = h1.counters()?.get("vm_tx_encap").copied().unwrap_or(0);
+    ensure!(
+        encap >= old_count,
+        "vm_tx_encap {encap}: the old map's {old_count} were not carried over"
+    );
+    ensure!(
+        h1.nvctl_json(&["lookup", "list"])?
+            .as_array()
+            .map_or(0, Vec::len)
+            > 0,
+        "records lost"
+    );
+    Ok(())
+}
