@@ -14,6 +14,11 @@ fn main() -> anyhow::Result<()> {
     paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
     // SAFETY: build scripts are single-threaded at this point.
     unsafe { env::set_var("PATH", env::join_paths(paths)?) };
+    // The eBPF crate's own cargo reports every crate it compiles, and aya-build shows each of
+    // its lines as a warning of this package: hundreds of lines on a first build. Quiet, it
+    // still reports errors and warnings of the code.
+    // SAFETY: as above.
+    unsafe { env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "nv-ebpf",

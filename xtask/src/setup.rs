@@ -1,7 +1,9 @@
 //! Installs what a fresh machine of this kind lacks, idempotently:
 //! Debian packages for the tests and demo, nightly's rust-src, bpf-linker built against
 //! nightly's own LLVM (kept outside target/ so `cargo clean` does not rebuild it), and bpffs.
-use std::{env, ffi::OsString, fs, os::unix::fs::symlink, path::PathBuf, process::Command};
+use std::{
+    env, ffi::OsString, fs, io::Write as _, os::unix::fs::symlink, path::PathBuf, process::Command,
+};
 
 use anyhow::{Context as _, bail};
 
@@ -63,10 +65,36 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn status(cmd: &mut Command) -> anyhow::Result<()> {
-    let st = cmd.status().with_context(|| format!("run {cmd:?}"))?;
+/// Where the tools' own output goes; shown when a step fails.
+fn log_path() -> PathBuf {
+    tools_dir().join("setup.log")
+}
+
+/// Runs one step of setup: one line on the terminal, the tool's output in the log.
+fn step(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
+    let log = log_path();
+    fs::create_dir_all(tools_dir())?;
+    eprintln!("setup: {what}");
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)?;
+    writeln!(file, "==== {what}: {cmd:?}")?;
+    let st = cmd
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .status()
+        .with_context(|| format!("run {cmd:?}"))?;
     if !st.success() {
-        bail!("{cmd:?} failed ({st})");
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        for line in &lines[lines.len().saturating_sub(40)..] {
+            eprintln!("  | {line}");
+        }
+        bail!(
+            "setup: {what} failed ({st}); the whole output is in {}",
+            log.display()
+        );
     }
     Ok(())
 }
@@ -87,9 +115,12 @@ fn packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("setup: installing Debian packages: {}", missing.join(" "));
-    status(Command::new("apt-get").arg("update").arg("-qq"))?;
-    status(
+    step(
+        "updating the Debian package lists",
+        Command::new("apt-get").arg("update").arg("-qq"),
+    )?;
+    step(
+        &format!("installing Debian packages: {}", missing.join(" ")),
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing)
@@ -109,8 +140,10 @@ fn rust_src() -> anyhow::Result<()> {
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
-    eprintln!("setup: adding rust-src to nightly");
-    status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    step(
+        "adding rust-src to nightly",
+        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+    )
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
@@ -139,10 +172,10 @@ fn bpf_linker() -> anyhow::Result<()> {
     if works {
         return Ok(());
     }
-    eprintln!(
-        "setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM (a few minutes, once)"
-    );
-    status(
+    step(
+        &format!(
+            "building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM (a minute or two, once)"
+        ),
         Command::new("cargo")
             .args([
                 "+nightly",
@@ -171,6 +204,8 @@ fn bpffs() -> anyhow::Result<()> {
     }) {
         return Ok(());
     }
-    eprintln!("setup: mounting bpffs at /sys/fs/bpf");
-    status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+    step(
+        "mounting bpffs at /sys/fs/bpf",
+        Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]),
+    )
 }
