@@ -47,6 +47,9 @@ pub struct Agent {
     /// The configured VM MTU; `None`: derived from the uplink's.
     vm_mtu: Option<u32>,
     underlay_dscp: crate::config::DscpPolicy,
+    /// Reconciliations of the maps against the store, and the entries they had to repair.
+    reconciles: u64,
+    repaired: u64,
 }
 
 /// A port as the agent attached it.
@@ -77,6 +80,12 @@ pub struct Status {
     /// Ports no record names any more, still filtered: every frame they send is dropped.
     #[serde(default)]
     pub ports_without_record: Vec<String>,
+    /// Reconciliations of the maps against the store since the agent started, and the entries
+    /// they repaired (drift: changed behind the agent's back).
+    #[serde(default)]
+    pub reconciles: u64,
+    #[serde(default)]
+    pub repaired: u64,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -242,6 +251,8 @@ impl Agent {
             uplink_mtu: link.mtu,
             vm_mtu: config.vm_mtu,
             underlay_dscp: config.underlay_dscp,
+            reconciles: 0,
+            repaired: 0,
         };
         agent.reconcile().await?;
         agent.datapath.finish_migration()?;
@@ -302,7 +313,16 @@ impl Agent {
         // Maps first, programs second: after a migration the maps are new and empty, and
         // the programs that replace the running ones must find them full.
         let (desired, ports) = self.desired().await?;
-        self.datapath.sync(&desired)?;
+        let mut repairs = self.datapath.sync(&desired)?;
+        let fresh = self.datapath.fresh_maps().to_vec();
+        repairs.retain(|(map, r)| {
+            let filled = fresh.contains(map);
+            if filled {
+                info!("filled {map}: {} entries", r.written);
+            }
+            !filled
+        });
+        self.note_repairs("at start", &repairs);
         self.config = desired.config;
         self.datapath.attach_uplink(&self.uplink, self.decap_hook)?;
         self.attach_ports(&ports).await?;
@@ -757,6 +777,34 @@ impl Agent {
         state
     }
 
+    /// Counts and logs what a sync of the maps had to repair (`when`: at start, or by the
+    /// periodic reconcile).
+    fn note_repairs(&mut self, when: &str, repairs: &[(&str, crate::datapath::Repair)]) {
+        self.reconciles += 1;
+        for (map, r) in repairs {
+            self.repaired += u64::try_from(r.written + r.removed).unwrap_or(u64::MAX);
+            warn!(
+                map = *map,
+                written = r.written,
+                removed = r.removed,
+                "repaired {map} {when}: {} entries written, {} removed, to match the store",
+                r.written,
+                r.removed
+            );
+        }
+    }
+
+    /// Compares every map the agent owns with the store and repairs what differs (an entry
+    /// deleted or added behind the agent's back, by bpftool or another program): the
+    /// periodic reconcile. Returns how many entries it repaired.
+    pub async fn reconcile_maps(&mut self) -> Result<usize> {
+        let (desired, _) = self.desired().await?;
+        let repairs = self.datapath.sync(&desired)?;
+        self.config = desired.config;
+        self.note_repairs("by the periodic reconcile", &repairs);
+        Ok(repairs.iter().map(|(_, r)| r.written + r.removed).sum())
+    }
+
     pub fn status(&self) -> Status {
         let mut ports: Vec<PortStatus> = self
             .attached
@@ -795,6 +843,8 @@ impl Agent {
             ports,
             ports_missing,
             ports_without_record,
+            reconciles: self.reconciles,
+            repaired: self.repaired,
         }
     }
 

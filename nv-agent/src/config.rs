@@ -56,6 +56,11 @@ pub struct AgentArgs {
     /// treatment on the physical network) [default: zero].
     #[arg(long)]
     pub underlay_dscp: Option<DscpPolicy>,
+    /// Seconds between reconciliations of the maps against the store: an entry deleted or
+    /// added behind the agent's back (bpftool, another program) is repaired and logged; 0
+    /// only at start [default: 60].
+    #[arg(long)]
+    pub reconcile_interval: Option<u64>,
     /// Detach every program, remove every pin under the pin path, and exit (decommissioning).
     /// The store is kept.
     #[arg(long)]
@@ -74,6 +79,7 @@ struct FileConfig {
     decap_hook: Option<DecapHook>,
     vm_mtu: Option<u32>,
     underlay_dscp: Option<DscpPolicy>,
+    reconcile_interval: Option<u64>,
 }
 
 /// What DSCP tenant traffic gets on the underlay, as the datapath's config holds it: a fixed
@@ -146,6 +152,8 @@ pub struct Config {
     /// `None`: derived from the uplink's MTU.
     pub vm_mtu: Option<u32>,
     pub underlay_dscp: DscpPolicy,
+    /// `None`: reconciled only at start.
+    pub reconcile_interval: Option<std::time::Duration>,
 }
 
 impl Config {
@@ -185,6 +193,13 @@ impl Config {
                 .underlay_dscp
                 .or(file.underlay_dscp)
                 .unwrap_or_default(),
+            reconcile_interval: Some(
+                args.reconcile_interval
+                    .or(file.reconcile_interval)
+                    .unwrap_or(60),
+            )
+            .filter(|s| *s > 0)
+            .map(std::time::Duration::from_secs),
         };
         if let Some(uplink) = &config.uplink {
             crate::model::validate_ifname("uplink", uplink)?;
@@ -273,10 +288,11 @@ mod tests {
         .unwrap();
         let keys = uncommented.lines().count();
         assert_eq!(
-            keys, 9,
+            keys, 10,
             "a key of FileConfig is missing from dist/agent.toml"
         );
         assert_eq!(as_shipped.uplink, None);
+        assert_eq!(every.reconcile_interval, as_shipped.reconcile_interval);
         assert_eq!(every.state_dir, as_shipped.state_dir);
         assert_eq!(every.api_socket, as_shipped.api_socket);
         assert_eq!(every.pin_path, as_shipped.pin_path);

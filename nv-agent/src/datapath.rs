@@ -86,6 +86,7 @@ pub struct Datapath {
     /// Where the pins of migrated maps wait until the programs are swapped.
     aside: PathBuf,
     migrating: Vec<&'static str>,
+    fresh: Vec<&'static str>,
     /// The tracing copy's redirect record, taken out of `ebpf` so it can be written through
     /// `&self` (the loaded programs keep the map alive).
     trace: Option<std::sync::Mutex<Array<MapData, RedirectTrace>>>,
@@ -326,6 +327,11 @@ impl Datapath {
             fs::rename(maps_dir.join(name), aside.join(name))
                 .map_err(|e| dp_err(format!("move the pin of {name} aside"), e))?;
         }
+        // Maps this load creates (first start, or migrated): filling them is no repair.
+        let fresh: Vec<&'static str> = map_names::ALL
+            .into_iter()
+            .filter(|n| !maps_dir.join(n).exists())
+            .collect();
         let trace = u32::from(programs == Programs::Tracing);
         let loaded = EbpfLoader::new()
             .override_global(TRACE_GLOBAL, &trace, true)
@@ -366,6 +372,7 @@ impl Datapath {
             programs,
             aside,
             migrating,
+            fresh,
             trace,
         })
     }
@@ -382,6 +389,11 @@ impl Datapath {
         }
         let _ = fs::remove_dir(&self.aside);
         Ok(())
+    }
+
+    /// The maps this load created: none was pinned, or one of another layout was.
+    pub fn fresh_maps(&self) -> &[&'static str] {
+        &self.fresh
     }
 
     /// The maps this load is migrating (see [`Datapath::load_programs`]).
@@ -505,13 +517,55 @@ impl Datapath {
 
     /// Makes the maps hold exactly `desired`: new and changed entries first, stale ones last,
     /// so a record being replaced never disappears in between.
-    pub fn sync(&mut self, desired: &Desired) -> Result<()> {
-        self.set_config(desired.config)?;
-        self.sync_local_pas(&desired.local_pas)?;
-        sync_hash(&mut self.ebpf, map_names::PORTS, &desired.ports)?;
-        sync_hash(&mut self.ebpf, map_names::LOOKUPS, &desired.lookups)?;
-        sync_hash(&mut self.ebpf, map_names::REWRITE_PAS, &desired.rewrite_pas)?;
-        self.sync_hosted_vsids(&desired.hosted_vsids)
+    /// Makes every map the agent owns hold exactly `desired`, and says what it had to write
+    /// or remove to get there (nothing, unless something changed the maps behind the agent's
+    /// back, or they are new).
+    pub fn sync(&mut self, desired: &Desired) -> Result<Vec<(&'static str, Repair)>> {
+        let mut repairs = Vec::new();
+        let config: Array<&MapData, DatapathConfig> = Array::try_from(
+            self.ebpf
+                .map(map_names::CONFIG)
+                .ok_or_else(|| NvError::Datapath("config map missing".into()))?,
+        )
+        .map_err(|e| dp_err("config map", e))?;
+        if config.get(&0, 0).ok() != Some(desired.config) {
+            self.set_config(desired.config)?;
+            repairs.push((
+                map_names::CONFIG,
+                Repair {
+                    written: 1,
+                    removed: 0,
+                },
+            ));
+        }
+        let ebpf = &mut self.ebpf;
+        for (name, repair) in [
+            (
+                map_names::LOCAL_PAS,
+                sync_hash(ebpf, map_names::LOCAL_PAS, &desired.local_pas)?,
+            ),
+            (
+                map_names::PORTS,
+                sync_hash(ebpf, map_names::PORTS, &desired.ports)?,
+            ),
+            (
+                map_names::LOOKUPS,
+                sync_hash(ebpf, map_names::LOOKUPS, &desired.lookups)?,
+            ),
+            (
+                map_names::REWRITE_PAS,
+                sync_hash(ebpf, map_names::REWRITE_PAS, &desired.rewrite_pas)?,
+            ),
+            (
+                map_names::HOSTED_VSIDS,
+                sync_hash(ebpf, map_names::HOSTED_VSIDS, &desired.hosted_vsids)?,
+            ),
+        ] {
+            if repair != Repair::default() {
+                repairs.push((name, repair));
+            }
+        }
+        Ok(repairs)
     }
 
     pub fn put_lookup(&mut self, k: &LookupKey, v: &LookupValue) -> Result<()> {
@@ -544,11 +598,11 @@ impl Datapath {
     }
 
     pub fn sync_hosted_vsids(&mut self, hosted: &HashMap<u32, u32>) -> Result<()> {
-        sync_hash(&mut self.ebpf, map_names::HOSTED_VSIDS, hosted)
+        sync_hash(&mut self.ebpf, map_names::HOSTED_VSIDS, hosted).map(drop)
     }
 
     pub fn sync_local_pas(&mut self, local_pas: &HashMap<V4, LocalPa>) -> Result<()> {
-        sync_hash(&mut self.ebpf, map_names::LOCAL_PAS, local_pas)
+        sync_hash(&mut self.ebpf, map_names::LOCAL_PAS, local_pas).map(drop)
     }
 
     /// Counter totals over all CPUs.
@@ -711,7 +765,14 @@ fn del_entry<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &str, k: &K) -> Result<()> {
     }
 }
 
-fn sync_hash<K, V>(ebpf: &mut Ebpf, name: &str, desired: &HashMap<K, V>) -> Result<()>
+/// What a sync wrote into one map and removed from it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Repair {
+    pub written: usize,
+    pub removed: usize,
+}
+
+fn sync_hash<K, V>(ebpf: &mut Ebpf, name: &str, desired: &HashMap<K, V>) -> Result<Repair>
 where
     K: Pod + Eq + Hash,
     V: Pod + PartialEq,
@@ -722,10 +783,12 @@ where
         let (k, v) = entry.map_err(|e| dp_err(format!("iterate {name}"), e))?;
         present.insert(k, v);
     }
+    let mut repair = Repair::default();
     for (k, v) in desired {
         if present.get(k) != Some(v) {
             m.insert(k, v, 0)
                 .map_err(|e| dp_err(format!("update {name}"), e))?;
+            repair.written += 1;
         }
     }
     for k in present.keys() {
@@ -734,7 +797,8 @@ where
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(dp_err(format!("delete from {name}"), e)),
             }
+            repair.removed += 1;
         }
     }
-    Ok(())
+    Ok(repair)
 }

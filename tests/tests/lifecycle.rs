@@ -394,3 +394,93 @@ fn forwarding_never_stops_across_agent_kills_and_a_map_migration() -> anyhow::Re
     );
     Ok(())
 }
+
+/// `bpftool map ... pinned NV_LOOKUPS` on `h`, with `args` after the map.
+fn lookup_map(h: &nv_tests::testbed::Host, verb: &str, args: &[&str]) -> anyhow::Result<String> {
+    let pin = h.pin_path.join("maps/NV_LOOKUPS");
+    let mut all = vec!["map", verb, "pinned", pin.to_str().context("utf-8")?];
+    all.extend_from_slice(args);
+    nv_tests::sys::run("bpftool", &all)
+}
+
+/// RED's entry for 10.0.0.2 (VSID 5001), as the map's key bytes.
+const RED2_KEY: [&str; 9] = ["hex", "89", "13", "00", "00", "0a", "00", "00", "02"];
+/// An entry no record has: VSID 5001, 10.0.0.99.
+const STRAY_KEY: [&str; 9] = ["hex", "89", "13", "00", "00", "0a", "00", "00", "63"];
+
+fn drift(h: &nv_tests::testbed::Host) -> anyhow::Result<()> {
+    let mut del = vec!["key"];
+    del.extend(RED2_KEY);
+    lookup_map(h, "delete", &del)?;
+    let mut add = vec!["key"];
+    add.extend(STRAY_KEY);
+    add.push("value");
+    add.push("hex");
+    add.extend(["00"; 28]);
+    lookup_map(h, "update", &add)?;
+    Ok(())
+}
+
+#[test]
+fn drift_behind_the_agents_back_is_repaired_at_start_and_periodically() -> anyhow::Result<()> {
+    let mut bed = TwoHosts::build_with("dr", &["--reconcile-interval", "1"])?;
+    bed.configure()?;
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 2)? == 2,
+        "no traffic to begin with"
+    );
+
+    // While the agent is stopped, bpftool deletes RED-2's entry and adds a stray one: RED-1
+    // loses RED-2 (the drift matters), and the agent repairs both when it starts.
+    bed.hosts[0].stop_agent();
+    drift(&bed.hosts[0])?;
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 2)? == 0,
+        "the deleted entry did not matter"
+    );
+    bed.hosts[0].start_agent()?;
+    let log = bed.hosts[0].agent_log();
+    ensure!(
+        log.contains("repaired NV_LOOKUPS at start: 1 entries written, 1 removed"),
+        "no repair at start in the log: {log}"
+    );
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 2)? == 2,
+        "not repaired at start"
+    );
+
+    // While it runs: the periodic reconcile (every second here) repairs the same drift.
+    drift(&bed.hosts[0])?;
+    let mut repaired = false;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(200));
+        if bed.hosts[0]
+            .agent_log()
+            .contains("repaired NV_LOOKUPS by the periodic reconcile: 1 entries written, 1 removed")
+        {
+            repaired = true;
+            break;
+        }
+    }
+    ensure!(
+        repaired,
+        "no periodic repair in 10 s: {}",
+        bed.hosts[0].agent_log()
+    );
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 2)? == 2,
+        "not repaired by the periodic reconcile"
+    );
+    let mut stray = vec!["key"];
+    stray.extend(STRAY_KEY);
+    ensure!(
+        lookup_map(&bed.hosts[0], "lookup", &stray).is_err(),
+        "the stray entry is still in the map"
+    );
+    let status = bed.hosts[0].nvctl_json(&["status"])?;
+    ensure!(
+        status["repaired"].as_u64() == Some(4) && status["reconciles"].as_u64() >= Some(2),
+        "status does not count the repairs: {status}"
+    );
+    Ok(())
+}

@@ -110,9 +110,41 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     };
     let agent = Arc::new(tokio::sync::Mutex::new(agent));
-    // VMs start, stop and restart on their own schedule: follow their ports as the kernel
-    // announces them, and look at all of them now and then.
-    let watched = agent.clone();
+    if let Some(every) = config.reconcile_interval {
+        spawn_reconciler(agent.clone(), every);
+    }
+    spawn_port_watcher(agent.clone())?;
+    notify_ready(&status);
+    axum::serve(listener, api::router(agent))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        })
+        .await?;
+    let _ = std::fs::remove_file(socket);
+    info!("stopped; forwarding continues from the pinned programs and maps");
+    Ok(())
+}
+
+type Shared = Arc<tokio::sync::Mutex<Agent>>;
+
+/// Repairs drift between the maps and the store every `every`.
+fn spawn_reconciler(agent: Shared, every: std::time::Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = agent.lock().await.reconcile_maps().await {
+                tracing::warn!("reconciling the maps: {e}");
+            }
+        }
+    });
+}
+
+/// VMs start, stop and restart on their own schedule: follows their ports as the kernel
+/// announces them, and looks at all of them now and then.
+fn spawn_port_watcher(watched: Shared) -> anyhow::Result<()> {
     let mut events = Some(nv_agent::netlink::link_events()?);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(PORT_REFRESH);
@@ -135,8 +167,13 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
             }
         }
     });
-    // Ready for systemd (Type=notify) only now: programs attached, maps equal to the store,
-    // ports followed, the API listening. Without NOTIFY_SOCKET this does nothing.
+    Ok(())
+}
+
+/// Tells systemd (Type=notify) the agent is ready: called only once the programs are
+/// attached, the maps equal the store, ports are followed and the API listens. Without
+/// `NOTIFY_SOCKET` it does nothing.
+fn notify_ready(status: &nv_agent::agent::Status) {
     let summary = format!(
         "forwarding on {}: {} lookup records, {} ports attached",
         status.uplink,
@@ -153,15 +190,6 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         tracing::warn!("cannot tell systemd the agent is ready: {e}");
     }
     info!("ready: {summary}");
-    axum::serve(listener, api::router(agent))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-        })
-        .await?;
-    let _ = std::fs::remove_file(socket);
-    info!("stopped; forwarding continues from the pinned programs and maps");
-    Ok(())
 }
 
 /// The next link event; never, once they stopped.

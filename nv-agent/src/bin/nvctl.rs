@@ -235,6 +235,14 @@ fn status_table(v: &Value) -> Table {
     t.add_row(["underlay DSCP".to_owned(), field("underlay_dscp")]);
     t.add_row(["provider addresses".to_owned(), field("providers")]);
     t.add_row(["lookup records".to_owned(), field("lookups")]);
+    t.add_row([
+        "reconciled".to_owned(),
+        format!(
+            "{} times, {} entries repaired",
+            field("reconciles"),
+            field("repaired")
+        ),
+    ]);
     for p in v["ports"].as_array().into_iter().flatten() {
         let state = if p["running"].as_bool() == Some(true) {
             "running"
