@@ -17,11 +17,8 @@ use crate::{
     error::{NvError, Result, invalid},
     model::{LookupRecord, Method, Provider, ProviderState, validate_ifname},
     netlink::{LinkInfo, LinkKind, Netlink},
-    store::{Change, State, Store},
+    store::{Change, Store},
 };
-
-/// Imports at least this big are written as a snapshot rather than journal lines.
-const SNAPSHOT_IMPORTS_FROM: usize = 1000;
 
 pub struct Agent {
     uplink: String,
@@ -228,7 +225,7 @@ impl Agent {
         };
         let (mut store, state, changes) = Store::open(&config.state_dir)?;
         let mut catalog = Catalog::from_state(state)?;
-        if !changes.is_empty() {
+        if !changes.is_empty() || store.needs_snapshot() {
             for c in changes {
                 apply_change(&mut catalog, c);
             }
@@ -750,31 +747,7 @@ impl Agent {
     }
 
     fn journal(&mut self, changes: &[Change]) -> Result<()> {
-        self.store.append(changes)?;
-        if self.store.wants_snapshot() {
-            self.store.snapshot(&self.catalog_state_after(changes))?;
-        }
-        Ok(())
-    }
-
-    /// The state the catalog will have once `changes` (already journalled) are applied.
-    fn catalog_state_after(&self, changes: &[Change]) -> State {
-        let mut state = self.catalog.to_state();
-        for c in changes {
-            match c {
-                Change::PutLookup { record } => {
-                    state.lookups.retain(|r| r.key() != record.key());
-                    state.lookups.push(record.clone());
-                }
-                Change::DelLookup { vsid, ca } => state.lookups.retain(|r| r.key() != (*vsid, *ca)),
-                Change::PutProvider { provider } => {
-                    state.providers.retain(|p| p.pa.addr != provider.pa.addr);
-                    state.providers.push(provider.clone());
-                }
-                Change::DelProvider { pa } => state.providers.retain(|p| p.pa.addr != *pa),
-            }
-        }
-        state
+        self.store.append(changes)
     }
 
     /// Counts and logs what a sync of the maps had to repair (`when`: at start, or by the
@@ -1041,15 +1014,12 @@ impl Agent {
             }
             return Err(e);
         }
-        let stored = if records.len() >= SNAPSHOT_IMPORTS_FROM {
-            self.store.snapshot(&self.catalog.to_state())
-        } else {
-            let changes: Vec<Change> = records
-                .iter()
-                .map(|r| Change::PutLookup { record: r.clone() })
-                .collect();
-            self.store.append(&changes)
-        };
+        // One transaction, whatever the size: all of the import is stored, or none.
+        let changes: Vec<Change> = records
+            .iter()
+            .map(|r| Change::PutLookup { record: r.clone() })
+            .collect();
+        let stored = self.store.append(&changes);
         if let Err(e) = stored {
             for k in &checked {
                 self.catalog.remove(k);

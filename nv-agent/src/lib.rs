@@ -12,6 +12,7 @@ pub mod import;
 pub mod model;
 pub mod netlink;
 pub mod store;
+mod store_legacy;
 
 /// The eBPF object built from nv-ebpf by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nv"));

@@ -1,28 +1,26 @@
-//! The store: the agent's source of truth under `state_dir`, crash-safe, and cheap per change
-//! at any table size. A snapshot (`state.json`, replaced atomically: temporary file, fsync,
-//! rename, fsync the directory) plus a journal of changes since (`journal.jsonl`, one JSON line
-//! per change, fsynced before the agent answers). A crash can only cut the journal's last line,
-//! which was never acknowledged; it is ignored. The journal is folded into a new snapshot when
-//! it grows. The BPF maps are the store's cache.
+//! The store: the agent's source of truth under `state_dir`, in an embedded database (redb,
+//! `nv.redb`): every change is one transaction, durable (fsynced) before nvctl gets its answer,
+//! and atomic, so a crash leaves the state before it or after it, never between. Lookup records
+//! are keyed by (VSID, CA), provider addresses by PA; values are the records as JSON, in the
+//! CLI's field names. The BPF maps are the store's cache. A store of an earlier agent (snapshot
+//! plus journal) is migrated on first start and its files kept as `*.migrated`.
 use std::{
-    fs::{self, File, OpenOptions},
-    io::Write as _,
     net::IpAddr,
     path::{Path, PathBuf},
 };
 
+use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     error::{NvError, Result},
     model::{LookupRecord, ProviderState},
+    store_legacy,
 };
 
-const SNAPSHOT: &str = "state.json";
-const JOURNAL: &str = "journal.jsonl";
-const FORMAT_VERSION: u32 = 1;
-/// Journal lines after which the next change folds it into a snapshot.
-const COMPACT_AFTER: usize = 100_000;
+const FILE: &str = "nv.redb";
+const LOOKUPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("lookups_v1");
+const PROVIDERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("providers_v1");
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
@@ -30,7 +28,7 @@ pub struct State {
     pub lookups: Vec<LookupRecord>,
 }
 
-/// One change, as the journal records it.
+/// One change.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Change {
@@ -40,136 +38,191 @@ pub enum Change {
     DelProvider { pa: IpAddr },
 }
 
-#[derive(Serialize, Deserialize)]
-struct OnDisk {
-    version: u32,
-    #[serde(flatten)]
-    state: State,
-}
-
 pub struct Store {
-    dir: PathBuf,
-    journal: File,
-    journal_lines: usize,
+    db: Database,
+    path: PathBuf,
+    /// The files of an earlier agent's store, migrated by the first [`Store::snapshot`].
+    legacy: Option<PathBuf>,
 }
 
-fn store_err(what: &str, path: &Path, e: impl std::fmt::Display) -> NvError {
-    NvError::Store(format!("{what} {}: {e}", path.display()))
+/// (VSID, CA) as bytes that sort as the catalog does: VSID big-endian, then the address
+/// family and its bytes.
+fn lookup_key(vsid: u32, ca: IpAddr) -> Vec<u8> {
+    let mut k = vsid.to_be_bytes().to_vec();
+    match ca {
+        IpAddr::V4(a) => {
+            k.push(4);
+            k.extend(a.octets());
+        }
+        IpAddr::V6(a) => {
+            k.push(6);
+            k.extend(a.octets());
+        }
+    }
+    k
+}
+
+fn pa_key(pa: IpAddr) -> Vec<u8> {
+    pa.to_string().into_bytes()
 }
 
 impl Store {
-    /// Opens the store in `dir` (created when missing): the snapshot, and the changes since.
+    /// Opens the store in `dir` (created when missing): the state, and the changes of an
+    /// earlier agent's journal still to apply on top of it (then [`Store::needs_snapshot`]).
     pub fn open(dir: &Path) -> Result<(Store, State, Vec<Change>)> {
-        fs::create_dir_all(dir).map_err(|e| store_err("cannot create", dir, e))?;
-        let path = dir.join(SNAPSHOT);
-        let state = match fs::read(&path) {
-            Ok(bytes) => {
-                let disk: OnDisk = serde_json::from_slice(&bytes)
-                    .map_err(|e| store_err("unreadable:", &path, e))?;
-                if disk.version != FORMAT_VERSION {
-                    return Err(NvError::Store(format!(
-                        "{} has format version {}, this agent reads version {FORMAT_VERSION}",
-                        path.display(),
-                        disk.version
-                    )));
-                }
-                disk.state
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(e) => return Err(store_err("cannot read", &path, e)),
+        std::fs::create_dir_all(dir)
+            .map_err(|e| NvError::Store(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join(FILE);
+        let fresh = !path.exists();
+        let db = Database::create(&path).map_err(|e| damaged(&path, &e))?;
+        let mut store = Store {
+            db,
+            path,
+            legacy: None,
         };
-        let jpath = dir.join(JOURNAL);
-        let mut changes = Vec::new();
-        let text = match fs::read(&jpath) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(store_err("cannot read", &jpath, e)),
-        };
-        // Only newline-terminated lines were fsynced and acknowledged; a crash can leave a cut
-        // last line, which is dropped (and cut off, so the next change starts a clean line).
-        let complete = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-        for (i, line) in text[..complete]
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .enumerate()
-        {
-            changes.push(
-                serde_json::from_slice(line)
-                    .map_err(|e| store_err(&format!("line {} unreadable in", i + 1), &jpath, e))?,
+        if fresh && store_legacy::exists(dir) {
+            let (state, changes) = store_legacy::read(dir)?;
+            tracing::info!(
+                "migrating the store in {} into {}: {} records, {} journal changes",
+                dir.display(),
+                store.path.display(),
+                state.lookups.len(),
+                changes.len()
             );
+            store.legacy = Some(dir.to_owned());
+            return Ok((store, state, changes));
         }
-        if complete < text.len() {
-            tracing::warn!("dropping the cut last line of {}", jpath.display());
-            OpenOptions::new()
-                .write(true)
-                .open(&jpath)
-                .and_then(|f| f.set_len(complete as u64).and_then(|()| f.sync_all()))
-                .map_err(|e| store_err("cannot repair", &jpath, e))?;
-        }
-        let journal = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&jpath)
-            .map_err(|e| store_err("cannot open", &jpath, e))?;
-        let journal_lines = changes.len();
-        Ok((
-            Store {
-                dir: dir.to_owned(),
-                journal,
-                journal_lines,
-            },
-            state,
-            changes,
-        ))
+        let state = store.read()?;
+        Ok((store, state, Vec::new()))
     }
 
-    /// Records `changes` durably (one write, one fsync); on error nothing was acknowledged.
+    /// Whether the state `open` returned must be written whole ([`Store::snapshot`]): it came
+    /// from an earlier agent's store.
+    pub fn needs_snapshot(&self) -> bool {
+        self.legacy.is_some()
+    }
+
+    fn read(&self) -> Result<State> {
+        let err = |e: &dyn std::fmt::Display| damaged(&self.path, e);
+        let txn = self.db.begin_read().map_err(|e| err(&e))?;
+        let mut state = State::default();
+        for (table, is_lookup) in [(LOOKUPS, true), (PROVIDERS, false)] {
+            let t = match txn.open_table(table) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => continue,
+                Err(e) => return Err(err(&e)),
+            };
+            for row in t.iter().map_err(|e| err(&e))? {
+                let (_, v) = row.map_err(|e| err(&e))?;
+                let bad = |e: serde_json::Error| {
+                    err(&format!(
+                        "a value does not parse ({e}): {}",
+                        String::from_utf8_lossy(v.value())
+                    ))
+                };
+                if is_lookup {
+                    state
+                        .lookups
+                        .push(serde_json::from_slice(v.value()).map_err(bad)?);
+                } else {
+                    state
+                        .providers
+                        .push(serde_json::from_slice(v.value()).map_err(bad)?);
+                }
+            }
+        }
+        Ok(state)
+    }
+
+    /// Records `changes` in one transaction, durable when this returns; on error none is.
     pub fn append(&mut self, changes: &[Change]) -> Result<()> {
-        let jpath = self.dir.join(JOURNAL);
-        let mut buf = Vec::new();
-        for c in changes {
-            serde_json::to_writer(&mut buf, c).map_err(|e| NvError::Store(e.to_string()))?;
-            buf.push(b'\n');
+        let err = |e: &dyn std::fmt::Display| {
+            NvError::Store(format!("cannot write {}: {e}", self.path.display()))
+        };
+        let txn = self.db.begin_write().map_err(|e| err(&e))?;
+        {
+            let mut lookups = txn.open_table(LOOKUPS).map_err(|e| err(&e))?;
+            let mut providers = txn.open_table(PROVIDERS).map_err(|e| err(&e))?;
+            for c in changes {
+                match c {
+                    Change::PutLookup { record } => {
+                        let v = serde_json::to_vec(record).map_err(|e| err(&e))?;
+                        lookups
+                            .insert(lookup_key(record.vsid, record.ca).as_slice(), v.as_slice())
+                            .map_err(|e| err(&e))?;
+                    }
+                    Change::DelLookup { vsid, ca } => {
+                        lookups
+                            .remove(lookup_key(*vsid, *ca).as_slice())
+                            .map_err(|e| err(&e))?;
+                    }
+                    Change::PutProvider { provider } => {
+                        let v = serde_json::to_vec(provider).map_err(|e| err(&e))?;
+                        providers
+                            .insert(pa_key(provider.pa.addr).as_slice(), v.as_slice())
+                            .map_err(|e| err(&e))?;
+                    }
+                    Change::DelProvider { pa } => {
+                        providers
+                            .remove(pa_key(*pa).as_slice())
+                            .map_err(|e| err(&e))?;
+                    }
+                }
+            }
         }
-        self.journal
-            .write_all(&buf)
-            .and_then(|()| self.journal.sync_data())
-            .map_err(|e| store_err("cannot write", &jpath, e))?;
-        self.journal_lines += changes.len();
-        Ok(())
+        txn.commit().map_err(|e| err(&e))
     }
 
-    /// Whether the journal is long enough to fold into a snapshot.
-    pub fn wants_snapshot(&self) -> bool {
-        self.journal_lines >= COMPACT_AFTER
-    }
-
-    /// Replaces the snapshot with `state` and empties the journal.
+    /// Replaces the whole stored state with `state`, in one transaction.
     pub fn snapshot(&mut self, state: &State) -> Result<()> {
-        let dir = self.dir.clone();
-        let tmp = dir.join(format!("{SNAPSHOT}.tmp"));
-        let bytes = serde_json::to_vec(&OnDisk {
-            version: FORMAT_VERSION,
-            state: state.clone(),
-        })
-        .map_err(|e| NvError::Store(e.to_string()))?;
-        let mut file = File::create(&tmp).map_err(|e| store_err("cannot create", &tmp, e))?;
-        file.write_all(&bytes)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| store_err("cannot write", &tmp, e))?;
-        fs::rename(&tmp, dir.join(SNAPSHOT))
-            .map_err(|e| store_err("cannot replace", &dir.join(SNAPSHOT), e))?;
-        // The snapshot holds every change now: the journal can start over.
-        self.journal
-            .set_len(0)
-            .and_then(|()| self.journal.sync_all())
-            .map_err(|e| store_err("cannot truncate", &dir.join(JOURNAL), e))?;
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| store_err("cannot sync", &dir, e))?;
-        self.journal_lines = 0;
+        let err = |e: &dyn std::fmt::Display| {
+            NvError::Store(format!("cannot write {}: {e}", self.path.display()))
+        };
+        let txn = self.db.begin_write().map_err(|e| err(&e))?;
+        for table in [LOOKUPS, PROVIDERS] {
+            txn.delete_table(table).map_err(|e| err(&e))?;
+        }
+        {
+            let mut lookups = txn.open_table(LOOKUPS).map_err(|e| err(&e))?;
+            for r in &state.lookups {
+                let v = serde_json::to_vec(r).map_err(|e| err(&e))?;
+                lookups
+                    .insert(lookup_key(r.vsid, r.ca).as_slice(), v.as_slice())
+                    .map_err(|e| err(&e))?;
+            }
+            let mut providers = txn.open_table(PROVIDERS).map_err(|e| err(&e))?;
+            for p in &state.providers {
+                let v = serde_json::to_vec(p).map_err(|e| err(&e))?;
+                providers
+                    .insert(pa_key(p.pa.addr).as_slice(), v.as_slice())
+                    .map_err(|e| err(&e))?;
+            }
+        }
+        txn.commit().map_err(|e| err(&e))?;
+        if let Some(dir) = self.legacy.take() {
+            for name in [store_legacy::SNAPSHOT, store_legacy::JOURNAL] {
+                let old = dir.join(name);
+                if old.exists() {
+                    let kept = dir.join(format!("{name}.migrated"));
+                    std::fs::rename(&old, &kept).map_err(|e| {
+                        NvError::Store(format!("cannot move {} aside: {e}", old.display()))
+                    })?;
+                }
+            }
+            tracing::info!("store migrated into {}", self.path.display());
+        }
         Ok(())
     }
+}
+
+/// The one error for a store that cannot be read: which file, and how to recover.
+fn damaged(path: &Path, e: &dyn std::fmt::Display) -> NvError {
+    NvError::Store(format!(
+        "store {} cannot be read ({e}). Forwarding continues from the pinned maps. Restore the \
+         file from a backup, or move it away and start the agent with an empty store, then \
+         re-import the records (`nvctl lookup import`)",
+        path.display()
+    ))
 }
 
 #[cfg(test)]
@@ -190,21 +243,27 @@ mod tests {
     }
 
     #[test]
-    fn changes_survive_reopen_and_snapshots_fold_them() {
+    fn changes_survive_reopen_and_a_snapshot_replaces_everything() {
         let dir = tempfile::tempdir().unwrap();
         let (mut store, state, changes) = Store::open(dir.path()).unwrap();
         assert_eq!((state, changes.len()), (State::default(), 0));
-        let put = Change::PutLookup {
-            record: record("10.0.0.1"),
-        };
-        let del = Change::DelLookup {
-            vsid: 5001,
-            ca: "10.0.0.1".parse().unwrap(),
-        };
-        store.append(&[put.clone(), del.clone()]).unwrap();
+        store
+            .append(&[
+                Change::PutLookup {
+                    record: record("10.0.0.1"),
+                },
+                Change::PutLookup {
+                    record: record("10.0.0.2"),
+                },
+                Change::DelLookup {
+                    vsid: 5001,
+                    ca: "10.0.0.1".parse().unwrap(),
+                },
+            ])
+            .unwrap();
         drop(store);
-        let (mut store, _, changes) = Store::open(dir.path()).unwrap();
-        assert_eq!(changes, vec![put, del]);
+        let (mut store, state, _) = Store::open(dir.path()).unwrap();
+        assert_eq!(state.lookups, vec![record("10.0.0.2")]);
         let snap = State {
             providers: vec![],
             lookups: vec![record("10.0.0.7")],
@@ -213,11 +272,50 @@ mod tests {
         drop(store);
         let (_, state, changes) = Store::open(dir.path()).unwrap();
         assert_eq!((state, changes.len()), (snap, 0));
-        assert!(!dir.path().join("state.json.tmp").exists());
     }
 
     #[test]
-    fn a_cut_last_line_is_ignored_but_a_corrupt_one_before_it_is_an_error() {
+    fn an_earlier_agents_store_is_migrated_once_and_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("state.json"),
+            format!(
+                r#"{{"version":1,"providers":[],"lookups":[{}]}}"#,
+                serde_json::to_string(&record("10.0.0.1")).unwrap()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("journal.jsonl"),
+            format!(
+                "{}\n{{\"op\":\"put_look",
+                serde_json::to_string(&Change::PutLookup {
+                    record: record("10.0.0.2")
+                })
+                .unwrap()
+            ),
+        )
+        .unwrap();
+        let (mut store, state, changes) = Store::open(dir.path()).unwrap();
+        assert!(store.needs_snapshot());
+        assert_eq!(state.lookups, vec![record("10.0.0.1")]);
+        assert_eq!(changes.len(), 1, "the cut last line is ignored");
+        let both = State {
+            providers: vec![],
+            lookups: vec![record("10.0.0.1"), record("10.0.0.2")],
+        };
+        store.snapshot(&both).unwrap();
+        assert!(!store.needs_snapshot());
+        drop(store);
+        assert!(dir.path().join("state.json.migrated").exists());
+        assert!(!dir.path().join("state.json").exists());
+        let (store, state, changes) = Store::open(dir.path()).unwrap();
+        assert!(!store.needs_snapshot());
+        assert_eq!((state, changes.len()), (both, 0));
+    }
+
+    #[test]
+    fn a_damaged_store_is_one_error_naming_the_file_and_the_way_out() {
         let dir = tempfile::tempdir().unwrap();
         let (mut store, _, _) = Store::open(dir.path()).unwrap();
         store
@@ -226,24 +324,23 @@ mod tests {
             }])
             .unwrap();
         drop(store);
-        let j = dir.path().join(JOURNAL);
-        let mut text = fs::read_to_string(&j).unwrap();
-        text.push_str("{\"op\":\"put_look");
-        fs::write(&j, &text).unwrap();
-        let (_, _, changes) = Store::open(dir.path()).unwrap();
-        assert_eq!(changes.len(), 1);
-        // The cut line was cut off: a new change starts a clean line.
-        assert!(fs::read_to_string(&j).unwrap().ends_with("}\n"));
-        fs::write(&j, format!("garbage\n{text}\n")).unwrap();
-        let err = Store::open(dir.path()).err().unwrap().to_string();
-        assert!(err.contains("line 1 unreadable"), "{err}");
-    }
-
-    #[test]
-    fn corrupt_snapshot_is_an_error_not_an_empty_store() {
-        let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join(SNAPSHOT), b"{ not json").unwrap();
-        let err = Store::open(dir.path()).err().unwrap().to_string();
-        assert!(err.contains("unreadable"), "{err}");
+        let path = dir.path().join(FILE);
+        let len = std::fs::metadata(&path).unwrap().len();
+        for damage in ["truncated", "overwritten"] {
+            let mut bytes = std::fs::read(&path).unwrap();
+            if damage == "truncated" {
+                bytes.truncate(usize::try_from(len / 3).unwrap());
+            } else {
+                bytes.iter_mut().take(4096).for_each(|b| *b = 0x5a);
+            }
+            let copy = tempfile::tempdir().unwrap();
+            std::fs::write(copy.path().join(FILE), &bytes).unwrap();
+            let err = Store::open(copy.path()).err().unwrap().to_string();
+            assert!(
+                err.contains(&copy.path().join(FILE).display().to_string())
+                    && err.contains("nvctl lookup import"),
+                "{damage}: {err}"
+            );
+        }
     }
 }

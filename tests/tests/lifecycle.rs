@@ -139,14 +139,15 @@ fn the_unit_file_passes_systemd_analyze_verify() -> anyhow::Result<()> {
 fn remote_records(vsid: u32, n: u32) -> String {
     let rows: Vec<String> = (0..n)
         .map(|i| {
-            let [_, _, a, b] = i.to_be_bytes();
+            let [_, hi, a, b] = i.to_be_bytes();
+            let x = 20 + hi;
             let name = if i % 3 == 0 {
                 format!(r#","name":"vm {i}, \"web\"""#)
             } else {
                 String::new()
             };
             format!(
-                r#"{{"vsid":{vsid},"ca":"10.20.{a}.{b}","pa":"198.18.0.9","mac":"02:20:00:00:{a:02x}:{b:02x}"{name}}}"#
+                r#"{{"vsid":{vsid},"ca":"10.{x}.{a}.{b}","pa":"198.18.0.9","mac":"02:20:00:{hi:02x}:{a:02x}:{b:02x}"{name}}}"#
             )
         })
         .collect();
@@ -481,6 +482,111 @@ fn drift_behind_the_agents_back_is_repaired_at_start_and_periodically() -> anyho
     ensure!(
         status["repaired"].as_u64() == Some(4) && status["reconciles"].as_u64() >= Some(2),
         "status does not count the repairs: {status}"
+    );
+    Ok(())
+}
+
+fn listed(h: &nv_tests::testbed::Host) -> anyhow::Result<usize> {
+    Ok(h.nvctl_json(&["lookup", "list"])?
+        .as_array()
+        .map_or(0, Vec::len))
+}
+
+/// SIGKILL at 20 moments spread over a 100,000-record import (from before its request is read
+/// to after it is answered): each time the agent starts again, with the records from before the
+/// import or with all of them, never some, and store and maps agree.
+#[test]
+fn sigkill_during_a_large_import_leaves_the_old_state_or_the_new() -> anyhow::Result<()> {
+    let mut bed = TwoHosts::build("ck")?;
+    bed.configure()?;
+    let file = bed.tmp_dir().join("big.json");
+    std::fs::write(&file, remote_records(8300, 100_000))?;
+    let file = file.to_str().context("utf-8")?.to_owned();
+    let nvctl = bin("nvctl")?;
+    let import = |h: &nv_tests::testbed::Host| {
+        Command::new(&nvctl)
+            .arg("--socket")
+            .arg(&h.socket)
+            .args(["lookup", "import", &file])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+    };
+    // The configured store, to go back to before each trial.
+    let saved = bed.tmp_dir().join("configured-state");
+    bed.hosts[0].stop_agent();
+    nv_tests::sys::run(
+        "cp",
+        &[
+            "-a",
+            bed.hosts[0].state_dir.to_str().context("utf-8")?,
+            saved.to_str().context("utf-8")?,
+        ],
+    )?;
+    bed.hosts[0].start_agent()?;
+    // The positive control, and how long a whole import takes here.
+    let before = listed(&bed.hosts[0])?;
+    let started = std::time::Instant::now();
+    let out = Command::new(&nvctl)
+        .arg("--socket")
+        .arg(&bed.hosts[0].socket)
+        .args(["lookup", "import", &file])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "the import failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let whole = started.elapsed();
+    ensure!(listed(&bed.hosts[0])? == before + 100_000, "not imported");
+    let (mut old, mut new, mut cut) = (0, 0, 0);
+    for trial in 0..20u32 {
+        // Back to the configured store.
+        let h = &mut bed.hosts[0];
+        h.stop_agent();
+        std::fs::remove_dir_all(&h.state_dir)?;
+        nv_tests::sys::run(
+            "cp",
+            &[
+                "-a",
+                saved.to_str().context("utf-8")?,
+                h.state_dir.to_str().context("utf-8")?,
+            ],
+        )?;
+        h.start_agent()?;
+        ensure!(listed(h)? == before, "trial {trial}: not back to the start");
+        let mut client = import(h)?;
+        std::thread::sleep(whole.mul_f64(1.2 * (f64::from(trial) + 0.5) / 20.0));
+        h.kill_agent();
+        cut += usize::from(!client.wait()?.success());
+        h.start_agent()?;
+        let now = listed(h)?;
+        if now == before {
+            old += 1;
+        } else if now == before + 100_000 {
+            new += 1;
+        } else {
+            anyhow::bail!(
+                "trial {trial}: {now} records after the kill, {before} before the import"
+            );
+        }
+    }
+    println!("20 kills: {old} left the old state, {new} the new; {cut} cut the import's request");
+    ensure!(cut > 0, "no kill landed before the import was answered");
+    let pin = bed.hosts[0].pin_path.join("maps/NV_LOOKUPS");
+    let dump: serde_json::Value = serde_json::from_str(&nv_tests::sys::run(
+        "bpftool",
+        &[
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            pin.to_str().context("utf-8")?,
+        ],
+    )?)?;
+    ensure!(
+        dump.as_array().map_or(0, Vec::len) == listed(&bed.hosts[0])?,
+        "store and map disagree after the last kill"
     );
     Ok(())
 }
