@@ -19,6 +19,7 @@ use crate::{
 };
 
 const FILE: &str = "nv.redb";
+const STORE_CACHE: usize = 16 << 20;
 const LOOKUPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("lookups_v1");
 const PROVIDERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("providers_v1");
 
@@ -74,7 +75,12 @@ impl Store {
             .map_err(|e| NvError::Store(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join(FILE);
         let fresh = !path.exists();
-        let db = Database::create(&path).map_err(|e| damaged(&path, &e))?;
+        // redb caches up to 1 GiB by default; the catalog already holds every record in
+        // memory, and the store is read once at start, so a small cache is enough.
+        let db = Database::builder()
+            .set_cache_size(STORE_CACHE)
+            .create(&path)
+            .map_err(|e| damaged(&path, &e))?;
         let mut store = Store {
             db,
             path,
