@@ -15,6 +15,18 @@ pub async fn call(
     path: &str,
     body: Option<&Value>,
 ) -> anyhow::Result<Value> {
+    let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    call_with(socket, method, path, body).await
+}
+
+/// As [`call`], with a body already encoded as JSON (an import's million records are not
+/// built as a `Value` first).
+pub async fn call_with(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Bytes,
+) -> anyhow::Result<Value> {
     let stream = UnixStream::connect(socket).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot reach nv-agent at {}: {e} (is nv-agent running? set --socket or NV_SOCKET)",
@@ -23,7 +35,6 @@ pub async fn call(
     })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
     let req = Request::builder()
         .method(method)
         .uri(path)

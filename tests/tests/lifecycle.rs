@@ -177,7 +177,26 @@ fn lookup_export_and_import_round_trip_byte_for_byte() -> anyhow::Result<()> {
         let exported = one.nvctl(&["lookup", "export", "--format", format, "--vsid", &vs])?;
         let moved = bed.tmp_dir().join(format!("export-{vsid}.{format}"));
         std::fs::write(&moved, &exported)?;
-        two.nvctl(&["lookup", "import", moved.to_str().context("utf-8")?])?;
+        if format == "csv" {
+            // On a terminal (script(1) gives it one) the import says what it is doing.
+            let cmd = format!(
+                "{} --socket {} lookup import {}",
+                bin("nvctl")?.display(),
+                two.socket.display(),
+                moved.display()
+            );
+            let out = Command::new("script")
+                .args(["-qec", &cmd, "/dev/null"])
+                .output()
+                .context("run script (package util-linux)")?;
+            let shown = String::from_utf8_lossy(&out.stdout);
+            ensure!(
+                out.status.success() && shown.contains("sending 500 records"),
+                "import on a terminal: {shown}"
+            );
+        } else {
+            two.nvctl(&["lookup", "import", moved.to_str().context("utf-8")?])?;
+        }
         let again = two.nvctl(&["lookup", "export", "--format", format, "--vsid", &vs])?;
         ensure!(
             again == exported,

@@ -68,6 +68,36 @@ const LOOKUP_COLUMNS: &[(&str, &str)] = &[
 const IMPORT_COLUMNS: &[(&str, &str)] = &[("IMPORTED", "imported")];
 const STATS_COLUMNS: &[(&str, &str)] = &[("COUNTER", "counter"), ("PACKETS", "packets")];
 
+/// `nvctl lookup import`: read and check every record, send them in one request, wait for
+/// the agent to apply them all. On a terminal a spinner says which of the three is going on.
+async fn import(socket: &std::path::Path, file: &std::path::Path) -> anyhow::Result<Value> {
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let p = indicatif::ProgressBar::new_spinner();
+        p.enable_steady_tick(std::time::Duration::from_millis(100));
+        p
+    });
+    let say = |what: String| {
+        if let Some(p) = &progress {
+            p.set_message(what);
+        }
+    };
+    say(format!("reading {}", file.display()));
+    let records = nv_agent::import::read(file)?;
+    let body = bytes::Bytes::from(serde_json::to_vec(&records)?);
+    say(format!(
+        "sending {} records ({} MB) to the agent, which applies them all or none",
+        records.len(),
+        body.len() >> 20
+    ));
+    drop(records);
+    let answer =
+        nv_agent::client::call_with(socket, Method::POST, "/v1/lookups/import", body).await;
+    if let Some(p) = progress {
+        p.finish_and_clear();
+    }
+    answer
+}
+
 /// The commands that print something other than a table or JSON of one API answer.
 async fn run_other(cli: &Cli) -> Option<anyhow::Result<()>> {
     let mut out = std::io::stdout().lock();
@@ -157,19 +187,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
                 LOOKUP_COLUMNS,
             )
         }
-        Command::Lookup(LookupCmd::Import { file }) => {
-            let records = nv_agent::import::read(file)?;
-            (
-                call(
-                    s,
-                    Method::POST,
-                    "/v1/lookups/import",
-                    Some(&serde_json::to_value(&records)?),
-                )
-                .await?,
-                IMPORT_COLUMNS,
-            )
-        }
+        Command::Lookup(LookupCmd::Import { file }) => (import(s, file).await?, IMPORT_COLUMNS),
         Command::Lookup(LookupCmd::List { vsid }) => (
             call(s, Method::GET, &lookups_path(*vsid), None).await?,
             LOOKUP_COLUMNS,
