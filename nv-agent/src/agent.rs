@@ -61,6 +61,14 @@ struct Attached {
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Status {
     pub version: String,
+    /// The eBPF object's fingerprint ([`crate::programs_version`]).
+    #[serde(default)]
+    pub programs: String,
+    /// The store's database file and its size.
+    #[serde(default)]
+    pub store: String,
+    #[serde(default)]
+    pub store_bytes: u64,
     pub uplink: String,
     pub uplink_mtu: u32,
     /// The MTU VMs must use (set on the ports the agent attaches).
@@ -806,6 +814,9 @@ impl Agent {
         ports_without_record.sort();
         Status {
             version: env!("CARGO_PKG_VERSION").into(),
+            programs: crate::programs_version(),
+            store: self.store.file().0.display().to_string(),
+            store_bytes: self.store.file().1,
             uplink: self.uplink.clone(),
             uplink_mtu: self.uplink_mtu,
             vm_mtu: self.vm_mtu(),

@@ -16,3 +16,12 @@ mod store_legacy;
 
 /// The eBPF object built from nv-ebpf by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nv"));
+
+/// A fingerprint of the eBPF object this agent loads (FNV-1a of its bytes): two agents with
+/// the same one run the same datapath.
+pub fn programs_version() -> String {
+    let hash = EBPF_OBJECT.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}

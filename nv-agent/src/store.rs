@@ -102,6 +102,12 @@ impl Store {
         Ok((store, state, Vec::new()))
     }
 
+    /// The database file, and its size in bytes.
+    pub fn file(&self) -> (&Path, u64) {
+        let size = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        (&self.path, size)
+    }
+
     /// Whether the state `open` returned must be written whole ([`Store::snapshot`]): it came
     /// from an earlier agent's store.
     pub fn needs_snapshot(&self) -> bool {

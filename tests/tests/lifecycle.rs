@@ -502,6 +502,12 @@ fn drift_behind_the_agents_back_is_repaired_at_start_and_periodically() -> anyho
         status["repaired"].as_u64() == Some(4) && status["reconciles"].as_u64() >= Some(2),
         "status does not count the repairs: {status}"
     );
+    ensure!(
+        status["programs"].as_str().is_some_and(|p| p.len() == 16)
+            && status["store"].as_str().is_some_and(|p| p.ends_with("/nv.redb"))
+            && status["store_bytes"].as_u64() > Some(0),
+        "status lacks the programs' fingerprint or the store: {status}"
+    );
     Ok(())
 }
 

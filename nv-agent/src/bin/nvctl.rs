@@ -244,6 +244,15 @@ fn status_table(v: &Value) -> Table {
     t.load_preset(UTF8_FULL_CONDENSED);
     t.set_header(["", ""]);
     t.add_row(["agent version".to_owned(), field("version")]);
+    t.add_row(["programs".to_owned(), field("programs")]);
+    t.add_row([
+        "store".to_owned(),
+        format!(
+            "{} ({} KiB)",
+            field("store"),
+            v["store_bytes"].as_u64().unwrap_or(0) >> 10
+        ),
+    ]);
     t.add_row([
         "uplink".to_owned(),
         format!("{} (MTU {})", field("uplink"), field("uplink_mtu")),
