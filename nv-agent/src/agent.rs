@@ -47,6 +47,8 @@ pub struct Agent {
     /// Reconciliations of the maps against the store, and the entries they had to repair.
     reconciles: u64,
     repaired: u64,
+    /// The bounce pair's ifindexes (both 0: none, a VM tunnel's super-packets are dropped).
+    bounce: (u32, u32),
 }
 
 /// A port as the agent attached it.
@@ -258,7 +260,19 @@ impl Agent {
             underlay_dscp: config.underlay_dscp,
             reconciles: 0,
             repaired: 0,
+            bounce: (0, 0),
         };
+        // Its program first, its ifindex in the config after: segments never reach a device
+        // without a program on it.
+        match agent.netlink.bounce_pair().await {
+            Ok(pair) => {
+                agent.datapath.attach_bounce(crate::netlink::BOUNCE_PEER)?;
+                agent.bounce = pair;
+            }
+            Err(e) => warn!(
+                "no bounce pair ({e}): super-packets of VMs' own tunnels will be dropped as drop_vm_nested_gso"
+            ),
+        }
         agent.reconcile().await?;
         agent.datapath.finish_migration()?;
         Ok(agent)
@@ -278,6 +292,8 @@ impl Agent {
             uplink_mtu: self.uplink_mtu,
             underlay_dscp: self.underlay_dscp.0,
             uplink_mac: self.uplink_mac,
+            bounce_ifindex: self.bounce.0,
+            bounce_peer: self.bounce.1,
             ..DatapathConfig::default()
         };
         for port in self.catalog.ports() {
@@ -437,6 +453,9 @@ impl Agent {
         if name == self.uplink {
             return self.refresh_uplink().await;
         }
+        if [crate::netlink::BOUNCE, crate::netlink::BOUNCE_PEER].contains(&name) {
+            return self.refresh_bounce().await;
+        }
         if self.catalog.by_port(name).is_some() {
             self.refresh_port(name).await?;
         }
@@ -451,6 +470,33 @@ impl Agent {
         for port in renamed {
             self.refresh_port(&port).await?;
         }
+        Ok(())
+    }
+
+    /// The bounce pair deleted or replaced behind the agent's back: out of the config first
+    /// (super-packets are dropped and counted meanwhile), then made again.
+    async fn refresh_bounce(&mut self) -> Result<()> {
+        let now = match (
+            self.netlink.link(crate::netlink::BOUNCE).await?,
+            self.netlink.link(crate::netlink::BOUNCE_PEER).await?,
+        ) {
+            (Some(a), Some(b)) => (a.index, b.index),
+            _ => (0, 0),
+        };
+        if now == self.bounce && now.0 != 0 {
+            return Ok(());
+        }
+        self.bounce = (0, 0);
+        let config = self.datapath_config();
+        self.datapath.set_config(config)?;
+        self.config = config;
+        let pair = self.netlink.bounce_pair().await?;
+        self.datapath.attach_bounce(crate::netlink::BOUNCE_PEER)?;
+        self.bounce = pair;
+        let config = self.datapath_config();
+        self.datapath.set_config(config)?;
+        self.config = config;
+        info!("bounce pair {} ready again", crate::netlink::BOUNCE);
         Ok(())
     }
 
@@ -958,6 +1004,11 @@ impl Agent {
             if *port == self.uplink {
                 return Err(invalid(format!(
                     "port '{port}' is the uplink, not a VM port"
+                )));
+            }
+            if [crate::netlink::BOUNCE, crate::netlink::BOUNCE_PEER].contains(&port.as_str()) {
+                return Err(invalid(format!(
+                    "port '{port}' is nv's own (it segments VMs' tunnel traffic), not a VM port"
                 )));
             }
             let link = self.require_link(port, "port").await?;

@@ -349,7 +349,11 @@ impl Datapath {
         if migrating.contains(&map_names::COUNTERS) {
             carry_counters(&mut ebpf, &aside.join(map_names::COUNTERS))?;
         }
-        for name in [program_names::FROM_VM, program_names::UPLINK_TC] {
+        for name in [
+            program_names::FROM_VM,
+            program_names::UPLINK_TC,
+            program_names::FROM_BOUNCE,
+        ] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load().map_err(|e| dp_err(format!("load {name}"), e))?;
         }
@@ -457,6 +461,11 @@ impl Datapath {
     }
 
     /// Attaches the from-VM program to a VM port's ingress.
+    /// Attaches the program that takes back a VM tunnel's segmented super-packets.
+    pub fn attach_bounce(&mut self, ifname: &str) -> Result<()> {
+        self.attach_tc(program_names::FROM_BOUNCE, ifname, "bounce")
+    }
+
     pub fn attach_port(&mut self, ifname: &str) -> Result<()> {
         self.attach_tc(program_names::FROM_VM, ifname, &port_link_name(ifname))
     }

@@ -3,7 +3,7 @@ use std::net::IpAddr;
 
 use futures::TryStreamExt as _;
 use rtnetlink::{
-    Handle, LinkUnspec,
+    Handle, LinkUnspec, LinkVeth,
     packet_core::{NetlinkMessage, NetlinkPayload, Nla as _},
     packet_route::{
         RouteNetlinkMessage,
@@ -16,6 +16,11 @@ use rtnetlink::{
 };
 
 use crate::error::{NvError, Result};
+
+/// The bounce pair's ends: the kernel segments a VM tunnel's super-packets on `BOUNCE`'s
+/// transmit, and the segments arrive on `BOUNCE_PEER`. Names no VM port may take.
+pub const BOUNCE: &str = "nv-seg0";
+pub const BOUNCE_PEER: &str = "nv-seg1";
 
 pub struct Netlink {
     handle: Handle,
@@ -251,6 +256,50 @@ impl Netlink {
                 .execute()
                 .await
                 .map_err(|e| nl_err(&format!("delete address {addr}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// The bounce pair (`BOUNCE`, `BOUNCE_PEER`), created when missing: a veth whose first
+    /// end sends at most one segment per packet, so the kernel segments in software what is
+    /// redirected to it. Returns both ifindexes.
+    pub async fn bounce_pair(&self) -> Result<(u32, u32)> {
+        if self.link(BOUNCE).await?.is_none() {
+            let msg = LinkVeth::new(BOUNCE, BOUNCE_PEER)
+                .mtu(65_535)
+                .append_extra_attribute(LinkAttribute::GsoMaxSegs(1))
+                .up()
+                .build();
+            self.handle
+                .link()
+                .add(msg)
+                .execute()
+                .await
+                .map_err(|e| nl_err(&format!("create the bounce pair {BOUNCE}"), e))?;
+        }
+        let (Some(a), Some(b)) = (self.link(BOUNCE).await?, self.link(BOUNCE_PEER).await?) else {
+            return Err(nl_err("find the bounce pair", BOUNCE));
+        };
+        for index in [a.index, b.index] {
+            self.handle
+                .link()
+                .set(LinkUnspec::new_with_index(index).mtu(65_535).up().build())
+                .execute()
+                .await
+                .map_err(|e| nl_err(&format!("bring the bounce pair {BOUNCE} up"), e))?;
+        }
+        Ok((a.index, b.index))
+    }
+
+    /// Deletes the bounce pair (decommissioning); nothing when it is not there.
+    pub async fn del_bounce_pair(&self) -> Result<()> {
+        if let Some(l) = self.link(BOUNCE).await? {
+            self.handle
+                .link()
+                .del(l.index)
+                .execute()
+                .await
+                .map_err(|e| nl_err(&format!("delete {BOUNCE}"), e))?;
         }
         Ok(())
     }

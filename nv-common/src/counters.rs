@@ -103,15 +103,17 @@ pub enum Counter {
     /// passed up.
     DropUplinkRewriteIcmp,
     /// From a VM: a segmentation-offloaded super-packet of a tunnel the VM runs itself (VXLAN,
-    /// GRE, IPIP with TSO) to be sent by NVGRE. Linux offloads one tunnel per packet, not a
-    /// tunnel inside a tunnel, and a BPF program cannot segment: the VM must segment itself
-    /// (`ethtool -K eth0 tx-udp_tnl-segmentation off tx-gre-segmentation off
-    /// tx-ipxip4-segmentation off`). Its packets that are not super-packets cross.
+    /// GRE, IPIP with TSO) to be sent by NVGRE, when there is no bounce pair to segment it
+    /// (see [`Counter::VmTxSegmented`]; the agent logs why). Linux offloads one tunnel per
+    /// packet, not a tunnel inside a tunnel, and a BPF program cannot segment.
     DropVmNestedGso,
+    /// From a VM: a super-packet of a tunnel the VM runs itself, handed to the kernel to be
+    /// segmented (the bounce device) and encapsulated segment by segment.
+    VmTxSegmented,
 }
 
 impl Counter {
-    pub const COUNT: u32 = Counter::DropVmNestedGso as u32 + 1;
+    pub const COUNT: u32 = Counter::VmTxSegmented as u32 + 1;
     /// Entries of the counter map: room for counters yet to come, so a new one does not
     /// change the pinned map's layout. Discriminants are stable: new counters go at the end.
     pub const SLOTS: u32 = 256;
@@ -160,6 +162,7 @@ impl Counter {
         Counter::DropUplinkInnerMalformed,
         Counter::DropUplinkRewriteIcmp,
         Counter::DropVmNestedGso,
+        Counter::VmTxSegmented,
     ];
 
     /// Stable snake_case name, used by `nvctl stats` and as the metrics label.
@@ -209,6 +212,7 @@ impl Counter {
             Counter::DropUplinkInnerMalformed => "drop_uplink_inner_malformed",
             Counter::DropUplinkRewriteIcmp => "drop_uplink_rewrite_icmp",
             Counter::DropVmNestedGso => "drop_vm_nested_gso",
+            Counter::VmTxSegmented => "vm_tx_segmented",
         }
     }
 }

@@ -53,6 +53,8 @@ pub mod program_names {
     pub const UPLINK_XDP: &str = "nv_uplink_xdp";
     /// TC ingress on the uplink: hands decapsulated frames to their VM port.
     pub const UPLINK_TC: &str = "nv_uplink_tc";
+    /// TC ingress on the bounce device's peer: a VM's tunnel super-packet, segmented.
+    pub const FROM_BOUNCE: &str = "nv_from_bounce";
     /// Do-nothing programs: the benchmark's floors.
     pub const NOOP_XDP: &str = "nv_noop_xdp";
     pub const NOOP_TC: &str = "nv_noop_tc";
@@ -263,6 +265,11 @@ pub struct DatapathConfig {
     /// The uplink's MAC: NVGRE must be addressed to it (all zero: not known yet, not checked).
     pub uplink_mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// Where a super-packet of a VM's own tunnel goes to be segmented by the kernel before
+    /// NVGRE (a veth end with `gso_max_segs` 1), and the ifindex of its peer, on whose ingress
+    /// the segments come back to `nv_from_bounce` (0: no such device; such packets are dropped).
+    pub bounce_ifindex: u32,
+    pub bounce_peer: u32,
 }
 
 impl DatapathConfig {
@@ -380,7 +387,7 @@ const _: () = {
     assert!(core::mem::size_of::<LookupValue>() == 28);
     assert!(core::mem::size_of::<PortInfo>() == 44);
     assert!(core::mem::size_of::<LocalPa>() == 4);
-    assert!(core::mem::size_of::<DatapathConfig>() == 152);
+    assert!(core::mem::size_of::<DatapathConfig>() == 160);
     assert!(core::mem::size_of::<DeliverMeta>() == 16);
     assert!(core::mem::size_of::<RestoreMeta>() == 32);
     assert!(core::mem::size_of::<RewritePa>() == 32);

@@ -33,10 +33,32 @@ pub fn run(ctx: &TcContext) -> i32 {
     }
 }
 
-fn try_run(ctx: &TcContext) -> Result<i32, Counter> {
-    let skb = ctx.skb.skb;
+/// The segments of a VM's tunnel super-packet, back from the bounce device
+/// ([`DatapathConfig::bounce_ifindex`](nv_common::DatapathConfig)): each goes through the same
+/// checks as what the VM sends, as from the port its mark names, and may only leave by NVGRE.
+pub fn run_bounced(ctx: &TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
-    let ifindex = unsafe { (*skb).ifindex };
+    let port = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(0);
+    match try_run_on(ctx, port, true) {
+        Ok(action) => action,
+        Err(reason) => {
+            count(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+fn try_run(ctx: &TcContext) -> Result<i32, Counter> {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    try_run_on(ctx, ifindex, false)
+}
+
+/// What arrived from the VM behind `ifindex` (`bounced`: segments from the bounce device).
+#[inline(always)]
+fn try_run_on(ctx: &TcContext, ifindex: u32, bounced: bool) -> Result<i32, Counter> {
+    let skb = ctx.skb.skb;
     // SAFETY: values are only read; the agent replaces them whole.
     let port = unsafe { PORTS.get(ifindex) }.ok_or(Counter::DropVmUnknownPort)?;
     // A tag the kernel took out of the frame (the first on receive), or one still in it (the
@@ -56,14 +78,19 @@ fn try_run(ctx: &TcContext) -> Result<i32, Counter> {
         return Err(Counter::DropVmSpoofedMac);
     }
     match eth.proto() {
-        ETH_P_ARP => arp::reply(ctx, port),
-        ETH_P_IP => forward_ipv4(ctx, port),
+        ETH_P_ARP if !bounced => arp::reply(ctx, port),
+        ETH_P_IP => forward_ipv4(ctx, port, ifindex, bounced),
         ETH_P_8021Q | ETH_P_8021AD => Err(Counter::DropVmVlan),
         _ => Err(Counter::DropVmNotIp),
     }
 }
 
-fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
+fn forward_ipv4(
+    ctx: &TcContext,
+    port: &PortInfo,
+    ifindex: u32,
+    bounced: bool,
+) -> Result<i32, Counter> {
     let (data, end) = (ctx.data(), ctx.data_end());
     let ip: &Ipv4Hdr = view_at(data, end, ETH_HLEN).ok_or(Counter::DropVmMalformed)?;
     let hlen = ip.hlen();
@@ -80,6 +107,10 @@ fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
     // SAFETY: read-only use of a value the agent replaces whole.
     let dst = unsafe { LOOKUPS.get(key) }.ok_or(Counter::DropVmUnknownDst)?;
     if dst.ifindex != 0 {
+        if bounced {
+            // Only NVGRE sends a super-packet to the bounce device.
+            return Err(Counter::DropVmTranslateFailed);
+        }
         let action = deliver::to_vm(ctx, dst.ifindex, port.vsid, ip.dst)?;
         count(Counter::VmTxLocal);
         return Ok(action);
@@ -94,8 +125,15 @@ fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
     if overhead == 0 && hlen != 20 {
         return Err(Counter::DropVmIpOptions);
     }
+    if bounced && overhead == 0 {
+        return Err(Counter::DropVmTranslateFailed);
+    }
     let config = underlay::config()?;
     if let Err(offender) = pmtu::fits(ctx, config, ip, overhead) {
+        if bounced {
+            // An answer would leave by the bounce device, not the VM's port.
+            return Err(Counter::DropVmTooBig);
+        }
         let action = pmtu::frag_needed(ctx, port, dst.mac, offender)?;
         count(Counter::VmIcmpFragNeeded);
         return Ok(action);
@@ -105,7 +143,17 @@ fn forward_ipv4(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
         count(Counter::VmTxRewrite);
         return Ok(action);
     }
-    let action = encap::nvgre(ctx, port, dst, encap::Inner::of(ctx, ip))?;
+    let bounce = config.bounce_ifindex;
+    let action = match encap::nvgre(ctx, port, dst, encap::Inner::of(ctx, ip)) {
+        // A super-packet of the VM's own tunnel: the kernel segments it on the bounce device's
+        // transmit, and each segment comes back to `run_bounced`, marked with its port.
+        Err(Counter::DropVmNestedGso) if !bounced && bounce != 0 => {
+            ctx.set_mark(ifindex);
+            count(Counter::VmTxSegmented);
+            return Ok(crate::redirect::egress(bounce));
+        }
+        other => other?,
+    };
     count(Counter::VmTxEncap);
     debug_assert!(action == TC_ACT_REDIRECT);
     Ok(action)

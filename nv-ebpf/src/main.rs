@@ -37,6 +37,12 @@ pub fn nv_from_vm(ctx: TcContext) -> i32 {
     from_vm::run(&ctx)
 }
 
+/// TC ingress on the bounce device's peer: a VM's tunnel super-packet, segmented.
+#[classifier]
+pub fn nv_from_bounce(ctx: TcContext) -> i32 {
+    from_vm::run_bounced(&ctx)
+}
+
 #[xdp(frags)]
 pub fn nv_uplink_xdp(ctx: XdpContext) -> u32 {
     uplink_xdp::run(&ctx)

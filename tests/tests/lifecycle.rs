@@ -504,7 +504,9 @@ fn drift_behind_the_agents_back_is_repaired_at_start_and_periodically() -> anyho
     );
     ensure!(
         status["programs"].as_str().is_some_and(|p| p.len() == 16)
-            && status["store"].as_str().is_some_and(|p| p.ends_with("/nv.redb"))
+            && status["store"]
+                .as_str()
+                .is_some_and(|p| p.ends_with("/nv.redb"))
             && status["store_bytes"].as_u64() > Some(0),
         "status lacks the programs' fingerprint or the store: {status}"
     );

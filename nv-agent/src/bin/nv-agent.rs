@@ -64,6 +64,9 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let config = Config::resolve(&args)?;
     if args.purge {
         datapath::purge(&config.pin_path)?;
+        nv_agent::netlink::Netlink::connect()?
+            .del_bounce_pair()
+            .await?;
         info!(
             "removed every pin under {}; the store in {} is kept",
             config.pin_path.display(),
