@@ -643,6 +643,18 @@ impl Datapath {
         ifindex: Option<u32>,
         repeat: u32,
     ) -> Result<TestRunOutcome> {
+        self.test_run_marked(prog, data, ifindex, 0, repeat)
+    }
+
+    /// As [`Datapath::test_run`], with the skb's mark (TC programs).
+    pub fn test_run_marked(
+        &self,
+        prog: &str,
+        data: &[u8],
+        ifindex: Option<u32>,
+        mark: u32,
+        repeat: u32,
+    ) -> Result<TestRunOutcome> {
         let program = self
             .ebpf
             .program(prog)
@@ -654,6 +666,7 @@ impl Datapath {
         let mut ctx = [0u8; SK_BUFF_SIZE];
         ctx[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4]
             .copy_from_slice(&ifindex.unwrap_or(0).to_ne_bytes());
+        ctx[SK_BUFF_MARK..SK_BUFF_MARK + 4].copy_from_slice(&mark.to_ne_bytes());
         let result = match program {
             aya::programs::Program::Xdp(p) => p.test_run(TestRunOptions {
                 data_in: Some(data),
@@ -728,6 +741,7 @@ impl LookupView {
 /// (include/uapi/linux/bpf.h); every other field we pass stays zero.
 const SK_BUFF_SIZE: usize = 192;
 const SK_BUFF_IFINDEX: usize = 40;
+const SK_BUFF_MARK: usize = 8;
 
 /// What one `BPF_PROG_TEST_RUN` returned.
 #[derive(Debug, Clone)]

@@ -13,7 +13,7 @@ use std::{collections::HashMap, mem::size_of};
 use anyhow::{bail, ensure};
 use nv_common::{
     DatapathConfig, DeliverMeta, LookupKey, RedirectTrace, RestoreMeta,
-    program_names::{FROM_VM, UPLINK_TC, UPLINK_XDP},
+    program_names::{FROM_BOUNCE, FROM_VM, UPLINK_TC, UPLINK_XDP},
 };
 
 use crate::fixture::{
@@ -481,11 +481,57 @@ fn check_from_vm(
     }
 }
 
+/// Checks a run of the bounce program on a segment marked with `port`, the port of (`vsid`,
+/// `mac`) (`port` 0: unmarked, as the host's own frames on the bounce pair are): it may only
+/// drop, or send NVGRE of that VSID out of the uplink; never answer, deliver or rewrite.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one run's input, verdict and output"
+)]
+fn check_bounced(
+    known: &Known,
+    port: u32,
+    vsid: u32,
+    mac: [u8; 6],
+    input: &[u8],
+    ret: u32,
+    out: &[u8],
+    redirect: Option<RedirectTrace>,
+) -> anyhow::Result<()> {
+    match ret {
+        TC_ACT_SHOT => return Ok(()),
+        TC_ACT_REDIRECT => {}
+        other => bail!("bounce verdict {other}"),
+    }
+    ensure!(port != 0, "an unmarked frame left the bounce program");
+    ensure!(
+        input.get(6..12) == Some(&mac[..]),
+        "a bounced frame with another source MAC got through"
+    );
+    ensure!(
+        out.len() == input.len() + 42 && out.get(23) == Some(&47),
+        "the bounce program sent something other than NVGRE"
+    );
+    let (key_vsid, inner) = nvgre_parts(out).ok_or_else(|| anyhow::anyhow!("bad NVGRE out"))?;
+    ensure!(
+        key_vsid == vsid && inner == input,
+        "bounced frame of VSID {vsid} sent as VSID {key_vsid}, or changed"
+    );
+    let (_, dst) = ipv4(inner, 14).ok_or_else(|| anyhow::anyhow!("no inner IPv4"))?;
+    ensure!(
+        known.ports.contains_key(&LookupKey { vsid, ca: dst }),
+        "bounced to {dst:?}, no CA of VSID {vsid}"
+    );
+    ensure_to_uplink(known, redirect)
+}
+
 /// What a fuzzing run saw: every category must be non-empty for the properties to mean much.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Stats {
     pub runs: u64,
     pub dropped: u64,
+    /// Segments the bounce program encapsulated.
+    pub bounced: u64,
     /// Redirected by TC, or passed up by XDP with metadata for a VM.
     pub delivered: u64,
     /// Passed to the host untouched.
@@ -548,6 +594,25 @@ fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
             .map_err(why)?;
             dropped += u64::from(out.ret == TC_ACT_SHOT);
             stats.delivered += u64::from(out.ret == TC_ACT_REDIRECT);
+            // The same frame as a segment back from the bounce pair: marked with its port, or
+            // (one in eight) unmarked.
+            let mark = if rng.below(8) == 0 { 0 } else { port };
+            let out =
+                h.dp.test_run_marked(FROM_BOUNCE, &frame, Some(known.uplink), mark, 1)
+                    .map_err(|e| why(e.into()))?;
+            check_bounced(
+                &known,
+                mark,
+                vsid,
+                mac,
+                &frame,
+                out.ret,
+                &out.data,
+                out.redirect,
+            )
+            .map_err(why)?;
+            dropped += u64::from(out.ret == TC_ACT_SHOT);
+            stats.bounced += u64::from(out.ret == TC_ACT_REDIRECT);
             let (hook, drop, pass) = if phase == 0 {
                 (UPLINK_XDP, XDP_DROP, XDP_PASS)
             } else {
@@ -576,7 +641,7 @@ fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
             } else if out.ret == pass {
                 stats.passed += 1;
             }
-            stats.runs += 2;
+            stats.runs += 3;
         }
         let counted = drops(&h)? - before;
         ensure!(

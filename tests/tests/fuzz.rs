@@ -4,7 +4,11 @@ fn random_and_mutated_frames_never_escape_their_tenant() -> anyhow::Result<()> {
     let s = nv_tests::fuzz::run(40_000, 0x6e76_2026)?;
     // The properties only mean something if every kind of outcome was exercised.
     anyhow::ensure!(
-        s.runs == 80_000 && s.dropped > 1000 && s.delivered > 1000 && s.passed > 1000,
+        s.runs == 120_000
+            && s.dropped > 1000
+            && s.delivered > 1000
+            && s.passed > 1000
+            && s.bounced > 100,
         "{s:?}"
     );
     Ok(())

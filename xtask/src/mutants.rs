@@ -69,6 +69,13 @@ const MUTATIONS: &[Mutation] = &[
         tests: &["two_hosts"],
     },
     Mutation {
+        name: "segments back from the bounce pair only leave by NVGRE",
+        file: "nv-ebpf/src/from_vm.rs",
+        check: "        if bounced {\n            // Only NVGRE sends a super-packet to the bounce device.",
+        removed: "        if false {\n            // Only NVGRE sends a super-packet to the bounce device.",
+        tests: PROGRAMS,
+    },
+    Mutation {
         name: "no IPv4 options by rewrite",
         file: "nv-ebpf/src/from_vm.rs",
         check: "if overhead == 0 && hlen != 20 {",

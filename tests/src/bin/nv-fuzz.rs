@@ -14,8 +14,8 @@ fn main() {
     println!("fuzzing {packets} frames, seed {seed}");
     match nv_tests::fuzz::run(packets, seed) {
         Ok(s) => println!(
-            "{} program runs checked ({} dropped, {} delivered, {} passed to the host): no verdict out of contract, every drop counted, every delivered frame in its own tenant",
-            s.runs, s.dropped, s.delivered, s.passed
+            "{} program runs checked ({} dropped, {} delivered, {} passed to the host, {} bounced segments encapsulated): no verdict out of contract, every drop counted, every delivered frame in its own tenant",
+            s.runs, s.dropped, s.delivered, s.passed, s.bounced
         ),
         Err(e) => {
             eprintln!("error: {e:#}");
