@@ -32,6 +32,16 @@ const TC_ACT_REDIRECT: u32 = 7;
 struct Rng(u64);
 
 impl Rng {
+    /// splitmix64 of the seed: every seed its own stream, never the all-zero state.
+    fn of_seed(seed: u64) -> Rng {
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        Rng((z ^ (z >> 31)) | 1)
+    }
+}
+
+impl Rng {
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -558,11 +568,7 @@ fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
         (h.green1, 7001, GREEN1_MAC),
     ];
     let seeds = seeds(&h);
-    // splitmix64 of the seed: every seed its own stream, never the all-zero state.
-    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    let mut rng = Rng((z ^ (z >> 31)) | 1);
+    let mut rng = Rng::of_seed(seed);
     let mut stats = Stats::default();
     for (phase, flags) in [0, DatapathConfig::TC_DECAP].into_iter().enumerate() {
         h.set_flags(flags)?;
