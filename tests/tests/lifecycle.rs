@@ -617,3 +617,58 @@ fn sigkill_during_a_large_import_leaves_the_old_state_or_the_new() -> anyhow::Re
     );
     Ok(())
 }
+
+#[test]
+fn a_full_lookup_table_is_refused_with_the_way_out_and_nothing_changed() -> anyhow::Result<()> {
+    let bed = TwoHosts::build_with("fu", &["--max-lookups", "8"])?;
+    bed.configure()?;
+    let h = &bed.hosts[0];
+    let before = listed(h)?;
+    ensure!(before < 8, "the bed already holds {before} records");
+    let room = 8 - before;
+    // An import one record too big: refused whole.
+    let file = bed.tmp_dir().join("too-many.json");
+    let n = u32::try_from(room + 1)?;
+    std::fs::write(&file, remote_records(8400, n))?;
+    let out = Command::new(bin("nvctl")?)
+        .arg("--socket")
+        .arg(&h.socket)
+        .args(["lookup", "import", file.to_str().context("utf-8")?])
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success()
+            && said.lines().count() == 1
+            && said.contains(&format!("lookup table full: {before} entries of 8"))
+            && said.contains("raise max_lookups"),
+        "an import over max_lookups: {said}"
+    );
+    ensure!(listed(h)? == before, "the refused import changed the table");
+    // Filled to the last entry one by one (the positive control), then one more is refused.
+    let file = bed.tmp_dir().join("fits.json");
+    std::fs::write(&file, remote_records(8400, u32::try_from(room)?))?;
+    h.nvctl(&["lookup", "import", file.to_str().context("utf-8")?])?;
+    ensure!(listed(h)? == 8, "the table is not full");
+    let err = h
+        .nvctl(&[
+            "lookup",
+            "add",
+            "--vsid",
+            "8401",
+            "--ca",
+            "10.9.9.9",
+            "--pa",
+            "198.18.0.9",
+            "--mac",
+            "02:00:00:09:09:09",
+        ])
+        .err()
+        .context("a record over max_lookups was accepted")?;
+    ensure!(
+        err.to_string()
+            .contains("lookup table full: 8 entries of 8"),
+        "{err}"
+    );
+    ensure!(listed(h)? == 8, "the refused add changed the table");
+    Ok(())
+}
