@@ -63,6 +63,10 @@ pub struct LinkInfo {
     pub running: bool,
     /// The link's Ethernet address (zero when it has none).
     pub mac: [u8; 6],
+    /// `IFLA_LINK`: for a veth, its peer's ifindex (0 when none is given); with
+    /// `peer_elsewhere`, the peer lives in another network namespace.
+    pub peer: u32,
+    pub peer_elsewhere: bool,
 }
 
 /// `IFLA_TUN_TYPE` and its tap value (`IFF_TAP`), from `linux/if_link.h` and `if_tun.h`.
@@ -89,10 +93,14 @@ fn link_info(msg: &LinkMessage) -> LinkInfo {
         kind: LinkKind::Other("plain".into()),
         running: flags.contains(LinkFlags::Up) && flags.contains(LinkFlags::LowerUp),
         mac: [0; 6],
+        peer: 0,
+        peer_elsewhere: false,
     };
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(name) => info.name.clone_from(name),
+            LinkAttribute::Link(peer) => info.peer = *peer,
+            LinkAttribute::LinkNetNsId(_) => info.peer_elsewhere = true,
             LinkAttribute::Mtu(mtu) => info.mtu = *mtu,
             LinkAttribute::Address(a) => {
                 if let Ok(mac) = <[u8; 6]>::try_from(a.as_slice()) {
@@ -264,22 +272,51 @@ impl Netlink {
     /// end sends at most one segment per packet, so the kernel segments in software what is
     /// redirected to it. Returns both ifindexes.
     pub async fn bounce_pair(&self) -> Result<(u32, u32)> {
-        if self.link(BOUNCE).await?.is_none() {
-            let msg = LinkVeth::new(BOUNCE, BOUNCE_PEER)
-                .mtu(65_535)
-                .append_extra_attribute(LinkAttribute::GsoMaxSegs(1))
-                .up()
-                .build();
-            self.handle
-                .link()
-                .add(msg)
-                .execute()
-                .await
-                .map_err(|e| nl_err(&format!("create the bounce pair {BOUNCE}"), e))?;
+        // Only a veth pair of exactly these two ends, here, will do: segments must come back
+        // to nv's program, never reach some other device's receive.
+        let ours = |a: &LinkInfo, b: &LinkInfo| {
+            a.kind == LinkKind::Veth
+                && b.kind == LinkKind::Veth
+                && a.peer == b.index
+                && b.peer == a.index
+                && !a.peer_elsewhere
+                && !b.peer_elsewhere
+        };
+        match (self.link(BOUNCE).await?, self.link(BOUNCE_PEER).await?) {
+            (Some(a), Some(b)) if ours(&a, &b) => {}
+            (a, b) => {
+                for l in [a, b].into_iter().flatten() {
+                    tracing::warn!("{} is not nv's bounce pair; replacing it", l.name);
+                    self.handle
+                        .link()
+                        .del(l.index)
+                        .execute()
+                        .await
+                        .map_err(|e| nl_err(&format!("delete {}", l.name), e))?;
+                }
+                let msg = LinkVeth::new(BOUNCE, BOUNCE_PEER)
+                    .mtu(65_535)
+                    .append_extra_attribute(LinkAttribute::GsoMaxSegs(1))
+                    .build();
+                self.handle
+                    .link()
+                    .add(msg)
+                    .execute()
+                    .await
+                    .map_err(|e| nl_err(&format!("create the bounce pair {BOUNCE}"), e))?;
+            }
         }
         let (Some(a), Some(b)) = (self.link(BOUNCE).await?, self.link(BOUNCE_PEER).await?) else {
             return Err(nl_err("find the bounce pair", BOUNCE));
         };
+        // No IPv6 on them: the host's own neighbour discovery would reach nv's program there
+        // and be counted as frames from an unknown port.
+        for name in [BOUNCE, BOUNCE_PEER] {
+            let knob = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+            if let Err(e) = std::fs::write(&knob, "1") {
+                tracing::debug!("cannot write {knob}: {e}");
+            }
+        }
         for index in [a.index, b.index] {
             self.handle
                 .link()

@@ -863,6 +863,35 @@ fn a_vms_own_tunnels_cross_by_nvgre_and_by_rewrite() -> anyhow::Result<()> {
                     sent == got,
                     "after the bounce pair came back: {sent} vs {got}"
                 );
+                // An impostor under its name (a veth whose peer is some other device, where
+                // segments would reach the host's stack): replaced when the agent starts.
+                let mut bed = bed;
+                bed.hosts[0].stop_agent();
+                let ns = &bed.hosts[0].ns;
+                ns.ip(&["link", "del", "nv-seg0"])?;
+                ns.ip(&[
+                    "link",
+                    "add",
+                    "nv-seg0",
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "nvx-other",
+                ])?;
+                bed.hosts[0].start_agent()?;
+                let ns = &bed.hosts[0].ns;
+                ensure!(
+                    ns.ip(&["link", "show", "nvx-other"]).is_err()
+                        && ns.ip(&["link", "show", "nv-seg1"]).is_ok(),
+                    "the impostor bounce pair was kept"
+                );
+                let (sent, got) =
+                    tcp_transfer(bed.vm("RED-2"), bed.vm("RED-1"), "192.168.1.2", 4 << 20)?;
+                ensure!(
+                    sent == got,
+                    "after the impostor was replaced: {sent} vs {got}"
+                );
             }
         }
     }
