@@ -844,56 +844,60 @@ fn a_vms_own_tunnels_cross_by_nvgre_and_by_rewrite() -> anyhow::Result<()> {
                 );
             }
             if hook == "tc" && method == Translation::Encap {
-                // The bounce pair deleted behind the agent's back: it is made again, and the
-                // VM's tunnel carries bulk again.
-                bed.hosts[0].ns.ip(&["link", "del", "nv-seg0"])?;
-                let mut back = false;
-                for _ in 0..50 {
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                    if bed.hosts[0].ns.ip(&["link", "show", "nv-seg1"]).is_ok() {
-                        back = true;
-                        break;
-                    }
-                }
-                ensure!(back, "the bounce pair was not made again");
-                std::thread::sleep(std::time::Duration::from_millis(300));
-                let (sent, got) =
-                    tcp_transfer(bed.vm("RED-2"), bed.vm("RED-1"), "192.168.1.2", 4 << 20)?;
-                ensure!(
-                    sent == got,
-                    "after the bounce pair came back: {sent} vs {got}"
-                );
-                // An impostor under its name (a veth whose peer is some other device, where
-                // segments would reach the host's stack): replaced when the agent starts.
-                let mut bed = bed;
-                bed.hosts[0].stop_agent();
-                let ns = &bed.hosts[0].ns;
-                ns.ip(&["link", "del", "nv-seg0"])?;
-                ns.ip(&[
-                    "link",
-                    "add",
-                    "nv-seg0",
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "nvx-other",
-                ])?;
-                bed.hosts[0].start_agent()?;
-                let ns = &bed.hosts[0].ns;
-                ensure!(
-                    ns.ip(&["link", "show", "nvx-other"]).is_err()
-                        && ns.ip(&["link", "show", "nv-seg1"]).is_ok(),
-                    "the impostor bounce pair was kept"
-                );
-                let (sent, got) =
-                    tcp_transfer(bed.vm("RED-2"), bed.vm("RED-1"), "192.168.1.2", 4 << 20)?;
-                ensure!(
-                    sent == got,
-                    "after the impostor was replaced: {sent} vs {got}"
-                );
+                bounce_pair_comes_back(bed)?;
             }
         }
     }
+    Ok(())
+}
+
+/// The bounce pair deleted behind the agent's back is made again, and an impostor under its
+/// name is replaced at start; the VM's tunnel carries bulk each time.
+fn bounce_pair_comes_back(mut bed: TwoHosts) -> anyhow::Result<()> {
+    // The bounce pair deleted behind the agent's back: it is made again, and the
+    // VM's tunnel carries bulk again.
+    bed.hosts[0].ns.ip(&["link", "del", "nv-seg0"])?;
+    let mut back = false;
+    for _ in 0..50 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if bed.hosts[0].ns.ip(&["link", "show", "nv-seg1"]).is_ok() {
+            back = true;
+            break;
+        }
+    }
+    ensure!(back, "the bounce pair was not made again");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (sent, got) = tcp_transfer(bed.vm("RED-2"), bed.vm("RED-1"), "192.168.1.2", 4 << 20)?;
+    ensure!(
+        sent == got,
+        "after the bounce pair came back: {sent} vs {got}"
+    );
+    // An impostor under its name (a veth whose peer is some other device, where
+    // segments would reach the host's stack): replaced when the agent starts.
+    bed.hosts[0].stop_agent();
+    let ns = &bed.hosts[0].ns;
+    ns.ip(&["link", "del", "nv-seg0"])?;
+    ns.ip(&[
+        "link",
+        "add",
+        "nv-seg0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "nvx-other",
+    ])?;
+    bed.hosts[0].start_agent()?;
+    let ns = &bed.hosts[0].ns;
+    ensure!(
+        ns.ip(&["link", "show", "nvx-other"]).is_err()
+            && ns.ip(&["link", "show", "nv-seg1"]).is_ok(),
+        "the impostor bounce pair was kept"
+    );
+    let (sent, got) = tcp_transfer(bed.vm("RED-2"), bed.vm("RED-1"), "192.168.1.2", 4 << 20)?;
+    ensure!(
+        sent == got,
+        "after the impostor was replaced: {sent} vs {got}"
+    );
     Ok(())
 }
