@@ -241,6 +241,15 @@ impl Agent {
             }
             store.snapshot(&catalog.to_state())?;
         }
+        // Before any pin is touched: a smaller lookup map could not hold the store.
+        if catalog.len() > usize::try_from(config.max_lookups).unwrap_or(usize::MAX) {
+            return Err(invalid(format!(
+                "the store holds {} lookup records, more than max_lookups ({}): raise \
+                 max_lookups; forwarding continues from the pinned maps meanwhile",
+                catalog.len(),
+                config.max_lookups
+            )));
+        }
         let datapath = Datapath::load(&config.pin_path, config.max_lookups)?;
         let mut agent = Agent {
             uplink,

@@ -670,5 +670,48 @@ fn a_full_lookup_table_is_refused_with_the_way_out_and_nothing_changed() -> anyh
         "{err}"
     );
     ensure!(listed(h)? == 8, "the refused add changed the table");
+    // A restart with a lookup map too small for the store: refused before any pin is touched,
+    // forwarding on; the old size starts again (the positive control).
+    let mut bed = bed;
+    let pin = bed.hosts[0].pin_path.join("maps/NV_LOOKUPS");
+    let entries_before = nv_tests::sys::run(
+        "bpftool",
+        &[
+            "-j",
+            "map",
+            "show",
+            "pinned",
+            pin.to_str().context("utf-8")?,
+        ],
+    )?;
+    bed.hosts[0].stop_agent();
+    bed.hosts[0].agent_args = vec!["--max-lookups".into(), "4".into()];
+    let refused = bed.hosts[0]
+        .start_agent()
+        .err()
+        .context("an agent with max_lookups below the store's records started")?;
+    ensure!(
+        refused
+            .to_string()
+            .contains("the store holds 8 lookup records, more than max_lookups (4)"),
+        "{refused}"
+    );
+    ensure!(
+        nv_tests::sys::run(
+            "bpftool",
+            &[
+                "-j",
+                "map",
+                "show",
+                "pinned",
+                pin.to_str().context("utf-8")?
+            ],
+        )? == entries_before,
+        "the refused start changed the lookup map"
+    );
+    ensure!(bed.ping("RED-1", "10.0.0.2", 2)? == 2, "forwarding stopped");
+    bed.hosts[0].agent_args = vec!["--max-lookups".into(), "8".into()];
+    bed.hosts[0].start_agent()?;
+    ensure!(listed(&bed.hosts[0])? == 8, "records lost");
     Ok(())
 }
