@@ -188,7 +188,7 @@ fn lookup_export_and_import_round_trip_byte_for_byte() -> anyhow::Result<()> {
             let out = Command::new("script")
                 .args(["-qec", &cmd, "/dev/null"])
                 .output()
-                .context("run script (package util-linux)")?;
+                .context("run script (package bsdutils)")?;
             let shown = String::from_utf8_lossy(&out.stdout);
             ensure!(
                 out.status.success() && shown.contains("sending 500 records"),
