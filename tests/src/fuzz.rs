@@ -380,21 +380,53 @@ fn check_uplink(
     Ok(())
 }
 
-/// Checks a from-VM run on `port`, the port of (`vsid`, `mac`).
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one run's input, verdict and output"
-)]
-fn check_from_vm(
-    known: &Known,
+/// One run of a program that takes what a VM sends: on `port`, the port of (`vsid`, `mac`),
+/// `input` in, verdict `ret`, `out` out, redirected as `redirect`.
+#[derive(Clone, Copy)]
+struct VmRun<'a> {
     port: u32,
     vsid: u32,
     mac: [u8; 6],
-    input: &[u8],
+    input: &'a [u8],
     ret: u32,
+    out: &'a [u8],
+    redirect: Option<RedirectTrace>,
+}
+
+/// What left for the underlay as NVGRE: exactly the VM's frame of VSID `vsid`, to a CA of that
+/// VSID, out of the uplink.
+fn check_nvgre_out(
+    known: &Known,
+    vsid: u32,
+    input: &[u8],
     out: &[u8],
     redirect: Option<RedirectTrace>,
 ) -> anyhow::Result<()> {
+    let (key_vsid, inner) = nvgre_parts(out).ok_or_else(|| anyhow::anyhow!("bad NVGRE out"))?;
+    ensure!(
+        key_vsid == vsid,
+        "port of VSID {vsid} encapsulated into VSID {key_vsid}"
+    );
+    ensure!(inner == input, "inner frame differs from what the VM sent");
+    let (_, dst) = ipv4(inner, 14).ok_or_else(|| anyhow::anyhow!("no inner IPv4"))?;
+    ensure!(
+        known.ports.contains_key(&LookupKey { vsid, ca: dst }),
+        "sent to {dst:?}, no CA of VSID {vsid}"
+    );
+    ensure_to_uplink(known, redirect)
+}
+
+/// Checks a from-VM run on `port`, the port of (`vsid`, `mac`).
+fn check_from_vm(known: &Known, run: &VmRun) -> anyhow::Result<()> {
+    let VmRun {
+        port,
+        vsid,
+        mac,
+        input,
+        ret,
+        out,
+        redirect,
+    } = *run;
     let records = &known.ports;
     match ret {
         TC_ACT_SHOT => return Ok(()),
@@ -428,18 +460,7 @@ fn check_from_vm(
     // NVGRE grows the frame by exactly its 42 bytes (a rewritten frame keeps its size, even
     // when the customer's own protocol is GRE).
     if out.len() == input.len() + 42 && out.get(23) == Some(&47) {
-        let (key_vsid, inner) = nvgre_parts(out).ok_or_else(|| anyhow::anyhow!("bad NVGRE out"))?;
-        ensure!(
-            key_vsid == vsid,
-            "port of VSID {vsid} encapsulated into VSID {key_vsid}"
-        );
-        ensure!(inner == input, "inner frame differs from what the VM sent");
-        let (_, dst) = ipv4(inner, 14).ok_or_else(|| anyhow::anyhow!("no inner IPv4"))?;
-        ensure!(
-            records.contains_key(&LookupKey { vsid, ca: dst }),
-            "sent to {dst:?}, no CA of VSID {vsid}"
-        );
-        return ensure_to_uplink(known, redirect);
+        return check_nvgre_out(known, vsid, input, out, redirect);
     }
     let (src, dst) =
         ipv4(out, 14).ok_or_else(|| anyhow::anyhow!("redirected a frame without IPv4"))?;
@@ -494,20 +515,16 @@ fn check_from_vm(
 /// Checks a run of the bounce program on a segment marked with `port`, the port of (`vsid`,
 /// `mac`) (`port` 0: unmarked, as the host's own frames on the bounce pair are): it may only
 /// drop, or send NVGRE of that VSID out of the uplink; never answer, deliver or rewrite.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one run's input, verdict and output"
-)]
-fn check_bounced(
-    known: &Known,
-    port: u32,
-    vsid: u32,
-    mac: [u8; 6],
-    input: &[u8],
-    ret: u32,
-    out: &[u8],
-    redirect: Option<RedirectTrace>,
-) -> anyhow::Result<()> {
+fn check_bounced(known: &Known, run: &VmRun) -> anyhow::Result<()> {
+    let VmRun {
+        port,
+        vsid,
+        mac,
+        input,
+        ret,
+        out,
+        redirect,
+    } = *run;
     match ret {
         TC_ACT_SHOT => return Ok(()),
         TC_ACT_REDIRECT => {}
@@ -522,17 +539,7 @@ fn check_bounced(
         out.len() == input.len() + 42 && out.get(23) == Some(&47),
         "the bounce program sent something other than NVGRE"
     );
-    let (key_vsid, inner) = nvgre_parts(out).ok_or_else(|| anyhow::anyhow!("bad NVGRE out"))?;
-    ensure!(
-        key_vsid == vsid && inner == input,
-        "bounced frame of VSID {vsid} sent as VSID {key_vsid}, or changed"
-    );
-    let (_, dst) = ipv4(inner, 14).ok_or_else(|| anyhow::anyhow!("no inner IPv4"))?;
-    ensure!(
-        known.ports.contains_key(&LookupKey { vsid, ca: dst }),
-        "bounced to {dst:?}, no CA of VSID {vsid}"
-    );
-    ensure_to_uplink(known, redirect)
+    check_nvgre_out(known, vsid, input, out, redirect)
 }
 
 /// What a fuzzing run saw: every category must be non-empty for the properties to mean much.
@@ -587,17 +594,16 @@ fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
             let out =
                 h.dp.test_run(FROM_VM, &frame, Some(port), 1)
                     .map_err(|e| why(e.into()))?;
-            check_from_vm(
-                &known,
+            let run = VmRun {
                 port,
                 vsid,
                 mac,
-                &frame,
-                out.ret,
-                &out.data,
-                out.redirect,
-            )
-            .map_err(why)?;
+                input: &frame,
+                ret: out.ret,
+                out: &out.data,
+                redirect: out.redirect,
+            };
+            check_from_vm(&known, &run).map_err(why)?;
             dropped += u64::from(out.ret == TC_ACT_SHOT);
             stats.delivered += u64::from(out.ret == TC_ACT_REDIRECT);
             // The same frame as a segment back from the bounce pair: marked with its port, or
@@ -606,17 +612,16 @@ fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
             let out =
                 h.dp.test_run_marked(FROM_BOUNCE, &frame, Some(known.uplink), mark, 1)
                     .map_err(|e| why(e.into()))?;
-            check_bounced(
-                &known,
-                mark,
+            let run = VmRun {
+                port: mark,
                 vsid,
                 mac,
-                &frame,
-                out.ret,
-                &out.data,
-                out.redirect,
-            )
-            .map_err(why)?;
+                input: &frame,
+                ret: out.ret,
+                out: &out.data,
+                redirect: out.redirect,
+            };
+            check_bounced(&known, &run).map_err(why)?;
             dropped += u64::from(out.ret == TC_ACT_SHOT);
             stats.bounced += u64::from(out.ret == TC_ACT_REDIRECT);
             let (hook, drop, pass) = if phase == 0 {

@@ -298,8 +298,9 @@ impl PingStream {
     }
 }
 
-fn pinned_entries(pin: &std::path::Path) -> anyhow::Result<u64> {
-    let info: serde_json::Value = serde_json::from_str(&nv_tests::sys::run(
+/// What bpftool says of the map pinned at `pin`.
+fn map_show(pin: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_str(&nv_tests::sys::run(
         "bpftool",
         &[
             "-j",
@@ -308,8 +309,13 @@ fn pinned_entries(pin: &std::path::Path) -> anyhow::Result<u64> {
             "pinned",
             pin.to_str().context("utf-8")?,
         ],
-    )?)?;
-    info["max_entries"].as_u64().context("max_entries")
+    )?)?)
+}
+
+fn pinned_entries(pin: &std::path::Path) -> anyhow::Result<u64> {
+    map_show(pin)?["max_entries"]
+        .as_u64()
+        .context("max_entries")
 }
 
 /// Forwarding never stops: a stream of 10,000 pings between two VMs on two hosts loses none
@@ -674,16 +680,7 @@ fn a_full_lookup_table_is_refused_with_the_way_out_and_nothing_changed() -> anyh
     // forwarding on; the old size starts again (the positive control).
     let mut bed = bed;
     let pin = bed.hosts[0].pin_path.join("maps/NV_LOOKUPS");
-    let entries_before = nv_tests::sys::run(
-        "bpftool",
-        &[
-            "-j",
-            "map",
-            "show",
-            "pinned",
-            pin.to_str().context("utf-8")?,
-        ],
-    )?;
+    let entries_before = map_show(&pin)?;
     bed.hosts[0].stop_agent();
     bed.hosts[0].agent_args = vec!["--max-lookups".into(), "4".into()];
     let refused = bed.hosts[0]
@@ -697,16 +694,7 @@ fn a_full_lookup_table_is_refused_with_the_way_out_and_nothing_changed() -> anyh
         "{refused}"
     );
     ensure!(
-        nv_tests::sys::run(
-            "bpftool",
-            &[
-                "-j",
-                "map",
-                "show",
-                "pinned",
-                pin.to_str().context("utf-8")?
-            ],
-        )? == entries_before,
+        map_show(&pin)? == entries_before,
         "the refused start changed the lookup map"
     );
     ensure!(bed.ping("RED-1", "10.0.0.2", 2)? == 2, "forwarding stopped");
