@@ -271,16 +271,10 @@ impl Agent {
             repaired: 0,
             bounce: (0, 0),
         };
-        // Its program first, its ifindex in the config after: segments never reach a device
-        // without a program on it.
-        match agent.netlink.bounce_pair().await {
-            Ok(pair) => {
-                agent.datapath.attach_bounce(crate::netlink::BOUNCE_PEER)?;
-                agent.bounce = pair;
-            }
-            Err(e) => warn!(
+        if let Err(e) = agent.make_bounce().await {
+            warn!(
                 "no bounce pair ({e}): super-packets of VMs' own tunnels will be dropped as drop_vm_nested_gso"
-            ),
+            );
         }
         agent.reconcile().await?;
         agent.datapath.finish_migration()?;
@@ -496,16 +490,19 @@ impl Agent {
             return Ok(());
         }
         self.bounce = (0, 0);
-        let config = self.datapath_config();
-        self.datapath.set_config(config)?;
-        self.config = config;
+        self.update_config()?;
+        self.make_bounce().await?;
+        self.update_config()?;
+        info!("bounce pair {} ready again", crate::netlink::BOUNCE);
+        Ok(())
+    }
+
+    /// Makes the bounce pair and puts its program on: only then may the config name it, so
+    /// segments never reach a device without a program on it.
+    async fn make_bounce(&mut self) -> Result<()> {
         let pair = self.netlink.bounce_pair().await?;
         self.datapath.attach_bounce(crate::netlink::BOUNCE_PEER)?;
         self.bounce = pair;
-        let config = self.datapath_config();
-        self.datapath.set_config(config)?;
-        self.config = config;
-        info!("bounce pair {} ready again", crate::netlink::BOUNCE);
         Ok(())
     }
 

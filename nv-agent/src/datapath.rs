@@ -400,11 +400,6 @@ impl Datapath {
         &self.fresh
     }
 
-    /// The maps this load is migrating (see [`Datapath::load_programs`]).
-    pub fn migrating(&self) -> &[&'static str] {
-        &self.migrating
-    }
-
     /// Loads the do-nothing programs, so a benchmark can measure its floor in the same run.
     pub fn load_floors(&mut self) -> Result<()> {
         let xdp: &mut Xdp = program(&mut self.ebpf, program_names::NOOP_XDP)?;
@@ -531,12 +526,7 @@ impl Datapath {
     /// back, or they are new).
     pub fn sync(&mut self, desired: &Desired) -> Result<Vec<(&'static str, Repair)>> {
         let mut repairs = Vec::new();
-        let config: Array<&MapData, DatapathConfig> = Array::try_from(
-            self.ebpf
-                .map(map_names::CONFIG)
-                .ok_or_else(|| NvError::Datapath("config map missing".into()))?,
-        )
-        .map_err(|e| dp_err("config map", e))?;
+        let config: Array<&mut MapData, DatapathConfig> = map(&mut self.ebpf, map_names::CONFIG)?;
         if config.get(&0, 0).ok() != Some(desired.config) {
             self.set_config(desired.config)?;
             repairs.push((
