@@ -106,11 +106,11 @@ fn forward_ipv4(
     };
     // SAFETY: read-only use of a value the agent replaces whole.
     let dst = unsafe { LOOKUPS.get(key) }.ok_or(Counter::DropVmUnknownDst)?;
+    if bounced && (dst.ifindex != 0 || dst.method != Method::Encap as u8) {
+        // Only NVGRE sends a super-packet to the bounce device.
+        return Err(Counter::DropVmTranslateFailed);
+    }
     if dst.ifindex != 0 {
-        if bounced {
-            // Only NVGRE sends a super-packet to the bounce device.
-            return Err(Counter::DropVmTranslateFailed);
-        }
         let action = deliver::to_vm(ctx, dst.ifindex, port.vsid, ip.dst)?;
         count(Counter::VmTxLocal);
         return Ok(action);
@@ -124,9 +124,6 @@ fn forward_ipv4(
     };
     if overhead == 0 && hlen != 20 {
         return Err(Counter::DropVmIpOptions);
-    }
-    if bounced && overhead == 0 {
-        return Err(Counter::DropVmTranslateFailed);
     }
     let config = underlay::config()?;
     if let Err(offender) = pmtu::fits(ctx, config, ip, overhead) {

@@ -69,10 +69,24 @@ const MUTATIONS: &[Mutation] = &[
         tests: &["two_hosts"],
     },
     Mutation {
+        name: "no ARP answer from the bounce pair",
+        file: "nv-ebpf/src/from_vm.rs",
+        check: "ETH_P_ARP if !bounced => arp::reply(ctx, port),",
+        removed: "ETH_P_ARP => arp::reply(ctx, port),",
+        tests: PROGRAMS,
+    },
+    Mutation {
+        name: "no ICMP answer from the bounce pair",
+        file: "nv-ebpf/src/from_vm.rs",
+        check: "        if bounced {\n            // An answer would leave by the bounce device",
+        removed: "        if false {\n            // An answer would leave by the bounce device",
+        tests: PROGRAMS,
+    },
+    Mutation {
         name: "segments back from the bounce pair only leave by NVGRE",
         file: "nv-ebpf/src/from_vm.rs",
-        check: "        if bounced {\n            // Only NVGRE sends a super-packet to the bounce device.",
-        removed: "        if false {\n            // Only NVGRE sends a super-packet to the bounce device.",
+        check: "if bounced && (dst.ifindex != 0 || dst.method != Method::Encap as u8) {",
+        removed: "if false {",
         tests: PROGRAMS,
     },
     Mutation {
