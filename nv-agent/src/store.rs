@@ -146,11 +146,13 @@ impl Store {
         Ok(state)
     }
 
+    fn write_err(&self, e: &dyn std::fmt::Display) -> NvError {
+        NvError::Store(format!("cannot write {}: {e}", self.path.display()))
+    }
+
     /// Records `changes` in one transaction, durable when this returns; on error none is.
     pub fn append(&mut self, changes: &[Change]) -> Result<()> {
-        let err = |e: &dyn std::fmt::Display| {
-            NvError::Store(format!("cannot write {}: {e}", self.path.display()))
-        };
+        let err = |e: &dyn std::fmt::Display| self.write_err(e);
         let txn = self.db.begin_write().map_err(|e| err(&e))?;
         {
             let mut lookups = txn.open_table(LOOKUPS).map_err(|e| err(&e))?;
@@ -158,10 +160,7 @@ impl Store {
             for c in changes {
                 match c {
                     Change::PutLookup { record } => {
-                        let v = serde_json::to_vec(record).map_err(|e| err(&e))?;
-                        lookups
-                            .insert(lookup_key(record.vsid, record.ca).as_slice(), v.as_slice())
-                            .map_err(|e| err(&e))?;
+                        put_lookup(&mut lookups, record).map_err(|e| err(&e))?
                     }
                     Change::DelLookup { vsid, ca } => {
                         lookups
@@ -169,10 +168,7 @@ impl Store {
                             .map_err(|e| err(&e))?;
                     }
                     Change::PutProvider { provider } => {
-                        let v = serde_json::to_vec(provider).map_err(|e| err(&e))?;
-                        providers
-                            .insert(pa_key(provider.pa.addr).as_slice(), v.as_slice())
-                            .map_err(|e| err(&e))?;
+                        put_provider(&mut providers, provider).map_err(|e| err(&e))?;
                     }
                     Change::DelProvider { pa } => {
                         providers
@@ -187,9 +183,7 @@ impl Store {
 
     /// Replaces the whole stored state with `state`, in one transaction.
     pub fn snapshot(&mut self, state: &State) -> Result<()> {
-        let err = |e: &dyn std::fmt::Display| {
-            NvError::Store(format!("cannot write {}: {e}", self.path.display()))
-        };
+        let err = |e: &dyn std::fmt::Display| self.write_err(e);
         let txn = self.db.begin_write().map_err(|e| err(&e))?;
         for table in [LOOKUPS, PROVIDERS] {
             txn.delete_table(table).map_err(|e| err(&e))?;
@@ -197,17 +191,11 @@ impl Store {
         {
             let mut lookups = txn.open_table(LOOKUPS).map_err(|e| err(&e))?;
             for r in &state.lookups {
-                let v = serde_json::to_vec(r).map_err(|e| err(&e))?;
-                lookups
-                    .insert(lookup_key(r.vsid, r.ca).as_slice(), v.as_slice())
-                    .map_err(|e| err(&e))?;
+                put_lookup(&mut lookups, r).map_err(|e| err(&e))?;
             }
             let mut providers = txn.open_table(PROVIDERS).map_err(|e| err(&e))?;
             for p in &state.providers {
-                let v = serde_json::to_vec(p).map_err(|e| err(&e))?;
-                providers
-                    .insert(pa_key(p.pa.addr).as_slice(), v.as_slice())
-                    .map_err(|e| err(&e))?;
+                put_provider(&mut providers, p).map_err(|e| err(&e))?;
             }
         }
         txn.commit().map_err(|e| err(&e))?;
@@ -225,6 +213,23 @@ impl Store {
         }
         Ok(())
     }
+}
+
+type Table<'t> = redb::Table<'t, &'static [u8], &'static [u8]>;
+
+/// A lookup record under its (VSID, CA) key; the error as text, for the caller to name the file.
+fn put_lookup(t: &mut Table, r: &LookupRecord) -> std::result::Result<(), String> {
+    let v = serde_json::to_vec(r).map_err(|e| e.to_string())?;
+    t.insert(lookup_key(r.vsid, r.ca).as_slice(), v.as_slice())
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+fn put_provider(t: &mut Table, p: &ProviderState) -> std::result::Result<(), String> {
+    let v = serde_json::to_vec(p).map_err(|e| e.to_string())?;
+    t.insert(pa_key(p.pa.addr).as_slice(), v.as_slice())
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// The one error for a store that cannot be read: which file, and how to recover.
