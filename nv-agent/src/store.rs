@@ -160,7 +160,7 @@ impl Store {
             for c in changes {
                 match c {
                     Change::PutLookup { record } => {
-                        put_lookup(&mut lookups, record).map_err(|e| err(&e))?
+                        put_lookup(&mut lookups, record).map_err(|e| err(&e))?;
                     }
                     Change::DelLookup { vsid, ca } => {
                         lookups
