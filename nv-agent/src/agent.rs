@@ -456,7 +456,7 @@ impl Agent {
         if name == self.uplink {
             return self.refresh_uplink().await;
         }
-        if [crate::netlink::BOUNCE, crate::netlink::BOUNCE_PEER].contains(&name) {
+        if crate::netlink::is_bounce(name) {
             return self.refresh_bounce().await;
         }
         if self.catalog.by_port(name).is_some() {
@@ -829,13 +829,13 @@ impl Agent {
 
     /// Compares every map the agent owns with the store and repairs what differs (an entry
     /// deleted or added behind the agent's back, by bpftool or another program): the
-    /// periodic reconcile. Returns how many entries it repaired.
-    pub async fn reconcile_maps(&mut self) -> Result<usize> {
+    /// periodic reconcile.
+    pub async fn reconcile_maps(&mut self) -> Result<()> {
         let (desired, _) = self.desired().await?;
         let repairs = self.datapath.sync(&desired)?;
         self.config = desired.config;
         self.note_repairs("by the periodic reconcile", &repairs);
-        Ok(repairs.iter().map(|(_, r)| r.written + r.removed).sum())
+        Ok(())
     }
 
     pub fn status(&self) -> Status {
@@ -864,11 +864,12 @@ impl Agent {
         ports_missing.sort();
         let mut ports_without_record: Vec<String> = self.orphans.keys().cloned().collect();
         ports_without_record.sort();
+        let (store_file, store_bytes) = self.store.file();
         Status {
             version: env!("CARGO_PKG_VERSION").into(),
             programs: crate::programs_version(),
-            store: self.store.file().0.display().to_string(),
-            store_bytes: self.store.file().1,
+            store: store_file.display().to_string(),
+            store_bytes,
             uplink: self.uplink.clone(),
             uplink_mtu: self.uplink_mtu,
             vm_mtu: self.vm_mtu(),
@@ -1012,7 +1013,7 @@ impl Agent {
                     "port '{port}' is the uplink, not a VM port"
                 )));
             }
-            if [crate::netlink::BOUNCE, crate::netlink::BOUNCE_PEER].contains(&port.as_str()) {
+            if crate::netlink::is_bounce(port) {
                 return Err(invalid(format!(
                     "port '{port}' is nv's own (it segments VMs' tunnel traffic), not a VM port"
                 )));

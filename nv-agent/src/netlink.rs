@@ -22,6 +22,11 @@ use crate::error::{NvError, Result};
 pub const BOUNCE: &str = "nv-seg0";
 pub const BOUNCE_PEER: &str = "nv-seg1";
 
+/// Whether `name` is one of the bounce pair's ends.
+pub fn is_bounce(name: &str) -> bool {
+    name == BOUNCE || name == BOUNCE_PEER
+}
+
 pub struct Netlink {
     handle: Handle,
 }
