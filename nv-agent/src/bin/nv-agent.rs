@@ -129,10 +129,8 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-type Shared = Arc<tokio::sync::Mutex<Agent>>;
-
 /// Repairs drift between the maps and the store every `every`.
-fn spawn_reconciler(agent: Shared, every: std::time::Duration) {
+fn spawn_reconciler(agent: api::Shared, every: std::time::Duration) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.tick().await;
@@ -147,7 +145,7 @@ fn spawn_reconciler(agent: Shared, every: std::time::Duration) {
 
 /// VMs start, stop and restart on their own schedule: follows their ports as the kernel
 /// announces them, and looks at all of them now and then.
-fn spawn_port_watcher(watched: Shared) -> anyhow::Result<()> {
+fn spawn_port_watcher(watched: api::Shared) -> anyhow::Result<()> {
     let mut events = Some(nv_agent::netlink::link_events()?);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(PORT_REFRESH);
