@@ -290,14 +290,14 @@ impl Netlink {
         match (self.link(BOUNCE).await?, self.link(BOUNCE_PEER).await?) {
             (Some(a), Some(b)) if ours(&a, &b) => {}
             (a, b) => {
-                for l in [a, b].into_iter().flatten() {
-                    tracing::warn!("{} is not nv's bounce pair; replacing it", l.name);
-                    self.handle
-                        .link()
-                        .del(l.index)
-                        .execute()
-                        .await
-                        .map_err(|e| nl_err(&format!("delete {}", l.name), e))?;
+                if a.is_some() || b.is_some() {
+                    tracing::warn!(
+                        "{BOUNCE} and {BOUNCE_PEER} are not nv's bounce pair; replacing them"
+                    );
+                }
+                // Looked up again each: deleting one end of a veth takes its peer with it.
+                for name in [BOUNCE, BOUNCE_PEER] {
+                    self.del_link(name).await?;
                 }
                 let msg = LinkVeth::new(BOUNCE, BOUNCE_PEER)
                     .mtu(65_535)
@@ -335,13 +335,18 @@ impl Netlink {
 
     /// Deletes the bounce pair (decommissioning); nothing when it is not there.
     pub async fn del_bounce_pair(&self) -> Result<()> {
-        if let Some(l) = self.link(BOUNCE).await? {
+        self.del_link(BOUNCE).await
+    }
+
+    /// Deletes the link called `name`, if there is one.
+    async fn del_link(&self, name: &str) -> Result<()> {
+        if let Some(l) = self.link(name).await? {
             self.handle
                 .link()
                 .del(l.index)
                 .execute()
                 .await
-                .map_err(|e| nl_err(&format!("delete {BOUNCE}"), e))?;
+                .map_err(|e| nl_err(&format!("delete {name}"), e))?;
         }
         Ok(())
     }
