@@ -32,20 +32,9 @@ fn put(dst: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `nvctl args` prints (a man page, a completion script).
 fn output_of(bin: &Path, args: &[&str]) -> anyhow::Result<Vec<u8>> {
-    let out = Command::new(bin)
-        .args(args)
-        .output()
-        .with_context(|| format!("run {}", bin.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} {} failed: {}",
-            bin.display(),
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(out.stdout)
+    Ok(crate::setup::output(Command::new(bin).args(args))?.into_bytes())
 }
 
 pub fn run(o: &Options) -> anyhow::Result<()> {
