@@ -237,6 +237,15 @@ impl Host {
         Ok(serde_json::from_str(&self.nvctl(&all)?)?)
     }
 
+    /// How many lookup records `nvctl lookup list` shows.
+    pub fn listed(&self) -> anyhow::Result<usize> {
+        Ok(self
+            .nvctl_json(&["lookup", "list"])?
+            .as_array()
+            .context("lookup list is a list")?
+            .len())
+    }
+
     /// Datapath counters by name.
     pub fn counters(&self) -> anyhow::Result<HashMap<String, u64>> {
         let v = self.nvctl_json(&["stats"])?;

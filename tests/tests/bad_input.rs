@@ -452,12 +452,6 @@ fn import_of(vsid: u32, n: u32) -> Vec<u8> {
     )
 }
 
-fn listed(h: &Host) -> anyhow::Result<usize> {
-    Ok(h.nvctl_json(&["lookup", "list"])?
-        .as_array()
-        .map_or(0, Vec::len))
-}
-
 #[test]
 fn clients_that_hang_up_mid_change_leave_store_and_maps_agreeing() -> anyhow::Result<()> {
     let mut bed = TwoHosts::build("hu")?;
@@ -466,7 +460,7 @@ fn clients_that_hang_up_mid_change_leave_store_and_maps_agreeing() -> anyhow::Re
     // The positive control: over a connection that stays, an import is applied whole.
     let (code, body) = raw(&h.socket, &import_request(6999))?;
     ensure!(code == 201, "the full import answered {code}: {body}");
-    let mut expected = listed(h)?;
+    let mut expected = h.listed()?;
     ensure!(
         lookup_entries(h)? == expected,
         "the full import is not all in the map"
@@ -507,10 +501,10 @@ fn clients_that_hang_up_mid_change_leave_store_and_maps_agreeing() -> anyhow::Re
         let mut settled = None;
         for _ in 0..100 {
             std::thread::sleep(Duration::from_millis(50));
-            let now = listed(h)?;
+            let now = h.listed()?;
             if states.contains(&now) && lookup_entries(h)? == now {
                 std::thread::sleep(Duration::from_millis(200));
-                if listed(h)? == now && lookup_entries(h)? == now {
+                if h.listed()? == now && lookup_entries(h)? == now {
                     settled = Some(now);
                     break;
                 }
@@ -519,7 +513,7 @@ fn clients_that_hang_up_mid_change_leave_store_and_maps_agreeing() -> anyhow::Re
         let Some(now) = settled else {
             bail!(
                 "round {round} (cut at {cut}, gone after {linger_ms} ms): {} records listed, {} in the map, expected one of {states:?}",
-                listed(h)?,
+                h.listed()?,
                 lookup_entries(h)?
             );
         };
@@ -530,7 +524,7 @@ fn clients_that_hang_up_mid_change_leave_store_and_maps_agreeing() -> anyhow::Re
     // And the store agrees: a restarted agent lists the same.
     bed.hosts[0].stop_agent();
     bed.hosts[0].start_agent()?;
-    let after = listed(&bed.hosts[0])?;
+    let after = bed.hosts[0].listed()?;
     ensure!(
         after == expected,
         "after a restart: {after} records, expected {expected}"
@@ -649,7 +643,7 @@ fn stalled_imports_hold_no_slot_others_need(h: &Host) -> anyhow::Result<()> {
 fn concurrent_imports_take_turns(h: &Host) -> anyhow::Result<()> {
     // Hung up, the stalled imports free their turns: a whole import goes through (the
     // positive control).
-    let before = listed(h)?;
+    let before = h.listed()?;
     let base = peak_rss(h)?;
     let table = import_of(8000, 100_000);
     let mut answered = None;
@@ -702,6 +696,6 @@ fn concurrent_imports_take_turns(h: &Host) -> anyhow::Result<()> {
         (twelve - one) >> 20,
         (one - base) >> 20
     );
-    ensure!(listed(h)? == before + 100_000, "the table changed");
+    ensure!(h.listed()? == before + 100_000, "the table changed");
     Ok(())
 }

@@ -24,10 +24,7 @@ fn the_agent_tells_systemd_it_is_ready_once_it_forwards_and_serves() -> anyhow::
     let path = bed.tmp_dir().join("notify.sock");
     let sock = UnixDatagram::bind(&path)?;
     sock.set_read_timeout(Some(Duration::from_secs(20)))?;
-    let records = bed.hosts[0]
-        .nvctl_json(&["lookup", "list"])?
-        .as_array()
-        .map_or(0, Vec::len);
+    let records = bed.hosts[0].listed()?;
     ensure!(records > 0, "the bed has no records");
     let ports = bed.hosts[0].nvctl_json(&["status"])?["ports"]
         .as_array()
@@ -48,10 +45,7 @@ fn the_agent_tells_systemd_it_is_ready_once_it_forwards_and_serves() -> anyhow::
         "READY without `{status}`: {ready:?}"
     );
     // Ready means whole: the API answers and the store's records forward.
-    let listed = bed.hosts[0]
-        .nvctl_json(&["lookup", "list"])?
-        .as_array()
-        .map_or(0, Vec::len);
+    let listed = bed.hosts[0].listed()?;
     ensure!(
         listed == records,
         "{listed} records listed at READY, {records} stored"
@@ -411,13 +405,7 @@ fn forwarding_never_stops_across_agent_kills_and_a_map_migration() -> anyhow::Re
         encap >= old_count,
         "vm_tx_encap {encap}: the old map's {old_count} were not carried over"
     );
-    ensure!(
-        h1.nvctl_json(&["lookup", "list"])?
-            .as_array()
-            .map_or(0, Vec::len)
-            > 0,
-        "records lost"
-    );
+    ensure!(h1.listed()? > 0, "records lost");
     Ok(())
 }
 
@@ -519,12 +507,6 @@ fn drift_behind_the_agents_back_is_repaired_at_start_and_periodically() -> anyho
     Ok(())
 }
 
-fn listed(h: &nv_tests::testbed::Host) -> anyhow::Result<usize> {
-    Ok(h.nvctl_json(&["lookup", "list"])?
-        .as_array()
-        .map_or(0, Vec::len))
-}
-
 /// SIGKILL at 20 moments spread over a 100,000-record import (from before its request is read
 /// to after it is answered): each time the agent starts again, with the records from before the
 /// import or with all of them, never some, and store and maps agree.
@@ -558,7 +540,7 @@ fn sigkill_during_a_large_import_leaves_the_old_state_or_the_new() -> anyhow::Re
     )?;
     bed.hosts[0].start_agent()?;
     // The positive control, and how long a whole import takes here.
-    let before = listed(&bed.hosts[0])?;
+    let before = bed.hosts[0].listed()?;
     let started = std::time::Instant::now();
     let out = Command::new(&nvctl)
         .arg("--socket")
@@ -571,7 +553,7 @@ fn sigkill_during_a_large_import_leaves_the_old_state_or_the_new() -> anyhow::Re
         String::from_utf8_lossy(&out.stderr)
     );
     let whole = started.elapsed();
-    ensure!(listed(&bed.hosts[0])? == before + 100_000, "not imported");
+    ensure!(bed.hosts[0].listed()? == before + 100_000, "not imported");
     let (mut old, mut new, mut cut) = (0, 0, 0);
     for trial in 0..20u32 {
         // Back to the configured store.
@@ -587,13 +569,16 @@ fn sigkill_during_a_large_import_leaves_the_old_state_or_the_new() -> anyhow::Re
             ],
         )?;
         h.start_agent()?;
-        ensure!(listed(h)? == before, "trial {trial}: not back to the start");
+        ensure!(
+            h.listed()? == before,
+            "trial {trial}: not back to the start"
+        );
         let mut client = import(h)?;
         std::thread::sleep(whole.mul_f64(1.2 * (f64::from(trial) + 0.5) / 20.0));
         h.kill_agent();
         cut += usize::from(!client.wait()?.success());
         h.start_agent()?;
-        let now = listed(h)?;
+        let now = h.listed()?;
         if now == before {
             old += 1;
         } else if now == before + 100_000 {
@@ -618,7 +603,7 @@ fn sigkill_during_a_large_import_leaves_the_old_state_or_the_new() -> anyhow::Re
         ],
     )?)?;
     ensure!(
-        dump.as_array().map_or(0, Vec::len) == listed(&bed.hosts[0])?,
+        dump.as_array().map_or(0, Vec::len) == bed.hosts[0].listed()?,
         "store and map disagree after the last kill"
     );
     Ok(())
@@ -629,7 +614,7 @@ fn a_full_lookup_table_is_refused_with_the_way_out_and_nothing_changed() -> anyh
     let bed = TwoHosts::build_with("fu", &["--max-lookups", "8"])?;
     bed.configure()?;
     let h = &bed.hosts[0];
-    let before = listed(h)?;
+    let before = h.listed()?;
     ensure!(before < 8, "the bed already holds {before} records");
     let room = 8 - before;
     // An import one record too big: refused whole.
@@ -649,12 +634,15 @@ fn a_full_lookup_table_is_refused_with_the_way_out_and_nothing_changed() -> anyh
             && said.contains("raise max_lookups"),
         "an import over max_lookups: {said}"
     );
-    ensure!(listed(h)? == before, "the refused import changed the table");
+    ensure!(
+        h.listed()? == before,
+        "the refused import changed the table"
+    );
     // Filled to the last entry one by one (the positive control), then one more is refused.
     let file = bed.tmp_dir().join("fits.json");
     std::fs::write(&file, remote_records(8400, u32::try_from(room)?))?;
     h.nvctl(&["lookup", "import", file.to_str().context("utf-8")?])?;
-    ensure!(listed(h)? == 8, "the table is not full");
+    ensure!(h.listed()? == 8, "the table is not full");
     let err = h
         .nvctl(&[
             "lookup",
@@ -675,7 +663,7 @@ fn a_full_lookup_table_is_refused_with_the_way_out_and_nothing_changed() -> anyh
             .contains("lookup table full: 8 entries of 8"),
         "{err}"
     );
-    ensure!(listed(h)? == 8, "the refused add changed the table");
+    ensure!(h.listed()? == 8, "the refused add changed the table");
     // A restart with a lookup map too small for the store: refused before any pin is touched,
     // forwarding on; the old size starts again (the positive control).
     let mut bed = bed;
@@ -700,6 +688,6 @@ fn a_full_lookup_table_is_refused_with_the_way_out_and_nothing_changed() -> anyh
     ensure!(bed.ping("RED-1", "10.0.0.2", 2)? == 2, "forwarding stopped");
     bed.hosts[0].agent_args = vec!["--max-lookups".into(), "8".into()];
     bed.hosts[0].start_agent()?;
-    ensure!(listed(&bed.hosts[0])? == 8, "records lost");
+    ensure!(bed.hosts[0].listed()? == 8, "records lost");
     Ok(())
 }
