@@ -1,27 +1,44 @@
 //! The agent's records in memory, with the indexes that keep every placement rule O(1) per
 //! record, so a million records load, validate and change without scanning the table.
+//!
+//! A host holds every record of the VSIDs it hosts, millions on a big one, so a record costs
+//! what it must and no more: (VSID, CA) → PA, MAC and method in 20 bytes, IPv4 only (the model
+//! refuses IPv6 customer and provider addresses until the datapath has IPv6 maps); the few
+//! records with a port or a name keep them beside the table. Records come out as
+//! [`LookupRecord`]s, built on demand.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr},
 };
 
 use crate::{
     error::{NvError, Result, invalid},
-    model::{LookupRecord, Method, ProviderState},
+    model::{LookupRecord, Mac, Method, ProviderState},
     store::State,
 };
 
 /// (VSID, CA): a lookup record's identity.
 pub type Key = (u32, IpAddr);
 
+/// (VSID, IPv4 CA) as the table keys it.
+type Key4 = (u32, [u8; 4]);
+
+/// A record without its key, port and name: 12 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Rec {
+    pa: [u8; 4],
+    mac: [u8; 6],
+    rewrite: bool,
+}
+
 /// Who uses a provider address.
 #[derive(Clone, Debug, Default)]
 struct PaUse {
     records: u32,
     /// The rewrite record it is dedicated to, if any.
-    rewrite: Option<Key>,
-    /// One record using it, to name in errors.
-    example: Option<Key>,
+    rewrite: Option<Key4>,
+    /// Records with a port (this host's VMs) using it.
+    local: u32,
 }
 
 /// The method a VSID uses and how many records it has.
@@ -29,16 +46,18 @@ struct PaUse {
 struct VsidUse {
     method: Method,
     records: u32,
-    example: Key,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Catalog {
     providers: Vec<ProviderState>,
-    lookups: BTreeMap<Key, LookupRecord>,
-    by_port: HashMap<String, Key>,
-    by_mac: HashMap<(u32, [u8; 6]), Key>,
-    by_pa: HashMap<IpAddr, PaUse>,
+    records: HashMap<Key4, Rec>,
+    ports: HashMap<Key4, Box<str>>,
+    names: HashMap<Key4, Box<str>>,
+    by_port: HashMap<Box<str>, Key4>,
+    /// (VSID, MAC) → the CA that has it.
+    by_mac: HashMap<(u32, [u8; 6]), [u8; 4]>,
+    by_pa: HashMap<[u8; 4], PaUse>,
     by_vsid: HashMap<u32, VsidUse>,
 }
 
@@ -46,6 +65,27 @@ pub fn describe(r: &LookupRecord) -> String {
     match &r.name {
         Some(n) => format!("VSID {} CA {} ({n})", r.vsid, r.ca),
         None => format!("VSID {} CA {}", r.vsid, r.ca),
+    }
+}
+
+fn v4(ip: IpAddr) -> Option<[u8; 4]> {
+    match ip {
+        IpAddr::V4(a) => Some(a.octets()),
+        IpAddr::V6(_) => None,
+    }
+}
+
+fn key4(key: &Key) -> Option<Key4> {
+    Some((key.0, v4(key.1)?))
+}
+
+fn ipv4_only(r: &LookupRecord) -> Result<(Key4, [u8; 4])> {
+    match (v4(r.ca), v4(r.pa)) {
+        (Some(ca), Some(pa)) => Ok(((r.vsid, ca), pa)),
+        _ => Err(invalid(format!(
+            "{}: IPv6 customer and provider addresses are not supported yet",
+            describe(r)
+        ))),
     }
 }
 
@@ -57,8 +97,10 @@ impl Catalog {
             providers: state.providers,
             ..Catalog::default()
         };
+        c.records.reserve(state.lookups.len());
+        c.by_mac.reserve(state.lookups.len());
         for r in state.lookups {
-            c.check(&r, None).map_err(|e| {
+            r.validate().and_then(|()| c.check(&r, None)).map_err(|e| {
                 NvError::Store(format!(
                     "stored record {} is inconsistent: {e}",
                     describe(&r)
@@ -72,7 +114,7 @@ impl Catalog {
     pub fn to_state(&self) -> State {
         State {
             providers: self.providers.clone(),
-            lookups: self.lookups.values().cloned().collect(),
+            lookups: self.lookups(None),
         }
     }
 
@@ -88,50 +130,94 @@ impl Catalog {
         self.providers.iter().any(|p| p.pa.addr == pa)
     }
 
-    pub fn lookups(&self) -> impl Iterator<Item = &LookupRecord> {
-        self.lookups.values()
+    fn record(&self, k: Key4, r: Rec) -> LookupRecord {
+        LookupRecord {
+            vsid: k.0,
+            ca: IpAddr::V4(Ipv4Addr::from(k.1)),
+            pa: IpAddr::V4(Ipv4Addr::from(r.pa)),
+            mac: Mac(r.mac),
+            method: if r.rewrite {
+                Method::Rewrite
+            } else {
+                Method::Encap
+            },
+            port: self.ports.get(&k).map(ToString::to_string),
+            name: self.names.get(&k).map(ToString::to_string),
+        }
+    }
+
+    /// Every record, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = LookupRecord> + '_ {
+        self.records.iter().map(|(k, r)| self.record(*k, *r))
+    }
+
+    /// The records in (VSID, CA) order, of one VSID or all.
+    pub fn lookups(&self, vsid: Option<u32>) -> Vec<LookupRecord> {
+        let mut keys: Vec<Key4> = self
+            .records
+            .keys()
+            .filter(|k| vsid.is_none_or(|v| k.0 == v))
+            .copied()
+            .collect();
+        keys.sort_unstable();
+        keys.into_iter()
+            .map(|k| self.record(k, self.records[&k]))
+            .collect()
     }
 
     pub fn len(&self) -> usize {
-        self.lookups.len()
+        self.records.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.lookups.is_empty()
+        self.records.is_empty()
     }
 
-    pub fn get(&self, key: &Key) -> Option<&LookupRecord> {
-        self.lookups.get(key)
+    pub fn contains(&self, key: &Key) -> bool {
+        key4(key).is_some_and(|k| self.records.contains_key(&k))
+    }
+
+    pub fn get(&self, key: &Key) -> Option<LookupRecord> {
+        let k = key4(key)?;
+        self.records.get(&k).map(|r| self.record(k, *r))
     }
 
     /// The record whose VM is behind `port`.
-    pub fn by_port(&self, port: &str) -> Option<&LookupRecord> {
-        self.by_port.get(port).and_then(|k| self.lookups.get(k))
+    pub fn by_port(&self, port: &str) -> Option<LookupRecord> {
+        self.by_port
+            .get(port)
+            .map(|k| self.record(*k, self.records[k]))
     }
 
-    pub fn ports(&self) -> impl Iterator<Item = &String> {
-        self.by_port.keys()
+    /// The ports of this host's records.
+    pub fn ports(&self) -> impl Iterator<Item = &str> {
+        self.by_port.keys().map(AsRef::as_ref)
     }
 
-    /// How many records use `pa` (local records make a provider address busy).
+    /// The records with a port: this host's VMs.
+    pub fn local(&self) -> impl Iterator<Item = LookupRecord> + '_ {
+        self.ports.keys().map(|k| self.record(*k, self.records[k]))
+    }
+
+    /// How many records with a port use `pa` (local records make a provider address busy).
     pub fn local_users_of(&self, pa: IpAddr) -> usize {
-        self.lookups
-            .values()
-            .filter(|r| r.pa == pa && r.port.is_some())
-            .count()
+        v4(pa)
+            .and_then(|pa| self.by_pa.get(&pa))
+            .map_or(0, |u| u.local as usize)
     }
 
     /// Checks the rules that involve other records. `replacing` is the key of a record `r`
     /// replaces (a move), which does not count against it.
     pub fn check(&self, r: &LookupRecord, replacing: Option<&Key>) -> Result<()> {
-        let own = |k: &Key| replacing == Some(k);
-        let key = r.key();
+        let (_, pa) = ipv4_only(r)?;
+        let replacing = replacing.and_then(key4);
+        let own = |k: &Key4| replacing.as_ref() == Some(k);
         if replacing.is_none()
-            && let Some(existing) = self.lookups.get(&key)
+            && let Some(existing) = self.get(&r.key())
         {
             return Err(NvError::Conflict(format!(
                 "a lookup record for {} already exists; delete it first, or use `nvctl lookup move` to change its PA and port",
-                describe(existing)
+                describe(&existing)
             )));
         }
         let local_pa = self.is_local_pa(r.pa);
@@ -143,12 +229,12 @@ impl Catalog {
                         r.pa
                     )));
                 }
-                if let Some(k) = self.by_port.get(port)
+                if let Some(k) = self.by_port.get(port.as_str())
                     && !own(k)
                 {
                     return Err(NvError::Conflict(format!(
                         "port '{port}' already belongs to {}",
-                        self.name(k)
+                        self.name(*k)
                     )));
                 }
             }
@@ -161,16 +247,16 @@ impl Catalog {
             None => {}
         }
         // IP rewrite dedicates a PA to one CA: no other record, of either method, may share it.
-        if let Some(u) = self.by_pa.get(&r.pa) {
-            let others = u.records
-                - u32::from(
-                    replacing.is_some_and(|k| self.lookups.get(k).is_some_and(|o| o.pa == r.pa)),
-                );
+        if let Some(u) = self.by_pa.get(&pa) {
+            let replaced_here = replacing
+                .and_then(|k| self.records.get(&k))
+                .is_some_and(|o| o.pa == pa);
+            let others = u.records - u32::from(replaced_here);
             let rewrite_other = u.rewrite.filter(|k| !own(k));
             if (r.method == Method::Rewrite && others > 0) || rewrite_other.is_some() {
                 let other = rewrite_other
-                    .or(u.example.filter(|k| !own(k)))
-                    .map_or_else(|| "another record".to_owned(), |k| self.name(&k));
+                    .or_else(|| self.user_of(pa, replacing))
+                    .map_or_else(|| "another record".to_owned(), |k| self.name(k));
                 return Err(NvError::Conflict(format!(
                     "PA {} is already used by {other}; a rewrite record needs a PA of its own",
                     r.pa
@@ -181,91 +267,198 @@ impl Catalog {
         // methods in a VSID would leave some pairs unable to talk.
         if let Some(v) = self.by_vsid.get(&r.vsid)
             && v.method != r.method
-            && !(v.records == 1 && own(&v.example))
         {
-            return Err(NvError::Conflict(format!(
-                "VSID {} uses method {} ({}); all records of a VSID use one method",
-                r.vsid,
-                v.method,
-                self.name(&v.example)
-            )));
+            let replaced_alone = v.records == 1
+                && replacing.is_some_and(|k| k.0 == r.vsid && self.records.contains_key(&k));
+            if !replaced_alone {
+                let example = self
+                    .records
+                    .keys()
+                    .find(|k| k.0 == r.vsid && !own(k))
+                    .map_or_else(|| "another record".to_owned(), |k| self.name(*k));
+                return Err(NvError::Conflict(format!(
+                    "VSID {} uses method {} ({example}); all records of a VSID use one method",
+                    r.vsid, v.method
+                )));
+            }
         }
-        if let Some(k) = self.by_mac.get(&(r.vsid, r.mac.0))
-            && !own(k)
+        if let Some(ca) = self.by_mac.get(&(r.vsid, r.mac.0))
+            && !own(&(r.vsid, *ca))
         {
             return Err(NvError::Conflict(format!(
                 "MAC {} is already used by {}",
                 r.mac,
-                self.name(k)
+                self.name((r.vsid, *ca))
             )));
         }
         Ok(())
     }
 
-    fn name(&self, k: &Key) -> String {
-        self.lookups
-            .get(k)
-            .map_or_else(|| format!("VSID {} CA {}", k.0, k.1), describe)
+    /// A record using `pa` other than `not`, to name in an error (a scan: errors only).
+    fn user_of(&self, pa: [u8; 4], not: Option<Key4>) -> Option<Key4> {
+        self.records
+            .iter()
+            .find(|(k, r)| r.pa == pa && Some(**k) != not)
+            .map(|(k, _)| *k)
+    }
+
+    fn name(&self, k: Key4) -> String {
+        match self.records.get(&k) {
+            Some(r) => describe(&self.record(k, *r)),
+            None => format!("VSID {} CA {}", k.0, Ipv4Addr::from(k.1)),
+        }
     }
 
     /// Adds or replaces a record (its checks already passed) and returns the one it replaced.
+    ///
+    /// # Panics
+    /// On an IPv6 address, which [`LookupRecord::validate`] and [`Catalog::check`] refuse.
     pub fn insert(&mut self, r: LookupRecord) -> Option<LookupRecord> {
+        let (key, pa) = ipv4_only(&r).expect("checked records are IPv4");
         let old = self.remove(&r.key());
-        let key = r.key();
-        if let Some(port) = &r.port {
+        let rewrite = r.method == Method::Rewrite;
+        if let Some(port) = r.port {
+            let port: Box<str> = port.into();
             self.by_port.insert(port.clone(), key);
+            self.ports.insert(key, port);
+            self.by_pa.entry(pa).or_default().local += 1;
         }
-        self.by_mac.insert((r.vsid, r.mac.0), key);
-        let u = self.by_pa.entry(r.pa).or_default();
+        if let Some(name) = r.name {
+            self.names.insert(key, name.into());
+        }
+        self.by_mac.insert((r.vsid, r.mac.0), key.1);
+        let u = self.by_pa.entry(pa).or_default();
         u.records += 1;
-        u.example = Some(key);
-        if r.method == Method::Rewrite {
+        if rewrite {
             u.rewrite = Some(key);
         }
-        let v = self.by_vsid.entry(r.vsid).or_insert(VsidUse {
-            method: r.method,
-            records: 0,
-            example: key,
-        });
-        v.records += 1;
-        self.lookups.insert(key, r);
+        self.by_vsid
+            .entry(r.vsid)
+            .or_insert(VsidUse {
+                method: r.method,
+                records: 0,
+            })
+            .records += 1;
+        self.records.insert(
+            key,
+            Rec {
+                pa,
+                mac: r.mac.0,
+                rewrite,
+            },
+        );
         old
     }
 
     pub fn remove(&mut self, key: &Key) -> Option<LookupRecord> {
-        let r = self.lookups.remove(key)?;
-        if let Some(port) = &r.port {
-            self.by_port.remove(port);
+        let k = key4(key)?;
+        let rec = *self.records.get(&k)?;
+        let r = self.record(k, rec);
+        self.records.remove(&k);
+        if let Some(port) = self.ports.remove(&k) {
+            self.by_port.remove(&port);
+            if let Some(u) = self.by_pa.get_mut(&rec.pa) {
+                u.local -= 1;
+            }
         }
-        self.by_mac.remove(&(r.vsid, r.mac.0));
-        if let Some(u) = self.by_pa.get_mut(&r.pa) {
+        self.names.remove(&k);
+        self.by_mac.remove(&(k.0, rec.mac));
+        if let Some(u) = self.by_pa.get_mut(&rec.pa) {
             u.records -= 1;
-            if u.rewrite == Some(*key) {
+            if u.rewrite == Some(k) {
                 u.rewrite = None;
             }
             if u.records == 0 {
-                self.by_pa.remove(&r.pa);
-            } else if u.example == Some(*key) {
-                // Any other user will do for error messages; find one only when needed.
-                u.example = None;
+                self.by_pa.remove(&rec.pa);
             }
         }
-        if let Some(v) = self.by_vsid.get_mut(&r.vsid) {
+        if let Some(v) = self.by_vsid.get_mut(&k.0) {
             v.records -= 1;
             if v.records == 0 {
-                self.by_vsid.remove(&r.vsid);
-            } else if v.example == *key {
-                let first = (r.vsid, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-                if let Some((k, _)) = self
-                    .lookups
-                    .range(first..)
-                    .next()
-                    .filter(|(k, _)| k.0 == r.vsid)
-                {
-                    v.example = *k;
-                }
+                self.by_vsid.remove(&k.0);
             }
         }
         Some(r)
+    }
+
+    /// Gives memory back after a big table shrank (a rolled-back import).
+    pub fn shrink(&mut self) {
+        self.records.shrink_to_fit();
+        self.by_mac.shrink_to_fit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(ca: &str, pa: &str, mac: u8) -> LookupRecord {
+        LookupRecord {
+            vsid: 5001,
+            ca: ca.parse().unwrap(),
+            pa: pa.parse().unwrap(),
+            mac: Mac([2, 0, 0, 0, 0, mac]),
+            method: Method::Encap,
+            port: None,
+            name: None,
+        }
+    }
+
+    #[test]
+    fn records_come_back_as_they_went_in_and_in_order() {
+        let mut c = Catalog::default();
+        let mut b = record("10.0.0.2", "198.18.0.2", 2);
+        b.name = Some("B".into());
+        let a = record("10.0.0.1", "198.18.0.2", 1);
+        for r in [b.clone(), a.clone()] {
+            c.check(&r, None).unwrap();
+            assert!(c.insert(r).is_none());
+        }
+        assert_eq!(c.lookups(None), vec![a.clone(), b.clone()]);
+        assert_eq!(c.get(&b.key()), Some(b.clone()));
+        assert_eq!(c.remove(&a.key()), Some(a));
+        assert_eq!(c.lookups(Some(5001)), vec![b]);
+        assert!(c.lookups(Some(6001)).is_empty());
+    }
+
+    #[test]
+    fn rules_against_other_records() {
+        let mut c = Catalog::default();
+        let a = record("10.0.0.1", "198.18.0.2", 1);
+        c.insert(a.clone());
+        assert!(
+            c.check(&a, None)
+                .unwrap_err()
+                .to_string()
+                .contains("already exists")
+        );
+        let same_mac = record("10.0.0.9", "198.18.0.2", 1);
+        assert!(
+            c.check(&same_mac, None)
+                .unwrap_err()
+                .to_string()
+                .contains("MAC")
+        );
+        let mut rewrite = record("10.0.0.3", "198.18.0.2", 3);
+        rewrite.method = Method::Rewrite;
+        let err = c.check(&rewrite, None).unwrap_err().to_string();
+        assert!(
+            err.contains("PA 198.18.0.2 is already used by VSID 5001 CA 10.0.0.1"),
+            "{err}"
+        );
+        rewrite.pa = "198.18.1.3".parse().unwrap();
+        let err = c.check(&rewrite, None).unwrap_err().to_string();
+        assert!(
+            err.contains("uses method encap (VSID 5001 CA 10.0.0.1)"),
+            "{err}"
+        );
+        // The VSID's only record may change its own method (a move).
+        let mut moved = a.clone();
+        moved.method = Method::Rewrite;
+        moved.pa = "198.18.1.1".parse().unwrap();
+        c.check(&moved, Some(&a.key())).unwrap();
+        let mut v6 = record("10.0.0.4", "198.18.0.2", 4);
+        v6.ca = "fd00::4".parse().unwrap();
+        assert!(c.check(&v6, None).unwrap_err().to_string().contains("IPv6"));
     }
 }

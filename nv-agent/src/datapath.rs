@@ -10,7 +10,10 @@ use std::{
     fs,
     hash::Hash,
     io,
-    os::unix::ffi::OsStrExt as _,
+    os::{
+        fd::{AsFd as _, AsRawFd as _},
+        unix::ffi::OsStrExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -33,7 +36,10 @@ use tracing::{debug, info};
 use crate::{
     config::DecapHook,
     error::{NvError, Result},
+    txn::{Maps, Stopped, Write},
 };
+
+mod batch;
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -567,41 +573,58 @@ impl Datapath {
         Ok(repairs)
     }
 
-    pub fn put_lookup(&mut self, k: &LookupKey, v: &LookupValue) -> Result<()> {
-        put_entry(&mut self.ebpf, map_names::LOOKUPS, k, v)
-    }
-
-    pub fn del_lookup(&mut self, k: &LookupKey) -> Result<()> {
-        del_entry::<LookupKey, LookupValue>(&mut self.ebpf, map_names::LOOKUPS, k)
-    }
-
     pub fn put_port(&mut self, ifindex: u32, p: &PortInfo) -> Result<()> {
         put_entry(&mut self.ebpf, map_names::PORTS, &ifindex, p)
     }
 
-    pub fn del_port(&mut self, ifindex: u32) -> Result<()> {
-        del_entry::<u32, PortInfo>(&mut self.ebpf, map_names::PORTS, &ifindex)
+    /// Makes one write of the transaction path.
+    fn write(&mut self, w: &Write) -> Result<()> {
+        let ebpf = &mut self.ebpf;
+        match w {
+            Write::Filter(port) => self.attach_port(port),
+            Write::Port(i, v) => set_entry(ebpf, map_names::PORTS, i, v.as_ref()),
+            Write::Hosted(vsid, n) => set_entry(ebpf, map_names::HOSTED_VSIDS, vsid, n.as_ref()),
+            Write::Rewrite(pa, v) => set_entry(ebpf, map_names::REWRITE_PAS, pa, v.as_ref()),
+            Write::Lookup(k, v) => set_entry(ebpf, map_names::LOOKUPS, k, v.as_ref()),
+            Write::LocalPa(pa, v) => set_entry(ebpf, map_names::LOCAL_PAS, pa, v.as_ref()),
+            Write::Config(c) => self.set_config(*c),
+        }
     }
 
-    pub fn put_rewrite(&mut self, pa: &V4, v: &RewritePa) -> Result<()> {
-        put_entry(&mut self.ebpf, map_names::REWRITE_PAS, pa, v)
+    /// Puts lookup entries with `BPF_MAP_UPDATE_BATCH`, a chunk per system call; on failure,
+    /// how many went in before it.
+    fn put_lookups(&mut self, entries: &[Write]) -> std::result::Result<(), (usize, NvError)> {
+        let fd = {
+            let map = self.ebpf.map(map_names::LOOKUPS).ok_or_else(|| {
+                (
+                    0,
+                    NvError::Datapath(format!("map {} missing", map_names::LOOKUPS)),
+                )
+            })?;
+            let aya::maps::Map::HashMap(data) = map else {
+                return Err((0, NvError::Datapath("lookup map is not a hash".into())));
+            };
+            data.fd().as_fd().as_raw_fd()
+        };
+        let mut done = 0;
+        for chunk in entries.chunks(BATCH) {
+            let (keys, values): (Vec<LookupKey>, Vec<LookupValue>) = chunk
+                .iter()
+                .filter_map(|w| match w {
+                    Write::Lookup(k, Some(v)) => Some((*k, *v)),
+                    _ => None,
+                })
+                .unzip();
+            debug_assert_eq!(keys.len(), chunk.len());
+            let n = batch::update(fd, &keys, &values)
+                .map_err(|(n, e)| (done + n, dp_err("update NV_LOOKUPS", e)))?;
+            done += n;
+        }
+        Ok(())
     }
-
-    pub fn del_rewrite(&mut self, pa: &V4) -> Result<()> {
-        del_entry::<V4, RewritePa>(&mut self.ebpf, map_names::REWRITE_PAS, pa)
-    }
-
     pub fn set_config(&mut self, config: DatapathConfig) -> Result<()> {
         let mut m: Array<&mut MapData, DatapathConfig> = map(&mut self.ebpf, map_names::CONFIG)?;
         m.set(0, config, 0).map_err(|e| dp_err("write config", e))
-    }
-
-    pub fn sync_hosted_vsids(&mut self, hosted: &HashMap<u32, u32>) -> Result<()> {
-        sync_hash(&mut self.ebpf, map_names::HOSTED_VSIDS, hosted).map(drop)
-    }
-
-    pub fn sync_local_pas(&mut self, local_pas: &HashMap<V4, LocalPa>) -> Result<()> {
-        sync_hash(&mut self.ebpf, map_names::LOCAL_PAS, local_pas).map(drop)
     }
 
     /// Counter totals over all CPUs.
@@ -775,6 +798,41 @@ fn del_entry<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &str, k: &K) -> Result<()> {
     match m.remove(k) {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(e) => Err(dp_err(format!("delete from {name}"), e)),
+    }
+}
+
+/// Puts `v` under `k`, or removes `k` (absent already is fine).
+fn set_entry<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &str, k: &K, v: Option<&V>) -> Result<()> {
+    match v {
+        Some(v) => put_entry(ebpf, name, k, v),
+        None => del_entry::<K, V>(ebpf, name, k),
+    }
+}
+
+/// Lookup entries per `BPF_MAP_UPDATE_BATCH` call (copied into one buffer each).
+const BATCH: usize = 16_384;
+/// Fewer lookup puts in a row than this go one by one.
+const BATCH_MIN: usize = 64;
+
+impl Maps for Datapath {
+    fn write_all(&mut self, writes: &[Write]) -> std::result::Result<(), Stopped> {
+        let mut i = 0;
+        while i < writes.len() {
+            let run = writes[i..]
+                .iter()
+                .take_while(|w| matches!(w, Write::Lookup(_, Some(_))))
+                .count();
+            if run >= BATCH_MIN {
+                self.put_lookups(&writes[i..i + run])
+                    .map_err(|(n, error)| Stopped { done: i + n, error })?;
+                i += run;
+                continue;
+            }
+            self.write(&writes[i])
+                .map_err(|error| Stopped { done: i, error })?;
+            i += 1;
+        }
+        Ok(())
     }
 }
 

@@ -11,8 +11,11 @@ pub mod error;
 pub mod import;
 pub mod model;
 pub mod netlink;
+pub mod ports;
 pub mod store;
 mod store_legacy;
+pub mod translate;
+pub mod txn;
 
 /// The eBPF object built from nv-ebpf by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nv"));

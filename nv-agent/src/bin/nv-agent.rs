@@ -136,7 +136,7 @@ fn spawn_reconciler(agent: api::Shared, every: std::time::Duration) {
         tick.tick().await;
         loop {
             tick.tick().await;
-            if let Err(e) = agent.lock().await.reconcile_maps().await {
+            if let Err(e) = agent.lock().await.reconcile_maps() {
                 tracing::warn!("reconciling the maps: {e}");
             }
         }

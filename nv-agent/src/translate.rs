@@ -1,0 +1,184 @@
+//! Translation: what the maps hold for the catalog's records, as pure functions (no map, no
+//! netlink), so the transaction path and start-up compute the same entries and tests need no
+//! root.
+use std::{collections::HashMap, net::IpAddr};
+
+use nv_common::{
+    DatapathConfig, IFINDEX_GONE, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, V4,
+    v4_mapped,
+};
+
+use crate::{
+    catalog::{Catalog, Key},
+    datapath::Desired,
+    model::{LookupRecord, Method},
+    netlink::{LinkInfo, LinkKind},
+};
+
+/// A VM port as the agent found it: where the datapath delivers to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attached {
+    pub ifindex: u32,
+    /// `PortInfo::flags` as written.
+    pub flags: u8,
+}
+
+impl Attached {
+    pub fn of(link: &LinkInfo) -> Attached {
+        let mut flags = 0;
+        if link.kind == LinkKind::Tap {
+            flags |= PortInfo::TAP;
+        }
+        if !link.running {
+            flags |= PortInfo::DOWN;
+        }
+        Attached {
+            ifindex: link.index,
+            flags,
+        }
+    }
+}
+
+pub fn addr16(ip: IpAddr) -> nv_common::Addr {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn datapath_method(m: Method) -> nv_common::Method {
+    match m {
+        Method::Encap => nv_common::Method::Encap,
+        Method::Rewrite => nv_common::Method::Rewrite,
+    }
+}
+
+/// The IPv4 form of an address in a map key. IPv6 customer and provider addresses are refused
+/// before they get here (model.rs), and the datapath has no IPv6 maps yet.
+pub fn key_v4(ip: IpAddr) -> V4 {
+    match ip {
+        IpAddr::V4(v4) => v4.octets(),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or([0; 4], |v4| v4.octets()),
+    }
+}
+
+pub fn lookup_key(key: &Key) -> LookupKey {
+    LookupKey {
+        vsid: key.0,
+        ca: key_v4(key.1),
+    }
+}
+
+/// The map entries of one record whose port (if any) is `at`; a record whose port is missing
+/// points at `IFINDEX_GONE`.
+pub struct Entries {
+    pub key: LookupKey,
+    pub value: LookupValue,
+    pub port: Option<PortInfo>,
+    pub rewrite: Option<(V4, RewritePa)>,
+}
+
+pub fn entries(r: &LookupRecord, at: Option<Attached>) -> Entries {
+    let method = datapath_method(r.method) as u8;
+    let ifindex = match (&r.port, at) {
+        (Some(_), Some(a)) => a.ifindex,
+        (Some(_), None) => IFINDEX_GONE,
+        (None, _) => 0,
+    };
+    Entries {
+        key: lookup_key(&r.key()),
+        value: LookupValue {
+            pa: addr16(r.pa),
+            mac: r.mac.0,
+            method,
+            _pad: 0,
+            ifindex,
+        },
+        port: at.filter(|_| r.port.is_some()).map(|a| PortInfo {
+            vsid: r.vsid,
+            ca: addr16(r.ca),
+            pa: addr16(r.pa),
+            mac: r.mac.0,
+            method,
+            flags: a.flags,
+        }),
+        rewrite: (r.method == Method::Rewrite).then(|| {
+            (
+                key_v4(r.pa),
+                RewritePa {
+                    vsid: r.vsid,
+                    ca: addr16(r.ca),
+                    mac: r.mac.0,
+                    _pad: [0; 2],
+                    ifindex,
+                },
+            )
+        }),
+    }
+}
+
+/// VSIDs with a VM on this host (whether its port exists now or not), and how many.
+pub fn hosted_vsids(catalog: &Catalog) -> HashMap<u32, u32> {
+    let mut hosted = HashMap::new();
+    for r in catalog.local() {
+        *hosted.entry(r.vsid).or_default() += 1;
+    }
+    hosted
+}
+
+/// The config map: `base` (uplink, MTU, hook, bounce pair) with the rewrite PAs of this
+/// host's VMs in the uplink's filter, whether their port exists now or not (traffic to a
+/// local VM's PA is its, or dropped: never the host's).
+pub fn config(base: &DatapathConfig, catalog: &Catalog) -> DatapathConfig {
+    let mut config = *base;
+    for r in catalog.local() {
+        if r.method == Method::Rewrite
+            && let IpAddr::V4(pa) = r.pa
+        {
+            config.add_rewrite_pa(pa.octets());
+        }
+    }
+    config
+}
+
+/// The local provider addresses, all on the uplink (`nvctl provider add` puts them nowhere
+/// else).
+pub fn local_pas(catalog: &Catalog, uplink_ifindex: u32) -> HashMap<V4, LocalPa> {
+    catalog
+        .providers()
+        .iter()
+        .map(|p| {
+            (
+                key_v4(p.pa.addr),
+                LocalPa {
+                    ifindex: uplink_ifindex,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Everything the maps must hold for `catalog`, with each port where `at` says it is.
+pub fn desired(
+    catalog: &Catalog,
+    at: impl Fn(&str) -> Option<Attached>,
+    base: &DatapathConfig,
+) -> Desired {
+    let mut d = Desired {
+        local_pas: local_pas(catalog, base.uplink_ifindex),
+        hosted_vsids: hosted_vsids(catalog),
+        config: config(base, catalog),
+        ..Desired::default()
+    };
+    for r in catalog.iter() {
+        let e = entries(&r, r.port.as_deref().and_then(&at));
+        d.lookups.insert(e.key, e.value);
+        if let Some(p) = e.port {
+            d.ports.insert(e.value.ifindex, p);
+        }
+        if let Some((pa, v)) = e.rewrite {
+            d.rewrite_pas.insert(pa, v);
+        }
+    }
+    d
+}

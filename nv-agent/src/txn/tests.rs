@@ -1,0 +1,449 @@
+//! The transaction path without root: maps in memory that fail the write they are told to, a
+//! journal that fails when told to, and a real store in a temporary directory.
+use std::collections::{BTreeSet, HashMap};
+
+use nv_common::{DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, V4};
+
+use super::{Journal, Links, Maps, Stopped, Tables, Write};
+use crate::{
+    catalog::Catalog,
+    error::{NvError, Result},
+    model::{LookupRecord, Mac, Method, Prefixed, ProviderState},
+    store::{Change, Store},
+    translate::{self, Attached},
+};
+
+/// The datapath's maps and filters, in memory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct MemMaps {
+    filters: BTreeSet<String>,
+    ports: HashMap<u32, PortInfo>,
+    hosted: HashMap<u32, u32>,
+    rewrite: HashMap<V4, RewritePa>,
+    lookups: HashMap<LookupKey, LookupValue>,
+    local_pas: HashMap<V4, LocalPa>,
+    config: DatapathConfig,
+}
+
+/// [`MemMaps`] that refuse their `fail_at`-th write (counting from 0 over every call).
+struct Faulty {
+    maps: MemMaps,
+    writes: usize,
+    fail_at: Option<usize>,
+}
+
+fn set<K: std::hash::Hash + Eq, V>(m: &mut HashMap<K, V>, k: K, v: Option<V>) {
+    match v {
+        Some(v) => {
+            m.insert(k, v);
+        }
+        None => {
+            m.remove(&k);
+        }
+    }
+}
+
+impl Maps for Faulty {
+    fn write_all(&mut self, writes: &[Write]) -> std::result::Result<(), Stopped> {
+        for (done, w) in writes.iter().enumerate() {
+            if self.fail_at == Some(self.writes) {
+                self.writes += 1;
+                return Err(Stopped {
+                    done,
+                    error: NvError::Datapath(format!("injected failure of {w:?}")),
+                });
+            }
+            self.writes += 1;
+            let m = &mut self.maps;
+            match w.clone() {
+                Write::Filter(p) => {
+                    m.filters.insert(p);
+                }
+                Write::Port(k, v) => set(&mut m.ports, k, v),
+                Write::Hosted(k, v) => set(&mut m.hosted, k, v),
+                Write::Rewrite(k, v) => set(&mut m.rewrite, k, v),
+                Write::Lookup(k, v) => set(&mut m.lookups, k, v),
+                Write::LocalPa(k, v) => set(&mut m.local_pas, k, v),
+                Write::Config(c) => m.config = c,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct MemJournal {
+    committed: Vec<Change>,
+    fail: bool,
+}
+
+impl Journal for MemJournal {
+    fn commit(&mut self, changes: &[Change]) -> Result<()> {
+        if self.fail {
+            return Err(NvError::Store("injected failure".into()));
+        }
+        self.committed.extend_from_slice(changes);
+        Ok(())
+    }
+}
+
+const UPLINK: u32 = 2;
+
+fn record(vsid: u32, ca: &str, pa: &str, mac: u8, port: Option<&str>) -> LookupRecord {
+    LookupRecord {
+        vsid,
+        ca: ca.parse().unwrap(),
+        pa: pa.parse().unwrap(),
+        mac: Mac([2, 0, 0, 0, (vsid % 251) as u8, mac]),
+        method: Method::Encap,
+        port: port.map(str::to_owned),
+        name: Some(format!("vm-{mac}")),
+    }
+}
+
+fn rewrite(mut r: LookupRecord) -> LookupRecord {
+    r.method = Method::Rewrite;
+    r
+}
+
+fn provider(pa: &str) -> ProviderState {
+    ProviderState {
+        pa: format!("{pa}/15").parse::<Prefixed>().unwrap(),
+        dev: "uplink0".into(),
+        added_address: true,
+    }
+}
+
+/// What a start would put in the maps for `tables`, with its ports where its tracker says.
+fn mapped(tables: &Tables) -> MemMaps {
+    let d = translate::desired(&tables.catalog, |p| tables.ports.get(p), &tables.base);
+    MemMaps {
+        filters: tables
+            .ports
+            .attached()
+            .map(|(p, _)| p.clone())
+            .chain(tables.ports.orphans().map(|(p, _)| p.clone()))
+            .collect(),
+        ports: d.ports,
+        hosted: d.hosted_vsids,
+        rewrite: d.rewrite_pas,
+        lookups: d.lookups,
+        local_pas: d.local_pas,
+        config: d.config,
+    }
+}
+
+fn at(ifindex: u32) -> Attached {
+    Attached { ifindex, flags: 0 }
+}
+
+/// A host with providers, remote records of two VSIDs, a local encap VM on `red1` and a local
+/// rewrite VM on `blue1`, as a start leaves it.
+fn host() -> (Tables, Faulty, Links) {
+    let mut catalog = Catalog::default();
+    for pa in ["198.18.0.1", "198.18.1.1", "198.18.1.3"] {
+        catalog.providers_mut().push(provider(pa));
+    }
+    let records = [
+        record(5001, "10.0.0.1", "198.18.0.1", 1, Some("red1")),
+        record(5001, "10.0.0.2", "198.18.0.2", 2, None),
+        record(5001, "10.0.0.3", "198.18.0.2", 3, None),
+        rewrite(record(6001, "10.0.0.1", "198.18.1.1", 1, Some("blue1"))),
+        rewrite(record(6001, "10.0.0.2", "198.18.1.2", 2, None)),
+    ];
+    for r in records {
+        catalog.check(&r, None).unwrap();
+        catalog.insert(r);
+    }
+    let base = DatapathConfig {
+        uplink_ifindex: UPLINK,
+        uplink_mtu: 9000,
+        ..DatapathConfig::default()
+    };
+    let mut tables = Tables::new(catalog, base);
+    tables.ports.attach("red1", at(11));
+    tables.ports.attach("blue1", at(12));
+    tables.config = tables.wanted_config();
+    let maps = Faulty {
+        maps: mapped(&tables),
+        writes: 0,
+        fail_at: None,
+    };
+    let links: Links = [
+        ("red1", at(11)),
+        ("blue1", at(12)),
+        ("red2", at(21)),
+        ("blue3", at(23)),
+    ]
+    .into_iter()
+    .map(|(p, a)| (p.to_owned(), a))
+    .collect();
+    (tables, maps, links)
+}
+
+/// Change sets of every kind the agent makes.
+fn change_sets() -> Vec<(&'static str, Vec<Change>)> {
+    let put = |record| Change::PutLookup { record };
+    let mut import: Vec<Change> = (0..40u8)
+        .map(|i| put(record(7001, &format!("10.1.0.{i}"), "198.18.0.2", i, None)))
+        .collect();
+    import.push(put(record(5001, "10.0.0.9", "198.18.0.1", 9, Some("red2"))));
+    import.push(put(rewrite(record(
+        6001,
+        "10.0.0.3",
+        "198.18.1.3",
+        3,
+        Some("blue3"),
+    ))));
+    import.push(put(rewrite(record(
+        6001,
+        "10.0.0.4",
+        "198.18.1.4",
+        4,
+        None,
+    ))));
+    vec![
+        ("an import of remote and local records", import),
+        (
+            "a local VM moved to another port",
+            vec![put(record(5001, "10.0.0.1", "198.18.0.1", 1, Some("red2")))],
+        ),
+        (
+            "a remote VM moved here",
+            vec![put(record(5001, "10.0.0.2", "198.18.0.1", 2, Some("red2")))],
+        ),
+        (
+            "a local VM moved away",
+            vec![put(record(5001, "10.0.0.1", "198.18.0.7", 1, None))],
+        ),
+        (
+            "a local rewrite VM deleted",
+            vec![Change::DelLookup {
+                vsid: 6001,
+                ca: "10.0.0.1".parse().unwrap(),
+            }],
+        ),
+        (
+            "a provider added",
+            vec![Change::PutProvider {
+                provider: provider("198.18.1.9"),
+            }],
+        ),
+    ]
+}
+
+fn apply(
+    tables: &mut Tables,
+    journal: &mut dyn Journal,
+    maps: &mut Faulty,
+    links: &Links,
+    changes: &[Change],
+) -> Result<super::Applied> {
+    tables.apply(journal, maps, links, changes, |c, change| match change {
+        Change::PutLookup { record } => {
+            c.check(record, c.get(&record.key()).map(|_| record.key()).as_ref())
+        }
+        _ => Ok(()),
+    })
+}
+
+#[test]
+fn an_applied_change_leaves_the_maps_as_a_start_from_its_catalog_would() {
+    for (what, changes) in change_sets() {
+        let (mut tables, mut maps, links) = host();
+        let mut journal = MemJournal::default();
+        apply(&mut tables, &mut journal, &mut maps, &links, &changes)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(journal.committed, changes, "{what}: journal");
+        assert_eq!(maps.maps, mapped(&tables), "{what}: maps");
+    }
+}
+
+#[test]
+fn failing_any_write_of_a_change_leaves_catalog_maps_and_journal_as_they_were() {
+    for (what, changes) in change_sets() {
+        let (tables, maps, links) = host();
+        // How many writes the change makes.
+        let mut probe = (
+            tables.clone(),
+            Faulty {
+                writes: 0,
+                ..maps_clone(&maps)
+            },
+        );
+        apply(
+            &mut probe.0,
+            &mut MemJournal::default(),
+            &mut probe.1,
+            &links,
+            &changes,
+        )
+        .unwrap();
+        let writes = probe.1.writes;
+        assert!(writes > 0, "{what}: no writes");
+        for fail_at in 0..writes {
+            let mut t = tables.clone();
+            let mut m = Faulty {
+                fail_at: Some(fail_at),
+                ..maps_clone(&maps)
+            };
+            let mut journal = MemJournal::default();
+            let err = apply(&mut t, &mut journal, &mut m, &links, &changes)
+                .expect_err("the injected failure is reported");
+            assert!(err.to_string().contains("injected"), "{what}: {err}");
+            assert_unchanged(what, fail_at, &tables, &maps.maps, &t, &m.maps);
+            assert!(journal.committed.is_empty(), "{what}: journal written");
+        }
+        // The journal refuses last: everything written is undone.
+        let mut t = tables.clone();
+        let mut m = maps_clone(&maps);
+        let mut journal = MemJournal {
+            fail: true,
+            ..MemJournal::default()
+        };
+        apply(&mut t, &mut journal, &mut m, &links, &changes).unwrap_err();
+        assert_unchanged(what, writes, &tables, &maps.maps, &t, &m.maps);
+    }
+}
+
+fn maps_clone(f: &Faulty) -> Faulty {
+    Faulty {
+        maps: f.maps.clone(),
+        writes: 0,
+        fail_at: None,
+    }
+}
+
+/// Catalog and maps as before; a port filtered before the failure keeps its filter, as a
+/// port without a record (taking it off would hand its VM's frames to the host).
+fn assert_unchanged(
+    what: &str,
+    fail_at: usize,
+    before: &Tables,
+    maps_before: &MemMaps,
+    after: &Tables,
+    maps_after: &MemMaps,
+) {
+    let ctx = format!("{what}, write {fail_at} failed");
+    assert_eq!(
+        after.catalog.lookups(None),
+        before.catalog.lookups(None),
+        "{ctx}: catalog"
+    );
+    assert_eq!(
+        after.catalog.providers(),
+        before.catalog.providers(),
+        "{ctx}: providers"
+    );
+    assert_eq!(after.config, before.config, "{ctx}: config");
+    let mut expected = maps_before.clone();
+    for port in maps_after.filters.difference(&maps_before.filters) {
+        assert!(
+            after.ports.orphans().any(|(p, _)| p == port),
+            "{ctx}: {port} filtered but not kept as a port without a record"
+        );
+        expected.filters.insert(port.clone());
+    }
+    assert_eq!(*maps_after, expected, "{ctx}: maps");
+    let attached = |t: &Tables| {
+        let mut v: Vec<_> = t.ports.attached().map(|(p, a)| (p.clone(), *a)).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    assert_eq!(attached(after), attached(before), "{ctx}: ports");
+}
+
+#[test]
+fn a_refused_record_in_an_import_changes_nothing() {
+    let (mut tables, mut maps, links) = host();
+    let before = maps.maps.clone();
+    let changes = vec![
+        Change::PutLookup {
+            record: record(7001, "10.1.0.1", "198.18.0.2", 1, None),
+        },
+        // The same MAC in the same VSID.
+        Change::PutLookup {
+            record: record(7001, "10.1.0.2", "198.18.0.2", 1, None),
+        },
+    ];
+    let err = apply(
+        &mut tables,
+        &mut MemJournal::default(),
+        &mut maps,
+        &links,
+        &changes,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("MAC"), "{err}");
+    assert_eq!(maps.writes, 0);
+    assert_eq!(maps.maps, before);
+    assert_eq!(tables.catalog.len(), 5);
+}
+
+#[test]
+fn a_port_follows_its_device_and_a_failure_puts_it_back() {
+    let (tables, maps, _) = host();
+    // Re-created (new ifindex), down, gone.
+    for link in [
+        Some(at(31)),
+        Some(Attached {
+            ifindex: 11,
+            flags: PortInfo::DOWN,
+        }),
+        None,
+    ] {
+        let mut t = tables.clone();
+        let mut m = maps_clone(&maps);
+        assert!(t.relink(&mut m, "red1", link).unwrap());
+        assert_eq!(t.ports.get("red1"), link);
+        // A device that is gone took its filter along; the pin goes at the next start.
+        let want = mapped(&t);
+        assert!(want.filters.is_subset(&m.maps.filters), "{link:?}: filters");
+        assert_eq!(
+            m.maps,
+            MemMaps {
+                filters: m.maps.filters.clone(),
+                ..want
+            },
+            "{link:?}"
+        );
+        for fail_at in 0..m.writes {
+            let mut t = tables.clone();
+            let mut f = Faulty {
+                fail_at: Some(fail_at),
+                ..maps_clone(&maps)
+            };
+            t.relink(&mut f, "red1", link).unwrap_err();
+            assert_unchanged("relink", fail_at, &tables, &maps.maps, &t, &f.maps);
+        }
+    }
+}
+
+#[test]
+fn the_store_holds_a_change_only_once_the_maps_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, _, _) = Store::open(dir.path()).unwrap();
+    let (mut tables, maps, links) = host();
+    let changes = &change_sets()[0].1;
+    let mut m = Faulty {
+        fail_at: Some(7),
+        ..maps_clone(&maps)
+    };
+    tables
+        .apply(&mut store, &mut m, &links, changes, |_, _| Ok(()))
+        .unwrap_err();
+    drop(store);
+    let (mut store, state, _) = Store::open(dir.path()).unwrap();
+    assert!(
+        state.lookups.is_empty(),
+        "a failed change reached the store"
+    );
+    let mut m = maps_clone(&maps);
+    tables
+        .apply(&mut store, &mut m, &links, changes, |_, _| Ok(()))
+        .unwrap();
+    drop(store);
+    let (_, state, _) = Store::open(dir.path()).unwrap();
+    assert_eq!(state.lookups.len(), changes.len());
+}
