@@ -9,7 +9,7 @@
 //! | POST   | /v1/lookups          | a lookup record    |
 //! | DELETE | /v1/lookups          | `?vsid=N&ca=ADDR`  |
 //! | POST   | /v1/lookups/move     | `{vsid, ca, pa, port?}` |
-//! | POST   | /v1/lookups/import   | a list of lookup records, all or none |
+//! | POST   | /v1/lookups/import   | a JSON list of lookup records, or CSV (`text/csv`); all or none |
 //! | GET    | /v1/stats            |                    |
 //! | GET    | /v1/status           |                    |
 //!
@@ -19,6 +19,7 @@ use std::{net::IpAddr, sync::Arc};
 
 use axum::{
     Extension, Json, Router,
+    body::Bytes,
     extract::{DefaultBodyLimit, Query, Request, State, rejection::JsonRejection},
     http::StatusCode,
     middleware::{self, Next},
@@ -33,6 +34,7 @@ use tower::limit::ConcurrencyLimitLayer;
 use crate::{
     agent::{Agent, MoveRequest},
     error::NvError,
+    import::{self, Format},
     model::{LookupRecord, Provider},
 };
 
@@ -251,12 +253,26 @@ async fn move_lookup(
     ))
 }
 
+/// An import: a JSON list of records, or CSV (`content-type: text/csv`) with a header line of
+/// the field names, parsed here (on a thread of its own: a million records take a while) and
+/// applied all or none.
 async fn import_lookups(
     State(a): State<Shared>,
     Extension(turn): Extension<ImportTurn>,
-    body: Result<Json<Vec<LookupRecord>>, JsonRejection>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
 ) -> ApiResult<impl IntoResponse> {
-    let Json(records) = body?;
+    let format = match headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(t) if t.starts_with("text/csv") => Format::Csv,
+        _ => Format::Json,
+    };
+    let records = tokio::task::spawn_blocking(move || import::parse(&body, format))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
     let imported = whole(async move {
         let _turn = turn;
         a.lock().await.import_lookups(records).await

@@ -23,6 +23,9 @@ pub type Key = (u32, IpAddr);
 /// (VSID, IPv4 CA) as the table keys it.
 type Key4 = (u32, [u8; 4]);
 
+/// The tables hash with foldhash: `SipHash` cost as much as the rest of an import's checks.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// A record without its key, port and name: 12 bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Rec {
@@ -51,14 +54,14 @@ struct VsidUse {
 #[derive(Clone, Default)]
 pub struct Catalog {
     providers: Vec<ProviderState>,
-    records: HashMap<Key4, Rec>,
-    ports: HashMap<Key4, Box<str>>,
-    names: HashMap<Key4, Box<str>>,
-    by_port: HashMap<Box<str>, Key4>,
+    records: Map<Key4, Rec>,
+    ports: Map<Key4, Box<str>>,
+    names: Map<Key4, Box<str>>,
+    by_port: Map<Box<str>, Key4>,
     /// (VSID, MAC) → the CA that has it.
-    by_mac: HashMap<(u32, [u8; 6]), [u8; 4]>,
-    by_pa: HashMap<[u8; 4], PaUse>,
-    by_vsid: HashMap<u32, VsidUse>,
+    by_mac: Map<(u32, [u8; 6]), [u8; 4]>,
+    by_pa: Map<[u8; 4], PaUse>,
+    by_vsid: Map<u32, VsidUse>,
 }
 
 pub fn describe(r: &LookupRecord) -> String {
@@ -97,8 +100,7 @@ impl Catalog {
             providers: state.providers,
             ..Catalog::default()
         };
-        c.records.reserve(state.lookups.len());
-        c.by_mac.reserve(state.lookups.len());
+        c.reserve(state.lookups.len());
         for r in state.lookups {
             r.validate().and_then(|()| c.check(&r, None)).map_err(|e| {
                 NvError::Store(format!(
@@ -213,6 +215,7 @@ impl Catalog {
         let replacing = replacing.and_then(key4);
         let own = |k: &Key4| replacing.as_ref() == Some(k);
         if replacing.is_none()
+            && self.contains(&r.key())
             && let Some(existing) = self.get(&r.key())
         {
             return Err(NvError::Conflict(format!(
@@ -379,6 +382,17 @@ impl Catalog {
             }
         }
         Some(r)
+    }
+
+    /// Makes room for `more` records at once (an import), instead of growing step by step.
+    pub fn reserve(&mut self, more: usize) {
+        self.records.reserve(more);
+        self.by_mac.reserve(more);
+    }
+
+    /// Whether the record `key` has a port here (a VM of this host).
+    pub fn is_local(&self, key: &Key) -> bool {
+        key4(key).is_some_and(|k| self.ports.contains_key(&k))
     }
 
     /// Gives memory back after a big table shrank (a rolled-back import).

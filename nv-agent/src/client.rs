@@ -19,12 +19,22 @@ pub async fn call(
     call_with(socket, method, path, body).await
 }
 
-/// As [`call`], with a body already encoded as JSON (an import's million records are not
-/// built as a `Value` first).
+/// As [`call`], with a body already encoded as JSON.
 pub async fn call_with(
     socket: &Path,
     method: Method,
     path: &str,
+    body: Bytes,
+) -> anyhow::Result<Value> {
+    call_raw(socket, method, path, "application/json", body).await
+}
+
+/// As [`call`], with a body of the given content type (an import file as it is).
+pub async fn call_raw(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    content_type: &str,
     body: Bytes,
 ) -> anyhow::Result<Value> {
     let stream = UnixStream::connect(socket).await.map_err(|e| {
@@ -39,7 +49,7 @@ pub async fn call_with(
         .method(method)
         .uri(path)
         .header("host", "nv-agent")
-        .header("content-type", "application/json")
+        .header("content-type", content_type)
         .body(Full::new(body))?;
     let resp = sender.send_request(req).await?;
     let status = resp.status();

@@ -587,7 +587,7 @@ impl Datapath {
             Write::Rewrite(pa, v) => set_entry(ebpf, map_names::REWRITE_PAS, pa, v.as_ref()),
             Write::Lookup(k, v) => set_entry(ebpf, map_names::LOOKUPS, k, v.as_ref()),
             Write::LocalPa(pa, v) => set_entry(ebpf, map_names::LOCAL_PAS, pa, v.as_ref()),
-            Write::Config(c) => self.set_config(*c),
+            Write::Config(c) => self.set_config(**c),
         }
     }
 

@@ -1,81 +1,157 @@
 //! Import files for `nvctl lookup import`: a JSON list of lookup records, or CSV with a header
-//! line; both use the flag names as field names. Every record is read before anything is sent,
-//! so a bad line changes nothing.
+//! line; both use the flag names as field names. nvctl sends the file as it is and the agent
+//! parses it ([`parse`]): every record is read before anything is changed, so a bad line
+//! changes nothing, and a million records are parsed once, not parsed, encoded and parsed again.
 use std::{io::Read as _, path::Path};
 
-use anyhow::{Context as _, bail};
-use serde::Deserialize;
+use anyhow::Context as _;
 
 use crate::model::{LookupRecord, Mac, Method};
 
-/// One CSV row: every column but the required four may be missing or empty.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Row {
-    vsid: u32,
-    ca: std::net::IpAddr,
-    pa: std::net::IpAddr,
-    mac: String,
-    #[serde(default)]
-    method: Option<String>,
-    #[serde(default)]
-    port: Option<String>,
-    #[serde(default)]
-    name: Option<String>,
+/// What an import body holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// A JSON list of records (`application/json`).
+    Json,
+    /// CSV with a header line of the field names (`text/csv`).
+    Csv,
 }
 
-fn non_empty(s: Option<String>) -> Option<String> {
-    s.filter(|s| !s.trim().is_empty())
+impl Format {
+    /// JSON starts with `[` (or `{`, to be told it is not a list); anything else is CSV.
+    pub fn sniff(text: &[u8]) -> Format {
+        if text.trim_ascii_start().starts_with(b"[") || text.trim_ascii_start().starts_with(b"{") {
+            Format::Json
+        } else {
+            Format::Csv
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Json => "application/json",
+            Format::Csv => "text/csv",
+        }
+    }
 }
 
-/// Reads `file` (`-` for standard input).
-pub fn read(file: &Path) -> anyhow::Result<Vec<LookupRecord>> {
-    let mut text = String::new();
-    if file == Path::new("-") {
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .context("read standard input")?;
-    } else {
-        text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
+/// The CSV columns, by name.
+const COLUMNS: [&str; 7] = ["vsid", "ca", "pa", "mac", "method", "port", "name"];
+const REQUIRED: usize = 4;
+
+/// Parses an import body; errors name the CSV line (the header is line 1) or the JSON
+/// position. Records are not validated here (the agent does, against its table).
+pub fn parse(text: &[u8], format: Format) -> Result<Vec<LookupRecord>, String> {
+    let records = match format {
+        Format::Json if text.trim_ascii_start().starts_with(b"{") => {
+            return Err("holds one JSON object, not a list of records: put them in [ ]".into());
+        }
+        Format::Json => serde_json::from_slice(text).map_err(|e| e.to_string())?,
+        Format::Csv => parse_csv(text)?,
+    };
+    if records.is_empty() {
+        return Err("holds no records".into());
     }
-    if text.trim_start().starts_with('[') {
-        return serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()));
-    }
-    let mut out = Vec::new();
+    Ok(records)
+}
+
+fn parse_csv(text: &[u8]) -> Result<Vec<LookupRecord>, String> {
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
-        .from_reader(text.as_bytes());
-    for (i, row) in reader.deserialize::<Row>().enumerate() {
-        // Line numbers count the header.
-        let line = i + 2;
-        let row = row.map_err(|e| anyhow::anyhow!("{} line {line}: {e}", file.display()))?;
-        let mac: Mac = row
-            .mac
-            .parse()
-            .map_err(|e| anyhow::anyhow!("{} line {line}: {e}", file.display()))?;
-        let method = match non_empty(row.method).as_deref() {
-            None | Some("encap") => Method::Encap,
-            Some("rewrite") => Method::Rewrite,
-            Some(other) => bail!(
-                "{} line {line}: method '{other}' is neither encap nor rewrite",
-                file.display()
-            ),
+        .from_reader(text);
+    let header = reader.byte_headers().map_err(|e| format!("line 1: {e}"))?;
+    // Where each known column is; unknown ones are refused, the four first required.
+    let mut at = [None; COLUMNS.len()];
+    for (i, name) in header.iter().enumerate() {
+        let name = String::from_utf8_lossy(name);
+        let Some(c) = COLUMNS.iter().position(|k| *k == name) else {
+            return Err(format!(
+                "line 1: unknown column '{name}' (columns: {})",
+                COLUMNS.join(",")
+            ));
         };
-        out.push(LookupRecord {
-            vsid: row.vsid,
-            ca: row.ca,
-            pa: row.pa,
-            mac,
-            method,
-            port: non_empty(row.port),
-            name: non_empty(row.name),
-        });
+        at[c] = Some(i);
     }
-    if out.is_empty() {
-        bail!("{} holds no records", file.display());
+    if header.is_empty() {
+        return Ok(Vec::new());
+    }
+    for (c, name) in COLUMNS.iter().enumerate().take(REQUIRED) {
+        if at[c].is_none() {
+            return Err(format!("line 1: missing column '{name}'"));
+        }
+    }
+    let mut out = Vec::with_capacity(text.len() / 48);
+    let mut row = csv::ByteRecord::new();
+    let mut line = 1;
+    loop {
+        match reader.read_byte_record(&mut row) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(e) => return Err(format!("line {}: {e}", line + 1)),
+        }
+        line += 1;
+        out.push(record(&row, &at).map_err(|e| format!("line {line}: {e}"))?);
     }
     Ok(out)
+}
+
+/// One CSV row as a record; `at` says where each column is.
+fn record(
+    row: &csv::ByteRecord,
+    at: &[Option<usize>; COLUMNS.len()],
+) -> Result<LookupRecord, String> {
+    let field = |c: usize| -> Result<Option<&str>, String> {
+        match at[c].and_then(|i| row.get(i)) {
+            None | Some(b"") => Ok(None),
+            Some(b) => std::str::from_utf8(b)
+                .map(Some)
+                .map_err(|_| format!("{} is not UTF-8", COLUMNS[c])),
+        }
+    };
+    let required = |c: usize| field(c)?.ok_or_else(|| format!("{} is missing", COLUMNS[c]));
+    let vsid = required(0)?;
+    let (ca, pa, mac) = (required(1)?, required(2)?, required(3)?);
+    Ok(LookupRecord {
+        vsid: vsid
+            .parse()
+            .map_err(|_| format!("vsid '{vsid}' is not a number"))?,
+        ca: ca
+            .parse()
+            .map_err(|_| format!("ca '{ca}' is not an IP address"))?,
+        pa: pa
+            .parse()
+            .map_err(|_| format!("pa '{pa}' is not an IP address"))?,
+        mac: mac.parse::<Mac>().map_err(|e| e.to_string())?,
+        method: match field(4)? {
+            None | Some("encap") => Method::Encap,
+            Some("rewrite") => Method::Rewrite,
+            Some(other) => {
+                return Err(format!("method '{other}' is neither encap nor rewrite"));
+            }
+        },
+        port: field(5)?.map(str::to_owned),
+        name: field(6)?.map(str::to_owned),
+    })
+}
+
+/// Reads `file` (`-` for standard input) as it is, and what it holds.
+pub fn load(file: &Path) -> anyhow::Result<(Vec<u8>, Format)> {
+    let mut text = Vec::new();
+    if file == Path::new("-") {
+        std::io::stdin()
+            .read_to_end(&mut text)
+            .context("read standard input")?;
+    } else {
+        text = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    }
+    let format = Format::sniff(&text);
+    Ok((text, format))
+}
+
+/// Reads and parses `file` (`-` for standard input); errors name it.
+pub fn read(file: &Path) -> anyhow::Result<Vec<LookupRecord>> {
+    let (text, format) = load(file)?;
+    parse(&text, format).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
 }
 
 /// Writes `records` as `read` takes them: a JSON list, one record a line.

@@ -54,8 +54,22 @@ impl Serialize for Mac {
 
 impl<'de> Deserialize<'de> for Mac {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        d.deserialize_str(FromStrVisitor::<Mac>(std::marker::PhantomData))
+    }
+}
+
+/// Parses a string field with `FromStr` without copying it first (an import has a million).
+struct FromStrVisitor<T>(std::marker::PhantomData<T>);
+
+impl<T: FromStr<Err = NvError>> serde::de::Visitor<'_> for FromStrVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<T, E> {
+        s.parse().map_err(E::custom)
     }
 }
 
@@ -122,8 +136,7 @@ impl Serialize for Prefixed {
 
 impl<'de> Deserialize<'de> for Prefixed {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        d.deserialize_str(FromStrVisitor::<Prefixed>(std::marker::PhantomData))
     }
 }
 

@@ -12,7 +12,10 @@
 //! Nothing here touches the kernel: [`Maps`] and [`Journal`] are the seams. The agent plugs in
 //! the datapath and the local database; the unit tests plug in maps that fail on the write they
 //! are told to; a cluster store plugs in where the journal is.
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use nv_common::{DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, V4};
 
@@ -26,14 +29,27 @@ use crate::{
 };
 
 /// Where a change becomes durable: the local database, or a cluster store.
-pub trait Journal {
-    /// Records `changes` in one transaction, durable when this returns; on error none is.
-    fn commit(&mut self, changes: &[Change]) -> Result<()>;
+pub trait Journal: Sync {
+    /// Writes `changes` as one transaction that is not durable until committed, and is
+    /// dropped (aborted) otherwise. May give up early, with an error, once `stop` is set.
+    fn prepare(&self, changes: &[Change], stop: &AtomicBool) -> Result<Box<dyn Pending + '_>>;
+}
+
+/// A journal transaction written and not committed.
+pub trait Pending: Send {
+    /// Makes the transaction durable; on error none of it is.
+    fn commit(self: Box<Self>) -> Result<()>;
 }
 
 impl Journal for crate::store::Store {
-    fn commit(&mut self, changes: &[Change]) -> Result<()> {
-        self.append(changes)
+    fn prepare(&self, changes: &[Change], stop: &AtomicBool) -> Result<Box<dyn Pending + '_>> {
+        Ok(Box::new(crate::store::Store::prepare(self, changes, stop)?))
+    }
+}
+
+impl Pending for crate::store::Pending {
+    fn commit(self: Box<Self>) -> Result<()> {
+        crate::store::Pending::commit(*self)
     }
 }
 
@@ -48,7 +64,22 @@ pub enum Write {
     Rewrite(V4, Option<RewritePa>),
     Lookup(LookupKey, Option<LookupValue>),
     LocalPa(V4, Option<LocalPa>),
-    Config(DatapathConfig),
+    /// Boxed: the config is 128 bytes of filter, and an import makes a million writes.
+    Config(Box<DatapathConfig>),
+}
+
+impl Write {
+    /// The write that empties the slot this one writes (entries only).
+    fn emptied(&self) -> Option<Write> {
+        Some(match self {
+            Write::Port(i, _) => Write::Port(*i, None),
+            Write::Hosted(v, _) => Write::Hosted(*v, None),
+            Write::Rewrite(pa, _) => Write::Rewrite(*pa, None),
+            Write::Lookup(k, _) => Write::Lookup(*k, None),
+            Write::LocalPa(pa, _) => Write::LocalPa(*pa, None),
+            Write::Filter(_) | Write::Config(_) => return None,
+        })
+    }
 }
 
 /// A list of writes stopped by a failure: how many went in before it, and why.
@@ -63,6 +94,18 @@ pub trait Maps {
     /// Makes `writes` in order, stopping at the first that fails.
     fn write_all(&mut self, writes: &[Write]) -> std::result::Result<(), Stopped>;
 }
+
+/// A change set checked and applied to the catalog, with the map writes it needs.
+struct Planned {
+    plan: Plan,
+    undo: Vec<Undo>,
+    /// Where the ports the set touched are now (`None`: missing, or no record's).
+    ports: HashMap<String, Option<Attached>>,
+    config: DatapathConfig,
+}
+
+/// Change sets at least this big are written into the journal alongside (an import).
+const ALONGSIDE: usize = 4096;
 
 /// The VM ports that exist now, by name, as the caller found them (veth or tap devices).
 pub type Links = HashMap<String, Attached>;
@@ -91,40 +134,67 @@ pub struct Applied {
     pub released: Vec<String>,
 }
 
-/// The writes of a change set, each with the write that undoes it (none for a filter: it
-/// stays, and its port becomes one without a record).
+/// The writes of a change set, each with how to undo it.
 #[derive(Default)]
 struct Plan {
     writes: Vec<Write>,
-    undo: Vec<Option<Write>>,
+    /// Per write: [`KEEP`] (a filter: it stays, and its port becomes one without a record),
+    /// [`EMPTY`] (the slot was empty: empty it again), or the index of the write in `restores`
+    /// that puts back what was there. An import's million puts need no restores.
+    undo: Vec<u32>,
+    restores: Vec<Write>,
     /// Ports filtered by this plan, at their ifindex.
     filtered: Vec<(String, u32)>,
 }
 
+const KEEP: u32 = u32::MAX;
+const EMPTY: u32 = u32::MAX - 1;
+
 impl Plan {
     fn push(&mut self, write: Write, undo: Write) {
+        let empties = undo.emptied().is_some_and(|e| e == undo);
         self.writes.push(write);
-        self.undo.push(Some(undo));
+        if empties {
+            self.undo.push(EMPTY);
+        } else {
+            self.undo
+                .push(u32::try_from(self.restores.len()).expect("fewer restores than writes"));
+            self.restores.push(undo);
+        }
     }
 
     fn filter(&mut self, port: &str, ifindex: u32) {
         if !self.filtered.iter().any(|(p, _)| p == port) {
             self.writes.push(Write::Filter(port.to_owned()));
-            self.undo.push(None);
+            self.undo.push(KEEP);
             self.filtered.push((port.to_owned(), ifindex));
         }
     }
 
     fn append(&mut self, other: Plan) {
+        let base = u32::try_from(self.restores.len()).expect("fewer restores than writes");
         self.writes.extend(other.writes);
-        self.undo.extend(other.undo);
+        self.undo.extend(
+            other
+                .undo
+                .into_iter()
+                .map(|u| if u >= EMPTY { u } else { u + base }),
+        );
+        self.restores.extend(other.restores);
         self.filtered.extend(other.filtered);
     }
 
     /// Undoes the first `done` writes, last first. A failure here leaves maps the next
     /// reconcile repairs; it is logged, and the caller reports the first failure.
     fn undo(&self, maps: &mut dyn Maps, done: usize) {
-        let undo: Vec<Write> = self.undo[..done].iter().rev().flatten().cloned().collect();
+        let undo: Vec<Write> = (0..done)
+            .rev()
+            .filter_map(|i| match self.undo[i] {
+                KEEP => None,
+                EMPTY => self.writes[i].emptied(),
+                r => Some(self.restores[r as usize].clone()),
+            })
+            .collect();
         if let Err(Stopped { error, .. }) = maps.write_all(&undo) {
             tracing::error!(
                 "undoing a change in the maps failed too ({error}); the next reconcile repairs them"
@@ -202,6 +272,22 @@ fn record_writes(
         && new_port.is_none_or(|(n, _)| n != i)
     {
         plan.push(Write::Port(i, None), Write::Port(i, Some(p)));
+    }
+}
+
+/// How to put the catalog back after one change: mostly by removing what an import added,
+/// so a million of them stay small.
+enum Undo {
+    Remove(u32, std::net::IpAddr),
+    Change(Box<Change>),
+}
+
+impl From<Change> for Undo {
+    fn from(c: Change) -> Undo {
+        match c {
+            Change::DelLookup { vsid, ca } => Undo::Remove(vsid, ca),
+            other => Undo::Change(Box::new(other)),
+        }
     }
 }
 
@@ -293,17 +379,73 @@ impl Tables {
     /// Applies `changes` to catalog, maps and journal, all or nothing. `check` sees each change
     /// before it is applied, with the changes before it applied. Ports named by the changes'
     /// records are where `links` says (missing when absent).
+    ///
+    /// A big change set (an import) is written into the journal on a second thread while it is
+    /// checked and mapped here, and committed only once the maps hold it.
     pub fn apply(
         &mut self,
-        journal: &mut dyn Journal,
+        journal: &dyn Journal,
         maps: &mut dyn Maps,
         links: &Links,
         changes: &[Change],
-        mut check: impl FnMut(&Catalog, &Change) -> Result<()>,
+        check: impl FnMut(&Catalog, &Change) -> Result<()>,
     ) -> Result<Applied> {
+        let started = std::time::Instant::now();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let early = (changes.len() >= ALONGSIDE)
+                .then(|| scope.spawn(|| journal.prepare(changes, &stop)));
+            let stopped = |e: NvError| {
+                stop.store(true, Ordering::Relaxed);
+                e
+            };
+            let planned = self.plan(links, changes, check).map_err(stopped)?;
+            let plan_ms = started.elapsed().as_millis();
+            let written = maps
+                .write_all(&planned.plan.writes)
+                .map_err(|Stopped { done, error }| (done, stopped(error)));
+            let map_ms = started.elapsed().as_millis();
+            let done = planned.plan.writes.len();
+            let stored = written.and_then(|()| {
+                let pending = match early {
+                    Some(thread) => thread.join().unwrap_or_else(|_| {
+                        Err(NvError::Store("the store's writer panicked".into()))
+                    }),
+                    None => journal.prepare(changes, &stop),
+                };
+                pending.and_then(Pending::commit).map_err(|e| (done, e))
+            });
+            tracing::debug!(
+                changes = changes.len(),
+                writes = done,
+                "change set: checked and planned in {plan_ms} ms, mapped by {map_ms} ms, \
+                 stored by {} ms",
+                started.elapsed().as_millis()
+            );
+            if let Err((done, error)) = stored {
+                tracing::warn!("rolling the change back: {error}");
+                planned.plan.undo(maps, done);
+                self.undo_catalog(&planned.undo);
+                self.ports.adopt_filtered(planned.plan.filtered_by(done));
+                return Err(error);
+            }
+            self.config = planned.config;
+            Ok(self.settle_ports(planned.ports, links, planned.plan.filtered))
+        })
+    }
+
+    /// Checks `changes` and applies them to the catalog, working out the map writes they
+    /// need; a refused change puts the catalog back and is the error.
+    fn plan(
+        &mut self,
+        links: &Links,
+        changes: &[Change],
+        mut check: impl FnMut(&Catalog, &Change) -> Result<()>,
+    ) -> Result<Planned> {
         let local_before = self.has_local(changes);
         let hosted_before = local_before.then(|| translate::hosted_vsids(&self.catalog));
-        let mut undo_catalog: Vec<Change> = Vec::new();
+        let mut undo_catalog: Vec<Undo> = Vec::with_capacity(changes.len());
+        self.catalog.reserve(changes.len());
         let mut view = PortView {
             tracker: &self.ports,
             now: HashMap::new(),
@@ -346,9 +488,9 @@ impl Tables {
             if let Some((w, u)) = local_pa_write(change, &undo, self.base.uplink_ifindex) {
                 records.push(w, u);
             }
-            undo_catalog.push(undo);
+            undo_catalog.push(undo.into());
         }
-        let now = view.now;
+        let ports = view.now;
         if let Some(e) = failed {
             self.undo_catalog(&undo_catalog);
             return Err(e);
@@ -362,25 +504,21 @@ impl Tables {
         }
         let config = self.wanted_config();
         if config != self.config {
-            shrink.push(Write::Config(config), Write::Config(self.config));
+            shrink.push(
+                Write::Config(Box::new(config)),
+                Write::Config(Box::new(self.config)),
+            );
         }
         let mut plan = filters;
         for p in [grow, records, shrink] {
             plan.append(p);
         }
-        let done = match maps.write_all(&plan.writes) {
-            Ok(()) => journal.commit(changes).map_err(|e| (plan.writes.len(), e)),
-            Err(Stopped { done, error }) => Err((done, error)),
-        };
-        if let Err((done, error)) = done {
-            tracing::warn!("rolling the change back: {error}");
-            plan.undo(maps, done);
-            self.undo_catalog(&undo_catalog);
-            self.ports.adopt_filtered(plan.filtered_by(done));
-            return Err(error);
-        }
-        self.config = config;
-        Ok(self.settle_ports(now, links, plan.filtered))
+        Ok(Planned {
+            plan,
+            undo: undo_catalog,
+            ports,
+            config,
+        })
     }
 
     /// After a change set went in: the ports it touched are attached for their record, missing,
@@ -459,7 +597,7 @@ impl Tables {
     pub fn sync_config(&mut self, maps: &mut dyn Maps) -> Result<()> {
         let config = self.wanted_config();
         if config != self.config {
-            maps.write_all(&[Write::Config(config)])
+            maps.write_all(&[Write::Config(Box::new(config))])
                 .map_err(|s| s.error)?;
             self.config = config;
         }
@@ -469,23 +607,23 @@ impl Tables {
     fn has_local(&self, changes: &[Change]) -> bool {
         changes.iter().any(|c| match c {
             Change::PutLookup { record } => {
-                record.port.is_some()
-                    || self
-                        .catalog
-                        .get(&record.key())
-                        .is_some_and(|o| o.port.is_some())
+                record.port.is_some() || self.catalog.is_local(&record.key())
             }
-            Change::DelLookup { vsid, ca } => self
-                .catalog
-                .get(&(*vsid, *ca))
-                .is_some_and(|o| o.port.is_some()),
+            Change::DelLookup { vsid, ca } => self.catalog.is_local(&(*vsid, *ca)),
             _ => false,
         })
     }
 
-    fn undo_catalog(&mut self, undo: &[Change]) {
-        for change in undo.iter().rev() {
-            apply_to_catalog(&mut self.catalog, change);
+    fn undo_catalog(&mut self, undo: &[Undo]) {
+        for u in undo.iter().rev() {
+            match u {
+                Undo::Remove(vsid, ca) => {
+                    self.catalog.remove(&(*vsid, *ca));
+                }
+                Undo::Change(change) => {
+                    apply_to_catalog(&mut self.catalog, change);
+                }
+            }
         }
         if undo.len() > 1 << 16 {
             self.catalog.shrink();

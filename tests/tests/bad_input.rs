@@ -339,7 +339,10 @@ fn malformed_config_and_import_files_are_refused() -> anyhow::Result<()> {
             file("no-mac.csv", "vsid,ca,pa\n5001,10.0.0.9,198.18.0.2\n")?,
             "mac",
         ),
-        (file("object.json", r#"{"vsid":5001}"#)?, "holds no records"),
+        (
+            file("object.json", r#"{"vsid":5001}"#)?,
+            "not a list of records",
+        ),
         (
             file("dup.json", &format!("[{{{RECORD}}},{{{RECORD}}}]"))?,
             "already exists",

@@ -185,7 +185,9 @@ fn lookup_export_and_import_round_trip_byte_for_byte() -> anyhow::Result<()> {
                 .context("run script (package bsdutils)")?;
             let shown = String::from_utf8_lossy(&out.stdout);
             ensure!(
-                out.status.success() && shown.contains("sending 500 records"),
+                out.status.success()
+                    && shown.contains(&format!("sending {}", moved.display()))
+                    && shown.contains("checks every record"),
                 "import on a terminal: {shown}"
             );
         } else {

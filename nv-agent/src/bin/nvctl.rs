@@ -68,8 +68,8 @@ const LOOKUP_COLUMNS: &[(&str, &str)] = &[
 const IMPORT_COLUMNS: &[(&str, &str)] = &[("IMPORTED", "imported")];
 const STATS_COLUMNS: &[(&str, &str)] = &[("COUNTER", "counter"), ("PACKETS", "packets")];
 
-/// `nvctl lookup import`: read and check every record, send them in one request, wait for
-/// the agent to apply them all. On a terminal a spinner says which of the three is going on.
+/// `nvctl lookup import`: sends the file as it is; the agent parses and checks every record,
+/// then applies them all or none. On a terminal a spinner says which is going on.
 async fn import(socket: &std::path::Path, file: &std::path::Path) -> anyhow::Result<Value> {
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
         let p = indicatif::ProgressBar::new_spinner();
@@ -82,20 +82,24 @@ async fn import(socket: &std::path::Path, file: &std::path::Path) -> anyhow::Res
         }
     };
     say(format!("reading {}", file.display()));
-    let records = nv_agent::import::read(file)?;
-    let body = bytes::Bytes::from(serde_json::to_vec(&records)?);
+    let (text, format) = nv_agent::import::load(file)?;
     say(format!(
-        "sending {} records ({} MB) to the agent, which applies them all or none",
-        records.len(),
-        body.len() >> 20
+        "sending {} ({} MB) to the agent, which checks every record and applies them all or none",
+        file.display(),
+        text.len() >> 20
     ));
-    drop(records);
-    let answer =
-        nv_agent::client::call_with(socket, Method::POST, "/v1/lookups/import", body).await;
+    let answer = nv_agent::client::call_raw(
+        socket,
+        Method::POST,
+        "/v1/lookups/import",
+        format.content_type(),
+        bytes::Bytes::from(text),
+    )
+    .await;
     if let Some(p) = progress {
         p.finish_and_clear();
     }
-    answer
+    answer.map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
 }
 
 /// The commands that print something other than a table or JSON of one API answer.

@@ -4,7 +4,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use nv_common::{DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, V4};
 
-use super::{Journal, Links, Maps, Stopped, Tables, Write};
+use super::{Journal, Links, Maps, Pending, Stopped, Tables, Write};
 use crate::{
     catalog::Catalog,
     error::{NvError, Result},
@@ -64,7 +64,7 @@ impl Maps for Faulty {
                 Write::Rewrite(k, v) => set(&mut m.rewrite, k, v),
                 Write::Lookup(k, v) => set(&mut m.lookups, k, v),
                 Write::LocalPa(k, v) => set(&mut m.local_pas, k, v),
-                Write::Config(c) => m.config = c,
+                Write::Config(c) => m.config = *c,
             }
         }
         Ok(())
@@ -73,17 +73,41 @@ impl Maps for Faulty {
 
 #[derive(Default)]
 struct MemJournal {
-    committed: Vec<Change>,
+    committed: std::sync::Mutex<Vec<Change>>,
     fail: bool,
 }
 
+struct MemPending<'a> {
+    journal: &'a MemJournal,
+    changes: Vec<Change>,
+}
+
 impl Journal for MemJournal {
-    fn commit(&mut self, changes: &[Change]) -> Result<()> {
-        if self.fail {
+    fn prepare(
+        &self,
+        changes: &[Change],
+        _stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<Box<dyn Pending + '_>> {
+        Ok(Box::new(MemPending {
+            journal: self,
+            changes: changes.to_vec(),
+        }))
+    }
+}
+
+impl Pending for MemPending<'_> {
+    fn commit(self: Box<Self>) -> Result<()> {
+        if self.journal.fail {
             return Err(NvError::Store("injected failure".into()));
         }
-        self.committed.extend_from_slice(changes);
+        self.journal.committed.lock().unwrap().extend(self.changes);
         Ok(())
+    }
+}
+
+impl MemJournal {
+    fn committed(&self) -> Vec<Change> {
+        self.committed.lock().unwrap().clone()
     }
 }
 
@@ -234,7 +258,7 @@ fn change_sets() -> Vec<(&'static str, Vec<Change>)> {
 
 fn apply(
     tables: &mut Tables,
-    journal: &mut dyn Journal,
+    journal: &dyn Journal,
     maps: &mut Faulty,
     links: &Links,
     changes: &[Change],
@@ -251,10 +275,10 @@ fn apply(
 fn an_applied_change_leaves_the_maps_as_a_start_from_its_catalog_would() {
     for (what, changes) in change_sets() {
         let (mut tables, mut maps, links) = host();
-        let mut journal = MemJournal::default();
-        apply(&mut tables, &mut journal, &mut maps, &links, &changes)
+        let journal = MemJournal::default();
+        apply(&mut tables, &journal, &mut maps, &links, &changes)
             .unwrap_or_else(|e| panic!("{what}: {e}"));
-        assert_eq!(journal.committed, changes, "{what}: journal");
+        assert_eq!(journal.committed(), changes, "{what}: journal");
         assert_eq!(maps.maps, mapped(&tables), "{what}: maps");
     }
 }
@@ -273,7 +297,7 @@ fn failing_any_write_of_a_change_leaves_catalog_maps_and_journal_as_they_were() 
         );
         apply(
             &mut probe.0,
-            &mut MemJournal::default(),
+            &MemJournal::default(),
             &mut probe.1,
             &links,
             &changes,
@@ -287,21 +311,21 @@ fn failing_any_write_of_a_change_leaves_catalog_maps_and_journal_as_they_were() 
                 fail_at: Some(fail_at),
                 ..maps_clone(&maps)
             };
-            let mut journal = MemJournal::default();
-            let err = apply(&mut t, &mut journal, &mut m, &links, &changes)
+            let journal = MemJournal::default();
+            let err = apply(&mut t, &journal, &mut m, &links, &changes)
                 .expect_err("the injected failure is reported");
             assert!(err.to_string().contains("injected"), "{what}: {err}");
             assert_unchanged(what, fail_at, &tables, &maps.maps, &t, &m.maps);
-            assert!(journal.committed.is_empty(), "{what}: journal written");
+            assert!(journal.committed().is_empty(), "{what}: journal written");
         }
         // The journal refuses last: everything written is undone.
         let mut t = tables.clone();
         let mut m = maps_clone(&maps);
-        let mut journal = MemJournal {
+        let journal = MemJournal {
             fail: true,
             ..MemJournal::default()
         };
-        apply(&mut t, &mut journal, &mut m, &links, &changes).unwrap_err();
+        apply(&mut t, &journal, &mut m, &links, &changes).unwrap_err();
         assert_unchanged(what, writes, &tables, &maps.maps, &t, &m.maps);
     }
 }
@@ -368,7 +392,7 @@ fn a_refused_record_in_an_import_changes_nothing() {
     ];
     let err = apply(
         &mut tables,
-        &mut MemJournal::default(),
+        &MemJournal::default(),
         &mut maps,
         &links,
         &changes,
@@ -420,30 +444,62 @@ fn a_port_follows_its_device_and_a_failure_puts_it_back() {
     }
 }
 
+/// A big import, written into the store alongside its mapping.
+fn big_import(count: u32) -> Vec<Change> {
+    (0..count)
+        .map(|i| {
+            let [_, x, y, z] = i.to_be_bytes();
+            let mut r = record(8001, &format!("10.{x}.{y}.{z}"), "198.18.0.2", 0, None);
+            r.mac = Mac([2, 8, x, y, z, 1]);
+            Change::PutLookup { record: r }
+        })
+        .collect()
+}
+
 #[test]
 fn the_store_holds_a_change_only_once_the_maps_do() {
+    for changes in [change_sets().swap_remove(0).1, big_import(5000)] {
+        let n = changes.len();
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _, _) = Store::open(dir.path()).unwrap();
+        let (mut tables, mut m, links) = host();
+        for fail_at in [0, 7, n / 2, n - 1] {
+            m.writes = 0;
+            m.fail_at = Some(fail_at);
+            let before = (tables.clone(), m.maps.clone());
+            apply(&mut tables, &store, &mut m, &links, &changes).unwrap_err();
+            assert_unchanged("an import", fail_at, &before.0, &before.1, &tables, &m.maps);
+        }
+        drop(store);
+        let (store, state, _) = Store::open(dir.path()).unwrap();
+        assert!(
+            state.lookups.is_empty(),
+            "{n}: a failed change reached the store"
+        );
+        m.fail_at = None;
+        apply(&mut tables, &store, &mut m, &links, &changes).unwrap();
+        assert_eq!(m.maps, mapped(&tables), "{n}: maps");
+        drop(store);
+        let (_, state, _) = Store::open(dir.path()).unwrap();
+        assert_eq!(state.lookups.len(), n);
+    }
+}
+
+#[test]
+fn a_big_import_refused_half_way_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut store, _, _) = Store::open(dir.path()).unwrap();
-    let (mut tables, maps, links) = host();
-    let changes = &change_sets()[0].1;
-    let mut m = Faulty {
-        fail_at: Some(7),
-        ..maps_clone(&maps)
-    };
-    tables
-        .apply(&mut store, &mut m, &links, changes, |_, _| Ok(()))
-        .unwrap_err();
-    drop(store);
-    let (mut store, state, _) = Store::open(dir.path()).unwrap();
-    assert!(
-        state.lookups.is_empty(),
-        "a failed change reached the store"
-    );
-    let mut m = maps_clone(&maps);
-    tables
-        .apply(&mut store, &mut m, &links, changes, |_, _| Ok(()))
-        .unwrap();
+    let (store, _, _) = Store::open(dir.path()).unwrap();
+    let (mut tables, mut maps, links) = host();
+    let mut changes = big_import(20_000);
+    // The same MAC as the first, half-way: refused by its check.
+    if let Change::PutLookup { record } = &mut changes[10_000] {
+        record.mac = Mac([2, 8, 0, 0, 0, 1]);
+    }
+    let err = apply(&mut tables, &store, &mut maps, &links, &changes).unwrap_err();
+    assert!(err.to_string().contains("MAC"), "{err}");
+    assert_eq!(maps.writes, 0);
+    assert_eq!(tables.catalog.len(), 5);
     drop(store);
     let (_, state, _) = Store::open(dir.path()).unwrap();
-    assert_eq!(state.lookups.len(), changes.len());
+    assert!(state.lookups.is_empty());
 }

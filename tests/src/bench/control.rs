@@ -148,6 +148,9 @@ pub fn run(scale: Scale) -> anyhow::Result<Result> {
     let max = (big + small_adds * 2 + 100).to_string();
     let mut bed = TwoHosts::build_with("bc", &["--max-lookups", &max])?;
     bed.configure()?;
+    // The agent says how long each phase of a change set took.
+    bed.hosts[0].stop_agent();
+    bed.hosts[0].start_agent_with_env(&[("RUST_LOG", "info,nv_agent::txn=debug")])?;
     let (mut windows, mut after_ip) = port_windows(&mut bed, scale.pick(50, 3))?;
     let h = &bed.hosts[0];
     let view = LookupView::open(&h.pin_path)?;
@@ -181,6 +184,13 @@ pub fn run(scale: Scale) -> anyhow::Result<Result> {
         "last imported record not in the map"
     );
     let rss_after = rss_bytes(pid)?;
+    for line in h
+        .agent_log()
+        .lines()
+        .filter(|l| l.contains(&format!("changes={big}")) || l.contains(&format!("imported {big}")))
+    {
+        eprintln!("bench: agent: {line}");
+    }
     let (memlock, entries) = map_memlock(nv_common::map_names::LOOKUPS)?;
     let (mut on_big, _) = adds(h, &view, 3, scale.pick(200, 10))?;
     Ok(Result {
