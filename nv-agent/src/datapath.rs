@@ -39,7 +39,7 @@ use crate::{
     txn::{Maps, Stopped, Write},
 };
 
-mod batch;
+pub mod batch;
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 

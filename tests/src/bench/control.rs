@@ -23,6 +23,10 @@ pub struct Result {
     pub imported: u32,
     /// From starting `nvctl lookup import` to its return, every record in the map, s.
     pub import_seconds: f64,
+    /// The floor, in the same run: the same entries written straight into a fresh BPF hash map
+    /// of the same size, batched (as the agent writes them) and one system call each, s.
+    pub map_fill_batched_seconds: f64,
+    pub map_fill_single_seconds: f64,
     /// Agent resident memory grown by the import, bytes per record.
     pub agent_bytes_per_record: f64,
     /// Kernel memory of the lookup map (bpftool's memlock) over its capacity, bytes per entry.
@@ -167,6 +171,26 @@ pub fn run(scale: Scale) -> anyhow::Result<Result> {
         );
     }
     std::fs::write(&file, csv)?;
+    let (keys, values): (Vec<LookupKey>, Vec<nv_common::LookupValue>) = (0..big)
+        .map(|i| {
+            let [_, a, b, c] = i.to_be_bytes();
+            let key = LookupKey {
+                vsid: 9001,
+                ca: [11, a, b, c],
+            };
+            let value = nv_common::LookupValue {
+                pa: nv_common::v4_mapped([198, 18, 0, 2]),
+                mac: [2, 9, a, b, c, 1],
+                method: 0,
+                _pad: 0,
+                ifindex: 0,
+            };
+            (key, value)
+        })
+        .unzip();
+    let (fill_single, fill_batched) =
+        super::mapfill::fill(&keys, &values, max.parse().context("max")?)?;
+    drop((keys, values));
     let pid = h.agent.as_ref().context("agent running")?.pid();
     let rss_before = rss_bytes(pid)?;
     let start = Instant::now();
@@ -200,6 +224,8 @@ pub fn run(scale: Scale) -> anyhow::Result<Result> {
         present_on_return,
         imported: big,
         import_seconds,
+        map_fill_batched_seconds: fill_batched.as_secs_f64(),
+        map_fill_single_seconds: fill_single.as_secs_f64(),
         agent_bytes_per_record: (rss_after - rss_before) / f64::from(big),
         map_bytes_per_entry: memlock / entries,
         add_on_big_table_p50_ms: quantile(&mut on_big, 0.5),

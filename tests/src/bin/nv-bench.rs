@@ -48,7 +48,7 @@ fn run() -> anyhow::Result<()> {
     } else {
         Scale { smoke: true }
     })?;
-    let goals = report::goals(&programs, &e2e);
+    let goals = report::goals(&programs, &e2e, &control);
     let r = report::Report {
         smoke: scale.smoke,
         programs,
