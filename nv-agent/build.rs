@@ -5,6 +5,7 @@ use std::{env, path::PathBuf};
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-changed=../nv-common/src");
     println!("cargo:rerun-if-env-changed=NV_TOOLS_DIR");
+    let probe = env::var_os("CARGO_FEATURE_LAYOUT_PROBE").is_some();
     // bpf-linker lives outside target/ (see xtask setup) so `cargo clean` does not rebuild it.
     let tools = env::var_os("NV_TOOLS_DIR").map_or_else(
         || PathBuf::from(env::var_os("HOME").unwrap_or_default()).join(".cache/nv"),
@@ -23,6 +24,7 @@ fn main() -> anyhow::Result<()> {
         [aya_build::Package {
             name: "nv-ebpf",
             root_dir: "../nv-ebpf",
+            features: if probe { &["layout-probe"] } else { &[] },
             ..Default::default()
         }],
         aya_build::Toolchain::default(),

@@ -147,14 +147,7 @@ pub fn local_pas(catalog: &Catalog, uplink_ifindex: u32) -> HashMap<V4, LocalPa>
     catalog
         .providers()
         .iter()
-        .map(|p| {
-            (
-                key_v4(p.pa.addr),
-                LocalPa {
-                    ifindex: uplink_ifindex,
-                },
-            )
-        })
+        .map(|p| (key_v4(p.pa.addr), LocalPa::new(uplink_ifindex)))
         .collect()
 }
 

@@ -110,10 +110,16 @@ pub enum Counter {
     /// From a VM: a super-packet of a tunnel the VM runs itself, handed to the kernel to be
     /// segmented (the bounce device) and encapsulated segment by segment.
     VmTxSegmented,
+    /// Only in the layout-probe build (a counter this version does not have).
+    #[cfg(feature = "layout-probe")]
+    LayoutProbe,
 }
 
 impl Counter {
+    #[cfg(not(feature = "layout-probe"))]
     pub const COUNT: u32 = Counter::VmTxSegmented as u32 + 1;
+    #[cfg(feature = "layout-probe")]
+    pub const COUNT: u32 = Counter::LayoutProbe as u32 + 1;
     /// Entries of the counter map: room for counters yet to come, so a new one does not
     /// change the pinned map's layout. Discriminants are stable: new counters go at the end.
     pub const SLOTS: u32 = 256;
@@ -163,6 +169,8 @@ impl Counter {
         Counter::DropUplinkRewriteIcmp,
         Counter::DropVmNestedGso,
         Counter::VmTxSegmented,
+        #[cfg(feature = "layout-probe")]
+        Counter::LayoutProbe,
     ];
 
     /// Stable snake_case name, used by `nvctl stats` and as the metrics label.
@@ -213,6 +221,8 @@ impl Counter {
             Counter::DropUplinkRewriteIcmp => "drop_uplink_rewrite_icmp",
             Counter::DropVmNestedGso => "drop_vm_nested_gso",
             Counter::VmTxSegmented => "vm_tx_segmented",
+            #[cfg(feature = "layout-probe")]
+            Counter::LayoutProbe => "layout_probe",
         }
     }
 }

@@ -238,6 +238,20 @@ impl NextHop {
 pub struct LocalPa {
     /// The interface that holds the address.
     pub ifindex: u32,
+    /// Only in the layout-probe build: a field this version's map does not have.
+    #[cfg(feature = "layout-probe")]
+    pub probe: u32,
+}
+
+impl LocalPa {
+    #[must_use]
+    pub const fn new(ifindex: u32) -> LocalPa {
+        LocalPa {
+            ifindex,
+            #[cfg(feature = "layout-probe")]
+            probe: 0,
+        }
+    }
 }
 
 /// The single entry of the config array.
@@ -386,6 +400,7 @@ const _: () = {
     assert!(core::mem::size_of::<LookupKey>() == 8);
     assert!(core::mem::size_of::<LookupValue>() == 28);
     assert!(core::mem::size_of::<PortInfo>() == 44);
+    #[cfg(not(feature = "layout-probe"))]
     assert!(core::mem::size_of::<LocalPa>() == 4);
     assert!(core::mem::size_of::<DatapathConfig>() == 160);
     assert!(core::mem::size_of::<DeliverMeta>() == 16);

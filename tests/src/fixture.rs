@@ -162,7 +162,7 @@ pub fn host_maps(ns: &Netns) -> anyhow::Result<Desired> {
     // GREEN-1's PA is the one rewrite PA of a VM here.
     d.config.add_rewrite_pa(GREEN1_PA);
     for pa in [LOCAL_PA, GREEN1_PA] {
-        d.local_pas.insert(pa, LocalPa { ifindex: uplink });
+        d.local_pas.insert(pa, LocalPa::new(uplink));
     }
     d.ports.insert(red1, port(RED, CA1, RED1_MAC));
     d.ports.insert(blue1, port(BLUE, CA1, BLUE1_MAC));

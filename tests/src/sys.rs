@@ -58,6 +58,19 @@ pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The nv-agent built with the `layout-probe` feature (maps of another layout, one more
+/// counter), which `cargo xtask test` builds for the upgrade test.
+pub fn probe_agent() -> anyhow::Result<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/layout-probe/nv-agent");
+    if !path.exists() {
+        bail!(
+            "{} is missing: `cargo xtask test` builds it (cargo build -p nv-agent --features layout-probe)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// A short prefix unique to this process and call, for namespace and pin names.
 pub fn unique_prefix(tag: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);

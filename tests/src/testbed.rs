@@ -114,6 +114,8 @@ pub struct Host {
     pub agent: Option<AgentProcess>,
     /// Extra flags for this host's agent.
     pub agent_args: Vec<String>,
+    /// Another build of nv-agent to run (an upgrade); `None`: the workspace's.
+    pub agent_bin: Option<PathBuf>,
 }
 
 impl Host {
@@ -129,7 +131,10 @@ impl Host {
         let _ = fs::remove_file(&self.socket);
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.ns.path()))
-            .arg(bin("nv-agent")?)
+            .arg(match &self.agent_bin {
+                Some(path) => path.clone(),
+                None => bin("nv-agent")?,
+            })
             .args(["--uplink", "uplink0"])
             .arg("--state-dir")
             .arg(&self.state_dir)
@@ -365,6 +370,7 @@ impl TwoHosts {
                 ns,
                 agent: None,
                 agent_args: Vec::new(),
+                agent_bin: None,
             });
         }
         for host in 0..2 {

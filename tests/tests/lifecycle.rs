@@ -314,17 +314,18 @@ fn pinned_entries(pin: &std::path::Path) -> anyhow::Result<u64> {
         .context("max_entries")
 }
 
-/// Forwarding never stops: a stream of 10,000 pings between two VMs on two hosts loses none
-/// while both agents are killed (SIGKILL) and started again, and then replaced by agents whose
-/// maps have another layout: a lookup map of another size (`--max-lookups`), and a counter map
-/// left by an older nv (64 slots, put in place of the pin with bpftool). The new agents
-/// migrate both maps while the old programs forward, swap the programs, and carry the
-/// counters over.
+/// Forwarding never stops: a stream of 20,000 pings between two VMs on two hosts loses none
+/// while both agents are killed (SIGKILL) and started again, then replaced by agents whose
+/// maps have another layout: a lookup map of another size (`--max-lookups`) and a counter map
+/// left by an older nv (64 slots, put in place of the pin with bpftool); then by another build
+/// (nv-common's `layout-probe`: an extra field in the local-PA map's value and one more
+/// counter), and back. Each new agent migrates the maps while the old programs forward, swaps
+/// the programs, and carries the counters over.
 #[test]
 fn forwarding_never_stops_across_agent_kills_and_a_map_migration() -> anyhow::Result<()> {
     let mut bed = TwoHosts::build("up")?;
     bed.configure()?;
-    let stream = PingStream::start(&bed, "RED-1", "10.0.0.2", 10_000)?;
+    let stream = PingStream::start(&bed, "RED-1", "10.0.0.2", 20_000)?;
     std::thread::sleep(Duration::from_secs(1));
     for h in &mut bed.hosts {
         h.kill_agent();
@@ -373,18 +374,50 @@ fn forwarding_never_stops_across_agent_kills_and_a_map_migration() -> anyhow::Re
         h.agent_args.extend(["--max-lookups".into(), "4096".into()]);
         h.start_agent()?;
     }
+    let mut logs: Vec<(&str, String, String)> = bed
+        .hosts
+        .iter()
+        .map(|h| ("max_lookups", h.name.clone(), h.agent_log()))
+        .collect();
+    // Another build, whose local-PA map has an extra field and which has one more counter,
+    // replaces both agents; then this build comes back.
+    let probe = nv_tests::sys::probe_agent()?;
+    for build in [Some(probe), None] {
+        for h in &mut bed.hosts {
+            h.stop_agent();
+            h.agent_bin.clone_from(&build);
+            h.start_agent()?;
+        }
+        let which = if build.is_some() { "probe" } else { "back" };
+        for h in &bed.hosts {
+            logs.push((which, h.name.clone(), h.agent_log()));
+            let probe_counter = h.counters()?.contains_key("layout_probe");
+            ensure!(
+                probe_counter == build.is_some(),
+                "{}: the layout_probe counter is {} after the {which} upgrade",
+                h.name,
+                if probe_counter { "there" } else { "missing" }
+            );
+        }
+    }
     let (sent, received) = stream.finish()?;
     ensure!(
-        sent == 10_000 && received == 10_000,
-        "{received} of {sent} pings answered across kills and a migration"
+        sent == 20_000 && received == 20_000,
+        "{received} of {sent} pings answered across kills, migrations and two builds"
     );
-    for h in &bed.hosts {
-        let log = h.agent_log();
+    for (which, name, log) in &logs {
+        let map = if *which == "max_lookups" {
+            "NV_LOOKUPS"
+        } else {
+            "NV_LOCAL_PAS"
+        };
         ensure!(
-            log.contains("migrating map NV_LOOKUPS") && log.contains("map NV_LOOKUPS migrated"),
-            "{}: no lookup map migration in the log: {log}",
-            h.name
+            log.contains(&format!("migrating map {map}"))
+                && log.contains(&format!("map {map} migrated")),
+            "{name}, {which}: no migration of {map} in the log: {log}"
         );
+    }
+    for h in &bed.hosts {
         ensure!(
             pinned_entries(&h.pin_path.join("maps/NV_LOOKUPS"))? == 4096,
             "{}: the lookup map has not the new size",

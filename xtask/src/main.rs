@@ -82,6 +82,7 @@ fn main() -> anyhow::Result<()> {
                 .context("code is not formatted: run `cargo fmt --all`")?;
             cargo(&["clippy", "--all-targets", "--quiet", "--", "-D", "warnings"])?;
             clippy_ebpf()?;
+            layout_probe()?;
             cargo(&["build", "--quiet"])?;
             if args.is_empty() {
                 // The benchmark is not a test, but it must not rot: a smoke run with tiny
@@ -138,6 +139,29 @@ fn main() -> anyhow::Result<()> {
             )
         }
     }
+}
+
+/// Builds the nv-agent whose maps have another layout and one more counter (nv-common's
+/// `layout-probe` feature) into target/layout-probe, for the upgrade test. It shares the
+/// workspace's target directory (only nv-common, nv-agent and the eBPF object differ), so the
+/// normal build that follows only links again.
+fn layout_probe() -> anyhow::Result<()> {
+    cargo(&[
+        "build",
+        "--quiet",
+        "-p",
+        "nv-agent",
+        "--bin",
+        "nv-agent",
+        "--features",
+        "layout-probe",
+    ])?;
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+    let dir = target.join("layout-probe");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(target.join("debug/nv-agent"), dir.join("nv-agent"))
+        .context("copy the layout-probe nv-agent")?;
+    Ok(())
 }
 
 fn require_root(why: &str) -> anyhow::Result<()> {
