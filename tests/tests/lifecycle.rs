@@ -379,27 +379,7 @@ fn forwarding_never_stops_across_agent_kills_and_a_map_migration() -> anyhow::Re
         .iter()
         .map(|h| ("max_lookups", h.name.clone(), h.agent_log()))
         .collect();
-    // Another build, whose local-PA map has an extra field and which has one more counter,
-    // replaces both agents; then this build comes back.
-    let probe = nv_tests::sys::probe_agent()?;
-    for build in [Some(probe), None] {
-        for h in &mut bed.hosts {
-            h.stop_agent();
-            h.agent_bin.clone_from(&build);
-            h.start_agent()?;
-        }
-        let which = if build.is_some() { "probe" } else { "back" };
-        for h in &bed.hosts {
-            logs.push((which, h.name.clone(), h.agent_log()));
-            let probe_counter = h.counters()?.contains_key("layout_probe");
-            ensure!(
-                probe_counter == build.is_some(),
-                "{}: the layout_probe counter is {} after the {which} upgrade",
-                h.name,
-                if probe_counter { "there" } else { "missing" }
-            );
-        }
-    }
+    logs.extend(swap_builds(&mut bed)?);
     let (sent, received) = stream.finish()?;
     ensure!(
         sent == 20_000 && received == 20_000,
@@ -442,6 +422,32 @@ fn forwarding_never_stops_across_agent_kills_and_a_map_migration() -> anyhow::Re
     );
     ensure!(h1.listed()? > 0, "records lost");
     Ok(())
+}
+
+/// Replaces both agents by another build, whose local-PA map has an extra field and which has
+/// one more counter, then by this build again; each agent's log, by which swap it was.
+fn swap_builds(bed: &mut TwoHosts) -> anyhow::Result<Vec<(&'static str, String, String)>> {
+    let probe = nv_tests::sys::probe_agent()?;
+    let mut logs = Vec::new();
+    for build in [Some(probe), None] {
+        for h in &mut bed.hosts {
+            h.stop_agent();
+            h.agent_bin.clone_from(&build);
+            h.start_agent()?;
+        }
+        let which = if build.is_some() { "probe" } else { "back" };
+        for h in &bed.hosts {
+            logs.push((which, h.name.clone(), h.agent_log()));
+            let probe_counter = h.counters()?.contains_key("layout_probe");
+            ensure!(
+                probe_counter == build.is_some(),
+                "{}: the layout_probe counter is {} after the {which} upgrade",
+                h.name,
+                if probe_counter { "there" } else { "missing" }
+            );
+        }
+    }
+    Ok(logs)
 }
 
 /// `bpftool map ... pinned NV_LOOKUPS` on `h`, with `args` after the map.
