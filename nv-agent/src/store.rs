@@ -56,16 +56,7 @@ pub struct Store {
 /// family and its bytes.
 fn lookup_key(vsid: u32, ca: IpAddr) -> Vec<u8> {
     let mut k = vsid.to_be_bytes().to_vec();
-    match ca {
-        IpAddr::V4(a) => {
-            k.push(4);
-            k.extend(a.octets());
-        }
-        IpAddr::V6(a) => {
-            k.push(6);
-            k.extend(a.octets());
-        }
-    }
+    put_addr(&mut k, ca);
     k
 }
 
@@ -307,6 +298,7 @@ fn put_lookup(t: &mut Table, r: &LookupRecord) -> std::result::Result<(), String
 /// The form of [`encode_lookup`]'s values: a first byte that changes with it.
 const LOOKUP_FORM: u8 = 1;
 
+/// An address as its family (4 or 6) and its bytes.
 fn put_addr(out: &mut Vec<u8>, a: IpAddr) {
     match a {
         IpAddr::V4(a) => {
