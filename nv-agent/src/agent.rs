@@ -578,6 +578,64 @@ impl Agent {
         self.datapath.counters()
     }
 
+    /// Traffic per VSID, direction and method (all VSIDs, or one).
+    pub fn vsid_stats(
+        &self,
+        vsid: Option<u32>,
+    ) -> Result<Vec<(nv_common::VsidStatsKey, nv_common::VsidStats)>> {
+        let mut all = self.datapath.vsid_stats()?;
+        all.retain(|(k, _)| vsid.is_none_or(|v| k.vsid == v));
+        all.sort_by_key(|(k, _)| (k.vsid, k.dir, k.method));
+        Ok(all)
+    }
+
+    /// What a Prometheus scrape reports, read now.
+    pub fn metrics(&self) -> Result<crate::metrics::Snapshot> {
+        use nv_common::map_names as m;
+        let status = self.status();
+        let vsids = self.vsid_stats(None)?;
+        let catalog = &self.tables.catalog;
+        let known = |map: &str| -> Option<u64> {
+            let n = match map {
+                m::LOOKUPS => catalog.len(),
+                m::PORTS => self.tables.ports.len(),
+                m::LOCAL_PAS => catalog.providers().len(),
+                m::REWRITE_PAS => catalog.rewrite_records(),
+                m::HOSTED_VSIDS => translate::hosted_vsids(catalog).len(),
+                m::VSID_STATS => vsids.len(),
+                _ => return None,
+            };
+            Some(n as u64)
+        };
+        let mut ports = std::collections::BTreeMap::new();
+        for p in &status.ports {
+            *ports.entry((p.kind.clone(), p.running)).or_default() += 1;
+        }
+        Ok(crate::metrics::Snapshot {
+            version: status.version,
+            programs: status.programs,
+            counters: self.datapath.counters()?,
+            maps: self
+                .datapath
+                .capacities()
+                .into_iter()
+                .map(|(map, capacity)| crate::metrics::MapUse {
+                    map,
+                    entries: known(map),
+                    capacity,
+                })
+                .collect(),
+            vsids,
+            providers: status.providers,
+            lookups: status.lookups,
+            ports,
+            ports_missing: status.ports_missing.len(),
+            ports_without_record: status.ports_without_record.len(),
+            reconciles: self.reconciles,
+            repaired: self.repaired,
+        })
+    }
+
     /// Applies `changes` through the transaction path, with the ports in `links`, and gives
     /// the ports it filtered the VM MTU.
     async fn apply(

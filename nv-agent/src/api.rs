@@ -10,7 +10,7 @@
 //! | DELETE | /v1/lookups          | `?vsid=N&ca=ADDR`  |
 //! | POST   | /v1/lookups/move     | `{vsid, ca, pa, port?}` |
 //! | POST   | /v1/lookups/import   | a JSON list of lookup records, or CSV (`text/csv`); all or none |
-//! | GET    | /v1/stats            |                    |
+//! | GET    | /v1/stats            | `?vsid=N`: that VSID's traffic instead of the counters |
 //! | GET    | /v1/status           |                    |
 //!
 //! Errors are `{"error": "one line"}` with 400 (invalid), 404, 409 (conflict), 503 (too many
@@ -89,6 +89,18 @@ pub struct CounterValue {
     pub packets: u64,
 }
 
+/// A VSID's traffic in one direction by one method (`nvctl stats --vsid`).
+#[derive(Serialize, Deserialize)]
+pub struct VsidTraffic {
+    pub vsid: u32,
+    /// `tx` (sent by a VM here) or `rx` (delivered to one).
+    pub direction: String,
+    /// `encap`, `rewrite`, or `local` (VM to VM on this host).
+    pub method: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ProviderQuery {
@@ -138,7 +150,7 @@ async fn admit_import(
     next.run(req).await
 }
 
-pub fn router(agent: Shared) -> Router {
+pub fn router(agent: Shared, metrics: crate::metrics::ApiMetrics) -> Router {
     let gate = Arc::new(ImportGate {
         admitted: Arc::new(Semaphore::new(IMPORTS_AT_ONCE + IMPORTS_WAITING)),
         running: Arc::new(Semaphore::new(IMPORTS_AT_ONCE)),
@@ -165,6 +177,10 @@ pub fn router(agent: Shared) -> Router {
                 .layer(middleware::from_fn_with_state(gate, admit_import)),
         )
         .with_state(agent)
+        .layer(middleware::from_fn_with_state(
+            metrics,
+            crate::metrics::count_requests,
+        ))
 }
 
 /// Runs a change on a task of its own, to the end: a client that hangs up mid-request drops
@@ -281,8 +297,29 @@ async fn import_lookups(
     Ok((StatusCode::CREATED, Json(json!({ "imported": imported }))))
 }
 
-async fn stats(State(a): State<Shared>) -> ApiResult<impl IntoResponse> {
-    let counters = a.lock().await.counters()?;
+/// The datapath's counters; with `?vsid=N`, that VSID's traffic by direction and method.
+async fn stats(
+    State(a): State<Shared>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = q.map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))?;
+    let agent = a.lock().await;
+    if let Some(vsid) = q.vsid {
+        crate::model::validate_vsid(vsid)?;
+        let traffic: Vec<VsidTraffic> = agent
+            .vsid_stats(Some(vsid))?
+            .into_iter()
+            .map(|(k, s)| VsidTraffic {
+                vsid: k.vsid,
+                direction: crate::metrics::direction_name(k.dir).into(),
+                method: crate::metrics::method_name(k.method).into(),
+                packets: s.packets,
+                bytes: s.bytes,
+            })
+            .collect();
+        return Ok(Json(traffic).into_response());
+    }
+    let counters = agent.counters()?;
     Ok(Json(
         counters
             .into_iter()
@@ -291,5 +328,6 @@ async fn stats(State(a): State<Shared>) -> ApiResult<impl IntoResponse> {
                 packets,
             })
             .collect::<Vec<_>>(),
-    ))
+    )
+    .into_response())
 }

@@ -201,6 +201,11 @@ impl Catalog {
         self.ports.keys().map(|k| self.record(*k, self.records[k]))
     }
 
+    /// How many records are IP rewrite records (each has an entry in the rewrite-PA map).
+    pub fn rewrite_records(&self) -> usize {
+        self.by_pa.values().filter(|u| u.rewrite.is_some()).count()
+    }
+
     /// How many records with a port use `pa` (local records make a provider address busy).
     pub fn local_users_of(&self, pa: IpAddr) -> usize {
         v4(pa)

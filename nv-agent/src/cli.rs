@@ -46,8 +46,14 @@ pub enum Command {
     /// Lookup records: where each customer address lives, and how to reach it.
     #[command(subcommand)]
     Lookup(LookupCmd),
-    /// Datapath counters: packets forwarded, and packets dropped by reason.
-    Stats,
+    /// Datapath counters: packets forwarded, and packets dropped by reason. With --vsid, that
+    /// virtual subnet's traffic instead: frames and bytes its VMs here sent (tx) and got (rx),
+    /// by method (encap, rewrite, or local for VM to VM on this host).
+    Stats {
+        /// Only this VSID's traffic.
+        #[arg(long)]
+        vsid: Option<u32>,
+    },
     /// The agent: its uplink and the MTU VMs must use, its ports (veth or tap, running or
     /// not) and records.
     Status,

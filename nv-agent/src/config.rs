@@ -32,7 +32,7 @@ pub struct AgentArgs {
     /// bpffs directory for pinned maps and links [default: /sys/fs/bpf/nv].
     #[arg(long)]
     pub pin_path: Option<PathBuf>,
-    /// Address for Prometheus metrics [default: 127.0.0.1:9469]; accepted, not served yet.
+    /// Address and port where Prometheus scrapes `/metrics` [default: 127.0.0.1:9469].
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
     /// Capacity of the lookup map [default: 1048576].

@@ -29,7 +29,7 @@ use aya::{
 };
 use nv_common::{
     Counter, DatapathConfig, IcmpBucket, LocalPa, LookupKey, LookupValue, NextHop, PortInfo,
-    RedirectTrace, RewritePa, TRACE_GLOBAL, V4, map_names, program_names,
+    RedirectTrace, RewritePa, TRACE_GLOBAL, V4, VsidStats, VsidStatsKey, map_names, program_names,
 };
 use tracing::{debug, info};
 
@@ -175,9 +175,12 @@ pub fn purge(pin_path: &Path) -> Result<()> {
 fn stale_layouts(maps_dir: &Path, max_lookups: u32) -> Result<Vec<(&'static str, String)>> {
     use std::mem::size_of;
 
-    use aya::maps::MapType::{Array as A, Hash as H, PerCpuArray as P};
+    use aya::maps::MapType::{
+        Array as A, Hash as H, PerCpuArray as P, PerCpuHash as PH, RingBuf as R,
+    };
+    use nv_common::monitor::{MAX_VSID_STATS, MONITOR_RING_BYTES};
     // Name, type, key and value sizes, and the entry count where it is fixed.
-    let expected: [(&str, MapType, usize, usize, Option<u32>); 9] = [
+    let expected: [(&str, MapType, usize, usize, Option<u32>); 12] = [
         (
             map_names::LOOKUPS,
             H,
@@ -223,6 +226,15 @@ fn stale_layouts(maps_dir: &Path, max_lookups: u32) -> Result<Vec<(&'static str,
             size_of::<IcmpBucket>(),
             Some(1),
         ),
+        (
+            map_names::VSID_STATS,
+            PH,
+            size_of::<VsidStatsKey>(),
+            size_of::<VsidStats>(),
+            Some(MAX_VSID_STATS),
+        ),
+        (map_names::MONITOR, R, 0, 0, Some(MONITOR_RING_BYTES)),
+        (map_names::MONITOR_SAMPLE, P, 4, 4, Some(1)),
     ];
     let mut stale = Vec::new();
     for (name, kind, key, value, entries) in expected {
@@ -642,6 +654,44 @@ impl Datapath {
                     .get(&(*c as u32), 0)
                     .map_err(|e| dp_err("read counter", e))?;
                 Ok((*c, values.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Traffic per VSID, direction and method, summed over all CPUs.
+    pub fn vsid_stats(&self) -> Result<Vec<(VsidStatsKey, VsidStats)>> {
+        let m = self
+            .ebpf
+            .map(map_names::VSID_STATS)
+            .ok_or_else(|| NvError::Datapath("per-VSID map missing".into()))?;
+        let map: aya::maps::PerCpuHashMap<&MapData, VsidStatsKey, VsidStats> =
+            aya::maps::PerCpuHashMap::try_from(m).map_err(|e| dp_err("per-VSID map", e))?;
+        let mut out = Vec::new();
+        for entry in &map {
+            let (k, per_cpu) = entry.map_err(|e| dp_err("read the per-VSID map", e))?;
+            let sum = per_cpu.iter().fold(VsidStats::default(), |a, v| VsidStats {
+                packets: a.packets + v.packets,
+                bytes: a.bytes + v.bytes,
+            });
+            out.push((k, sum));
+        }
+        Ok(out)
+    }
+
+    /// The capacity (`max_entries`) of each map this build uses, by name.
+    pub fn capacities(&self) -> Vec<(&'static str, u32)> {
+        map_names::ALL
+            .iter()
+            .filter_map(|name| {
+                let info = match self.ebpf.map(name)? {
+                    aya::maps::Map::HashMap(d)
+                    | aya::maps::Map::PerCpuHashMap(d)
+                    | aya::maps::Map::Array(d)
+                    | aya::maps::Map::PerCpuArray(d)
+                    | aya::maps::Map::RingBuf(d) => d.info().ok()?,
+                    _ => return None,
+                };
+                Some((*name, info.max_entries()))
             })
             .collect()
     }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod datapath;
 pub mod error;
 pub mod import;
+pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod ports;

@@ -10,9 +10,11 @@
 
 pub mod counters;
 pub mod flow;
+pub mod monitor;
 pub mod wire;
 
 pub use counters::Counter;
+pub use monitor::{MonitorEvent, VsidStats, VsidStatsKey};
 
 /// Lowest valid Virtual Subnet ID; 0x000000-0x000FFF are reserved by RFC 7637.
 pub const VSID_MIN: u32 = 0x1000;
@@ -30,9 +32,15 @@ pub mod map_names {
     pub const NEXTHOPS: &str = "NV_NEXTHOPS";
     pub const HOSTED_VSIDS: &str = "NV_HOSTED_VSIDS";
     pub const ICMP_BUCKET: &str = "NV_ICMP_BUCKET";
+    /// Traffic per VSID, direction and method ([`crate::VsidStats`]).
+    pub const VSID_STATS: &str = "NV_VSID_STATS";
+    /// Events for `nvctl monitor` ([`crate::MonitorEvent`]).
+    pub const MONITOR: &str = "NV_MONITOR";
+    /// Per CPU: forwarded packets since the last sampled one.
+    pub const MONITOR_SAMPLE: &str = "NV_MONITOR_SAMPLE";
     /// Not pinned: each loaded copy of the programs has its own ([`RedirectTrace`]).
     pub const TRACE_REDIRECT: &str = "NV_TRACE_REDIRECT";
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 12] = [
         LOOKUPS,
         PORTS,
         LOCAL_PAS,
@@ -42,6 +50,9 @@ pub mod map_names {
         NEXTHOPS,
         HOSTED_VSIDS,
         ICMP_BUCKET,
+        VSID_STATS,
+        MONITOR,
+        MONITOR_SAMPLE,
     ];
 }
 
@@ -284,6 +295,12 @@ pub struct DatapathConfig {
     /// the segments come back to `nv_from_bounce` (0: no such device; such packets are dropped).
     pub bounce_ifindex: u32,
     pub bounce_peer: u32,
+    /// `DatapathConfig::MONITOR_DROPS` while an `nvctl monitor` runs: every drop is reported
+    /// on the monitor ring buffer. 0 otherwise, and nothing is paid for it.
+    pub monitor: u32,
+    /// While a monitor asks for them, one forwarded packet in this many is reported too (0:
+    /// none).
+    pub monitor_sample: u32,
 }
 
 impl DatapathConfig {
@@ -294,6 +311,8 @@ impl DatapathConfig {
     pub const DSCP_COPY: u32 = 0x100;
     /// 1024 bits: a host with 100 rewrite VMs sends about one host packet in ten to the map.
     pub const REWRITE_FILTER_WORDS: usize = 32;
+    /// `monitor`: report drops.
+    pub const MONITOR_DROPS: u32 = 1;
 
     /// Where `pa` (IPv4, network order) sits in `rewrite_filter`: (word, bit mask). A
     /// multiplicative hash: one multiply and a shift in the datapath.
@@ -402,7 +421,7 @@ const _: () = {
     assert!(core::mem::size_of::<PortInfo>() == 44);
     #[cfg(not(feature = "layout-probe"))]
     assert!(core::mem::size_of::<LocalPa>() == 4);
-    assert!(core::mem::size_of::<DatapathConfig>() == 160);
+    assert!(core::mem::size_of::<DatapathConfig>() == 168);
     assert!(core::mem::size_of::<DeliverMeta>() == 16);
     assert!(core::mem::size_of::<RestoreMeta>() == 32);
     assert!(core::mem::size_of::<RewritePa>() == 32);

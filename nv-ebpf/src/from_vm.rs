@@ -1,12 +1,9 @@
 //! TC ingress on a VM port: everything a VM sends enters here. The port identifies the VSID;
 //! frames are answered (ARP), delivered to a VM on this host, encapsulated to another host, or
 //! dropped with a counted reason. Nothing from a VM reaches the host stack.
-use aya_ebpf::{
-    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT},
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::TC_ACT_REDIRECT, programs::TcContext};
 use nv_common::{
-    Counter, LookupKey, Method, PortInfo,
+    Counter, LookupKey, Method, PortInfo, VsidStatsKey as Stats,
     wire::{ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, NVGRE_V4_OVERHEAD},
 };
 
@@ -15,6 +12,7 @@ use crate::{
     counters::count,
     deliver, encap,
     maps::{LOOKUPS, PORTS},
+    monitor,
     packet::{EthHdr, Ipv4Hdr, pull, v4_of, view_at},
     pmtu, rewrite, underlay,
 };
@@ -24,12 +22,11 @@ use crate::{
 const PULL_LEN: u32 = (ETH_HLEN + 60 + 4 + 4) as u32;
 
 pub fn run(ctx: &TcContext) -> i32 {
-    match try_run(ctx) {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match try_run_on(ctx, ifindex, false) {
         Ok(action) => action,
-        Err(reason) => {
-            count(reason);
-            TC_ACT_SHOT
-        }
+        Err(reason) => monitor::drop_from_vm(ctx, reason, ifindex),
     }
 }
 
@@ -42,17 +39,20 @@ pub fn run_bounced(ctx: &TcContext) -> i32 {
     ctx.set_mark(0);
     match try_run_on(ctx, port, true) {
         Ok(action) => action,
-        Err(reason) => {
-            count(reason);
-            TC_ACT_SHOT
-        }
+        Err(reason) => monitor::drop_from_vm(ctx, reason, port),
     }
 }
 
-fn try_run(ctx: &TcContext) -> Result<i32, Counter> {
-    // SAFETY: the context pointer is valid for the whole program run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    try_run_on(ctx, ifindex, false)
+/// A frame the VM sent went out (`how`: its counter; `method`: [`Stats`]'s): counted for its
+/// VSID, and sampled for a monitor.
+#[inline(always)]
+fn sent(ctx: &TcContext, how: Counter, port: &PortInfo, ifindex: u32, method: u8, len: u32) {
+    count(how);
+    monitor::traffic(port.vsid, Stats::TX, method, len);
+    if method == Stats::LOCAL {
+        monitor::traffic(port.vsid, Stats::RX, method, len);
+    }
+    monitor::forwarded(ctx.data(), ctx.data_end(), how, ifindex, port.vsid, len);
 }
 
 /// What arrived from the VM behind `ifindex` (`bounced`: segments from the bounce device).
@@ -91,6 +91,7 @@ fn forward_ipv4(
     ifindex: u32,
     bounced: bool,
 ) -> Result<i32, Counter> {
+    let len = ctx.len();
     let (data, end) = (ctx.data(), ctx.data_end());
     let ip: &Ipv4Hdr = view_at(data, end, ETH_HLEN).ok_or(Counter::DropVmMalformed)?;
     let hlen = ip.hlen();
@@ -112,7 +113,7 @@ fn forward_ipv4(
     }
     if dst.ifindex != 0 {
         let action = deliver::to_vm(ctx, dst.ifindex, port.vsid, ip.dst)?;
-        count(Counter::VmTxLocal);
+        sent(ctx, Counter::VmTxLocal, port, ifindex, Stats::LOCAL, len);
         return Ok(action);
     }
 
@@ -137,7 +138,14 @@ fn forward_ipv4(
     }
     if overhead == 0 {
         let action = rewrite::send(ctx, port, dst, &rewrite::Ipv4Fields::of(ip))?;
-        count(Counter::VmTxRewrite);
+        sent(
+            ctx,
+            Counter::VmTxRewrite,
+            port,
+            ifindex,
+            Stats::REWRITE,
+            len,
+        );
         return Ok(action);
     }
     let bounce = config.bounce_ifindex;
@@ -151,7 +159,7 @@ fn forward_ipv4(
         }
         other => other?,
     };
-    count(Counter::VmTxEncap);
+    sent(ctx, Counter::VmTxEncap, port, ifindex, Stats::ENCAP, len);
     debug_assert!(action == TC_ACT_REDIRECT);
     Ok(action)
 }

@@ -7,6 +7,7 @@
 //! - `pmtu`: ICMP "fragmentation needed" for VM packets too big for the uplink
 //! - `redirect`: every redirect, recorded in copies loaded for tests and traces
 //! - `deliver`: delivery into a VM port (veth or tap), known to be the VM's and running
+//! - `monitor`: every drop (counted, and reported while `nvctl monitor` runs), traffic per VSID
 //! - `uplink_xdp`: XDP on the uplink: NVGRE validation and decapsulation
 //! - `uplink_tc`: TC ingress on the uplink: hands decapsulated frames to VM ports
 #![no_std]
@@ -18,6 +19,7 @@ mod deliver;
 mod encap;
 mod from_vm;
 mod maps;
+mod monitor;
 mod packet;
 mod pmtu;
 mod redirect;

@@ -2,11 +2,13 @@
 //! never stops; sizes of the big ones are overridden by the agent at load time.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use nv_common::{
     Counter, DEFAULT_MAX_LOOKUPS, DatapathConfig, IcmpBucket, LocalPa, LookupKey, LookupValue,
     MAX_HOSTED_VSIDS, MAX_LOCAL_PAS, MAX_PORTS, MAX_REWRITE_PAS, NextHop, PortInfo, RewritePa, V4,
+    VsidStats, VsidStatsKey,
+    monitor::{MAX_VSID_STATS, MONITOR_RING_BYTES},
 };
 
 #[map(name = "NV_LOOKUPS")]
@@ -39,3 +41,16 @@ pub static HOSTED_VSIDS: HashMap<u32, u32> = HashMap::pinned(MAX_HOSTED_VSIDS, 0
 /// The ICMP error budget ([`IcmpBucket`]), one bucket per CPU.
 #[map(name = "NV_ICMP_BUCKET")]
 pub static ICMP_BUCKET: PerCpuArray<IcmpBucket> = PerCpuArray::pinned(1, 0);
+
+/// Traffic per VSID, direction and method, per CPU ([`VsidStats`]): what Prometheus scrapes.
+#[map(name = "NV_VSID_STATS")]
+pub static VSID_STATS: PerCpuHashMap<VsidStatsKey, VsidStats> =
+    PerCpuHashMap::pinned(MAX_VSID_STATS, 0);
+
+/// Events for `nvctl monitor`, written only while the config says a monitor runs.
+#[map(name = "NV_MONITOR")]
+pub static MONITOR: RingBuf = RingBuf::pinned(MONITOR_RING_BYTES, 0);
+
+/// Per CPU: forwarded packets since the last one sampled for the monitor.
+#[map(name = "NV_MONITOR_SAMPLE")]
+pub static MONITOR_SAMPLE: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);

@@ -6,13 +6,11 @@
 //! keeps GSO super-packets whole. `XDP_REDIRECT` into a veth whose peer has no XDP program loses
 //! frames (DESIGN.md); delivery from here (`deliver`) does not. Other frames pass untouched.
 use aya_ebpf::{
-    bindings::{
-        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-    },
+    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     programs::TcContext,
 };
 use nv_common::{
-    Counter, DatapathConfig, DeliverMeta, RestoreMeta,
+    Counter, DatapathConfig, DeliverMeta, RestoreMeta, VsidStatsKey as Stats,
     wire::{ETH_HLEN, IPPROTO_UDP},
 };
 
@@ -20,6 +18,7 @@ use crate::{
     counters::count,
     deliver,
     maps::CONFIG,
+    monitor,
     packet::{Ipv4Hdr, pull, read_at, view_at, write_at},
     rewrite,
     uplink_rx::{Verdict, classify},
@@ -70,16 +69,15 @@ pub fn run(ctx: &TcContext) -> i32 {
                 };
                 deliver(ctx, &to, Counter::UplinkDelivered)
             }
-            Err(()) => drop(Counter::DropUplinkDecapFailed),
+            Err(()) => drop(ctx, Counter::DropUplinkDecapFailed),
         },
         Ok(Verdict::Rewrite(meta)) => restore_and_deliver(ctx, &meta),
-        Err(reason) => drop(reason),
+        Err(reason) => drop(ctx, reason),
     }
 }
 
-fn drop(reason: Counter) -> i32 {
-    count(reason);
-    TC_ACT_SHOT
+fn drop(ctx: &TcContext, reason: Counter) -> i32 {
+    monitor::drop_on_uplink(ctx, reason, 0)
 }
 
 /// Removes the outer Ethernet, IPv4 and GRE headers: the bytes after the first 14 go (outer
@@ -115,7 +113,7 @@ fn decap(ctx: &TcContext, strip: usize) -> Result<(), ()> {
 
 fn restore_and_deliver(ctx: &TcContext, meta: &RestoreMeta) -> i32 {
     if restore(ctx, meta).is_err() {
-        return drop(Counter::DropUplinkRewriteFailed);
+        return drop(ctx, Counter::DropUplinkRewriteFailed);
     }
     let to = DeliverMeta {
         magic: DeliverMeta::MAGIC,
@@ -144,8 +142,16 @@ fn deliver(ctx: &TcContext, to: &DeliverMeta, ok: Counter) -> i32 {
     match deliver::to_vm(ctx, to.ifindex, to.vsid, to.ca) {
         Ok(action) => {
             count(ok);
+            let method = if ok == Counter::UplinkRewriteDelivered {
+                Stats::REWRITE
+            } else {
+                Stats::ENCAP
+            };
+            let len = ctx.len();
+            monitor::traffic(to.vsid, Stats::RX, method, len);
+            monitor::forwarded(ctx.data(), ctx.data_end(), ok, to.ifindex, to.vsid, len);
             action
         }
-        Err(reason) => drop(reason),
+        Err(reason) => monitor::drop_on_uplink(ctx, reason, to.vsid),
     }
 }

@@ -3,7 +3,7 @@
 //! described; both go up with metadata naming the VM port, and `uplink_tc` delivers them.
 //! Everything else passes untouched. Drops are counted, never `XDP_ABORTED`.
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    bindings::xdp_action::XDP_PASS,
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
     programs::XdpContext,
 };
@@ -19,10 +19,7 @@ use crate::{
 pub fn run(ctx: &XdpContext) -> u32 {
     match try_run(ctx) {
         Ok(action) => action,
-        Err(reason) => {
-            count(reason);
-            XDP_DROP
-        }
+        Err(reason) => crate::monitor::drop_xdp(ctx, reason),
     }
 }
 

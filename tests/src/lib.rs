@@ -9,5 +9,6 @@ pub mod fixture;
 pub mod fuzz;
 pub mod guest;
 pub mod netns;
+pub mod prometheus;
 pub mod sys;
 pub mod testbed;

@@ -28,6 +28,10 @@ const PACKAGES: &[&str] = &[
     // The unit file's check (systemd-analyze) and the man pages' (man -l).
     "systemd",
     "man-db",
+    // A real Prometheus scrapes the agents in the tests (promtool checks metrics and alert
+    // rules); curl asks its query API from inside the test's namespace.
+    "prometheus",
+    "curl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_FEATURE: &str = "llvm-22";

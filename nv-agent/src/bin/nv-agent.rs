@@ -102,6 +102,19 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot give {} to group {API_GROUP}", socket.display()))?;
     }
     info!("serving nvctl on {}", socket.display());
+    let metrics = tokio::net::TcpListener::bind(config.metrics_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on metrics_addr {} for Prometheus (another agent there? set \
+                 metrics_addr)",
+                config.metrics_addr
+            )
+        })?;
+    info!(
+        "serving Prometheus on http://{}/metrics",
+        config.metrics_addr
+    );
     let status = agent.status();
 
     let mut term = signal(SignalKind::terminate())?;
@@ -117,8 +130,10 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         spawn_reconciler(agent.clone(), every);
     }
     spawn_port_watcher(agent.clone())?;
+    let api_metrics = nv_agent::metrics::ApiMetrics::default();
+    serve_metrics(metrics, agent.clone(), api_metrics.clone());
     notify_ready(&status);
-    axum::serve(listener, api::router(agent))
+    axum::serve(listener, api::router(agent, api_metrics))
         .with_graceful_shutdown(async move {
             shutdown.await;
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -127,6 +142,35 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(socket);
     info!("stopped; forwarding continues from the pinned programs and maps");
     Ok(())
+}
+
+/// Serves `/metrics` for Prometheus: the datapath's counters read at each scrape.
+fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    agent: api::Shared,
+    api_metrics: nv_agent::metrics::ApiMetrics,
+) {
+    use nv_agent::metrics;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move |headers: axum::http::HeaderMap| async move {
+            let format = metrics::Format::accepted(
+                headers
+                    .get(axum::http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
+            let snapshot = agent.lock().await.metrics().map_err(|e| e.to_string());
+            metrics::response(
+                snapshot.and_then(|s| metrics::encode(s, &api_metrics).map_err(|e| e.to_string())),
+                format,
+            )
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("the metrics endpoint stopped: {e}");
+        }
+    });
 }
 
 /// Repairs drift between the maps and the store every `every`.

@@ -67,6 +67,13 @@ const LOOKUP_COLUMNS: &[(&str, &str)] = &[
 ];
 const IMPORT_COLUMNS: &[(&str, &str)] = &[("IMPORTED", "imported")];
 const STATS_COLUMNS: &[(&str, &str)] = &[("COUNTER", "counter"), ("PACKETS", "packets")];
+const VSID_STATS_COLUMNS: &[(&str, &str)] = &[
+    ("VSID", "vsid"),
+    ("DIRECTION", "direction"),
+    ("METHOD", "method"),
+    ("PACKETS", "packets"),
+    ("BYTES", "bytes"),
+];
 
 /// `nvctl lookup import`: sends the file as it is; the agent parses and checks every record,
 /// then applies them all or none. On a terminal a spinner says which is going on.
@@ -196,9 +203,13 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             call(s, Method::GET, &lookups_path(*vsid), None).await?,
             LOOKUP_COLUMNS,
         ),
-        Command::Stats => (
+        Command::Stats { vsid: None } => (
             call(s, Method::GET, "/v1/stats", None).await?,
             STATS_COLUMNS,
+        ),
+        Command::Stats { vsid: Some(vsid) } => (
+            call(s, Method::GET, &format!("/v1/stats?vsid={vsid}"), None).await?,
+            VSID_STATS_COLUMNS,
         ),
         Command::Lookup(LookupCmd::Export { .. })
         | Command::Completions { .. }

@@ -1,0 +1,93 @@
+//! What the datapath reports beyond its counters: traffic per VSID (Prometheus, `nvctl stats
+//! --vsid`) and events on a ring buffer (`nvctl monitor`).
+use crate::V4;
+
+/// Key of the per-VSID traffic map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VsidStatsKey {
+    pub vsid: u32,
+    /// [`VsidStatsKey::TX`] (sent by a VM here) or [`VsidStatsKey::RX`] (delivered to one).
+    pub dir: u8,
+    /// [`VsidStatsKey::ENCAP`], [`VsidStatsKey::REWRITE`] or [`VsidStatsKey::LOCAL`] (VM to VM
+    /// on this host).
+    pub method: u8,
+    pub _pad: [u8; 2],
+}
+
+impl VsidStatsKey {
+    pub const TX: u8 = 0;
+    pub const RX: u8 = 1;
+    pub const ENCAP: u8 = 0;
+    pub const REWRITE: u8 = 1;
+    pub const LOCAL: u8 = 2;
+
+    #[inline(always)]
+    #[must_use]
+    pub const fn new(vsid: u32, dir: u8, method: u8) -> VsidStatsKey {
+        VsidStatsKey {
+            vsid,
+            dir,
+            method,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Value of the per-VSID traffic map (per CPU): customer frames and their bytes, Ethernet
+/// header included, as the VM sent or got them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VsidStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// One event on the monitor ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MonitorEvent {
+    /// [`MonitorEvent::DROP`] or [`MonitorEvent::FORWARD`] (a sampled forwarded packet).
+    pub kind: u8,
+    /// The [`crate::Counter`] it was counted under: the drop reason, or how it was forwarded.
+    pub counter: u8,
+    /// IP protocol of the (inner) packet, 0 when it is not IPv4.
+    pub proto: u8,
+    pub _pad: u8,
+    /// The VM port it came from (or was delivered to), or the uplink.
+    pub ifindex: u32,
+    /// The VSID: the port's, or the GRE key's on the uplink; 0 when not known.
+    pub vsid: u32,
+    /// Bytes of the frame as the program saw it.
+    pub len: u32,
+    /// (Inner) IPv4 source and destination; zero when not IPv4.
+    pub src: V4,
+    pub dst: V4,
+    /// (Inner) Ethernet addresses.
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+}
+
+impl MonitorEvent {
+    pub const DROP: u8 = 1;
+    pub const FORWARD: u8 = 2;
+}
+
+/// The monitor's ring buffer, in bytes (a power of two, a multiple of the page size).
+pub const MONITOR_RING_BYTES: u32 = 1 << 20;
+/// Entries of the per-VSID traffic map: every VSID hosted here, both directions, two methods.
+pub const MAX_VSID_STATS: u32 = 65_536;
+
+const _: () = {
+    assert!(core::mem::size_of::<VsidStatsKey>() == 8);
+    assert!(core::mem::size_of::<VsidStats>() == 16);
+    assert!(core::mem::size_of::<MonitorEvent>() == 36);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), integers and byte arrays only, no implicit padding (sizes asserted).
+    unsafe impl aya::Pod for super::VsidStatsKey {}
+    unsafe impl aya::Pod for super::VsidStats {}
+    unsafe impl aya::Pod for super::MonitorEvent {}
+}

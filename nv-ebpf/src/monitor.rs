@@ -1,0 +1,203 @@
+//! What the datapath reports besides its counters, and the one way every drop goes: counted
+//! under its reason and, while an `nvctl monitor` runs, reported on the ring buffer with what
+//! can be read of the frame (VSID, port, addresses). Forwarded packets are counted per VSID,
+//! direction and method, and one in `monitor_sample` is reported while a monitor asks for it.
+//! With no monitor the cost is a branch on a config word the program has read anyway.
+use core::ptr;
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, TC_ACT_SHOT, xdp_action::XDP_DROP},
+    programs::{TcContext, XdpContext},
+};
+use nv_common::{
+    Counter, DatapathConfig, MonitorEvent, VsidStats, VsidStatsKey,
+    wire::{ETH_HLEN, ETH_P_IP, GRE_HLEN, IPPROTO_GRE},
+};
+
+use crate::{
+    counters::count,
+    maps::{CONFIG, MONITOR, MONITOR_SAMPLE, PORTS, VSID_STATS},
+    packet::{EthHdr, Ipv4Hdr, read_at, view_at},
+};
+
+/// Set to 0 by the loader for the benchmark's copy without per-VSID counting, so its cost is
+/// measured against the same paths without it.
+#[unsafe(no_mangle)]
+static NV_COUNT_VSIDS: u32 = 1;
+
+/// A frame forwarded for `vsid` (`dir`, `method`: [`VsidStatsKey`]'s), `len` bytes as the VM
+/// sent or gets it.
+#[inline(always)]
+pub fn traffic(vsid: u32, dir: u8, method: u8, len: u32) {
+    // SAFETY: a volatile read of a global the loader fills in; the verifier knows its value.
+    if unsafe { ptr::read_volatile(&NV_COUNT_VSIDS) } == 0 {
+        return;
+    }
+    let key = VsidStatsKey::new(vsid, dir, method);
+    match VSID_STATS.get_ptr_mut(key) {
+        Some(v) => {
+            // SAFETY: this CPU's value, written only by this CPU while the program runs.
+            unsafe {
+                (*v).packets += 1;
+                (*v).bytes += u64::from(len);
+            }
+        }
+        None => {
+            let first = VsidStats {
+                packets: 1,
+                bytes: u64::from(len),
+            };
+            // A full map leaves the packet uncounted here; its host-wide counter still counts.
+            let _ = VSID_STATS.insert(key, first, u64::from(BPF_NOEXIST));
+        }
+    }
+}
+
+/// A frame forwarded (`how`: the counter it was counted under): reports one in
+/// `monitor_sample` while a monitor asks for samples.
+#[inline(always)]
+pub fn forwarded(data: usize, end: usize, how: Counter, ifindex: u32, vsid: u32, len: u32) {
+    let Some(config) = CONFIG.get(0) else {
+        return;
+    };
+    if config.monitor_sample == 0 {
+        return;
+    }
+    let Some(seen) = MONITOR_SAMPLE.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot, written only by this CPU while the program runs.
+    let n = unsafe { *seen } + 1;
+    if n < config.monitor_sample {
+        // SAFETY: as above.
+        unsafe { *seen = n };
+        return;
+    }
+    // SAFETY: as above.
+    unsafe { *seen = 0 };
+    report(
+        data,
+        end,
+        what(MonitorEvent::FORWARD, how),
+        ids(ifindex, vsid),
+        len,
+    );
+}
+
+/// Drops a frame from the VM port `ifindex` (TC): counted, and reported while a monitor runs.
+pub fn drop_from_vm(ctx: &TcContext, reason: Counter, ifindex: u32) -> i32 {
+    count(reason);
+    if monitoring() {
+        // SAFETY: read-only use of a value the agent replaces whole.
+        let vsid = unsafe { PORTS.get(ifindex) }.map_or(0, |p| p.vsid);
+        let (what, ids) = (what(MonitorEvent::DROP, reason), ids(ifindex, vsid));
+        report(ctx.data(), ctx.data_end(), what, ids, ctx.len());
+    }
+    TC_ACT_SHOT
+}
+
+/// Drops a frame on the uplink's TC hook (`vsid`: the VM's it was for, 0 when not known yet):
+/// counted, and reported while a monitor runs.
+pub fn drop_on_uplink(ctx: &TcContext, reason: Counter, vsid: u32) -> i32 {
+    count(reason);
+    if monitoring() {
+        // SAFETY: the context pointer is valid for the whole program run.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        let (what, ids) = (what(MonitorEvent::DROP, reason), ids(ifindex, vsid));
+        report(ctx.data(), ctx.data_end(), what, ids, ctx.len());
+    }
+    TC_ACT_SHOT
+}
+
+/// Drops a frame on the uplink's XDP hook: counted, and reported while a monitor runs.
+pub fn drop_xdp(ctx: &XdpContext, reason: Counter) -> u32 {
+    count(reason);
+    if monitoring() {
+        // SAFETY: the context pointer is valid for the whole program run.
+        let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+        let (data, end) = (ctx.data(), ctx.data_end());
+        #[expect(clippy::cast_possible_truncation, reason = "a frame")]
+        let len = (end - data) as u32;
+        report(
+            data,
+            end,
+            what(MonitorEvent::DROP, reason),
+            ids(ifindex, 0),
+            len,
+        );
+    }
+    XDP_DROP
+}
+
+#[inline(always)]
+fn monitoring() -> bool {
+    CONFIG
+        .get(0)
+        .is_some_and(|c| c.monitor & DatapathConfig::MONITOR_DROPS != 0)
+}
+
+/// An event's kind and counter, in one argument (BPF functions take five).
+#[inline(always)]
+fn what(kind: u8, counter: Counter) -> u32 {
+    u32::from(kind) | (counter as u32) << 8
+}
+
+/// An event's ifindex and VSID, in one argument.
+#[inline(always)]
+fn ids(ifindex: u32, vsid: u32) -> u64 {
+    u64::from(ifindex) | u64::from(vsid) << 32
+}
+
+/// Writes an event on the ring buffer with what can be read of the frame: its Ethernet and
+/// IPv4 addresses, or for NVGRE the inner ones and the VSID from the GRE key. Out of line: the
+/// programs' hot paths do not carry its instructions.
+#[inline(never)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "unpacking what() and ids()"
+)]
+fn report(data: usize, end: usize, what: u32, ids: u64, len: u32) {
+    let mut e = MonitorEvent {
+        kind: what as u8,
+        counter: (what >> 8) as u8,
+        ifindex: ids as u32,
+        vsid: (ids >> 32) as u32,
+        len,
+        ..MonitorEvent::default()
+    };
+    let mut at = 0;
+    if let Some(eth) = view_at::<EthHdr>(data, end, 0) {
+        e.src_mac = eth.src;
+        e.dst_mac = eth.dst;
+        if eth.proto() == ETH_P_IP
+            && let Some(ip) = view_at::<Ipv4Hdr>(data, end, ETH_HLEN)
+        {
+            e.src = ip.src;
+            e.dst = ip.dst;
+            e.proto = ip.proto;
+            at = ETH_HLEN + ip.hlen();
+            if ip.proto != IPPROTO_GRE {
+                at = 0;
+            }
+        }
+    }
+    // NVGRE: the VSID from the key, and the customer's frame inside.
+    if at != 0
+        && let Some(key) = read_at::<[u8; 4]>(data, end, at + 4)
+    {
+        e.vsid = u32::from_be_bytes(key) >> 8;
+        let inner = at + GRE_HLEN;
+        if let Some(eth) = view_at::<EthHdr>(data, end, inner) {
+            e.src_mac = eth.src;
+            e.dst_mac = eth.dst;
+            if eth.proto() == ETH_P_IP
+                && let Some(ip) = view_at::<Ipv4Hdr>(data, end, inner + ETH_HLEN)
+            {
+                e.src = ip.src;
+                e.dst = ip.dst;
+                e.proto = ip.proto;
+            }
+        }
+    }
+    let _ = MONITOR.output::<MonitorEvent>(&e, 0);
+}
