@@ -38,6 +38,8 @@ pub struct Agent {
     repaired: u64,
     /// The bounce pair's ifindexes (both 0: none, a VM tunnel's super-packets are dropped).
     bounce: (u32, u32),
+    /// `nvctl monitor`: the datapath's events and who watches them.
+    hub: crate::monitor::Hub,
 }
 
 /// What `nvctl status` shows.
@@ -74,6 +76,9 @@ pub struct Status {
     pub reconciles: u64,
     #[serde(default)]
     pub repaired: u64,
+    /// `nvctl monitor` clients watching now.
+    #[serde(default)]
+    pub monitors: usize,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -158,7 +163,13 @@ impl Agent {
             reconciles: 0,
             repaired: 0,
             bounce: (0, 0),
+            hub: crate::monitor::Hub::default(),
         };
+        let ring = agent.datapath.take_monitor()?;
+        agent
+            .hub
+            .spawn_reader(ring)
+            .map_err(|e| NvError::Datapath(format!("the monitor's ring buffer: {e}")))?;
         agent.tables.base = agent.base_config();
         if let Err(e) = agent.make_bounce().await {
             warn!(
@@ -186,8 +197,93 @@ impl Agent {
             uplink_mac: self.uplink_mac,
             bounce_ifindex: self.bounce.0,
             bounce_peer: self.bounce.1,
+            monitor: if self.watchers().is_empty() {
+                0
+            } else {
+                DatapathConfig::MONITOR_DROPS
+            },
+            monitor_sample: self.watchers().sample(),
             ..DatapathConfig::default()
         }
+    }
+
+    fn watchers(&self) -> std::sync::MutexGuard<'_, crate::monitor::Watchers> {
+        self.hub
+            .watchers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A client starts watching the datapath's events: the datapath reports drops (and
+    /// samples, if asked) from now on.
+    pub fn watch(&mut self, filter: &crate::monitor::Filter) -> Result<crate::monitor::Watching> {
+        if let Some(vsid) = filter.vsid {
+            crate::model::validate_vsid(vsid)?;
+        }
+        if let Some(reason) = &filter.reason {
+            let r = reason.strip_prefix("drop_").unwrap_or(reason);
+            let known = nv_common::Counter::ALL.iter().any(|c| {
+                let n = c.name();
+                n.strip_prefix("drop_").unwrap_or(n) == r
+            });
+            if !known {
+                return Err(invalid(format!(
+                    "unknown reason '{reason}': `nvctl stats` lists them (drop_<reason>)"
+                )));
+            }
+        }
+        let names = self.port_names();
+        let port = match &filter.port {
+            Some(p) => Some(
+                names
+                    .iter()
+                    .find(|(_, n)| *n == p)
+                    .map(|(i, _)| *i)
+                    .ok_or_else(|| {
+                        NvError::NotFound(format!("no port '{p}' is filtered by nv here"))
+                    })?,
+            ),
+            None => None,
+        };
+        let id = self.watchers().add(filter.sample.unwrap_or(0));
+        self.update_config()?;
+        Ok(crate::monitor::Watching {
+            hub: self.hub.clone(),
+            id,
+            names,
+            port,
+        })
+    }
+
+    /// The datapath's sampling of forwarded packets now (0: none).
+    pub fn monitor_sample(&self) -> u32 {
+        self.watchers().sample()
+    }
+
+    /// The monitor's hub (to end its clients' streams when the agent stops).
+    pub fn hub(&self) -> crate::monitor::Hub {
+        self.hub.clone()
+    }
+
+    /// A client stopped watching; with none left, the datapath stops reporting.
+    pub fn unwatch(&mut self, id: u64) {
+        self.watchers().remove(id);
+        if let Err(e) = self.update_config() {
+            warn!("turning the monitor off: {e}");
+        }
+    }
+
+    /// The ports nv filters and the uplink, by ifindex.
+    pub fn port_names(&self) -> HashMap<u32, String> {
+        let mut names: HashMap<u32, String> = self
+            .tables
+            .ports
+            .attached()
+            .map(|(p, a)| (a.ifindex, p.clone()))
+            .chain(self.tables.ports.orphans().map(|(p, i)| (*i, p.clone())))
+            .collect();
+        names.insert(self.uplink_ifindex, self.uplink.clone());
+        names
     }
 
     /// Rewrites the config map after the uplink or the bounce pair changed.
@@ -562,6 +658,7 @@ impl Agent {
             ports_without_record,
             reconciles: self.reconciles,
             repaired: self.repaired,
+            monitors: self.watchers().len(),
         }
     }
 

@@ -12,6 +12,7 @@
 //! | POST   | /v1/lookups/import   | a JSON list of lookup records, or CSV (`text/csv`); all or none |
 //! | GET    | /v1/stats            | `?vsid=N`: that VSID's traffic instead of the counters |
 //! | GET    | /v1/status           |                    |
+//! | GET    | /v1/monitor          | `?vsid=&reason=&port=&sample=`: events as JSON lines, until the client leaves |
 //!
 //! Errors are `{"error": "one line"}` with 400 (invalid), 404, 409 (conflict), 503 (too many
 //! imports waiting) or 500.
@@ -52,6 +53,8 @@ const IMPORTS_WAITING: usize = 4;
 /// are read. Imports do not count: a queue of them never keeps `nvctl status` waiting for
 /// more than the import that is running.
 const REQUESTS_AT_ONCE: usize = 32;
+
+mod watch;
 
 pub type Shared = Arc<Mutex<Agent>>;
 
@@ -169,7 +172,12 @@ pub fn router(agent: Shared, metrics: crate::metrics::ApiMetrics) -> Router {
         .route("/v1/status", get(status))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(ConcurrencyLimitLayer::new(REQUESTS_AT_ONCE))
-        // Added after the layers above, so outside them: imports have their own limits.
+        // Added after the layers above, so outside them: monitors stay connected, and
+        // imports have their own limits.
+        .route(
+            "/v1/monitor",
+            get(watch::monitor).layer(ConcurrencyLimitLayer::new(watch::WATCHERS_AT_ONCE)),
+        )
         .route(
             "/v1/lookups/import",
             post(import_lookups)

@@ -57,6 +57,29 @@ pub enum Command {
     /// The agent: its uplink and the MTU VMs must use, its ports (veth or tap, running or
     /// not) and records.
     Status,
+    /// Watch the datapath live: every drop with its reason, VSID, port and addresses, and with
+    /// --sample one in N forwarded packets; one line each (JSON lines with -o json), until
+    /// Ctrl-C or --count events. The datapath reports only while a monitor runs.
+    ///
+    /// Example, why RED-1's packets do not arrive:
+    ///   nvctl monitor --port red1
+    Monitor {
+        /// Only this VSID's events.
+        #[arg(long)]
+        vsid: Option<u32>,
+        /// Only drops for this reason (as `nvctl stats` names them, with or without drop_).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only what this port (a VM's, or the uplink) sent or was sent.
+        #[arg(long)]
+        port: Option<String>,
+        /// Also one in N forwarded packets.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        sample: Option<u32>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Print a shell completion script, e.g. `nvctl completions bash >
     /// /usr/share/bash-completion/completions/nvctl`.
     Completions {

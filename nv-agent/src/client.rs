@@ -73,3 +73,51 @@ pub async fn call_raw(
     }
     anyhow::bail!("{msg}")
 }
+
+/// Sends a GET whose answer is a stream of lines (`/v1/monitor`) and hands each line to
+/// `on_line` until it returns `false` or the agent ends the stream.
+pub async fn stream(
+    socket: &Path,
+    path: &str,
+    mut on_line: impl FnMut(&str) -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let stream = UnixStream::connect(socket).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach nv-agent at {}: {e} (is nv-agent running? set --socket or NV_SOCKET)",
+            socket.display()
+        )
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .header("host", "nv-agent")
+        .body(Full::new(Bytes::new()))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    if !status.is_success() {
+        let bytes = body.collect().await?.to_bytes();
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let msg = value
+            .get("error")
+            .and_then(Value::as_str)
+            .map_or_else(|| format!("nv-agent answered {status}"), str::to_owned);
+        anyhow::bail!("{msg}");
+    }
+    let mut pending: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            if !on_line(String::from_utf8_lossy(&line[..end]).as_ref())? {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}

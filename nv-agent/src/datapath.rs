@@ -658,6 +658,15 @@ impl Datapath {
             .collect()
     }
 
+    /// The monitor's ring buffer, for the one reader that hands its events out.
+    pub fn take_monitor(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(map_names::MONITOR)
+            .ok_or_else(|| NvError::Datapath("the monitor's ring buffer is missing".into()))?;
+        aya::maps::RingBuf::try_from(map).map_err(|e| dp_err("the monitor's ring buffer", e))
+    }
+
     /// Traffic per VSID, direction and method, summed over all CPUs.
     pub fn vsid_stats(&self) -> Result<Vec<(VsidStatsKey, VsidStats)>> {
         let m = self

@@ -11,6 +11,7 @@ pub mod error;
 pub mod import;
 pub mod metrics;
 pub mod model;
+pub mod monitor;
 pub mod netlink;
 pub mod ports;
 pub mod store;

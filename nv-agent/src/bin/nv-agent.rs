@@ -125,6 +125,7 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
             _ = int.recv() => {}
         }
     };
+    let hub = agent.hub();
     let agent = Arc::new(tokio::sync::Mutex::new(agent));
     if let Some(every) = config.reconcile_interval {
         spawn_reconciler(agent.clone(), every);
@@ -136,6 +137,7 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
     axum::serve(listener, api::router(agent, api_metrics))
         .with_graceful_shutdown(async move {
             shutdown.await;
+            hub.stop();
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         })
         .await?;

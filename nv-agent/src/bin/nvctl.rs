@@ -1,4 +1,5 @@
 //! nvctl: see `nvctl --help`.
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::{CommandFactory as _, Parser as _};
@@ -124,6 +125,41 @@ async fn run_other(cli: &Cli) -> Option<anyhow::Result<()>> {
             }
             .await
         }
+        Command::Monitor {
+            vsid,
+            reason,
+            port,
+            sample,
+            count,
+        } => {
+            let mut query = Vec::new();
+            if let Some(v) = vsid {
+                query.push(format!("vsid={v}"));
+            }
+            for (key, value) in [("reason", reason), ("port", port)] {
+                if let Some(v) = value {
+                    query.push(format!("{key}={}", url_escape(v)));
+                }
+            }
+            if let Some(s) = sample {
+                query.push(format!("sample={s}"));
+            }
+            let path = format!("/v1/monitor?{}", query.join("&"));
+            let mut seen = 0u64;
+            let json = cli.output == Output::Json;
+            nv_agent::client::stream(&cli.socket, &path, |line| {
+                if json {
+                    writeln!(out, "{line}")?;
+                } else {
+                    let e: nv_agent::monitor::Event = serde_json::from_str(line)?;
+                    writeln!(out, "{}", e.line())?;
+                }
+                out.flush()?;
+                seen += 1;
+                Ok(count.is_none_or(|c| seen < c))
+            })
+            .await
+        }
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "nvctl", &mut out);
             Ok(())
@@ -140,6 +176,18 @@ async fn run_other(cli: &Cli) -> Option<anyhow::Result<()>> {
         }
         _ => return None,
     })
+}
+
+/// `s` for a URL's query: letters, digits and `_.-` as they are, the rest %-escaped.
+fn url_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' | b'-' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 async fn run(cli: &Cli) -> anyhow::Result<()> {
@@ -212,6 +260,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             VSID_STATS_COLUMNS,
         ),
         Command::Lookup(LookupCmd::Export { .. })
+        | Command::Monitor { .. }
         | Command::Completions { .. }
         | Command::Man { .. } => unreachable!("run_other"),
         Command::Status => {
