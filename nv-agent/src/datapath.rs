@@ -83,6 +83,10 @@ pub enum Programs {
     /// For tests and packet traces: every redirect records its target
     /// ([`TestRunOutcome::redirect`]). Never attached.
     Tracing,
+    /// The benchmark's baselines, never attached: the forwarding copy without per-VSID
+    /// counting, and without the monitor's checks, so what each costs is measured in one run.
+    WithoutVsidCounts,
+    WithoutMonitor,
 }
 
 pub struct Datapath {
@@ -351,8 +355,12 @@ impl Datapath {
             .filter(|n| !maps_dir.join(n).exists())
             .collect();
         let trace = u32::from(programs == Programs::Tracing);
+        let vsid_counts = u32::from(programs != Programs::WithoutVsidCounts);
+        let monitor = u32::from(programs != Programs::WithoutMonitor);
         let loaded = EbpfLoader::new()
             .override_global(TRACE_GLOBAL, &trace, true)
+            .override_global("NV_COUNT_VSIDS", &vsid_counts, true)
+            .override_global("NV_MONITORING", &monitor, true)
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(map_names::LOOKUPS, max_lookups)
             .load(crate::EBPF_OBJECT)
@@ -386,7 +394,7 @@ impl Datapath {
                 let map = Array::try_from(map).map_err(|e| dp_err("trace map", e))?;
                 Some(std::sync::Mutex::new(map))
             }
-            Programs::Forwarding => None,
+            _ => None,
         };
         Ok(Datapath {
             ebpf,
@@ -759,7 +767,7 @@ impl Datapath {
         out.truncate(result.data_size_out as usize);
         let redirect = match self.programs {
             Programs::Tracing => Some(self.redirect_trace()?).filter(|r| r.how != 0),
-            Programs::Forwarding => None,
+            _ => None,
         };
         Ok(TestRunOutcome {
             ret: result.return_value,

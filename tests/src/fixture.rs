@@ -67,7 +67,7 @@ impl Drop for PinDir {
 /// the datapath, then its pins, then the namespace.
 pub struct Host {
     pub dp: Datapath,
-    _pin: PinDir,
+    pin: PinDir,
     pub ns: Netns,
     pub uplink_mac: [u8; 6],
     pub red1: u32,
@@ -241,7 +241,7 @@ pub fn host_with(forwarding: bool, extra: u32, programs: Programs) -> anyhow::Re
     );
     Ok(Host {
         dp,
-        _pin: pin,
+        pin,
         ns,
         uplink_mac,
         red1,
@@ -252,6 +252,16 @@ pub fn host_with(forwarding: bool, extra: u32, programs: Programs) -> anyhow::Re
 }
 
 impl Host {
+    /// Another copy of the programs on this host's maps (a benchmark's baseline).
+    pub fn load_copy(&self, programs: Programs) -> anyhow::Result<Datapath> {
+        let max = self.desired.lookups.len().max(1024);
+        Ok(Datapath::load_programs(
+            &self.pin.0,
+            u32::try_from(max)?,
+            programs,
+        )?)
+    }
+
     /// Replaces the datapath flags (`DatapathConfig::*`).
     pub fn set_flags(&mut self, flags: u32) -> anyhow::Result<()> {
         self.desired.config.flags = flags;

@@ -35,6 +35,22 @@ pub struct Cost {
     pub above_floor_repeat_ns: Option<f64>,
 }
 
+/// What a feature of the forwarding copy costs on one path: the same path, same run, measured
+/// on a copy of the programs without it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Overhead {
+    pub feature: String,
+    pub path: String,
+    pub frame_bytes: usize,
+    /// ns per packet with the feature (the forwarding copy) and without.
+    pub with_ns: f64,
+    pub without_ns: f64,
+    /// `with_ns / without_ns`.
+    pub ratio: f64,
+    /// `single` (median of single runs) or `repeat` (mean of one long run).
+    pub how: String,
+}
+
 struct Path {
     name: &'static str,
     program: &'static str,
@@ -270,12 +286,91 @@ fn single_runs(h: &Host, p: &Path, n: u32) -> anyhow::Result<f64> {
     Ok(quantile(&mut samples, 0.5))
 }
 
-/// Measures every path for 64- and 1500-byte frames with 1K and 1M extra lookup records.
-/// Runs in its own thread: the fixture moves that thread into its network namespace.
-pub fn run(scale: Scale) -> anyhow::Result<Vec<Cost>> {
-    std::thread::spawn(move || measure(scale))
-        .join()
-        .map_err(|_| anyhow::anyhow!("program benchmark panicked"))?
+/// Measures every path for 64- and 1500-byte frames with 1K and 1M extra lookup records, and
+/// what per-VSID counting and the monitor's checks cost. Runs in its own thread: the fixture
+/// moves that thread into its network namespace.
+pub fn run(scale: Scale) -> anyhow::Result<(Vec<Cost>, Vec<Overhead>)> {
+    std::thread::spawn(move || {
+        let costs = measure(scale)?;
+        let overheads = overheads(scale)?;
+        Ok((costs, overheads))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("program benchmark panicked"))?
+}
+
+/// Per-VSID counting and the monitor's checks (no monitor attached), each against a copy of
+/// the programs without it, on the paths that pay for them. Every figure compares copies
+/// loaded the same way, after the host's own (which measured slower than any later copy of
+/// the very same programs here), and a second forwarding copy is the control: its ratio is
+/// the noise. The copies take turns, so the machine's noise falls on all alike.
+fn overheads(scale: Scale) -> anyhow::Result<Vec<Overhead>> {
+    let mut h = host_with(true, 1_000, Programs::Forwarding)?;
+    h.ns.ip(&["link", "set", "uplink0", "mtu", "9000"])?;
+    let base = h.load_copy(Programs::Forwarding)?;
+    let copies = [
+        (
+            "control: the same programs",
+            h.load_copy(Programs::Forwarding)?,
+        ),
+        (
+            "per-VSID counting",
+            h.load_copy(Programs::WithoutVsidCounts)?,
+        ),
+        (
+            "monitor checks, no monitor attached",
+            h.load_copy(Programs::WithoutMonitor)?,
+        ),
+    ];
+    let rounds = 10;
+    let singles = scale.pick(20_000, 100);
+    let repeat = scale.pick(1_000_000, 1_000);
+    let mut out = Vec::new();
+    let wanted = [
+        "encap",
+        "decap_tc",
+        "local_vm_to_vm",
+        "rewrite_out",
+        "drop_vm_unknown_dst",
+    ];
+    for p in paths(&h, 64)
+        .into_iter()
+        .filter(|p| wanted.contains(&p.name))
+    {
+        if h.desired.config.flags != p.flags {
+            h.set_flags(p.flags)?;
+        }
+        check(&h, &p)?;
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); copies.len() + 1];
+        for _ in 0..rounds {
+            let all = std::iter::once(&base).chain(copies.iter().map(|(_, c)| c));
+            for (dp, samples) in all.zip(samples.iter_mut()) {
+                let run = |n| dp.test_run(p.program, &p.frame, p.ifindex, n);
+                #[expect(clippy::cast_precision_loss, reason = "nanoseconds")]
+                if p.idempotent {
+                    samples.push(run(repeat)?.duration.as_nanos() as f64);
+                } else {
+                    for _ in 0..singles / rounds {
+                        samples.push(run(1)?.duration.as_nanos() as f64);
+                    }
+                }
+            }
+        }
+        let with = quantile(&mut samples[0], 0.5);
+        for ((feature, _), s) in copies.iter().zip(samples.iter_mut().skip(1)) {
+            let without = quantile(s, 0.5);
+            out.push(Overhead {
+                feature: (*feature).to_owned(),
+                path: p.name.to_owned(),
+                frame_bytes: 64,
+                with_ns: with,
+                without_ns: without,
+                ratio: with / without,
+                how: if p.idempotent { "repeat" } else { "single" }.into(),
+            });
+        }
+    }
+    Ok(out)
 }
 
 fn measure(scale: Scale) -> anyhow::Result<Vec<Cost>> {

@@ -4,7 +4,10 @@ use std::{fmt::Write as _, path::Path};
 
 use serde::Serialize;
 
-use super::{control, e2e, programs::Cost};
+use super::{
+    control, e2e,
+    programs::{self, Cost},
+};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Goal {
@@ -18,6 +21,7 @@ pub struct Goal {
 pub struct Report {
     pub smoke: bool,
     pub programs: Vec<Cost>,
+    pub overheads: Vec<programs::Overhead>,
     pub e2e: Vec<e2e::Result>,
     pub control: control::Result,
     pub goals: Vec<Goal>,
@@ -122,6 +126,29 @@ pub fn goals(programs: &[Cost], e2e: &[e2e::Result], control: &control::Result) 
     goals
 }
 
+/// The features' costs, each against a copy of the programs without it.
+fn overheads(s: &mut String, overheads: &[programs::Overhead]) {
+    if overheads.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nwhat a feature costs, against a copy of the programs without it (64 B, 1K records, same run)"
+    );
+    let _ = writeln!(
+        s,
+        "{:<38} {:<20} {:>9} {:>9} {:>7}",
+        "feature", "path", "with ns", "w/o ns", "ratio"
+    );
+    for o in overheads {
+        let _ = writeln!(
+            s,
+            "{:<38} {:<20} {:>9.1} {:>9.1} {:>7.3}  ({})",
+            o.feature, o.path, o.with_ns, o.without_ns, o.ratio, o.how
+        );
+    }
+}
+
 pub fn table(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -143,6 +170,7 @@ pub fn table(r: &Report) -> String {
             c.path, c.frame_bytes, c.records, c.single_ns, repeat, c.above_floor_ns
         );
     }
+    overheads(&mut s, &r.overheads);
     let _ = writeln!(s, "\nend to end, RED-1 -> RED-2 (same run)");
     let _ = writeln!(
         s,

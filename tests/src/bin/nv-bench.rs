@@ -30,11 +30,11 @@ fn run() -> anyhow::Result<()> {
     {
         anyhow::bail!("--only takes programs, e2e or control, not '{part}'");
     }
-    let programs = if wanted("programs") {
+    let (programs, overheads) = if wanted("programs") {
         eprintln!("bench: program cost ...");
         programs::run(scale)?
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
     let e2e = if wanted("e2e") {
         eprintln!("bench: end to end ...");
@@ -52,6 +52,7 @@ fn run() -> anyhow::Result<()> {
     let r = report::Report {
         smoke: scale.smoke,
         programs,
+        overheads,
         e2e,
         control,
         goals,
