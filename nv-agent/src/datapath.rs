@@ -29,7 +29,8 @@ use aya::{
 };
 use nv_common::{
     Counter, DatapathConfig, IcmpBucket, LocalPa, LookupKey, LookupValue, NextHop, PortInfo,
-    RedirectTrace, RewritePa, TRACE_GLOBAL, V4, VsidStats, VsidStatsKey, map_names, program_names,
+    RedirectTrace, RewritePa, TRACE_GLOBAL, V4, VsidStats, VsidStatsKey, VsidTraffic, map_names,
+    program_names,
 };
 use tracing::{debug, info};
 
@@ -233,8 +234,8 @@ fn stale_layouts(maps_dir: &Path, max_lookups: u32) -> Result<Vec<(&'static str,
         (
             map_names::VSID_STATS,
             PH,
-            size_of::<VsidStatsKey>(),
-            size_of::<VsidStats>(),
+            4,
+            size_of::<VsidTraffic>(),
             Some(MAX_VSID_STATS),
         ),
         (map_names::MONITOR, R, 0, 0, Some(MONITOR_RING_BYTES)),
@@ -681,16 +682,27 @@ impl Datapath {
             .ebpf
             .map(map_names::VSID_STATS)
             .ok_or_else(|| NvError::Datapath("per-VSID map missing".into()))?;
-        let map: aya::maps::PerCpuHashMap<&MapData, VsidStatsKey, VsidStats> =
+        let map: aya::maps::PerCpuHashMap<&MapData, u32, VsidTraffic> =
             aya::maps::PerCpuHashMap::try_from(m).map_err(|e| dp_err("per-VSID map", e))?;
         let mut out = Vec::new();
         for entry in &map {
-            let (k, per_cpu) = entry.map_err(|e| dp_err("read the per-VSID map", e))?;
-            let sum = per_cpu.iter().fold(VsidStats::default(), |a, v| VsidStats {
-                packets: a.packets + v.packets,
-                bytes: a.bytes + v.bytes,
-            });
-            out.push((k, sum));
+            let (vsid, per_cpu) = entry.map_err(|e| dp_err("read the per-VSID map", e))?;
+            for dir in [VsidStatsKey::TX, VsidStatsKey::RX] {
+                for method in [
+                    VsidStatsKey::ENCAP,
+                    VsidStatsKey::REWRITE,
+                    VsidStatsKey::LOCAL,
+                ] {
+                    let slot = VsidStatsKey::slot(dir, method);
+                    let sum = per_cpu.iter().fold(VsidStats::default(), |a, v| VsidStats {
+                        packets: a.packets + v.by[slot].packets,
+                        bytes: a.bytes + v.by[slot].bytes,
+                    });
+                    if sum.packets > 0 {
+                        out.push((VsidStatsKey::new(vsid, dir, method), sum));
+                    }
+                }
+            }
         }
         Ok(out)
     }

@@ -14,7 +14,7 @@ pub mod monitor;
 pub mod wire;
 
 pub use counters::Counter;
-pub use monitor::{MonitorEvent, VsidStats, VsidStatsKey};
+pub use monitor::{MonitorEvent, VsidStats, VsidStatsKey, VsidTraffic};
 
 /// Lowest valid Virtual Subnet ID; 0x000000-0x000FFF are reserved by RFC 7637.
 pub const VSID_MIN: u32 = 0x1000;

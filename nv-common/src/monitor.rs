@@ -2,7 +2,8 @@
 //! --vsid`) and events on a ring buffer (`nvctl monitor`).
 use crate::V4;
 
-/// Key of the per-VSID traffic map.
+/// A VSID's traffic in one direction by one method: how the agent reports the per-VSID map,
+/// whose key is the VSID and whose value ([`VsidTraffic`]) holds every such pair.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct VsidStatsKey {
@@ -32,6 +33,22 @@ impl VsidStatsKey {
             _pad: [0; 2],
         }
     }
+
+    /// Where (`dir`, `method`) sits in [`VsidTraffic::by`].
+    #[inline(always)]
+    #[must_use]
+    pub const fn slot(dir: u8, method: u8) -> usize {
+        (dir as usize) * 3 + method as usize
+    }
+}
+
+/// Value of the per-VSID traffic map (per CPU), keyed by VSID: one lookup counts a packet,
+/// and VM-to-VM delivery its sending and its receiving both.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VsidTraffic {
+    /// By [`VsidStatsKey::slot`]: tx then rx, each encap, rewrite, local.
+    pub by: [VsidStats; 6],
 }
 
 /// Value of the per-VSID traffic map (per CPU): customer frames and their bytes, Ethernet
@@ -75,12 +92,13 @@ impl MonitorEvent {
 
 /// The monitor's ring buffer, in bytes (a power of two, a multiple of the page size).
 pub const MONITOR_RING_BYTES: u32 = 1 << 20;
-/// Entries of the per-VSID traffic map: every VSID hosted here, both directions, two methods.
+/// Entries of the per-VSID traffic map: VSIDs that had traffic here.
 pub const MAX_VSID_STATS: u32 = 65_536;
 
 const _: () = {
     assert!(core::mem::size_of::<VsidStatsKey>() == 8);
     assert!(core::mem::size_of::<VsidStats>() == 16);
+    assert!(core::mem::size_of::<VsidTraffic>() == 96);
     assert!(core::mem::size_of::<MonitorEvent>() == 36);
 };
 
@@ -89,5 +107,6 @@ mod pod {
     // SAFETY: repr(C), integers and byte arrays only, no implicit padding (sizes asserted).
     unsafe impl aya::Pod for super::VsidStatsKey {}
     unsafe impl aya::Pod for super::VsidStats {}
+    unsafe impl aya::Pod for super::VsidTraffic {}
     unsafe impl aya::Pod for super::MonitorEvent {}
 }

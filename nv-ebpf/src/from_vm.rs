@@ -48,10 +48,7 @@ pub fn run_bounced(ctx: &TcContext) -> i32 {
 #[inline(always)]
 fn sent(ctx: &TcContext, how: Counter, port: &PortInfo, ifindex: u32, method: u8, len: u32) {
     count(how);
-    monitor::traffic(port.vsid, Stats::TX, method, len);
-    if method == Stats::LOCAL {
-        monitor::traffic(port.vsid, Stats::RX, method, len);
-    }
+    monitor::traffic(port.vsid, method, true, method == Stats::LOCAL, len);
     monitor::forwarded(ctx.data(), ctx.data_end(), how, ifindex, port.vsid, len);
 }
 

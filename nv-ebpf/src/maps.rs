@@ -7,7 +7,7 @@ use aya_ebpf::{
 use nv_common::{
     Counter, DEFAULT_MAX_LOOKUPS, DatapathConfig, IcmpBucket, LocalPa, LookupKey, LookupValue,
     MAX_HOSTED_VSIDS, MAX_LOCAL_PAS, MAX_PORTS, MAX_REWRITE_PAS, NextHop, PortInfo, RewritePa, V4,
-    VsidStats, VsidStatsKey,
+    VsidTraffic,
     monitor::{MAX_VSID_STATS, MONITOR_RING_BYTES},
 };
 
@@ -44,8 +44,7 @@ pub static ICMP_BUCKET: PerCpuArray<IcmpBucket> = PerCpuArray::pinned(1, 0);
 
 /// Traffic per VSID, direction and method, per CPU ([`VsidStats`]): what Prometheus scrapes.
 #[map(name = "NV_VSID_STATS")]
-pub static VSID_STATS: PerCpuHashMap<VsidStatsKey, VsidStats> =
-    PerCpuHashMap::pinned(MAX_VSID_STATS, 0);
+pub static VSID_STATS: PerCpuHashMap<u32, VsidTraffic> = PerCpuHashMap::pinned(MAX_VSID_STATS, 0);
 
 /// Events for `nvctl monitor`, written only while the config says a monitor runs.
 #[map(name = "NV_MONITOR")]

@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use nv_common::{
-    Counter, DatapathConfig, MonitorEvent, VsidStats, VsidStatsKey,
+    Counter, DatapathConfig, MonitorEvent, VsidStatsKey, VsidTraffic,
     wire::{ETH_HLEN, ETH_P_IP, GRE_HLEN, IPPROTO_GRE},
 };
 
@@ -37,32 +37,53 @@ fn has_monitor() -> bool {
     unsafe { ptr::read_volatile(&NV_MONITORING) != 0 }
 }
 
-/// A frame forwarded for `vsid` (`dir`, `method`: [`VsidStatsKey`]'s), `len` bytes as the VM
-/// sent or gets it.
+/// A frame forwarded for `vsid` by `method` ([`VsidStatsKey`]'s), `len` bytes as the VM sent
+/// or gets it: sent by a VM here (`tx`), delivered to one (`rx`), or both (VM to VM).
 #[inline(always)]
-pub fn traffic(vsid: u32, dir: u8, method: u8, len: u32) {
+pub fn traffic(vsid: u32, method: u8, tx: bool, rx: bool, len: u32) {
     // SAFETY: a volatile read of a global the loader fills in; the verifier knows its value.
     if unsafe { ptr::read_volatile(&NV_COUNT_VSIDS) } == 0 {
         return;
     }
-    let key = VsidStatsKey::new(vsid, dir, method);
-    match VSID_STATS.get_ptr_mut(key) {
-        Some(v) => {
-            // SAFETY: this CPU's value, written only by this CPU while the program runs.
-            unsafe {
-                (*v).packets += 1;
-                (*v).bytes += u64::from(len);
+    let (t, r) = (
+        VsidStatsKey::slot(VsidStatsKey::TX, method),
+        VsidStatsKey::slot(VsidStatsKey::RX, method),
+    );
+    if let Some(v) = VSID_STATS.get_ptr_mut(vsid) {
+        // SAFETY: this CPU's value, written only by this CPU while the program runs.
+        let by = unsafe { &mut (*v).by };
+        for (slot, yes) in [(t, tx), (r, rx)] {
+            if yes && let Some(s) = by.get_mut(slot) {
+                s.packets += 1;
+                s.bytes += u64::from(len);
             }
         }
-        None => {
-            let first = VsidStats {
-                packets: 1,
-                bytes: u64::from(len),
-            };
-            // A full map leaves the packet uncounted here; its host-wide counter still counts.
-            let _ = VSID_STATS.insert(key, first, u64::from(BPF_NOEXIST));
+        return;
+    }
+    first_traffic(
+        vsid,
+        u32::from(method),
+        u32::from(tx) | u32::from(rx) << 1,
+        len,
+    );
+}
+
+/// A VSID's first counted frame on this host: its entry is made (out of line, off the hot
+/// path). A full map leaves the frame uncounted here; its host-wide counter still counts it.
+#[inline(never)]
+fn first_traffic(vsid: u32, method: u32, dirs: u32, len: u32) {
+    let mut first = VsidTraffic::default();
+    for (dir, bit) in [(VsidStatsKey::TX, 1), (VsidStatsKey::RX, 2)] {
+        #[expect(clippy::cast_possible_truncation, reason = "a method, < 3")]
+        let slot = VsidStatsKey::slot(dir, method as u8);
+        if dirs & bit != 0
+            && let Some(s) = first.by.get_mut(slot)
+        {
+            s.packets = 1;
+            s.bytes = u64::from(len);
         }
     }
+    let _ = VSID_STATS.insert(vsid, first, u64::from(BPF_NOEXIST));
 }
 
 /// A frame forwarded (`how`: the counter it was counted under): reports one in

@@ -148,7 +148,7 @@ fn deliver(ctx: &TcContext, to: &DeliverMeta, ok: Counter) -> i32 {
                 Stats::ENCAP
             };
             let len = ctx.len();
-            monitor::traffic(to.vsid, Stats::RX, method, len);
+            monitor::traffic(to.vsid, method, false, true, len);
             monitor::forwarded(ctx.data(), ctx.data_end(), ok, to.ifindex, to.vsid, len);
             action
         }

@@ -68,6 +68,8 @@ impl Drop for PinDir {
 pub struct Host {
     pub dp: Datapath,
     pin: PinDir,
+    /// The lookup map's size, as loaded.
+    max_lookups: u32,
     pub ns: Netns,
     pub uplink_mac: [u8; 6],
     pub red1: u32,
@@ -213,7 +215,8 @@ pub fn host_with(forwarding: bool, extra: u32, programs: Programs) -> anyhow::Re
     let ns = host_namespace(forwarding)?;
     ns.enter_current_thread()?;
     let pin = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", ns.name)));
-    let mut dp = Datapath::load_programs(&pin.0, 1024 + extra, programs)?;
+    let max_lookups = 1024 + extra;
+    let mut dp = Datapath::load_programs(&pin.0, max_lookups, programs)?;
     dp.load_floors()?;
     let mut desired = host_maps(&ns)?;
     for i in 0..extra {
@@ -242,6 +245,7 @@ pub fn host_with(forwarding: bool, extra: u32, programs: Programs) -> anyhow::Re
     Ok(Host {
         dp,
         pin,
+        max_lookups,
         ns,
         uplink_mac,
         red1,
@@ -252,14 +256,16 @@ pub fn host_with(forwarding: bool, extra: u32, programs: Programs) -> anyhow::Re
 }
 
 impl Host {
-    /// Another copy of the programs on this host's maps (a benchmark's baseline).
+    /// Another copy of the programs on this host's maps (a benchmark's baseline). Loaded
+    /// with the same layout, so it shares every map, and checked to.
     pub fn load_copy(&self, programs: Programs) -> anyhow::Result<Datapath> {
-        let max = self.desired.lookups.len().max(1024);
-        Ok(Datapath::load_programs(
-            &self.pin.0,
-            u32::try_from(max)?,
-            programs,
-        )?)
+        let copy = Datapath::load_programs(&self.pin.0, self.max_lookups, programs)?;
+        ensure!(
+            copy.fresh_maps().is_empty(),
+            "a copy of the programs made maps of its own: {:?}",
+            copy.fresh_maps()
+        );
+        Ok(copy)
     }
 
     /// Replaces the datapath flags (`DatapathConfig::*`).

@@ -300,14 +300,12 @@ pub fn run(scale: Scale) -> anyhow::Result<(Vec<Cost>, Vec<Overhead>)> {
 }
 
 /// Per-VSID counting and the monitor's checks (no monitor attached), each against a copy of
-/// the programs without it, on the paths that pay for them. Every figure compares copies
-/// loaded the same way, after the host's own (which measured slower than any later copy of
-/// the very same programs here), and a second forwarding copy is the control: its ratio is
-/// the noise. The copies take turns, so the machine's noise falls on all alike.
+/// the programs without it, on the paths that pay for them; each copy shares the host's maps
+/// and is checked to take the path. A second forwarding copy is the control: its ratio is the
+/// noise. The copies take turns, so the machine's noise falls on all alike.
 fn overheads(scale: Scale) -> anyhow::Result<Vec<Overhead>> {
     let mut h = host_with(true, 1_000, Programs::Forwarding)?;
     h.ns.ip(&["link", "set", "uplink0", "mtu", "9000"])?;
-    let base = h.load_copy(Programs::Forwarding)?;
     let copies = [
         (
             "control: the same programs",
@@ -341,9 +339,17 @@ fn overheads(scale: Scale) -> anyhow::Result<Vec<Overhead>> {
             h.set_flags(p.flags)?;
         }
         check(&h, &p)?;
+        for (feature, copy) in &copies {
+            let verdict = copy.test_run(p.program, &p.frame, p.ifindex, 1)?.ret;
+            anyhow::ensure!(
+                verdict == expected(p.name).0,
+                "{}: the copy without {feature} returned {verdict}",
+                p.name
+            );
+        }
         let mut samples: Vec<Vec<f64>> = vec![Vec::new(); copies.len() + 1];
         for _ in 0..rounds {
-            let all = std::iter::once(&base).chain(copies.iter().map(|(_, c)| c));
+            let all = std::iter::once(&h.dp).chain(copies.iter().map(|(_, c)| c));
             for (dp, samples) in all.zip(samples.iter_mut()) {
                 let run = |n| dp.test_run(p.program, &p.frame, p.ifindex, n);
                 #[expect(clippy::cast_precision_loss, reason = "nanoseconds")]
