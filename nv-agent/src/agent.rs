@@ -40,6 +40,9 @@ pub struct Agent {
     bounce: (u32, u32),
     /// `nvctl monitor`: the datapath's events and who watches them.
     hub: crate::monitor::Hub,
+    pin_path: std::path::PathBuf,
+    /// `nvctl trace`'s copy of the programs, loaded at the first trace.
+    tracer: Option<Datapath>,
 }
 
 /// What `nvctl status` shows.
@@ -164,6 +167,8 @@ impl Agent {
             repaired: 0,
             bounce: (0, 0),
             hub: crate::monitor::Hub::default(),
+            pin_path: config.pin_path.clone(),
+            tracer: None,
         };
         let ring = agent.datapath.take_monitor()?;
         agent
@@ -1010,5 +1015,38 @@ impl Agent {
             moved.pa
         );
         Ok(moved)
+    }
+
+    /// Runs one packet through a tracing copy of the programs on the live maps (`nvctl
+    /// trace`): what it is, which records decided, where it went, and what left.
+    pub fn trace(&mut self, req: &crate::trace::Request) -> Result<crate::trace::Outcome> {
+        let host = crate::trace::Host {
+            tables: &self.tables,
+            uplink: &self.uplink,
+            uplink_ifindex: self.uplink_ifindex,
+            uplink_mac: self.uplink_mac,
+            xdp: self.decap_hook == DecapHook::Xdp,
+        };
+        let built = crate::trace::build(&host, req)?;
+        if self.tracer.is_none() {
+            self.tracer = Some(Datapath::load_tracer(&self.pin_path, self.max_lookups)?);
+        }
+        let tracer = self.tracer.as_ref().expect("loaded above");
+        let before = tracer.counters()?;
+        let run = tracer.test_run(built.program, &built.frame, built.ifindex, 1)?;
+        let counted: Vec<&'static str> = tracer
+            .counters()?
+            .iter()
+            .zip(&before)
+            .filter(|((_, after), (_, was))| after > was)
+            .map(|((c, _), _)| c.name())
+            .collect();
+        Ok(crate::trace::outcome(
+            built,
+            &run,
+            &counted,
+            &self.port_names(),
+            req,
+        ))
     }
 }

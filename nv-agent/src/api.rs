@@ -12,6 +12,7 @@
 //! | POST   | /v1/lookups/import   | a JSON list of lookup records, or CSV (`text/csv`); all or none |
 //! | GET    | /v1/stats            | `?vsid=N`: that VSID's traffic instead of the counters |
 //! | GET    | /v1/status           |                    |
+//! | POST   | /v1/trace            | a packet to trace (`nvctl trace`) |
 //! | GET    | /v1/monitor          | `?vsid=&reason=&port=&sample=`: events as JSON lines, until the client leaves |
 //!
 //! Errors are `{"error": "one line"}` with 400 (invalid), 404, 409 (conflict), 503 (too many
@@ -169,6 +170,7 @@ pub fn router(agent: Shared, metrics: crate::metrics::ApiMetrics) -> Router {
         )
         .route("/v1/lookups/move", post(move_lookup))
         .route("/v1/stats", get(stats))
+        .route("/v1/trace", post(trace))
         .route("/v1/status", get(status))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(ConcurrencyLimitLayer::new(REQUESTS_AT_ONCE))
@@ -303,6 +305,15 @@ async fn import_lookups(
     })
     .await?;
     Ok((StatusCode::CREATED, Json(json!({ "imported": imported }))))
+}
+
+/// Runs one packet through a tracing copy of the programs (`nvctl trace`).
+async fn trace(
+    State(a): State<Shared>,
+    body: Result<Json<crate::trace::Request>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(req) = body?;
+    Ok(Json(a.lock().await.trace(&req)?))
 }
 
 /// The datapath's counters; with `?vsid=N`, that VSID's traffic by direction and method.

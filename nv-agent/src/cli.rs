@@ -57,6 +57,48 @@ pub enum Command {
     /// The agent: its uplink and the MTU VMs must use, its ports (veth or tap, running or
     /// not) and records.
     Status,
+    /// Where one packet goes and why: it is built from what you give (or taken from a
+    /// capture), run through a copy of the loaded programs against the live records
+    /// (`BPF_PROG_TEST_RUN`; nothing is sent, nothing counted), and the verdict, the records that
+    /// decided, the port it leaves by and the frame that leaves are printed.
+    ///
+    /// Examples:
+    ///   nvctl trace --port red1 --dst 10.0.0.2 --proto tcp --dport 443
+    ///   nvctl trace --from-uplink --vsid 5001 --src 10.0.0.2 --dst 10.0.0.1
+    ///   nvctl trace --port red1 --pcap red1.pcap
+    #[command(verbatim_doc_comment)]
+    Trace {
+        /// A packet the VM behind this port sends.
+        #[arg(
+            long,
+            conflicts_with = "from_uplink",
+            required_unless_present = "from_uplink"
+        )]
+        port: Option<String>,
+        /// A packet arriving on the uplink from the host of --src (NVGRE, or IP rewrite when
+        /// the destination's record says so).
+        #[arg(long, requires = "vsid")]
+        from_uplink: bool,
+        /// With --from-uplink: the virtual subnet.
+        #[arg(long)]
+        vsid: Option<u32>,
+        /// Source customer address [default: the port's].
+        #[arg(long)]
+        src: Option<std::net::Ipv4Addr>,
+        /// Destination customer address.
+        #[arg(long, required_unless_present = "pcap")]
+        dst: Option<std::net::Ipv4Addr>,
+        #[arg(long, value_enum)]
+        proto: Option<crate::trace::Proto>,
+        /// Destination port (TCP, UDP) or echo id (ICMP).
+        #[arg(long)]
+        dport: Option<u16>,
+        #[arg(long)]
+        sport: Option<u16>,
+        /// Trace the first frame of this capture (pcap, Ethernet; `tcpdump -w`) instead.
+        #[arg(long, conflicts_with_all = ["dst", "src", "proto", "dport", "sport"])]
+        pcap: Option<PathBuf>,
+    },
     /// Watch the datapath live: every drop with its reason, VSID, port and addresses, and with
     /// --sample one in N forwarded packets; one line each (JSON lines with -o json), until
     /// Ctrl-C or --count events. The datapath reports only while a monitor runs.

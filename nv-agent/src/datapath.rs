@@ -158,7 +158,7 @@ fn is_bpffs(path: &Path) -> bool {
 
 /// Removes every pin under `pin_path` (links first, so programs detach), then the directory.
 pub fn purge(pin_path: &Path) -> Result<()> {
-    for sub in ["links", "maps"] {
+    for sub in ["links", "maps", "migrating", "trace"] {
         let dir = pin_path.join(sub);
         match fs::remove_dir_all(&dir) {
             Ok(()) => {}
@@ -405,6 +405,65 @@ impl Datapath {
             migrating,
             fresh,
             trace,
+        })
+    }
+
+    /// A tracing copy of the programs on the live maps of the agent at `pin_path`, for
+    /// `nvctl trace`: it reads the maps that say where packets go (records, ports, config) and
+    /// writes maps of its own (counters, next-hop cache, ICMP budget, per-VSID traffic, the
+    /// monitor's), so a trace changes nothing that forwards or is reported. Never attached.
+    pub fn load_tracer(pin_path: &Path, max_lookups: u32) -> Result<Datapath> {
+        const OWN: [&str; 6] = [
+            map_names::COUNTERS,
+            map_names::NEXTHOPS,
+            map_names::ICMP_BUCKET,
+            map_names::VSID_STATS,
+            map_names::MONITOR,
+            map_names::MONITOR_SAMPLE,
+        ];
+        let maps_dir = pin_path.join("maps");
+        let own = pin_path.join("trace");
+        let _ = fs::remove_dir_all(&own);
+        fs::create_dir_all(&own).map_err(|e| dp_err(format!("create {}", own.display()), e))?;
+        let (on, off) = (1u32, 0u32);
+        let own_pins: Vec<PathBuf> = OWN.iter().map(|n| own.join(n)).collect();
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global(TRACE_GLOBAL, &on, true)
+            .override_global("NV_COUNT_VSIDS", &on, true)
+            .override_global("NV_MONITORING", &off, true)
+            .default_map_pin_directory(&maps_dir)
+            .map_max_entries(map_names::LOOKUPS, max_lookups);
+        for (name, pin) in OWN.iter().zip(&own_pins) {
+            loader.map_pin_path(name, pin.as_path());
+        }
+        let result = loader.load(crate::EBPF_OBJECT);
+        // Its own maps live as long as it does; their pins are not needed.
+        let _ = fs::remove_dir_all(&own);
+        let mut ebpf = result.map_err(|e| dp_err("load the tracing copy", e))?;
+        for name in [
+            program_names::FROM_VM,
+            program_names::UPLINK_TC,
+            program_names::FROM_BOUNCE,
+        ] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| dp_err(format!("load {name}"), e))?;
+        }
+        let xdp: &mut Xdp = program(&mut ebpf, program_names::UPLINK_XDP)?;
+        xdp.load()
+            .map_err(|e| dp_err(format!("load {}", program_names::UPLINK_XDP), e))?;
+        let map = ebpf
+            .take_map(map_names::TRACE_REDIRECT)
+            .ok_or_else(|| NvError::Datapath(format!("{} missing", map_names::TRACE_REDIRECT)))?;
+        let map = Array::try_from(map).map_err(|e| dp_err("trace map", e))?;
+        Ok(Datapath {
+            ebpf,
+            links_dir: pin_path.join("links"),
+            programs: Programs::Tracing,
+            aside: pin_path.join("migrating"),
+            migrating: Vec::new(),
+            fresh: Vec::new(),
+            trace: Some(std::sync::Mutex::new(map)),
         })
     }
 

@@ -16,6 +16,7 @@ pub mod netlink;
 pub mod ports;
 pub mod store;
 mod store_legacy;
+pub mod trace;
 pub mod translate;
 pub mod txn;
 

@@ -1,6 +1,6 @@
 //! nvctl: see `nvctl --help`.
-use std::io::Write as _;
 use std::process::ExitCode;
+use std::{fmt::Write as _, io::Write as _};
 
 use clap::{CommandFactory as _, Parser as _};
 
@@ -263,6 +263,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         | Command::Monitor { .. }
         | Command::Completions { .. }
         | Command::Man { .. } => unreachable!("run_other"),
+        Command::Trace { .. } => return trace(cli).await,
         Command::Status => {
             let value = call(s, Method::GET, "/v1/status", None).await?;
             match cli.output {
@@ -295,6 +296,79 @@ fn table(value: &Value, columns: &[(&str, &str)]) -> Table {
         }));
     }
     t
+}
+
+/// `nvctl trace`: builds the request (reading a capture, if given) and prints the outcome.
+async fn trace(cli: &Cli) -> anyhow::Result<()> {
+    let Command::Trace {
+        port,
+        from_uplink,
+        vsid,
+        src,
+        dst,
+        proto,
+        dport,
+        sport,
+        pcap,
+    } = &cli.command
+    else {
+        unreachable!("called for trace")
+    };
+    let frame = match pcap {
+        Some(file) => {
+            let bytes = std::fs::read(file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let frame = nv_agent::trace::first_pcap_frame(&bytes)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            Some(nv_agent::trace::to_hex(&frame))
+        }
+        None => None,
+    };
+    let req = nv_agent::trace::Request {
+        port: port.clone(),
+        from_uplink: *from_uplink,
+        vsid: *vsid,
+        src: *src,
+        dst: *dst,
+        proto: *proto,
+        sport: *sport,
+        dport: *dport,
+        frame,
+    };
+    let body = serde_json::to_value(&req)?;
+    let value = call(&cli.socket, Method::POST, "/v1/trace", Some(&body)).await?;
+    match cli.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),
+        Output::Table => {
+            let out: nv_agent::trace::Outcome = serde_json::from_value(value)?;
+            print!("{}", trace_text(&out));
+        }
+    }
+    Ok(())
+}
+
+/// A trace as an operator reads it: the packet, the records, the verdict, what leaves.
+fn trace_text(t: &nv_agent::trace::Outcome) -> String {
+    let mut s = String::new();
+    let mut section = |title: &str, lines: &[String]| {
+        for (i, l) in lines.iter().enumerate() {
+            let head = if i == 0 { title } else { "" };
+            let _ = writeln!(s, "{head:<10}{l}");
+        }
+    };
+    section("program", std::slice::from_ref(&t.program));
+    section("packet", &t.input);
+    section("records", &t.lookups);
+    let mut verdict = t.verdict.clone();
+    if let Some(c) = &t.counter {
+        let _ = write!(verdict, " ({c})");
+    }
+    section("verdict", &[verdict, t.why.clone()]);
+    if let (Some(port), Some(how)) = (&t.out_port, &t.out_how) {
+        section("leaves", &[format!("by {port}, {how}")]);
+    }
+    section("output", &t.output);
+    s
 }
 
 /// `nvctl status` as a table: one line a fact, ports one line each.

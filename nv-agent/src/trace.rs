@@ -1,0 +1,670 @@
+//! `nvctl trace`: where one packet goes and why, as ovn-trace tells it for OVN. The packet is
+//! described (or taken from a capture), built here, run through a tracing copy of the loaded
+//! programs on the live maps with `BPF_PROG_TEST_RUN` (`Datapath::load_tracer`: its counters
+//! and caches are its own, so a trace changes nothing that forwards or is counted), and the
+//! verdict, the records that matched, the output port and the output frame decoded come back.
+use std::net::Ipv4Addr;
+
+use etherparse::{
+    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, PacketBuilder,
+    TcpHeader, UdpHeader,
+};
+use serde::{Deserialize, Serialize};
+
+use std::{collections::HashMap, net::IpAddr};
+
+use crate::{
+    catalog::describe,
+    datapath::TestRunOutcome,
+    error::{NvError, Result, invalid},
+    model::Method,
+    txn::Tables,
+};
+
+/// The transport of a described packet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    #[default]
+    Icmp,
+    Tcp,
+    Udp,
+}
+
+/// What to trace (`POST /v1/trace`): a packet a VM sends on its port, or one that arrives on
+/// the uplink; described by its addresses, or given whole (`frame`, hex: from a capture).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// The VM port the packet leaves the VM by.
+    #[serde(default)]
+    pub port: Option<String>,
+    /// The packet arrives on the uplink (NVGRE, or IP rewrite if the destination's record
+    /// says so).
+    #[serde(default)]
+    pub from_uplink: bool,
+    /// From the uplink: the virtual subnet.
+    #[serde(default)]
+    pub vsid: Option<u32>,
+    #[serde(default)]
+    pub src: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub dst: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub proto: Option<Proto>,
+    #[serde(default)]
+    pub sport: Option<u16>,
+    #[serde(default)]
+    pub dport: Option<u16>,
+    /// A whole Ethernet frame, hex: run as it is.
+    #[serde(default)]
+    pub frame: Option<String>,
+}
+
+/// What happened to the packet.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// The programs it ran through, and where.
+    pub program: String,
+    /// The packet as built, layer by layer.
+    pub input: Vec<String>,
+    /// The records and port entries that decided, in the order the datapath used them.
+    pub lookups: Vec<String>,
+    /// `redirect`, `drop`, `pass` (to the host's stack, or on to the uplink's TC program).
+    pub verdict: String,
+    /// The counter the datapath counted it under: for a drop, its reason.
+    pub counter: Option<String>,
+    /// Why, in words.
+    pub why: String,
+    /// Where it was redirected: the device and how.
+    pub out_port: Option<String>,
+    pub out_how: Option<String>,
+    /// The frame the program left, layer by layer (none for a drop).
+    pub output: Vec<String>,
+    /// And its bytes, hex, for another decoder.
+    #[serde(default)]
+    pub output_frame: Option<String>,
+}
+
+/// What a trace needs of the host.
+pub struct Host<'a> {
+    pub tables: &'a Tables,
+    pub uplink: &'a str,
+    pub uplink_ifindex: u32,
+    pub uplink_mac: [u8; 6],
+    /// NVGRE is taken off on the uplink's XDP hook (else on its TC hook).
+    pub xdp: bool,
+}
+
+/// A packet to trace, built: the program it enters and where, and the records that decide.
+pub struct Built {
+    pub frame: Vec<u8>,
+    pub lookups: Vec<String>,
+    pub program: &'static str,
+    /// The skb's device for a TC program.
+    pub ifindex: Option<u32>,
+    /// Where it enters, by name.
+    pub at: String,
+}
+
+/// Builds the packet `req` describes (or takes the one it gives).
+pub fn build(host: &Host, req: &Request) -> Result<Built> {
+    match (&req.port, req.from_uplink) {
+        (Some(port), false) => from_port(host, port, req),
+        (None, true) => from_uplink(host, req),
+        _ => Err(invalid(
+            "trace a packet a VM sends (--port P) or one that arrives on the uplink \
+             (--from-uplink), one of the two",
+        )),
+    }
+}
+
+/// Where a record of VSID `vsid` for `ca` says the VM is, in words.
+fn record_line(host: &Host, vsid: u32, ca: Ipv4Addr, what: &str) -> String {
+    match host.tables.catalog.get(&(vsid, IpAddr::V4(ca))) {
+        Some(d) => format!(
+            "VSID {vsid} CA {ca}{what}: PA {} {}, {}",
+            d.pa,
+            d.method,
+            d.port.as_ref().map_or_else(
+                || "on another host".to_owned(),
+                |p| format!("here, port {p}")
+            )
+        ),
+        None => format!("VSID {vsid} CA {ca}{what}: no record"),
+    }
+}
+
+fn v4(ip: IpAddr) -> Result<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(a) => Ok(a),
+        IpAddr::V6(_) => Err(invalid("IPv6 addresses are not supported yet")),
+    }
+}
+
+/// A frame the VM behind `port` sends, as described or given.
+fn from_port(host: &Host, port: &str, req: &Request) -> Result<Built> {
+    let catalog = &host.tables.catalog;
+    let record = catalog.by_port(port);
+    let ports = &host.tables.ports;
+    let ifindex = ports
+        .get(port)
+        .map(|a| a.ifindex)
+        .or_else(|| ports.orphans().find(|(p, _)| *p == port).map(|(_, i)| *i))
+        .ok_or_else(|| {
+            NvError::NotFound(format!("port '{port}' is not a VM port nv filters here"))
+        })?;
+    let mut lookups = vec![match &record {
+        Some(r) => format!(
+            "port {port} (ifindex {ifindex}): {} MAC {} {}",
+            describe(r),
+            r.mac,
+            r.method
+        ),
+        None => format!("port {port} (ifindex {ifindex}): no record (still filtered)"),
+    }];
+    let frame = if let Some(hex) = &req.frame {
+        from_hex(hex)?
+    } else {
+        let r = record.as_ref().ok_or_else(|| {
+            invalid(format!(
+                "port '{port}' has no record: give the frame whole (--pcap) to trace it"
+            ))
+        })?;
+        let dst = req
+            .dst
+            .ok_or_else(|| invalid("--dst is needed: the destination CA"))?;
+        let src = match req.src {
+            Some(s) => s,
+            None => v4(r.ca)?,
+        };
+        lookups.push(record_line(host, r.vsid, dst, ""));
+        let to = catalog.get(&(r.vsid, IpAddr::V4(dst)));
+        customer_frame(
+            (r.mac.0, to.map_or([2, 0, 0, 0, 0, 0], |d| d.mac.0)),
+            src,
+            dst,
+            req.proto.unwrap_or_default(),
+            (req.sport.unwrap_or(40_000), req.dport.unwrap_or(7)),
+        )
+    };
+    Ok(Built {
+        frame,
+        lookups,
+        program: nv_common::program_names::FROM_VM,
+        ifindex: Some(ifindex),
+        at: port.to_owned(),
+    })
+}
+
+/// A frame arriving on the uplink from the host of `--src` for the VM `--dst` of `--vsid`:
+/// NVGRE, or IP rewrite when the destination's record says so.
+fn from_uplink(host: &Host, req: &Request) -> Result<Built> {
+    let (program, ifindex) = if host.xdp {
+        (nv_common::program_names::UPLINK_XDP, None)
+    } else {
+        (
+            nv_common::program_names::UPLINK_TC,
+            Some(host.uplink_ifindex),
+        )
+    };
+    let built = |frame, lookups| Built {
+        frame,
+        lookups,
+        program,
+        ifindex,
+        at: host.uplink.to_owned(),
+    };
+    if let Some(hex) = &req.frame {
+        return Ok(built(from_hex(hex)?, Vec::new()));
+    }
+    let (Some(vsid), Some(src), Some(dst)) = (req.vsid, req.src, req.dst) else {
+        return Err(invalid(
+            "from the uplink, give --vsid, --src (a CA with a record: its PA and MAC make the \
+             outer header) and --dst (a CA of a VM here)",
+        ));
+    };
+    let catalog = &host.tables.catalog;
+    let from = catalog
+        .get(&(vsid, IpAddr::V4(src)))
+        .ok_or_else(|| NvError::NotFound(format!("no lookup record for VSID {vsid} CA {src}")))?;
+    let to = catalog.get(&(vsid, IpAddr::V4(dst)));
+    let lookups = vec![
+        record_line(host, vsid, src, " (source)"),
+        record_line(host, vsid, dst, ""),
+    ];
+    let local_pa = match &to {
+        Some(d) => v4(d.pa)?,
+        None => v4(catalog
+            .providers()
+            .first()
+            .ok_or_else(|| invalid("this host has no provider address"))?
+            .pa
+            .addr)?,
+    };
+    let router = [2, 0, 0, 0, 0xfe, 0xfe];
+    let proto = req.proto.unwrap_or_default();
+    let ports = (req.sport.unwrap_or(40_000), req.dport.unwrap_or(7));
+    let frame = if to.as_ref().is_some_and(|d| d.method == Method::Rewrite) {
+        // IP rewrite: provider addresses on the wire, no header added.
+        customer_frame(
+            (router, host.uplink_mac),
+            v4(from.pa)?,
+            local_pa,
+            proto,
+            ports,
+        )
+    } else {
+        let inner = customer_frame(
+            (
+                from.mac.0,
+                to.as_ref().map_or([2, 0, 0, 0, 0, 0], |d| d.mac.0),
+            ),
+            src,
+            dst,
+            proto,
+            ports,
+        );
+        nvgre_frame(
+            (router, host.uplink_mac),
+            v4(from.pa)?,
+            local_pa,
+            vsid,
+            &inner,
+        )?
+    };
+    Ok(built(frame, lookups))
+}
+
+const XDP_PASS: u32 = 2;
+
+/// A program's return code in words.
+fn verdict(ret: u32, xdp: bool) -> &'static str {
+    match (xdp, ret) {
+        (false, 0) | (true, XDP_PASS) => "pass",
+        (false, 2) | (true, 1) => "drop",
+        (false, 7) | (true, 4) => "redirect",
+        (true, 3) => "sent back (XDP_TX)",
+        _ => "unexpected",
+    }
+}
+
+fn port_name<S: std::hash::BuildHasher>(names: &HashMap<u32, String, S>, ifindex: u32) -> String {
+    names
+        .get(&ifindex)
+        .cloned()
+        .unwrap_or_else(|| format!("ifindex {ifindex}"))
+}
+
+/// What the run of `built` did (`counted`: the counters it moved; `names`: ports by ifindex).
+pub fn outcome<S: std::hash::BuildHasher>(
+    built: Built,
+    run: &TestRunOutcome,
+    counted: &[&str],
+    names: &HashMap<u32, String, S>,
+    req: &Request,
+) -> Outcome {
+    let xdp = built.program == nv_common::program_names::UPLINK_XDP;
+    let mut out = Outcome {
+        program: format!("{} on {}", built.program, built.at),
+        input: decode(&built.frame),
+        lookups: built.lookups,
+        verdict: verdict(run.ret, xdp).into(),
+        counter: (!counted.is_empty()).then(|| counted.join(", ")),
+        ..Outcome::default()
+    };
+    let mut data = run.data.as_slice();
+    if xdp
+        && run.ret == XDP_PASS
+        && let Some(head) = data.get(..16)
+    {
+        // XDP hands what it took to the uplink's TC program, with metadata in front naming
+        // the VM port.
+        let word = |i: usize| u32::from_ne_bytes(head[i..i + 4].try_into().unwrap_or_default());
+        let meta = match word(0) {
+            nv_common::DeliverMeta::MAGIC => 16,
+            nv_common::RestoreMeta::MAGIC => 32,
+            _ => 0,
+        };
+        if meta > 0 {
+            out.out_port = Some(port_name(names, word(4)));
+            out.out_how = Some("delivered by nv_uplink_tc".into());
+            data = data.get(meta..).unwrap_or_default();
+        }
+    }
+    if let Some(r) = run.redirect {
+        out.out_port = Some(port_name(names, r.ifindex));
+        out.out_how = Some(
+            match r.how {
+                nv_common::RedirectTrace::PEER => "into the VM (redirect to the veth's peer)",
+                nv_common::RedirectTrace::NEIGH => {
+                    "to the underlay's next hop (redirect_neigh: the kernel writes the outer \
+                     Ethernet addresses)"
+                }
+                _ => "out of the device (redirect to its egress)",
+            }
+            .into(),
+        );
+    }
+    if out.verdict != "drop" {
+        out.output = decode(data);
+        out.output_frame = Some(to_hex(data));
+    }
+    out.why = why(&out, req);
+    out
+}
+
+/// Why the trace ended as it did, in words.
+fn why(out: &Outcome, req: &Request) -> String {
+    let counter = out.counter.as_deref().unwrap_or_default();
+    let reason = counter
+        .split(", ")
+        .find_map(|c| c.strip_prefix("drop_"))
+        .unwrap_or_default();
+    match out.verdict.as_str() {
+        "drop" => {
+            let detail = match reason {
+                "vm_unknown_dst" => format!(
+                    "no lookup record for the destination {} in the port's VSID",
+                    req.dst.map_or_else(|| "?".into(), |d| d.to_string())
+                ),
+                "vm_unknown_port" => {
+                    "the port has no record: every frame it sends is dropped".into()
+                }
+                "vm_spoofed_ip" => "the source address is not the port's customer address".into(),
+                "vm_spoofed_mac" => "the source MAC is not the port's".into(),
+                "uplink_spoofed_pa" => {
+                    "the outer source is not the PA recorded for the inner source".into()
+                }
+                "uplink_vsid_not_hosted" => "no VM of this VSID runs here".into(),
+                "uplink_unknown_dst" | "uplink_not_local" => {
+                    "the destination is not a VM here".into()
+                }
+                "port_gone" => "the destination's port is gone (or being re-created)".into(),
+                "port_down" => "the destination's port is down".into(),
+                _ => "see `nvctl stats` for the counter".into(),
+            };
+            format!("dropped as {reason}: {detail}")
+        }
+        "redirect" => format!(
+            "forwarded ({counter}) to {}",
+            out.out_port.as_deref().unwrap_or("?")
+        ),
+        _ if out.out_port.is_some() => format!(
+            "taken by nv ({counter}) for {}",
+            out.out_port.as_deref().unwrap_or("?")
+        ),
+        _ => "passed to the host's own stack: not tenant traffic".into(),
+    }
+}
+
+/// A customer frame from `src` to `dst`.
+pub fn customer_frame(
+    macs: ([u8; 6], [u8; 6]),
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: Proto,
+    ports: (u16, u16),
+) -> Vec<u8> {
+    let ip = PacketBuilder::ethernet2(macs.0, macs.1).ipv4(src.octets(), dst.octets(), 64);
+    let payload = [0u8; 32];
+    let mut out = Vec::new();
+    let written = match proto {
+        Proto::Udp => {
+            let b = ip.udp(ports.0, ports.1);
+            out.reserve(b.size(payload.len()));
+            b.write(&mut out, &payload)
+        }
+        Proto::Tcp => {
+            let b = ip.tcp(ports.0, ports.1, 1, 64_240).syn();
+            out.reserve(b.size(0));
+            b.write(&mut out, &[])
+        }
+        Proto::Icmp => {
+            let b = ip.icmpv4_echo_request(ports.0, 1);
+            out.reserve(b.size(payload.len()));
+            b.write(&mut out, &payload)
+        }
+    };
+    written.expect("a frame of fixed headers always builds");
+    out
+}
+
+/// `inner` in NVGRE from `src` to `dst` (provider addresses), VSID `vsid`.
+pub fn nvgre_frame(
+    macs: ([u8; 6], [u8; 6]),
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    vsid: u32,
+    inner: &[u8],
+) -> Result<Vec<u8>> {
+    let len = u16::try_from(8 + inner.len()).map_err(|_| invalid("the frame is too big"))?;
+    let mut ip = Ipv4Header::new(len, 64, IpNumber::GRE, src.octets(), dst.octets())
+        .map_err(|e| invalid(format!("cannot build the outer header: {e}")))?;
+    ip.dont_fragment = true;
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut out = Vec::with_capacity(42 + inner.len());
+    out.extend_from_slice(
+        &Ethernet2Header {
+            source: macs.0,
+            destination: macs.1,
+            ether_type: EtherType::IPV4,
+        }
+        .to_bytes(),
+    );
+    out.extend_from_slice(&ip.to_bytes());
+    out.extend_from_slice(&[0x20, 0x00, 0x65, 0x58]);
+    out.extend_from_slice(&(vsid << 8).to_be_bytes());
+    out.extend_from_slice(inner);
+    Ok(out)
+}
+
+/// Parses a frame given as hex (spaces and colons allowed).
+pub fn from_hex(text: &str) -> Result<Vec<u8>> {
+    let digits: Vec<u8> = text
+        .bytes()
+        .filter(|b| !b.is_ascii_whitespace() && *b != b':')
+        .collect();
+    if !digits.len().is_multiple_of(2) || digits.is_empty() {
+        return Err(invalid("the frame is not whole bytes of hex"));
+    }
+    digits
+        .chunks(2)
+        .map(|p| {
+            std::str::from_utf8(p)
+                .ok()
+                .and_then(|s| u8::from_str_radix(s, 16).ok())
+                .ok_or_else(|| invalid("the frame is not hex"))
+        })
+        .collect()
+}
+
+/// The first frame of a classic pcap file (Ethernet link type), as `tcpdump -w` writes it.
+pub fn first_pcap_frame(file: &[u8]) -> Result<Vec<u8>> {
+    let word = |at: usize, swap: bool| -> Option<u32> {
+        let b: [u8; 4] = file.get(at..at + 4)?.try_into().ok()?;
+        Some(if swap {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        })
+    };
+    let swap = match word(0, false) {
+        Some(0xa1b2_c3d4 | 0xa1b2_3c4d) => false,
+        Some(0xd4c3_b2a1 | 0x4d3c_b2a1) => true,
+        Some(0x0a0d_0d0a) => {
+            return Err(invalid(
+                "the file is pcapng: save it as pcap (`tshark -r FILE -F pcap -w OUT`)",
+            ));
+        }
+        _ => return Err(invalid("the file is not a pcap capture")),
+    };
+    if word(20, swap) != Some(1) {
+        return Err(invalid(
+            "the capture is not of Ethernet frames (link type 1)",
+        ));
+    }
+    let len = word(24 + 8, swap).ok_or_else(|| invalid("the capture holds no packet"))?;
+    let start = 24 + 16;
+    file.get(start..start + len as usize)
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| invalid("the capture's first packet is cut short"))
+}
+
+/// Hex of `bytes`, for `Request::frame`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = std::fmt::Write::write_fmt(&mut s, format_args!("{b:02x}"));
+        s
+    })
+}
+
+fn mac(m: [u8; 6]) -> String {
+    crate::model::Mac(m).to_string()
+}
+
+/// A frame, layer by layer, as an independent reader (etherparse) sees it; NVGRE's inner frame
+/// is decoded too.
+pub fn decode(frame: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    decode_into(frame, &mut out, 0);
+    out
+}
+
+fn decode_into(frame: &[u8], out: &mut Vec<String>, depth: u8) {
+    let Ok((eth, rest)) = Ethernet2Header::from_slice(frame) else {
+        out.push(format!("{} bytes, not an Ethernet frame", frame.len()));
+        return;
+    };
+    out.push(format!(
+        "Ethernet {} > {} type {:#06x}",
+        mac(eth.source),
+        mac(eth.destination),
+        eth.ether_type.0
+    ));
+    if eth.ether_type == EtherType::ARP {
+        if rest.len() >= 28 {
+            let ip = |at: usize| Ipv4Addr::new(rest[at], rest[at + 1], rest[at + 2], rest[at + 3]);
+            let op = if rest[7] == 1 { "request" } else { "reply" };
+            out.push(format!(
+                "ARP {op}: who has {} tell {} ({})",
+                ip(24),
+                ip(14),
+                mac(rest[8..14].try_into().unwrap_or_default())
+            ));
+        }
+        return;
+    }
+    if eth.ether_type != EtherType::IPV4 {
+        return;
+    }
+    let Ok((ip, payload)) = Ipv4Header::from_slice(rest) else {
+        out.push("IPv4, malformed".into());
+        return;
+    };
+    out.push(format!(
+        "IPv4 {} > {} proto {} ttl {} dscp {} ecn {}{} len {}",
+        Ipv4Addr::from(ip.source),
+        Ipv4Addr::from(ip.destination),
+        ip.protocol.0,
+        ip.time_to_live,
+        ip.dscp.value(),
+        ip.ecn.value(),
+        if ip.dont_fragment { " DF" } else { "" },
+        ip.total_len
+    ));
+    match ip.protocol {
+        IpNumber::UDP => {
+            if let Ok((udp, _)) = UdpHeader::from_slice(payload) {
+                out.push(format!(
+                    "UDP {} > {} len {}",
+                    udp.source_port, udp.destination_port, udp.length
+                ));
+            }
+        }
+        IpNumber::TCP => {
+            if let Ok((tcp, _)) = TcpHeader::from_slice(payload) {
+                let flags = [
+                    (tcp.syn, "S"),
+                    (tcp.ack, "A"),
+                    (tcp.fin, "F"),
+                    (tcp.rst, "R"),
+                ]
+                .iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, f)| *f)
+                .collect::<String>();
+                out.push(format!(
+                    "TCP {} > {} flags {flags}",
+                    tcp.source_port, tcp.destination_port
+                ));
+            }
+        }
+        IpNumber::ICMP => {
+            if let Ok((icmp, _)) = Icmpv4Header::from_slice(payload) {
+                out.push(match icmp.icmp_type {
+                    Icmpv4Type::EchoRequest(e) => format!("ICMP echo request id {}", e.id),
+                    Icmpv4Type::EchoReply(e) => format!("ICMP echo reply id {}", e.id),
+                    Icmpv4Type::DestinationUnreachable(d) => {
+                        format!("ICMP destination unreachable: {d:?}")
+                    }
+                    other => format!("ICMP {other:?}"),
+                });
+            }
+        }
+        IpNumber::GRE if payload.len() >= 8 => {
+            let flags = u16::from_be_bytes([payload[0], payload[1]]);
+            let proto = u16::from_be_bytes([payload[2], payload[3]]);
+            let key = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+            if flags == 0x2000 && proto == 0x6558 {
+                out.push(format!("NVGRE VSID {} flow {:#04x}", key >> 8, key & 0xff));
+                if depth == 0 {
+                    decode_into(&payload[8..], out, depth + 1);
+                }
+            } else {
+                out.push(format!("GRE flags {flags:#06x} proto {proto:#06x}"));
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_built_here_decode_layer_by_layer() {
+        let inner = customer_frame(
+            ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]),
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+            Proto::Udp,
+            (40_000, 53),
+        );
+        let outer = nvgre_frame(
+            ([2, 0, 0, 0, 9, 9], [2, 0, 0, 0, 8, 8]),
+            Ipv4Addr::new(198, 18, 0, 2),
+            Ipv4Addr::new(198, 18, 0, 1),
+            5001,
+            &inner,
+        )
+        .unwrap();
+        let layers = decode(&outer);
+        assert_eq!(layers.len(), 6, "{layers:?}");
+        assert!(layers[1].starts_with("IPv4 198.18.0.2 > 198.18.0.1 proto 47"));
+        assert_eq!(layers[2], "NVGRE VSID 5001 flow 0x00");
+        assert!(layers[4].starts_with("IPv4 10.0.0.1 > 10.0.0.2 proto 17"));
+        assert_eq!(layers[5], "UDP 40000 > 53 len 40");
+        assert_eq!(from_hex(&to_hex(&outer)).unwrap(), outer);
+        assert!(from_hex("0g").is_err());
+        let tcp = customer_frame(
+            ([2; 6], [4; 6]),
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+            Proto::Tcp,
+            (1, 80),
+        );
+        assert_eq!(decode(&tcp)[2], "TCP 1 > 80 flags S");
+    }
+}
