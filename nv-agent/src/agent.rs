@@ -43,6 +43,8 @@ pub struct Agent {
     pin_path: std::path::PathBuf,
     /// `nvctl trace`'s copy of the programs, loaded at the first trace.
     tracer: Option<Datapath>,
+    /// The datapath logs its debug events (`nvctl debug on`).
+    debug_events: bool,
 }
 
 /// What `nvctl status` shows.
@@ -82,6 +84,9 @@ pub struct Status {
     /// `nvctl monitor` clients watching now.
     #[serde(default)]
     pub monitors: usize,
+    /// Whether the datapath logs its debug events (`nvctl debug on`).
+    #[serde(default)]
+    pub debug_events: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -169,7 +174,12 @@ impl Agent {
             hub: crate::monitor::Hub::default(),
             pin_path: config.pin_path.clone(),
             tracer: None,
+            debug_events: false,
         };
+        if let Some(log) = agent.datapath.take_log() {
+            crate::monitor::spawn_log_reader(log)
+                .map_err(|e| NvError::Datapath(format!("the datapath's debug events: {e}")))?;
+        }
         let ring = agent.datapath.take_monitor()?;
         agent
             .hub
@@ -194,6 +204,10 @@ impl Agent {
             uplink_ifindex: self.uplink_ifindex,
             flags: if self.decap_hook == DecapHook::Tc {
                 DatapathConfig::TC_DECAP
+            } else {
+                0
+            } | if self.debug_events {
+                DatapathConfig::DEBUG_EVENTS
             } else {
                 0
             },
@@ -221,6 +235,7 @@ impl Agent {
 
     /// A client starts watching the datapath's events: the datapath reports drops (and
     /// samples, if asked) from now on.
+    #[tracing::instrument(skip_all, fields(vsid = ?filter.vsid, reason = ?filter.reason, port = ?filter.port, sample = ?filter.sample))]
     pub fn watch(&mut self, filter: &crate::monitor::Filter) -> Result<crate::monitor::Watching> {
         if let Some(vsid) = filter.vsid {
             crate::model::validate_vsid(vsid)?;
@@ -258,6 +273,24 @@ impl Agent {
             names,
             port,
         })
+    }
+
+    /// Turns the datapath's debug events on or off (`nvctl debug`): they are logged under
+    /// `nv_datapath` while on; off, they cost a branch.
+    pub fn set_debug(&mut self, on: bool) -> Result<bool> {
+        if self.debug_events != on {
+            self.debug_events = on;
+            self.update_config()?;
+            info!(
+                "datapath debug events {}",
+                if on {
+                    "on: logged under nv_datapath"
+                } else {
+                    "off"
+                }
+            );
+        }
+        Ok(self.debug_events)
     }
 
     /// The datapath's sampling of forwarded packets now (0: none).
@@ -664,6 +697,7 @@ impl Agent {
             reconciles: self.reconciles,
             repaired: self.repaired,
             monitors: self.watchers().len(),
+            debug_events: self.debug_events,
         }
     }
 
@@ -764,6 +798,7 @@ impl Agent {
         Ok(applied)
     }
 
+    #[tracing::instrument(skip_all, fields(pa = %p.pa, dev = ?p.dev))]
     pub async fn add_provider(&mut self, p: Provider) -> Result<ProviderState> {
         if !p.pa.addr.is_ipv4() {
             return Err(invalid(format!(
@@ -826,6 +861,7 @@ impl Agent {
         Ok(state)
     }
 
+    #[tracing::instrument(skip(self))]
     pub async fn del_provider(&mut self, pa: IpAddr) -> Result<ProviderState> {
         let Some(removed) = self
             .tables
@@ -901,6 +937,7 @@ impl Agent {
         Ok(())
     }
 
+    #[tracing::instrument(skip_all, fields(vsid = r.vsid, ca = %r.ca, pa = %r.pa, port = ?r.port))]
     pub async fn add_lookup(&mut self, r: LookupRecord) -> Result<LookupRecord> {
         r.validate()?;
         self.tables.catalog.check(&r, None)?;
@@ -917,6 +954,7 @@ impl Agent {
 
     /// Adds many records as one change: each is checked against the table and the ones before
     /// it, then all are mapped and stored, or none.
+    #[tracing::instrument(skip_all, fields(records = records.len()))]
     pub async fn import_lookups(&mut self, records: Vec<LookupRecord>) -> Result<usize> {
         let started = std::time::Instant::now();
         self.check_capacity(records.len())?;
@@ -971,6 +1009,7 @@ impl Agent {
         Ok(n)
     }
 
+    #[tracing::instrument(skip(self))]
     pub async fn del_lookup(&mut self, vsid: u32, ca: IpAddr) -> Result<LookupRecord> {
         let Some(removed) = self.tables.catalog.get(&(vsid, ca)) else {
             return Err(NvError::NotFound(format!(
@@ -988,6 +1027,7 @@ impl Agent {
     }
 
     /// Replaces a record's PA and port in one change (migration).
+    #[tracing::instrument(skip_all, fields(vsid = m.vsid, ca = %m.ca, pa = %m.pa, port = ?m.port))]
     pub async fn move_lookup(&mut self, m: MoveRequest) -> Result<LookupRecord> {
         let key = (m.vsid, m.ca);
         let Some(old) = self.tables.catalog.get(&key) else {
@@ -1019,6 +1059,7 @@ impl Agent {
 
     /// Runs one packet through a tracing copy of the programs on the live maps (`nvctl
     /// trace`): what it is, which records decided, where it went, and what left.
+    #[tracing::instrument(skip_all, fields(port = ?req.port, from_uplink = req.from_uplink, dst = ?req.dst))]
     pub fn trace(&mut self, req: &crate::trace::Request) -> Result<crate::trace::Outcome> {
         let host = crate::trace::Host {
             tables: &self.tables,

@@ -13,6 +13,7 @@
 //! | GET    | /v1/stats            | `?vsid=N`: that VSID's traffic instead of the counters |
 //! | GET    | /v1/status           |                    |
 //! | POST   | /v1/trace            | a packet to trace (`nvctl trace`) |
+//! | PUT    | /v1/debug            | `{"datapath": true}`: the datapath's debug events on or off |
 //! | GET    | /v1/monitor          | `?vsid=&reason=&port=&sample=`: events as JSON lines, until the client leaves |
 //!
 //! Errors are `{"error": "one line"}` with 400 (invalid), 404, 409 (conflict), 503 (too many
@@ -81,6 +82,11 @@ impl From<JsonRejection> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if self.0.is_server_error() {
+            tracing::error!(status = self.0.as_u16(), "request failed: {}", self.1);
+        } else {
+            tracing::warn!(status = self.0.as_u16(), "request refused: {}", self.1);
+        }
         (self.0, Json(json!({ "error": self.1 }))).into_response()
     }
 }
@@ -171,6 +177,7 @@ pub fn router(agent: Shared, metrics: crate::metrics::ApiMetrics) -> Router {
         .route("/v1/lookups/move", post(move_lookup))
         .route("/v1/stats", get(stats))
         .route("/v1/trace", post(trace))
+        .route("/v1/debug", axum::routing::put(debug))
         .route("/v1/status", get(status))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(ConcurrencyLimitLayer::new(REQUESTS_AT_ONCE))
@@ -305,6 +312,22 @@ async fn import_lookups(
     })
     .await?;
     Ok((StatusCode::CREATED, Json(json!({ "imported": imported }))))
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Debug {
+    /// The datapath's debug events (aya-log), logged by the agent under `nv_datapath`.
+    pub datapath: bool,
+}
+
+async fn debug(
+    State(a): State<Shared>,
+    body: Result<Json<Debug>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(d) = body?;
+    let on = whole(async move { a.lock().await.set_debug(d.datapath) }).await?;
+    Ok(Json(Debug { datapath: on }))
 }
 
 /// Runs one packet through a tracing copy of the programs (`nvctl trace`).

@@ -99,6 +99,12 @@ pub enum Command {
         #[arg(long, conflicts_with_all = ["dst", "src", "proto", "dport", "sport"])]
         pcap: Option<PathBuf>,
     },
+    /// Turn the datapath's debug events on or off: while on, every drop is logged by the
+    /// agent (target `nv_datapath`: `journalctl -u nv-agent`); off, they cost nothing measurable.
+    Debug {
+        #[arg(value_enum)]
+        state: OnOff,
+    },
     /// Watch the datapath live: every drop with its reason, VSID, port and addresses, and with
     /// --sample one in N forwarded packets; one line each (JSON lines with -o json), until
     /// Ctrl-C or --count events. The datapath reports only while a monitor runs.
@@ -133,6 +139,12 @@ pub enum Command {
         #[arg(value_enum, default_value_t = ManPage::Nvctl)]
         page: ManPage,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -101,6 +101,24 @@ pub struct Datapath {
     /// The tracing copy's redirect record, taken out of `ebpf` so it can be written through
     /// `&self` (the loaded programs keep the map alive).
     trace: Option<std::sync::Mutex<Array<MapData, RedirectTrace>>>,
+    /// The forwarding copy's debug events (aya-log), until the agent takes them to read.
+    log: Option<aya_log::EbpfLogger<DatapathLog>>,
+}
+
+/// Where the datapath's debug events (aya-log) go: the agent's log, at info level under the
+/// target `nv_datapath`, since they only come once an operator turned them on.
+pub struct DatapathLog;
+
+impl log::Log for DatapathLog {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        tracing::info!(target: "nv_datapath", "{}", record.args());
+    }
+
+    fn flush(&self) {}
 }
 
 /// Mounts bpffs at /sys/fs/bpf when `pin_path` is not on a bpffs yet.
@@ -397,6 +415,13 @@ impl Datapath {
             }
             _ => None,
         };
+        let log = match programs {
+            Programs::Forwarding => Some(
+                aya_log::EbpfLogger::init_with_logger(&mut ebpf, DatapathLog)
+                    .map_err(|e| dp_err("the datapath's debug events", e))?,
+            ),
+            _ => None,
+        };
         Ok(Datapath {
             ebpf,
             links_dir,
@@ -405,6 +430,7 @@ impl Datapath {
             migrating,
             fresh,
             trace,
+            log,
         })
     }
 
@@ -464,6 +490,7 @@ impl Datapath {
             migrating: Vec::new(),
             fresh: Vec::new(),
             trace: Some(std::sync::Mutex::new(map)),
+            log: None,
         })
     }
 
@@ -724,6 +751,11 @@ impl Datapath {
                 Ok((*c, values.iter().sum()))
             })
             .collect()
+    }
+
+    /// The datapath's debug events, for the task that logs them.
+    pub fn take_log(&mut self) -> Option<aya_log::EbpfLogger<DatapathLog>> {
+        self.log.take()
     }
 
     /// The monitor's ring buffer, for the one reader that hands its events out.

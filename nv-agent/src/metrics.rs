@@ -281,7 +281,8 @@ pub async fn count_requests(State(m): State<ApiMetrics>, req: Request, next: Nex
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "other".to_owned(), |p| p.as_str().to_owned());
-    let response = next.run(req).await;
+    let span = tracing::info_span!("api", %method, %path);
+    let response = tracing::Instrument::instrument(next.run(req), span).await;
     m.requests
         .get_or_create(&RequestLabels {
             method,

@@ -253,6 +253,26 @@ impl Hub {
     }
 }
 
+/// Logs the datapath's debug events (aya-log) as they arrive, for as long as the agent runs.
+pub fn spawn_log_reader(
+    logger: aya_log::EbpfLogger<crate::datapath::DatapathLog>,
+) -> std::io::Result<()> {
+    // SAFETY: the AsyncFd owns the logger, and with it the ring buffer's descriptor, which
+    // stays open for as long as it is registered.
+    let mut logger = unsafe { AsyncFd::register(logger) }.map_err(std::io::Error::from)?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                tracing::error!("the datapath's debug events cannot be read any more");
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -313,6 +313,9 @@ impl DatapathConfig {
     pub const REWRITE_FILTER_WORDS: usize = 32;
     /// `monitor`: report drops.
     pub const MONITOR_DROPS: u32 = 1;
+    /// `flags`: the datapath logs its debug events (aya-log), turned on at run time with
+    /// `nvctl debug on`.
+    pub const DEBUG_EVENTS: u32 = 4;
 
     /// Where `pa` (IPv4, network order) sits in `rewrite_filter`: (word, bit mask). A
     /// multiplicative hash: one multiply and a shift in the datapath.

@@ -6,6 +6,7 @@
 use core::ptr;
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_NOEXIST, TC_ACT_SHOT, xdp_action::XDP_DROP},
     programs::{TcContext, XdpContext},
 };
@@ -25,8 +26,8 @@ use crate::{
 #[unsafe(no_mangle)]
 static NV_COUNT_VSIDS: u32 = 1;
 
-/// Set to 0 by the loader for the benchmark's copy without the monitor's checks, so their cost
-/// with no monitor attached is measured against none at all.
+/// Set to 0 by the loader for the benchmark's copy without the monitor's and the debug events'
+/// checks, so their cost with both off is measured against none at all.
 #[unsafe(no_mangle)]
 static NV_MONITORING: u32 = 1;
 
@@ -120,12 +121,40 @@ pub fn forwarded(data: usize, end: usize, how: Counter, ifindex: u32, vsid: u32,
     );
 }
 
+/// Whether the datapath logs its debug events now (`nvctl debug on`).
+#[inline(always)]
+pub fn debugging() -> bool {
+    has_monitor()
+        && CONFIG
+            .get(0)
+            .is_some_and(|c| c.flags & DatapathConfig::DEBUG_EVENTS != 0)
+}
+
+/// A debug event for a drop, through aya-log. Out of line: off the hot paths.
+#[inline(never)]
+fn log_drop<C: EbpfContext>(ctx: &C, reason: Counter, ifindex: u32, vsid: u32) {
+    aya_log_ebpf::debug!(
+        ctx,
+        "drop {}: ifindex {} vsid {}",
+        reason.name(),
+        ifindex,
+        vsid
+    );
+}
+
 /// Drops a frame from the VM port `ifindex` (TC): counted, and reported while a monitor runs.
 pub fn drop_from_vm(ctx: &TcContext, reason: Counter, ifindex: u32) -> i32 {
     count(reason);
-    if monitoring() {
-        // SAFETY: read-only use of a value the agent replaces whole.
-        let vsid = unsafe { PORTS.get(ifindex) }.map_or(0, |p| p.vsid);
+    let (debug, monitor) = (debugging(), monitoring());
+    if !debug && !monitor {
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: read-only use of a value the agent replaces whole.
+    let vsid = unsafe { PORTS.get(ifindex) }.map_or(0, |p| p.vsid);
+    if debug {
+        log_drop(ctx, reason, ifindex, vsid);
+    }
+    if monitor {
         let (what, ids) = (what(MonitorEvent::DROP, reason), ids(ifindex, vsid));
         report(ctx.data(), ctx.data_end(), what, ids, ctx.len());
     }
@@ -136,9 +165,12 @@ pub fn drop_from_vm(ctx: &TcContext, reason: Counter, ifindex: u32) -> i32 {
 /// counted, and reported while a monitor runs.
 pub fn drop_on_uplink(ctx: &TcContext, reason: Counter, vsid: u32) -> i32 {
     count(reason);
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if debugging() {
+        log_drop(ctx, reason, ifindex, vsid);
+    }
     if monitoring() {
-        // SAFETY: the context pointer is valid for the whole program run.
-        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         let (what, ids) = (what(MonitorEvent::DROP, reason), ids(ifindex, vsid));
         report(ctx.data(), ctx.data_end(), what, ids, ctx.len());
     }
@@ -148,9 +180,12 @@ pub fn drop_on_uplink(ctx: &TcContext, reason: Counter, vsid: u32) -> i32 {
 /// Drops a frame on the uplink's XDP hook: counted, and reported while a monitor runs.
 pub fn drop_xdp(ctx: &XdpContext, reason: Counter) -> u32 {
     count(reason);
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    if debugging() {
+        log_drop(ctx, reason, ifindex, 0);
+    }
     if monitoring() {
-        // SAFETY: the context pointer is valid for the whole program run.
-        let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
         let (data, end) = (ctx.data(), ctx.data_end());
         #[expect(clippy::cast_possible_truncation, reason = "a frame")]
         let len = (end - data) as u32;

@@ -379,3 +379,99 @@ fn nvctl_monitor_shows_each_drop_with_its_reason_vsid_port_and_addresses() -> an
     monitors_become(h1, 0)?;
     Ok(())
 }
+
+/// Spoofed echoes from RED-1 (its source 10.0.0.9, RED-2's MAC given by hand): `n` drops.
+fn spoof(bed: &TwoHosts, n: u32) -> anyhow::Result<()> {
+    let red1 = &bed.vm("RED-1").ns;
+    red1.ip(&["addr", "replace", "10.0.0.9/32", "dev", "eth0"])?;
+    let mac = bed.vm("RED-2").mac.clone();
+    red1.ip(&[
+        "neigh",
+        "replace",
+        "10.0.0.2",
+        "lladdr",
+        &mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ])?;
+    let count = n.to_string();
+    red1.exec_output(
+        "ping",
+        &[
+            "-c", &count, "-i", "0.2", "-W", "1", "-I", "10.0.0.9", "10.0.0.2",
+        ],
+    )?;
+    Ok(())
+}
+
+fn lines_with(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+#[test]
+fn datapath_debug_events_are_logged_only_while_on_and_the_agent_logs_what_it_does()
+-> anyhow::Result<()> {
+    let bed = TwoHosts::build("lg")?;
+    bed.configure()?;
+    let h1 = &bed.hosts[0];
+    let event = "drop drop_vm_spoofed_ip: ifindex";
+    // Off (the default): drops are counted, nothing is logged for them.
+    spoof(&bed, 2)?;
+    ensure!(lines_with(&h1.agent_log(), event) == 0, "logged while off");
+    h1.nvctl(&["debug", "on"])?;
+    ensure!(
+        h1.nvctl_json(&["status"])?["debug_events"] == true,
+        "status does not say debug events are on"
+    );
+    spoof(&bed, 3)?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let log = h1.agent_log();
+    let logged = lines_with(&log, event);
+    ensure!(logged == 3, "{logged} debug events for 3 drops: {log}");
+    ensure!(
+        log.lines()
+            .any(|l| l.contains(event) && l.contains("nv_datapath") && l.contains("vsid 5001")),
+        "the events lack their target or VSID: {log}"
+    );
+    h1.nvctl(&["debug", "off"])?;
+    spoof(&bed, 2)?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    ensure!(
+        lines_with(&h1.agent_log(), event) == 3,
+        "logged after turning off"
+    );
+
+    // A configuration change is one line saying what changed; a refused request is logged
+    // with its route and why.
+    let log = h1.agent_log();
+    ensure!(
+        lines_with(&log, "added lookup record VSID 5001 CA 10.0.0.2 (RED-2)") == 1,
+        "{log}"
+    );
+    let _ = h1.nvctl(&["lookup", "del", "--vsid", "5001", "--ca", "10.0.0.77"]);
+    let log = h1.agent_log();
+    ensure!(
+        log.lines().any(|l| l
+            .contains("request refused: no lookup record for VSID 5001 CA 10.0.0.77")
+            && l.contains("path=/v1/lookups")),
+        "the refused request is not logged with its route: {log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_agent_honours_rust_log() -> anyhow::Result<()> {
+    let mut bed = TwoHosts::build("rl")?;
+    bed.hosts[0].stop_agent();
+    bed.hosts[0].start_agent_with_env(&[("RUST_LOG", "warn")])?;
+    bed.configure()?;
+    let quiet = bed.hosts[0].agent_log();
+    ensure!(
+        lines_with(&quiet, "added lookup record") == 0
+            && lines_with(&bed.hosts[1].agent_log(), "added lookup record") == 4,
+        "RUST_LOG=warn still logged changes, or the positive control (host 2) did not: {quiet}"
+    );
+    Ok(())
+}

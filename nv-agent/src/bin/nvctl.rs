@@ -68,6 +68,7 @@ const LOOKUP_COLUMNS: &[(&str, &str)] = &[
 ];
 const IMPORT_COLUMNS: &[(&str, &str)] = &[("IMPORTED", "imported")];
 const STATS_COLUMNS: &[(&str, &str)] = &[("COUNTER", "counter"), ("PACKETS", "packets")];
+const DEBUG_COLUMNS: &[(&str, &str)] = &[("DATAPATH DEBUG EVENTS", "datapath")];
 const VSID_STATS_COLUMNS: &[(&str, &str)] = &[
     ("VSID", "vsid"),
     ("DIRECTION", "direction"),
@@ -264,6 +265,16 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         | Command::Completions { .. }
         | Command::Man { .. } => unreachable!("run_other"),
         Command::Trace { .. } => return trace(cli).await,
+        Command::Debug { state } => (
+            call(
+                s,
+                Method::PUT,
+                "/v1/debug",
+                Some(&json!({ "datapath": *state == nv_agent::cli::OnOff::On })),
+            )
+            .await?,
+            DEBUG_COLUMNS,
+        ),
         Command::Status => {
             let value = call(s, Method::GET, "/v1/status", None).await?;
             match cli.output {
@@ -400,6 +411,18 @@ fn status_table(v: &Value) -> Table {
     t.add_row(["underlay DSCP".to_owned(), field("underlay_dscp")]);
     t.add_row(["provider addresses".to_owned(), field("providers")]);
     t.add_row(["lookup records".to_owned(), field("lookups")]);
+    t.add_row([
+        "watching".to_owned(),
+        format!(
+            "{} monitors; datapath debug events {}",
+            field("monitors"),
+            if v["debug_events"].as_bool() == Some(true) {
+                "on"
+            } else {
+                "off"
+            }
+        ),
+    ]);
     t.add_row([
         "reconciled".to_owned(),
         format!(

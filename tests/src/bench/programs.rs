@@ -316,7 +316,7 @@ fn overheads(scale: Scale) -> anyhow::Result<Vec<Overhead>> {
             h.load_copy(Programs::WithoutVsidCounts)?,
         ),
         (
-            "monitor checks, no monitor attached",
+            "monitor and debug-event checks, off",
             h.load_copy(Programs::WithoutMonitor)?,
         ),
     ];
