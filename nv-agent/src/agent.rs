@@ -19,6 +19,8 @@ use crate::{
     txn::{Applied, Links, Tables},
 };
 
+mod cluster_ops;
+
 pub struct Agent {
     uplink: String,
     uplink_ifindex: u32,
@@ -45,6 +47,10 @@ pub struct Agent {
     tracer: Option<Datapath>,
     /// The datapath logs its debug events (`nvctl debug on`).
     debug_events: bool,
+    /// Cluster mode: lookup records come from etcd.
+    cluster: Option<crate::cluster::Cluster>,
+    /// This host's name (`host_name`): alone, the only host a record may name.
+    host_name: String,
 }
 
 /// What `nvctl status` shows.
@@ -87,6 +93,9 @@ pub struct Status {
     /// Whether the datapath logs its debug events (`nvctl debug on`).
     #[serde(default)]
     pub debug_events: bool,
+    /// Cluster mode: etcd, and how far this host follows it.
+    #[serde(default)]
+    pub cluster: Option<crate::cluster::Status>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -106,6 +115,9 @@ pub struct MoveRequest {
     pub pa: IpAddr,
     #[serde(default)]
     pub port: Option<String>,
+    /// Cluster mode: the host of the new port [default: this host].
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 fn apply_legacy(catalog: &mut Catalog, change: Change) {
@@ -137,8 +149,27 @@ impl Agent {
                 "uplink '{uplink}' does not exist on this host"
             )));
         };
-        let (mut store, state, changes) = Store::open(&config.state_dir)?;
+        let (mut store, mut state, changes) = Store::open(&config.state_dir)?;
+        let cluster = (!config.etcd_endpoints.is_empty()).then(|| {
+            let (revision, _) = store.cluster_cache().unwrap_or_default();
+            crate::cluster::Cluster::new(
+                config.host_name.clone(),
+                config.etcd_endpoints.clone(),
+                revision,
+            )
+        });
+        if cluster.is_some() && !state.lookups.is_empty() {
+            warn!(
+                "{} lookup records of this host's own store are not used in cluster mode: the \
+                 records are etcd's (nvctl lookup import puts them there)",
+                state.lookups.len()
+            );
+            state.lookups.clear();
+        }
         let mut catalog = Catalog::from_state(state)?;
+        if let Some(c) = &cluster {
+            Self::load_cluster_cache(&mut catalog, &store, c, &uplink)?;
+        }
         if !changes.is_empty() || store.needs_snapshot() {
             for c in changes {
                 apply_legacy(&mut catalog, c);
@@ -175,6 +206,8 @@ impl Agent {
             pin_path: config.pin_path.clone(),
             tracer: None,
             debug_events: false,
+            cluster,
+            host_name: config.host_name.clone(),
         };
         if let Some(log) = agent.datapath.take_log() {
             crate::monitor::spawn_log_reader(log)
@@ -698,6 +731,7 @@ impl Agent {
             repaired: self.repaired,
             monitors: self.watchers().len(),
             debug_events: self.debug_events,
+            cluster: self.cluster.as_ref().map(crate::cluster::Cluster::status),
         }
     }
 
@@ -769,6 +803,7 @@ impl Agent {
             ports_without_record: status.ports_without_record.len(),
             reconciles: self.reconciles,
             repaired: self.repaired,
+            cluster: self.cluster.as_ref().map(crate::cluster::Cluster::status),
         })
     }
 
@@ -926,6 +961,19 @@ impl Agent {
         Ok(Some(link))
     }
 
+    /// Alone (not in cluster mode), a record's VM port is this host's: naming another host
+    /// needs cluster mode.
+    fn own_host(&self, mut r: LookupRecord) -> Result<LookupRecord> {
+        match r.host.take() {
+            Some(h) if h != self.host_name => Err(invalid(format!(
+                "host '{h}' is not this host ({}): records name other hosts in cluster mode \
+                 only (etcd_endpoints)",
+                self.host_name
+            ))),
+            _ => Ok(r),
+        }
+    }
+
     fn check_capacity(&self, adding: usize) -> Result<()> {
         let len = self.tables.catalog.len();
         if len + adding > usize::try_from(self.max_lookups).unwrap_or(usize::MAX) {
@@ -939,6 +987,7 @@ impl Agent {
 
     #[tracing::instrument(skip_all, fields(vsid = r.vsid, ca = %r.ca, pa = %r.pa, port = ?r.port))]
     pub async fn add_lookup(&mut self, r: LookupRecord) -> Result<LookupRecord> {
+        let r = self.own_host(r)?;
         r.validate()?;
         self.tables.catalog.check(&r, None)?;
         self.check_capacity(1)?;
@@ -957,6 +1006,14 @@ impl Agent {
     #[tracing::instrument(skip_all, fields(records = records.len()))]
     pub async fn import_lookups(&mut self, records: Vec<LookupRecord>) -> Result<usize> {
         let started = std::time::Instant::now();
+        let records = records
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                self.own_host(r)
+                    .map_err(|e| invalid(format!("record {}: {e}", i + 1)))
+            })
+            .collect::<Result<Vec<_>>>()?;
         self.check_capacity(records.len())?;
         let mut links = HashMap::new();
         for (i, r) in records.iter().enumerate() {
@@ -1039,6 +1096,8 @@ impl Agent {
         let mut moved = old;
         moved.pa = m.pa;
         moved.port = m.port;
+        moved.host = m.host;
+        let moved = self.own_host(moved)?;
         moved.validate()?;
         self.tables.catalog.check(&moved, Some(&key))?;
         let links = self.check_port(&moved).await?.map(|l| (l.name.clone(), l));

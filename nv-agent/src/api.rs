@@ -68,6 +68,7 @@ impl From<NvError> for ApiError {
             NvError::Invalid(_) => StatusCode::BAD_REQUEST,
             NvError::NotFound(_) => StatusCode::NOT_FOUND,
             NvError::Conflict(_) => StatusCode::CONFLICT,
+            NvError::Cluster(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
@@ -254,7 +255,11 @@ async fn list_lookups(
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Query(q) = q.map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))?;
-    Ok(Json(a.lock().await.lookups(q.vsid)))
+    let agent = a.lock().await;
+    if agent.cluster().is_some() {
+        return Ok(Json(agent.cluster_lookups(q.vsid)?));
+    }
+    Ok(Json(agent.lookups(q.vsid)))
 }
 
 async fn add_lookup(
@@ -262,7 +267,14 @@ async fn add_lookup(
     body: Result<Json<LookupRecord>, JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Json(r) = body?;
-    let added = whole(async move { a.lock().await.add_lookup(r).await }).await?;
+    let cluster = a.lock().await.cluster();
+    let added = whole(async move {
+        match cluster {
+            Some(c) => crate::cluster::add(&a, &c, r).await,
+            None => a.lock().await.add_lookup(r).await,
+        }
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(added)))
 }
 
@@ -271,8 +283,15 @@ async fn del_lookup(
     q: Result<Query<LookupQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Query(q) = q.map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))?;
+    let cluster = a.lock().await.cluster();
     Ok(Json(
-        whole(async move { a.lock().await.del_lookup(q.vsid, q.ca).await }).await?,
+        whole(async move {
+            match cluster {
+                Some(c) => crate::cluster::delete(&c, q.vsid, q.ca).await,
+                None => a.lock().await.del_lookup(q.vsid, q.ca).await,
+            }
+        })
+        .await?,
     ))
 }
 
@@ -281,8 +300,15 @@ async fn move_lookup(
     body: Result<Json<MoveRequest>, JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Json(m) = body?;
+    let cluster = a.lock().await.cluster();
     Ok(Json(
-        whole(async move { a.lock().await.move_lookup(m).await }).await?,
+        whole(async move {
+            match cluster {
+                Some(c) => crate::cluster::move_to(&a, &c, m).await,
+                None => a.lock().await.move_lookup(m).await,
+            }
+        })
+        .await?,
     ))
 }
 
@@ -306,9 +332,13 @@ async fn import_lookups(
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let cluster = a.lock().await.cluster();
     let imported = whole(async move {
         let _turn = turn;
-        a.lock().await.import_lookups(records).await
+        match cluster {
+            Some(c) => crate::cluster::import(&a, &c, records).await,
+            None => a.lock().await.import_lookups(records).await,
+        }
     })
     .await?;
     Ok((StatusCode::CREATED, Json(json!({ "imported": imported }))))

@@ -145,6 +145,7 @@ impl Catalog {
             },
             port: self.ports.get(&k).map(ToString::to_string),
             name: self.names.get(&k).map(ToString::to_string),
+            host: None,
         }
     }
 
@@ -420,6 +421,7 @@ mod tests {
             method: Method::Encap,
             port: None,
             name: None,
+            host: None,
         }
     }
 

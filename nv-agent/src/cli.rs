@@ -206,6 +206,9 @@ pub enum LookupCmd {
         /// Free-text name of the VM.
         #[arg(long)]
         name: Option<String>,
+        /// Cluster mode: the host whose port --port is [default: this host].
+        #[arg(long, requires = "port")]
+        host: Option<String>,
     },
     /// Delete a lookup record.
     Del {
@@ -226,6 +229,10 @@ pub enum LookupCmd {
         /// The new port on this host; omit when the VM now runs on another host.
         #[arg(long)]
         port: Option<String>,
+        /// Cluster mode: the host of the new port [default: this host]; typed on any host,
+        /// every host follows.
+        #[arg(long, requires = "port")]
+        host: Option<String>,
     },
     /// List lookup records, in (VSID, CA) order.
     List {

@@ -61,6 +61,16 @@ pub struct AgentArgs {
     /// only at start [default: 60].
     #[arg(long)]
     pub reconcile_interval: Option<u64>,
+    /// Cluster mode: etcd's client URLs, comma-separated (e.g.
+    /// `http://10.1.0.1:2379,http://10.1.0.2:2379,http://10.1.0.3:2379`). Lookup records then
+    /// live in etcd under /nv/v1/, shared by every host; provider addresses stay this host's.
+    /// Without it the agent keeps its records to itself [default: none].
+    #[arg(long)]
+    pub etcd_endpoints: Option<String>,
+    /// This host's name in cluster mode: a record's `host` names the host whose VM port it
+    /// binds [default: the hostname].
+    #[arg(long)]
+    pub host_name: Option<String>,
     /// Detach every program, remove every pin under the pin path, and exit (decommissioning).
     /// The store is kept.
     #[arg(long)]
@@ -80,6 +90,8 @@ struct FileConfig {
     vm_mtu: Option<u32>,
     underlay_dscp: Option<DscpPolicy>,
     reconcile_interval: Option<u64>,
+    etcd_endpoints: Option<String>,
+    host_name: Option<String>,
 }
 
 /// What DSCP tenant traffic gets on the underlay, as the datapath's config holds it: a fixed
@@ -154,6 +166,18 @@ pub struct Config {
     pub underlay_dscp: DscpPolicy,
     /// `None`: reconciled only at start.
     pub reconcile_interval: Option<std::time::Duration>,
+    /// Cluster mode's etcd endpoints (empty: not in cluster mode).
+    pub etcd_endpoints: Vec<String>,
+    pub host_name: String,
+}
+
+/// This machine's hostname.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 impl Config {
@@ -200,7 +224,42 @@ impl Config {
             )
             .filter(|s| *s > 0)
             .map(std::time::Duration::from_secs),
+            etcd_endpoints: args
+                .etcd_endpoints
+                .clone()
+                .or(file.etcd_endpoints)
+                .map(|e| {
+                    e.split(',')
+                        .map(|u| u.trim().to_owned())
+                        .filter(|u| !u.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            host_name: args
+                .host_name
+                .clone()
+                .or(file.host_name)
+                .unwrap_or_else(hostname),
         };
+        for url in &config.etcd_endpoints {
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
+                return Err(invalid(format!(
+                    "etcd endpoint '{url}' is not a URL like http://10.1.0.1:2379"
+                )));
+            }
+        }
+        if config.host_name.is_empty()
+            || config.host_name.len() > 253
+            || !config
+                .host_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+        {
+            return Err(invalid(format!(
+                "host_name '{}' is not a host name (letters, digits, '-', '.', '_')",
+                config.host_name
+            )));
+        }
         if let Some(uplink) = &config.uplink {
             crate::model::validate_ifname("uplink", uplink)?;
         }
@@ -288,7 +347,7 @@ mod tests {
         .unwrap();
         let keys = uncommented.lines().count();
         assert_eq!(
-            keys, 10,
+            keys, 12,
             "a key of FileConfig is missing from dist/agent.toml"
         );
         assert_eq!(as_shipped.uplink, None);

@@ -18,6 +18,9 @@ pub enum NvError {
     Datapath(String),
     #[error("netlink: {0}")]
     Netlink(String),
+    /// Cluster mode: etcd is unreachable or refused the request.
+    #[error("etcd: {0}")]
+    Cluster(String),
 }
 
 pub type Result<T, E = NvError> = std::result::Result<T, E>;

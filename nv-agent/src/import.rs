@@ -36,7 +36,7 @@ impl Format {
 }
 
 /// The CSV columns, by name.
-const COLUMNS: [&str; 7] = ["vsid", "ca", "pa", "mac", "method", "port", "name"];
+const COLUMNS: [&str; 8] = ["vsid", "ca", "pa", "mac", "method", "port", "name", "host"];
 const REQUIRED: usize = 4;
 
 /// Parses an import body; errors name the CSV line (the header is line 1) or the JSON
@@ -131,6 +131,7 @@ fn record(
         },
         port: field(5)?.map(str::to_owned),
         name: field(6)?.map(str::to_owned),
+        host: field(7)?.map(str::to_owned),
     })
 }
 
@@ -165,16 +166,19 @@ pub fn write_json(records: &[LookupRecord], out: &mut impl std::io::Write) -> an
     Ok(())
 }
 
-/// Writes `records` as CSV with the header line `read` takes; absent fields are empty.
+/// Writes `records` as CSV with the header line `read` takes; absent fields are empty. The
+/// `host` column comes only with records that name one (cluster mode).
 pub fn write_csv(records: &[LookupRecord], out: &mut impl std::io::Write) -> anyhow::Result<()> {
     let mut w = csv::Writer::from_writer(out);
-    w.write_record(["vsid", "ca", "pa", "mac", "method", "port", "name"])?;
+    let hosts = records.iter().any(|r| r.host.is_some());
+    let columns = if hosts { &COLUMNS[..] } else { &COLUMNS[..7] };
+    w.write_record(columns)?;
     for r in records {
         let method = match r.method {
             Method::Encap => "encap",
             Method::Rewrite => "rewrite",
         };
-        w.write_record([
+        let row = [
             r.vsid.to_string(),
             r.ca.to_string(),
             r.pa.to_string(),
@@ -182,7 +186,9 @@ pub fn write_csv(records: &[LookupRecord], out: &mut impl std::io::Write) -> any
             method.to_owned(),
             r.port.clone().unwrap_or_default(),
             r.name.clone().unwrap_or_default(),
-        ])?;
+            r.host.clone().unwrap_or_default(),
+        ];
+        w.write_record(&row[..columns.len()])?;
     }
     w.flush()?;
     Ok(())

@@ -40,6 +40,7 @@ pub struct Snapshot {
     pub ports_without_record: usize,
     pub reconciles: u64,
     pub repaired: u64,
+    pub cluster: Option<crate::cluster::Status>,
 }
 
 #[derive(Clone, Debug)]
@@ -241,6 +242,37 @@ impl Snapshot {
             ("nv_lookup_records", "Lookup records.", self.lookups as u64),
         ] {
             family(e, name, help, MetricType::Gauge, [(Labels::new(), value)])?;
+        }
+        if let Some(c) = &self.cluster {
+            for (name, help, value) in [
+                (
+                    "nv_cluster_connected",
+                    "1 while the agent follows etcd (cluster mode); 0 while it forwards from what it applied last.",
+                    u64::from(c.connected),
+                ),
+                (
+                    "nv_cluster_revision",
+                    "The etcd revision the agent has applied.",
+                    u64::try_from(c.revision).unwrap_or(0),
+                ),
+                (
+                    "nv_cluster_bad_records",
+                    "Records in etcd the agent leaves out (they do not parse or break a rule).",
+                    c.bad_records as u64,
+                ),
+            ] {
+                family(e, name, help, MetricType::Gauge, [(Labels::new(), value)])?;
+            }
+            for (name, help, value) in [
+                ("nv_cluster_events", "Changes applied from etcd.", c.events),
+                (
+                    "nv_cluster_resyncs",
+                    "Full resynchronisations with etcd (first start, compaction).",
+                    c.resyncs,
+                ),
+            ] {
+                family(e, name, help, MetricType::Counter, [(Labels::new(), value)])?;
+            }
         }
         for (name, help, value) in [
             (

@@ -177,6 +177,10 @@ pub struct LookupRecord {
     /// Free text: the VM's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Cluster mode: the host whose VM port this is (with `port`); absent for a VM no nv host
+    /// attaches. Alone, nv does not keep it: every port is this host's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// Checks a Virtual Subnet ID against RFC 7637's reserved ranges.
@@ -251,6 +255,17 @@ impl LookupRecord {
             && (name.len() > 256 || name.chars().any(char::is_control))
         {
             return Err(invalid("name must be at most 256 printable characters"));
+        }
+        if let Some(host) = &self.host
+            && (host.is_empty()
+                || host.len() > 253
+                || !host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_'))
+        {
+            return Err(invalid(format!(
+                "host '{host}' is not a host name (letters, digits, '-', '.', '_')"
+            )));
         }
         Ok(())
     }

@@ -25,6 +25,11 @@ const STORE_CACHE: usize = 4 << 20;
 /// Lookup records, their values in [`encode_lookup`]'s compact form (an import of a million
 /// spent a third of its time writing them as JSON).
 const LOOKUPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("lookups_v2");
+/// Cluster mode: what this agent last applied of etcd, key by key as etcd has it (the record's
+/// JSON), so it starts, and forwards, from there while etcd is away.
+const CLUSTER: TableDefinition<&[u8], &[u8]> = TableDefinition::new("cluster_v1");
+/// Cluster mode: the etcd revision `CLUSTER` holds.
+const CLUSTER_META: TableDefinition<&str, i64> = TableDefinition::new("cluster_meta_v1");
 /// Lookup records as JSON, as agents before the compact form stored them: migrated on open.
 const LOOKUPS_JSON: TableDefinition<&[u8], &[u8]> = TableDefinition::new("lookups_v1");
 const PROVIDERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("providers_v1");
@@ -191,6 +196,63 @@ impl Store {
         NvError::Store(format!("cannot write {}: {e}", self.path.display()))
     }
 
+    /// Cluster mode: the etcd revision last applied, and every key and value as of it.
+    pub fn cluster_cache(&self) -> Result<(i64, Vec<KeyValue>)> {
+        let err = |e: &dyn std::fmt::Display| damaged(&self.path, e);
+        let txn = self.db.begin_read().map_err(|e| err(&e))?;
+        let revision = match txn.open_table(CLUSTER_META) {
+            Ok(t) => t
+                .get("revision")
+                .map_err(|e| err(&e))?
+                .map_or(0, |v| v.value()),
+            Err(redb::TableError::TableDoesNotExist(_)) => 0,
+            Err(e) => return Err(err(&e)),
+        };
+        let mut kvs = Vec::new();
+        match txn.open_table(CLUSTER) {
+            Ok(t) => {
+                for row in t.iter().map_err(|e| err(&e))? {
+                    let (k, v) = row.map_err(|e| err(&e))?;
+                    kvs.push((k.value().to_vec(), v.value().to_vec()));
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(err(&e)),
+        }
+        Ok((revision, kvs))
+    }
+
+    /// Cluster mode: writes etcd's keys (`None`: deleted) as of `revision` into a transaction
+    /// committed with [`Pending::commit`]; `full` replaces every key held before.
+    pub fn prepare_cluster(
+        &self,
+        updates: &[(Vec<u8>, Option<Vec<u8>>)],
+        full: bool,
+        revision: i64,
+    ) -> Result<Pending> {
+        let err = |e: &dyn std::fmt::Display| self.write_err(e);
+        let txn = self.db.begin_write().map_err(|e| err(&e))?;
+        if full {
+            txn.delete_table(CLUSTER).map_err(|e| err(&e))?;
+        }
+        {
+            let mut kv = txn.open_table(CLUSTER).map_err(|e| err(&e))?;
+            for (k, v) in updates {
+                match v {
+                    Some(v) => kv.insert(k.as_slice(), v.as_slice()).map(drop),
+                    None => kv.remove(k.as_slice()).map(drop),
+                }
+                .map_err(|e| err(&e))?;
+            }
+            let mut meta = txn.open_table(CLUSTER_META).map_err(|e| err(&e))?;
+            meta.insert("revision", revision).map_err(|e| err(&e))?;
+        }
+        Ok(Pending {
+            txn,
+            path: self.path.clone(),
+        })
+    }
+
     /// Records `changes` in one transaction, durable when this returns; on error none is.
     pub fn append(&mut self, changes: &[Change]) -> Result<()> {
         self.prepare(changes, &AtomicBool::new(false))?.commit()
@@ -267,6 +329,9 @@ impl Store {
         Ok(())
     }
 }
+
+/// A key and its value, as etcd has them.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
 
 /// A transaction of [`Store::prepare`], written and not committed.
 pub struct Pending {
@@ -398,6 +463,7 @@ fn decode_lookup(key: &[u8], value: &[u8]) -> std::result::Result<LookupRecord, 
         method,
         port,
         name,
+        host: None,
     })
 }
 
@@ -431,6 +497,7 @@ mod tests {
             method: Method::Encap,
             port: None,
             name: Some("X".into()),
+            host: None,
         }
     }
 

@@ -102,6 +102,36 @@ struct Planned {
     /// Where the ports the set touched are now (`None`: missing, or no record's).
     ports: HashMap<String, Option<Attached>>,
     config: DatapathConfig,
+    /// Changes left out (lenient checks): their index, why.
+    skipped: Vec<(usize, NvError)>,
+}
+
+/// A caller's check of one change, with the changes before it applied.
+type CheckFn<'a> = dyn FnMut(&Catalog, &Change) -> Result<()> + 'a;
+
+/// How a change set's changes are checked.
+enum Checks<'a> {
+    /// By the caller; the first refusal refuses the whole set.
+    Strict(Box<CheckFn<'a>>),
+    /// Each record on its own ([`LookupRecord::validate`], the catalog's rules); a refused one
+    /// is left out (and its key's record, if any, removed).
+    Lenient,
+}
+
+impl Checks<'_> {
+    fn check(&mut self, catalog: &Catalog, change: &Change) -> Result<()> {
+        match self {
+            Checks::Strict(check) => check(catalog, change),
+            Checks::Lenient => match change {
+                Change::PutLookup { record } => {
+                    record.validate()?;
+                    let key = record.key();
+                    catalog.check(record, catalog.contains(&key).then_some(&key))
+                }
+                _ => Ok(()),
+            },
+        }
+    }
 }
 
 /// Change sets at least this big are written into the journal alongside (an import).
@@ -390,6 +420,39 @@ impl Tables {
         changes: &[Change],
         check: impl FnMut(&Catalog, &Change) -> Result<()>,
     ) -> Result<Applied> {
+        self.apply_with(
+            journal,
+            maps,
+            links,
+            changes,
+            Checks::Strict(Box::new(check)),
+        )
+        .map(|(applied, _)| applied)
+    }
+
+    /// As [`Tables::apply`] for changes that come from a shared store (cluster mode), where a
+    /// record that breaks a rule must not stop the others: each is checked on its own
+    /// ([`LookupRecord::validate`] and the catalog's rules) and left out if refused, and the
+    /// record its key held before goes (the store says something else now). Returns what was
+    /// applied and what was left out (the change's index, why).
+    pub fn apply_lenient(
+        &mut self,
+        journal: &dyn Journal,
+        maps: &mut dyn Maps,
+        links: &Links,
+        changes: &[Change],
+    ) -> Result<(Applied, Vec<(usize, NvError)>)> {
+        self.apply_with(journal, maps, links, changes, Checks::Lenient)
+    }
+
+    fn apply_with(
+        &mut self,
+        journal: &dyn Journal,
+        maps: &mut dyn Maps,
+        links: &Links,
+        changes: &[Change],
+        checks: Checks,
+    ) -> Result<(Applied, Vec<(usize, NvError)>)> {
         let started = std::time::Instant::now();
         let stop = AtomicBool::new(false);
         std::thread::scope(|scope| {
@@ -399,7 +462,7 @@ impl Tables {
                 stop.store(true, Ordering::Relaxed);
                 e
             };
-            let planned = self.plan(links, changes, check).map_err(stopped)?;
+            let planned = self.plan(links, changes, checks).map_err(stopped)?;
             let plan_ms = started.elapsed().as_millis();
             let written = maps
                 .write_all(&planned.plan.writes)
@@ -430,18 +493,15 @@ impl Tables {
                 return Err(error);
             }
             self.config = planned.config;
-            Ok(self.settle_ports(planned.ports, links, planned.plan.filtered))
+            let applied = self.settle_ports(planned.ports, links, planned.plan.filtered);
+            Ok((applied, planned.skipped))
         })
     }
 
     /// Checks `changes` and applies them to the catalog, working out the map writes they
     /// need; a refused change puts the catalog back and is the error.
-    fn plan(
-        &mut self,
-        links: &Links,
-        changes: &[Change],
-        mut check: impl FnMut(&Catalog, &Change) -> Result<()>,
-    ) -> Result<Planned> {
+    fn plan(&mut self, links: &Links, changes: &[Change], mut checks: Checks) -> Result<Planned> {
+        let mut skipped = Vec::new();
         let local_before = self.has_local(changes);
         let hosted_before = local_before.then(|| translate::hosted_vsids(&self.catalog));
         let mut undo_catalog: Vec<Undo> = Vec::with_capacity(changes.len());
@@ -453,11 +513,28 @@ impl Tables {
         let mut filters = Plan::default();
         let mut records = Plan::default();
         let mut failed = None;
-        for change in changes {
-            if let Err(e) = check(&self.catalog, change) {
-                failed = Some(e);
-                break;
-            }
+        for (i, change) in changes.iter().enumerate() {
+            let substitute;
+            let change = match checks.check(&self.catalog, change) {
+                Ok(()) => change,
+                Err(e) if matches!(checks, Checks::Strict(_)) => {
+                    failed = Some(e);
+                    break;
+                }
+                Err(e) => {
+                    skipped.push((i, e));
+                    match change {
+                        Change::PutLookup { record } if self.catalog.contains(&record.key()) => {
+                            substitute = Change::DelLookup {
+                                vsid: record.vsid,
+                                ca: record.ca,
+                            };
+                            &substitute
+                        }
+                        _ => continue,
+                    }
+                }
+            };
             let old = match change {
                 Change::PutLookup { record } => self.catalog.get(&record.key()),
                 Change::DelLookup { vsid, ca } => self.catalog.get(&(*vsid, *ca)),
@@ -518,6 +595,7 @@ impl Tables {
             undo: undo_catalog,
             ports,
             config,
+            skipped,
         })
     }
 

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod capture;
 pub mod checks;
+pub mod etcd;
 pub mod fixture;
 pub mod fuzz;
 pub mod guest;

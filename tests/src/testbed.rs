@@ -327,7 +327,49 @@ impl TwoHosts {
         Self::build_bare_on(tag, UNDERLAY_MTU)
     }
 
+    /// Cluster mode: `hosts` hosts (VMs on the first two), a `members`-member etcd in the
+    /// underlay (at 198.18.255.254), each host an address of its own on the underlay to reach
+    /// it (198.18.254.N, not a provider address), and agents following etcd as `hostN`.
+    pub fn build_cluster(
+        tag: &str,
+        hosts: usize,
+        members: u16,
+    ) -> anyhow::Result<(TwoHosts, crate::etcd::Etcd)> {
+        let mut bed = Self::build_hosts(tag, UNDERLAY_MTU, hosts)?;
+        bed.underlay
+            .ip(&["addr", "add", "198.18.255.254/15", "dev", "br0"])?;
+        for (i, h) in bed.hosts.iter().enumerate() {
+            h.ns.ip(&[
+                "addr",
+                "add",
+                &format!("198.18.254.{}/15", i + 1),
+                "dev",
+                "uplink0",
+            ])?;
+        }
+        let etcd = crate::etcd::Etcd::start(
+            &bed.underlay,
+            &bed.tmp.join("etcd"),
+            "198.18.255.254",
+            members,
+        )?;
+        for h in &mut bed.hosts {
+            h.agent_args = vec![
+                "--etcd-endpoints".into(),
+                etcd.endpoints(),
+                "--host-name".into(),
+                h.name.clone(),
+            ];
+            h.start_agent()?;
+        }
+        Ok((bed, etcd))
+    }
+
     fn build_bare_on(tag: &str, underlay_mtu: &str) -> anyhow::Result<TwoHosts> {
+        Self::build_hosts(tag, underlay_mtu, 2)
+    }
+
+    fn build_hosts(tag: &str, underlay_mtu: &str, hosts: usize) -> anyhow::Result<TwoHosts> {
         require_root()?;
         let prefix = unique_prefix(tag);
         let tmp = std::env::temp_dir().join(&prefix);
@@ -342,7 +384,7 @@ impl TwoHosts {
         };
         bed.underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
         bed.underlay.ip(&["link", "set", "br0", "up"])?;
-        for i in 0..2 {
+        for i in 0..hosts {
             let name = format!("host{}", i + 1);
             let ns = Netns::new(&format!("{prefix}-h{}", i + 1))?;
             let ul = format!("ul{}", i + 1);
@@ -412,6 +454,43 @@ impl TwoHosts {
             .ip(&["link", "set", "eth0", "address", &vm.mac, "up"])?;
         vm.ns
             .ip(&["addr", "add", &format!("{}/24", vm.ca), "dev", "eth0"])?;
+        Ok(())
+    }
+
+    /// Cluster mode: every host's provider address, then every VM's record once, typed on
+    /// host 1, naming the host of its port.
+    pub fn configure_cluster(&self) -> anyhow::Result<()> {
+        for h in &self.hosts {
+            h.nvctl(&[
+                "provider",
+                "add",
+                "--pa",
+                &format!("{}/15", h.pa),
+                "--dev",
+                "uplink0",
+            ])?;
+        }
+        for vm in &self.vms {
+            let host = &self.hosts[vm.host];
+            self.hosts[0].nvctl(&[
+                "lookup",
+                "add",
+                "--vsid",
+                &vm.vsid.to_string(),
+                "--ca",
+                &vm.ca,
+                "--pa",
+                &host.pa,
+                "--mac",
+                &vm.mac,
+                "--name",
+                &vm.name,
+                "--port",
+                &vm.port,
+                "--host",
+                &host.name,
+            ])?;
+        }
         Ok(())
     }
 

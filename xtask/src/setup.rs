@@ -32,6 +32,12 @@ const PACKAGES: &[&str] = &[
     // rules); curl asks its query API from inside the test's namespace.
     "prometheus",
     "curl",
+    // Cluster mode: a real etcd (server and etcdctl) in the tests; the etcd client crate
+    // compiles etcd's protocol with protoc and its well-known types.
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_FEATURE: &str = "llvm-22";

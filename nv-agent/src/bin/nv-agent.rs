@@ -115,7 +115,6 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         "serving Prometheus on http://{}/metrics",
         config.metrics_addr
     );
-    let status = agent.status();
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -131,8 +130,20 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         spawn_reconciler(agent.clone(), every);
     }
     spawn_port_watcher(agent.clone())?;
+    let cluster = agent.lock().await.cluster();
+    if let Some(cluster) = cluster {
+        tokio::spawn(nv_agent::cluster::follow(agent.clone(), cluster.clone()));
+        // Ready once caught up with etcd; if etcd does not answer, from what was applied last.
+        if !cluster.wait_synced(std::time::Duration::from_secs(5)).await {
+            tracing::warn!(
+                "etcd did not answer: ready with the records applied up to revision {}",
+                cluster.revision()
+            );
+        }
+    }
     let api_metrics = nv_agent::metrics::ApiMetrics::default();
     serve_metrics(metrics, agent.clone(), api_metrics.clone());
+    let status = agent.lock().await.status();
     notify_ready(&status);
     axum::serve(listener, api::router(agent, api_metrics))
         .with_graceful_shutdown(async move {

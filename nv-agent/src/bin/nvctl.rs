@@ -65,6 +65,7 @@ const LOOKUP_COLUMNS: &[(&str, &str)] = &[
     ("METHOD", "method"),
     ("PORT", "port"),
     ("NAME", "name"),
+    ("HOST", "host"),
 ];
 const IMPORT_COLUMNS: &[(&str, &str)] = &[("IMPORTED", "imported")];
 const STATS_COLUMNS: &[(&str, &str)] = &[("COUNTER", "counter"), ("PACKETS", "packets")];
@@ -223,8 +224,9 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             method,
             port,
             name,
+            host,
         }) => {
-            let body = json!({ "vsid": vsid, "ca": ca, "pa": pa, "mac": mac, "method": method, "port": port, "name": name });
+            let body = json!({ "vsid": vsid, "ca": ca, "pa": pa, "mac": mac, "method": method, "port": port, "name": name, "host": host });
             (
                 call(s, Method::POST, "/v1/lookups", Some(&body)).await?,
                 LOOKUP_COLUMNS,
@@ -240,8 +242,14 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             .await?,
             LOOKUP_COLUMNS,
         ),
-        Command::Lookup(LookupCmd::Move { vsid, ca, pa, port }) => {
-            let body = json!({ "vsid": vsid, "ca": ca, "pa": pa, "port": port });
+        Command::Lookup(LookupCmd::Move {
+            vsid,
+            ca,
+            pa,
+            port,
+            host,
+        }) => {
+            let body = json!({ "vsid": vsid, "ca": ca, "pa": pa, "port": port, "host": host });
             (
                 call(s, Method::POST, "/v1/lookups/move", Some(&body)).await?,
                 LOOKUP_COLUMNS,
@@ -411,6 +419,29 @@ fn status_table(v: &Value) -> Table {
     t.add_row(["underlay DSCP".to_owned(), field("underlay_dscp")]);
     t.add_row(["provider addresses".to_owned(), field("providers")]);
     t.add_row(["lookup records".to_owned(), field("lookups")]);
+    if let Some(c) = v["cluster"].as_object() {
+        let s = |k: &str| c.get(k).map_or_else(String::new, |v| v.to_string());
+        t.add_row([
+            "cluster".to_owned(),
+            format!(
+                "host {}, etcd {}: {} at revision {}; {} records left out{}",
+                c.get("host").and_then(Value::as_str).unwrap_or("?"),
+                c.get("endpoints")
+                    .map_or_else(String::new, ToString::to_string),
+                if c.get("connected").and_then(Value::as_bool) == Some(true) {
+                    "connected"
+                } else {
+                    "NOT CONNECTED, forwarding from what was applied"
+                },
+                s("revision"),
+                s("bad_records"),
+                c.get("last_error")
+                    .and_then(Value::as_str)
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            ),
+        ]);
+    }
     t.add_row([
         "watching".to_owned(),
         format!(

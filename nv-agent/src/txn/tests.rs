@@ -122,6 +122,7 @@ fn record(vsid: u32, ca: &str, pa: &str, mac: u8, port: Option<&str>) -> LookupR
         method: Method::Encap,
         port: port.map(str::to_owned),
         name: Some(format!("vm-{mac}")),
+        host: None,
     }
 }
 

@@ -1,0 +1,255 @@
+//! The agent's side of cluster mode: what it applies from etcd, and the checks a change to
+//! etcd passes here first.
+use std::{collections::HashMap, net::IpAddr};
+
+use tracing::warn;
+
+use super::Agent;
+use crate::{
+    catalog::Catalog,
+    cluster::{self, Cluster, Update},
+    error::{NvError, Result, invalid},
+    model::LookupRecord,
+    netlink::LinkKind,
+    store::{Change, Store},
+    translate::Attached,
+    txn::{Journal, Links, Pending},
+};
+
+/// The local store as cluster mode writes it: etcd's keys as applied, and the revision.
+struct ClusterJournal<'a> {
+    store: &'a Store,
+    updates: &'a [Update],
+    full: bool,
+    revision: i64,
+}
+
+impl Journal for ClusterJournal<'_> {
+    fn prepare(
+        &self,
+        _changes: &[Change],
+        _stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<Box<dyn Pending + '_>> {
+        Ok(Box::new(self.store.prepare_cluster(
+            self.updates,
+            self.full,
+            self.revision,
+        )?))
+    }
+}
+
+impl Agent {
+    /// Cluster mode: etcd, and how far this host follows it.
+    pub fn cluster(&self) -> Option<Cluster> {
+        self.cluster.clone()
+    }
+
+    /// At start in cluster mode: the records last applied from etcd, from the local store, so
+    /// the agent starts (and forwards) from there whether etcd answers or not.
+    pub(super) fn load_cluster_cache(
+        catalog: &mut Catalog,
+        store: &Store,
+        cluster: &Cluster,
+        uplink: &str,
+    ) -> Result<()> {
+        let (revision, cached) = store.cluster_cache()?;
+        let updates: Vec<Update> = cached.into_iter().map(|(k, v)| (k, Some(v))).collect();
+        let (from, changes, mut left_out) = cluster::changes_of(&updates, &cluster.host);
+        catalog.reserve(changes.len());
+        for (j, change) in changes.into_iter().enumerate() {
+            let Change::PutLookup { record } = change else {
+                continue;
+            };
+            let refused = port_refusal(&record, uplink)
+                .map(invalid)
+                .map_or_else(|| record.validate(), Err)
+                .and_then(|()| catalog.check(&record, None));
+            match refused {
+                Ok(()) => {
+                    catalog.insert(record);
+                }
+                Err(e) => left_out.push((from[j], e.to_string())),
+            }
+        }
+        for (i, why) in &left_out {
+            warn!(key = %String::from_utf8_lossy(&updates[*i].0), "etcd record left out: {why}");
+        }
+        cluster.applied(revision, &updates, &left_out, true);
+        Ok(())
+    }
+
+    /// Applies etcd's keys (as of `revision`; `full`: all of them, anything else goes) through
+    /// the transaction path, leaving out what does not parse or breaks a rule.
+    pub async fn apply_cluster(
+        &mut self,
+        updates: Vec<Update>,
+        full: bool,
+        revision: i64,
+    ) -> Result<()> {
+        let Some(cluster) = self.cluster.clone() else {
+            return Err(invalid("not in cluster mode"));
+        };
+        let (from, mut changes, mut left_out) = cluster::changes_of(&updates, &cluster.host);
+        if full {
+            let keep: std::collections::HashSet<(u32, IpAddr)> = updates
+                .iter()
+                .filter_map(|(k, _)| cluster::parse_key(k))
+                .collect();
+            for r in self.tables.catalog.iter() {
+                if !keep.contains(&r.key()) {
+                    changes.push(Change::DelLookup {
+                        vsid: r.vsid,
+                        ca: r.ca,
+                    });
+                }
+            }
+        }
+        // This host's VM ports: a missing one is a VM not started yet; a device that cannot be
+        // a VM's port leaves the record out.
+        let mut links = HashMap::new();
+        for (j, change) in changes.iter_mut().enumerate() {
+            let Change::PutLookup { record } = change else {
+                continue;
+            };
+            let Some(port) = record.port.clone() else {
+                continue;
+            };
+            match self.port_for_cluster(record, &port).await {
+                Ok(Some(link)) => {
+                    links.insert(port, link);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    if let Some(i) = from.get(j) {
+                        left_out.push((*i, e.to_string()));
+                    }
+                    *change = Change::DelLookup {
+                        vsid: record.vsid,
+                        ca: record.ca,
+                    };
+                }
+            }
+        }
+        let at: Links = links
+            .iter()
+            .map(|(p, l)| (p.clone(), Attached::of(l)))
+            .collect();
+        let journal = ClusterJournal {
+            store: &self.store,
+            updates: &updates,
+            full,
+            revision,
+        };
+        let (applied, skipped) =
+            self.tables
+                .apply_lenient(&journal, &mut self.datapath, &at, &changes)?;
+        for (j, e) in skipped {
+            if let Some(i) = from.get(j) {
+                left_out.push((*i, e.to_string()));
+            }
+        }
+        for port in &applied.filtered {
+            if let Some(link) = links.get(port) {
+                self.set_port_mtu(link).await;
+            }
+        }
+        for (i, why) in &left_out {
+            warn!(key = %String::from_utf8_lossy(&updates[*i].0), "etcd record left out: {why}");
+        }
+        cluster.applied(revision, &updates, &left_out, full);
+        Ok(())
+    }
+
+    /// The link of a port this host's record in etcd names; `None` when it does not exist
+    /// (yet); an error when the device cannot be a VM's port.
+    async fn port_for_cluster(
+        &self,
+        record: &LookupRecord,
+        port: &str,
+    ) -> Result<Option<crate::netlink::LinkInfo>> {
+        if let Some(why) = port_refusal(record, &self.uplink) {
+            return Err(invalid(why));
+        }
+        let Some(link) = self.netlink.link(port).await? else {
+            return Ok(None);
+        };
+        if !matches!(link.kind, LinkKind::Veth | LinkKind::Tap) {
+            return Err(invalid(format!(
+                "port '{port}' is a {} device, not a veth or tap",
+                link.kind
+            )));
+        }
+        if let Some(addr) = self.netlink.routable_addresses(link.index).await?.first() {
+            return Err(invalid(format!(
+                "port '{port}' carries the host address {addr}"
+            )));
+        }
+        Ok(Some(link))
+    }
+
+    /// Checks records on their way into etcd against this host's view (`replacing`: each
+    /// replaces the record of its key): the rules between records, the table's room, and this
+    /// host's ports. The hosts they name check their own ports when they apply them.
+    pub async fn check_cluster(&self, records: &[&LookupRecord], replacing: bool) -> Result<()> {
+        let me = self
+            .cluster
+            .as_ref()
+            .map(|c| c.host.clone())
+            .ok_or_else(|| invalid("not in cluster mode"))?;
+        if !replacing {
+            self.check_capacity(records.len())?;
+        }
+        let mut scratch = (records.len() > 1).then(|| self.tables.catalog.clone());
+        for (i, r) in records.iter().enumerate() {
+            let view = cluster::local_view(r, &me);
+            let named = |e: NvError| {
+                if records.len() > 1 {
+                    invalid(format!(
+                        "record {} ({}): {e}",
+                        i + 1,
+                        crate::catalog::describe(r)
+                    ))
+                } else {
+                    e
+                }
+            };
+            let key = view.key();
+            let catalog = scratch.as_ref().unwrap_or(&self.tables.catalog);
+            catalog
+                .check(&view, replacing.then_some(&key))
+                .map_err(named)?;
+            if view.port.is_some() {
+                self.check_port(&view).await.map_err(named)?;
+            }
+            if let Some(c) = scratch.as_mut() {
+                c.insert(view);
+            }
+        }
+        Ok(())
+    }
+
+    /// Cluster mode: the records as etcd had them at the revision applied here (with their
+    /// host), in (VSID, CA) order, of one VSID or all.
+    pub fn cluster_lookups(&self, vsid: Option<u32>) -> Result<Vec<LookupRecord>> {
+        let (_, cached) = self.store.cluster_cache()?;
+        let mut out: Vec<LookupRecord> = cached
+            .iter()
+            .filter_map(|(_, v)| serde_json::from_slice::<LookupRecord>(v).ok())
+            .filter(|r| vsid.is_none_or(|v| r.vsid == v))
+            .collect();
+        out.sort_by_key(LookupRecord::key);
+        Ok(out)
+    }
+}
+
+/// Why a record's port can never be a VM's on this host (`uplink`: the agent's), if so.
+fn port_refusal(record: &LookupRecord, uplink: &str) -> Option<String> {
+    let port = record.port.as_deref()?;
+    if port == uplink {
+        return Some(format!("port '{port}' is the uplink, not a VM port"));
+    }
+    if crate::netlink::is_bounce(port) {
+        return Some(format!("port '{port}' is nv's own, not a VM port"));
+    }
+    None
+}

@@ -1,0 +1,641 @@
+//! Cluster mode: lookup records live in etcd, the cluster's source of truth, under
+//! `/nv/v1/lookups/VSID/CA` as JSON in the CLI's field names (with `host`, the host whose VM
+//! port a record binds). Every agent watches the prefix from the revision it last applied and
+//! applies what changed through the transaction path ([`crate::txn::Tables::apply_lenient`]:
+//! a value that does not parse or breaks a rule is left out and reported, never applied, and
+//! never stops the rest). What it applied, and the revision, are cached in the local store, so
+//! an agent starts, and the datapath forwards, from there while etcd is away. `nvctl` writes go
+//! through the agent into etcd as transactions that compare before they write: a change made
+//! meanwhile by another host is refused, never lost.
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{
+    api::Shared,
+    error::{NvError, Result, invalid},
+    model::LookupRecord,
+};
+
+/// Where lookup records live in etcd.
+pub const PREFIX: &str = "/nv/v1/lookups/";
+/// Keys read a request at a time in a full resynchronisation.
+const PAGE: i64 = 10_000;
+/// How long a change waits for this agent to have applied it, before nvctl gets its answer.
+const APPLIED_WAIT: Duration = Duration::from_secs(5);
+/// Bad records named in `nvctl status` (all are counted).
+const BAD_SHOWN: usize = 20;
+
+/// A record's key in etcd.
+pub fn key(vsid: u32, ca: IpAddr) -> String {
+    format!("{PREFIX}{vsid}/{ca}")
+}
+
+/// The (VSID, CA) of an etcd key under [`PREFIX`].
+pub fn parse_key(key: &[u8]) -> Option<(u32, IpAddr)> {
+    let rest = std::str::from_utf8(key).ok()?.strip_prefix(PREFIX)?;
+    let (vsid, ca) = rest.split_once('/')?;
+    Some((vsid.parse().ok()?, ca.parse().ok()?))
+}
+
+/// What `nvctl status` says of cluster mode.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub host: String,
+    pub endpoints: Vec<String>,
+    /// Watching etcd now.
+    pub connected: bool,
+    /// The etcd revision this agent has applied.
+    pub revision: i64,
+    /// Why it is not connected, or what went wrong last.
+    pub last_error: Option<String>,
+    /// Records in etcd this agent leaves out (they do not parse or break a rule).
+    pub bad_records: usize,
+    /// Some of them, with why.
+    pub bad: Vec<String>,
+    /// Changes applied from etcd, and full resynchronisations (first start, compaction).
+    pub events: u64,
+    pub resyncs: u64,
+}
+
+/// One key as etcd has it (`None`: deleted).
+pub type Update = (Vec<u8>, Option<Vec<u8>>);
+
+/// The agent's link to etcd, shared by the watcher and the API.
+#[derive(Clone)]
+pub struct Cluster {
+    pub host: String,
+    pub endpoints: Vec<String>,
+    client: Arc<Mutex<Option<Client>>>,
+    applied: Arc<watch::Sender<i64>>,
+    status: Arc<Mutex<Status>>,
+    /// Keys left out, with why.
+    bad: Arc<Mutex<HashMap<Vec<u8>, String>>>,
+    /// Caught up with etcd since it was last connected.
+    synced: Arc<watch::Sender<bool>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn etcd_err(what: &str, e: impl std::fmt::Display) -> NvError {
+    NvError::Cluster(format!("{what}: {e}"))
+}
+
+impl Cluster {
+    pub fn new(host: String, endpoints: Vec<String>, revision: i64) -> Cluster {
+        Cluster {
+            status: Arc::new(Mutex::new(Status {
+                host: host.clone(),
+                endpoints: endpoints.clone(),
+                revision,
+                ..Status::default()
+            })),
+            host,
+            endpoints,
+            client: Arc::default(),
+            applied: Arc::new(watch::channel(revision).0),
+            bad: Arc::default(),
+            synced: Arc::new(watch::channel(false).0),
+        }
+    }
+
+    /// Waits until this agent has caught up with etcd, or `patience` passed without etcd
+    /// answering (then it goes on from what it applied last). True when caught up.
+    pub async fn wait_synced(&self, patience: Duration) -> bool {
+        let mut synced = self.synced.subscribe();
+        let started = tokio::time::Instant::now();
+        loop {
+            if *synced.borrow_and_update() {
+                return true;
+            }
+            // Keep waiting while etcd answers (a big first load takes a while).
+            if started.elapsed() > patience && !self.status().connected {
+                return false;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), synced.changed()).await;
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        lock(&self.status).clone()
+    }
+
+    /// The revision this agent has applied.
+    pub fn revision(&self) -> i64 {
+        *self.applied.borrow()
+    }
+
+    /// A connected client, or why there is none.
+    fn client(&self) -> Result<Client> {
+        lock(&self.client).clone().ok_or_else(|| {
+            NvError::Cluster(format!(
+                "etcd is unreachable ({}); forwarding continues from the records applied up \
+                 to revision {}, and changes wait until it is back",
+                lock(&self.status)
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "not connected yet".into()),
+                self.revision()
+            ))
+        })
+    }
+
+    /// Notes what a batch applied: its revision, the keys left out and those that are fine
+    /// now.
+    pub fn applied(
+        &self,
+        revision: i64,
+        updates: &[Update],
+        left_out: &[(usize, String)],
+        full: bool,
+    ) {
+        {
+            let mut bad = lock(&self.bad);
+            if full {
+                bad.clear();
+            }
+            for (k, _) in updates {
+                bad.remove(k);
+            }
+            for (i, why) in left_out {
+                if let Some((k, _)) = updates.get(*i) {
+                    bad.insert(k.clone(), why.clone());
+                }
+            }
+            let mut s = lock(&self.status);
+            s.bad_records = bad.len();
+            let mut shown: Vec<String> = bad
+                .iter()
+                .take(BAD_SHOWN)
+                .map(|(k, why)| format!("{}: {why}", String::from_utf8_lossy(k)))
+                .collect();
+            shown.sort();
+            s.bad = shown;
+            s.revision = revision;
+            s.events += updates.len() as u64;
+            if full {
+                s.resyncs += 1;
+            }
+        }
+        self.applied.send_replace(revision);
+    }
+
+    fn connected(&self, client: Option<Client>, error: Option<String>) {
+        let up = client.is_some();
+        if !up {
+            self.synced.send_replace(false);
+        }
+        *lock(&self.client) = client;
+        let mut s = lock(&self.status);
+        if s.connected != up {
+            if up {
+                info!(endpoints = ?self.endpoints, "etcd connected; following from revision {}", s.revision);
+            } else {
+                warn!(
+                    "etcd unreachable ({}); forwarding continues from revision {}",
+                    error.as_deref().unwrap_or("?"),
+                    s.revision
+                );
+            }
+        }
+        s.connected = up;
+        if error.is_some() {
+            s.last_error = error;
+        }
+    }
+
+    /// Waits (a while) until this agent has applied `revision`, so nvctl answers once the
+    /// change is in this host's datapath.
+    async fn wait_applied(&self, revision: i64) {
+        let mut rx = self.applied.subscribe();
+        if tokio::time::timeout(APPLIED_WAIT, rx.wait_for(|r| *r >= revision))
+            .await
+            .is_err()
+        {
+            warn!("revision {revision} is in etcd but not applied here after {APPLIED_WAIT:?}");
+        }
+    }
+
+    /// Commits `txn` to etcd; refused (`Conflict`) when its comparisons fail: another host
+    /// changed the same records meanwhile. Waits until this agent applied it.
+    async fn commit(&self, txn: Txn, what: &str) -> Result<()> {
+        let mut client = self.client()?;
+        let resp = client.txn(txn).await.map_err(|e| {
+            let text = e.to_string();
+            if text.contains("too many operations") {
+                NvError::Cluster(format!(
+                    "etcd refused the transaction ({text}): an import is one transaction, so \
+                     etcd's --max-txn-ops must hold it; split the file or raise it"
+                ))
+            } else {
+                etcd_err("etcd refused the change", e)
+            }
+        })?;
+        if !resp.succeeded() {
+            return Err(NvError::Conflict(format!(
+                "{what} changed in etcd meanwhile (another host's nvctl?); nothing was \
+                 written: list the records and try again"
+            )));
+        }
+        let revision = resp
+            .header()
+            .map_or(0, etcd_client::ResponseHeader::revision);
+        self.wait_applied(revision).await;
+        Ok(())
+    }
+
+    /// The record etcd holds under `key`, and its revision.
+    async fn current(&self, vsid: u32, ca: IpAddr) -> Result<(LookupRecord, i64)> {
+        let key = key(vsid, ca);
+        let mut client = self.client()?;
+        let resp = client
+            .get(key.clone(), None)
+            .await
+            .map_err(|e| etcd_err("etcd", e))?;
+        let kv = resp.kvs().first().ok_or_else(|| {
+            NvError::NotFound(format!("no lookup record for VSID {vsid} CA {ca}"))
+        })?;
+        let record: LookupRecord = serde_json::from_slice(kv.value())
+            .map_err(|e| invalid(format!("{key} in etcd does not parse: {e}")))?;
+        Ok((record, kv.mod_revision()))
+    }
+}
+
+/// The record as this host applies it: its port only if it is this host's VM.
+pub fn local_view(r: &LookupRecord, me: &str) -> LookupRecord {
+    let mut view = r.clone();
+    if r.host.as_deref() != Some(me) {
+        view.port = None;
+    }
+    view.host = None;
+    view
+}
+
+/// A record as written to etcd: the host its port is on (this one unless named), none
+/// without a port.
+pub fn placed(mut r: LookupRecord, me: &str) -> Result<LookupRecord> {
+    match (&r.port, &r.host) {
+        (Some(_), None) => r.host = Some(me.to_owned()),
+        (None, Some(h)) => {
+            return Err(invalid(format!(
+                "--host {h} names the host of a VM port: give --port too (a record without \
+                 one is a VM no nv host attaches)"
+            )));
+        }
+        _ => {}
+    }
+    r.validate()?;
+    Ok(r)
+}
+
+fn json(r: &LookupRecord) -> Result<Vec<u8>> {
+    serde_json::to_vec(r).map_err(|e| invalid(format!("cannot encode the record: {e}")))
+}
+
+/// `nvctl lookup add` in cluster mode.
+pub async fn add(shared: &Shared, cluster: &Cluster, r: LookupRecord) -> Result<LookupRecord> {
+    let r = placed(r, &cluster.host)?;
+    shared.lock().await.check_cluster(&[&r], false).await?;
+    let key = key(r.vsid, r.ca);
+    let txn = Txn::new()
+        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(key, json(&r)?, None)]);
+    cluster
+        .commit(txn, &format!("VSID {} CA {}", r.vsid, r.ca))
+        .await?;
+    info!(vsid = r.vsid, ca = %r.ca, "added lookup record to etcd");
+    Ok(r)
+}
+
+/// `nvctl lookup move` in cluster mode: the record's PA, port and host, compared against
+/// the revision read.
+pub async fn move_to(
+    shared: &Shared,
+    cluster: &Cluster,
+    m: crate::agent::MoveRequest,
+) -> Result<LookupRecord> {
+    let (old, revision) = cluster.current(m.vsid, m.ca).await?;
+    let mut moved = old;
+    moved.pa = m.pa;
+    moved.port = m.port;
+    moved.host = m.host;
+    let moved = placed(moved, &cluster.host)?;
+    shared.lock().await.check_cluster(&[&moved], true).await?;
+    let key = key(m.vsid, m.ca);
+    let txn = Txn::new()
+        .when([Compare::mod_revision(
+            key.clone(),
+            CompareOp::Equal,
+            revision,
+        )])
+        .and_then([TxnOp::put(key, json(&moved)?, None)]);
+    cluster
+        .commit(txn, &format!("VSID {} CA {}", m.vsid, m.ca))
+        .await?;
+    info!(vsid = m.vsid, ca = %m.ca, pa = %m.pa, host = ?moved.host, "moved lookup record in etcd");
+    Ok(moved)
+}
+
+/// `nvctl lookup del` in cluster mode.
+pub async fn delete(cluster: &Cluster, vsid: u32, ca: IpAddr) -> Result<LookupRecord> {
+    let (old, revision) = cluster.current(vsid, ca).await?;
+    let key = key(vsid, ca);
+    let txn = Txn::new()
+        .when([Compare::mod_revision(
+            key.clone(),
+            CompareOp::Equal,
+            revision,
+        )])
+        .and_then([TxnOp::delete(key, None)]);
+    cluster.commit(txn, &format!("VSID {vsid} CA {ca}")).await?;
+    info!(vsid, ca = %ca, "deleted lookup record from etcd");
+    Ok(old)
+}
+
+/// `nvctl lookup import` in cluster mode: one etcd transaction, every key new, all or none.
+pub async fn import(
+    shared: &Shared,
+    cluster: &Cluster,
+    records: Vec<LookupRecord>,
+) -> Result<usize> {
+    let records: Vec<LookupRecord> = records
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            placed(r, &cluster.host).map_err(|e| invalid(format!("record {}: {e}", i + 1)))
+        })
+        .collect::<Result<_>>()?;
+    let refs: Vec<&LookupRecord> = records.iter().collect();
+    shared.lock().await.check_cluster(&refs, false).await?;
+    let mut compares = Vec::with_capacity(records.len());
+    let mut puts = Vec::with_capacity(records.len());
+    for r in &records {
+        let key = key(r.vsid, r.ca);
+        compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
+        puts.push(TxnOp::put(key, json(r)?, None));
+    }
+    cluster
+        .commit(
+            Txn::new().when(compares).and_then(puts),
+            "a record of the import",
+        )
+        .await?;
+    info!(records = records.len(), "imported lookup records into etcd");
+    Ok(records.len())
+}
+
+/// Every key under [`PREFIX`] at one revision, a page at a time.
+async fn snapshot(client: &mut Client) -> Result<(i64, Vec<Update>)> {
+    let end = {
+        let mut e = PREFIX.as_bytes().to_vec();
+        if let Some(last) = e.last_mut() {
+            *last += 1;
+        }
+        e
+    };
+    let mut from = PREFIX.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut out = Vec::new();
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let resp = client
+            .get(from.clone(), Some(options))
+            .await
+            .map_err(|e| etcd_err("read the records from etcd", e))?;
+        if revision == 0 {
+            revision = resp
+                .header()
+                .map_or(0, etcd_client::ResponseHeader::revision);
+        }
+        for kv in resp.kvs() {
+            out.push((kv.key().to_vec(), Some(kv.value().to_vec())));
+        }
+        match resp.kvs().last() {
+            Some(kv) if resp.more() => {
+                from = kv.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok((revision, out)),
+        }
+    }
+}
+
+/// Follows etcd for as long as the agent runs: connects (again and again while it is away),
+/// resynchronises in full when it must (first start, a revision compacted away), then applies
+/// what changes as it comes.
+pub async fn follow(shared: Shared, cluster: Cluster) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let ended = session(&shared, &cluster).await;
+        let why = match ended {
+            Ok(()) => "the watch ended".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        cluster.connected(None, Some(why));
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(3));
+        if cluster.status().connected {
+            backoff = Duration::from_millis(200);
+        }
+    }
+}
+
+async fn session(shared: &Shared, cluster: &Cluster) -> Result<()> {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
+    let mut client = Client::connect(&cluster.endpoints, Some(options))
+        .await
+        .map_err(|e| etcd_err("connect", e))?;
+    let mut revision = cluster.revision();
+    if revision == 0 {
+        revision = resync(shared, cluster, &mut client).await?;
+    }
+    loop {
+        let mut stream = client
+            .watch(
+                PREFIX,
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision + 1)
+                        .with_progress_notify(),
+                ),
+            )
+            .await
+            .map_err(|e| etcd_err("watch", e))?;
+        cluster.connected(Some(client.clone()), None);
+        // The answer comes once every event before it was sent: then this agent is caught up.
+        stream
+            .request_progress()
+            .await
+            .map_err(|e| etcd_err("watch", e))?;
+        loop {
+            let Some(resp) = stream.message().await.map_err(|e| etcd_err("watch", e))? else {
+                return Ok(());
+            };
+            if resp.compact_revision() > 0 {
+                // What this agent missed was compacted away: read everything again.
+                warn!(
+                    "revision {revision} was compacted in etcd (at {}); resynchronising in full",
+                    resp.compact_revision()
+                );
+                revision = resync(shared, cluster, &mut client).await?;
+                break;
+            }
+            if resp.canceled() {
+                return Err(NvError::Cluster(format!(
+                    "etcd ended the watch: {}",
+                    resp.cancel_reason()
+                )));
+            }
+            if resp.events().is_empty() {
+                if !resp.created() {
+                    // A progress report: nothing under the prefix changed up to its revision.
+                    let now = resp
+                        .header()
+                        .map_or(0, etcd_client::ResponseHeader::revision);
+                    if now > revision {
+                        revision = now;
+                        shared
+                            .lock()
+                            .await
+                            .apply_cluster(Vec::new(), false, revision)
+                            .await?;
+                    }
+                    cluster.synced.send_replace(true);
+                }
+                continue;
+            }
+            // Last write wins within a response, as in etcd.
+            let mut batch: Vec<Update> = Vec::with_capacity(resp.events().len());
+            let mut at: HashMap<Vec<u8>, usize> = HashMap::new();
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                revision = revision.max(kv.mod_revision());
+                let value = (ev.event_type() == EventType::Put).then(|| kv.value().to_vec());
+                if let Some(i) = at.get(kv.key()) {
+                    batch[*i].1 = value;
+                } else {
+                    at.insert(kv.key().to_vec(), batch.len());
+                    batch.push((kv.key().to_vec(), value));
+                }
+            }
+            shared
+                .lock()
+                .await
+                .apply_cluster(batch, false, revision)
+                .await?;
+        }
+    }
+}
+
+/// Reads every record at one revision and makes this host hold exactly those.
+async fn resync(shared: &Shared, cluster: &Cluster, client: &mut Client) -> Result<i64> {
+    let started = std::time::Instant::now();
+    let (revision, all) = snapshot(client).await?;
+    let n = all.len();
+    shared
+        .lock()
+        .await
+        .apply_cluster(all, true, revision)
+        .await?;
+    info!(
+        records = n,
+        revision,
+        "resynchronised with etcd in {} ms",
+        started.elapsed().as_millis()
+    );
+    let _ = cluster;
+    Ok(revision)
+}
+
+/// What a batch of etcd's keys means for this host: the changes to apply (each with the
+/// index of its update), and the updates left out already (index, why). A value that does not
+/// parse takes its key's record away: it is not what etcd says any more.
+pub fn changes_of(
+    updates: &[Update],
+    me: &str,
+) -> (Vec<usize>, Vec<crate::store::Change>, Vec<(usize, String)>) {
+    use crate::store::Change;
+    let mut from = Vec::with_capacity(updates.len());
+    let mut changes = Vec::with_capacity(updates.len());
+    let mut left_out = Vec::new();
+    for (i, (k, v)) in updates.iter().enumerate() {
+        let Some((vsid, ca)) = parse_key(k) else {
+            left_out.push((i, "not a lookup record's key".to_owned()));
+            continue;
+        };
+        let change = match v {
+            None => Change::DelLookup { vsid, ca },
+            Some(v) => match serde_json::from_slice::<LookupRecord>(v) {
+                Ok(r) if r.key() == (vsid, ca) => Change::PutLookup {
+                    record: local_view(&r, me),
+                },
+                Ok(r) => {
+                    left_out.push((
+                        i,
+                        format!("its value is the record of VSID {} CA {}", r.vsid, r.ca),
+                    ));
+                    Change::DelLookup { vsid, ca }
+                }
+                Err(e) => {
+                    left_out.push((i, format!("does not parse: {e}")));
+                    Change::DelLookup { vsid, ca }
+                }
+            },
+        };
+        from.push(i);
+        changes.push(change);
+    }
+    (from, changes, left_out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_local_views() {
+        let k = key(5001, "10.0.0.2".parse().unwrap());
+        assert_eq!(k, "/nv/v1/lookups/5001/10.0.0.2");
+        assert_eq!(
+            parse_key(k.as_bytes()),
+            Some((5001, "10.0.0.2".parse().unwrap()))
+        );
+        assert_eq!(parse_key(b"/nv/v1/lookups/x/10.0.0.2"), None);
+        let r: LookupRecord = serde_json::from_str(
+            r#"{"vsid":5001,"ca":"10.0.0.2","pa":"198.18.0.2","mac":"02:00:00:00:02:01","port":"red2","host":"h2"}"#,
+        )
+        .unwrap();
+        assert_eq!(local_view(&r, "h2").port.as_deref(), Some("red2"));
+        assert_eq!(local_view(&r, "h1").port, None);
+        assert!(local_view(&r, "h2").host.is_none());
+        let mut remote = r.clone();
+        remote.port = None;
+        assert!(
+            placed(remote, "h1")
+                .unwrap_err()
+                .to_string()
+                .contains("give --port")
+        );
+        let mut unplaced = r;
+        unplaced.host = None;
+        assert_eq!(placed(unplaced, "h1").unwrap().host.as_deref(), Some("h1"));
+    }
+}
