@@ -192,6 +192,55 @@ fn url_escape(s: &str) -> String {
         .collect()
 }
 
+/// The columns of a lookup command's answer.
+fn lookup_columns(cmd: &LookupCmd) -> &'static [(&'static str, &'static str)] {
+    match cmd {
+        LookupCmd::Import { .. } => IMPORT_COLUMNS,
+        _ => LOOKUP_COLUMNS,
+    }
+}
+
+/// `nvctl lookup ...`: the agent's answer.
+async fn lookup(s: &std::path::Path, cmd: &LookupCmd) -> anyhow::Result<Value> {
+    match cmd {
+        LookupCmd::Add {
+            vsid,
+            ca,
+            pa,
+            mac,
+            method,
+            port,
+            name,
+            host,
+        } => {
+            let body = json!({ "vsid": vsid, "ca": ca, "pa": pa, "mac": mac, "method": method, "port": port, "name": name, "host": host });
+            call(s, Method::POST, "/v1/lookups", Some(&body)).await
+        }
+        LookupCmd::Del { vsid, ca } => {
+            call(
+                s,
+                Method::DELETE,
+                &format!("/v1/lookups?vsid={vsid}&ca={ca}"),
+                None,
+            )
+            .await
+        }
+        LookupCmd::Move {
+            vsid,
+            ca,
+            pa,
+            port,
+            host,
+        } => {
+            let body = json!({ "vsid": vsid, "ca": ca, "pa": pa, "port": port, "host": host });
+            call(s, Method::POST, "/v1/lookups/move", Some(&body)).await
+        }
+        LookupCmd::Import { file } => import(s, file).await,
+        LookupCmd::List { vsid } => call(s, Method::GET, &lookups_path(*vsid), None).await,
+        LookupCmd::Export { .. } => unreachable!("run_other"),
+    }
+}
+
 async fn run(cli: &Cli) -> anyhow::Result<()> {
     if let Some(done) = run_other(cli).await {
         return done;
@@ -216,50 +265,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             call(s, Method::GET, "/v1/providers", None).await?,
             PROVIDER_COLUMNS,
         ),
-        Command::Lookup(LookupCmd::Add {
-            vsid,
-            ca,
-            pa,
-            mac,
-            method,
-            port,
-            name,
-            host,
-        }) => {
-            let body = json!({ "vsid": vsid, "ca": ca, "pa": pa, "mac": mac, "method": method, "port": port, "name": name, "host": host });
-            (
-                call(s, Method::POST, "/v1/lookups", Some(&body)).await?,
-                LOOKUP_COLUMNS,
-            )
-        }
-        Command::Lookup(LookupCmd::Del { vsid, ca }) => (
-            call(
-                s,
-                Method::DELETE,
-                &format!("/v1/lookups?vsid={vsid}&ca={ca}"),
-                None,
-            )
-            .await?,
-            LOOKUP_COLUMNS,
-        ),
-        Command::Lookup(LookupCmd::Move {
-            vsid,
-            ca,
-            pa,
-            port,
-            host,
-        }) => {
-            let body = json!({ "vsid": vsid, "ca": ca, "pa": pa, "port": port, "host": host });
-            (
-                call(s, Method::POST, "/v1/lookups/move", Some(&body)).await?,
-                LOOKUP_COLUMNS,
-            )
-        }
-        Command::Lookup(LookupCmd::Import { file }) => (import(s, file).await?, IMPORT_COLUMNS),
-        Command::Lookup(LookupCmd::List { vsid }) => (
-            call(s, Method::GET, &lookups_path(*vsid), None).await?,
-            LOOKUP_COLUMNS,
-        ),
+        Command::Lookup(cmd) => (lookup(s, cmd).await?, lookup_columns(cmd)),
         Command::Stats { vsid: None } => (
             call(s, Method::GET, "/v1/stats", None).await?,
             STATS_COLUMNS,
@@ -268,10 +274,9 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             call(s, Method::GET, &format!("/v1/stats?vsid={vsid}"), None).await?,
             VSID_STATS_COLUMNS,
         ),
-        Command::Lookup(LookupCmd::Export { .. })
-        | Command::Monitor { .. }
-        | Command::Completions { .. }
-        | Command::Man { .. } => unreachable!("run_other"),
+        Command::Monitor { .. } | Command::Completions { .. } | Command::Man { .. } => {
+            unreachable!("run_other")
+        }
         Command::Trace { .. } => return trace(cli).await,
         Command::Debug { state } => (
             call(
@@ -420,7 +425,7 @@ fn status_table(v: &Value) -> Table {
     t.add_row(["provider addresses".to_owned(), field("providers")]);
     t.add_row(["lookup records".to_owned(), field("lookups")]);
     if let Some(c) = v["cluster"].as_object() {
-        let s = |k: &str| c.get(k).map_or_else(String::new, |v| v.to_string());
+        let s = |k: &str| c.get(k).map_or_else(String::new, ToString::to_string);
         t.add_row([
             "cluster".to_owned(),
             format!(
