@@ -893,6 +893,9 @@ impl Agent {
             return Err(e);
         }
         info!("added provider address {} on {}", state.pa, state.dev);
+        if let Err(e) = self.retry_left_out().await {
+            warn!("trying the records left out again: {e}");
+        }
         Ok(state)
     }
 
@@ -926,6 +929,9 @@ impl Agent {
             self.netlink.del_address(link.index, pa).await?;
         }
         info!("deleted provider address {}", removed.pa);
+        if let Err(e) = self.retry_left_out().await {
+            warn!("trying the records left out again: {e}");
+        }
         Ok(removed)
     }
 

@@ -27,8 +27,13 @@ use crate::{
     model::LookupRecord,
 };
 
+/// Everything nv keeps in etcd, watched by every agent.
+const WATCHED: &str = "/nv/v1/";
 /// Where lookup records live in etcd.
 pub const PREFIX: &str = "/nv/v1/lookups/";
+/// Each agent's own key, written when it connects (what it had applied): its event tells the
+/// agent it has seen everything before.
+const HOSTS: &str = "/nv/v1/hosts/";
 /// Keys read a request at a time in a full resynchronisation.
 const PAGE: i64 = 10_000;
 /// How long a change waits for this agent to have applied it, before nvctl gets its answer.
@@ -132,13 +137,25 @@ impl Cluster {
         lock(&self.status).clone()
     }
 
+    /// The keys left out now.
+    pub fn left_out(&self) -> Vec<Vec<u8>> {
+        lock(&self.bad).keys().cloned().collect()
+    }
+
     /// The revision this agent has applied.
     pub fn revision(&self) -> i64 {
         *self.applied.borrow()
     }
 
-    /// A connected client, or why there is none.
-    fn client(&self) -> Result<Client> {
+    /// A connected client, waiting a little if the agent is reconnecting (a member went
+    /// away), or why there is none.
+    async fn client(&self) -> Result<Client> {
+        for _ in 0..30 {
+            if let Some(c) = lock(&self.client).clone() {
+                return Ok(c);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         lock(&self.client).clone().ok_or_else(|| {
             NvError::Cluster(format!(
                 "etcd is unreachable ({}); forwarding continues from the records applied up \
@@ -228,17 +245,40 @@ impl Cluster {
         }
     }
 
+    /// Runs `txn`, again (up to three times) when it never reached etcd: a member that went
+    /// away leaves a broken connection behind until the client moves to another.
+    async fn txn(
+        &self,
+        txn: &Txn,
+    ) -> std::result::Result<etcd_client::TxnResponse, etcd_client::Error> {
+        let mut attempt = 0;
+        loop {
+            let mut client = match self.client().await {
+                Ok(c) => c,
+                Err(e) => return Err(etcd_client::Error::InvalidArgs(e.to_string())),
+            };
+            match client.txn(txn.clone()).await {
+                Err(e) if attempt < 2 && unreached(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Commits `txn` to etcd; refused (`Conflict`) when its comparisons fail: another host
     /// changed the same records meanwhile. Waits until this agent applied it.
     async fn commit(&self, txn: Txn, what: &str) -> Result<()> {
-        let mut client = self.client()?;
-        let resp = client.txn(txn).await.map_err(|e| {
+        let resp = self.txn(&txn).await.map_err(|e| {
             let text = e.to_string();
             if text.contains("too many operations") {
                 NvError::Cluster(format!(
                     "etcd refused the transaction ({text}): an import is one transaction, so \
                      etcd's --max-txn-ops must hold it; split the file or raise it"
                 ))
+            } else if let etcd_client::Error::InvalidArgs(why) = e {
+                NvError::Cluster(why)
             } else {
                 etcd_err("etcd refused the change", e)
             }
@@ -259,17 +299,35 @@ impl Cluster {
     /// The record etcd holds under `key`, and its revision.
     async fn current(&self, vsid: u32, ca: IpAddr) -> Result<(LookupRecord, i64)> {
         let key = key(vsid, ca);
-        let mut client = self.client()?;
-        let resp = client
-            .get(key.clone(), None)
-            .await
-            .map_err(|e| etcd_err("etcd", e))?;
+        let mut attempt = 0;
+        let resp = loop {
+            let mut client = self.client().await?;
+            match client.get(key.clone(), None).await {
+                Err(e) if attempt < 2 && unreached(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => break other.map_err(|e| etcd_err("etcd", e))?,
+            }
+        };
         let kv = resp.kvs().first().ok_or_else(|| {
             NvError::NotFound(format!("no lookup record for VSID {vsid} CA {ca}"))
         })?;
         let record: LookupRecord = serde_json::from_slice(kv.value())
             .map_err(|e| invalid(format!("{key} in etcd does not parse: {e}")))?;
         Ok((record, kv.mod_revision()))
+    }
+}
+
+/// Whether a request failed before etcd could have acted on it (a dead connection).
+fn unreached(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => {
+            matches!(s.code(), tonic::Code::Unavailable)
+                || (s.code() == tonic::Code::Unknown && s.message().contains("transport"))
+        }
+        _ => false,
     }
 }
 
@@ -440,51 +498,66 @@ async fn snapshot(client: &mut Client) -> Result<(i64, Vec<Update>)> {
 /// what changes as it comes.
 pub async fn follow(shared: Shared, cluster: Cluster) {
     let mut backoff = Duration::from_millis(200);
+    // One member at a time, the next one when it fails: a member that went away is left at
+    // once, not found again by chance.
+    let mut member = 0;
     loop {
-        let ended = session(&shared, &cluster).await;
+        let endpoint = &cluster.endpoints[member % cluster.endpoints.len()];
+        let ended = session(&shared, &cluster, endpoint).await;
         let why = match ended {
-            Ok(()) => "the watch ended".to_owned(),
-            Err(e) => e.to_string(),
+            Ok(()) => format!("{endpoint}: the watch ended"),
+            Err(e) => format!("{endpoint}: {e}"),
         };
+        let was_connected = cluster.status().connected;
         cluster.connected(None, Some(why));
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(3));
-        if cluster.status().connected {
-            backoff = Duration::from_millis(200);
+        member += 1;
+        if was_connected {
+            backoff = Duration::from_millis(100);
+        } else if member % cluster.endpoints.len() == 0 {
+            // Every member tried: wait before the next round.
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(3));
         }
     }
 }
 
-async fn session(shared: &Shared, cluster: &Cluster) -> Result<()> {
+async fn session(shared: &Shared, cluster: &Cluster, endpoint: &str) -> Result<()> {
     let options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
-    let mut client = Client::connect(&cluster.endpoints, Some(options))
+    let mut client = Client::connect([endpoint], Some(options))
         .await
         .map_err(|e| etcd_err("connect", e))?;
     let mut revision = cluster.revision();
     if revision == 0 {
         revision = resync(shared, cluster, &mut client).await?;
     }
+    let fence_key = format!("{HOSTS}{}", cluster.host);
     loop {
         let mut stream = client
             .watch(
-                PREFIX,
+                WATCHED,
                 Some(
                     WatchOptions::new()
                         .with_prefix()
-                        .with_start_revision(revision + 1)
-                        .with_progress_notify(),
+                        .with_start_revision(revision + 1),
                 ),
             )
             .await
             .map_err(|e| etcd_err("watch", e))?;
-        cluster.connected(Some(client.clone()), None);
-        // The answer comes once every event before it was sent: then this agent is caught up.
-        stream
-            .request_progress()
+        // A write of this host's own key, behind everything it missed: its event comes after
+        // every earlier one, so once it is here this agent is caught up.
+        let fence = client
+            .put(
+                fence_key.clone(),
+                format!(r#"{{"host":"{}","applied":{revision}}}"#, cluster.host),
+                None,
+            )
             .await
-            .map_err(|e| etcd_err("watch", e))?;
+            .map_err(|e| etcd_err("write this host's key", e))?
+            .header()
+            .map_or(0, etcd_client::ResponseHeader::revision);
+        cluster.connected(Some(client.clone()), None);
         loop {
             let Some(resp) = stream.message().await.map_err(|e| etcd_err("watch", e))? else {
                 return Ok(());
@@ -505,29 +578,19 @@ async fn session(shared: &Shared, cluster: &Cluster) -> Result<()> {
                 )));
             }
             if resp.events().is_empty() {
-                if !resp.created() {
-                    // A progress report: nothing under the prefix changed up to its revision.
-                    let now = resp
-                        .header()
-                        .map_or(0, etcd_client::ResponseHeader::revision);
-                    if now > revision {
-                        revision = now;
-                        shared
-                            .lock()
-                            .await
-                            .apply_cluster(Vec::new(), false, revision)
-                            .await?;
-                    }
-                    cluster.synced.send_replace(true);
-                }
                 continue;
             }
             // Last write wins within a response, as in etcd.
             let mut batch: Vec<Update> = Vec::with_capacity(resp.events().len());
             let mut at: HashMap<Vec<u8>, usize> = HashMap::new();
+            let mut fenced = false;
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
                 revision = revision.max(kv.mod_revision());
+                if !kv.key().starts_with(PREFIX.as_bytes()) {
+                    fenced |= kv.key() == fence_key.as_bytes() && kv.mod_revision() >= fence;
+                    continue;
+                }
                 let value = (ev.event_type() == EventType::Put).then(|| kv.value().to_vec());
                 if let Some(i) = at.get(kv.key()) {
                     batch[*i].1 = value;
@@ -541,6 +604,9 @@ async fn session(shared: &Shared, cluster: &Cluster) -> Result<()> {
                 .await
                 .apply_cluster(batch, false, revision)
                 .await?;
+            if fenced {
+                cluster.synced.send_replace(true);
+            }
         }
     }
 }

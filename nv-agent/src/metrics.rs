@@ -92,14 +92,33 @@ where
     T: prometheus_client::encoding::EncodeCounterValue,
 {
     let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
-    for (labels, value) in series {
-        let m = metric.encode_family(&labels)?;
-        match kind {
-            MetricType::Counter => ConstCounter::new(value).encode(m)?,
-            _ => ConstGauge::new(value).encode(m)?,
-        }
+    let series: Vec<(Labels, T)> = series.into_iter().collect();
+    if let [(labels, value)] = series.as_slice()
+        && labels.is_empty()
+    {
+        // One series without labels: `name value`, not `name{} value`.
+        return encode_value(metric, kind, *value);
+    }
+    for (labels, value) in &series {
+        encode_value(metric.encode_family(labels)?, kind, *value)?;
     }
     Ok(())
+}
+
+/// One value of a counter or a gauge.
+fn encode_value<T>(
+    m: prometheus_client::encoding::MetricEncoder,
+    kind: MetricType,
+    value: T,
+) -> std::fmt::Result
+where
+    T: prometheus_client::encoding::EncodeGaugeValue
+        + prometheus_client::encoding::EncodeCounterValue,
+{
+    match kind {
+        MetricType::Counter => ConstCounter::new(value).encode(m),
+        _ => ConstGauge::new(value).encode(m),
+    }
 }
 
 impl Collector for Snapshot {

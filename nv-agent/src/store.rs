@@ -222,6 +222,24 @@ impl Store {
         Ok((revision, kvs))
     }
 
+    /// Cluster mode: the values of `keys` as cached (absent ones left out).
+    pub fn cluster_values(&self, keys: &[Vec<u8>]) -> Result<Vec<KeyValue>> {
+        let err = |e: &dyn std::fmt::Display| damaged(&self.path, e);
+        let txn = self.db.begin_read().map_err(|e| err(&e))?;
+        let t = match txn.open_table(CLUSTER) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(err(&e)),
+        };
+        let mut out = Vec::new();
+        for k in keys {
+            if let Some(v) = t.get(k.as_slice()).map_err(|e| err(&e))? {
+                out.push((k.clone(), v.value().to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
     /// Cluster mode: writes etcd's keys (`None`: deleted) as of `revision` into a transaction
     /// committed with [`Pending::commit`]; `full` replaces every key held before.
     pub fn prepare_cluster(

@@ -168,3 +168,232 @@ fn records_written_on_one_host_reach_every_host_and_a_vm_migrates() -> anyhow::R
     );
     Ok(())
 }
+
+/// Whether `h`'s datapath has the record of VSID `vsid` for `ca`.
+fn has(h: &Host, vsid: u32, ca: [u8; 4]) -> anyhow::Result<bool> {
+    Ok(LookupView::open(&h.pin_path)?
+        .get(&LookupKey { vsid, ca })
+        .is_some())
+}
+
+/// `nvctl lookup add` of a remote record of VSID 7001 (a tenant with no VM here).
+fn add_remote(h: &Host, last: u8) -> anyhow::Result<String> {
+    h.nvctl(&[
+        "lookup",
+        "add",
+        "--vsid",
+        "7001",
+        "--ca",
+        &format!("10.7.0.{last}"),
+        "--pa",
+        "198.18.0.9",
+        "--mac",
+        &format!("02:07:00:00:00:{last:02x}"),
+    ])
+}
+
+#[test]
+fn losing_an_etcd_member_or_all_of_etcd_never_stops_forwarding() -> anyhow::Result<()> {
+    let (mut bed, mut etcd) = bed()?;
+    // One member of three gone: nothing stops.
+    etcd.kill_member(0);
+    add_remote(&bed.hosts[1], 1)?;
+    converge(&bed, "a record written with a member down", |_, h| {
+        has(h, 7001, [10, 7, 0, 1])
+    })?;
+
+    // All of etcd gone: forwarding goes on, even across an agent's restart; changes are
+    // refused with the reason, and nothing is half done.
+    let stream = ping_stream(&bed, "RED-1", "10.0.0.2", 1000, "0.01")?;
+    etcd.kill_member(1);
+    etcd.kill_member(2);
+    converge(&bed, "every agent knows etcd is away", |_, h| {
+        Ok(cluster_status(h)?["connected"] == false)
+    })?;
+    let err = add_remote(&bed.hosts[0], 2).expect_err("a change while etcd is away");
+    ensure!(
+        err.to_string().contains("etcd is unreachable"),
+        "the refusal does not say why: {err}"
+    );
+    let metrics = bed.hosts[0]
+        .ns
+        .exec("curl", &["-sf", "http://127.0.0.1:9469/metrics"])?;
+    ensure!(
+        metrics.lines().any(|l| l == "nv_cluster_connected 0"),
+        "the metric does not say etcd is away: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("cluster"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    bed.hosts[1].stop_agent();
+    bed.hosts[1].start_agent()?;
+    let (sent, received) = ping_result(stream)?;
+    ensure!(
+        sent == received,
+        "{received} of {sent} answered while etcd was away and host 2's agent restarted"
+    );
+
+    // etcd back: every agent follows again, and a change reaches all.
+    for i in 0..3 {
+        etcd.start_member(i)?;
+    }
+    etcd.wait_healthy()?;
+    converge(&bed, "every agent follows etcd again", |_, h| {
+        Ok(cluster_status(h)?["connected"] == true)
+    })?;
+    add_remote(&bed.hosts[2], 3)?;
+    converge(&bed, "a record written after the outage", |_, h| {
+        has(h, 7001, [10, 7, 0, 3])
+    })?;
+    ensure!(
+        bed.hosts
+            .iter()
+            .all(|h| !has(h, 7001, [10, 7, 0, 2]).unwrap_or(true)),
+        "the refused record is somewhere"
+    );
+    Ok(())
+}
+
+#[test]
+fn restarted_agents_catch_up_even_past_a_compaction_and_bad_values_are_left_out()
+-> anyhow::Result<()> {
+    let (mut bed, etcd) = bed()?;
+    // Host 2's agent misses changes; it catches up from the revision it applied.
+    bed.hosts[1].stop_agent();
+    add_remote(&bed.hosts[0], 1)?;
+    add_remote(&bed.hosts[0], 2)?;
+    bed.hosts[0].nvctl(&["lookup", "del", "--vsid", "7001", "--ca", "10.7.0.1"])?;
+    bed.hosts[1].start_agent()?;
+    // The API answers once the agent is ready: caught up.
+    bed.hosts[1].nvctl(&["status"])?;
+    ensure!(
+        has(&bed.hosts[1], 7001, [10, 7, 0, 2])? && !has(&bed.hosts[1], 7001, [10, 7, 0, 1])?,
+        "host 2 did not catch up before saying it was ready: {}",
+        bed.hosts[1].agent_log()
+    );
+
+    // Host 3's agent misses changes that etcd then compacts away: a full resync, nothing
+    // stale left.
+    bed.hosts[2].stop_agent();
+    add_remote(&bed.hosts[0], 3)?;
+    bed.hosts[0].nvctl(&["lookup", "del", "--vsid", "7001", "--ca", "10.7.0.2"])?;
+    let rev = etcd.revision()?;
+    etcd.ctl(&["compact", &rev.to_string()])?;
+    bed.hosts[2].start_agent()?;
+    bed.hosts[2].nvctl(&["status"])?;
+    ensure!(
+        has(&bed.hosts[2], 7001, [10, 7, 0, 3])? && !has(&bed.hosts[2], 7001, [10, 7, 0, 2])?,
+        "host 3 did not resynchronise past the compaction"
+    );
+    ensure!(
+        bed.hosts[2].agent_log().contains("compacted"),
+        "host 3 did not say it resynchronised: {}",
+        bed.hosts[2].agent_log()
+    );
+
+    // Bad values in etcd: one that does not parse, one that takes another record's MAC, one
+    // under another record's key. Left out and reported everywhere; nothing else affected.
+    etcd.ctl(&["put", "/nv/v1/lookups/7001/10.7.0.50", "not json"])?;
+    etcd.ctl(&[
+        "put",
+        "/nv/v1/lookups/5001/10.0.0.60",
+        r#"{"vsid":5001,"ca":"10.0.0.60","pa":"198.18.0.9","mac":"02:00:00:00:01:01"}"#,
+    ])?;
+    etcd.ctl(&[
+        "put",
+        "/nv/v1/lookups/5001/10.0.0.61",
+        r#"{"vsid":5001,"ca":"10.0.0.62","pa":"198.18.0.9","mac":"02:00:00:00:09:62"}"#,
+    ])?;
+    add_remote(&bed.hosts[1], 4)?;
+    converge(
+        &bed,
+        "three bad values left out, the good record applied",
+        |_, h| Ok(cluster_status(h)?["bad_records"] == 3 && has(h, 7001, [10, 7, 0, 4])?),
+    )?;
+    for h in &bed.hosts {
+        ensure!(
+            !has(h, 5001, [10, 0, 0, 60])? && !has(h, 5001, [10, 0, 0, 61])?,
+            "{}: a bad value reached the datapath",
+            h.name
+        );
+    }
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 2)? == 2,
+        "RED after the bad values"
+    );
+    // Mended, it is applied.
+    etcd.ctl(&[
+        "put",
+        "/nv/v1/lookups/7001/10.7.0.50",
+        r#"{"vsid":7001,"ca":"10.7.0.50","pa":"198.18.0.9","mac":"02:07:00:00:00:50"}"#,
+    ])?;
+    converge(&bed, "the mended record applied", |_, h| {
+        Ok(cluster_status(h)?["bad_records"] == 2 && has(h, 7001, [10, 7, 0, 50])?)
+    })?;
+    Ok(())
+}
+
+#[test]
+fn concurrent_changes_of_one_record_are_refused_never_lost() -> anyhow::Result<()> {
+    let (bed, etcd) = bed()?;
+    let nvctl = nv_tests::sys::bin("nvctl")?;
+    for i in 1..=5u8 {
+        let ca = format!("10.8.0.{i}");
+        // The same new record, with two MACs, typed on two hosts at once.
+        let children: Vec<(String, Child)> = [(0usize, 1u8), (1, 2)]
+            .iter()
+            .map(|(h, m)| {
+                let mac = format!("02:08:00:00:{m:02x}:{i:02x}");
+                let child = Command::new(&nvctl)
+                    .arg("--socket")
+                    .arg(&bed.hosts[*h].socket)
+                    .args([
+                        "lookup",
+                        "add",
+                        "--vsid",
+                        "7002",
+                        "--ca",
+                        &ca,
+                        "--pa",
+                        "198.18.0.9",
+                    ])
+                    .args(["--mac", &mac])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()?;
+                Ok((mac, child))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let mut won = Vec::new();
+        for (mac, child) in children {
+            let out = child.wait_with_output()?;
+            if out.status.success() {
+                won.push(mac);
+            } else {
+                let err = String::from_utf8_lossy(&out.stderr);
+                ensure!(
+                    err.contains("meanwhile") || err.contains("already exists"),
+                    "the losing change does not say why: {err}"
+                );
+            }
+        }
+        ensure!(
+            won.len() == 1,
+            "{ca}: {} of 2 concurrent adds succeeded",
+            won.len()
+        );
+        let stored = etcd.ctl(&[
+            "get",
+            &format!("/nv/v1/lookups/7002/{ca}"),
+            "--print-value-only",
+        ])?;
+        ensure!(
+            stored.contains(&won[0]),
+            "{ca}: etcd holds {stored}, the winner was {}",
+            won[0]
+        );
+    }
+    Ok(())
+}

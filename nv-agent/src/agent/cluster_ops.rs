@@ -160,6 +160,25 @@ impl Agent {
         Ok(())
     }
 
+    /// Tries the records left out again (this host's provider addresses changed: a record
+    /// that named a PA not yet here may fit now).
+    pub async fn retry_left_out(&mut self) -> Result<()> {
+        let Some(cluster) = self.cluster.clone() else {
+            return Ok(());
+        };
+        let keys = cluster.left_out();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let updates: Vec<Update> = self
+            .store
+            .cluster_values(&keys)?
+            .into_iter()
+            .map(|(k, v)| (k, Some(v)))
+            .collect();
+        self.apply_cluster(updates, false, cluster.revision()).await
+    }
+
     /// The link of a port this host's record in etcd names; `None` when it does not exist
     /// (yet); an error when the device cannot be a VM's port.
     async fn port_for_cluster(
