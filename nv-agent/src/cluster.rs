@@ -88,6 +88,9 @@ pub struct Cluster {
     bad: Arc<Mutex<HashMap<Vec<u8>, String>>>,
     /// Caught up with etcd since it was last connected.
     synced: Arc<watch::Sender<bool>>,
+    /// A request found the member dead: the watcher moves to the next one now, not when its
+    /// keep-alive notices.
+    kick: Arc<tokio::sync::Notify>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -113,7 +116,14 @@ impl Cluster {
             applied: Arc::new(watch::channel(revision).0),
             bad: Arc::default(),
             synced: Arc::new(watch::channel(false).0),
+            kick: Arc::default(),
         }
+    }
+
+    /// The member this agent talks to is dead: drop it, and have the watcher move on.
+    fn member_dead(&self) {
+        *lock(&self.client) = None;
+        self.kick.notify_one();
     }
 
     /// Waits until this agent has caught up with etcd, or `patience` passed without etcd
@@ -260,7 +270,7 @@ impl Cluster {
             match client.txn(txn.clone()).await {
                 Err(e) if attempt < 2 && unreached(&e) => {
                     attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    self.member_dead();
                 }
                 other => return other,
             }
@@ -305,7 +315,7 @@ impl Cluster {
             match client.get(key.clone(), None).await {
                 Err(e) if attempt < 2 && unreached(&e) => {
                     attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    self.member_dead();
                 }
                 other => break other.map_err(|e| etcd_err("etcd", e))?,
             }
@@ -559,7 +569,13 @@ async fn session(shared: &Shared, cluster: &Cluster, endpoint: &str) -> Result<(
             .map_or(0, etcd_client::ResponseHeader::revision);
         cluster.connected(Some(client.clone()), None);
         loop {
-            let Some(resp) = stream.message().await.map_err(|e| etcd_err("watch", e))? else {
+            let message = tokio::select! {
+                m = stream.message() => m,
+                () = cluster.kick.notified() => {
+                    return Err(NvError::Cluster("a request to this member failed".into()));
+                }
+            };
+            let Some(resp) = message.map_err(|e| etcd_err("watch", e))? else {
                 return Ok(());
             };
             if resp.compact_revision() > 0 {
