@@ -538,6 +538,8 @@ async fn session(shared: &Shared, cluster: &Cluster, endpoint: &str) -> Result<(
     let mut client = Client::connect([endpoint], Some(options))
         .await
         .map_err(|e| etcd_err("connect", e))?;
+    // Answering: connected, even while a first load takes its time.
+    cluster.connected(Some(client.clone()), None);
     let mut revision = cluster.revision();
     if revision == 0 {
         revision = resync(shared, cluster, &mut client).await?;

@@ -151,6 +151,39 @@ impl Etcd {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `etcdctl ARGS` with `input` on its standard input (`txn`).
+    pub fn ctl_stdin(&self, args: &[&str], input: &str) -> anyhow::Result<String> {
+        let running: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| m.client_url.clone())
+            .collect();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "etcdctl"])
+            .arg(format!("--endpoints={}", running.join(",")))
+            .args(["--command-timeout=30s", "--dial-timeout=2s"])
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("run etcdctl (Debian's etcd-client)")?;
+        std::io::Write::write_all(child.stdin.as_mut().context("stdin")?, input.as_bytes())?;
+        drop(child.stdin.take());
+        let out = child.wait_with_output()?;
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() || !said.starts_with("SUCCESS") {
+            bail!(
+                "etcdctl {}: {said} {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(said)
+    }
+
     /// The store's current revision.
     pub fn revision(&self) -> anyhow::Result<i64> {
         let out = self.ctl(&["get", "/nv-test/health", "-w", "json"])?;

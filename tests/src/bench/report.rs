@@ -5,7 +5,7 @@ use std::{fmt::Write as _, path::Path};
 use serde::Serialize;
 
 use super::{
-    control, e2e,
+    cluster, control, e2e,
     programs::{self, Cost},
 };
 
@@ -24,6 +24,7 @@ pub struct Report {
     pub overheads: Vec<programs::Overhead>,
     pub e2e: Vec<e2e::Result>,
     pub control: control::Result,
+    pub cluster: cluster::Result,
     pub goals: Vec<Goal>,
 }
 
@@ -56,8 +57,27 @@ fn control_goals(c: &control::Result) -> Vec<Goal> {
 }
 
 /// The goals, evaluated on this run.
-pub fn goals(programs: &[Cost], e2e: &[e2e::Result], control: &control::Result) -> Vec<Goal> {
+pub fn goals(
+    programs: &[Cost],
+    e2e: &[e2e::Result],
+    control: &control::Result,
+    cluster: &cluster::Result,
+) -> Vec<Goal> {
     let mut goals = control_goals(control);
+    if cluster.moves >= 100 {
+        goals.push(Goal {
+            name: "cluster: move to the last of 3 agents' maps, p99 (ms)".into(),
+            measured: cluster.move_p99_ms,
+            target: "<= 100".into(),
+            met: cluster.move_p99_ms <= 100.0,
+        });
+        goals.push(Goal {
+            name: "cluster: pings lost per migration / in its window".into(),
+            measured: cluster.lost_per_migration / cluster.window_pings_per_migration.max(1.0),
+            target: "<= 1".into(),
+            met: cluster.lost_per_migration <= cluster.window_pings_per_migration + 1.0,
+        });
+    }
     let max_records = programs.iter().map(|c| c.records).max().unwrap_or(0);
     for size in [64, 1500] {
         for (path, limit) in [
@@ -149,6 +169,30 @@ fn overheads(s: &mut String, overheads: &[programs::Overhead]) {
     }
 }
 
+/// The cluster-mode figures.
+fn cluster_lines(s: &mut String, k: &cluster::Result) {
+    let _ = writeln!(
+        s,
+        "\ncluster mode (3 hosts, 3-member etcd): {} moves typed on host 1 until the last agent's map holds them p50 {:.1} ms, p99 {:.1} ms; the same move on one host alone p50 {:.1} ms, p99 {:.1} ms ({:.1}x at p50)",
+        k.moves,
+        k.move_p50_ms,
+        k.move_p99_ms,
+        k.alone_p50_ms,
+        k.alone_p99_ms,
+        k.move_p50_ms / k.alone_p50_ms
+    );
+    let _ = writeln!(
+        s,
+        "{} VM migrations under a 10 ms ping stream: {:.1} pings lost each, in a window (port re-created until every host followed) of {:.1} pings",
+        k.migrations, k.lost_per_migration, k.window_pings_per_migration
+    );
+    let _ = writeln!(
+        s,
+        "{} records in etcd: a fresh agent ready with all of them in {:.1} s; one change then: {} event applied, {} full reads",
+        k.records, k.load_seconds, k.events_for_one_change, k.resyncs_for_one_change
+    );
+}
+
 pub fn table(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -222,6 +266,7 @@ pub fn table(r: &Report) -> String {
         c.port_filtered_after_ip_p50_ms,
         c.port_filtered_after_ip_p99_ms
     );
+    cluster_lines(&mut s, &r.cluster);
     let _ = writeln!(s, "\ngoals");
     for g in &r.goals {
         let _ = writeln!(

@@ -2,7 +2,7 @@
 //! target/bench/results.json and target/bench/e2e.svg.
 use std::path::PathBuf;
 
-use nv_tests::bench::{Scale, control, e2e, programs, report};
+use nv_tests::bench::{Scale, cluster, control, e2e, programs, report};
 
 fn main() {
     if let Err(e) = run() {
@@ -26,9 +26,9 @@ fn run() -> anyhow::Result<()> {
     let only = std::env::args().skip_while(|a| a != "--only").nth(1);
     let wanted = |part: &str| only.as_deref().is_none_or(|o| o == part);
     if let Some(part) = &only
-        && !["programs", "e2e", "control"].contains(&part.as_str())
+        && !["programs", "e2e", "control", "cluster"].contains(&part.as_str())
     {
-        anyhow::bail!("--only takes programs, e2e or control, not '{part}'");
+        anyhow::bail!("--only takes programs, e2e, control or cluster, not '{part}'");
     }
     let (programs, overheads) = if wanted("programs") {
         eprintln!("bench: program cost ...");
@@ -48,13 +48,20 @@ fn run() -> anyhow::Result<()> {
     } else {
         Scale { smoke: true }
     })?;
-    let goals = report::goals(&programs, &e2e, &control);
+    eprintln!("bench: cluster mode ...");
+    let cluster = cluster::run(if wanted("cluster") {
+        scale
+    } else {
+        Scale { smoke: true }
+    })?;
+    let goals = report::goals(&programs, &e2e, &control, &cluster);
     let r = report::Report {
         smoke: scale.smoke,
         programs,
         overheads,
         e2e,
         control,
+        cluster,
         goals,
     };
     print!("{}", report::table(&r));
