@@ -538,13 +538,18 @@ async fn session(shared: &Shared, cluster: &Cluster, endpoint: &str) -> Result<(
     let mut client = Client::connect([endpoint], Some(options))
         .await
         .map_err(|e| etcd_err("connect", e))?;
-    // Answering: connected, even while a first load takes its time.
+    // Connecting is lazy: only an answer says the member is there. Then this agent counts as
+    // connected, even while a first load takes its time.
+    let fence_key = format!("{HOSTS}{}", cluster.host);
+    tokio::time::timeout(Duration::from_secs(2), client.get(fence_key.clone(), None))
+        .await
+        .map_err(|_| NvError::Cluster("no answer in 2 s".into()))?
+        .map_err(|e| etcd_err("connect", e))?;
     cluster.connected(Some(client.clone()), None);
     let mut revision = cluster.revision();
     if revision == 0 {
         revision = resync(shared, cluster, &mut client).await?;
     }
-    let fence_key = format!("{HOSTS}{}", cluster.host);
     loop {
         let mut stream = client
             .watch(
