@@ -941,17 +941,18 @@ impl Agent {
         let Some(port) = &r.port else {
             return Ok(None);
         };
-        if *port == self.uplink {
-            return Err(invalid(format!(
-                "port '{port}' is the uplink, not a VM port"
-            )));
-        }
-        if crate::netlink::is_bounce(port) {
-            return Err(invalid(format!(
-                "port '{port}' is nv's own (it segments VMs' tunnel traffic), not a VM port"
-            )));
+        if let Some(why) = cluster_ops::port_refusal(r, &self.uplink) {
+            return Err(invalid(why));
         }
         let link = self.require_link(port, "port").await?;
+        self.check_vm_link(&link).await?;
+        Ok(Some(link))
+    }
+
+    /// Whether the device `link` can be a VM's port: a veth or a tap, carrying no address of
+    /// the host's.
+    async fn check_vm_link(&self, link: &LinkInfo) -> Result<()> {
+        let port = &link.name;
         if !matches!(link.kind, LinkKind::Veth | LinkKind::Tap) {
             return Err(invalid(format!(
                 "port '{port}' is a {} device, not a veth or tap: only a VM's port can be one",
@@ -964,7 +965,7 @@ impl Agent {
                 "port '{port}' carries the host address {addr}: a VM's port carries none"
             )));
         }
-        Ok(Some(link))
+        Ok(())
     }
 
     /// Alone (not in cluster mode), a record's VM port is this host's: naming another host

@@ -8,6 +8,21 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::UnixStream;
 
+/// A connection to the agent's socket, ready for a request.
+async fn connect(
+    socket: &Path,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+    let stream = UnixStream::connect(socket).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach nv-agent at {}: {e} (is nv-agent running? set --socket or NV_SOCKET)",
+            socket.display()
+        )
+    })?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
 /// Sends one request and returns the JSON answer, or the agent's one-line error.
 pub async fn call(
     socket: &Path,
@@ -37,14 +52,7 @@ pub async fn call_raw(
     content_type: &str,
     body: Bytes,
 ) -> anyhow::Result<Value> {
-    let stream = UnixStream::connect(socket).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach nv-agent at {}: {e} (is nv-agent running? set --socket or NV_SOCKET)",
-            socket.display()
-        )
-    })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let mut sender = connect(socket).await?;
     let req = Request::builder()
         .method(method)
         .uri(path)
@@ -81,14 +89,7 @@ pub async fn stream(
     path: &str,
     mut on_line: impl FnMut(&str) -> anyhow::Result<bool>,
 ) -> anyhow::Result<()> {
-    let stream = UnixStream::connect(socket).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach nv-agent at {}: {e} (is nv-agent running? set --socket or NV_SOCKET)",
-            socket.display()
-        )
-    })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let mut sender = connect(socket).await?;
     let req = Request::builder()
         .method(Method::GET)
         .uri(path)

@@ -325,6 +325,21 @@ fn restore_pins(aside: &Path, maps_dir: &Path, names: &[&str]) {
     }
 }
 
+/// Loads (verifies) the forwarding programs of `ebpf`: the TC ones and the uplink's XDP one.
+fn load_programs_of(ebpf: &mut Ebpf) -> Result<()> {
+    for name in [
+        program_names::FROM_VM,
+        program_names::UPLINK_TC,
+        program_names::FROM_BOUNCE,
+    ] {
+        let prog: &mut SchedClassifier = program(ebpf, name)?;
+        prog.load().map_err(|e| dp_err(format!("load {name}"), e))?;
+    }
+    let xdp: &mut Xdp = program(ebpf, program_names::UPLINK_XDP)?;
+    xdp.load()
+        .map_err(|e| dp_err(format!("load {}", program_names::UPLINK_XDP), e))
+}
+
 fn port_link_name(ifname: &str) -> String {
     format!("port-{ifname}")
 }
@@ -394,17 +409,7 @@ impl Datapath {
         if migrating.contains(&map_names::COUNTERS) {
             carry_counters(&mut ebpf, &aside.join(map_names::COUNTERS))?;
         }
-        for name in [
-            program_names::FROM_VM,
-            program_names::UPLINK_TC,
-            program_names::FROM_BOUNCE,
-        ] {
-            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
-            prog.load().map_err(|e| dp_err(format!("load {name}"), e))?;
-        }
-        let xdp: &mut Xdp = program(&mut ebpf, program_names::UPLINK_XDP)?;
-        xdp.load()
-            .map_err(|e| dp_err(format!("load {}", program_names::UPLINK_XDP), e))?;
+        load_programs_of(&mut ebpf)?;
         let trace = match programs {
             Programs::Tracing => {
                 let map = ebpf.take_map(map_names::TRACE_REDIRECT).ok_or_else(|| {
@@ -467,17 +472,7 @@ impl Datapath {
         // Its own maps live as long as it does; their pins are not needed.
         let _ = fs::remove_dir_all(&own);
         let mut ebpf = result.map_err(|e| dp_err("load the tracing copy", e))?;
-        for name in [
-            program_names::FROM_VM,
-            program_names::UPLINK_TC,
-            program_names::FROM_BOUNCE,
-        ] {
-            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
-            prog.load().map_err(|e| dp_err(format!("load {name}"), e))?;
-        }
-        let xdp: &mut Xdp = program(&mut ebpf, program_names::UPLINK_XDP)?;
-        xdp.load()
-            .map_err(|e| dp_err(format!("load {}", program_names::UPLINK_XDP), e))?;
+        load_programs_of(&mut ebpf)?;
         let map = ebpf
             .take_map(map_names::TRACE_REDIRECT)
             .ok_or_else(|| NvError::Datapath(format!("{} missing", map_names::TRACE_REDIRECT)))?;

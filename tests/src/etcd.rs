@@ -125,17 +125,22 @@ impl Etcd {
         }
     }
 
-    /// `etcdctl ARGS` against the members that run; stdout.
-    pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let running: Vec<String> = self
-            .members
+    /// The client URLs of the members that run, comma-separated.
+    fn running(&self) -> String {
+        self.members
             .iter()
             .filter(|m| m.child.is_some())
             .map(|m| m.client_url.clone())
-            .collect();
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `etcdctl ARGS` against the members that run; stdout.
+    pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let running = self.running();
         let out = Command::new("ip")
             .args(["netns", "exec", &self.ns, "etcdctl"])
-            .arg(format!("--endpoints={}", running.join(",")))
+            .arg(format!("--endpoints={running}"))
             .args(["--command-timeout=5s", "--dial-timeout=2s"])
             .args(args)
             .env("ETCDCTL_API", "3")
@@ -153,15 +158,10 @@ impl Etcd {
 
     /// `etcdctl ARGS` with `input` on its standard input (`txn`).
     pub fn ctl_stdin(&self, args: &[&str], input: &str) -> anyhow::Result<String> {
-        let running: Vec<String> = self
-            .members
-            .iter()
-            .filter(|m| m.child.is_some())
-            .map(|m| m.client_url.clone())
-            .collect();
+        let running = self.running();
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.ns, "etcdctl"])
-            .arg(format!("--endpoints={}", running.join(",")))
+            .arg(format!("--endpoints={running}"))
             .args(["--command-timeout=30s", "--dial-timeout=2s"])
             .args(args)
             .env("ETCDCTL_API", "3")

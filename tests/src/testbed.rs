@@ -223,6 +223,18 @@ impl Host {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// `nvctl provider add` of `pa` (in 198.18.0.0/15) on the uplink.
+    pub fn add_provider(&self, pa: &str) -> anyhow::Result<String> {
+        self.nvctl(&[
+            "provider",
+            "add",
+            "--pa",
+            &format!("{pa}/15"),
+            "--dev",
+            "uplink0",
+        ])
+    }
+
     /// Runs nvctl against this host's agent; `Err` carries nvctl's stderr.
     pub fn nvctl(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new(bin("nvctl")?)
@@ -461,14 +473,7 @@ impl TwoHosts {
     /// host 1, naming the host of its port.
     pub fn configure_cluster(&self) -> anyhow::Result<()> {
         for h in &self.hosts {
-            h.nvctl(&[
-                "provider",
-                "add",
-                "--pa",
-                &format!("{}/15", h.pa),
-                "--dev",
-                "uplink0",
-            ])?;
+            h.add_provider(&h.pa)?;
         }
         for vm in &self.vms {
             let host = &self.hosts[vm.host];
@@ -505,23 +510,9 @@ impl TwoHosts {
     /// its host.
     pub fn configure_with(&self, red: Translation) -> anyhow::Result<()> {
         for h in &self.hosts {
-            h.nvctl(&[
-                "provider",
-                "add",
-                "--pa",
-                &format!("{}/15", h.pa),
-                "--dev",
-                "uplink0",
-            ])?;
+            h.add_provider(&h.pa)?;
             if red == Translation::Rewrite {
-                h.nvctl(&[
-                    "provider",
-                    "add",
-                    "--pa",
-                    &format!("{}/15", rewrite_pa(&h.pa)),
-                    "--dev",
-                    "uplink0",
-                ])?;
+                h.add_provider(&rewrite_pa(&h.pa))?;
             }
         }
         for (i, h) in self.hosts.iter().enumerate() {
@@ -553,14 +544,7 @@ impl TwoHosts {
         let home = &self.hosts[tap.host];
         let (pa, method) = match tap.rewrite_pa {
             Some(pa) => {
-                home.nvctl(&[
-                    "provider",
-                    "add",
-                    "--pa",
-                    &format!("{pa}/15"),
-                    "--dev",
-                    "uplink0",
-                ])?;
+                home.add_provider(pa)?;
                 (pa, "rewrite")
             }
             None => (home.pa.as_str(), "encap"),
@@ -775,4 +759,47 @@ pub fn tcp_transfer_from(
 #[expect(clippy::implicit_hasher, reason = "the maps `Host::counters` returns")]
 pub fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str) -> u64 {
     after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
+}
+
+/// A bounded ping stream from a VM, running in the background.
+pub struct PingStream(std::process::Child);
+
+impl PingStream {
+    /// `count` echo requests from `vm`'s namespace to `dst`, `interval` seconds apart (as
+    /// ping takes it), 120 s at the most.
+    pub fn start(
+        bed: &TwoHosts,
+        vm: &str,
+        dst: &str,
+        count: u32,
+        interval: &str,
+    ) -> anyhow::Result<PingStream> {
+        Ok(PingStream(
+            Command::new("ip")
+                .args(["netns", "exec", &bed.vm(vm).ns.name])
+                .args(["timeout", "120", "ping", "-q", "-i", interval, "-W", "2"])
+                .args(["-c", &count.to_string(), dst])
+                .stdout(std::process::Stdio::piped())
+                .spawn()?,
+        ))
+    }
+
+    /// (sent, received) once it ends.
+    pub fn finish(self) -> anyhow::Result<(u32, u32)> {
+        let out = self.0.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let summary = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .with_context(|| format!("no ping summary in {text}"))?;
+        let field = |suffix: &str| -> anyhow::Result<u32> {
+            Ok(summary
+                .split(',')
+                .find_map(|p| p.trim().strip_suffix(suffix))
+                .with_context(|| format!("no '{suffix}' in {summary}"))?
+                .trim()
+                .parse()?)
+        };
+        Ok((field(" packets transmitted")?, field(" received")?))
+    }
 }

@@ -6,12 +6,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{bail, ensure};
 use nv_agent::datapath::LookupView;
 use nv_common::LookupKey;
 use nv_tests::{
     etcd::Etcd,
-    testbed::{Host, TwoHosts},
+    testbed::{Host, PingStream, TwoHosts},
 };
 
 /// What `h`'s datapath holds for RED's (VSID 5001) `ca`: its PA's last byte and whether the
@@ -58,41 +58,6 @@ fn converge_within(
     }
 }
 
-/// A bounded ping stream from a VM, in the background.
-fn ping_stream(
-    bed: &TwoHosts,
-    from: &str,
-    dst: &str,
-    count: u32,
-    interval: &str,
-) -> anyhow::Result<Child> {
-    Ok(Command::new("ip")
-        .args(["netns", "exec", &bed.vm(from).ns.name])
-        .args(["timeout", "60", "ping", "-q", "-i", interval, "-W", "1"])
-        .args(["-c", &count.to_string(), dst])
-        .stdout(Stdio::piped())
-        .spawn()?)
-}
-
-/// (sent, received) of a finished ping stream.
-fn ping_result(child: Child) -> anyhow::Result<(u32, u32)> {
-    let out = child.wait_with_output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let summary = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .with_context(|| format!("no ping summary in {text}"))?;
-    let field = |suffix: &str| -> anyhow::Result<u32> {
-        Ok(summary
-            .split(',')
-            .find_map(|p| p.trim().strip_suffix(suffix))
-            .with_context(|| format!("no '{suffix}' in {summary}"))?
-            .trim()
-            .parse()?)
-    };
-    Ok((field(" packets transmitted")?, field(" received")?))
-}
-
 fn cluster_status(h: &Host) -> anyhow::Result<serde_json::Value> {
     Ok(h.nvctl_json(&["status"])?["cluster"].clone())
 }
@@ -131,7 +96,7 @@ fn records_written_on_one_host_reach_every_host_and_a_vm_migrates() -> anyhow::R
 
     // RED-2 migrates from host 2 to host 3 while RED-1 pings it every 10 ms; the move is
     // typed on host 1.
-    let stream = ping_stream(&bed, "RED-1", "10.0.0.2", 500, "0.01")?;
+    let stream = PingStream::start(&bed, "RED-1", "10.0.0.2", 500, "0.01")?;
     thread::sleep(Duration::from_millis(1500));
     let moved_at = Instant::now();
     bed.rehome("RED-2", 2)?;
@@ -158,7 +123,7 @@ fn records_written_on_one_host_reach_every_host_and_a_vm_migrates() -> anyhow::R
         moved_at.elapsed().as_millis(),
         after_nvctl.as_millis()
     );
-    let (sent, received) = ping_result(stream)?;
+    let (sent, received) = stream.finish()?;
     println!("{received} of {sent} pings answered across the migration");
     ensure!(
         sent == 500 && received >= 450,
@@ -214,7 +179,7 @@ fn losing_an_etcd_member_or_all_of_etcd_never_stops_forwarding() -> anyhow::Resu
 
     // All of etcd gone: forwarding goes on, even across an agent's restart; changes are
     // refused with the reason, and nothing is half done.
-    let stream = ping_stream(&bed, "RED-1", "10.0.0.2", 1000, "0.01")?;
+    let stream = PingStream::start(&bed, "RED-1", "10.0.0.2", 1000, "0.01")?;
     etcd.kill_member(1);
     etcd.kill_member(2);
     // An idle watch finds its member gone by its keep-alive (seconds).
@@ -240,7 +205,7 @@ fn losing_an_etcd_member_or_all_of_etcd_never_stops_forwarding() -> anyhow::Resu
     );
     bed.hosts[1].stop_agent();
     bed.hosts[1].start_agent()?;
-    let (sent, received) = ping_result(stream)?;
+    let (sent, received) = stream.finish()?;
     ensure!(
         sent == received,
         "{received} of {sent} answered while etcd was away and host 2's agent restarted"

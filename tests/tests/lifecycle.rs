@@ -3,7 +3,10 @@
 use std::{os::unix::net::UnixDatagram, process::Command, time::Duration};
 
 use anyhow::{Context as _, ensure};
-use nv_tests::{sys::bin, testbed::TwoHosts};
+use nv_tests::{
+    sys::bin,
+    testbed::{PingStream, TwoHosts},
+};
 
 /// The next notification the agent sent to `sock`, as its lines.
 fn notification(sock: &UnixDatagram) -> anyhow::Result<Vec<String>> {
@@ -259,41 +262,6 @@ fn nvctl_prints_completions_and_man_pages() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Replies to a bounded ping stream running in the background.
-struct PingStream(std::process::Child);
-
-impl PingStream {
-    /// `count` echo requests from `vm`'s namespace to `dst`, one a millisecond.
-    fn start(bed: &TwoHosts, vm: &str, dst: &str, count: u32) -> anyhow::Result<PingStream> {
-        Ok(PingStream(
-            Command::new("ip")
-                .args(["netns", "exec", &bed.vm(vm).ns.name])
-                .args(["timeout", "120", "ping", "-q", "-i", "0.001", "-W", "2"])
-                .args(["-c", &count.to_string(), dst])
-                .stdout(std::process::Stdio::piped())
-                .spawn()?,
-        ))
-    }
-
-    /// (sent, received) once it ends.
-    fn finish(self) -> anyhow::Result<(u32, u32)> {
-        let out = self.0.wait_with_output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let summary = text
-            .lines()
-            .find(|l| l.contains("packets transmitted"))
-            .with_context(|| format!("no ping summary in {text}"))?;
-        let field = |suffix: &str| {
-            summary
-                .split(',')
-                .find_map(|p| p.trim().strip_suffix(suffix).map(|n| n.trim().parse()))
-                .with_context(|| format!("no '{suffix}' in {summary}"))?
-                .map_err(anyhow::Error::from)
-        };
-        Ok((field(" packets transmitted")?, field(" received")?))
-    }
-}
-
 /// What bpftool says of the map pinned at `pin`.
 fn map_show(pin: &std::path::Path) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(&nv_tests::sys::run(
@@ -325,7 +293,7 @@ fn pinned_entries(pin: &std::path::Path) -> anyhow::Result<u64> {
 fn forwarding_never_stops_across_agent_kills_and_a_map_migration() -> anyhow::Result<()> {
     let mut bed = TwoHosts::build("up")?;
     bed.configure()?;
-    let stream = PingStream::start(&bed, "RED-1", "10.0.0.2", 20_000)?;
+    let stream = PingStream::start(&bed, "RED-1", "10.0.0.2", 20_000, "0.001")?;
     std::thread::sleep(Duration::from_secs(1));
     for h in &mut bed.hosts {
         h.kill_agent();

@@ -10,7 +10,6 @@ use crate::{
     cluster::{self, Cluster, Update},
     error::{NvError, Result, invalid},
     model::LookupRecord,
-    netlink::LinkKind,
     store::{Change, Store},
     translate::Attached,
     txn::{Journal, Links, Pending},
@@ -192,17 +191,7 @@ impl Agent {
         let Some(link) = self.netlink.link(port).await? else {
             return Ok(None);
         };
-        if !matches!(link.kind, LinkKind::Veth | LinkKind::Tap) {
-            return Err(invalid(format!(
-                "port '{port}' is a {} device, not a veth or tap",
-                link.kind
-            )));
-        }
-        if let Some(addr) = self.netlink.routable_addresses(link.index).await?.first() {
-            return Err(invalid(format!(
-                "port '{port}' carries the host address {addr}"
-            )));
-        }
+        self.check_vm_link(&link).await?;
         Ok(Some(link))
     }
 
@@ -262,13 +251,15 @@ impl Agent {
 }
 
 /// Why a record's port can never be a VM's on this host (`uplink`: the agent's), if so.
-fn port_refusal(record: &LookupRecord, uplink: &str) -> Option<String> {
+pub(super) fn port_refusal(record: &LookupRecord, uplink: &str) -> Option<String> {
     let port = record.port.as_deref()?;
     if port == uplink {
         return Some(format!("port '{port}' is the uplink, not a VM port"));
     }
     if crate::netlink::is_bounce(port) {
-        return Some(format!("port '{port}' is nv's own, not a VM port"));
+        return Some(format!(
+            "port '{port}' is nv's own (it segments VMs' tunnel traffic), not a VM port"
+        ));
     }
     None
 }

@@ -4,7 +4,6 @@
 //! change then costs an agent.
 use std::{
     fmt::Write as _,
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -97,12 +96,7 @@ fn migrations(bed: &mut TwoHosts, n: u32) -> anyhow::Result<(f64, f64)> {
         .map(|h| LookupView::open(&h.pin_path))
         .collect::<std::result::Result<_, _>>()?;
     let count = 300 * n + 200;
-    let ping = Command::new("ip")
-        .args(["netns", "exec", &bed.vm("RED-1").ns.name])
-        .args(["timeout", "600", "ping", "-q", "-i", "0.01", "-W", "1"])
-        .args(["-c", &count.to_string(), "10.0.0.2"])
-        .stdout(Stdio::piped())
-        .spawn()?;
+    let ping = crate::testbed::PingStream::start(bed, "RED-1", "10.0.0.2", count, "0.01")?;
     let mut window = Duration::ZERO;
     std::thread::sleep(Duration::from_secs(1));
     for i in 0..n {
@@ -141,21 +135,8 @@ fn migrations(bed: &mut TwoHosts, n: u32) -> anyhow::Result<(f64, f64)> {
         window += start.elapsed();
         std::thread::sleep(Duration::from_secs(2));
     }
-    let out = ping.wait_with_output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let summary = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .with_context(|| format!("ping: {text}"))?;
-    let field = |suffix: &str| -> anyhow::Result<f64> {
-        Ok(summary
-            .split(',')
-            .find_map(|p| p.trim().strip_suffix(suffix))
-            .context("ping summary")?
-            .trim()
-            .parse()?)
-    };
-    let lost = field(" packets transmitted")? - field(" received")?;
+    let (sent, received) = ping.finish()?;
+    let lost = f64::from(sent - received);
     Ok((
         lost / f64::from(n),
         window.as_secs_f64() / 0.01 / f64::from(n),
