@@ -57,10 +57,11 @@ pub enum Command {
     /// The agent: its uplink and the MTU VMs must use, its ports (veth or tap, running or
     /// not) and records.
     Status,
-    /// Where one packet goes and why: it is built from what you give (or taken from a
-    /// capture), run through a copy of the loaded programs against the live records
-    /// (`BPF_PROG_TEST_RUN`; nothing is sent, nothing counted), and the verdict, the records that
-    /// decided, the port it leaves by and the frame that leaves are printed.
+    /// Where one packet goes and why (a dry run: nothing is sent, nothing counted).
+    ///
+    /// The packet is built from what you give (or taken from a capture) and run through a copy
+    /// of the loaded programs against the live records (`BPF_PROG_TEST_RUN`); the verdict, the
+    /// records that decided, the port it leaves by and the frame that leaves are printed.
     ///
     /// Examples:
     ///   nvctl trace --port red1 --dst 10.0.0.2 --proto tcp --dport 443
