@@ -97,6 +97,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Puts the keys left out into the status: how many, and some of them with why.
+fn publish_bad(bad: &HashMap<Vec<u8>, String>, s: &mut Status) {
+    s.bad_records = bad.len();
+    s.bad = bad
+        .iter()
+        .take(BAD_SHOWN)
+        .map(|(k, why)| format!("{}: {why}", String::from_utf8_lossy(k)))
+        .collect();
+    s.bad.sort();
+}
+
 fn etcd_err(what: &str, e: impl std::fmt::Display) -> NvError {
     NvError::Cluster(format!("{what}: {e}"))
 }
@@ -179,6 +190,18 @@ impl Cluster {
         })
     }
 
+    /// Notes what the agent loaded from its store at start: the keys left out (the revision
+    /// was known already). Not a change from etcd, nor a resynchronisation.
+    pub fn loaded(&self, updates: &[Update], left_out: &[(usize, String)]) {
+        let mut bad = lock(&self.bad);
+        for (i, why) in left_out {
+            if let Some((k, _)) = updates.get(*i) {
+                bad.insert(k.clone(), why.clone());
+            }
+        }
+        publish_bad(&bad, &mut lock(&self.status));
+    }
+
     /// Notes what a batch applied: its revision, the keys left out and those that are fine
     /// now.
     pub fn applied(
@@ -202,14 +225,7 @@ impl Cluster {
                 }
             }
             let mut s = lock(&self.status);
-            s.bad_records = bad.len();
-            let mut shown: Vec<String> = bad
-                .iter()
-                .take(BAD_SHOWN)
-                .map(|(k, why)| format!("{}: {why}", String::from_utf8_lossy(k)))
-                .collect();
-            shown.sort();
-            s.bad = shown;
+            publish_bad(&bad, &mut s);
             s.revision = revision;
             s.events += updates.len() as u64;
             if full {

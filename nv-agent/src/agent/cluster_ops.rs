@@ -51,7 +51,7 @@ impl Agent {
         cluster: &Cluster,
         uplink: &str,
     ) -> Result<()> {
-        let (revision, cached) = store.cluster_cache()?;
+        let (_, cached) = store.cluster_cache()?;
         let updates: Vec<Update> = cached.into_iter().map(|(k, v)| (k, Some(v))).collect();
         let (from, changes, mut left_out) = cluster::changes_of(&updates, &cluster.host);
         catalog.reserve(changes.len());
@@ -73,7 +73,7 @@ impl Agent {
         for (i, why) in &left_out {
             warn!(key = %String::from_utf8_lossy(&updates[*i].0), "etcd record left out: {why}");
         }
-        cluster.applied(revision, &updates, &left_out, true);
+        cluster.loaded(&updates, &left_out);
         Ok(())
     }
 
