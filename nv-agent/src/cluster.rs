@@ -14,9 +14,7 @@ use std::{
     time::Duration,
 };
 
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions,
-};
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -24,6 +22,7 @@ use tracing::{info, warn};
 use crate::{
     api::Shared,
     error::{NvError, Result, invalid},
+    etcd_writer::{self, EtcdError, EtcdWriter, Expect, KeyWrite},
     model::LookupRecord,
 };
 
@@ -81,16 +80,26 @@ pub type Update = (Vec<u8>, Option<Vec<u8>>);
 pub struct Cluster {
     pub host: String,
     pub endpoints: Vec<String>,
-    client: Arc<Mutex<Option<Client>>>,
+    /// Writes (and the reads they depend on), a member at a time, retried on the next.
+    writer: Arc<EtcdWriter>,
+    /// The member the watcher follows now.
+    watching: Arc<Mutex<Option<String>>>,
     applied: Arc<watch::Sender<i64>>,
     status: Arc<Mutex<Status>>,
     /// Keys left out, with why.
     bad: Arc<Mutex<HashMap<Vec<u8>, String>>>,
     /// Caught up with etcd since it was last connected.
     synced: Arc<watch::Sender<bool>>,
-    /// A request found the member dead: the watcher moves to the next one now, not when its
-    /// keep-alive notices.
+    /// A write found the watcher's member dead: the watcher moves to the next one now, not
+    /// when its keep-alive notices.
     kick: Arc<tokio::sync::Notify>,
+}
+
+/// How every connection to etcd is made (the watcher's and the writer's).
+fn connect_options() -> ConnectOptions {
+    ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -108,12 +117,23 @@ fn publish_bad(bad: &HashMap<Vec<u8>, String>, s: &mut Status) {
     s.bad.sort();
 }
 
-fn etcd_err(what: &str, e: impl std::fmt::Display) -> NvError {
-    NvError::Cluster(format!("{what}: {e}"))
+fn etcd_err(what: &str, e: &etcd_client::Error) -> NvError {
+    NvError::Cluster(format!("{what}: {}", etcd_writer::words(e)))
 }
 
 impl Cluster {
     pub fn new(host: String, endpoints: Vec<String>, revision: i64) -> Cluster {
+        let writer = Arc::new(EtcdWriter::new(endpoints.clone(), connect_options()));
+        let watching: Arc<Mutex<Option<String>>> = Arc::default();
+        let kick: Arc<tokio::sync::Notify> = Arc::default();
+        {
+            let (watching, kick) = (watching.clone(), kick.clone());
+            writer.on_member_failed(move |endpoint| {
+                if lock(&watching).as_deref() == Some(endpoint) {
+                    kick.notify_one();
+                }
+            });
+        }
         Cluster {
             status: Arc::new(Mutex::new(Status {
                 host: host.clone(),
@@ -123,18 +143,13 @@ impl Cluster {
             })),
             host,
             endpoints,
-            client: Arc::default(),
+            writer,
+            watching,
             applied: Arc::new(watch::channel(revision).0),
             bad: Arc::default(),
             synced: Arc::new(watch::channel(false).0),
-            kick: Arc::default(),
+            kick,
         }
-    }
-
-    /// The member this agent talks to is dead: drop it, and have the watcher move on.
-    fn member_dead(&self) {
-        *lock(&self.client) = None;
-        self.kick.notify_one();
     }
 
     /// Waits until this agent has caught up with etcd, or `patience` passed without etcd
@@ -166,28 +181,6 @@ impl Cluster {
     /// The revision this agent has applied.
     pub fn revision(&self) -> i64 {
         *self.applied.borrow()
-    }
-
-    /// A connected client, waiting a little if the agent is reconnecting (a member went
-    /// away), or why there is none.
-    async fn client(&self) -> Result<Client> {
-        for _ in 0..30 {
-            if let Some(c) = lock(&self.client).clone() {
-                return Ok(c);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        lock(&self.client).clone().ok_or_else(|| {
-            NvError::Cluster(format!(
-                "etcd is unreachable ({}); forwarding continues from the records applied up \
-                 to revision {}, and changes wait until it is back",
-                lock(&self.status)
-                    .last_error
-                    .clone()
-                    .unwrap_or_else(|| "not connected yet".into()),
-                self.revision()
-            ))
-        })
     }
 
     /// Notes what the agent loaded from its store at start: the keys left out (the revision
@@ -235,12 +228,13 @@ impl Cluster {
         self.applied.send_replace(revision);
     }
 
-    fn connected(&self, client: Option<Client>, error: Option<String>) {
-        let up = client.is_some();
+    /// The watcher follows `endpoint` now (`None`: no member, `error` says why).
+    fn connected(&self, endpoint: Option<&str>, error: Option<String>) {
+        let up = endpoint.is_some();
         if !up {
             self.synced.send_replace(false);
         }
-        *lock(&self.client) = client;
+        *lock(&self.watching) = endpoint.map(str::to_owned);
         let mut s = lock(&self.status);
         if s.connected != up {
             if up {
@@ -271,89 +265,53 @@ impl Cluster {
         }
     }
 
-    /// Runs `txn`, again (up to three times) when it never reached etcd: a member that went
-    /// away leaves a broken connection behind until the client moves to another.
-    async fn txn(
-        &self,
-        txn: &Txn,
-    ) -> std::result::Result<etcd_client::TxnResponse, etcd_client::Error> {
-        let mut attempt = 0;
-        loop {
-            let mut client = match self.client().await {
-                Ok(c) => c,
-                Err(e) => return Err(etcd_client::Error::InvalidArgs(e.to_string())),
-            };
-            match client.txn(txn.clone()).await {
-                Err(e) if attempt < 2 && unreached(&e) => {
-                    attempt += 1;
-                    self.member_dead();
-                }
-                other => return other,
-            }
-        }
-    }
-
-    /// Commits `txn` to etcd; refused (`Conflict`) when its comparisons fail: another host
-    /// changed the same records meanwhile. Waits until this agent applied it.
-    async fn commit(&self, txn: Txn, what: &str) -> Result<()> {
-        let resp = self.txn(&txn).await.map_err(|e| {
-            let text = e.to_string();
-            if text.contains("too many operations") {
-                NvError::Cluster(format!(
-                    "etcd refused the transaction ({text}): an import is one transaction, so \
-                     etcd's --max-txn-ops must hold it; split the file or raise it"
-                ))
-            } else if let etcd_client::Error::InvalidArgs(why) = e {
-                NvError::Cluster(why)
-            } else {
-                etcd_err("etcd refused the change", e)
-            }
-        })?;
-        if !resp.succeeded() {
-            return Err(NvError::Conflict(format!(
+    /// Writes `writes` to etcd (see [`EtcdWriter::write`]); refused (`Conflict`) when its
+    /// comparisons fail: another host changed the same records meanwhile. Waits until this
+    /// agent applied it.
+    async fn commit(&self, writes: &[KeyWrite], what: &str) -> Result<()> {
+        let revision = self.writer.write(writes).await.map_err(|e| match e {
+            EtcdError::Conflict => NvError::Conflict(format!(
                 "{what} changed in etcd meanwhile (another host's nvctl?); nothing was \
                  written: list the records and try again"
-            )));
-        }
-        let revision = resp
-            .header()
-            .map_or(0, etcd_client::ResponseHeader::revision);
+            )),
+            EtcdError::Refused(why) if why.contains("too many operations") => {
+                NvError::Cluster(format!(
+                    "etcd refused the transaction ({why}): an import is one transaction, so \
+                     etcd's --max-txn-ops must hold it; split the file or raise it"
+                ))
+            }
+            e => self.unavailable(&e),
+        })?;
         self.wait_applied(revision).await;
         Ok(())
     }
 
-    /// The record etcd holds under `key`, and its revision.
+    /// A request etcd did not carry out, with what forwarding does meanwhile.
+    fn unavailable(&self, e: &EtcdError) -> NvError {
+        match e {
+            EtcdError::Unreachable(_) => NvError::Cluster(format!(
+                "{e}; forwarding continues from the records applied up to revision {}, and \
+                 changes wait until it is back",
+                self.revision()
+            )),
+            e => NvError::Cluster(e.to_string()),
+        }
+    }
+
+    /// The record etcd holds for (`vsid`, `ca`), and its revision.
     async fn current(&self, vsid: u32, ca: IpAddr) -> Result<(LookupRecord, i64)> {
         let key = key(vsid, ca);
-        let mut attempt = 0;
-        let resp = loop {
-            let mut client = self.client().await?;
-            match client.get(key.clone(), None).await {
-                Err(e) if attempt < 2 && unreached(&e) => {
-                    attempt += 1;
-                    self.member_dead();
-                }
-                other => break other.map_err(|e| etcd_err("etcd", e))?,
-            }
-        };
-        let kv = resp.kvs().first().ok_or_else(|| {
-            NvError::NotFound(format!("no lookup record for VSID {vsid} CA {ca}"))
-        })?;
-        let record: LookupRecord = serde_json::from_slice(kv.value())
+        let held = self
+            .writer
+            .get(&key)
+            .await
+            .map_err(|e| self.unavailable(&e))?
+            .ok_or_else(|| {
+                NvError::NotFound(format!("no lookup record for VSID {vsid} CA {ca}"))
+            })?;
+        let record: LookupRecord = serde_json::from_slice(&held.value)
             .map_err(|e| invalid(format!("{key} in etcd does not parse: {e}")))?;
-        Ok((record, kv.mod_revision()))
-    }
-}
-
-/// Whether a request failed before etcd could have acted on it (a dead connection).
-fn unreached(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::TransportError(_) => true,
-        etcd_client::Error::GRpcStatus(s) => {
-            matches!(s.code(), tonic::Code::Unavailable)
-                || (s.code() == tonic::Code::Unknown && s.message().contains("transport"))
-        }
-        _ => false,
+        Ok((record, held.mod_revision))
     }
 }
 
@@ -392,12 +350,13 @@ fn json(r: &LookupRecord) -> Result<Vec<u8>> {
 pub async fn add(shared: &Shared, cluster: &Cluster, r: LookupRecord) -> Result<LookupRecord> {
     let r = placed(r, &cluster.host)?;
     shared.lock().await.check_cluster(&[&r], false).await?;
-    let key = key(r.vsid, r.ca);
-    let txn = Txn::new()
-        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(key, json(&r)?, None)]);
+    let write = KeyWrite {
+        key: key(r.vsid, r.ca),
+        expect: Expect::Absent,
+        value: Some(json(&r)?),
+    };
     cluster
-        .commit(txn, &format!("VSID {} CA {}", r.vsid, r.ca))
+        .commit(&[write], &format!("VSID {} CA {}", r.vsid, r.ca))
         .await?;
     info!(vsid = r.vsid, ca = %r.ca, "added lookup record to etcd");
     Ok(r)
@@ -417,16 +376,13 @@ pub async fn move_to(
     moved.host = m.host;
     let moved = placed(moved, &cluster.host)?;
     shared.lock().await.check_cluster(&[&moved], true).await?;
-    let key = key(m.vsid, m.ca);
-    let txn = Txn::new()
-        .when([Compare::mod_revision(
-            key.clone(),
-            CompareOp::Equal,
-            revision,
-        )])
-        .and_then([TxnOp::put(key, json(&moved)?, None)]);
+    let write = KeyWrite {
+        key: key(m.vsid, m.ca),
+        expect: Expect::At(revision),
+        value: Some(json(&moved)?),
+    };
     cluster
-        .commit(txn, &format!("VSID {} CA {}", m.vsid, m.ca))
+        .commit(&[write], &format!("VSID {} CA {}", m.vsid, m.ca))
         .await?;
     info!(vsid = m.vsid, ca = %m.ca, pa = %m.pa, host = ?moved.host, "moved lookup record in etcd");
     Ok(moved)
@@ -435,15 +391,14 @@ pub async fn move_to(
 /// `nvctl lookup del` in cluster mode.
 pub async fn delete(cluster: &Cluster, vsid: u32, ca: IpAddr) -> Result<LookupRecord> {
     let (old, revision) = cluster.current(vsid, ca).await?;
-    let key = key(vsid, ca);
-    let txn = Txn::new()
-        .when([Compare::mod_revision(
-            key.clone(),
-            CompareOp::Equal,
-            revision,
-        )])
-        .and_then([TxnOp::delete(key, None)]);
-    cluster.commit(txn, &format!("VSID {vsid} CA {ca}")).await?;
+    let write = KeyWrite {
+        key: key(vsid, ca),
+        expect: Expect::At(revision),
+        value: None,
+    };
+    cluster
+        .commit(&[write], &format!("VSID {vsid} CA {ca}"))
+        .await?;
     info!(vsid, ca = %ca, "deleted lookup record from etcd");
     Ok(old)
 }
@@ -463,19 +418,17 @@ pub async fn import(
         .collect::<Result<_>>()?;
     let refs: Vec<&LookupRecord> = records.iter().collect();
     shared.lock().await.check_cluster(&refs, false).await?;
-    let mut compares = Vec::with_capacity(records.len());
-    let mut puts = Vec::with_capacity(records.len());
-    for r in &records {
-        let key = key(r.vsid, r.ca);
-        compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
-        puts.push(TxnOp::put(key, json(r)?, None));
-    }
-    cluster
-        .commit(
-            Txn::new().when(compares).and_then(puts),
-            "a record of the import",
-        )
-        .await?;
+    let writes = records
+        .iter()
+        .map(|r| {
+            Ok(KeyWrite {
+                key: key(r.vsid, r.ca),
+                expect: Expect::Absent,
+                value: Some(json(r)?),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    cluster.commit(&writes, "a record of the import").await?;
     info!(records = records.len(), "imported lookup records into etcd");
     Ok(records.len())
 }
@@ -500,7 +453,7 @@ async fn snapshot(client: &mut Client) -> Result<(i64, Vec<Update>)> {
         let resp = client
             .get(from.clone(), Some(options))
             .await
-            .map_err(|e| etcd_err("read the records from etcd", e))?;
+            .map_err(|e| etcd_err("read the records from etcd", &e))?;
         if revision == 0 {
             revision = resp
                 .header()
@@ -548,20 +501,17 @@ pub async fn follow(shared: Shared, cluster: Cluster) {
 }
 
 async fn session(shared: &Shared, cluster: &Cluster, endpoint: &str) -> Result<()> {
-    let options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
-    let mut client = Client::connect([endpoint], Some(options))
+    let mut client = Client::connect([endpoint], Some(connect_options()))
         .await
-        .map_err(|e| etcd_err("connect", e))?;
+        .map_err(|e| etcd_err("connect", &e))?;
     // Connecting is lazy: only an answer says the member is there. Then this agent counts as
     // connected, even while a first load takes its time.
     let fence_key = format!("{HOSTS}{}", cluster.host);
     tokio::time::timeout(Duration::from_secs(2), client.get(fence_key.clone(), None))
         .await
         .map_err(|_| NvError::Cluster("no answer in 2 s".into()))?
-        .map_err(|e| etcd_err("connect", e))?;
-    cluster.connected(Some(client.clone()), None);
+        .map_err(|e| etcd_err("connect", &e))?;
+    cluster.connected(Some(endpoint), None);
     let mut revision = cluster.revision();
     if revision == 0 {
         revision = resync(shared, cluster, &mut client).await?;
@@ -577,7 +527,7 @@ async fn session(shared: &Shared, cluster: &Cluster, endpoint: &str) -> Result<(
                 ),
             )
             .await
-            .map_err(|e| etcd_err("watch", e))?;
+            .map_err(|e| etcd_err("watch", &e))?;
         // A write of this host's own key, behind everything it missed: its event comes after
         // every earlier one, so once it is here this agent is caught up.
         let fence = client
@@ -587,10 +537,10 @@ async fn session(shared: &Shared, cluster: &Cluster, endpoint: &str) -> Result<(
                 None,
             )
             .await
-            .map_err(|e| etcd_err("write this host's key", e))?
+            .map_err(|e| etcd_err("write this host's key", &e))?
             .header()
             .map_or(0, etcd_client::ResponseHeader::revision);
-        cluster.connected(Some(client.clone()), None);
+        cluster.connected(Some(endpoint), None);
         loop {
             let message = tokio::select! {
                 m = stream.message() => m,
@@ -598,7 +548,7 @@ async fn session(shared: &Shared, cluster: &Cluster, endpoint: &str) -> Result<(
                     return Err(NvError::Cluster("a request to this member failed".into()));
                 }
             };
-            let Some(resp) = message.map_err(|e| etcd_err("watch", e))? else {
+            let Some(resp) = message.map_err(|e| etcd_err("watch", &e))? else {
                 return Ok(());
             };
             if resp.compact_revision() > 0 {

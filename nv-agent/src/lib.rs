@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod config;
 pub mod datapath;
 pub mod error;
+pub mod etcd_writer;
 pub mod import;
 pub mod metrics;
 pub mod model;

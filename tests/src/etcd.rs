@@ -1,8 +1,14 @@
 //! A real etcd (Debian's `etcd-server`), one member or three, started in a test's namespace
 //! and stopped (by pid) when dropped; `etcdctl` from the same namespace.
 use std::{
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -196,6 +202,195 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         for i in 0..self.members.len() {
             self.kill_member(i);
+        }
+    }
+}
+
+/// TCP proxies in front of etcd's members, in their namespace, that can lose one answer: once
+/// armed, the first connection whose client has sent a marker (a record's key) often enough
+/// (a transaction names its key in its comparison, its write and its read-back) has its
+/// request passed on to etcd, which applies it, and every answer on it swallowed. Its client
+/// never hears that its write was made: the partition a retried write must survive.
+pub struct Proxies {
+    pub urls: Vec<String>,
+    arming: Arc<Mutex<Arming>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Arming {
+    marker: Vec<u8>,
+    times: usize,
+    /// Bumped at each arming: connections count the marker from then on.
+    generation: u64,
+    /// A connection lost its answers for this arming.
+    fired: bool,
+}
+
+impl Proxies {
+    /// One proxy per member, listening on `ip` from `port` up (in `ns`).
+    pub fn start(ns: &Netns, ip: &str, port: u16, members: &[Member]) -> anyhow::Result<Proxies> {
+        let arming: Arc<Mutex<Arming>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut urls = Vec::new();
+        let mut threads = Vec::new();
+        for (i, m) in members.iter().enumerate() {
+            let listen = format!("{ip}:{}", port + u16::try_from(i)?);
+            let upstream = m
+                .client_url
+                .strip_prefix("http://")
+                .context("an http:// member")?
+                .to_owned();
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let (ns_path, arming, stop) = (ns.path(), arming.clone(), stop.clone());
+            let bind = listen.clone();
+            threads.push(thread::spawn(move || {
+                let listener = match listen_in(&ns_path, &bind) {
+                    Ok(l) => {
+                        let _ = ready_tx.send(Ok(()));
+                        l
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let mut open: Vec<TcpStream> = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((client, _)) = listener.accept() else {
+                        thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
+                    if let Ok(server) = TcpStream::connect(&upstream)
+                        && let Ok(pair) = relay(client, server, &arming)
+                    {
+                        open.extend(pair);
+                    }
+                }
+                for s in open {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+            }));
+            ready_rx
+                .recv()
+                .context("a proxy thread")?
+                .with_context(|| format!("a proxy's listener on {listen}"))?;
+            urls.push(format!("http://{listen}"));
+        }
+        Ok(Proxies {
+            urls,
+            arming,
+            stop,
+            threads,
+        })
+    }
+
+    /// The answers of the first connection whose client sends `marker` `times` times from now
+    /// on are lost.
+    pub fn lose_answer_to(&self, marker: &str, times: usize) {
+        let mut a = self
+            .arming
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        a.marker = marker.as_bytes().to_vec();
+        a.times = times;
+        a.generation += 1;
+        a.fired = false;
+    }
+
+    /// Whether an answer was lost since the last arming.
+    pub fn fired(&self) -> bool {
+        self.arming
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .fired
+    }
+}
+
+fn listen_in(ns_path: &str, listen: &str) -> std::io::Result<TcpListener> {
+    let f = std::fs::File::open(ns_path)?;
+    // SAFETY: setns on a valid namespace fd; affects only this thread.
+    if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let l = TcpListener::bind(listen)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Relays one connection both ways until either end closes; the answers stop once this
+/// connection fires the arming.
+fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    arming: &Arc<Mutex<Arming>>,
+) -> std::io::Result<[TcpStream; 2]> {
+    client.set_nonblocking(false)?;
+    let swallow = Arc::new(AtomicBool::new(false));
+    let (mut c_in, mut c_out) = (client.try_clone()?, client.try_clone()?);
+    let (mut s_in, mut s_out) = (server.try_clone()?, server.try_clone()?);
+    {
+        let (arming, swallow) = (arming.clone(), swallow.clone());
+        thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            let (mut seen, mut generation) = (Vec::new(), 0);
+            loop {
+                let n = match c_in.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                {
+                    let mut a = arming
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if a.generation != generation {
+                        generation = a.generation;
+                        seen.clear();
+                    }
+                    if !a.fired && !a.marker.is_empty() {
+                        seen.extend_from_slice(&buf[..n]);
+                        let count = seen
+                            .windows(a.marker.len())
+                            .filter(|w| *w == a.marker.as_slice())
+                            .count();
+                        if count >= a.times {
+                            a.fired = true;
+                            swallow.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+                if s_out.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = s_out.shutdown(std::net::Shutdown::Both);
+        });
+    }
+    thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match s_in.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if swallow.load(Ordering::Relaxed) {
+                continue;
+            }
+            if c_out.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = c_out.shutdown(std::net::Shutdown::Both);
+    });
+    Ok([client, server])
+}
+
+impl Drop for Proxies {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
         }
     }
 }

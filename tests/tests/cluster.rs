@@ -10,7 +10,7 @@ use anyhow::{bail, ensure};
 use nv_agent::datapath::LookupView;
 use nv_common::LookupKey;
 use nv_tests::{
-    etcd::Etcd,
+    etcd::{Etcd, Proxies},
     testbed::{Host, PingStream, TwoHosts},
 };
 
@@ -371,5 +371,82 @@ fn concurrent_changes_of_one_record_are_refused_never_lost() -> anyhow::Result<(
             won[0]
         );
     }
+    Ok(())
+}
+
+/// How many times etcd's key has been written since it was created (0: absent).
+fn version(etcd: &Etcd, key: &str) -> anyhow::Result<i64> {
+    let out = etcd.ctl(&["get", key, "-w", "json"])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(v["kvs"][0]["version"].as_i64().unwrap_or(0))
+}
+
+#[test]
+fn a_write_whose_answer_is_lost_is_retried_on_the_next_member_and_made_once() -> anyhow::Result<()>
+{
+    let (mut bed, etcd) = bed()?;
+    // Host 1 reaches each member through a proxy that can lose one answer.
+    let proxies = Proxies::start(&bed.underlay, "198.18.255.254", 22_500, &etcd.members)?;
+    let h1 = &mut bed.hosts[0];
+    h1.stop_agent();
+    h1.agent_args[1] = proxies.urls.join(",");
+    h1.start_agent()?;
+    add_remote(&bed.hosts[0], 1)?;
+
+    let key = "/nv/v1/lookups/7001/10.7.0.2";
+    // An add: etcd applies it, its answer is lost; the retry on the next member finds the key
+    // holding exactly what was written.
+    proxies.lose_answer_to(key, 2);
+    add_remote(&bed.hosts[0], 2)?;
+    ensure!(
+        proxies.fired(),
+        "no answer was lost: the test tested nothing"
+    );
+    ensure!(
+        version(&etcd, key)? == 1,
+        "the add was not made exactly once"
+    );
+    // A move and a delete, each answer lost likewise.
+    proxies.lose_answer_to(key, 2);
+    bed.hosts[0].nvctl(&[
+        "lookup",
+        "move",
+        "--vsid",
+        "7001",
+        "--ca",
+        "10.7.0.2",
+        "--pa",
+        "198.18.0.8",
+    ])?;
+    ensure!(proxies.fired(), "no answer to the move was lost");
+    let moved = etcd.ctl(&["get", key, "--print-value-only"])?;
+    ensure!(
+        version(&etcd, key)? == 2 && moved.contains("198.18.0.8"),
+        "the move was not made exactly once: {moved}"
+    );
+    converge(&bed, "the move everywhere", |_, h| {
+        Ok(LookupView::open(&h.pin_path)?
+            .get(&LookupKey {
+                vsid: 7001,
+                ca: [10, 7, 0, 2],
+            })
+            .is_some_and(|v| v.pa[15] == 8))
+    })?;
+    proxies.lose_answer_to(key, 2);
+    bed.hosts[0].nvctl(&["lookup", "del", "--vsid", "7001", "--ca", "10.7.0.2"])?;
+    ensure!(proxies.fired(), "no answer to the delete was lost");
+    ensure!(version(&etcd, key)? == 0, "the delete was not made");
+    converge(&bed, "the delete everywhere", |_, h| {
+        Ok(!has(h, 7001, [10, 7, 0, 2])?)
+    })?;
+    let said = bed.hosts[0]
+        .agent_log()
+        .matches("found etcd holding what it wrote")
+        .count();
+    ensure!(
+        said == 3,
+        "the agent did not say 3 times that a retry found its write made: {}",
+        bed.hosts[0].agent_log()
+    );
     Ok(())
 }

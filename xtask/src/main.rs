@@ -25,7 +25,11 @@ enum Task {
     Setup,
     /// Set up, then run every check and test: fmt, clippy, unit, program and integration tests.
     Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        /// Run the tests this many times in a row (after one build, without fmt and clippy)
+        /// and close with how often each test failed: for hunting flaky tests.
+        #[arg(long, value_name = "N")]
+        repeat: Option<u32>,
+        /// Extra arguments for `cargo test` (e.g. a test name filter, or `--test cluster`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -75,28 +79,24 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::run(),
-        Task::Test { args } => {
+        Task::Test { repeat, args } => {
             setup::run()?;
             require_root("the tests load BPF programs and create network namespaces")?;
-            cargo(&["fmt", "--all", "--", "--check"])
-                .context("code is not formatted: run `cargo fmt --all`")?;
-            cargo(&["clippy", "--all-targets", "--quiet", "--", "-D", "warnings"])?;
-            clippy_ebpf()?;
+            if repeat.is_none() {
+                cargo(&["fmt", "--all", "--", "--check"])
+                    .context("code is not formatted: run `cargo fmt --all`")?;
+                cargo(&["clippy", "--all-targets", "--quiet", "--", "-D", "warnings"])?;
+                clippy_ebpf()?;
+            }
             layout_probe()?;
             cargo(&["build", "--quiet"])?;
-            if args.is_empty() {
-                // The benchmark is not a test, but it must not rot: a smoke run with tiny
-                // counts (its figures mean nothing; `cargo xtask bench` measures).
-                println!("benchmark smoke run (tiny counts, not measurements):");
-                run_tool(
-                    "nv-bench",
-                    Build::Debug,
-                    &["--smoke", "--out", "target/bench-smoke"],
-                )?;
-            }
-            let mut test = vec!["test"];
+            // Every test binary runs even after one failed: one run names every failure.
+            let mut test = vec!["test", "--no-fail-fast"];
             test.extend(args.iter().map(String::as_str));
-            cargo_test(&test)
+            match repeat {
+                None => run_suite(&test, args.is_empty()).map(drop),
+                Some(n) => repeat_suite(&test, args.is_empty(), n),
+            }
         }
         Task::Fuzz { packets, seed } => {
             setup::run()?;
@@ -172,9 +172,80 @@ fn require_root(why: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One run of the suite: the benchmark's smoke run (with `smoke`), then `cargo test` with
+/// `test`'s arguments. Returns the tests that failed, as `binary: test`.
+fn run_suite(test: &[&str], smoke: bool) -> anyhow::Result<Vec<String>> {
+    if smoke {
+        // The benchmark is not a test, but it must not rot: a smoke run with tiny
+        // counts (its figures mean nothing; `cargo xtask bench` measures).
+        println!("benchmark smoke run (tiny counts, not measurements):");
+        run_tool(
+            "nv-bench",
+            Build::Debug,
+            &["--smoke", "--out", "target/bench-smoke"],
+        )?;
+    }
+    cargo_test(test)
+}
+
+/// Runs the suite `n` times in a row, whatever fails, then says how often each test failed;
+/// an error if any did.
+fn repeat_suite(test: &[&str], smoke: bool, n: u32) -> anyhow::Result<()> {
+    let mut failures = std::collections::BTreeMap::<String, Vec<u32>>::new();
+    let started = std::time::Instant::now();
+    for run in 1..=n {
+        println!("=== repetition {run} of {n} ===");
+        match run_suite(test, smoke) {
+            Ok(_) => {}
+            Err(e) => match e.downcast::<Failed>() {
+                Ok(Failed(tests)) => {
+                    for t in tests {
+                        failures.entry(t).or_default().push(run);
+                    }
+                }
+                Err(e) => {
+                    failures
+                        .entry(format!("(the run itself: {e:#})"))
+                        .or_default()
+                        .push(run);
+                }
+            },
+        }
+    }
+    println!(
+        "=== {n} repetitions in {} s: {} ===",
+        started.elapsed().as_secs(),
+        if failures.is_empty() {
+            "every test passed every time".to_owned()
+        } else {
+            format!("{} tests failed at least once", failures.len())
+        }
+    );
+    for (t, runs) in &failures {
+        println!("  {t}: failed {} of {n} (runs {runs:?})", runs.len());
+    }
+    if !failures.is_empty() {
+        bail!("{} tests failed at least once in {n} runs", failures.len());
+    }
+    Ok(())
+}
+
+/// `cargo test` failed; these tests (`binary: test`) failed in it.
+#[derive(Debug)]
+struct Failed(Vec<String>);
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "failed: {}", self.0.join(", "))
+    }
+}
+
+impl std::error::Error for Failed {}
+
 /// Runs `cargo test`, echoing its output, and closes with one summary line over all test
-/// binaries (`tests: N passed, N failed`).
-fn cargo_test(args: &[&str]) -> anyhow::Result<()> {
+/// binaries (`tests: N passed, N failed`). Returns the tests that failed (`binary: test`),
+/// as the error [`Failed`] when any did.
+fn cargo_test(args: &[&str]) -> anyhow::Result<Vec<String>> {
     let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
         .env("PATH", setup::path_with_tools()?)
@@ -182,9 +253,25 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<()> {
         .spawn()
         .context("run cargo test")?;
     let (mut passed, mut failed) = (0u64, 0u64);
+    let mut failures = Vec::new();
+    let mut binary = String::new();
     for line in BufReader::new(child.stdout.take().context("stdout")?).lines() {
         let line = line?;
         println!("{line}");
+        if let Some(running) = line.trim().strip_prefix("Running ") {
+            // `Running tests/cluster.rs (target/debug/deps/cluster-...)`
+            running
+                .split(' ')
+                .next()
+                .unwrap_or(running)
+                .clone_into(&mut binary);
+        }
+        if let Some(name) = line
+            .strip_prefix("test ")
+            .and_then(|l| l.strip_suffix(" ... FAILED"))
+        {
+            failures.push(format!("{binary}: {name}"));
+        }
         if let Some(rest) = line.strip_prefix("test result: ") {
             let count = |word: &str| {
                 rest.split(';')
@@ -205,13 +292,16 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<()> {
     }
     let status = child.wait()?;
     println!("tests: {passed} passed, {failed} failed");
+    if !failures.is_empty() {
+        return Err(Failed(failures).into());
+    }
     if !status.success() {
         bail!("`cargo {}` failed ({status})", args.join(" "));
     }
     if passed == 0 {
         bail!("no test ran");
     }
-    Ok(())
+    Ok(failures)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
