@@ -51,6 +51,43 @@ pub struct Agent {
     cluster: Option<crate::cluster::Cluster>,
     /// This host's name (`host_name`): alone, the only host a record may name.
     host_name: String,
+    /// The maps' capacities, by name (fixed once loaded).
+    capacities: Vec<(&'static str, u32)>,
+    /// VM ports nv set down because it could not filter them, by name (their ifindex), and
+    /// how many times a port was set down so.
+    unfiltered: HashMap<String, u32>,
+    ports_set_down: u64,
+    fd_reserve: FdReserve,
+}
+
+/// The shortest prefix a provider address may have (IPv4): the underlay of the README's
+/// examples is 198.18.0.0/15.
+const MIN_PROVIDER_PREFIX: u8 = 15;
+
+/// Descriptors held for the moment the agent runs out: attaching the filter to a VM port
+/// needs a few, and a port it cannot filter must be set down.
+#[derive(Default)]
+struct FdReserve(Vec<std::fs::File>);
+
+impl FdReserve {
+    const SIZE: usize = 16;
+
+    fn refill(&mut self) {
+        while self.0.len() < Self::SIZE {
+            match std::fs::File::open("/dev/null") {
+                Ok(f) => self.0.push(f),
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// What `nvctl status` shows.
@@ -96,6 +133,10 @@ pub struct Status {
     /// Cluster mode: etcd, and how far this host follows it.
     #[serde(default)]
     pub cluster: Option<crate::cluster::Status>,
+    /// VM ports nv set down because it could not filter them (out of descriptors, say); it
+    /// tries again every second and sets them up once filtered.
+    #[serde(default)]
+    pub ports_set_down: Vec<String>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -208,7 +249,12 @@ impl Agent {
             debug_events: false,
             cluster,
             host_name: config.host_name.clone(),
+            capacities: Vec::new(),
+            unfiltered: HashMap::new(),
+            ports_set_down: 0,
+            fd_reserve: FdReserve::default(),
         };
+        agent.fd_reserve.refill();
         if let Some(log) = agent.datapath.take_log() {
             crate::monitor::spawn_log_reader(log)
                 .map_err(|e| NvError::Datapath(format!("the datapath's debug events: {e}")))?;
@@ -226,7 +272,10 @@ impl Agent {
         }
         agent.tables.base = agent.base_config();
         agent.reconcile().await?;
+        // A store of an agent before rewrite PAs were the datapath's.
+        agent.take_rewrite_pas().await?;
         agent.datapath.finish_migration()?;
+        agent.capacities = agent.datapath.capacities();
         Ok(agent)
     }
 
@@ -377,6 +426,10 @@ impl Agent {
     async fn reconcile(&mut self) -> Result<()> {
         for p in self.tables.catalog.providers().to_vec() {
             let link = self.require_link(&p.dev, "provider device").await?;
+            if p.rewrite {
+                self.release_address(&p).await?;
+                continue;
+            }
             if !self.netlink.has_address(link.index, p.pa.addr).await? {
                 warn!(
                     "provider address {} was missing from {}; adding it",
@@ -421,7 +474,10 @@ impl Agent {
         self.datapath.attach_uplink(&self.uplink, self.decap_hook)?;
         for link in ports.values() {
             if self.tables.ports.needs_filter(&link.name, link.index) {
-                self.datapath.attach_port(&link.name)?;
+                if let Err(e) = self.datapath.attach_port(&link.name) {
+                    self.set_down(link, &e).await?;
+                    continue;
+                }
                 self.set_port_mtu(link).await;
             }
             self.tables.ports.attach(&link.name, Attached::of(link));
@@ -433,8 +489,9 @@ impl Agent {
             if ports.contains_key(&stale) {
                 continue;
             }
-            // Filtered before this start: it stays so while its device exists.
-            if let Some(link) = self.port_link(&stale).await? {
+            // Filtered before this start: it stays so while its device exists, whatever it
+            // has become.
+            if let Some(link) = self.netlink.link(&stale).await? {
                 self.datapath.attach_port(&stale)?;
                 info!("port {stale} has no record; it stays filtered, its frames dropped");
                 self.tables.ports.orphan(&stale, link.index);
@@ -468,18 +525,17 @@ impl Agent {
         }
     }
 
-    /// The port called `name` if it exists and can be a VM port (veth or tap); anything else
-    /// is treated as missing, and said so.
+    /// The port called `name` if it exists and can be a VM port; anything else is treated
+    /// as missing, and said so.
     async fn port_link(&self, name: &str) -> Result<Option<LinkInfo>> {
         match self.netlink.link(name).await? {
-            Some(link) if matches!(link.kind, LinkKind::Veth | LinkKind::Tap) => Ok(Some(link)),
-            Some(link) => {
-                warn!(
-                    "port {name} is a {} device now, not a veth or tap; not attaching it",
-                    link.kind
-                );
-                Ok(None)
-            }
+            Some(link) => match link.vm_port_refusal() {
+                None => Ok(Some(link)),
+                Some(why) => {
+                    warn!("{why}; not attaching it");
+                    Ok(None)
+                }
+            },
             None => Ok(None),
         }
     }
@@ -499,6 +555,7 @@ impl Agent {
         for (port, ifindex) in orphans {
             self.refresh_orphans(&port, ifindex).await?;
         }
+        self.try_take_rewrite_pas().await;
         self.refresh_uplink().await
     }
 
@@ -629,11 +686,57 @@ impl Agent {
             describe(&record)
         );
         let filtered = before.is_none_or(|b| now.is_some_and(|n| n.ifindex != b.ifindex));
-        self.tables.relink(&mut self.datapath, port, now)?;
-        if let Some(link) = &link
-            && filtered
-        {
-            self.set_port_mtu(link).await;
+        let mut relinked = self.tables.relink(&mut self.datapath, port, now);
+        if relinked.is_err() && !self.fd_reserve.is_empty() {
+            // Perhaps out of descriptors: the reserve is for this.
+            self.fd_reserve.clear();
+            relinked = self.tables.relink(&mut self.datapath, port, now);
+        }
+        let Some(link) = link else {
+            self.unfiltered.remove(port);
+            return relinked.map(drop);
+        };
+        if let Err(e) = relinked {
+            // A VM port nv cannot filter must not stay open to the host.
+            return self.set_down(&link, &e).await;
+        }
+        if filtered {
+            self.set_port_mtu(&link).await;
+        }
+        if self.unfiltered.remove(port) == Some(link.index) {
+            info!("port {port} is filtered now; setting it up again");
+            self.netlink.set_up(link.index, true).await?;
+        }
+        self.fd_reserve.refill();
+        Ok(())
+    }
+
+    /// Sets a VM port that cannot be filtered down, through the netlink socket the agent
+    /// holds (no new descriptor needed), and keeps it to try again.
+    async fn set_down(&mut self, link: &LinkInfo, why: &NvError) -> Result<()> {
+        if self.unfiltered.get(&link.name) != Some(&link.index) {
+            self.ports_set_down += 1;
+            tracing::error!(
+                port = %link.name,
+                "cannot filter port {} ({why}); setting it down until it can be",
+                link.name
+            );
+        }
+        self.unfiltered.insert(link.name.clone(), link.index);
+        self.netlink.set_up(link.index, false).await
+    }
+
+    /// Whether a port nv set down waits to be filtered.
+    pub fn has_unfiltered(&self) -> bool {
+        !self.unfiltered.is_empty()
+    }
+
+    /// Tries again to filter the ports nv set down.
+    pub async fn retry_unfiltered(&mut self) -> Result<()> {
+        self.fd_reserve.refill();
+        let ports: Vec<String> = self.unfiltered.keys().cloned().collect();
+        for port in ports {
+            self.refresh_port(&port).await?;
         }
         Ok(())
     }
@@ -732,6 +835,11 @@ impl Agent {
             monitors: self.watchers().len(),
             debug_events: self.debug_events,
             cluster: self.cluster.as_ref().map(crate::cluster::Cluster::status),
+            ports_set_down: {
+                let mut down: Vec<String> = self.unfiltered.keys().cloned().collect();
+                down.sort();
+                down
+            },
         }
     }
 
@@ -744,26 +852,24 @@ impl Agent {
         self.tables.catalog.lookups(vsid)
     }
 
-    pub fn counters(&self) -> Result<Vec<(nv_common::Counter, u64)>> {
-        self.datapath.counters()
+    /// A reader of the datapath's counters that needs no lock of the agent.
+    pub fn counter_reader(&self) -> Result<crate::datapath::CounterReader> {
+        crate::datapath::CounterReader::open(&self.pin_path)
     }
 
-    /// Traffic per VSID, direction and method (all VSIDs, or one).
-    pub fn vsid_stats(
-        &self,
-        vsid: Option<u32>,
-    ) -> Result<Vec<(nv_common::VsidStatsKey, nv_common::VsidStats)>> {
-        let mut all = self.datapath.vsid_stats()?;
-        all.retain(|(k, _)| vsid.is_none_or(|v| k.vsid == v));
-        all.sort_by_key(|(k, _)| (k.vsid, k.dir, k.method));
-        Ok(all)
+    /// What observation reads until the next change.
+    pub fn published(&self) -> crate::shared::Published {
+        crate::shared::Published {
+            status: self.status(),
+            metrics: self.metrics_base(),
+        }
     }
 
-    /// What a Prometheus scrape reports, read now.
-    pub fn metrics(&self) -> Result<crate::metrics::Snapshot> {
+    /// What a Prometheus scrape reports but the datapath's counters and per-VSID traffic,
+    /// which the scrape reads from their maps ([`crate::metrics::Snapshot::complete`]).
+    fn metrics_base(&self) -> crate::metrics::Snapshot {
         use nv_common::map_names as m;
         let status = self.status();
-        let vsids = self.vsid_stats(None)?;
         let catalog = &self.tables.catalog;
         let known = |map: &str| -> Option<u64> {
             let n = match map {
@@ -772,7 +878,6 @@ impl Agent {
                 m::LOCAL_PAS => catalog.providers().len(),
                 m::REWRITE_PAS => catalog.rewrite_records(),
                 m::HOSTED_VSIDS => translate::hosted_vsids(catalog).len(),
-                m::VSID_STATS => vsids.len(),
                 _ => return None,
             };
             Some(n as u64)
@@ -781,21 +886,20 @@ impl Agent {
         for p in &status.ports {
             *ports.entry((p.kind.clone(), p.running)).or_default() += 1;
         }
-        Ok(crate::metrics::Snapshot {
+        crate::metrics::Snapshot {
             version: status.version,
             programs: status.programs,
-            counters: self.datapath.counters()?,
+            counters: Vec::new(),
             maps: self
-                .datapath
-                .capacities()
-                .into_iter()
+                .capacities
+                .iter()
                 .map(|(map, capacity)| crate::metrics::MapUse {
                     map,
                     entries: known(map),
-                    capacity,
+                    capacity: *capacity,
                 })
                 .collect(),
-            vsids,
+            vsids: Vec::new(),
             providers: status.providers,
             lookups: status.lookups,
             ports,
@@ -803,8 +907,10 @@ impl Agent {
             ports_without_record: status.ports_without_record.len(),
             reconciles: self.reconciles,
             repaired: self.repaired,
+            ports_set_down: self.ports_set_down,
+            refused: Vec::new(),
             cluster: self.cluster.as_ref().map(crate::cluster::Cluster::status),
-        })
+        }
     }
 
     /// Applies `changes` through the transaction path, with the ports in `links`, and gives
@@ -830,7 +936,72 @@ impl Agent {
         for port in &applied.released {
             info!("port {port} has no record now; it stays filtered, its frames dropped");
         }
+        self.try_take_rewrite_pas().await;
         Ok(applied)
+    }
+
+    /// Rewrite PAs belong to the datapath: a provider address that a local VM's rewrite record
+    /// uses becomes the datapath's (answered and filtered by it, in the maps first) and leaves
+    /// the uplink, so no host process can bind it and the host's stack never answers for it,
+    /// until the provider is deleted.
+    pub(crate) async fn take_rewrite_pas(&mut self) -> Result<()> {
+        let taken: Vec<ProviderState> = self
+            .tables
+            .catalog
+            .providers()
+            .iter()
+            .filter(|p| !p.rewrite && self.tables.catalog.is_local_rewrite_pa(p.pa.addr))
+            .map(|p| ProviderState {
+                rewrite: true,
+                ..p.clone()
+            })
+            .collect();
+        if taken.is_empty() {
+            return Ok(());
+        }
+        let changes: Vec<Change> = taken
+            .iter()
+            .map(|p| Change::PutProvider {
+                provider: p.clone(),
+            })
+            .collect();
+        self.tables.apply(
+            &self.store,
+            &mut self.datapath,
+            &Links::default(),
+            &changes,
+            |_, _| Ok(()),
+        )?;
+        for p in &taken {
+            info!(
+                "provider address {} is a rewrite PA now: the datapath's, off {}",
+                p.pa, p.dev
+            );
+            self.release_address(p).await?;
+        }
+        Ok(())
+    }
+
+    /// [`Agent::take_rewrite_pas`] after a change that went in: what fails is tried again at
+    /// the next change and every look at the ports.
+    pub(crate) async fn try_take_rewrite_pas(&mut self) {
+        if let Err(e) = self.take_rewrite_pas().await {
+            tracing::error!("taking rewrite PAs off the host: {e}; trying again shortly");
+        }
+    }
+
+    /// Takes a rewrite PA off its device, where the host's stack would answer for it.
+    async fn release_address(&self, p: &ProviderState) -> Result<()> {
+        if let Some(link) = self.netlink.link(&p.dev).await?
+            && self.netlink.has_address(link.index, p.pa.addr).await?
+        {
+            info!(
+                "taking rewrite PA {} off {}: the datapath answers for it",
+                p.pa, p.dev
+            );
+            self.netlink.del_address(link.index, p.pa.addr).await?;
+        }
+        Ok(())
     }
 
     #[tracing::instrument(skip_all, fields(pa = %p.pa, dev = ?p.dev))]
@@ -849,6 +1020,24 @@ impl Agent {
             return Err(invalid(format!(
                 "provider address {} is not a usable unicast address with a prefix",
                 p.pa
+            )));
+        }
+        // The prefix becomes a route on the underlay: a short one would make much of the
+        // Internet on-link there.
+        if p.pa.len < MIN_PROVIDER_PREFIX {
+            return Err(invalid(format!(
+                "provider address {}: a prefix shorter than /{MIN_PROVIDER_PREFIX} would make \
+                 that much address space on-link on the underlay; give the provider network's \
+                 own prefix",
+                p.pa
+            )));
+        }
+        let remote = self.tables.catalog.remote_users_of(p.pa.addr);
+        if remote > 0 {
+            return Err(NvError::Conflict(format!(
+                "provider address {} is another host's: {remote} lookup record(s) name it as \
+                 the PA of a VM elsewhere; move or delete them first",
+                p.pa.addr
             )));
         }
         let dev = p.dev.clone().unwrap_or_else(|| self.uplink.clone());
@@ -872,11 +1061,19 @@ impl Agent {
             )));
         }
         let link = self.require_link(&dev, "device").await?;
+        if let Some(other) = self.netlink.holder_of(p.pa.addr, link.index).await? {
+            return Err(invalid(format!(
+                "{} is an address of {other} on this host (the host's own): a provider \
+                 address lives on the uplink ({dev}) alone",
+                p.pa.addr
+            )));
+        }
         let present = self.netlink.has_address(link.index, p.pa.addr).await?;
         let state = ProviderState {
             pa: p.pa,
             dev,
             added_address: !present,
+            rewrite: false,
         };
         if !present {
             self.netlink
@@ -923,7 +1120,9 @@ impl Agent {
             |_, _| Ok(()),
         )
         .await?;
+        // A rewrite PA left the host when the datapath took it.
         if removed.added_address
+            && !removed.rewrite
             && let Some(link) = self.netlink.link(&removed.dev).await?
         {
             self.netlink.del_address(link.index, pa).await?;
@@ -949,15 +1148,12 @@ impl Agent {
         Ok(Some(link))
     }
 
-    /// Whether the device `link` can be a VM's port: a veth or a tap, carrying no address of
-    /// the host's.
+    /// Whether the device `link` can be a VM's port: a veth (its other end elsewhere) or a
+    /// tap, of no bridge, carrying no address of the host's.
     async fn check_vm_link(&self, link: &LinkInfo) -> Result<()> {
         let port = &link.name;
-        if !matches!(link.kind, LinkKind::Veth | LinkKind::Tap) {
-            return Err(invalid(format!(
-                "port '{port}' is a {} device, not a veth or tap: only a VM's port can be one",
-                link.kind
-            )));
+        if let Some(why) = link.vm_port_refusal() {
+            return Err(invalid(why));
         }
         // A device the host itself talks through is not a VM's port.
         if let Some(addr) = self.netlink.routable_addresses(link.index).await?.first() {

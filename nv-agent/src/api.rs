@@ -31,11 +31,11 @@ use axum::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::limit::ConcurrencyLimitLayer;
 
 use crate::{
-    agent::{Agent, MoveRequest},
+    agent::MoveRequest,
     error::NvError,
     import::{self, Format},
     model::{LookupRecord, Provider},
@@ -58,7 +58,7 @@ const REQUESTS_AT_ONCE: usize = 32;
 
 mod watch;
 
-pub type Shared = Arc<Mutex<Agent>>;
+pub use crate::shared::Shared;
 
 pub struct ApiError(StatusCode, String);
 
@@ -216,8 +216,9 @@ async fn whole<T: Send + 'static>(
     }
 }
 
+/// What the agent published at its last change: never waits for one that runs.
 async fn status(State(a): State<Shared>) -> impl IntoResponse {
-    Json(a.lock().await.status())
+    Json(a.published().status)
 }
 
 async fn list_providers(State(a): State<Shared>) -> impl IntoResponse {
@@ -267,7 +268,7 @@ async fn add_lookup(
     body: Result<Json<LookupRecord>, JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Json(r) = body?;
-    let cluster = a.lock().await.cluster();
+    let cluster = a.cluster().cloned();
     let added = whole(async move {
         match cluster {
             Some(c) => crate::cluster::add(&a, &c, r).await,
@@ -283,7 +284,7 @@ async fn del_lookup(
     q: Result<Query<LookupQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Query(q) = q.map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))?;
-    let cluster = a.lock().await.cluster();
+    let cluster = a.cluster().cloned();
     Ok(Json(
         whole(async move {
             match cluster {
@@ -300,7 +301,7 @@ async fn move_lookup(
     body: Result<Json<MoveRequest>, JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Json(m) = body?;
-    let cluster = a.lock().await.cluster();
+    let cluster = a.cluster().cloned();
     Ok(Json(
         whole(async move {
             match cluster {
@@ -332,7 +333,7 @@ async fn import_lookups(
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
-    let cluster = a.lock().await.cluster();
+    let cluster = a.cluster().cloned();
     let imported = whole(async move {
         let _turn = turn;
         match cluster {
@@ -375,10 +376,10 @@ async fn stats(
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
     let Query(q) = q.map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))?;
-    let agent = a.lock().await;
+    let reader = a.counters();
     if let Some(vsid) = q.vsid {
         crate::model::validate_vsid(vsid)?;
-        let traffic: Vec<VsidTraffic> = agent
+        let traffic: Vec<VsidTraffic> = reader
             .vsid_stats(Some(vsid))?
             .into_iter()
             .map(|(k, s)| VsidTraffic {
@@ -391,7 +392,7 @@ async fn stats(
             .collect();
         return Ok(Json(traffic).into_response());
     }
-    let counters = agent.counters()?;
+    let counters = reader.counters()?;
     Ok(Json(
         counters
             .into_iter()

@@ -207,6 +207,21 @@ impl Catalog {
         self.by_pa.values().filter(|u| u.rewrite.is_some()).count()
     }
 
+    /// How many records without a port (other hosts' VMs) use `pa`.
+    pub fn remote_users_of(&self, pa: IpAddr) -> usize {
+        v4(pa)
+            .and_then(|pa| self.by_pa.get(&pa))
+            .map_or(0, |u| (u.records - u.local) as usize)
+    }
+
+    /// Whether a local VM's rewrite record uses `pa`.
+    pub fn is_local_rewrite_pa(&self, pa: IpAddr) -> bool {
+        v4(pa)
+            .and_then(|pa| self.by_pa.get(&pa))
+            .and_then(|u| u.rewrite)
+            .is_some_and(|k| self.ports.contains_key(&k))
+    }
+
     /// How many records with a port use `pa` (local records make a provider address busy).
     pub fn local_users_of(&self, pa: IpAddr) -> usize {
         v4(pa)
@@ -229,7 +244,28 @@ impl Catalog {
                 describe(&existing)
             )));
         }
-        let local_pa = self.is_local_pa(r.pa);
+        let provider = self.providers.iter().find(|p| p.pa.addr == r.pa);
+        let local_pa = provider.is_some();
+        match provider {
+            // The datapath takes a rewrite PA from the host: not an address the host had
+            // before nv (its management address, say), which it would lose.
+            Some(p) if r.method == Method::Rewrite && !p.added_address && !p.rewrite => {
+                return Err(invalid(format!(
+                    "PA {} was on {} before nv added it (a host address): it can carry NVGRE, \
+                     never IP rewrite, whose PAs the datapath takes from the host; give the VM \
+                     an address of its own (`nvctl provider add`)",
+                    r.pa, p.dev
+                )));
+            }
+            Some(p) if r.method != Method::Rewrite && p.rewrite => {
+                return Err(invalid(format!(
+                    "PA {} is a rewrite PA (the datapath's, not on {}): a rewrite record's \
+                     only; delete the provider and add it again to carry NVGRE",
+                    r.pa, p.dev
+                )));
+            }
+            _ => {}
+        }
         match &r.port {
             Some(port) => {
                 if !local_pa {

@@ -41,6 +41,22 @@ use crate::{
 };
 
 pub mod batch;
+pub mod skb_btf;
+
+/// This kernel's `struct sk_buff` offsets for the checksum-offload check, read once.
+fn skb_offsets() -> skb_btf::SkbOffsets {
+    static OFFSETS: std::sync::OnceLock<skb_btf::SkbOffsets> = std::sync::OnceLock::new();
+    *OFFSETS.get_or_init(|| {
+        skb_btf::skb_offsets(Path::new(skb_btf::VMLINUX)).unwrap_or_else(|e| {
+            tracing::error!(
+                "the kernel's BTF does not say where the checksum offload state of a packet is \
+                 ({e}): VMs' packets to be sent by IP rewrite are all dropped \
+                 (drop_vm_csum_offload); NVGRE is not affected"
+            );
+            skb_btf::SkbOffsets::default()
+        })
+    })
+}
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -244,10 +260,10 @@ fn stale_layouts(maps_dir: &Path, max_lookups: u32) -> Result<Vec<(&'static str,
         (map_names::HOSTED_VSIDS, H, 4, 4, None),
         (
             map_names::ICMP_BUCKET,
-            P,
+            aya::maps::MapType::LruPerCpuHash,
             4,
             size_of::<IcmpBucket>(),
-            Some(1),
+            Some(nv_common::MAX_PORTS),
         ),
         (
             map_names::VSID_STATS,
@@ -293,6 +309,86 @@ fn stale_layouts(maps_dir: &Path, max_lookups: u32) -> Result<Vec<(&'static str,
         }
     }
     Ok(stale)
+}
+
+/// Every counter, summed over all CPUs.
+fn read_counters<T: std::borrow::Borrow<MapData>>(
+    arr: &PerCpuArray<T, u64>,
+) -> Result<Vec<(Counter, u64)>> {
+    Counter::ALL
+        .iter()
+        .map(|c| {
+            let values = arr
+                .get(&(*c as u32), 0)
+                .map_err(|e| dp_err("read counter", e))?;
+            Ok((*c, values.iter().sum()))
+        })
+        .collect()
+}
+
+/// Traffic per VSID, direction and method, summed over all CPUs.
+fn read_vsid_stats<T: std::borrow::Borrow<MapData>>(
+    map: &aya::maps::PerCpuHashMap<T, u32, VsidTraffic>,
+) -> Result<Vec<(VsidStatsKey, VsidStats)>> {
+    let mut out = Vec::new();
+    for entry in map {
+        let (vsid, per_cpu) = entry.map_err(|e| dp_err("read the per-VSID map", e))?;
+        for dir in [VsidStatsKey::TX, VsidStatsKey::RX] {
+            for method in [
+                VsidStatsKey::ENCAP,
+                VsidStatsKey::REWRITE,
+                VsidStatsKey::LOCAL,
+            ] {
+                let slot = VsidStatsKey::slot(dir, method);
+                let sum = per_cpu.iter().fold(VsidStats::default(), |a, v| VsidStats {
+                    packets: a.packets + v.by[slot].packets,
+                    bytes: a.bytes + v.by[slot].bytes,
+                });
+                if sum.packets > 0 {
+                    out.push((VsidStatsKey::new(vsid, dir, method), sum));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The datapath's counters and per-VSID traffic, read from their pinned maps by whoever
+/// reports them (`/metrics`, `nvctl stats`) without the agent.
+pub struct CounterReader {
+    counters: PerCpuArray<MapData, u64>,
+    vsids: aya::maps::PerCpuHashMap<MapData, u32, VsidTraffic>,
+}
+
+impl CounterReader {
+    pub fn open(pin_path: &Path) -> Result<CounterReader> {
+        let open = |name: &str| {
+            MapData::from_pin(pin_path.join("maps").join(name))
+                .map_err(|e| dp_err(format!("open the pinned map {name}"), e))
+        };
+        Ok(CounterReader {
+            counters: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open(
+                map_names::COUNTERS,
+            )?))
+            .map_err(|e| dp_err("counter map", e))?,
+            vsids: aya::maps::PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(open(
+                map_names::VSID_STATS,
+            )?))
+            .map_err(|e| dp_err("per-VSID map", e))?,
+        })
+    }
+
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+        read_counters(&self.counters)
+    }
+
+    /// Traffic of one VSID or all, in (VSID, direction, method) order.
+    pub fn vsid_stats(&self, vsid: Option<u32>) -> Result<Vec<(VsidStatsKey, VsidStats)>> {
+        let mut all = read_vsid_stats(&self.vsids)?;
+        all.retain(|(k, _)| vsid.is_none_or(|v| k.vsid == v));
+        all.sort_by_key(|(k, _)| (k.vsid, k.dir, k.method));
+        Ok(all)
+    }
 }
 
 /// Copies per-CPU counter values from the old counter map pinned at `old` into this build's:
@@ -391,10 +487,15 @@ impl Datapath {
         let trace = u32::from(programs == Programs::Tracing);
         let vsid_counts = u32::from(programs != Programs::WithoutVsidCounts);
         let monitor = u32::from(programs != Programs::WithoutMonitor);
+        let skb = skb_offsets();
         let loaded = EbpfLoader::new()
             .override_global(TRACE_GLOBAL, &trace, true)
             .override_global("NV_COUNT_VSIDS", &vsid_counts, true)
             .override_global("NV_MONITORING", &monitor, true)
+            .override_global("NV_SKB_HEAD", &skb.head, true)
+            .override_global("NV_SKB_CSUM", &skb.csum, true)
+            .override_global("NV_SKB_IP_SUMMED", &skb.ip_summed, true)
+            .override_global("NV_SKB_IP_SUMMED_SHIFT", &skb.ip_summed_shift, true)
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(map_names::LOOKUPS, max_lookups)
             .load(crate::EBPF_OBJECT)
@@ -737,15 +838,7 @@ impl Datapath {
             .ok_or_else(|| NvError::Datapath("counter map missing".into()))?;
         let arr: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(m).map_err(|e| dp_err("counter map", e))?;
-        Counter::ALL
-            .iter()
-            .map(|c| {
-                let values = arr
-                    .get(&(*c as u32), 0)
-                    .map_err(|e| dp_err("read counter", e))?;
-                Ok((*c, values.iter().sum()))
-            })
-            .collect()
+        read_counters(&arr)
     }
 
     /// The datapath's debug events, for the task that logs them.
@@ -770,27 +863,7 @@ impl Datapath {
             .ok_or_else(|| NvError::Datapath("per-VSID map missing".into()))?;
         let map: aya::maps::PerCpuHashMap<&MapData, u32, VsidTraffic> =
             aya::maps::PerCpuHashMap::try_from(m).map_err(|e| dp_err("per-VSID map", e))?;
-        let mut out = Vec::new();
-        for entry in &map {
-            let (vsid, per_cpu) = entry.map_err(|e| dp_err("read the per-VSID map", e))?;
-            for dir in [VsidStatsKey::TX, VsidStatsKey::RX] {
-                for method in [
-                    VsidStatsKey::ENCAP,
-                    VsidStatsKey::REWRITE,
-                    VsidStatsKey::LOCAL,
-                ] {
-                    let slot = VsidStatsKey::slot(dir, method);
-                    let sum = per_cpu.iter().fold(VsidStats::default(), |a, v| VsidStats {
-                        packets: a.packets + v.by[slot].packets,
-                        bytes: a.bytes + v.by[slot].bytes,
-                    });
-                    if sum.packets > 0 {
-                        out.push((VsidStatsKey::new(vsid, dir, method), sum));
-                    }
-                }
-            }
-        }
-        Ok(out)
+        read_vsid_stats(&map)
     }
 
     /// The capacity (`max_entries`) of each map this build uses, by name.
@@ -801,6 +874,7 @@ impl Datapath {
                 let info = match self.ebpf.map(name)? {
                     aya::maps::Map::HashMap(d)
                     | aya::maps::Map::PerCpuHashMap(d)
+                    | aya::maps::Map::PerCpuLruHashMap(d)
                     | aya::maps::Map::Array(d)
                     | aya::maps::Map::PerCpuArray(d)
                     | aya::maps::Map::RingBuf(d) => d.info().ok()?,

@@ -40,6 +40,10 @@ pub struct Snapshot {
     pub ports_without_record: usize,
     pub reconciles: u64,
     pub repaired: u64,
+    /// Times a VM port was set down because it could not be filtered.
+    pub ports_set_down: u64,
+    /// Connections each listener closed at once because it served its most.
+    pub refused: Vec<(&'static str, u64)>,
     pub cluster: Option<crate::cluster::Status>,
 }
 
@@ -129,6 +133,26 @@ impl Collector for Snapshot {
 }
 
 impl Snapshot {
+    /// What the agent published, with the datapath's counters and per-VSID traffic as they
+    /// are now and the listeners' refusals.
+    #[must_use]
+    pub fn complete(
+        mut self,
+        counters: Vec<(Counter, u64)>,
+        vsids: Vec<(VsidStatsKey, VsidStats)>,
+        refused: Vec<(&'static str, u64)>,
+    ) -> Snapshot {
+        for m in &mut self.maps {
+            if m.map == nv_common::map_names::VSID_STATS {
+                m.entries = Some(vsids.len() as u64);
+            }
+        }
+        self.counters = counters;
+        self.vsids = vsids;
+        self.refused = refused;
+        self
+    }
+
     /// The build, the datapath's counters and the per-VSID traffic.
     fn encode_datapath(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         // A gauge of 1 with the facts as labels (the classic `_info` idiom): promtool and
@@ -262,6 +286,12 @@ impl Snapshot {
         ] {
             family(e, name, help, MetricType::Gauge, [(Labels::new(), value)])?;
         }
+        self.encode_cluster(e)?;
+        self.encode_agent_counters(e)
+    }
+
+    /// Cluster mode's state.
+    fn encode_cluster(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         if let Some(c) = &self.cluster {
             for (name, help, value) in [
                 (
@@ -293,6 +323,11 @@ impl Snapshot {
                 family(e, name, help, MetricType::Counter, [(Labels::new(), value)])?;
             }
         }
+        Ok(())
+    }
+
+    /// What the agent counted: reconciles, ports set down, connections refused.
+    fn encode_agent_counters(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         for (name, help, value) in [
             (
                 "nv_reconciles",
@@ -304,9 +339,23 @@ impl Snapshot {
                 "Map entries those comparisons had to write or remove (drift).",
                 self.repaired,
             ),
+            (
+                "nv_ports_set_down",
+                "Times a VM port was set down because the agent could not filter it (it is set up once filtered).",
+                self.ports_set_down,
+            ),
         ] {
             family(e, name, help, MetricType::Counter, [(Labels::new(), value)])?;
         }
+        family(
+            e,
+            "nv_connections_refused",
+            "Connections a listener closed at once because it served as many as it may.",
+            MetricType::Counter,
+            self.refused
+                .iter()
+                .map(|(listener, n)| (vec![("listener", (*listener).to_owned())], *n)),
+        )?;
         Ok(())
     }
 }

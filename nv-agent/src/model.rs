@@ -159,6 +159,12 @@ pub struct ProviderState {
     pub dev: String,
     /// Whether the agent added the address to the interface (and so removes it on delete).
     pub added_address: bool,
+    /// A rewrite PA: a local VM's IP-rewrite record uses it (or did, since the provider was
+    /// added). The datapath owns it: it is taken off the interface, so no host process can
+    /// use it, and the datapath answers ARP for it and hands what arrives to its VM or drops
+    /// it, until the provider is deleted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rewrite: bool,
 }
 
 /// A lookup record (HNV's `New-NetVirtualizationLookupRecord`).

@@ -72,6 +72,40 @@ pub struct LinkInfo {
     /// `peer_elsewhere`, the peer lives in another network namespace.
     pub peer: u32,
     pub peer_elsewhere: bool,
+    /// `IFLA_MASTER`: the bridge (or bond, VRF) the link is enslaved to, 0 when none.
+    pub master: u32,
+}
+
+impl LinkInfo {
+    /// Why this device cannot be a VM's port, if it cannot: only a veth whose other end is in
+    /// another namespace (the VM's) or a tap can, and neither when a bridge (or any master)
+    /// holds it, which would switch the VM's frames past nv.
+    pub fn vm_port_refusal(&self) -> Option<String> {
+        let port = &self.name;
+        match self.kind {
+            LinkKind::Veth | LinkKind::Tap => {}
+            LinkKind::Other(_) => {
+                return Some(format!(
+                    "port '{port}' is a {} device, not a veth or tap: only a VM's port can be one",
+                    self.kind
+                ));
+            }
+        }
+        if self.master != 0 {
+            return Some(format!(
+                "port '{port}' is enslaved to another device (ifindex {}, a bridge?): a VM's \
+                 port is nv's alone; take it out (`ip link set {port} nomaster`)",
+                self.master
+            ));
+        }
+        if self.kind == LinkKind::Veth && !self.peer_elsewhere {
+            return Some(format!(
+                "port '{port}' is a veth whose other end is in this host's own namespace (a \
+                 container of the host, not a VM): move that end into the VM's namespace first"
+            ));
+        }
+        None
+    }
 }
 
 /// `IFLA_TUN_TYPE` and its tap value (`IFF_TAP`), from `linux/if_link.h` and `if_tun.h`.
@@ -100,12 +134,14 @@ fn link_info(msg: &LinkMessage) -> LinkInfo {
         mac: [0; 6],
         peer: 0,
         peer_elsewhere: false,
+        master: 0,
     };
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(name) => info.name.clone_from(name),
             LinkAttribute::Link(peer) => info.peer = *peer,
             LinkAttribute::LinkNetNsId(_) => info.peer_elsewhere = true,
+            LinkAttribute::Controller(master) => info.master = *master,
             LinkAttribute::Mtu(mtu) => info.mtu = *mtu,
             LinkAttribute::Address(a) => {
                 if let Ok(mac) = <[u8; 6]>::try_from(a.as_slice()) {
@@ -226,6 +262,39 @@ impl Netlink {
             }
         }
         Ok(out)
+    }
+
+    /// The name of a link other than `except` that carries `addr`, if one does.
+    pub async fn holder_of(&self, addr: IpAddr, except: u32) -> Result<Option<String>> {
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_address_filter(addr)
+            .execute();
+        while let Some(msg) = addrs
+            .try_next()
+            .await
+            .map_err(|e| nl_err("get addresses", e))?
+        {
+            if msg.header.index != except {
+                let name = match self.link_by_index(msg.header.index).await? {
+                    Some(l) => l.name,
+                    None => format!("ifindex {}", msg.header.index),
+                };
+                return Ok(Some(name));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn link_by_index(&self, index: u32) -> Result<Option<LinkInfo>> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(msg) => Ok(msg.as_ref().map(link_info)),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(nl_err(&format!("get link {index}"), e)),
+        }
     }
 
     /// Whether `addr` is on the link.
@@ -349,6 +418,18 @@ impl Netlink {
                 .map_err(|e| nl_err(&format!("delete {name}"), e))?;
         }
         Ok(())
+    }
+
+    /// Sets the link administratively up or down.
+    pub async fn set_up(&self, index: u32, up: bool) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index);
+        let msg = if up { msg.up() } else { msg.down() }.build();
+        self.handle.link().set(msg).execute().await.map_err(|e| {
+            nl_err(
+                &format!("set link {index} {}", if up { "up" } else { "down" }),
+                e,
+            )
+        })
     }
 
     pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<()> {

@@ -11,7 +11,7 @@ use nv_common::{
 use crate::{
     catalog::{Catalog, Key},
     datapath::Desired,
-    model::{LookupRecord, Method},
+    model::{LookupRecord, Method, ProviderState},
     netlink::{LinkInfo, LinkKind},
 };
 
@@ -126,9 +126,9 @@ pub fn hosted_vsids(catalog: &Catalog) -> HashMap<u32, u32> {
     hosted
 }
 
-/// The config map: `base` (uplink, MTU, hook, bounce pair) with the rewrite PAs of this
-/// host's VMs in the uplink's filter, whether their port exists now or not (traffic to a
-/// local VM's PA is its, or dropped: never the host's).
+/// The config map: `base` (uplink, MTU, hook, bounce pair) with this host's rewrite PAs in
+/// the uplink's filter: its VMs', whether their port exists now or not, and every provider
+/// the datapath owns (traffic to them is a local VM's, or dropped: never the host's).
 pub fn config(base: &DatapathConfig, catalog: &Catalog) -> DatapathConfig {
     let mut config = *base;
     for r in catalog.local() {
@@ -138,16 +138,26 @@ pub fn config(base: &DatapathConfig, catalog: &Catalog) -> DatapathConfig {
             config.add_rewrite_pa(pa.octets());
         }
     }
+    for p in catalog.providers() {
+        if p.rewrite {
+            config.add_rewrite_pa(key_v4(p.pa.addr));
+        }
+    }
     config
 }
 
-/// The local provider addresses, all on the uplink (`nvctl provider add` puts them nowhere
-/// else).
+/// The local-PA map's entry of a provider address: on the uplink (`nvctl provider add` puts
+/// them nowhere else), owned by the datapath if it is a rewrite PA.
+pub fn local_pa(p: &ProviderState, uplink_ifindex: u32) -> LocalPa {
+    LocalPa::new(uplink_ifindex, if p.rewrite { LocalPa::OWNED } else { 0 })
+}
+
+/// The local provider addresses.
 pub fn local_pas(catalog: &Catalog, uplink_ifindex: u32) -> HashMap<V4, LocalPa> {
     catalog
         .providers()
         .iter()
-        .map(|p| (key_v4(p.pa.addr), LocalPa::new(uplink_ifindex)))
+        .map(|p| (key_v4(p.pa.addr), local_pa(p, uplink_ifindex)))
         .collect()
 }
 

@@ -711,8 +711,9 @@ impl Tables {
 
 /// The local-PA write of a provider change, with its undo (`undo`: the change that undoes it).
 fn local_pa_write(change: &Change, undo: &Change, uplink_ifindex: u32) -> Option<(Write, Write)> {
-    let entry = |c: &Change| {
-        matches!(c, Change::PutProvider { .. }).then_some(LocalPa::new(uplink_ifindex))
+    let entry = |c: &Change| match c {
+        Change::PutProvider { provider } => Some(translate::local_pa(provider, uplink_ifindex)),
+        _ => None,
     };
     let pa = match change {
         Change::PutProvider { provider } => provider.pa.addr,

@@ -110,6 +110,31 @@ pub enum Counter {
     /// From a VM: a super-packet of a tunnel the VM runs itself, handed to the kernel to be
     /// segmented (the bounce device) and encapsulated segment by segment.
     VmTxSegmented,
+    /// Uplink: a VLAN-tagged frame (the tag in the skb's metadata or in the frame, priority
+    /// tags of VID 0 included) to or from a provider address of this host or a rewrite PA:
+    /// nv's underlay is untagged, and the kernel would strip a VID-0 tag after the hook and
+    /// hand the packet to the host's stack.
+    DropUplinkVlan,
+    /// Uplink: to a rewrite PA the datapath owns whose VM is not on this host (its record was
+    /// deleted or moved away while the address stays a provider), or to a remote VM's rewrite
+    /// PA: never the host's.
+    DropUplinkRewriteNoVm,
+    /// Uplink: from a rewrite PA (any this host knows, local or remote) to anything but a
+    /// local VM's rewrite PA: a tenant's address never speaks to the host.
+    DropUplinkFromRewritePa,
+    /// Uplink: NVGRE to a provider address of this host that is not the one the inner
+    /// destination's record names.
+    DropUplinkWrongPa,
+    /// Uplink: NVGRE or IP rewrite whose inner source is a VM of this host (its outer source
+    /// is this host's own PA): nothing of a local VM comes back from the underlay.
+    DropUplinkOwnSource,
+    /// From a VM, by IP rewrite: checksum offload state (CHECKSUM_PARTIAL) that does not point
+    /// at the packet's own TCP or UDP checksum; completed after the rewrite, it would write 16
+    /// bits of the tenant's choosing into headers nv built.
+    DropVmCsumOffload,
+    /// Uplink: an ARP request for a rewrite PA the datapath owns, answered with the uplink's
+    /// MAC (the address is never the host's).
+    UplinkArpReplied,
     /// Only in the layout-probe build (a counter this version does not have).
     #[cfg(feature = "layout-probe")]
     LayoutProbe,
@@ -117,7 +142,7 @@ pub enum Counter {
 
 impl Counter {
     #[cfg(not(feature = "layout-probe"))]
-    pub const COUNT: u32 = Counter::VmTxSegmented as u32 + 1;
+    pub const COUNT: u32 = Counter::UplinkArpReplied as u32 + 1;
     #[cfg(feature = "layout-probe")]
     pub const COUNT: u32 = Counter::LayoutProbe as u32 + 1;
     /// Entries of the counter map: room for counters yet to come, so a new one does not
@@ -169,6 +194,13 @@ impl Counter {
         Counter::DropUplinkRewriteIcmp,
         Counter::DropVmNestedGso,
         Counter::VmTxSegmented,
+        Counter::DropUplinkVlan,
+        Counter::DropUplinkRewriteNoVm,
+        Counter::DropUplinkFromRewritePa,
+        Counter::DropUplinkWrongPa,
+        Counter::DropUplinkOwnSource,
+        Counter::DropVmCsumOffload,
+        Counter::UplinkArpReplied,
         #[cfg(feature = "layout-probe")]
         Counter::LayoutProbe,
     ];
@@ -221,6 +253,13 @@ impl Counter {
             Counter::DropUplinkRewriteIcmp => "drop_uplink_rewrite_icmp",
             Counter::DropVmNestedGso => "drop_vm_nested_gso",
             Counter::VmTxSegmented => "vm_tx_segmented",
+            Counter::DropUplinkVlan => "drop_uplink_vlan",
+            Counter::DropUplinkRewriteNoVm => "drop_uplink_rewrite_no_vm",
+            Counter::DropUplinkFromRewritePa => "drop_uplink_from_rewrite_pa",
+            Counter::DropUplinkWrongPa => "drop_uplink_wrong_pa",
+            Counter::DropUplinkOwnSource => "drop_uplink_own_source",
+            Counter::DropVmCsumOffload => "drop_vm_csum_offload",
+            Counter::UplinkArpReplied => "uplink_arp_replied",
             #[cfg(feature = "layout-probe")]
             Counter::LayoutProbe => "layout_probe",
         }

@@ -71,9 +71,9 @@ pub mod program_names {
     pub const NOOP_TC: &str = "nv_noop_tc";
 }
 
-/// Per-CPU token bucket of the ICMP errors the datapath sends to VMs (as Linux's
+/// Per-CPU token bucket of the ICMP errors the datapath sends to a VM port (as Linux's
 /// `icmp_msgs_per_sec` and `icmp_msgs_burst`): a VM flooding oversize packets gets a bounded
-/// number of answers, and the rest is dropped and counted.
+/// number of answers, and the rest is dropped and counted; other VMs keep their own.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct IcmpBucket {
@@ -247,21 +247,35 @@ impl NextHop {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LocalPa {
-    /// The interface that holds the address.
+    /// The interface that holds the address (the uplink).
     pub ifindex: u32,
+    /// `LocalPa::OWNED`.
+    pub flags: u32,
     /// Only in the layout-probe build: a field this version's map does not have.
     #[cfg(feature = "layout-probe")]
     pub probe: u32,
 }
 
 impl LocalPa {
+    /// A rewrite PA: the datapath's, never the host's. The address is not on the uplink (no
+    /// host process can bind it); the datapath answers ARP for it and hands what arrives for
+    /// it to its VM, or drops it.
+    pub const OWNED: u32 = 1;
+
     #[must_use]
-    pub const fn new(ifindex: u32) -> LocalPa {
+    pub const fn new(ifindex: u32, flags: u32) -> LocalPa {
         LocalPa {
             ifindex,
+            flags,
             #[cfg(feature = "layout-probe")]
             probe: 0,
         }
+    }
+
+    #[inline(always)]
+    #[must_use]
+    pub const fn is_owned(&self) -> bool {
+        self.flags & Self::OWNED != 0
     }
 }
 
@@ -273,11 +287,12 @@ pub struct DatapathConfig {
     pub uplink_ifindex: u32,
     /// `DatapathConfig::*` bits.
     pub flags: u32,
-    /// The rewrite PAs of the VMs on this host, as a one-hash Bloom filter: the bit
+    /// The rewrite PAs of the VMs on this host and every other PA the datapath owns
+    /// ([`LocalPa::OWNED`]), as a one-hash Bloom filter: the bit
     /// [`DatapathConfig::rewrite_filter_slot`] names is set for each. Every packet on the
-    /// uplink must be asked "is your destination a local VM's rewrite PA?"; a clear bit answers
-    /// "no" with this array read instead of a hash lookup, so host traffic passes almost free.
-    /// A set bit may be a collision: the rewrite-PA map has the last word.
+    /// uplink must be asked "is your destination a rewrite PA of this host?"; a clear bit
+    /// answers "no" with this array read instead of a hash lookup, so host traffic passes
+    /// almost free. A set bit may be a collision: the maps have the last word.
     pub rewrite_filter: [u32; DatapathConfig::REWRITE_FILTER_WORDS],
     /// The uplink's MTU, followed by the agent: a VM's packet that would not fit once
     /// translated is answered with ICMP "fragmentation needed" (0: not known yet; the datapath
@@ -423,7 +438,7 @@ const _: () = {
     assert!(core::mem::size_of::<LookupValue>() == 28);
     assert!(core::mem::size_of::<PortInfo>() == 44);
     #[cfg(not(feature = "layout-probe"))]
-    assert!(core::mem::size_of::<LocalPa>() == 4);
+    assert!(core::mem::size_of::<LocalPa>() == 8);
     assert!(core::mem::size_of::<DatapathConfig>() == 168);
     assert!(core::mem::size_of::<DeliverMeta>() == 16);
     assert!(core::mem::size_of::<RestoreMeta>() == 32);

@@ -93,8 +93,10 @@ pub fn nvgre(
 
     // Outer IPv4 carries itself, GRE and the whole inner frame (its Ethernet header included).
     let outer_ip_len = ctx.len() as usize + NVGRE_V4_OVERHEAD - ETH_HLEN;
+    // A super-packet says so by its segment size: a guest's (from a tap, or a packet socket's
+    // virtio header) has no segment count yet, the kernel computes it later.
     // SAFETY: the context pointer is valid for the whole program run.
-    let gso = unsafe { (*ctx.skb.skb).gso_segs } > 1;
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
     // A GSO super-packet's IPv4 length is rewritten per segment; anything else must fit.
     if outer_ip_len > usize::from(u16::MAX) && !gso {
         return Err(Counter::DropVmTooBig);

@@ -3,6 +3,7 @@
 //! - `arp`: the ARP responder that answers VMs from the lookup records
 //! - `encap`: NVGRE encapsulation
 //! - `rewrite`: IP rewrite (customer addresses to provider addresses and back)
+//! - `csum_offload`: a VM's checksum offload state, checked before IP rewrite
 //! - `underlay`: MTU check, next hop from the FIB, redirect to the uplink
 //! - `pmtu`: ICMP "fragmentation needed" for VM packets too big for the uplink
 //! - `redirect`: every redirect, recorded in copies loaded for tests and traces
@@ -10,11 +11,14 @@
 //! - `monitor`: every drop (counted, and reported while `nvctl monitor` runs), traffic per VSID
 //! - `uplink_xdp`: XDP on the uplink: NVGRE validation and decapsulation
 //! - `uplink_tc`: TC ingress on the uplink: hands decapsulated frames to VM ports
+//! - `uplink_rx`: what a frame on the uplink is (shared by both uplink hooks)
+//! - `uplink_arp`: ARP answers for the rewrite PAs the datapath owns
 #![no_std]
 #![no_main]
 
 mod arp;
 mod counters;
+mod csum_offload;
 mod deliver;
 mod encap;
 mod from_vm;
@@ -25,6 +29,7 @@ mod pmtu;
 mod redirect;
 mod rewrite;
 mod underlay;
+mod uplink_arp;
 mod uplink_rx;
 mod uplink_tc;
 mod uplink_xdp;

@@ -2,7 +2,7 @@
 //! never stops; sizes of the big ones are overridden by the agent at load time.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use nv_common::{
     Counter, DEFAULT_MAX_LOOKUPS, DatapathConfig, IcmpBucket, LocalPa, LookupKey, LookupValue,
@@ -38,9 +38,9 @@ pub static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::pinned(NextHop::SLOTS, 
 #[map(name = "NV_HOSTED_VSIDS")]
 pub static HOSTED_VSIDS: HashMap<u32, u32> = HashMap::pinned(MAX_HOSTED_VSIDS, 0);
 
-/// The ICMP error budget ([`IcmpBucket`]), one bucket per CPU.
+/// The ICMP error budgets ([`IcmpBucket`]): one bucket per VM port (by ifindex) and CPU.
 #[map(name = "NV_ICMP_BUCKET")]
-pub static ICMP_BUCKET: PerCpuArray<IcmpBucket> = PerCpuArray::pinned(1, 0);
+pub static ICMP_BUCKET: LruPerCpuHashMap<u32, IcmpBucket> = LruPerCpuHashMap::pinned(MAX_PORTS, 0);
 
 /// Traffic per VSID, direction and method, per CPU ([`VsidStats`]): what Prometheus scrapes.
 #[map(name = "NV_VSID_STATS")]

@@ -2,8 +2,8 @@
 //! "fragmentation needed" naming the MTU the VM must use (RFC 1191), built here from the packet
 //! itself and sent back out of the VM's port, so TCP path MTU discovery works through nv. nv
 //! never fragments: packets with DF clear are answered the same way (as OVN does), and a Linux
-//! sender then fragments to the MTU named. Answers come out of a per-CPU token bucket; beyond
-//! it the packet is a counted drop.
+//! sender then fragments to the MTU named. Answers come out of a per-CPU token bucket of each
+//! VM port; beyond it the packet is a counted drop.
 use core::ffi::c_void;
 
 use aya_ebpf::{
@@ -92,10 +92,22 @@ fn uplink_mtu(ctx: &TcContext, config: &DatapathConfig) -> u32 {
     }
 }
 
-/// Takes one answer from this CPU's budget.
+/// Takes one answer from the budget of the VM port `ifindex` on this CPU: one VM flooding
+/// oversize packets spends its own answers, never another VM's.
 #[inline(always)]
-fn may_answer() -> bool {
-    let Some(b) = ICMP_BUCKET.get_ptr_mut(0) else {
+fn may_answer(ifindex: u32) -> bool {
+    if ICMP_BUCKET.get_ptr_mut(ifindex).is_none() {
+        let full = IcmpBucket {
+            // SAFETY: plain helper call.
+            last_ns: unsafe { bpf_ktime_get_ns() },
+            tokens: IcmpBucket::BURST,
+        };
+        // An LRU map: a port long quiet makes room for a new one.
+        if ICMP_BUCKET.insert(ifindex, full, 0).is_err() {
+            return false;
+        }
+    }
+    let Some(b) = ICMP_BUCKET.get_ptr_mut(ifindex) else {
         return false;
     };
     // SAFETY: this CPU's bucket; only this CPU writes it, and not while we run.
@@ -152,7 +164,9 @@ fn build_answer(
         && read_at::<u8>(ctx.data(), ctx.data_end(), ETH_HLEN + ip.hlen())
             .is_none_or(|t| !matches!(t, 0 | 8 | 13 | 14));
     let vm_ca = v4_of(&port.ca)?;
-    if later_fragment || is_error || offender.mtu < IPV4_MIN_MTU || !may_answer() {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let port_ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if later_fragment || is_error || offender.mtu < IPV4_MIN_MTU || !may_answer(port_ifindex) {
         return None;
     }
     // SAFETY: helper on the program's own skb; the packet is longer than the quote (it is

@@ -91,8 +91,9 @@ pub fn next_hop(
         // SAFETY: this CPU's slot; only this CPU writes it, and not while we run.
         let nh = unsafe { &*nh };
         if nh.pa == dst_pa && nh.expires > now {
+            // A guest's super-packet has no segment count yet: its segment size says GSO.
             // SAFETY: the context pointer is valid for the whole program run.
-            let gso = unsafe { (*ctx.skb.skb).gso_segs } > 1;
+            let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
             if gso || ctx.len() > nh.mtu + ETH_HLEN as u32 {
                 check_mtu(ctx, uplink)?;
             }

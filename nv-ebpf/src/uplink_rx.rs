@@ -1,12 +1,19 @@
 //! What a frame arriving on the uplink is, decided the same way by the XDP hook and, when the
 //! agent runs decapsulation on TC, by the TC hook: NVGRE for a VM here, IP rewrite for a VM
-//! here, or not ours (passed untouched, so the host's own traffic keeps working). Malformed or
-//! unknown tenant traffic is an `Err` carrying its drop reason.
+//! here, an ARP request for a rewrite PA the datapath owns, or not ours (passed untouched, so
+//! the host's own traffic keeps working). Malformed or unknown tenant traffic is an `Err`
+//! carrying its drop reason, and so is anything to or from a rewrite PA that is not a local
+//! VM's rewrite traffic: those addresses are the datapath's, never the host's.
+//!
+//! Frames are classified after their VLAN tags: the one the kernel moved into the skb's
+//! metadata (`tagged`) and up to two still in the frame. nv's underlay is untagged, so tenant
+//! traffic that arrives tagged is dropped; the kernel would strip a priority tag (VID 0) after
+//! the hook and hand the packet to the host's stack.
 use nv_common::{
     Counter, DatapathConfig, LookupKey, RestoreMeta, RewritePa,
     wire::{
-        ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_TEB, GRE_FLAGS_NVGRE, GRE_HLEN,
-        IPPROTO_GRE, IPPROTO_ICMP, IPV4_HLEN,
+        ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_TEB, GRE_FLAGS_NVGRE,
+        GRE_HLEN, IPPROTO_GRE, IPPROTO_ICMP, IPV4_HLEN,
     },
 };
 
@@ -29,37 +36,135 @@ pub enum Verdict {
     },
     /// IP rewrite for a VM here: how to restore it.
     Rewrite(RestoreMeta),
+    /// An ARP request for a PA the datapath owns: answer it (`uplink_arp`).
+    ArpRequest,
 }
 
-/// Classifies the frame in `[data, end)` under `config`.
+/// VLAN tags looked through in the frame: 802.1ad and 802.1Q, as a priority-tagged or
+/// double-tagged frame has them.
+const TAGS: usize = 2;
+
+/// Classifies the frame in `[data, end)` under `config`; `tagged`: the kernel took a VLAN
+/// tag out of the frame into the skb's metadata.
 #[inline(always)]
-pub fn classify(config: &DatapathConfig, data: usize, end: usize) -> Result<Verdict, Counter> {
+pub fn classify(
+    config: &DatapathConfig,
+    data: usize,
+    end: usize,
+    tagged: bool,
+) -> Result<Verdict, Counter> {
     let Some(eth) = view_at::<EthHdr>(data, end, 0) else {
         return Ok(Verdict::Pass);
     };
-    if eth.proto() != ETH_P_IP {
-        return Ok(Verdict::Pass);
+    let proto = eth.proto();
+    if !tagged && proto == ETH_P_IP {
+        return classify_ipv4(config, data, end, ETH_HLEN);
     }
-    let Some(ip) = view_at::<Ipv4Hdr>(data, end, ETH_HLEN) else {
+    if !tagged && proto == ETH_P_ARP {
+        return Ok(if crate::uplink_arp::is_request_for_owned(data, end) {
+            Verdict::ArpRequest
+        } else {
+            Verdict::Pass
+        });
+    }
+    if is_tenant_traffic_tagged(config, data, end, proto) {
+        return Err(Counter::DropUplinkVlan);
+    }
+    Ok(Verdict::Pass)
+}
+
+/// Whether a frame that carries VLAN tags (or none, and is neither IPv4 nor ARP) holds an
+/// IPv4 packet nv would take, or drop, were it untagged: tenant traffic, never tagged.
+// Out of line, returning a scalar: a BPF subprogram cannot hand back an aggregate.
+#[inline(never)]
+fn is_tenant_traffic_tagged(
+    config: &DatapathConfig,
+    data: usize,
+    end: usize,
+    mut proto: u16,
+) -> bool {
+    let mut l3 = ETH_HLEN;
+    for _ in 0..TAGS {
+        if proto != ETH_P_8021Q && proto != ETH_P_8021AD {
+            break;
+        }
+        let Some(tag) = read_at::<[u8; 4]>(data, end, l3) else {
+            return false;
+        };
+        proto = u16::from_be_bytes([tag[2], tag[3]]);
+        l3 += 4;
+    }
+    if proto != ETH_P_IP {
+        return false;
+    }
+    match classify_ipv4(config, data, end, l3) {
+        Ok(Verdict::Pass) => false,
+        _ => true,
+    }
+}
+
+/// The IPv4 packet at `l3`.
+#[inline(always)]
+fn classify_ipv4(
+    config: &DatapathConfig,
+    data: usize,
+    end: usize,
+    l3: usize,
+) -> Result<Verdict, Counter> {
+    let Some(ip) = view_at::<Ipv4Hdr>(data, end, l3) else {
         return Ok(Verdict::Pass);
     };
     let hlen = ip.hlen();
     if ip.ver_ihl >> 4 != 4 || hlen < 20 {
         return Ok(Verdict::Pass);
     }
-    // A PA dedicated to a local VM carries only that VM's IP-rewrite traffic, whatever its
+    // A rewrite PA of this host carries only its VM's IP-rewrite traffic, whatever its
     // protocol. The filter keeps the lookup off every other packet, host traffic first.
     if config.may_be_rewrite_pa(ip.dst) {
         // SAFETY: read-only use of a value the agent replaces whole.
-        if let Some(dst) = unsafe { REWRITE_PAS.get(ip.dst) }
-            && dst.ifindex != 0
-        {
-            return rewrite(ip, dst);
+        if let Some(dst) = unsafe { REWRITE_PAS.get(ip.dst) } {
+            if dst.ifindex != 0 {
+                return rewrite(config, data, end, ip, dst);
+            }
+            // Another host's VM's: never this host's to take.
+            return Err(Counter::DropUplinkRewriteNoVm);
+        }
+        // SAFETY: read-only use of a value the agent replaces whole.
+        if unsafe { LOCAL_PAS.get(ip.dst) }.is_some_and(nv_common::LocalPa::is_owned) {
+            // Its record was deleted or moved away; the address stays the datapath's.
+            return Err(Counter::DropUplinkRewriteNoVm);
         }
     }
-    if ip.proto != IPPROTO_GRE {
-        return Ok(Verdict::Pass);
+    if ip.proto == IPPROTO_GRE {
+        return classify_gre(config, data, end, ip, l3 + hlen);
     }
+    not_ours(ip)
+}
+
+/// Host traffic passes; anything to or from a rewrite PA this host knows does not.
+#[inline(always)]
+fn not_ours(ip: &Ipv4Hdr) -> Result<Verdict, Counter> {
+    // SAFETY: presence checks only.
+    if unsafe { REWRITE_PAS.get(ip.src) }.is_some() {
+        return Err(Counter::DropUplinkFromRewritePa);
+    }
+    // SAFETY: as above.
+    if unsafe { REWRITE_PAS.get(ip.dst) }.is_some() {
+        return Err(Counter::DropUplinkRewriteNoVm);
+    }
+    Ok(Verdict::Pass)
+}
+
+/// GRE: NVGRE for a VM here, or some other user's GRE (passed), or neither (dropped when it
+/// is addressed to one of our PAs).
+#[inline(always)]
+fn classify_gre(
+    config: &DatapathConfig,
+    data: usize,
+    end: usize,
+    ip: &Ipv4Hdr,
+    gre_off: usize,
+) -> Result<Verdict, Counter> {
     // GRE to an address that is not one of our PAs belongs to some other user of the host:
     // not ours to judge. Asked only when the answer matters (a drop, or a destination record
     // whose PA is not the outer destination), so a valid packet pays no lookup for it.
@@ -67,10 +172,18 @@ pub fn classify(config: &DatapathConfig, data: usize, end: usize) -> Result<Verd
         // SAFETY: presence check only.
         unsafe { LOCAL_PAS.get(ip.dst) }.is_some()
     };
-    match nvgre(config, data, end, ip, hlen) {
-        Ok(Verdict::Nvgre { pa, .. }) if pa != ip.dst && !ours() => Ok(Verdict::Pass),
+    match nvgre(config, data, end, ip, gre_off) {
+        // NVGRE goes only to the PA of the VM it is for.
+        Ok(Verdict::Nvgre { pa, .. }) if pa != ip.dst => {
+            if ours() {
+                Err(Counter::DropUplinkWrongPa)
+            } else {
+                not_ours(ip)
+            }
+        }
+        Ok(Verdict::Pass) => not_ours(ip),
         Ok(v) => Ok(v),
-        Err(_) if !ours() => Ok(Verdict::Pass),
+        Err(_) if !ours() => not_ours(ip),
         Err(reason) => Err(reason),
     }
 }
@@ -82,9 +195,8 @@ fn nvgre(
     data: usize,
     end: usize,
     ip: &Ipv4Hdr,
-    hlen: usize,
+    gre_off: usize,
 ) -> Result<Verdict, Counter> {
-    let gre_off = ETH_HLEN + hlen;
     let gre: &GreHdr = view_at(data, end, gre_off).ok_or(Counter::DropUplinkMalformed)?;
     if u16::from_be_bytes(gre.proto) != ETH_P_TEB {
         // GRE for another user of this address (not NVGRE): not ours to judge.
@@ -97,12 +209,10 @@ fn nvgre(
         return Err(Counter::DropUplinkFragment);
     }
     // Unicast to this host's uplink: never a copy flooded to it, or one seen promiscuously.
-    let outer_eth: &EthHdr = view_at(data, end, 0).ok_or(Counter::DropUplinkMalformed)?;
-    if config.uplink_mac != [0; 6] && outer_eth.dst != config.uplink_mac {
-        return Err(Counter::DropUplinkNotOurMac);
-    }
+    to_our_mac(config, data, end)?;
     // The outer packet must at least hold what it claims to carry: GRE and an inner Ethernet
     // and IPv4 header.
+    let hlen = ip.hlen();
     if usize::from(u16::from_be_bytes(ip.tot_len)) < hlen + GRE_HLEN + ETH_HLEN + IPV4_HLEN {
         return Err(Counter::DropUplinkMalformed);
     }
@@ -155,6 +265,11 @@ fn nvgre(
     if v4_of(&src.pa) != Some(ip.src) {
         return Err(Counter::DropUplinkSpoofedPa);
     }
+    // A VM of this host never sends through the underlay to come back here: its PA as the
+    // outer source is this host's own, forged.
+    if src.ifindex != 0 {
+        return Err(Counter::DropUplinkOwnSource);
+    }
     if inner_eth.src != src.mac {
         return Err(Counter::DropUplinkSpoofedMac);
     }
@@ -167,10 +282,27 @@ fn nvgre(
     })
 }
 
-/// An IP-rewrite packet for a local VM: the source PA must be the dedicated PA of a CA in the
-/// same VSID.
+/// Tenant traffic is addressed to the uplink's own MAC: never a copy flooded to it, or one
+/// seen in promiscuous mode.
 #[inline(always)]
-fn rewrite(ip: &Ipv4Hdr, dst: &RewritePa) -> Result<Verdict, Counter> {
+fn to_our_mac(config: &DatapathConfig, data: usize, end: usize) -> Result<(), Counter> {
+    let eth: &EthHdr = view_at(data, end, 0).ok_or(Counter::DropUplinkMalformed)?;
+    if config.uplink_mac != [0; 6] && eth.dst != config.uplink_mac {
+        return Err(Counter::DropUplinkNotOurMac);
+    }
+    Ok(())
+}
+
+/// An IP-rewrite packet for a local VM: the source PA must be the dedicated PA of a CA in the
+/// same VSID on another host.
+#[inline(always)]
+fn rewrite(
+    config: &DatapathConfig,
+    data: usize,
+    end: usize,
+    ip: &Ipv4Hdr,
+    dst: &RewritePa,
+) -> Result<Verdict, Counter> {
     // SAFETY: read-only use of a value the agent replaces whole.
     let Some(src) = (unsafe { REWRITE_PAS.get(ip.src) }) else {
         // An underlay router's ICMP error about something sent from this PA is not spoofing,
@@ -184,6 +316,12 @@ fn rewrite(ip: &Ipv4Hdr, dst: &RewritePa) -> Result<Verdict, Counter> {
     if src.vsid != dst.vsid {
         return Err(Counter::DropUplinkRewriteUnknownSrc);
     }
+    // A local VM's rewrite traffic to another local VM never leaves the host.
+    if src.ifindex != 0 {
+        return Err(Counter::DropUplinkOwnSource);
+    }
+    // Addressed to the uplink's own MAC, as NVGRE must be.
+    to_our_mac(config, data, end)?;
     let (Some(src_ca), Some(dst_ca)) = (v4_of(&src.ca), v4_of(&dst.ca)) else {
         return Err(Counter::DropUplinkRewriteUnknownSrc);
     };

@@ -24,14 +24,20 @@ use crate::{
     uplink_rx::{Verdict, classify},
 };
 
-/// Linear bytes needed to classify: outer Ethernet, IPv4 with options, GRE, inner Ethernet and
-/// inner IPv4.
-const PULL_LEN: u32 = (ETH_HLEN + 60 + 8 + ETH_HLEN + 20) as u32;
+/// Linear bytes needed to classify: outer Ethernet with two VLAN tags, IPv4 with options, GRE,
+/// inner Ethernet and inner IPv4.
+const PULL_LEN: u32 = (ETH_HLEN + 8 + 60 + 8 + ETH_HLEN + 20) as u32;
 
 pub fn run(ctx: &TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let meta_start = unsafe { (*ctx.skb.skb).data_meta } as usize;
+    // SAFETY: as above.
+    let tagged = unsafe { (*ctx.skb.skb).vlan_present } != 0;
     if let Some(head) = read_at::<DeliverMeta>(meta_start, ctx.data(), 0) {
+        // XDP classified the frame without the tag the NIC took out of it.
+        if tagged && (head.magic == DeliverMeta::MAGIC || head.magic == RestoreMeta::MAGIC) {
+            return drop(ctx, Counter::DropUplinkVlan);
+        }
         match head.magic {
             DeliverMeta::MAGIC => return deliver(ctx, &head, Counter::UplinkDelivered),
             RestoreMeta::MAGIC => {
@@ -46,12 +52,21 @@ pub fn run(ctx: &TcContext) -> i32 {
     let Some(config) = CONFIG.get(0) else {
         return TC_ACT_OK;
     };
-    if config.flags & DatapathConfig::TC_DECAP == 0 {
+    // With XDP decapsulation, XDP classified every frame but those whose tag the kernel (or
+    // the NIC) moved out of it.
+    if config.flags & DatapathConfig::TC_DECAP == 0 && !tagged {
         return TC_ACT_OK;
     }
     pull(ctx, PULL_LEN);
-    match classify(config, ctx.data(), ctx.data_end()) {
+    match classify(config, ctx.data(), ctx.data_end(), tagged) {
         Ok(Verdict::Pass) => TC_ACT_OK,
+        Ok(Verdict::ArpRequest) => {
+            if !crate::uplink_arp::make_reply(ctx.data(), ctx.data_end(), config.uplink_mac) {
+                return TC_ACT_OK;
+            }
+            count(Counter::UplinkArpReplied);
+            crate::redirect::egress(config.uplink_ifindex)
+        }
         Ok(Verdict::Nvgre {
             strip,
             port,

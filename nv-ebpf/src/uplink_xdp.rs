@@ -1,9 +1,10 @@
 //! XDP on the uplink (the default decapsulation hook): frames `uplink_rx` classifies as NVGRE
 //! for a VM here are stripped of their outer headers, IP-rewrite packets for a VM here are
 //! described; both go up with metadata naming the VM port, and `uplink_tc` delivers them.
+//! ARP requests for the rewrite PAs the datapath owns are answered here (`XDP_TX`).
 //! Everything else passes untouched. Drops are counted, never `XDP_ABORTED`.
 use aya_ebpf::{
-    bindings::xdp_action::XDP_PASS,
+    bindings::xdp_action::{XDP_PASS, XDP_TX},
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
     programs::XdpContext,
 };
@@ -27,8 +28,17 @@ fn try_run(ctx: &XdpContext) -> Result<u32, Counter> {
     let Some(config) = CONFIG.get(0) else {
         return Ok(XDP_PASS);
     };
-    match classify(config, ctx.data(), ctx.data_end())? {
+    // A tag the NIC took out of the frame is out of XDP's sight; `uplink_tc` drops tenant
+    // traffic that arrives with one.
+    match classify(config, ctx.data(), ctx.data_end(), false)? {
         Verdict::Pass => Ok(XDP_PASS),
+        Verdict::ArpRequest => {
+            if !crate::uplink_arp::make_reply(ctx.data(), ctx.data_end(), config.uplink_mac) {
+                return Ok(XDP_PASS);
+            }
+            count(Counter::UplinkArpReplied);
+            Ok(XDP_TX)
+        }
         Verdict::Nvgre {
             strip,
             port,

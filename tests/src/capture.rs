@@ -43,6 +43,10 @@ impl Capture {
                 "-n",
                 "-s",
                 "0",
+                // Immediate mode rings one snaplen-sized slot a packet: with the default 2 MiB,
+                // a burst of a super-packet's segments overran it.
+                "-B",
+                "65536",
                 "-w",
             ])
             .arg(file)

@@ -22,6 +22,7 @@ pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
 
 pub const RED: u32 = 5001;
 pub const BLUE: u32 = 6001;
@@ -40,6 +41,10 @@ pub const GREEN: u32 = 7001;
 pub const GREEN1_PA: [u8; 4] = [198, 18, 1, 1];
 pub const GREEN2_PA: [u8; 4] = [198, 18, 1, 2];
 pub const OTHER_PA: [u8; 4] = [198, 18, 1, 9];
+/// A provider address of this host no record uses.
+pub const SPARE_PA: [u8; 4] = [198, 18, 0, 11];
+/// A rewrite PA of this host whose VM's record went: still the datapath's.
+pub const IDLE_REWRITE_PA: [u8; 4] = [198, 18, 1, 5];
 pub const GREEN_GATEWAY_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x03];
 pub const GREEN1_MAC: [u8; 6] = [2, 0, 0, 0, 1, 7];
 pub const GREEN2_MAC: [u8; 6] = [2, 0, 0, 0, 2, 7];
@@ -161,10 +166,15 @@ pub fn host_maps(ns: &Netns) -> anyhow::Result<Desired> {
         },
         ..Desired::default()
     };
-    // GREEN-1's PA is the one rewrite PA of a VM here.
+    // GREEN-1's PA is the one rewrite PA of a VM here; another rewrite PA has no VM any more.
+    // Both are the datapath's, as the agent makes them.
     d.config.add_rewrite_pa(GREEN1_PA);
-    for pa in [LOCAL_PA, GREEN1_PA] {
-        d.local_pas.insert(pa, LocalPa::new(uplink));
+    d.config.add_rewrite_pa(IDLE_REWRITE_PA);
+    for pa in [LOCAL_PA, SPARE_PA] {
+        d.local_pas.insert(pa, LocalPa::new(uplink, 0));
+    }
+    for pa in [GREEN1_PA, IDLE_REWRITE_PA] {
+        d.local_pas.insert(pa, LocalPa::new(uplink, LocalPa::OWNED));
     }
     d.ports.insert(red1, port(RED, CA1, RED1_MAC));
     d.ports.insert(blue1, port(BLUE, CA1, BLUE1_MAC));

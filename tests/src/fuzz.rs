@@ -24,6 +24,7 @@ use crate::fixture::{
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
@@ -95,6 +96,9 @@ fn seeds(h: &Host) -> Vec<Vec<u8>> {
         ),
     ];
     seeds.push(arp_frame(RED1_MAC, 1, RED1_MAC, CA1, CA2));
+    // The underlay asking for a rewrite PA the datapath owns, and for the host's own.
+    seeds.push(arp_frame(GATEWAY_MAC, 1, GATEWAY_MAC, REMOTE_PA, GREEN1_PA));
+    seeds.push(arp_frame(GATEWAY_MAC, 1, GATEWAY_MAC, REMOTE_PA, LOCAL_PA));
     seeds.extend(
         green_packets(GREEN1_MAC, GREEN2_MAC, CA1, CA2)
             .into_iter()
@@ -244,6 +248,27 @@ struct Known {
     ports: HashMap<LookupKey, u32>,
     sources: HashMap<LookupKey, ([u8; 4], [u8; 6])>,
     uplink: u32,
+    uplink_mac: [u8; 6],
+    /// The provider addresses the datapath owns (answers ARP for).
+    owned: Vec<[u8; 4]>,
+}
+
+impl Known {
+    fn of(h: &Host) -> anyhow::Result<Known> {
+        Ok(Known {
+            ports: ports_by_record(h),
+            sources: sources_by_record(h),
+            uplink: h.ns.ifindex("uplink0")?,
+            uplink_mac: h.uplink_mac,
+            owned: h
+                .desired
+                .local_pas
+                .iter()
+                .filter(|(_, v)| v.is_owned())
+                .map(|(pa, _)| *pa)
+                .collect(),
+        })
+    }
 }
 
 /// The fixture's VM ports are veths: delivery into one is a redirect to its peer.
@@ -290,6 +315,11 @@ fn check_uplink(
         return Ok(());
     }
     let (records, sources) = (&known.ports, &known.sources);
+    let answered = (hook == UPLINK_XDP && ret == XDP_TX)
+        || (hook == UPLINK_TC && ret == TC_ACT_REDIRECT && input.get(12..14) == Some(&[8, 6][..]));
+    if answered {
+        return check_arp_answer(known, hook, input, out, redirect);
+    }
     let redirected = hook == UPLINK_TC && ret == TC_ACT_REDIRECT;
     ensure!(ret == pass || redirected, "{hook}: verdict {ret}");
     let meta_len = size_of::<DeliverMeta>();
@@ -377,6 +407,41 @@ fn check_uplink(
         redirect.is_none(),
         "{hook} passed a frame it redirected: {redirect:?}"
     );
+    Ok(())
+}
+
+/// What the uplink sent back: only the answer to an ARP request for a rewrite PA the datapath
+/// owns, from the uplink's MAC, out of the uplink (TC) or back where it came (XDP).
+fn check_arp_answer(
+    known: &Known,
+    hook: &str,
+    input: &[u8],
+    out: &[u8],
+    redirect: Option<RedirectTrace>,
+) -> anyhow::Result<()> {
+    ensure!(
+        input.len() >= 42 && input[12..14] == [8, 6] && input[20..22] == [0, 1],
+        "{hook} sent back a frame that is no ARP request: {input:02x?}"
+    );
+    let asked: [u8; 4] = input[38..42].try_into()?;
+    ensure!(
+        known.owned.contains(&asked),
+        "{hook} answered ARP for {asked:?}, no PA the datapath owns"
+    );
+    let mut reply = input[6..12].to_vec();
+    reply.extend_from_slice(&known.uplink_mac);
+    reply.extend_from_slice(&[8, 6, 0, 1, 8, 0, 6, 4, 0, 2]);
+    reply.extend_from_slice(&known.uplink_mac);
+    reply.extend_from_slice(&asked);
+    reply.extend_from_slice(&input[22..28]);
+    reply.extend_from_slice(&input[28..32]);
+    ensure!(
+        out.get(..42) == Some(&reply[..]) && out.get(42..) == input.get(42..),
+        "{hook} answered ARP with {out:02x?}"
+    );
+    if hook == UPLINK_TC {
+        ensure_to_uplink(known, redirect)?;
+    }
     Ok(())
 }
 
@@ -564,11 +629,7 @@ pub fn run(frames: u64, seed: u64) -> anyhow::Result<Stats> {
 
 fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
     let mut h = host(true)?;
-    let known = Known {
-        ports: ports_by_record(&h),
-        sources: sources_by_record(&h),
-        uplink: h.ns.ifindex("uplink0")?,
-    };
+    let known = Known::of(&h)?;
     let ports = [
         (h.red1, RED, RED1_MAC),
         (h.blue1, 6001, BLUE1_MAC),

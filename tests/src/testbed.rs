@@ -116,6 +116,9 @@ pub struct Host {
     pub agent_args: Vec<String>,
     /// Another build of nv-agent to run (an upgrade); `None`: the workspace's.
     pub agent_bin: Option<PathBuf>,
+    /// The agent's open-file limits (soft, hard) as it starts, as systemd would set them;
+    /// `None`: the test's own.
+    pub agent_nofile: Option<(u64, u64)>,
 }
 
 impl Host {
@@ -129,7 +132,24 @@ impl Host {
     pub fn start_agent_with_env(&mut self, env: &[(&str, &str)]) -> anyhow::Result<()> {
         let log = fs::File::create(&self.log)?;
         let _ = fs::remove_file(&self.socket);
-        let child = Command::new("nsenter")
+        let mut cmd = Command::new("nsenter");
+        if let Some((soft, hard)) = self.agent_nofile {
+            let lim = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            // SAFETY: setrlimit only, in the child between fork and exec.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = cmd
             .arg(format!("--net={}", self.ns.path()))
             .arg(match &self.agent_bin {
                 Some(path) => path.clone(),
@@ -425,6 +445,7 @@ impl TwoHosts {
                 agent: None,
                 agent_args: Vec::new(),
                 agent_bin: None,
+                agent_nofile: None,
             });
         }
         for host in 0..2 {

@@ -235,6 +235,17 @@ fn frag_needed_answers_are_rate_limited_and_the_rest_counted() -> anyhow::Result
         "{answered} answers in {elapsed_ms} ms: the bucket allows {} to {most}",
         nv_common::IcmpBucket::BURST
     );
+    // RED-1 spent its budget, not BLUE-1's: each VM port has its own. (With one bucket for
+    // all, these would find it empty, earning one answer a millisecond.)
+    let blue_big = udp_frame(BLUE1_MAC, BLUE2_MAC, CA1, CA2, &[7u8; 1472]);
+    for i in 0..5 {
+        let out = h.dp.test_run(FROM_VM, &blue_big, Some(h.blue1), 1)?;
+        ensure!(
+            out.ret == TC_ACT_REDIRECT,
+            "BLUE-1's oversize packet {i} was not answered (verdict {}): RED-1 spent its budget",
+            out.ret
+        );
+    }
     Ok(())
 }
 
@@ -1198,6 +1209,158 @@ fn the_underlay_cannot_speak_for_a_tenant_it_does_not_host() -> anyhow::Result<(
             &to_red1,
         );
         h.expect(program, &under_blue, None, drop, "drop_uplink_spoofed_mac")?;
+    }
+    Ok(())
+}
+
+/// The uplink's terms (issue 21): NVGRE only to the PA its destination's record names, from
+/// no VM of this host; rewrite only to our MAC; nothing tagged; nothing to or from a rewrite
+/// PA but a local VM's rewrite traffic; ARP for the datapath's own rewrite PAs answered by
+/// it. Each refusal beside the same frame, mended, that passes.
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one case per check, each with its control"
+)]
+fn the_uplink_takes_tenant_traffic_only_on_its_terms() -> anyhow::Result<()> {
+    let mut h = host(true)?;
+    let to_red1 = udp_frame(RED2_MAC, RED1_MAC, CA2, CA1, b"payload");
+    let red3_to_red1 = udp_frame(RED3_MAC, RED1_MAC, CA3, CA1, b"payload");
+    let green = |src_mac, dst_mac, src, dst| {
+        green_packets(src_mac, dst_mac, src, dst)
+            .into_iter()
+            .nth(1)
+            .map(|(_, f)| f)
+            .expect("a UDP packet")
+    };
+    for flags in [0, DatapathConfig::TC_DECAP] {
+        h.set_flags(flags)?;
+        let (prog, drop, pass, tc) = if flags == 0 {
+            (UPLINK_XDP, XDP_DROP, XDP_PASS, false)
+        } else {
+            (UPLINK_TC, TC_ACT_SHOT, TC_ACT_OK, true)
+        };
+        let delivered = if tc { TC_ACT_REDIRECT } else { XDP_PASS };
+        let run = |frame: &[u8]| h.dp.test_run(prog, frame, None, 1);
+        let hook = if tc { "tc" } else { "xdp" };
+
+        // NVGRE to another PA of this host than the one RED-1's record names.
+        let to = |pa| {
+            nvgre(
+                GATEWAY_MAC,
+                h.uplink_mac,
+                REMOTE_PA,
+                pa,
+                RED << 8,
+                0,
+                &to_red1,
+            )
+        };
+        ensure!(
+            run(&to(LOCAL_PA))?.ret == delivered,
+            "{hook}: NVGRE to RED-1's PA"
+        );
+        h.expect(prog, &to(SPARE_PA), None, drop, "drop_uplink_wrong_pa")
+            .context(hook)?;
+
+        // NVGRE whose outer source is this host's own PA, speaking for RED-3, a VM here.
+        let own = nvgre(
+            GATEWAY_MAC,
+            h.uplink_mac,
+            LOCAL_PA,
+            LOCAL_PA,
+            RED << 8,
+            0,
+            &red3_to_red1,
+        );
+        h.expect(prog, &own, None, drop, "drop_uplink_own_source")
+            .context(hook)?;
+
+        // IP rewrite not addressed to the uplink's MAC.
+        let rewrite = |dst_mac| green(GREEN_GATEWAY_MAC, dst_mac, GREEN2_PA, GREEN1_PA);
+        ensure!(
+            run(&rewrite(h.uplink_mac))?.ret == delivered,
+            "{hook}: rewrite to our MAC"
+        );
+        h.expect(
+            prog,
+            &rewrite([0x02, 0xbb, 0, 0, 0, 9]),
+            None,
+            drop,
+            "drop_uplink_not_our_mac",
+        )
+        .context(hook)?;
+        // IP rewrite from GREEN-1's own PA: a VM here, never behind the underlay.
+        let from_self = green(GREEN_GATEWAY_MAC, h.uplink_mac, GREEN1_PA, GREEN1_PA);
+        h.expect(prog, &from_self, None, drop, "drop_uplink_own_source")
+            .context(hook)?;
+
+        // Priority-tagged (VID 0) and double-tagged frames around traffic nv would take.
+        let tag = |frame: &[u8], tags: &[u16]| {
+            let mut f = frame[..12].to_vec();
+            for tpid in tags {
+                f.extend_from_slice(&tpid.to_be_bytes());
+                f.extend_from_slice(&[0, 0]);
+            }
+            f.extend_from_slice(&frame[12..]);
+            f
+        };
+        for tags in [&[0x8100][..], &[0x88a8, 0x8100]] {
+            for (what, frame) in [("NVGRE", to(LOCAL_PA)), ("rewrite", rewrite(h.uplink_mac))] {
+                h.expect(prog, &tag(&frame, tags), None, drop, "drop_uplink_vlan")
+                    .with_context(|| format!("{hook}: {what} tagged {tags:x?}"))?;
+            }
+            // The host's own tagged traffic passes.
+            let host = udp_frame(GATEWAY_MAC, h.uplink_mac, REMOTE_PA, LOCAL_PA, b"host");
+            ensure!(
+                run(&tag(&host, tags))?.ret == pass,
+                "{hook}: the host's tagged traffic"
+            );
+        }
+
+        // Anything from a rewrite PA but its VM's rewrite traffic, and anything to a rewrite
+        // PA whose VM is gone, is dropped; the host's own traffic passes.
+        let host = udp_frame(GATEWAY_MAC, h.uplink_mac, [198, 18, 9, 9], LOCAL_PA, b"x");
+        ensure!(run(&host)?.ret == pass, "{hook}: host traffic");
+        let from_tenant = udp_frame(GATEWAY_MAC, h.uplink_mac, GREEN2_PA, LOCAL_PA, b"x");
+        h.expect(
+            prog,
+            &from_tenant,
+            None,
+            drop,
+            "drop_uplink_from_rewrite_pa",
+        )
+        .context(hook)?;
+        let to_idle = green(GREEN_GATEWAY_MAC, h.uplink_mac, GREEN2_PA, IDLE_REWRITE_PA);
+        h.expect(prog, &to_idle, None, drop, "drop_uplink_rewrite_no_vm")
+            .context(hook)?;
+        let to_remote = udp_frame(GATEWAY_MAC, h.uplink_mac, [198, 18, 9, 9], GREEN2_PA, b"x");
+        h.expect(prog, &to_remote, None, drop, "drop_uplink_rewrite_no_vm")
+            .context(hook)?;
+
+        // ARP for a rewrite PA the datapath owns is answered with the uplink's MAC, back out
+        // of the uplink; ARP for the host's own PA is the host's.
+        let ask = |tpa| arp_frame(GATEWAY_MAC, 1, GATEWAY_MAC, REMOTE_PA, tpa);
+        let mut reply = Vec::new();
+        reply.extend_from_slice(&GATEWAY_MAC);
+        reply.extend_from_slice(&h.uplink_mac);
+        reply.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 2]);
+        reply.extend_from_slice(&h.uplink_mac);
+        reply.extend_from_slice(&GREEN1_PA);
+        reply.extend_from_slice(&GATEWAY_MAC);
+        reply.extend_from_slice(&REMOTE_PA);
+        let answered = h.expect(
+            prog,
+            &ask(GREEN1_PA),
+            None,
+            if tc { TC_ACT_REDIRECT } else { XDP_TX },
+            "uplink_arp_replied",
+        )?;
+        ensure!(answered == reply, "{hook}: ARP reply {answered:02x?}");
+        ensure!(
+            run(&ask(LOCAL_PA))?.ret == pass,
+            "{hook}: ARP for the host's PA"
+        );
     }
     Ok(())
 }

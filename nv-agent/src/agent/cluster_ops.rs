@@ -152,6 +152,7 @@ impl Agent {
                 self.set_port_mtu(link).await;
             }
         }
+        self.try_take_rewrite_pas().await;
         for (i, why) in &left_out {
             warn!(key = %String::from_utf8_lossy(&updates[*i].0), "etcd record left out: {why}");
         }

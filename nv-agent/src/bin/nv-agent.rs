@@ -1,5 +1,5 @@
 //! nv-agent: see `nv-agent --help`.
-use std::{os::unix::fs::PermissionsExt as _, sync::Arc};
+use std::os::unix::fs::PermissionsExt as _;
 
 use anyhow::Context as _;
 use clap::Parser as _;
@@ -7,7 +7,8 @@ use nv_agent::{
     agent::Agent,
     api,
     config::{AgentArgs, Config},
-    datapath,
+    datapath, listener,
+    shared::Shared,
 };
 use tokio::{
     net::UnixListener,
@@ -30,6 +31,42 @@ fn group_id(name: &str) -> Option<u32> {
 /// How often the agent looks at every VM port even without a link event: a backstop for
 /// events lost to a netlink socket overrun.
 const PORT_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
+/// How often it tries again to filter a VM port it had to set down.
+const UNFILTERED_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The API socket: nvctl's requests, monitors and imports (each has limits of its own
+/// inside), well under the descriptors the agent may open.
+const API_LIMITS: listener::Limits = listener::Limits {
+    cap: 128,
+    header_timeout: std::time::Duration::from_secs(10),
+};
+/// `/metrics`: a Prometheus server or two, and someone's curl.
+const METRICS_LIMITS: listener::Limits = listener::Limits {
+    cap: 16,
+    header_timeout: std::time::Duration::from_secs(10),
+};
+
+/// Raises the soft limit of open descriptors to the hard one (systemd gives services 1024
+/// soft, and the unit sets `LimitNOFILE`): the agent's listeners are capped far below it,
+/// and attaching programs to VM ports needs descriptors of its own.
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit on this process with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) != 0 {
+                tracing::warn!(
+                    "cannot raise the open-file limit: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
@@ -40,6 +77,7 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = AgentArgs::parse();
+    raise_nofile();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -125,13 +163,12 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     };
     let hub = agent.hub();
-    let agent = Arc::new(tokio::sync::Mutex::new(agent));
+    let agent = Shared::new(agent)?;
     if let Some(every) = config.reconcile_interval {
         spawn_reconciler(agent.clone(), every);
     }
     spawn_port_watcher(agent.clone())?;
-    let cluster = agent.lock().await.cluster();
-    if let Some(cluster) = cluster {
+    if let Some(cluster) = agent.cluster().cloned() {
         tokio::spawn(nv_agent::cluster::follow(agent.clone(), cluster.clone()));
         // Ready once caught up with etcd; if etcd does not answer, from what was applied last.
         if !cluster.wait_synced(std::time::Duration::from_secs(5)).await {
@@ -142,28 +179,38 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     }
     let api_metrics = nv_agent::metrics::ApiMetrics::default();
-    serve_metrics(metrics, agent.clone(), api_metrics.clone());
-    let status = agent.lock().await.status();
-    notify_ready(&status);
-    axum::serve(listener, api::router(agent, api_metrics))
-        .with_graceful_shutdown(async move {
+    let refused = [listener::Refusals::default(), listener::Refusals::default()];
+    serve_metrics(metrics, agent.clone(), api_metrics.clone(), refused.clone());
+    notify_ready(&agent.published().status);
+    listener::serve(
+        "the API socket",
+        listener,
+        api::router(agent, api_metrics),
+        API_LIMITS,
+        refused[0].clone(),
+        async move {
             shutdown.await;
             hub.stop();
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-        })
-        .await?;
+        },
+    )
+    .await;
     let _ = std::fs::remove_file(socket);
     info!("stopped; forwarding continues from the pinned programs and maps");
     Ok(())
 }
 
-/// Serves `/metrics` for Prometheus: the datapath's counters read at each scrape.
+/// Serves `/metrics` for Prometheus: what the agent published at its last change, and the
+/// datapath's counters read at each scrape (never waiting for a change that runs).
+/// `refused`: the API socket's and this listener's refusals.
 fn serve_metrics(
     listener: tokio::net::TcpListener,
-    agent: api::Shared,
+    agent: Shared,
     api_metrics: nv_agent::metrics::ApiMetrics,
+    refused: [listener::Refusals; 2],
 ) {
     use nv_agent::metrics;
+    let own = refused[1].clone();
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move |headers: axum::http::HeaderMap| async move {
@@ -172,22 +219,39 @@ fn serve_metrics(
                     .get(axum::http::header::ACCEPT)
                     .and_then(|v| v.to_str().ok()),
             );
-            let snapshot = agent.lock().await.metrics().map_err(|e| e.to_string());
+            let reader = agent.counters();
+            let snapshot = reader
+                .counters()
+                .and_then(|c| Ok((c, reader.vsid_stats(None)?)))
+                .map(|(counters, vsids)| {
+                    agent.published().metrics.complete(
+                        counters,
+                        vsids,
+                        vec![
+                            ("api", refused[0].over_cap()),
+                            ("metrics", refused[1].over_cap()),
+                        ],
+                    )
+                })
+                .map_err(|e| e.to_string());
             metrics::response(
                 snapshot.and_then(|s| metrics::encode(s, &api_metrics).map_err(|e| e.to_string())),
                 format,
             )
         }),
     );
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("the metrics endpoint stopped: {e}");
-        }
-    });
+    tokio::spawn(listener::serve(
+        "the metrics endpoint",
+        listener,
+        app,
+        METRICS_LIMITS,
+        own,
+        std::future::pending(),
+    ));
 }
 
 /// Repairs drift between the maps and the store every `every`.
-fn spawn_reconciler(agent: api::Shared, every: std::time::Duration) {
+fn spawn_reconciler(agent: Shared, every: std::time::Duration) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.tick().await;
@@ -202,23 +266,38 @@ fn spawn_reconciler(agent: api::Shared, every: std::time::Duration) {
 
 /// VMs start, stop and restart on their own schedule: follows their ports as the kernel
 /// announces them, and looks at all of them now and then.
-fn spawn_port_watcher(watched: api::Shared) -> anyhow::Result<()> {
+fn spawn_port_watcher(watched: Shared) -> anyhow::Result<()> {
     let mut events = Some(nv_agent::netlink::link_events()?);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(PORT_REFRESH);
+        let mut retry = tokio::time::interval(UNFILTERED_RETRY);
         loop {
-            let event = tokio::select! {
-                e = next_event(&mut events) => Some(e),
-                _ = tick.tick() => None,
+            enum Wake {
+                Event(Option<nv_agent::netlink::LinkEvent>),
+                Refresh,
+                Retry,
+            }
+            let wake = tokio::select! {
+                e = next_event(&mut events) => Wake::Event(e),
+                _ = tick.tick() => Wake::Refresh,
+                _ = retry.tick() => Wake::Retry,
             };
-            let done = match event {
-                Some(Some(e)) => watched.lock().await.link_changed(&e.name, e.index).await,
-                Some(None) => {
+            let done = match wake {
+                Wake::Event(Some(e)) => watched.lock().await.link_changed(&e.name, e.index).await,
+                Wake::Event(None) => {
                     tracing::warn!("link events stopped; looking at ports every {PORT_REFRESH:?}");
                     events = None;
                     Ok(())
                 }
-                None => watched.lock().await.refresh().await,
+                Wake::Refresh => watched.lock().await.refresh().await,
+                Wake::Retry => {
+                    let mut agent = watched.lock().await;
+                    if agent.has_unfiltered() {
+                        agent.retry_unfiltered().await
+                    } else {
+                        Ok(())
+                    }
+                }
             };
             if let Err(e) = done {
                 tracing::warn!("following ports: {e}");

@@ -136,6 +136,7 @@ fn provider(pa: &str) -> ProviderState {
         pa: format!("{pa}/15").parse::<Prefixed>().unwrap(),
         dev: "uplink0".into(),
         added_address: true,
+        rewrite: false,
     }
 }
 
