@@ -162,7 +162,7 @@ def idle(host, port, count, seconds):
     conns = []
     for _ in range(count):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.settimeout(2)
+        s.settimeout(0.5)
         try:
             s.connect((host, port))
             conns.append(s)

@@ -141,17 +141,11 @@ fn use_hook(bed: &mut TwoHosts, hook: &str) -> anyhow::Result<()> {
 }
 
 #[test]
-fn rewrite_pas_are_the_datapaths_and_never_the_hosts() -> anyhow::Result<()> {
+fn a_local_user_cannot_speak_with_a_vms_rewrite_pa() -> anyhow::Result<()> {
     let bed = TwoHosts::build("rwpa")?;
     bed.configure_with(Translation::Rewrite)?;
     let (h1, h2) = (&bed.hosts[0], &bed.hosts[1]);
     let red2 = &bed.vm("RED-2").ns;
-    ensure!(bed.ping("RED-2", "10.0.0.1", 3)? == 3, "RED-2 -> RED-1");
-    let addrs = h1.ns.ip(&["-4", "addr", "show", "dev", "uplink0"])?;
-    ensure!(
-        addrs.contains("198.18.0.1/") && !addrs.contains("198.18.1.1/"),
-        "host 1's uplink should carry its own PA and not RED-1's rewrite PA: {addrs}"
-    );
 
     // A local user cannot speak with RED-1's rewrite PA (bind, or IP_FREEBIND); with the
     // host's own PA it can, and the other host hears it: the positive control.
@@ -174,6 +168,22 @@ fn rewrite_pas_are_the_datapaths_and_never_the_hosts() -> anyhow::Result<()> {
         "control: host 2 did not hear host 1's PA: {heard_host2}"
     );
 
+    // How: the rewrite PA is not the host's, the datapath answers for it.
+    let addrs = h1.ns.ip(&["-4", "addr", "show", "dev", "uplink0"])?;
+    ensure!(
+        addrs.contains("198.18.0.1/") && !addrs.contains("198.18.1.1/"),
+        "host 1's uplink should carry its own PA and not RED-1's rewrite PA: {addrs}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_rewrite_record_deleted_while_a_peer_names_its_pa_never_opens_the_host() -> anyhow::Result<()> {
+    let bed = TwoHosts::build("rwdel")?;
+    bed.configure_with(Translation::Rewrite)?;
+    let (h1, h2) = (&bed.hosts[0], &bed.hosts[1]);
+    let red2 = &bed.vm("RED-2").ns;
+    ensure!(bed.ping("RED-2", "10.0.0.1", 3)? == 3, "RED-2 -> RED-1");
     // RED-1's record deleted on its own host while host 2 still names its PA: host 1's stack
     // answers nothing for it, ping or TCP; its own PA still serves (control).
     h1.nvctl(&["lookup", "del", "--vsid", "5001", "--ca", "10.0.0.1"])?;
@@ -288,7 +298,8 @@ fn a_vms_checksum_offload_state_never_writes_into_rewritten_headers() -> anyhow:
         let before = h1.counters()?;
         let listener = Background::start(&bed.vm("RED-2").ns, false, &["listen", "9", "4"])?;
         let file = bed.tmp_dir().join(format!("csum-{hook}.pcap"));
-        let cap = Capture::start(&bed.underlay, "br0", &file, 30)?;
+        // On host 1's uplink: what leaves it, its checksums completed.
+        let cap = Capture::start(&bed.hosts[0].ns, "uplink0", &file, 30)?;
         let red1 = &bed.vm("RED-1").ns;
         for kind in ["own", "ip"] {
             probe(
@@ -328,7 +339,9 @@ fn a_vms_checksum_offload_state_never_writes_into_rewritten_headers() -> anyhow:
         let after = h1.counters()?;
         ensure!(
             delta(&before, &after, "drop_vm_csum_offload") == 1,
-            "{hook}: the frame with offsets into the IPv4 header was not counted"
+            "{hook}: the frame with offsets into the IPv4 header was not counted (host 1: {}; \
+             underlay: {packets:?})",
+            moved(&before, &after)
         );
     }
     Ok(())
@@ -385,17 +398,17 @@ fn a_local_user_exhausting_descriptors_never_leaves_a_vm_port_open() -> anyhow::
         true,
         &["idle", "127.0.0.1", "9469", "1500", "30"],
     )?;
-    let status = bed.hosts[0].nvctl_json(&["status"])?;
-    ensure!(status["lookups"] == 4, "status during the flood: {status}");
-    // RED-1's port re-created meanwhile (the VM restarted): filtered, forwarding.
+    // RED-1's port re-created meanwhile (the VM restarted): filtered, never open to the host.
     bed.rehome("RED-1", 0)?;
-    wait_for("RED-1 forwarded again", 20, || {
-        Ok(bed.ping("RED-1", "10.0.0.2", 1)? == 1)
-    })?;
     ensure!(
         !host_answers_red1(&bed)?,
         "host 1 answered RED-1 on its re-created port: the port is not filtered"
     );
+    let status = bed.hosts[0].nvctl_json(&["status"])?;
+    ensure!(status["lookups"] == 4, "status during the flood: {status}");
+    wait_for("RED-1 forwarded again", 20, || {
+        Ok(bed.ping("RED-1", "10.0.0.2", 1)? == 1)
+    })?;
     drop(idle);
     // The listener held its cap and closed the rest as they came.
     let metrics = bed.hosts[0]
