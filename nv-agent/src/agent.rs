@@ -90,6 +90,14 @@ impl FdReserve {
     }
 }
 
+/// What observation reads: the agent's state as of the last change.
+#[derive(Clone, Debug)]
+pub struct Published {
+    pub status: Status,
+    /// Everything `/metrics` reports but the datapath's counters.
+    pub metrics: crate::metrics::Snapshot,
+}
+
 /// What `nvctl status` shows.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Status {
@@ -858,8 +866,8 @@ impl Agent {
     }
 
     /// What observation reads until the next change.
-    pub fn published(&self) -> crate::shared::Published {
-        crate::shared::Published {
+    pub fn published(&self) -> Published {
+        Published {
             status: self.status(),
             metrics: self.metrics_base(),
         }

@@ -9,15 +9,8 @@ use std::{
 
 use tokio::sync::{Mutex, MutexGuard, watch};
 
-use crate::{agent::Agent, cluster::Cluster, datapath::CounterReader, metrics};
-
-/// What observation reads: the agent's state as of the last change.
-#[derive(Clone, Debug)]
-pub struct Published {
-    pub status: crate::agent::Status,
-    /// Everything `/metrics` reports but the datapath's counters.
-    pub metrics: metrics::Snapshot,
-}
+pub use crate::agent::Published;
+use crate::{agent::Agent, cluster::Cluster, datapath::CounterReader};
 
 struct Inner {
     agent: Mutex<Agent>,

@@ -97,10 +97,7 @@ fn is_tenant_traffic_tagged(
     if proto != ETH_P_IP {
         return false;
     }
-    match classify_ipv4(config, data, end, l3) {
-        Ok(Verdict::Pass) => false,
-        _ => true,
-    }
+    !matches!(classify_ipv4(config, data, end, l3), Ok(Verdict::Pass))
 }
 
 /// The IPv4 packet at `l3`.
