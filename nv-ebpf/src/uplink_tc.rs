@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use nv_common::{
     Counter, DatapathConfig, DeliverMeta, RestoreMeta, VsidStatsKey as Stats,
-    wire::{ETH_HLEN, IPPROTO_UDP},
+    wire::{ETH_HLEN, ETH_P_ARP, IPPROTO_UDP},
 };
 
 use crate::{
@@ -53,8 +53,11 @@ pub fn run(ctx: &TcContext) -> i32 {
         return TC_ACT_OK;
     };
     // With XDP decapsulation, XDP classified every frame but those whose tag the kernel (or
-    // the NIC) moved out of it.
-    if config.flags & DatapathConfig::TC_DECAP == 0 && !tagged {
+    // the NIC) moved out of it, and left ARP to be answered here.
+    if config.flags & DatapathConfig::TC_DECAP == 0
+        && !tagged
+        && read_at::<[u8; 2]>(ctx.data(), ctx.data_end(), 12) != Some(ETH_P_ARP.to_be_bytes())
+    {
         return TC_ACT_OK;
     }
     pull(ctx, PULL_LEN);

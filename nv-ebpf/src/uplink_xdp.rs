@@ -1,10 +1,11 @@
 //! XDP on the uplink (the default decapsulation hook): frames `uplink_rx` classifies as NVGRE
 //! for a VM here are stripped of their outer headers, IP-rewrite packets for a VM here are
 //! described; both go up with metadata naming the VM port, and `uplink_tc` delivers them.
-//! ARP requests for the rewrite PAs the datapath owns are answered here (`XDP_TX`).
-//! Everything else passes untouched. Drops are counted, never `XDP_ABORTED`.
+//! Everything else passes untouched, ARP requests for the rewrite PAs the datapath owns
+//! included: `uplink_tc` answers them (`XDP_TX` on a veth uplink whose peer runs no XDP
+//! program loses the frame). Drops are counted, never `XDP_ABORTED`.
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_PASS, XDP_TX},
+    bindings::xdp_action::XDP_PASS,
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
     programs::XdpContext,
 };
@@ -31,14 +32,7 @@ fn try_run(ctx: &XdpContext) -> Result<u32, Counter> {
     // A tag the NIC took out of the frame is out of XDP's sight; `uplink_tc` drops tenant
     // traffic that arrives with one.
     match classify(config, ctx.data(), ctx.data_end(), false)? {
-        Verdict::Pass => Ok(XDP_PASS),
-        Verdict::ArpRequest => {
-            if !crate::uplink_arp::make_reply(ctx.data(), ctx.data_end(), config.uplink_mac) {
-                return Ok(XDP_PASS);
-            }
-            count(Counter::UplinkArpReplied);
-            Ok(XDP_TX)
-        }
+        Verdict::Pass | Verdict::ArpRequest => Ok(XDP_PASS),
         Verdict::Nvgre {
             strip,
             port,

@@ -22,7 +22,6 @@ pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
-pub const XDP_TX: u32 = 3;
 
 pub const RED: u32 = 5001;
 pub const BLUE: u32 = 6001;

@@ -24,7 +24,6 @@ use crate::fixture::{
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
@@ -315,10 +314,8 @@ fn check_uplink(
         return Ok(());
     }
     let (records, sources) = (&known.ports, &known.sources);
-    let answered = (hook == UPLINK_XDP && ret == XDP_TX)
-        || (hook == UPLINK_TC && ret == TC_ACT_REDIRECT && input.get(12..14) == Some(&[8, 6][..]));
-    if answered {
-        return check_arp_answer(known, hook, input, out, redirect);
+    if hook == UPLINK_TC && ret == TC_ACT_REDIRECT && input.get(12..14) == Some(&[8, 6][..]) {
+        return check_arp_answer(known, input, out, redirect);
     }
     let redirected = hook == UPLINK_TC && ret == TC_ACT_REDIRECT;
     ensure!(ret == pass || redirected, "{hook}: verdict {ret}");
@@ -411,24 +408,24 @@ fn check_uplink(
 }
 
 /// What the uplink sent back: only the answer to an ARP request for a rewrite PA the datapath
-/// owns, from the uplink's MAC, out of the uplink (TC) or back where it came (XDP).
+/// owns, from the uplink's MAC, out of the uplink.
 fn check_arp_answer(
     known: &Known,
-    hook: &str,
     input: &[u8],
     out: &[u8],
     redirect: Option<RedirectTrace>,
 ) -> anyhow::Result<()> {
     ensure!(
         input.len() >= 42 && input[12..14] == [8, 6] && input[20..22] == [0, 1],
-        "{hook} sent back a frame that is no ARP request: {input:02x?}"
+        "sent back a frame that is no ARP request: {input:02x?}"
     );
     let asked: [u8; 4] = input[38..42].try_into()?;
     ensure!(
         known.owned.contains(&asked),
-        "{hook} answered ARP for {asked:?}, no PA the datapath owns"
+        "answered ARP for {asked:?}, no PA the datapath owns"
     );
-    let mut reply = input[6..12].to_vec();
+    // To the sender hardware address, as Linux answers.
+    let mut reply = input[22..28].to_vec();
     reply.extend_from_slice(&known.uplink_mac);
     reply.extend_from_slice(&[8, 6, 0, 1, 8, 0, 6, 4, 0, 2]);
     reply.extend_from_slice(&known.uplink_mac);
@@ -437,12 +434,9 @@ fn check_arp_answer(
     reply.extend_from_slice(&input[28..32]);
     ensure!(
         out.get(..42) == Some(&reply[..]) && out.get(42..) == input.get(42..),
-        "{hook} answered ARP with {out:02x?}"
+        "answered ARP with {out:02x?}"
     );
-    if hook == UPLINK_TC {
-        ensure_to_uplink(known, redirect)?;
-    }
-    Ok(())
+    ensure_to_uplink(known, redirect)
 }
 
 /// One run of a program that takes what a VM sends: on `port`, the port of (`vsid`, `mac`),

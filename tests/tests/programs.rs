@@ -1339,8 +1339,15 @@ fn the_uplink_takes_tenant_traffic_only_on_its_terms() -> anyhow::Result<()> {
             .context(hook)?;
 
         // ARP for a rewrite PA the datapath owns is answered with the uplink's MAC, back out
-        // of the uplink; ARP for the host's own PA is the host's.
+        // of the uplink, by the TC program on either hook (XDP passes it up); ARP for the
+        // host's own PA is the host's.
         let ask = |tpa| arp_frame(GATEWAY_MAC, 1, GATEWAY_MAC, REMOTE_PA, tpa);
+        if !tc {
+            ensure!(
+                run(&ask(GREEN1_PA))?.ret == XDP_PASS,
+                "xdp: ARP passed up to TC"
+            );
+        }
         let mut reply = Vec::new();
         reply.extend_from_slice(&GATEWAY_MAC);
         reply.extend_from_slice(&h.uplink_mac);
@@ -1350,10 +1357,10 @@ fn the_uplink_takes_tenant_traffic_only_on_its_terms() -> anyhow::Result<()> {
         reply.extend_from_slice(&GATEWAY_MAC);
         reply.extend_from_slice(&REMOTE_PA);
         let answered = h.expect(
-            prog,
+            UPLINK_TC,
             &ask(GREEN1_PA),
             None,
-            if tc { TC_ACT_REDIRECT } else { XDP_TX },
+            TC_ACT_REDIRECT,
             "uplink_arp_replied",
         )?;
         ensure!(answered == reply, "{hook}: ARP reply {answered:02x?}");
