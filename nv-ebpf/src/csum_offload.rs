@@ -2,9 +2,12 @@
 //! packet socket's virtio header on a veth) hands the host a packet with CHECKSUM_PARTIAL and
 //! a `csum_start`/`csum_offset` of its choosing; the checksum is completed later, after nv,
 //! in software on an uplink without tx checksumming or by a NIC that takes the offsets as
-//! given. Under NVGRE the offsets still point into the VM's own headers. Under IP rewrite they
-//! would write 16 bits of the tenant's choosing into the rewritten header (the provider
-//! addresses), so a packet whose offsets do not name its own TCP or UDP checksum is refused.
+//! given. Under NVGRE the offsets still point into the VM's own headers. Under IP rewrite the
+//! IPv4 header is nv's (provider addresses, checksum), so a packet whose checksum would be
+//! summed from, or written into, anything before its L4 header is refused: offsets into the
+//! IPv4 header would write 16 bits of the tenant's choosing over the provider addresses.
+//! From the L4 header on, the bytes are the VM's: its TCP or UDP checksum, or an inner one of
+//! a tunnel it runs itself (VXLAN with checksum offload).
 //!
 //! `__sk_buff` shows none of this state, and aya 0.14 has neither kfuncs nor CO-RE: the
 //! fields are read with `bpf_probe_read_kernel` at offsets the agent takes from the kernel's
@@ -13,16 +16,13 @@
 use core::ptr;
 
 use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::TcContext};
-use nv_common::{
-    Counter,
-    wire::{IPPROTO_TCP, IPPROTO_UDP},
-};
+use nv_common::Counter;
 
 /// Offsets in `struct sk_buff` (bytes), filled in by the agent from BTF; 0: unknown.
 /// `head`, with `data` right after it.
 #[unsafe(no_mangle)]
 static NV_SKB_HEAD: u32 = 0;
-/// `csum_start`, with `csum_offset` right after it.
+/// `csum_start`.
 #[unsafe(no_mangle)]
 static NV_SKB_CSUM: u32 = 0;
 /// The byte that holds the 2-bit `ip_summed`, and the bit it starts at.
@@ -33,9 +33,6 @@ static NV_SKB_IP_SUMMED_SHIFT: u32 = 0;
 
 /// `ip_summed` of a packet whose checksum the stack or a device must still complete.
 const CHECKSUM_PARTIAL: u8 = 3;
-/// Where the checksum sits in the TCP and UDP headers.
-const TCP_CSUM: u16 = 16;
-const UDP_CSUM: u16 = 6;
 
 /// A global the loader filled in.
 #[inline(always)]
@@ -55,10 +52,10 @@ fn field<T>(ctx: &TcContext, offset: usize) -> Result<T, Counter> {
 }
 
 /// `Ok` when the packet's checksum offload state is its own business: no checksum left to
-/// complete, or one that names the TCP or UDP checksum of the packet's own L4 header
-/// (`l4_at`: that header's offset from the Ethernet header, `proto` its protocol).
+/// complete, or one summed from (and so written into) its own L4 header or beyond (`l4_at`:
+/// that header's offset from the Ethernet header).
 #[inline(always)]
-pub fn check(ctx: &TcContext, l4_at: usize, proto: u8) -> Result<(), Counter> {
+pub fn check(ctx: &TcContext, l4_at: usize) -> Result<(), Counter> {
     let (head_at, csum_at) = (global(&NV_SKB_HEAD), global(&NV_SKB_CSUM));
     if head_at == 0 || csum_at == 0 {
         return Err(Counter::DropVmCsumOffload);
@@ -70,15 +67,11 @@ pub fn check(ctx: &TcContext, l4_at: usize, proto: u8) -> Result<(), Counter> {
         return Ok(());
     }
     let [head, data]: [u64; 2] = field(ctx, head_at)?;
-    let [start, offset]: [u16; 2] = field(ctx, csum_at)?;
-    // At TC ingress the skb's data is its Ethernet header; `csum_start` counts from its head.
+    let start: u16 = field(ctx, csum_at)?;
+    // At TC ingress the skb's data is its Ethernet header; `csum_start` counts from its head,
+    // and the checksum is written `csum_offset` bytes further on.
     let l4 = data.wrapping_sub(head) + (l4_at as u64);
-    let own = match proto {
-        IPPROTO_TCP => TCP_CSUM,
-        IPPROTO_UDP => UDP_CSUM,
-        _ => return Err(Counter::DropVmCsumOffload),
-    };
-    if u64::from(start) != l4 || offset != own {
+    if u64::from(start) < l4 {
         return Err(Counter::DropVmCsumOffload);
     }
     Ok(())

@@ -133,8 +133,8 @@ pub fn send(
     if port.method != nv_common::Method::Rewrite as u8 {
         return Err(Counter::DropVmNoRewritePa);
     }
-    // The checksum the kernel or NIC completes after us must be the VM's own L4 checksum.
-    crate::csum_offload::check(ctx, ETH_HLEN + usize::from(ip.hlen), ip.proto)?;
+    // The checksum the kernel or NIC completes after us must be inside the VM's own L4 data.
+    crate::csum_offload::check(ctx, ETH_HLEN + usize::from(ip.hlen))?;
     let (Some(src_pa), Some(dst_pa)) = (v4_of(&port.pa), v4_of(&dst.pa)) else {
         return Err(Counter::DropVmMethod);
     };

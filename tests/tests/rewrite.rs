@@ -240,7 +240,8 @@ fn rewrite_pas_are_dedicated_and_vsids_use_one_method() -> anyhow::Result<()> {
 }
 
 /// The uplink's rewrite-PA filter, read back with bpftool: it holds RED-1's PA while RED-1
-/// is here, and nothing once RED-1's record is gone.
+/// is here and, the datapath's, while its provider stays after RED-1's record is gone; nothing
+/// once the provider is deleted too.
 fn filter_follows_red1(h: &Host) -> anyhow::Result<()> {
     let red1_pa = [198, 18, 1, 1];
     let (word, bit) = DatapathConfig::rewrite_filter_slot(red1_pa);
@@ -250,6 +251,12 @@ fn filter_follows_red1(h: &Host) -> anyhow::Result<()> {
         "RED-1's PA is not in the filter: {filter:x?}"
     );
     h.nvctl(&["lookup", "del", "--vsid", "5001", "--ca", "10.0.0.1"])?;
+    let filter = filter_words(h)?;
+    ensure!(
+        filter[word] & bit != 0,
+        "RED-1's PA left the filter while it is still a provider: {filter:x?}"
+    );
+    h.nvctl(&["provider", "del", "--pa", "198.18.1.1"])?;
     let filter = filter_words(h)?;
     ensure!(
         filter.iter().all(|w| *w == 0),

@@ -541,8 +541,12 @@ fn ports_other_than_veth_and_tap_are_refused_with_one_line() -> anyhow::Result<(
             &format!("port '{port}' is a {kind} device, not a veth or tap"),
         )?;
     }
-    // A veth the host talks through (it carries an address) is no VM's port either.
-    h.ns.ip(&["link", "add", "hv9", "type", "veth", "peer", "name", "hv9p"])?;
+    // A veth the host talks through (it carries an address) is no VM's port either, even with
+    // its other end in another namespace.
+    let elsewhere = &bed.vm("RED-1").ns.name;
+    h.ns.ip(&[
+        "link", "add", "hv9", "type", "veth", "peer", "name", "hv9p", "netns", elsewhere,
+    ])?;
     h.ns.ip(&["addr", "add", "192.0.2.9/24", "dev", "hv9"])?;
     h.expect_refused(
         &add_on("hv9"),

@@ -5,7 +5,7 @@ mod setup;
 
 use std::{
     io::{BufRead as _, BufReader},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use anyhow::{Context as _, bail};
@@ -246,16 +246,20 @@ impl std::error::Error for Failed {}
 /// binaries (`tests: N passed, N failed`). Returns the tests that failed (`binary: test`),
 /// as the error [`Failed`] when any did.
 fn cargo_test(args: &[&str]) -> anyhow::Result<Vec<String>> {
+    // cargo says which test binary runs on stderr, the tests report on stdout: one pipe for
+    // both keeps them in order.
+    let (output, input) = std::io::pipe().context("a pipe for cargo test's output")?;
     let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
         .env("PATH", setup::path_with_tools()?)
-        .stdout(Stdio::piped())
+        .stdout(input.try_clone()?)
+        .stderr(input)
         .spawn()
         .context("run cargo test")?;
     let (mut passed, mut failed) = (0u64, 0u64);
     let mut failures = Vec::new();
     let mut binary = String::new();
-    for line in BufReader::new(child.stdout.take().context("stdout")?).lines() {
+    for line in BufReader::new(output).lines() {
         let line = line?;
         println!("{line}");
         if let Some(running) = line.trim().strip_prefix("Running ") {

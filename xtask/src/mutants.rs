@@ -262,7 +262,7 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "a VM's checksum offsets checked before rewrite",
         file: "nv-ebpf/src/rewrite.rs",
-        check: "crate::csum_offload::check(ctx, ETH_HLEN + usize::from(ip.hlen), ip.proto)?;",
+        check: "crate::csum_offload::check(ctx, ETH_HLEN + usize::from(ip.hlen))?;",
         removed: "",
         // BPF_PROG_TEST_RUN cannot hand a program a CHECKSUM_PARTIAL packet.
         tests: &["host_isolation"],

@@ -13,7 +13,7 @@ pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 pub struct SkbOffsets {
     /// `head`; `data` follows it.
     pub head: u32,
-    /// `csum_start`; `csum_offset` follows it.
+    /// `csum_start`.
     pub csum: u32,
     /// The byte that holds the 2-bit bitfield `ip_summed`, and the bit it starts at.
     pub ip_summed: u32,
@@ -49,11 +49,10 @@ pub fn skb_offsets(path: &Path) -> Result<SkbOffsets, BtfError> {
         btf.member(skb, name, 0)
             .ok_or_else(|| BtfError::Layout(format!("no member {name}")))
     };
-    let (head, data, start, offset, summed) = (
+    let (head, data, start, summed) = (
         find("head")?,
         find("data")?,
         find("csum_start")?,
-        find("csum_offset")?,
         find("ip_summed")?,
     );
     let byte = |m: Member| -> Result<u32, BtfError> {
@@ -62,11 +61,11 @@ pub fn skb_offsets(path: &Path) -> Result<SkbOffsets, BtfError> {
         }
         Ok(m.bit / 8)
     };
-    let (head, data, start, offset) = (byte(head)?, byte(data)?, byte(start)?, byte(offset)?);
-    // The datapath reads each pair in one go.
-    if data != head + 8 || offset != start + 2 {
+    let (head, data, start) = (byte(head)?, byte(data)?, byte(start)?);
+    // The datapath reads both pointers in one go.
+    if data != head + 8 {
         return Err(BtfError::Layout(format!(
-            "head {head}, data {data}, csum_start {start}, csum_offset {offset} are not pairs"
+            "head at {head} and data at {data} are not neighbours"
         )));
     }
     if summed.bitfield != 2 || summed.bit % 8 > 6 {
