@@ -265,13 +265,13 @@ impl Agent {
         agent.fd_reserve.refill();
         if let Some(log) = agent.datapath.take_log() {
             crate::monitor::spawn_log_reader(log)
-                .map_err(|e| NvError::Datapath(format!("the datapath's debug events: {e}")))?;
+                .map_err(|e| NvError::datapath_by("the datapath's debug events", e))?;
         }
         let ring = agent.datapath.take_monitor()?;
         agent
             .hub
             .spawn_reader(ring)
-            .map_err(|e| NvError::Datapath(format!("the monitor's ring buffer: {e}")))?;
+            .map_err(|e| NvError::datapath_by("the monitor's ring buffer", e))?;
         agent.tables.base = agent.base_config();
         if let Err(e) = agent.make_bounce().await {
             warn!(
@@ -397,7 +397,7 @@ impl Agent {
     pub fn unwatch(&mut self, id: u64) {
         self.watchers().remove(id);
         if let Err(e) = self.update_config() {
-            warn!("turning the monitor off: {e}");
+            warn!("turning the monitor off: {}", crate::error::one_line(&e));
         }
     }
 
@@ -529,7 +529,11 @@ impl Agent {
             return;
         }
         if let Err(e) = self.netlink.set_mtu(link.index, mtu).await {
-            warn!("port {}: cannot set MTU {mtu}: {e}", link.name);
+            warn!(
+                "port {}: cannot set MTU {mtu}: {}",
+                link.name,
+                crate::error::one_line(&e)
+            );
         }
     }
 
@@ -994,7 +998,10 @@ impl Agent {
     /// the next change and every look at the ports.
     pub(crate) async fn try_take_rewrite_pas(&mut self) {
         if let Err(e) = self.take_rewrite_pas().await {
-            tracing::error!("taking rewrite PAs off the host: {e}; trying again shortly");
+            tracing::error!(
+                "taking rewrite PAs off the host: {}; trying again shortly",
+                crate::error::one_line(&e)
+            );
         }
     }
 
@@ -1099,7 +1106,10 @@ impl Agent {
         }
         info!("added provider address {} on {}", state.pa, state.dev);
         if let Err(e) = self.retry_left_out().await {
-            warn!("trying the records left out again: {e}");
+            warn!(
+                "trying the records left out again: {}",
+                crate::error::one_line(&e)
+            );
         }
         Ok(state)
     }
@@ -1137,7 +1147,10 @@ impl Agent {
         }
         info!("deleted provider address {}", removed.pa);
         if let Err(e) = self.retry_left_out().await {
-            warn!("trying the records left out again: {e}");
+            warn!(
+                "trying the records left out again: {}",
+                crate::error::one_line(&e)
+            );
         }
         Ok(removed)
     }

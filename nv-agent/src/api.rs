@@ -68,10 +68,10 @@ impl From<NvError> for ApiError {
             NvError::Invalid(_) => StatusCode::BAD_REQUEST,
             NvError::NotFound(_) => StatusCode::NOT_FOUND,
             NvError::Conflict(_) => StatusCode::CONFLICT,
-            NvError::Cluster(_) => StatusCode::SERVICE_UNAVAILABLE,
+            NvError::Cluster { .. } => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError(status, e.to_string())
+        ApiError(status, crate::error::one_line(&e))
     }
 }
 

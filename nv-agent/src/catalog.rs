@@ -103,7 +103,7 @@ impl Catalog {
         c.reserve(state.lookups.len());
         for r in state.lookups {
             r.validate().and_then(|()| c.check(&r, None)).map_err(|e| {
-                NvError::Store(format!(
+                NvError::store(format!(
                     "stored record {} is inconsistent: {e}",
                     describe(&r)
                 ))

@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use crate::{
     api::Shared,
     error::{NvError, Result, invalid},
-    etcd_writer::{self, EtcdError, EtcdWriter, Expect, KeyWrite},
+    etcd_writer::{EtcdError, EtcdWriter, Expect, KeyWrite},
     model::LookupRecord,
 };
 
@@ -117,8 +117,8 @@ fn publish_bad(bad: &HashMap<Vec<u8>, String>, s: &mut Status) {
     s.bad.sort();
 }
 
-fn etcd_err(what: &str, e: &etcd_client::Error) -> NvError {
-    NvError::Cluster(format!("{what}: {}", etcd_writer::words(e)))
+fn etcd_err(what: &str, e: etcd_client::Error) -> NvError {
+    NvError::cluster_by(what, crate::error::EtcdSource::Client(e))
 }
 
 impl Cluster {
@@ -275,27 +275,28 @@ impl Cluster {
                  written: list the records and try again"
             )),
             EtcdError::Refused(why) if why.contains("too many operations") => {
-                NvError::Cluster(format!(
+                NvError::cluster(format!(
                     "etcd refused the transaction ({why}): an import is one transaction, so \
                      etcd's --max-txn-ops must hold it; split the file or raise it"
                 ))
             }
-            e => self.unavailable(&e),
+            e => self.unavailable(e),
         })?;
         self.wait_applied(revision).await;
         Ok(())
     }
 
     /// A request etcd did not carry out, with what forwarding does meanwhile.
-    fn unavailable(&self, e: &EtcdError) -> NvError {
-        match e {
-            EtcdError::Unreachable(_) => NvError::Cluster(format!(
-                "{e}; forwarding continues from the records applied up to revision {}, and \
-                 changes wait until it is back",
+    fn unavailable(&self, e: EtcdError) -> NvError {
+        let what = match e {
+            EtcdError::Unreachable(_) => format!(
+                "etcd is unreachable; forwarding continues from the records applied up to \
+                 revision {}, and changes wait until it is back",
                 self.revision()
-            )),
-            e => NvError::Cluster(e.to_string()),
-        }
+            ),
+            _ => "the change was not made".to_owned(),
+        };
+        NvError::cluster_by(what, e)
     }
 
     /// The record etcd holds for (`vsid`, `ca`), and its revision.
@@ -305,7 +306,7 @@ impl Cluster {
             .writer
             .get(&key)
             .await
-            .map_err(|e| self.unavailable(&e))?
+            .map_err(|e| self.unavailable(e))?
             .ok_or_else(|| {
                 NvError::NotFound(format!("no lookup record for VSID {vsid} CA {ca}"))
             })?;
@@ -453,7 +454,7 @@ async fn snapshot(client: &mut Client) -> Result<(i64, Vec<Update>)> {
         let resp = client
             .get(from.clone(), Some(options))
             .await
-            .map_err(|e| etcd_err("read the records from etcd", &e))?;
+            .map_err(|e| etcd_err("read the records from etcd", e))?;
         if revision == 0 {
             revision = resp
                 .header()
@@ -503,14 +504,14 @@ pub async fn follow(shared: Shared, cluster: Cluster) {
 async fn session(shared: &Shared, cluster: &Cluster, endpoint: &str) -> Result<()> {
     let mut client = Client::connect([endpoint], Some(connect_options()))
         .await
-        .map_err(|e| etcd_err("connect", &e))?;
+        .map_err(|e| etcd_err("connect", e))?;
     // Connecting is lazy: only an answer says the member is there. Then this agent counts as
     // connected, even while a first load takes its time.
     let fence_key = format!("{HOSTS}{}", cluster.host);
     tokio::time::timeout(Duration::from_secs(2), client.get(fence_key.clone(), None))
         .await
-        .map_err(|_| NvError::Cluster("no answer in 2 s".into()))?
-        .map_err(|e| etcd_err("connect", &e))?;
+        .map_err(|_| NvError::cluster("no answer in 2 s"))?
+        .map_err(|e| etcd_err("connect", e))?;
     cluster.connected(Some(endpoint), None);
     let mut revision = cluster.revision();
     if revision == 0 {
@@ -527,7 +528,7 @@ async fn session(shared: &Shared, cluster: &Cluster, endpoint: &str) -> Result<(
                 ),
             )
             .await
-            .map_err(|e| etcd_err("watch", &e))?;
+            .map_err(|e| etcd_err("watch", e))?;
         // A write of this host's own key, behind everything it missed: its event comes after
         // every earlier one, so once it is here this agent is caught up.
         let fence = client
@@ -537,7 +538,7 @@ async fn session(shared: &Shared, cluster: &Cluster, endpoint: &str) -> Result<(
                 None,
             )
             .await
-            .map_err(|e| etcd_err("write this host's key", &e))?
+            .map_err(|e| etcd_err("write this host's key", e))?
             .header()
             .map_or(0, etcd_client::ResponseHeader::revision);
         cluster.connected(Some(endpoint), None);
@@ -545,10 +546,10 @@ async fn session(shared: &Shared, cluster: &Cluster, endpoint: &str) -> Result<(
             let message = tokio::select! {
                 m = stream.message() => m,
                 () = cluster.kick.notified() => {
-                    return Err(NvError::Cluster("a request to this member failed".into()));
+                    return Err(NvError::cluster("a request to this member failed"));
                 }
             };
-            let Some(resp) = message.map_err(|e| etcd_err("watch", &e))? else {
+            let Some(resp) = message.map_err(|e| etcd_err("watch", e))? else {
                 return Ok(());
             };
             if resp.compact_revision() > 0 {
@@ -561,7 +562,7 @@ async fn session(shared: &Shared, cluster: &Cluster, endpoint: &str) -> Result<(
                 break;
             }
             if resp.canceled() {
-                return Err(NvError::Cluster(format!(
+                return Err(NvError::cluster(format!(
                     "etcd ended the watch: {}",
                     resp.cancel_reason()
                 )));

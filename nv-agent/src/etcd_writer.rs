@@ -33,7 +33,7 @@ const ROUND_PAUSE: Duration = Duration::from_millis(250);
 #[derive(Debug, Error)]
 pub enum EtcdError {
     /// No member could be reached: the write was not made.
-    #[error("etcd is unreachable ({0})")]
+    #[error("no member answered ({0})")]
     Unreachable(String),
     /// A comparison failed: someone else changed the keys since they were read.
     #[error("the records changed in etcd meanwhile")]

@@ -31,8 +31,8 @@ pub struct Netlink {
     handle: Handle,
 }
 
-fn nl_err(what: &str, e: impl std::fmt::Display) -> NvError {
-    NvError::Netlink(format!("{what}: {e}"))
+fn nl_err(what: &str, e: impl Into<crate::error::NetlinkSource>) -> NvError {
+    NvError::netlink_by(what, e)
 }
 
 /// What kind of device a link is, as far as VM ports go.
@@ -381,7 +381,9 @@ impl Netlink {
             }
         }
         let (Some(a), Some(b)) = (self.link(BOUNCE).await?, self.link(BOUNCE_PEER).await?) else {
-            return Err(nl_err("find the bounce pair", BOUNCE));
+            return Err(NvError::netlink(format!(
+                "find the bounce pair {BOUNCE} {BOUNCE_PEER}: not there once created"
+            )));
         };
         // No IPv6 on them: the host's own neighbour discovery would reach nv's program there
         // and be counted as frames from an unknown port.

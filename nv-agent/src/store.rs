@@ -14,7 +14,7 @@ use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition}
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    error::{NvError, Result},
+    error::{NvError, Result, StoreSource},
     model::{LookupRecord, Mac, Method, ProviderState},
     store_legacy,
 };
@@ -74,7 +74,7 @@ impl Store {
     /// earlier agent's journal still to apply on top of it (then [`Store::needs_snapshot`]).
     pub fn open(dir: &Path) -> Result<(Store, State, Vec<Change>)> {
         std::fs::create_dir_all(dir)
-            .map_err(|e| NvError::Store(format!("cannot create {}: {e}", dir.display())))?;
+            .map_err(|e| NvError::store_by(format!("cannot create {}", dir.display()), e))?;
         let path = dir.join(FILE);
         let fresh = !path.exists();
         // redb caches up to 1 GiB by default; the catalog already holds every record in
@@ -82,7 +82,7 @@ impl Store {
         let db = Database::builder()
             .set_cache_size(STORE_CACHE)
             .create(&path)
-            .map_err(|e| damaged(&path, &e))?;
+            .map_err(|e| damaged(&path, e))?;
         let mut store = Store {
             db,
             path,
@@ -118,28 +118,32 @@ impl Store {
     }
 
     fn read(&self) -> Result<State> {
-        let err = |e: &dyn std::fmt::Display| damaged(&self.path, e);
-        let txn = self.db.begin_read().map_err(|e| err(&e))?;
+        let err = |e: StoreSource| damaged(&self.path, e);
+        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
         let mut state = State::default();
         for (table, is_lookup) in [(LOOKUPS, true), (PROVIDERS, false)] {
             let t = match txn.open_table(table) {
                 Ok(t) => t,
                 Err(redb::TableError::TableDoesNotExist(_)) => continue,
-                Err(e) => return Err(err(&e)),
+                Err(e) => return Err(err(e.into())),
             };
-            for row in t.iter().map_err(|e| err(&e))? {
-                let (k, v) = row.map_err(|e| err(&e))?;
+            for row in t.iter().map_err(|e| err(e.into()))? {
+                let (k, v) = row.map_err(|e| err(e.into()))?;
                 let bad = |e: &dyn std::fmt::Display| {
-                    err(&format!(
-                        "a value does not parse ({e}): {}",
-                        String::from_utf8_lossy(v.value())
-                    ))
+                    damaged_content(
+                        &self.path,
+                        &format!(
+                            "a value does not parse ({e}): {}",
+                            String::from_utf8_lossy(v.value())
+                        ),
+                    )
                 };
                 if is_lookup {
-                    state.lookups.push(
-                        decode_lookup(k.value(), v.value())
-                            .map_err(|e| err(&format!("a record does not parse ({e})")))?,
-                    );
+                    state
+                        .lookups
+                        .push(decode_lookup(k.value(), v.value()).map_err(|e| {
+                            damaged_content(&self.path, &format!("a record does not parse ({e})"))
+                        })?);
                 } else {
                     state
                         .providers
@@ -153,36 +157,39 @@ impl Store {
     /// Rewrites the JSON lookup records of an earlier agent in the compact form, in one
     /// transaction: the store holds one form or the other, never both.
     fn migrate_json_records(&self) -> Result<()> {
-        let err = |e: &dyn std::fmt::Display| damaged(&self.path, e);
-        let read = self.db.begin_read().map_err(|e| err(&e))?;
+        let err = |e: StoreSource| damaged(&self.path, e);
+        let read = self.db.begin_read().map_err(|e| err(e.into()))?;
         match read.open_table(LOOKUPS_JSON) {
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
-            Err(e) => return Err(err(&e)),
+            Err(e) => return Err(err(e.into())),
             Ok(_) => drop(read),
         }
-        let txn = self.db.begin_write().map_err(|e| err(&e))?;
+        let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
         let moved = {
             let old = match txn.open_table(LOOKUPS_JSON) {
                 Ok(t) => t,
-                Err(e) => return Err(err(&e)),
+                Err(e) => return Err(err(e.into())),
             };
-            let mut new = txn.open_table(LOOKUPS).map_err(|e| err(&e))?;
+            let mut new = txn.open_table(LOOKUPS).map_err(|e| err(e.into()))?;
             let mut moved = 0;
-            for row in old.iter().map_err(|e| err(&e))? {
-                let (_, v) = row.map_err(|e| err(&e))?;
+            for row in old.iter().map_err(|e| err(e.into()))? {
+                let (_, v) = row.map_err(|e| err(e.into()))?;
                 let r: LookupRecord = serde_json::from_slice(v.value()).map_err(|e| {
-                    err(&format!(
-                        "a value does not parse ({e}): {}",
-                        String::from_utf8_lossy(v.value())
-                    ))
+                    damaged_content(
+                        &self.path,
+                        &format!(
+                            "a value does not parse ({e}): {}",
+                            String::from_utf8_lossy(v.value())
+                        ),
+                    )
                 })?;
-                put_lookup(&mut new, &r).map_err(|e| err(&e))?;
+                put_lookup(&mut new, &r).map_err(err)?;
                 moved += 1;
             }
             moved
         };
-        txn.delete_table(LOOKUPS_JSON).map_err(|e| err(&e))?;
-        txn.commit().map_err(|e| err(&e))?;
+        txn.delete_table(LOOKUPS_JSON).map_err(|e| err(e.into()))?;
+        txn.commit().map_err(|e| err(e.into()))?;
         if moved > 0 {
             tracing::info!(
                 "{moved} lookup records in {} rewritten in compact form",
@@ -192,48 +199,48 @@ impl Store {
         Ok(())
     }
 
-    fn write_err(&self, e: &dyn std::fmt::Display) -> NvError {
-        NvError::Store(format!("cannot write {}: {e}", self.path.display()))
+    fn write_err(&self, e: impl Into<StoreSource>) -> NvError {
+        NvError::store_by(format!("cannot write {}", self.path.display()), e)
     }
 
     /// Cluster mode: the etcd revision last applied, and every key and value as of it.
     pub fn cluster_cache(&self) -> Result<(i64, Vec<KeyValue>)> {
-        let err = |e: &dyn std::fmt::Display| damaged(&self.path, e);
-        let txn = self.db.begin_read().map_err(|e| err(&e))?;
+        let err = |e: StoreSource| damaged(&self.path, e);
+        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
         let revision = match txn.open_table(CLUSTER_META) {
             Ok(t) => t
                 .get("revision")
-                .map_err(|e| err(&e))?
+                .map_err(|e| err(e.into()))?
                 .map_or(0, |v| v.value()),
             Err(redb::TableError::TableDoesNotExist(_)) => 0,
-            Err(e) => return Err(err(&e)),
+            Err(e) => return Err(err(e.into())),
         };
         let mut kvs = Vec::new();
         match txn.open_table(CLUSTER) {
             Ok(t) => {
-                for row in t.iter().map_err(|e| err(&e))? {
-                    let (k, v) = row.map_err(|e| err(&e))?;
+                for row in t.iter().map_err(|e| err(e.into()))? {
+                    let (k, v) = row.map_err(|e| err(e.into()))?;
                     kvs.push((k.value().to_vec(), v.value().to_vec()));
                 }
             }
             Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(err(&e)),
+            Err(e) => return Err(err(e.into())),
         }
         Ok((revision, kvs))
     }
 
     /// Cluster mode: the values of `keys` as cached (absent ones left out).
     pub fn cluster_values(&self, keys: &[Vec<u8>]) -> Result<Vec<KeyValue>> {
-        let err = |e: &dyn std::fmt::Display| damaged(&self.path, e);
-        let txn = self.db.begin_read().map_err(|e| err(&e))?;
+        let err = |e: StoreSource| damaged(&self.path, e);
+        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
         let t = match txn.open_table(CLUSTER) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(err(&e)),
+            Err(e) => return Err(err(e.into())),
         };
         let mut out = Vec::new();
         for k in keys {
-            if let Some(v) = t.get(k.as_slice()).map_err(|e| err(&e))? {
+            if let Some(v) = t.get(k.as_slice()).map_err(|e| err(e.into()))? {
                 out.push((k.clone(), v.value().to_vec()));
             }
         }
@@ -248,22 +255,23 @@ impl Store {
         full: bool,
         revision: i64,
     ) -> Result<Pending> {
-        let err = |e: &dyn std::fmt::Display| self.write_err(e);
-        let txn = self.db.begin_write().map_err(|e| err(&e))?;
+        let err = |e: StoreSource| self.write_err(e);
+        let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
         if full {
-            txn.delete_table(CLUSTER).map_err(|e| err(&e))?;
+            txn.delete_table(CLUSTER).map_err(|e| err(e.into()))?;
         }
         {
-            let mut kv = txn.open_table(CLUSTER).map_err(|e| err(&e))?;
+            let mut kv = txn.open_table(CLUSTER).map_err(|e| err(e.into()))?;
             for (k, v) in updates {
                 match v {
                     Some(v) => kv.insert(k.as_slice(), v.as_slice()).map(drop),
                     None => kv.remove(k.as_slice()).map(drop),
                 }
-                .map_err(|e| err(&e))?;
+                .map_err(|e| err(e.into()))?;
             }
-            let mut meta = txn.open_table(CLUSTER_META).map_err(|e| err(&e))?;
-            meta.insert("revision", revision).map_err(|e| err(&e))?;
+            let mut meta = txn.open_table(CLUSTER_META).map_err(|e| err(e.into()))?;
+            meta.insert("revision", revision)
+                .map_err(|e| err(e.into()))?;
         }
         Ok(Pending {
             txn,
@@ -279,31 +287,31 @@ impl Store {
     /// Writes `changes` into a transaction that becomes durable with [`Pending::commit`] and
     /// is aborted when dropped; gives up once `stop` is set.
     pub fn prepare(&self, changes: &[Change], stop: &AtomicBool) -> Result<Pending> {
-        let err = |e: &dyn std::fmt::Display| self.write_err(e);
-        let txn = self.db.begin_write().map_err(|e| err(&e))?;
+        let err = |e: StoreSource| self.write_err(e);
+        let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
         {
-            let mut lookups = txn.open_table(LOOKUPS).map_err(|e| err(&e))?;
-            let mut providers = txn.open_table(PROVIDERS).map_err(|e| err(&e))?;
+            let mut lookups = txn.open_table(LOOKUPS).map_err(|e| err(e.into()))?;
+            let mut providers = txn.open_table(PROVIDERS).map_err(|e| err(e.into()))?;
             for (i, c) in changes.iter().enumerate() {
                 if i % 4096 == 0 && stop.load(Ordering::Relaxed) {
-                    return Err(NvError::Store("the change was refused; not stored".into()));
+                    return Err(NvError::store("the change was refused; not stored"));
                 }
                 match c {
                     Change::PutLookup { record } => {
-                        put_lookup(&mut lookups, record).map_err(|e| err(&e))?;
+                        put_lookup(&mut lookups, record).map_err(err)?;
                     }
                     Change::DelLookup { vsid, ca } => {
                         lookups
                             .remove(lookup_key(*vsid, *ca).as_slice())
-                            .map_err(|e| err(&e))?;
+                            .map_err(|e| err(e.into()))?;
                     }
                     Change::PutProvider { provider } => {
-                        put_provider(&mut providers, provider).map_err(|e| err(&e))?;
+                        put_provider(&mut providers, provider).map_err(err)?;
                     }
                     Change::DelProvider { pa } => {
                         providers
                             .remove(pa_key(*pa).as_slice())
-                            .map_err(|e| err(&e))?;
+                            .map_err(|e| err(e.into()))?;
                     }
                 }
             }
@@ -316,29 +324,29 @@ impl Store {
 
     /// Replaces the whole stored state with `state`, in one transaction.
     pub fn snapshot(&mut self, state: &State) -> Result<()> {
-        let err = |e: &dyn std::fmt::Display| self.write_err(e);
-        let txn = self.db.begin_write().map_err(|e| err(&e))?;
+        let err = |e: StoreSource| self.write_err(e);
+        let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
         for table in [LOOKUPS, LOOKUPS_JSON, PROVIDERS] {
-            txn.delete_table(table).map_err(|e| err(&e))?;
+            txn.delete_table(table).map_err(|e| err(e.into()))?;
         }
         {
-            let mut lookups = txn.open_table(LOOKUPS).map_err(|e| err(&e))?;
+            let mut lookups = txn.open_table(LOOKUPS).map_err(|e| err(e.into()))?;
             for r in &state.lookups {
-                put_lookup(&mut lookups, r).map_err(|e| err(&e))?;
+                put_lookup(&mut lookups, r).map_err(err)?;
             }
-            let mut providers = txn.open_table(PROVIDERS).map_err(|e| err(&e))?;
+            let mut providers = txn.open_table(PROVIDERS).map_err(|e| err(e.into()))?;
             for p in &state.providers {
-                put_provider(&mut providers, p).map_err(|e| err(&e))?;
+                put_provider(&mut providers, p).map_err(err)?;
             }
         }
-        txn.commit().map_err(|e| err(&e))?;
+        txn.commit().map_err(|e| err(e.into()))?;
         if let Some(dir) = self.legacy.take() {
             for name in [store_legacy::SNAPSHOT, store_legacy::JOURNAL] {
                 let old = dir.join(name);
                 if old.exists() {
                     let kept = dir.join(format!("{name}.migrated"));
                     std::fs::rename(&old, &kept).map_err(|e| {
-                        NvError::Store(format!("cannot move {} aside: {e}", old.display()))
+                        NvError::store_by(format!("cannot move {} aside", old.display()), e)
                     })?;
                 }
             }
@@ -362,20 +370,19 @@ impl Pending {
     pub fn commit(self) -> Result<()> {
         self.txn
             .commit()
-            .map_err(|e| NvError::Store(format!("cannot write {}: {e}", self.path.display())))
+            .map_err(|e| NvError::store_by(format!("cannot write {}", self.path.display()), e))
     }
 }
 
 type Table<'t> = redb::Table<'t, &'static [u8], &'static [u8]>;
 
 /// A lookup record under its (VSID, CA) key; the error as text, for the caller to name the file.
-fn put_lookup(t: &mut Table, r: &LookupRecord) -> std::result::Result<(), String> {
+fn put_lookup(t: &mut Table, r: &LookupRecord) -> std::result::Result<(), StoreSource> {
     t.insert(
         lookup_key(r.vsid, r.ca).as_slice(),
         encode_lookup(r).as_slice(),
-    )
-    .map(drop)
-    .map_err(|e| e.to_string())
+    )?;
+    Ok(())
 }
 
 /// The form of [`encode_lookup`]'s values: a first byte that changes with it.
@@ -485,19 +492,29 @@ fn decode_lookup(key: &[u8], value: &[u8]) -> std::result::Result<LookupRecord, 
     })
 }
 
-fn put_provider(t: &mut Table, p: &ProviderState) -> std::result::Result<(), String> {
-    let v = serde_json::to_vec(p).map_err(|e| e.to_string())?;
-    t.insert(pa_key(p.pa.addr).as_slice(), v.as_slice())
-        .map(drop)
-        .map_err(|e| e.to_string())
+fn put_provider(t: &mut Table, p: &ProviderState) -> std::result::Result<(), StoreSource> {
+    let v = serde_json::to_vec(p)?;
+    t.insert(pa_key(p.pa.addr).as_slice(), v.as_slice())?;
+    Ok(())
 }
 
-/// The one error for a store that cannot be read: which file, and how to recover.
-fn damaged(path: &Path, e: &dyn std::fmt::Display) -> NvError {
-    NvError::Store(format!(
-        "store {} cannot be read ({e}). Forwarding continues from the pinned maps. Restore the \
-         file from a backup, or move it away and start the agent with an empty store, then \
-         re-import the records (`nvctl lookup import`)",
+/// What to do about a store that cannot be read.
+const RECOVERY: &str = "forwarding continues from the pinned maps; restore the file from a \
+                        backup, or move it away and start the agent with an empty store, then \
+                        re-import the records (`nvctl lookup import`)";
+
+/// The one error for a store that cannot be read: which file, how to recover, and why.
+fn damaged(path: &Path, e: impl Into<StoreSource>) -> NvError {
+    NvError::store_by(
+        format!("store {} cannot be read ({RECOVERY})", path.display()),
+        e,
+    )
+}
+
+/// As [`damaged`], for what is wrong with the content itself.
+fn damaged_content(path: &Path, why: &str) -> NvError {
+    NvError::store(format!(
+        "store {} cannot be read ({RECOVERY}): {why}",
         path.display()
     ))
 }

@@ -21,8 +21,8 @@ struct OnDisk {
     state: State,
 }
 
-fn store_err(what: &str, path: &Path, e: impl std::fmt::Display) -> NvError {
-    NvError::Store(format!("{what} {}: {e}", path.display()))
+fn store_err(what: &str, path: &Path, e: impl Into<crate::error::StoreSource>) -> NvError {
+    NvError::store_by(format!("{what} {}", path.display()), e)
 }
 
 /// Whether `dir` holds a store of this kind.
@@ -40,7 +40,7 @@ pub fn read(dir: &Path) -> Result<(State, Vec<Change>)> {
                 let disk: OnDisk = serde_json::from_slice(&bytes)
                     .map_err(|e| store_err("unreadable:", &path, e))?;
                 if disk.version != FORMAT_VERSION {
-                    return Err(NvError::Store(format!(
+                    return Err(NvError::store(format!(
                         "{} has format version {}, this agent reads version {FORMAT_VERSION}",
                         path.display(),
                         disk.version

@@ -471,9 +471,9 @@ impl Tables {
             let done = planned.plan.writes.len();
             let stored = written.and_then(|()| {
                 let pending = match early {
-                    Some(thread) => thread.join().unwrap_or_else(|_| {
-                        Err(NvError::Store("the store's writer panicked".into()))
-                    }),
+                    Some(thread) => thread
+                        .join()
+                        .unwrap_or_else(|_| Err(NvError::store("the store's writer panicked"))),
                     None => journal.prepare(changes, &stop),
                 };
                 pending.and_then(Pending::commit).map_err(|e| (done, e))

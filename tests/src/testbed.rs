@@ -263,7 +263,17 @@ impl Host {
             .args(args)
             .output()?;
         if !out.status.success() {
-            bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+            let said = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            if said.contains("cannot reach nv-agent") {
+                // Say why: the agent's own last words.
+                let log = self.agent_log();
+                let tail: Vec<&str> = log.lines().rev().take(8).collect();
+                bail!(
+                    "{said}; the agent's log ends: {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                );
+            }
+            bail!("{said}");
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }

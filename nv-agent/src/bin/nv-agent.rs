@@ -258,7 +258,7 @@ fn spawn_reconciler(agent: Shared, every: std::time::Duration) {
         loop {
             tick.tick().await;
             if let Err(e) = agent.lock().await.reconcile_maps() {
-                tracing::warn!("reconciling the maps: {e}");
+                tracing::warn!("reconciling the maps: {}", nv_agent::error::one_line(&e));
             }
         }
     });
@@ -300,7 +300,7 @@ fn spawn_port_watcher(watched: Shared) -> anyhow::Result<()> {
                 }
             };
             if let Err(e) = done {
-                tracing::warn!("following ports: {e}");
+                tracing::warn!("following ports: {}", nv_agent::error::one_line(&e));
             }
         }
     });

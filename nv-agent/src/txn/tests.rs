@@ -50,7 +50,7 @@ impl Maps for Faulty {
                 self.writes += 1;
                 return Err(Stopped {
                     done,
-                    error: NvError::Datapath(format!("injected failure of {w:?}")),
+                    error: NvError::datapath(format!("injected failure of {w:?}")),
                 });
             }
             self.writes += 1;
@@ -98,7 +98,7 @@ impl Journal for MemJournal {
 impl Pending for MemPending<'_> {
     fn commit(self: Box<Self>) -> Result<()> {
         if self.journal.fail {
-            return Err(NvError::Store("injected failure".into()));
+            return Err(NvError::store("injected failure"));
         }
         self.journal.committed.lock().unwrap().extend(self.changes);
         Ok(())
