@@ -13,9 +13,9 @@ use crate::{
     datapath::Datapath,
     error::{NvError, Result, invalid},
     netlink::{LinkInfo, Netlink},
-    store::{Change, Store},
     translate::{self, Attached},
     txn::{Applied, Links, Tables},
+    {store::Store, tables::Change},
 };
 
 mod cluster_ops;

@@ -24,12 +24,11 @@ use crate::{
     error::{NvError, Result, invalid},
     etcd_writer::{EtcdError, EtcdWriter, Expect, KeyWrite},
     model::LookupRecord,
+    tables::lookups::{ETCD_PREFIX, etcd_key, local_view, parse_etcd_key, placed},
 };
 
 /// Everything nv keeps in etcd, watched by every agent.
 const WATCHED: &str = "/nv/v1/";
-/// Where lookup records live in etcd.
-pub const PREFIX: &str = "/nv/v1/lookups/";
 /// Each agent's own key, written when it connects (what it had applied): its event tells the
 /// agent it has seen everything before.
 const HOSTS: &str = "/nv/v1/hosts/";
@@ -39,18 +38,6 @@ const PAGE: i64 = 10_000;
 const APPLIED_WAIT: Duration = Duration::from_secs(5);
 /// Bad records named in `nvctl status` (all are counted).
 const BAD_SHOWN: usize = 20;
-
-/// A record's key in etcd.
-pub fn key(vsid: u32, ca: IpAddr) -> String {
-    format!("{PREFIX}{vsid}/{ca}")
-}
-
-/// The (VSID, CA) of an etcd key under [`PREFIX`].
-pub fn parse_key(key: &[u8]) -> Option<(u32, IpAddr)> {
-    let rest = std::str::from_utf8(key).ok()?.strip_prefix(PREFIX)?;
-    let (vsid, ca) = rest.split_once('/')?;
-    Some((vsid.parse().ok()?, ca.parse().ok()?))
-}
 
 /// What `nvctl status` says of cluster mode.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -301,7 +288,7 @@ impl Cluster {
 
     /// The record etcd holds for (`vsid`, `ca`), and its revision.
     async fn current(&self, vsid: u32, ca: IpAddr) -> Result<(LookupRecord, i64)> {
-        let key = key(vsid, ca);
+        let key = etcd_key(vsid, ca);
         let held = self
             .writer
             .get(&key)
@@ -316,29 +303,9 @@ impl Cluster {
     }
 }
 
-/// The record as this host applies it: its port only if it is this host's VM.
-pub fn local_view(r: &LookupRecord, me: &str) -> LookupRecord {
-    let mut view = r.clone();
-    if r.host.as_deref() != Some(me) {
-        view.port = None;
-    }
-    view.host = None;
-    view
-}
-
-/// A record as written to etcd: the host its port is on (this one unless named), none
-/// without a port.
-pub fn placed(mut r: LookupRecord, me: &str) -> Result<LookupRecord> {
-    match (&r.port, &r.host) {
-        (Some(_), None) => r.host = Some(me.to_owned()),
-        (None, Some(h)) => {
-            return Err(invalid(format!(
-                "--host {h} names the host of a VM port: give --port too (a record without \
-                 one is a VM no nv host attaches)"
-            )));
-        }
-        _ => {}
-    }
+/// A record placed on its host, and valid on its own.
+fn placed_valid(r: LookupRecord, me: &str) -> Result<LookupRecord> {
+    let r = placed(r, me)?;
     r.validate()?;
     Ok(r)
 }
@@ -349,10 +316,10 @@ fn json(r: &LookupRecord) -> Result<Vec<u8>> {
 
 /// `nvctl lookup add` in cluster mode.
 pub async fn add(shared: &Shared, cluster: &Cluster, r: LookupRecord) -> Result<LookupRecord> {
-    let r = placed(r, &cluster.host)?;
+    let r = placed_valid(r, &cluster.host)?;
     shared.lock().await.check_cluster(&[&r], false).await?;
     let write = KeyWrite {
-        key: key(r.vsid, r.ca),
+        key: etcd_key(r.vsid, r.ca),
         expect: Expect::Absent,
         value: Some(json(&r)?),
     };
@@ -375,10 +342,10 @@ pub async fn move_to(
     moved.pa = m.pa;
     moved.port = m.port;
     moved.host = m.host;
-    let moved = placed(moved, &cluster.host)?;
+    let moved = placed_valid(moved, &cluster.host)?;
     shared.lock().await.check_cluster(&[&moved], true).await?;
     let write = KeyWrite {
-        key: key(m.vsid, m.ca),
+        key: etcd_key(m.vsid, m.ca),
         expect: Expect::At(revision),
         value: Some(json(&moved)?),
     };
@@ -393,7 +360,7 @@ pub async fn move_to(
 pub async fn delete(cluster: &Cluster, vsid: u32, ca: IpAddr) -> Result<LookupRecord> {
     let (old, revision) = cluster.current(vsid, ca).await?;
     let write = KeyWrite {
-        key: key(vsid, ca),
+        key: etcd_key(vsid, ca),
         expect: Expect::At(revision),
         value: None,
     };
@@ -414,7 +381,7 @@ pub async fn import(
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
-            placed(r, &cluster.host).map_err(|e| invalid(format!("record {}: {e}", i + 1)))
+            placed_valid(r, &cluster.host).map_err(|e| invalid(format!("record {}: {e}", i + 1)))
         })
         .collect::<Result<_>>()?;
     let refs: Vec<&LookupRecord> = records.iter().collect();
@@ -423,7 +390,7 @@ pub async fn import(
         .iter()
         .map(|r| {
             Ok(KeyWrite {
-                key: key(r.vsid, r.ca),
+                key: etcd_key(r.vsid, r.ca),
                 expect: Expect::Absent,
                 value: Some(json(r)?),
             })
@@ -434,16 +401,16 @@ pub async fn import(
     Ok(records.len())
 }
 
-/// Every key under [`PREFIX`] at one revision, a page at a time.
+/// Every key under [`ETCD_PREFIX`] at one revision, a page at a time.
 async fn snapshot(client: &mut Client) -> Result<(i64, Vec<Update>)> {
     let end = {
-        let mut e = PREFIX.as_bytes().to_vec();
+        let mut e = ETCD_PREFIX.as_bytes().to_vec();
         if let Some(last) = e.last_mut() {
             *last += 1;
         }
         e
     };
-    let mut from = PREFIX.as_bytes().to_vec();
+    let mut from = ETCD_PREFIX.as_bytes().to_vec();
     let mut revision = 0;
     let mut out = Vec::new();
     loop {
@@ -577,7 +544,7 @@ async fn session(shared: &Shared, cluster: &Cluster, endpoint: &str) -> Result<(
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
                 revision = revision.max(kv.mod_revision());
-                if !kv.key().starts_with(PREFIX.as_bytes()) {
+                if !kv.key().starts_with(ETCD_PREFIX.as_bytes()) {
                     fenced |= kv.key() == fence_key.as_bytes() && kv.mod_revision() >= fence;
                     continue;
                 }
@@ -627,13 +594,13 @@ async fn resync(shared: &Shared, cluster: &Cluster, client: &mut Client) -> Resu
 pub fn changes_of(
     updates: &[Update],
     me: &str,
-) -> (Vec<usize>, Vec<crate::store::Change>, Vec<(usize, String)>) {
-    use crate::store::Change;
+) -> (Vec<usize>, Vec<crate::tables::Change>, Vec<(usize, String)>) {
+    use crate::tables::Change;
     let mut from = Vec::with_capacity(updates.len());
     let mut changes = Vec::with_capacity(updates.len());
     let mut left_out = Vec::new();
     for (i, (k, v)) in updates.iter().enumerate() {
-        let Some((vsid, ca)) = parse_key(k) else {
+        let Some((vsid, ca)) = parse_etcd_key(k) else {
             left_out.push((i, "not a lookup record's key".to_owned()));
             continue;
         };
@@ -660,38 +627,4 @@ pub fn changes_of(
         changes.push(change);
     }
     (from, changes, left_out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_and_local_views() {
-        let k = key(5001, "10.0.0.2".parse().unwrap());
-        assert_eq!(k, "/nv/v1/lookups/5001/10.0.0.2");
-        assert_eq!(
-            parse_key(k.as_bytes()),
-            Some((5001, "10.0.0.2".parse().unwrap()))
-        );
-        assert_eq!(parse_key(b"/nv/v1/lookups/x/10.0.0.2"), None);
-        let r: LookupRecord = serde_json::from_str(
-            r#"{"vsid":5001,"ca":"10.0.0.2","pa":"198.18.0.2","mac":"02:00:00:00:02:01","port":"red2","host":"h2"}"#,
-        )
-        .unwrap();
-        assert_eq!(local_view(&r, "h2").port.as_deref(), Some("red2"));
-        assert_eq!(local_view(&r, "h1").port, None);
-        assert!(local_view(&r, "h2").host.is_none());
-        let mut remote = r.clone();
-        remote.port = None;
-        assert!(
-            placed(remote, "h1")
-                .unwrap_err()
-                .to_string()
-                .contains("give --port")
-        );
-        let mut unplaced = r;
-        unplaced.host = None;
-        assert_eq!(placed(unplaced, "h1").unwrap().host.as_deref(), Some("h1"));
-    }
 }

@@ -20,6 +20,7 @@ pub mod ports;
 pub mod shared;
 pub mod store;
 mod store_legacy;
+pub mod tables;
 pub mod trace;
 pub mod translate;
 pub mod txn;

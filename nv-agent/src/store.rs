@@ -5,7 +5,6 @@
 //! fields in a compact binary form, a provider's is JSON in the CLI's field names. The BPF maps are the store's cache. A store of an earlier agent (snapshot
 //! plus journal) is migrated on first start and its files kept as `*.migrated`.
 use std::{
-    net::IpAddr,
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
 };
@@ -15,16 +14,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     error::{NvError, Result, StoreSource},
-    model::{LookupRecord, Mac, Method, ProviderState},
+    model::{LookupRecord, ProviderState},
     store_legacy,
+    tables::{Change, Lookups, Providers, Table},
 };
 
 const FILE: &str = "nv.redb";
 /// The catalog holds every record and the store is read once at start: a small cache does.
 const STORE_CACHE: usize = 4 << 20;
-/// Lookup records, their values in [`encode_lookup`]'s compact form (an import of a million
-/// spent a third of its time writing them as JSON).
-const LOOKUPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("lookups_v2");
+/// A table's rows, in the form its module says ([`Table::STORE`]).
+type Rows = TableDefinition<'static, &'static [u8], &'static [u8]>;
+
+const fn rows<T: Table>() -> Rows {
+    TableDefinition::new(T::STORE)
+}
 /// Cluster mode: what this agent last applied of etcd, key by key as etcd has it (the record's
 /// JSON), so it starts, and forwards, from there while etcd is away.
 const CLUSTER: TableDefinition<&[u8], &[u8]> = TableDefinition::new("cluster_v1");
@@ -32,7 +35,6 @@ const CLUSTER: TableDefinition<&[u8], &[u8]> = TableDefinition::new("cluster_v1"
 const CLUSTER_META: TableDefinition<&str, i64> = TableDefinition::new("cluster_meta_v1");
 /// Lookup records as JSON, as agents before the compact form stored them: migrated on open.
 const LOOKUPS_JSON: TableDefinition<&[u8], &[u8]> = TableDefinition::new("lookups_v1");
-const PROVIDERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("providers_v1");
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
@@ -40,33 +42,11 @@ pub struct State {
     pub lookups: Vec<LookupRecord>,
 }
 
-/// One change.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Change {
-    PutLookup { record: LookupRecord },
-    DelLookup { vsid: u32, ca: IpAddr },
-    PutProvider { provider: ProviderState },
-    DelProvider { pa: IpAddr },
-}
-
 pub struct Store {
     db: Database,
     path: PathBuf,
     /// The files of an earlier agent's store, migrated by the first [`Store::snapshot`].
     legacy: Option<PathBuf>,
-}
-
-/// (VSID, CA) as bytes that sort as the catalog does: VSID big-endian, then the address
-/// family and its bytes.
-fn lookup_key(vsid: u32, ca: IpAddr) -> Vec<u8> {
-    let mut k = vsid.to_be_bytes().to_vec();
-    put_addr(&mut k, ca);
-    k
-}
-
-fn pa_key(pa: IpAddr) -> Vec<u8> {
-    pa.to_string().into_bytes()
 }
 
 impl Store {
@@ -118,40 +98,32 @@ impl Store {
     }
 
     fn read(&self) -> Result<State> {
+        let txn = self.db.begin_read().map_err(|e| damaged(&self.path, e))?;
+        Ok(State {
+            lookups: self.read_rows::<Lookups>(&txn)?,
+            providers: self.read_rows::<Providers>(&txn)?,
+        })
+    }
+
+    /// Every row of table `T`.
+    fn read_rows<T: Table>(&self, txn: &redb::ReadTransaction) -> Result<Vec<T::Row>> {
         let err = |e: StoreSource| damaged(&self.path, e);
-        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
-        let mut state = State::default();
-        for (table, is_lookup) in [(LOOKUPS, true), (PROVIDERS, false)] {
-            let t = match txn.open_table(table) {
-                Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => continue,
-                Err(e) => return Err(err(e.into())),
-            };
-            for row in t.iter().map_err(|e| err(e.into()))? {
-                let (k, v) = row.map_err(|e| err(e.into()))?;
-                let bad = |e: &dyn std::fmt::Display| {
-                    damaged_content(
-                        &self.path,
-                        &format!(
-                            "a value does not parse ({e}): {}",
-                            String::from_utf8_lossy(v.value())
-                        ),
-                    )
-                };
-                if is_lookup {
-                    state
-                        .lookups
-                        .push(decode_lookup(k.value(), v.value()).map_err(|e| {
-                            damaged_content(&self.path, &format!("a record does not parse ({e})"))
-                        })?);
-                } else {
-                    state
-                        .providers
-                        .push(serde_json::from_slice(v.value()).map_err(|e| bad(&e))?);
-                }
-            }
+        let t = match txn.open_table(rows::<T>()) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(err(e.into())),
+        };
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| err(e.into()))? {
+            let (k, v) = row.map_err(|e| err(e.into()))?;
+            out.push(T::decode(k.value(), v.value()).map_err(|e| {
+                damaged_content(
+                    &self.path,
+                    &format!("a row of {} does not parse ({e})", T::NAME),
+                )
+            })?);
         }
-        Ok(state)
+        Ok(out)
     }
 
     /// Rewrites the JSON lookup records of an earlier agent in the compact form, in one
@@ -170,7 +142,9 @@ impl Store {
                 Ok(t) => t,
                 Err(e) => return Err(err(e.into())),
             };
-            let mut new = txn.open_table(LOOKUPS).map_err(|e| err(e.into()))?;
+            let mut new = txn
+                .open_table(rows::<Lookups>())
+                .map_err(|e| err(e.into()))?;
             let mut moved = 0;
             for row in old.iter().map_err(|e| err(e.into()))? {
                 let (_, v) = row.map_err(|e| err(e.into()))?;
@@ -183,7 +157,7 @@ impl Store {
                         ),
                     )
                 })?;
-                put_lookup(&mut new, &r).map_err(err)?;
+                put_row::<Lookups>(&mut new, &r).map_err(err)?;
                 moved += 1;
             }
             moved
@@ -290,30 +264,28 @@ impl Store {
         let err = |e: StoreSource| self.write_err(e);
         let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
         {
-            let mut lookups = txn.open_table(LOOKUPS).map_err(|e| err(e.into()))?;
-            let mut providers = txn.open_table(PROVIDERS).map_err(|e| err(e.into()))?;
+            // The tables written so far, open (an import writes a million rows into one).
+            let mut open: Vec<(&str, Open<'_>)> = Vec::new();
             for (i, c) in changes.iter().enumerate() {
                 if i % 4096 == 0 && stop.load(Ordering::Relaxed) {
                     return Err(NvError::store("the change was refused; not stored"));
                 }
-                match c {
-                    Change::PutLookup { record } => {
-                        put_lookup(&mut lookups, record).map_err(err)?;
-                    }
-                    Change::DelLookup { vsid, ca } => {
-                        lookups
-                            .remove(lookup_key(*vsid, *ca).as_slice())
-                            .map_err(|e| err(e.into()))?;
-                    }
-                    Change::PutProvider { provider } => {
-                        put_provider(&mut providers, provider).map_err(err)?;
-                    }
-                    Change::DelProvider { pa } => {
-                        providers
-                            .remove(pa_key(*pa).as_slice())
-                            .map_err(|e| err(e.into()))?;
-                    }
+                let w = c.store_write();
+                let at = if let Some(at) = open.iter().position(|(name, _)| *name == w.table) {
+                    at
+                } else {
+                    let t = txn
+                        .open_table(TableDefinition::new(w.table))
+                        .map_err(|e| err(e.into()))?;
+                    open.push((w.table, t));
+                    open.len() - 1
+                };
+                let t = &mut open[at].1;
+                match &w.value {
+                    Some(v) => t.insert(w.key.as_slice(), v.as_slice()).map(drop),
+                    None => t.remove(w.key.as_slice()).map(drop),
                 }
+                .map_err(|e| err(e.into()))?;
             }
         }
         Ok(Pending {
@@ -326,17 +298,21 @@ impl Store {
     pub fn snapshot(&mut self, state: &State) -> Result<()> {
         let err = |e: StoreSource| self.write_err(e);
         let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
-        for table in [LOOKUPS, LOOKUPS_JSON, PROVIDERS] {
+        for table in [rows::<Lookups>(), LOOKUPS_JSON, rows::<Providers>()] {
             txn.delete_table(table).map_err(|e| err(e.into()))?;
         }
         {
-            let mut lookups = txn.open_table(LOOKUPS).map_err(|e| err(e.into()))?;
+            let mut lookups = txn
+                .open_table(rows::<Lookups>())
+                .map_err(|e| err(e.into()))?;
             for r in &state.lookups {
-                put_lookup(&mut lookups, r).map_err(err)?;
+                put_row::<Lookups>(&mut lookups, r).map_err(err)?;
             }
-            let mut providers = txn.open_table(PROVIDERS).map_err(|e| err(e.into()))?;
+            let mut providers = txn
+                .open_table(rows::<Providers>())
+                .map_err(|e| err(e.into()))?;
             for p in &state.providers {
-                put_provider(&mut providers, p).map_err(err)?;
+                put_row::<Providers>(&mut providers, p).map_err(err)?;
             }
         }
         txn.commit().map_err(|e| err(e.into()))?;
@@ -374,127 +350,14 @@ impl Pending {
     }
 }
 
-type Table<'t> = redb::Table<'t, &'static [u8], &'static [u8]>;
+type Open<'t> = redb::Table<'t, &'static [u8], &'static [u8]>;
 
-/// A lookup record under its (VSID, CA) key; the error as text, for the caller to name the file.
-fn put_lookup(t: &mut Table, r: &LookupRecord) -> std::result::Result<(), StoreSource> {
+/// A row of table `T` under its key.
+fn put_row<T: Table>(t: &mut Open<'_>, row: &T::Row) -> std::result::Result<(), StoreSource> {
     t.insert(
-        lookup_key(r.vsid, r.ca).as_slice(),
-        encode_lookup(r).as_slice(),
+        T::store_key(&T::key(row)).as_slice(),
+        T::encode(row).as_slice(),
     )?;
-    Ok(())
-}
-
-/// The form of [`encode_lookup`]'s values: a first byte that changes with it.
-const LOOKUP_FORM: u8 = 1;
-
-/// An address as its family (4 or 6) and its bytes.
-fn put_addr(out: &mut Vec<u8>, a: IpAddr) {
-    match a {
-        IpAddr::V4(a) => {
-            out.push(4);
-            out.extend(a.octets());
-        }
-        IpAddr::V6(a) => {
-            out.push(6);
-            out.extend(a.octets());
-        }
-    }
-}
-
-/// A lookup record's value (its key holds VSID and CA): form, PA (family and bytes), MAC,
-/// method, port (length and bytes, 0: none), name (16-bit length plus one, 0: none).
-fn encode_lookup(r: &LookupRecord) -> Vec<u8> {
-    let mut v = Vec::with_capacity(24);
-    v.push(LOOKUP_FORM);
-    put_addr(&mut v, r.pa);
-    v.extend(r.mac.0);
-    v.push(match r.method {
-        Method::Encap => 0,
-        Method::Rewrite => 1,
-    });
-    let port = r.port.as_deref().unwrap_or_default().as_bytes();
-    v.push(u8::try_from(port.len()).unwrap_or(u8::MAX));
-    v.extend(&port[..port.len().min(255)]);
-    match &r.name {
-        None => v.extend(0u16.to_be_bytes()),
-        Some(n) => {
-            let n = &n.as_bytes()[..n.len().min(usize::from(u16::MAX) - 1)];
-            v.extend(u16::try_from(n.len() + 1).unwrap_or(u16::MAX).to_be_bytes());
-            v.extend(n);
-        }
-    }
-    v
-}
-
-/// Reads what [`lookup_key`] and [`encode_lookup`] wrote.
-fn decode_lookup(key: &[u8], value: &[u8]) -> std::result::Result<LookupRecord, String> {
-    struct Reader<'a>(&'a [u8]);
-    impl<'a> Reader<'a> {
-        fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
-            if self.0.len() < n {
-                return Err("value cut short".into());
-            }
-            let (head, rest) = self.0.split_at(n);
-            self.0 = rest;
-            Ok(head)
-        }
-        fn addr(&mut self) -> std::result::Result<IpAddr, String> {
-            match self.take(1)?[0] {
-                4 => Ok(IpAddr::from(
-                    <[u8; 4]>::try_from(self.take(4)?).unwrap_or_default(),
-                )),
-                6 => Ok(IpAddr::from(
-                    <[u8; 16]>::try_from(self.take(16)?).unwrap_or_default(),
-                )),
-                f => Err(format!("address family {f}")),
-            }
-        }
-        fn text(&mut self, n: usize) -> std::result::Result<String, String> {
-            String::from_utf8(self.take(n)?.to_vec()).map_err(|e| e.to_string())
-        }
-    }
-    let mut k = Reader(key);
-    let vsid = u32::from_be_bytes(k.take(4)?.try_into().unwrap_or_default());
-    let ca = k.addr()?;
-    let mut v = Reader(value);
-    let form = v.take(1)?[0];
-    if form != LOOKUP_FORM {
-        return Err(format!("form {form}, this agent reads {LOOKUP_FORM}"));
-    }
-    let pa = v.addr()?;
-    let mac = Mac(v.take(6)?.try_into().unwrap_or_default());
-    let method = match v.take(1)?[0] {
-        0 => Method::Encap,
-        1 => Method::Rewrite,
-        m => return Err(format!("method {m}")),
-    };
-    let port = match usize::from(v.take(1)?[0]) {
-        0 => None,
-        n => Some(v.text(n)?),
-    };
-    let name = match u16::from_be_bytes(v.take(2)?.try_into().unwrap_or_default()) {
-        0 => None,
-        n => Some(v.text(usize::from(n) - 1)?),
-    };
-    if !v.0.is_empty() || !k.0.is_empty() {
-        return Err("trailing bytes".into());
-    }
-    Ok(LookupRecord {
-        vsid,
-        ca,
-        pa,
-        mac,
-        method,
-        port,
-        name,
-        host: None,
-    })
-}
-
-fn put_provider(t: &mut Table, p: &ProviderState) -> std::result::Result<(), StoreSource> {
-    let v = serde_json::to_vec(p)?;
-    t.insert(pa_key(p.pa.addr).as_slice(), v.as_slice())?;
     Ok(())
 }
 
@@ -522,6 +385,7 @@ fn damaged_content(path: &Path, why: &str) -> NvError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{Mac, Method};
 
     fn record(ca: &str) -> LookupRecord {
         LookupRecord {
@@ -569,29 +433,6 @@ mod tests {
     }
 
     #[test]
-    fn records_round_trip_through_the_compact_form() {
-        let mut all = vec![record("10.0.0.1")];
-        let mut r = record("10.0.0.2");
-        r.port = Some("red1".into());
-        r.name = Some("RED-2 \u{e9}".into());
-        r.method = Method::Rewrite;
-        all.push(r);
-        let mut r = record("10.0.0.3");
-        r.name = Some(String::new());
-        all.push(r);
-        for r in all {
-            let back = decode_lookup(&lookup_key(r.vsid, r.ca), &encode_lookup(&r)).unwrap();
-            assert_eq!(back, r);
-        }
-        let v = encode_lookup(&record("10.0.0.1"));
-        let k = lookup_key(5001, "10.0.0.1".parse().unwrap());
-        assert!(decode_lookup(&k, &v[..v.len() - 1]).is_err());
-        let mut other = v.clone();
-        other[0] = 9;
-        assert!(decode_lookup(&k, &other).unwrap_err().contains("form 9"));
-    }
-
-    #[test]
     fn json_records_of_an_earlier_agent_are_rewritten_compact() {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -601,7 +442,7 @@ mod tests {
                 let mut t = txn.open_table(LOOKUPS_JSON).unwrap();
                 let r = record("10.0.0.1");
                 let v = serde_json::to_vec(&r).unwrap();
-                t.insert(lookup_key(r.vsid, r.ca).as_slice(), v.as_slice())
+                t.insert(Lookups::store_key(&r.key()).as_slice(), v.as_slice())
                     .unwrap();
             }
             txn.commit().unwrap();

@@ -7,7 +7,8 @@ use serde::Deserialize;
 
 use crate::{
     error::{NvError, Result},
-    store::{Change, State},
+    store::State,
+    tables::Change,
 };
 
 pub const SNAPSHOT: &str = "state.json";

@@ -11,8 +11,9 @@ use nv_common::{
 use crate::{
     catalog::{Catalog, Key},
     datapath::Desired,
-    model::{LookupRecord, Method, ProviderState},
+    model::{LookupRecord, Method},
     netlink::{LinkInfo, LinkKind},
+    tables::providers,
 };
 
 /// A VM port as the agent found it: where the datapath delivers to it.
@@ -146,18 +147,12 @@ pub fn config(base: &DatapathConfig, catalog: &Catalog) -> DatapathConfig {
     config
 }
 
-/// The local-PA map's entry of a provider address: on the uplink (`nvctl provider add` puts
-/// them nowhere else), owned by the datapath if it is a rewrite PA.
-pub fn local_pa(p: &ProviderState, uplink_ifindex: u32) -> LocalPa {
-    LocalPa::new(uplink_ifindex, if p.rewrite { LocalPa::OWNED } else { 0 })
-}
-
 /// The local provider addresses.
 pub fn local_pas(catalog: &Catalog, uplink_ifindex: u32) -> HashMap<V4, LocalPa> {
     catalog
         .providers()
         .iter()
-        .map(|p| (key_v4(p.pa.addr), local_pa(p, uplink_ifindex)))
+        .map(|p| (key_v4(p.pa.addr), providers::local_pa(p, uplink_ifindex)))
         .collect()
 }
 

@@ -24,7 +24,7 @@ use crate::{
     error::{NvError, Result},
     model::LookupRecord,
     ports::PortTracker,
-    store::Change,
+    tables::Change,
     translate::{self, Attached},
 };
 
@@ -712,7 +712,9 @@ impl Tables {
 /// The local-PA write of a provider change, with its undo (`undo`: the change that undoes it).
 fn local_pa_write(change: &Change, undo: &Change, uplink_ifindex: u32) -> Option<(Write, Write)> {
     let entry = |c: &Change| match c {
-        Change::PutProvider { provider } => Some(translate::local_pa(provider, uplink_ifindex)),
+        Change::PutProvider { provider } => {
+            Some(crate::tables::providers::local_pa(provider, uplink_ifindex))
+        }
         _ => None,
     };
     let pa = match change {

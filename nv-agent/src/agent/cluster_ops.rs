@@ -10,9 +10,9 @@ use crate::{
     cluster::{self, Cluster, Update},
     error::{NvError, Result, invalid},
     model::LookupRecord,
-    store::{Change, Store},
     translate::Attached,
     txn::{Journal, Links, Pending},
+    {store::Store, tables::Change},
 };
 
 /// The local store as cluster mode writes it: etcd's keys as applied, and the revision.
@@ -92,7 +92,7 @@ impl Agent {
         if full {
             let keep: std::collections::HashSet<(u32, IpAddr)> = updates
                 .iter()
-                .filter_map(|(k, _)| cluster::parse_key(k))
+                .filter_map(|(k, _)| crate::tables::lookups::parse_etcd_key(k))
                 .collect();
             for r in self.tables.catalog.iter() {
                 if !keep.contains(&r.key()) {
@@ -210,7 +210,7 @@ impl Agent {
         }
         let mut scratch = (records.len() > 1).then(|| self.tables.catalog.clone());
         for (i, r) in records.iter().enumerate() {
-            let view = cluster::local_view(r, &me);
+            let view = crate::tables::lookups::local_view(r, &me);
             let named = |e: NvError| {
                 if records.len() > 1 {
                     invalid(format!(

@@ -9,7 +9,7 @@ use crate::{
     catalog::describe,
     error::{NvError, Result, invalid},
     model::{LookupRecord, ProviderState},
-    store::Change,
+    tables::Change,
 };
 
 /// A record's move to another host or port: HNV migration, one change.

@@ -8,7 +8,7 @@ use super::Agent;
 use crate::{
     error::{NvError, Result, invalid},
     model::{Provider, ProviderState, validate_ifname},
-    store::Change,
+    tables::Change,
     txn::Links,
 };
 

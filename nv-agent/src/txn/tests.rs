@@ -9,8 +9,8 @@ use crate::{
     catalog::Catalog,
     error::{NvError, Result},
     model::{LookupRecord, Mac, Method, Prefixed, ProviderState},
-    store::{Change, Store},
     translate::{self, Attached},
+    {store::Store, tables::Change},
 };
 
 /// The datapath's maps and filters, in memory.
