@@ -36,6 +36,7 @@ use tower::limit::ConcurrencyLimitLayer;
 
 use crate::{
     agent::MoveRequest,
+    control,
     error::NvError,
     import::{self, Format},
     model::{LookupRecord, Provider},
@@ -256,11 +257,7 @@ async fn list_lookups(
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Query(q) = q.map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))?;
-    let agent = a.lock().await;
-    if agent.cluster().is_some() {
-        return Ok(Json(agent.cluster_lookups(q.vsid)?));
-    }
-    Ok(Json(agent.lookups(q.vsid)))
+    Ok(Json(control::list(&a, q.vsid).await?))
 }
 
 async fn add_lookup(
@@ -268,15 +265,8 @@ async fn add_lookup(
     body: Result<Json<LookupRecord>, JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Json(r) = body?;
-    let cluster = a.cluster().cloned();
-    let added = whole(async move {
-        match cluster {
-            Some(c) => crate::cluster::add(&a, &c, r).await,
-            None => a.lock().await.add_lookup(r).await,
-        }
-    })
-    .await?;
-    Ok((StatusCode::CREATED, Json(added)))
+    let mut added = whole(async move { control::add(&a, vec![r]).await }).await?;
+    Ok((StatusCode::CREATED, Json(added.remove(0))))
 }
 
 async fn del_lookup(
@@ -284,15 +274,8 @@ async fn del_lookup(
     q: Result<Query<LookupQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Query(q) = q.map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))?;
-    let cluster = a.cluster().cloned();
     Ok(Json(
-        whole(async move {
-            match cluster {
-                Some(c) => crate::cluster::delete(&c, q.vsid, q.ca).await,
-                None => a.lock().await.del_lookup(q.vsid, q.ca).await,
-            }
-        })
-        .await?,
+        whole(async move { control::delete(&a, q.vsid, q.ca).await }).await?,
     ))
 }
 
@@ -301,15 +284,8 @@ async fn move_lookup(
     body: Result<Json<MoveRequest>, JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Json(m) = body?;
-    let cluster = a.cluster().cloned();
     Ok(Json(
-        whole(async move {
-            match cluster {
-                Some(c) => crate::cluster::move_to(&a, &c, m).await,
-                None => a.lock().await.move_lookup(m).await,
-            }
-        })
-        .await?,
+        whole(async move { control::move_to(&a, m).await }).await?,
     ))
 }
 
@@ -333,13 +309,9 @@ async fn import_lookups(
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
-    let cluster = a.cluster().cloned();
     let imported = whole(async move {
         let _turn = turn;
-        match cluster {
-            Some(c) => crate::cluster::import(&a, &c, records).await,
-            None => a.lock().await.import_lookups(records).await,
-        }
+        control::add(&a, records).await.map(|r| r.len())
     })
     .await?;
     Ok((StatusCode::CREATED, Json(json!({ "imported": imported }))))

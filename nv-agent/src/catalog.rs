@@ -14,7 +14,7 @@ use std::{
 use crate::{
     error::{NvError, Result, invalid},
     model::{LookupRecord, Mac, Method, ProviderState},
-    store::State,
+    tables::State,
 };
 
 /// (VSID, CA): a lookup record's identity.

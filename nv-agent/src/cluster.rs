@@ -1,15 +1,14 @@
-//! Cluster mode: lookup records live in etcd, the cluster's source of truth, under
+//! Cluster mode's adapter: lookup records live in etcd, the cluster's source of truth, under
 //! `/nv/v1/lookups/VSID/CA` as JSON in the CLI's field names (with `host`, the host whose VM
-//! port a record binds). Every agent watches the prefix from the revision it last applied and
-//! applies what changed through the transaction path ([`crate::txn::Tables::apply_lenient`]:
-//! a value that does not parse or breaks a rule is left out and reported, never applied, and
-//! never stops the rest). What it applied, and the revision, are cached in the local store, so
-//! an agent starts, and the datapath forwards, from there while etcd is away. `nvctl` writes go
-//! through the agent into etcd as transactions that compare before they write: a change made
-//! meanwhile by another host is refused, never lost.
+//! port a record binds). The watcher here follows `/nv/v1/` from the revision this agent last
+//! applied and hands what changed, batch by batch, to whoever applies it (the control path:
+//! the same admission and transaction path as a host alone, leniently: a value that does not
+//! parse or breaks a rule is left out and reported, and never stops the rest); it knows
+//! nothing of the agent. What was applied, and the revision, are cached in the local store, so
+//! an agent starts, and the datapath forwards, from there while etcd is away. Writes go
+//! through [`crate::etcd_records`], as transactions that compare before they write.
 use std::{
     collections::HashMap,
-    net::IpAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -20,11 +19,14 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    api::Shared,
-    error::{NvError, Result, invalid},
-    etcd_writer::{EtcdError, EtcdWriter, Expect, KeyWrite},
+    error::{NvError, Result},
+    etcd_records::EtcdRecords,
+    etcd_writer::EtcdWriter,
     model::LookupRecord,
-    tables::lookups::{ETCD_PREFIX, etcd_key, local_view, parse_etcd_key, placed},
+    tables::{
+        Change,
+        lookups::{ETCD_PREFIX, local_view, parse_etcd_key},
+    },
 };
 
 /// Everything nv keeps in etcd, watched by every agent.
@@ -242,7 +244,7 @@ impl Cluster {
 
     /// Waits (a while) until this agent has applied `revision`, so nvctl answers once the
     /// change is in this host's datapath.
-    async fn wait_applied(&self, revision: i64) {
+    pub async fn wait_applied(&self, revision: i64) {
         let mut rx = self.applied.subscribe();
         if tokio::time::timeout(APPLIED_WAIT, rx.wait_for(|r| *r >= revision))
             .await
@@ -252,153 +254,49 @@ impl Cluster {
         }
     }
 
-    /// Writes `writes` to etcd (see [`EtcdWriter::write`]); refused (`Conflict`) when its
-    /// comparisons fail: another host changed the same records meanwhile. Waits until this
-    /// agent applied it.
-    async fn commit(&self, writes: &[KeyWrite], what: &str) -> Result<()> {
-        let revision = self.writer.write(writes).await.map_err(|e| match e {
-            EtcdError::Conflict => NvError::Conflict(format!(
-                "{what} changed in etcd meanwhile (another host's nvctl?); nothing was \
-                 written: list the records and try again"
-            )),
-            EtcdError::Refused(why) if why.contains("too many operations") => {
-                NvError::cluster(format!(
-                    "etcd refused the transaction ({why}): an import is one transaction, so \
-                     etcd's --max-txn-ops must hold it; split the file or raise it"
-                ))
-            }
-            e => self.unavailable(e),
-        })?;
-        self.wait_applied(revision).await;
-        Ok(())
-    }
-
-    /// A request etcd did not carry out, with what forwarding does meanwhile.
-    fn unavailable(&self, e: EtcdError) -> NvError {
-        let what = match e {
-            EtcdError::Unreachable(_) => format!(
-                "etcd is unreachable; forwarding continues from the records applied up to \
-                 revision {}, and changes wait until it is back",
+    /// Lookup records in etcd, written with this host's identity.
+    pub fn records(&self) -> EtcdRecords<'_> {
+        EtcdRecords {
+            writer: &self.writer,
+            meanwhile: Some(format!(
+                "forwarding continues from the records applied up to revision {}, and changes \
+                 wait until it is back",
                 self.revision()
-            ),
-            _ => "the change was not made".to_owned(),
-        };
-        NvError::cluster_by(what, e)
-    }
-
-    /// The record etcd holds for (`vsid`, `ca`), and its revision.
-    async fn current(&self, vsid: u32, ca: IpAddr) -> Result<(LookupRecord, i64)> {
-        let key = etcd_key(vsid, ca);
-        let held = self
-            .writer
-            .get(&key)
-            .await
-            .map_err(|e| self.unavailable(e))?
-            .ok_or_else(|| {
-                NvError::NotFound(format!("no lookup record for VSID {vsid} CA {ca}"))
-            })?;
-        let record: LookupRecord = serde_json::from_slice(&held.value)
-            .map_err(|e| invalid(format!("{key} in etcd does not parse: {e}")))?;
-        Ok((record, held.mod_revision))
+            )),
+        }
     }
 }
 
-/// A record placed on its host, and valid on its own.
-fn placed_valid(r: LookupRecord, me: &str) -> Result<LookupRecord> {
-    let r = placed(r, me)?;
-    r.validate()?;
-    Ok(r)
+/// What the watcher hands over: etcd's keys as of `revision` (`full`: all of them, anything
+/// else goes), and where to say whether they went in.
+pub struct Batch {
+    pub updates: Vec<Update>,
+    pub full: bool,
+    pub revision: i64,
+    pub done: tokio::sync::oneshot::Sender<Result<()>>,
 }
 
-fn json(r: &LookupRecord) -> Result<Vec<u8>> {
-    serde_json::to_vec(r).map_err(|e| invalid(format!("cannot encode the record: {e}")))
-}
-
-/// `nvctl lookup add` in cluster mode.
-pub async fn add(shared: &Shared, cluster: &Cluster, r: LookupRecord) -> Result<LookupRecord> {
-    let r = placed_valid(r, &cluster.host)?;
-    shared.lock().await.check_cluster(&[&r], false).await?;
-    let write = KeyWrite {
-        key: etcd_key(r.vsid, r.ca),
-        expect: Expect::Absent,
-        value: Some(json(&r)?),
-    };
-    cluster
-        .commit(&[write], &format!("VSID {} CA {}", r.vsid, r.ca))
-        .await?;
-    info!(vsid = r.vsid, ca = %r.ca, "added lookup record to etcd");
-    Ok(r)
-}
-
-/// `nvctl lookup move` in cluster mode: the record's PA, port and host, compared against
-/// the revision read.
-pub async fn move_to(
-    shared: &Shared,
-    cluster: &Cluster,
-    m: crate::agent::MoveRequest,
-) -> Result<LookupRecord> {
-    let (old, revision) = cluster.current(m.vsid, m.ca).await?;
-    let mut moved = old;
-    moved.pa = m.pa;
-    moved.port = m.port;
-    moved.host = m.host;
-    let moved = placed_valid(moved, &cluster.host)?;
-    shared.lock().await.check_cluster(&[&moved], true).await?;
-    let write = KeyWrite {
-        key: etcd_key(m.vsid, m.ca),
-        expect: Expect::At(revision),
-        value: Some(json(&moved)?),
-    };
-    cluster
-        .commit(&[write], &format!("VSID {} CA {}", m.vsid, m.ca))
-        .await?;
-    info!(vsid = m.vsid, ca = %m.ca, pa = %m.pa, host = ?moved.host, "moved lookup record in etcd");
-    Ok(moved)
-}
-
-/// `nvctl lookup del` in cluster mode.
-pub async fn delete(cluster: &Cluster, vsid: u32, ca: IpAddr) -> Result<LookupRecord> {
-    let (old, revision) = cluster.current(vsid, ca).await?;
-    let write = KeyWrite {
-        key: etcd_key(vsid, ca),
-        expect: Expect::At(revision),
-        value: None,
-    };
-    cluster
-        .commit(&[write], &format!("VSID {vsid} CA {ca}"))
-        .await?;
-    info!(vsid, ca = %ca, "deleted lookup record from etcd");
-    Ok(old)
-}
-
-/// `nvctl lookup import` in cluster mode: one etcd transaction, every key new, all or none.
-pub async fn import(
-    shared: &Shared,
-    cluster: &Cluster,
-    records: Vec<LookupRecord>,
-) -> Result<usize> {
-    let records: Vec<LookupRecord> = records
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| {
-            placed_valid(r, &cluster.host).map_err(|e| invalid(format!("record {}: {e}", i + 1)))
+/// Hands `updates` over and waits until they are applied (an error ends the session: the next
+/// one starts from the revision applied last).
+async fn hand_over(
+    batches: &tokio::sync::mpsc::Sender<Batch>,
+    updates: Vec<Update>,
+    full: bool,
+    revision: i64,
+) -> Result<()> {
+    let (done, applied) = tokio::sync::oneshot::channel();
+    batches
+        .send(Batch {
+            updates,
+            full,
+            revision,
+            done,
         })
-        .collect::<Result<_>>()?;
-    let refs: Vec<&LookupRecord> = records.iter().collect();
-    shared.lock().await.check_cluster(&refs, false).await?;
-    let writes = records
-        .iter()
-        .map(|r| {
-            Ok(KeyWrite {
-                key: etcd_key(r.vsid, r.ca),
-                expect: Expect::Absent,
-                value: Some(json(r)?),
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    cluster.commit(&writes, "a record of the import").await?;
-    info!(records = records.len(), "imported lookup records into etcd");
-    Ok(records.len())
+        .await
+        .map_err(|_| NvError::cluster("nobody applies what etcd says any more"))?;
+    applied
+        .await
+        .map_err(|_| NvError::cluster("the batch was dropped unapplied"))?
 }
 
 /// Every key under [`ETCD_PREFIX`] at one revision, a page at a time.
@@ -443,14 +341,14 @@ async fn snapshot(client: &mut Client) -> Result<(i64, Vec<Update>)> {
 /// Follows etcd for as long as the agent runs: connects (again and again while it is away),
 /// resynchronises in full when it must (first start, a revision compacted away), then applies
 /// what changes as it comes.
-pub async fn follow(shared: Shared, cluster: Cluster) {
+pub async fn follow(cluster: Cluster, batches: tokio::sync::mpsc::Sender<Batch>) {
     let mut backoff = Duration::from_millis(200);
     // One member at a time, the next one when it fails: a member that went away is left at
     // once, not found again by chance.
     let mut member = 0;
     loop {
         let endpoint = &cluster.endpoints[member % cluster.endpoints.len()];
-        let ended = session(&shared, &cluster, endpoint).await;
+        let ended = session(&cluster, &batches, endpoint).await;
         let why = match ended {
             Ok(()) => format!("{endpoint}: the watch ended"),
             Err(e) => format!("{endpoint}: {e}"),
@@ -468,7 +366,11 @@ pub async fn follow(shared: Shared, cluster: Cluster) {
     }
 }
 
-async fn session(shared: &Shared, cluster: &Cluster, endpoint: &str) -> Result<()> {
+async fn session(
+    cluster: &Cluster,
+    batches: &tokio::sync::mpsc::Sender<Batch>,
+    endpoint: &str,
+) -> Result<()> {
     let mut client = Client::connect([endpoint], Some(connect_options()))
         .await
         .map_err(|e| etcd_err("connect", e))?;
@@ -482,7 +384,7 @@ async fn session(shared: &Shared, cluster: &Cluster, endpoint: &str) -> Result<(
     cluster.connected(Some(endpoint), None);
     let mut revision = cluster.revision();
     if revision == 0 {
-        revision = resync(shared, cluster, &mut client).await?;
+        revision = resync(batches, &mut client).await?;
     }
     loop {
         let mut stream = client
@@ -525,7 +427,7 @@ async fn session(shared: &Shared, cluster: &Cluster, endpoint: &str) -> Result<(
                     "revision {revision} was compacted in etcd (at {}); resynchronising in full",
                     resp.compact_revision()
                 );
-                revision = resync(shared, cluster, &mut client).await?;
+                revision = resync(batches, &mut client).await?;
                 break;
             }
             if resp.canceled() {
@@ -556,11 +458,7 @@ async fn session(shared: &Shared, cluster: &Cluster, endpoint: &str) -> Result<(
                     batch.push((kv.key().to_vec(), value));
                 }
             }
-            shared
-                .lock()
-                .await
-                .apply_cluster(batch, false, revision)
-                .await?;
+            hand_over(batches, batch, false, revision).await?;
             if fenced {
                 cluster.synced.send_replace(true);
             }
@@ -569,32 +467,24 @@ async fn session(shared: &Shared, cluster: &Cluster, endpoint: &str) -> Result<(
 }
 
 /// Reads every record at one revision and makes this host hold exactly those.
-async fn resync(shared: &Shared, cluster: &Cluster, client: &mut Client) -> Result<i64> {
+async fn resync(batches: &tokio::sync::mpsc::Sender<Batch>, client: &mut Client) -> Result<i64> {
     let started = std::time::Instant::now();
     let (revision, all) = snapshot(client).await?;
     let n = all.len();
-    shared
-        .lock()
-        .await
-        .apply_cluster(all, true, revision)
-        .await?;
+    hand_over(batches, all, true, revision).await?;
     info!(
         records = n,
         revision,
         "resynchronised with etcd in {} ms",
         started.elapsed().as_millis()
     );
-    let _ = cluster;
     Ok(revision)
 }
 
 /// What a batch of etcd's keys means for this host: the changes to apply (each with the
 /// index of its update), and the updates left out already (index, why). A value that does not
 /// parse takes its key's record away: it is not what etcd says any more.
-pub fn changes_of(
-    updates: &[Update],
-    me: &str,
-) -> (Vec<usize>, Vec<crate::tables::Change>, Vec<(usize, String)>) {
+pub fn changes_of(updates: &[Update], me: &str) -> (Vec<usize>, Vec<Change>, Vec<(usize, String)>) {
     use crate::tables::Change;
     let mut from = Vec::with_capacity(updates.len());
     let mut changes = Vec::with_capacity(updates.len());

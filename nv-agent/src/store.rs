@@ -10,13 +10,12 @@ use std::{
 };
 
 use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
-use serde::{Deserialize, Serialize};
 
 use crate::{
     error::{NvError, Result, StoreSource},
-    model::{LookupRecord, ProviderState},
+    model::LookupRecord,
     store_legacy,
-    tables::{Change, Lookups, Providers, Table},
+    tables::{Change, Lookups, Providers, State, Table},
 };
 
 const FILE: &str = "nv.redb";
@@ -35,12 +34,6 @@ const CLUSTER: TableDefinition<&[u8], &[u8]> = TableDefinition::new("cluster_v1"
 const CLUSTER_META: TableDefinition<&str, i64> = TableDefinition::new("cluster_meta_v1");
 /// Lookup records as JSON, as agents before the compact form stored them: migrated on open.
 const LOOKUPS_JSON: TableDefinition<&[u8], &[u8]> = TableDefinition::new("lookups_v1");
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct State {
-    pub providers: Vec<ProviderState>,
-    pub lookups: Vec<LookupRecord>,
-}
 
 pub struct Store {
     db: Database,

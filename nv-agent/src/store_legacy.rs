@@ -7,8 +7,8 @@ use serde::Deserialize;
 
 use crate::{
     error::{NvError, Result},
-    store::State,
     tables::Change,
+    tables::State,
 };
 
 pub const SNAPSHOT: &str = "state.json";

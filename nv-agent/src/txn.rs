@@ -124,9 +124,7 @@ impl Checks<'_> {
             Checks::Strict(check) => check(catalog, change),
             Checks::Lenient => match change {
                 Change::PutLookup { record } => {
-                    record.validate()?;
-                    let key = record.key();
-                    catalog.check(record, catalog.contains(&key).then_some(&key))
+                    crate::control::admit::admit_watched(catalog, record)
                 }
                 _ => Ok(()),
             },

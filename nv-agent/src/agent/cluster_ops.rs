@@ -8,7 +8,8 @@ use super::Agent;
 use crate::{
     catalog::Catalog,
     cluster::{self, Cluster, Update},
-    error::{NvError, Result, invalid},
+    control::admit::admit_watched,
+    error::{Result, invalid},
     model::LookupRecord,
     translate::Attached,
     txn::{Journal, Links, Pending},
@@ -61,8 +62,7 @@ impl Agent {
             };
             let refused = port_refusal(&record, uplink)
                 .map(invalid)
-                .map_or_else(|| record.validate(), Err)
-                .and_then(|()| catalog.check(&record, None));
+                .map_or_else(|| admit_watched(catalog, &record), Err);
             match refused {
                 Ok(()) => {
                     catalog.insert(record);
@@ -194,47 +194,6 @@ impl Agent {
         };
         self.check_vm_link(&link).await?;
         Ok(Some(link))
-    }
-
-    /// Checks records on their way into etcd against this host's view (`replacing`: each
-    /// replaces the record of its key): the rules between records, the table's room, and this
-    /// host's ports. The hosts they name check their own ports when they apply them.
-    pub async fn check_cluster(&self, records: &[&LookupRecord], replacing: bool) -> Result<()> {
-        let me = self
-            .cluster
-            .as_ref()
-            .map(|c| c.host.clone())
-            .ok_or_else(|| invalid("not in cluster mode"))?;
-        if !replacing {
-            self.check_capacity(records.len())?;
-        }
-        let mut scratch = (records.len() > 1).then(|| self.tables.catalog.clone());
-        for (i, r) in records.iter().enumerate() {
-            let view = crate::tables::lookups::local_view(r, &me);
-            let named = |e: NvError| {
-                if records.len() > 1 {
-                    invalid(format!(
-                        "record {} ({}): {e}",
-                        i + 1,
-                        crate::catalog::describe(r)
-                    ))
-                } else {
-                    e
-                }
-            };
-            let key = view.key();
-            let catalog = scratch.as_ref().unwrap_or(&self.tables.catalog);
-            catalog
-                .check(&view, replacing.then_some(&key))
-                .map_err(named)?;
-            if view.port.is_some() {
-                self.check_port(&view).await.map_err(named)?;
-            }
-            if let Some(c) = scratch.as_mut() {
-                c.insert(view);
-            }
-        }
-        Ok(())
     }
 
     /// Cluster mode: the records as etcd had them at the revision applied here (with their

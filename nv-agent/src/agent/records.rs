@@ -7,8 +7,10 @@ use tracing::info;
 use super::Agent;
 use crate::{
     catalog::describe,
-    error::{NvError, Result, invalid},
+    control::admit::{Admitted, View, existing},
+    error::{Result, invalid},
     model::{LookupRecord, ProviderState},
+    netlink::LinkInfo,
     tables::Change,
 };
 
@@ -27,90 +29,60 @@ pub struct MoveRequest {
 }
 
 impl Agent {
-    /// Alone (not in cluster mode), a record's VM port is this host's: naming another host
-    /// needs cluster mode.
-    pub(super) fn own_host(&self, mut r: LookupRecord) -> Result<LookupRecord> {
-        match r.host.take() {
-            Some(h) if h != self.host_name => Err(invalid(format!(
-                "host '{h}' is not this host ({}): records name other hosts in cluster mode \
-                 only (etcd_endpoints)",
-                self.host_name
-            ))),
-            _ => Ok(r),
+    /// What admission checks a change against, on this host.
+    pub fn view(&self) -> View<'_> {
+        View {
+            catalog: &self.tables.catalog,
+            host: &self.host_name,
+            cluster: self.cluster.is_some(),
+            max_lookups: self.max_lookups,
         }
     }
 
-    pub(super) fn check_capacity(&self, adding: usize) -> Result<()> {
-        let len = self.tables.catalog.len();
-        if len + adding > usize::try_from(self.max_lookups).unwrap_or(usize::MAX) {
-            return Err(NvError::Conflict(format!(
-                "lookup table full: {len} entries of {}, {adding} more asked for; raise max_lookups",
-                self.max_lookups
-            )));
-        }
-        Ok(())
-    }
-
-    #[tracing::instrument(skip_all, fields(vsid = r.vsid, ca = %r.ca, pa = %r.pa, port = ?r.port))]
-    pub async fn add_lookup(&mut self, r: LookupRecord) -> Result<LookupRecord> {
-        let r = self.own_host(r)?;
-        r.validate()?;
-        self.tables.catalog.check(&r, None)?;
-        self.check_capacity(1)?;
-        let links = self.check_port(&r).await?.map(|l| (l.name.clone(), l));
-        let change = Change::PutLookup { record: r.clone() };
-        self.apply(&[change], &links.into_iter().collect(), |c, _| {
-            c.check(&r, None)
-        })
-        .await?;
-        info!("added lookup record {}", describe(&r));
-        Ok(r)
-    }
-
-    /// Adds many records as one change: each is checked against the table and the ones before
-    /// it, then all are mapped and stored, or none.
-    #[tracing::instrument(skip_all, fields(records = records.len()))]
-    pub async fn import_lookups(&mut self, records: Vec<LookupRecord>) -> Result<usize> {
-        let started = std::time::Instant::now();
-        let records = records
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| {
-                self.own_host(r)
-                    .map_err(|e| invalid(format!("record {}: {e}", i + 1)))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        self.check_capacity(records.len())?;
+    /// The ports of admitted records that are this host's VMs', checked (a veth or tap that
+    /// carries no host address, of no bridge, not the uplink), by name.
+    pub async fn own_ports(&self, admitted: &Admitted) -> Result<HashMap<String, LinkInfo>> {
+        let many = admitted.records.len() > 1;
         let mut links = HashMap::new();
-        for (i, r) in records.iter().enumerate() {
-            let link = match r.validate() {
-                Ok(()) => self.check_port(r).await,
-                Err(e) => Err(e),
-            };
-            match link {
+        for (i, r) in admitted.records.iter().enumerate() {
+            let view = admitted.local_view(r);
+            match self.check_port(&view).await {
                 Ok(Some(link)) => {
                     links.insert(link.name.clone(), link);
                 }
                 Ok(None) => {}
-                Err(e) => {
+                Err(e) if many => {
                     return Err(invalid(format!("record {} ({}): {e}", i + 1, describe(r))));
                 }
+                Err(e) => return Err(e),
             }
         }
-        let n = records.len();
-        let checked = started.elapsed();
-        let changes: Vec<Change> = records
-            .into_iter()
-            .map(|record| Change::PutLookup { record })
+        Ok(links)
+    }
+
+    /// Applies admitted records on this host alone (its store records them): each checked
+    /// against the table with the ones before it, then all mapped and stored, or none.
+    #[tracing::instrument(skip_all, fields(records = admitted.records.len()))]
+    pub async fn apply_admitted(
+        &mut self,
+        admitted: Admitted,
+        links: HashMap<String, LinkInfo>,
+    ) -> Result<Vec<LookupRecord>> {
+        let started = std::time::Instant::now();
+        let n = admitted.records.len();
+        let changes: Vec<Change> = admitted
+            .records
+            .iter()
+            .map(|record| Change::PutLookup {
+                record: record.clone(),
+            })
             .collect();
         let mut i = 0;
         let applied = self
             .apply(&changes, &links, |c, change| {
                 i += 1;
                 match change {
-                    Change::PutLookup { record } => c
-                        .check(record, None)
-                        .map_err(|e| invalid(format!("record {i} ({}): {e}", describe(record)))),
+                    Change::PutLookup { record } => admitted.check(c, i - 1, record),
                     _ => Ok(()),
                 }
             })
@@ -123,22 +95,29 @@ impl Agent {
             unsafe { libc::malloc_trim(0) };
         }
         applied?;
-        info!(
-            records = n,
-            "imported {n} lookup records in {} ms ({} ms checking them on their own)",
-            started.elapsed().as_millis(),
-            checked.as_millis()
-        );
-        Ok(n)
+        match admitted.records.as_slice() {
+            [r] if admitted.replaces() => {
+                info!("moved lookup record {} to PA {}", describe(r), r.pa);
+            }
+            [r] => info!("added lookup record {}", describe(r)),
+            _ => info!(
+                records = n,
+                "imported {n} lookup records in {} ms",
+                started.elapsed().as_millis()
+            ),
+        }
+        Ok(admitted.records)
     }
 
+    /// The record of (`vsid`, `ca`), or why there is none.
+    pub fn lookup(&self, vsid: u32, ca: IpAddr) -> Result<LookupRecord> {
+        existing(&self.tables.catalog, vsid, ca)
+    }
+
+    /// Takes the record of (`vsid`, `ca`) away, on this host alone.
     #[tracing::instrument(skip(self))]
-    pub async fn del_lookup(&mut self, vsid: u32, ca: IpAddr) -> Result<LookupRecord> {
-        let Some(removed) = self.tables.catalog.get(&(vsid, ca)) else {
-            return Err(NvError::NotFound(format!(
-                "no lookup record for VSID {vsid} CA {ca}"
-            )));
-        };
+    pub async fn remove_lookup(&mut self, vsid: u32, ca: IpAddr) -> Result<LookupRecord> {
+        let removed = self.lookup(vsid, ca)?;
         self.apply(
             &[Change::DelLookup { vsid, ca }],
             &HashMap::new(),
@@ -149,39 +128,6 @@ impl Agent {
         Ok(removed)
     }
 
-    /// Replaces a record's PA and port in one change (migration).
-    #[tracing::instrument(skip_all, fields(vsid = m.vsid, ca = %m.ca, pa = %m.pa, port = ?m.port))]
-    pub async fn move_lookup(&mut self, m: MoveRequest) -> Result<LookupRecord> {
-        let key = (m.vsid, m.ca);
-        let Some(old) = self.tables.catalog.get(&key) else {
-            return Err(NvError::NotFound(format!(
-                "no lookup record for VSID {} CA {}",
-                m.vsid, m.ca
-            )));
-        };
-        let mut moved = old;
-        moved.pa = m.pa;
-        moved.port = m.port;
-        moved.host = m.host;
-        let moved = self.own_host(moved)?;
-        moved.validate()?;
-        self.tables.catalog.check(&moved, Some(&key))?;
-        let links = self.check_port(&moved).await?.map(|l| (l.name.clone(), l));
-        let change = Change::PutLookup {
-            record: moved.clone(),
-        };
-        self.apply(&[change], &links.into_iter().collect(), |c, _| {
-            c.check(&moved, Some(&key))
-        })
-        .await?;
-        info!(
-            "moved lookup record {} to PA {}",
-            describe(&moved),
-            moved.pa
-        );
-        Ok(moved)
-    }
-
     pub fn providers(&self) -> Vec<ProviderState> {
         self.tables.catalog.providers().to_vec()
     }
@@ -189,5 +135,9 @@ impl Agent {
     /// The records in (VSID, CA) order, of one VSID or all.
     pub fn lookups(&self, vsid: Option<u32>) -> Vec<LookupRecord> {
         self.tables.catalog.lookups(vsid)
+    }
+
+    pub fn catalog(&self) -> &crate::catalog::Catalog {
+        &self.tables.catalog
     }
 }

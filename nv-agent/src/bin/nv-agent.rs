@@ -168,8 +168,8 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         spawn_reconciler(agent.clone(), every);
     }
     spawn_port_watcher(agent.clone())?;
+    nv_agent::control::follow(&agent);
     if let Some(cluster) = agent.cluster().cloned() {
-        tokio::spawn(nv_agent::cluster::follow(agent.clone(), cluster.clone()));
         // Ready once caught up with etcd; if etcd does not answer, from what was applied last.
         if !cluster.wait_synced(std::time::Duration::from_secs(5)).await {
             tracing::warn!(

@@ -42,6 +42,13 @@ pub trait Table {
     fn decode(key: &[u8], value: &[u8]) -> std::result::Result<Self::Row, String>;
 }
 
+/// Every table's rows: what a store holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub providers: Vec<ProviderState>,
+    pub lookups: Vec<LookupRecord>,
+}
+
 /// One change to one table. Each table adds its variants; everything else about a change
 /// (how the store writes it, what it does to the maps) asks the table's module.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
