@@ -20,19 +20,19 @@ pub enum NvError {
     Store {
         what: String,
         #[source]
-        source: Option<Box<StoreSource>>,
+        source: Option<StoreSource>,
     },
     #[error("datapath: {what}")]
     Datapath {
         what: String,
         #[source]
-        source: Option<Box<DatapathSource>>,
+        source: Option<DatapathSource>,
     },
     #[error("netlink: {what}")]
     Netlink {
         what: String,
         #[source]
-        source: Option<Box<NetlinkSource>>,
+        source: Option<NetlinkSource>,
     },
     /// Cluster mode: etcd is unreachable or refused the request.
     #[error("etcd: {what}")]
@@ -43,63 +43,14 @@ pub enum NvError {
     },
 }
 
-/// What made the store fail.
-#[derive(Debug, Error)]
-pub enum StoreSource {
-    #[error(transparent)]
-    Db(#[from] redb::Error),
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-    #[error(transparent)]
-    Json(#[from] serde_json::Error),
-}
-
-macro_rules! store_from_redb {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StoreSource {
-            fn from(e: $t) -> Self {
-                StoreSource::Db(e.into())
-            }
-        }
-    )*};
-}
-store_from_redb!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
-
-/// What made the datapath (aya, bpffs, the kernel's BTF) fail.
-#[derive(Debug, Error)]
-pub enum DatapathSource {
-    #[error(transparent)]
-    Ebpf(#[from] aya::EbpfError),
-    #[error(transparent)]
-    Program(#[from] aya::programs::ProgramError),
-    #[error(transparent)]
-    Map(#[from] aya::maps::MapError),
-    #[error(transparent)]
-    Pin(#[from] aya::pin::PinError),
-    #[error(transparent)]
-    Link(#[from] aya::programs::links::LinkError),
-    #[error(transparent)]
-    Log(#[from] aya_log::Error),
-    #[error(transparent)]
-    Btf(#[from] crate::datapath::skb_btf::BtfError),
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-}
-
-/// What made a netlink request fail.
-#[derive(Debug, Error)]
-pub enum NetlinkSource {
-    #[error(transparent)]
-    Rtnetlink(#[from] rtnetlink::Error),
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-}
+/// The error that caused a failure of the store (redb's, the system's), of the datapath
+/// (aya's, bpffs's, the kernel's BTF) or of a netlink request (rtnetlink's): kept whole, and
+/// boxed, so that what only names an error (nvctl's model, say) does not carry the whole
+/// datapath with it.
+pub type Source = Box<dyn std::error::Error + Send + Sync>;
+pub type StoreSource = Source;
+pub type DatapathSource = Source;
+pub type NetlinkSource = Source;
 
 /// What made an etcd request fail. etcd's client error is kept whole, and said in words
 /// ([`crate::etcd_writer::words`]), not in gRPC's.
@@ -122,7 +73,7 @@ impl NvError {
     pub fn store_by(what: impl Into<String>, e: impl Into<StoreSource>) -> NvError {
         NvError::Store {
             what: what.into(),
-            source: Some(Box::new(e.into())),
+            source: Some(e.into()),
         }
     }
 
@@ -136,7 +87,7 @@ impl NvError {
     pub fn datapath_by(what: impl Into<String>, e: impl Into<DatapathSource>) -> NvError {
         NvError::Datapath {
             what: what.into(),
-            source: Some(Box::new(e.into())),
+            source: Some(e.into()),
         }
     }
 
@@ -150,7 +101,7 @@ impl NvError {
     pub fn netlink_by(what: impl Into<String>, e: impl Into<NetlinkSource>) -> NvError {
         NvError::Netlink {
             what: what.into(),
-            source: Some(Box::new(e.into())),
+            source: Some(e.into()),
         }
     }
 
