@@ -25,7 +25,6 @@ mod uplink;
 mod vm_ports;
 
 pub use observe::{PortStatus, Published, Status};
-pub use records::MoveRequest;
 use vm_ports::FdReserve;
 
 pub struct Agent {
@@ -97,13 +96,9 @@ impl Agent {
             )));
         };
         let (mut store, mut state, changes) = Store::open(&config.state_dir)?;
-        let cluster = (!config.etcd_endpoints.is_empty()).then(|| {
+        let cluster = config.etcd()?.map(|access| {
             let (revision, _) = store.cluster_cache().unwrap_or_default();
-            crate::cluster::Cluster::new(
-                config.host_name.clone(),
-                config.etcd_endpoints.clone(),
-                revision,
-            )
+            crate::cluster::Cluster::new(config.host_name.clone(), &access, revision)
         });
         if cluster.is_some() && !state.lookups.is_empty() {
             warn!(

@@ -29,13 +29,12 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::limit::ConcurrencyLimitLayer;
 
+use self::types::{CounterValue, Debug, ErrorAnswer, Imported, MoveRequest, VsidTraffic};
 use crate::{
-    agent::MoveRequest,
     control,
     error::NvError,
     import::{self, Format},
@@ -57,6 +56,7 @@ const IMPORTS_WAITING: usize = 4;
 /// more than the import that is running.
 const REQUESTS_AT_ONCE: usize = 32;
 
+pub mod types;
 mod watch;
 
 pub use crate::shared::Shared;
@@ -89,29 +89,11 @@ impl IntoResponse for ApiError {
         } else {
             tracing::warn!(status = self.0.as_u16(), "request refused: {}", self.1);
         }
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        (self.0, Json(ErrorAnswer { error: self.1 })).into_response()
     }
 }
 
 type ApiResult<T> = Result<T, ApiError>;
-
-#[derive(Serialize, Deserialize)]
-pub struct CounterValue {
-    pub counter: String,
-    pub packets: u64,
-}
-
-/// A VSID's traffic in one direction by one method (`nvctl stats --vsid`).
-#[derive(Serialize, Deserialize)]
-pub struct VsidTraffic {
-    pub vsid: u32,
-    /// `tx` (sent by a VM here) or `rx` (delivered to one).
-    pub direction: String,
-    /// `encap`, `rewrite`, or `local` (VM to VM on this host).
-    pub method: String,
-    pub packets: u64,
-    pub bytes: u64,
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -314,14 +296,7 @@ async fn import_lookups(
         control::add(&a, records).await.map(|r| r.len())
     })
     .await?;
-    Ok((StatusCode::CREATED, Json(json!({ "imported": imported }))))
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Debug {
-    /// The datapath's debug events (aya-log), logged by the agent under `nv_datapath`.
-    pub datapath: bool,
+    Ok((StatusCode::CREATED, Json(Imported { imported })))
 }
 
 async fn debug(

@@ -13,13 +13,14 @@ use std::{
     time::Duration,
 };
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use etcd_client::{Client, ConnectOptions, EventType, WatchOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
     error::{NvError, Result},
+    etcd_access::EtcdAccess,
     etcd_records::EtcdRecords,
     etcd_writer::EtcdWriter,
     model::LookupRecord,
@@ -34,8 +35,6 @@ const WATCHED: &str = "/nv/v1/";
 /// Each agent's own key, written when it connects (what it had applied): its event tells the
 /// agent it has seen everything before.
 const HOSTS: &str = "/nv/v1/hosts/";
-/// Keys read a request at a time in a full resynchronisation.
-const PAGE: i64 = 10_000;
 /// How long a change waits for this agent to have applied it, before nvctl gets its answer.
 const APPLIED_WAIT: Duration = Duration::from_secs(5);
 /// Bad records named in `nvctl status` (all are counted).
@@ -69,6 +68,8 @@ pub type Update = (Vec<u8>, Option<Vec<u8>>);
 pub struct Cluster {
     pub host: String,
     pub endpoints: Vec<String>,
+    /// How the watcher connects (TLS and this host's certificate, or plain).
+    options: ConnectOptions,
     /// Writes (and the reads they depend on), a member at a time, retried on the next.
     writer: Arc<EtcdWriter>,
     /// The member the watcher follows now.
@@ -82,13 +83,6 @@ pub struct Cluster {
     /// A write found the watcher's member dead: the watcher moves to the next one now, not
     /// when its keep-alive notices.
     kick: Arc<tokio::sync::Notify>,
-}
-
-/// How every connection to etcd is made (the watcher's and the writer's).
-fn connect_options() -> ConnectOptions {
-    ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -111,8 +105,9 @@ fn etcd_err(what: &str, e: etcd_client::Error) -> NvError {
 }
 
 impl Cluster {
-    pub fn new(host: String, endpoints: Vec<String>, revision: i64) -> Cluster {
-        let writer = Arc::new(EtcdWriter::new(endpoints.clone(), connect_options()));
+    pub fn new(host: String, access: &EtcdAccess, revision: i64) -> Cluster {
+        let endpoints = access.endpoints.clone();
+        let writer = Arc::new(EtcdWriter::new(endpoints.clone(), access.connect_options()));
         let watching: Arc<Mutex<Option<String>>> = Arc::default();
         let kick: Arc<tokio::sync::Notify> = Arc::default();
         {
@@ -132,6 +127,7 @@ impl Cluster {
             })),
             host,
             endpoints,
+            options: access.connect_options(),
             writer,
             watching,
             applied: Arc::new(watch::channel(revision).0),
@@ -299,43 +295,15 @@ async fn hand_over(
         .map_err(|_| NvError::cluster("the batch was dropped unapplied"))?
 }
 
-/// Every key under [`ETCD_PREFIX`] at one revision, a page at a time.
+/// Every key under [`ETCD_PREFIX`] at one revision.
 async fn snapshot(client: &mut Client) -> Result<(i64, Vec<Update>)> {
-    let end = {
-        let mut e = ETCD_PREFIX.as_bytes().to_vec();
-        if let Some(last) = e.last_mut() {
-            *last += 1;
-        }
-        e
-    };
-    let mut from = ETCD_PREFIX.as_bytes().to_vec();
-    let mut revision = 0;
-    let mut out = Vec::new();
-    loop {
-        let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-        if revision > 0 {
-            options = options.with_revision(revision);
-        }
-        let resp = client
-            .get(from.clone(), Some(options))
-            .await
-            .map_err(|e| etcd_err("read the records from etcd", e))?;
-        if revision == 0 {
-            revision = resp
-                .header()
-                .map_or(0, etcd_client::ResponseHeader::revision);
-        }
-        for kv in resp.kvs() {
-            out.push((kv.key().to_vec(), Some(kv.value().to_vec())));
-        }
-        match resp.kvs().last() {
-            Some(kv) if resp.more() => {
-                from = kv.key().to_vec();
-                from.push(0);
-            }
-            _ => return Ok((revision, out)),
-        }
-    }
+    let (revision, kvs) = crate::etcd_writer::read_prefix(client, ETCD_PREFIX)
+        .await
+        .map_err(|e| etcd_err("read the records from etcd", e))?;
+    Ok((
+        revision,
+        kvs.into_iter().map(|(k, v)| (k, Some(v))).collect(),
+    ))
 }
 
 /// Follows etcd for as long as the agent runs: connects (again and again while it is away),
@@ -371,7 +339,7 @@ async fn session(
     batches: &tokio::sync::mpsc::Sender<Batch>,
     endpoint: &str,
 ) -> Result<()> {
-    let mut client = Client::connect([endpoint], Some(connect_options()))
+    let mut client = Client::connect([endpoint], Some(cluster.options.clone()))
         .await
         .map_err(|e| etcd_err("connect", e))?;
     // Connecting is lazy: only an answer says the member is there. Then this agent counts as

@@ -62,11 +62,22 @@ pub struct AgentArgs {
     #[arg(long)]
     pub reconcile_interval: Option<u64>,
     /// Cluster mode: etcd's client URLs, comma-separated (e.g.
-    /// `http://10.1.0.1:2379,http://10.1.0.2:2379,http://10.1.0.3:2379`). Lookup records then
-    /// live in etcd under /nv/v1/, shared by every host; provider addresses stay this host's.
-    /// Without it the agent keeps its records to itself [default: none].
+    /// `https://10.1.0.1:2379,https://10.1.0.2:2379,https://10.1.0.3:2379`). Lookup records
+    /// then live in etcd under /nv/v1/, shared by every host; provider addresses stay this
+    /// host's. `http://` is for a test cluster: use TLS and the three files below, so that
+    /// this host can only write its own key [default: none].
     #[arg(long)]
     pub etcd_endpoints: Option<String>,
+    /// Cluster mode over TLS: the CA certificate (PEM) that signed etcd's certificates.
+    #[arg(long)]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// Cluster mode over TLS: this host's client certificate (PEM), whose CN is its
+    /// `host_name`; etcd's roles let it read `/nv/v1/` and write `/nv/v1/hosts/HOST_NAME` only.
+    #[arg(long)]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// Cluster mode over TLS: the key (PEM) of --etcd-cert-file.
+    #[arg(long)]
+    pub etcd_key_file: Option<PathBuf>,
     /// This host's name in cluster mode: a record's `host` names the host whose VM port it
     /// binds [default: the hostname].
     #[arg(long)]
@@ -91,6 +102,9 @@ struct FileConfig {
     underlay_dscp: Option<DscpPolicy>,
     reconcile_interval: Option<u64>,
     etcd_endpoints: Option<String>,
+    etcd_ca_file: Option<PathBuf>,
+    etcd_cert_file: Option<PathBuf>,
+    etcd_key_file: Option<PathBuf>,
     host_name: Option<String>,
 }
 
@@ -168,6 +182,8 @@ pub struct Config {
     pub reconcile_interval: Option<std::time::Duration>,
     /// Cluster mode's etcd endpoints (empty: not in cluster mode).
     pub etcd_endpoints: Vec<String>,
+    /// And the files of this host's TLS identity.
+    pub etcd_tls: crate::etcd_access::TlsFiles,
     pub host_name: String,
 }
 
@@ -228,26 +244,20 @@ impl Config {
                 .etcd_endpoints
                 .clone()
                 .or(file.etcd_endpoints)
-                .map(|e| {
-                    e.split(',')
-                        .map(|u| u.trim().to_owned())
-                        .filter(|u| !u.is_empty())
-                        .collect()
-                })
+                .map(|e| crate::etcd_access::split_endpoints(&e))
                 .unwrap_or_default(),
+            etcd_tls: crate::etcd_access::TlsFiles {
+                ca: args.etcd_ca_file.clone().or(file.etcd_ca_file),
+                cert: args.etcd_cert_file.clone().or(file.etcd_cert_file),
+                key: args.etcd_key_file.clone().or(file.etcd_key_file),
+            },
             host_name: args
                 .host_name
                 .clone()
                 .or(file.host_name)
                 .unwrap_or_else(hostname),
         };
-        for url in &config.etcd_endpoints {
-            if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
-                return Err(invalid(format!(
-                    "etcd endpoint '{url}' is not a URL like http://10.1.0.1:2379"
-                )));
-            }
-        }
+        config.etcd()?;
         if config.host_name.is_empty()
             || config.host_name.len() > 253
             || !config
@@ -275,6 +285,29 @@ impl Config {
             return Err(invalid(format!("vm_mtu {mtu} is out of range 68-65535")));
         }
         Ok(config)
+    }
+}
+
+impl Config {
+    /// How this host reaches etcd, in cluster mode (its files read now: a wrong one stops
+    /// the agent at start, not at its first write).
+    pub fn etcd(&self) -> Result<Option<crate::etcd_access::EtcdAccess>> {
+        let t = &self.etcd_tls;
+        if self.etcd_endpoints.is_empty() {
+            if t.ca.is_some() || t.cert.is_some() || t.key.is_some() {
+                return Err(invalid(
+                    "etcd_ca_file, etcd_cert_file and etcd_key_file are for cluster mode: \
+                     etcd_endpoints is not set",
+                ));
+            }
+            return Ok(None);
+        }
+        crate::etcd_access::EtcdAccess::new(
+            self.etcd_endpoints.clone(),
+            t,
+            &crate::etcd_access::CONFIG_KEYS,
+        )
+        .map(Some)
     }
 }
 

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use tracing::warn;
 
 use crate::{
-    agent::MoveRequest,
+    api::types::MoveRequest,
     cluster::{Batch, Cluster},
     error::Result,
     model::LookupRecord,

@@ -104,11 +104,22 @@ impl EtcdRecords<'_> {
                     .map(|m| format!("; {m}"))
                     .unwrap_or_default()
             ),
-            EtcdError::Refused(why) if why.contains("permission denied") => format!(
-                "etcd refused {what} to this identity: records are written by the operator's \
-                 identity; run nvctl with --etcd-endpoints and the operator's certificate \
-                 (--etcd-ca-file, --etcd-cert-file, --etcd-key-file)"
-            ),
+            EtcdError::Refused(why) if why.contains("permission denied") => {
+                // The words say it all: etcd's own add nothing but "permission denied".
+                return NvError::cluster(if self.meanwhile.is_some() {
+                    format!(
+                        "etcd refused {what} to this host's identity: records are written by \
+                         the operator's; run nvctl with --etcd-endpoints and the operator's \
+                         certificate (--etcd-ca-file, --etcd-cert-file, --etcd-key-file, or \
+                         NV_ETCD_ENDPOINTS, NV_ETCD_CA_FILE, NV_ETCD_CERT_FILE, NV_ETCD_KEY_FILE)"
+                    )
+                } else {
+                    format!(
+                        "etcd refused {what} to the identity of --etcd-cert-file: records are \
+                         written by the operator's (CN nv-admin in the README's layout)"
+                    )
+                });
+            }
             _ => format!("{what} was not changed"),
         };
         NvError::cluster_by(said, EtcdSource::Write(e))

@@ -169,6 +169,18 @@ impl EtcdWriter {
         }))
     }
 
+    /// Every key under `prefix` and its value, at one revision (which it says), a page at a
+    /// time.
+    pub async fn range(&self, prefix: &str) -> Result<(i64, Vec<(Vec<u8>, Vec<u8>)>), EtcdError> {
+        let (read, _) = self
+            .retry(|mut client| {
+                let prefix = prefix.to_owned();
+                async move { read_prefix(&mut client, &prefix).await }
+            })
+            .await?;
+        Ok(read)
+    }
+
     /// Runs `request` on a member, on the next one when it fails in transport, until one
     /// answers, etcd refuses, or every member failed to be reached in a round (or the time is
     /// up). Also says whether an attempt before the answer may have been applied.
@@ -293,6 +305,49 @@ impl EtcdWriter {
             .clone();
         if let Some(f) = observer {
             f(&self.endpoints[member]);
+        }
+    }
+}
+
+/// Keys read a request at a time by [`read_prefix`].
+const PAGE: i64 = 10_000;
+
+/// Every key under `prefix` with its value, at the revision of the first page (which it
+/// says), a page at a time.
+pub async fn read_prefix(
+    client: &mut Client,
+    prefix: &str,
+) -> Result<(i64, Vec<(Vec<u8>, Vec<u8>)>), etcd_client::Error> {
+    let end = {
+        let mut e = prefix.as_bytes().to_vec();
+        if let Some(last) = e.last_mut() {
+            *last += 1;
+        }
+        e
+    };
+    let mut from = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut out = Vec::new();
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let resp = client.get(from.clone(), Some(options)).await?;
+        if revision == 0 {
+            revision = resp
+                .header()
+                .map_or(0, etcd_client::ResponseHeader::revision);
+        }
+        for kv in resp.kvs() {
+            out.push((kv.key().to_vec(), kv.value().to_vec()));
+        }
+        match resp.kvs().last() {
+            Some(kv) if resp.more() => {
+                from = kv.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok((revision, out)),
         }
     }
 }

@@ -35,8 +35,17 @@ impl Format {
     }
 }
 
-/// The CSV columns, by name.
-const COLUMNS: [&str; 8] = ["vsid", "ca", "pa", "mac", "method", "port", "name", "host"];
+/// The CSV columns, by name: the lookups table's fields, as nvctl's listing names them.
+const COLUMNS: [&str; 8] = {
+    use crate::tables::{Table as _, lookups::Lookups};
+    let mut names = [""; 8];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = Lookups::COLUMNS[i].1;
+        i += 1;
+    }
+    names
+};
 const REQUIRED: usize = 4;
 
 /// Parses an import body; errors name the CSV line (the header is line 1) or the JSON

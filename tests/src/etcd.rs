@@ -30,17 +30,180 @@ pub struct Etcd {
     pub members: Vec<Member>,
     initial: String,
     log_dir: PathBuf,
+    /// TLS with client certificates (and, once [`Etcd::enable_rbac`] ran, etcd's roles):
+    /// etcdctl then speaks as root.
+    pub pki: Option<Pki>,
+}
+
+/// A CA and the certificates of a test cluster, made with openssl (an independent tool):
+/// etcd's server certificate for one address, and a client certificate per identity, whose
+/// CN is its name (etcd's user with `--client-cert-auth`).
+pub struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    /// A new CA in `dir`, etcd's certificate for `server_ip`, and one for each of `clients`.
+    pub fn make(dir: &Path, server_ip: &str, clients: &[&str]) -> anyhow::Result<Pki> {
+        std::fs::create_dir_all(dir)?;
+        let pki = Pki {
+            dir: dir.to_owned(),
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        pki.openssl(
+            &[
+                &["req", "-x509"],
+                &ec[..],
+                &["-days", "2", "-subj", "/CN=nv-test-ca"],
+            ]
+            .concat(),
+            "ca",
+        )?;
+        pki.sign(
+            "etcd",
+            &format!("serverAuth,clientAuth\nsubjectAltName=IP:{server_ip},IP:127.0.0.1"),
+        )?;
+        for c in clients {
+            pki.sign(c, "clientAuth")?;
+        }
+        Ok(pki)
+    }
+
+    /// `openssl ARGS -keyout NAME.key -out NAME.pem` (or `.csr`) in the directory.
+    fn openssl(&self, args: &[&str], name: &str) -> anyhow::Result<()> {
+        let out_ext = if args.contains(&"-x509") {
+            "pem"
+        } else {
+            "csr"
+        };
+        let out = Command::new("openssl")
+            .current_dir(&self.dir)
+            .args(args)
+            .args([
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.{out_ext}"),
+            ])
+            .output()
+            .context("run openssl")?;
+        if !out.status.success() {
+            bail!(
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// A key and a certificate with CN `name`, signed by the CA, with `extensions` (lines of
+    /// an extension file: key usage, names).
+    fn sign(&self, name: &str, extensions: &str) -> anyhow::Result<()> {
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        self.openssl(
+            &[&["req"], &ec[..], &["-subj", &format!("/CN={name}")]].concat(),
+            name,
+        )?;
+        let ext = self.dir.join(format!("{name}.ext"));
+        std::fs::write(&ext, format!("extendedKeyUsage={extensions}\n"))?;
+        let out = Command::new("openssl")
+            .current_dir(&self.dir)
+            .args([
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+            ])
+            .args(["-CAkey", "ca.key", "-CAcreateserial", "-days", "2"])
+            .args([
+                "-out",
+                &format!("{name}.pem"),
+                "-extfile",
+                &format!("{name}.ext"),
+            ])
+            .output()
+            .context("run openssl")?;
+        if !out.status.success() {
+            bail!(
+                "openssl x509 {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    pub fn cert(&self, who: &str) -> PathBuf {
+        self.dir.join(format!("{who}.pem"))
+    }
+
+    pub fn key(&self, who: &str) -> PathBuf {
+        self.dir.join(format!("{who}.key"))
+    }
+
+    /// nvctl's (and etcdctl's) settings for speaking as `who` (`None`: no certificate).
+    pub fn env(&self, endpoints: &str, who: Option<&str>) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("NV_ETCD_ENDPOINTS".to_owned(), endpoints.to_owned()),
+            (
+                "NV_ETCD_CA_FILE".to_owned(),
+                self.ca().display().to_string(),
+            ),
+        ];
+        if let Some(who) = who {
+            env.push((
+                "NV_ETCD_CERT_FILE".to_owned(),
+                self.cert(who).display().to_string(),
+            ));
+            env.push((
+                "NV_ETCD_KEY_FILE".to_owned(),
+                self.key(who).display().to_string(),
+            ));
+        }
+        env
+    }
 }
 
 impl Etcd {
     /// Starts `n` members in `ns`, all on `ip` (an address of that namespace), and waits until
     /// the cluster answers.
     pub fn start(ns: &Netns, dir: &Path, ip: &str, n: u16) -> anyhow::Result<Etcd> {
+        Self::start_with(ns, dir, ip, n, None)
+    }
+
+    /// As [`Etcd::start`], over TLS with client certificates from `pki` (`None`: plain HTTP,
+    /// as for a local test cluster).
+    pub fn start_with(
+        ns: &Netns,
+        dir: &Path,
+        ip: &str,
+        n: u16,
+        pki: Option<Pki>,
+    ) -> anyhow::Result<Etcd> {
         std::fs::create_dir_all(dir)?;
+        let scheme = if pki.is_some() { "https" } else { "http" };
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client_url: format!("http://{ip}:{}", 22_379 + 2 * i),
+                client_url: format!("{scheme}://{ip}:{}", 22_379 + 2 * i),
                 peer_url: format!("http://{ip}:{}", 22_380 + 2 * i),
                 dir: dir.join(format!("m{i}")),
                 child: None,
@@ -56,6 +219,7 @@ impl Etcd {
             members,
             initial,
             log_dir: dir.to_owned(),
+            pki,
         };
         for i in 0..etcd.members.len() {
             etcd.start_member(i)?;
@@ -76,10 +240,19 @@ impl Etcd {
     /// Starts member `i` (again: its data directory is kept).
     pub fn start_member(&mut self, i: usize) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.log_dir.join(format!("m{i}.log")))?;
+        let tls: Vec<String> = self.pki.as_ref().map_or_else(Vec::new, |p| {
+            vec![
+                format!("--cert-file={}", p.cert("etcd").display()),
+                format!("--key-file={}", p.key("etcd").display()),
+                format!("--trusted-ca-file={}", p.ca().display()),
+                "--client-cert-auth".to_owned(),
+            ]
+        });
         let m = &mut self.members[i];
         std::fs::create_dir_all(&m.dir)?;
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns, "etcd"])
+            .args(&tls)
             .arg(format!("--name={}", m.name))
             .arg(format!("--data-dir={}", m.dir.display()))
             .arg(format!("--listen-client-urls={}", m.client_url))
@@ -141,15 +314,33 @@ impl Etcd {
             .join(",")
     }
 
-    /// `etcdctl ARGS` against the members that run; stdout.
+    /// `etcdctl ARGS` against the members that run, as root (with TLS); stdout.
     pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let running = self.running();
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "etcdctl"])
-            .arg(format!("--endpoints={running}"))
+        self.ctl_as(Some("root"), args)
+    }
+
+    /// `etcdctl` with `who`'s certificate (`None`: none; without TLS, ignored).
+    fn etcdctl(&self, who: Option<&str>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, "etcdctl"])
+            .arg(format!("--endpoints={}", self.running()))
+            .env("ETCDCTL_API", "3");
+        if let Some(p) = &self.pki {
+            cmd.arg(format!("--cacert={}", p.ca().display()));
+            if let Some(who) = who {
+                cmd.arg(format!("--cert={}", p.cert(who).display()))
+                    .arg(format!("--key={}", p.key(who).display()));
+            }
+        }
+        cmd
+    }
+
+    /// `etcdctl ARGS` as `who` (its certificate; `None`: none); stdout.
+    pub fn ctl_as(&self, who: Option<&str>, args: &[&str]) -> anyhow::Result<String> {
+        let out = self
+            .etcdctl(who)
             .args(["--command-timeout=5s", "--dial-timeout=2s"])
             .args(args)
-            .env("ETCDCTL_API", "3")
             .output()
             .context("run etcdctl (Debian's etcd-client)")?;
         if !out.status.success() {
@@ -164,13 +355,10 @@ impl Etcd {
 
     /// `etcdctl ARGS` with `input` on its standard input (`txn`).
     pub fn ctl_stdin(&self, args: &[&str], input: &str) -> anyhow::Result<String> {
-        let running = self.running();
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "etcdctl"])
-            .arg(format!("--endpoints={running}"))
+        let mut child = self
+            .etcdctl(Some("root"))
             .args(["--command-timeout=30s", "--dial-timeout=2s"])
             .args(args)
-            .env("ETCDCTL_API", "3")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -188,6 +376,34 @@ impl Etcd {
             );
         }
         Ok(said)
+    }
+
+    /// etcd's users and roles for nv, by the README's script (`dist/etcd-rbac.sh`) as root:
+    /// `hosts` read `/nv/v1/` and write their own key, nv-admin writes the records.
+    pub fn enable_rbac(&self, hosts: &[&str]) -> anyhow::Result<String> {
+        let p = self
+            .pki
+            .as_ref()
+            .context("etcd's roles need TLS and client certificates")?;
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/etcd-rbac.sh");
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "sh"])
+            .arg(&script)
+            .args(hosts)
+            .env("ETCDCTL_ENDPOINTS", self.running())
+            .env("ETCDCTL_CACERT", p.ca())
+            .env("ETCDCTL_CERT", p.cert("root"))
+            .env("ETCDCTL_KEY", p.key("root"))
+            .output()
+            .context("run dist/etcd-rbac.sh")?;
+        if !out.status.success() {
+            bail!(
+                "dist/etcd-rbac.sh: {} {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The store's current revision.

@@ -119,6 +119,9 @@ pub struct Host {
     /// The agent's open-file limits (soft, hard) as it starts, as systemd would set them;
     /// `None`: the test's own.
     pub agent_nofile: Option<(u64, u64)>,
+    /// nvctl's environment on this host: in a cluster over TLS, the operator's etcd
+    /// settings (`NV_ETCD_*`), and nvctl then runs in the host's namespace to reach etcd.
+    pub nvctl_env: Vec<(String, String)>,
 }
 
 impl Host {
@@ -256,12 +259,22 @@ impl Host {
     }
 
     /// Runs nvctl against this host's agent; `Err` carries nvctl's stderr.
+    /// nvctl for this host: its agent's socket, and its environment.
+    pub fn nvctl_command(&self) -> anyhow::Result<Command> {
+        let mut cmd = if self.nvctl_env.is_empty() {
+            Command::new(bin("nvctl")?)
+        } else {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &self.ns.name]).arg(bin("nvctl")?);
+            c
+        };
+        cmd.arg("--socket").arg(&self.socket);
+        cmd.envs(self.nvctl_env.iter().map(|(k, v)| (k, v)));
+        Ok(cmd)
+    }
+
     pub fn nvctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(bin("nvctl")?)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()?;
+        let out = self.nvctl_command()?.args(args).output()?;
         if !out.status.success() {
             let said = String::from_utf8_lossy(&out.stderr).trim().to_owned();
             if said.contains("cannot reach nv-agent") {
@@ -372,10 +385,25 @@ impl TwoHosts {
     /// Cluster mode: `hosts` hosts (VMs on the first two), a `members`-member etcd in the
     /// underlay (at 198.18.255.254), each host an address of its own on the underlay to reach
     /// it (198.18.254.N, not a provider address), and agents following etcd as `hostN`.
+    /// `hosts` hosts whose agents follow a real etcd of `members` members over TLS, each with
+    /// a client certificate whose CN is its host name, under etcd's roles for nv (the
+    /// README's `dist/etcd-rbac.sh`): hosts read the records, nvctl writes them as the
+    /// operator (nv-admin), from any host's namespace.
     pub fn build_cluster(
         tag: &str,
         hosts: usize,
         members: u16,
+    ) -> anyhow::Result<(TwoHosts, crate::etcd::Etcd)> {
+        Self::build_cluster_with(tag, hosts, members, true)
+    }
+
+    /// As [`TwoHosts::build_cluster`]; `secure` false: plain HTTP, no roles (a local test
+    /// cluster, where any host may write records through its agent).
+    pub fn build_cluster_with(
+        tag: &str,
+        hosts: usize,
+        members: u16,
+        secure: bool,
     ) -> anyhow::Result<(TwoHosts, crate::etcd::Etcd)> {
         let mut bed = Self::build_hosts(tag, UNDERLAY_MTU, hosts)?;
         bed.underlay
@@ -389,12 +417,34 @@ impl TwoHosts {
                 "uplink0",
             ])?;
         }
-        let etcd = crate::etcd::Etcd::start(
+        let names: Vec<String> = bed.hosts.iter().map(|h| h.name.clone()).collect();
+        let pki = if secure {
+            let mut clients = vec!["root", "nv-admin", "stranger", "host10"];
+            clients.extend(names.iter().map(String::as_str));
+            Some(crate::etcd::Pki::make(
+                &bed.tmp.join("pki"),
+                "198.18.255.254",
+                &clients,
+            )?)
+        } else {
+            None
+        };
+        let etcd = crate::etcd::Etcd::start_with(
             &bed.underlay,
             &bed.tmp.join("etcd"),
             "198.18.255.254",
             members,
+            pki,
         )?;
+        if let Some(pki) = &etcd.pki {
+            let mut rbac: Vec<&str> = names.iter().map(String::as_str).collect();
+            // A host that is not in the bed, whose name extends host1's.
+            rbac.push("host10");
+            etcd.enable_rbac(&rbac)?;
+            for h in &mut bed.hosts {
+                h.nvctl_env = pki.env(&etcd.endpoints(), Some("nv-admin"));
+            }
+        }
         for h in &mut bed.hosts {
             h.agent_args = vec![
                 "--etcd-endpoints".into(),
@@ -402,6 +452,16 @@ impl TwoHosts {
                 "--host-name".into(),
                 h.name.clone(),
             ];
+            if let Some(pki) = &etcd.pki {
+                for (flag, file) in [
+                    ("--etcd-ca-file", pki.ca()),
+                    ("--etcd-cert-file", pki.cert(&h.name)),
+                    ("--etcd-key-file", pki.key(&h.name)),
+                ] {
+                    h.agent_args.push(flag.into());
+                    h.agent_args.push(file.display().to_string());
+                }
+            }
             h.start_agent()?;
         }
         Ok((bed, etcd))
@@ -456,6 +516,7 @@ impl TwoHosts {
                 agent_args: Vec::new(),
                 agent_bin: None,
                 agent_nofile: None,
+                nvctl_env: Vec::new(),
             });
         }
         for host in 0..2 {

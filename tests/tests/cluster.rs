@@ -1,12 +1,12 @@
 //! Cluster mode: three hosts whose agents follow a real etcd (three members, started and
 //! stopped by the tests), tenant traffic across them.
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, ensure};
+use anyhow::{Context as _, bail, ensure};
 use nv_agent::datapath::LookupView;
 use nv_common::LookupKey;
 use nv_tests::{
@@ -62,8 +62,14 @@ fn cluster_status(h: &Host) -> anyhow::Result<serde_json::Value> {
     Ok(h.nvctl_json(&["status"])?["cluster"].clone())
 }
 
+/// Three hosts and etcd over TLS under nv's roles, RED and BLUE configured by the operator.
 fn bed() -> anyhow::Result<(TwoHosts, Etcd)> {
-    let (bed, etcd) = TwoHosts::build_cluster("cl", 3, 3)?;
+    bed_with(true)
+}
+
+/// As [`bed`]; `secure` false: plain HTTP, and records written through the hosts' agents.
+fn bed_with(secure: bool) -> anyhow::Result<(TwoHosts, Etcd)> {
+    let (bed, etcd) = TwoHosts::build_cluster_with("cl", 3, 3, secure)?;
     bed.configure_cluster()?;
     // Every host holds every record, its own VMs' with their port.
     converge(&bed, "the records configured on host 1", |i, h| {
@@ -314,7 +320,6 @@ fn restarted_agents_catch_up_even_past_a_compaction_and_bad_values_are_left_out(
 #[test]
 fn concurrent_changes_of_one_record_are_refused_never_lost() -> anyhow::Result<()> {
     let (bed, etcd) = bed()?;
-    let nvctl = nv_tests::sys::bin("nvctl")?;
     for i in 1..=5u8 {
         let ca = format!("10.8.0.{i}");
         // The same new record, with two MACs, typed on two hosts at once.
@@ -322,9 +327,8 @@ fn concurrent_changes_of_one_record_are_refused_never_lost() -> anyhow::Result<(
             .iter()
             .map(|(h, m)| {
                 let mac = format!("02:08:00:00:{m:02x}:{i:02x}");
-                let child = Command::new(&nvctl)
-                    .arg("--socket")
-                    .arg(&bed.hosts[*h].socket)
+                let child = bed.hosts[*h]
+                    .nvctl_command()?
                     .args([
                         "lookup",
                         "add",
@@ -384,7 +388,9 @@ fn version(etcd: &Etcd, key: &str) -> anyhow::Result<i64> {
 #[test]
 fn a_write_whose_answer_is_lost_is_retried_on_the_next_member_and_made_once() -> anyhow::Result<()>
 {
-    let (mut bed, etcd) = bed()?;
+    // Plain HTTP: the proxies read the requests to lose the answer of one write. The agent
+    // writes (a test cluster without roles), as etcd_writer does for nvctl too.
+    let (mut bed, etcd) = bed_with(false)?;
     // Host 1 reaches each member through a proxy that can lose one answer.
     let proxies = Proxies::start(&bed.underlay, "198.18.255.254", 22_500, &etcd.members)?;
     let h1 = &mut bed.hosts[0];
@@ -447,6 +453,166 @@ fn a_write_whose_answer_is_lost_is_retried_on_the_next_member_and_made_once() ->
         said == 3,
         "the agent did not say 3 times that a retry found its write made: {}",
         bed.hosts[0].agent_log()
+    );
+    Ok(())
+}
+
+/// nvctl on host `h` with `env` in place of the operator's settings; (success, stderr).
+fn nvctl_as(h: &Host, env: &[(String, String)], args: &[&str]) -> anyhow::Result<(bool, String)> {
+    let mut cmd = h.nvctl_command()?;
+    for (k, _) in &h.nvctl_env {
+        cmd.env_remove(k);
+    }
+    let out = cmd
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .args(args)
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    ))
+}
+
+#[test]
+fn a_cluster_trusts_no_single_host() -> anyhow::Result<()> {
+    // Agents reach etcd over TLS with their own certificates, under etcd's roles for nv, and
+    // converge (`bed` waits for every host to hold RED's records with their ports).
+    let (bed, etcd) = bed()?;
+    ensure!(bed.ping("RED-1", "10.0.0.2", 2)? == 2, "RED-1 -> RED-2");
+    for h in &bed.hosts {
+        let s = cluster_status(h)?;
+        ensure!(s["connected"] == true, "{}: {s}", h.name);
+        // Each wrote its own key, the one key its identity may write.
+        let own = etcd.ctl(&[
+            "get",
+            &format!("/nv/v1/hosts/{}", h.name),
+            "--print-value-only",
+        ])?;
+        ensure!(
+            own.contains(&format!(r#""host":"{}""#, h.name)),
+            "{}: {own}",
+            h.name
+        );
+    }
+
+    // The operator adds, moves and deletes, from host 3; every host follows.
+    add_remote(&bed.hosts[2], 1)?;
+    converge(&bed, "the operator's add", |_, h| {
+        has(h, 7001, [10, 7, 0, 1])
+    })?;
+    bed.hosts[2].nvctl(&[
+        "lookup",
+        "move",
+        "--vsid",
+        "7001",
+        "--ca",
+        "10.7.0.1",
+        "--pa",
+        "198.18.0.8",
+    ])?;
+    converge(&bed, "the operator's move", |_, h| {
+        Ok(LookupView::open(&h.pin_path)?
+            .get(&LookupKey {
+                vsid: 7001,
+                ca: [10, 7, 0, 1],
+            })
+            .is_some_and(|v| v.pa[15] == 8))
+    })?;
+    bed.hosts[2].nvctl(&["lookup", "del", "--vsid", "7001", "--ca", "10.7.0.1"])?;
+    converge(&bed, "the operator's delete", |_, h| {
+        Ok(!has(h, 7001, [10, 7, 0, 1])?)
+    })?;
+
+    // A host's identity cannot change a record: through its agent (nvctl without the
+    // operator's settings), refused in one line that says what to do...
+    let add = [
+        "lookup",
+        "add",
+        "--vsid",
+        "7001",
+        "--ca",
+        "10.7.0.2",
+        "--pa",
+        "198.18.0.9",
+        "--mac",
+        "02:07:00:00:00:02",
+    ];
+    let (ok, err) = nvctl_as(&bed.hosts[0], &[], &add)?;
+    ensure!(
+        !ok && err.lines().count() == 1
+            && err.contains("to this host's identity")
+            && err.contains("NV_ETCD_CERT_FILE"),
+        "a write through host 1's agent: {ok} {err}"
+    );
+    let pki = etcd.pki.as_ref().context("a TLS cluster")?;
+    // ...with nvctl and the host's certificate...
+    let (ok, err) = nvctl_as(
+        &bed.hosts[0],
+        &pki.env(&etcd.endpoints(), Some("host1")),
+        &add,
+    )?;
+    ensure!(
+        !ok && err.contains("identity of --etcd-cert-file") && err.contains("nv-admin"),
+        "nvctl with host 1's certificate: {ok} {err}"
+    );
+    // ...or straight to etcd: no record, and no other host's key (host10's neither: a
+    // host's key is one key, not a prefix).
+    let record = r#"{"vsid":5001,"ca":"10.0.0.2","pa":"198.18.0.1","mac":"02:00:00:00:00:02"}"#;
+    for args in [
+        &["put", "/nv/v1/lookups/5001/10.0.0.2", record][..],
+        &["del", "/nv/v1/lookups/5001/10.0.0.2"],
+        &["put", "/nv/v1/hosts/host2", "{}"],
+        &["put", "/nv/v1/hosts/host10", "{}"],
+    ] {
+        let e = etcd
+            .ctl_as(Some("host1"), args)
+            .expect_err("etcd lets host 1 write");
+        ensure!(e.to_string().contains("permission denied"), "{args:?}: {e}");
+    }
+    // Reading is what a host needs, and may.
+    let keys = etcd.ctl_as(
+        Some("host1"),
+        &["get", "/nv/v1/lookups/", "--prefix", "--keys-only"],
+    )?;
+    ensure!(
+        keys.contains("/nv/v1/lookups/5001/10.0.0.2"),
+        "host 1 reads: {keys}"
+    );
+    ensure!(
+        !has(&bed.hosts[0], 7001, [10, 7, 0, 2])?
+            && version(&etcd, "/nv/v1/lookups/7001/10.7.0.2")? == 0,
+        "a refused write was made"
+    );
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 2)? == 2,
+        "RED-1 -> RED-2 after the refusals"
+    );
+
+    // A certificate of the CA that etcd knows no user for, and a client without one, are
+    // refused.
+    let e = etcd
+        .ctl_as(
+            Some("stranger"),
+            &["get", "/nv/v1/", "--prefix", "--keys-only"],
+        )
+        .expect_err("etcd answers a stranger");
+    ensure!(!e.to_string().contains("/nv/v1/lookups"), "{e}");
+    let (ok, err) = nvctl_as(
+        &bed.hosts[0],
+        &pki.env(&etcd.endpoints(), None),
+        &["lookup", "list"],
+    )?;
+    ensure!(
+        !ok && err.contains("etcd is unreachable") && err.contains("client certificate"),
+        "nvctl without a certificate: {ok} {err}"
+    );
+    etcd.ctl_as(None, &["get", "/nv/v1/", "--prefix", "--keys-only"])
+        .expect_err("etcd answers a client without a certificate");
+    // The operator's listing (positive control) shows RED and BLUE's records, unchanged.
+    let listed = bed.hosts[1].nvctl_json(&["lookup", "list"])?;
+    ensure!(
+        listed.as_array().map(Vec::len) == Some(bed.vms.len()),
+        "the operator lists {listed}"
     );
     Ok(())
 }

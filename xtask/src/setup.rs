@@ -38,6 +38,8 @@ const PACKAGES: &[&str] = &[
     "etcd-client",
     "protobuf-compiler",
     "libprotobuf-dev",
+    // nm: the test that nvctl links neither aya nor redb reads its symbols.
+    "binutils",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_FEATURE: &str = "llvm-22";

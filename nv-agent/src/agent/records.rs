@@ -14,20 +14,6 @@ use crate::{
     tables::Change,
 };
 
-/// A record's move to another host or port: HNV migration, one change.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MoveRequest {
-    pub vsid: u32,
-    pub ca: IpAddr,
-    pub pa: IpAddr,
-    #[serde(default)]
-    pub port: Option<String>,
-    /// Cluster mode: the host of the new port [default: this host].
-    #[serde(default)]
-    pub host: Option<String>,
-}
-
 impl Agent {
     /// What admission checks a change against, on this host.
     pub fn view(&self) -> View<'_> {

@@ -28,8 +28,31 @@ pub struct Cli {
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Cluster mode as the operator: lookup records are written to etcd directly, under the
+/// operator's certificate (hosts' certificates may not write them). `lookup add`, `del`,
+/// `move`, `import`, `list` and `export` then work on etcd; when an agent runs here, a change
+/// is answered once it has applied it. Without these, every command goes to this host's agent.
+#[derive(Debug, Default, clap::Args)]
+#[command(next_help_heading = "Cluster mode, as the operator")]
+pub struct EtcdArgs {
+    /// etcd's client URLs, comma-separated (https:// with the files below).
+    #[arg(long, global = true, env = "NV_ETCD_ENDPOINTS", value_name = "URLS")]
+    pub etcd_endpoints: Option<String>,
+    /// The CA certificate (PEM) that signed etcd's certificates.
+    #[arg(long, global = true, env = "NV_ETCD_CA_FILE", value_name = "FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// The operator's client certificate (PEM; CN nv-admin in the README's layout).
+    #[arg(long, global = true, env = "NV_ETCD_CERT_FILE", value_name = "FILE")]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// The key (PEM) of --etcd-cert-file.
+    #[arg(long, global = true, env = "NV_ETCD_KEY_FILE", value_name = "FILE")]
+    pub etcd_key_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -68,38 +91,7 @@ pub enum Command {
     ///   nvctl trace --from-uplink --vsid 5001 --src 10.0.0.2 --dst 10.0.0.1
     ///   nvctl trace --port red1 --pcap red1.pcap
     #[command(verbatim_doc_comment)]
-    Trace {
-        /// A packet the VM behind this port sends.
-        #[arg(
-            long,
-            conflicts_with = "from_uplink",
-            required_unless_present = "from_uplink"
-        )]
-        port: Option<String>,
-        /// A packet arriving on the uplink from the host of --src (NVGRE, or IP rewrite when
-        /// the destination's record says so).
-        #[arg(long, requires = "vsid")]
-        from_uplink: bool,
-        /// With --from-uplink: the virtual subnet.
-        #[arg(long)]
-        vsid: Option<u32>,
-        /// Source customer address [default: the port's].
-        #[arg(long)]
-        src: Option<std::net::Ipv4Addr>,
-        /// Destination customer address.
-        #[arg(long, required_unless_present = "pcap")]
-        dst: Option<std::net::Ipv4Addr>,
-        #[arg(long, value_enum)]
-        proto: Option<crate::trace::Proto>,
-        /// Destination port (TCP, UDP) or echo id (ICMP).
-        #[arg(long)]
-        dport: Option<u16>,
-        #[arg(long)]
-        sport: Option<u16>,
-        /// Trace the first frame of this capture (pcap, Ethernet; `tcpdump -w`) instead.
-        #[arg(long, conflicts_with_all = ["dst", "src", "proto", "dport", "sport"])]
-        pcap: Option<PathBuf>,
-    },
+    Trace(TraceArgs),
     /// Turn the datapath's debug events on or off: while on, every drop is logged by the
     /// agent (target `nv_datapath`: `journalctl -u nv-agent`); off, they cost nothing measurable.
     Debug {
@@ -112,23 +104,7 @@ pub enum Command {
     ///
     /// Example, why RED-1's packets do not arrive:
     ///   nvctl monitor --port red1
-    Monitor {
-        /// Only this VSID's events.
-        #[arg(long)]
-        vsid: Option<u32>,
-        /// Only drops for this reason (as `nvctl stats` names them, with or without drop_).
-        #[arg(long)]
-        reason: Option<String>,
-        /// Only what this port (a VM's, or the uplink) sent or was sent.
-        #[arg(long)]
-        port: Option<String>,
-        /// Also one in N forwarded packets.
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-        sample: Option<u32>,
-        /// Stop after this many events.
-        #[arg(long)]
-        count: Option<u64>,
-    },
+    Monitor(MonitorArgs),
     /// Print a shell completion script, e.g. `nvctl completions bash >
     /// /usr/share/bash-completion/completions/nvctl`.
     Completions {
@@ -207,7 +183,8 @@ pub enum LookupCmd {
         /// Free-text name of the VM.
         #[arg(long)]
         name: Option<String>,
-        /// Cluster mode: the host whose port --port is [default: this host].
+        /// Cluster mode: the host whose port --port is [default: this host's agent's
+        /// `host_name`].
         #[arg(long, requires = "port")]
         host: Option<String>,
     },
@@ -230,8 +207,8 @@ pub enum LookupCmd {
         /// The new port on this host; omit when the VM now runs on another host.
         #[arg(long)]
         port: Option<String>,
-        /// Cluster mode: the host of the new port [default: this host]; typed on any host,
-        /// every host follows.
+        /// Cluster mode: the host of the new port [default: this host's agent's `host_name`];
+        /// typed on any host, every host follows.
         #[arg(long, requires = "port")]
         host: Option<String>,
     },
@@ -265,4 +242,59 @@ fn parse_addr(s: &str) -> Result<IpAddr, String> {
     let addr = s.split_once('/').map_or(s, |(a, _)| a);
     addr.parse()
         .map_err(|_| format!("invalid IP address '{s}'"))
+}
+
+/// `nvctl trace`: the packet to trace.
+#[derive(Debug, clap::Args)]
+pub struct TraceArgs {
+    /// A packet the VM behind this port sends.
+    #[arg(
+        long,
+        conflicts_with = "from_uplink",
+        required_unless_present = "from_uplink"
+    )]
+    pub port: Option<String>,
+    /// A packet arriving on the uplink from the host of --src (NVGRE, or IP rewrite when
+    /// the destination's record says so).
+    #[arg(long, requires = "vsid")]
+    pub from_uplink: bool,
+    /// With --from-uplink: the virtual subnet.
+    #[arg(long)]
+    pub vsid: Option<u32>,
+    /// Source customer address [default: the port's].
+    #[arg(long)]
+    pub src: Option<std::net::Ipv4Addr>,
+    /// Destination customer address.
+    #[arg(long, required_unless_present = "pcap")]
+    pub dst: Option<std::net::Ipv4Addr>,
+    #[arg(long, value_enum)]
+    pub proto: Option<crate::trace::Proto>,
+    /// Destination port (TCP, UDP) or echo id (ICMP).
+    #[arg(long)]
+    pub dport: Option<u16>,
+    #[arg(long)]
+    pub sport: Option<u16>,
+    /// Trace the first frame of this capture (pcap, Ethernet; `tcpdump -w`) instead.
+    #[arg(long, conflicts_with_all = ["dst", "src", "proto", "dport", "sport"])]
+    pub pcap: Option<PathBuf>,
+}
+
+/// `nvctl monitor`: which events to watch.
+#[derive(Debug, clap::Args)]
+pub struct MonitorArgs {
+    /// Only this VSID's events.
+    #[arg(long)]
+    pub vsid: Option<u32>,
+    /// Only drops for this reason (as `nvctl stats` names them, with or without drop_).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only what this port (a VM's, or the uplink) sent or was sent.
+    #[arg(long)]
+    pub port: Option<String>,
+    /// Also one in N forwarded packets.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub sample: Option<u32>,
+    /// Stop after this many events.
+    #[arg(long)]
+    pub count: Option<u64>,
 }
