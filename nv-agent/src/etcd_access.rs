@@ -98,20 +98,9 @@ impl EtcdAccess {
                 names.ca
             )));
         };
-        let mut tls_options = TlsOptions::new().ca_certificate(Certificate::from_pem(pem(
-            ca,
-            names.ca,
-            "CERTIFICATE",
-        )?));
-        let authenticated = match (&files.cert, &files.key) {
-            (Some(cert), Some(key)) => {
-                tls_options = tls_options.identity(Identity::from_pem(
-                    pem(cert, names.cert, "CERTIFICATE")?,
-                    pem(key, names.key, "PRIVATE KEY")?,
-                ));
-                true
-            }
-            (None, None) => false,
+        let identity = match (&files.cert, &files.key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
             (Some(_), None) => {
                 return Err(invalid(format!(
                     "{} is given without {}: a certificate needs its key",
@@ -125,6 +114,18 @@ impl EtcdAccess {
                 )));
             }
         };
+        let mut tls_options = TlsOptions::new().ca_certificate(Certificate::from_pem(pem(
+            ca,
+            names.ca,
+            "CERTIFICATE",
+        )?));
+        if let Some((cert, key)) = identity {
+            tls_options = tls_options.identity(Identity::from_pem(
+                pem(cert, names.cert, "CERTIFICATE")?,
+                pem(key, names.key, "PRIVATE KEY")?,
+            ));
+        }
+        let authenticated = identity.is_some();
         Ok(EtcdAccess {
             endpoints,
             tls,

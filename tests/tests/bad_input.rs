@@ -315,6 +315,31 @@ fn malformed_config_and_import_files_are_refused() -> anyhow::Result<()> {
             "state_dir = \"/tmp/x\"\n",
             "no uplink configured",
         ),
+        (
+            "etcd-tls-without-ca",
+            "uplink = \"uplink0\"\netcd_endpoints = \"https://198.18.255.254:2379\"\n",
+            "etcd_ca_file is needed with https:// endpoints",
+        ),
+        (
+            "etcd-tls-files-over-http",
+            "uplink = \"uplink0\"\netcd_endpoints = \"http://198.18.255.254:2379\"\netcd_ca_file = \"/etc/hostname\"\n",
+            "etcd_ca_file is for https:// endpoints",
+        ),
+        (
+            "etcd-ca-not-pem",
+            "uplink = \"uplink0\"\netcd_endpoints = \"https://198.18.255.254:2379\"\netcd_ca_file = \"/etc/hostname\"\n",
+            "holds no PEM CERTIFICATE",
+        ),
+        (
+            "etcd-cert-without-key",
+            "uplink = \"uplink0\"\netcd_endpoints = \"https://198.18.255.254:2379\"\netcd_ca_file = \"/etc/hostname\"\netcd_cert_file = \"/etc/hostname\"\n",
+            "without etcd_key_file",
+        ),
+        (
+            "etcd-files-alone",
+            "uplink = \"uplink0\"\netcd_cert_file = \"/etc/hostname\"\n",
+            "etcd_endpoints is not set",
+        ),
     ];
     let before = h.store_files()?;
     for (name, config, expect) in configs {

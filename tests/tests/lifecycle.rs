@@ -80,6 +80,13 @@ fn the_unit_file_passes_systemd_analyze_verify() -> anyhow::Result<()> {
     // systemd checks that ExecStart's binary and the Documentation= man pages exist: point
     // them at this build's, as `cargo xtask install` would put them in place.
     let agent = bin("nv-agent")?;
+    // The README shows this unit, whole, and no other.
+    let readme = std::fs::read_to_string(root.join("README.md"))?;
+    let dist = std::fs::read_to_string(root.join("dist/nv-agent.service"))?;
+    ensure!(
+        readme.contains(&format!("```ini\n{dist}```")) && readme.matches("[Service]").count() == 1,
+        "README.md must show dist/nv-agent.service as its one systemd unit"
+    );
     let unit = std::fs::read_to_string(root.join("dist/nv-agent.service"))?.replace(
         "ExecStart=/usr/local/sbin/nv-agent",
         &format!("ExecStart={}", agent.display()),
