@@ -278,71 +278,73 @@ fn agent_refuses(
     Ok(())
 }
 
+/// Config files the agent refuses, and what its one line says.
+const BAD_CONFIGS: &[(&str, &str, &str)] = &[
+    ("wrong-type", "uplink = 5\n", "invalid type"),
+    ("unknown-key", "uplinks = \"uplink0\"\n", "unknown field"),
+    (
+        "zero-lookups",
+        "uplink = \"uplink0\"\nmax_lookups = 0\n",
+        "out of range",
+    ),
+    (
+        "negative-lookups",
+        "uplink = \"uplink0\"\nmax_lookups = -5\n",
+        "max_lookups",
+    ),
+    (
+        "bad-metrics",
+        "uplink = \"uplink0\"\nmetrics_addr = \"not an address\"\n",
+        "metrics_addr",
+    ),
+    (
+        "bad-hook",
+        "uplink = \"uplink0\"\ndecap_hook = \"ebpf\"\n",
+        "unknown variant",
+    ),
+    ("not-toml", "[[[\n", "config"),
+    ("bad-ifname", "uplink = \"a/b\"\n", "invalid uplink"),
+    ("missing-file", "", "cannot read config"),
+    ("no-such-uplink", "uplink = \"nosuch9\"\n", "does not exist"),
+    (
+        "no-uplink",
+        "state_dir = \"/tmp/x\"\n",
+        "no uplink configured",
+    ),
+    (
+        "etcd-tls-without-ca",
+        "uplink = \"uplink0\"\netcd_endpoints = \"https://198.18.255.254:2379\"\n",
+        "etcd_ca_file is needed with https:// endpoints",
+    ),
+    (
+        "etcd-tls-files-over-http",
+        "uplink = \"uplink0\"\netcd_endpoints = \"http://198.18.255.254:2379\"\netcd_ca_file = \"/etc/hostname\"\n",
+        "etcd_ca_file is for https:// endpoints",
+    ),
+    (
+        "etcd-ca-not-pem",
+        "uplink = \"uplink0\"\netcd_endpoints = \"https://198.18.255.254:2379\"\netcd_ca_file = \"/etc/hostname\"\n",
+        "holds no PEM CERTIFICATE",
+    ),
+    (
+        "etcd-cert-without-key",
+        "uplink = \"uplink0\"\netcd_endpoints = \"https://198.18.255.254:2379\"\netcd_ca_file = \"/etc/hostname\"\netcd_cert_file = \"/etc/hostname\"\n",
+        "without etcd_key_file",
+    ),
+    (
+        "etcd-files-alone",
+        "uplink = \"uplink0\"\netcd_cert_file = \"/etc/hostname\"\n",
+        "etcd_endpoints is not set",
+    ),
+];
+
 #[test]
 fn malformed_config_and_import_files_are_refused() -> anyhow::Result<()> {
     let bed = TwoHosts::build("c")?;
     bed.configure()?;
     let h = &bed.hosts[0];
-    let configs = [
-        ("wrong-type", "uplink = 5\n", "invalid type"),
-        ("unknown-key", "uplinks = \"uplink0\"\n", "unknown field"),
-        (
-            "zero-lookups",
-            "uplink = \"uplink0\"\nmax_lookups = 0\n",
-            "out of range",
-        ),
-        (
-            "negative-lookups",
-            "uplink = \"uplink0\"\nmax_lookups = -5\n",
-            "max_lookups",
-        ),
-        (
-            "bad-metrics",
-            "uplink = \"uplink0\"\nmetrics_addr = \"not an address\"\n",
-            "metrics_addr",
-        ),
-        (
-            "bad-hook",
-            "uplink = \"uplink0\"\ndecap_hook = \"ebpf\"\n",
-            "unknown variant",
-        ),
-        ("not-toml", "[[[\n", "config"),
-        ("bad-ifname", "uplink = \"a/b\"\n", "invalid uplink"),
-        ("missing-file", "", "cannot read config"),
-        ("no-such-uplink", "uplink = \"nosuch9\"\n", "does not exist"),
-        (
-            "no-uplink",
-            "state_dir = \"/tmp/x\"\n",
-            "no uplink configured",
-        ),
-        (
-            "etcd-tls-without-ca",
-            "uplink = \"uplink0\"\netcd_endpoints = \"https://198.18.255.254:2379\"\n",
-            "etcd_ca_file is needed with https:// endpoints",
-        ),
-        (
-            "etcd-tls-files-over-http",
-            "uplink = \"uplink0\"\netcd_endpoints = \"http://198.18.255.254:2379\"\netcd_ca_file = \"/etc/hostname\"\n",
-            "etcd_ca_file is for https:// endpoints",
-        ),
-        (
-            "etcd-ca-not-pem",
-            "uplink = \"uplink0\"\netcd_endpoints = \"https://198.18.255.254:2379\"\netcd_ca_file = \"/etc/hostname\"\n",
-            "holds no PEM CERTIFICATE",
-        ),
-        (
-            "etcd-cert-without-key",
-            "uplink = \"uplink0\"\netcd_endpoints = \"https://198.18.255.254:2379\"\netcd_ca_file = \"/etc/hostname\"\netcd_cert_file = \"/etc/hostname\"\n",
-            "without etcd_key_file",
-        ),
-        (
-            "etcd-files-alone",
-            "uplink = \"uplink0\"\netcd_cert_file = \"/etc/hostname\"\n",
-            "etcd_endpoints is not set",
-        ),
-    ];
     let before = h.store_files()?;
-    for (name, config, expect) in configs {
+    for (name, config, expect) in BAD_CONFIGS {
         agent_refuses(&bed, h, name, config, expect)?;
     }
     let file = |name: &str, text: &str| -> anyhow::Result<String> {
