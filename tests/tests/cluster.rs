@@ -495,9 +495,22 @@ fn a_cluster_trusts_no_single_host() -> anyhow::Result<()> {
         );
     }
 
-    // The operator adds, moves and deletes, from host 3; every host follows.
+    the_operator_adds_moves_and_deletes(&bed)?;
+    a_host_identity_cannot_change_a_record(&bed, &etcd)?;
+    clients_etcd_does_not_know_are_refused(&bed, &etcd)?;
+    // The operator's listing (positive control) shows RED and BLUE's records, unchanged.
+    let listed = bed.hosts[1].nvctl_json(&["lookup", "list"])?;
+    ensure!(
+        listed.as_array().map(Vec::len) == Some(bed.vms.len()),
+        "the operator lists {listed}"
+    );
+    Ok(())
+}
+
+/// From host 3; every host follows.
+fn the_operator_adds_moves_and_deletes(bed: &TwoHosts) -> anyhow::Result<()> {
     add_remote(&bed.hosts[2], 1)?;
-    converge(&bed, "the operator's add", |_, h| {
+    converge(bed, "the operator's add", |_, h| {
         has(h, 7001, [10, 7, 0, 1])
     })?;
     bed.hosts[2].nvctl(&[
@@ -510,7 +523,7 @@ fn a_cluster_trusts_no_single_host() -> anyhow::Result<()> {
         "--pa",
         "198.18.0.8",
     ])?;
-    converge(&bed, "the operator's move", |_, h| {
+    converge(bed, "the operator's move", |_, h| {
         Ok(LookupView::open(&h.pin_path)?
             .get(&LookupKey {
                 vsid: 7001,
@@ -519,10 +532,13 @@ fn a_cluster_trusts_no_single_host() -> anyhow::Result<()> {
             .is_some_and(|v| v.pa[15] == 8))
     })?;
     bed.hosts[2].nvctl(&["lookup", "del", "--vsid", "7001", "--ca", "10.7.0.1"])?;
-    converge(&bed, "the operator's delete", |_, h| {
+    converge(bed, "the operator's delete", |_, h| {
         Ok(!has(h, 7001, [10, 7, 0, 1])?)
     })?;
+    Ok(())
+}
 
+fn a_host_identity_cannot_change_a_record(bed: &TwoHosts, etcd: &Etcd) -> anyhow::Result<()> {
     // A host's identity cannot change a record: through its agent (nvctl without the
     // operator's settings), refused in one line that says what to do...
     let add = [
@@ -580,16 +596,19 @@ fn a_cluster_trusts_no_single_host() -> anyhow::Result<()> {
     );
     ensure!(
         !has(&bed.hosts[0], 7001, [10, 7, 0, 2])?
-            && version(&etcd, "/nv/v1/lookups/7001/10.7.0.2")? == 0,
+            && version(etcd, "/nv/v1/lookups/7001/10.7.0.2")? == 0,
         "a refused write was made"
     );
     ensure!(
         bed.ping("RED-1", "10.0.0.2", 2)? == 2,
         "RED-1 -> RED-2 after the refusals"
     );
+    Ok(())
+}
 
-    // A certificate of the CA that etcd knows no user for, and a client without one, are
-    // refused.
+/// A certificate of the CA that etcd knows no user for, and a client without one.
+fn clients_etcd_does_not_know_are_refused(bed: &TwoHosts, etcd: &Etcd) -> anyhow::Result<()> {
+    let pki = etcd.pki.as_ref().context("a TLS cluster")?;
     let e = etcd
         .ctl_as(
             Some("stranger"),
@@ -608,11 +627,5 @@ fn a_cluster_trusts_no_single_host() -> anyhow::Result<()> {
     );
     etcd.ctl_as(None, &["get", "/nv/v1/", "--prefix", "--keys-only"])
         .expect_err("etcd answers a client without a certificate");
-    // The operator's listing (positive control) shows RED and BLUE's records, unchanged.
-    let listed = bed.hosts[1].nvctl_json(&["lookup", "list"])?;
-    ensure!(
-        listed.as_array().map(Vec::len) == Some(bed.vms.len()),
-        "the operator lists {listed}"
-    );
     Ok(())
 }
