@@ -38,8 +38,25 @@ pub fn output(program: &str, args: &[&str]) -> anyhow::Result<Output> {
     })
 }
 
+/// Binaries used instead of `NV_BIN_DIR`'s (the benchmark's baseline, in turns with the tree).
+static BIN_DIR: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// From now on, nv's binaries are `dir`'s (`None`: `NV_BIN_DIR`'s again).
+pub fn use_bin_dir(dir: Option<PathBuf>) {
+    *BIN_DIR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = dir;
+}
+
 /// Where the workspace's binaries are: `NV_BIN_DIR`, or target/debug of this workspace.
 pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = BIN_DIR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+    {
+        return dir;
+    }
     std::env::var_os("NV_BIN_DIR").map_or_else(
         || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug"),
         PathBuf::from,

@@ -1,4 +1,5 @@
 //! `cargo xtask setup|test|demo`: the commands a fresh machine needs (see README.md).
+mod baseline;
 mod install;
 mod mutants;
 mod setup;
@@ -39,6 +40,15 @@ enum Task {
         /// Tiny counts: checks the benchmark works (part of `cargo xtask test`).
         #[arg(long)]
         smoke: bool,
+        /// Also measure another revision's agent and nvctl (built in a worktree under
+        /// target/baseline/) beside this tree's, in turns, on the control plane (a million-record
+        /// import, its memory, one change's latency): prints each figure's ratio, tree over
+        /// baseline, and writes target/bench/baseline.json. E.g. `--baseline HEAD~1`.
+        #[arg(long, value_name = "REV")]
+        baseline: Option<String>,
+        /// With --baseline: turns of each (the median is compared).
+        #[arg(long, default_value_t = 3, requires = "baseline")]
+        rounds: u32,
     },
     /// Set up, then fuzz every datapath program with random and mutated frames (a short run
     /// is part of `cargo xtask test`).
@@ -109,11 +119,32 @@ fn main() -> anyhow::Result<()> {
             }
             run_tool("nv-fuzz", Build::Release, &args)
         }
-        Task::Bench { smoke } => {
+        Task::Bench {
+            smoke,
+            baseline,
+            rounds,
+        } => {
             setup::run()?;
             require_root("the benchmark loads BPF programs and creates network namespaces")?;
+            let baseline_bin = baseline.as_deref().map(baseline::build).transpose()?;
             cargo(&["build", "--release", "--quiet"])?;
-            let args: &[&str] = if smoke { &["--smoke"] } else { &[] };
+            let rounds = rounds.to_string();
+            let mut args: Vec<&str> = Vec::new();
+            if smoke {
+                args.push("--smoke");
+            }
+            let baseline_dir = baseline_bin.map(|b| b.display().to_string());
+            if let (Some(dir), Some(rev)) = (&baseline_dir, &baseline) {
+                args.extend([
+                    "--baseline-bin",
+                    dir,
+                    "--baseline-rev",
+                    rev,
+                    "--rounds",
+                    &rounds,
+                ]);
+            }
+            let args = &args[..];
             // The agent and nvctl measured are the release builds.
             // SAFETY: single-threaded at this point.
             unsafe { std::env::set_var("NV_BIN_DIR", "target/release") };

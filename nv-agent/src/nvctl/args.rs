@@ -41,7 +41,9 @@ pub struct Cli {
 #[derive(Debug, Default, clap::Args)]
 #[command(next_help_heading = "Cluster mode, as the operator")]
 pub struct EtcdArgs {
-    /// etcd's client URLs, comma-separated (https:// with the files below).
+    /// etcd's client URLs, comma-separated (https:// with the files below). Given, `lookup
+    /// add|del|move|import|list|export` work on etcd itself, as the operator; when an agent
+    /// runs here, a change is answered once it has applied it.
     #[arg(long, global = true, env = "NV_ETCD_ENDPOINTS", value_name = "URLS")]
     pub etcd_endpoints: Option<String>,
     /// The CA certificate (PEM) that signed etcd's certificates.

@@ -36,6 +36,9 @@ pub struct Result {
     /// What one change then made the other agents apply (events) and read again (resyncs).
     pub events_for_one_change: u64,
     pub resyncs_for_one_change: u64,
+    /// That change, typed by the operator: nvctl reads etcd's records to admit it against
+    /// them, writes it, and waits for host 1's agent; s.
+    pub operator_change_seconds: f64,
 }
 
 /// The PA (last byte) `h`'s map has for VSID 7001 `ca`.
@@ -226,6 +229,7 @@ pub fn run(scale: Scale) -> anyhow::Result<Result> {
         ))
     };
     let before = status(&bed.hosts[2])?;
+    let typed = Instant::now();
     bed.hosts[0].nvctl(&[
         "lookup",
         "move",
@@ -236,6 +240,7 @@ pub fn run(scale: Scale) -> anyhow::Result<Result> {
         "--pa",
         "198.18.0.7",
     ])?;
+    let operator_change = typed.elapsed();
     let start = Instant::now();
     while pa_of(&LookupView::open(&bed.hosts[2].pin_path)?, [10, 7, 0, 1]) != Some(7) {
         ensure!(
@@ -258,5 +263,6 @@ pub fn run(scale: Scale) -> anyhow::Result<Result> {
         load_seconds: load.as_secs_f64(),
         events_for_one_change: after.0 - before.0,
         resyncs_for_one_change: after.1 - before.1,
+        operator_change_seconds: operator_change.as_secs_f64(),
     })
 }

@@ -7,6 +7,7 @@
 //!   change alone, a VM's migration, a million records in etcd.
 //! - `control`: how long `nvctl lookup add` takes until the record is in the datapath; an import
 //!   of a million records against the same entries written straight into a BPF map (`mapfill`).
+pub mod baseline;
 pub mod cluster;
 pub mod control;
 pub mod e2e;

@@ -2,7 +2,7 @@
 //! target/bench/results.json and target/bench/e2e.svg.
 use std::path::PathBuf;
 
-use nv_tests::bench::{Scale, cluster, control, e2e, programs, report};
+use nv_tests::bench::{Scale, baseline, cluster, control, e2e, programs, report};
 
 fn main() {
     if let Err(e) = run() {
@@ -22,6 +22,19 @@ fn run() -> anyhow::Result<()> {
             || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench"),
             PathBuf::from,
         );
+    let arg = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
+    if let Some(bin) = arg("--baseline-bin") {
+        // Another revision's control plane beside this tree's, and nothing else.
+        let rev = arg("--baseline-rev").unwrap_or_else(|| bin.clone());
+        let rounds = arg("--rounds").map_or(Ok(3), |r| r.parse())?;
+        let c = baseline::run(scale, std::path::Path::new(&bin), &rev, rounds)?;
+        print!("{}", baseline::table(&c));
+        std::fs::create_dir_all(&out)?;
+        let file = out.join("baseline.json");
+        std::fs::write(&file, serde_json::to_string_pretty(&c)?)?;
+        println!("\nwrote {}", file.display());
+        return Ok(());
+    }
     // `--only control` (or programs, e2e) measures one part, for working on it.
     let only = std::env::args().skip_while(|a| a != "--only").nth(1);
     let wanted = |part: &str| only.as_deref().is_none_or(|o| o == part);
