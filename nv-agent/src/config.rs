@@ -246,11 +246,13 @@ impl Config {
                 .or(file.etcd_endpoints)
                 .map(|e| crate::etcd_access::split_endpoints(&e))
                 .unwrap_or_default(),
+            // An empty path is no file, as an empty etcd_endpoints is no cluster.
             etcd_tls: crate::etcd_access::TlsFiles {
                 ca: args.etcd_ca_file.clone().or(file.etcd_ca_file),
                 cert: args.etcd_cert_file.clone().or(file.etcd_cert_file),
                 key: args.etcd_key_file.clone().or(file.etcd_key_file),
-            },
+            }
+            .without_empty(),
             host_name: args
                 .host_name
                 .clone()
@@ -380,7 +382,7 @@ mod tests {
         .unwrap();
         let keys = uncommented.lines().count();
         assert_eq!(
-            keys, 12,
+            keys, 15,
             "a key of FileConfig is missing from dist/agent.toml"
         );
         assert_eq!(as_shipped.uplink, None);

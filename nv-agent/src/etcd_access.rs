@@ -16,6 +16,19 @@ pub struct TlsFiles {
     pub key: Option<PathBuf>,
 }
 
+impl TlsFiles {
+    /// The files named; an empty path names none.
+    #[must_use]
+    pub fn without_empty(self) -> TlsFiles {
+        let named = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
+        TlsFiles {
+            ca: named(self.ca),
+            cert: named(self.cert),
+            key: named(self.key),
+        }
+    }
+}
+
 /// Endpoints and credentials, checked; the files are read once, when made.
 #[derive(Clone)]
 pub struct EtcdAccess {
