@@ -1,7 +1,8 @@
 #!/bin/sh
 # etcd's users and roles for nv's cluster mode (README, "A cluster that trusts no host"):
 #   every host reads /nv/v1/ and writes its own key /nv/v1/hosts/NAME (that key alone);
-#   the operator, nv-admin, reads /nv/v1/ and writes the lookup records under /nv/v1/lookups/;
+#   the operator, nv-admin, reads and writes everything under /nv/v1/ (records and the tables
+#   to come);
 #   nobody else reads or writes anything of nv's.
 # Users are certificates' CNs (etcd --client-cert-auth): no passwords. Run it as etcd's root
 # (ETCDCTL_ENDPOINTS, ETCDCTL_CACERT, and ETCDCTL_CERT/ETCDCTL_KEY of a certificate whose CN is
@@ -22,11 +23,10 @@ user root
 etcdctl user grant-role root root >/dev/null
 role nv-reader
 etcdctl role grant-permission nv-reader read /nv/v1/ --prefix >/dev/null
-role nv-records
-etcdctl role grant-permission nv-records readwrite /nv/v1/lookups/ --prefix >/dev/null
+role nv-operator
+etcdctl role grant-permission nv-operator readwrite /nv/v1/ --prefix >/dev/null
 user nv-admin
-etcdctl user grant-role nv-admin nv-reader >/dev/null
-etcdctl user grant-role nv-admin nv-records >/dev/null
+etcdctl user grant-role nv-admin nv-operator >/dev/null
 for host in "$@"; do
     case "$host" in
         root | nv-admin | "" | *[!A-Za-z0-9._-]*)
