@@ -247,8 +247,8 @@ async fn add_lookup(
     body: Result<Json<LookupRecord>, JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Json(r) = body?;
-    let mut added = whole(async move { control::add(&a, vec![r]).await }).await?;
-    Ok((StatusCode::CREATED, Json(added.remove(0))))
+    let added = whole(async move { control::add(&a, vec![r]).await?.record() }).await?;
+    Ok((StatusCode::CREATED, Json(added)))
 }
 
 async fn del_lookup(
@@ -293,7 +293,7 @@ async fn import_lookups(
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
     let imported = whole(async move {
         let _turn = turn;
-        control::add(&a, records).await.map(|r| r.len())
+        control::add(&a, records).await.map(|r| r.count)
     })
     .await?;
     Ok((StatusCode::CREATED, Json(Imported { imported })))

@@ -20,8 +20,30 @@ pub mod admit;
 
 use admit::{Admitted, Proposal};
 
+/// What a change recorded: how many records, and the record itself when it was one (a large
+/// import's are not kept: they cost a copy and the memory of the table again).
+pub struct Recorded {
+    pub count: usize,
+    pub one: Option<LookupRecord>,
+}
+
+impl Recorded {
+    fn of(mut records: Vec<LookupRecord>) -> Recorded {
+        Recorded {
+            count: records.len(),
+            one: (records.len() == 1).then(|| records.remove(0)),
+        }
+    }
+
+    /// The one record of a change of one.
+    pub fn record(self) -> Result<LookupRecord> {
+        self.one
+            .ok_or_else(|| crate::error::NvError::store("a change of one recorded no record"))
+    }
+}
+
 /// Adds records (an add is an import of one), all or none.
-pub async fn add(shared: &Shared, records: Vec<LookupRecord>) -> Result<Vec<LookupRecord>> {
+pub async fn add(shared: &Shared, records: Vec<LookupRecord>) -> Result<Recorded> {
     let agent = shared.lock().await;
     let admitted = admit::admit(Proposal::Add(records), &agent.view())?;
     match shared.cluster() {
@@ -42,13 +64,12 @@ pub async fn move_to(shared: &Shared, m: MoveRequest) -> Result<LookupRecord> {
         r.host.clone_from(&m.host);
         r
     };
-    let one = |mut records: Vec<LookupRecord>| records.remove(0);
     match shared.cluster() {
         None => {
             let agent = shared.lock().await;
             let record = moved(agent.lookup(m.vsid, m.ca)?);
             let admitted = admit::admit(Proposal::Replace(record), &agent.view())?;
-            record_here(agent, admitted).await.map(one)
+            record_here(agent, admitted).await?.record()
         }
         Some(cluster) => {
             let records = cluster.records();
@@ -57,7 +78,7 @@ pub async fn move_to(shared: &Shared, m: MoveRequest) -> Result<LookupRecord> {
             let admitted = admit::admit(Proposal::Replace(moved(current)), &agent.view())?;
             let admitted = checked_for_etcd(agent, admitted).await?;
             let revision = records.replace(&admitted.records[0], at).await?;
-            applied(cluster, revision, admitted.records).await.map(one)
+            applied(cluster, revision, admitted.records).await?.record()
         }
     }
 }
@@ -87,7 +108,7 @@ pub async fn list(shared: &Shared, vsid: Option<u32>) -> Result<Vec<LookupRecord
 }
 
 /// Alone: this host's ports checked, then the records applied and stored.
-async fn record_here(mut agent: Guard<'_>, admitted: Admitted) -> Result<Vec<LookupRecord>> {
+async fn record_here(mut agent: Guard<'_>, admitted: Admitted) -> Result<Recorded> {
     let links = agent.own_ports(&admitted).await?;
     agent.apply_admitted(admitted, links).await
 }
@@ -102,13 +123,9 @@ async fn checked_for_etcd(agent: Guard<'_>, admitted: Admitted) -> Result<Admitt
 
 /// Waits (a while) until this host applied `revision`, so nvctl answers once its datapath has
 /// the change.
-async fn applied(
-    cluster: &Cluster,
-    revision: i64,
-    records: Vec<LookupRecord>,
-) -> Result<Vec<LookupRecord>> {
+async fn applied(cluster: &Cluster, revision: i64, records: Vec<LookupRecord>) -> Result<Recorded> {
     cluster.wait_applied(revision).await;
-    Ok(records)
+    Ok(Recorded::of(records))
 }
 
 /// Applies what etcd's watch hands over, batch by batch, through the transaction path, for as

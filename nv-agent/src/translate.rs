@@ -3,15 +3,12 @@
 //! root.
 use std::{collections::HashMap, net::IpAddr};
 
-use nv_common::{
-    DatapathConfig, IFINDEX_GONE, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, V4,
-    v4_mapped,
-};
+use nv_common::{DatapathConfig, LocalPa, PortInfo, V4, v4_mapped};
 
 use crate::{
-    catalog::{Catalog, Key},
+    catalog::Catalog,
     datapath::Desired,
-    model::{LookupRecord, Method},
+    model::Method,
     netlink::{LinkInfo, LinkKind},
     tables::providers,
 };
@@ -47,13 +44,6 @@ pub fn addr16(ip: IpAddr) -> nv_common::Addr {
     }
 }
 
-fn datapath_method(m: Method) -> nv_common::Method {
-    match m {
-        Method::Encap => nv_common::Method::Encap,
-        Method::Rewrite => nv_common::Method::Rewrite,
-    }
-}
-
 /// The IPv4 form of an address in a map key. IPv6 customer and provider addresses are refused
 /// before they get here (model.rs), and the datapath has no IPv6 maps yet.
 pub fn key_v4(ip: IpAddr) -> V4 {
@@ -63,60 +53,7 @@ pub fn key_v4(ip: IpAddr) -> V4 {
     }
 }
 
-pub fn lookup_key(key: &Key) -> LookupKey {
-    LookupKey {
-        vsid: key.0,
-        ca: key_v4(key.1),
-    }
-}
-
-/// The map entries of one record whose port (if any) is `at`; a record whose port is missing
-/// points at `IFINDEX_GONE`.
-pub struct Entries {
-    pub key: LookupKey,
-    pub value: LookupValue,
-    pub port: Option<PortInfo>,
-    pub rewrite: Option<(V4, RewritePa)>,
-}
-
-pub fn entries(r: &LookupRecord, at: Option<Attached>) -> Entries {
-    let method = datapath_method(r.method) as u8;
-    let ifindex = match (&r.port, at) {
-        (Some(_), Some(a)) => a.ifindex,
-        (Some(_), None) => IFINDEX_GONE,
-        (None, _) => 0,
-    };
-    Entries {
-        key: lookup_key(&r.key()),
-        value: LookupValue {
-            pa: addr16(r.pa),
-            mac: r.mac.0,
-            method,
-            _pad: 0,
-            ifindex,
-        },
-        port: at.filter(|_| r.port.is_some()).map(|a| PortInfo {
-            vsid: r.vsid,
-            ca: addr16(r.ca),
-            pa: addr16(r.pa),
-            mac: r.mac.0,
-            method,
-            flags: a.flags,
-        }),
-        rewrite: (r.method == Method::Rewrite).then(|| {
-            (
-                key_v4(r.pa),
-                RewritePa {
-                    vsid: r.vsid,
-                    ca: addr16(r.ca),
-                    mac: r.mac.0,
-                    _pad: [0; 2],
-                    ifindex,
-                },
-            )
-        }),
-    }
-}
+pub use crate::tables::lookups::{Entries, entries, lookup_key};
 
 /// VSIDs with a VM on this host (whether its port exists now or not), and how many.
 pub fn hosted_vsids(catalog: &Catalog) -> HashMap<u32, u32> {

@@ -284,7 +284,7 @@ const MUTATIONS: &[Mutation] = &[
     },
     Mutation {
         name: "rewrite PAs leave the host's uplink",
-        file: "nv-agent/src/agent.rs",
+        file: "nv-agent/src/agent/uplink.rs",
         check: "            self.release_address(p).await?;",
         removed: "",
         tests: &["host_isolation"],
@@ -298,21 +298,21 @@ const MUTATIONS: &[Mutation] = &[
     },
     Mutation {
         name: "provider prefix at least /15",
-        file: "nv-agent/src/agent.rs",
+        file: "nv-agent/src/agent/uplink.rs",
         check: "if p.pa.len < MIN_PROVIDER_PREFIX {",
         removed: "if false {",
         tests: &["host_isolation"],
     },
     Mutation {
         name: "no provider address another host's records name",
-        file: "nv-agent/src/agent.rs",
+        file: "nv-agent/src/agent/uplink.rs",
         check: "if remote > 0 {",
         removed: "if false {",
         tests: &["host_isolation"],
     },
     Mutation {
         name: "no provider address of another device",
-        file: "nv-agent/src/agent.rs",
+        file: "nv-agent/src/agent/uplink.rs",
         check: "if let Some(other) = self.netlink.holder_of(p.pa.addr, link.index).await? {",
         removed: "if let Some(other) = None::<String> {",
         tests: &["host_isolation"],
@@ -333,7 +333,7 @@ const MUTATIONS: &[Mutation] = &[
     },
     Mutation {
         name: "a port that cannot be filtered is set down",
-        file: "nv-agent/src/agent.rs",
+        file: "nv-agent/src/agent/vm_ports.rs",
         check: "return self.set_down(&link, &e).await;",
         removed: "return Err(e);",
         tests: &["host_isolation"],
@@ -448,4 +448,25 @@ fn tests_fail(scratch: &Path, tests: &[&str]) -> anyhow::Result<bool> {
         .output()
         .context("run the tests")?;
     Ok(!ran.status.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MUTATIONS;
+
+    /// The table follows the code: every check it removes is where it says, once (a check
+    /// that moved would make `cargo xtask mutants` stop at it).
+    #[test]
+    fn every_check_is_in_its_file_once() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let lost: Vec<String> = MUTATIONS
+            .iter()
+            .filter(|m| {
+                std::fs::read_to_string(root.join(m.file))
+                    .map_or(true, |text| text.matches(m.check).count() != 1)
+            })
+            .map(|m| format!("{} ({})", m.name, m.file))
+            .collect();
+        assert!(lost.is_empty(), "checks not found once: {lost:#?}");
+    }
 }

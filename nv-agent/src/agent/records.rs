@@ -31,6 +31,9 @@ impl Agent {
         let many = admitted.records.len() > 1;
         let mut links = HashMap::new();
         for (i, r) in admitted.records.iter().enumerate() {
+            if r.port.is_none() {
+                continue;
+            }
             let view = admitted.local_view(r);
             match self.check_port(&view).await {
                 Ok(Some(link)) => {
@@ -51,17 +54,18 @@ impl Agent {
     #[tracing::instrument(skip_all, fields(records = admitted.records.len()))]
     pub async fn apply_admitted(
         &mut self,
-        admitted: Admitted,
+        mut admitted: Admitted,
         links: HashMap<String, LinkInfo>,
-    ) -> Result<Vec<LookupRecord>> {
+    ) -> Result<crate::control::Recorded> {
         let started = std::time::Instant::now();
         let n = admitted.records.len();
-        let changes: Vec<Change> = admitted
-            .records
-            .iter()
-            .map(|record| Change::PutLookup {
-                record: record.clone(),
-            })
+        let replaces = admitted.replaces();
+        // A change of one answers with its record; an import's records move into the change
+        // set (a million clones would cost time and the table's memory again).
+        let one = (n == 1).then(|| admitted.records[0].clone());
+        let changes: Vec<Change> = std::mem::take(&mut admitted.records)
+            .into_iter()
+            .map(|record| Change::PutLookup { record })
             .collect();
         let mut i = 0;
         let applied = self
@@ -81,18 +85,18 @@ impl Agent {
             unsafe { libc::malloc_trim(0) };
         }
         applied?;
-        match admitted.records.as_slice() {
-            [r] if admitted.replaces() => {
+        match &one {
+            Some(r) if replaces => {
                 info!("moved lookup record {} to PA {}", describe(r), r.pa);
             }
-            [r] => info!("added lookup record {}", describe(r)),
-            _ => info!(
+            Some(r) => info!("added lookup record {}", describe(r)),
+            None => info!(
                 records = n,
                 "imported {n} lookup records in {} ms",
                 started.elapsed().as_millis()
             ),
         }
-        Ok(admitted.records)
+        Ok(crate::control::Recorded { count: n, one })
     }
 
     /// The record of (`vsid`, `ca`), or why there is none.

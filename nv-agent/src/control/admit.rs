@@ -44,6 +44,8 @@ pub enum Proposal {
 /// recorded (with their host in cluster mode), and what remains to check against the table.
 pub struct Admitted {
     pub records: Vec<LookupRecord>,
+    /// More than one record: errors say which.
+    many: bool,
     /// They replace the records of their keys (a move).
     replacing: bool,
     /// This host's name, to see the records as it applies them (in cluster mode; alone,
@@ -63,10 +65,12 @@ pub fn admit(proposal: Proposal, view: &View) -> Result<Admitted> {
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
-            let shown = describe(&r);
+            // The record is described only when it is refused: an import of a million would
+            // spend a tenth of a second on words nobody reads.
+            let key = r.key();
             place(r, view)
                 .and_then(|r| r.validate().map(|()| r))
-                .map_err(|e| numbered(many, i, &shown, e))
+                .map_err(|e| numbered(many, i, &describe_key(key), e))
         })
         .collect::<Result<Vec<_>>>()?;
     if !replacing {
@@ -74,6 +78,7 @@ pub fn admit(proposal: Proposal, view: &View) -> Result<Admitted> {
     }
     Ok(Admitted {
         records,
+        many,
         replacing,
         host: view.cluster.then(|| view.host.to_owned()),
     })
@@ -97,7 +102,7 @@ impl Admitted {
     pub fn check(&self, catalog: &Catalog, i: usize, view: &LookupRecord) -> Result<()> {
         let key = view.key();
         rules(catalog, view, self.replacing.then_some(&key))
-            .map_err(|e| numbered(self.records.len() > 1, i, &describe(view), e))
+            .map_err(|e| numbered(self.many, i, &describe(view), e))
     }
 
     /// Step 4 for every record, against `catalog` with the ones before it (a copy, when there
@@ -154,6 +159,11 @@ fn capacity(view: &View, adding: usize) -> Result<()> {
 /// Step 4 for one record.
 fn rules(catalog: &Catalog, view: &LookupRecord, replacing: Option<&Key>) -> Result<()> {
     catalog.check(view, replacing)
+}
+
+/// A record that could not be placed or broke its own rules, as errors name it.
+fn describe_key((vsid, ca): (u32, IpAddr)) -> String {
+    format!("VSID {vsid} CA {ca}")
 }
 
 /// An error about the `i`th of several records says which.

@@ -2,13 +2,18 @@
 //! on the host that runs it. Shared by every host: in cluster mode they live in etcd under
 //! [`ETCD_PREFIX`], as JSON in the CLI's field names with `host`, the host whose VM port a
 //! record binds. The store keeps them in a compact binary form (an import of a million spent a
-//! third of its time writing them as JSON).
+//! third of its time writing them as JSON). Their map entries: the lookup map's, a local VM's
+//! port entry, and a rewrite PA's.
 use std::net::IpAddr;
+
+use nv_common::{IFINDEX_GONE, LookupKey, LookupValue, PortInfo, RewritePa, V4};
 
 use super::Table;
 use crate::{
+    catalog::Key,
     error::{Result, invalid},
     model::{LookupRecord, Mac, Method},
+    translate::{Attached, addr16, key_v4},
 };
 
 pub struct Lookups;
@@ -90,6 +95,70 @@ pub fn placed(mut r: LookupRecord, me: &str) -> Result<LookupRecord> {
         _ => {}
     }
     Ok(r)
+}
+
+// The table's map entries: what the datapath holds for one record.
+
+fn datapath_method(m: Method) -> nv_common::Method {
+    match m {
+        Method::Encap => nv_common::Method::Encap,
+        Method::Rewrite => nv_common::Method::Rewrite,
+    }
+}
+
+pub fn lookup_key(key: &Key) -> LookupKey {
+    LookupKey {
+        vsid: key.0,
+        ca: key_v4(key.1),
+    }
+}
+
+/// The map entries of one record whose port (if any) is `at`; a record whose port is missing
+/// points at `IFINDEX_GONE`.
+pub struct Entries {
+    pub key: LookupKey,
+    pub value: LookupValue,
+    pub port: Option<PortInfo>,
+    pub rewrite: Option<(V4, RewritePa)>,
+}
+
+pub fn entries(r: &LookupRecord, at: Option<Attached>) -> Entries {
+    let method = datapath_method(r.method) as u8;
+    let ifindex = match (&r.port, at) {
+        (Some(_), Some(a)) => a.ifindex,
+        (Some(_), None) => IFINDEX_GONE,
+        (None, _) => 0,
+    };
+    Entries {
+        key: lookup_key(&r.key()),
+        value: LookupValue {
+            pa: addr16(r.pa),
+            mac: r.mac.0,
+            method,
+            _pad: 0,
+            ifindex,
+        },
+        port: at.filter(|_| r.port.is_some()).map(|a| PortInfo {
+            vsid: r.vsid,
+            ca: addr16(r.ca),
+            pa: addr16(r.pa),
+            mac: r.mac.0,
+            method,
+            flags: a.flags,
+        }),
+        rewrite: (r.method == Method::Rewrite).then(|| {
+            (
+                key_v4(r.pa),
+                RewritePa {
+                    vsid: r.vsid,
+                    ca: addr16(r.ca),
+                    mac: r.mac.0,
+                    _pad: [0; 2],
+                    ifindex,
+                },
+            )
+        }),
+    }
 }
 
 /// (VSID, CA) as bytes that sort as the catalog does: VSID big-endian, then the address
