@@ -21,6 +21,7 @@ use crate::{
 mod cluster_ops;
 mod observe;
 mod records;
+mod routes;
 mod uplink;
 mod vm_ports;
 
@@ -80,6 +81,16 @@ fn apply_legacy(catalog: &mut Catalog, change: Change) {
             providers.push(provider);
         }
         Change::DelProvider { pa } => catalog.providers_mut().retain(|p| p.pa.addr != pa),
+        Change::PutRoute { route } => {
+            catalog.routes_mut().insert(route);
+        }
+        Change::DelRoute {
+            rdid,
+            prefix,
+            nexthop,
+        } => {
+            catalog.routes_mut().remove(&(rdid, prefix, nexthop));
+        }
     }
 }
 

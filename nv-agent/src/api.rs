@@ -10,6 +10,10 @@
 //! | DELETE | /v1/lookups          | `?vsid=N&ca=ADDR`  |
 //! | POST   | /v1/lookups/move     | `{vsid, ca, pa, port?}` |
 //! | POST   | /v1/lookups/import   | a JSON list of lookup records, or CSV (`text/csv`); all or none |
+//! | GET    | /v1/routes           | `?rdid=ID` (optional) |
+//! | POST   | /v1/routes           | a route            |
+//! | DELETE | /v1/routes           | `?rdid=ID&prefix=CIDR&nexthop=ADDR` (`nexthop` optional) |
+//! | POST   | /v1/routes/import    | a JSON list of routes; all or none |
 //! | GET    | /v1/stats            | `?vsid=N`: that VSID's traffic instead of the counters |
 //! | GET    | /v1/status           |                    |
 //! | POST   | /v1/trace            | a packet to trace (`nvctl trace`) |
@@ -38,13 +42,15 @@ use crate::{
     control,
     error::NvError,
     import::{self, Format},
-    model::{LookupRecord, Provider},
+    model::{LookupRecord, Provider, Rdid, RouteRecord, Subnet},
 };
 
 /// Request bodies are small records; anything bigger is refused before parsing.
 const MAX_BODY: usize = 64 * 1024;
 /// An import carries a table: a million records are about 150 MB of JSON.
 const MAX_IMPORT_BODY: usize = 512 * 1024 * 1024;
+/// A routes import: 100,000 routes are about 10 MB of JSON.
+const MAX_ROUTES_BODY: usize = 16 * 1024 * 1024;
 /// Imports read, parsed and applied at once: each may hold a table's worth of memory, so more
 /// wait their turn (unread) instead of exhausting the host.
 const IMPORTS_AT_ONCE: usize = 1;
@@ -159,6 +165,10 @@ pub fn router(agent: Shared, metrics: crate::metrics::ApiMetrics) -> Router {
             get(list_lookups).post(add_lookup).delete(del_lookup),
         )
         .route("/v1/lookups/move", post(move_lookup))
+        .route(
+            "/v1/routes",
+            get(list_routes).post(add_route).delete(del_routes),
+        )
         .route("/v1/stats", get(stats))
         .route("/v1/trace", post(trace))
         .route("/v1/debug", axum::routing::put(debug))
@@ -170,6 +180,12 @@ pub fn router(agent: Shared, metrics: crate::metrics::ApiMetrics) -> Router {
         .route(
             "/v1/monitor",
             get(watch::monitor).layer(ConcurrencyLimitLayer::new(watch::WATCHERS_AT_ONCE)),
+        )
+        .route(
+            "/v1/routes/import",
+            post(import_routes)
+                .layer::<_, std::convert::Infallible>(DefaultBodyLimit::max(MAX_ROUTES_BODY))
+                .layer(ConcurrencyLimitLayer::new(IMPORTS_AT_ONCE)),
         )
         .route(
             "/v1/lookups/import",
@@ -296,6 +312,60 @@ async fn import_lookups(
         control::add(&a, records).await.map(|r| r.count)
     })
     .await?;
+    Ok((StatusCode::CREATED, Json(Imported { imported })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoutesQuery {
+    rdid: Option<Rdid>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteQuery {
+    rdid: Rdid,
+    prefix: Subnet,
+    nexthop: Option<std::net::Ipv4Addr>,
+}
+
+/// Every route in (domain, prefix, next hop) order; `?rdid=ID`: that domain's only.
+async fn list_routes(
+    State(a): State<Shared>,
+    q: Result<Query<RoutesQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Query(q) = q.map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))?;
+    Ok(Json(control::routes::list(&a, q.rdid.as_ref()).await))
+}
+
+async fn add_route(
+    State(a): State<Shared>,
+    body: Result<Json<RouteRecord>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(r) = body?;
+    let added = r.clone();
+    whole(async move { control::routes::add(&a, vec![r]).await }).await?;
+    Ok((StatusCode::CREATED, Json(added)))
+}
+
+async fn del_routes(
+    State(a): State<Shared>,
+    q: Result<Query<RouteQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Query(q) = q.map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))?;
+    Ok(Json(
+        whole(async move { control::routes::delete(&a, &q.rdid, q.prefix, q.nexthop).await })
+            .await?,
+    ))
+}
+
+/// A JSON list of routes, applied all or none.
+async fn import_routes(
+    State(a): State<Shared>,
+    body: Result<Json<Vec<RouteRecord>>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(routes) = body?;
+    let imported = whole(async move { control::routes::add(&a, routes).await }).await?;
     Ok((StatusCode::CREATED, Json(Imported { imported })))
 }
 

@@ -13,8 +13,8 @@ use std::{
 
 use crate::{
     error::{NvError, Result, invalid},
-    model::{LookupRecord, Mac, Method, ProviderState},
-    tables::State,
+    model::{LookupRecord, Mac, Method, ProviderState, RouteRecord},
+    tables::{State, routes::RouteIndex},
 };
 
 /// (VSID, CA): a lookup record's identity.
@@ -54,6 +54,7 @@ struct VsidUse {
 #[derive(Clone, Default)]
 pub struct Catalog {
     providers: Vec<ProviderState>,
+    routes: RouteIndex,
     records: Map<Key4, Rec>,
     ports: Map<Key4, Box<str>>,
     names: Map<Key4, Box<str>>,
@@ -96,8 +97,11 @@ impl Catalog {
     /// Builds the catalog from stored state; a store that breaks a rule is reported, not
     /// silently repaired.
     pub fn from_state(state: State) -> Result<Catalog> {
+        let routes = RouteIndex::from_rows(state.routes)
+            .map_err(|e| NvError::store(crate::error::one_line(&e)))?;
         let mut c = Catalog {
             providers: state.providers,
+            routes,
             ..Catalog::default()
         };
         c.reserve(state.lookups.len());
@@ -117,7 +121,24 @@ impl Catalog {
         State {
             providers: self.providers.clone(),
             lookups: self.lookups(None),
+            routes: self.routes.list(None),
         }
+    }
+
+    pub fn routes(&self) -> &RouteIndex {
+        &self.routes
+    }
+
+    pub fn routes_mut(&mut self) -> &mut RouteIndex {
+        &mut self.routes
+    }
+
+    /// Checks a route on its own and against the other routes and the records.
+    pub fn check_route(&self, r: &RouteRecord) -> Result<()> {
+        r.validate()?;
+        self.routes.check_put(r, &|vsid, ca| {
+            self.get(&(vsid, IpAddr::V4(ca))).map(|r| describe(&r))
+        })
     }
 
     pub fn providers(&self) -> &[ProviderState] {
@@ -229,23 +250,10 @@ impl Catalog {
             .map_or(0, |u| u.local as usize)
     }
 
-    /// Checks the rules that involve other records. `replacing` is the key of a record `r`
-    /// replaces (a move), which does not count against it.
-    pub fn check(&self, r: &LookupRecord, replacing: Option<&Key>) -> Result<()> {
-        let (_, pa) = ipv4_only(r)?;
-        let replacing = replacing.and_then(key4);
-        let own = |k: &Key4| replacing.as_ref() == Some(k);
-        if replacing.is_none()
-            && self.contains(&r.key())
-            && let Some(existing) = self.get(&r.key())
-        {
-            return Err(NvError::Conflict(format!(
-                "a lookup record for {} already exists; delete it first, or use `nvctl lookup move` to change its PA and port",
-                describe(&existing)
-            )));
-        }
+    /// The record's PA among this host's providers: whether it is one (a local PA), and
+    /// the rules of a rewrite PA.
+    fn provider_use(&self, r: &LookupRecord) -> Result<bool> {
         let provider = self.providers.iter().find(|p| p.pa.addr == r.pa);
-        let local_pa = provider.is_some();
         match provider {
             // The datapath takes a rewrite PA from the host: not an address the host had
             // before nv (its management address, say), which it would lose.
@@ -266,6 +274,38 @@ impl Catalog {
             }
             _ => {}
         }
+        Ok(provider.is_some())
+    }
+
+    /// A subnet's gateway is the distributed router's address, no VM's.
+    fn not_a_gateway(&self, r: &LookupRecord) -> Result<()> {
+        match self.routes.gateway_at(r.vsid, r.ca) {
+            Some(g) => Err(NvError::Conflict(format!(
+                "{} is the gateway of {} in VSID {} (routing domain {}), the distributed \
+                 router's address: give the VM another CA, or the subnet another --gateway",
+                g.addr, g.route.prefix, r.vsid, g.route.rdid
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks the rules that involve other records. `replacing` is the key of a record `r`
+    /// replaces (a move), which does not count against it.
+    pub fn check(&self, r: &LookupRecord, replacing: Option<&Key>) -> Result<()> {
+        let (_, pa) = ipv4_only(r)?;
+        self.not_a_gateway(r)?;
+        let replacing = replacing.and_then(key4);
+        let own = |k: &Key4| replacing.as_ref() == Some(k);
+        if replacing.is_none()
+            && self.contains(&r.key())
+            && let Some(existing) = self.get(&r.key())
+        {
+            return Err(NvError::Conflict(format!(
+                "a lookup record for {} already exists; delete it first, or use `nvctl lookup move` to change its PA and port",
+                describe(&existing)
+            )));
+        }
+        let local_pa = self.provider_use(r)?;
         match &r.port {
             Some(port) => {
                 if !local_pa {

@@ -17,6 +17,7 @@ use crate::{
 };
 
 pub mod admit;
+pub mod routes;
 
 use admit::{Admitted, Proposal};
 

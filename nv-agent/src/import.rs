@@ -165,7 +165,10 @@ pub fn read(file: &Path) -> anyhow::Result<Vec<LookupRecord>> {
 }
 
 /// Writes `records` as `read` takes them: a JSON list, one record a line.
-pub fn write_json(records: &[LookupRecord], out: &mut impl std::io::Write) -> anyhow::Result<()> {
+pub fn write_json<T: serde::Serialize>(
+    records: &[T],
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
     writeln!(out, "[")?;
     for (i, r) in records.iter().enumerate() {
         let sep = if i + 1 < records.len() { "," } else { "" };

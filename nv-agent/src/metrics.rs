@@ -34,6 +34,8 @@ pub struct Snapshot {
     pub maps: Vec<MapUse>,
     pub providers: usize,
     pub lookups: usize,
+    /// Customer routes by routing domain.
+    pub routes: BTreeMap<String, usize>,
     /// Attached ports by (kind, running).
     pub ports: BTreeMap<(String, bool), usize>,
     pub ports_missing: usize,
@@ -265,6 +267,15 @@ impl Snapshot {
                     *n as u64,
                 )
             }),
+        )?;
+        family(
+            e,
+            "nv_routes",
+            "Customer routes, by routing domain.",
+            MetricType::Gauge,
+            self.routes
+                .iter()
+                .map(|(rdid, n)| (vec![("rdid", rdid.clone())], *n as u64)),
         )?;
         for (name, help, value) in [
             (

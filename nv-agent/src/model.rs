@@ -6,6 +6,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{NvError, Result, invalid};
 
+mod route;
+
+pub use route::{ON_LINK, Rdid, RouteKey, RouteRecord, Subnet};
+
 /// A MAC address, written `02:00:00:00:00:01`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Mac(pub [u8; 6]);

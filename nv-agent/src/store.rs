@@ -15,7 +15,7 @@ use crate::{
     error::{NvError, Result, StoreSource},
     model::LookupRecord,
     store_legacy,
-    tables::{Change, Lookups, Providers, State, Table},
+    tables::{Change, Lookups, Providers, Routes, State, Table},
 };
 
 const FILE: &str = "nv.redb";
@@ -95,6 +95,7 @@ impl Store {
         Ok(State {
             lookups: self.read_rows::<Lookups>(&txn)?,
             providers: self.read_rows::<Providers>(&txn)?,
+            routes: self.read_rows::<Routes>(&txn)?,
         })
     }
 
@@ -291,7 +292,12 @@ impl Store {
     pub fn snapshot(&mut self, state: &State) -> Result<()> {
         let err = |e: StoreSource| self.write_err(e);
         let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
-        for table in [rows::<Lookups>(), LOOKUPS_JSON, rows::<Providers>()] {
+        for table in [
+            rows::<Lookups>(),
+            LOOKUPS_JSON,
+            rows::<Providers>(),
+            rows::<Routes>(),
+        ] {
             txn.delete_table(table).map_err(|e| err(e.into()))?;
         }
         {
@@ -306,6 +312,12 @@ impl Store {
                 .map_err(|e| err(e.into()))?;
             for p in &state.providers {
                 put_row::<Providers>(&mut providers, p).map_err(err)?;
+            }
+            let mut routes = txn
+                .open_table(rows::<Routes>())
+                .map_err(|e| err(e.into()))?;
+            for r in &state.routes {
+                put_row::<Routes>(&mut routes, r).map_err(err)?;
             }
         }
         txn.commit().map_err(|e| err(e.into()))?;
@@ -393,6 +405,17 @@ mod tests {
         }
     }
 
+    fn route(prefix: &str) -> crate::model::RouteRecord {
+        crate::model::RouteRecord {
+            rdid: "contoso".parse().unwrap(),
+            vsid: 5001,
+            prefix: prefix.parse().unwrap(),
+            nexthop: crate::model::ON_LINK,
+            metric: 0,
+            gateway: None,
+        }
+    }
+
     #[test]
     fn changes_survive_reopen_and_a_snapshot_replaces_everything() {
         let dir = tempfile::tempdir().unwrap();
@@ -410,14 +433,23 @@ mod tests {
                     vsid: 5001,
                     ca: "10.0.0.1".parse().unwrap(),
                 },
+                Change::PutRoute {
+                    route: route("10.1.0.0/24"),
+                },
+                Change::PutRoute {
+                    route: route("10.2.0.0/24"),
+                },
+                Change::del_route(route("10.1.0.0/24").key()),
             ])
             .unwrap();
         drop(store);
         let (mut store, state, _) = Store::open(dir.path()).unwrap();
         assert_eq!(state.lookups, vec![record("10.0.0.2")]);
+        assert_eq!(state.routes, vec![route("10.2.0.0/24")]);
         let snap = State {
             providers: vec![],
             lookups: vec![record("10.0.0.7")],
+            routes: vec![route("10.3.0.0/24")],
         };
         store.snapshot(&snap).unwrap();
         drop(store);
@@ -480,6 +512,7 @@ mod tests {
         let both = State {
             providers: vec![],
             lookups: vec![record("10.0.0.1"), record("10.0.0.2")],
+            ..State::default()
         };
         store.snapshot(&both).unwrap();
         assert!(!store.needs_snapshot());

@@ -126,6 +126,7 @@ impl Checks<'_> {
                 Change::PutLookup { record } => {
                     crate::control::admit::admit_watched(catalog, record)
                 }
+                Change::PutRoute { route } => catalog.check_route(route),
                 _ => Ok(()),
             },
         }
@@ -360,6 +361,21 @@ fn apply_to_catalog(catalog: &mut Catalog, change: &Change) -> Change {
                 None => Change::DelProvider { pa: *pa },
             }
         }
+        Change::PutRoute { route } => match catalog.routes_mut().insert(route.clone()) {
+            Some(old) => Change::PutRoute { route: old },
+            None => Change::del_route(route.key()),
+        },
+        Change::DelRoute {
+            rdid,
+            prefix,
+            nexthop,
+        } => {
+            let key = (rdid.clone(), *prefix, *nexthop);
+            match catalog.routes_mut().remove(&key) {
+                Some(old) => Change::PutRoute { route: old },
+                None => Change::del_route(key),
+            }
+        }
     }
 }
 
@@ -521,15 +537,12 @@ impl Tables {
                 }
                 Err(e) => {
                     skipped.push((i, e));
-                    match change {
-                        Change::PutLookup { record } if self.catalog.contains(&record.key()) => {
-                            substitute = Change::DelLookup {
-                                vsid: record.vsid,
-                                ca: record.ca,
-                            };
+                    match taken_away(&self.catalog, change) {
+                        Some(del) => {
+                            substitute = del;
                             &substitute
                         }
-                        _ => continue,
+                        None => continue,
                     }
                 }
             };
@@ -704,6 +717,23 @@ impl Tables {
         if undo.len() > 1 << 16 {
             self.catalog.shrink();
         }
+    }
+}
+
+/// A refused put from a shared store takes away what its key held: the store says something
+/// else now.
+fn taken_away(catalog: &Catalog, change: &Change) -> Option<Change> {
+    match change {
+        Change::PutLookup { record } if catalog.contains(&record.key()) => {
+            Some(Change::DelLookup {
+                vsid: record.vsid,
+                ca: record.ca,
+            })
+        }
+        Change::PutRoute { route } if catalog.routes().get(&route.key()).is_some() => {
+            Some(Change::del_route(route.key()))
+        }
+        _ => None,
     }
 }
 

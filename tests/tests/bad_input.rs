@@ -57,6 +57,9 @@ fn request(method: &str, path: &str, content_type: &str, body: &str) -> Vec<u8> 
 
 const RECORD: &str = r#""vsid":5001,"ca":"10.0.0.9","pa":"198.18.0.2","mac":"02:00:00:00:09:09""#;
 
+/// A good route, for the bad ones made from it.
+const ROUTE: &str = r#"{"rdid":"contoso","vsid":5001,"prefix":"10.1.0.0/24","nexthop":"0.0.0.0"}"#;
+
 #[test]
 #[expect(clippy::too_many_lines, reason = "one table of cases")]
 fn malformed_api_requests_are_refused_and_change_nothing() -> anyhow::Result<()> {
@@ -185,6 +188,68 @@ fn malformed_api_requests_are_refused_and_change_nothing() -> anyhow::Result<()>
             "application/json",
             format!("[{{{RECORD}}},{{{}}}]", RECORD.replace("5001", "12")),
         ),
+        // Routes: malformed, of bad fields, or a file with one bad route among good ones.
+        ("POST", "/v1/routes", "application/json", "{".into()),
+        (
+            "POST",
+            "/v1/routes",
+            "application/json",
+            ROUTE.replace("10.1.0.0/24", "10.1.0.1/24"),
+        ),
+        (
+            "POST",
+            "/v1/routes",
+            "application/json",
+            ROUTE.replace("contoso", "con toso"),
+        ),
+        (
+            "POST",
+            "/v1/routes",
+            "application/json",
+            ROUTE.replace("contoso", &"c".repeat(65)),
+        ),
+        (
+            "POST",
+            "/v1/routes",
+            "application/json",
+            ROUTE.replace("10.1.0.0/24", "fd00::/64"),
+        ),
+        (
+            "POST",
+            "/v1/routes",
+            "application/json",
+            ROUTE.replace("0.0.0.0\"", "10.9.0.1\""),
+        ),
+        (
+            "POST",
+            "/v1/routes",
+            "application/json",
+            ROUTE.replace('}', r#","evil":1}"#),
+        ),
+        (
+            "DELETE",
+            "/v1/routes?rdid=contoso&prefix=10.1.0.0/24",
+            "application/json",
+            String::new(),
+        ),
+        (
+            "DELETE",
+            "/v1/routes?rdid=contoso",
+            "application/json",
+            String::new(),
+        ),
+        (
+            "GET",
+            "/v1/routes?rdid=a%20b",
+            "application/json",
+            String::new(),
+        ),
+        (
+            "POST",
+            "/v1/routes/import",
+            "application/json",
+            format!("[{ROUTE},{}]", ROUTE.replace("5001", "12")),
+        ),
     ];
     let before = h.store_files()?;
     for (method, path, content_type, body) in &cases {
@@ -219,11 +284,17 @@ fn malformed_api_requests_are_refused_and_change_nothing() -> anyhow::Result<()>
         json["error"].as_str().is_some_and(|e| !e.contains('\n')),
         "error body: {answer}"
     );
-    // Still serving, still forwarding.
+    // Still serving, still forwarding; the good route goes in (positive control).
     ensure!(
-        h.nvctl_json(&["lookup", "list"])?.as_array().map(Vec::len) == Some(4),
-        "records changed"
+        h.nvctl_json(&["lookup", "list"])?.as_array().map(Vec::len) == Some(4)
+            && h.nvctl_json(&["route", "list"])?.as_array().map(Vec::len) == Some(0),
+        "records or routes changed"
     );
+    let (status, answer) = raw(
+        &h.socket,
+        &request("POST", "/v1/routes", "application/json", ROUTE),
+    )?;
+    ensure!(status == 201, "the good route: {status} {answer}");
     ensure!(
         bed.ping("RED-1", "10.0.0.2", 2)? == 2,
         "forwarding broken after bad requests"

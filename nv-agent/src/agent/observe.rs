@@ -42,6 +42,9 @@ pub struct Status {
     pub underlay_dscp: String,
     pub providers: usize,
     pub lookups: usize,
+    /// Customer routes, of every routing domain.
+    #[serde(default)]
+    pub routes: usize,
     /// Ports attached, by kind: veth and tap, running or not.
     pub ports: Vec<PortStatus>,
     /// Local records whose port does not exist now.
@@ -223,6 +226,7 @@ impl Agent {
             underlay_dscp: self.underlay_dscp.to_string(),
             providers: self.tables.catalog.providers().len(),
             lookups: self.tables.catalog.len(),
+            routes: self.tables.catalog.routes().len(),
             ports,
             ports_missing,
             ports_without_record,
@@ -289,6 +293,7 @@ impl Agent {
             vsids: Vec::new(),
             providers: status.providers,
             lookups: status.lookups,
+            routes: catalog.routes().by_domain(),
             ports,
             ports_missing: status.ports_missing.len(),
             ports_without_record: status.ports_without_record.len(),

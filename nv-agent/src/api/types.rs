@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::{
     agent::{PortStatus, Status},
     cluster::Status as ClusterStatus,
-    model::{LookupRecord, Provider, ProviderState},
+    model::{LookupRecord, Provider, ProviderState, Rdid, RouteRecord, Subnet},
     trace::{Outcome as TraceOutcome, Request as TraceRequest},
 };
 

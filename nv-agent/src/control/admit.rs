@@ -209,7 +209,7 @@ mod tests {
                 .unwrap();
         let mut c = Catalog::from_state(State {
             providers: vec![provider],
-            lookups: vec![],
+            ..State::default()
         })
         .unwrap();
         c.insert(record("10.0.0.2", 2));

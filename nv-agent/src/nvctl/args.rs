@@ -1,9 +1,12 @@
 //! nvctl's command line: the flags are the contract operators script against (DESIGN.md).
-use std::{net::IpAddr, path::PathBuf};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::model::{Mac, Method, Prefixed};
+use crate::model::{Mac, Method, Prefixed, Rdid, Subnet};
 
 /// nvctl: configure nv network virtualization on this host.
 ///
@@ -71,6 +74,23 @@ pub enum Command {
     /// Lookup records: where each customer address lives, and how to reach it.
     #[command(subcommand)]
     Lookup(LookupCmd),
+    /// Customer routes (HNV's): a tenant's routing domain, its subnets, and where traffic
+    /// for other prefixes goes.
+    ///
+    /// A routing domain (--rdid, a name or a GUID) holds a tenant's virtual subnets; each VSID
+    /// belongs to one domain. A route with --nexthop 0.0.0.0 makes its prefix the VSID's
+    /// subnet (its gateway, the distributed router's address, is the first address unless
+    /// --gateway says otherwise); another next hop is a VM of that VSID (a gateway or
+    /// appliance) that traffic for the prefix goes to. Longest prefix wins, then the lower
+    /// metric.
+    ///
+    /// Examples:
+    ///   nvctl route add --rdid contoso --vsid 5001 --prefix 10.1.0.0/24 --nexthop 0.0.0.0
+    ///   nvctl route add --rdid contoso --vsid 5002 --prefix 10.2.0.0/24 --nexthop 0.0.0.0
+    ///   nvctl route add --rdid contoso --vsid 5001 --prefix 0.0.0.0/0 --nexthop 10.1.0.254
+    ///   nvctl route list --rdid contoso
+    #[command(subcommand, verbatim_doc_comment)]
+    Route(RouteCmd),
     /// Datapath counters: packets forwarded, and packets dropped by reason. With --vsid, that
     /// virtual subnet's traffic instead: frames and bytes its VMs here sent (tx) and got (rx),
     /// by method (encap, rewrite, or local for VM to VM on this host).
@@ -233,6 +253,57 @@ pub enum LookupCmd {
     /// Add many lookup records at once, all or none: a JSON list, or CSV with a header line,
     /// both using the flag names (vsid,ca,pa,mac,method,port,name; method, port and name may be
     /// left out or empty). FILE `-` reads standard input.
+    Import { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RouteCmd {
+    /// Add a route. Refused when it would put a VSID in two domains, overlap another subnet
+    /// of the domain, repeat a prefix's metric, or name a next hop outside its VSID's subnets.
+    Add {
+        /// Routing domain: a name or GUID, up to 64 of [A-Za-z0-9._:-] (kept lowercased).
+        #[arg(long, value_parser = parse::<Rdid>)]
+        rdid: Rdid,
+        /// The virtual subnet the prefix (on-link) or the next hop lives in.
+        #[arg(long)]
+        vsid: u32,
+        /// Destination prefix, e.g. 10.2.0.0/16 or 0.0.0.0/0.
+        #[arg(long, value_parser = parse::<Subnet>)]
+        prefix: Subnet,
+        /// 0.0.0.0: the prefix is the VSID's subnet (on-link); otherwise a CA of the VSID
+        /// that traffic for the prefix is forwarded to.
+        #[arg(long)]
+        nexthop: Ipv4Addr,
+        /// Among routes to the same prefix, the lower wins.
+        #[arg(long, default_value_t = 0)]
+        metric: u32,
+        /// On-link routes: the subnet's router address [default: its first address].
+        #[arg(long)]
+        gateway: Option<Ipv4Addr>,
+    },
+    /// Delete the routes of a domain to a prefix (only the one through --nexthop, if given).
+    Del {
+        #[arg(long, value_parser = parse::<Rdid>)]
+        rdid: Rdid,
+        #[arg(long, value_parser = parse::<Subnet>)]
+        prefix: Subnet,
+        #[arg(long)]
+        nexthop: Option<Ipv4Addr>,
+    },
+    /// List routes, in (domain, prefix, next hop) order.
+    List {
+        /// Only this domain's routes.
+        #[arg(long, value_parser = parse::<Rdid>)]
+        rdid: Option<Rdid>,
+    },
+    /// Write routes to standard output as a JSON list, the import format.
+    Export {
+        #[arg(long, value_parser = parse::<Rdid>)]
+        rdid: Option<Rdid>,
+    },
+    /// Add many routes at once, all or none, from a JSON list of routes in the flag names
+    /// (rdid, vsid, prefix, nexthop, metric, gateway; the last two may be left out). FILE `-`
+    /// reads standard input.
     Import { file: PathBuf },
 }
 

@@ -15,7 +15,7 @@ use tokio::net::UnixStream;
 use crate::{
     api::types::{
         CounterValue, Debug, ErrorAnswer, Imported, LookupRecord, MoveRequest, Provider,
-        ProviderState, Status, TraceOutcome, TraceRequest, VsidTraffic,
+        ProviderState, Rdid, RouteRecord, Status, Subnet, TraceOutcome, TraceRequest, VsidTraffic,
     },
     import::Format,
 };
@@ -98,6 +98,37 @@ impl Client {
             Body::Raw(format.content_type(), Bytes::from(text)),
         )
         .await
+    }
+
+    /// Routes in (domain, prefix, next hop) order, of one domain or all.
+    pub async fn routes(&self, rdid: Option<&Rdid>) -> anyhow::Result<Vec<RouteRecord>> {
+        match rdid {
+            Some(d) => self.get(&format!("/v1/routes?rdid={d}")).await,
+            None => self.get("/v1/routes").await,
+        }
+    }
+
+    pub async fn add_route(&self, r: &RouteRecord) -> anyhow::Result<RouteRecord> {
+        self.send(Method::POST, "/v1/routes", r).await
+    }
+
+    pub async fn delete_routes(
+        &self,
+        rdid: &Rdid,
+        prefix: Subnet,
+        nexthop: Option<std::net::Ipv4Addr>,
+    ) -> anyhow::Result<Vec<RouteRecord>> {
+        let via = nexthop.map(|n| format!("&nexthop={n}")).unwrap_or_default();
+        self.call(
+            Method::DELETE,
+            &format!("/v1/routes?rdid={rdid}&prefix={prefix}{via}"),
+            Body::None,
+        )
+        .await
+    }
+
+    pub async fn import_routes(&self, routes: &[RouteRecord]) -> anyhow::Result<Imported> {
+        self.send(Method::POST, "/v1/routes/import", &routes).await
     }
 
     pub async fn counters(&self) -> anyhow::Result<Vec<CounterValue>> {

@@ -9,14 +9,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     error::Result,
-    model::{LookupRecord, ProviderState},
+    model::{LookupRecord, ProviderState, Rdid, RouteKey, RouteRecord, Subnet},
 };
 
 pub mod lookups;
 pub mod providers;
+pub mod routes;
 
 pub use lookups::Lookups;
 pub use providers::Providers;
+pub use routes::Routes;
 
 /// What a table is to the generic machinery around it.
 pub trait Table {
@@ -47,6 +49,8 @@ pub trait Table {
 pub struct State {
     pub providers: Vec<ProviderState>,
     pub lookups: Vec<LookupRecord>,
+    #[serde(default)]
+    pub routes: Vec<RouteRecord>,
 }
 
 /// One change to one table. Each table adds its variants; everything else about a change
@@ -54,10 +58,27 @@ pub struct State {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Change {
-    PutLookup { record: LookupRecord },
-    DelLookup { vsid: u32, ca: IpAddr },
-    PutProvider { provider: ProviderState },
-    DelProvider { pa: IpAddr },
+    PutLookup {
+        record: LookupRecord,
+    },
+    DelLookup {
+        vsid: u32,
+        ca: IpAddr,
+    },
+    PutProvider {
+        provider: ProviderState,
+    },
+    DelProvider {
+        pa: IpAddr,
+    },
+    PutRoute {
+        route: RouteRecord,
+    },
+    DelRoute {
+        rdid: Rdid,
+        prefix: Subnet,
+        nexthop: std::net::Ipv4Addr,
+    },
 }
 
 /// A change as the store writes it: in `table`, the row under `key` becomes `value`
@@ -75,6 +96,21 @@ impl Change {
             Change::DelLookup { vsid, ca } => del::<Lookups>(&(*vsid, *ca)),
             Change::PutProvider { provider } => put::<Providers>(provider),
             Change::DelProvider { pa } => del::<Providers>(pa),
+            Change::PutRoute { route } => put::<Routes>(route),
+            Change::DelRoute {
+                rdid,
+                prefix,
+                nexthop,
+            } => del::<Routes>(&(rdid.clone(), *prefix, *nexthop)),
+        }
+    }
+
+    /// The change that deletes the route of `key`.
+    pub fn del_route((rdid, prefix, nexthop): RouteKey) -> Change {
+        Change::DelRoute {
+            rdid,
+            prefix,
+            nexthop,
         }
     }
 }

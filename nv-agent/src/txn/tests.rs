@@ -255,6 +255,18 @@ fn change_sets() -> Vec<(&'static str, Vec<Change>)> {
                 provider: provider("198.18.1.9"),
             }],
         ),
+        (
+            "a subnet and a record in it",
+            vec![
+                Change::PutRoute {
+                    route: serde_json::from_str(
+                        r#"{"rdid":"red","vsid":7001,"prefix":"10.1.0.0/24","nexthop":"0.0.0.0"}"#,
+                    )
+                    .unwrap(),
+                },
+                put(record(7001, "10.1.0.9", "198.18.0.2", 9, None)),
+            ],
+        ),
     ]
 }
 
@@ -360,6 +372,11 @@ fn assert_unchanged(
         after.catalog.providers(),
         before.catalog.providers(),
         "{ctx}: providers"
+    );
+    assert_eq!(
+        after.catalog.routes(),
+        before.catalog.routes(),
+        "{ctx}: routes"
     );
     assert_eq!(after.config, before.config, "{ctx}: config");
     let mut expected = maps_before.clone();

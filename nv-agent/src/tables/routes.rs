@@ -1,0 +1,431 @@
+//! Customer routes: each routing domain's subnets (on-link routes, one VSID each) and the
+//! routes that leave them through a next hop, a CA of a VSID of the domain. Shared by every
+//! host (in etcd under [`ETCD_PREFIX`] in cluster mode); stored as JSON in the CLI's fields.
+//!
+//! [`RouteIndex`] keeps the rules between routes, and between routes and lookup records: a
+//! VSID belongs to one domain, a domain's subnets do not overlap, a prefix has one route per
+//! metric, a next hop lies in a subnet of its VSID, and a gateway is no record's CA.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr},
+};
+
+use super::Table;
+use crate::{
+    error::{NvError, Result, invalid},
+    model::{Rdid, RouteKey, RouteRecord, Subnet},
+};
+
+pub struct Routes;
+
+/// Where routes live in etcd.
+pub const ETCD_PREFIX: &str = "/nv/v1/routes/";
+
+impl Table for Routes {
+    const NAME: &'static str = "routes";
+    const STORE: &'static str = "routes_v1";
+    const ETCD_PREFIX: Option<&'static str> = Some(ETCD_PREFIX);
+    const COLUMNS: &'static [(&'static str, &'static str)] = &[
+        ("RDID", "rdid"),
+        ("VSID", "vsid"),
+        ("PREFIX", "prefix"),
+        ("NEXTHOP", "nexthop"),
+        ("METRIC", "metric"),
+        ("GATEWAY", "gateway"),
+    ];
+    type Row = RouteRecord;
+    type Key = RouteKey;
+
+    fn key(row: &RouteRecord) -> RouteKey {
+        row.key()
+    }
+
+    fn validate(row: &RouteRecord) -> Result<()> {
+        row.validate()
+    }
+
+    fn store_key(key: &RouteKey) -> Vec<u8> {
+        format!("{}/{}/{}", key.0, key.1, key.2).into_bytes()
+    }
+
+    fn encode(row: &RouteRecord) -> Vec<u8> {
+        serde_json::to_vec(row).unwrap_or_default()
+    }
+
+    fn decode(_key: &[u8], value: &[u8]) -> std::result::Result<RouteRecord, String> {
+        serde_json::from_slice(value).map_err(|e| {
+            format!(
+                "a value does not parse ({e}): {}",
+                String::from_utf8_lossy(value)
+            )
+        })
+    }
+}
+
+/// A route's key in etcd (the prefix's '/' written '_', so that a key has a fixed depth).
+pub fn etcd_key(key: &RouteKey) -> String {
+    format!(
+        "{ETCD_PREFIX}{}/{}_{}/{}",
+        key.0, key.1.addr, key.1.len, key.2
+    )
+}
+
+/// Every route, with what the rules between them look up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteIndex {
+    routes: BTreeMap<RouteKey, RouteRecord>,
+    /// Each VSID's domain, and how many routes name it.
+    domains: HashMap<u32, (Rdid, usize)>,
+}
+
+/// The rows of one VSID's subnets' gateways, for the lookup records' rules.
+pub struct Gateway<'a> {
+    pub addr: Ipv4Addr,
+    pub route: &'a RouteRecord,
+}
+
+impl RouteIndex {
+    /// The index of stored routes, whose order is the store's: subnets are put in first,
+    /// so that a next hop's subnet is there when its route is checked.
+    pub fn from_rows(mut rows: Vec<RouteRecord>) -> Result<RouteIndex> {
+        rows.sort_by_key(|r| !r.on_link());
+        let mut index = RouteIndex::default();
+        for r in rows {
+            r.validate()
+                .and_then(|()| index.check_put(&r, &|_, _| None))
+                .map_err(|e| invalid(format!("stored route {} is inconsistent: {e}", show(&r))))?;
+            index.insert(r);
+        }
+        Ok(index)
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    pub fn get(&self, key: &RouteKey) -> Option<&RouteRecord> {
+        self.routes.get(key)
+    }
+
+    /// How many routes each domain has.
+    pub fn by_domain(&self) -> BTreeMap<String, usize> {
+        let mut n = BTreeMap::new();
+        for (rdid, _, _) in self.routes.keys() {
+            *n.entry(rdid.to_string()).or_default() += 1;
+        }
+        n
+    }
+
+    /// The routes in (domain, prefix, next hop) order, of one domain or all.
+    pub fn list(&self, rdid: Option<&Rdid>) -> Vec<RouteRecord> {
+        self.routes
+            .values()
+            .filter(|r| rdid.is_none_or(|d| &r.rdid == d))
+            .cloned()
+            .collect()
+    }
+
+    /// The routes of `rdid` to `prefix` (through `nexthop` only, if given).
+    pub fn matching(
+        &self,
+        rdid: &Rdid,
+        prefix: Subnet,
+        nexthop: Option<Ipv4Addr>,
+    ) -> Vec<RouteRecord> {
+        self.routes
+            .range((rdid.clone(), prefix, Ipv4Addr::UNSPECIFIED)..)
+            .take_while(|((d, p, _), _)| d == rdid && *p == prefix)
+            .filter(|((_, _, n), _)| nexthop.is_none_or(|want| *n == want))
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+
+    /// The domain `vsid` belongs to, if a route names it.
+    pub fn domain_of(&self, vsid: u32) -> Option<&Rdid> {
+        self.domains.get(&vsid).map(|(d, _)| d)
+    }
+
+    /// The gateway of the subnet of `vsid` that holds `ca`, if `ca` is that gateway.
+    pub fn gateway_at(&self, vsid: u32, ca: IpAddr) -> Option<Gateway<'_>> {
+        let IpAddr::V4(ca) = ca else { return None };
+        let rdid = self.domain_of(vsid)?;
+        self.subnets(rdid)
+            .filter(|r| r.vsid == vsid)
+            .find_map(|r| (r.gateway_addr() == Some(ca)).then_some(Gateway { addr: ca, route: r }))
+    }
+
+    fn subnets<'a>(&'a self, rdid: &'a Rdid) -> impl Iterator<Item = &'a RouteRecord> + 'a {
+        self.routes
+            .range(
+                (
+                    rdid.clone(),
+                    Subnet {
+                        addr: Ipv4Addr::UNSPECIFIED,
+                        len: 0,
+                    },
+                    Ipv4Addr::UNSPECIFIED,
+                )..,
+            )
+            .take_while(move |((d, _, _), _)| d == rdid)
+            .map(|(_, r)| r)
+            .filter(|r| r.on_link())
+    }
+
+    /// Checks a new route (or one replacing the route of its key) against the others, and
+    /// against the lookup records: `record_at(vsid, ca)` names the record at that address.
+    pub fn check_put(
+        &self,
+        r: &RouteRecord,
+        record_at: &dyn Fn(u32, Ipv4Addr) -> Option<String>,
+    ) -> Result<()> {
+        let key = r.key();
+        if let Some((domain, _)) = self.domains.get(&r.vsid)
+            && domain != &r.rdid
+        {
+            return Err(NvError::Conflict(format!(
+                "VSID {} belongs to routing domain {domain}: a VSID belongs to one domain, so \
+                 a route of {} cannot name it (delete {domain}'s routes of VSID {} first)",
+                r.vsid, r.rdid, r.vsid
+            )));
+        }
+        if let Some(same) = self
+            .matching(&r.rdid, r.prefix, None)
+            .into_iter()
+            .find(|o| o.metric == r.metric && o.key() != key)
+        {
+            return Err(NvError::Conflict(format!(
+                "{} already has a route to {} with metric {} ({}): give another --metric, \
+                 or delete that route first",
+                r.rdid,
+                r.prefix,
+                r.metric,
+                show(&same)
+            )));
+        }
+        if r.on_link() {
+            if let Some(o) = self
+                .subnets(&r.rdid)
+                .find(|o| o.key() != key && o.prefix.overlaps(&r.prefix))
+            {
+                return Err(NvError::Conflict(format!(
+                    "{} overlaps {} of VSID {} in {}: the subnets of one routing domain do \
+                     not overlap",
+                    r.prefix, o.prefix, o.vsid, r.rdid
+                )));
+            }
+            let gateway = r.gateway_addr().unwrap_or(Ipv4Addr::UNSPECIFIED);
+            if let Some(name) = record_at(r.vsid, gateway) {
+                return Err(NvError::Conflict(format!(
+                    "{gateway}, the gateway of {} in VSID {}, is the CA of {name}: choose \
+                     another address with --gateway, or move that VM",
+                    r.prefix, r.vsid
+                )));
+            }
+            if let Some(o) = self.routes.values().find(|o| {
+                o.rdid == r.rdid && !o.on_link() && o.vsid == r.vsid && o.nexthop == gateway
+            }) {
+                return Err(NvError::Conflict(format!(
+                    "{gateway} would be the gateway of {}, but it is the next hop of {}: \
+                     choose another address with --gateway",
+                    r.prefix,
+                    show(o)
+                )));
+            }
+        } else {
+            let Some(subnet) = self
+                .subnets(&r.rdid)
+                .find(|o| o.vsid == r.vsid && o.prefix.contains(r.nexthop))
+            else {
+                return Err(invalid(format!(
+                    "next hop {} is in no subnet of VSID {} in {}: add that subnet first \
+                     (nvctl route add --rdid {} --vsid {} --prefix CIDR --nexthop 0.0.0.0)",
+                    r.nexthop, r.vsid, r.rdid, r.rdid, r.vsid
+                )));
+            };
+            if subnet.gateway_addr() == Some(r.nexthop) {
+                return Err(invalid(format!(
+                    "next hop {} is the gateway of {}: a next hop is a VM's CA (a gateway or \
+                     appliance with a lookup record)",
+                    r.nexthop, subnet.prefix
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that the route of `key` may go: no other route's next hop lies in it, if it is a
+    /// subnet.
+    pub fn check_del(&self, key: &RouteKey) -> Result<()> {
+        let r = self
+            .routes
+            .get(key)
+            .ok_or_else(|| NvError::NotFound(format!("no route {}", show_key(key))))?;
+        if !r.on_link() {
+            return Ok(());
+        }
+        if let Some(o) = self.routes.values().find(|o| {
+            o.rdid == r.rdid && !o.on_link() && o.vsid == r.vsid && r.prefix.contains(o.nexthop)
+        }) {
+            return Err(NvError::Conflict(format!(
+                "{} of VSID {} holds the next hop of {}: delete that route first",
+                r.prefix,
+                r.vsid,
+                show(o)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Puts a route in (replacing the route of its key); returns the one replaced.
+    pub fn insert(&mut self, r: RouteRecord) -> Option<RouteRecord> {
+        let old = self.remove(&r.key());
+        self.domains
+            .entry(r.vsid)
+            .or_insert_with(|| (r.rdid.clone(), 0))
+            .1 += 1;
+        self.routes.insert(r.key(), r);
+        old
+    }
+
+    pub fn remove(&mut self, key: &RouteKey) -> Option<RouteRecord> {
+        let old = self.routes.remove(key)?;
+        if let Some((_, n)) = self.domains.get_mut(&old.vsid) {
+            *n -= 1;
+            if *n == 0 {
+                self.domains.remove(&old.vsid);
+            }
+        }
+        Some(old)
+    }
+}
+
+/// A route in one line: `t1 10.2.0.0/16 via 10.1.0.254 (VSID 5001, metric 0)`.
+pub fn show(r: &RouteRecord) -> String {
+    if r.on_link() {
+        format!(
+            "{} {} on-link (VSID {}, metric {})",
+            r.rdid, r.prefix, r.vsid, r.metric
+        )
+    } else {
+        format!(
+            "{} {} via {} (VSID {}, metric {})",
+            r.rdid, r.prefix, r.nexthop, r.vsid, r.metric
+        )
+    }
+}
+
+pub fn show_key(key: &RouteKey) -> String {
+    if key.2.is_unspecified() {
+        format!("{} {} on-link", key.0, key.1)
+    } else {
+        format!("{} {} via {}", key.0, key.1, key.2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(rdid: &str, vsid: u32, prefix: &str, nexthop: &str, metric: u32) -> RouteRecord {
+        RouteRecord {
+            rdid: rdid.parse().unwrap(),
+            vsid,
+            prefix: prefix.parse().unwrap(),
+            nexthop: nexthop.parse().unwrap(),
+            metric,
+            gateway: None,
+        }
+    }
+
+    fn none(_: u32, _: Ipv4Addr) -> Option<String> {
+        None
+    }
+
+    fn index(rows: &[RouteRecord]) -> RouteIndex {
+        // In reverse: the order of rows does not matter.
+        RouteIndex::from_rows(rows.iter().rev().cloned().collect()).unwrap()
+    }
+
+    fn refused(i: &RouteIndex, r: &RouteRecord) -> String {
+        i.check_put(r, &none).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_domain_has_its_vsids_and_subnets_to_itself() {
+        let i = index(&[
+            route("red", 5001, "10.1.0.0/24", "0.0.0.0", 0),
+            route("red", 5002, "10.2.0.0/24", "0.0.0.0", 0),
+            // Another domain's prefixes may be the same.
+            route("blue", 6001, "10.1.0.0/24", "0.0.0.0", 0),
+        ]);
+        assert_eq!(i.domain_of(5001).map(Rdid::as_str), Some("red"));
+        let e = refused(&i, &route("blue", 5001, "10.9.0.0/24", "0.0.0.0", 0));
+        assert!(e.contains("belongs to routing domain red"), "{e}");
+        let e = refused(&i, &route("red", 5003, "10.1.0.128/25", "0.0.0.0", 0));
+        assert!(e.contains("overlaps 10.1.0.0/24 of VSID 5001"), "{e}");
+        // A route replacing the route of its key keeps no conflict with itself.
+        let mut moved = route("red", 5002, "10.2.0.0/24", "0.0.0.0", 0);
+        moved.metric = 3;
+        i.check_put(&moved, &none).unwrap();
+    }
+
+    #[test]
+    fn next_hops_live_in_a_subnet_of_their_vsid() {
+        let mut i = index(&[route("red", 5001, "10.1.0.0/24", "0.0.0.0", 0)]);
+        let default = route("red", 5001, "0.0.0.0/0", "10.1.0.254", 0);
+        i.check_put(&default, &none).unwrap();
+        let stored = index(&[
+            route("red", 5001, "10.1.0.0/24", "0.0.0.0", 0),
+            default.clone(),
+        ]);
+        assert_eq!(stored.len(), 2, "a default route stored before its subnet");
+        let e = refused(&i, &route("red", 5001, "0.0.0.0/0", "10.3.0.254", 1));
+        assert!(e.contains("in no subnet of VSID 5001"), "{e}");
+        let e = refused(&i, &route("red", 5001, "0.0.0.0/0", "10.1.0.1", 1));
+        assert!(e.contains("is the gateway"), "{e}");
+        i.insert(default.clone());
+        let e = refused(&i, &route("red", 5001, "0.0.0.0/0", "10.1.0.253", 0));
+        assert!(e.contains("with metric 0"), "{e}");
+        i.check_put(&route("red", 5001, "0.0.0.0/0", "10.1.0.253", 1), &none)
+            .unwrap();
+        // The subnet stays while a next hop is in it.
+        let subnet = route("red", 5001, "10.1.0.0/24", "0.0.0.0", 0).key();
+        let e = i.check_del(&subnet).unwrap_err().to_string();
+        assert!(e.contains("holds the next hop"), "{e}");
+        i.remove(&default.key());
+        i.check_del(&subnet).unwrap();
+        assert_eq!(
+            i.matching(
+                &"red".parse().unwrap(),
+                "10.1.0.0/24".parse().unwrap(),
+                None
+            )
+            .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_gateway_is_no_records_address() {
+        let i = RouteIndex::default();
+        let at = |vsid: u32, ca: Ipv4Addr| {
+            (vsid == 5001 && ca == Ipv4Addr::new(10, 1, 0, 1)).then(|| "VM a".to_owned())
+        };
+        let r = route("red", 5001, "10.1.0.0/24", "0.0.0.0", 0);
+        let e = i.check_put(&r, &at).unwrap_err().to_string();
+        assert!(e.contains("--gateway") && e.contains("VM a"), "{e}");
+        let mut elsewhere = r.clone();
+        elsewhere.gateway = Some(Ipv4Addr::new(10, 1, 0, 254));
+        i.check_put(&elsewhere, &at).unwrap();
+        let mut i = i;
+        i.insert(elsewhere);
+        let g = i.gateway_at(5001, IpAddr::from([10, 1, 0, 254])).unwrap();
+        assert_eq!(g.route.prefix.to_string(), "10.1.0.0/24");
+        assert!(i.gateway_at(5001, IpAddr::from([10, 1, 0, 1])).is_none());
+        assert!(i.gateway_at(5002, IpAddr::from([10, 1, 0, 254])).is_none());
+    }
+}
