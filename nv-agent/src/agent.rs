@@ -138,6 +138,7 @@ impl Agent {
                 config.max_lookups
             )));
         }
+        crate::datapath::set_router_mac(config.router_mac.0);
         let datapath = Datapath::load(&config.pin_path, config.max_lookups)?;
         let mut agent = Agent {
             uplink,

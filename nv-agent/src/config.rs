@@ -7,7 +7,10 @@ use std::{
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::error::{Result, invalid};
+use crate::{
+    error::{Result, invalid},
+    model::Mac,
+};
 
 /// nv host agent: loads the datapath, keeps it in step with its store, serves nvctl.
 ///
@@ -56,6 +59,11 @@ pub struct AgentArgs {
     /// treatment on the physical network) [default: zero].
     #[arg(long)]
     pub underlay_dscp: Option<DscpPolicy>,
+    /// The distributed router's MAC: what VMs of routed subnets reach their gateway at. The
+    /// same on every host (a VM keeps it in its ARP cache when it migrates)
+    /// [default: 02:6e:76:00:00:01].
+    #[arg(long, value_parser = parse_mac)]
+    pub router_mac: Option<Mac>,
     /// Seconds between reconciliations of the maps against the store: an entry deleted or
     /// added behind the agent's back (bpftool, another program) is repaired and logged; 0
     /// only at start [default: 60].
@@ -100,6 +108,7 @@ struct FileConfig {
     decap_hook: Option<DecapHook>,
     vm_mtu: Option<u32>,
     underlay_dscp: Option<DscpPolicy>,
+    router_mac: Option<Mac>,
     reconcile_interval: Option<u64>,
     etcd_endpoints: Option<String>,
     etcd_ca_file: Option<PathBuf>,
@@ -178,6 +187,7 @@ pub struct Config {
     /// `None`: derived from the uplink's MTU.
     pub vm_mtu: Option<u32>,
     pub underlay_dscp: DscpPolicy,
+    pub router_mac: Mac,
     /// `None`: reconciled only at start.
     pub reconcile_interval: Option<std::time::Duration>,
     /// Cluster mode's etcd endpoints (empty: not in cluster mode).
@@ -185,6 +195,10 @@ pub struct Config {
     /// And the files of this host's TLS identity.
     pub etcd_tls: crate::etcd_access::TlsFiles,
     pub host_name: String,
+}
+
+fn parse_mac(s: &str) -> std::result::Result<Mac, String> {
+    s.parse().map_err(|e: crate::error::NvError| e.to_string())
 }
 
 /// This machine's hostname.
@@ -233,6 +247,10 @@ impl Config {
                 .underlay_dscp
                 .or(file.underlay_dscp)
                 .unwrap_or_default(),
+            router_mac: args
+                .router_mac
+                .or(file.router_mac)
+                .unwrap_or(Mac(nv_common::routing::DEFAULT_ROUTER_MAC)),
             reconcile_interval: Some(
                 args.reconcile_interval
                     .or(file.reconcile_interval)
@@ -285,6 +303,12 @@ impl Config {
             && !(68..=65_535).contains(&mtu)
         {
             return Err(invalid(format!("vm_mtu {mtu} is out of range 68-65535")));
+        }
+        if config.router_mac.0[0] & 1 != 0 || config.router_mac.0 == [0; 6] {
+            return Err(invalid(format!(
+                "router_mac {} is not a unicast MAC address",
+                config.router_mac
+            )));
         }
         Ok(config)
     }
@@ -382,7 +406,7 @@ mod tests {
         .unwrap();
         let keys = uncommented.lines().count();
         assert_eq!(
-            keys, 15,
+            keys, 16,
             "a key of FileConfig is missing from dist/agent.toml"
         );
         assert_eq!(as_shipped.uplink, None);
@@ -394,6 +418,7 @@ mod tests {
         assert_eq!(every.max_lookups, as_shipped.max_lookups);
         assert_eq!(every.decap_hook, as_shipped.decap_hook);
         assert_eq!(every.underlay_dscp, as_shipped.underlay_dscp);
+        assert_eq!(every.router_mac, as_shipped.router_mac);
     }
 
     #[test]

@@ -103,6 +103,7 @@ pub fn desired(
         local_pas: local_pas(catalog, base.uplink_ifindex),
         hosted_vsids: hosted_vsids(catalog),
         config: config(base, catalog),
+        routing: crate::tables::routes::entries(catalog.routes()),
         ..Desired::default()
     };
     for r in catalog.iter() {

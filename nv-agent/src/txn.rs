@@ -17,14 +17,17 @@ use std::{
     sync::atomic::{AtomicBool, Ordering},
 };
 
-use nv_common::{DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, V4};
+use nv_common::{
+    DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, V4,
+    routing::{GatewayKey, RouteHop, RouteKey, VsidRouting},
+};
 
 use crate::{
     catalog::Catalog,
     error::{NvError, Result},
     model::LookupRecord,
     ports::PortTracker,
-    tables::Change,
+    tables::{Change, routes},
     translate::{self, Attached},
 };
 
@@ -64,6 +67,10 @@ pub enum Write {
     Rewrite(V4, Option<RewritePa>),
     Lookup(LookupKey, Option<LookupValue>),
     LocalPa(V4, Option<LocalPa>),
+    /// The distributed router's entries ([`crate::tables::routes::RouteEntries`]).
+    VsidRouting(u32, Option<VsidRouting>),
+    Route((u32, RouteKey), Option<RouteHop>),
+    Gateway(GatewayKey, Option<u32>),
     /// Boxed: the config is 128 bytes of filter, and an import makes a million writes.
     Config(Box<DatapathConfig>),
 }
@@ -77,6 +84,9 @@ impl Write {
             Write::Rewrite(pa, _) => Write::Rewrite(*pa, None),
             Write::Lookup(k, _) => Write::Lookup(*k, None),
             Write::LocalPa(pa, _) => Write::LocalPa(*pa, None),
+            Write::VsidRouting(v, _) => Write::VsidRouting(*v, None),
+            Write::Route(k, _) => Write::Route(*k, None),
+            Write::Gateway(k, _) => Write::Gateway(*k, None),
             Write::Filter(_) | Write::Config(_) => return None,
         })
     }
@@ -518,6 +528,10 @@ impl Tables {
         let mut skipped = Vec::new();
         let local_before = self.has_local(changes);
         let hosted_before = local_before.then(|| translate::hosted_vsids(&self.catalog));
+        let routes_before = changes
+            .iter()
+            .any(Change::is_route)
+            .then(|| routes::entries(self.catalog.routes()));
         let mut undo_catalog: Vec<Undo> = Vec::with_capacity(changes.len());
         self.catalog.reserve(changes.len());
         let mut view = PortView {
@@ -589,6 +603,10 @@ impl Tables {
         if let Some(before) = &hosted_before {
             let after = translate::hosted_vsids(&self.catalog);
             hosted_writes(before, &after, &mut grow, &mut shrink);
+        }
+        if let Some(before) = &routes_before {
+            let after = routes::entries(self.catalog.routes());
+            route_writes(before, &after, &mut grow, &mut shrink);
         }
         let config = self.wanted_config();
         if config != self.config {
@@ -716,6 +734,55 @@ impl Tables {
         }
         if undo.len() > 1 << 16 {
             self.catalog.shrink();
+        }
+    }
+}
+
+/// Writes that turn the router's entries `before` into `after`: puts in `grow` (the trie and
+/// gateways before the VSIDs that use them), removals in `shrink` (the VSIDs first).
+fn route_writes(
+    before: &routes::RouteEntries,
+    after: &routes::RouteEntries,
+    grow: &mut Plan,
+    shrink: &mut Plan,
+) {
+    for (k, v) in &after.routes {
+        let was = before.routes.get(k).copied();
+        if was != Some(*v) {
+            grow.push(Write::Route(*k, Some(*v)), Write::Route(*k, was));
+        }
+    }
+    for (k, v) in &after.gateways {
+        let was = before.gateways.get(k).copied();
+        if was != Some(*v) {
+            grow.push(Write::Gateway(*k, Some(*v)), Write::Gateway(*k, was));
+        }
+    }
+    for (k, v) in &after.vsids {
+        let was = before.vsids.get(k).copied();
+        if was != Some(*v) {
+            grow.push(
+                Write::VsidRouting(*k, Some(*v)),
+                Write::VsidRouting(*k, was),
+            );
+        }
+    }
+    for (k, v) in &before.vsids {
+        if !after.vsids.contains_key(k) {
+            shrink.push(
+                Write::VsidRouting(*k, None),
+                Write::VsidRouting(*k, Some(*v)),
+            );
+        }
+    }
+    for (k, v) in &before.routes {
+        if !after.routes.contains_key(k) {
+            shrink.push(Write::Route(*k, None), Write::Route(*k, Some(*v)));
+        }
+    }
+    for (k, v) in &before.gateways {
+        if !after.gateways.contains_key(k) {
+            shrink.push(Write::Gateway(*k, None), Write::Gateway(*k, Some(*v)));
         }
     }
 }

@@ -135,6 +135,20 @@ pub enum Counter {
     /// Uplink: an ARP request for a rewrite PA the datapath owns, answered with the uplink's
     /// MAC (the address is never the host's).
     UplinkArpReplied,
+    /// From a VM, to the router's MAC: routed to a VM of another subnet of its domain (or its
+    /// own), TTL decremented.
+    VmRouted,
+    /// From a VM: an ARP request for its subnet's gateway, or an echo request to a gateway of
+    /// its domain, answered with the router's MAC.
+    VmGatewayReplied,
+    /// From a VM, to the router's MAC: its VSID has no routing domain, no route covers the
+    /// destination, or the route's destination (or next hop) has no lookup record.
+    DropVmNoRoute,
+    /// From a VM, to the router's MAC: TTL 1 or 0, expired at the router.
+    DropVmTtlExceeded,
+    /// From a VM, to the router's MAC: a routed packet whose destination's record uses IP
+    /// rewrite (routing crosses by NVGRE today).
+    DropVmRoutedRewrite,
     /// Only in the layout-probe build (a counter this version does not have).
     #[cfg(feature = "layout-probe")]
     LayoutProbe,
@@ -142,7 +156,7 @@ pub enum Counter {
 
 impl Counter {
     #[cfg(not(feature = "layout-probe"))]
-    pub const COUNT: u32 = Counter::UplinkArpReplied as u32 + 1;
+    pub const COUNT: u32 = Counter::DropVmRoutedRewrite as u32 + 1;
     #[cfg(feature = "layout-probe")]
     pub const COUNT: u32 = Counter::LayoutProbe as u32 + 1;
     /// Entries of the counter map: room for counters yet to come, so a new one does not
@@ -201,6 +215,11 @@ impl Counter {
         Counter::DropUplinkOwnSource,
         Counter::DropVmCsumOffload,
         Counter::UplinkArpReplied,
+        Counter::VmRouted,
+        Counter::VmGatewayReplied,
+        Counter::DropVmNoRoute,
+        Counter::DropVmTtlExceeded,
+        Counter::DropVmRoutedRewrite,
         #[cfg(feature = "layout-probe")]
         Counter::LayoutProbe,
     ];
@@ -260,6 +279,11 @@ impl Counter {
             Counter::DropUplinkOwnSource => "drop_uplink_own_source",
             Counter::DropVmCsumOffload => "drop_vm_csum_offload",
             Counter::UplinkArpReplied => "uplink_arp_replied",
+            Counter::VmRouted => "vm_routed",
+            Counter::VmGatewayReplied => "vm_gateway_replied",
+            Counter::DropVmNoRoute => "drop_vm_no_route",
+            Counter::DropVmTtlExceeded => "drop_vm_ttl_exceeded",
+            Counter::DropVmRoutedRewrite => "drop_vm_routed_rewrite",
             #[cfg(feature = "layout-probe")]
             Counter::LayoutProbe => "layout_probe",
         }

@@ -11,6 +11,7 @@
 pub mod counters;
 pub mod flow;
 pub mod monitor;
+pub mod routing;
 pub mod wire;
 
 pub use counters::Counter;
@@ -38,9 +39,13 @@ pub mod map_names {
     pub const MONITOR: &str = "NV_MONITOR";
     /// Per CPU: forwarded packets since the last sampled one.
     pub const MONITOR_SAMPLE: &str = "NV_MONITOR_SAMPLE";
+    /// The distributed router ([`crate::routing`]).
+    pub const VSID_ROUTING: &str = "NV_VSID_ROUTING";
+    pub const ROUTES: &str = "NV_ROUTES";
+    pub const GATEWAYS: &str = "NV_GATEWAYS";
     /// Not pinned: each loaded copy of the programs has its own ([`RedirectTrace`]).
     pub const TRACE_REDIRECT: &str = "NV_TRACE_REDIRECT";
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 15] = [
         LOOKUPS,
         PORTS,
         LOCAL_PAS,
@@ -53,6 +58,9 @@ pub mod map_names {
         VSID_STATS,
         MONITOR,
         MONITOR_SAMPLE,
+        VSID_ROUTING,
+        ROUTES,
+        GATEWAYS,
     ];
 }
 

@@ -1,5 +1,6 @@
 //! The ARP responder: a VM's request for a customer address of its own VSID is answered from the
-//! lookup records, so nothing is flooded and no MAC is ever learned.
+//! lookup records (and for its subnet's gateway with the router's MAC), so nothing is flooded
+//! and no MAC is ever learned.
 use aya_ebpf::programs::TcContext;
 use nv_common::{
     Counter, LookupKey, PortInfo, v4_mapped,
@@ -10,6 +11,7 @@ use crate::{
     counters::count,
     maps::LOOKUPS,
     packet::{ArpEth, EthHdr, ptr_at},
+    router,
 };
 
 // Out of line: its own stack frame keeps every path under the 512-byte BPF stack limit.
@@ -44,19 +46,26 @@ pub fn reply(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
         vsid: port.vsid,
         ca: arp.tpa,
     };
+    // A VM of the VSID, or the gateway of the VM's subnet (the router's MAC).
     // SAFETY: read-only use of a value the agent replaces whole.
-    let target = unsafe { LOOKUPS.get(key) }.ok_or(Counter::DropVmArp)?;
+    let (mac, answered) = match unsafe { LOOKUPS.get(key) } {
+        Some(target) => (target.mac, Counter::VmArpReplied),
+        None if router::is_gateway_of(port.vsid, arp.tpa) => {
+            (router::mac(), Counter::VmGatewayReplied)
+        }
+        None => return Err(Counter::DropVmArp),
+    };
 
     // Turn the request into the reply in place and send it back out of the same port.
     let (requester_mac, requester_ip, target_ip) = (arp.sha, arp.spa, arp.tpa);
     arp.op = ARPOP_REPLY.to_be_bytes();
-    arp.sha = target.mac;
+    arp.sha = mac;
     arp.spa = target_ip;
     arp.tha = requester_mac;
     arp.tpa = requester_ip;
     eth.dst = requester_mac;
-    eth.src = target.mac;
-    count(Counter::VmArpReplied);
+    eth.src = mac;
+    count(answered);
     // Egress of the port the request came in on.
     // SAFETY: the context pointer is valid for the whole program run.
     Ok(crate::redirect::egress(unsafe { (*ctx.skb.skb).ifindex }))

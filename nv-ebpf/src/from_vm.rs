@@ -14,7 +14,7 @@ use crate::{
     maps::{LOOKUPS, PORTS},
     monitor,
     packet::{EthHdr, Ipv4Hdr, pull, v4_of, view_at},
-    pmtu, rewrite, underlay,
+    pmtu, rewrite, router, underlay,
 };
 
 /// Enough linear bytes for Ethernet, an IPv4 header with options and the L4 ports.
@@ -98,18 +98,46 @@ fn forward_ipv4(
     if v4_of(&port.ca) != Some(ip.src) {
         return Err(Counter::DropVmSpoofedIp);
     }
-    let key = LookupKey {
-        vsid: port.vsid,
-        ca: ip.dst,
+    // To the router's MAC, in a VSID of a routing domain: routed (never a bounced segment,
+    // whose frame the router already readdressed). Elsewhere the destination is a CA of the
+    // VM's own VSID.
+    let eth: &EthHdr = view_at(data, end, 0).ok_or(Counter::DropVmMalformed)?;
+    let rdid = if !bounced && eth.dst == router::mac() {
+        router::domain(port.vsid)
+    } else {
+        None
     };
+    let (vsid, target) = match rdid {
+        Some(rdid) => {
+            if router::is_gateway_in(rdid, ip.dst) {
+                return router::echo(ctx, port);
+            }
+            if ip.ttl <= 1 {
+                return Err(Counter::DropVmTtlExceeded);
+            }
+            router::lookup(rdid, ip.dst).ok_or(Counter::DropVmNoRoute)?
+        }
+        None => (port.vsid, ip.dst),
+    };
+    let key = LookupKey { vsid, ca: target };
     // SAFETY: read-only use of a value the agent replaces whole.
-    let dst = unsafe { LOOKUPS.get(key) }.ok_or(Counter::DropVmUnknownDst)?;
+    let dst = unsafe { LOOKUPS.get(key) }.ok_or(if rdid.is_some() {
+        Counter::DropVmNoRoute
+    } else {
+        Counter::DropVmUnknownDst
+    })?;
     if bounced && (dst.ifindex != 0 || dst.method != Method::Encap as u8) {
         // Only NVGRE sends a super-packet to the bounce device.
         return Err(Counter::DropVmTranslateFailed);
     }
+    if rdid.is_some() && dst.method != Method::Encap as u8 {
+        return Err(Counter::DropVmRoutedRewrite);
+    }
     if dst.ifindex != 0 {
-        let action = deliver::to_vm(ctx, dst.ifindex, port.vsid, ip.dst)?;
+        if rdid.is_some() {
+            router::hop(ctx, dst.mac)?;
+        }
+        let action = deliver::to_vm(ctx, dst.ifindex, vsid, target)?;
         sent(ctx, Counter::VmTxLocal, port, ifindex, Stats::LOCAL, len);
         return Ok(action);
     }
@@ -129,7 +157,13 @@ fn forward_ipv4(
             // An answer would leave by the bounce device, not the VM's port.
             return Err(Counter::DropVmTooBig);
         }
-        let action = pmtu::frag_needed(ctx, port, dst.mac, offender)?;
+        // The answer comes from whom the VM sent to: the router, or the destination.
+        let from = if rdid.is_some() {
+            router::mac()
+        } else {
+            dst.mac
+        };
+        let action = pmtu::frag_needed(ctx, port, from, offender)?;
         count(Counter::VmIcmpFragNeeded);
         return Ok(action);
     }
@@ -146,7 +180,17 @@ fn forward_ipv4(
         return Ok(action);
     }
     let bounce = config.bounce_ifindex;
-    let action = match encap::nvgre(ctx, port, dst, encap::Inner::of(ctx, ip)) {
+    let inner = encap::Inner::of(ctx, ip);
+    // A routed packet rides in its destination's VSID, as HNV sends it.
+    let mut from = *port;
+    if rdid.is_some() {
+        router::hop(ctx, dst.mac)?;
+        from.vsid = vsid;
+    }
+    let action = match encap::nvgre(ctx, &from, dst, inner) {
+        // A routed super-packet of the VM's own tunnel: its segments would come back as from
+        // the router, not the VM.
+        Err(Counter::DropVmNestedGso) if rdid.is_some() => return Err(Counter::DropVmNestedGso),
         // A super-packet of the VM's own tunnel: the kernel segments it on the bounce device's
         // transmit, and each segment comes back to `run_bounced`, marked with its port.
         Err(Counter::DropVmNestedGso) if !bounced && bounce != 0 => {

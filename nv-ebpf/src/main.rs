@@ -6,6 +6,7 @@
 //! - `csum_offload`: a VM's checksum offload state, checked before IP rewrite
 //! - `underlay`: MTU check, next hop from the FIB, redirect to the uplink
 //! - `pmtu`: ICMP "fragmentation needed" for VM packets too big for the uplink
+//! - `router`: the distributed router: routes between the subnets of a routing domain
 //! - `redirect`: every redirect, recorded in copies loaded for tests and traces
 //! - `deliver`: delivery into a VM port (veth or tap), known to be the VM's and running
 //! - `monitor`: every drop (counted, and reported while `nvctl monitor` runs), traffic per VSID
@@ -28,6 +29,7 @@ mod packet;
 mod pmtu;
 mod redirect;
 mod rewrite;
+mod router;
 mod underlay;
 mod uplink_arp;
 mod uplink_rx;

@@ -2,13 +2,16 @@
 //! never stops; sizes of the big ones are overridden by the agent at load time.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use nv_common::{
     Counter, DEFAULT_MAX_LOOKUPS, DatapathConfig, IcmpBucket, LocalPa, LookupKey, LookupValue,
     MAX_HOSTED_VSIDS, MAX_LOCAL_PAS, MAX_PORTS, MAX_REWRITE_PAS, NextHop, PortInfo, RewritePa, V4,
     VsidTraffic,
     monitor::{MAX_VSID_STATS, MONITOR_RING_BYTES},
+    routing::{
+        GatewayKey, MAX_GATEWAYS, MAX_ROUTED_VSIDS, MAX_ROUTES, RouteHop, RouteKey, VsidRouting,
+    },
 };
 
 #[map(name = "NV_LOOKUPS")]
@@ -53,3 +56,15 @@ pub static MONITOR: RingBuf = RingBuf::pinned(MONITOR_RING_BYTES, 0);
 /// Per CPU: forwarded packets since the last one sampled for the monitor.
 #[map(name = "NV_MONITOR_SAMPLE")]
 pub static MONITOR_SAMPLE: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
+
+/// The routing domain of each routed VSID (a VSID without an entry is routed nowhere).
+#[map(name = "NV_VSID_ROUTING")]
+pub static VSID_ROUTING: HashMap<u32, VsidRouting> = HashMap::pinned(MAX_ROUTED_VSIDS, 0);
+
+/// Every domain's routes, the best metric of each prefix: longest prefix wins.
+#[map(name = "NV_ROUTES")]
+pub static ROUTES: LpmTrie<RouteKey, RouteHop> = LpmTrie::pinned(MAX_ROUTES, 0);
+
+/// Every subnet's gateway address, in its domain (value: the subnet's VSID).
+#[map(name = "NV_GATEWAYS")]
+pub static GATEWAYS: HashMap<GatewayKey, u32> = HashMap::pinned(MAX_GATEWAYS, 0);

@@ -20,6 +20,7 @@ use nv_common::{
 use crate::{
     maps::{HOSTED_VSIDS, LOCAL_PAS, LOOKUPS, REWRITE_PAS},
     packet::{EthHdr, GreHdr, Ipv4Hdr, read_at, v4_of, view_at},
+    router,
 };
 
 pub enum Verdict {
@@ -257,8 +258,22 @@ fn nvgre(
         vsid,
         ca: inner_ip.src,
     };
+    // Or, routed by the sender's host, a CA of another subnet of this VSID's routing domain
+    // (never of another domain), from the router's MAC.
     // SAFETY: read-only use of a value the agent replaces whole.
-    let src = unsafe { LOOKUPS.get(source) }.ok_or(Counter::DropUplinkSpoofedPa)?;
+    let (src, mac) = match unsafe { LOOKUPS.get(source) } {
+        Some(src) => (src, src.mac),
+        None => {
+            let from = router::source_of(vsid, inner_ip.src).ok_or(Counter::DropUplinkSpoofedPa)?;
+            let routed = LookupKey {
+                vsid: from,
+                ca: inner_ip.src,
+            };
+            // SAFETY: as above.
+            let src = unsafe { LOOKUPS.get(routed) }.ok_or(Counter::DropUplinkSpoofedPa)?;
+            (src, router::mac())
+        }
+    };
     if v4_of(&src.pa) != Some(ip.src) {
         return Err(Counter::DropUplinkSpoofedPa);
     }
@@ -267,7 +282,7 @@ fn nvgre(
     if src.ifindex != 0 {
         return Err(Counter::DropUplinkOwnSource);
     }
-    if inner_eth.src != src.mac {
+    if inner_eth.src != mac {
         return Err(Counter::DropUplinkSpoofedMac);
     }
     Ok(Verdict::Nvgre {

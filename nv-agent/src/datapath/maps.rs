@@ -9,11 +9,15 @@ use std::{
 
 use aya::{
     Ebpf, Pod,
-    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
+    maps::{
+        Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
 };
 use nv_common::{
     Counter, DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, V4, VsidStats,
     VsidStatsKey, VsidTraffic, map_names,
+    routing::{RouteHop, RouteKey},
 };
 
 use super::{Datapath, batch, dp_err};
@@ -32,6 +36,7 @@ pub struct Desired {
     pub rewrite_pas: HashMap<V4, RewritePa>,
     /// VSIDs with a VM on this host, and how many ports each has.
     pub hosted_vsids: HashMap<u32, u32>,
+    pub routing: crate::tables::routes::RouteEntries,
 }
 
 /// Every counter, summed over all CPUs.
@@ -164,6 +169,50 @@ fn set_entry<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &str, k: &K, v: Option<&V>) 
     }
 }
 
+/// Puts a route into the trie, or takes it out (absent already is fine).
+fn set_route(ebpf: &mut Ebpf, (len, key): (u32, RouteKey), v: Option<&RouteHop>) -> Result<()> {
+    let name = map_names::ROUTES;
+    let mut m: LpmTrie<&mut MapData, RouteKey, RouteHop> = map(ebpf, name)?;
+    let k = LpmKey::new(len, key);
+    match v {
+        Some(v) => m
+            .insert(&k, v, 0)
+            .map_err(|e| dp_err(format!("update {name}"), e)),
+        None => match m.remove(&k) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(dp_err(format!("delete from {name}"), e)),
+        },
+    }
+}
+
+/// Makes the route trie hold exactly `desired`.
+fn sync_routes(ebpf: &mut Ebpf, desired: &HashMap<(u32, RouteKey), RouteHop>) -> Result<Repair> {
+    let name = map_names::ROUTES;
+    let present: HashMap<(u32, RouteKey), RouteHop> = {
+        let m: LpmTrie<&mut MapData, RouteKey, RouteHop> = map(ebpf, name)?;
+        let mut present = HashMap::new();
+        for entry in &m {
+            let (k, v) = entry.map_err(|e| dp_err(format!("iterate {name}"), e))?;
+            present.insert((k.prefix_len(), k.data()), v);
+        }
+        present
+    };
+    let mut repair = Repair::default();
+    for (k, v) in desired {
+        if present.get(k) != Some(v) {
+            set_route(ebpf, *k, Some(v))?;
+            repair.written += 1;
+        }
+    }
+    for k in present.keys() {
+        if !desired.contains_key(k) {
+            set_route(ebpf, *k, None)?;
+            repair.removed += 1;
+        }
+    }
+    Ok(repair)
+}
+
 /// Lookup entries per `BPF_MAP_UPDATE_BATCH` call (copied into one buffer each).
 const BATCH: usize = 16_384;
 
@@ -271,6 +320,19 @@ impl Datapath {
                 map_names::HOSTED_VSIDS,
                 sync_hash(ebpf, map_names::HOSTED_VSIDS, &desired.hosted_vsids)?,
             ),
+            // The trie and gateways before the VSIDs that use them.
+            (
+                map_names::ROUTES,
+                sync_routes(ebpf, &desired.routing.routes)?,
+            ),
+            (
+                map_names::GATEWAYS,
+                sync_hash(ebpf, map_names::GATEWAYS, &desired.routing.gateways)?,
+            ),
+            (
+                map_names::VSID_ROUTING,
+                sync_hash(ebpf, map_names::VSID_ROUTING, &desired.routing.vsids)?,
+            ),
         ] {
             if repair != Repair::default() {
                 repairs.push((name, repair));
@@ -293,6 +355,11 @@ impl Datapath {
             Write::Rewrite(pa, v) => set_entry(ebpf, map_names::REWRITE_PAS, pa, v.as_ref()),
             Write::Lookup(k, v) => set_entry(ebpf, map_names::LOOKUPS, k, v.as_ref()),
             Write::LocalPa(pa, v) => set_entry(ebpf, map_names::LOCAL_PAS, pa, v.as_ref()),
+            Write::VsidRouting(vsid, v) => {
+                set_entry(ebpf, map_names::VSID_ROUTING, vsid, v.as_ref())
+            }
+            Write::Route(k, v) => set_route(ebpf, *k, v.as_ref()),
+            Write::Gateway(k, v) => set_entry(ebpf, map_names::GATEWAYS, k, v.as_ref()),
             Write::Config(c) => self.set_config(**c),
         }
     }

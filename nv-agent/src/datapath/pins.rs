@@ -108,11 +108,9 @@ pub fn purge(pin_path: &Path) -> Result<()> {
     }
 }
 
-/// The maps pinned by an nv whose layout (type, key and value sizes, entries) differs from
-/// this build's, or the lookup map at another `max_lookups`: reusing them would fail in the
-/// verifier, or worse, be read with the wrong layout. They are migrated instead
-/// ([`Datapath::load`]).
-fn stale_layouts(maps_dir: &Path, max_lookups: u32) -> Result<Vec<(&'static str, String)>> {
+/// Each pinned map's layout in this build: name, type, key and value sizes, and the entry count
+/// where it is fixed.
+fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u32>); 15] {
     use std::mem::size_of;
 
     use aya::maps::MapType::{
@@ -120,7 +118,10 @@ fn stale_layouts(maps_dir: &Path, max_lookups: u32) -> Result<Vec<(&'static str,
     };
     use nv_common::monitor::{MAX_VSID_STATS, MONITOR_RING_BYTES};
     // Name, type, key and value sizes, and the entry count where it is fixed.
-    let expected: [(&str, MapType, usize, usize, Option<u32>); 12] = [
+    use nv_common::routing::{
+        GatewayKey, MAX_GATEWAYS, MAX_ROUTED_VSIDS, MAX_ROUTES, RouteHop, RouteKey, VsidRouting,
+    };
+    [
         (
             map_names::LOOKUPS,
             H,
@@ -175,7 +176,36 @@ fn stale_layouts(maps_dir: &Path, max_lookups: u32) -> Result<Vec<(&'static str,
         ),
         (map_names::MONITOR, R, 0, 0, Some(MONITOR_RING_BYTES)),
         (map_names::MONITOR_SAMPLE, P, 4, 4, Some(1)),
-    ];
+        (
+            map_names::VSID_ROUTING,
+            H,
+            4,
+            size_of::<VsidRouting>(),
+            Some(MAX_ROUTED_VSIDS),
+        ),
+        (
+            map_names::ROUTES,
+            MapType::LpmTrie,
+            4 + size_of::<RouteKey>(),
+            size_of::<RouteHop>(),
+            Some(MAX_ROUTES),
+        ),
+        (
+            map_names::GATEWAYS,
+            H,
+            size_of::<GatewayKey>(),
+            4,
+            Some(MAX_GATEWAYS),
+        ),
+    ]
+}
+
+/// The maps pinned by an nv whose layout (type, key and value sizes, entries) differs from
+/// this build's, or the lookup map at another `max_lookups`: reusing them would fail in the
+/// verifier, or worse, be read with the wrong layout. They are migrated instead
+/// ([`Datapath::load`]).
+fn stale_layouts(maps_dir: &Path, max_lookups: u32) -> Result<Vec<(&'static str, String)>> {
+    let expected = layouts(max_lookups);
     let mut stale = Vec::new();
     for (name, kind, key, value, entries) in expected {
         let pin = maps_dir.join(name);
@@ -243,6 +273,19 @@ fn restore_pins(aside: &Path, maps_dir: &Path, names: &[&str]) {
 }
 
 /// Loads (verifies) the forwarding programs of `ebpf`: the TC ones and the uplink's XDP one.
+/// The router's MAC every copy of the programs this process loads is built with.
+static ROUTER_MAC: std::sync::OnceLock<[u8; 6]> = std::sync::OnceLock::new();
+
+/// Sets the router's MAC (the agent's `router_mac`) before the first load; later calls
+/// change nothing.
+pub fn set_router_mac(mac: [u8; 6]) {
+    let _ = ROUTER_MAC.set(mac);
+}
+
+fn router_mac() -> &'static [u8; 6] {
+    ROUTER_MAC.get_or_init(|| nv_common::routing::DEFAULT_ROUTER_MAC)
+}
+
 fn load_programs_of(ebpf: &mut Ebpf) -> Result<()> {
     for name in [
         program_names::FROM_VM,
@@ -309,6 +352,7 @@ impl Datapath {
             .override_global(TRACE_GLOBAL, &trace, true)
             .override_global("NV_COUNT_VSIDS", &vsid_counts, true)
             .override_global("NV_MONITORING", &monitor, true)
+            .override_global("NV_ROUTER_MAC", router_mac(), true)
             .override_global("NV_SKB_HEAD", &skb.head, true)
             .override_global("NV_SKB_CSUM", &skb.csum, true)
             .override_global("NV_SKB_IP_SUMMED", &skb.ip_summed, true)
@@ -381,6 +425,7 @@ impl Datapath {
             .override_global(TRACE_GLOBAL, &on, true)
             .override_global("NV_COUNT_VSIDS", &on, true)
             .override_global("NV_MONITORING", &off, true)
+            .override_global("NV_ROUTER_MAC", router_mac(), true)
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(map_names::LOOKUPS, max_lookups);
         for (name, pin) in OWN.iter().zip(&own_pins) {

@@ -105,6 +105,10 @@ impl Change {
         }
     }
 
+    pub fn is_route(&self) -> bool {
+        matches!(self, Change::PutRoute { .. } | Change::DelRoute { .. })
+    }
+
     /// The change that deletes the route of `key`.
     pub fn del_route((rdid, prefix, nexthop): RouteKey) -> Change {
         Change::DelRoute {

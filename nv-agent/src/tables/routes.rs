@@ -10,6 +10,8 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
+use nv_common::routing::{GatewayKey, RouteHop, RouteKey as DpRouteKey, VsidRouting, domain_id};
+
 use super::Table;
 use crate::{
     error::{NvError, Result, invalid},
@@ -68,6 +70,61 @@ pub fn etcd_key(key: &RouteKey) -> String {
         "{ETCD_PREFIX}{}/{}_{}/{}",
         key.0, key.1.addr, key.1.len, key.2
     )
+}
+
+/// What the datapath holds for the routes: each routed VSID's domain, each domain's routes
+/// (the lowest metric of each prefix) and its subnets' gateways ([`nv_common::routing`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteEntries {
+    pub vsids: HashMap<u32, VsidRouting>,
+    /// By (trie prefix length, key).
+    pub routes: HashMap<(u32, DpRouteKey), RouteHop>,
+    pub gateways: HashMap<GatewayKey, u32>,
+}
+
+/// The datapath's number of a routing domain.
+pub fn domain_number(rdid: &Rdid) -> u32 {
+    domain_id(rdid.as_str().as_bytes())
+}
+
+/// The map entries of every route in `index`.
+pub fn entries(index: &RouteIndex) -> RouteEntries {
+    let mut e = RouteEntries::default();
+    for r in index.routes.values() {
+        let rdid = domain_number(&r.rdid);
+        e.vsids.insert(r.vsid, VsidRouting { rdid });
+        let key = (
+            DpRouteKey::prefix_len(r.prefix.len),
+            DpRouteKey {
+                rdid: rdid.to_be_bytes(),
+                addr: r.prefix.addr.octets(),
+            },
+        );
+        // The lowest metric of a prefix; the key's order breaks no tie (metrics differ).
+        let best = index
+            .matching(&r.rdid, r.prefix, None)
+            .into_iter()
+            .min_by_key(|o| o.metric);
+        if best.as_ref().is_some_and(|b| b.key() == r.key()) {
+            e.routes.insert(
+                key,
+                RouteHop {
+                    vsid: r.vsid,
+                    nexthop: r.nexthop.octets(),
+                },
+            );
+        }
+        if let Some(g) = r.gateway_addr() {
+            e.gateways.insert(
+                GatewayKey {
+                    rdid,
+                    addr: g.octets(),
+                },
+                r.vsid,
+            );
+        }
+    }
+    e
 }
 
 /// Every route, with what the rules between them look up.
@@ -190,6 +247,18 @@ impl RouteIndex {
                 "VSID {} belongs to routing domain {domain}: a VSID belongs to one domain, so \
                  a route of {} cannot name it (delete {domain}'s routes of VSID {} first)",
                 r.vsid, r.rdid, r.vsid
+            )));
+        }
+        let number = domain_number(&r.rdid);
+        if let Some((other, _)) = self
+            .domains
+            .values()
+            .find(|(d, _)| d != &r.rdid && domain_number(d) == number)
+        {
+            return Err(NvError::Conflict(format!(
+                "routing domain {} has the datapath's number of {other} ({number:#x}, a hash \
+                 of the name): choose another RDID",
+                r.rdid
             )));
         }
         if let Some(same) = self

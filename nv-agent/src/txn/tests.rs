@@ -22,6 +22,7 @@ struct MemMaps {
     rewrite: HashMap<V4, RewritePa>,
     lookups: HashMap<LookupKey, LookupValue>,
     local_pas: HashMap<V4, LocalPa>,
+    routing: crate::tables::routes::RouteEntries,
     config: DatapathConfig,
 }
 
@@ -64,6 +65,9 @@ impl Maps for Faulty {
                 Write::Rewrite(k, v) => set(&mut m.rewrite, k, v),
                 Write::Lookup(k, v) => set(&mut m.lookups, k, v),
                 Write::LocalPa(k, v) => set(&mut m.local_pas, k, v),
+                Write::VsidRouting(k, v) => set(&mut m.routing.vsids, k, v),
+                Write::Route(k, v) => set(&mut m.routing.routes, k, v),
+                Write::Gateway(k, v) => set(&mut m.routing.gateways, k, v),
                 Write::Config(c) => m.config = *c,
             }
         }
@@ -155,6 +159,7 @@ fn mapped(tables: &Tables) -> MemMaps {
         rewrite: d.rewrite_pas,
         lookups: d.lookups,
         local_pas: d.local_pas,
+        routing: d.routing,
         config: d.config,
     }
 }

@@ -1,0 +1,135 @@
+//! The distributed router: every host routes its own VMs' packets between the subnets of
+//! their routing domain, with no gateway VM in the path. A VM of a routed VSID addresses the
+//! router's MAC (its gateway's, from ARP); the longest prefix of its domain names the VSID the
+//! destination lives in and the VM to send to (the destination, or a route's next hop). The
+//! receiving host takes an inner source of another VSID only from a subnet of the same domain
+//! ([`source_of`]). VSIDs without a domain never meet any of this.
+use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
+use nv_common::{
+    Counter, PortInfo,
+    routing::{GatewayKey, RouteKey},
+    wire::{ETH_HLEN, IPPROTO_ICMP},
+};
+
+use crate::{
+    counters::count,
+    maps::{GATEWAYS, ROUTES, VSID_ROUTING},
+    packet::{EthHdr, Ipv4Hdr, csum_fold, ptr_at},
+};
+
+/// The router's MAC, the same on every host (config `router_mac`, set by the loader).
+#[unsafe(no_mangle)]
+static NV_ROUTER_MAC: [u8; 6] = nv_common::routing::DEFAULT_ROUTER_MAC;
+
+#[inline(always)]
+pub fn mac() -> [u8; 6] {
+    // SAFETY: a global the loader sets; read as it is, never written.
+    unsafe { core::ptr::read_volatile(&raw const NV_ROUTER_MAC) }
+}
+
+/// The number of `vsid`'s routing domain, if it has one.
+#[inline(always)]
+pub fn domain(vsid: u32) -> Option<u32> {
+    // SAFETY: read-only use of a value the agent replaces whole.
+    unsafe { VSID_ROUTING.get(vsid) }.map(|r| r.rdid)
+}
+
+/// Where `dst` goes in domain `rdid`: the VSID it lives in and the CA of the VM to hand it
+/// to (`dst` itself on-link, else the route's next hop).
+#[inline(always)]
+pub fn lookup(rdid: u32, dst: [u8; 4]) -> Option<(u32, [u8; 4])> {
+    let key = Key::new(
+        RouteKey::prefix_len(32),
+        RouteKey {
+            rdid: rdid.to_be_bytes(),
+            addr: dst,
+        },
+    );
+    let hop = ROUTES.get(&key)?;
+    Some((hop.vsid, if hop.on_link() { dst } else { hop.nexthop }))
+}
+
+/// Whether `addr` is the gateway of a subnet of `vsid` (ARP for it is the router's).
+#[inline(always)]
+pub fn is_gateway_of(vsid: u32, addr: [u8; 4]) -> bool {
+    let Some(rdid) = domain(vsid) else {
+        return false;
+    };
+    // SAFETY: read-only use of a value the agent replaces whole.
+    unsafe { GATEWAYS.get(GatewayKey { rdid, addr }) }.is_some_and(|v| *v == vsid)
+}
+
+/// Whether `addr` is a gateway of domain `rdid` (echo to it is the router's to answer).
+#[inline(always)]
+pub fn is_gateway_in(rdid: u32, addr: [u8; 4]) -> bool {
+    // SAFETY: presence check only.
+    unsafe { GATEWAYS.get(GatewayKey { rdid, addr }) }.is_some()
+}
+
+/// The VSID an inner source `ca` of a routed packet arriving in `vsid` lives in: a subnet of
+/// the same domain (on-link routes only: a next hop's world is not trusted yet).
+#[inline(always)]
+pub fn source_of(vsid: u32, ca: [u8; 4]) -> Option<u32> {
+    let rdid = domain(vsid)?;
+    match lookup(rdid, ca)? {
+        (v, target) if target == ca => Some(v),
+        _ => None,
+    }
+}
+
+/// Decrements the TTL of a packet about to be routed, and readdresses its frame: from the
+/// router to `dst_mac`. The TTL must be above 1 (the caller checked).
+#[inline(always)]
+pub fn hop(ctx: &TcContext, dst_mac: [u8; 6]) -> Result<(), Counter> {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let eth = ptr_at::<EthHdr>(data, end, 0).ok_or(Counter::DropVmMalformed)?;
+    let ip = ptr_at::<Ipv4Hdr>(data, end, ETH_HLEN).ok_or(Counter::DropVmMalformed)?;
+    // SAFETY: both pointers were bounds-checked just above; byte arrays only.
+    let (eth, ip) = unsafe { (&mut *eth, &mut *ip) };
+    eth.dst = dst_mac;
+    eth.src = mac();
+    // RFC 1624: HC' = ~(~HC + ~m + m'), m the 16-bit word of TTL and protocol.
+    let old = u32::from(u16::from_be_bytes([ip.ttl, ip.proto]));
+    ip.ttl -= 1;
+    let new = u32::from(u16::from_be_bytes([ip.ttl, ip.proto]));
+    let sum = u32::from(!u16::from_be_bytes(ip.csum)) + (!old & 0xffff) + new;
+    ip.csum = csum_fold(sum).to_be_bytes();
+    count(Counter::VmRouted);
+    Ok(())
+}
+
+/// An echo request to a gateway, answered by the router back into the VM's port.
+// Out of line: its own stack frame keeps every path under the 512-byte BPF stack limit.
+#[inline(never)]
+pub fn echo(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let eth = ptr_at::<EthHdr>(data, end, 0).ok_or(Counter::DropVmMalformed)?;
+    let ip = ptr_at::<Ipv4Hdr>(data, end, ETH_HLEN).ok_or(Counter::DropVmMalformed)?;
+    // SAFETY: both pointers were bounds-checked just above; byte arrays only.
+    let (eth, ip) = unsafe { (&mut *eth, &mut *ip) };
+    // An option-less, unfragmented echo request: anything else to a gateway is dropped.
+    if ip.proto != IPPROTO_ICMP || ip.hlen() != 20 || ip.is_fragment() {
+        return Err(Counter::DropVmNoRoute);
+    }
+    let icmp = ptr_at::<[u8; 4]>(data, end, ETH_HLEN + 20).ok_or(Counter::DropVmMalformed)?;
+    // SAFETY: bounds-checked just above.
+    let icmp = unsafe { &mut *icmp };
+    if icmp[0] != 8 || icmp[1] != 0 {
+        return Err(Counter::DropVmNoRoute);
+    }
+    // Type 8 becomes 0: the checksum word's sum drops by 0x0800.
+    icmp[0] = 0;
+    let sum = u32::from(!u16::from_be_bytes([icmp[2], icmp[3]])) + (!0x0800u32 & 0xffff);
+    let csum = csum_fold(sum).to_be_bytes();
+    icmp[2] = csum[0];
+    icmp[3] = csum[1];
+    core::mem::swap(&mut ip.dst, &mut ip.src);
+    ip.ttl = 64;
+    ip.csum = ip.checksum().to_be_bytes();
+    eth.dst = port.mac;
+    eth.src = mac();
+    count(Counter::VmGatewayReplied);
+    // Egress of the port the request came in on (never a bounced segment's).
+    // SAFETY: the context pointer is valid for the whole program run.
+    Ok(crate::redirect::egress(unsafe { (*ctx.skb.skb).ifindex }))
+}
