@@ -538,6 +538,31 @@ impl TwoHosts {
         Ok(bed)
     }
 
+    /// A VM more on `host` (VSID, CA, MAC, port as given), plugged and up; its records are the
+    /// caller's.
+    pub fn add_vm(
+        &mut self,
+        name: &str,
+        vsid: u32,
+        ca: &str,
+        mac: &str,
+        port: &str,
+        host: usize,
+    ) -> anyhow::Result<()> {
+        let vm = Vm {
+            name: name.to_owned(),
+            vsid,
+            ca: ca.to_owned(),
+            mac: mac.to_owned(),
+            ns: Netns::new(&format!("{}-{port}", self.prefix))?,
+            port: port.to_owned(),
+            host,
+        };
+        self.plug(&vm, host)?;
+        self.vms.push(vm);
+        Ok(())
+    }
+
     /// Connects a VM's namespace to `host` with a fresh veth pair (VM side `eth0`).
     fn plug(&self, vm: &Vm, host: usize) -> anyhow::Result<()> {
         let h = &self.hosts[host].ns;

@@ -2,7 +2,11 @@
 //! between them and the lookup records, stored, exported and imported all or none.
 
 use anyhow::{Context as _, ensure};
-use nv_tests::testbed::{BLUE_VSID, RED_VSID, TwoHosts};
+use nv_tests::{
+    capture::{self, Capture},
+    checks,
+    testbed::{BLUE_VSID, RED_VSID, TwoHosts, delta, tcp_transfer},
+};
 use serde_json::Value;
 
 /// `nvctl route add` with these flags.
@@ -215,5 +219,201 @@ fn exported_deleted_imported_and_restarted(bed: &mut TwoHosts) -> anyhow::Result
         bed.hosts[0].nvctl(&["route", "export"])? == exported,
         "routes lost or changed across a restart"
     );
+    Ok(())
+}
+
+/// contoso's second subnet (VSID 7002) and fabrikam's (VSID 8002) hold the same address,
+/// 10.1.0.5, each on host 2.
+const SUBNET_B: &str = "10.1.0.0/24";
+const VM_B: &str = "10.1.0.5";
+
+/// A routed bed: RED (5001) and RED-B (7002) in contoso, BLUE (6001) and BLUE-B (8002) in
+/// fabrikam, with the same prefixes; each VM's routes point at its gateway.
+fn routed_bed(tag: &str, hook: &str) -> anyhow::Result<TwoHosts> {
+    let mut bed = TwoHosts::build_with(tag, &["--decap-hook", hook])?;
+    bed.add_vm("RED-B", 7002, VM_B, "02:00:00:00:07:05", "redb", 1)?;
+    bed.add_vm("BLUE-B", 8002, VM_B, "02:00:00:00:08:05", "blueb", 1)?;
+    bed.configure()?;
+    for h in &bed.hosts {
+        for (rdid, a, b) in [("contoso", RED_VSID, 7002), ("fabrikam", BLUE_VSID, 8002)] {
+            h.nvctl(&strs(&add(
+                rdid,
+                a,
+                "10.0.0.0/24",
+                "0.0.0.0",
+                &["--gateway", "10.0.0.254"],
+            )))?;
+            h.nvctl(&strs(&add(rdid, b, SUBNET_B, "0.0.0.0", &[])))?;
+        }
+    }
+    for vm in ["RED-1", "RED-2", "BLUE-1", "BLUE-2"] {
+        bed.vm(vm)
+            .ns
+            .ip(&["route", "add", SUBNET_B, "via", "10.0.0.254"])?;
+    }
+    for vm in ["RED-B", "BLUE-B"] {
+        bed.vm(vm)
+            .ns
+            .ip(&["route", "add", "default", "via", "10.1.0.1"])?;
+    }
+    Ok(bed)
+}
+
+/// Pings `dst` from `vm` `count` times with payload `pattern` (two hex digits); the replies.
+fn ping_with(bed: &TwoHosts, vm: &str, dst: &str, pattern: &str, ttl: u8) -> anyhow::Result<u32> {
+    let out = bed.vm(vm).ns.exec_output(
+        "ping",
+        &[
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-q",
+            "-p",
+            pattern,
+            "-t",
+            &ttl.to_string(),
+            dst,
+        ],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let received = text
+        .split(',')
+        .find_map(|p| p.trim().strip_suffix(" received").map(str::to_owned))
+        .with_context(|| format!("unexpected ping output: {text}"))?;
+    Ok(received.trim().parse()?)
+}
+
+/// Frames a capture of `vm`'s eth0 saw whose payload carries `pattern` 8 times in a row.
+fn frames_with(frames: &[Vec<u8>], pattern: u8) -> usize {
+    let run = [pattern; 8];
+    frames
+        .iter()
+        .filter(|f| f.windows(8).any(|w| w == run))
+        .count()
+}
+
+#[test]
+fn two_subnets_of_a_domain_are_routed_by_every_host_and_other_domains_never_see_it()
+-> anyhow::Result<()> {
+    for hook in ["tc", "xdp"] {
+        let bed = routed_bed(&format!("rr{hook}"), hook)?;
+        the_gateway_answers_arp_and_ping(&bed)?;
+        routed_across_hosts_and_locally(&bed, hook)?;
+        the_other_domain_never_sees_a_frame(&bed)?;
+        ttl_one_expires_at_the_router(&bed)?;
+    }
+    Ok(())
+}
+
+fn the_gateway_answers_arp_and_ping(bed: &TwoHosts) -> anyhow::Result<()> {
+    // The first ping resolves the gateway by ARP: the router's MAC, from every host.
+    ensure!(
+        bed.ping("RED-1", "10.0.0.254", 2)? == 2,
+        "RED-1 -> its gateway"
+    );
+    let neigh = bed.vm("RED-1").ns.ip(&["neigh", "show", "10.0.0.254"])?;
+    ensure!(
+        neigh.contains("02:6e:76:00:00:01"),
+        "the gateway's MAC is the router's: {neigh}"
+    );
+    // Another subnet's gateway answers through the router; the address stays no VM's.
+    ensure!(
+        bed.ping("RED-1", "10.1.0.1", 2)? == 2,
+        "RED-1 -> RED-B's gateway"
+    );
+    ensure!(
+        bed.ping("RED-B", "10.1.0.1", 2)? == 2,
+        "RED-B -> its gateway on host 2"
+    );
+    Ok(())
+}
+
+fn routed_across_hosts_and_locally(bed: &TwoHosts, hook: &str) -> anyhow::Result<()> {
+    // Across hosts: NVGRE in the destination's VSID, inner source MAC the router's.
+    let packets = checks::underlay_during(bed, &format!("routed-{hook}"), || {
+        ensure!(
+            bed.ping("RED-1", VM_B, 3)? == 3,
+            "RED-1 -> RED-B (host 1 to host 2)"
+        );
+        Ok(())
+    })?;
+    let keyed: Vec<u32> = packets
+        .iter()
+        .filter(|p| p.ip_dst.last().map(String::as_str) == Some(VM_B))
+        .filter_map(|p| p.gre_key)
+        .map(|k| k >> 8)
+        .collect();
+    ensure!(
+        keyed.len() >= 3 && keyed.iter().all(|v| *v == 7002),
+        "{hook}: routed packets to RED-B ride NVGRE in VSID 7002: {keyed:?}"
+    );
+    // TCP, content compared, both ways across the router.
+    let (sent, got) = tcp_transfer(bed.vm("RED-B"), bed.vm("RED-1"), VM_B, 256 << 10)?;
+    ensure!(
+        sent == got,
+        "{hook}: TCP RED-1 -> RED-B: sent {sent}, got {got}"
+    );
+    // On host 2 alone: RED-2 to RED-B is delivered by the router of host 2.
+    let before = bed.hosts[1].counters()?;
+    ensure!(bed.ping("RED-2", VM_B, 3)? == 3, "RED-2 -> RED-B (local)");
+    let after = bed.hosts[1].counters()?;
+    ensure!(
+        delta(&before, &after, "vm_routed") >= 6,
+        "{hook}: host 2 routed both ways: {}",
+        delta(&before, &after, "vm_routed")
+    );
+    Ok(())
+}
+
+/// contoso and fabrikam hold the same addresses: pings of RED-1 (pattern aa) reach RED-B
+/// only, BLUE-1's (pattern bb) BLUE-B only, each capture showing the other (positive control).
+fn the_other_domain_never_sees_a_frame(bed: &TwoHosts) -> anyhow::Result<()> {
+    let watch = |vm: &str| -> anyhow::Result<Capture> {
+        let file = bed.tmp_dir().join(format!("{vm}-domain.pcap"));
+        Capture::start(&bed.vm(vm).ns, "eth0", &file, 30)
+    };
+    let (red_b, blue_b) = (watch("RED-B")?, watch("BLUE-B")?);
+    ensure!(
+        ping_with(bed, "RED-1", VM_B, "aa", 64)? == 3,
+        "RED-1 -> RED-B"
+    );
+    ensure!(
+        ping_with(bed, "BLUE-1", VM_B, "bb", 64)? == 3,
+        "BLUE-1 -> BLUE-B"
+    );
+    let red_b = capture::frames(&red_b.stop()?)?;
+    let blue_b = capture::frames(&blue_b.stop()?)?;
+    ensure!(
+        frames_with(&red_b, 0xaa) >= 3 && frames_with(&red_b, 0xbb) == 0,
+        "RED-B saw contoso's {} and fabrikam's {} frames",
+        frames_with(&red_b, 0xaa),
+        frames_with(&red_b, 0xbb)
+    );
+    ensure!(
+        frames_with(&blue_b, 0xbb) >= 3 && frames_with(&blue_b, 0xaa) == 0,
+        "BLUE-B saw fabrikam's {} and contoso's {} frames",
+        frames_with(&blue_b, 0xbb),
+        frames_with(&blue_b, 0xaa)
+    );
+    Ok(())
+}
+
+fn ttl_one_expires_at_the_router(bed: &TwoHosts) -> anyhow::Result<()> {
+    let before = bed.hosts[0].counters()?;
+    ensure!(
+        ping_with(bed, "RED-1", VM_B, "cc", 1)? == 0,
+        "a TTL-1 packet crossed the router"
+    );
+    let after = bed.hosts[0].counters()?;
+    ensure!(
+        delta(&before, &after, "drop_vm_ttl_exceeded") == 3,
+        "TTL-1 drops counted: {}",
+        delta(&before, &after, "drop_vm_ttl_exceeded")
+    );
+    // Positive control: TTL 2 crosses one router.
+    ensure!(ping_with(bed, "RED-1", VM_B, "cc", 2)? == 3, "TTL 2");
     Ok(())
 }
