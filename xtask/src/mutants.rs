@@ -177,7 +177,7 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "NVGRE with the MAC recorded for its source",
         file: "nv-ebpf/src/uplink_rx.rs",
-        check: "if inner_eth.src != src.mac {",
+        check: "if inner_eth.src != mac {",
         removed: "if false {",
         tests: PROGRAMS,
     },
@@ -344,6 +344,41 @@ const MUTATIONS: &[Mutation] = &[
         check: "let slots = Arc::new(Semaphore::new(limits.cap));",
         removed: "let slots = Arc::new(Semaphore::new(Semaphore::MAX_PERMITS));",
         tests: &["host_isolation"],
+    },
+    Mutation {
+        name: "only VSIDs of a routing domain are routed",
+        file: "nv-ebpf/src/from_vm.rs",
+        check: "        router::domain(port.vsid)\n",
+        removed: "        Some(router::domain(port.vsid).unwrap_or(0))\n",
+        tests: &["router"],
+    },
+    Mutation {
+        name: "a routed packet rides in its destination's VSID",
+        file: "nv-ebpf/src/from_vm.rs",
+        check: "        from.vsid = vsid;\n",
+        removed: "",
+        tests: &["router"],
+    },
+    Mutation {
+        name: "TTL 1 expires at the router",
+        file: "nv-ebpf/src/from_vm.rs",
+        check: "if ip.ttl <= 1 {",
+        removed: "if false {",
+        tests: &["router"],
+    },
+    Mutation {
+        name: "ARP for a gateway only from its own subnet",
+        file: "nv-ebpf/src/router.rs",
+        check: ".is_some_and(|v| *v == vsid)",
+        removed: ".is_some()",
+        tests: &["router"],
+    },
+    Mutation {
+        name: "a routed source comes from the router's MAC",
+        file: "nv-ebpf/src/uplink_rx.rs",
+        check: "(src, router::mac())",
+        removed: "(src, inner_eth.src)",
+        tests: &["router"],
     },
 ];
 

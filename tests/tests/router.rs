@@ -1,0 +1,259 @@
+//! The distributed router's program paths with `BPF_PROG_TEST_RUN`: routing between two
+//! subnets of a domain, gateways answering, TTL, and the receiving host's check of a routed
+//! source, each refusal beside a frame that passes. RED (5001) and RED-B (7003, 10.1.0.5,
+//! remote) are contoso's; BLUE (6001) and BLUE-B (8003, 10.1.0.5, remote) fabrikam's, with
+//! the same prefixes. Expected headers are checked with etherparse.
+use anyhow::{Context as _, ensure};
+use etherparse::{Ipv4HeaderSlice, SlicedPacket, TransportSlice};
+use nv_agent::{model::RouteRecord, tables::routes};
+use nv_common::{
+    LookupKey, LookupValue,
+    program_names::{FROM_VM, UPLINK_TC, UPLINK_XDP},
+    routing::DEFAULT_ROUTER_MAC as ROUTER,
+    v4_mapped,
+};
+use nv_tests::fixture::*;
+
+const RED_B: u32 = 7003;
+const BLUE_B: u32 = 8003;
+/// Only contoso has this subnet (VSID 7004, 10.2.0.7 remote).
+const RED_C: u32 = 7004;
+const CA_B: [u8; 4] = [10, 1, 0, 5];
+const CA_C: [u8; 4] = [10, 2, 0, 7];
+const RED_B_MAC: [u8; 6] = [2, 0, 0, 0, 7, 5];
+const BLUE_B_MAC: [u8; 6] = [2, 0, 0, 0, 8, 5];
+const RED_C_MAC: [u8; 6] = [2, 0, 0, 0, 7, 7];
+const GATEWAY_A: [u8; 4] = [10, 0, 0, 254];
+
+fn route(rdid: &str, vsid: u32, prefix: &str, gateway: Option<&str>) -> RouteRecord {
+    serde_json::from_value(serde_json::json!({
+        "rdid": rdid, "vsid": vsid, "prefix": prefix, "nexthop": "0.0.0.0",
+        "gateway": gateway,
+    }))
+    .expect("a route")
+}
+
+/// The fixture's host with contoso's and fabrikam's subnets and their remote VMs.
+fn routed_host() -> anyhow::Result<Host> {
+    let mut h = host(true)?;
+    let rows = vec![
+        route("contoso", RED, "10.0.0.0/24", Some("10.0.0.254")),
+        route("contoso", RED_B, "10.1.0.0/24", None),
+        route("contoso", RED_C, "10.2.0.0/24", None),
+        route("fabrikam", BLUE, "10.0.0.0/24", Some("10.0.0.254")),
+        route("fabrikam", BLUE_B, "10.1.0.0/24", None),
+    ];
+    let index = routes::RouteIndex::from_rows(rows)?;
+    h.desired.routing = routes::entries(&index);
+    for (vsid, ca, mac) in [
+        (RED_B, CA_B, RED_B_MAC),
+        (BLUE_B, CA_B, BLUE_B_MAC),
+        (RED_C, CA_C, RED_C_MAC),
+    ] {
+        h.desired.lookups.insert(
+            LookupKey { vsid, ca },
+            LookupValue {
+                pa: v4_mapped(REMOTE_PA),
+                mac,
+                method: 0,
+                _pad: 0,
+                ifindex: 0,
+            },
+        );
+    }
+    h.dp.sync(&h.desired)?;
+    Ok(h)
+}
+
+fn with_ttl(mut frame: Vec<u8>, ttl: u8) -> Vec<u8> {
+    frame[22] = ttl;
+    let mut ip = Ipv4HeaderSlice::from_slice(&frame[14..])
+        .expect("ipv4")
+        .to_header();
+    ip.header_checksum = ip.calc_header_checksum();
+    frame[14..34].copy_from_slice(&ip.to_bytes());
+    frame
+}
+
+#[test]
+fn a_vm_is_routed_within_its_domain_only() -> anyhow::Result<()> {
+    let h = routed_host()?;
+    for (from, mac, port, vsid, peer_mac) in [
+        ("RED-1", RED1_MAC, h.red1, RED_B, RED_B_MAC),
+        ("BLUE-1", BLUE1_MAC, h.blue1, BLUE_B, BLUE_B_MAC),
+    ] {
+        let frame = udp_frame(mac, ROUTER, CA1, CA_B, b"routed");
+        let out = h.expect(FROM_VM, &frame, Some(port), TC_ACT_REDIRECT, "vm_routed")?;
+        let key = u32::from_be_bytes(out[38..42].try_into()?);
+        ensure!(
+            key >> 8 == vsid,
+            "{from}: NVGRE key {key:#x}, expected VSID {vsid}"
+        );
+        // The inner frame: from the router to the destination, TTL 63, checksum valid.
+        let inner = &out[42..];
+        ensure!(
+            inner[..6] == peer_mac && inner[6..12] == ROUTER,
+            "{from}: inner MACs {:02x?}",
+            &inner[..12]
+        );
+        let ip = Ipv4HeaderSlice::from_slice(&inner[14..])?.to_header();
+        ensure!(ip.time_to_live == 63, "{from}: TTL {}", ip.time_to_live);
+        ensure!(
+            ip.header_checksum == ip.calc_header_checksum(),
+            "{from}: inner IPv4 checksum"
+        );
+    }
+    // TTL 1 expires; no route is a drop; a VSID of no domain is not routed at all.
+    let frame = udp_frame(RED1_MAC, ROUTER, CA1, CA_B, b"x");
+    h.expect(
+        FROM_VM,
+        &with_ttl(frame.clone(), 1),
+        Some(h.red1),
+        TC_ACT_SHOT,
+        "drop_vm_ttl_exceeded",
+    )?;
+    h.expect(
+        FROM_VM,
+        &with_ttl(frame, 2),
+        Some(h.red1),
+        TC_ACT_REDIRECT,
+        "vm_routed",
+    )?;
+    let nowhere = udp_frame(RED1_MAC, ROUTER, CA1, [10, 9, 9, 9], b"x");
+    h.expect(
+        FROM_VM,
+        &nowhere,
+        Some(h.red1),
+        TC_ACT_SHOT,
+        "drop_vm_no_route",
+    )?;
+    // fabrikam has no 10.2.0.0/24: contoso's subnet stays out of its reach.
+    let other = udp_frame(BLUE1_MAC, ROUTER, CA1, CA_C, b"x");
+    h.expect(
+        FROM_VM,
+        &other,
+        Some(h.blue1),
+        TC_ACT_SHOT,
+        "drop_vm_no_route",
+    )?;
+    let green = udp_frame(GREEN1_MAC, ROUTER, CA1, CA_B, b"x");
+    h.expect(
+        FROM_VM,
+        &green,
+        Some(h.green1),
+        TC_ACT_SHOT,
+        "drop_vm_unknown_dst",
+    )?;
+    Ok(())
+}
+
+#[test]
+fn gateways_answer_arp_in_their_subnet_and_echo_in_their_domain() -> anyhow::Result<()> {
+    let h = routed_host()?;
+    let arp = arp_frame(RED1_MAC, 1, RED1_MAC, CA1, GATEWAY_A);
+    let out = h.expect(
+        FROM_VM,
+        &arp,
+        Some(h.red1),
+        TC_ACT_REDIRECT,
+        "vm_gateway_replied",
+    )?;
+    ensure!(
+        out[..6] == RED1_MAC && out[6..12] == ROUTER && out[22..28] == ROUTER,
+        "ARP reply {out:02x?}"
+    );
+    // The gateway of another subnet is not on this one's link.
+    let far = arp_frame(RED1_MAC, 1, RED1_MAC, CA1, [10, 1, 0, 1]);
+    h.expect(FROM_VM, &far, Some(h.red1), TC_ACT_SHOT, "drop_vm_arp")?;
+    // Echo to either gateway of the domain comes back from it, checksums valid.
+    for gateway in [GATEWAY_A, [10, 1, 0, 1]] {
+        let b = etherparse::PacketBuilder::ethernet2(RED1_MAC, ROUTER)
+            .ipv4(CA1, gateway, 64)
+            .icmpv4_echo_request(7, 1);
+        let mut frame = Vec::new();
+        b.write(&mut frame, b"ping the router")?;
+        let out = h.expect(
+            FROM_VM,
+            &frame,
+            Some(h.red1),
+            TC_ACT_REDIRECT,
+            "vm_gateway_replied",
+        )?;
+        let p = SlicedPacket::from_ethernet(&out)?;
+        let ip = p
+            .net
+            .as_ref()
+            .and_then(|n| n.ipv4_ref())
+            .context("IPv4")?
+            .header();
+        ensure!(
+            ip.source() == gateway && ip.destination() == CA1,
+            "echo reply addresses"
+        );
+        ensure!(ip.to_header().header_checksum == ip.to_header().calc_header_checksum());
+        let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
+            anyhow::bail!("not ICMP: {out:02x?}");
+        };
+        ensure!(
+            icmp.icmp_type()
+                == etherparse::Icmpv4Type::EchoReply(etherparse::IcmpEchoHeader { id: 7, seq: 1 }),
+            "ICMP type {:?}",
+            icmp.icmp_type()
+        );
+        ensure!(
+            icmp.checksum() == icmp.header().icmp_type.calc_checksum(icmp.payload()),
+            "ICMP checksum"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_routed_source_is_taken_only_from_a_subnet_of_the_same_domain() -> anyhow::Result<()> {
+    let mut h = routed_host()?;
+    for flags in [0, nv_common::DatapathConfig::TC_DECAP] {
+        h.set_flags(flags)?;
+        let (program, pass, drop) = if flags == 0 {
+            (UPLINK_XDP, XDP_PASS, XDP_DROP)
+        } else {
+            (UPLINK_TC, TC_ACT_REDIRECT, TC_ACT_SHOT)
+        };
+        let from = |src_mac, src, vsid| {
+            let inner = udp_frame(src_mac, RED1_MAC, src, CA1, b"x");
+            nvgre(
+                GATEWAY_MAC,
+                h.uplink_mac,
+                REMOTE_PA,
+                LOCAL_PA,
+                vsid << 8,
+                0,
+                &inner,
+            )
+        };
+        // RED-B to RED-1, routed by RED-B's host: from the router's MAC, in RED's VSID.
+        h.expect(
+            program,
+            &from(ROUTER, CA_B, RED),
+            None,
+            pass,
+            "uplink_decap",
+        )?;
+        // The same with RED-B's own MAC: a routed packet comes from the router.
+        h.expect(
+            program,
+            &from(RED_B_MAC, CA_B, RED),
+            None,
+            drop,
+            "drop_uplink_spoofed_mac",
+        )?;
+        // Under BLUE's VSID, contoso's 10.2.0.7 is no source: fabrikam has no such subnet.
+        h.expect(
+            program,
+            &from(ROUTER, CA_C, BLUE),
+            None,
+            drop,
+            "drop_uplink_spoofed_pa",
+        )?;
+    }
+    Ok(())
+}
