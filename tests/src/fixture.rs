@@ -48,6 +48,21 @@ pub const GREEN_GATEWAY_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x03];
 pub const GREEN1_MAC: [u8; 6] = [2, 0, 0, 0, 1, 7];
 pub const GREEN2_MAC: [u8; 6] = [2, 0, 0, 0, 2, 7];
 
+/// The router's MAC, as the loader sets it by default.
+pub const ROUTER_MAC: [u8; 6] = nv_common::routing::DEFAULT_ROUTER_MAC;
+/// contoso: RED (5001, 10.0.0.0/24, gateway 10.0.0.254), RED-B (7003, 10.1.0.0/24) and RED-C
+/// (7004, 10.2.0.0/24); fabrikam: BLUE (6001, 10.0.0.0/24, gateway 10.0.0.254) and BLUE-B
+/// (8003, 10.1.0.0/24). Their VMs at 10.1.0.5 and 10.2.0.7 are remote.
+pub const RED_B: u32 = 7003;
+pub const BLUE_B: u32 = 8003;
+pub const RED_C: u32 = 7004;
+pub const CA_B: [u8; 4] = [10, 1, 0, 5];
+pub const CA_C: [u8; 4] = [10, 2, 0, 7];
+pub const RED_B_MAC: [u8; 6] = [2, 0, 0, 0, 7, 5];
+pub const BLUE_B_MAC: [u8; 6] = [2, 0, 0, 0, 8, 5];
+pub const RED_C_MAC: [u8; 6] = [2, 0, 0, 0, 7, 7];
+pub const GATEWAY_A: [u8; 4] = [10, 0, 0, 254];
+
 /// A pin directory, purged on drop (also when loading into it failed half way).
 pub struct PinDir(PathBuf);
 
@@ -265,6 +280,44 @@ pub fn host_with(forwarding: bool, extra: u32, programs: Programs) -> anyhow::Re
 }
 
 impl Host {
+    /// Gives the host the two routing domains above (routes and remote VMs), as the agent
+    /// would map them.
+    pub fn add_domains(&mut self) -> anyhow::Result<()> {
+        let route = |rdid: &str, vsid: u32, prefix: &str, gateway: Option<&str>| {
+            serde_json::from_value::<nv_agent::model::RouteRecord>(serde_json::json!({
+                "rdid": rdid, "vsid": vsid, "prefix": prefix, "nexthop": "0.0.0.0",
+                "gateway": gateway,
+            }))
+        };
+        let rows = vec![
+            route("contoso", RED, "10.0.0.0/24", Some("10.0.0.254"))?,
+            route("contoso", RED_B, "10.1.0.0/24", None)?,
+            route("contoso", RED_C, "10.2.0.0/24", None)?,
+            route("fabrikam", BLUE, "10.0.0.0/24", Some("10.0.0.254"))?,
+            route("fabrikam", BLUE_B, "10.1.0.0/24", None)?,
+        ];
+        let index = nv_agent::tables::routes::RouteIndex::from_rows(rows)?;
+        self.desired.routing = nv_agent::tables::routes::entries(&index);
+        for (vsid, ca, mac) in [
+            (RED_B, CA_B, RED_B_MAC),
+            (BLUE_B, CA_B, BLUE_B_MAC),
+            (RED_C, CA_C, RED_C_MAC),
+        ] {
+            self.desired.lookups.insert(
+                LookupKey { vsid, ca },
+                LookupValue {
+                    pa: v4_mapped(REMOTE_PA),
+                    mac,
+                    method: 0,
+                    _pad: 0,
+                    ifindex: 0,
+                },
+            );
+        }
+        self.dp.sync(&self.desired)?;
+        Ok(())
+    }
+
     /// Another copy of the programs on this host's maps (a benchmark's baseline). Loaded
     /// with the same layout, so it shares every map, and checked to.
     pub fn load_copy(&self, programs: Programs) -> anyhow::Result<Datapath> {

@@ -17,9 +17,9 @@ use nv_common::{
 };
 
 use crate::fixture::{
-    BLUE1_MAC, BLUE2_MAC, CA1, CA2, CA3, GATEWAY_MAC, GREEN_GATEWAY_MAC, GREEN1_MAC, GREEN1_PA,
-    GREEN2_MAC, GREEN2_PA, Host, LOCAL_PA, RED, RED1_MAC, RED2_MAC, RED3_MAC, REMOTE_PA, arp_frame,
-    green_packets, host, nvgre, udp_frame,
+    BLUE1_MAC, BLUE2_MAC, CA_B, CA1, CA2, CA3, GATEWAY_A, GATEWAY_MAC, GREEN_GATEWAY_MAC,
+    GREEN1_MAC, GREEN1_PA, GREEN2_MAC, GREEN2_PA, Host, LOCAL_PA, RED, RED1_MAC, RED2_MAC,
+    RED3_MAC, REMOTE_PA, ROUTER_MAC, arp_frame, green_packets, host, nvgre, udp_frame,
 };
 
 const XDP_DROP: u32 = 1;
@@ -95,6 +95,26 @@ fn seeds(h: &Host) -> Vec<Vec<u8>> {
         ),
     ];
     seeds.push(arp_frame(RED1_MAC, 1, RED1_MAC, CA1, CA2));
+    // The router: across subnets, to a gateway (ARP and echo), and a routed source arriving.
+    seeds.push(udp_frame(RED1_MAC, ROUTER_MAC, CA1, CA_B, b"routed"));
+    seeds.push(udp_frame(BLUE1_MAC, ROUTER_MAC, CA1, CA_B, b"routed"));
+    seeds.push(udp_frame(RED1_MAC, ROUTER_MAC, CA1, CA3, b"routed here"));
+    seeds.push(arp_frame(RED1_MAC, 1, RED1_MAC, CA1, GATEWAY_A));
+    let echo = etherparse::PacketBuilder::ethernet2(RED1_MAC, ROUTER_MAC)
+        .ipv4(CA1, GATEWAY_A, 64)
+        .icmpv4_echo_request(1, 1);
+    let mut ping = Vec::new();
+    echo.write(&mut ping, b"seed").expect("build echo");
+    seeds.push(ping);
+    seeds.push(nvgre(
+        GATEWAY_MAC,
+        h.uplink_mac,
+        REMOTE_PA,
+        LOCAL_PA,
+        RED << 8,
+        0,
+        &udp_frame(ROUTER_MAC, RED1_MAC, CA_B, CA1, b"routed in"),
+    ));
     // The underlay asking for a rewrite PA the datapath owns, and for the host's own.
     seeds.push(arp_frame(GATEWAY_MAC, 1, GATEWAY_MAC, REMOTE_PA, GREEN1_PA));
     seeds.push(arp_frame(GATEWAY_MAC, 1, GATEWAY_MAC, REMOTE_PA, LOCAL_PA));
@@ -191,21 +211,27 @@ fn sources_by_record(h: &Host) -> HashMap<LookupKey, ([u8; 4], [u8; 6])> {
 }
 
 /// A delivered NVGRE frame speaks for its inner source only as its record allows: from the
-/// PA and with the MAC recorded for (VSID, inner source CA).
-fn check_nvgre_source(
-    sources: &HashMap<LookupKey, ([u8; 4], [u8; 6])>,
-    input: &[u8],
-    vsid: u32,
-    inner: &[u8],
-) -> anyhow::Result<()> {
+/// PA and with the MAC recorded for (VSID, inner source CA); or, routed, for a CA of another
+/// VSID of the same routing domain, from its PA and the router's MAC.
+fn check_nvgre_source(known: &Known, input: &[u8], vsid: u32, inner: &[u8]) -> anyhow::Result<()> {
     let (outer_src, _) = ipv4(input, 14).ok_or_else(|| anyhow::anyhow!("no outer IPv4"))?;
     let (inner_src, _) = ipv4(inner, 14).ok_or_else(|| anyhow::anyhow!("no inner IPv4"))?;
-    let recorded = sources.get(&LookupKey {
+    let recorded = known.sources.get(&LookupKey {
         vsid,
         ca: inner_src,
     });
+    if recorded.is_some_and(|(pa, mac)| *pa == outer_src && inner.get(6..12) == Some(&mac[..])) {
+        return Ok(());
+    }
+    let routed = known.sources.iter().any(|(k, (pa, _))| {
+        k.ca == inner_src
+            && k.vsid != vsid
+            && known.same_domain(k.vsid, vsid)
+            && *pa == outer_src
+            && inner.get(6..12) == Some(&ROUTER_MAC[..])
+    });
     ensure!(
-        recorded.is_some_and(|(pa, mac)| *pa == outer_src && inner.get(6..12) == Some(&mac[..])),
+        routed,
         "delivered VSID {vsid} from {inner_src:?} via {outer_src:?}, its record says {recorded:?}"
     );
     Ok(())
@@ -250,6 +276,24 @@ struct Known {
     uplink_mac: [u8; 6],
     /// The provider addresses the datapath owns (answers ARP for).
     owned: Vec<[u8; 4]>,
+    /// Each routed VSID's domain, and each domain's gateways (with their subnet's VSID).
+    domains: HashMap<u32, u32>,
+    gateways: HashMap<(u32, [u8; 4]), u32>,
+}
+
+impl Known {
+    /// Whether `a` and `b` are VSIDs of one routing domain.
+    fn same_domain(&self, a: u32, b: u32) -> bool {
+        self.domains
+            .get(&a)
+            .is_some_and(|d| self.domains.get(&b) == Some(d))
+    }
+
+    /// A routed packet from a VM of `vsid` may reach (`to`, `ca`) only in its own domain,
+    /// and only a CA with a record there.
+    fn may_route(&self, vsid: u32, to: u32, ca: [u8; 4]) -> bool {
+        self.same_domain(vsid, to) && self.ports.contains_key(&LookupKey { vsid: to, ca })
+    }
 }
 
 impl Known {
@@ -265,6 +309,20 @@ impl Known {
                 .iter()
                 .filter(|(_, v)| v.is_owned())
                 .map(|(pa, _)| *pa)
+                .collect(),
+            domains: h
+                .desired
+                .routing
+                .vsids
+                .iter()
+                .map(|(v, r)| (*v, r.rdid))
+                .collect(),
+            gateways: h
+                .desired
+                .routing
+                .gateways
+                .iter()
+                .map(|(k, v)| ((k.rdid, k.addr), *v))
                 .collect(),
         })
     }
@@ -313,7 +371,7 @@ fn check_uplink(
     if ret == drop {
         return Ok(());
     }
-    let (records, sources) = (&known.ports, &known.sources);
+    let records = &known.ports;
     if hook == UPLINK_TC && ret == TC_ACT_REDIRECT && input.get(12..14) == Some(&[8, 6][..]) {
         return check_arp_answer(known, input, out, redirect);
     }
@@ -344,7 +402,7 @@ fn check_uplink(
             owner == Some(&port) && port != 0,
             "VSID {vsid} {dst:?} delivered to port {port}, its record says {owner:?}"
         );
-        return check_nvgre_source(sources, input, vsid, inner);
+        return check_nvgre_source(known, input, vsid, inner);
     }
     if hook == UPLINK_XDP
         && out.len() >= 28
@@ -375,7 +433,7 @@ fn check_uplink(
                 redirect == owner.map(into_vm),
                 "TC delivered VSID {vsid} {dst:?} as {redirect:?}, its record says port {owner:?}"
             );
-            check_nvgre_source(sources, input, vsid, inner)?;
+            check_nvgre_source(known, input, vsid, inner)?;
         } else {
             // A restored IP-rewrite packet: GREEN-1 is the only rewrite VM here.
             let (_, dst) =
@@ -462,17 +520,123 @@ fn check_nvgre_out(
     redirect: Option<RedirectTrace>,
 ) -> anyhow::Result<()> {
     let (key_vsid, inner) = nvgre_parts(out).ok_or_else(|| anyhow::anyhow!("bad NVGRE out"))?;
-    ensure!(
-        key_vsid == vsid,
-        "port of VSID {vsid} encapsulated into VSID {key_vsid}"
-    );
-    ensure!(inner == input, "inner frame differs from what the VM sent");
     let (_, dst) = ipv4(inner, 14).ok_or_else(|| anyhow::anyhow!("no inner IPv4"))?;
-    ensure!(
-        known.ports.contains_key(&LookupKey { vsid, ca: dst }),
-        "sent to {dst:?}, no CA of VSID {vsid}"
-    );
+    if inner == input {
+        ensure!(
+            key_vsid == vsid,
+            "port of VSID {vsid} encapsulated into VSID {key_vsid}"
+        );
+        ensure!(
+            known.ports.contains_key(&LookupKey { vsid, ca: dst }),
+            "sent to {dst:?}, no CA of VSID {vsid}"
+        );
+    } else {
+        check_routed(known, vsid, key_vsid, input, inner)?;
+    }
     ensure_to_uplink(known, redirect)
+}
+
+/// A frame the router forwarded (`out`, the customer's frame as it leaves) for what a VM of
+/// `vsid` sent (`input`): within the VM's domain, to a CA recorded in `to`, readdressed from
+/// the router to that CA's MAC, TTL one less, nothing else changed.
+fn check_routed(known: &Known, vsid: u32, to: u32, input: &[u8], out: &[u8]) -> anyhow::Result<()> {
+    let (_, dst) = ipv4(out, 14).ok_or_else(|| anyhow::anyhow!("no routed IPv4"))?;
+    ensure!(
+        input.get(0..6) == Some(&ROUTER_MAC[..]),
+        "changed a frame not sent to the router"
+    );
+    ensure!(
+        known.may_route(vsid, to, dst),
+        "routed from VSID {vsid} to VSID {to} {dst:?}"
+    );
+    let mac = known
+        .sources
+        .get(&LookupKey { vsid: to, ca: dst })
+        .map(|(_, mac)| *mac);
+    ensure!(
+        out.get(0..6) == mac.as_ref().map(|m| &m[..]) && out.get(6..12) == Some(&ROUTER_MAC[..]),
+        "routed frame's MACs {:02x?}",
+        out.get(0..12)
+    );
+    ensure!(
+        out.len() == input.len()
+            && out.get(12..22) == input.get(12..22)
+            && out.get(26..) == input.get(26..)
+            && out.get(22).copied() == input.get(22).map(|t| t.wrapping_sub(1)),
+        "routed frame differs beyond MACs, TTL and checksum"
+    );
+    Ok(())
+}
+
+/// An ARP reply back to the VM, about an address of its own VSID or its subnet's gateway.
+fn check_vm_arp(known: &Known, run: &VmRun) -> anyhow::Result<()> {
+    let VmRun {
+        port,
+        vsid,
+        mac,
+        out,
+        redirect,
+        ..
+    } = *run;
+    let records = &known.ports;
+    // An ARP reply back to the VM, about an address of its own VSID.
+    ensure!(
+        out.get(0..6) == Some(&mac[..]),
+        "ARP reply not addressed to the asking VM"
+    );
+    let spa: [u8; 4] = out
+        .get(28..32)
+        .ok_or_else(|| anyhow::anyhow!("short ARP"))?
+        .try_into()?;
+    let gateway = known
+        .domains
+        .get(&vsid)
+        .is_some_and(|d| known.gateways.get(&(*d, spa)) == Some(&vsid));
+    ensure!(
+        records.contains_key(&LookupKey { vsid, ca: spa })
+            || (gateway && out.get(22..28) == Some(&ROUTER_MAC[..])),
+        "ARP answered for {spa:?} outside VSID {vsid}"
+    );
+    ensure!(
+        redirect == Some(back_to(port)),
+        "ARP reply to port {port} redirected as {redirect:?}"
+    );
+    Ok(())
+}
+
+/// An echo reply from a gateway (`src`) of the VM's domain, back to the VM (`dst`).
+fn check_gateway_echo(
+    known: &Known,
+    run: &VmRun,
+    src: [u8; 4],
+    dst: [u8; 4],
+) -> anyhow::Result<()> {
+    let VmRun {
+        port,
+        vsid,
+        input,
+        out,
+        redirect,
+        ..
+    } = *run;
+    let domain = known.domains.get(&vsid);
+    ensure!(
+        domain.is_some_and(|d| known.gateways.contains_key(&(*d, src))),
+        "an answer from {src:?}, no gateway of VSID {vsid}'s domain"
+    );
+    ensure!(
+        out.get(23) == Some(&1) && out.get(34) == Some(&0),
+        "a gateway answered with something but an echo reply"
+    );
+    ensure!(
+        ipv4(input, 14).is_some_and(|(from, to)| from == dst && to == src),
+        "echo reply addresses {src:?} -> {dst:?}"
+    );
+    ensure!(
+        redirect == Some(back_to(port)),
+        "echo reply to port {port} redirected as {redirect:?}"
+    );
+    Ok(())
 }
 
 /// Checks a from-VM run on `port`, the port of (`vsid`, `mac`).
@@ -497,24 +661,7 @@ fn check_from_vm(known: &Known, run: &VmRun) -> anyhow::Result<()> {
         "a frame with another source MAC got through"
     );
     if out.get(12..14) == Some(&[0x08, 0x06]) {
-        // An ARP reply back to the VM, about an address of its own VSID.
-        ensure!(
-            out.get(0..6) == Some(&mac[..]),
-            "ARP reply not addressed to the asking VM"
-        );
-        let spa: [u8; 4] = out
-            .get(28..32)
-            .ok_or_else(|| anyhow::anyhow!("short ARP"))?
-            .try_into()?;
-        ensure!(
-            records.contains_key(&LookupKey { vsid, ca: spa }),
-            "ARP answered for {spa:?} outside VSID {vsid}"
-        );
-        ensure!(
-            redirect == Some(back_to(port)),
-            "ARP reply to port {port} redirected as {redirect:?}"
-        );
-        return Ok(());
+        return check_vm_arp(known, run);
     }
     // NVGRE grows the frame by exactly its 42 bytes (a rewritten frame keeps its size, even
     // when the customer's own protocol is GRE).
@@ -537,8 +684,11 @@ fn check_from_vm(known: &Known, run: &VmRun) -> anyhow::Result<()> {
             "ICMP answer {src:?} -> {dst:?} for {sent_from:?} -> {sent_to:?}"
         );
         ensure!(
-            records.contains_key(&LookupKey { vsid, ca: src }),
-            "ICMP answer from {src:?}, no CA of VSID {vsid}"
+            records.contains_key(&LookupKey { vsid, ca: src })
+                || records
+                    .keys()
+                    .any(|k| k.ca == src && known.may_route(vsid, k.vsid, src)),
+            "ICMP answer from {src:?}, no CA of VSID {vsid} or its domain"
         );
         ensure!(
             out.get(42..) == input.get(14..14 + 68),
@@ -549,6 +699,19 @@ fn check_from_vm(known: &Known, run: &VmRun) -> anyhow::Result<()> {
             "ICMP answer to port {port} redirected as {redirect:?}"
         );
         return Ok(());
+    }
+    // An echo reply from a gateway of the VM's domain, back to it.
+    if out.get(6..12) == Some(&ROUTER_MAC[..]) && out.get(0..6) == Some(&mac[..]) {
+        return check_gateway_echo(known, run, src, dst);
+    }
+    // Routed to a VM of this host.
+    if out != input && out.get(6..12) == Some(&ROUTER_MAC[..]) {
+        let to = records
+            .iter()
+            .find(|(k, p)| k.ca == dst && **p != 0 && redirect == Some(into_vm(**p)))
+            .map(|(k, _)| k.vsid)
+            .ok_or_else(|| anyhow::anyhow!("routed to {dst:?} as {redirect:?}, no VM there"))?;
+        return check_routed(known, vsid, to, input, out);
     }
     if out == input {
         let owner = records.get(&LookupKey { vsid, ca: dst }).copied();
@@ -612,6 +775,9 @@ pub struct Stats {
     pub delivered: u64,
     /// Passed to the host untouched.
     pub passed: u64,
+    /// Routed by the router, and answered by a gateway (ARP or echo).
+    pub routed: u64,
+    pub gateway_answers: u64,
 }
 
 /// Runs `frames` random and mutated frames from `seed` through every program.
@@ -623,6 +789,7 @@ pub fn run(frames: u64, seed: u64) -> anyhow::Result<Stats> {
 
 fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
     let mut h = host(true)?;
+    h.add_domains()?;
     let known = Known::of(&h)?;
     let ports = [
         (h.red1, RED, RED1_MAC),
@@ -716,5 +883,7 @@ fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
         );
         stats.dropped += dropped;
     }
+    stats.routed = h.counter("vm_routed")?;
+    stats.gateway_answers = h.counter("vm_gateway_replied")?;
     Ok(stats)
 }

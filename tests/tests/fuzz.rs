@@ -8,7 +8,9 @@ fn random_and_mutated_frames_never_escape_their_tenant() -> anyhow::Result<()> {
             && s.dropped > 1000
             && s.delivered > 1000
             && s.passed > 1000
-            && s.bounced > 100,
+            && s.bounced > 100
+            && s.routed > 100
+            && s.gateway_answers > 100,
         "{s:?}"
     );
     Ok(())

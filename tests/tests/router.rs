@@ -5,63 +5,13 @@
 //! the same prefixes. Expected headers are checked with etherparse.
 use anyhow::{Context as _, ensure};
 use etherparse::{Ipv4HeaderSlice, SlicedPacket, TransportSlice};
-use nv_agent::{model::RouteRecord, tables::routes};
-use nv_common::{
-    LookupKey, LookupValue,
-    program_names::{FROM_VM, UPLINK_TC, UPLINK_XDP},
-    routing::DEFAULT_ROUTER_MAC as ROUTER,
-    v4_mapped,
-};
+use nv_common::program_names::{FROM_VM, UPLINK_TC, UPLINK_XDP};
 use nv_tests::fixture::*;
-
-const RED_B: u32 = 7003;
-const BLUE_B: u32 = 8003;
-/// Only contoso has this subnet (VSID 7004, 10.2.0.7 remote).
-const RED_C: u32 = 7004;
-const CA_B: [u8; 4] = [10, 1, 0, 5];
-const CA_C: [u8; 4] = [10, 2, 0, 7];
-const RED_B_MAC: [u8; 6] = [2, 0, 0, 0, 7, 5];
-const BLUE_B_MAC: [u8; 6] = [2, 0, 0, 0, 8, 5];
-const RED_C_MAC: [u8; 6] = [2, 0, 0, 0, 7, 7];
-const GATEWAY_A: [u8; 4] = [10, 0, 0, 254];
-
-fn route(rdid: &str, vsid: u32, prefix: &str, gateway: Option<&str>) -> RouteRecord {
-    serde_json::from_value(serde_json::json!({
-        "rdid": rdid, "vsid": vsid, "prefix": prefix, "nexthop": "0.0.0.0",
-        "gateway": gateway,
-    }))
-    .expect("a route")
-}
 
 /// The fixture's host with contoso's and fabrikam's subnets and their remote VMs.
 fn routed_host() -> anyhow::Result<Host> {
     let mut h = host(true)?;
-    let rows = vec![
-        route("contoso", RED, "10.0.0.0/24", Some("10.0.0.254")),
-        route("contoso", RED_B, "10.1.0.0/24", None),
-        route("contoso", RED_C, "10.2.0.0/24", None),
-        route("fabrikam", BLUE, "10.0.0.0/24", Some("10.0.0.254")),
-        route("fabrikam", BLUE_B, "10.1.0.0/24", None),
-    ];
-    let index = routes::RouteIndex::from_rows(rows)?;
-    h.desired.routing = routes::entries(&index);
-    for (vsid, ca, mac) in [
-        (RED_B, CA_B, RED_B_MAC),
-        (BLUE_B, CA_B, BLUE_B_MAC),
-        (RED_C, CA_C, RED_C_MAC),
-    ] {
-        h.desired.lookups.insert(
-            LookupKey { vsid, ca },
-            LookupValue {
-                pa: v4_mapped(REMOTE_PA),
-                mac,
-                method: 0,
-                _pad: 0,
-                ifindex: 0,
-            },
-        );
-    }
-    h.dp.sync(&h.desired)?;
+    h.add_domains()?;
     Ok(h)
 }
 
@@ -82,7 +32,7 @@ fn a_vm_is_routed_within_its_domain_only() -> anyhow::Result<()> {
         ("RED-1", RED1_MAC, h.red1, RED_B, RED_B_MAC),
         ("BLUE-1", BLUE1_MAC, h.blue1, BLUE_B, BLUE_B_MAC),
     ] {
-        let frame = udp_frame(mac, ROUTER, CA1, CA_B, b"routed");
+        let frame = udp_frame(mac, ROUTER_MAC, CA1, CA_B, b"routed");
         let out = h.expect(FROM_VM, &frame, Some(port), TC_ACT_REDIRECT, "vm_routed")?;
         let key = u32::from_be_bytes(out[38..42].try_into()?);
         ensure!(
@@ -92,7 +42,7 @@ fn a_vm_is_routed_within_its_domain_only() -> anyhow::Result<()> {
         // The inner frame: from the router to the destination, TTL 63, checksum valid.
         let inner = &out[42..];
         ensure!(
-            inner[..6] == peer_mac && inner[6..12] == ROUTER,
+            inner[..6] == peer_mac && inner[6..12] == ROUTER_MAC,
             "{from}: inner MACs {:02x?}",
             &inner[..12]
         );
@@ -104,7 +54,7 @@ fn a_vm_is_routed_within_its_domain_only() -> anyhow::Result<()> {
         );
     }
     // TTL 1 expires; no route is a drop; a VSID of no domain is not routed at all.
-    let frame = udp_frame(RED1_MAC, ROUTER, CA1, CA_B, b"x");
+    let frame = udp_frame(RED1_MAC, ROUTER_MAC, CA1, CA_B, b"x");
     h.expect(
         FROM_VM,
         &with_ttl(frame.clone(), 1),
@@ -119,7 +69,7 @@ fn a_vm_is_routed_within_its_domain_only() -> anyhow::Result<()> {
         TC_ACT_REDIRECT,
         "vm_routed",
     )?;
-    let nowhere = udp_frame(RED1_MAC, ROUTER, CA1, [10, 9, 9, 9], b"x");
+    let nowhere = udp_frame(RED1_MAC, ROUTER_MAC, CA1, [10, 9, 9, 9], b"x");
     h.expect(
         FROM_VM,
         &nowhere,
@@ -128,7 +78,7 @@ fn a_vm_is_routed_within_its_domain_only() -> anyhow::Result<()> {
         "drop_vm_no_route",
     )?;
     // fabrikam has no 10.2.0.0/24: contoso's subnet stays out of its reach.
-    let other = udp_frame(BLUE1_MAC, ROUTER, CA1, CA_C, b"x");
+    let other = udp_frame(BLUE1_MAC, ROUTER_MAC, CA1, CA_C, b"x");
     h.expect(
         FROM_VM,
         &other,
@@ -136,7 +86,7 @@ fn a_vm_is_routed_within_its_domain_only() -> anyhow::Result<()> {
         TC_ACT_SHOT,
         "drop_vm_no_route",
     )?;
-    let green = udp_frame(GREEN1_MAC, ROUTER, CA1, CA_B, b"x");
+    let green = udp_frame(GREEN1_MAC, ROUTER_MAC, CA1, CA_B, b"x");
     h.expect(
         FROM_VM,
         &green,
@@ -159,7 +109,7 @@ fn gateways_answer_arp_in_their_subnet_and_echo_in_their_domain() -> anyhow::Res
         "vm_gateway_replied",
     )?;
     ensure!(
-        out[..6] == RED1_MAC && out[6..12] == ROUTER && out[22..28] == ROUTER,
+        out[..6] == RED1_MAC && out[6..12] == ROUTER_MAC && out[22..28] == ROUTER_MAC,
         "ARP reply {out:02x?}"
     );
     // The gateway of another subnet is not on this one's link.
@@ -167,7 +117,7 @@ fn gateways_answer_arp_in_their_subnet_and_echo_in_their_domain() -> anyhow::Res
     h.expect(FROM_VM, &far, Some(h.red1), TC_ACT_SHOT, "drop_vm_arp")?;
     // Echo to either gateway of the domain comes back from it, checksums valid.
     for gateway in [GATEWAY_A, [10, 1, 0, 1]] {
-        let b = etherparse::PacketBuilder::ethernet2(RED1_MAC, ROUTER)
+        let b = etherparse::PacketBuilder::ethernet2(RED1_MAC, ROUTER_MAC)
             .ipv4(CA1, gateway, 64)
             .icmpv4_echo_request(7, 1);
         let mut frame = Vec::new();
@@ -233,7 +183,7 @@ fn a_routed_source_is_taken_only_from_a_subnet_of_the_same_domain() -> anyhow::R
         // RED-B to RED-1, routed by RED-B's host: from the router's MAC, in RED's VSID.
         h.expect(
             program,
-            &from(ROUTER, CA_B, RED),
+            &from(ROUTER_MAC, CA_B, RED),
             None,
             pass,
             "uplink_decap",
@@ -249,7 +199,7 @@ fn a_routed_source_is_taken_only_from_a_subnet_of_the_same_domain() -> anyhow::R
         // Under BLUE's VSID, contoso's 10.2.0.7 is no source: fabrikam has no such subnet.
         h.expect(
             program,
-            &from(ROUTER, CA_C, BLUE),
+            &from(ROUTER_MAC, CA_C, BLUE),
             None,
             drop,
             "drop_uplink_spoofed_pa",
