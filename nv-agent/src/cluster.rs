@@ -27,8 +27,15 @@ use crate::{
     tables::{
         Change,
         lookups::{ETCD_PREFIX, local_view, parse_etcd_key},
+        routes,
     },
 };
+
+/// Whether `key` is a row of a table etcd shares (lookup records, routes); the hosts' own
+/// keys are not.
+fn table_key(key: &[u8]) -> bool {
+    key.starts_with(ETCD_PREFIX.as_bytes()) || key.starts_with(routes::ETCD_PREFIX.as_bytes())
+}
 
 /// Everything nv keeps in etcd, watched by every agent.
 const WATCHED: &str = "/nv/v1/";
@@ -295,14 +302,17 @@ async fn hand_over(
         .map_err(|_| NvError::cluster("the batch was dropped unapplied"))?
 }
 
-/// Every key under [`ETCD_PREFIX`] at one revision.
+/// Every row of the shared tables at one revision.
 async fn snapshot(client: &mut Client) -> Result<(i64, Vec<Update>)> {
-    let (revision, kvs) = crate::etcd_writer::read_prefix(client, ETCD_PREFIX)
+    let (revision, kvs) = crate::etcd_writer::read_prefix(client, WATCHED)
         .await
         .map_err(|e| etcd_err("read the records from etcd", e))?;
     Ok((
         revision,
-        kvs.into_iter().map(|(k, v)| (k, Some(v))).collect(),
+        kvs.into_iter()
+            .filter(|(k, _)| table_key(k))
+            .map(|(k, v)| (k, Some(v)))
+            .collect(),
     ))
 }
 
@@ -414,7 +424,7 @@ async fn session(
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
                 revision = revision.max(kv.mod_revision());
-                if !kv.key().starts_with(ETCD_PREFIX.as_bytes()) {
+                if !table_key(kv.key()) {
                     fenced |= kv.key() == fence_key.as_bytes() && kv.mod_revision() >= fence;
                     continue;
                 }
@@ -453,36 +463,87 @@ async fn resync(batches: &tokio::sync::mpsc::Sender<Batch>, client: &mut Client)
 /// index of its update), and the updates left out already (index, why). A value that does not
 /// parse takes its key's record away: it is not what etcd says any more.
 pub fn changes_of(updates: &[Update], me: &str) -> (Vec<usize>, Vec<Change>, Vec<(usize, String)>) {
-    use crate::tables::Change;
     let mut from = Vec::with_capacity(updates.len());
     let mut changes = Vec::with_capacity(updates.len());
     let mut left_out = Vec::new();
     for (i, (k, v)) in updates.iter().enumerate() {
-        let Some((vsid, ca)) = parse_etcd_key(k) else {
-            left_out.push((i, "not a lookup record's key".to_owned()));
-            continue;
+        let change = if k.starts_with(routes::ETCD_PREFIX.as_bytes()) {
+            route_change(k, v.as_deref())
+        } else {
+            lookup_change(k, v.as_deref(), me)
         };
-        let change = match v {
-            None => Change::DelLookup { vsid, ca },
-            Some(v) => match serde_json::from_slice::<LookupRecord>(v) {
-                Ok(r) if r.key() == (vsid, ca) => Change::PutLookup {
-                    record: local_view(&r, me),
-                },
-                Ok(r) => {
-                    left_out.push((
-                        i,
-                        format!("its value is the record of VSID {} CA {}", r.vsid, r.ca),
-                    ));
-                    Change::DelLookup { vsid, ca }
-                }
-                Err(e) => {
-                    left_out.push((i, format!("does not parse: {e}")));
-                    Change::DelLookup { vsid, ca }
-                }
-            },
-        };
-        from.push(i);
-        changes.push(change);
+        match change {
+            Meaning::Row(c) => {
+                from.push(i);
+                changes.push(c);
+            }
+            Meaning::LeftOut(why, None) => left_out.push((i, why)),
+            Meaning::LeftOut(why, Some(c)) => {
+                left_out.push((i, why));
+                from.push(i);
+                changes.push(c);
+            }
+        }
     }
+    // Records, then subnets, then the routes through them: a set checked one by one in that
+    // order keeps what a set written in any order keeps.
+    let rank = |c: &Change| match c {
+        Change::PutRoute { route } if route.on_link() => 1,
+        c if c.is_route() => 2,
+        _ => 0,
+    };
+    let mut order: Vec<usize> = (0..changes.len()).collect();
+    order.sort_by_key(|&j| rank(&changes[j]));
+    let from = order.iter().map(|&j| from[j]).collect();
+    let mut slots: Vec<Option<Change>> = changes.into_iter().map(Some).collect();
+    let changes = order.iter().filter_map(|&j| slots[j].take()).collect();
     (from, changes, left_out)
+}
+
+/// What one of etcd's keys means here: a change of its row, or a key left out (why, and what
+/// that does to the row it names: `None`, it names none).
+enum Meaning {
+    Row(Change),
+    LeftOut(String, Option<Change>),
+}
+
+/// A lookup record's key: its record, as this host applies it. A value that does not parse
+/// takes its key's record away: it is not what etcd says any more.
+fn lookup_change(k: &[u8], v: Option<&[u8]>, me: &str) -> Meaning {
+    let Some((vsid, ca)) = parse_etcd_key(k) else {
+        return Meaning::LeftOut("not a lookup record's key".to_owned(), None);
+    };
+    let gone = Change::DelLookup { vsid, ca };
+    let Some(v) = v else {
+        return Meaning::Row(gone);
+    };
+    match serde_json::from_slice::<LookupRecord>(v) {
+        Ok(r) if r.key() == (vsid, ca) => Meaning::Row(Change::PutLookup {
+            record: local_view(&r, me),
+        }),
+        Ok(r) => Meaning::LeftOut(
+            format!("its value is the record of VSID {} CA {}", r.vsid, r.ca),
+            Some(gone),
+        ),
+        Err(e) => Meaning::LeftOut(format!("does not parse: {e}"), Some(gone)),
+    }
+}
+
+/// A route's key: its route.
+fn route_change(k: &[u8], v: Option<&[u8]>) -> Meaning {
+    let Some(key) = routes::parse_etcd_key(k) else {
+        return Meaning::LeftOut("not a route's key".to_owned(), None);
+    };
+    let gone = Change::del_route(key.clone());
+    let Some(v) = v else {
+        return Meaning::Row(gone);
+    };
+    match serde_json::from_slice::<crate::model::RouteRecord>(v) {
+        Ok(r) if r.key() == key => Meaning::Row(Change::PutRoute { route: r }),
+        Ok(r) => Meaning::LeftOut(
+            format!("its value is the route {}", routes::show(&r)),
+            Some(gone),
+        ),
+        Err(e) => Meaning::LeftOut(format!("does not parse: {e}"), Some(gone)),
+    }
 }

@@ -7,8 +7,8 @@ use std::net::IpAddr;
 use crate::{
     error::{EtcdSource, NvError, Result, invalid},
     etcd_writer::{EtcdError, EtcdWriter, Expect, KeyWrite},
-    model::LookupRecord,
-    tables::lookups::etcd_key,
+    model::{LookupRecord, RouteKey, RouteRecord},
+    tables::{lookups::etcd_key, routes},
 };
 
 /// How a writer's refusals read, and what the writer's host does meanwhile.
@@ -75,6 +75,48 @@ impl EtcdRecords<'_> {
             value: None,
         };
         self.write(&[write], &format!("VSID {vsid} CA {ca}")).await
+    }
+
+    /// New routes, every key absent, all in one transaction or none.
+    pub async fn create_routes(&self, routes: &[RouteRecord]) -> Result<i64> {
+        let writes = routes
+            .iter()
+            .map(|r| {
+                Ok(KeyWrite {
+                    key: routes::etcd_key(&r.key()),
+                    expect: Expect::Absent,
+                    value: Some(
+                        serde_json::to_vec(r)
+                            .map_err(|e| invalid(format!("cannot encode the route: {e}")))?,
+                    ),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let what = match routes {
+            [r] => format!("route {}", routes::show(r)),
+            _ => "a route of the import".to_owned(),
+        };
+        self.write(&writes, &what).await
+    }
+
+    /// The routes of `keys` removed, each as etcd holds it now, in one transaction.
+    pub async fn remove_routes(&self, keys: &[RouteKey]) -> Result<i64> {
+        let mut writes = Vec::with_capacity(keys.len());
+        for key in keys {
+            let k = routes::etcd_key(key);
+            let held = self
+                .writer
+                .get(&k)
+                .await
+                .map_err(|e| self.refused(e, &k))?
+                .ok_or_else(|| NvError::NotFound(format!("no route {}", routes::show_key(key))))?;
+            writes.push(KeyWrite {
+                key: k,
+                expect: Expect::At(held.mod_revision),
+                value: None,
+            });
+        }
+        self.write(&writes, "a route").await
     }
 
     async fn write(&self, writes: &[KeyWrite], what: &str) -> Result<i64> {

@@ -496,6 +496,7 @@ fn a_cluster_trusts_no_single_host() -> anyhow::Result<()> {
     }
 
     the_operator_adds_moves_and_deletes(&bed)?;
+    routes_reach_every_hosts_router(&bed, &etcd)?;
     a_host_identity_cannot_change_a_record(&bed, &etcd)?;
     clients_etcd_does_not_know_are_refused(&bed, &etcd)?;
     // The operator's listing (positive control) shows RED and BLUE's records, unchanged.
@@ -503,6 +504,72 @@ fn a_cluster_trusts_no_single_host() -> anyhow::Result<()> {
     ensure!(
         listed.as_array().map(Vec::len) == Some(bed.vms.len()),
         "the operator lists {listed}"
+    );
+    Ok(())
+}
+
+/// Routes are a table etcd shares: the operator's route reaches every host's router (the
+/// gateway answers on each), a host's identity cannot write one, and its deletion reaches all.
+fn routes_reach_every_hosts_router(bed: &TwoHosts, etcd: &Etcd) -> anyhow::Result<()> {
+    let routes = |h: &Host| -> anyhow::Result<u64> {
+        h.nvctl_json(&["status"])?["routes"]
+            .as_u64()
+            .context("status names its routes")
+    };
+    let subnet = [
+        "route",
+        "add",
+        "--rdid",
+        "contoso",
+        "--vsid",
+        "5001",
+        "--prefix",
+        "10.0.0.0/24",
+        "--nexthop",
+        "0.0.0.0",
+        "--gateway",
+        "10.0.0.254",
+    ];
+    // Through the agent, a host's identity is refused in one line saying what to do.
+    let (ok, err) = nvctl_as(&bed.hosts[0], &[], &subnet)?;
+    ensure!(
+        !ok && err.lines().count() == 1 && err.contains("to this host's identity"),
+        "a route through host 1's agent: {ok} {err}"
+    );
+    let route = r#"{"rdid":"contoso","vsid":5001,"prefix":"10.0.0.0/24","nexthop":"0.0.0.0"}"#;
+    let e = etcd
+        .ctl_as(
+            Some("host1"),
+            &["put", "/nv/v1/routes/contoso/10.0.0.0_24/0.0.0.0", route],
+        )
+        .expect_err("etcd lets host 1 write a route");
+    ensure!(e.to_string().contains("permission denied"), "{e}");
+    // The operator's, from host 3.
+    bed.hosts[2].nvctl(&subnet)?;
+    converge(bed, "the operator's route", |_, h| Ok(routes(h)? == 1))?;
+    for vm in ["RED-1", "RED-2"] {
+        ensure!(
+            bed.ping(vm, "10.0.0.254", 2)? == 2,
+            "{vm} -> its gateway, answered by its own host"
+        );
+    }
+    let listed = bed.hosts[0].nvctl_json(&["route", "list"])?;
+    ensure!(
+        listed.as_array().map(Vec::len) == Some(1),
+        "the operator lists {listed}"
+    );
+    bed.hosts[2].nvctl(&[
+        "route",
+        "del",
+        "--rdid",
+        "contoso",
+        "--prefix",
+        "10.0.0.0/24",
+    ])?;
+    converge(bed, "the route's deletion", |_, h| Ok(routes(h)? == 0))?;
+    ensure!(
+        bed.ping("RED-1", "10.0.0.254", 1)? == 0,
+        "the gateway answers after its subnet went"
     );
     Ok(())
 }

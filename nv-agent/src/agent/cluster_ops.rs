@@ -57,17 +57,20 @@ impl Agent {
         let (from, changes, mut left_out) = cluster::changes_of(&updates, &cluster.host);
         catalog.reserve(changes.len());
         for (j, change) in changes.into_iter().enumerate() {
-            let Change::PutLookup { record } = change else {
-                continue;
+            let refused = match change {
+                Change::PutLookup { record } => port_refusal(&record, uplink)
+                    .map(invalid)
+                    .map_or_else(|| admit_watched(catalog, &record), Err)
+                    .map(|()| {
+                        catalog.insert(record);
+                    }),
+                Change::PutRoute { route } => catalog.check_route(&route).map(|()| {
+                    catalog.routes_mut().insert(route);
+                }),
+                _ => Ok(()),
             };
-            let refused = port_refusal(&record, uplink)
-                .map(invalid)
-                .map_or_else(|| admit_watched(catalog, &record), Err);
-            match refused {
-                Ok(()) => {
-                    catalog.insert(record);
-                }
-                Err(e) => left_out.push((from[j], e.to_string())),
+            if let Err(e) = refused {
+                left_out.push((from[j], e.to_string()));
             }
         }
         for (i, why) in &left_out {
@@ -100,6 +103,15 @@ impl Agent {
                         vsid: r.vsid,
                         ca: r.ca,
                     });
+                }
+            }
+            let keep: std::collections::HashSet<crate::model::RouteKey> = updates
+                .iter()
+                .filter_map(|(k, _)| crate::tables::routes::parse_etcd_key(k))
+                .collect();
+            for r in self.tables.catalog.routes().list(None) {
+                if !keep.contains(&r.key()) {
+                    changes.push(Change::del_route(r.key()));
                 }
             }
         }
@@ -202,6 +214,7 @@ impl Agent {
         let (_, cached) = self.store.cluster_cache()?;
         let mut out: Vec<LookupRecord> = cached
             .iter()
+            .filter(|(k, _)| k.starts_with(crate::tables::lookups::ETCD_PREFIX.as_bytes()))
             .filter_map(|(_, v)| serde_json::from_slice::<LookupRecord>(v).ok())
             .filter(|r| vsid.is_none_or(|v| r.vsid == v))
             .collect();

@@ -5,7 +5,10 @@
 //! a host's own ports and provider addresses stay with that host, which leaves a bad record
 //! out and reports it. It is written through the etcd writer as a compare-and-write
 //! ([`crate::etcd_records`]); when an agent runs here, nvctl answers once it has applied it.
-use std::{net::IpAddr, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 
@@ -13,13 +16,19 @@ use super::{args::EtcdArgs, client::Client};
 use crate::{
     api::types::{ClusterStatus, MoveRequest},
     catalog::Catalog,
-    control::admit::{Proposal, View, admit, admit_watched},
+    control::{
+        admit::{Proposal, View, admit, admit_watched},
+        routes::{admit_add, admit_del},
+    },
     error::{invalid, one_line},
     etcd_access::{self, EtcdAccess, TlsFiles},
     etcd_records::EtcdRecords,
     etcd_writer::EtcdWriter,
-    model::LookupRecord,
-    tables::lookups::{ETCD_PREFIX, etcd_key, local_view, parse_etcd_key, placed},
+    model::{LookupRecord, Rdid, RouteKey, RouteRecord, Subnet},
+    tables::{
+        lookups::{ETCD_PREFIX, etcd_key, local_view, parse_etcd_key, placed},
+        routes::{self, RouteIndex},
+    },
 };
 
 /// The host the operator's view is of: none (no host's name is empty), so records are seen
@@ -144,7 +153,7 @@ impl<'a> Operator<'a> {
             .create(&admitted.records)
             .await
             .map_err(|e| self.said(&e))?;
-        self.applied_here(here.as_ref(), revision, &admitted.records)
+        self.applied_here(here.as_ref(), revision, &record_keys(&admitted.records))
             .await?;
         Ok(admitted.records)
     }
@@ -169,7 +178,7 @@ impl<'a> Operator<'a> {
             .replace(&admitted.records[0], at)
             .await
             .map_err(|e| self.said(&e))?;
-        self.applied_here(here.as_ref(), revision, &admitted.records)
+        self.applied_here(here.as_ref(), revision, &record_keys(&admitted.records))
             .await?;
         Ok(admitted.records.remove(0))
     }
@@ -226,13 +235,81 @@ impl<'a> Operator<'a> {
         Ok(placed(r, here.map_or(NO_HOST, |c| c.host.as_str()))?)
     }
 
-    /// Waits until the agent here has applied `revision` (when one runs); a record it left
-    /// out is an error that says why.
+    /// Every route etcd holds that parses, and how many keys under the routes are none.
+    pub async fn held_routes(&self) -> anyhow::Result<(Vec<RouteRecord>, usize)> {
+        let (_, kvs) = self
+            .writer
+            .range(routes::ETCD_PREFIX)
+            .await
+            .map_err(|e| self.said(&e).context("cannot read the routes from etcd"))?;
+        let mut held = Vec::with_capacity(kvs.len());
+        let mut bad = 0;
+        for (k, v) in kvs {
+            let parsed = routes::parse_etcd_key(&k).and_then(|key| {
+                serde_json::from_slice::<RouteRecord>(&v)
+                    .ok()
+                    .filter(|r| r.key() == key)
+            });
+            match parsed {
+                Some(r) => held.push(r),
+                None => bad += 1,
+            }
+        }
+        Ok((held, bad))
+    }
+
+    /// Adds routes, all or none, admitted against the routes and records etcd holds.
+    pub async fn add_routes(&self, new: Vec<RouteRecord>) -> anyhow::Result<usize> {
+        let here = self.here().await;
+        let mut catalog = self.catalog().await?;
+        let (held, _) = self.held_routes().await?;
+        *catalog.routes_mut() = RouteIndex::lenient(held);
+        let admitted = admit_add(&catalog, new)?;
+        let revision = self
+            .records()
+            .create_routes(&admitted)
+            .await
+            .map_err(|e| self.said(&e))?;
+        let keys: Vec<(String, String)> = admitted
+            .iter()
+            .map(|r| {
+                (
+                    routes::etcd_key(&r.key()),
+                    format!("route {}", routes::show(r)),
+                )
+            })
+            .collect();
+        self.applied_here(here.as_ref(), revision, &keys).await?;
+        Ok(admitted.len())
+    }
+
+    /// Takes away the routes of `rdid` to `prefix` (through `nexthop` only, if given).
+    pub async fn delete_routes(
+        &self,
+        rdid: &Rdid,
+        prefix: Subnet,
+        nexthop: Option<Ipv4Addr>,
+    ) -> anyhow::Result<Vec<RouteRecord>> {
+        let here = self.here().await;
+        let (held, _) = self.held_routes().await?;
+        let gone = admit_del(&RouteIndex::lenient(held), rdid, prefix, nexthop)?;
+        let keys: Vec<RouteKey> = gone.iter().map(RouteRecord::key).collect();
+        let revision = self
+            .records()
+            .remove_routes(&keys)
+            .await
+            .map_err(|e| self.said(&e))?;
+        self.applied_here(here.as_ref(), revision, &[]).await?;
+        Ok(gone)
+    }
+
+    /// Waits until the agent here has applied `revision` (when one runs); a row it left out
+    /// (`keys`: each etcd key, and the row as an error names it) is an error that says why.
     async fn applied_here(
         &self,
         here: Option<&ClusterStatus>,
         revision: i64,
-        records: &[LookupRecord],
+        keys: &[(String, String)],
     ) -> anyhow::Result<()> {
         let Some(here) = here else { return Ok(()) };
         let started = std::time::Instant::now();
@@ -258,19 +335,32 @@ impl<'a> Operator<'a> {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        for r in records {
-            let key = format!("{}: ", etcd_key(r.vsid, r.ca));
+        for (key, row) in keys {
+            let key = format!("{key}: ");
             if let Some(why) = cluster.bad.iter().find_map(|b| b.strip_prefix(&key)) {
                 return Err(invalid(format!(
-                    "written to etcd at revision {revision}, but host {} leaves VSID {} CA {} \
-                     out: {why}",
-                    cluster.host, r.vsid, r.ca
+                    "written to etcd at revision {revision}, but host {} leaves {row} out: \
+                     {why}",
+                    cluster.host
                 ))
                 .into());
             }
         }
         Ok(())
     }
+}
+
+/// Lookup records' etcd keys, with the records as errors name them.
+fn record_keys(records: &[LookupRecord]) -> Vec<(String, String)> {
+    records
+        .iter()
+        .map(|r| {
+            (
+                etcd_key(r.vsid, r.ca),
+                format!("VSID {} CA {}", r.vsid, r.ca),
+            )
+        })
+        .collect()
 }
 
 /// What the operator admits against: etcd's records as no host sees them, with room for all

@@ -127,6 +127,27 @@ pub fn entries(index: &RouteIndex) -> RouteEntries {
     e
 }
 
+/// The route key of an etcd key under [`ETCD_PREFIX`] (`RDID/ADDR_LEN/NEXTHOP`).
+pub fn parse_etcd_key(key: &[u8]) -> Option<RouteKey> {
+    let rest = std::str::from_utf8(key).ok()?.strip_prefix(ETCD_PREFIX)?;
+    let mut parts = rest.split('/');
+    let (rdid, prefix, nexthop) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let prefix: Subnet = prefix.replacen('_', "/", 1).parse().ok()?;
+    let rdid: Rdid = rdid.parse().ok()?;
+    // A key names its domain as it is kept: lowercased.
+    (rdid.as_str() == rest.split('/').next()?).then_some(())?;
+    Some((rdid, prefix, nexthop.parse().ok()?))
+}
+
+/// Subnets before the routes that lead through them: the order in which a set of routes can
+/// be checked one by one, whatever order it came in.
+pub fn on_link_first(routes: &mut [RouteRecord]) {
+    routes.sort_by_key(|r| !r.on_link());
+}
+
 /// Every route, with what the rules between them look up.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RouteIndex {
@@ -145,7 +166,7 @@ impl RouteIndex {
     /// The index of stored routes, whose order is the store's: subnets are put in first,
     /// so that a next hop's subnet is there when its route is checked.
     pub fn from_rows(mut rows: Vec<RouteRecord>) -> Result<RouteIndex> {
-        rows.sort_by_key(|r| !r.on_link());
+        on_link_first(&mut rows);
         let mut index = RouteIndex::default();
         for r in rows {
             r.validate()
@@ -154,6 +175,19 @@ impl RouteIndex {
             index.insert(r);
         }
         Ok(index)
+    }
+
+    /// The index of the routes that keep the rules, each checked as the watch checks it
+    /// (subnets first); the rest left out.
+    pub fn lenient(mut rows: Vec<RouteRecord>) -> RouteIndex {
+        on_link_first(&mut rows);
+        let mut index = RouteIndex::default();
+        for r in rows {
+            if r.validate().is_ok() && index.check_put(&r, &|_, _| None).is_ok() {
+                index.insert(r);
+            }
+        }
+        index
     }
 
     pub fn len(&self) -> usize {
@@ -476,6 +510,23 @@ mod tests {
             .len(),
             1
         );
+    }
+
+    #[test]
+    fn etcd_keys_round_trip() {
+        let r = route("contoso", 5001, "10.1.0.0/24", "0.0.0.0", 0);
+        let key = etcd_key(&r.key());
+        assert_eq!(key, "/nv/v1/routes/contoso/10.1.0.0_24/0.0.0.0");
+        assert_eq!(parse_etcd_key(key.as_bytes()), Some(r.key()));
+        for bad in [
+            "/nv/v1/routes/Contoso/10.1.0.0_24/0.0.0.0",
+            "/nv/v1/routes/contoso/10.1.0.1_24/0.0.0.0",
+            "/nv/v1/routes/contoso/10.1.0.0_24",
+            "/nv/v1/routes/contoso/10.1.0.0_24/0.0.0.0/x",
+            "/nv/v1/lookups/5001/10.0.0.1",
+        ] {
+            assert_eq!(parse_etcd_key(bad.as_bytes()), None, "{bad}");
+        }
     }
 
     #[test]
