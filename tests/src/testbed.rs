@@ -701,10 +701,22 @@ impl TwoHosts {
 
     /// Pings `dst` from a VM: `count` echo requests, 0.2 s apart, 1 s wait; returns replies.
     pub fn ping(&self, from: &str, dst: &str, count: u32) -> anyhow::Result<u32> {
-        let out = self.vm(from).ns.exec_output(
-            "ping",
-            &["-c", &count.to_string(), "-i", "0.2", "-W", "1", "-q", dst],
-        )?;
+        self.ping_with(from, dst, count, &[])
+    }
+
+    /// As [`TwoHosts::ping`], with more of ping's options (`-p PATTERN`, `-t TTL`).
+    pub fn ping_with(
+        &self,
+        from: &str,
+        dst: &str,
+        count: u32,
+        options: &[&str],
+    ) -> anyhow::Result<u32> {
+        let count = count.to_string();
+        let mut args = vec!["-c", &count, "-i", "0.2", "-W", "1", "-q"];
+        args.extend_from_slice(options);
+        args.push(dst);
+        let out = self.vm(from).ns.exec_output("ping", &args)?;
         let text = String::from_utf8_lossy(&out.stdout);
         let received = text
             .split(',')

@@ -259,31 +259,10 @@ fn routed_bed(tag: &str, hook: &str) -> anyhow::Result<TwoHosts> {
     Ok(bed)
 }
 
-/// Pings `dst` from `vm` `count` times with payload `pattern` (two hex digits); the replies.
+/// Pings `dst` from `vm` 3 times with payload `pattern` (two hex digits) and `ttl`; the
+/// replies.
 fn ping_with(bed: &TwoHosts, vm: &str, dst: &str, pattern: &str, ttl: u8) -> anyhow::Result<u32> {
-    let out = bed.vm(vm).ns.exec_output(
-        "ping",
-        &[
-            "-c",
-            "3",
-            "-i",
-            "0.2",
-            "-W",
-            "1",
-            "-q",
-            "-p",
-            pattern,
-            "-t",
-            &ttl.to_string(),
-            dst,
-        ],
-    )?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let received = text
-        .split(',')
-        .find_map(|p| p.trim().strip_suffix(" received").map(str::to_owned))
-        .with_context(|| format!("unexpected ping output: {text}"))?;
-    Ok(received.trim().parse()?)
+    bed.ping_with(vm, dst, 3, &["-p", pattern, "-t", &ttl.to_string()])
 }
 
 /// Frames a capture of `vm`'s eth0 saw whose payload carries `pattern` 8 times in a row.
