@@ -149,6 +149,11 @@ pub enum Counter {
     /// From a VM, to the router's MAC: a routed packet whose destination's record uses IP
     /// rewrite (routing crosses by NVGRE today).
     DropVmRoutedRewrite,
+    /// From a VM, to the router's MAC: answered by the router with ICMP time exceeded (TTL
+    /// expired) or destination unreachable (no route, or no record at its end), from the
+    /// gateway of the VM's subnet. Unanswered ones (an error about an error, the port's
+    /// budget spent) count under their drop reason.
+    VmIcmpFromRouter,
     /// Only in the layout-probe build (a counter this version does not have).
     #[cfg(feature = "layout-probe")]
     LayoutProbe,
@@ -156,7 +161,7 @@ pub enum Counter {
 
 impl Counter {
     #[cfg(not(feature = "layout-probe"))]
-    pub const COUNT: u32 = Counter::DropVmRoutedRewrite as u32 + 1;
+    pub const COUNT: u32 = Counter::VmIcmpFromRouter as u32 + 1;
     #[cfg(feature = "layout-probe")]
     pub const COUNT: u32 = Counter::LayoutProbe as u32 + 1;
     /// Entries of the counter map: room for counters yet to come, so a new one does not
@@ -220,6 +225,7 @@ impl Counter {
         Counter::DropVmNoRoute,
         Counter::DropVmTtlExceeded,
         Counter::DropVmRoutedRewrite,
+        Counter::VmIcmpFromRouter,
         #[cfg(feature = "layout-probe")]
         Counter::LayoutProbe,
     ];
@@ -284,6 +290,7 @@ impl Counter {
             Counter::DropVmNoRoute => "drop_vm_no_route",
             Counter::DropVmTtlExceeded => "drop_vm_ttl_exceeded",
             Counter::DropVmRoutedRewrite => "drop_vm_routed_rewrite",
+            Counter::VmIcmpFromRouter => "vm_icmp_from_router",
             #[cfg(feature = "layout-probe")]
             Counter::LayoutProbe => "layout_probe",
         }

@@ -39,12 +39,14 @@ impl RouteKey {
 }
 
 /// Value of the route trie: the prefix lives in `vsid`, on-link (`nexthop` 0.0.0.0) or
-/// behind the VM at `nexthop`.
+/// behind the VM at `nexthop`. An on-link route's `gateway` is its subnet's router address,
+/// the source of the router's ICMP errors to the subnet's VMs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RouteHop {
     pub vsid: u32,
     pub nexthop: V4,
+    pub gateway: V4,
 }
 
 impl RouteHop {
@@ -81,7 +83,7 @@ pub const fn domain_id(rdid: &[u8]) -> u32 {
 const _: () = {
     assert!(core::mem::size_of::<VsidRouting>() == 4);
     assert!(core::mem::size_of::<RouteKey>() == 8);
-    assert!(core::mem::size_of::<RouteHop>() == 8);
+    assert!(core::mem::size_of::<RouteHop>() == 12);
     assert!(core::mem::size_of::<GatewayKey>() == 8);
 };
 

@@ -113,19 +113,41 @@ fn forward_ipv4(
                 return router::echo(ctx, port);
             }
             if ip.ttl <= 1 {
-                return Err(Counter::DropVmTtlExceeded);
+                return router::icmp_error(
+                    ctx,
+                    port,
+                    rdid,
+                    router::TIME_EXCEEDED,
+                    Counter::DropVmTtlExceeded,
+                );
             }
-            router::lookup(rdid, ip.dst).ok_or(Counter::DropVmNoRoute)?
+            let Some(hop) = router::lookup(rdid, ip.dst) else {
+                return router::icmp_error(
+                    ctx,
+                    port,
+                    rdid,
+                    router::NET_UNREACHABLE,
+                    Counter::DropVmNoRoute,
+                );
+            };
+            hop
         }
         None => (port.vsid, ip.dst),
     };
     let key = LookupKey { vsid, ca: target };
     // SAFETY: read-only use of a value the agent replaces whole.
-    let dst = unsafe { LOOKUPS.get(key) }.ok_or(if rdid.is_some() {
-        Counter::DropVmNoRoute
-    } else {
-        Counter::DropVmUnknownDst
-    })?;
+    let Some(dst) = (unsafe { LOOKUPS.get(key) }) else {
+        return match rdid {
+            Some(rdid) => router::icmp_error(
+                ctx,
+                port,
+                rdid,
+                router::HOST_UNREACHABLE,
+                Counter::DropVmNoRoute,
+            ),
+            None => Err(Counter::DropVmUnknownDst),
+        };
+    };
     if bounced && (dst.ifindex != 0 || dst.method != Method::Encap as u8) {
         // Only NVGRE sends a super-packet to the bounce device.
         return Err(Counter::DropVmTranslateFailed);

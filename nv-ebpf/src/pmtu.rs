@@ -130,6 +130,17 @@ fn may_answer(ifindex: u32) -> bool {
     true
 }
 
+/// An ICMP error the datapath sends a VM: from `src`, of `kind` and `code`, with `mtu` in
+/// the header's last two bytes (zero but for "fragmentation needed"). Eight bytes: one
+/// register of a BPF call.
+#[derive(Clone, Copy)]
+pub struct IcmpError {
+    pub src: [u8; 4],
+    pub kind: u8,
+    pub code: u8,
+    pub mtu: [u8; 2],
+}
+
 /// ICMP "fragmentation needed" back to the VM behind `port`, from the address it wrote to
 /// (Ethernet source `from_mac`, the MAC that address answers ARP with). The packet becomes
 /// the answer: trimmed to the quote, 28 bytes of IPv4 and ICMP header put in front of it.
@@ -140,14 +151,39 @@ pub fn frag_needed(
     from_mac: [u8; 6],
     offender: Offender,
 ) -> Result<i32, Counter> {
-    build_answer(ctx, port, from_mac, offender).ok_or(Counter::DropVmTooBig)?;
-    // Out of the port the packet came in on: its egress is the VM's receive, veth or tap.
-    // SAFETY: the context pointer is valid for the whole program run.
-    Ok(crate::redirect::egress(unsafe { (*ctx.skb.skb).ifindex }))
+    if offender.mtu < IPV4_MIN_MTU {
+        return Err(Counter::DropVmTooBig);
+    }
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "below the uplink's u16 MTU"
+    )]
+    let error = IcmpError {
+        src: offender.dst,
+        kind: ICMP_DEST_UNREACH,
+        code: ICMP_FRAG_NEEDED,
+        mtu: (offender.mtu as u16).to_be_bytes(),
+    };
+    answer(ctx, port, from_mac, error).ok_or(Counter::DropVmTooBig)
 }
 
-/// Turns the packet into the answer, or says it must not be answered (then it is dropped as
-/// too big).
+/// `error` back to the VM behind `port`, from `from_mac`; `None` when it must not be answered
+/// (an error about an error, a later fragment, the port's budget spent).
+#[inline(always)]
+pub fn answer(
+    ctx: &TcContext,
+    port: &PortInfo,
+    from_mac: [u8; 6],
+    error: IcmpError,
+) -> Option<i32> {
+    build_answer(ctx, port, from_mac, error)?;
+    // Out of the port the packet came in on: its egress is the VM's receive, veth or tap.
+    // SAFETY: the context pointer is valid for the whole program run.
+    Some(crate::redirect::egress(unsafe { (*ctx.skb.skb).ifindex }))
+}
+
+/// Turns the packet into the answer, or says it must not be answered (then the caller drops
+/// it under its reason). A packet shorter than the quote is padded with zeros to it.
 // Out of line: its own stack frame keeps every path under the 512-byte BPF stack limit. It
 // returns a scalar: a BPF subprogram cannot hand back an aggregate through its caller's stack.
 #[inline(never)]
@@ -155,7 +191,7 @@ fn build_answer(
     ctx: &TcContext,
     port: &PortInfo,
     from_mac: [u8; 6],
-    offender: Offender,
+    error: IcmpError,
 ) -> Option<()> {
     let ip: Ipv4Hdr = read_at(ctx.data(), ctx.data_end(), ETH_HLEN)?;
     // Never an error about an error (RFC 1122 3.2.2), nor about a later fragment.
@@ -166,11 +202,10 @@ fn build_answer(
     let vm_ca = v4_of(&port.ca)?;
     // SAFETY: the context pointer is valid for the whole program run.
     let port_ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if later_fragment || is_error || offender.mtu < IPV4_MIN_MTU || !may_answer(port_ifindex) {
+    if later_fragment || is_error || !may_answer(port_ifindex) {
         return None;
     }
-    // SAFETY: helper on the program's own skb; the packet is longer than the quote (it is
-    // bigger than an MTU of at least 68 bytes).
+    // SAFETY: helper on the program's own skb: trims it to the quote, or pads it with zeros.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + ICMP_QUOTE) as u32, 0) } != 0 {
         return None;
     }
@@ -198,21 +233,16 @@ fn build_answer(
         ttl: OUTER_TTL,
         proto: IPPROTO_ICMP,
         csum: [0; 2],
-        src: offender.dst,
+        src: error.src,
         dst: vm_ca,
     };
     h.ip.csum = h.ip.checksum().to_be_bytes();
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "below the uplink's u16 MTU"
-    )]
-    let mtu = (offender.mtu as u16).to_be_bytes();
     h.icmp = IcmpHdr {
-        kind: ICMP_DEST_UNREACH,
-        code: ICMP_FRAG_NEEDED,
+        kind: error.kind,
+        code: error.code,
         csum: [0; 2],
         unused: [0; 2],
-        mtu,
+        mtu: error.mtu,
     };
     let quote =
         ptr_at::<[u8; ICMP_QUOTE]>(ctx.data(), ctx.data_end(), ETH_HLEN + IPV4_HLEN + ICMP_HLEN)?;
@@ -238,8 +268,8 @@ fn build_answer(
     // way (a ones-complement sum is byte-order independent, RFC 1071), and the result is
     // stored as it came.
     let sum = u64::from(sum as u32)
-        + u64::from(u16::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED]))
-        + u64::from(u16::from_ne_bytes(mtu));
+        + u64::from(u16::from_ne_bytes([error.kind, error.code]))
+        + u64::from(u16::from_ne_bytes(error.mtu));
     let sum = (sum & 0xffff_ffff) + (sum >> 32);
     #[expect(clippy::cast_possible_truncation, reason = "folded to 32 bits")]
     let csum = crate::packet::csum_fold(((sum & 0xffff_ffff) + (sum >> 32)) as u32);

@@ -15,6 +15,7 @@ use crate::{
     counters::count,
     maps::{GATEWAYS, ROUTES, VSID_ROUTING},
     packet::{EthHdr, Ipv4Hdr, csum_fold, ptr_at},
+    pmtu::{self, IcmpError},
 };
 
 /// The router's MAC, the same on every host (config `router_mac`, set by the loader).
@@ -48,6 +49,49 @@ pub fn lookup(rdid: u32, dst: [u8; 4]) -> Option<(u32, [u8; 4])> {
     let hop = ROUTES.get(&key)?;
     Some((hop.vsid, if hop.on_link() { dst } else { hop.nexthop }))
 }
+
+/// The gateway of the subnet of domain `rdid` that holds `ca` (a VM's own address).
+#[inline(always)]
+fn gateway_for(rdid: u32, ca: [u8; 4]) -> Option<[u8; 4]> {
+    let key = Key::new(
+        RouteKey::prefix_len(32),
+        RouteKey {
+            rdid: rdid.to_be_bytes(),
+            addr: ca,
+        },
+    );
+    let hop = ROUTES.get(&key)?;
+    (hop.on_link() && hop.gateway != [0; 4]).then_some(hop.gateway)
+}
+
+/// ICMP `kind`/`code` back to the VM behind `port`, from the gateway of its subnet in domain
+/// `rdid` and the router's MAC; `unanswered` when it must not be answered.
+#[inline(always)]
+pub fn icmp_error(
+    ctx: &TcContext,
+    port: &PortInfo,
+    rdid: u32,
+    kind_code: [u8; 2],
+    unanswered: Counter,
+) -> Result<i32, Counter> {
+    let ca = crate::packet::v4_of(&port.ca).ok_or(unanswered)?;
+    let gateway = gateway_for(rdid, ca).ok_or(unanswered)?;
+    let error = IcmpError {
+        src: gateway,
+        kind: kind_code[0],
+        code: kind_code[1],
+        mtu: [0; 2],
+    };
+    let action = pmtu::answer(ctx, port, mac(), error).ok_or(unanswered)?;
+    count(Counter::VmIcmpFromRouter);
+    Ok(action)
+}
+
+/// ICMP time exceeded in transit.
+pub const TIME_EXCEEDED: [u8; 2] = [11, 0];
+/// ICMP destination unreachable: no route (net), no VM at its end (host).
+pub const NET_UNREACHABLE: [u8; 2] = [3, 0];
+pub const HOST_UNREACHABLE: [u8; 2] = [3, 1];
 
 /// Whether `addr` is the gateway of a subnet of `vsid` (ARP for it is the router's).
 #[inline(always)]

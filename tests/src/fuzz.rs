@@ -639,6 +639,49 @@ fn check_gateway_echo(
     Ok(())
 }
 
+/// ICMP time exceeded or destination unreachable from the router (`src`): from the gateway
+/// of the VM's own subnet, to the VM (`dst`), quoting what it sent (padded with zeros to 68
+/// bytes).
+fn check_router_error(
+    known: &Known,
+    run: &VmRun,
+    src: [u8; 4],
+    dst: [u8; 4],
+) -> anyhow::Result<()> {
+    let VmRun {
+        port,
+        vsid,
+        mac,
+        input,
+        out,
+        redirect,
+        ..
+    } = *run;
+    let domain = known.domains.get(&vsid);
+    ensure!(
+        domain.is_some_and(|d| known.gateways.get(&(*d, src)) == Some(&vsid)),
+        "router error from {src:?}, no gateway of VSID {vsid}'s subnets"
+    );
+    ensure!(
+        out.get(0..6) == Some(&mac[..]) && ipv4(input, 14).is_some_and(|(from, _)| from == dst),
+        "router error not to the sending VM"
+    );
+    let sent = input.get(14..).unwrap_or_default();
+    let n = sent.len().min(68);
+    ensure!(
+        out.get(42..42 + n) == sent.get(..n)
+            && out
+                .get(42 + n..)
+                .is_some_and(|pad| pad.iter().all(|b| *b == 0)),
+        "router error does not quote what the VM sent"
+    );
+    ensure!(
+        redirect == Some(back_to(port)),
+        "router error to port {port} redirected as {redirect:?}"
+    );
+    Ok(())
+}
+
 /// Checks a from-VM run on `port`, the port of (`vsid`, `mac`).
 fn check_from_vm(known: &Known, run: &VmRun) -> anyhow::Result<()> {
     let VmRun {
@@ -699,6 +742,14 @@ fn check_from_vm(known: &Known, run: &VmRun) -> anyhow::Result<()> {
             "ICMP answer to port {port} redirected as {redirect:?}"
         );
         return Ok(());
+    }
+    // ICMP time exceeded or destination unreachable from the router.
+    if out.get(6..12) == Some(&ROUTER_MAC[..])
+        && out.get(23) == Some(&1)
+        && matches!(out.get(34..36), Some([11, 0] | [3, 0 | 1]))
+        && out.len() == 14 + 96
+    {
+        return check_router_error(known, run, src, dst);
     }
     // An echo reply from a gateway of the VM's domain, back to it.
     if out.get(6..12) == Some(&ROUTER_MAC[..]) && out.get(0..6) == Some(&mac[..]) {

@@ -53,15 +53,17 @@ fn a_vm_is_routed_within_its_domain_only() -> anyhow::Result<()> {
             "{from}: inner IPv4 checksum"
         );
     }
-    // TTL 1 expires; no route is a drop; a VSID of no domain is not routed at all.
+    // TTL 1 expires: time exceeded, from RED's gateway. TTL 2 crosses.
     let frame = udp_frame(RED1_MAC, ROUTER_MAC, CA1, CA_B, b"x");
-    h.expect(
+    let expired = with_ttl(frame.clone(), 1);
+    let out = h.expect(
         FROM_VM,
-        &with_ttl(frame.clone(), 1),
+        &expired,
         Some(h.red1),
-        TC_ACT_SHOT,
-        "drop_vm_ttl_exceeded",
+        TC_ACT_REDIRECT,
+        "vm_icmp_from_router",
     )?;
+    router_error(&out, RED1_MAC, GATEWAY_A, [11, 0], &expired)?;
     h.expect(
         FROM_VM,
         &with_ttl(frame, 2),
@@ -69,20 +71,48 @@ fn a_vm_is_routed_within_its_domain_only() -> anyhow::Result<()> {
         TC_ACT_REDIRECT,
         "vm_routed",
     )?;
+    // No route: net unreachable, from the gateway. fabrikam has no 10.2.0.0/24: contoso's
+    // subnet stays out of its reach, and BLUE-1 hears so from its own gateway.
     let nowhere = udp_frame(RED1_MAC, ROUTER_MAC, CA1, [10, 9, 9, 9], b"x");
-    h.expect(
+    let out = h.expect(
         FROM_VM,
         &nowhere,
         Some(h.red1),
-        TC_ACT_SHOT,
-        "drop_vm_no_route",
+        TC_ACT_REDIRECT,
+        "vm_icmp_from_router",
     )?;
-    // fabrikam has no 10.2.0.0/24: contoso's subnet stays out of its reach.
+    router_error(&out, RED1_MAC, GATEWAY_A, [3, 0], &nowhere)?;
     let other = udp_frame(BLUE1_MAC, ROUTER_MAC, CA1, CA_C, b"x");
-    h.expect(
+    let out = h.expect(
         FROM_VM,
         &other,
         Some(h.blue1),
+        TC_ACT_REDIRECT,
+        "vm_icmp_from_router",
+    )?;
+    router_error(&out, BLUE1_MAC, GATEWAY_A, [3, 0], &other)?;
+    // A route with no VM at its end: host unreachable.
+    let nobody = udp_frame(RED1_MAC, ROUTER_MAC, CA1, [10, 1, 0, 99], b"x");
+    let out = h.expect(
+        FROM_VM,
+        &nobody,
+        Some(h.red1),
+        TC_ACT_REDIRECT,
+        "vm_icmp_from_router",
+    )?;
+    router_error(&out, RED1_MAC, GATEWAY_A, [3, 1], &nobody)?;
+    // Never an error about an error: an ICMP error to the router is dropped.
+    let mut error = Vec::new();
+    etherparse::PacketBuilder::ethernet2(RED1_MAC, ROUTER_MAC)
+        .ipv4(CA1, [10, 9, 9, 9], 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::Host,
+        ))
+        .write(&mut error, &[0; 28])?;
+    h.expect(
+        FROM_VM,
+        &error,
+        Some(h.red1),
         TC_ACT_SHOT,
         "drop_vm_no_route",
     )?;
@@ -94,6 +124,50 @@ fn a_vm_is_routed_within_its_domain_only() -> anyhow::Result<()> {
         TC_ACT_SHOT,
         "drop_vm_unknown_dst",
     )?;
+    Ok(())
+}
+
+/// `out` is ICMP `kind_code` to the VM (`mac`, 10.0.0.1) from `gateway` and the router's
+/// MAC, quoting what the VM sent (`sent`), checksums valid per etherparse.
+fn router_error(
+    out: &[u8],
+    mac: [u8; 6],
+    gateway: [u8; 4],
+    kind_code: [u8; 2],
+    sent: &[u8],
+) -> anyhow::Result<()> {
+    ensure!(
+        out[..6] == mac && out[6..12] == ROUTER_MAC,
+        "ICMP error's MACs {:02x?}",
+        &out[..12]
+    );
+    let ip = Ipv4HeaderSlice::from_slice(&out[14..])?.to_header();
+    ensure!(
+        ip.source == gateway && ip.destination == CA1 && ip.protocol.0 == 1,
+        "ICMP error {ip:?}"
+    );
+    ensure!(
+        ip.header_checksum == ip.calc_header_checksum(),
+        "IPv4 checksum"
+    );
+    let icmp = &out[34..];
+    ensure!(icmp[..2] == kind_code, "ICMP {:?}", &icmp[..2]);
+    let p = SlicedPacket::from_ethernet(out)?;
+    let Some(TransportSlice::Icmpv4(slice)) = &p.transport else {
+        anyhow::bail!("not ICMP: {out:02x?}");
+    };
+    ensure!(
+        slice.checksum() == slice.header().icmp_type.calc_checksum(slice.payload()),
+        "ICMP checksum"
+    );
+    // The quote: what the VM sent from its IPv4 header on, padded to 68 bytes with zeros.
+    let quote = &icmp[8..];
+    let sent = &sent[14..];
+    let n = sent.len().min(quote.len());
+    ensure!(
+        quote[..n] == sent[..n] && quote[n..].iter().all(|b| *b == 0),
+        "quote {quote:02x?}"
+    );
     Ok(())
 }
 

@@ -11,6 +11,8 @@ use anyhow::{Context as _, bail};
 const PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
+    // The distributed router's ICMP errors, read as an operator reads them.
+    "traceroute",
     "procps",
     "tcpdump",
     "tshark",

@@ -111,6 +111,7 @@ pub fn entries(index: &RouteIndex) -> RouteEntries {
                 RouteHop {
                     vsid: r.vsid,
                     nexthop: r.nexthop.octets(),
+                    gateway: r.gateway_addr().map_or([0; 4], |g| g.octets()),
                 },
             );
         }
