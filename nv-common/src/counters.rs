@@ -147,7 +147,7 @@ pub enum Counter {
     /// From a VM, to the router's MAC: TTL 1 or 0, expired at the router.
     DropVmTtlExceeded,
     /// From a VM, to the router's MAC: a routed packet whose destination's record uses IP
-    /// rewrite (routing crosses by NVGRE today).
+    /// rewrite, from a VM with no rewrite PA of its own (its VSID uses NVGRE).
     DropVmRoutedRewrite,
     /// From a VM, to the router's MAC: answered by the router with ICMP time exceeded (TTL
     /// expired) or destination unreachable (no route, or no record at its end), from the

@@ -152,7 +152,10 @@ fn forward_ipv4(
         // Only NVGRE sends a super-packet to the bounce device.
         return Err(Counter::DropVmTranslateFailed);
     }
-    if rdid.is_some() && dst.method != Method::Encap as u8 {
+    // Routed to a VM reached by IP rewrite: only a VM with a rewrite PA of its own sends so
+    // (a domain may mix methods across its VSIDs).
+    if rdid.is_some() && dst.method == Method::Rewrite as u8 && port.method != Method::Rewrite as u8
+    {
         return Err(Counter::DropVmRoutedRewrite);
     }
     if dst.ifindex != 0 {
@@ -190,7 +193,16 @@ fn forward_ipv4(
         return Ok(action);
     }
     if overhead == 0 {
-        let action = rewrite::send(ctx, port, dst, &rewrite::Ipv4Fields::of(ip))?;
+        let fields = if rdid.is_some() {
+            router::hop(ctx, dst.mac)?;
+            // The header as the router left it (TTL and checksum changed).
+            let (data, end) = (ctx.data(), ctx.data_end());
+            let ip: &Ipv4Hdr = view_at(data, end, ETH_HLEN).ok_or(Counter::DropVmMalformed)?;
+            rewrite::Ipv4Fields::of(ip)
+        } else {
+            rewrite::Ipv4Fields::of(ip)
+        };
+        let action = rewrite::send(ctx, port, dst, &fields)?;
         sent(
             ctx,
             Counter::VmTxRewrite,

@@ -325,25 +325,31 @@ fn rewrite(
             Counter::DropUplinkRewriteUnknownSrc
         });
     };
-    if src.vsid != dst.vsid {
+    let (Some(src_ca), Some(dst_ca)) = (v4_of(&src.ca), v4_of(&dst.ca)) else {
         return Err(Counter::DropUplinkRewriteUnknownSrc);
-    }
+    };
+    // From a VM of the same VSID; or, routed by the sender's host, from a subnet of another
+    // VSID of the same routing domain (never of another domain), as from the router.
+    let src_mac = if src.vsid == dst.vsid {
+        src.mac
+    } else if router::source_of(dst.vsid, src_ca) == Some(src.vsid) {
+        router::mac()
+    } else {
+        return Err(Counter::DropUplinkRewriteUnknownSrc);
+    };
     // A local VM's rewrite traffic to another local VM never leaves the host.
     if src.ifindex != 0 {
         return Err(Counter::DropUplinkOwnSource);
     }
     // Addressed to the uplink's own MAC, as NVGRE must be.
     to_our_mac(config, data, end)?;
-    let (Some(src_ca), Some(dst_ca)) = (v4_of(&src.ca), v4_of(&dst.ca)) else {
-        return Err(Counter::DropUplinkRewriteUnknownSrc);
-    };
     Ok(Verdict::Rewrite(RestoreMeta {
         magic: RestoreMeta::MAGIC,
         ifindex: dst.ifindex,
         vsid: dst.vsid,
         src_ca,
         dst_ca,
-        src_mac: src.mac,
+        src_mac,
         dst_mac: dst.mac,
     }))
 }

@@ -62,6 +62,12 @@ pub const RED_B_MAC: [u8; 6] = [2, 0, 0, 0, 7, 5];
 pub const BLUE_B_MAC: [u8; 6] = [2, 0, 0, 0, 8, 5];
 pub const RED_C_MAC: [u8; 6] = [2, 0, 0, 0, 7, 7];
 pub const GATEWAY_A: [u8; 4] = [10, 0, 0, 254];
+/// greenland: GREEN (7001, 10.0.0.0/24, gateway 10.0.0.254, IP rewrite) and GREEN-B (7005,
+/// 10.3.0.0/24), whose VM 10.3.0.5 is remote, by rewrite on its own PA.
+pub const GREEN_B: u32 = 7005;
+pub const CA_GB: [u8; 4] = [10, 3, 0, 5];
+pub const GREEN_B_PA: [u8; 4] = [198, 18, 1, 7];
+pub const GREEN_B_MAC: [u8; 6] = [2, 0, 0, 0, 7, 11];
 
 /// A pin directory, purged on drop (also when loading into it failed half way).
 pub struct PinDir(PathBuf);
@@ -130,6 +136,18 @@ pub fn host_namespace(forwarding: bool) -> anyhow::Result<Netns> {
             "permanent",
         ])?;
     }
+    // GREEN-B's PA (a routed rewrite destination) is behind GREEN-2's next hop.
+    ns.ip(&[
+        "neigh",
+        "replace",
+        "198.18.1.7",
+        "lladdr",
+        "02:aa:00:00:00:03",
+        "dev",
+        "uplink0",
+        "nud",
+        "permanent",
+    ])?;
     if forwarding {
         ns.exec("sysctl", &["-qw", "net.ipv4.conf.uplink0.forwarding=1"])?;
     }
@@ -295,6 +313,8 @@ impl Host {
             route("contoso", RED_C, "10.2.0.0/24", None)?,
             route("fabrikam", BLUE, "10.0.0.0/24", Some("10.0.0.254"))?,
             route("fabrikam", BLUE_B, "10.1.0.0/24", None)?,
+            route("greenland", GREEN, "10.0.0.0/24", Some("10.0.0.254"))?,
+            route("greenland", GREEN_B, "10.3.0.0/24", None)?,
         ];
         let index = nv_agent::tables::routes::RouteIndex::from_rows(rows)?;
         self.desired.routing = nv_agent::tables::routes::entries(&index);
@@ -314,6 +334,29 @@ impl Host {
                 },
             );
         }
+        self.desired.lookups.insert(
+            LookupKey {
+                vsid: GREEN_B,
+                ca: CA_GB,
+            },
+            LookupValue {
+                pa: v4_mapped(GREEN_B_PA),
+                mac: GREEN_B_MAC,
+                method: Method::Rewrite as u8,
+                _pad: 0,
+                ifindex: 0,
+            },
+        );
+        self.desired.rewrite_pas.insert(
+            GREEN_B_PA,
+            RewritePa {
+                vsid: GREEN_B,
+                ca: v4_mapped(CA_GB),
+                mac: GREEN_B_MAC,
+                _pad: [0; 2],
+                ifindex: 0,
+            },
+        );
         self.dp.sync(&self.desired)?;
         Ok(())
     }

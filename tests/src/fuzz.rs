@@ -17,9 +17,9 @@ use nv_common::{
 };
 
 use crate::fixture::{
-    BLUE1_MAC, BLUE2_MAC, CA_B, CA1, CA2, CA3, GATEWAY_A, GATEWAY_MAC, GREEN_GATEWAY_MAC,
-    GREEN1_MAC, GREEN1_PA, GREEN2_MAC, GREEN2_PA, Host, LOCAL_PA, RED, RED1_MAC, RED2_MAC,
-    RED3_MAC, REMOTE_PA, ROUTER_MAC, arp_frame, green_packets, host, nvgre, udp_frame,
+    BLUE1_MAC, BLUE2_MAC, CA_B, CA_GB, CA1, CA2, CA3, GATEWAY_A, GATEWAY_MAC, GREEN_B, GREEN_B_PA,
+    GREEN_GATEWAY_MAC, GREEN1_MAC, GREEN1_PA, GREEN2_MAC, GREEN2_PA, Host, LOCAL_PA, RED, RED1_MAC,
+    RED2_MAC, RED3_MAC, REMOTE_PA, ROUTER_MAC, arp_frame, green_packets, host, nvgre, udp_frame,
 };
 
 const XDP_DROP: u32 = 1;
@@ -99,6 +99,20 @@ fn seeds(h: &Host) -> Vec<Vec<u8>> {
     seeds.push(udp_frame(RED1_MAC, ROUTER_MAC, CA1, CA_B, b"routed"));
     seeds.push(udp_frame(BLUE1_MAC, ROUTER_MAC, CA1, CA_B, b"routed"));
     seeds.push(udp_frame(RED1_MAC, ROUTER_MAC, CA1, CA3, b"routed here"));
+    seeds.push(udp_frame(
+        GREEN1_MAC,
+        ROUTER_MAC,
+        CA1,
+        CA_GB,
+        b"routed by rewrite",
+    ));
+    seeds.push(udp_frame(
+        GREEN_GATEWAY_MAC,
+        h.uplink_mac,
+        GREEN_B_PA,
+        GREEN1_PA,
+        b"routed rewrite in",
+    ));
     seeds.push(arp_frame(RED1_MAC, 1, RED1_MAC, CA1, GATEWAY_A));
     let echo = etherparse::PacketBuilder::ethernet2(RED1_MAC, ROUTER_MAC)
         .ipv4(CA1, GATEWAY_A, 64)
@@ -776,9 +790,11 @@ fn check_from_vm(known: &Known, run: &VmRun) -> anyhow::Result<()> {
         );
         Ok(())
     } else {
-        // IP rewrite: only GREEN's dedicated PAs may appear.
+        // IP rewrite: only GREEN's dedicated PAs may appear, and GREEN-B's when routed
+        // (greenland holds both).
+        let routed = input.get(0..6) == Some(&ROUTER_MAC[..]) && known.same_domain(vsid, GREEN_B);
         ensure!(
-            src == GREEN1_PA && dst == GREEN2_PA && vsid == 7001,
+            src == GREEN1_PA && vsid == 7001 && (dst == GREEN2_PA || (routed && dst == GREEN_B_PA)),
             "rewrite from VSID {vsid}: {src:?} -> {dst:?}"
         );
         ensure_to_uplink(known, redirect)

@@ -27,7 +27,7 @@ fn with_ttl(mut frame: Vec<u8>, ttl: u8) -> Vec<u8> {
 
 #[test]
 fn a_vm_is_routed_within_its_domain_only() -> anyhow::Result<()> {
-    let h = routed_host()?;
+    let mut h = routed_host()?;
     for (from, mac, port, vsid, peer_mac) in [
         ("RED-1", RED1_MAC, h.red1, RED_B, RED_B_MAC),
         ("BLUE-1", BLUE1_MAC, h.blue1, BLUE_B, BLUE_B_MAC),
@@ -116,6 +116,10 @@ fn a_vm_is_routed_within_its_domain_only() -> anyhow::Result<()> {
         TC_ACT_SHOT,
         "drop_vm_no_route",
     )?;
+    // A VSID in no domain (GREEN, taken out of greenland here) is not routed at all: to the
+    // router's MAC is to an address of its own VSID, as before routes existed.
+    h.desired.routing.vsids.remove(&GREEN);
+    h.dp.sync(&h.desired)?;
     let green = udp_frame(GREEN1_MAC, ROUTER_MAC, CA1, CA_B, b"x");
     h.expect(
         FROM_VM,
@@ -279,5 +283,79 @@ fn a_routed_source_is_taken_only_from_a_subnet_of_the_same_domain() -> anyhow::R
             "drop_uplink_spoofed_pa",
         )?;
     }
+    Ok(())
+}
+
+#[test]
+fn a_vm_of_a_rewrite_vsid_is_routed_by_rewrite() -> anyhow::Result<()> {
+    let mut h = routed_host()?;
+    // GREEN-1 to GREEN-B: its own PA to GREEN-B's, TTL one less, checksums valid.
+    let frame = udp_frame(GREEN1_MAC, ROUTER_MAC, CA1, CA_GB, b"routed by rewrite");
+    let out = h.expect(
+        FROM_VM,
+        &frame,
+        Some(h.green1),
+        TC_ACT_REDIRECT,
+        "vm_tx_rewrite",
+    )?;
+    let ip = Ipv4HeaderSlice::from_slice(&out[14..])?.to_header();
+    ensure!(
+        ip.source == GREEN1_PA && ip.destination == GREEN_B_PA && ip.time_to_live == 63,
+        "routed rewrite header {ip:?}"
+    );
+    ensure!(
+        ip.header_checksum == ip.calc_header_checksum(),
+        "IPv4 checksum"
+    );
+    let p = SlicedPacket::from_ethernet(&out)?;
+    let Some(TransportSlice::Udp(udp)) = &p.transport else {
+        anyhow::bail!("not UDP: {out:02x?}");
+    };
+    ensure!(
+        udp.checksum() == udp.to_header().calc_checksum_ipv4(&ip, udp.payload())?,
+        "UDP checksum over the PAs"
+    );
+    // Back from GREEN-B's host: restored as from the router, for GREEN-1.
+    h.set_flags(nv_common::DatapathConfig::TC_DECAP)?;
+    let back = udp_frame(
+        GREEN_GATEWAY_MAC,
+        h.uplink_mac,
+        GREEN_B_PA,
+        GREEN1_PA,
+        b"back",
+    );
+    let out = h.expect(
+        UPLINK_TC,
+        &back,
+        None,
+        TC_ACT_REDIRECT,
+        "uplink_rewrite_delivered",
+    )?;
+    let ip = Ipv4HeaderSlice::from_slice(&out[14..])?.to_header();
+    ensure!(
+        out[..6] == GREEN1_MAC
+            && out[6..12] == ROUTER_MAC
+            && ip.source == CA_GB
+            && ip.destination == CA1,
+        "restored {:02x?} {ip:?}",
+        &out[..12]
+    );
+    // A rewrite PA of a VSID in no domain (OTHER_PA, VSID 7002) stays refused.
+    let other = udp_frame(GREEN_GATEWAY_MAC, h.uplink_mac, OTHER_PA, GREEN1_PA, b"x");
+    h.expect(
+        UPLINK_TC,
+        &other,
+        None,
+        TC_ACT_SHOT,
+        "drop_uplink_rewrite_unknown_src",
+    )?;
+    // RED (NVGRE) routed to a rewrite destination: RED-1 has no rewrite PA of its own.
+    h.expect(
+        FROM_VM,
+        &udp_frame(RED1_MAC, ROUTER_MAC, CA1, CA_GB, b"x"),
+        Some(h.red1),
+        TC_ACT_REDIRECT,
+        "vm_icmp_from_router",
+    )?;
     Ok(())
 }

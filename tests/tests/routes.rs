@@ -5,7 +5,7 @@ use anyhow::{Context as _, ensure};
 use nv_tests::{
     capture::{self, Capture},
     checks,
-    testbed::{BLUE_VSID, RED_VSID, TwoHosts, delta, tcp_transfer},
+    testbed::{BLUE_VSID, RED_VSID, Translation, TwoHosts, delta, tcp_transfer},
 };
 use serde_json::Value;
 
@@ -227,13 +227,43 @@ fn exported_deleted_imported_and_restarted(bed: &mut TwoHosts) -> anyhow::Result
 const SUBNET_B: &str = "10.1.0.0/24";
 const VM_B: &str = "10.1.0.5";
 
+/// RED-B's own PA when contoso uses IP rewrite.
+const RED_B_REWRITE_PA: &str = "198.18.1.12";
+
 /// A routed bed: RED (5001) and RED-B (7002) in contoso, BLUE (6001) and BLUE-B (8002) in
-/// fabrikam, with the same prefixes; each VM's routes point at its gateway.
-fn routed_bed(tag: &str, hook: &str) -> anyhow::Result<TwoHosts> {
+/// fabrikam, with the same prefixes; each VM's routes point at its gateway. With `rewrite`,
+/// contoso's VMs use IP rewrite, each on a PA of its own (fabrikam stays NVGRE).
+fn routed_bed(tag: &str, hook: &str, rewrite: bool) -> anyhow::Result<TwoHosts> {
     let mut bed = TwoHosts::build_with(tag, &["--decap-hook", hook])?;
     bed.add_vm("RED-B", 7002, VM_B, "02:00:00:00:07:05", "redb", 1)?;
     bed.add_vm("BLUE-B", 8002, VM_B, "02:00:00:00:08:05", "blueb", 1)?;
-    bed.configure()?;
+    if rewrite {
+        bed.configure_with(Translation::Rewrite)?;
+        bed.hosts[1].add_provider(RED_B_REWRITE_PA)?;
+        for (i, h) in bed.hosts.iter().enumerate() {
+            h.nvctl(&["lookup", "del", "--vsid", "7002", "--ca", VM_B])?;
+            let mut args = vec![
+                "lookup",
+                "add",
+                "--vsid",
+                "7002",
+                "--ca",
+                VM_B,
+                "--pa",
+                RED_B_REWRITE_PA,
+                "--mac",
+                "02:00:00:00:07:05",
+                "--method",
+                "rewrite",
+            ];
+            if i == 1 {
+                args.extend(["--port", "redb"]);
+            }
+            h.nvctl(&args)?;
+        }
+    } else {
+        bed.configure()?;
+    }
     for h in &bed.hosts {
         for (rdid, a, b) in [("contoso", RED_VSID, 7002), ("fabrikam", BLUE_VSID, 8002)] {
             h.nvctl(&strs(&add(
@@ -278,13 +308,46 @@ fn frames_with(frames: &[Vec<u8>], pattern: u8) -> usize {
 fn two_subnets_of_a_domain_are_routed_by_every_host_and_other_domains_never_see_it()
 -> anyhow::Result<()> {
     for hook in ["tc", "xdp"] {
-        let bed = routed_bed(&format!("rr{hook}"), hook)?;
+        let bed = routed_bed(&format!("rr{hook}"), hook, false)?;
         the_gateway_answers_arp_and_ping(&bed)?;
         routed_across_hosts_and_locally(&bed, hook)?;
         the_other_domain_never_sees_a_frame(&bed)?;
         ttl_one_expires_at_the_router(&bed)?;
     }
     Ok(())
+}
+
+/// contoso by IP rewrite (fabrikam, beside it, by NVGRE): routed across hosts on each VM's
+/// own PA, with no tunnel; the other domain still never sees a frame.
+#[test]
+fn two_subnets_reached_by_ip_rewrite_are_routed_too() -> anyhow::Result<()> {
+    let bed = routed_bed("rrw", "tc", true)?;
+    // Every packet with its real checksums (no offload), for tshark to check them over PAs.
+    for vm in ["RED-1", "RED-B"] {
+        bed.vm(vm)
+            .ns
+            .exec("ethtool", &["-K", "eth0", "tx", "off"])?;
+    }
+    let plain = checks::underlay_is_rewrite(
+        &bed,
+        "routed-rewrite",
+        ["198.18.1.1", RED_B_REWRITE_PA],
+        true,
+        || {
+            ensure!(
+                bed.ping("RED-1", VM_B, 3)? == 3,
+                "RED-1 -> RED-B by rewrite"
+            );
+            let (sent, got) = tcp_transfer(bed.vm("RED-B"), bed.vm("RED-1"), VM_B, 256 << 10)?;
+            ensure!(sent == got, "TCP RED-1 -> RED-B: sent {sent}, got {got}");
+            Ok(())
+        },
+    )?;
+    ensure!(
+        plain >= 6,
+        "routed rewrite packets on the underlay: {plain}"
+    );
+    the_other_domain_never_sees_a_frame(&bed)
 }
 
 fn the_gateway_answers_arp_and_ping(bed: &TwoHosts) -> anyhow::Result<()> {

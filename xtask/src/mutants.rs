@@ -184,9 +184,16 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "rewrite source PA of the same VSID",
         file: "nv-ebpf/src/uplink_rx.rs",
-        check: "if src.vsid != dst.vsid {",
-        removed: "if false {",
+        check: "let src_mac = if src.vsid == dst.vsid {",
+        removed: "let src_mac = if true {",
         tests: PROGRAMS,
+    },
+    Mutation {
+        name: "a routed rewrite source lives in a subnet of the same domain",
+        file: "nv-ebpf/src/uplink_rx.rs",
+        check: "} else if router::source_of(dst.vsid, src_ca) == Some(src.vsid) {",
+        removed: "} else if true {",
+        tests: &["programs", "fuzz", "router"],
     },
     Mutation {
         name: "rewrite addressed to the uplink's MAC",
