@@ -146,8 +146,9 @@ pub enum Counter {
     DropVmNoRoute,
     /// From a VM, to the router's MAC: TTL 1 or 0, expired at the router.
     DropVmTtlExceeded,
-    /// From a VM, to the router's MAC: a routed packet whose destination's record uses IP
-    /// rewrite, from a VM with no rewrite PA of its own (its VSID uses NVGRE).
+    /// From a VM: a packet to a destination whose record uses IP rewrite that rewrite cannot
+    /// carry: routed from a VM with no rewrite PA of its own (its VSID uses NVGRE), or a next
+    /// hop's answer from the world behind it (rewrite restores only a VM's own address).
     DropVmRoutedRewrite,
     /// From a VM, to the router's MAC: answered by the router with ICMP time exceeded (TTL
     /// expired) or destination unreachable (no route, or no record at its end), from the

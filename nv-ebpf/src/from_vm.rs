@@ -95,7 +95,10 @@ fn forward_ipv4(
     if ip.ver_ihl >> 4 != 4 || hlen < 20 {
         return Err(Counter::DropVmMalformed);
     }
-    if v4_of(&port.ca) != Some(ip.src) {
+    // The VM's own address; or, for a route's next hop, an address of the world behind it.
+    let own = v4_of(&port.ca).ok_or(Counter::DropVmSpoofedIp)?;
+    let appliance = own != ip.src;
+    if appliance && !router::speaks_for(port.vsid, own, ip.src) {
         return Err(Counter::DropVmSpoofedIp);
     }
     // To the router's MAC, in a VSID of a routing domain: routed (never a bounced segment,
@@ -153,8 +156,10 @@ fn forward_ipv4(
         return Err(Counter::DropVmTranslateFailed);
     }
     // Routed to a VM reached by IP rewrite: only a VM with a rewrite PA of its own sends so
-    // (a domain may mix methods across its VSIDs).
-    if rdid.is_some() && dst.method == Method::Rewrite as u8 && port.method != Method::Rewrite as u8
+    // (a domain may mix methods across its VSIDs); and rewrite restores a VM's own address
+    // only: an appliance's answers for the world behind it cross by NVGRE.
+    if dst.method == Method::Rewrite as u8
+        && ((rdid.is_some() && port.method != Method::Rewrite as u8) || appliance)
     {
         return Err(Counter::DropVmRoutedRewrite);
     }

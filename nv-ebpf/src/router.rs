@@ -111,7 +111,7 @@ pub fn is_gateway_in(rdid: u32, addr: [u8; 4]) -> bool {
 }
 
 /// The VSID an inner source `ca` of a routed packet arriving in `vsid` lives in: a subnet of
-/// the same domain (on-link routes only: a next hop's world is not trusted yet).
+/// the same domain (on-link routes only; IP rewrite restores no other address exactly).
 #[inline(always)]
 pub fn source_of(vsid: u32, ca: [u8; 4]) -> Option<u32> {
     let rdid = domain(vsid)?;
@@ -119,6 +119,43 @@ pub fn source_of(vsid: u32, ca: [u8; 4]) -> Option<u32> {
         (v, target) if target == ca => Some(v),
         _ => None,
     }
+}
+
+/// The VM an inner source `ca` of NVGRE arriving in `vsid` may come from, as (VSID, CA): a
+/// CA of a subnet of the same domain, or the next hop of the domain's route that covers `ca`
+/// (an appliance answering for the world behind it).
+#[inline(always)]
+pub fn sender_of(vsid: u32, ca: [u8; 4]) -> Option<(u32, [u8; 4])> {
+    lookup(domain(vsid)?, ca)
+}
+
+/// The next hop, in `vsid` itself, of the route of `vsid`'s domain that covers `dst` (an
+/// address of the world behind an appliance of this VSID).
+#[inline(always)]
+pub fn next_hop_for(vsid: u32, dst: [u8; 4]) -> Option<[u8; 4]> {
+    match lookup(domain(vsid)?, dst)? {
+        (v, target) if v == vsid && target != dst => Some(target),
+        _ => None,
+    }
+}
+
+/// Whether the VM (`vsid`, `own`) may send from `src`, an address not its own: it is the
+/// next hop, in its own VSID, of the route of its domain that covers `src`.
+#[inline(always)]
+pub fn speaks_for(vsid: u32, own: [u8; 4], src: [u8; 4]) -> bool {
+    let Some(rdid) = domain(vsid) else {
+        return false;
+    };
+    let key = Key::new(
+        RouteKey::prefix_len(32),
+        RouteKey {
+            rdid: rdid.to_be_bytes(),
+            addr: src,
+        },
+    );
+    ROUTES
+        .get(&key)
+        .is_some_and(|hop| !hop.on_link() && hop.vsid == vsid && hop.nexthop == own)
 }
 
 /// Decrements the TTL of a packet about to be routed, and readdresses its frame: from the

@@ -236,12 +236,19 @@ fn nvgre(
     {
         return Err(Counter::DropUplinkInnerMalformed);
     }
-    let lookup = LookupKey {
+    // The VM the inner destination names, or (routed to the world behind a next hop of
+    // this VSID) that next hop: asked only when no VM has the address.
+    let named = LookupKey {
         vsid,
         ca: inner_ip.dst,
     };
-    // SAFETY: read-only use of a value the agent replaces whole.
-    let Some(dst) = (unsafe { LOOKUPS.get(lookup) }) else {
+    // SAFETY: read-only use of values the agent replaces whole.
+    let found = match unsafe { LOOKUPS.get(named) } {
+        Some(dst) => Some((dst, named.ca)),
+        None => router::next_hop_for(vsid, inner_ip.dst)
+            .and_then(|ca| unsafe { LOOKUPS.get(LookupKey { vsid, ca }) }.map(|d| (d, ca))),
+    };
+    let Some((dst, dst_ca)) = found else {
         // SAFETY: presence check only.
         return Err(if unsafe { HOSTED_VSIDS.get(vsid) }.is_none() {
             Counter::DropUplinkVsidNotHosted
@@ -264,14 +271,15 @@ fn nvgre(
     let (src, mac) = match unsafe { LOOKUPS.get(source) } {
         Some(src) => (src, src.mac),
         None => {
-            let from = router::source_of(vsid, inner_ip.src).ok_or(Counter::DropUplinkSpoofedPa)?;
-            let routed = LookupKey {
-                vsid: from,
-                ca: inner_ip.src,
-            };
+            // A subnet of the domain, or the next hop that answers for the world behind it.
+            let (from, ca) =
+                router::sender_of(vsid, inner_ip.src).ok_or(Counter::DropUplinkSpoofedPa)?;
             // SAFETY: as above.
-            let src = unsafe { LOOKUPS.get(routed) }.ok_or(Counter::DropUplinkSpoofedPa)?;
-            (src, router::mac())
+            let src = unsafe { LOOKUPS.get(LookupKey { vsid: from, ca }) }
+                .ok_or(Counter::DropUplinkSpoofedPa)?;
+            // Routed from another VSID: from the router; a next hop of this VSID sending
+            // directly: from its own MAC.
+            (src, if from == vsid { src.mac } else { router::mac() })
         }
     };
     if v4_of(&src.pa) != Some(ip.src) {
@@ -290,7 +298,7 @@ fn nvgre(
         port: dst.ifindex,
         pa: v4_of(&dst.pa).unwrap_or_default(),
         vsid,
-        ca: lookup.ca,
+        ca: dst_ca,
     })
 }
 

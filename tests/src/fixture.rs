@@ -316,6 +316,16 @@ impl Host {
             route("greenland", GREEN, "10.0.0.0/24", Some("10.0.0.254"))?,
             route("greenland", GREEN_B, "10.3.0.0/24", None)?,
         ];
+        // contoso's appliances: RED-B (remote) for 192.0.2.0/24, RED-3 (here) for
+        // 198.51.100.0/24.
+        let via = |vsid: u32, prefix: &str, nexthop: &str| {
+            serde_json::from_value::<nv_agent::model::RouteRecord>(serde_json::json!({
+                "rdid": "contoso", "vsid": vsid, "prefix": prefix, "nexthop": nexthop,
+            }))
+        };
+        let mut rows = rows;
+        rows.push(via(RED_B, "192.0.2.0/24", "10.1.0.5")?);
+        rows.push(via(RED, "198.51.100.0/24", "10.0.0.3")?);
         let index = nv_agent::tables::routes::RouteIndex::from_rows(rows)?;
         self.desired.routing = nv_agent::tables::routes::entries(&index);
         for (vsid, ca, mac) in [

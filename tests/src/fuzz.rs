@@ -244,6 +244,29 @@ fn check_nvgre_source(known: &Known, input: &[u8], vsid: u32, inner: &[u8]) -> a
             && *pa == outer_src
             && inner.get(6..12) == Some(&ROUTER_MAC[..])
     });
+    // Or a next hop of the domain answering for the world behind it: from its PA, and from
+    // the router's MAC (its own, when it is of this VSID).
+    let domain = known.domains.get(&vsid);
+    let from_appliance = known.appliances.iter().any(|a| {
+        let (d, v, ca) = (&a.domain, &a.vsid, &a.ca);
+        let inside = a.covers(inner_src);
+        let mac = if *v == vsid {
+            known
+                .sources
+                .get(&LookupKey { vsid: *v, ca: *ca })
+                .map(|s| s.1)
+        } else {
+            Some(ROUTER_MAC)
+        };
+        domain == Some(d)
+            && inside
+            && known
+                .sources
+                .get(&LookupKey { vsid: *v, ca: *ca })
+                .is_some_and(|(pa, _)| *pa == outer_src)
+            && mac.is_some_and(|m| inner.get(6..12) == Some(&m[..]))
+    });
+    let routed = routed || from_appliance;
     ensure!(
         routed,
         "delivered VSID {vsid} from {inner_src:?} via {outer_src:?}, its record says {recorded:?}"
@@ -293,9 +316,45 @@ struct Known {
     /// Each routed VSID's domain, and each domain's gateways (with their subnet's VSID).
     domains: HashMap<u32, u32>,
     gateways: HashMap<(u32, [u8; 4]), u32>,
+    /// Routes through a next hop.
+    appliances: Vec<Appliance>,
+}
+
+/// A route through a next hop: in `domain`, `prefix`/`len` is behind the VM (`vsid`, `ca`).
+struct Appliance {
+    domain: u32,
+    prefix: [u8; 4],
+    len: u32,
+    vsid: u32,
+    ca: [u8; 4],
+}
+
+impl Appliance {
+    fn covers(&self, addr: [u8; 4]) -> bool {
+        let mask = u32::MAX.checked_shl(32 - self.len).unwrap_or(0);
+        u32::from_be_bytes(addr) & mask == u32::from_be_bytes(self.prefix)
+    }
 }
 
 impl Known {
+    /// Where NVGRE of `vsid` for `dst` is delivered: the VM of that address, or the next hop
+    /// (of this VSID) of the world behind it; (its CA, its port: 0 when remote).
+    fn delivered_to(&self, vsid: u32, dst: [u8; 4]) -> Option<([u8; 4], u32)> {
+        if let Some(port) = self.ports.get(&LookupKey { vsid, ca: dst }) {
+            return Some((dst, *port));
+        }
+        let domain = self.domains.get(&vsid)?;
+        self.appliances
+            .iter()
+            .filter(|a| a.domain == *domain && a.vsid == vsid && a.covers(dst))
+            .max_by_key(|a| a.len)
+            .and_then(|a| {
+                self.ports
+                    .get(&LookupKey { vsid, ca: a.ca })
+                    .map(|p| (a.ca, *p))
+            })
+    }
+
     /// Whether `a` and `b` are VSIDs of one routing domain.
     fn same_domain(&self, a: u32, b: u32) -> bool {
         self.domains
@@ -337,6 +396,20 @@ impl Known {
                 .gateways
                 .iter()
                 .map(|(k, v)| ((k.rdid, k.addr), *v))
+                .collect(),
+            appliances: h
+                .desired
+                .routing
+                .routes
+                .iter()
+                .filter(|(_, hop)| !hop.on_link())
+                .map(|((len, k), hop)| Appliance {
+                    domain: u32::from_be_bytes(k.rdid),
+                    prefix: k.addr,
+                    len: len - 32,
+                    vsid: hop.vsid,
+                    ca: hop.nexthop,
+                })
                 .collect(),
         })
     }
@@ -403,18 +476,16 @@ fn check_uplink(
             out[meta_len..] == *inner,
             "decapsulated frame differs from the inner frame"
         );
-        let (_, meta_dst) =
-            ipv4(inner, 14).ok_or_else(|| anyhow::anyhow!("delivered a frame without IPv4"))?;
-        ensure!(
-            u32::from_ne_bytes(out[8..12].try_into()?) == vsid && out[12..16] == meta_dst,
-            "delivery metadata names another VM than the inner frame's"
-        );
         let (_, dst) =
             ipv4(inner, 14).ok_or_else(|| anyhow::anyhow!("delivered a frame without IPv4"))?;
-        let owner = records.get(&LookupKey { vsid, ca: dst });
+        let to = known.delivered_to(vsid, dst);
         ensure!(
-            owner == Some(&port) && port != 0,
-            "VSID {vsid} {dst:?} delivered to port {port}, its record says {owner:?}"
+            to.is_some_and(|(ca, owner)| owner == port
+                && port != 0
+                && u32::from_ne_bytes(out[8..12].try_into().unwrap_or_default()) == vsid
+                && out[12..16] == ca),
+            "VSID {vsid} {dst:?} delivered to port {port} (metadata {:02x?}), its records say {to:?}",
+            &out[8..16]
         );
         return check_nvgre_source(known, input, vsid, inner);
     }
@@ -438,7 +509,7 @@ fn check_uplink(
         {
             let (_, dst) =
                 ipv4(inner, 14).ok_or_else(|| anyhow::anyhow!("delivered a frame without IPv4"))?;
-            let owner = records.get(&LookupKey { vsid, ca: dst }).copied();
+            let owner = known.delivered_to(vsid, dst).map(|(_, p)| p);
             ensure!(
                 owner.is_some_and(|p| p != 0),
                 "TC delivered VSID {vsid} {dst:?}, which is no VM here"

@@ -359,3 +359,96 @@ fn a_vm_of_a_rewrite_vsid_is_routed_by_rewrite() -> anyhow::Result<()> {
     )?;
     Ok(())
 }
+
+#[test]
+fn a_next_hop_speaks_for_the_world_behind_it_and_no_one_else() -> anyhow::Result<()> {
+    let h = routed_host()?;
+    let red3 = h.ns.ifindex("red3")?;
+    // RED-3 is the next hop of 198.51.100.0/24: its answers from there are routed.
+    let from_world = udp_frame(RED3_MAC, ROUTER_MAC, [198, 51, 100, 7], CA_B, b"world");
+    let out = h.expect(
+        FROM_VM,
+        &from_world,
+        Some(red3),
+        TC_ACT_REDIRECT,
+        "vm_routed",
+    )?;
+    ensure!(
+        u32::from_be_bytes(out[38..42].try_into()?) >> 8 == RED_B,
+        "an appliance's answer rides in its destination's VSID"
+    );
+    // RED-1 is no next hop of it; fabrikam has no such route.
+    let forged = udp_frame(RED1_MAC, ROUTER_MAC, [198, 51, 100, 7], CA_B, b"forged");
+    h.expect(
+        FROM_VM,
+        &forged,
+        Some(h.red1),
+        TC_ACT_SHOT,
+        "drop_vm_spoofed_ip",
+    )?;
+    let forged = udp_frame(BLUE1_MAC, ROUTER_MAC, [198, 51, 100, 7], CA_B, b"forged");
+    h.expect(
+        FROM_VM,
+        &forged,
+        Some(h.blue1),
+        TC_ACT_SHOT,
+        "drop_vm_spoofed_ip",
+    )?;
+    // Arriving: 192.0.2.9 is behind RED-B (remote): taken from RED-B's PA, as routed.
+    let mut h = h;
+    for flags in [0, nv_common::DatapathConfig::TC_DECAP] {
+        h.set_flags(flags)?;
+        let (program, pass, drop) = if flags == 0 {
+            (UPLINK_XDP, XDP_PASS, XDP_DROP)
+        } else {
+            (UPLINK_TC, TC_ACT_REDIRECT, TC_ACT_SHOT)
+        };
+        let from = |outer: [u8; 4], vsid: u32| {
+            let inner = udp_frame(ROUTER_MAC, RED1_MAC, [192, 0, 2, 9], CA1, b"x");
+            nvgre(
+                GATEWAY_MAC,
+                h.uplink_mac,
+                outer,
+                LOCAL_PA,
+                vsid << 8,
+                0,
+                &inner,
+            )
+        };
+        h.expect(program, &from(REMOTE_PA, RED), None, pass, "uplink_decap")?;
+        // RED-B to the world behind RED-3: delivered to RED-3, this host's next hop for it.
+        let inner = udp_frame(ROUTER_MAC, RED3_MAC, CA_B, [198, 51, 100, 7], b"x");
+        let to_world = nvgre(
+            GATEWAY_MAC,
+            h.uplink_mac,
+            REMOTE_PA,
+            LOCAL_PA,
+            RED << 8,
+            0,
+            &inner,
+        );
+        let out = h.expect(program, &to_world, None, pass, "uplink_decap")?;
+        if flags == 0 {
+            ensure!(
+                out[4..8] == red3.to_ne_bytes() && out[12..16] == CA3,
+                "XDP hands the world's packet to RED-3: {:02x?}",
+                &out[..16]
+            );
+        }
+        h.expect(
+            program,
+            &from([198, 18, 0, 9], RED),
+            None,
+            drop,
+            "drop_uplink_spoofed_pa",
+        )?;
+        h.expect(
+            program,
+            &from(REMOTE_PA, BLUE),
+            None,
+            drop,
+            "drop_uplink_spoofed_pa",
+        )?;
+    }
+    Ok(())
+}

@@ -313,7 +313,57 @@ fn two_subnets_of_a_domain_are_routed_by_every_host_and_other_domains_never_see_
         routed_across_hosts_and_locally(&bed, hook)?;
         the_other_domain_never_sees_a_frame(&bed)?;
         ttl_one_expires_at_the_router(&bed)?;
+        an_appliance_answers_for_the_world_behind_it(&bed)?;
     }
+    Ok(())
+}
+
+/// RED-B becomes contoso's next hop for 0.0.0.0/0, with 192.0.2.1 behind it (on its lo): RED
+/// reaches it across hosts and on host 2, its answers come back; fabrikam has no such route.
+fn an_appliance_answers_for_the_world_behind_it(bed: &TwoHosts) -> anyhow::Result<()> {
+    let default = add("contoso", 7002, "0.0.0.0/0", VM_B, &[]);
+    for h in &bed.hosts {
+        h.nvctl(&strs(&default))?;
+    }
+    bed.vm("RED-B")
+        .ns
+        .ip(&["addr", "add", "192.0.2.1/32", "dev", "lo"])?;
+    let before: Vec<_> = bed
+        .hosts
+        .iter()
+        .map(nv_tests::testbed::Host::counters)
+        .collect::<anyhow::Result<_>>()?;
+    let got = bed.ping("RED-1", "192.0.2.1", 3)?;
+    if got != 3 {
+        let mut said = Vec::new();
+        for (h, b) in bed.hosts.iter().zip(&before) {
+            let after = h.counters()?;
+            for (name, n) in &after {
+                let d = n - b.get(name).copied().unwrap_or(0);
+                if d > 0 {
+                    said.push(format!("{}:{name}+{d}", h.name));
+                }
+            }
+        }
+        anyhow::bail!(
+            "RED-1 -> the world behind RED-B: {got} of 3; {}",
+            said.join(" ")
+        );
+    }
+    ensure!(
+        bed.ping("RED-2", "192.0.2.1", 3)? == 3,
+        "RED-2 -> the world behind RED-B, on host 2"
+    );
+    ensure!(
+        bed.ping("BLUE-1", "192.0.2.1", 2)? == 0,
+        "fabrikam reached contoso's appliance"
+    );
+    for h in &bed.hosts {
+        h.nvctl(&["route", "del", "--rdid", "contoso", "--prefix", "0.0.0.0/0"])?;
+    }
+    bed.vm("RED-B")
+        .ns
+        .ip(&["addr", "del", "192.0.2.1/32", "dev", "lo"])?;
     Ok(())
 }
 

@@ -35,7 +35,7 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "VM source IPv4 is its port's CA",
         file: "nv-ebpf/src/from_vm.rs",
-        check: "if v4_of(&port.ca) != Some(ip.src) {",
+        check: "if appliance && !router::speaks_for(port.vsid, own, ip.src) {",
         removed: "if false {",
         tests: PROGRAMS,
     },
@@ -383,8 +383,15 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "a routed source comes from the router's MAC",
         file: "nv-ebpf/src/uplink_rx.rs",
-        check: "(src, router::mac())",
+        check: "(src, if from == vsid { src.mac } else { router::mac() })",
         removed: "(src, inner_eth.src)",
+        tests: &["router"],
+    },
+    Mutation {
+        name: "only a route's next hop speaks for the world behind it",
+        file: "nv-ebpf/src/router.rs",
+        check: ".is_some_and(|hop| !hop.on_link() && hop.vsid == vsid && hop.nexthop == own)",
+        removed: ".is_some_and(|hop| !hop.on_link())",
         tests: &["router"],
     },
 ];
