@@ -485,12 +485,14 @@ pub fn changes_of(updates: &[Update], me: &str) -> (Vec<usize>, Vec<Change>, Vec
             }
         }
     }
-    // Records, then subnets, then the routes through them: a set checked one by one in that
-    // order keeps what a set written in any order keeps.
+    // Deletions, then records, then subnets, then the routes through them: a set checked one
+    // by one in that order keeps what a set written in any order keeps (a subnet resized, a
+    // VSID moved to another domain, a record at a former gateway).
     let rank = |c: &Change| match c {
-        Change::PutRoute { route } if route.on_link() => 1,
-        c if c.is_route() => 2,
-        _ => 0,
+        Change::DelLookup { .. } | Change::DelRoute { .. } => 0,
+        Change::PutRoute { route } if route.on_link() => 2,
+        Change::PutRoute { .. } => 3,
+        _ => 1,
     };
     let mut order: Vec<usize> = (0..changes.len()).collect();
     order.sort_by_key(|&j| rank(&changes[j]));
@@ -545,5 +547,44 @@ fn route_change(k: &[u8], v: Option<&[u8]>) -> Meaning {
             Some(gone),
         ),
         Err(e) => Meaning::LeftOut(format!("does not parse: {e}"), Some(gone)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deletions go first, then records, subnets and next-hop routes, whatever order etcd's
+    /// keys came in: a subnet resized in one batch is not refused as overlapping itself.
+    #[test]
+    fn a_batch_applies_deletions_then_records_subnets_and_next_hops() {
+        let route = |prefix: &str, nexthop: &str| {
+            let r: crate::model::RouteRecord = serde_json::from_value(serde_json::json!({
+                "rdid": "contoso", "vsid": 5001, "prefix": prefix, "nexthop": nexthop,
+            }))
+            .unwrap();
+            (
+                routes::etcd_key(&r.key()).into_bytes(),
+                Some(serde_json::to_vec(&r).unwrap()),
+            )
+        };
+        let record =
+            br#"{"vsid":5001,"ca":"10.1.0.9","pa":"198.18.0.2","mac":"02:00:00:00:00:09"}"#;
+        let updates: Vec<Update> = vec![
+            route("0.0.0.0/0", "10.1.0.9"),
+            route("10.1.0.0/23", "0.0.0.0"),
+            (
+                b"/nv/v1/lookups/5001/10.1.0.9".to_vec(),
+                Some(record.to_vec()),
+            ),
+            (route("10.1.0.0/24", "0.0.0.0").0, None),
+        ];
+        let (from, changes, left_out) = changes_of(&updates, "h1");
+        assert!(left_out.is_empty(), "{left_out:?}");
+        assert_eq!(from, vec![3, 2, 1, 0]);
+        assert!(matches!(changes[0], Change::DelRoute { .. }));
+        assert!(matches!(changes[1], Change::PutLookup { .. }));
+        assert!(matches!(&changes[2], Change::PutRoute { route } if route.on_link()));
+        assert!(matches!(&changes[3], Change::PutRoute { route } if !route.on_link()));
     }
 }

@@ -158,8 +158,11 @@ fn forward_ipv4(
     // Routed to a VM reached by IP rewrite: only a VM with a rewrite PA of its own sends so
     // (a domain may mix methods across its VSIDs); and rewrite restores a VM's own address
     // only: an appliance's answers for the world behind it cross by NVGRE.
+    // Nor does it carry a packet for the world behind a next hop: it would arrive addressed
+    // to the next hop itself.
     if dst.method == Method::Rewrite as u8
-        && ((rdid.is_some() && port.method != Method::Rewrite as u8) || appliance)
+        && ((rdid.is_some() && (port.method != Method::Rewrite as u8 || target != ip.dst))
+            || appliance)
     {
         return Err(Counter::DropVmRoutedRewrite);
     }

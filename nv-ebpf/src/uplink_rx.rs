@@ -290,7 +290,9 @@ fn nvgre(
     if src.ifindex != 0 {
         return Err(Counter::DropUplinkOwnSource);
     }
-    if inner_eth.src != mac {
+    // The recorded MAC; or the router's, for a packet its sender's host routed within this
+    // VSID (to a next hop of it, or to the router's MAC on-link): only in a routed VSID.
+    if inner_eth.src != mac && (inner_eth.src != router::mac() || router::domain(vsid).is_none()) {
         return Err(Counter::DropUplinkSpoofedMac);
     }
     Ok(Verdict::Nvgre {

@@ -326,6 +326,10 @@ impl Host {
         let mut rows = rows;
         rows.push(via(RED_B, "192.0.2.0/24", "10.1.0.5")?);
         rows.push(via(RED, "198.51.100.0/24", "10.0.0.3")?);
+        rows.push(serde_json::from_value(serde_json::json!({
+            "rdid": "greenland", "vsid": GREEN_B, "prefix": "203.0.113.0/24",
+            "nexthop": "10.3.0.5",
+        }))?);
         let index = nv_agent::tables::routes::RouteIndex::from_rows(rows)?;
         self.desired.routing = nv_agent::tables::routes::entries(&index);
         for (vsid, ca, mac) in [

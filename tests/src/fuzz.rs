@@ -234,7 +234,12 @@ fn check_nvgre_source(known: &Known, input: &[u8], vsid: u32, inner: &[u8]) -> a
         vsid,
         ca: inner_src,
     });
-    if recorded.is_some_and(|(pa, mac)| *pa == outer_src && inner.get(6..12) == Some(&mac[..])) {
+    // Its own MAC, or the router's when its host routed it within this VSID (a routed VSID).
+    let routed_here =
+        known.domains.contains_key(&vsid) && inner.get(6..12) == Some(&ROUTER_MAC[..]);
+    if recorded.is_some_and(|(pa, mac)| {
+        *pa == outer_src && (inner.get(6..12) == Some(&mac[..]) || routed_here)
+    }) {
         return Ok(());
     }
     let routed = known.sources.iter().any(|(k, (pa, _))| {

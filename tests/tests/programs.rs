@@ -1185,6 +1185,18 @@ fn the_underlay_cannot_speak_for_a_tenant_it_does_not_host() -> anyhow::Result<(
             &stranger,
         );
         h.expect(program, &forged, None, drop, "drop_uplink_spoofed_pa")?;
+        // RED-2's addresses from the router's MAC: RED is in no routing domain here.
+        let routed = udp_frame(ROUTER_MAC, RED1_MAC, CA2, CA1, b"x");
+        let forged = nvgre(
+            GATEWAY_MAC,
+            h.uplink_mac,
+            REMOTE_PA,
+            LOCAL_PA,
+            RED << 8,
+            0,
+            &routed,
+        );
+        h.expect(program, &forged, None, drop, "drop_uplink_spoofed_mac")?;
         // RED-2's addresses with BLUE-2's MAC.
         let wrong_mac = udp_frame(BLUE2_MAC, RED1_MAC, CA2, CA1, b"x");
         let forged = nvgre(

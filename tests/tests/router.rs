@@ -266,6 +266,15 @@ fn a_routed_source_is_taken_only_from_a_subnet_of_the_same_domain() -> anyhow::R
             pass,
             "uplink_decap",
         )?;
+        // RED-2 (RED's own VSID) from the router's MAC: routed within the VSID by its host
+        // (to a next hop of it, or on-link through the router).
+        h.expect(
+            program,
+            &from(ROUTER_MAC, CA2, RED),
+            None,
+            pass,
+            "uplink_decap",
+        )?;
         // The same with RED-B's own MAC: a routed packet comes from the router.
         h.expect(
             program,
@@ -348,6 +357,16 @@ fn a_vm_of_a_rewrite_vsid_is_routed_by_rewrite() -> anyhow::Result<()> {
         None,
         TC_ACT_SHOT,
         "drop_uplink_rewrite_unknown_src",
+    )?;
+    // Rewrite restores a VM's own address only: 203.0.113.0/24, behind GREEN-B, is not
+    // reached through it by rewrite.
+    h.set_flags(0)?;
+    h.expect(
+        FROM_VM,
+        &udp_frame(GREEN1_MAC, ROUTER_MAC, CA1, [203, 0, 113, 1], b"x"),
+        Some(h.green1),
+        TC_ACT_SHOT,
+        "drop_vm_routed_rewrite",
     )?;
     // RED (NVGRE) routed to a rewrite destination: RED-1 has no rewrite PA of its own.
     h.expect(

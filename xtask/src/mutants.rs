@@ -177,8 +177,8 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "NVGRE with the MAC recorded for its source",
         file: "nv-ebpf/src/uplink_rx.rs",
-        check: "if inner_eth.src != mac {",
-        removed: "if false {",
+        check: "if inner_eth.src != mac && (inner_eth.src != router::mac() || router::domain(vsid).is_none())",
+        removed: "if false",
         tests: PROGRAMS,
     },
     Mutation {
@@ -393,6 +393,13 @@ const MUTATIONS: &[Mutation] = &[
         check: ".is_some_and(|hop| !hop.on_link() && hop.vsid == vsid && hop.nexthop == own)",
         removed: ".is_some_and(|hop| !hop.on_link())",
         tests: &["router"],
+    },
+    Mutation {
+        name: "the router's MAC as a source only in a routed VSID",
+        file: "nv-ebpf/src/uplink_rx.rs",
+        check: "(inner_eth.src != router::mac() || router::domain(vsid).is_none())",
+        removed: "(inner_eth.src != router::mac())",
+        tests: PROGRAMS,
     },
 ];
 

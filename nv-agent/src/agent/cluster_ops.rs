@@ -91,7 +91,8 @@ impl Agent {
         let Some(cluster) = self.cluster.clone() else {
             return Err(invalid("not in cluster mode"));
         };
-        let (from, mut changes, mut left_out) = cluster::changes_of(&updates, &cluster.host);
+        // A full read takes away what etcd no longer holds, before anything else goes in.
+        let mut changes = Vec::new();
         if full {
             let keep: std::collections::HashSet<(u32, IpAddr)> = updates
                 .iter()
@@ -115,6 +116,11 @@ impl Agent {
                 }
             }
         }
+        let stale = changes.len();
+        let (from, read, mut left_out) = cluster::changes_of(&updates, &cluster.host);
+        changes.extend(read);
+        // The update each change came from (none for the stale rows' deletions).
+        let from = |j: usize| j.checked_sub(stale).and_then(|j| from.get(j)).copied();
         // This host's VM ports: a missing one is a VM not started yet; a device that cannot be
         // a VM's port leaves the record out.
         let mut links = HashMap::new();
@@ -131,8 +137,8 @@ impl Agent {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    if let Some(i) = from.get(j) {
-                        left_out.push((*i, e.to_string()));
+                    if let Some(i) = from(j) {
+                        left_out.push((i, e.to_string()));
                     }
                     *change = Change::DelLookup {
                         vsid: record.vsid,
@@ -155,8 +161,8 @@ impl Agent {
             self.tables
                 .apply_lenient(&journal, &mut self.datapath, &at, &changes)?;
         for (j, e) in skipped {
-            if let Some(i) = from.get(j) {
-                left_out.push((*i, e.to_string()));
+            if let Some(i) = from(j) {
+                left_out.push((i, e.to_string()));
             }
         }
         for port in &applied.filtered {

@@ -311,52 +311,91 @@ impl RouteIndex {
             )));
         }
         if r.on_link() {
-            if let Some(o) = self
-                .subnets(&r.rdid)
-                .find(|o| o.key() != key && o.prefix.overlaps(&r.prefix))
-            {
-                return Err(NvError::Conflict(format!(
-                    "{} overlaps {} of VSID {} in {}: the subnets of one routing domain do \
-                     not overlap",
-                    r.prefix, o.prefix, o.vsid, r.rdid
-                )));
-            }
-            let gateway = r.gateway_addr().unwrap_or(Ipv4Addr::UNSPECIFIED);
-            if let Some(name) = record_at(r.vsid, gateway) {
-                return Err(NvError::Conflict(format!(
-                    "{gateway}, the gateway of {} in VSID {}, is the CA of {name}: choose \
-                     another address with --gateway, or move that VM",
-                    r.prefix, r.vsid
-                )));
-            }
-            if let Some(o) = self.routes.values().find(|o| {
-                o.rdid == r.rdid && !o.on_link() && o.vsid == r.vsid && o.nexthop == gateway
-            }) {
-                return Err(NvError::Conflict(format!(
-                    "{gateway} would be the gateway of {}, but it is the next hop of {}: \
-                     choose another address with --gateway",
-                    r.prefix,
-                    show(o)
-                )));
-            }
+            self.check_subnet(r, &key, record_at)
         } else {
-            let Some(subnet) = self
-                .subnets(&r.rdid)
-                .find(|o| o.vsid == r.vsid && o.prefix.contains(r.nexthop))
-            else {
-                return Err(invalid(format!(
-                    "next hop {} is in no subnet of VSID {} in {}: add that subnet first \
-                     (nvctl route add --rdid {} --vsid {} --prefix CIDR --nexthop 0.0.0.0)",
-                    r.nexthop, r.vsid, r.rdid, r.rdid, r.vsid
-                )));
-            };
-            if subnet.gateway_addr() == Some(r.nexthop) {
-                return Err(invalid(format!(
-                    "next hop {} is the gateway of {}: a next hop is a VM's CA (a gateway or \
-                     appliance with a lookup record)",
-                    r.nexthop, subnet.prefix
-                )));
-            }
+            self.check_via(r)
+        }
+    }
+
+    /// The rules of a subnet (an on-link route) among the domain's routes and the records.
+    fn check_subnet(
+        &self,
+        r: &RouteRecord,
+        key: &RouteKey,
+        record_at: &dyn Fn(u32, Ipv4Addr) -> Option<String>,
+    ) -> Result<()> {
+        if let Some(o) = self
+            .subnets(&r.rdid)
+            .find(|o| &o.key() != key && o.prefix.overlaps(&r.prefix))
+        {
+            return Err(NvError::Conflict(format!(
+                "{} overlaps {} of VSID {} in {}: the subnets of one routing domain do \
+                 not overlap",
+                r.prefix, o.prefix, o.vsid, r.rdid
+            )));
+        }
+        let gateway = r.gateway_addr().unwrap_or(Ipv4Addr::UNSPECIFIED);
+        if let Some(name) = record_at(r.vsid, gateway) {
+            return Err(NvError::Conflict(format!(
+                "{gateway}, the gateway of {} in VSID {}, is the CA of {name}: choose \
+                 another address with --gateway, or move that VM",
+                r.prefix, r.vsid
+            )));
+        }
+        if let Some(o) = self
+            .routes
+            .values()
+            .find(|o| o.rdid == r.rdid && !o.on_link() && o.vsid == r.vsid && o.nexthop == gateway)
+        {
+            return Err(NvError::Conflict(format!(
+                "{gateway} would be the gateway of {}, but it is the next hop of {}: \
+                 choose another address with --gateway",
+                r.prefix,
+                show(o)
+            )));
+        }
+        // A subnet's addresses are its VMs': no next hop may take some of them over.
+        if let Some(o) = self
+            .routes
+            .values()
+            .find(|o| o.rdid == r.rdid && !o.on_link() && within(o.prefix, r.prefix))
+        {
+            return Err(NvError::Conflict(format!(
+                "{} would hold {} of {}: a subnet's addresses are its VMs', no next hop's \
+                 (delete that route first)",
+                r.prefix,
+                o.prefix,
+                show(o)
+            )));
+        }
+        Ok(())
+    }
+
+    /// The rules of a route through a next hop.
+    fn check_via(&self, r: &RouteRecord) -> Result<()> {
+        if let Some(o) = self.subnets(&r.rdid).find(|o| within(r.prefix, o.prefix)) {
+            return Err(NvError::Conflict(format!(
+                "{} lies in {}, the subnet of VSID {}: a subnet's addresses are its VMs', \
+                 no next hop's",
+                r.prefix, o.prefix, o.vsid
+            )));
+        }
+        let Some(subnet) = self
+            .subnets(&r.rdid)
+            .find(|o| o.vsid == r.vsid && o.prefix.contains(r.nexthop))
+        else {
+            return Err(invalid(format!(
+                "next hop {} is in no subnet of VSID {} in {}: add that subnet first \
+                 (nvctl route add --rdid {} --vsid {} --prefix CIDR --nexthop 0.0.0.0)",
+                r.nexthop, r.vsid, r.rdid, r.rdid, r.vsid
+            )));
+        };
+        if subnet.gateway_addr() == Some(r.nexthop) {
+            return Err(invalid(format!(
+                "next hop {} is the gateway of {}: a next hop is a VM's CA (a gateway or \
+                 appliance with a lookup record)",
+                r.nexthop, subnet.prefix
+            )));
         }
         Ok(())
     }
@@ -405,6 +444,11 @@ impl RouteIndex {
         }
         Some(old)
     }
+}
+
+/// Whether `inner` equals `outer` or lies inside it.
+fn within(inner: Subnet, outer: Subnet) -> bool {
+    inner.len >= outer.len && outer.contains(inner.addr)
 }
 
 /// A route in one line: `t1 10.2.0.0/16 via 10.1.0.254 (VSID 5001, metric 0)`.
@@ -528,6 +572,28 @@ mod tests {
         ] {
             assert_eq!(parse_etcd_key(bad.as_bytes()), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn no_next_hop_takes_over_a_subnets_addresses() {
+        let mut i = index(&[
+            route("red", 5001, "10.1.0.0/24", "0.0.0.0", 0),
+            route("red", 5002, "10.2.0.0/24", "0.0.0.0", 0),
+        ]);
+        for inside in ["10.1.0.5/32", "10.1.0.0/24", "10.1.0.128/25"] {
+            let e = refused(&i, &route("red", 5002, inside, "10.2.0.9", 1));
+            assert!(e.contains("lies in 10.1.0.0/24"), "{inside}: {e}");
+        }
+        // Around a subnet (a default route) is what next hops are for.
+        let default = route("red", 5002, "0.0.0.0/0", "10.2.0.9", 0);
+        i.check_put(&default, &none).unwrap();
+        i.insert(default);
+        // And a subnet may not come to hold a next hop's prefix.
+        let via = route("red", 5002, "10.8.0.0/24", "10.2.0.9", 0);
+        i.check_put(&via, &none).unwrap();
+        i.insert(via);
+        let e = refused(&i, &route("red", 5003, "10.8.0.0/16", "0.0.0.0", 0));
+        assert!(e.contains("would hold 10.8.0.0/24"), "{e}");
     }
 
     #[test]
