@@ -7,7 +7,7 @@
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use nv_common::{
     Counter, PortInfo,
-    routing::{GatewayKey, RouteKey},
+    routing::{GatewayKey, RouteHop, RouteKey},
     wire::{ETH_HLEN, IPPROTO_ICMP},
 };
 
@@ -35,32 +35,31 @@ pub fn domain(vsid: u32) -> Option<u32> {
     unsafe { VSID_ROUTING.get(vsid) }.map(|r| r.rdid)
 }
 
-/// Where `dst` goes in domain `rdid`: the VSID it lives in and the CA of the VM to hand it
-/// to (`dst` itself on-link, else the route's next hop).
+/// The route of domain `rdid` whose prefix holds `addr` most closely.
 #[inline(always)]
-pub fn lookup(rdid: u32, dst: [u8; 4]) -> Option<(u32, [u8; 4])> {
+fn route_to(rdid: u32, addr: [u8; 4]) -> Option<&'static RouteHop> {
     let key = Key::new(
         RouteKey::prefix_len(32),
         RouteKey {
             rdid: rdid.to_be_bytes(),
-            addr: dst,
+            addr,
         },
     );
-    let hop = ROUTES.get(&key)?;
+    ROUTES.get(&key)
+}
+
+/// Where `dst` goes in domain `rdid`: the VSID it lives in and the CA of the VM to hand it
+/// to (`dst` itself on-link, else the route's next hop).
+#[inline(always)]
+pub fn lookup(rdid: u32, dst: [u8; 4]) -> Option<(u32, [u8; 4])> {
+    let hop = route_to(rdid, dst)?;
     Some((hop.vsid, if hop.on_link() { dst } else { hop.nexthop }))
 }
 
 /// The gateway of the subnet of domain `rdid` that holds `ca` (a VM's own address).
 #[inline(always)]
 fn gateway_for(rdid: u32, ca: [u8; 4]) -> Option<[u8; 4]> {
-    let key = Key::new(
-        RouteKey::prefix_len(32),
-        RouteKey {
-            rdid: rdid.to_be_bytes(),
-            addr: ca,
-        },
-    );
-    let hop = ROUTES.get(&key)?;
+    let hop = route_to(rdid, ca)?;
     (hop.on_link() && hop.gateway != [0; 4]).then_some(hop.gateway)
 }
 
@@ -146,15 +145,7 @@ pub fn speaks_for(vsid: u32, own: [u8; 4], src: [u8; 4]) -> bool {
     let Some(rdid) = domain(vsid) else {
         return false;
     };
-    let key = Key::new(
-        RouteKey::prefix_len(32),
-        RouteKey {
-            rdid: rdid.to_be_bytes(),
-            addr: src,
-        },
-    );
-    ROUTES
-        .get(&key)
+    route_to(rdid, src)
         .is_some_and(|hop| !hop.on_link() && hop.vsid == vsid && hop.nexthop == own)
 }
 
