@@ -145,8 +145,7 @@ pub fn speaks_for(vsid: u32, own: [u8; 4], src: [u8; 4]) -> bool {
     let Some(rdid) = domain(vsid) else {
         return false;
     };
-    route_to(rdid, src)
-        .is_some_and(|hop| !hop.on_link() && hop.vsid == vsid && hop.nexthop == own)
+    route_to(rdid, src).is_some_and(|hop| !hop.on_link() && hop.vsid == vsid && hop.nexthop == own)
 }
 
 /// Decrements the TTL of a packet about to be routed, and readdresses its frame: from the
