@@ -31,7 +31,7 @@ pub fn admit_add(catalog: &Catalog, new: Vec<RouteRecord>) -> Result<Vec<RouteRe
                 "route {} already exists; delete it first",
                 routes::show(existing)
             ))),
-            None => r.validate().and_then(|()| scratch.check_put(r, &record_at)),
+            None => scratch.put_checked(r, &record_at),
         };
         checked.map_err(|e| {
             if n > 1 {
@@ -40,7 +40,6 @@ pub fn admit_add(catalog: &Catalog, new: Vec<RouteRecord>) -> Result<Vec<RouteRe
                 e
             }
         })?;
-        scratch.insert(r.clone());
     }
     Ok(numbered.into_iter().map(|(_, r)| r).collect())
 }

@@ -26,8 +26,9 @@ use crate::{
     etcd_writer::EtcdWriter,
     model::{LookupRecord, Rdid, RouteKey, RouteRecord, Subnet},
     tables::{
-        lookups::{ETCD_PREFIX, etcd_key, local_view, parse_etcd_key, placed},
-        routes::{self, RouteIndex},
+        Table,
+        lookups::{Lookups, etcd_key, local_view, parse_etcd_key, placed},
+        routes::{self, RouteIndex, Routes},
     },
 };
 
@@ -109,33 +110,47 @@ impl<'a> Operator<'a> {
 
     /// Every record etcd holds.
     pub async fn held(&self) -> anyhow::Result<Held> {
-        let (revision, kvs) = self.writer.range(ETCD_PREFIX).await.map_err(|e| {
-            let unreached = matches!(e, crate::etcd_writer::EtcdError::Unreachable(_));
-            self.said(&e).context(if unreached {
-                "etcd is unreachable"
-            } else {
-                "cannot read the records from etcd"
-            })
-        })?;
-        let mut records = Vec::with_capacity(kvs.len());
-        let mut bad = 0;
-        for (k, v) in kvs {
-            let parsed = parse_etcd_key(&k).and_then(|key| {
-                serde_json::from_slice::<LookupRecord>(&v)
-                    .ok()
-                    .filter(|r| r.key() == key)
-            });
-            match parsed {
-                Some(r) => records.push(r),
-                None => bad += 1,
-            }
-        }
+        let (revision, mut records, bad) = self.rows::<Lookups>(parse_etcd_key).await?;
         records.sort_by_key(LookupRecord::key);
         Ok(Held {
             revision,
             records,
             bad,
         })
+    }
+
+    /// Every row of table `T` etcd holds that parses under its own key (`parse_key` reads
+    /// the key), the revision read at, and how many keys under the table's prefix are none.
+    async fn rows<T: Table>(
+        &self,
+        parse_key: fn(&[u8]) -> Option<T::Key>,
+    ) -> anyhow::Result<(i64, Vec<T::Row>, usize)>
+    where
+        T::Key: PartialEq,
+    {
+        let prefix = T::ETCD_PREFIX.context("a table etcd does not share")?;
+        let (revision, kvs) = self.writer.range(prefix).await.map_err(|e| {
+            let unreached = matches!(e, crate::etcd_writer::EtcdError::Unreachable(_));
+            self.said(&e).context(if unreached {
+                "etcd is unreachable".to_owned()
+            } else {
+                format!("cannot read the {} from etcd", T::NAME)
+            })
+        })?;
+        let mut rows = Vec::with_capacity(kvs.len());
+        let mut bad = 0;
+        for (k, v) in kvs {
+            let parsed = parse_key(&k).and_then(|key| {
+                serde_json::from_slice::<T::Row>(&v)
+                    .ok()
+                    .filter(|r| T::key(r) == key)
+            });
+            match parsed {
+                Some(r) => rows.push(r),
+                None => bad += 1,
+            }
+        }
+        Ok((revision, rows, bad))
     }
 
     /// Adds records, all or none (an add is an import of one).
@@ -237,24 +252,7 @@ impl<'a> Operator<'a> {
 
     /// Every route etcd holds that parses, and how many keys under the routes are none.
     pub async fn held_routes(&self) -> anyhow::Result<(Vec<RouteRecord>, usize)> {
-        let (_, kvs) = self
-            .writer
-            .range(routes::ETCD_PREFIX)
-            .await
-            .map_err(|e| self.said(&e).context("cannot read the routes from etcd"))?;
-        let mut held = Vec::with_capacity(kvs.len());
-        let mut bad = 0;
-        for (k, v) in kvs {
-            let parsed = routes::parse_etcd_key(&k).and_then(|key| {
-                serde_json::from_slice::<RouteRecord>(&v)
-                    .ok()
-                    .filter(|r| r.key() == key)
-            });
-            match parsed {
-                Some(r) => held.push(r),
-                None => bad += 1,
-            }
-        }
+        let (_, held, bad) = self.rows::<Routes>(routes::parse_etcd_key).await?;
         Ok((held, bad))
     }
 

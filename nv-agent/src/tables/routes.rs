@@ -170,10 +170,9 @@ impl RouteIndex {
         on_link_first(&mut rows);
         let mut index = RouteIndex::default();
         for r in rows {
-            r.validate()
-                .and_then(|()| index.check_put(&r, &|_, _| None))
+            index
+                .put_checked(&r, &|_, _| None)
                 .map_err(|e| invalid(format!("stored route {} is inconsistent: {e}", show(&r))))?;
-            index.insert(r);
         }
         Ok(index)
     }
@@ -184,11 +183,23 @@ impl RouteIndex {
         on_link_first(&mut rows);
         let mut index = RouteIndex::default();
         for r in rows {
-            if r.validate().is_ok() && index.check_put(&r, &|_, _| None).is_ok() {
-                index.insert(r);
-            }
+            // Refused: left out, as the watch leaves it out.
+            let _ = index.put_checked(&r, &|_, _| None);
         }
         index
+    }
+
+    /// Puts `r` in if it keeps its own rules and those between routes and records
+    /// ([`RouteIndex::check_put`]); otherwise changes nothing and says why.
+    pub fn put_checked(
+        &mut self,
+        r: &RouteRecord,
+        record_at: &dyn Fn(u32, Ipv4Addr) -> Option<String>,
+    ) -> Result<()> {
+        r.validate()?;
+        self.check_put(r, record_at)?;
+        self.insert(r.clone());
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
