@@ -19,6 +19,7 @@ use crate::{
 };
 
 mod cluster_ops;
+mod dhcp;
 mod observe;
 mod records;
 mod routes;

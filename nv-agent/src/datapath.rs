@@ -21,7 +21,7 @@ pub mod skb_btf;
 mod test_run;
 
 pub use maps::{CounterReader, Desired, LookupView, Repair};
-pub use pins::{ensure_bpffs, purge, set_router_mac};
+pub use pins::{ensure_bpffs, purge, router_mac, set_router_mac};
 pub use test_run::TestRunOutcome;
 
 /// A datapath error: what failed, caused by `e` (aya's, the system's).

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod dhcp;
 pub mod error;
 pub mod etcd_access;
 pub mod etcd_records;

@@ -36,6 +36,12 @@ pub struct Snapshot {
     pub lookups: usize,
     /// Customer routes by routing domain.
     pub routes: BTreeMap<String, usize>,
+    /// Each routing domain's name by its number in the datapath.
+    pub domains: BTreeMap<u32, String>,
+    /// Routed packets by domain number (read at scrape time).
+    pub routed: Vec<(u32, u64)>,
+    /// What the DHCP server counted (read at scrape time).
+    pub dhcp: crate::dhcp::server::CountsNow,
     /// Attached ports by (kind, running).
     pub ports: BTreeMap<(String, bool), usize>,
     pub ports_missing: usize,
@@ -47,6 +53,17 @@ pub struct Snapshot {
     /// Connections each listener closed at once because it served its most.
     pub refused: Vec<(&'static str, u64)>,
     pub cluster: Option<crate::cluster::Status>,
+}
+
+/// What a scrape reads as it is now, beside what the agent published.
+#[derive(Clone, Debug, Default)]
+pub struct Live {
+    pub counters: Vec<(Counter, u64)>,
+    pub vsids: Vec<(VsidStatsKey, VsidStats)>,
+    pub routed: Vec<(u32, u64)>,
+    /// Connections each listener closed at once because it served its most.
+    pub refused: Vec<(&'static str, u64)>,
+    pub dhcp: crate::dhcp::server::CountsNow,
 }
 
 #[derive(Clone, Debug)]
@@ -138,20 +155,17 @@ impl Snapshot {
     /// What the agent published, with the datapath's counters and per-VSID traffic as they
     /// are now and the listeners' refusals.
     #[must_use]
-    pub fn complete(
-        mut self,
-        counters: Vec<(Counter, u64)>,
-        vsids: Vec<(VsidStatsKey, VsidStats)>,
-        refused: Vec<(&'static str, u64)>,
-    ) -> Snapshot {
+    pub fn complete(mut self, live: Live) -> Snapshot {
         for m in &mut self.maps {
             if m.map == nv_common::map_names::VSID_STATS {
-                m.entries = Some(vsids.len() as u64);
+                m.entries = Some(live.vsids.len() as u64);
             }
         }
-        self.counters = counters;
-        self.vsids = vsids;
-        self.refused = refused;
+        self.counters = live.counters;
+        self.vsids = live.vsids;
+        self.routed = live.routed;
+        self.refused = live.refused;
+        self.dhcp = live.dhcp;
         self
     }
 
@@ -277,6 +291,7 @@ impl Snapshot {
                 .iter()
                 .map(|(rdid, n)| (vec![("rdid", rdid.clone())], *n as u64)),
         )?;
+        self.encode_routed_and_dhcp(e)?;
         for (name, help, value) in [
             (
                 "nv_ports_missing",
@@ -333,6 +348,51 @@ impl Snapshot {
             ] {
                 family(e, name, help, MetricType::Counter, [(Labels::new(), value)])?;
             }
+        }
+        Ok(())
+    }
+
+    /// What the distributed router forwarded and the DHCP server answered.
+    fn encode_routed_and_dhcp(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        family(
+            e,
+            "nv_routed_packets",
+            "Packets the distributed router forwarded on this host, by routing domain.",
+            MetricType::Counter,
+            self.routed.iter().filter_map(|(number, n)| {
+                let rdid = self.domains.get(number)?;
+                Some((vec![("rdid", rdid.clone())], *n))
+            }),
+        )?;
+        for (name, help, label, values) in [
+            (
+                "nv_dhcp_requests",
+                "DHCP requests of VMs the agent read, by message type.",
+                "type",
+                &self.dhcp.requests,
+            ),
+            (
+                "nv_dhcp_replies",
+                "DHCP answers the agent wrote into VM ports, by message type.",
+                "type",
+                &self.dhcp.replies,
+            ),
+            (
+                "nv_dhcp_unanswered",
+                "DHCP frames of VMs the agent did not answer, by reason.",
+                "reason",
+                &self.dhcp.unanswered,
+            ),
+        ] {
+            family(
+                e,
+                name,
+                help,
+                MetricType::Counter,
+                values
+                    .iter()
+                    .map(|(v, n)| (vec![(label, (*v).to_owned())], *n)),
+            )?;
         }
         Ok(())
     }

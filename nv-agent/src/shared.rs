@@ -17,6 +17,7 @@ struct Inner {
     published: watch::Sender<Arc<Published>>,
     counters: CounterReader,
     cluster: Option<Cluster>,
+    dhcp: crate::dhcp::server::Counts,
 }
 
 #[derive(Clone)]
@@ -32,6 +33,7 @@ impl Shared {
             published,
             counters,
             cluster,
+            dhcp: crate::dhcp::server::Counts::default(),
         })))
     }
 
@@ -58,6 +60,11 @@ impl Shared {
     /// The datapath's counters, read from their maps.
     pub fn counters(&self) -> &CounterReader {
         &self.0.counters
+    }
+
+    /// What the DHCP server counted.
+    pub fn dhcp_counts(&self) -> &crate::dhcp::server::Counts {
+        &self.0.dhcp
     }
 
     pub fn cluster(&self) -> Option<&Cluster> {

@@ -155,6 +155,14 @@ pub enum Counter {
     /// gateway of the VM's subnet. Unanswered ones (an error about an error, the port's
     /// budget spent) count under their drop reason.
     VmIcmpFromRouter,
+    /// From a VM: a DHCP request (client port 68 to server port 67) in a VSID with a subnet,
+    /// handed to the agent, which answers from the VM's record.
+    VmDhcpToAgent,
+    /// From a VM: a DHCP request from no address (0.0.0.0) in a VSID without a subnet: no
+    /// one answers it.
+    DropVmDhcpNoSubnet,
+    /// From a VM: a DHCP request beyond its port's budget, or with the agent's ring full.
+    DropVmDhcpOverBudget,
     /// Only in the layout-probe build (a counter this version does not have).
     #[cfg(feature = "layout-probe")]
     LayoutProbe,
@@ -162,7 +170,7 @@ pub enum Counter {
 
 impl Counter {
     #[cfg(not(feature = "layout-probe"))]
-    pub const COUNT: u32 = Counter::VmIcmpFromRouter as u32 + 1;
+    pub const COUNT: u32 = Counter::DropVmDhcpOverBudget as u32 + 1;
     #[cfg(feature = "layout-probe")]
     pub const COUNT: u32 = Counter::LayoutProbe as u32 + 1;
     /// Entries of the counter map: room for counters yet to come, so a new one does not
@@ -227,6 +235,9 @@ impl Counter {
         Counter::DropVmTtlExceeded,
         Counter::DropVmRoutedRewrite,
         Counter::VmIcmpFromRouter,
+        Counter::VmDhcpToAgent,
+        Counter::DropVmDhcpNoSubnet,
+        Counter::DropVmDhcpOverBudget,
         #[cfg(feature = "layout-probe")]
         Counter::LayoutProbe,
     ];
@@ -292,6 +303,9 @@ impl Counter {
             Counter::DropVmTtlExceeded => "drop_vm_ttl_exceeded",
             Counter::DropVmRoutedRewrite => "drop_vm_routed_rewrite",
             Counter::VmIcmpFromRouter => "vm_icmp_from_router",
+            Counter::VmDhcpToAgent => "vm_dhcp_to_agent",
+            Counter::DropVmDhcpNoSubnet => "drop_vm_dhcp_no_subnet",
+            Counter::DropVmDhcpOverBudget => "drop_vm_dhcp_over_budget",
             #[cfg(feature = "layout-probe")]
             Counter::LayoutProbe => "layout_probe",
         }

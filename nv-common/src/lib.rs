@@ -12,6 +12,7 @@ pub mod counters;
 pub mod flow;
 pub mod monitor;
 pub mod routing;
+pub mod slow_path;
 pub mod wire;
 
 pub use counters::Counter;
@@ -43,9 +44,14 @@ pub mod map_names {
     pub const VSID_ROUTING: &str = "NV_VSID_ROUTING";
     pub const ROUTES: &str = "NV_ROUTES";
     pub const GATEWAYS: &str = "NV_GATEWAYS";
+    /// Routed packets per routing domain, per CPU.
+    pub const ROUTED_STATS: &str = "NV_ROUTED_STATS";
+    /// Frames for the agent ([`crate::slow_path`]), and each VM port's budget of them.
+    pub const SLOW_PATH: &str = "NV_SLOW_PATH";
+    pub const SLOW_BUCKET: &str = "NV_SLOW_BUCKET";
     /// Not pinned: each loaded copy of the programs has its own ([`RedirectTrace`]).
     pub const TRACE_REDIRECT: &str = "NV_TRACE_REDIRECT";
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 18] = [
         LOOKUPS,
         PORTS,
         LOCAL_PAS,
@@ -61,6 +67,9 @@ pub mod map_names {
         VSID_ROUTING,
         ROUTES,
         GATEWAYS,
+        ROUTED_STATS,
+        SLOW_PATH,
+        SLOW_BUCKET,
     ];
 }
 

@@ -15,6 +15,9 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_GRE: u8 = 47;
+/// DHCPv4's UDP ports (RFC 2131).
+pub const DHCP_SERVER_PORT: u16 = 67;
+pub const DHCP_CLIENT_PORT: u16 = 68;
 /// Don't Fragment, in the IPv4 flags/fragment-offset field.
 pub const IPV4_DF: u16 = 0x4000;
 /// More Fragments and the offset: any of these set means a fragment.

@@ -10,7 +10,7 @@ use nv_common::{
 use crate::{
     arp,
     counters::count,
-    deliver, encap,
+    deliver, dhcp, encap,
     maps::{LOOKUPS, PORTS},
     monitor,
     packet::{EthHdr, Ipv4Hdr, pull, v4_of, view_at},
@@ -95,6 +95,10 @@ fn forward_ipv4(
     if ip.ver_ihl >> 4 != 4 || hlen < 20 {
         return Err(Counter::DropVmMalformed);
     }
+    // Before the source check: a DHCP client asks from no address.
+    if !bounced && let Some(answer) = dhcp::handle(ctx, port, ifindex, ip) {
+        return answer;
+    }
     // The VM's own address; or, for a route's next hop, an address of the world behind it.
     let own = v4_of(&port.ca).ok_or(Counter::DropVmSpoofedIp)?;
     let appliance = own != ip.src;
@@ -167,8 +171,8 @@ fn forward_ipv4(
         return Err(Counter::DropVmRoutedRewrite);
     }
     if dst.ifindex != 0 {
-        if rdid.is_some() {
-            router::hop(ctx, dst.mac)?;
+        if let Some(rdid) = rdid {
+            router::hop(ctx, rdid, dst.mac)?;
         }
         let action = deliver::to_vm(ctx, dst.ifindex, vsid, target)?;
         sent(ctx, Counter::VmTxLocal, port, ifindex, Stats::LOCAL, len);
@@ -201,8 +205,8 @@ fn forward_ipv4(
         return Ok(action);
     }
     if overhead == 0 {
-        let fields = if rdid.is_some() {
-            router::hop(ctx, dst.mac)?;
+        let fields = if let Some(rdid) = rdid {
+            router::hop(ctx, rdid, dst.mac)?;
             // The header as the router left it (TTL and checksum changed).
             let (data, end) = (ctx.data(), ctx.data_end());
             let ip: &Ipv4Hdr = view_at(data, end, ETH_HLEN).ok_or(Counter::DropVmMalformed)?;
@@ -225,8 +229,8 @@ fn forward_ipv4(
     let inner = encap::Inner::of(ctx, ip);
     // A routed packet rides in its destination's VSID, as HNV sends it.
     let mut from = *port;
-    if rdid.is_some() {
-        router::hop(ctx, dst.mac)?;
+    if let Some(rdid) = rdid {
+        router::hop(ctx, rdid, dst.mac)?;
         from.vsid = vsid;
     }
     let action = match encap::nvgre(ctx, &from, dst, inner) {

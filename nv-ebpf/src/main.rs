@@ -7,6 +7,8 @@
 //! - `underlay`: MTU check, next hop from the FIB, redirect to the uplink
 //! - `pmtu`: ICMP "fragmentation needed" for VM packets too big for the uplink
 //! - `router`: the distributed router: routes between the subnets of a routing domain
+//! - `dhcp`: DHCP requests of VMs, handed to the agent (the slow path)
+//! - `budget`: token buckets per VM port, for what a VM may make the datapath do
 //! - `redirect`: every redirect, recorded in copies loaded for tests and traces
 //! - `deliver`: delivery into a VM port (veth or tap), known to be the VM's and running
 //! - `monitor`: every drop (counted, and reported while `nvctl monitor` runs), traffic per VSID
@@ -18,9 +20,11 @@
 #![no_main]
 
 mod arp;
+mod budget;
 mod counters;
 mod csum_offload;
 mod deliver;
+mod dhcp;
 mod encap;
 mod from_vm;
 mod maps;

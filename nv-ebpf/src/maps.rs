@@ -12,6 +12,7 @@ use nv_common::{
     routing::{
         GatewayKey, MAX_GATEWAYS, MAX_ROUTED_VSIDS, MAX_ROUTES, RouteHop, RouteKey, VsidRouting,
     },
+    slow_path::SLOW_RING_BYTES,
 };
 
 #[map(name = "NV_LOOKUPS")]
@@ -68,3 +69,15 @@ pub static ROUTES: LpmTrie<RouteKey, RouteHop> = LpmTrie::pinned(MAX_ROUTES, 0);
 /// Every subnet's gateway address, in its domain (value: the subnet's VSID).
 #[map(name = "NV_GATEWAYS")]
 pub static GATEWAYS: HashMap<GatewayKey, u32> = HashMap::pinned(MAX_GATEWAYS, 0);
+
+/// Routed packets per routing domain (by its number), per CPU.
+#[map(name = "NV_ROUTED_STATS")]
+pub static ROUTED_STATS: PerCpuHashMap<u32, u64> = PerCpuHashMap::pinned(MAX_ROUTED_VSIDS, 0);
+
+/// Frames for the agent to answer ([`nv_common::slow_path::SlowFrame`]).
+#[map(name = "NV_SLOW_PATH")]
+pub static SLOW_PATH: RingBuf = RingBuf::pinned(SLOW_RING_BYTES, 0);
+
+/// Each VM port's budget of frames for the agent, per CPU.
+#[map(name = "NV_SLOW_BUCKET")]
+pub static SLOW_BUCKET: LruPerCpuHashMap<u32, IcmpBucket> = LruPerCpuHashMap::pinned(MAX_PORTS, 0);

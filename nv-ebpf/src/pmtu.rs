@@ -8,7 +8,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-    helpers::{bpf_check_mtu, bpf_csum_diff, bpf_ktime_get_ns, bpf_skb_change_tail},
+    helpers::{bpf_check_mtu, bpf_csum_diff, bpf_skb_change_tail},
     programs::TcContext,
 };
 use nv_common::{
@@ -96,38 +96,12 @@ fn uplink_mtu(ctx: &TcContext, config: &DatapathConfig) -> u32 {
 /// oversize packets spends its own answers, never another VM's.
 #[inline(always)]
 fn may_answer(ifindex: u32) -> bool {
-    if ICMP_BUCKET.get_ptr_mut(ifindex).is_none() {
-        let full = IcmpBucket {
-            // SAFETY: plain helper call.
-            last_ns: unsafe { bpf_ktime_get_ns() },
-            tokens: IcmpBucket::BURST,
-        };
-        // An LRU map: a port long quiet makes room for a new one.
-        if ICMP_BUCKET.insert(ifindex, full, 0).is_err() {
-            return false;
-        }
-    }
-    let Some(b) = ICMP_BUCKET.get_ptr_mut(ifindex) else {
-        return false;
-    };
-    // SAFETY: this CPU's bucket; only this CPU writes it, and not while we run.
-    let b = unsafe { &mut *b };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let earned = (now - b.last_ns) / (1_000_000_000 / IcmpBucket::PER_SEC);
-    if earned > 0 {
-        b.tokens = if b.tokens + earned > IcmpBucket::BURST {
-            IcmpBucket::BURST
-        } else {
-            b.tokens + earned
-        };
-        b.last_ns = now;
-    }
-    if b.tokens == 0 {
-        return false;
-    }
-    b.tokens -= 1;
-    true
+    crate::budget::take(
+        &ICMP_BUCKET,
+        ifindex,
+        IcmpBucket::PER_SEC,
+        IcmpBucket::BURST,
+    )
 }
 
 /// An ICMP error the datapath sends a VM: from `src`, of `kind` and `code`, with `mtu` in

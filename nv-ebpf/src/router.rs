@@ -13,7 +13,7 @@ use nv_common::{
 
 use crate::{
     counters::count,
-    maps::{GATEWAYS, ROUTES, VSID_ROUTING},
+    maps::{GATEWAYS, ROUTED_STATS, ROUTES, VSID_ROUTING},
     packet::{EthHdr, Ipv4Hdr, csum_fold, ptr_at},
     pmtu::{self, IcmpError},
 };
@@ -151,7 +151,7 @@ pub fn speaks_for(vsid: u32, own: [u8; 4], src: [u8; 4]) -> bool {
 /// Decrements the TTL of a packet about to be routed, and readdresses its frame: from the
 /// router to `dst_mac`. The TTL must be above 1 (the caller checked).
 #[inline(always)]
-pub fn hop(ctx: &TcContext, dst_mac: [u8; 6]) -> Result<(), Counter> {
+pub fn hop(ctx: &TcContext, rdid: u32, dst_mac: [u8; 6]) -> Result<(), Counter> {
     let (data, end) = (ctx.data(), ctx.data_end());
     let eth = ptr_at::<EthHdr>(data, end, 0).ok_or(Counter::DropVmMalformed)?;
     let ip = ptr_at::<Ipv4Hdr>(data, end, ETH_HLEN).ok_or(Counter::DropVmMalformed)?;
@@ -166,6 +166,7 @@ pub fn hop(ctx: &TcContext, dst_mac: [u8; 6]) -> Result<(), Counter> {
     let sum = u32::from(!u16::from_be_bytes(ip.csum)) + (!old & 0xffff) + new;
     ip.csum = csum_fold(sum).to_be_bytes();
     count(Counter::VmRouted);
+    count_in(rdid);
     Ok(())
 }
 
@@ -203,4 +204,17 @@ pub fn echo(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
     // Egress of the port the request came in on (never a bounced segment's).
     // SAFETY: the context pointer is valid for the whole program run.
     Ok(crate::redirect::egress(unsafe { (*ctx.skb.skb).ifindex }))
+}
+
+/// One more packet routed in domain `rdid`, on this CPU.
+#[inline(always)]
+fn count_in(rdid: u32) {
+    match ROUTED_STATS.get_ptr_mut(rdid) {
+        // SAFETY: this CPU's value; only this CPU writes it, and not while we run.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            // Full (more domains than routed VSIDs cannot be): the packet is routed uncounted.
+            let _ = ROUTED_STATS.insert(rdid, 1u64, 0);
+        }
+    }
 }

@@ -32,7 +32,8 @@ const MODULES: [&str; 8] = [
     "virtio_net",
 ];
 
-/// The guest's PID 1. Parameters ride on the kernel command line (`nv.ip=`, `nv.mtu=`).
+/// The guest's PID 1. Parameters ride on the kernel command line (`nv.ip=`, `nv.mtu=`);
+/// `nv.ip=dhcp` leaves `eth0` without an address, for [`Guest::dhcp`].
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -52,7 +53,7 @@ done
 ip link set lo up
 ip link set eth0 up || echo "@@FAILED no eth0"
 [ -n "$MTU" ] && ip link set eth0 mtu "$MTU"
-ip addr add "$IP" dev eth0
+[ "$IP" = dhcp ] || ip addr add "$IP" dev eth0
 stty -echo
 export PS1=''
 echo "@@READY $(cat /sys/class/net/eth0/address) $(cat /sys/class/net/eth0/mtu)"
@@ -61,6 +62,31 @@ while :; do
   setsid cttyhack sh
   echo "@@SHELL-EXITED $?"
 done
+"#;
+
+/// busybox udhcpc's script (`-s`): configures what the lease says and prints it on one line.
+const UDHCPC_SCRIPT: &str = r#"#!/bin/busybox sh
+case "$1" in
+  deconfig)
+    ip addr flush dev "$interface"
+    ip link set "$interface" up
+    ;;
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/$mask" dev "$interface"
+    [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
+    if [ -n "$staticroutes" ]; then
+      set -- $staticroutes
+      while [ $# -ge 2 ]; do
+        ip route add "$1" via "$2" dev "$interface"
+        shift 2
+      done
+    elif [ -n "$router" ]; then
+      ip route add default via "${router%% *}" dev "$interface"
+    fi
+    echo "@@LEASE ip=$ip mask=$mask router=$router mtu=$mtu serverid=$serverid lease=$lease staticroutes=$staticroutes"
+    ;;
+esac
 "#;
 
 /// The kernel and initramfs every guest boots; built once per machine (rebuilt when the
@@ -99,7 +125,7 @@ fn build_image() -> anyhow::Result<Image> {
     );
     let initrd = dir.join(format!(
         "initrd-{version}-{:016x}.cpio",
-        fnv(INIT.as_bytes())
+        fnv(format!("{INIT}{UDHCPC_SCRIPT}").as_bytes())
     ));
     if initrd.exists() {
         return Ok(Image { kernel, initrd });
@@ -115,8 +141,10 @@ fn build_image() -> anyhow::Result<Image> {
         fs::copy(path.trim(), root.join(format!("lib/modules/{m}.ko")))
             .with_context(|| format!("copy module {m} from {}", path.trim()))?;
     }
-    fs::write(root.join("init"), INIT)?;
-    fs::set_permissions(root.join("init"), fs::Permissions::from_mode(0o755))?;
+    for (file, text) in [("init", INIT), ("bin/nv-udhcpc", UDHCPC_SCRIPT)] {
+        fs::write(root.join(file), text)?;
+        fs::set_permissions(root.join(file), fs::Permissions::from_mode(0o755))?;
+    }
     // newc cpio of the tree; written aside and renamed, so parallel builders never see half.
     let partial = dir.join(format!("initrd-{}.partial", std::process::id()));
     let out = fs::File::create(&partial)?;
@@ -156,7 +184,7 @@ pub struct Spec {
     pub host_ns: String,
     pub tap: String,
     pub mac: String,
-    /// Address with prefix length, e.g. 10.0.0.11/24.
+    /// Address with prefix length, e.g. 10.0.0.11/24; `dhcp`: none until [`Guest::dhcp`].
     pub ip: String,
     /// The guest's MTU (the kernel's default, 1500, when `None`).
     pub mtu: Option<u32>,
@@ -332,6 +360,28 @@ impl Guest {
             self.spec.name
         );
         Ok(out)
+    }
+
+    /// Asks for a lease with busybox's `udhcpc` (`tries` discovers, 2 s apart), which
+    /// configures `eth0` from it; returns the lease's line (`@@LEASE ip=... mask=...
+    /// router=... mtu=... staticroutes=...`), or `None` when no server answered.
+    pub fn dhcp(&mut self, tries: u32) -> anyhow::Result<Option<String>> {
+        let (status, out) = self.run(
+            &format!(
+                "udhcpc -i eth0 -f -q -n -t {tries} -T 2 -A 1 -O mtu -O staticroutes -s /bin/nv-udhcpc"
+            ),
+            Duration::from_secs(u64::from(tries) * 3 + 30),
+        )?;
+        let lease = out
+            .lines()
+            .find(|l| l.contains("@@LEASE"))
+            .map(str::to_owned);
+        ensure!(
+            (status == 0) == lease.is_some(),
+            "{}: udhcpc exited {status}: {out}",
+            self.spec.name
+        );
+        Ok(lease)
     }
 
     /// Pings `dst` from the guest (`count` requests, 0.2 s apart); returns the replies.

@@ -201,6 +201,27 @@ fn guests_on_tap_ports_talk_to_veth_vms_and_to_each_other_and_stay_isolated() ->
             watcher.spec.name
         );
     }
+
+    // RED has no subnet (no routes): a DHCP client there gets no answer, and its discovers
+    // are counted as such (RED-BG in the routes suite gets its lease from a routed VSID).
+    let before = bed.hosts[0].counters()?;
+    let (status, out) = red_g1.run(
+        "udhcpc -i eth0 -f -q -n -t 2 -T 1 -s /bin/true",
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        status != 0,
+        "RED-G1 got a DHCP lease without a subnet: {out}"
+    );
+    let after = bed.hosts[0].counters()?;
+    let (unanswered, handed) = (
+        delta(&before, &after, "drop_vm_dhcp_no_subnet"),
+        delta(&before, &after, "vm_dhcp_to_agent"),
+    );
+    ensure!(
+        unanswered >= 2 && handed == 0,
+        "RED-G1's discovers: drop_vm_dhcp_no_subnet {unanswered}, vm_dhcp_to_agent {handed}"
+    );
     Ok(())
 }
 

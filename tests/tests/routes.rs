@@ -5,7 +5,8 @@ use anyhow::{Context as _, ensure};
 use nv_tests::{
     capture::{self, Capture},
     checks,
-    testbed::{BLUE_VSID, RED_VSID, Translation, TwoHosts, delta, tcp_transfer},
+    guest::Guest,
+    testbed::{BLUE_VSID, RED_VSID, TapVm, Translation, TwoHosts, delta, tcp_transfer},
 };
 use serde_json::Value;
 
@@ -313,8 +314,106 @@ fn two_subnets_of_a_domain_are_routed_by_every_host_and_other_domains_never_see_
         routed_across_hosts_and_locally(&bed, hook)?;
         the_other_domain_never_sees_a_frame(&bed)?;
         ttl_one_expires_at_the_router(&bed)?;
+        if hook == "xdp" {
+            a_guest_configures_itself_by_dhcp(&bed)?;
+        }
         an_appliance_answers_for_the_world_behind_it(&bed)?;
     }
+    Ok(())
+}
+
+/// A real guest in contoso's 10.1.0.0/24, on host 1 (RED-B lives on host 2).
+const RED_BG: TapVm = TapVm {
+    name: "RED-BG",
+    host: 0,
+    vsid: 7002,
+    ca: "10.1.0.11",
+    mac: "02:00:00:00:07:11",
+    port: "gredb",
+    rewrite_pa: None,
+};
+
+/// The metrics text of host `i`'s agent (its default `metrics_addr`).
+fn scrape(bed: &TwoHosts, i: usize) -> anyhow::Result<String> {
+    bed.hosts[i].ns.exec(
+        "curl",
+        &["-sf", "--max-time", "5", "http://127.0.0.1:9469/metrics"],
+    )
+}
+
+/// The value of the one series of `scrape` that starts with `series`.
+fn sample(scrape: &str, series: &str) -> u64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// RED-BG boots with no address and asks by DHCP (busybox udhcpc): nv's answer gives its
+/// record's address, the mask and gateway of its subnet, the MTU it must use and contoso's
+/// other prefix through the gateway (option 121: the domain has no default route); with them
+/// it reaches RED-1 (10.0.0.0/24, on its host) and RED-2 (on host 2) through the router. A
+/// VM of a VSID without a subnet asks too, and gets no answer, counted.
+fn a_guest_configures_itself_by_dhcp(bed: &TwoHosts) -> anyhow::Result<()> {
+    bed.plug_tap(&RED_BG)?;
+    let mut spec = bed.guest_spec(&RED_BG, None);
+    spec.ip = "dhcp".into();
+    let host1 = &bed.hosts[0];
+    let mtu = host1.nvctl_json(&["status"])?["vm_mtu"]
+        .as_u64()
+        .context("status has vm_mtu")?;
+    let before = host1.counters()?;
+    let metrics_before = scrape(bed, 0)?;
+    let mut g = Guest::boot(spec)?;
+    let lease = g.dhcp(5)?.context("RED-BG got no DHCP lease from nv")?;
+    eprintln!("RED-BG: {lease}");
+    for want in [
+        "ip=10.1.0.11 ".to_owned(),
+        "mask=24 ".into(),
+        "router=10.1.0.1 ".into(),
+        format!("mtu={mtu} "),
+        "serverid=10.1.0.1 ".into(),
+        "lease=3600 ".into(),
+        "staticroutes=10.0.0.0/24 10.1.0.1".into(),
+    ] {
+        ensure!(lease.contains(&want), "lease lacks {want:?}: {lease}");
+    }
+    let config = g.ok(
+        "ip -4 addr show dev eth0; ip -4 route; cat /sys/class/net/eth0/mtu",
+        std::time::Duration::from_secs(10),
+    )?;
+    for want in [
+        "inet 10.1.0.11/24".to_owned(),
+        "10.0.0.0/24 via 10.1.0.1 dev eth0".into(),
+        format!("\n{mtu}"),
+    ] {
+        ensure!(config.contains(&want), "guest lacks {want:?}: {config}");
+    }
+    for (dst, what) in [
+        ("10.0.0.1", "RED-1 on its host"),
+        ("10.0.0.2", "RED-2 on host 2"),
+    ] {
+        let got = g.ping(dst, 5)?;
+        ensure!(got == 5, "RED-BG -> {what} through the router: {got} of 5");
+    }
+    let after = host1.counters()?;
+    let handed = delta(&before, &after, "vm_dhcp_to_agent");
+    ensure!(
+        handed >= 2,
+        "vm_dhcp_to_agent rose by {handed} (a discover and a request)"
+    );
+    let metrics = scrape(bed, 0)?;
+    for kind in ["offer", "ack"] {
+        let series = format!("nv_dhcp_replies_total{{type=\"{kind}\"}}");
+        let (was, is) = (sample(&metrics_before, &series), sample(&metrics, &series));
+        ensure!(is > was, "{series} did not rise ({was} -> {is})");
+    }
+    let routed = sample(&metrics, "nv_routed_packets_total{rdid=\"contoso\"}");
+    ensure!(
+        routed >= 10,
+        "nv_routed_packets_total{{rdid=\"contoso\"}} is {routed}"
+    );
+    g.stop();
     Ok(())
 }
 

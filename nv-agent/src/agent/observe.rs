@@ -159,6 +159,11 @@ impl Agent {
         self.hub.clone()
     }
 
+    /// The slow path's ring buffer, once, for the DHCP server.
+    pub fn take_slow_path(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.datapath.take_slow_path()
+    }
+
     /// A client stopped watching; with none left, the datapath stops reporting.
     pub fn unwatch(&mut self, id: u64) {
         self.watchers().remove(id);
@@ -294,6 +299,15 @@ impl Agent {
             providers: status.providers,
             lookups: status.lookups,
             routes: catalog.routes().by_domain(),
+            domains: catalog
+                .routes()
+                .by_domain()
+                .into_keys()
+                .filter_map(|rdid| {
+                    let parsed: crate::model::Rdid = rdid.parse().ok()?;
+                    Some((crate::tables::routes::domain_number(&parsed), rdid))
+                })
+                .collect(),
             ports,
             ports_missing: status.ports_missing.len(),
             ports_without_record: status.ports_without_record.len(),
@@ -302,6 +316,8 @@ impl Agent {
             ports_set_down: self.ports_set_down,
             refused: Vec::new(),
             cluster: self.cluster.as_ref().map(crate::cluster::Cluster::status),
+            routed: Vec::new(),
+            dhcp: crate::dhcp::server::CountsNow::default(),
         }
     }
 

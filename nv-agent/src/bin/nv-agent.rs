@@ -112,7 +112,7 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let agent = Agent::start(&config).await?;
+    let mut agent = Agent::start(&config).await?;
     let socket = &config.api_socket;
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -163,7 +163,10 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     };
     let hub = agent.hub();
+    let slow_path = agent.take_slow_path()?;
     let agent = Shared::new(agent)?;
+    nv_agent::dhcp::server::spawn(agent.clone(), slow_path)
+        .context("cannot start the DHCP server (a packet socket)")?;
     if let Some(every) = config.reconcile_interval {
         spawn_reconciler(agent.clone(), every);
     }
@@ -220,19 +223,20 @@ fn serve_metrics(
                     .and_then(|v| v.to_str().ok()),
             );
             let reader = agent.counters();
-            let snapshot = reader
-                .counters()
-                .and_then(|c| Ok((c, reader.vsid_stats(None)?)))
-                .map(|(counters, vsids)| {
-                    agent.published().metrics.complete(
-                        counters,
-                        vsids,
-                        vec![
-                            ("api", refused[0].over_cap()),
-                            ("metrics", refused[1].over_cap()),
-                        ],
-                    )
+            let live = || -> nv_agent::error::Result<metrics::Live> {
+                Ok(metrics::Live {
+                    counters: reader.counters()?,
+                    vsids: reader.vsid_stats(None)?,
+                    routed: reader.routed()?,
+                    refused: vec![
+                        ("api", refused[0].over_cap()),
+                        ("metrics", refused[1].over_cap()),
+                    ],
+                    dhcp: agent.dhcp_counts().read(),
                 })
+            };
+            let snapshot = live()
+                .map(|live| agent.published().metrics.complete(live))
                 .map_err(|e| e.to_string());
             metrics::response(
                 snapshot.and_then(|s| metrics::encode(s, &api_metrics).map_err(|e| e.to_string())),

@@ -86,6 +86,7 @@ fn read_vsid_stats<T: std::borrow::Borrow<MapData>>(
 pub struct CounterReader {
     counters: PerCpuArray<MapData, u64>,
     vsids: aya::maps::PerCpuHashMap<MapData, u32, VsidTraffic>,
+    routed: aya::maps::PerCpuHashMap<MapData, u32, u64>,
 }
 
 impl CounterReader {
@@ -103,7 +104,23 @@ impl CounterReader {
                 map_names::VSID_STATS,
             )?))
             .map_err(|e| dp_err("per-VSID map", e))?,
+            routed: aya::maps::PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(open(
+                map_names::ROUTED_STATS,
+            )?))
+            .map_err(|e| dp_err("routed-packets map", e))?,
         })
+    }
+
+    /// Routed packets by routing domain number, summed over all CPUs.
+    pub fn routed(&self) -> Result<Vec<(u32, u64)>> {
+        self.routed
+            .iter()
+            .map(|entry| {
+                let (domain, per_cpu) =
+                    entry.map_err(|e| dp_err("read the routed-packets map", e))?;
+                Ok((domain, per_cpu.iter().sum()))
+            })
+            .collect()
     }
 
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
@@ -419,6 +436,15 @@ impl Datapath {
             .take_map(map_names::MONITOR)
             .ok_or_else(|| NvError::datapath("the monitor's ring buffer is missing"))?;
         aya::maps::RingBuf::try_from(map).map_err(|e| dp_err("the monitor's ring buffer", e))
+    }
+
+    /// The slow path's ring buffer, for the DHCP server.
+    pub fn take_slow_path(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(map_names::SLOW_PATH)
+            .ok_or_else(|| NvError::datapath("the slow path's ring buffer is missing"))?;
+        aya::maps::RingBuf::try_from(map).map_err(|e| dp_err("the slow path's ring buffer", e))
     }
 
     /// Traffic per VSID, direction and method, summed over all CPUs.

@@ -110,7 +110,7 @@ pub fn purge(pin_path: &Path) -> Result<()> {
 
 /// Each pinned map's layout in this build: name, type, key and value sizes, and the entry count
 /// where it is fixed.
-fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u32>); 15] {
+fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u32>); 18] {
     use std::mem::size_of;
 
     use aya::maps::MapType::{
@@ -197,6 +197,21 @@ fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u3
             4,
             Some(MAX_GATEWAYS),
         ),
+        (map_names::ROUTED_STATS, PH, 4, 8, Some(MAX_ROUTED_VSIDS)),
+        (
+            map_names::SLOW_PATH,
+            R,
+            0,
+            0,
+            Some(nv_common::slow_path::SLOW_RING_BYTES),
+        ),
+        (
+            map_names::SLOW_BUCKET,
+            aya::maps::MapType::LruPerCpuHash,
+            4,
+            size_of::<IcmpBucket>(),
+            Some(nv_common::MAX_PORTS),
+        ),
     ]
 }
 
@@ -282,7 +297,7 @@ pub fn set_router_mac(mac: [u8; 6]) {
     let _ = ROUTER_MAC.set(mac);
 }
 
-fn router_mac() -> &'static [u8; 6] {
+pub fn router_mac() -> &'static [u8; 6] {
     ROUTER_MAC.get_or_init(|| nv_common::routing::DEFAULT_ROUTER_MAC)
 }
 
@@ -406,13 +421,16 @@ impl Datapath {
     /// writes maps of its own (counters, next-hop cache, ICMP budget, per-VSID traffic, the
     /// monitor's), so a trace changes nothing that forwards or is reported. Never attached.
     pub fn load_tracer(pin_path: &Path, max_lookups: u32) -> Result<Datapath> {
-        const OWN: [&str; 6] = [
+        const OWN: [&str; 9] = [
             map_names::COUNTERS,
             map_names::NEXTHOPS,
             map_names::ICMP_BUCKET,
             map_names::VSID_STATS,
             map_names::MONITOR,
             map_names::MONITOR_SAMPLE,
+            map_names::ROUTED_STATS,
+            map_names::SLOW_PATH,
+            map_names::SLOW_BUCKET,
         ];
         let maps_dir = pin_path.join("maps");
         let own = pin_path.join("trace");

@@ -1,0 +1,191 @@
+//! The DHCP server: reads the frames the datapath handed over (its slow-path ring), answers
+//! each from the agent's records and routes ([`Agent::dhcp_lease`](crate::agent::Agent)), and
+//! writes the answer into the VM's port through a packet socket that only sends (protocol 0:
+//! the kernel hands it no frame, so it costs the datapath nothing).
+use std::{
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use aya::maps::{MapData, RingBuf};
+use dhcproto::v4::MessageType;
+use nv_common::slow_path::{SLOW_FRAME_BYTES, SlowFrame};
+use tokio::io::unix::AsyncFd;
+use tracing::{debug, warn};
+
+use super::{REPLY_KINDS, Unanswered, answer, request_of};
+use crate::shared::Shared;
+
+/// Request kinds as Prometheus labels (`nv_dhcp_requests_total{type}`).
+pub const REQUEST_KINDS: [&str; 6] = [
+    "discover", "request", "inform", "release", "decline", "other",
+];
+
+/// What the server counted since the agent started.
+#[derive(Debug, Default)]
+pub struct Counts {
+    requests: [AtomicU64; REQUEST_KINDS.len()],
+    replies: [AtomicU64; REPLY_KINDS.len()],
+    unanswered: [AtomicU64; Unanswered::ALL.len()],
+}
+
+impl Counts {
+    /// Requests by kind, replies by kind and frames unanswered by reason.
+    pub fn read(&self) -> CountsNow {
+        let read = |a: &[AtomicU64], names: &[&'static str]| {
+            names
+                .iter()
+                .zip(a)
+                .map(|(n, v)| (*n, v.load(Ordering::Relaxed)))
+                .collect()
+        };
+        let reasons: Vec<&'static str> = Unanswered::ALL.iter().map(|u| u.name()).collect();
+        CountsNow {
+            requests: read(&self.requests, &REQUEST_KINDS),
+            replies: read(&self.replies, &REPLY_KINDS),
+            unanswered: read(&self.unanswered, &reasons),
+        }
+    }
+
+    fn request(&self, kind: MessageType) {
+        let i = match kind {
+            MessageType::Discover => 0,
+            MessageType::Request => 1,
+            MessageType::Inform => 2,
+            MessageType::Release => 3,
+            MessageType::Decline => 4,
+            _ => 5,
+        };
+        self.requests[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn reply(&self, kind: &str) {
+        if let Some(i) = REPLY_KINDS.iter().position(|k| *k == kind) {
+            self.replies[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn unanswered(&self, why: Unanswered) {
+        if let Some(i) = Unanswered::ALL.iter().position(|u| *u == why) {
+            self.unanswered[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// [`Counts`] at one moment, by label.
+#[derive(Clone, Debug, Default)]
+pub struct CountsNow {
+    pub requests: Vec<(&'static str, u64)>,
+    pub replies: Vec<(&'static str, u64)>,
+    pub unanswered: Vec<(&'static str, u64)>,
+}
+
+/// Answers the datapath's DHCP frames for as long as the agent runs.
+pub fn spawn(agent: Shared, ring: RingBuf<MapData>) -> io::Result<()> {
+    let writer = PortWriter::new()?;
+    // SAFETY: the AsyncFd owns the ring buffer, and with it the map's descriptor, which
+    // stays open for as long as it is registered.
+    let mut ring = unsafe { AsyncFd::register(ring) }?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = ring.readable_mut().await else {
+                tracing::error!("the slow-path ring buffer cannot be read any more: DHCP stops");
+                return;
+            };
+            let mut frames = Vec::new();
+            let inner = guard.get_inner_mut();
+            while let Some(item) = inner.next() {
+                if let Some(frame) = frame_of(&item) {
+                    frames.push(frame);
+                }
+            }
+            guard.clear_ready();
+            for (ifindex, bytes) in frames {
+                serve(&agent, &writer, ifindex, &bytes).await;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The port and the bytes of one ring entry.
+fn frame_of(item: &[u8]) -> Option<(u32, Vec<u8>)> {
+    if item.len() < std::mem::size_of::<SlowFrame>() {
+        return None;
+    }
+    // SAFETY: the datapath writes whole SlowFrames (repr(C), integers and bytes only); the
+    // length was checked; read unaligned.
+    let f = unsafe { item.as_ptr().cast::<SlowFrame>().read_unaligned() };
+    let len = (f.len as usize).min(SLOW_FRAME_BYTES);
+    Some((f.ifindex, f.bytes[..len].to_vec()))
+}
+
+async fn serve(agent: &Shared, writer: &PortWriter, ifindex: u32, frame: &[u8]) {
+    let counts = agent.dhcp_counts();
+    let req = match request_of(frame) {
+        Ok(req) => req,
+        Err(why) => return counts.unanswered(why),
+    };
+    counts.request(req.kind);
+    let lease = agent.lock().await.dhcp_lease(ifindex);
+    let answered = lease.and_then(|lease| {
+        let (frame, kind) = answer(&req, &lease)?;
+        writer.send(ifindex, &frame).map_err(|e| {
+            warn!(ifindex, "DHCP: cannot write into the port: {e}");
+            Unanswered::SendFailed
+        })?;
+        debug!(ifindex, ca = %lease.ca, "DHCP {kind}");
+        Ok(kind)
+    });
+    match answered {
+        Ok(kind) => counts.reply(kind),
+        Err(why) => counts.unanswered(why),
+    }
+}
+
+/// A packet socket that writes frames into ports and reads none.
+struct PortWriter(OwnedFd);
+
+impl PortWriter {
+    fn new() -> io::Result<PortWriter> {
+        // SAFETY: plain system call; the descriptor is owned at once.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                0,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor nobody else owns.
+        Ok(PortWriter(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Sends `frame` (a whole Ethernet frame) out of the port `ifindex`: into its VM.
+    fn send(&self, ifindex: u32, frame: &[u8]) -> io::Result<()> {
+        // SAFETY: an all-zero sockaddr_ll is valid.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::sa_family_t::try_from(libc::AF_PACKET).unwrap_or_default();
+        to.sll_ifindex = i32::try_from(ifindex).map_err(|_| io::ErrorKind::InvalidInput)?;
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(frame.get(..6).ok_or(io::ErrorKind::InvalidInput)?);
+        // SAFETY: the buffer and address are valid for the call's duration.
+        let sent = unsafe {
+            libc::sendto(
+                self.0.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const to).cast(),
+                u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap_or(u32::MAX),
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
