@@ -441,6 +441,23 @@ impl Host {
     }
 }
 
+/// A DHCP discover from `mac` (client port 68 to server port 67), as a client sends it from
+/// `src` (0.0.0.0 before it has an address) to `dst`.
+pub fn dhcp_discover(mac: [u8; 6], src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(mac, [0xff; 6])
+        .ipv4(src, dst, 64)
+        .udp(68, 67);
+    // BOOTREQUEST, Ethernet, 6-byte address; chaddr; the magic cookie; message type 1.
+    let mut bootp = vec![0u8; 240];
+    bootp[..4].copy_from_slice(&[1, 1, 6, 0]);
+    bootp[28..34].copy_from_slice(&mac);
+    bootp[236..240].copy_from_slice(&[99, 130, 83, 99]);
+    bootp.extend([53, 1, 1, 255]);
+    let mut out = Vec::with_capacity(b.size(bootp.len()));
+    b.write(&mut out, &bootp).expect("build discover");
+    out
+}
+
 pub fn udp_frame(
     src_mac: [u8; 6],
     dst_mac: [u8; 6],

@@ -10,7 +10,8 @@ fn random_and_mutated_frames_never_escape_their_tenant() -> anyhow::Result<()> {
             && s.passed > 1000
             && s.bounced > 100
             && s.routed > 100
-            && s.gateway_answers > 100,
+            && s.gateway_answers > 100
+            && s.dhcp > 10,
         "{s:?}"
     );
     Ok(())

@@ -471,3 +471,79 @@ fn a_next_hop_speaks_for_the_world_behind_it_and_no_one_else() -> anyhow::Result
     }
     Ok(())
 }
+
+/// A DHCP request goes to the agent (the slow-path ring, whole, with its port) only from a VSID
+/// with a subnet, within its port's budget, and is never forwarded. In a VSID without one a
+/// discover is a counted drop, while a request from the VM's own address to a server of its
+/// own VSID crosses as before.
+#[test]
+fn dhcp_goes_to_the_agent_only_from_a_vsid_with_a_subnet_and_within_a_budget() -> anyhow::Result<()>
+{
+    let discover = dhcp_discover(RED1_MAC, [0; 4], [255; 4]);
+    {
+        let h = host(true)?;
+        h.expect(
+            FROM_VM,
+            &discover,
+            Some(h.red1),
+            TC_ACT_SHOT,
+            "drop_vm_dhcp_no_subnet",
+        )?;
+        // Renewing with a server in its own VSID: an ordinary packet.
+        let renew = dhcp_discover(RED1_MAC, CA1, CA2);
+        h.expect(
+            FROM_VM,
+            &renew,
+            Some(h.red1),
+            TC_ACT_REDIRECT,
+            "vm_tx_encap",
+        )?;
+        ensure!(
+            h.counter("vm_dhcp_to_agent")? == 0,
+            "handed over without a subnet"
+        );
+    }
+    let mut h = routed_host()?;
+    let mut ring = h.dp.take_slow_path()?;
+    h.expect(
+        FROM_VM,
+        &discover,
+        Some(h.red1),
+        TC_ACT_SHOT,
+        "vm_dhcp_to_agent",
+    )?;
+    let item = ring.next().context("nothing in the slow-path ring")?;
+    ensure!(
+        item.len() >= 8 + discover.len(),
+        "ring entry of {} bytes",
+        item.len()
+    );
+    let port = u32::from_ne_bytes(item[..4].try_into()?);
+    let len = u32::from_ne_bytes(item[4..8].try_into()?) as usize;
+    ensure!(
+        port == h.red1 && len == discover.len() && item[8..8 + len] == discover[..],
+        "ring entry: port {port} (RED-1 is {}), {len} bytes",
+        h.red1
+    );
+    drop(item);
+    // One VM asking as fast as it can spends its own budget (20 at once on a CPU), counted.
+    let out = h.dp.test_run(FROM_VM, &discover, Some(h.red1), 100)?;
+    ensure!(out.ret == TC_ACT_SHOT, "returned {}", out.ret);
+    let (handed, over) = (
+        h.counter("vm_dhcp_to_agent")?,
+        h.counter("drop_vm_dhcp_over_budget")?,
+    );
+    ensure!(
+        handed + over == 101 && handed <= 25 && over >= 76,
+        "of 101 discovers: {handed} handed over, {over} over budget"
+    );
+    // Another VM's budget is its own.
+    h.expect(
+        FROM_VM,
+        &dhcp_discover(BLUE1_MAC, [0; 4], [255; 4]),
+        Some(h.blue1),
+        TC_ACT_SHOT,
+        "vm_dhcp_to_agent",
+    )?;
+    Ok(())
+}

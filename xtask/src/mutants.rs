@@ -401,6 +401,27 @@ const MUTATIONS: &[Mutation] = &[
         removed: "(inner_eth.src != router::mac())",
         tests: PROGRAMS,
     },
+    Mutation {
+        name: "DHCP goes to the agent only from a VSID with a subnet",
+        file: "nv-ebpf/src/dhcp.rs",
+        check: "if router::domain(port.vsid).is_some() {",
+        removed: "if port.vsid != 0 {",
+        tests: &["router"],
+    },
+    Mutation {
+        name: "a VM's DHCP requests spend its port's budget",
+        file: "nv-ebpf/src/dhcp.rs",
+        check: "if !budget::take(&SLOW_BUCKET, ifindex, SLOW_PER_SEC, SLOW_BURST) {",
+        removed: "if ifindex == 0 {",
+        tests: &["router"],
+    },
+    Mutation {
+        name: "a DHCP request handed to the agent goes no further",
+        file: "nv-ebpf/src/dhcp.rs",
+        check: "    Ok(TC_ACT_SHOT)",
+        removed: "    Ok(aya_ebpf::bindings::TC_ACT_OK as i32)",
+        tests: &["router"],
+    },
 ];
 
 pub fn run(only: Option<&str>) -> anyhow::Result<()> {
