@@ -178,10 +178,15 @@ fn from_port(host: &Host, port: &str, req: &Request) -> Result<Built> {
             Some(s) => s,
             None => v4(r.ca)?,
         };
-        lookups.push(record_line(host, r.vsid, dst, ""));
-        let to = catalog.get(&(r.vsid, IpAddr::V4(dst)));
+        let dst_mac = if let Some(router_mac) = routed(host, r.vsid, v4(r.ca)?, dst, &mut lookups) {
+            router_mac
+        } else {
+            lookups.push(record_line(host, r.vsid, dst, ""));
+            let to = catalog.get(&(r.vsid, IpAddr::V4(dst)));
+            to.map_or([2, 0, 0, 0, 0, 0], |d| d.mac.0)
+        };
         customer_frame(
-            (r.mac.0, to.map_or([2, 0, 0, 0, 0, 0], |d| d.mac.0)),
+            (r.mac.0, dst_mac),
             src,
             dst,
             req.proto.unwrap_or_default(),
@@ -195,6 +200,59 @@ fn from_port(host: &Host, port: &str, req: &Request) -> Result<Built> {
         ifindex: Some(ifindex),
         at: port.to_owned(),
     })
+}
+
+/// For a VM of `vsid` at `own` sending to `dst` outside its subnet in a routed VSID: the
+/// lines of the router's decision (the route that matched, the record it leads to, the hop's
+/// rewrites), and the router's MAC to send to. `None`: not routed (same subnet, or no domain).
+fn routed(
+    host: &Host,
+    vsid: u32,
+    own: Ipv4Addr,
+    dst: Ipv4Addr,
+    lookups: &mut Vec<String>,
+) -> Option<[u8; 6]> {
+    let routes = host.tables.catalog.routes();
+    let rdid = routes.domain_of(vsid)?;
+    let subnet = routes.subnet_of(vsid, own);
+    if subnet.is_some_and(|s| s.prefix.contains(dst) && s.gateway_addr() != Some(dst)) {
+        return None;
+    }
+    let router_mac = *crate::datapath::router_mac();
+    if let Some(gw) = routes.gateway_at(vsid, IpAddr::V4(dst)) {
+        lookups.push(format!(
+            "{dst} is the gateway of {} in routing domain {rdid}: the router answers (MAC {})",
+            gw.route.prefix,
+            crate::model::Mac(router_mac)
+        ));
+        return Some(router_mac);
+    }
+    let Some(route) = routes.best(rdid, dst) else {
+        lookups.push(format!(
+            "routing domain {rdid}: no route to {dst}: answered with ICMP net unreachable \
+             from the gateway (drop_vm_no_route once the port's budget of answers is spent)"
+        ));
+        return Some(router_mac);
+    };
+    let target = if route.on_link() { dst } else { route.nexthop };
+    lookups.push(format!(
+        "routing domain {rdid}: route {} matched {dst}",
+        crate::tables::routes::show(route)
+    ));
+    lookups.push(record_line(
+        host,
+        route.vsid,
+        target,
+        if route.on_link() { "" } else { " (next hop)" },
+    ));
+    let to = host.tables.catalog.get(&(route.vsid, IpAddr::V4(target)));
+    lookups.push(format!(
+        "hop: TTL - 1, source MAC {} (the router), destination MAC {}, sent in VSID {}",
+        crate::model::Mac(router_mac),
+        to.map_or_else(|| "unknown".to_owned(), |d| d.mac.to_string()),
+        route.vsid
+    ));
+    Some(router_mac)
 }
 
 /// A frame arriving on the uplink from the host of `--src` for the VM `--dst` of `--vsid`:

@@ -316,9 +316,49 @@ fn two_subnets_of_a_domain_are_routed_by_every_host_and_other_domains_never_see_
         ttl_one_expires_at_the_router(&bed)?;
         if hook == "xdp" {
             a_guest_configures_itself_by_dhcp(&bed)?;
+            trace_names_the_route_and_the_hop(&bed)?;
         }
         an_appliance_answers_for_the_world_behind_it(&bed)?;
     }
+    Ok(())
+}
+
+/// `nvctl trace` of a routed packet names the route that matched, the record it led to and
+/// the hop's rewrites, and its output is the routed frame (NVGRE in RED-B's VSID, TTL 63,
+/// from the router's MAC); a packet with no route is answered by the router with net
+/// unreachable.
+fn trace_names_the_route_and_the_hop(bed: &TwoHosts) -> anyhow::Result<()> {
+    let h1 = &bed.hosts[0];
+    let t = h1.nvctl_json(&["trace", "--port", "red1", "--dst", VM_B])?;
+    let lookups = t["lookups"].to_string();
+    for want in [
+        "routing domain contoso: route contoso 10.1.0.0/24",
+        "VSID 7002 CA 10.1.0.5",
+        "hop: TTL - 1, source MAC 02:6e:76:00:00:01 (the router), destination MAC 02:00:00:00:07:05, sent in VSID 7002",
+    ] {
+        ensure!(lookups.contains(want), "trace lacks {want:?}: {t}");
+    }
+    let output = t["output"].to_string();
+    ensure!(
+        t["verdict"] == "redirect"
+            && t["counter"]
+                .as_str()
+                .is_some_and(|c| c.contains("vm_routed"))
+            && output.contains("7002")
+            && output.contains("ttl 63"),
+        "routed trace: {t:#}"
+    );
+    let t = h1.nvctl_json(&["trace", "--port", "red1", "--dst", "10.9.9.9"])?;
+    ensure!(
+        t["counter"]
+            .as_str()
+            .is_some_and(|c| c.contains("vm_icmp_from_router"))
+            && t["output"]
+                .to_string()
+                .contains("destination unreachable: Network")
+            && t["lookups"].to_string().contains("no route to 10.9.9.9"),
+        "unrouted trace: {t:#}"
+    );
     Ok(())
 }
 

@@ -278,6 +278,33 @@ impl RouteIndex {
             .filter(|r| r.on_link())
     }
 
+    /// The route of `rdid` that takes `addr`, as the datapath picks it: the longest prefix
+    /// that holds it, then the lowest metric.
+    pub fn best(&self, rdid: &Rdid, addr: Ipv4Addr) -> Option<&RouteRecord> {
+        self.routes
+            .range(
+                (
+                    rdid.clone(),
+                    Subnet {
+                        addr: Ipv4Addr::UNSPECIFIED,
+                        len: 0,
+                    },
+                    Ipv4Addr::UNSPECIFIED,
+                )..,
+            )
+            .take_while(|((d, _, _), _)| d == rdid)
+            .map(|(_, r)| r)
+            .filter(|r| r.prefix.contains(addr))
+            .min_by_key(|r| (std::cmp::Reverse(r.prefix.len), r.metric))
+    }
+
+    /// The subnet of `vsid` that holds `addr`, if any.
+    pub fn subnet_of(&self, vsid: u32, addr: Ipv4Addr) -> Option<&RouteRecord> {
+        let rdid = self.domain_of(vsid)?;
+        self.subnets(rdid)
+            .find(|r| r.vsid == vsid && r.prefix.contains(addr))
+    }
+
     /// Checks a new route (or one replacing the route of its key) against the others, and
     /// against the lookup records: `record_at(vsid, ca)` names the record at that address.
     pub fn check_put(
