@@ -301,6 +301,12 @@ impl Host {
     /// Gives the host the two routing domains above (routes and remote VMs), as the agent
     /// would map them.
     pub fn add_domains(&mut self) -> anyhow::Result<()> {
+        self.add_domains_with(0)
+    }
+
+    /// [`Host::add_domains`], with `extra` more routes in contoso (100.64.0.0/24 on, one
+    /// /24 each, through RED-B's 10.1.0.5): a domain of many routes, for the benchmark.
+    pub fn add_domains_with(&mut self, extra: u32) -> anyhow::Result<()> {
         let route = |rdid: &str, vsid: u32, prefix: &str, gateway: Option<&str>| {
             serde_json::from_value::<nv_agent::model::RouteRecord>(serde_json::json!({
                 "rdid": rdid, "vsid": vsid, "prefix": prefix, "nexthop": "0.0.0.0",
@@ -330,6 +336,10 @@ impl Host {
             "rdid": "greenland", "vsid": GREEN_B, "prefix": "203.0.113.0/24",
             "nexthop": "10.3.0.5",
         }))?);
+        for i in 0..extra {
+            let prefix = std::net::Ipv4Addr::from(0x6440_0000u32 + (i << 8));
+            rows.push(via(RED_B, &format!("{prefix}/24"), "10.1.0.5")?);
+        }
         let index = nv_agent::tables::routes::RouteIndex::from_rows(rows)?;
         self.desired.routing = nv_agent::tables::routes::entries(&index);
         for (vsid, ca, mac) in [

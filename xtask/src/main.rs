@@ -49,6 +49,9 @@ enum Task {
         /// With --baseline: turns of each (the median is compared).
         #[arg(long, default_value_t = 3, requires = "baseline")]
         rounds: u32,
+        /// Measure one part only: programs, e2e, routing, control or cluster.
+        #[arg(long, value_name = "PART")]
+        only: Option<String>,
     },
     /// Set up, then fuzz every datapath program with random and mutated frames (a short run
     /// is part of `cargo xtask test`).
@@ -123,6 +126,7 @@ fn main() -> anyhow::Result<()> {
             smoke,
             baseline,
             rounds,
+            only,
         } => {
             setup::run()?;
             require_root("the benchmark loads BPF programs and creates network namespaces")?;
@@ -132,6 +136,9 @@ fn main() -> anyhow::Result<()> {
             let mut args: Vec<&str> = Vec::new();
             if smoke {
                 args.push("--smoke");
+            }
+            if let Some(part) = &only {
+                args.extend(["--only", part]);
             }
             let baseline_dir = baseline_bin.map(|b| b.display().to_string());
             if let (Some(dir), Some(rev)) = (&baseline_dir, &baseline) {

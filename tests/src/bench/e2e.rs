@@ -77,9 +77,9 @@ fn run_one(config: &str, scale: Scale) -> anyhow::Result<Result> {
     if !answered {
         bail!("{config}: RED-1 cannot reach RED-2");
     }
-    let (p50, p99) = rtt(red1, scale.pick(500, 20))?;
+    let (p50, p99) = rtt(red1, "10.0.0.2", scale.pick(500, 20))?;
     let seconds = scale.pick(5.0, 0.5);
-    let pps = pps(red1, red2, seconds)?;
+    let pps = pps(red1, red2, "10.0.0.2", seconds)?;
     let tap_pps = if config == "nv-encap-tc" {
         Some(tap_pps(&bed, seconds)?)
     } else {
@@ -88,7 +88,7 @@ fn run_one(config: &str, scale: Scale) -> anyhow::Result<Result> {
     Ok(Result {
         config: config.to_owned(),
         pps,
-        tcp_gbps: tcp(red1, red2, scale.pick(10, 1))?,
+        tcp_gbps: tcp(red1, red2, "10.0.0.2", scale.pick(10, 1))?,
         rtt_p50_us: p50,
         rtt_p99_us: p99,
         tap_pps,
@@ -154,7 +154,7 @@ fn routed(bed: &TwoHosts) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rx_packets(vm: &Vm) -> anyhow::Result<u64> {
+pub(super) fn rx_packets(vm: &Vm) -> anyhow::Result<u64> {
     Ok(vm
         .ns
         .exec("cat", &["/sys/class/net/eth0/statistics/rx_packets"])?
@@ -164,8 +164,8 @@ fn rx_packets(vm: &Vm) -> anyhow::Result<u64> {
 
 /// 64-byte frames (18 bytes of UDP payload, sent as raw frames so the sender's own UDP stack
 /// does not bound the result) from RED-1 as fast as one sender can, for `seconds`; counted as
-/// they arrive on RED-2's eth0.
-fn pps(red1: &Vm, red2: &Vm, seconds: f64) -> anyhow::Result<f64> {
+/// they arrive on RED-2's eth0 (at `dst`).
+pub(super) fn pps(red1: &Vm, red2: &Vm, dst: &str, seconds: f64) -> anyhow::Result<f64> {
     let tool = bin("nv-transfer")?;
     let tool = tool.to_str().context("utf-8 path")?;
     let sink_seconds = format!("{}", seconds + 2.0);
@@ -194,7 +194,7 @@ fn pps(red1: &Vm, red2: &Vm, seconds: f64) -> anyhow::Result<f64> {
             &red1.ns.name,
             tool,
             "frame-flood",
-            "10.0.0.2:47003",
+            &format!("{dst}:47003"),
             "--seconds",
             &seconds.to_string(),
             "--size",
@@ -277,7 +277,7 @@ fn tap_pps(bed: &TwoHosts, seconds: f64) -> anyhow::Result<f64> {
 }
 
 /// iperf3, one TCP stream, `seconds` long; the receiver's throughput.
-fn tcp(red1: &Vm, red2: &Vm, seconds: u32) -> anyhow::Result<f64> {
+pub(super) fn tcp(red1: &Vm, red2: &Vm, dst: &str, seconds: u32) -> anyhow::Result<f64> {
     let mut server = Command::new("ip")
         .args([
             "netns",
@@ -305,7 +305,7 @@ fn tcp(red1: &Vm, red2: &Vm, seconds: u32) -> anyhow::Result<f64> {
             &(seconds + 15).to_string(),
             "iperf3",
             "-c",
-            "10.0.0.2",
+            dst,
             "-p",
             "47004",
             "-t",
@@ -322,18 +322,10 @@ fn tcp(red1: &Vm, red2: &Vm, seconds: u32) -> anyhow::Result<f64> {
 }
 
 /// Round-trip times of `count` pings 2 ms apart, no other load: (p50, p99) in µs.
-fn rtt(red1: &Vm, count: u32) -> anyhow::Result<(f64, f64)> {
+pub(super) fn rtt(red1: &Vm, dst: &str, count: u32) -> anyhow::Result<(f64, f64)> {
     let out = red1.ns.exec(
         "ping",
-        &[
-            "-c",
-            &count.to_string(),
-            "-i",
-            "0.002",
-            "-W",
-            "1",
-            "10.0.0.2",
-        ],
+        &["-c", &count.to_string(), "-i", "0.002", "-W", "1", dst],
     )?;
     let mut samples: Vec<f64> = out
         .lines()

@@ -14,6 +14,7 @@ pub mod e2e;
 pub mod mapfill;
 pub mod programs;
 pub mod report;
+pub mod routing;
 
 /// How much to measure: `smoke` runs everything with tiny counts so the benchmark cannot rot.
 #[derive(Clone, Copy, Debug)]

@@ -7,6 +7,7 @@ use serde::Serialize;
 use super::{
     cluster, control, e2e,
     programs::{self, Cost},
+    routing,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -23,6 +24,8 @@ pub struct Report {
     pub programs: Vec<Cost>,
     pub overheads: Vec<programs::Overhead>,
     pub e2e: Vec<e2e::Result>,
+    /// A routed packet against a same-subnet one, with 10 and 10,000 routes.
+    pub routing: Vec<routing::Row>,
     pub control: control::Result,
     pub cluster: cluster::Result,
     pub goals: Vec<Goal>,
@@ -243,6 +246,7 @@ pub fn table(r: &Report) -> String {
             );
         }
     }
+    routing_lines(&mut s, &r.routing);
     let c = &r.control;
     let _ = writeln!(
         s,
@@ -283,6 +287,41 @@ pub fn table(r: &Report) -> String {
         );
     }
     s
+}
+
+/// The router's cost: each routed row beside the same-subnet row of its route count.
+fn routing_lines(s: &mut String, rows: &[routing::Row]) {
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nthe distributed router: routed (RED-1 -> RED-B, another subnet) against same subnet (RED-1 -> RED-2), NVGRE, XDP decap, same run"
+    );
+    let _ = writeln!(
+        s,
+        "{:>7} {:<12} {:>10} {:>12} {:>10} {:>10}   routed / same subnet",
+        "routes", "path", "program ns", "64B pps", "TCP Gb/s", "RTT p50us"
+    );
+    for r in rows {
+        let base = rows
+            .iter()
+            .find(|b| b.routes == r.routes && b.path == "same subnet");
+        let ratios = match base {
+            Some(b) if r.path == "routed" => format!(
+                "program {:.2}x, pps {:.2}x, TCP {:.2}x",
+                r.program_ns / b.program_ns,
+                r.pps / b.pps,
+                r.tcp_gbps / b.tcp_gbps
+            ),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            s,
+            "{:>7} {:<12} {:>10.1} {:>12.0} {:>10.2} {:>10.1}   {ratios}",
+            r.routes, r.path, r.program_ns, r.pps, r.tcp_gbps, r.rtt_p50_us
+        );
+    }
 }
 
 /// A bar chart of the end-to-end results, one panel per measure, as SVG.

@@ -2,7 +2,7 @@
 //! target/bench/results.json and target/bench/e2e.svg.
 use std::path::PathBuf;
 
-use nv_tests::bench::{Scale, baseline, cluster, control, e2e, programs, report};
+use nv_tests::bench::{Scale, baseline, cluster, control, e2e, programs, report, routing};
 
 fn main() {
     if let Err(e) = run() {
@@ -39,9 +39,9 @@ fn run() -> anyhow::Result<()> {
     let only = std::env::args().skip_while(|a| a != "--only").nth(1);
     let wanted = |part: &str| only.as_deref().is_none_or(|o| o == part);
     if let Some(part) = &only
-        && !["programs", "e2e", "control", "cluster"].contains(&part.as_str())
+        && !["programs", "e2e", "routing", "control", "cluster"].contains(&part.as_str())
     {
-        anyhow::bail!("--only takes programs, e2e, control or cluster, not '{part}'");
+        anyhow::bail!("--only takes programs, e2e, routing, control or cluster, not '{part}'");
     }
     let (programs, overheads) = if wanted("programs") {
         eprintln!("bench: program cost ...");
@@ -52,6 +52,12 @@ fn run() -> anyhow::Result<()> {
     let e2e = if wanted("e2e") {
         eprintln!("bench: end to end ...");
         e2e::run_all(scale)?
+    } else {
+        Vec::new()
+    };
+    let routing = if wanted("routing") {
+        eprintln!("bench: the distributed router ...");
+        routing::run(scale)?
     } else {
         Vec::new()
     };
@@ -73,6 +79,7 @@ fn run() -> anyhow::Result<()> {
         programs,
         overheads,
         e2e,
+        routing,
         control,
         cluster,
         goals,

@@ -221,7 +221,8 @@ fn frame_flood(addr: &str, duration: Duration, size: usize) -> Result<u64> {
     let std::net::SocketAddr::V4(src) = probe.local_addr()? else {
         return Err("IPv4 only".into());
     };
-    let (dev, dst_mac) = neighbour(*dst.ip())?;
+    // Off-link: the frame goes to the gateway's MAC, as the kernel would send it.
+    let (dev, dst_mac) = neighbour(*dst.ip()).or_else(|_| neighbour(gateway_for(*dst.ip())?))?;
     let src_mac = mac(&std::fs::read_to_string(format!(
         "/sys/class/net/{dev}/address"
     ))?)?;
@@ -289,6 +290,30 @@ fn frame_flood(addr: &str, duration: Duration, size: usize) -> Result<u64> {
         }
     }
     Ok(sent)
+}
+
+/// The gateway of the most specific route to `ip` in this namespace (`/proc/net/route`).
+fn gateway_for(ip: std::net::Ipv4Addr) -> Result<std::net::Ipv4Addr> {
+    let table = std::fs::read_to_string("/proc/net/route")?;
+    let hex = |f: &str| u32::from_str_radix(f, 16);
+    let addr = u32::from_le_bytes(ip.octets());
+    let mut best: Option<(u32, u32)> = None;
+    for line in table.lines().skip(1) {
+        // Iface, Destination, Gateway, Flags, RefCnt, Use, Metric, Mask: little-endian hex.
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(dest), Some(gw), Some(mask)) = (f.get(1), f.get(2), f.get(7)) else {
+            continue;
+        };
+        let (dest, gw, mask) = (hex(dest)?, hex(gw)?, hex(mask)?);
+        if gw != 0
+            && addr & mask == dest
+            && best.is_none_or(|(m, _)| mask.count_ones() > m.count_ones())
+        {
+            best = Some((mask, gw));
+        }
+    }
+    let (_, gw) = best.ok_or_else(|| format!("no route with a gateway to {ip}"))?;
+    Ok(std::net::Ipv4Addr::from(gw.to_le_bytes()))
 }
 
 /// The device and resolved MAC of `ip` in this namespace's ARP table.
