@@ -110,8 +110,11 @@ pub fn request_of(frame: &[u8]) -> Result<Request, Unanswered> {
     if udp.source_port() != DHCP_CLIENT_PORT || udp.destination_port() != DHCP_SERVER_PORT {
         return Err(Unanswered::Malformed);
     }
-    let msg =
-        Message::decode(&mut Decoder::new(udp.payload())).map_err(|_| Unanswered::Malformed)?;
+    // A VM's bytes: should the decoder ever panic on them, the request is malformed.
+    let payload = udp.payload();
+    let msg = std::panic::catch_unwind(|| Message::decode(&mut Decoder::new(payload)))
+        .map_err(|_| Unanswered::Malformed)?
+        .map_err(|_| Unanswered::Malformed)?;
     if msg.opcode() != Opcode::BootRequest || msg.htype() != HType::Eth || msg.hlen() != 6 {
         return Err(Unanswered::Malformed);
     }

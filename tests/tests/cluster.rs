@@ -182,6 +182,25 @@ fn losing_an_etcd_member_or_all_of_etcd_never_stops_forwarding() -> anyhow::Resu
     converge(&bed, "a record written with a member down", |_, h| {
         has(h, 7001, [10, 7, 0, 1])
     })?;
+    // A subnet, whose gateway every host answers: an agent restarted while etcd is away
+    // must bring it back from what it applied last.
+    bed.hosts[0].nvctl(&[
+        "route",
+        "add",
+        "--rdid",
+        "contoso",
+        "--vsid",
+        "5001",
+        "--prefix",
+        "10.0.0.0/24",
+        "--nexthop",
+        "0.0.0.0",
+        "--gateway",
+        "10.0.0.254",
+    ])?;
+    converge(&bed, "a route written with a member down", |_, h| {
+        Ok(h.nvctl_json(&["status"])?["routes"] == 1)
+    })?;
 
     // All of etcd gone: forwarding goes on, even across an agent's restart; changes are
     // refused with the reason, and nothing is half done.
@@ -211,6 +230,11 @@ fn losing_an_etcd_member_or_all_of_etcd_never_stops_forwarding() -> anyhow::Resu
     );
     bed.hosts[1].stop_agent();
     bed.hosts[1].start_agent()?;
+    ensure!(
+        bed.hosts[1].nvctl_json(&["status"])?["routes"] == 1
+            && bed.ping("RED-2", "10.0.0.254", 2)? == 2,
+        "host 2's agent, restarted while etcd was away, lost its route"
+    );
     let (sent, received) = stream.finish()?;
     ensure!(
         sent == received,

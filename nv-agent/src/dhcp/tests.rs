@@ -188,3 +188,48 @@ fn requests_nv_must_not_answer_say_why() {
     reply[42] = 2; // BOOTREPLY
     assert_eq!(request_of(&reply), Err(Unanswered::Malformed));
 }
+
+#[test]
+fn mutated_requests_are_answered_or_refused_never_a_panic() {
+    let good = frame(
+        MessageType::Request,
+        VM,
+        vec![
+            DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 1, 0, 11)),
+            DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 1, 0, 1)),
+        ],
+        false,
+    );
+    let routes = Some(vec!["10.2.0.0/24".parse().unwrap()]);
+    // xorshift: the same frames every run.
+    let mut x: u64 = 0x6e76_d4c9;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let (mut decoded, mut answered) = (0u32, 0u32);
+    for _ in 0..20_000 {
+        let mut f = good.clone();
+        #[expect(clippy::cast_possible_truncation, reason = "small values")]
+        for _ in 0..=next() % 8 {
+            // Only the DHCP message and its options: the headers before it are etherparse's.
+            let at = 42 + (next() as usize) % (f.len() - 42);
+            f[at] = next() as u8;
+        }
+        if next() % 4 == 0 {
+            #[expect(clippy::cast_possible_truncation, reason = "small values")]
+            f.truncate(42 + (next() as usize) % (f.len() - 41));
+        }
+        if let Ok(req) = request_of(&f) {
+            decoded += 1;
+            answered += u32::from(answer(&req, &lease(routes.clone())).is_ok());
+        }
+    }
+    // Both kinds of outcome happened, so the loop exercised the answer too.
+    assert!(
+        decoded > 1000 && answered > 100,
+        "{decoded} decoded, {answered} answered"
+    );
+}
