@@ -510,7 +510,7 @@ fn an_appliance_answers_for_the_world_behind_it(bed: &TwoHosts) -> anyhow::Resul
 /// own PA, with no tunnel; the other domain still never sees a frame.
 #[test]
 fn two_subnets_reached_by_ip_rewrite_are_routed_too() -> anyhow::Result<()> {
-    let bed = routed_bed("rrw", "tc", true)?;
+    let mut bed = routed_bed("rrw", "tc", true)?;
     // Every packet with its real checksums (no offload), for tshark to check them over PAs.
     for vm in ["RED-1", "RED-B"] {
         bed.vm(vm)
@@ -535,6 +535,35 @@ fn two_subnets_reached_by_ip_rewrite_are_routed_too() -> anyhow::Result<()> {
     ensure!(
         plain >= 6,
         "routed rewrite packets on the underlay: {plain}"
+    );
+    the_other_domain_never_sees_a_frame(&bed)?;
+    // The other decapsulation hook: the same bed, agents restarted with it (forwarding goes
+    // on from the pins meanwhile).
+    for h in &mut bed.hosts {
+        h.stop_agent();
+        h.agent_args = vec!["--decap-hook".into(), "xdp".into()];
+        h.start_agent()?;
+        let hook = h.nvctl_json(&["status"])?["decap_hook"].clone();
+        ensure!(hook == "xdp", "decap hook after the restart: {hook}");
+    }
+    let before = bed.hosts[1].counters()?;
+    ensure!(
+        bed.ping("RED-1", VM_B, 3)? == 3,
+        "RED-1 -> RED-B by rewrite, XDP"
+    );
+    let (sent, got) = tcp_transfer(bed.vm("RED-B"), bed.vm("RED-1"), VM_B, 256 << 10)?;
+    ensure!(
+        sent == got,
+        "TCP RED-1 -> RED-B, XDP: sent {sent}, got {got}"
+    );
+    let restored = delta(
+        &before,
+        &bed.hosts[1].counters()?,
+        "uplink_rewrite_delivered",
+    );
+    ensure!(
+        restored >= 6,
+        "host 2 restored {restored} packets by rewrite on XDP"
     );
     the_other_domain_never_sees_a_frame(&bed)
 }
