@@ -163,6 +163,19 @@ pub enum Counter {
     DropVmDhcpNoSubnet,
     /// From a VM: a DHCP request beyond its port's budget, or with the agent's ring full.
     DropVmDhcpOverBudget,
+    /// From a VM: a neighbour solicitation for an IPv6 CA of its VSID, answered from the
+    /// records.
+    VmNdReplied,
+    /// From a VM: neighbour discovery nv does not answer (a solicitation for an address
+    /// without a record, duplicate address detection, router solicitations, unsolicited
+    /// advertisements, multicast listener reports): nothing is flooded.
+    DropVmNdUnanswered,
+    /// From a VM: a router advertisement, a redirect or a DHCPv6 server's message: only nv
+    /// speaks as the router.
+    DropVmRouterGuard,
+    /// From a VM: IPv6 extension headers nv does not walk (more than four, or of an unknown
+    /// kind), so it cannot tell what the packet carries.
+    DropVmIpv6Ext,
     /// Only in the layout-probe build (a counter this version does not have).
     #[cfg(feature = "layout-probe")]
     LayoutProbe,
@@ -170,7 +183,7 @@ pub enum Counter {
 
 impl Counter {
     #[cfg(not(feature = "layout-probe"))]
-    pub const COUNT: u32 = Counter::DropVmDhcpOverBudget as u32 + 1;
+    pub const COUNT: u32 = Counter::DropVmIpv6Ext as u32 + 1;
     #[cfg(feature = "layout-probe")]
     pub const COUNT: u32 = Counter::LayoutProbe as u32 + 1;
     /// Entries of the counter map: room for counters yet to come, so a new one does not
@@ -238,6 +251,10 @@ impl Counter {
         Counter::VmDhcpToAgent,
         Counter::DropVmDhcpNoSubnet,
         Counter::DropVmDhcpOverBudget,
+        Counter::VmNdReplied,
+        Counter::DropVmNdUnanswered,
+        Counter::DropVmRouterGuard,
+        Counter::DropVmIpv6Ext,
         #[cfg(feature = "layout-probe")]
         Counter::LayoutProbe,
     ];
@@ -306,6 +323,10 @@ impl Counter {
             Counter::VmDhcpToAgent => "vm_dhcp_to_agent",
             Counter::DropVmDhcpNoSubnet => "drop_vm_dhcp_no_subnet",
             Counter::DropVmDhcpOverBudget => "drop_vm_dhcp_over_budget",
+            Counter::VmNdReplied => "vm_nd_replied",
+            Counter::DropVmNdUnanswered => "drop_vm_nd_unanswered",
+            Counter::DropVmRouterGuard => "drop_vm_router_guard",
+            Counter::DropVmIpv6Ext => "drop_vm_ipv6_ext",
             #[cfg(feature = "layout-probe")]
             Counter::LayoutProbe => "layout_probe",
         }

@@ -22,3 +22,14 @@ pub fn flow_id_v4(src: [u8; 4], dst: [u8; 4], proto: u8, ports: u32) -> u8 {
     let id = h as u8;
     id
 }
+
+/// The FlowID of an IPv6 flow: its addresses folded to 32 bits each, then as IPv4's.
+#[inline(always)]
+#[must_use]
+pub fn flow_id_v6(src: &[u8; 16], dst: &[u8; 16], proto: u8, ports: u32) -> u8 {
+    let fold = |a: &[u8; 16]| {
+        let w = |i: usize| u32::from_be_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+        (w(0) ^ w(4) ^ w(8) ^ w(12)).to_be_bytes()
+    };
+    flow_id_v4(fold(src), fold(dst), proto, ports)
+}

@@ -44,6 +44,8 @@ pub mod map_names {
     pub const VSID_ROUTING: &str = "NV_VSID_ROUTING";
     pub const ROUTES: &str = "NV_ROUTES";
     pub const GATEWAYS: &str = "NV_GATEWAYS";
+    /// IPv6 customer addresses ([`crate::LookupKey6`]).
+    pub const LOOKUPS6: &str = "NV_LOOKUPS6";
     /// Routed packets per routing domain, per CPU.
     pub const ROUTED_STATS: &str = "NV_ROUTED_STATS";
     /// Frames for the agent ([`crate::slow_path`]), and each VM port's budget of them.
@@ -51,7 +53,7 @@ pub mod map_names {
     pub const SLOW_BUCKET: &str = "NV_SLOW_BUCKET";
     /// Not pinned: each loaded copy of the programs has its own ([`RedirectTrace`]).
     pub const TRACE_REDIRECT: &str = "NV_TRACE_REDIRECT";
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         LOOKUPS,
         PORTS,
         LOCAL_PAS,
@@ -70,6 +72,7 @@ pub mod map_names {
         ROUTED_STATS,
         SLOW_PATH,
         SLOW_BUCKET,
+        LOOKUPS6,
     ];
 }
 
@@ -147,6 +150,18 @@ pub struct LookupKey {
     pub vsid: u32,
     pub ca: V4,
 }
+
+/// Key of the IPv6 lookup map: an IPv6 customer address within its virtual subnet. A map of
+/// its own, so IPv4 keeps its 8-byte key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LookupKey6 {
+    pub vsid: u32,
+    pub ca: Addr,
+}
+
+/// IPv6 lookup records a host holds at most.
+pub const MAX_LOOKUPS6: u32 = 65_536;
 
 /// How packets to a customer address are translated.
 #[repr(u8)]
@@ -403,6 +418,23 @@ impl DeliverMeta {
     pub const MAGIC: u32 = 0x6e76_6d31; // "nvm1"
 }
 
+/// XDP metadata in front of a decapsulated IPv6 frame: the VM is named by its VSID and MAC
+/// (its port entry holds its IPv4 address only).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeliverMeta6 {
+    /// [`DeliverMeta6::MAGIC`].
+    pub magic: u32,
+    pub ifindex: u32,
+    pub vsid: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+impl DeliverMeta6 {
+    pub const MAGIC: u32 = 0x6e76_6d36; // "nvm6"
+}
+
 /// XDP metadata in front of an IP-rewrite packet for a local VM: what the uplink TC program
 /// needs to restore the customer's packet (XDP has no checksum helpers that respect the skb's
 /// checksum state, TC does).
@@ -458,6 +490,8 @@ const _: () = {
     assert!(core::mem::size_of::<LocalPa>() == 8);
     assert!(core::mem::size_of::<DatapathConfig>() == 168);
     assert!(core::mem::size_of::<DeliverMeta>() == 16);
+    assert!(core::mem::size_of::<DeliverMeta6>() == 20);
+    assert!(core::mem::size_of::<LookupKey6>() == 20);
     assert!(core::mem::size_of::<RestoreMeta>() == 32);
     assert!(core::mem::size_of::<RewritePa>() == 32);
     // The datapath reads the addresses in map values word by word (nv-ebpf `packet::v4_of`):
@@ -479,6 +513,7 @@ mod pod {
     // SAFETY: all of these are repr(C), contain only integers and byte arrays, and have no
     // implicit padding (sizes asserted above), so any byte pattern is a valid value.
     unsafe impl aya::Pod for super::LookupKey {}
+    unsafe impl aya::Pod for super::LookupKey6 {}
     unsafe impl aya::Pod for super::LookupValue {}
     unsafe impl aya::Pod for super::PortInfo {}
     unsafe impl aya::Pod for super::LocalPa {}

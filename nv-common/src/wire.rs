@@ -11,6 +11,22 @@ pub const ETH_P_8021AD: u16 = 0x88a8;
 pub const ETH_P_TEB: u16 = 0x6558;
 
 pub const IPV4_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
+pub const IPPROTO_ICMPV6: u8 = 58;
+/// IPv6 extension headers a VM's packet may carry before its upper-layer header.
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_ROUTING: u8 = 43;
+pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_DSTOPTS: u8 = 60;
+/// ICMPv6 neighbour discovery (RFC 4861) and multicast listener messages.
+pub const ND_ROUTER_SOLICIT: u8 = 133;
+pub const ND_ROUTER_ADVERT: u8 = 134;
+pub const ND_NEIGHBOR_SOLICIT: u8 = 135;
+pub const ND_NEIGHBOR_ADVERT: u8 = 136;
+pub const ND_REDIRECT: u8 = 137;
+/// DHCPv6's UDP ports (RFC 8415).
+pub const DHCPV6_CLIENT_PORT: u16 = 546;
+pub const DHCPV6_SERVER_PORT: u16 = 547;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;

@@ -19,6 +19,23 @@ pub fn to_vm(ctx: &TcContext, ifindex: u32, vsid: u32, ca: [u8; 4]) -> Result<i3
     if port.vsid != vsid || crate::packet::v4_of(&port.ca) != Some(ca) {
         return Err(Counter::DropPortGone);
     }
+    hand_over(ctx, ifindex, port)
+}
+
+/// As [`to_vm`], for an IPv6 frame: the VM is named by its VSID and MAC (its IPv6 records
+/// share its port's MAC; the port entry holds its IPv4 address).
+#[inline(always)]
+pub fn to_vm6(ctx: &TcContext, ifindex: u32, vsid: u32, mac: [u8; 6]) -> Result<i32, Counter> {
+    // SAFETY: read-only use of a value the agent replaces whole.
+    let port = unsafe { PORTS.get(ifindex) }.ok_or(Counter::DropPortGone)?;
+    if port.vsid != vsid || port.mac != mac {
+        return Err(Counter::DropPortGone);
+    }
+    hand_over(ctx, ifindex, port)
+}
+
+#[inline(always)]
+fn hand_over(ctx: &TcContext, ifindex: u32, port: &nv_common::PortInfo) -> Result<i32, Counter> {
     if port.is_down() {
         return Err(Counter::DropPortDown);
     }

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use nv_common::{
     Counter, LookupValue, PortInfo,
-    flow::flow_id_v4,
+    flow::{flow_id_v4, flow_id_v6},
     wire::{
         ETH_HLEN, ETH_P_IP, ETH_P_TEB, GRE_FLAGS_NVGRE, IPPROTO_GRE, IPPROTO_TCP, IPPROTO_UDP,
         IPV4_DF, NVGRE_V4_OVERHEAD, OUTER_TTL, nvgre_key,
@@ -22,7 +22,7 @@ use nv_common::{
 };
 
 use crate::{
-    packet::{EthHdr, Ipv4Hdr, ptr_at, read_at, v4_of},
+    packet::{EthHdr, Ipv4Hdr, Ipv6Hdr, ptr_at, read_at, v4_of},
     underlay::{self, Hop},
 };
 
@@ -40,6 +40,23 @@ impl Inner {
         let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
         let udp_gso = u8::from(gso && ip.proto == IPPROTO_UDP);
         Self(u32::from_be_bytes([ip.tos, flow_id(ctx, ip), udp_gso, 0]))
+    }
+
+    /// The same of an IPv6 packet whose upper-layer protocol `proto` starts at `l4`.
+    // Out of line, returning a scalar: its own stack frame.
+    #[inline(never)]
+    pub fn of6(ctx: &TcContext, ip: &Ipv6Hdr, proto: u8, l4: usize) -> Self {
+        // SAFETY: the context pointer is valid for the whole program run.
+        let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+        let udp_gso = u8::from(gso && proto == IPPROTO_UDP);
+        let ports = if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
+            // The load helper: `l4` depends on the packet's extension headers.
+            ctx.load::<[u8; 4]>(l4).map_or(0, u32::from_be_bytes)
+        } else {
+            0
+        };
+        let flow = flow_id_v6(&ip.src, &ip.dst, proto, ports);
+        Self(u32::from_be_bytes([ip.traffic_class(), flow, udp_gso, 0]))
     }
 
     #[inline(always)]

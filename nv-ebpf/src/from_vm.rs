@@ -4,7 +4,9 @@
 use aya_ebpf::{bindings::TC_ACT_REDIRECT, programs::TcContext};
 use nv_common::{
     Counter, LookupKey, Method, PortInfo, VsidStatsKey as Stats,
-    wire::{ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, NVGRE_V4_OVERHEAD},
+    wire::{
+        ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, NVGRE_V4_OVERHEAD,
+    },
 };
 
 use crate::{
@@ -46,7 +48,7 @@ pub fn run_bounced(ctx: &TcContext) -> i32 {
 /// A frame the VM sent went out (`how`: its counter; `method`: [`Stats`]'s): counted for its
 /// VSID, and sampled for a monitor.
 #[inline(always)]
-fn sent(ctx: &TcContext, how: Counter, port: &PortInfo, ifindex: u32, method: u8, len: u32) {
+pub fn sent(ctx: &TcContext, how: Counter, port: &PortInfo, ifindex: u32, method: u8, len: u32) {
     count(how);
     monitor::traffic(port.vsid, method, true, method == Stats::LOCAL, len);
     monitor::forwarded(ctx.data(), ctx.data_end(), how, ifindex, port.vsid, len);
@@ -77,6 +79,7 @@ fn try_run_on(ctx: &TcContext, ifindex: u32, bounced: bool) -> Result<i32, Count
     match eth.proto() {
         ETH_P_ARP if !bounced => arp::reply(ctx, port),
         ETH_P_IP => forward_ipv4(ctx, port, ifindex, bounced),
+        ETH_P_IPV6 => crate::from_vm6::forward(ctx, port, ifindex, bounced),
         ETH_P_8021Q | ETH_P_8021AD => Err(Counter::DropVmVlan),
         _ => Err(Counter::DropVmNotIp),
     }

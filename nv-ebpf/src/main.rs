@@ -1,6 +1,8 @@
 //! nv's datapath. One concern per file:
 //! - `from_vm`: TC ingress on VM ports (traffic leaving a VM): identity, ARP, forwarding
+//! - `from_vm6`: IPv6 from a VM: router guard, source check, delivery or NVGRE
 //! - `arp`: the ARP responder that answers VMs from the lookup records
+//! - `nd`: the IPv6 neighbour responder, answering VMs from the lookup records
 //! - `encap`: NVGRE encapsulation
 //! - `rewrite`: IP rewrite (customer addresses to provider addresses and back)
 //! - `csum_offload`: a VM's checksum offload state, checked before IP rewrite
@@ -27,8 +29,10 @@ mod deliver;
 mod dhcp;
 mod encap;
 mod from_vm;
+mod from_vm6;
 mod maps;
 mod monitor;
+mod nd;
 mod packet;
 mod pmtu;
 mod redirect;

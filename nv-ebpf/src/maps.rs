@@ -5,9 +5,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use nv_common::{
-    Counter, DEFAULT_MAX_LOOKUPS, DatapathConfig, IcmpBucket, LocalPa, LookupKey, LookupValue,
-    MAX_HOSTED_VSIDS, MAX_LOCAL_PAS, MAX_PORTS, MAX_REWRITE_PAS, NextHop, PortInfo, RewritePa, V4,
-    VsidTraffic,
+    Counter, DEFAULT_MAX_LOOKUPS, DatapathConfig, IcmpBucket, LocalPa, LookupKey, LookupKey6,
+    LookupValue, MAX_HOSTED_VSIDS, MAX_LOCAL_PAS, MAX_LOOKUPS6, MAX_PORTS, MAX_REWRITE_PAS,
+    NextHop, PortInfo, RewritePa, V4, VsidTraffic,
     monitor::{MAX_VSID_STATS, MONITOR_RING_BYTES},
     routing::{
         GatewayKey, MAX_GATEWAYS, MAX_ROUTED_VSIDS, MAX_ROUTES, RouteHop, RouteKey, VsidRouting,
@@ -81,3 +81,7 @@ pub static SLOW_PATH: RingBuf = RingBuf::pinned(SLOW_RING_BYTES, 0);
 /// Each VM port's budget of frames for the agent, per CPU.
 #[map(name = "NV_SLOW_BUCKET")]
 pub static SLOW_BUCKET: LruPerCpuHashMap<u32, IcmpBucket> = LruPerCpuHashMap::pinned(MAX_PORTS, 0);
+
+/// IPv6 customer addresses: where each lives, as [`LOOKUPS`] for IPv4.
+#[map(name = "NV_LOOKUPS6")]
+pub static LOOKUPS6: HashMap<LookupKey6, LookupValue> = HashMap::pinned(MAX_LOOKUPS6, 0);

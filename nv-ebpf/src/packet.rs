@@ -88,6 +88,30 @@ impl Ipv4Hdr {
 
 #[repr(C)]
 #[derive(Clone, Copy)]
+pub struct Ipv6Hdr {
+    /// Version (4 bits), traffic class (8), flow label (20).
+    pub ver_tc_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next: u8,
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+impl Ipv6Hdr {
+    #[inline(always)]
+    pub fn version(&self) -> u8 {
+        self.ver_tc_flow[0] >> 4
+    }
+
+    #[inline(always)]
+    pub fn traffic_class(&self) -> u8 {
+        (self.ver_tc_flow[0] << 4) | (self.ver_tc_flow[1] >> 4)
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
 pub struct GreHdr {
     pub flags: [u8; 2],
     pub proto: [u8; 2],

@@ -10,16 +10,16 @@
 //! traffic that arrives tagged is dropped; the kernel would strip a priority tag (VID 0) after
 //! the hook and hand the packet to the host's stack.
 use nv_common::{
-    Counter, DatapathConfig, LookupKey, RestoreMeta, RewritePa,
+    Counter, DatapathConfig, LookupKey, LookupKey6, RestoreMeta, RewritePa,
     wire::{
-        ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_TEB, GRE_FLAGS_NVGRE,
-        GRE_HLEN, IPPROTO_GRE, IPPROTO_ICMP, IPV4_HLEN,
+        ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_TEB,
+        GRE_FLAGS_NVGRE, GRE_HLEN, IPPROTO_GRE, IPPROTO_ICMP, IPV4_HLEN, IPV6_HLEN,
     },
 };
 
 use crate::{
-    maps::{HOSTED_VSIDS, LOCAL_PAS, LOOKUPS, REWRITE_PAS},
-    packet::{EthHdr, GreHdr, Ipv4Hdr, read_at, v4_of, view_at},
+    maps::{HOSTED_VSIDS, LOCAL_PAS, LOOKUPS, LOOKUPS6, REWRITE_PAS},
+    packet::{EthHdr, GreHdr, Ipv4Hdr, Ipv6Hdr, read_at, v4_of, view_at},
     router,
 };
 
@@ -27,13 +27,15 @@ pub enum Verdict {
     /// Not tenant traffic for this host.
     Pass,
     /// NVGRE for the VM behind `port`, whose PA is `pa`; the customer's frame starts `strip`
-    /// bytes in.
+    /// bytes in. The VM is named by its IPv4 `ca`, or (`v6`: an IPv6 frame) by its `mac`.
     Nvgre {
         strip: usize,
         port: u32,
         pa: [u8; 4],
         vsid: u32,
         ca: [u8; 4],
+        mac: [u8; 6],
+        v6: bool,
     },
     /// IP rewrite for a VM here: how to restore it.
     Rewrite(RestoreMeta),
@@ -221,6 +223,7 @@ fn nvgre(
     let inner_eth: &EthHdr = view_at(data, end, inner).ok_or(Counter::DropUplinkMalformed)?;
     match inner_eth.proto() {
         ETH_P_IP => {}
+        ETH_P_IPV6 => return nvgre6(data, end, ip, vsid, inner, inner_eth),
         ETH_P_8021Q | ETH_P_8021AD => return Err(Counter::DropUplinkInnerVlan),
         _ => return Err(Counter::DropUplinkInnerNotIp),
     }
@@ -301,6 +304,70 @@ fn nvgre(
         pa: v4_of(&dst.pa).unwrap_or_default(),
         vsid,
         ca: dst_ca,
+        mac: dst.mac,
+        v6: false,
+    })
+}
+
+/// The IPv6 frame NVGRE carries at `inner` for VSID `vsid`: for a VM here, from a VM of the
+/// VSID behind the outer source PA with the MAC its record says. IPv6 is not routed yet: no
+/// other source is taken.
+#[inline(always)]
+fn nvgre6(
+    data: usize,
+    end: usize,
+    ip: &Ipv4Hdr,
+    vsid: u32,
+    inner: usize,
+    inner_eth: &EthHdr,
+) -> Result<Verdict, Counter> {
+    if usize::from(u16::from_be_bytes(ip.tot_len)) < ip.hlen() + GRE_HLEN + ETH_HLEN + IPV6_HLEN {
+        return Err(Counter::DropUplinkMalformed);
+    }
+    let inner_ip: &Ipv6Hdr =
+        view_at(data, end, inner + ETH_HLEN).ok_or(Counter::DropUplinkMalformed)?;
+    if inner_ip.version() != 6 {
+        return Err(Counter::DropUplinkInnerMalformed);
+    }
+    let named = LookupKey6 {
+        vsid,
+        ca: inner_ip.dst,
+    };
+    // SAFETY: read-only use of a value the agent replaces whole.
+    let Some(dst) = (unsafe { LOOKUPS6.get(named) }) else {
+        // SAFETY: presence check only.
+        return Err(if unsafe { HOSTED_VSIDS.get(vsid) }.is_none() {
+            Counter::DropUplinkVsidNotHosted
+        } else {
+            Counter::DropUplinkUnknownDst
+        });
+    };
+    if dst.ifindex == 0 {
+        return Err(Counter::DropUplinkNotLocal);
+    }
+    let source = LookupKey6 {
+        vsid,
+        ca: inner_ip.src,
+    };
+    // SAFETY: as above.
+    let src = unsafe { LOOKUPS6.get(source) }.ok_or(Counter::DropUplinkSpoofedPa)?;
+    if v4_of(&src.pa) != Some(ip.src) {
+        return Err(Counter::DropUplinkSpoofedPa);
+    }
+    if src.ifindex != 0 {
+        return Err(Counter::DropUplinkOwnSource);
+    }
+    if inner_eth.src != src.mac {
+        return Err(Counter::DropUplinkSpoofedMac);
+    }
+    Ok(Verdict::Nvgre {
+        strip: inner,
+        port: dst.ifindex,
+        pa: v4_of(&dst.pa).unwrap_or_default(),
+        vsid,
+        ca: [0; 4],
+        mac: dst.mac,
+        v6: true,
     })
 }
 

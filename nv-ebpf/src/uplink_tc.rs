@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use nv_common::{
-    Counter, DatapathConfig, DeliverMeta, RestoreMeta, VsidStatsKey as Stats,
+    Counter, DatapathConfig, DeliverMeta, DeliverMeta6, RestoreMeta, VsidStatsKey as Stats,
     wire::{ETH_HLEN, ETH_P_ARP, IPPROTO_UDP},
 };
 
@@ -35,11 +35,21 @@ pub fn run(ctx: &TcContext) -> i32 {
     let tagged = unsafe { (*ctx.skb.skb).vlan_present } != 0;
     if let Some(head) = read_at::<DeliverMeta>(meta_start, ctx.data(), 0) {
         // XDP classified the frame without the tag the NIC took out of it.
-        if tagged && (head.magic == DeliverMeta::MAGIC || head.magic == RestoreMeta::MAGIC) {
+        if tagged
+            && (head.magic == DeliverMeta::MAGIC
+                || head.magic == DeliverMeta6::MAGIC
+                || head.magic == RestoreMeta::MAGIC)
+        {
             return drop(ctx, Counter::DropUplinkVlan);
         }
         match head.magic {
             DeliverMeta::MAGIC => return deliver(ctx, &head, Counter::UplinkDelivered),
+            DeliverMeta6::MAGIC => {
+                return match read_at::<DeliverMeta6>(meta_start, ctx.data(), 0) {
+                    Some(meta) => deliver6(ctx, &meta),
+                    None => drop(ctx, Counter::DropUplinkDecapFailed),
+                };
+            }
             RestoreMeta::MAGIC => {
                 return match read_at::<RestoreMeta>(meta_start, ctx.data(), 0) {
                     Some(meta) => restore_and_deliver(ctx, &meta),
@@ -75,8 +85,21 @@ pub fn run(ctx: &TcContext) -> i32 {
             port,
             vsid,
             ca,
+            mac,
+            v6,
             ..
-        }) => match decap(ctx, strip) {
+        }) => match decap(ctx, strip, v6) {
+            Ok(()) if v6 => {
+                count(Counter::UplinkDecap);
+                let to = DeliverMeta6 {
+                    magic: DeliverMeta6::MAGIC,
+                    ifindex: port,
+                    vsid,
+                    mac,
+                    _pad: [0; 2],
+                };
+                deliver6(ctx, &to)
+            }
             Ok(()) => {
                 count(Counter::UplinkDecap);
                 let to = DeliverMeta {
@@ -102,9 +125,11 @@ fn drop(ctx: &TcContext, reason: Counter) -> i32 {
 /// IPv4, GRE and the inner Ethernet header), then the inner Ethernet header is written where
 /// the outer one was. GSO super-packets stay whole; their segment size grows back by the 42
 /// bytes the encapsulator took.
-fn decap(ctx: &TcContext, strip: usize) -> Result<(), ()> {
+fn decap(ctx: &TcContext, strip: usize, v6: bool) -> Result<(), ()> {
     let inner_eth: [u8; ETH_HLEN] = read_at(ctx.data(), ctx.data_end(), strip).ok_or(())?;
-    let inner_proto: u8 = read_at(ctx.data(), ctx.data_end(), strip + ETH_HLEN + 9).ok_or(())?;
+    // The protocol field of the inner IPv4 header, or the next header of the inner IPv6 one.
+    let proto_at = strip + ETH_HLEN + if v6 { 6 } else { 9 };
+    let inner_proto: u8 = read_at(ctx.data(), ctx.data_end(), proto_at).ok_or(())?;
     #[expect(
         clippy::cast_possible_truncation,
         clippy::cast_possible_wrap,
@@ -157,7 +182,31 @@ fn restore(ctx: &TcContext, meta: &RestoreMeta) -> Result<(), ()> {
 }
 
 fn deliver(ctx: &TcContext, to: &DeliverMeta, ok: Counter) -> i32 {
-    match deliver::to_vm(ctx, to.ifindex, to.vsid, to.ca) {
+    let delivered = deliver::to_vm(ctx, to.ifindex, to.vsid, to.ca);
+    finish(ctx, delivered, to.ifindex, to.vsid, ok)
+}
+
+fn deliver6(ctx: &TcContext, to: &DeliverMeta6) -> i32 {
+    let delivered = deliver::to_vm6(ctx, to.ifindex, to.vsid, to.mac);
+    finish(
+        ctx,
+        delivered,
+        to.ifindex,
+        to.vsid,
+        Counter::UplinkDelivered,
+    )
+}
+
+/// Counts and reports what delivery into `ifindex` made of the frame.
+#[inline(always)]
+fn finish(
+    ctx: &TcContext,
+    delivered: Result<i32, Counter>,
+    ifindex: u32,
+    vsid: u32,
+    ok: Counter,
+) -> i32 {
+    match delivered {
         Ok(action) => {
             count(ok);
             let method = if ok == Counter::UplinkRewriteDelivered {
@@ -166,10 +215,10 @@ fn deliver(ctx: &TcContext, to: &DeliverMeta, ok: Counter) -> i32 {
                 Stats::ENCAP
             };
             let len = ctx.len();
-            monitor::traffic(to.vsid, method, false, true, len);
-            monitor::forwarded(ctx.data(), ctx.data_end(), ok, to.ifindex, to.vsid, len);
+            monitor::traffic(vsid, method, false, true, len);
+            monitor::forwarded(ctx.data(), ctx.data_end(), ok, ifindex, vsid, len);
             action
         }
-        Err(reason) => monitor::drop_on_uplink(ctx, reason, to.vsid),
+        Err(reason) => monitor::drop_on_uplink(ctx, reason, vsid),
     }
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
     programs::XdpContext,
 };
-use nv_common::{Counter, DeliverMeta};
+use nv_common::{Counter, DeliverMeta, DeliverMeta6};
 
 use crate::{
     counters::count,
@@ -38,6 +38,8 @@ fn try_run(ctx: &XdpContext) -> Result<u32, Counter> {
             port,
             vsid,
             ca,
+            mac,
+            v6,
             ..
         } => {
             #[expect(
@@ -50,15 +52,28 @@ fn try_run(ctx: &XdpContext) -> Result<u32, Counter> {
             if unsafe { bpf_xdp_adjust_head(ctx.ctx, strip) } != 0 {
                 return Err(Counter::DropUplinkDecapFailed);
             }
-            write_meta(
-                ctx,
-                DeliverMeta {
-                    magic: DeliverMeta::MAGIC,
-                    ifindex: port,
-                    vsid,
-                    ca,
-                },
-            )?;
+            if v6 {
+                write_meta(
+                    ctx,
+                    DeliverMeta6 {
+                        magic: DeliverMeta6::MAGIC,
+                        ifindex: port,
+                        vsid,
+                        mac,
+                        _pad: [0; 2],
+                    },
+                )?;
+            } else {
+                write_meta(
+                    ctx,
+                    DeliverMeta {
+                        magic: DeliverMeta::MAGIC,
+                        ifindex: port,
+                        vsid,
+                        ca,
+                    },
+                )?;
+            }
             count(Counter::UplinkDecap);
             Ok(XDP_PASS)
         }

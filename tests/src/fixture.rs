@@ -8,8 +8,8 @@ use etherparse::{IpNumber, Ipv4Header, Ipv4HeaderSlice, PacketBuilder};
 pub use nv_agent::datapath::Programs;
 use nv_agent::datapath::{Datapath, Desired};
 use nv_common::{
-    DatapathConfig, LocalPa, LookupKey, LookupValue, Method, PortInfo, RewritePa, flow::flow_id_v4,
-    v4_mapped,
+    DatapathConfig, LocalPa, LookupKey, LookupKey6, LookupValue, Method, PortInfo, RewritePa,
+    flow::flow_id_v4, v4_mapped,
 };
 
 use crate::{
@@ -36,6 +36,10 @@ pub const BLUE2_MAC: [u8; 6] = [2, 0, 0, 0, 2, 2];
 pub const CA1: [u8; 4] = [10, 0, 0, 1];
 pub const CA2: [u8; 4] = [10, 0, 0, 2];
 pub const CA3: [u8; 4] = [10, 0, 0, 3];
+/// IPv6 customer addresses (`Host::add_ipv6`): `fd00::1`, `fd00::2`, `fd00::3`.
+pub const CA6_1: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+pub const CA6_2: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+pub const CA6_3: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3];
 pub const GREEN: u32 = 7001;
 pub const GREEN1_PA: [u8; 4] = [198, 18, 1, 1];
 pub const GREEN2_PA: [u8; 4] = [198, 18, 1, 2];
@@ -382,6 +386,32 @@ impl Host {
             },
         );
         self.dp.sync(&self.desired)?;
+        Ok(())
+    }
+
+    /// IPv6 records, written straight into their map: RED-1 (`CA6_1`) and RED-3 (`CA6_3`)
+    /// here, RED-2 (`CA6_2`) and BLUE-2 (`CA6_2` too, in BLUE) behind the remote PA.
+    pub fn add_ipv6(&self) -> anyhow::Result<()> {
+        let path = self.pin.0.join("maps").join(nv_common::map_names::LOOKUPS6);
+        let data = aya::maps::MapData::from_pin(&path)?;
+        let mut map: aya::maps::HashMap<_, LookupKey6, LookupValue> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
+        let red3 = self.ns.ifindex("red3")?;
+        for (vsid, ca, pa, mac, ifindex) in [
+            (RED, CA6_1, LOCAL_PA, RED1_MAC, self.red1),
+            (RED, CA6_3, LOCAL_PA, RED3_MAC, red3),
+            (RED, CA6_2, REMOTE_PA, RED2_MAC, 0),
+            (BLUE, CA6_2, REMOTE_PA, BLUE2_MAC, 0),
+        ] {
+            let value = LookupValue {
+                pa: v4_mapped(pa),
+                mac,
+                method: 0,
+                _pad: 0,
+                ifindex,
+            };
+            map.insert(LookupKey6 { vsid, ca }, value, 0)?;
+        }
         Ok(())
     }
 

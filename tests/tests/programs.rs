@@ -829,11 +829,14 @@ fn vm_side_answers_arp_delivers_locally_and_drops_unknown() -> anyhow::Result<()
         TC_ACT_SHOT,
         "drop_vm_unknown_dst",
     )?;
-    // IPv6 and other non-IPv4 frames from a VM are dropped and counted.
+    // An IPv4 packet labelled IPv6 is malformed; frames of other protocols are not IP.
     // (Long enough for BPF_PROG_TEST_RUN's own IPv6 header check.)
     let mut v6 = udp_frame(RED1_MAC, RED2_MAC, CA1, CA2, &[0; 64]);
     v6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
-    h.expect(FROM_VM, &v6, Some(h.red1), TC_ACT_SHOT, "drop_vm_not_ip")?;
+    h.expect(FROM_VM, &v6, Some(h.red1), TC_ACT_SHOT, "drop_vm_malformed")?;
+    let mut other = udp_frame(RED1_MAC, RED2_MAC, CA1, CA2, &[0; 64]);
+    other[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+    h.expect(FROM_VM, &other, Some(h.red1), TC_ACT_SHOT, "drop_vm_not_ip")?;
     // A frame from an interface that is not a VM port.
     let frame = udp_frame(RED1_MAC, RED2_MAC, CA1, CA2, b"x");
     h.expect(

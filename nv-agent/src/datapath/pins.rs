@@ -110,7 +110,11 @@ pub fn purge(pin_path: &Path) -> Result<()> {
 
 /// Each pinned map's layout in this build: name, type, key and value sizes, and the entry count
 /// where it is fixed.
-fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u32>); 18] {
+#[expect(
+    clippy::too_many_lines,
+    reason = "one entry per map, formatted one field a line"
+)]
+fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u32>); 19] {
     use std::mem::size_of;
 
     use aya::maps::MapType::{
@@ -211,6 +215,13 @@ fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u3
             4,
             size_of::<IcmpBucket>(),
             Some(nv_common::MAX_PORTS),
+        ),
+        (
+            map_names::LOOKUPS6,
+            H,
+            size_of::<nv_common::LookupKey6>(),
+            size_of::<LookupValue>(),
+            Some(nv_common::MAX_LOOKUPS6),
         ),
     ]
 }

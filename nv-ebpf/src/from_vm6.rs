@@ -1,0 +1,159 @@
+//! IPv6 from a VM (TC ingress on its port, after `from_vm`'s identity checks): neighbour
+//! solicitations answered from the records (`nd`), router advertisements, redirects and DHCPv6
+//! server messages refused (only nv speaks as the router), the source checked against the VM's
+//! own records, then delivery to a VM of the VSID on this host or NVGRE to its host. IPv6
+//! customer addresses cross by NVGRE only: the agent refuses IPv6 records that ask for IP
+//! rewrite.
+use aya_ebpf::programs::TcContext;
+use nv_common::{
+    Counter, LookupKey6, Method, PortInfo, VsidStatsKey as Stats,
+    wire::{
+        DHCPV6_SERVER_PORT, ETH_HLEN, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS,
+        IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_UDP, IPV6_HLEN, ND_NEIGHBOR_ADVERT,
+        ND_NEIGHBOR_SOLICIT, ND_REDIRECT, ND_ROUTER_ADVERT, ND_ROUTER_SOLICIT,
+    },
+};
+
+use crate::{
+    deliver,
+    encap::{self, Inner},
+    from_vm::sent,
+    maps::LOOKUPS6,
+    nd,
+    packet::{Ipv6Hdr, pull, view_at},
+};
+
+/// Linear bytes for the IPv6 header, a few extension headers and the upper-layer header.
+const PULL_LEN: u32 = 256;
+
+/// Extension headers walked to find what a packet carries.
+const MAX_EXT: usize = 4;
+
+/// Multicast listener queries, reports and done (RFC 2710, 3810).
+const MLD: [u8; 4] = [130, 131, 132, 143];
+
+/// The upper-layer protocol of the packet whose first header after IPv6 is `next`, and where
+/// it starts; a later fragment carries none (`IPPROTO_FRAGMENT`). Read with the load helper:
+/// the offsets depend on the packet, which the verifier cannot follow into direct reads.
+// Out of line: its own stack frame, and one copy of the loop for the verifier.
+#[inline(never)]
+fn upper_layer(ctx: &TcContext, first: u8) -> Result<(u8, usize), Counter> {
+    let (mut next, mut off) = (first, ETH_HLEN + IPV6_HLEN);
+    for _ in 0..MAX_EXT {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let h: [u8; 2] = ctx.load(off).map_err(|_| Counter::DropVmIpv6Ext)?;
+                next = h[0];
+                off += (usize::from(h[1]) + 1) * 8;
+            }
+            IPPROTO_FRAGMENT => {
+                let h: [u8; 4] = ctx.load(off).map_err(|_| Counter::DropVmIpv6Ext)?;
+                off += 8;
+                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+                    return Ok((IPPROTO_FRAGMENT, off));
+                }
+                next = h[0];
+            }
+            _ => return Ok((next, off)),
+        }
+    }
+    Err(Counter::DropVmIpv6Ext)
+}
+
+/// What [`screen`] says of a packet: forward it, answer it (a neighbour solicitation), or
+/// drop it under the counter of that number.
+const PASS: u32 = u32::MAX;
+const SOLICIT: u32 = u32::MAX - 1;
+
+/// The messages only nv may send or answer, by the upper-layer protocol `proto` at `l4`.
+// Out of line, returning a scalar: its own stack frame, and a BPF subprogram cannot hand back
+// an aggregate.
+#[inline(never)]
+fn screen(ctx: &TcContext, proto: u8, l4: usize, bounced: bool) -> u32 {
+    let drop = |c: Counter| c as u32;
+    if proto == IPPROTO_ICMPV6 {
+        let Ok(kind) = ctx.load::<u8>(l4) else {
+            return drop(Counter::DropVmMalformed);
+        };
+        return match kind {
+            ND_NEIGHBOR_SOLICIT if !bounced => SOLICIT,
+            ND_ROUTER_ADVERT | ND_REDIRECT => drop(Counter::DropVmRouterGuard),
+            ND_ROUTER_SOLICIT | ND_NEIGHBOR_SOLICIT | ND_NEIGHBOR_ADVERT => {
+                drop(Counter::DropVmNdUnanswered)
+            }
+            k if MLD.contains(&k) => drop(Counter::DropVmNdUnanswered),
+            _ => PASS,
+        };
+    }
+    if proto == IPPROTO_UDP {
+        let Ok(sport) = ctx.load::<[u8; 2]>(l4) else {
+            return drop(Counter::DropVmMalformed);
+        };
+        if u16::from_be_bytes(sport) == DHCPV6_SERVER_PORT {
+            return drop(Counter::DropVmRouterGuard);
+        }
+    }
+    PASS
+}
+
+// Out of line: its own stack frame, apart from the IPv4 path's.
+#[inline(never)]
+pub fn forward(
+    ctx: &TcContext,
+    port: &PortInfo,
+    ifindex: u32,
+    bounced: bool,
+) -> Result<i32, Counter> {
+    pull(ctx, PULL_LEN);
+    let len = ctx.len();
+    let ip: &Ipv6Hdr =
+        view_at(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(Counter::DropVmMalformed)?;
+    if ip.version() != 6 {
+        return Err(Counter::DropVmMalformed);
+    }
+    let (proto, l4) = upper_layer(ctx, ip.next)?;
+    match screen(ctx, proto, l4, bounced) {
+        PASS => {}
+        SOLICIT => return nd::answer(ctx, port, ifindex, l4),
+        drop => {
+            return Err(Counter::ALL
+                .get(drop as usize)
+                .copied()
+                .unwrap_or(Counter::DropVmMalformed));
+        }
+    }
+    if !nd::is_own(port, ifindex, &ip.src) {
+        return Err(Counter::DropVmSpoofedIp);
+    }
+    let key = LookupKey6 {
+        vsid: port.vsid,
+        ca: ip.dst,
+    };
+    // SAFETY: read-only use of a value the agent replaces whole.
+    let dst = unsafe { LOOKUPS6.get(key) }.ok_or(Counter::DropVmUnknownDst)?;
+    if bounced && (dst.ifindex != 0 || dst.method != Method::Encap as u8) {
+        return Err(Counter::DropVmTranslateFailed);
+    }
+    let inner = Inner::of6(ctx, ip, proto, l4);
+    if dst.ifindex != 0 {
+        let action = deliver::to_vm6(ctx, dst.ifindex, port.vsid, dst.mac)?;
+        sent(ctx, Counter::VmTxLocal, port, ifindex, Stats::LOCAL, len);
+        return Ok(action);
+    }
+    if dst.method != Method::Encap as u8 {
+        return Err(Counter::DropVmMethod);
+    }
+    let bounce = crate::underlay::config()?.bounce_ifindex;
+    let action = match encap::nvgre(ctx, port, dst, inner) {
+        // A super-packet of the VM's own tunnel: segmented by the kernel on the bounce
+        // device's transmit, each segment back through `run_bounced`.
+        Err(Counter::DropVmNestedGso) if !bounced && bounce != 0 => {
+            ctx.set_mark(ifindex);
+            crate::counters::count(Counter::VmTxSegmented);
+            return Ok(crate::redirect::egress(bounce));
+        }
+        other => other?,
+    };
+    sent(ctx, Counter::VmTxEncap, port, ifindex, Stats::ENCAP, len);
+    Ok(action)
+}

@@ -1,0 +1,342 @@
+//! IPv6 customer addresses in the datapath with `BPF_PROG_TEST_RUN`: neighbour solicitations
+//! answered from the records (never across tenants), the router guard (advertisements,
+//! redirects, `DHCPv6` server messages, also behind extension headers), the source check, local
+//! delivery and NVGRE out; NVGRE in on both decapsulation hooks with the sender's PA and MAC
+//! checked. Each refusal beside a frame that passes. Frames are built and checked with
+//! etherparse. RED-1 (`fd00::1`) and RED-3 (`fd00::3`) are here, RED-2 (`fd00::2`) and BLUE-2
+//! (`fd00::2`, in BLUE) remote.
+use anyhow::{Context as _, ensure};
+use etherparse::{Icmpv6Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use nv_common::{
+    DatapathConfig,
+    program_names::{FROM_VM, UPLINK_TC, UPLINK_XDP},
+};
+use nv_tests::fixture::*;
+
+fn ipv6_host() -> anyhow::Result<Host> {
+    let h = host(true)?;
+    h.add_ipv6()?;
+    Ok(h)
+}
+
+/// `fe80::/64` with the `EUI-64` of `mac`.
+fn link_local(mac: [u8; 6]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[..2].copy_from_slice(&[0xfe, 0x80]);
+    a[8..].copy_from_slice(&[
+        mac[0] ^ 2,
+        mac[1],
+        mac[2],
+        0xff,
+        0xfe,
+        mac[3],
+        mac[4],
+        mac[5],
+    ]);
+    a
+}
+
+/// A neighbour solicitation from `mac` at `src` for `target` (hop limit 255).
+fn solicitation(mac: [u8; 6], src: [u8; 16], target: [u8; 16]) -> Vec<u8> {
+    let mut snm = [0xffu8, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 0];
+    snm[13..].copy_from_slice(&target[13..]);
+    let b = PacketBuilder::ethernet2(mac, [0x33, 0x33, 0xff, target[13], target[14], target[15]])
+        .ipv6(src, snm, 255)
+        .icmpv6(Icmpv6Type::NeighborSolicitation);
+    // etherparse's ICMPv6 header holds the reserved word; the target follows it.
+    let mut payload = target.to_vec();
+    payload.extend_from_slice(&[1, 1]);
+    payload.extend_from_slice(&mac);
+    let mut out = Vec::new();
+    b.write(&mut out, &payload).expect("build NS");
+    out
+}
+
+fn udp6(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    ports: (u16, u16),
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv6(src, dst, 64)
+        .udp(ports.0, ports.1);
+    let mut out = Vec::new();
+    b.write(&mut out, b"ipv6 payload").expect("build UDP");
+    out
+}
+
+/// An `ICMPv6` message of `kind` from RED-1 to `fd00::2`, its header at the end of `ext`
+/// extension headers (each 8 bytes, hop-by-hop then destination options).
+fn icmp6_behind(kind: u8, ext: usize) -> Vec<u8> {
+    let icmp = [kind, 0, 0, 0, 0, 0, 0, 0];
+    let mut payload = Vec::new();
+    for i in 0..ext {
+        let next = if i + 1 == ext { 58 } else { 60 };
+        payload.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    payload.extend_from_slice(&icmp);
+    let first = if ext == 0 { 58 } else { 0 };
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&RED2_MAC);
+    frame.extend_from_slice(&RED1_MAC);
+    frame.extend_from_slice(&0x86ddu16.to_be_bytes());
+    frame.extend_from_slice(&[0x60, 0, 0, 0]);
+    frame.extend_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&[first, 255]);
+    frame.extend_from_slice(&CA6_1);
+    frame.extend_from_slice(&CA6_2);
+    frame.extend_from_slice(&payload);
+    // Later extension headers after the first are destination options (60).
+    frame
+}
+
+#[test]
+fn neighbour_solicitations_are_answered_from_the_records_of_the_vm_s_own_vsid() -> anyhow::Result<()>
+{
+    let h = ipv6_host()?;
+    for src in [CA6_1, link_local(RED1_MAC)] {
+        let ns = solicitation(RED1_MAC, src, CA6_2);
+        let out = h.expect(FROM_VM, &ns, Some(h.red1), TC_ACT_REDIRECT, "vm_nd_replied")?;
+        let p = SlicedPacket::from_ethernet(&out)?;
+        let Some(etherparse::LinkSlice::Ethernet2(eth)) = &p.link else {
+            anyhow::bail!("no Ethernet");
+        };
+        ensure!(
+            eth.destination() == RED1_MAC && eth.source() == RED2_MAC,
+            "NA MACs {:02x?}",
+            &out[..12]
+        );
+        let Some(NetSlice::Ipv6(ip)) = &p.net else {
+            anyhow::bail!("no IPv6");
+        };
+        let (s, d) = (ip.header().source(), ip.header().destination());
+        ensure!(
+            s == CA6_2 && d == src && ip.header().hop_limit() == 255,
+            "NA addresses"
+        );
+        let Some(TransportSlice::Icmpv6(icmp)) = &p.transport else {
+            anyhow::bail!("no ICMPv6");
+        };
+        ensure!(icmp.is_checksum_valid(s, d), "NA checksum");
+        let body = icmp.slice();
+        ensure!(
+            body[0] == 136
+                && body[4] == 0x60
+                && body[8..24] == CA6_2
+                && body[24..26] == [2, 1]
+                && body[26..32] == RED2_MAC,
+            "NA body {body:02x?}"
+        );
+    }
+    // BLUE-1 asks for the same address: BLUE-2's MAC, never RED-2's.
+    let ns = solicitation(BLUE1_MAC, link_local(BLUE1_MAC), CA6_2);
+    let out = h.expect(
+        FROM_VM,
+        &ns,
+        Some(h.blue1),
+        TC_ACT_REDIRECT,
+        "vm_nd_replied",
+    )?;
+    ensure!(
+        out[6..12] == BLUE2_MAC,
+        "BLUE-1 was told {:02x?}",
+        &out[6..12]
+    );
+    // An address no record has, duplicate address detection and its own address: unanswered.
+    for (target, src) in [
+        ([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9], CA6_1),
+        (CA6_2, [0; 16]),
+        (CA6_1, CA6_1),
+    ] {
+        let ns = solicitation(RED1_MAC, src, target);
+        h.expect(
+            FROM_VM,
+            &ns,
+            Some(h.red1),
+            TC_ACT_SHOT,
+            "drop_vm_nd_unanswered",
+        )?;
+    }
+    // BLUE has no `fd00::3`: RED-3's address stays RED's.
+    let ns = solicitation(BLUE1_MAC, link_local(BLUE1_MAC), CA6_3);
+    h.expect(
+        FROM_VM,
+        &ns,
+        Some(h.blue1),
+        TC_ACT_SHOT,
+        "drop_vm_nd_unanswered",
+    )?;
+    // Asking from another VM's address.
+    let ns = solicitation(RED1_MAC, CA6_3, CA6_2);
+    h.expect(
+        FROM_VM,
+        &ns,
+        Some(h.red1),
+        TC_ACT_SHOT,
+        "drop_vm_spoofed_ip",
+    )?;
+    Ok(())
+}
+
+#[test]
+fn a_vm_sends_ipv6_only_from_its_own_address_and_never_as_a_router() -> anyhow::Result<()> {
+    let h = ipv6_host()?;
+    // To RED-2: NVGRE in RED's VSID, the customer's frame unchanged inside.
+    let frame = udp6(RED1_MAC, RED2_MAC, CA6_1, CA6_2, (40000, 7));
+    let out = h.expect(
+        FROM_VM,
+        &frame,
+        Some(h.red1),
+        TC_ACT_REDIRECT,
+        "vm_tx_encap",
+    )?;
+    let key = u32::from_be_bytes(out[38..42].try_into()?);
+    ensure!(key >> 8 == RED, "NVGRE key {key:#x}");
+    ensure!(
+        out[26..30] == LOCAL_PA && out[30..34] == REMOTE_PA,
+        "outer PAs"
+    );
+    ensure!(out[42..] == frame[..], "the inner frame changed");
+    // To RED-3, on this host.
+    let red3 = h.ns.ifindex("red3")?;
+    let frame = udp6(RED1_MAC, RED3_MAC, CA6_1, CA6_3, (40000, 7));
+    h.expect(
+        FROM_VM,
+        &frame,
+        Some(h.red1),
+        TC_ACT_REDIRECT,
+        "vm_tx_local",
+    )?;
+    let _ = red3;
+    // Another VM's address, a link-local one, or none as the source.
+    for src in [CA6_3, link_local(RED1_MAC), [0; 16]] {
+        let frame = udp6(RED1_MAC, RED2_MAC, src, CA6_2, (40000, 7));
+        h.expect(
+            FROM_VM,
+            &frame,
+            Some(h.red1),
+            TC_ACT_SHOT,
+            "drop_vm_spoofed_ip",
+        )?;
+    }
+    // BLUE-1 has no IPv6 record: it cannot send from RED-1's address.
+    let frame = udp6(BLUE1_MAC, BLUE2_MAC, CA6_1, CA6_2, (40000, 7));
+    h.expect(
+        FROM_VM,
+        &frame,
+        Some(h.blue1),
+        TC_ACT_SHOT,
+        "drop_vm_spoofed_ip",
+    )?;
+    // Router advertisements and redirects, bare or behind extension headers; a `DHCPv6`
+    // server's answer.
+    for (kind, ext) in [(134, 0), (137, 0), (134, 1), (134, 3)] {
+        h.expect(
+            FROM_VM,
+            &icmp6_behind(kind, ext),
+            Some(h.red1),
+            TC_ACT_SHOT,
+            "drop_vm_router_guard",
+        )
+        .with_context(|| format!("ICMPv6 type {kind} behind {ext} headers"))?;
+    }
+    let reply = udp6(RED1_MAC, RED2_MAC, CA6_1, CA6_2, (547, 546));
+    h.expect(
+        FROM_VM,
+        &reply,
+        Some(h.red1),
+        TC_ACT_SHOT,
+        "drop_vm_router_guard",
+    )?;
+    // More extension headers than nv walks.
+    h.expect(
+        FROM_VM,
+        &icmp6_behind(128, 5),
+        Some(h.red1),
+        TC_ACT_SHOT,
+        "drop_vm_ipv6_ext",
+    )?;
+    // An echo request behind one header crosses (the positive control).
+    h.expect(
+        FROM_VM,
+        &icmp6_behind(128, 1),
+        Some(h.red1),
+        TC_ACT_REDIRECT,
+        "vm_tx_encap",
+    )?;
+    // Router solicitations and unsolicited advertisements are not flooded.
+    for kind in [133, 136] {
+        h.expect(
+            FROM_VM,
+            &icmp6_behind(kind, 0),
+            Some(h.red1),
+            TC_ACT_SHOT,
+            "drop_vm_nd_unanswered",
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn ipv6_in_nvgre_is_delivered_on_either_hook_only_from_its_sender_s_pa_and_mac()
+-> anyhow::Result<()> {
+    let mut h = ipv6_host()?;
+    let inner = udp6(RED2_MAC, RED1_MAC, CA6_2, CA6_1, (7, 40000));
+    let uplink_mac = h.uplink_mac;
+    let packet = |pa: [u8; 4], vsid: u32, inner: &[u8]| {
+        nvgre(GATEWAY_MAC, uplink_mac, pa, LOCAL_PA, vsid << 8, 0, inner)
+    };
+    // XDP: decapsulated, with the VM named in the metadata for TC.
+    let good = packet(REMOTE_PA, RED, &inner);
+    let out = h.expect(UPLINK_XDP, &good, None, XDP_PASS, "uplink_decap")?;
+    ensure!(
+        u32::from_ne_bytes(out[..4].try_into()?) == nv_common::DeliverMeta6::MAGIC
+            && u32::from_ne_bytes(out[4..8].try_into()?) == h.red1
+            && out[12..18] == RED1_MAC,
+        "XDP metadata {:02x?}",
+        &out[..20]
+    );
+    ensure!(out[20..] == inner[..], "the inner frame changed");
+    let spoofed_mac = udp6(BLUE2_MAC, RED1_MAC, CA6_2, CA6_1, (7, 40000));
+    let spoofed_src = udp6(RED2_MAC, RED1_MAC, CA6_3, CA6_1, (7, 40000));
+    let refusals = |h: &Host, prog: &str, drop: u32| -> anyhow::Result<()> {
+        h.expect(
+            prog,
+            &packet(REMOTE_PA, RED, &spoofed_mac),
+            None,
+            drop,
+            "drop_uplink_spoofed_mac",
+        )?;
+        h.expect(
+            // RED-3's address, which lives here, not behind the remote PA.
+            prog,
+            &packet(REMOTE_PA, RED, &spoofed_src),
+            None,
+            drop,
+            "drop_uplink_spoofed_pa",
+        )?;
+        h.expect(
+            prog,
+            &packet(OTHER_PA, RED, &inner),
+            None,
+            drop,
+            "drop_uplink_spoofed_pa",
+        )?;
+        // BLUE's VSID with RED's addresses: BLUE has no VM at `fd00::1`.
+        h.expect(
+            prog,
+            &packet(REMOTE_PA, BLUE, &inner),
+            None,
+            drop,
+            "drop_uplink_unknown_dst",
+        )?;
+        Ok(())
+    };
+    refusals(&h, UPLINK_XDP, XDP_DROP)?;
+    // TC decapsulation: delivered into RED-1's port.
+    h.set_flags(DatapathConfig::TC_DECAP)?;
+    h.expect(UPLINK_TC, &good, None, TC_ACT_REDIRECT, "uplink_delivered")?;
+    refusals(&h, UPLINK_TC, TC_ACT_SHOT)
+}
