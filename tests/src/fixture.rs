@@ -396,13 +396,23 @@ impl Host {
         let data = aya::maps::MapData::from_pin(&path)?;
         let mut map: aya::maps::HashMap<_, LookupKey6, LookupValue> =
             aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
+        for (key, value) in self.ipv6_records()? {
+            map.insert(key, value, 0)?;
+        }
+        Ok(())
+    }
+
+    /// The entries [`Host::add_ipv6`] writes.
+    pub fn ipv6_records(&self) -> anyhow::Result<Vec<(LookupKey6, LookupValue)>> {
         let red3 = self.ns.ifindex("red3")?;
-        for (vsid, ca, pa, mac, ifindex) in [
+        Ok([
             (RED, CA6_1, LOCAL_PA, RED1_MAC, self.red1),
             (RED, CA6_3, LOCAL_PA, RED3_MAC, red3),
             (RED, CA6_2, REMOTE_PA, RED2_MAC, 0),
             (BLUE, CA6_2, REMOTE_PA, BLUE2_MAC, 0),
-        ] {
+        ]
+        .into_iter()
+        .map(|(vsid, ca, pa, mac, ifindex)| {
             let value = LookupValue {
                 pa: v4_mapped(pa),
                 mac,
@@ -410,9 +420,9 @@ impl Host {
                 _pad: 0,
                 ifindex,
             };
-            map.insert(LookupKey6 { vsid, ca }, value, 0)?;
-        }
-        Ok(())
+            (LookupKey6 { vsid, ca }, value)
+        })
+        .collect())
     }
 
     /// Another copy of the programs on this host's maps (a benchmark's baseline). Loaded

@@ -8,19 +8,21 @@
 //!   only inside its own VSID. On TC paths the port is the one the program redirected to, as
 //!   the tracing copy of the programs records it ([`RedirectTrace`]), and how it was redirected
 //!   (into a veth's peer, out of the uplink, back out of the sending VM's own port).
+mod ipv6;
+
 use std::{collections::HashMap, mem::size_of};
 
 use anyhow::{bail, ensure};
 use nv_common::{
-    DatapathConfig, DeliverMeta, LookupKey, RedirectTrace, RestoreMeta,
+    DatapathConfig, DeliverMeta, DeliverMeta6, LookupKey, RedirectTrace, RestoreMeta,
     program_names::{FROM_BOUNCE, FROM_VM, UPLINK_TC, UPLINK_XDP},
 };
 
 use crate::fixture::{
-    BLUE1_MAC, BLUE2_MAC, CA_B, CA_GB, CA1, CA2, CA3, GATEWAY_A, GATEWAY_MAC, GREEN_B, GREEN_B_PA,
-    GREEN_GATEWAY_MAC, GREEN1_MAC, GREEN1_PA, GREEN2_MAC, GREEN2_PA, Host, LOCAL_PA, RED, RED1_MAC,
-    RED2_MAC, RED3_MAC, REMOTE_PA, ROUTER_MAC, arp_frame, dhcp_discover, green_packets, host,
-    nvgre, udp_frame,
+    BLUE1_MAC, BLUE2_MAC, CA_B, CA_GB, CA1, CA2, CA3, CA6_1, CA6_2, CA6_3, GATEWAY_A, GATEWAY_MAC,
+    GREEN_B, GREEN_B_PA, GREEN_GATEWAY_MAC, GREEN1_MAC, GREEN1_PA, GREEN2_MAC, GREEN2_PA, Host,
+    LOCAL_PA, RED, RED1_MAC, RED2_MAC, RED3_MAC, REMOTE_PA, ROUTER_MAC, arp_frame, dhcp_discover,
+    green_packets, host, nvgre, udp_frame,
 };
 
 const XDP_DROP: u32 = 1;
@@ -59,6 +61,64 @@ impl Rng {
     fn byte(&mut self) -> u8 {
         self.next().to_le_bytes()[0]
     }
+}
+
+/// IPv6: a neighbour solicitation, a packet to a VM there and to one here, a router
+/// advertisement, and NVGRE carrying IPv6 in.
+fn ipv6_seeds(h: &Host) -> Vec<Vec<u8>> {
+    let build = |b: etherparse::PacketBuilderStep<etherparse::UdpHeader>, payload: &[u8]| {
+        let mut out = Vec::new();
+        b.write(&mut out, payload).expect("build IPv6");
+        out
+    };
+    let udp = |src_mac, dst_mac, src, dst| {
+        build(
+            etherparse::PacketBuilder::ethernet2(src_mac, dst_mac)
+                .ipv6(src, dst, 64)
+                .udp(40000, 7),
+            b"seed6",
+        )
+    };
+    let mut ns = Vec::new();
+    etherparse::PacketBuilder::ethernet2(RED1_MAC, [0x33, 0x33, 0xff, 0, 0, 2])
+        .ipv6(
+            CA6_1,
+            [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 2],
+            255,
+        )
+        .icmpv6(etherparse::Icmpv6Type::NeighborSolicitation)
+        .write(&mut ns, &[&CA6_2[..], &[1, 1], &RED1_MAC[..]].concat())
+        .expect("build NS");
+    let mut ra = Vec::new();
+    etherparse::PacketBuilder::ethernet2(RED1_MAC, [0x33, 0x33, 0, 0, 0, 1])
+        .ipv6(
+            CA6_1,
+            [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            255,
+        )
+        .icmpv6(etherparse::Icmpv6Type::Unknown {
+            type_u8: 134,
+            code_u8: 0,
+            bytes5to8: [64, 0, 7, 8],
+        })
+        .write(&mut ra, &[0; 8])
+        .expect("build RA");
+    vec![
+        ns,
+        ra,
+        udp(RED1_MAC, RED2_MAC, CA6_1, CA6_2),
+        udp(RED1_MAC, RED3_MAC, CA6_1, CA6_3),
+        udp(BLUE1_MAC, BLUE2_MAC, CA6_1, CA6_2),
+        nvgre(
+            GATEWAY_MAC,
+            h.uplink_mac,
+            REMOTE_PA,
+            LOCAL_PA,
+            RED << 8,
+            0,
+            &udp(RED2_MAC, RED1_MAC, CA6_2, CA6_1),
+        ),
+    ]
 }
 
 fn seeds(h: &Host) -> Vec<Vec<u8>> {
@@ -117,6 +177,7 @@ fn seeds(h: &Host) -> Vec<Vec<u8>> {
     seeds.push(arp_frame(RED1_MAC, 1, RED1_MAC, CA1, GATEWAY_A));
     // A DHCP discover: handed to the agent (the slow path), never forwarded.
     seeds.push(dhcp_discover(RED1_MAC, [0; 4], [255; 4]));
+    seeds.extend(ipv6_seeds(h));
     let echo = etherparse::PacketBuilder::ethernet2(RED1_MAC, ROUTER_MAC)
         .ipv4(CA1, GATEWAY_A, 64)
         .icmpv4_echo_request(1, 1);
@@ -326,6 +387,8 @@ struct Known {
     gateways: HashMap<(u32, [u8; 4]), u32>,
     /// Routes through a next hop.
     appliances: Vec<Appliance>,
+    /// The IPv6 records.
+    v6: ipv6::Records,
 }
 
 /// A route through a next hop: in `domain`, `prefix`/`len` is behind the VM (`vsid`, `ca`).
@@ -380,6 +443,7 @@ impl Known {
 impl Known {
     fn of(h: &Host) -> anyhow::Result<Known> {
         Ok(Known {
+            v6: h.ipv6_records()?.into_iter().collect(),
             ports: ports_by_record(h),
             sources: sources_by_record(h),
             uplink: h.ns.ifindex("uplink0")?,
@@ -498,6 +562,11 @@ fn check_uplink(
         return check_nvgre_source(known, input, vsid, inner);
     }
     if hook == UPLINK_XDP
+        && let Some(checked) = ipv6::delivered_by_xdp(known, input, out)
+    {
+        return checked;
+    }
+    if hook == UPLINK_XDP
         && out.len() >= 28
         && u32::from_ne_bytes(out[..4].try_into()?) == RestoreMeta::MAGIC
     {
@@ -511,7 +580,9 @@ fn check_uplink(
     }
     if redirected {
         // TC decapsulated or restored it: what remains is a customer frame for a VM here.
-        if input.get(23) == Some(&47)
+        if ipv6::decapsulated(input, out) {
+            ipv6::check_delivered(known, input, redirect.map_or(0, |r| r.ifindex), redirect)?;
+        } else if input.get(23) == Some(&47)
             && let Some((vsid, inner)) = nvgre_parts(input)
             && out == inner
         {
@@ -796,6 +867,9 @@ fn check_from_vm(known: &Known, run: &VmRun) -> anyhow::Result<()> {
         input.get(6..12) == Some(&mac[..]),
         "a frame with another source MAC got through"
     );
+    if ipv6::is_ipv6(input) {
+        return ipv6::check_from_vm(known, run, false);
+    }
     if out.get(12..14) == Some(&[0x08, 0x06]) {
         return check_vm_arp(known, run);
     }
@@ -844,8 +918,12 @@ fn check_from_vm(known: &Known, run: &VmRun) -> anyhow::Result<()> {
     {
         return check_router_error(known, run, src, dst);
     }
-    // An echo reply from a gateway of the VM's domain, back to it.
-    if out.get(6..12) == Some(&ROUTER_MAC[..]) && out.get(0..6) == Some(&mac[..]) {
+    // An echo reply from a gateway of the VM's domain, back out of its port (a packet routed
+    // to the VM's own address comes back into it, as from the router).
+    if out.get(6..12) == Some(&ROUTER_MAC[..])
+        && out.get(0..6) == Some(&mac[..])
+        && run.redirect == Some(back_to(run.port))
+    {
         return check_gateway_echo(known, run, src, dst);
     }
     // Routed to a VM of this host.
@@ -907,6 +985,9 @@ fn check_bounced(known: &Known, run: &VmRun) -> anyhow::Result<()> {
         out.len() == input.len() + 42 && out.get(23) == Some(&47),
         "the bounce program sent something other than NVGRE"
     );
+    if ipv6::is_ipv6(input) {
+        return ipv6::check_from_vm(known, run, true);
+    }
     check_nvgre_out(known, vsid, input, out, redirect)
 }
 
@@ -926,6 +1007,9 @@ pub struct Stats {
     pub gateway_answers: u64,
     /// DHCP requests handed to the agent.
     pub dhcp: u64,
+    /// IPv6 neighbour solicitations answered, and IPv6 frames of VMs forwarded or delivered.
+    pub nd_answers: u64,
+    pub ipv6_forwarded: u64,
 }
 
 /// Runs `frames` random and mutated frames from `seed` through every program.
@@ -938,6 +1022,7 @@ pub fn run(frames: u64, seed: u64) -> anyhow::Result<Stats> {
 fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
     let mut h = host(true)?;
     h.add_domains()?;
+    h.add_ipv6()?;
     let known = Known::of(&h)?;
     let ports = [
         (h.red1, RED, RED1_MAC),
@@ -974,6 +1059,7 @@ fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
                 redirect: out.redirect,
             };
             check_from_vm(&known, &run).map_err(why)?;
+            stats.ipv6_forwarded += ipv6::forwarded(out.ret == TC_ACT_REDIRECT, &frame, &out.data);
             dropped += u64::from(out.ret == TC_ACT_SHOT);
             stats.delivered += u64::from(out.ret == TC_ACT_REDIRECT);
             // The same frame as a segment back from the bounce pair: marked with its port, or
@@ -1015,7 +1101,7 @@ fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
             .map_err(why)?;
             dropped += u64::from(out.ret == drop);
             let meta = out.data.len() >= 4
-                && [DeliverMeta::MAGIC, RestoreMeta::MAGIC]
+                && [DeliverMeta::MAGIC, DeliverMeta6::MAGIC, RestoreMeta::MAGIC]
                     .contains(&u32::from_ne_bytes(out.data[..4].try_into()?));
             if out.ret == TC_ACT_REDIRECT || (out.ret == XDP_PASS && hook == UPLINK_XDP && meta) {
                 stats.delivered += 1;
@@ -1032,8 +1118,20 @@ fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
         );
         stats.dropped += dropped;
     }
-    stats.routed = h.counter("vm_routed")?;
-    stats.gateway_answers = h.counter("vm_gateway_replied")?;
-    stats.dhcp = h.counter("vm_dhcp_to_agent")?;
+    count_outcomes(&h, &mut stats)?;
     Ok(stats)
+}
+
+/// The outcomes the datapath counted itself: routed, gateway answers, DHCP handed over and
+/// neighbour solicitations answered.
+fn count_outcomes(h: &Host, stats: &mut Stats) -> anyhow::Result<()> {
+    for (field, counter) in [
+        (&mut stats.routed, "vm_routed"),
+        (&mut stats.gateway_answers, "vm_gateway_replied"),
+        (&mut stats.dhcp, "vm_dhcp_to_agent"),
+        (&mut stats.nd_answers, "vm_nd_replied"),
+    ] {
+        *field = h.counter(counter)?;
+    }
+    Ok(())
 }

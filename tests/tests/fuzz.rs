@@ -11,7 +11,9 @@ fn random_and_mutated_frames_never_escape_their_tenant() -> anyhow::Result<()> {
             && s.bounced > 100
             && s.routed > 100
             && s.gateway_answers > 100
-            && s.dhcp > 10,
+            && s.dhcp > 10
+            && s.nd_answers > 50
+            && s.ipv6_forwarded > 100,
         "{s:?}"
     );
     Ok(())
