@@ -422,6 +422,34 @@ const MUTATIONS: &[Mutation] = &[
         removed: "    Ok(aya_ebpf::bindings::TC_ACT_OK as i32)",
         tests: &["router"],
     },
+    Mutation {
+        name: "a VM sends IPv6 only from its own records",
+        file: "nv-ebpf/src/from_vm6.rs",
+        check: "if !nd::is_own(port, ifindex, &ip.src) {",
+        removed: "if ip.src == [0; 16] {",
+        tests: &["ipv6", "fuzz"],
+    },
+    Mutation {
+        name: "no VM sends router advertisements",
+        file: "nv-ebpf/src/from_vm6.rs",
+        check: "ND_ROUTER_ADVERT | ND_REDIRECT => drop(Counter::DropVmRouterGuard),",
+        removed: "ND_REDIRECT => drop(Counter::DropVmRouterGuard),",
+        tests: &["ipv6", "fuzz"],
+    },
+    Mutation {
+        name: "a VM's own IPv6 address is not advertised to it",
+        file: "nv-ebpf/src/nd.rs",
+        check: "if record.ifindex == ifindex {",
+        removed: "if record.ifindex == u32::MAX {",
+        tests: &["ipv6", "fuzz"],
+    },
+    Mutation {
+        name: "IPv6 in NVGRE comes with its source's recorded MAC",
+        file: "nv-ebpf/src/uplink_rx.rs",
+        check: "if inner_eth.src != src.mac {",
+        removed: "if inner_eth.src == [0; 6] {",
+        tests: &["ipv6", "fuzz"],
+    },
 ];
 
 pub fn run(only: Option<&str>) -> anyhow::Result<()> {
