@@ -10,7 +10,7 @@
 //! traffic that arrives tagged is dropped; the kernel would strip a priority tag (VID 0) after
 //! the hook and hand the packet to the host's stack.
 use nv_common::{
-    Counter, DatapathConfig, LookupKey, LookupKey6, RestoreMeta, RewritePa,
+    Counter, DatapathConfig, LookupKey, LookupKey6, LookupValue, RestoreMeta, RewritePa,
     wire::{
         ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_TEB,
         GRE_FLAGS_NVGRE, GRE_HLEN, IPPROTO_GRE, IPPROTO_ICMP, IPV4_HLEN, IPV6_HLEN,
@@ -251,17 +251,8 @@ fn nvgre(
         None => router::next_hop_for(vsid, inner_ip.dst)
             .and_then(|ca| unsafe { LOOKUPS.get(LookupKey { vsid, ca }) }.map(|d| (d, ca))),
     };
-    let Some((dst, dst_ca)) = found else {
-        // SAFETY: presence check only.
-        return Err(if unsafe { HOSTED_VSIDS.get(vsid) }.is_none() {
-            Counter::DropUplinkVsidNotHosted
-        } else {
-            Counter::DropUplinkUnknownDst
-        });
-    };
-    if dst.ifindex == 0 {
-        return Err(Counter::DropUplinkNotLocal);
-    }
+    let (dst, dst_ca) = found.ok_or_else(|| unknown(vsid))?;
+    for_a_vm_here(dst)?;
     // The sender must be a CA of this VSID, behind the PA and with the MAC its record says:
     // another host cannot speak for a tenant it does not host.
     let source = LookupKey {
@@ -285,14 +276,7 @@ fn nvgre(
             (src, if from == vsid { src.mac } else { router::mac() })
         }
     };
-    if v4_of(&src.pa) != Some(ip.src) {
-        return Err(Counter::DropUplinkSpoofedPa);
-    }
-    // A VM of this host never sends through the underlay to come back here: its PA as the
-    // outer source is this host's own, forged.
-    if src.ifindex != 0 {
-        return Err(Counter::DropUplinkOwnSource);
-    }
+    behind(src, ip)?;
     // The recorded MAC; or the router's, for a packet its sender's host routed within this
     // VSID (to a next hop of it, or to the router's MAC on-link): only in a routed VSID.
     if inner_eth.src != mac && (inner_eth.src != router::mac() || router::domain(vsid).is_none()) {
@@ -326,37 +310,24 @@ fn nvgre6(
     }
     let inner_ip: &Ipv6Hdr =
         view_at(data, end, inner + ETH_HLEN).ok_or(Counter::DropUplinkMalformed)?;
-    if inner_ip.version() != 6 {
-        return Err(Counter::DropUplinkInnerMalformed);
-    }
+    // A header the VM's stack would take (its payload length is the VM's to check).
+    (inner_ip.version() == 6)
+        .then_some(())
+        .ok_or(Counter::DropUplinkInnerMalformed)?;
     let named = LookupKey6 {
         vsid,
         ca: inner_ip.dst,
     };
     // SAFETY: read-only use of a value the agent replaces whole.
-    let Some(dst) = (unsafe { LOOKUPS6.get(named) }) else {
-        // SAFETY: presence check only.
-        return Err(if unsafe { HOSTED_VSIDS.get(vsid) }.is_none() {
-            Counter::DropUplinkVsidNotHosted
-        } else {
-            Counter::DropUplinkUnknownDst
-        });
-    };
-    if dst.ifindex == 0 {
-        return Err(Counter::DropUplinkNotLocal);
-    }
+    let dst = unsafe { LOOKUPS6.get(named) }.ok_or_else(|| unknown(vsid))?;
+    for_a_vm_here(dst)?;
     let source = LookupKey6 {
         vsid,
         ca: inner_ip.src,
     };
     // SAFETY: as above.
     let src = unsafe { LOOKUPS6.get(source) }.ok_or(Counter::DropUplinkSpoofedPa)?;
-    if v4_of(&src.pa) != Some(ip.src) {
-        return Err(Counter::DropUplinkSpoofedPa);
-    }
-    if src.ifindex != 0 {
-        return Err(Counter::DropUplinkOwnSource);
-    }
+    behind(src, ip)?;
     if inner_eth.src != src.mac {
         return Err(Counter::DropUplinkSpoofedMac);
     }
@@ -369,6 +340,40 @@ fn nvgre6(
         mac: dst.mac,
         v6: true,
     })
+}
+
+/// Why NVGRE of `vsid` for an address no record of it has is dropped.
+#[inline(always)]
+fn unknown(vsid: u32) -> Counter {
+    // SAFETY: presence check only.
+    if unsafe { HOSTED_VSIDS.get(vsid) }.is_none() {
+        Counter::DropUplinkVsidNotHosted
+    } else {
+        Counter::DropUplinkUnknownDst
+    }
+}
+
+/// NVGRE is taken only for a VM of this host.
+#[inline(always)]
+fn for_a_vm_here(dst: &LookupValue) -> Result<(), Counter> {
+    if dst.ifindex == 0 {
+        return Err(Counter::DropUplinkNotLocal);
+    }
+    Ok(())
+}
+
+/// The sender's record puts it behind the outer source PA (`ip`), on another host.
+#[inline(always)]
+fn behind(src: &LookupValue, ip: &Ipv4Hdr) -> Result<(), Counter> {
+    if v4_of(&src.pa) != Some(ip.src) {
+        return Err(Counter::DropUplinkSpoofedPa);
+    }
+    // A VM of this host never sends through the underlay to come back here: its PA as the
+    // outer source is this host's own, forged.
+    if src.ifindex != 0 {
+        return Err(Counter::DropUplinkOwnSource);
+    }
+    Ok(())
 }
 
 /// Tenant traffic is addressed to the uplink's own MAC: never a copy flooded to it, or one
