@@ -381,6 +381,7 @@ pub fn outcome<S: std::hash::BuildHasher>(
         let word = |i: usize| u32::from_ne_bytes(head[i..i + 4].try_into().unwrap_or_default());
         let meta = match word(0) {
             nv_common::DeliverMeta::MAGIC => 16,
+            nv_common::DeliverMeta6::MAGIC => 20,
             nv_common::RestoreMeta::MAGIC => 32,
             _ => 0,
         };

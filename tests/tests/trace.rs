@@ -53,6 +53,7 @@ fn nvctl_trace_tells_where_a_packet_goes_and_why() -> anyhow::Result<()> {
                 | "uplink_delivered"
                 | "vm_arp_replied"
                 | "drop_vm_not_ip"
+                | "drop_vm_nd_unanswered"
         );
         ensure!(
             real || *n == was,
