@@ -9,7 +9,7 @@ use dhcproto::{
     Decodable as _, Decoder, Encodable as _, Encoder,
     v4::{DhcpOption, HType, Message, MessageType, Opcode, OptionCode},
 };
-use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use etherparse::{LaxNetSlice, LaxSlicedPacket, PacketBuilder, TransportSlice};
 use ipnet::Ipv4Net;
 use nv_common::wire::{DHCP_CLIENT_PORT, DHCP_SERVER_PORT};
 
@@ -96,12 +96,14 @@ pub const REPLY_KINDS: [&str; 3] = ["offer", "ack", "nak"];
 
 /// The DHCP request in an Ethernet frame from a VM (as the datapath handed it over).
 pub fn request_of(frame: &[u8]) -> Result<Request, Unanswered> {
-    let packet = SlicedPacket::from_ethernet(frame).map_err(|_| Unanswered::Malformed)?;
+    // Lax: the datapath hands over at most `SLOW_FRAME_BYTES` of a longer frame; its
+    // options are read as far as they go.
+    let packet = LaxSlicedPacket::from_ethernet(frame).map_err(|_| Unanswered::Malformed)?;
     let src_mac = match &packet.link {
         Some(etherparse::LinkSlice::Ethernet2(eth)) => eth.source(),
         _ => return Err(Unanswered::Malformed),
     };
-    if !matches!(packet.net, Some(NetSlice::Ipv4(_))) {
+    if !matches!(packet.net, Some(LaxNetSlice::Ipv4(_))) {
         return Err(Unanswered::Malformed);
     }
     let Some(TransportSlice::Udp(udp)) = &packet.transport else {

@@ -176,6 +176,13 @@ pub enum Counter {
     /// From a VM: IPv6 extension headers nv does not walk (more than four, or of an unknown
     /// kind), so it cannot tell what the packet carries.
     DropVmIpv6Ext,
+    /// From a VM: a DHCP request within its port's budget, with the agent's ring full (other
+    /// VMs asking at once, or the agent not reading).
+    DropVmDhcpRingFull,
+    /// On the uplink: NVGRE carrying neighbour discovery or router messages (ICMPv6 133-137) or
+    /// a DHCPv6 server's message, which no host sends another: hosts answer their VMs
+    /// themselves.
+    DropUplinkRouterGuard,
     /// Only in the layout-probe build (a counter this version does not have).
     #[cfg(feature = "layout-probe")]
     LayoutProbe,
@@ -183,7 +190,7 @@ pub enum Counter {
 
 impl Counter {
     #[cfg(not(feature = "layout-probe"))]
-    pub const COUNT: u32 = Counter::DropVmIpv6Ext as u32 + 1;
+    pub const COUNT: u32 = Counter::DropUplinkRouterGuard as u32 + 1;
     #[cfg(feature = "layout-probe")]
     pub const COUNT: u32 = Counter::LayoutProbe as u32 + 1;
     /// Entries of the counter map: room for counters yet to come, so a new one does not
@@ -255,6 +262,8 @@ impl Counter {
         Counter::DropVmNdUnanswered,
         Counter::DropVmRouterGuard,
         Counter::DropVmIpv6Ext,
+        Counter::DropVmDhcpRingFull,
+        Counter::DropUplinkRouterGuard,
         #[cfg(feature = "layout-probe")]
         Counter::LayoutProbe,
     ];
@@ -327,6 +336,8 @@ impl Counter {
             Counter::DropVmNdUnanswered => "drop_vm_nd_unanswered",
             Counter::DropVmRouterGuard => "drop_vm_router_guard",
             Counter::DropVmIpv6Ext => "drop_vm_ipv6_ext",
+            Counter::DropVmDhcpRingFull => "drop_vm_dhcp_ring_full",
+            Counter::DropUplinkRouterGuard => "drop_uplink_router_guard",
             #[cfg(feature = "layout-probe")]
             Counter::LayoutProbe => "layout_probe",
         }

@@ -52,7 +52,7 @@ fn hand_over(ctx: &TcContext, ifindex: u32) -> Result<i32, Counter> {
         return Err(Counter::DropVmDhcpOverBudget);
     }
     let Some(mut entry) = SLOW_PATH.reserve::<SlowFrame>(0) else {
-        return Err(Counter::DropVmDhcpOverBudget);
+        return Err(Counter::DropVmDhcpRingFull);
     };
     #[expect(clippy::cast_possible_truncation, reason = "1024")]
     let most = SLOW_FRAME_BYTES as u32;

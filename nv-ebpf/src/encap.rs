@@ -56,7 +56,7 @@ impl Inner {
             0
         };
         let flow = flow_id_v6(&ip.src, &ip.dst, proto, ports);
-        Self(u32::from_be_bytes([ip.traffic_class(), flow, udp_gso, 0]))
+        Self(u32::from_be_bytes([ip.traffic_class(), flow, udp_gso, 1]))
     }
 
     #[inline(always)]
@@ -67,6 +67,12 @@ impl Inner {
     #[inline(always)]
     fn flow_id(self) -> u8 {
         self.0.to_be_bytes()[1]
+    }
+
+    /// An IPv6 packet ([`Inner::of6`]).
+    #[inline(always)]
+    fn v6(self) -> bool {
+        self.0.to_be_bytes()[3] != 0
     }
 
     /// UDP segmentation offload (QUIC's `UDP_SEGMENT`): `gso_size` delimits the datagrams.
@@ -97,8 +103,13 @@ pub fn nvgre(
     dst: &LookupValue,
     inner: Inner,
 ) -> Result<i32, Counter> {
-    let (vsid, inner_tos, flow_id, udp_gso) =
-        (src.vsid, inner.tos(), inner.flow_id(), inner.udp_gso());
+    let (vsid, inner_tos, flow_id, udp_gso, v6) = (
+        src.vsid,
+        inner.tos(),
+        inner.flow_id(),
+        inner.udp_gso(),
+        inner.v6(),
+    );
     let (Some(outer_src), Some(outer_dst)) = (v4_of(&src.pa), v4_of(&dst.pa)) else {
         // IPv6 underlay has its own issue; the agent refuses such records today.
         return Err(Counter::DropVmMethod);
@@ -140,6 +151,11 @@ pub fn nvgre(
         // the VM's tunnel's offsets, under our headers: garbage on the wire.
         if gso {
             return Err(Counter::DropVmNestedGso);
+        }
+        // Without the encapsulation flags the skb would still say IPv6 under the outer IPv4,
+        // and the kernel's next hop would be looked up as IPv6 on the GRE header's bytes.
+        if v6 {
+            return Err(Counter::DropVmTranslateFailed);
         }
         ctx.adjust_room(grow, BPF_ADJ_ROOM_MAC, 0)
             .map_err(|_| Counter::DropVmTranslateFailed)?;

@@ -8,9 +8,9 @@ use aya_ebpf::programs::TcContext;
 use nv_common::{
     Counter, LookupKey6, Method, PortInfo, VsidStatsKey as Stats,
     wire::{
-        DHCPV6_SERVER_PORT, ETH_HLEN, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS,
-        IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_UDP, IPV6_HLEN, ND_NEIGHBOR_ADVERT,
-        ND_NEIGHBOR_SOLICIT, ND_REDIRECT, ND_ROUTER_ADVERT, ND_ROUTER_SOLICIT,
+        DHCPV6_CLIENT_PORT, DHCPV6_SERVER_PORT, ETH_HLEN, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT,
+        IPPROTO_HOPOPTS, IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_UDP, IPV6_HLEN,
+        ND_NEIGHBOR_ADVERT, ND_NEIGHBOR_SOLICIT, ND_REDIRECT, ND_ROUTER_ADVERT, ND_ROUTER_SOLICIT,
     },
 };
 
@@ -86,10 +86,13 @@ fn screen(ctx: &TcContext, proto: u8, l4: usize, bounced: bool) -> u32 {
         };
     }
     if proto == IPPROTO_UDP {
-        let Ok(sport) = ctx.load::<[u8; 2]>(l4) else {
+        let Ok(ports) = ctx.load::<[u8; 4]>(l4) else {
             return drop(Counter::DropVmMalformed);
         };
-        if u16::from_be_bytes(sport) == DHCPV6_SERVER_PORT {
+        // A server's message: from the server's port, or to a client's from any.
+        if u16::from_be_bytes([ports[0], ports[1]]) == DHCPV6_SERVER_PORT
+            || u16::from_be_bytes([ports[2], ports[3]]) == DHCPV6_CLIENT_PORT
+        {
             return drop(Counter::DropVmRouterGuard);
         }
     }
@@ -112,6 +115,12 @@ pub fn forward(
         return Err(Counter::DropVmMalformed);
     }
     let (proto, l4) = upper_layer(ctx, ip.next)?;
+    // The upper-layer header lies within the payload the IPv6 header claims: bytes past it
+    // would be screened while the real header came in a later fragment.
+    let payload_end = ETH_HLEN + IPV6_HLEN + usize::from(u16::from_be_bytes(ip.payload_len));
+    if proto != IPPROTO_FRAGMENT && l4 + 8 > payload_end {
+        return Err(Counter::DropVmMalformed);
+    }
     match screen(ctx, proto, l4, bounced) {
         PASS => {}
         SOLICIT => return nd::answer(ctx, port, ifindex, l4),

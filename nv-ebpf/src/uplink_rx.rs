@@ -12,8 +12,9 @@
 use nv_common::{
     Counter, DatapathConfig, LookupKey, LookupKey6, LookupValue, RestoreMeta, RewritePa,
     wire::{
-        ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_TEB,
-        GRE_FLAGS_NVGRE, GRE_HLEN, IPPROTO_GRE, IPPROTO_ICMP, IPV4_HLEN, IPV6_HLEN,
+        DHCPV6_CLIENT_PORT, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6,
+        ETH_P_TEB, GRE_FLAGS_NVGRE, GRE_HLEN, IPPROTO_GRE, IPPROTO_ICMP, IPPROTO_ICMPV6,
+        IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, ND_REDIRECT, ND_ROUTER_SOLICIT,
     },
 };
 
@@ -330,6 +331,20 @@ fn nvgre6(
     behind(src, ip)?;
     if inner_eth.src != src.mac {
         return Err(Counter::DropUplinkSpoofedMac);
+    }
+    // Hosts answer their own VMs' neighbour discovery and DHCPv6: such messages never cross.
+    let l4 = inner + ETH_HLEN + IPV6_HLEN;
+    let router_talk = match inner_ip.next {
+        // Read as the header's first word: a single byte at a variable offset is checked
+        // by the compiler in a form the verifier cannot follow.
+        IPPROTO_ICMPV6 => read_at::<[u8; 4]>(data, end, l4)
+            .is_some_and(|h| (ND_ROUTER_SOLICIT..=ND_REDIRECT).contains(&h[0])),
+        IPPROTO_UDP => read_at::<[u8; 4]>(data, end, l4)
+            .is_some_and(|p| u16::from_be_bytes([p[2], p[3]]) == DHCPV6_CLIENT_PORT),
+        _ => false,
+    };
+    if router_talk {
+        return Err(Counter::DropUplinkRouterGuard);
     }
     Ok(Verdict::Nvgre {
         strip: inner,

@@ -6,7 +6,10 @@
 //! keeps GSO super-packets whole. `XDP_REDIRECT` into a veth whose peer has no XDP program loses
 //! frames (DESIGN.md); delivery from here (`deliver`) does not. Other frames pass untouched.
 use aya_ebpf::{
-    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    bindings::{
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
     programs::TcContext,
 };
 use nv_common::{
@@ -140,11 +143,16 @@ fn decap(ctx: &TcContext, strip: usize, v6: bool) -> Result<(), ()> {
     // shrink the packet otherwise). A TCP one's segments grow back by what encapsulation took.
     // SAFETY: the context pointer is valid for the whole program run.
     let udp_gso = unsafe { (*ctx.skb.skb).gso_size } != 0 && inner_proto == IPPROTO_UDP;
-    let flags = if udp_gso {
+    let mut flags = if udp_gso {
         u64::from(BPF_F_ADJ_ROOM_FIXED_GSO)
     } else {
         0
     };
+    // The skb still says IPv4 (the outer header's); a redirect to a veth peer does not look
+    // again, so the VM's IPv4 input would get the IPv6 packet and discard it.
+    if v6 {
+        flags |= u64::from(BPF_F_ADJ_ROOM_DECAP_L3_IPV6);
+    }
     ctx.adjust_room(shrink, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| ())?;
     if write_at(ctx.data(), ctx.data_end(), 0, inner_eth) {

@@ -242,13 +242,28 @@ fn a_vm_sends_ipv6_only_from_its_own_address_and_never_as_a_router() -> anyhow::
         )
         .with_context(|| format!("ICMPv6 type {kind} behind {ext} headers"))?;
     }
-    let reply = udp6(RED1_MAC, RED2_MAC, CA6_1, CA6_2, (547, 546));
+    // DHCPv6 server messages: from the server's port, or to a client's from any.
+    for ports in [(547, 546), (40000, 546), (547, 40000)] {
+        let reply = udp6(RED1_MAC, RED2_MAC, CA6_1, CA6_2, ports);
+        h.expect(
+            FROM_VM,
+            &reply,
+            Some(h.red1),
+            TC_ACT_SHOT,
+            "drop_vm_router_guard",
+        )
+        .with_context(|| format!("UDP {ports:?}"))?;
+    }
+    // A payload length that ends before the upper-layer header: what follows would be
+    // screened while the real header came in a later fragment.
+    let mut short = icmp6_behind(134, 1);
+    short[18..20].copy_from_slice(&8u16.to_be_bytes());
     h.expect(
         FROM_VM,
-        &reply,
+        &short,
         Some(h.red1),
         TC_ACT_SHOT,
-        "drop_vm_router_guard",
+        "drop_vm_malformed",
     )?;
     // More extension headers than nv walks.
     h.expect(
@@ -335,6 +350,18 @@ fn ipv6_in_nvgre_is_delivered_on_either_hook_only_from_its_sender_s_pa_and_mac()
         Ok(())
     };
     refusals(&h, UPLINK_XDP, XDP_DROP)?;
+    // A router's or a neighbour's message from another host: hosts answer their own VMs.
+    let mut advert = icmp6_behind(134, 0);
+    advert[..12].copy_from_slice(&[RED1_MAC, RED2_MAC].concat());
+    advert[22..38].copy_from_slice(&CA6_2);
+    advert[38..54].copy_from_slice(&CA6_1);
+    h.expect(
+        UPLINK_XDP,
+        &packet(REMOTE_PA, RED, &advert),
+        None,
+        XDP_DROP,
+        "drop_uplink_router_guard",
+    )?;
     // TC decapsulation: delivered into RED-1's port.
     h.set_flags(DatapathConfig::TC_DECAP)?;
     h.expect(UPLINK_TC, &good, None, TC_ACT_REDIRECT, "uplink_delivered")?;

@@ -28,23 +28,25 @@ impl Agent {
         };
         let routes = self.tables.catalog.routes();
         let rdid = routes.domain_of(record.vsid).ok_or(Unanswered::NoSubnet)?;
-        let domain = routes.list(Some(rdid));
-        let own = domain
-            .iter()
-            .find(|r| r.on_link() && r.vsid == record.vsid && r.prefix.contains(ca))
+        let own = routes
+            .subnet_of(record.vsid, ca)
             .ok_or(Unanswered::NoSubnet)?;
         let gateway = own.gateway_addr().ok_or(Unanswered::NoSubnet)?;
-        let mut prefixes: Vec<Subnet> = domain
-            .iter()
-            .map(|r| r.prefix)
-            .filter(|p| *p != own.prefix)
-            .collect();
-        prefixes.dedup();
-        // A domain with a default route, or more routes than a reply holds: the gateway is
-        // the default router.
-        let routes = (!prefixes.iter().any(|p| p.len == 0)
-            && prefixes.len() <= MAX_CLASSLESS_ROUTES)
-            .then_some(prefixes);
+        // The domain's other prefixes, borrowed and no more than a reply holds (a domain of
+        // ten thousand routes costs a request no more than one of ten). A domain with a
+        // default route, or with more: the gateway is the default router.
+        let mut prefixes: Vec<Subnet> = Vec::new();
+        let mut fits = true;
+        for p in routes.of_domain(rdid).map(|r| r.prefix) {
+            if p.len == 0 || prefixes.len() == MAX_CLASSLESS_ROUTES {
+                fits = false;
+                break;
+            }
+            if p != own.prefix && prefixes.last() != Some(&p) {
+                prefixes.push(p);
+            }
+        }
+        let routes = fits.then_some(prefixes);
         Ok(Lease {
             mac: record.mac.0,
             ca,

@@ -262,6 +262,19 @@ impl RouteIndex {
     }
 
     fn subnets<'a>(&'a self, rdid: &'a Rdid) -> impl Iterator<Item = &'a RouteRecord> + 'a {
+        self.of_domain(rdid).filter(|r| r.on_link())
+    }
+
+    /// The route of `rdid` that takes `addr`, as the datapath picks it: the longest prefix
+    /// that holds it, then the lowest metric.
+    pub fn best<'a>(&'a self, rdid: &'a Rdid, addr: Ipv4Addr) -> Option<&'a RouteRecord> {
+        self.of_domain(rdid)
+            .filter(|r| r.prefix.contains(addr))
+            .min_by_key(|r| (std::cmp::Reverse(r.prefix.len), r.metric))
+    }
+
+    /// The routes of `rdid`, in (prefix, next hop) order, borrowed.
+    pub fn of_domain<'a>(&'a self, rdid: &'a Rdid) -> impl Iterator<Item = &'a RouteRecord> + 'a {
         self.routes
             .range(
                 (
@@ -275,27 +288,6 @@ impl RouteIndex {
             )
             .take_while(move |((d, _, _), _)| d == rdid)
             .map(|(_, r)| r)
-            .filter(|r| r.on_link())
-    }
-
-    /// The route of `rdid` that takes `addr`, as the datapath picks it: the longest prefix
-    /// that holds it, then the lowest metric.
-    pub fn best(&self, rdid: &Rdid, addr: Ipv4Addr) -> Option<&RouteRecord> {
-        self.routes
-            .range(
-                (
-                    rdid.clone(),
-                    Subnet {
-                        addr: Ipv4Addr::UNSPECIFIED,
-                        len: 0,
-                    },
-                    Ipv4Addr::UNSPECIFIED,
-                )..,
-            )
-            .take_while(|((d, _, _), _)| d == rdid)
-            .map(|(_, r)| r)
-            .filter(|r| r.prefix.contains(addr))
-            .min_by_key(|r| (std::cmp::Reverse(r.prefix.len), r.metric))
     }
 
     /// The subnet of `vsid` that holds `addr`, if any.

@@ -132,6 +132,10 @@ pub fn check_delivered(
         "VSID {vsid} delivered to port {port} ({redirect:?}), its record says {}",
         to.ifindex
     );
+    ensure!(
+        !matches!((inner.get(20), inner.get(54)), (Some(58), Some(133..=137))),
+        "neighbour discovery crossed between hosts"
+    );
     let (outer_src, _) = ipv4(input, 14).context("no outer IPv4")?;
     let from = record(known, vsid, addr(inner, 22)).context("from no record")?;
     ensure!(
