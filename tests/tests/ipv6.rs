@@ -367,3 +367,158 @@ fn ipv6_in_nvgre_is_delivered_on_either_hook_only_from_its_sender_s_pa_and_mac()
     h.expect(UPLINK_TC, &good, None, TC_ACT_REDIRECT, "uplink_delivered")?;
     refusals(&h, UPLINK_TC, TC_ACT_SHOT)
 }
+
+/// The agent does not write IPv6 records yet: the test writes them into each host's pinned
+/// map, as the agent will (RED-1 and BLUE-1 `fd00::1`, RED-2 and BLUE-2 `fd00::2`).
+fn write_ipv6_records(bed: &nv_tests::testbed::TwoHosts) -> anyhow::Result<()> {
+    for (i, h) in bed.hosts.iter().enumerate() {
+        let path = h.pin_path.join("maps").join(nv_common::map_names::LOOKUPS6);
+        let data = aya::maps::MapData::from_pin(&path)?;
+        let mut map: aya::maps::HashMap<_, nv_common::LookupKey6, nv_common::LookupValue> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
+        for vm in &bed.vms {
+            let ca: std::net::Ipv6Addr = vm.ca.replace("10.0.0.", "fd00::").parse()?;
+            let pa: std::net::Ipv4Addr = bed.hosts[vm.host].pa.parse()?;
+            let mac: nv_agent::model::Mac = vm.mac.parse()?;
+            let value = nv_common::LookupValue {
+                pa: nv_common::v4_mapped(pa.octets()),
+                mac: mac.0,
+                method: 0,
+                _pad: 0,
+                ifindex: if vm.host == i {
+                    h.ns.ifindex(&vm.port)?
+                } else {
+                    0
+                },
+            };
+            let key = nv_common::LookupKey6 {
+                vsid: vm.vsid,
+                ca: ca.octets(),
+            };
+            map.insert(key, value, 0)?;
+        }
+    }
+    for vm in &bed.vms {
+        let ca = vm.ca.replace("10.0.0.", "fd00::");
+        vm.ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ca}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+    }
+    Ok(())
+}
+
+/// What tshark sees on the underlay while `traffic` runs: (GRE key, inner IPv6 source) of
+/// every NVGRE packet carrying IPv6, and how many packets show a customer's IPv6 address
+/// outside GRE.
+fn underlay_ipv6(
+    bed: &nv_tests::testbed::TwoHosts,
+    tag: &str,
+    traffic: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<(Vec<(u32, String)>, usize)> {
+    let file = bed.tmp_dir().join(format!("{tag}.pcap"));
+    let cap = nv_tests::capture::Capture::start(&bed.underlay, "br0", &file, 60)?;
+    traffic()?;
+    let file = cap.stop()?;
+    let file = file.to_str().context("utf-8 path")?;
+    let fields = |filter: &str, fields: &[&str]| -> anyhow::Result<Vec<String>> {
+        let mut args = vec![
+            "-r",
+            file,
+            "-Y",
+            filter,
+            "-T",
+            "fields",
+            "-E",
+            "separator=|",
+        ];
+        for f in fields {
+            args.extend(["-e", f]);
+        }
+        Ok(nv_tests::sys::run("tshark", &args)?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect())
+    };
+    let tunnelled = fields("gre && ipv6", &["gre.key", "ipv6.src"])?
+        .iter()
+        .filter_map(|l| {
+            let (key, src) = l.split_once('|')?;
+            let key = u32::from_str_radix(key.trim_start_matches("0x"), 16).ok()?;
+            Some((key, src.to_owned()))
+        })
+        .collect();
+    let outside = fields("ipv6.addr == fd00::/16 && !gre", &["frame.number"])?.len();
+    Ok((tunnelled, outside))
+}
+
+/// Two tenants with the same IPv6 addresses on two hosts, NVGRE over the IPv4 underlay, on the
+/// TC hook and (agents restarted) on XDP: RED-1 reaches RED-2 and BLUE-1 BLUE-2 by ping6
+/// (neighbour discovery answered by each host), tshark sees NVGRE with each tenant's VSID
+/// carrying the customer's IPv6 and no customer address outside GRE, and BLUE-2 never sees
+/// RED's payload while it sees BLUE's (the positive control).
+#[test]
+fn dual_stack_tenants_with_the_same_ipv6_addresses_cross_hosts_isolated_on_either_hook()
+-> anyhow::Result<()> {
+    use nv_tests::testbed::{BLUE_VSID, RED_VSID, TwoHosts};
+    let mut bed = TwoHosts::build_with("v6", &["--decap-hook", "tc"])?;
+    bed.configure()?;
+    write_ipv6_records(&bed)?;
+    for hook in ["tc", "xdp"] {
+        if hook == "xdp" {
+            for h in &mut bed.hosts {
+                h.stop_agent();
+                h.agent_args = vec!["--decap-hook".into(), "xdp".into()];
+                h.start_agent()?;
+            }
+        }
+        let blue2 = bed.vm("BLUE-2");
+        let watch = nv_tests::capture::Capture::start(
+            &blue2.ns,
+            "eth0",
+            &bed.tmp_dir().join(format!("blue2-{hook}.pcap")),
+            60,
+        )?;
+        let (tunnelled, outside) = underlay_ipv6(&bed, &format!("v6-{hook}"), || {
+            for (vm, pattern) in [("RED-1", "a5"), ("BLUE-1", "b6")] {
+                let got = bed.ping_with(vm, "fd00::2", 3, &["-p", pattern, "-s", "1200"])?;
+                ensure!(got == 3, "{hook}: {vm} -> fd00::2: {got} of 3 answered");
+            }
+            Ok(())
+        })?;
+        let seen = nv_tests::capture::frames(&watch.stop()?)?;
+        let with = |b: u8| {
+            seen.iter()
+                .filter(|f| f.windows(16).any(|w| w.iter().all(|x| *x == b)))
+                .count()
+        };
+        ensure!(
+            with(0xa5) == 0 && with(0xb6) >= 3,
+            "{hook}: BLUE-2 saw {} of RED's frames and {} of BLUE's",
+            with(0xa5),
+            with(0xb6)
+        );
+        ensure!(
+            outside == 0,
+            "{hook}: {outside} packets with a customer address outside GRE"
+        );
+        for vsid in [RED_VSID, BLUE_VSID] {
+            let n = tunnelled.iter().filter(|(k, _)| k >> 8 == vsid).count();
+            ensure!(
+                n >= 6,
+                "{hook}: {n} NVGRE packets of VSID {vsid} carrying IPv6: {tunnelled:?}"
+            );
+        }
+        ensure!(
+            tunnelled.iter().all(|(_, src)| src.starts_with("fd00::")),
+            "{hook}: inner sources {tunnelled:?}"
+        );
+    }
+    Ok(())
+}

@@ -450,6 +450,13 @@ const MUTATIONS: &[Mutation] = &[
         removed: "if inner_eth.src == [0; 6] {",
         tests: &["ipv6", "fuzz"],
     },
+    Mutation {
+        name: "TC decapsulation says IPv6 for an IPv6 frame",
+        file: "nv-ebpf/src/uplink_tc.rs",
+        check: "flags |= u64::from(BPF_F_ADJ_ROOM_DECAP_L3_IPV6);",
+        removed: "flags |= 0;",
+        tests: &["ipv6"],
+    },
 ];
 
 pub fn run(only: Option<&str>) -> anyhow::Result<()> {
