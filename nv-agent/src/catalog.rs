@@ -2,10 +2,10 @@
 //! record, so a million records load, validate and change without scanning the table.
 //!
 //! A host holds every record of the VSIDs it hosts, millions on a big one, so a record costs
-//! what it must and no more: (VSID, CA) → PA, MAC and method in 20 bytes, IPv4 only (the model
-//! refuses IPv6 customer and provider addresses until the datapath has IPv6 maps); the few
-//! records with a port or a name keep them beside the table. Records come out as
-//! [`LookupRecord`]s, built on demand.
+//! what it must and no more: (VSID, CA) → PA, MAC and method in 20 bytes; the few records with
+//! a port or a name keep them beside the table. Records come out as [`LookupRecord`]s, built on
+//! demand. IPv6 customer addresses have a table of their own ([`V6`]): NVGRE only, and a VM
+//! here has its IPv4 record on the same port (its port's map entry is the IPv4 record's).
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr},
@@ -22,6 +22,17 @@ pub type Key = (u32, IpAddr);
 
 /// (VSID, IPv4 CA) as the table keys it.
 type Key4 = (u32, [u8; 4]);
+
+/// (VSID, IPv6 CA).
+type Key6 = (u32, [u8; 16]);
+
+/// The IPv6 records: few next to the IPv4 ones, kept whole.
+#[derive(Clone, Default)]
+struct V6 {
+    records: Map<Key6, LookupRecord>,
+    by_port: Map<Box<str>, Key6>,
+    by_mac: Map<(u32, [u8; 6]), Key6>,
+}
 
 /// The tables hash with foldhash: `SipHash` cost as much as the rest of an import's checks.
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -63,6 +74,7 @@ pub struct Catalog {
     by_mac: Map<(u32, [u8; 6]), [u8; 4]>,
     by_pa: Map<[u8; 4], PaUse>,
     by_vsid: Map<u32, VsidUse>,
+    v6: V6,
 }
 
 pub fn describe(r: &LookupRecord) -> String {
@@ -81,6 +93,13 @@ fn v4(ip: IpAddr) -> Option<[u8; 4]> {
 
 fn key4(key: &Key) -> Option<Key4> {
     Some((key.0, v4(key.1)?))
+}
+
+fn key6(key: &Key) -> Option<Key6> {
+    match key.1 {
+        IpAddr::V6(a) => Some((key.0, a.octets())),
+        IpAddr::V4(_) => None,
+    }
 }
 
 fn ipv4_only(r: &LookupRecord) -> Result<(Key4, [u8; 4])> {
@@ -172,10 +191,14 @@ impl Catalog {
 
     /// Every record, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = LookupRecord> + '_ {
-        self.records.iter().map(|(k, r)| self.record(*k, *r))
+        self.records
+            .iter()
+            .map(|(k, r)| self.record(*k, *r))
+            .chain(self.v6.records.values().cloned())
     }
 
-    /// The records in (VSID, CA) order, of one VSID or all.
+    /// The records in (VSID, CA) order (a VSID's IPv4 records before its IPv6 ones, as the
+    /// store orders them), of one VSID or all.
     pub fn lookups(&self, vsid: Option<u32>) -> Vec<LookupRecord> {
         let mut keys: Vec<Key4> = self
             .records
@@ -184,33 +207,72 @@ impl Catalog {
             .copied()
             .collect();
         keys.sort_unstable();
-        keys.into_iter()
+        let mut out: Vec<LookupRecord> = keys
+            .into_iter()
             .map(|k| self.record(k, self.records[&k]))
-            .collect()
+            .collect();
+        if !self.v6.records.is_empty() {
+            out.extend(
+                self.v6
+                    .records
+                    .values()
+                    .filter(|r| vsid.is_none_or(|v| r.vsid == v))
+                    .cloned(),
+            );
+            out.sort_by_key(|r| (r.vsid, r.ca.is_ipv6(), r.ca));
+        }
+        out
     }
 
     pub fn len(&self) -> usize {
-        self.records.len()
+        self.records.len() + self.v6.records.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.records.is_empty() && self.v6.records.is_empty()
     }
 
     pub fn contains(&self, key: &Key) -> bool {
-        key4(key).is_some_and(|k| self.records.contains_key(&k))
+        match key6(key) {
+            Some(k) => self.v6.records.contains_key(&k),
+            None => key4(key).is_some_and(|k| self.records.contains_key(&k)),
+        }
     }
 
     pub fn get(&self, key: &Key) -> Option<LookupRecord> {
+        if let Some(k) = key6(key) {
+            return self.v6.records.get(&k).cloned();
+        }
         let k = key4(key)?;
         self.records.get(&k).map(|r| self.record(k, *r))
     }
 
-    /// The record whose VM is behind `port`.
+    /// The record whose VM is behind `port`: its IPv4 record (whose entry the port's is), or
+    /// its IPv6 one.
     pub fn by_port(&self, port: &str) -> Option<LookupRecord> {
         self.by_port
             .get(port)
             .map(|k| self.record(*k, self.records[k]))
+            .or_else(|| {
+                self.v6
+                    .by_port
+                    .get(port)
+                    .map(|k| self.v6.records[k].clone())
+            })
+    }
+
+    /// Every record of the VM behind `port`: IPv4 first.
+    pub fn on_port(&self, port: &str) -> Vec<LookupRecord> {
+        let v4 = self
+            .by_port
+            .get(port)
+            .map(|k| self.record(*k, self.records[k]));
+        let v6 = self
+            .v6
+            .by_port
+            .get(port)
+            .map(|k| self.v6.records[k].clone());
+        v4.into_iter().chain(v6).collect()
     }
 
     /// The ports of this host's records.
@@ -220,7 +282,15 @@ impl Catalog {
 
     /// The records with a port: this host's VMs.
     pub fn local(&self) -> impl Iterator<Item = LookupRecord> + '_ {
-        self.ports.keys().map(|k| self.record(*k, self.records[k]))
+        self.ports
+            .keys()
+            .map(|k| self.record(*k, self.records[k]))
+            .chain(self.v6.by_port.values().map(|k| self.v6.records[k].clone()))
+    }
+
+    /// How many records are IPv6 records (each has an entry in the IPv6 lookup map).
+    pub fn ipv6_records(&self) -> usize {
+        self.v6.records.len()
     }
 
     /// How many records are IP rewrite records (each has an entry in the rewrite-PA map).
@@ -292,6 +362,9 @@ impl Catalog {
     /// Checks the rules that involve other records. `replacing` is the key of a record `r`
     /// replaces (a move), which does not count against it.
     pub fn check(&self, r: &LookupRecord, replacing: Option<&Key>) -> Result<()> {
+        if r.ca.is_ipv6() {
+            return self.check6(r, replacing);
+        }
         let (_, pa) = ipv4_only(r)?;
         self.not_a_gateway(r)?;
         let replacing = replacing.and_then(key4);
@@ -376,7 +449,149 @@ impl Catalog {
                 self.name((r.vsid, *ca))
             )));
         }
+        // The MAC of an IPv6 record of the VSID is that VM's: the same PA and port only.
+        if let Some(k) = self.v6.by_mac.get(&(r.vsid, r.mac.0))
+            && let Some(other) = self.v6.records.get(k)
+            && (other.pa != r.pa || other.port != r.port)
+        {
+            return Err(NvError::Conflict(format!(
+                "MAC {} is {}'s, a VM with another PA or port",
+                r.mac,
+                describe(other)
+            )));
+        }
         Ok(())
+    }
+
+    /// The rules of an IPv6 record: NVGRE only; a VM here keeps its IPv4 record on the same
+    /// port, with the same VSID and MAC; a MAC is one VM's in its VSID.
+    fn check6(&self, r: &LookupRecord, replacing: Option<&Key>) -> Result<()> {
+        let Some(key) = key6(&r.key()) else {
+            return Err(invalid("not an IPv6 record"));
+        };
+        let own = |k: &Key6| replacing.and_then(key6).as_ref() == Some(k);
+        if r.method != Method::Encap {
+            return Err(invalid(format!(
+                "{}: IPv6 customer addresses cross by NVGRE (--method encap); IP rewrite of IPv6 \
+                 is not supported yet",
+                describe(r)
+            )));
+        }
+        if let Some(existing) = self.v6.records.get(&key)
+            && !own(&key)
+        {
+            return Err(NvError::Conflict(format!(
+                "a lookup record for {} already exists; delete it first",
+                describe(existing)
+            )));
+        }
+        if self
+            .by_vsid
+            .get(&r.vsid)
+            .is_some_and(|v| v.method == Method::Rewrite)
+        {
+            return Err(NvError::Conflict(format!(
+                "VSID {} uses IP rewrite for IPv4; its IPv6 records come when rewrite speaks \
+                 IPv6",
+                r.vsid
+            )));
+        }
+        let local_pa = self.provider_use(r)?;
+        match &r.port {
+            Some(port) => {
+                if !local_pa {
+                    return Err(invalid(format!(
+                        "PA {} is not a provider address of this host; a record with --port needs one (add it with `nvctl provider add`)",
+                        r.pa
+                    )));
+                }
+                if let Some(k) = self.v6.by_port.get(port.as_str())
+                    && !own(k)
+                {
+                    return Err(NvError::Conflict(format!(
+                        "port '{port}' already has the IPv6 record {}",
+                        describe(&self.v6.records[k])
+                    )));
+                }
+                let Some(v4) = self.by_port(port).filter(|v| v.ca.is_ipv4()) else {
+                    return Err(invalid(format!(
+                        "port '{port}' has no IPv4 record: a VM's IPv6 record joins its IPv4 \
+                         record on the same port (add that first; IPv6-only VMs are not \
+                         supported yet)"
+                    )));
+                };
+                if v4.vsid != r.vsid || v4.mac != r.mac {
+                    return Err(invalid(format!(
+                        "port '{port}' is {} with MAC {}: its IPv6 record has the same VSID \
+                         and MAC",
+                        describe(&v4),
+                        v4.mac
+                    )));
+                }
+            }
+            None if local_pa => {
+                return Err(invalid(format!(
+                    "PA {} is a provider address of this host: give --port, the VM's port here",
+                    r.pa
+                )));
+            }
+            None => {}
+        }
+        if let Some(k) = self.v6.by_mac.get(&(r.vsid, r.mac.0))
+            && !own(k)
+        {
+            return Err(NvError::Conflict(format!(
+                "MAC {} is already used by {}",
+                r.mac,
+                describe(&self.v6.records[k])
+            )));
+        }
+        // The MAC of an IPv4 record of the VSID is that VM's: the same PA (and port) only.
+        if let Some(ca) = self.by_mac.get(&(r.vsid, r.mac.0))
+            && let Some(rec) = self.records.get(&(r.vsid, *ca))
+            && (IpAddr::V4(Ipv4Addr::from(rec.pa)) != r.pa
+                || self.ports.get(&(r.vsid, *ca)).map(AsRef::as_ref) != r.port.as_deref())
+        {
+            return Err(NvError::Conflict(format!(
+                "MAC {} is {}'s, a VM with another PA or port",
+                r.mac,
+                self.name((r.vsid, *ca))
+            )));
+        }
+        Ok(())
+    }
+
+    fn insert6(&mut self, key: Key6, r: LookupRecord) -> Option<LookupRecord> {
+        let old = self.remove(&r.key());
+        if let Some(port) = &r.port {
+            self.v6.by_port.insert(port.as_str().into(), key);
+        }
+        self.v6.by_mac.insert((r.vsid, r.mac.0), key);
+        if let Some(pa) = v4(r.pa) {
+            let u = self.by_pa.entry(pa).or_default();
+            u.records += 1;
+            u.local += u32::from(r.port.is_some());
+        }
+        self.v6.records.insert(key, r);
+        old
+    }
+
+    fn remove6(&mut self, key: Key6) -> Option<LookupRecord> {
+        let r = self.v6.records.remove(&key)?;
+        if let Some(port) = &r.port {
+            self.v6.by_port.remove(port.as_str());
+        }
+        self.v6.by_mac.remove(&(r.vsid, r.mac.0));
+        if let Some(pa) = v4(r.pa)
+            && let Some(u) = self.by_pa.get_mut(&pa)
+        {
+            u.records -= 1;
+            u.local -= u32::from(r.port.is_some());
+            if u.records == 0 {
+                self.by_pa.remove(&pa);
+            }
+        }
+        Some(r)
     }
 
     /// A record using `pa` other than `not`, to name in an error (a scan: errors only).
@@ -399,7 +614,10 @@ impl Catalog {
     /// # Panics
     /// On an IPv6 address, which [`LookupRecord::validate`] and [`Catalog::check`] refuse.
     pub fn insert(&mut self, r: LookupRecord) -> Option<LookupRecord> {
-        let (key, pa) = ipv4_only(&r).expect("checked records are IPv4");
+        if let Some(key) = key6(&r.key()) {
+            return self.insert6(key, r);
+        }
+        let (key, pa) = ipv4_only(&r).expect("checked records have an IPv4 PA");
         let old = self.remove(&r.key());
         let rewrite = r.method == Method::Rewrite;
         if let Some(port) = r.port {
@@ -436,6 +654,9 @@ impl Catalog {
     }
 
     pub fn remove(&mut self, key: &Key) -> Option<LookupRecord> {
+        if let Some(k) = key6(key) {
+            return self.remove6(k);
+        }
         let k = key4(key)?;
         let rec = *self.records.get(&k)?;
         let r = self.record(k, rec);
@@ -474,7 +695,10 @@ impl Catalog {
 
     /// Whether the record `key` has a port here (a VM of this host).
     pub fn is_local(&self, key: &Key) -> bool {
-        key4(key).is_some_and(|k| self.ports.contains_key(&k))
+        match key6(key) {
+            Some(k) => self.v6.records.get(&k).is_some_and(|r| r.port.is_some()),
+            None => key4(key).is_some_and(|k| self.ports.contains_key(&k)),
+        }
     }
 
     /// Gives memory back after a big table shrank (a rolled-back import).
@@ -555,7 +779,49 @@ mod tests {
         moved.pa = "198.18.1.1".parse().unwrap();
         c.check(&moved, Some(&a.key())).unwrap();
         let mut v6 = record("10.0.0.4", "198.18.0.2", 4);
-        v6.ca = "fd00::4".parse().unwrap();
+        v6.pa = "2001:db8::2".parse().unwrap();
         assert!(c.check(&v6, None).unwrap_err().to_string().contains("IPv6"));
+    }
+
+    #[test]
+    fn an_ipv6_record_joins_its_vm_s_ipv4_record_by_nvgre_only() {
+        let mut c = Catalog::default();
+        let a = record("10.0.0.1", "198.18.0.2", 1);
+        c.check(&a, None).unwrap();
+        c.insert(a.clone());
+        // The same VM's IPv6 address: same PA and MAC.
+        let mut a6 = record("10.0.0.1", "198.18.0.2", 1);
+        a6.ca = "fd00::1".parse().unwrap();
+        c.check(&a6, None).unwrap();
+        c.insert(a6.clone());
+        assert_eq!(c.get(&a6.key()), Some(a6.clone()));
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.lookups(None), vec![a.clone(), a6.clone()]);
+        // Again, by rewrite, or with another VM's MAC.
+        let err = c.check(&a6, None).unwrap_err().to_string();
+        assert!(err.contains("already exists"), "{err}");
+        let mut rw = a6.clone();
+        rw.ca = "fd00::9".parse().unwrap();
+        rw.mac = Mac([2, 0, 0, 0, 0, 9]);
+        rw.method = Method::Rewrite;
+        let err = c.check(&rw, None).unwrap_err().to_string();
+        assert!(err.contains("NVGRE"), "{err}");
+        let mut other = a6.clone();
+        other.ca = "fd00::2".parse().unwrap();
+        other.pa = "198.18.0.3".parse().unwrap();
+        let err = c.check(&other, None).unwrap_err().to_string();
+        assert!(err.contains("MAC"), "{err}");
+        // A port with no IPv4 record.
+        let mut here = a6.clone();
+        here.ca = "fd00::3".parse().unwrap();
+        here.mac = Mac([2, 0, 0, 0, 0, 3]);
+        here.port = Some("vm3".into());
+        let err = c.check(&here, None).unwrap_err().to_string();
+        assert!(
+            err.contains("provider address") || err.contains("IPv4 record"),
+            "{err}"
+        );
+        assert_eq!(c.remove(&a6.key()), Some(a6));
+        assert_eq!(c.lookups(None), vec![a]);
     }
 }

@@ -225,9 +225,14 @@ impl LookupRecord {
     /// Checks the record on its own (not against other records).
     pub fn validate(&self) -> Result<()> {
         validate_vsid(self.vsid)?;
-        if !self.ca.is_ipv4() {
+        // A VM's link-local address is its own (derived from its MAC), never a record; an
+        // IPv4-mapped one is IPv4's.
+        if let IpAddr::V6(a) = self.ca
+            && (a.is_unicast_link_local() || a.to_ipv4_mapped().is_some() || a.is_loopback())
+        {
             return Err(invalid(format!(
-                "customer address {} is IPv6: this datapath forwards IPv4 customer addresses only",
+                "customer address {} is link-local, loopback or IPv4-mapped: give the VM's \
+                 global or unique local IPv6 address",
                 self.ca
             )));
         }

@@ -53,7 +53,7 @@ pub fn key_v4(ip: IpAddr) -> V4 {
     }
 }
 
-pub use crate::tables::lookups::{Entries, entries, lookup_key};
+pub use crate::tables::lookups::{Entries, MapKey, entries, lookup_key};
 
 /// VSIDs with a VM on this host (whether its port exists now or not), and how many.
 pub fn hosted_vsids(catalog: &Catalog) -> HashMap<u32, u32> {
@@ -108,7 +108,10 @@ pub fn desired(
     };
     for r in catalog.iter() {
         let e = entries(&r, r.port.as_deref().and_then(&at));
-        d.lookups.insert(e.key, e.value);
+        match e.key {
+            MapKey::V4(k) => d.lookups.insert(k, e.value),
+            MapKey::V6(k) => d.lookups6.insert(k, e.value),
+        };
         if let Some(p) = e.port {
             d.ports.insert(e.value.ifindex, p);
         }

@@ -66,6 +66,7 @@ pub enum Write {
     Hosted(u32, Option<u32>),
     Rewrite(V4, Option<RewritePa>),
     Lookup(LookupKey, Option<LookupValue>),
+    Lookup6(nv_common::LookupKey6, Option<LookupValue>),
     LocalPa(V4, Option<LocalPa>),
     /// The distributed router's entries ([`crate::tables::routes::RouteEntries`]).
     VsidRouting(u32, Option<VsidRouting>),
@@ -83,6 +84,7 @@ impl Write {
             Write::Hosted(v, _) => Write::Hosted(*v, None),
             Write::Rewrite(pa, _) => Write::Rewrite(*pa, None),
             Write::Lookup(k, _) => Write::Lookup(*k, None),
+            Write::Lookup6(k, _) => Write::Lookup6(*k, None),
             Write::LocalPa(pa, _) => Write::LocalPa(*pa, None),
             Write::VsidRouting(v, _) => Write::VsidRouting(*v, None),
             Write::Route(k, _) => Write::Route(*k, None),
@@ -268,6 +270,14 @@ fn entries_of(r: &LookupRecord, ports: &PortView) -> translate::Entries {
     translate::entries(r, r.port.as_deref().and_then(|p| ports.at(p)))
 }
 
+/// The write of a lookup entry, in the map of its address family.
+fn lookup_write(k: translate::MapKey, v: Option<LookupValue>) -> Write {
+    match k {
+        translate::MapKey::V4(k) => Write::Lookup(k, v),
+        translate::MapKey::V6(k) => Write::Lookup6(k, v),
+    }
+}
+
 /// Writes turning one record's entries `old` into `new`: puts first (port, rewrite, lookup),
 /// then removals (lookup, rewrite, port), each with its undo.
 fn record_writes(
@@ -295,12 +305,12 @@ fn record_writes(
         && new_lk != old_lk
     {
         let before = old_lk.filter(|(o, _)| *o == k).map(|(_, v)| v);
-        plan.push(Write::Lookup(k, Some(v)), Write::Lookup(k, before));
+        plan.push(lookup_write(k, Some(v)), lookup_write(k, before));
     }
     if let Some((k, v)) = old_lk
         && new_lk.is_none_or(|(n, _)| n != k)
     {
-        plan.push(Write::Lookup(k, None), Write::Lookup(k, Some(v)));
+        plan.push(lookup_write(k, None), lookup_write(k, Some(v)));
     }
     if let Some((pa, v)) = old_rw
         && new_rw.is_none_or(|(n, _)| n != pa)
@@ -670,9 +680,10 @@ impl Tables {
         port: &str,
         link: Option<Attached>,
     ) -> Result<bool> {
-        let Some(record) = self.catalog.by_port(port) else {
+        let records = self.catalog.on_port(port);
+        if records.is_empty() {
             return Ok(false);
-        };
+        }
         let before = self.ports.get(port);
         if before == link {
             return Ok(false);
@@ -683,9 +694,12 @@ impl Tables {
         {
             plan.filter(port, at.ifindex);
         }
-        let old = translate::entries(&record, before);
-        let new = translate::entries(&record, link);
-        record_writes(&mut plan, Some(&old), Some(&new));
+        // The VM's IPv4 record and its IPv6 one alike follow the port.
+        for record in &records {
+            let old = translate::entries(record, before);
+            let new = translate::entries(record, link);
+            record_writes(&mut plan, Some(&old), Some(&new));
+        }
         if let Err(Stopped { done, error }) = maps.write_all(&plan.writes) {
             plan.undo(maps, done);
             self.ports.adopt_filtered(plan.filtered_by(done));

@@ -389,16 +389,11 @@ impl Host {
         Ok(())
     }
 
-    /// IPv6 records, written straight into their map: RED-1 (`CA6_1`) and RED-3 (`CA6_3`)
+    /// IPv6 records: RED-1 (`CA6_1`) and RED-3 (`CA6_3`)
     /// here, RED-2 (`CA6_2`) and BLUE-2 (`CA6_2` too, in BLUE) behind the remote PA.
-    pub fn add_ipv6(&self) -> anyhow::Result<()> {
-        let path = self.pin.0.join("maps").join(nv_common::map_names::LOOKUPS6);
-        let data = aya::maps::MapData::from_pin(&path)?;
-        let mut map: aya::maps::HashMap<_, LookupKey6, LookupValue> =
-            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
-        for (key, value) in self.ipv6_records()? {
-            map.insert(key, value, 0)?;
-        }
+    pub fn add_ipv6(&mut self) -> anyhow::Result<()> {
+        self.desired.lookups6 = self.ipv6_records()?.into_iter().collect();
+        self.dp.sync(&self.desired)?;
         Ok(())
     }
 

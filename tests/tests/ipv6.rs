@@ -14,7 +14,7 @@ use nv_common::{
 use nv_tests::fixture::*;
 
 fn ipv6_host() -> anyhow::Result<Host> {
-    let h = host(true)?;
+    let mut h = host(true)?;
     h.add_ipv6()?;
     Ok(h)
 }
@@ -368,34 +368,22 @@ fn ipv6_in_nvgre_is_delivered_on_either_hook_only_from_its_sender_s_pa_and_mac()
     refusals(&h, UPLINK_TC, TC_ACT_SHOT)
 }
 
-/// The agent does not write IPv6 records yet: the test writes them into each host's pinned
-/// map, as the agent will (RED-1 and BLUE-1 `fd00::1`, RED-2 and BLUE-2 `fd00::2`).
-fn write_ipv6_records(bed: &nv_tests::testbed::TwoHosts) -> anyhow::Result<()> {
+/// Each VM's IPv6 record beside its IPv4 one, through nvctl on both hosts (RED-1 and BLUE-1
+/// `fd00::1`, RED-2 and BLUE-2 `fd00::2`), and the address in the VM.
+fn add_ipv6_records(bed: &nv_tests::testbed::TwoHosts) -> anyhow::Result<()> {
     for (i, h) in bed.hosts.iter().enumerate() {
-        let path = h.pin_path.join("maps").join(nv_common::map_names::LOOKUPS6);
-        let data = aya::maps::MapData::from_pin(&path)?;
-        let mut map: aya::maps::HashMap<_, nv_common::LookupKey6, nv_common::LookupValue> =
-            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
         for vm in &bed.vms {
-            let ca: std::net::Ipv6Addr = vm.ca.replace("10.0.0.", "fd00::").parse()?;
-            let pa: std::net::Ipv4Addr = bed.hosts[vm.host].pa.parse()?;
-            let mac: nv_agent::model::Mac = vm.mac.parse()?;
-            let value = nv_common::LookupValue {
-                pa: nv_common::v4_mapped(pa.octets()),
-                mac: mac.0,
-                method: 0,
-                _pad: 0,
-                ifindex: if vm.host == i {
-                    h.ns.ifindex(&vm.port)?
-                } else {
-                    0
-                },
-            };
-            let key = nv_common::LookupKey6 {
-                vsid: vm.vsid,
-                ca: ca.octets(),
-            };
-            map.insert(key, value, 0)?;
+            let ca = vm.ca.replace("10.0.0.", "fd00::");
+            let vsid = vm.vsid.to_string();
+            let pa = &bed.hosts[vm.host].pa;
+            let mut args = vec![
+                "lookup", "add", "--vsid", &vsid, "--ca", &ca, "--pa", pa, "--mac", &vm.mac,
+                "--method", "encap", "--name", &vm.name,
+            ];
+            if vm.host == i {
+                args.extend(["--port", &vm.port]);
+            }
+            h.nvctl(&args)?;
         }
     }
     for vm in &bed.vms {
@@ -469,7 +457,51 @@ fn dual_stack_tenants_with_the_same_ipv6_addresses_cross_hosts_isolated_on_eithe
     use nv_tests::testbed::{BLUE_VSID, RED_VSID, TwoHosts};
     let mut bed = TwoHosts::build_with("v6", &["--decap-hook", "tc"])?;
     bed.configure()?;
-    write_ipv6_records(&bed)?;
+    add_ipv6_records(&bed)?;
+    // What the agent refuses, in one line each: IPv6 by rewrite, and a second IPv6 record
+    // for a port.
+    let h1 = &bed.hosts[0];
+    h1.expect_refused(
+        &[
+            "lookup",
+            "add",
+            "--vsid",
+            "5001",
+            "--ca",
+            "fd00::7",
+            "--pa",
+            "198.18.0.9",
+            "--mac",
+            "02:00:00:00:00:77",
+            "--method",
+            "rewrite",
+        ],
+        "NVGRE",
+    )?;
+    h1.expect_refused(
+        &[
+            "lookup",
+            "add",
+            "--vsid",
+            "5001",
+            "--ca",
+            "fd00::8",
+            "--pa",
+            "198.18.0.1",
+            "--mac",
+            "02:00:00:00:01:01",
+            "--port",
+            "red1",
+        ],
+        "already has the IPv6 record",
+    )?;
+    let listed = h1.nvctl_json(&["lookup", "list", "--vsid", "5001"])?;
+    ensure!(
+        listed.as_array().is_some_and(|l| l
+            .iter()
+            .any(|r| r["ca"] == "fd00::1" && r["port"] == "red1")),
+        "lookup list lacks RED-1's IPv6 record: {listed}"
+    );
     for hook in ["tc", "xdp"] {
         if hook == "xdp" {
             for h in &mut bed.hosts {

@@ -31,6 +31,7 @@ use crate::{
 pub struct Desired {
     pub config: DatapathConfig,
     pub lookups: HashMap<LookupKey, LookupValue>,
+    pub lookups6: HashMap<nv_common::LookupKey6, LookupValue>,
     pub ports: HashMap<u32, PortInfo>,
     pub local_pas: HashMap<V4, LocalPa>,
     pub rewrite_pas: HashMap<V4, RewritePa>,
@@ -330,6 +331,10 @@ impl Datapath {
                 sync_hash(ebpf, map_names::LOOKUPS, &desired.lookups)?,
             ),
             (
+                map_names::LOOKUPS6,
+                sync_hash(ebpf, map_names::LOOKUPS6, &desired.lookups6)?,
+            ),
+            (
                 map_names::REWRITE_PAS,
                 sync_hash(ebpf, map_names::REWRITE_PAS, &desired.rewrite_pas)?,
             ),
@@ -371,6 +376,7 @@ impl Datapath {
             Write::Hosted(vsid, n) => set_entry(ebpf, map_names::HOSTED_VSIDS, vsid, n.as_ref()),
             Write::Rewrite(pa, v) => set_entry(ebpf, map_names::REWRITE_PAS, pa, v.as_ref()),
             Write::Lookup(k, v) => set_entry(ebpf, map_names::LOOKUPS, k, v.as_ref()),
+            Write::Lookup6(k, v) => set_entry(ebpf, map_names::LOOKUPS6, k, v.as_ref()),
             Write::LocalPa(pa, v) => set_entry(ebpf, map_names::LOCAL_PAS, pa, v.as_ref()),
             Write::VsidRouting(vsid, v) => {
                 set_entry(ebpf, map_names::VSID_ROUTING, vsid, v.as_ref())

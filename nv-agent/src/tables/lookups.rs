@@ -106,17 +106,30 @@ fn datapath_method(m: Method) -> nv_common::Method {
     }
 }
 
-pub fn lookup_key(key: &Key) -> LookupKey {
-    LookupKey {
-        vsid: key.0,
-        ca: key_v4(key.1),
+/// A record's key in its map: the IPv4 lookup map, or the IPv6 one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MapKey {
+    V4(LookupKey),
+    V6(nv_common::LookupKey6),
+}
+
+pub fn lookup_key(key: &Key) -> MapKey {
+    match key.1 {
+        std::net::IpAddr::V6(ca) => MapKey::V6(nv_common::LookupKey6 {
+            vsid: key.0,
+            ca: ca.octets(),
+        }),
+        std::net::IpAddr::V4(_) => MapKey::V4(LookupKey {
+            vsid: key.0,
+            ca: key_v4(key.1),
+        }),
     }
 }
 
 /// The map entries of one record whose port (if any) is `at`; a record whose port is missing
-/// points at `IFINDEX_GONE`.
+/// points at `IFINDEX_GONE`. An IPv6 record has no port entry: its VM's is its IPv4 record's.
 pub struct Entries {
-    pub key: LookupKey,
+    pub key: MapKey,
     pub value: LookupValue,
     pub port: Option<PortInfo>,
     pub rewrite: Option<(V4, RewritePa)>,
@@ -138,14 +151,16 @@ pub fn entries(r: &LookupRecord, at: Option<Attached>) -> Entries {
             _pad: 0,
             ifindex,
         },
-        port: at.filter(|_| r.port.is_some()).map(|a| PortInfo {
-            vsid: r.vsid,
-            ca: addr16(r.ca),
-            pa: addr16(r.pa),
-            mac: r.mac.0,
-            method,
-            flags: a.flags,
-        }),
+        port: at
+            .filter(|_| r.port.is_some() && r.ca.is_ipv4())
+            .map(|a| PortInfo {
+                vsid: r.vsid,
+                ca: addr16(r.ca),
+                pa: addr16(r.pa),
+                mac: r.mac.0,
+                method,
+                flags: a.flags,
+            }),
         rewrite: (r.method == Method::Rewrite).then(|| {
             (
                 key_v4(r.pa),
