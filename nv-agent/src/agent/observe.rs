@@ -269,7 +269,8 @@ impl Agent {
         let catalog = &self.tables.catalog;
         let known = |map: &str| -> Option<u64> {
             let n = match map {
-                m::LOOKUPS => catalog.len(),
+                m::LOOKUPS => catalog.len() - catalog.ipv6_records(),
+                m::LOOKUPS6 => catalog.ipv6_records(),
                 m::PORTS => self.tables.ports.len(),
                 m::LOCAL_PAS => catalog.providers().len(),
                 m::REWRITE_PAS => catalog.rewrite_records(),
