@@ -310,7 +310,7 @@ fn nvctl_refuses_bad_input_with_one_line_and_changes_nothing() -> anyhow::Result
                 "--ca",
                 "fd00::9",
                 "--pa",
-                "198.18.0.2",
+                "2001:db8::2",
                 "--mac",
                 "02:00:00:00:09:01",
             ],
