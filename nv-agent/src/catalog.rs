@@ -347,6 +347,21 @@ impl Catalog {
         Ok(provider.is_some())
     }
 
+    /// A VM here has a port and a PA of this host's; a VM elsewhere neither.
+    fn placed(&self, r: &LookupRecord) -> Result<()> {
+        match (&r.port, self.provider_use(r)?) {
+            (Some(_), false) => Err(invalid(format!(
+                "PA {} is not a provider address of this host; a record with --port needs one (add it with `nvctl provider add`)",
+                r.pa
+            ))),
+            (None, true) => Err(invalid(format!(
+                "PA {} is a provider address of this host: give --port, the VM's port here",
+                r.pa
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// A subnet's gateway is the distributed router's address, no VM's.
     fn not_a_gateway(&self, r: &LookupRecord) -> Result<()> {
         match self.routes.gateway_at(r.vsid, r.ca) {
@@ -378,31 +393,15 @@ impl Catalog {
                 describe(&existing)
             )));
         }
-        let local_pa = self.provider_use(r)?;
-        match &r.port {
-            Some(port) => {
-                if !local_pa {
-                    return Err(invalid(format!(
-                        "PA {} is not a provider address of this host; a record with --port needs one (add it with `nvctl provider add`)",
-                        r.pa
-                    )));
-                }
-                if let Some(k) = self.by_port.get(port.as_str())
-                    && !own(k)
-                {
-                    return Err(NvError::Conflict(format!(
-                        "port '{port}' already belongs to {}",
-                        self.name(*k)
-                    )));
-                }
-            }
-            None if local_pa => {
-                return Err(invalid(format!(
-                    "PA {} is a provider address of this host: give --port, the VM's port here",
-                    r.pa
-                )));
-            }
-            None => {}
+        self.placed(r)?;
+        if let Some(port) = &r.port
+            && let Some(k) = self.by_port.get(port.as_str())
+            && !own(k)
+        {
+            return Err(NvError::Conflict(format!(
+                "port '{port}' already belongs to {}",
+                self.name(*k)
+            )));
         }
         // IP rewrite dedicates a PA to one CA: no other record, of either method, may share it.
         if let Some(u) = self.by_pa.get(&pa) {
@@ -496,46 +495,31 @@ impl Catalog {
                 r.vsid
             )));
         }
-        let local_pa = self.provider_use(r)?;
-        match &r.port {
-            Some(port) => {
-                if !local_pa {
-                    return Err(invalid(format!(
-                        "PA {} is not a provider address of this host; a record with --port needs one (add it with `nvctl provider add`)",
-                        r.pa
-                    )));
-                }
-                if let Some(k) = self.v6.by_port.get(port.as_str())
-                    && !own(k)
-                {
-                    return Err(NvError::Conflict(format!(
-                        "port '{port}' already has the IPv6 record {}",
-                        describe(&self.v6.records[k])
-                    )));
-                }
-                let Some(v4) = self.by_port(port).filter(|v| v.ca.is_ipv4()) else {
-                    return Err(invalid(format!(
-                        "port '{port}' has no IPv4 record: a VM's IPv6 record joins its IPv4 \
-                         record on the same port (add that first; IPv6-only VMs are not \
-                         supported yet)"
-                    )));
-                };
-                if v4.vsid != r.vsid || v4.mac != r.mac {
-                    return Err(invalid(format!(
-                        "port '{port}' is {} with MAC {}: its IPv6 record has the same VSID \
-                         and MAC",
-                        describe(&v4),
-                        v4.mac
-                    )));
-                }
-            }
-            None if local_pa => {
-                return Err(invalid(format!(
-                    "PA {} is a provider address of this host: give --port, the VM's port here",
-                    r.pa
+        self.placed(r)?;
+        if let Some(port) = &r.port {
+            if let Some(k) = self.v6.by_port.get(port.as_str())
+                && !own(k)
+            {
+                return Err(NvError::Conflict(format!(
+                    "port '{port}' already has the IPv6 record {}",
+                    describe(&self.v6.records[k])
                 )));
             }
-            None => {}
+            let Some(v4) = self.by_port(port).filter(|v| v.ca.is_ipv4()) else {
+                return Err(invalid(format!(
+                    "port '{port}' has no IPv4 record: a VM's IPv6 record joins its IPv4 \
+                         record on the same port (add that first; IPv6-only VMs are not \
+                         supported yet)"
+                )));
+            };
+            if v4.vsid != r.vsid || v4.mac != r.mac {
+                return Err(invalid(format!(
+                    "port '{port}' is {} with MAC {}: its IPv6 record has the same VSID \
+                         and MAC",
+                    describe(&v4),
+                    v4.mac
+                )));
+            }
         }
         if let Some(k) = self.v6.by_mac.get(&(r.vsid, r.mac.0))
             && !own(k)

@@ -79,6 +79,22 @@ fn bed_with(secure: bool) -> anyhow::Result<(TwoHosts, Etcd)> {
     Ok((bed, etcd))
 }
 
+/// RED's VSID as contoso's subnet 10.0.0.0/24, its gateway at 10.0.0.254.
+const CONTOSO_SUBNET: [&str; 12] = [
+    "route",
+    "add",
+    "--rdid",
+    "contoso",
+    "--vsid",
+    "5001",
+    "--prefix",
+    "10.0.0.0/24",
+    "--nexthop",
+    "0.0.0.0",
+    "--gateway",
+    "10.0.0.254",
+];
+
 #[test]
 fn records_written_on_one_host_reach_every_host_and_a_vm_migrates() -> anyhow::Result<()> {
     let (mut bed, _etcd) = bed()?;
@@ -184,20 +200,7 @@ fn losing_an_etcd_member_or_all_of_etcd_never_stops_forwarding() -> anyhow::Resu
     })?;
     // A subnet, whose gateway every host answers: an agent restarted while etcd is away
     // must bring it back from what it applied last.
-    bed.hosts[0].nvctl(&[
-        "route",
-        "add",
-        "--rdid",
-        "contoso",
-        "--vsid",
-        "5001",
-        "--prefix",
-        "10.0.0.0/24",
-        "--nexthop",
-        "0.0.0.0",
-        "--gateway",
-        "10.0.0.254",
-    ])?;
+    bed.hosts[0].nvctl(&CONTOSO_SUBNET)?;
     converge(&bed, "a route written with a member down", |_, h| {
         Ok(h.nvctl_json(&["status"])?["routes"] == 1)
     })?;
@@ -540,20 +543,7 @@ fn routes_reach_every_hosts_router(bed: &TwoHosts, etcd: &Etcd) -> anyhow::Resul
             .as_u64()
             .context("status names its routes")
     };
-    let subnet = [
-        "route",
-        "add",
-        "--rdid",
-        "contoso",
-        "--vsid",
-        "5001",
-        "--prefix",
-        "10.0.0.0/24",
-        "--nexthop",
-        "0.0.0.0",
-        "--gateway",
-        "10.0.0.254",
-    ];
+    let subnet = CONTOSO_SUBNET;
     // Through the agent, a host's identity is refused in one line saying what to do.
     let (ok, err) = nvctl_as(&bed.hosts[0], &[], &subnet)?;
     ensure!(
