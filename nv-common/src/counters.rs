@@ -170,8 +170,9 @@ pub enum Counter {
     /// without a record, duplicate address detection, router solicitations, unsolicited
     /// advertisements, multicast listener reports): nothing is flooded.
     DropVmNdUnanswered,
-    /// From a VM: a router advertisement, a redirect or a DHCPv6 server's message: only nv
-    /// speaks as the router.
+    /// From a VM: a router advertisement, a redirect or a DHCPv6 server's message, or (in a
+    /// VSID with a subnet, where nv serves DHCP) a DHCP server's message: only nv speaks as
+    /// the router.
     DropVmRouterGuard,
     /// From a VM: IPv6 extension headers nv does not walk (more than four, or of an unknown
     /// kind), so it cannot tell what the packet carries.

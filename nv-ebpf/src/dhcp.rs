@@ -35,10 +35,15 @@ pub fn handle(
     let ports: [u8; 4] = read_at(data, end, ETH_HLEN + ip.hlen())?;
     let [c0, c1] = DHCP_CLIENT_PORT.to_be_bytes();
     let [s0, s1] = DHCP_SERVER_PORT.to_be_bytes();
+    let routed = router::domain(port.vsid).is_some();
+    // Where nv is the DHCP server, no VM answers a client in its place.
+    if routed && ports[2..] == [c0, c1] {
+        return Some(Err(Counter::DropVmRouterGuard));
+    }
     if ports != [c0, c1, s0, s1] {
         return None;
     }
-    if router::domain(port.vsid).is_some() {
+    if routed {
         return Some(hand_over(ctx, ifindex));
     }
     // No subnet: as before routes, but counted as what it is.

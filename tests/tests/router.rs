@@ -537,6 +537,16 @@ fn dhcp_goes_to_the_agent_only_from_a_vsid_with_a_subnet_and_within_a_budget() -
         handed + over == 101 && handed <= 25 && over >= 76,
         "of 101 discovers: {handed} handed over, {over} over budget"
     );
+    // In a VSID with a subnet nv is the DHCP server: a VM answering a client is refused.
+    let mut offer = dhcp_discover(RED1_MAC, CA1, [255; 4]);
+    offer[34..38].copy_from_slice(&[0, 67, 0, 68]);
+    h.expect(
+        FROM_VM,
+        &offer,
+        Some(h.red1),
+        TC_ACT_SHOT,
+        "drop_vm_router_guard",
+    )?;
     // Another VM's budget is its own.
     h.expect(
         FROM_VM,
