@@ -347,6 +347,21 @@ impl Catalog {
         Ok(provider.is_some())
     }
 
+    /// Whether the record of `key` may go: a VM's IPv4 record stays while its IPv6 record
+    /// is on the same port (the port's entry is the IPv4 record's).
+    pub fn check_del(&self, key: &Key) -> Result<()> {
+        let Some(k) = key4(key) else { return Ok(()) };
+        if let Some(port) = self.ports.get(&k)
+            && let Some(k6) = self.v6.by_port.get(port)
+        {
+            return Err(NvError::Conflict(format!(
+                "port '{port}' also has the IPv6 record {}: delete that first",
+                describe(&self.v6.records[k6])
+            )));
+        }
+        Ok(())
+    }
+
     /// A VM here has a port and a PA of this host's; a VM elsewhere neither.
     fn placed(&self, r: &LookupRecord) -> Result<()> {
         match (&r.port, self.provider_use(r)?) {

@@ -446,21 +446,10 @@ fn underlay_ipv6(
     Ok((tunnelled, outside))
 }
 
-/// Two tenants with the same IPv6 addresses on two hosts, NVGRE over the IPv4 underlay, on the
-/// TC hook and (agents restarted) on XDP: RED-1 reaches RED-2 and BLUE-1 BLUE-2 by ping6
-/// (neighbour discovery answered by each host), tshark sees NVGRE with each tenant's VSID
-/// carrying the customer's IPv6 and no customer address outside GRE, and BLUE-2 never sees
-/// RED's payload while it sees BLUE's (the positive control).
-#[test]
-fn dual_stack_tenants_with_the_same_ipv6_addresses_cross_hosts_isolated_on_either_hook()
--> anyhow::Result<()> {
-    use nv_tests::testbed::{BLUE_VSID, RED_VSID, TwoHosts};
-    let mut bed = TwoHosts::build_with("v6", &["--decap-hook", "tc"])?;
-    bed.configure()?;
-    add_ipv6_records(&bed)?;
-    // What the agent refuses, in one line each: IPv6 by rewrite, and a second IPv6 record
-    // for a port.
-    let h1 = &bed.hosts[0];
+/// What the agent refuses, in one line each: IPv6 by rewrite, a second IPv6 record for a
+/// port, and the IPv4 record of a VM whose IPv6 record is still on its port; and what it
+/// lists.
+fn what_the_agent_refuses(h1: &nv_tests::testbed::Host) -> anyhow::Result<()> {
     h1.expect_refused(
         &[
             "lookup",
@@ -495,6 +484,10 @@ fn dual_stack_tenants_with_the_same_ipv6_addresses_cross_hosts_isolated_on_eithe
         ],
         "already has the IPv6 record",
     )?;
+    h1.expect_refused(
+        &["lookup", "del", "--vsid", "5001", "--ca", "10.0.0.1"],
+        "delete that first",
+    )?;
     let listed = h1.nvctl_json(&["lookup", "list", "--vsid", "5001"])?;
     ensure!(
         listed.as_array().is_some_and(|l| l
@@ -502,6 +495,22 @@ fn dual_stack_tenants_with_the_same_ipv6_addresses_cross_hosts_isolated_on_eithe
             .any(|r| r["ca"] == "fd00::1" && r["port"] == "red1")),
         "lookup list lacks RED-1's IPv6 record: {listed}"
     );
+    Ok(())
+}
+
+/// Two tenants with the same IPv6 addresses on two hosts, NVGRE over the IPv4 underlay, on the
+/// TC hook and (agents restarted) on XDP: RED-1 reaches RED-2 and BLUE-1 BLUE-2 by ping6
+/// (neighbour discovery answered by each host), tshark sees NVGRE with each tenant's VSID
+/// carrying the customer's IPv6 and no customer address outside GRE, and BLUE-2 never sees
+/// RED's payload while it sees BLUE's (the positive control).
+#[test]
+fn dual_stack_tenants_with_the_same_ipv6_addresses_cross_hosts_isolated_on_either_hook()
+-> anyhow::Result<()> {
+    use nv_tests::testbed::{BLUE_VSID, RED_VSID, TwoHosts};
+    let mut bed = TwoHosts::build_with("v6", &["--decap-hook", "tc"])?;
+    bed.configure()?;
+    add_ipv6_records(&bed)?;
+    what_the_agent_refuses(&bed.hosts[0])?;
     for hook in ["tc", "xdp"] {
         if hook == "xdp" {
             for h in &mut bed.hosts {

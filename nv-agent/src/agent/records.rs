@@ -108,6 +108,7 @@ impl Agent {
     #[tracing::instrument(skip(self))]
     pub async fn remove_lookup(&mut self, vsid: u32, ca: IpAddr) -> Result<LookupRecord> {
         let removed = self.lookup(vsid, ca)?;
+        self.tables.catalog.check_del(&(vsid, ca))?;
         self.apply(
             &[Change::DelLookup { vsid, ca }],
             &HashMap::new(),
