@@ -187,7 +187,8 @@ pub enum LookupCmd {
         /// Virtual Subnet ID, 4096-16777214.
         #[arg(long)]
         vsid: u32,
-        /// Customer address: the VM's own IP.
+        /// Customer address: the VM's own IP. An IPv6 one joins the VM's IPv4 record (same
+        /// VSID, MAC, PA and port) and crosses by NVGRE.
         #[arg(long)]
         ca: IpAddr,
         /// Provider address of the host the VM runs on.
