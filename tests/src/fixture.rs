@@ -503,6 +503,37 @@ pub fn dhcp_discover(mac: [u8; 6], src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
     out
 }
 
+/// An IPv6 neighbour solicitation from `mac` at `src` for `target` (hop limit 255).
+pub fn solicitation(mac: [u8; 6], src: [u8; 16], target: [u8; 16]) -> Vec<u8> {
+    let mut snm = [0xffu8, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 0];
+    snm[13..].copy_from_slice(&target[13..]);
+    let b = PacketBuilder::ethernet2(mac, [0x33, 0x33, 0xff, target[13], target[14], target[15]])
+        .ipv6(src, snm, 255)
+        .icmpv6(etherparse::Icmpv6Type::NeighborSolicitation);
+    // etherparse's ICMPv6 header holds the reserved word; the target follows it.
+    let mut payload = target.to_vec();
+    payload.extend_from_slice(&[1, 1]);
+    payload.extend_from_slice(&mac);
+    let mut out = Vec::new();
+    b.write(&mut out, &payload).expect("build NS");
+    out
+}
+
+pub fn udp6(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    ports: (u16, u16),
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv6(src, dst, 64)
+        .udp(ports.0, ports.1);
+    let mut out = Vec::new();
+    b.write(&mut out, b"ipv6 payload").expect("build UDP");
+    out
+}
+
 pub fn udp_frame(
     src_mac: [u8; 6],
     dst_mac: [u8; 6],

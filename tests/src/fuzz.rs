@@ -22,7 +22,7 @@ use crate::fixture::{
     BLUE1_MAC, BLUE2_MAC, CA_B, CA_GB, CA1, CA2, CA3, CA6_1, CA6_2, CA6_3, GATEWAY_A, GATEWAY_MAC,
     GREEN_B, GREEN_B_PA, GREEN_GATEWAY_MAC, GREEN1_MAC, GREEN1_PA, GREEN2_MAC, GREEN2_PA, Host,
     LOCAL_PA, RED, RED1_MAC, RED2_MAC, RED3_MAC, REMOTE_PA, ROUTER_MAC, arp_frame, dhcp_discover,
-    green_packets, host, nvgre, udp_frame,
+    green_packets, host, nvgre, solicitation, udp_frame, udp6,
 };
 
 const XDP_DROP: u32 = 1;
@@ -66,29 +66,8 @@ impl Rng {
 /// IPv6: a neighbour solicitation, a packet to a VM there and to one here, a router
 /// advertisement, and NVGRE carrying IPv6 in.
 fn ipv6_seeds(h: &Host) -> Vec<Vec<u8>> {
-    let build = |b: etherparse::PacketBuilderStep<etherparse::UdpHeader>, payload: &[u8]| {
-        let mut out = Vec::new();
-        b.write(&mut out, payload).expect("build IPv6");
-        out
-    };
-    let udp = |src_mac, dst_mac, src, dst| {
-        build(
-            etherparse::PacketBuilder::ethernet2(src_mac, dst_mac)
-                .ipv6(src, dst, 64)
-                .udp(40000, 7),
-            b"seed6",
-        )
-    };
-    let mut ns = Vec::new();
-    etherparse::PacketBuilder::ethernet2(RED1_MAC, [0x33, 0x33, 0xff, 0, 0, 2])
-        .ipv6(
-            CA6_1,
-            [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 2],
-            255,
-        )
-        .icmpv6(etherparse::Icmpv6Type::NeighborSolicitation)
-        .write(&mut ns, &[&CA6_2[..], &[1, 1], &RED1_MAC[..]].concat())
-        .expect("build NS");
+    let udp = |src_mac, dst_mac, src, dst| udp6(src_mac, dst_mac, src, dst, (40000, 7));
+    let ns = solicitation(RED1_MAC, CA6_1, CA6_2);
     let mut ra = Vec::new();
     etherparse::PacketBuilder::ethernet2(RED1_MAC, [0x33, 0x33, 0, 0, 0, 1])
         .ipv6(

@@ -6,7 +6,7 @@
 //! etherparse. RED-1 (`fd00::1`) and RED-3 (`fd00::3`) are here, RED-2 (`fd00::2`) and BLUE-2
 //! (`fd00::2`, in BLUE) remote.
 use anyhow::{Context as _, ensure};
-use etherparse::{Icmpv6Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use nv_common::{
     DatapathConfig,
     program_names::{FROM_VM, UPLINK_TC, UPLINK_XDP},
@@ -34,37 +34,6 @@ fn link_local(mac: [u8; 6]) -> [u8; 16] {
         mac[5],
     ]);
     a
-}
-
-/// A neighbour solicitation from `mac` at `src` for `target` (hop limit 255).
-fn solicitation(mac: [u8; 6], src: [u8; 16], target: [u8; 16]) -> Vec<u8> {
-    let mut snm = [0xffu8, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 0];
-    snm[13..].copy_from_slice(&target[13..]);
-    let b = PacketBuilder::ethernet2(mac, [0x33, 0x33, 0xff, target[13], target[14], target[15]])
-        .ipv6(src, snm, 255)
-        .icmpv6(Icmpv6Type::NeighborSolicitation);
-    // etherparse's ICMPv6 header holds the reserved word; the target follows it.
-    let mut payload = target.to_vec();
-    payload.extend_from_slice(&[1, 1]);
-    payload.extend_from_slice(&mac);
-    let mut out = Vec::new();
-    b.write(&mut out, &payload).expect("build NS");
-    out
-}
-
-fn udp6(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: [u8; 16],
-    dst: [u8; 16],
-    ports: (u16, u16),
-) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(src_mac, dst_mac)
-        .ipv6(src, dst, 64)
-        .udp(ports.0, ports.1);
-    let mut out = Vec::new();
-    b.write(&mut out, b"ipv6 payload").expect("build UDP");
-    out
 }
 
 /// An `ICMPv6` message of `kind` from RED-1 to `fd00::2`, its header at the end of `ext`
