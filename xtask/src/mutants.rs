@@ -404,8 +404,8 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "DHCP goes to the agent only from a VSID with a subnet",
         file: "nv-ebpf/src/dhcp.rs",
-        check: "if router::domain(port.vsid).is_some() {",
-        removed: "if port.vsid != 0 {",
+        check: "let routed = router::domain(port.vsid).is_some();",
+        removed: "let routed = port.vsid != 0;",
         tests: &["router"],
     },
     Mutation {
