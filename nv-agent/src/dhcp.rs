@@ -15,6 +15,7 @@ use nv_common::wire::{DHCP_CLIENT_PORT, DHCP_SERVER_PORT};
 
 use crate::model::Subnet;
 
+pub mod counts;
 pub mod server;
 
 /// Seconds a lease lasts. Records change rarely, and a VM renews at half of it.

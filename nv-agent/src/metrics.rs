@@ -41,7 +41,7 @@ pub struct Snapshot {
     /// Routed packets by domain number (read at scrape time).
     pub routed: Vec<(u32, u64)>,
     /// What the DHCP server counted (read at scrape time).
-    pub dhcp: crate::dhcp::server::CountsNow,
+    pub dhcp: crate::dhcp::counts::CountsNow,
     /// Attached ports by (kind, running).
     pub ports: BTreeMap<(String, bool), usize>,
     pub ports_missing: usize,
@@ -63,7 +63,7 @@ pub struct Live {
     pub routed: Vec<(u32, u64)>,
     /// Connections each listener closed at once because it served its most.
     pub refused: Vec<(&'static str, u64)>,
-    pub dhcp: crate::dhcp::server::CountsNow,
+    pub dhcp: crate::dhcp::counts::CountsNow,
 }
 
 #[derive(Clone, Debug)]

@@ -17,7 +17,7 @@ struct Inner {
     published: watch::Sender<Arc<Published>>,
     counters: CounterReader,
     cluster: Option<Cluster>,
-    dhcp: crate::dhcp::server::Counts,
+    dhcp: crate::dhcp::counts::Counts,
 }
 
 #[derive(Clone)]
@@ -33,7 +33,7 @@ impl Shared {
             published,
             counters,
             cluster,
-            dhcp: crate::dhcp::server::Counts::default(),
+            dhcp: crate::dhcp::counts::Counts::default(),
         })))
     }
 
@@ -63,7 +63,7 @@ impl Shared {
     }
 
     /// What the DHCP server counted.
-    pub fn dhcp_counts(&self) -> &crate::dhcp::server::Counts {
+    pub fn dhcp_counts(&self) -> &crate::dhcp::counts::Counts {
         &self.0.dhcp
     }
 

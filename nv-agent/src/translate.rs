@@ -108,10 +108,7 @@ pub fn desired(
     };
     for r in catalog.iter() {
         let e = entries(&r, r.port.as_deref().and_then(&at));
-        match e.key {
-            MapKey::V4(k) => d.lookups.insert(k, e.value),
-            MapKey::V6(k) => d.lookups6.insert(k, e.value),
-        };
+        e.put_lookup(&mut d);
         if let Some(p) = e.port {
             d.ports.insert(e.value.ifindex, p);
         }

@@ -45,15 +45,6 @@ pub fn run_bounced(ctx: &TcContext) -> i32 {
     }
 }
 
-/// A frame the VM sent went out (`how`: its counter; `method`: [`Stats`]'s): counted for its
-/// VSID, and sampled for a monitor.
-#[inline(always)]
-pub fn sent(ctx: &TcContext, how: Counter, port: &PortInfo, ifindex: u32, method: u8, len: u32) {
-    count(how);
-    monitor::traffic(port.vsid, method, true, method == Stats::LOCAL, len);
-    monitor::forwarded(ctx.data(), ctx.data_end(), how, ifindex, port.vsid, len);
-}
-
 /// What arrived from the VM behind `ifindex` (`bounced`: segments from the bounce device).
 #[inline(always)]
 fn try_run_on(ctx: &TcContext, ifindex: u32, bounced: bool) -> Result<i32, Counter> {
@@ -178,7 +169,7 @@ fn forward_ipv4(
             router::hop(ctx, rdid, dst.mac)?;
         }
         let action = deliver::to_vm(ctx, dst.ifindex, vsid, target)?;
-        sent(ctx, Counter::VmTxLocal, port, ifindex, Stats::LOCAL, len);
+        monitor::sent(ctx, Counter::VmTxLocal, port, ifindex, Stats::LOCAL, len);
         return Ok(action);
     }
 
@@ -218,7 +209,7 @@ fn forward_ipv4(
             rewrite::Ipv4Fields::of(ip)
         };
         let action = rewrite::send(ctx, port, dst, &fields)?;
-        sent(
+        monitor::sent(
             ctx,
             Counter::VmTxRewrite,
             port,
@@ -249,7 +240,7 @@ fn forward_ipv4(
         }
         other => other?,
     };
-    sent(ctx, Counter::VmTxEncap, port, ifindex, Stats::ENCAP, len);
+    monitor::sent(ctx, Counter::VmTxEncap, port, ifindex, Stats::ENCAP, len);
     debug_assert!(action == TC_ACT_REDIRECT);
     Ok(action)
 }

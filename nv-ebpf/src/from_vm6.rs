@@ -17,8 +17,8 @@ use nv_common::{
 use crate::{
     deliver,
     encap::{self, Inner},
-    from_vm::sent,
     maps::LOOKUPS6,
+    monitor::sent,
     nd,
     packet::{Ipv6Hdr, pull, view_at},
 };

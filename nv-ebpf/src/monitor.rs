@@ -273,3 +273,25 @@ fn report(data: usize, end: usize, what: u32, ids: u64, len: u32) {
     }
     let _ = MONITOR.output::<MonitorEvent>(&e, 0);
 }
+
+/// A frame the VM sent went out (`how`: its counter; `method`: [`nv_common::VsidStatsKey`]'s): counted for its
+/// VSID, and sampled for a monitor.
+#[inline(always)]
+pub fn sent(
+    ctx: &aya_ebpf::programs::TcContext,
+    how: Counter,
+    port: &nv_common::PortInfo,
+    ifindex: u32,
+    method: u8,
+    len: u32,
+) {
+    crate::counters::count(how);
+    traffic(
+        port.vsid,
+        method,
+        true,
+        method == nv_common::VsidStatsKey::LOCAL,
+        len,
+    );
+    forwarded(ctx.data(), ctx.data_end(), how, ifindex, port.vsid, len);
+}

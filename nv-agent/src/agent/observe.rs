@@ -318,7 +318,7 @@ impl Agent {
             refused: Vec::new(),
             cluster: self.cluster.as_ref().map(crate::cluster::Cluster::status),
             routed: Vec::new(),
-            dhcp: crate::dhcp::server::CountsNow::default(),
+            dhcp: crate::dhcp::counts::CountsNow::default(),
         }
     }
 

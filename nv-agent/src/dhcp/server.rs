@@ -5,81 +5,15 @@
 use std::{
     io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    sync::atomic::{AtomicU64, Ordering},
 };
 
 use aya::maps::{MapData, RingBuf};
-use dhcproto::v4::MessageType;
 use nv_common::slow_path::{SLOW_FRAME_BYTES, SlowFrame};
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, warn};
 
-use super::{REPLY_KINDS, Unanswered, answer, request_of};
+use super::{Unanswered, answer, request_of};
 use crate::shared::Shared;
-
-/// Request kinds as Prometheus labels (`nv_dhcp_requests_total{type}`).
-pub const REQUEST_KINDS: [&str; 6] = [
-    "discover", "request", "inform", "release", "decline", "other",
-];
-
-/// What the server counted since the agent started.
-#[derive(Debug, Default)]
-pub struct Counts {
-    requests: [AtomicU64; REQUEST_KINDS.len()],
-    replies: [AtomicU64; REPLY_KINDS.len()],
-    unanswered: [AtomicU64; Unanswered::ALL.len()],
-}
-
-impl Counts {
-    /// Requests by kind, replies by kind and frames unanswered by reason.
-    pub fn read(&self) -> CountsNow {
-        let read = |a: &[AtomicU64], names: &[&'static str]| {
-            names
-                .iter()
-                .zip(a)
-                .map(|(n, v)| (*n, v.load(Ordering::Relaxed)))
-                .collect()
-        };
-        let reasons: Vec<&'static str> = Unanswered::ALL.iter().map(|u| u.name()).collect();
-        CountsNow {
-            requests: read(&self.requests, &REQUEST_KINDS),
-            replies: read(&self.replies, &REPLY_KINDS),
-            unanswered: read(&self.unanswered, &reasons),
-        }
-    }
-
-    fn request(&self, kind: MessageType) {
-        let i = match kind {
-            MessageType::Discover => 0,
-            MessageType::Request => 1,
-            MessageType::Inform => 2,
-            MessageType::Release => 3,
-            MessageType::Decline => 4,
-            _ => 5,
-        };
-        self.requests[i].fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn reply(&self, kind: &str) {
-        if let Some(i) = REPLY_KINDS.iter().position(|k| *k == kind) {
-            self.replies[i].fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn unanswered(&self, why: Unanswered) {
-        if let Some(i) = Unanswered::ALL.iter().position(|u| *u == why) {
-            self.unanswered[i].fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-/// [`Counts`] at one moment, by label.
-#[derive(Clone, Debug, Default)]
-pub struct CountsNow {
-    pub requests: Vec<(&'static str, u64)>,
-    pub replies: Vec<(&'static str, u64)>,
-    pub unanswered: Vec<(&'static str, u64)>,
-}
 
 /// Answers the datapath's DHCP frames for as long as the agent runs.
 pub fn spawn(agent: Shared, ring: RingBuf<MapData>) -> io::Result<()> {

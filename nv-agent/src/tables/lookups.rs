@@ -135,6 +135,16 @@ pub struct Entries {
     pub rewrite: Option<(V4, RewritePa)>,
 }
 
+impl Entries {
+    /// Puts the lookup entry into the map of its address family in `d`.
+    pub fn put_lookup(&self, d: &mut crate::datapath::Desired) {
+        match self.key {
+            MapKey::V4(k) => d.lookups.insert(k, self.value),
+            MapKey::V6(k) => d.lookups6.insert(k, self.value),
+        };
+    }
+}
+
 pub fn entries(r: &LookupRecord, at: Option<Attached>) -> Entries {
     let method = datapath_method(r.method) as u8;
     let ifindex = match (&r.port, at) {
