@@ -35,12 +35,17 @@ pub fn handle(
     let ports: [u8; 4] = read_at(data, end, ETH_HLEN + ip.hlen())?;
     let [c0, c1] = DHCP_CLIENT_PORT.to_be_bytes();
     let [s0, s1] = DHCP_SERVER_PORT.to_be_bytes();
+    let (request, to_client) = (ports == [c0, c1, s0, s1], ports[2..] == [c0, c1]);
+    // Any other UDP pays no lookup for DHCP.
+    if !request && !to_client {
+        return None;
+    }
     let routed = router::domain(port.vsid).is_some();
     // Where nv is the DHCP server, no VM answers a client in its place.
-    if routed && ports[2..] == [c0, c1] {
+    if routed && to_client {
         return Some(Err(Counter::DropVmRouterGuard));
     }
-    if ports != [c0, c1, s0, s1] {
+    if !request {
         return None;
     }
     if routed {
