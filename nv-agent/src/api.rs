@@ -326,7 +326,7 @@ struct RoutesQuery {
 struct RouteQuery {
     rdid: Rdid,
     prefix: Subnet,
-    nexthop: Option<std::net::Ipv4Addr>,
+    nexthop: Option<std::net::IpAddr>,
 }
 
 /// Every route in (domain, prefix, next hop) order; `?rdid=ID`: that domain's only.

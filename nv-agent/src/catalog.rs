@@ -155,9 +155,8 @@ impl Catalog {
     /// Checks a route on its own and against the other routes and the records.
     pub fn check_route(&self, r: &RouteRecord) -> Result<()> {
         r.validate()?;
-        self.routes.check_put(r, &|vsid, ca| {
-            self.get(&(vsid, IpAddr::V4(ca))).map(|r| describe(&r))
-        })
+        self.routes
+            .check_put(r, &|vsid, ca| self.get(&(vsid, ca)).map(|r| describe(&r)))
     }
 
     pub fn providers(&self) -> &[ProviderState] {

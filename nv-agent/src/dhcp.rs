@@ -180,14 +180,15 @@ pub fn answer(req: &Request, lease: &Lease) -> Result<(Vec<u8>, &'static str), U
         if req.kind != MessageType::Inform {
             opts.insert(DhcpOption::AddressLeaseTime(LEASE_SECS));
         }
-        opts.insert(DhcpOption::SubnetMask(Ipv4Addr::from(lease.subnet.mask())));
+        let mask = lease.subnet.v4_mask().unwrap_or(Ipv4Addr::BROADCAST);
+        opts.insert(DhcpOption::SubnetMask(mask));
         opts.insert(DhcpOption::Router(vec![lease.gateway]));
         opts.insert(DhcpOption::InterfaceMtu(lease.mtu));
         if let Some(routes) = &lease.routes {
             opts.insert(DhcpOption::ClasslessStaticRoute(
                 routes
                     .iter()
-                    .filter_map(|s| Ipv4Net::new(s.addr, s.len).ok())
+                    .filter_map(|s| Ipv4Net::new(s.v4()?, s.len).ok())
                     .map(|net| (net, lease.gateway))
                     .collect(),
             ));

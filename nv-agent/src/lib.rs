@@ -20,6 +20,7 @@ pub mod monitor;
 pub mod netlink;
 pub mod nvctl;
 pub mod ports;
+pub mod ra;
 pub mod shared;
 pub mod store;
 mod store_legacy;

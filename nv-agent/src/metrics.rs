@@ -383,6 +383,12 @@ impl Snapshot {
                 "reason",
                 &self.dhcp.unanswered,
             ),
+            (
+                "nv_router_adverts",
+                "IPv6 router advertisements the agent wrote into VM ports, solicited or periodic.",
+                "why",
+                &self.dhcp.adverts,
+            ),
         ] {
             family(
                 e,

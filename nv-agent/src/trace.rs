@@ -120,8 +120,9 @@ pub fn build(host: &Host, req: &Request) -> Result<Built> {
 }
 
 /// Where a record of VSID `vsid` for `ca` says the VM is, in words.
-fn record_line(host: &Host, vsid: u32, ca: Ipv4Addr, what: &str) -> String {
-    match host.tables.catalog.get(&(vsid, IpAddr::V4(ca))) {
+fn record_line(host: &Host, vsid: u32, ca: impl Into<IpAddr>, what: &str) -> String {
+    let ca = ca.into();
+    match host.tables.catalog.get(&(vsid, ca)) {
         Some(d) => format!(
             "VSID {vsid} CA {ca}{what}: PA {} {}, {}",
             d.pa,
@@ -212,6 +213,7 @@ fn routed(
     dst: Ipv4Addr,
     lookups: &mut Vec<String>,
 ) -> Option<[u8; 6]> {
+    let (own, dst) = (IpAddr::V4(own), IpAddr::V4(dst));
     let routes = host.tables.catalog.routes();
     let rdid = routes.domain_of(vsid)?;
     let subnet = routes.subnet_of(vsid, own);
@@ -219,7 +221,7 @@ fn routed(
         return None;
     }
     let router_mac = *crate::datapath::router_mac();
-    if let Some(gw) = routes.gateway_at(vsid, IpAddr::V4(dst)) {
+    if let Some(gw) = routes.gateway_at(vsid, dst) {
         lookups.push(format!(
             "{dst} is the gateway of {} in routing domain {rdid}: the router answers (MAC {})",
             gw.route.prefix,
@@ -245,7 +247,7 @@ fn routed(
         target,
         if route.on_link() { "" } else { " (next hop)" },
     ));
-    let to = host.tables.catalog.get(&(route.vsid, IpAddr::V4(target)));
+    let to = host.tables.catalog.get(&(route.vsid, target));
     lookups.push(format!(
         "hop: TTL - 1, source MAC {} (the router), destination MAC {}, sent in VSID {}",
         crate::model::Mac(router_mac),

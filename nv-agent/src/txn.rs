@@ -19,7 +19,7 @@ use std::{
 
 use nv_common::{
     DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, V4,
-    routing::{GatewayKey, RouteHop, RouteKey, VsidRouting},
+    routing::{GatewayKey, GatewayKey6, RouteHop, RouteHop6, RouteKey, RouteKey6, VsidRouting},
 };
 
 use crate::{
@@ -72,6 +72,8 @@ pub enum Write {
     VsidRouting(u32, Option<VsidRouting>),
     Route((u32, RouteKey), Option<RouteHop>),
     Gateway(GatewayKey, Option<u32>),
+    Route6((u32, RouteKey6), Option<RouteHop6>),
+    Gateway6(GatewayKey6, Option<u32>),
     /// Boxed: the config is 128 bytes of filter, and an import makes a million writes.
     Config(Box<DatapathConfig>),
 }
@@ -89,6 +91,8 @@ impl Write {
             Write::VsidRouting(v, _) => Write::VsidRouting(*v, None),
             Write::Route(k, _) => Write::Route(*k, None),
             Write::Gateway(k, _) => Write::Gateway(*k, None),
+            Write::Route6(k, _) => Write::Route6(*k, None),
+            Write::Gateway6(k, _) => Write::Gateway6(*k, None),
             Write::Filter(_) | Write::Config(_) => return None,
         })
     }
@@ -760,43 +764,43 @@ fn route_writes(
     grow: &mut Plan,
     shrink: &mut Plan,
 ) {
-    for (k, v) in &after.routes {
-        let was = before.routes.get(k).copied();
+    puts(&before.routes, &after.routes, grow, Write::Route);
+    puts(&before.gateways, &after.gateways, grow, Write::Gateway);
+    puts(&before.routes6, &after.routes6, grow, Write::Route6);
+    puts(&before.gateways6, &after.gateways6, grow, Write::Gateway6);
+    puts(&before.vsids, &after.vsids, grow, Write::VsidRouting);
+    removals(&before.vsids, &after.vsids, shrink, Write::VsidRouting);
+    removals(&before.routes, &after.routes, shrink, Write::Route);
+    removals(&before.gateways, &after.gateways, shrink, Write::Gateway);
+    removals(&before.routes6, &after.routes6, shrink, Write::Route6);
+    removals(&before.gateways6, &after.gateways6, shrink, Write::Gateway6);
+}
+
+/// The writes (with their undos) that put what `after` has and `before` has not, or not so.
+fn puts<K: Copy + Eq + std::hash::Hash, V: Copy + PartialEq>(
+    before: &HashMap<K, V>,
+    after: &HashMap<K, V>,
+    plan: &mut Plan,
+    write: fn(K, Option<V>) -> Write,
+) {
+    for (k, v) in after {
+        let was = before.get(k).copied();
         if was != Some(*v) {
-            grow.push(Write::Route(*k, Some(*v)), Write::Route(*k, was));
+            plan.push(write(*k, Some(*v)), write(*k, was));
         }
     }
-    for (k, v) in &after.gateways {
-        let was = before.gateways.get(k).copied();
-        if was != Some(*v) {
-            grow.push(Write::Gateway(*k, Some(*v)), Write::Gateway(*k, was));
-        }
-    }
-    for (k, v) in &after.vsids {
-        let was = before.vsids.get(k).copied();
-        if was != Some(*v) {
-            grow.push(
-                Write::VsidRouting(*k, Some(*v)),
-                Write::VsidRouting(*k, was),
-            );
-        }
-    }
-    for (k, v) in &before.vsids {
-        if !after.vsids.contains_key(k) {
-            shrink.push(
-                Write::VsidRouting(*k, None),
-                Write::VsidRouting(*k, Some(*v)),
-            );
-        }
-    }
-    for (k, v) in &before.routes {
-        if !after.routes.contains_key(k) {
-            shrink.push(Write::Route(*k, None), Write::Route(*k, Some(*v)));
-        }
-    }
-    for (k, v) in &before.gateways {
-        if !after.gateways.contains_key(k) {
-            shrink.push(Write::Gateway(*k, None), Write::Gateway(*k, Some(*v)));
+}
+
+/// The writes (with their undos) that remove what `before` has and `after` has not.
+fn removals<K: Copy + Eq + std::hash::Hash, V: Copy>(
+    before: &HashMap<K, V>,
+    after: &HashMap<K, V>,
+    plan: &mut Plan,
+    write: fn(K, Option<V>) -> Write,
+) {
+    for (k, v) in before {
+        if !after.contains_key(k) {
+            plan.push(write(*k, None), write(*k, Some(*v)));
         }
     }
 }

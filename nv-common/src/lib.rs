@@ -44,6 +44,8 @@ pub mod map_names {
     pub const VSID_ROUTING: &str = "NV_VSID_ROUTING";
     pub const ROUTES: &str = "NV_ROUTES";
     pub const GATEWAYS: &str = "NV_GATEWAYS";
+    pub const ROUTES6: &str = "NV_ROUTES6";
+    pub const GATEWAYS6: &str = "NV_GATEWAYS6";
     /// IPv6 customer addresses ([`crate::LookupKey6`]).
     pub const LOOKUPS6: &str = "NV_LOOKUPS6";
     /// Routed packets per routing domain, per CPU.
@@ -53,7 +55,7 @@ pub mod map_names {
     pub const SLOW_BUCKET: &str = "NV_SLOW_BUCKET";
     /// Not pinned: each loaded copy of the programs has its own ([`RedirectTrace`]).
     pub const TRACE_REDIRECT: &str = "NV_TRACE_REDIRECT";
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 21] = [
         LOOKUPS,
         PORTS,
         LOCAL_PAS,
@@ -73,6 +75,8 @@ pub mod map_names {
         SLOW_PATH,
         SLOW_BUCKET,
         LOOKUPS6,
+        ROUTES6,
+        GATEWAYS6,
     ];
 }
 

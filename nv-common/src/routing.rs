@@ -9,7 +9,7 @@ use crate::V4;
 /// The router's MAC unless the agent's config says otherwise: locally administered, "nv".
 pub const DEFAULT_ROUTER_MAC: [u8; 6] = [0x02, 0x6e, 0x76, 0x00, 0x00, 0x01];
 
-/// Routed VSIDs, routes and gateways a host holds at most.
+/// Routed VSIDs, routes and gateways a host holds at most (of each address family).
 pub const MAX_ROUTED_VSIDS: u32 = 65_536;
 pub const MAX_ROUTES: u32 = 65_536;
 pub const MAX_GATEWAYS: u32 = 65_536;
@@ -66,6 +66,63 @@ pub struct GatewayKey {
     pub addr: V4,
 }
 
+/// Key of the IPv6 route trie: as [`RouteKey`], the trie's prefix length 32 + the prefix's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RouteKey6 {
+    pub rdid: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+/// Value of the IPv6 route trie: as [`RouteHop`] (`nexthop` `::` on-link).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteHop6 {
+    pub vsid: u32,
+    pub nexthop: [u8; 16],
+    pub gateway: [u8; 16],
+}
+
+impl RouteHop6 {
+    #[inline(always)]
+    #[must_use]
+    pub fn on_link(&self) -> bool {
+        self.nexthop == [0; 16]
+    }
+}
+
+/// Key of the IPv6 gateway map, as [`GatewayKey`]. The router's link-local address
+/// ([`router_link_local`]) is every routed VSID's too, without an entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GatewayKey6 {
+    pub rdid: u32,
+    pub addr: [u8; 16],
+}
+
+/// The router's IPv6 link-local address: fe80::/64 with the modified EUI-64 of its MAC.
+#[must_use]
+pub const fn router_link_local(mac: [u8; 6]) -> [u8; 16] {
+    [
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        mac[0] ^ 0x02,
+        mac[1],
+        mac[2],
+        0xff,
+        0xfe,
+        mac[3],
+        mac[4],
+        mac[5],
+    ]
+}
+
 /// The datapath's number of a routing domain: FNV-1a of its RDID's bytes (never 0, which
 /// means none).
 #[must_use]
@@ -85,6 +142,9 @@ const _: () = {
     assert!(core::mem::size_of::<RouteKey>() == 8);
     assert!(core::mem::size_of::<RouteHop>() == 12);
     assert!(core::mem::size_of::<GatewayKey>() == 8);
+    assert!(core::mem::size_of::<RouteKey6>() == 20);
+    assert!(core::mem::size_of::<RouteHop6>() == 36);
+    assert!(core::mem::size_of::<GatewayKey6>() == 20);
 };
 
 #[cfg(feature = "user")]
@@ -94,4 +154,7 @@ mod pod {
     unsafe impl aya::Pod for super::RouteKey {}
     unsafe impl aya::Pod for super::RouteHop {}
     unsafe impl aya::Pod for super::GatewayKey {}
+    unsafe impl aya::Pod for super::RouteKey6 {}
+    unsafe impl aya::Pod for super::RouteHop6 {}
+    unsafe impl aya::Pod for super::GatewayKey6 {}
 }

@@ -55,9 +55,10 @@ pub fn handle(
     (ip.src == [0; 4]).then_some(Err(Counter::DropVmDhcpNoSubnet))
 }
 
-/// Copies the frame into the slow-path ring for the agent and drops it here.
+/// Copies the frame into the slow-path ring for the agent and drops it here (a DHCP request,
+/// or an IPv6 router solicitation: the agent's to answer). The counters say DHCP for both.
 #[inline(always)]
-fn hand_over(ctx: &TcContext, ifindex: u32) -> Result<i32, Counter> {
+pub fn hand_over(ctx: &TcContext, ifindex: u32) -> Result<i32, Counter> {
     if !budget::take(&SLOW_BUCKET, ifindex, SLOW_PER_SEC, SLOW_BURST) {
         return Err(Counter::DropVmDhcpOverBudget);
     }

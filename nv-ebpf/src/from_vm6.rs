@@ -20,7 +20,8 @@ use crate::{
     maps::LOOKUPS6,
     monitor::sent,
     nd,
-    packet::{Ipv6Hdr, pull, view_at},
+    packet::{EthHdr, Ipv6Hdr, pull, view_at},
+    router, router6,
 };
 
 /// Linear bytes for the IPv6 header, a few extension headers and the upper-layer header.
@@ -64,6 +65,7 @@ fn upper_layer(ctx: &TcContext, first: u8) -> Result<(u8, usize), Counter> {
 /// drop it under the counter of that number.
 const PASS: u32 = u32::MAX;
 const SOLICIT: u32 = u32::MAX - 1;
+const ROUTER_SOLICIT: u32 = u32::MAX - 2;
 
 /// The messages only nv may send or answer, by the upper-layer protocol `proto` at `l4`.
 // Out of line, returning a scalar: its own stack frame, and a BPF subprogram cannot hand back
@@ -77,6 +79,7 @@ fn screen(ctx: &TcContext, proto: u8, l4: usize, bounced: bool) -> u32 {
         };
         return match kind {
             ND_NEIGHBOR_SOLICIT if !bounced => SOLICIT,
+            ND_ROUTER_SOLICIT if !bounced => ROUTER_SOLICIT,
             ND_ROUTER_ADVERT | ND_REDIRECT => drop(Counter::DropVmRouterGuard),
             ND_ROUTER_SOLICIT | ND_NEIGHBOR_SOLICIT | ND_NEIGHBOR_ADVERT => {
                 drop(Counter::DropVmNdUnanswered)
@@ -124,6 +127,11 @@ pub fn forward(
     match screen(ctx, proto, l4, bounced) {
         PASS => {}
         SOLICIT => return nd::answer(ctx, port, ifindex, l4),
+        // The agent advertises the router of a routed VSID; elsewhere there is none.
+        ROUTER_SOLICIT if router::domain(port.vsid).is_some() => {
+            return crate::dhcp::hand_over(ctx, ifindex);
+        }
+        ROUTER_SOLICIT => return Err(Counter::DropVmNdUnanswered),
         drop => {
             return Err(Counter::ALL
                 .get(drop as usize)
@@ -134,18 +142,45 @@ pub fn forward(
     if !nd::is_own(port, ifindex, &ip.src) {
         return Err(Counter::DropVmSpoofedIp);
     }
-    let key = LookupKey6 {
-        vsid: port.vsid,
-        ca: ip.dst,
+    // To the router's MAC, in a VSID of a routing domain: routed (never a bounced segment,
+    // whose frame the router already readdressed).
+    let eth: &EthHdr = view_at(ctx.data(), ctx.data_end(), 0).ok_or(Counter::DropVmMalformed)?;
+    let rdid = if !bounced && eth.dst == router::mac() {
+        router::domain(port.vsid)
+    } else {
+        None
     };
+    let (vsid, target) = match rdid {
+        Some(rdid) => {
+            if router6::is_gateway_in(rdid, &ip.dst) {
+                return router6::echo(ctx, port, proto, l4);
+            }
+            if ip.hop_limit <= 1 {
+                return Err(Counter::DropVmTtlExceeded);
+            }
+            router6::lookup(rdid, ip.dst).ok_or(Counter::DropVmNoRoute)?
+        }
+        None => (port.vsid, ip.dst),
+    };
+    let key = LookupKey6 { vsid, ca: target };
     // SAFETY: read-only use of a value the agent replaces whole.
-    let dst = unsafe { LOOKUPS6.get(key) }.ok_or(Counter::DropVmUnknownDst)?;
+    let dst = unsafe { LOOKUPS6.get(key) }.ok_or(if rdid.is_some() {
+        Counter::DropVmNoRoute
+    } else {
+        Counter::DropVmUnknownDst
+    })?;
     if bounced && (dst.ifindex != 0 || dst.method != Method::Encap as u8) {
         return Err(Counter::DropVmTranslateFailed);
     }
     let inner = Inner::of6(ctx, ip, proto, l4);
+    // A routed packet rides in its destination's VSID, as for IPv4.
+    let mut from = *port;
+    if let Some(rdid) = rdid {
+        router6::hop(ctx, rdid, dst.mac)?;
+        from.vsid = vsid;
+    }
     if dst.ifindex != 0 {
-        let action = deliver::to_vm6(ctx, dst.ifindex, port.vsid, dst.mac)?;
+        let action = deliver::to_vm6(ctx, dst.ifindex, vsid, dst.mac)?;
         sent(ctx, Counter::VmTxLocal, port, ifindex, Stats::LOCAL, len);
         return Ok(action);
     }
@@ -153,7 +188,10 @@ pub fn forward(
         return Err(Counter::DropVmMethod);
     }
     let bounce = crate::underlay::config()?.bounce_ifindex;
-    let action = match encap::nvgre(ctx, port, dst, inner) {
+    let action = match encap::nvgre(ctx, &from, dst, inner) {
+        // A routed super-packet of the VM's own tunnel: its segments would come back as from
+        // the router, not the VM.
+        Err(Counter::DropVmNestedGso) if rdid.is_some() => return Err(Counter::DropVmNestedGso),
         // A super-packet of the VM's own tunnel: segmented by the kernel on the bounce
         // device's transmit, each segment back through `run_bounced`.
         Err(Counter::DropVmNestedGso) if !bounced && bounce != 0 => {

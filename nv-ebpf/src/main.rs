@@ -9,6 +9,7 @@
 //! - `underlay`: MTU check, next hop from the FIB, redirect to the uplink
 //! - `pmtu`: ICMP "fragmentation needed" for VM packets too big for the uplink
 //! - `router`: the distributed router: routes between the subnets of a routing domain
+//! - `router6`: the distributed router for IPv6
 //! - `dhcp`: DHCP requests of VMs, handed to the agent (the slow path)
 //! - `budget`: token buckets per VM port, for what a VM may make the datapath do
 //! - `redirect`: every redirect, recorded in copies loaded for tests and traces
@@ -38,6 +39,7 @@ mod pmtu;
 mod redirect;
 mod rewrite;
 mod router;
+mod router6;
 mod underlay;
 mod uplink_arp;
 mod uplink_rx;

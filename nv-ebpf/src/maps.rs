@@ -10,7 +10,8 @@ use nv_common::{
     NextHop, PortInfo, RewritePa, V4, VsidTraffic,
     monitor::{MAX_VSID_STATS, MONITOR_RING_BYTES},
     routing::{
-        GatewayKey, MAX_GATEWAYS, MAX_ROUTED_VSIDS, MAX_ROUTES, RouteHop, RouteKey, VsidRouting,
+        GatewayKey, GatewayKey6, MAX_GATEWAYS, MAX_ROUTED_VSIDS, MAX_ROUTES, RouteHop, RouteHop6,
+        RouteKey, RouteKey6, VsidRouting,
     },
     slow_path::SLOW_RING_BYTES,
 };
@@ -85,3 +86,10 @@ pub static SLOW_BUCKET: LruPerCpuHashMap<u32, IcmpBucket> = LruPerCpuHashMap::pi
 /// IPv6 customer addresses: where each lives, as [`LOOKUPS`] for IPv4.
 #[map(name = "NV_LOOKUPS6")]
 pub static LOOKUPS6: HashMap<LookupKey6, LookupValue> = HashMap::pinned(MAX_LOOKUPS6, 0);
+
+/// IPv6 routes and gateways, as [`ROUTES`] and [`GATEWAYS`] for IPv4.
+#[map(name = "NV_ROUTES6")]
+pub static ROUTES6: LpmTrie<RouteKey6, RouteHop6> = LpmTrie::pinned(MAX_ROUTES, 0);
+
+#[map(name = "NV_GATEWAYS6")]
+pub static GATEWAYS6: HashMap<GatewayKey6, u32> = HashMap::pinned(MAX_GATEWAYS, 0);

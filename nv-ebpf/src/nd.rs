@@ -40,6 +40,8 @@ const _: () = assert!(core::mem::size_of::<Answer>() == ETH_HLEN + IPV6_HLEN + N
 
 /// Solicited and override (RFC 4861 4.4): the answer for a neighbour the VM asked about.
 const NA_SOLICITED_OVERRIDE: [u8; 4] = [0x60, 0, 0, 0];
+/// The same from a router.
+const NA_ROUTER_SOLICITED_OVERRIDE: [u8; 4] = [0xe0, 0, 0, 0];
 /// The target link-layer address option, one 8-byte unit.
 const OPT_TARGET_LLADDR: u8 = 2;
 
@@ -82,19 +84,17 @@ pub fn answer(ctx: &TcContext, port: &PortInfo, ifindex: u32, l4: usize) -> Resu
     }
     let target: [u8; 16] =
         read_at(data, end, ETH_HLEN + IPV6_HLEN + 8).ok_or(Counter::DropVmMalformed)?;
-    let key = LookupKey6 {
-        vsid: port.vsid,
-        ca: target,
-    };
-    // SAFETY: read-only use of a value the agent replaces whole.
-    let Some(record) = (unsafe { LOOKUPS6.get(key) }) else {
-        return Err(Counter::DropVmNdUnanswered);
-    };
-    // Its own address: nobody else has it.
-    if record.ifindex == ifindex {
+    let found = neighbour(port, ifindex, &target);
+    if found == UNANSWERED {
         return Err(Counter::DropVmNdUnanswered);
     }
-    let mac = record.mac;
+    let mac = u64::to_be_bytes(found);
+    let mac = [mac[2], mac[3], mac[4], mac[5], mac[6], mac[7]];
+    let flags = if found & ROUTER != 0 {
+        NA_ROUTER_SOLICITED_OVERRIDE
+    } else {
+        NA_SOLICITED_OVERRIDE
+    };
     #[expect(clippy::cast_possible_truncation, reason = "86 bytes")]
     let len = core::mem::size_of::<Answer>() as u32;
     // SAFETY: helper on the program's own context; pointers are derived again below.
@@ -117,7 +117,7 @@ pub fn answer(ctx: &TcContext, port: &PortInfo, ifindex: u32, l4: usize) -> Resu
     a.ip.dst = asker;
     a.nd.kind = ND_NEIGHBOR_ADVERT;
     a.nd.code = 0;
-    a.nd.flags = NA_SOLICITED_OVERRIDE;
+    a.nd.flags = flags;
     a.nd.target = target;
     a.nd.opt_type = OPT_TARGET_LLADDR;
     a.nd.opt_len = 1;
@@ -126,6 +126,32 @@ pub fn answer(ctx: &TcContext, port: &PortInfo, ifindex: u32, l4: usize) -> Resu
     a.nd.csum = checksum(a).to_be_bytes();
     count(Counter::VmNdReplied);
     Ok(crate::redirect::egress(ifindex))
+}
+
+/// [`neighbour`]'s answers: nobody to name; the router's MAC (flagged).
+const UNANSWERED: u64 = u64::MAX;
+const ROUTER: u64 = 1 << 48;
+
+/// The MAC the VM behind `ifindex` is told for `target`, in the low 48 bits: a VM's of its
+/// VSID, or the router's with [`ROUTER`] set (a VM keeps a default router only while it says
+/// it routes, RFC 4861 7.2.5); [`UNANSWERED`] for its own address or one nobody has.
+#[inline(always)]
+fn neighbour(port: &PortInfo, ifindex: u32, target: &[u8; 16]) -> u64 {
+    let mac = |m: [u8; 6]| u64::from_be_bytes([0, 0, m[0], m[1], m[2], m[3], m[4], m[5]]);
+    let key = LookupKey6 {
+        vsid: port.vsid,
+        ca: *target,
+    };
+    // SAFETY: read-only use of a value the agent replaces whole.
+    match unsafe { LOOKUPS6.get(key) } {
+        // Its own address: nobody else has it.
+        Some(record) if record.ifindex == ifindex => UNANSWERED,
+        Some(record) => mac(record.mac),
+        None if crate::router6::answers_for(port.vsid, target) => {
+            mac(crate::router::mac()) | ROUTER
+        }
+        None => UNANSWERED,
+    }
 }
 
 /// The ICMPv6 checksum of the advertisement as written (its checksum field zero): the

@@ -208,7 +208,7 @@ pub fn echo(ctx: &TcContext, port: &PortInfo) -> Result<i32, Counter> {
 
 /// One more packet routed in domain `rdid`, on this CPU.
 #[inline(always)]
-fn count_in(rdid: u32) {
+pub fn count_in(rdid: u32) {
     match ROUTED_STATS.get_ptr_mut(rdid) {
         // SAFETY: this CPU's value; only this CPU writes it, and not while we run.
         Some(n) => unsafe { *n += 1 },

@@ -295,8 +295,8 @@ fn nvgre(
 }
 
 /// The IPv6 frame NVGRE carries at `inner` for VSID `vsid`: for a VM here, from a VM of the
-/// VSID behind the outer source PA with the MAC its record says. IPv6 is not routed yet: no
-/// other source is taken.
+/// VSID behind the outer source PA with the MAC its record says; or, routed by the sender's
+/// host, from a VM of another subnet of the VSID's routing domain, with the router's MAC.
 #[inline(always)]
 fn nvgre6(
     data: usize,
@@ -322,15 +322,14 @@ fn nvgre6(
     // SAFETY: read-only use of a value the agent replaces whole.
     let dst = unsafe { LOOKUPS6.get(named) }.ok_or_else(|| unknown(vsid))?;
     for_a_vm_here(dst)?;
-    let source = LookupKey6 {
-        vsid,
-        ca: inner_ip.src,
-    };
-    // SAFETY: as above.
-    let src = unsafe { LOOKUPS6.get(source) }.ok_or(Counter::DropUplinkSpoofedPa)?;
-    behind(src, ip)?;
-    if inner_eth.src != src.mac {
-        return Err(Counter::DropUplinkSpoofedMac);
+    match sender6(ip, vsid, &inner_ip.src, &inner_eth.src) {
+        SENDER_OK => {}
+        drop => {
+            return Err(Counter::ALL
+                .get(drop as usize)
+                .copied()
+                .unwrap_or(Counter::DropUplinkSpoofedPa));
+        }
     }
     // Hosts answer their own VMs' neighbour discovery and DHCPv6: such messages never cross.
     let l4 = inner + ETH_HLEN + IPV6_HLEN;
@@ -355,6 +354,36 @@ fn nvgre6(
         mac: dst.mac,
         v6: true,
     })
+}
+
+/// What [`sender6`] says of a sender it takes; otherwise the number of the counter it drops
+/// the packet under.
+const SENDER_OK: u32 = u32::MAX;
+
+/// Whether the IPv6 source `src` with MAC `mac`, in NVGRE of `vsid` from the outer source of
+/// `ip`, is a VM of the VSID behind that PA with its recorded MAC; or, routed by its host, a
+/// VM of another subnet of the VSID's domain with the router's MAC.
+// Out of line, returning a scalar: its own stack frame, apart from the uplink programs' (their
+// delivery path is deep).
+#[inline(never)]
+fn sender6(ip: &Ipv4Hdr, vsid: u32, src: &[u8; 16], mac: &[u8; 6]) -> u32 {
+    let key = LookupKey6 { vsid, ca: *src };
+    // SAFETY: read-only use of a value the agent replaces whole.
+    let (record, recorded) = match unsafe { LOOKUPS6.get(key) } {
+        Some(r) => (r, r.mac),
+        None => match crate::router6::routed_sender(vsid, src) {
+            Some(r) => (r, router::mac()),
+            None => return Counter::DropUplinkSpoofedPa as u32,
+        },
+    };
+    if let Err(c) = behind(record, ip) {
+        return c as u32;
+    }
+    // As for IPv4: the recorded MAC, or the router's in a routed VSID.
+    if *mac != recorded && (*mac != router::mac() || router::domain(vsid).is_none()) {
+        return Counter::DropUplinkSpoofedMac as u32;
+    }
+    SENDER_OK
 }
 
 /// Why NVGRE of `vsid` for an address no record of it has is dropped.

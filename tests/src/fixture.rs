@@ -40,6 +40,10 @@ pub const CA3: [u8; 4] = [10, 0, 0, 3];
 pub const CA6_1: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 pub const CA6_2: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 pub const CA6_3: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3];
+/// RED-B's and BLUE-B's IPv6 address (`fd00:1::5`) and the RED subnet's IPv6 gateway
+/// (`fd00::fe`): [`Host::add_ipv6_routes`].
+pub const CA6_B: [u8; 16] = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+pub const GATEWAY6_A: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xfe];
 pub const GREEN: u32 = 7001;
 pub const GREEN1_PA: [u8; 4] = [198, 18, 1, 1];
 pub const GREEN2_PA: [u8; 4] = [198, 18, 1, 2];
@@ -393,6 +397,45 @@ impl Host {
     /// here, RED-2 (`CA6_2`) and BLUE-2 (`CA6_2` too, in BLUE) behind the remote PA.
     pub fn add_ipv6(&mut self) -> anyhow::Result<()> {
         self.desired.lookups6 = self.ipv6_records()?.into_iter().collect();
+        self.dp.sync(&self.desired)?;
+        Ok(())
+    }
+
+    /// IPv6 subnets in two domains, beside the IPv4 ones of [`Host::add_domains`] (called
+    /// first): contoso's RED `fd00::/64` (gateway `GATEWAY6_A`) and RED-B `fd00:1::/64`
+    /// (gateway `fd00:1::1`), with RED-B's VM `CA6_B` remote; fabrikam's BLUE `fd00::/64` and
+    /// BLUE-B `fd00:1::/64`, with BLUE-B's VM `CA6_B` too.
+    pub fn add_ipv6_routes(&mut self) -> anyhow::Result<()> {
+        let route = |rdid: &str, vsid: u32, prefix: &str, gateway: Option<&str>| {
+            serde_json::from_value::<nv_agent::model::RouteRecord>(serde_json::json!({
+                "rdid": rdid, "vsid": vsid, "prefix": prefix, "nexthop": "::",
+                "gateway": gateway,
+            }))
+        };
+        let rows = vec![
+            route("contoso", RED, "fd00::/64", Some("fd00::fe"))?,
+            route("contoso", RED_B, "fd00:1::/64", None)?,
+            route("fabrikam", BLUE, "fd00::/64", Some("fd00::fe"))?,
+            route("fabrikam", BLUE_B, "fd00:1::/64", None)?,
+        ];
+        let index = nv_agent::tables::routes::RouteIndex::from_rows(rows)?;
+        let e = nv_agent::tables::routes::entries(&index);
+        let routing = &mut self.desired.routing;
+        routing.routes6 = e.routes6;
+        routing.gateways6 = e.gateways6;
+        routing.vsids.extend(e.vsids);
+        for (vsid, mac) in [(RED_B, RED_B_MAC), (BLUE_B, BLUE_B_MAC)] {
+            let value = LookupValue {
+                pa: v4_mapped(REMOTE_PA),
+                mac,
+                method: 0,
+                _pad: 0,
+                ifindex: 0,
+            };
+            self.desired
+                .lookups6
+                .insert(LookupKey6 { vsid, ca: CA6_B }, value);
+        }
         self.dp.sync(&self.desired)?;
         Ok(())
     }

@@ -337,6 +337,127 @@ fn ipv6_in_nvgre_is_delivered_on_either_hook_only_from_its_sender_s_pa_and_mac()
     refusals(&h, UPLINK_TC, TC_ACT_SHOT)
 }
 
+/// An `ICMPv6` echo request from RED-1 to `dst`, to the router's MAC.
+fn echo6(dst: [u8; 16]) -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ethernet2(RED1_MAC, ROUTER_MAC)
+        .ipv6(CA6_1, dst, 64)
+        .icmpv6_echo_request(7, 1);
+    let mut out = Vec::new();
+    b.write(&mut out, b"ping6").expect("build echo");
+    out
+}
+
+/// A router solicitation from RED-1's link-local address.
+fn router_solicitation() -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ethernet2(RED1_MAC, [0x33, 0x33, 0, 0, 0, 2])
+        .ipv6(
+            link_local(RED1_MAC),
+            [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            255,
+        )
+        .icmpv6(etherparse::Icmpv6Type::RouterSolicitation);
+    let mut out = Vec::new();
+    b.write(&mut out, &[]).expect("build RS");
+    out
+}
+
+#[test]
+fn the_router_answers_for_its_ipv6_addresses_and_routes_between_ipv6_subnets() -> anyhow::Result<()>
+{
+    let mut h = ipv6_host()?;
+    let router_ll = nv_common::routing::router_link_local(ROUTER_MAC);
+    // Before routes: nobody answers for the router, nobody takes solicitations.
+    let ns = solicitation(RED1_MAC, link_local(RED1_MAC), router_ll);
+    let unanswered = "drop_vm_nd_unanswered";
+    h.expect(FROM_VM, &ns, Some(h.red1), TC_ACT_SHOT, unanswered)?;
+    let rs = router_solicitation();
+    h.expect(FROM_VM, &rs, Some(h.red1), TC_ACT_SHOT, unanswered)?;
+    h.add_domains()?;
+    h.add_ipv6_routes()?;
+    // Its link-local address and the subnet's gateway: the router's MAC, flagged a router.
+    for target in [router_ll, GATEWAY6_A] {
+        let ns = solicitation(RED1_MAC, link_local(RED1_MAC), target);
+        let out = h.expect(FROM_VM, &ns, Some(h.red1), TC_ACT_REDIRECT, "vm_nd_replied")?;
+        let body = &out[14 + 40..];
+        ensure!(
+            out[6..12] == ROUTER_MAC && body[4] == 0xe0 && body[26..32] == ROUTER_MAC,
+            "NA for {target:02x?}: {body:02x?}"
+        );
+    }
+    // RED-B's gateway is not RED's to ask for.
+    let other = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    let ns = solicitation(RED1_MAC, link_local(RED1_MAC), other);
+    h.expect(FROM_VM, &ns, Some(h.red1), TC_ACT_SHOT, unanswered)?;
+    // A solicitation goes to the agent, within the port's budget.
+    h.expect(FROM_VM, &rs, Some(h.red1), TC_ACT_SHOT, "vm_dhcp_to_agent")?;
+    // Echo to the gateway: answered back into the port, from the gateway.
+    let out = h.expect(
+        FROM_VM,
+        &echo6(GATEWAY6_A),
+        Some(h.red1),
+        TC_ACT_REDIRECT,
+        "vm_gateway_replied",
+    )?;
+    let p = SlicedPacket::from_ethernet(&out)?;
+    let (Some(NetSlice::Ipv6(ip)), Some(TransportSlice::Icmpv6(icmp))) = (&p.net, &p.transport)
+    else {
+        anyhow::bail!("no ICMPv6 in {out:02x?}");
+    };
+    let (s, d) = (ip.header().source(), ip.header().destination());
+    ensure!(s == GATEWAY6_A && d == CA6_1, "echo reply addresses");
+    ensure!(
+        icmp.slice()[0] == 129 && icmp.is_checksum_valid(s, d) && out[..6] == RED1_MAC,
+        "echo reply {out:02x?}"
+    );
+    // To RED-B's subnet: NVGRE in RED-B's VSID, from the router to RED-B, hop limit - 1.
+    let frame = udp6(RED1_MAC, ROUTER_MAC, CA6_1, CA6_B, (40000, 7));
+    let out = h.expect(FROM_VM, &frame, Some(h.red1), TC_ACT_REDIRECT, "vm_routed")?;
+    let key = u32::from_be_bytes(out[38..42].try_into()?);
+    ensure!(key >> 8 == RED_B, "NVGRE key {key:#x}");
+    ensure!(
+        out[42..48] == RED_B_MAC && out[48..54] == ROUTER_MAC && out[42 + 14 + 7] == 63,
+        "routed inner frame {:02x?}",
+        &out[42..42 + 22]
+    );
+    // Hop limit 1, and no route.
+    let mut last_hop = frame.clone();
+    last_hop[14 + 7] = 1;
+    let expired = "drop_vm_ttl_exceeded";
+    h.expect(FROM_VM, &last_hop, Some(h.red1), TC_ACT_SHOT, expired)?;
+    let nowhere = [0xfd, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    let lost = udp6(RED1_MAC, ROUTER_MAC, CA6_1, nowhere, (40000, 7));
+    h.expect(
+        FROM_VM,
+        &lost,
+        Some(h.red1),
+        TC_ACT_SHOT,
+        "drop_vm_no_route",
+    )?;
+    // In from RED-B's host: routed there, so from the router's MAC; from RED-B's own MAC,
+    // or from an address of no subnet of the domain, refused.
+    let uplink_mac = h.uplink_mac;
+    let packet = |inner: &[u8]| {
+        nvgre(
+            GATEWAY_MAC,
+            uplink_mac,
+            REMOTE_PA,
+            LOCAL_PA,
+            RED << 8,
+            0,
+            inner,
+        )
+    };
+    let routed = udp6(ROUTER_MAC, RED1_MAC, CA6_B, CA6_1, (7, 40000));
+    h.expect(UPLINK_XDP, &packet(&routed), None, XDP_PASS, "uplink_decap")?;
+    let own_mac = udp6(RED_B_MAC, RED1_MAC, CA6_B, CA6_1, (7, 40000));
+    let spoofed = "drop_uplink_spoofed_mac";
+    h.expect(UPLINK_XDP, &packet(&own_mac), None, XDP_DROP, spoofed)?;
+    let stranger = udp6(ROUTER_MAC, RED1_MAC, nowhere, CA6_1, (7, 40000));
+    let pa = "drop_uplink_spoofed_pa";
+    h.expect(UPLINK_XDP, &packet(&stranger), None, XDP_DROP, pa)?;
+    Ok(())
+}
+
 /// Each VM's IPv6 record beside its IPv4 one, through nvctl on both hosts (RED-1 and BLUE-1
 /// `fd00::1`, RED-2 and BLUE-2 `fd00::2`), and the address in the VM.
 fn add_ipv6_records(bed: &nv_tests::testbed::TwoHosts) -> anyhow::Result<()> {

@@ -1,23 +1,68 @@
-//! What the DHCP server tells the VM behind a port: its record and its subnet
-//! ([`crate::dhcp::Lease`]).
+//! What the slow path tells the VM behind a port: its DHCP lease ([`crate::dhcp::Lease`]) and
+//! its router advertisement ([`crate::ra::Advert`]), from its records and their subnets.
 use std::net::IpAddr;
 
 use super::Agent;
 use crate::{
     dhcp::{Lease, MAX_CLASSLESS_ROUTES, Unanswered},
     model::Subnet,
+    ra::{Advert, slaac_address},
 };
 
 impl Agent {
-    /// The lease of the VM behind the port `ifindex`, from its IPv4 record and the on-link
-    /// route of its VSID that holds its CA.
-    pub fn dhcp_lease(&self, ifindex: u32) -> Result<Lease, Unanswered> {
-        let port = self
-            .tables
+    /// The name of the VM port `ifindex`.
+    fn port_at(&self, ifindex: u32) -> Option<&String> {
+        self.tables
             .ports
             .attached()
             .find_map(|(name, at)| (at.ifindex == ifindex).then_some(name))
-            .ok_or(Unanswered::NoRecord)?;
+    }
+
+    /// The router advertisement for the VM behind the port `ifindex`: from its IPv6 record
+    /// and the on-link IPv6 route of its VSID that holds its CA.
+    pub fn router_advert(&self, ifindex: u32) -> Option<Advert> {
+        let port = self.port_at(ifindex)?;
+        let record = self
+            .tables
+            .catalog
+            .on_port(port)
+            .into_iter()
+            .find(|r| r.ca.is_ipv6())?;
+        let IpAddr::V6(ca) = record.ca else {
+            return None;
+        };
+        let subnet = self
+            .tables
+            .catalog
+            .routes()
+            .subnet_of(record.vsid, record.ca)?;
+        let IpAddr::V6(prefix) = subnet.prefix.addr else {
+            return None;
+        };
+        let len = subnet.prefix.len;
+        Some(Advert {
+            vm_mac: record.mac.0,
+            router_mac: *crate::datapath::router_mac(),
+            prefix,
+            len,
+            slaac: len == 64 && slaac_address(prefix, record.mac.0) == ca,
+            mtu: self.vm_mtu(),
+        })
+    }
+
+    /// Every VM port's advertisement, for the periodic round.
+    pub fn router_adverts(&self) -> Vec<(u32, Advert)> {
+        self.tables
+            .ports
+            .attached()
+            .filter_map(|(_, at)| Some((at.ifindex, self.router_advert(at.ifindex)?)))
+            .collect()
+    }
+
+    /// The lease of the VM behind the port `ifindex`, from its IPv4 record and the on-link
+    /// route of its VSID that holds its CA.
+    pub fn dhcp_lease(&self, ifindex: u32) -> Result<Lease, Unanswered> {
+        let port = self.port_at(ifindex).ok_or(Unanswered::NoRecord)?;
         let record = self
             .tables
             .catalog
@@ -29,15 +74,22 @@ impl Agent {
         let routes = self.tables.catalog.routes();
         let rdid = routes.domain_of(record.vsid).ok_or(Unanswered::NoSubnet)?;
         let own = routes
-            .subnet_of(record.vsid, ca)
+            .subnet_of(record.vsid, IpAddr::V4(ca))
             .ok_or(Unanswered::NoSubnet)?;
-        let gateway = own.gateway_addr().ok_or(Unanswered::NoSubnet)?;
+        let Some(IpAddr::V4(gateway)) = own.gateway_addr() else {
+            return Err(Unanswered::NoSubnet);
+        };
         // The domain's other prefixes, borrowed and no more than a reply holds (a domain of
         // ten thousand routes costs a request no more than one of ten). A domain with a
         // default route, or with more: the gateway is the default router.
         let mut prefixes: Vec<Subnet> = Vec::new();
         let mut fits = true;
-        for p in routes.of_domain(rdid).map(|r| r.prefix) {
+        // IPv4's only: the domain's IPv6 prefixes are the advertisements' to tell.
+        for p in routes
+            .of_domain(rdid)
+            .map(|r| r.prefix)
+            .filter(|p| p.addr.is_ipv4())
+        {
             if p.len == 0 || prefixes.len() == MAX_CLASSLESS_ROUTES {
                 fits = false;
                 break;

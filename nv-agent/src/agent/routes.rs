@@ -1,6 +1,6 @@
 //! Customer routes changed through the API on a host of its own: admitted against the other
 //! routes and the records ([`crate::control::routes`]), then applied and stored, all or none.
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{collections::HashMap, net::IpAddr};
 
 use tracing::info;
 
@@ -43,7 +43,7 @@ impl Agent {
         &mut self,
         rdid: &Rdid,
         prefix: Subnet,
-        nexthop: Option<Ipv4Addr>,
+        nexthop: Option<IpAddr>,
     ) -> Result<Vec<RouteRecord>> {
         let removed = admit_del(self.tables.catalog.routes(), rdid, prefix, nexthop)?;
         let changes: Vec<Change> = removed.iter().map(|r| Change::del_route(r.key())).collect();

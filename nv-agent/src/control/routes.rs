@@ -2,7 +2,7 @@
 //! against the other routes and the records ([`admit_add`], [`admit_del`]), then recorded:
 //! alone, in this host's store through the transaction path; in cluster mode, in etcd, whence
 //! every host's watch brings it back to the same path.
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use crate::{
     catalog::{Catalog, describe},
@@ -20,11 +20,7 @@ pub fn admit_add(catalog: &Catalog, new: Vec<RouteRecord>) -> Result<Vec<RouteRe
     let mut numbered: Vec<(usize, RouteRecord)> = new.into_iter().enumerate().collect();
     numbered.sort_by_key(|(_, r)| !r.on_link());
     let mut scratch: RouteIndex = catalog.routes().clone();
-    let record_at = |vsid: u32, ca: Ipv4Addr| {
-        catalog
-            .get(&(vsid, std::net::IpAddr::V4(ca)))
-            .map(|r| describe(&r))
-    };
+    let record_at = |vsid: u32, ca: IpAddr| catalog.get(&(vsid, ca)).map(|r| describe(&r));
     for (i, r) in &numbered {
         let checked = match scratch.get(&r.key()) {
             Some(existing) => Err(NvError::Conflict(format!(
@@ -50,7 +46,7 @@ pub fn admit_del(
     index: &RouteIndex,
     rdid: &Rdid,
     prefix: Subnet,
-    nexthop: Option<Ipv4Addr>,
+    nexthop: Option<IpAddr>,
 ) -> Result<Vec<RouteRecord>> {
     let gone = index.matching(rdid, prefix, nexthop);
     if gone.is_empty() {
@@ -85,7 +81,7 @@ pub async fn delete(
     shared: &Shared,
     rdid: &Rdid,
     prefix: Subnet,
-    nexthop: Option<Ipv4Addr>,
+    nexthop: Option<IpAddr>,
 ) -> Result<Vec<RouteRecord>> {
     match shared.cluster() {
         None => {

@@ -17,7 +17,6 @@ use aya::{
 use nv_common::{
     Counter, DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, V4, VsidStats,
     VsidStatsKey, VsidTraffic, map_names,
-    routing::{RouteHop, RouteKey},
 };
 
 use super::{Datapath, batch, dp_err};
@@ -187,10 +186,14 @@ fn set_entry<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &str, k: &K, v: Option<&V>) 
     }
 }
 
-/// Puts a route into the trie, or takes it out (absent already is fine).
-fn set_route(ebpf: &mut Ebpf, (len, key): (u32, RouteKey), v: Option<&RouteHop>) -> Result<()> {
-    let name = map_names::ROUTES;
-    let mut m: LpmTrie<&mut MapData, RouteKey, RouteHop> = map(ebpf, name)?;
+/// Puts or deletes the entry of one prefix of the route trie `name`.
+fn set_route<K: Pod, V: Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    (len, key): (u32, K),
+    v: Option<&V>,
+) -> Result<()> {
+    let mut m: LpmTrie<&mut MapData, K, V> = map(ebpf, name)?;
     let k = LpmKey::new(len, key);
     match v {
         Some(v) => m
@@ -203,11 +206,14 @@ fn set_route(ebpf: &mut Ebpf, (len, key): (u32, RouteKey), v: Option<&RouteHop>)
     }
 }
 
-/// Makes the route trie hold exactly `desired`.
-fn sync_routes(ebpf: &mut Ebpf, desired: &HashMap<(u32, RouteKey), RouteHop>) -> Result<Repair> {
-    let name = map_names::ROUTES;
-    let present: HashMap<(u32, RouteKey), RouteHop> = {
-        let m: LpmTrie<&mut MapData, RouteKey, RouteHop> = map(ebpf, name)?;
+/// Makes the route trie `name` hold exactly `desired`.
+fn sync_routes<K, V>(ebpf: &mut Ebpf, name: &str, desired: &HashMap<(u32, K), V>) -> Result<Repair>
+where
+    K: Pod + Eq + Hash,
+    V: Pod + PartialEq,
+{
+    let present: HashMap<(u32, K), V> = {
+        let m: LpmTrie<&mut MapData, K, V> = map(ebpf, name)?;
         let mut present = HashMap::new();
         for entry in &m {
             let (k, v) = entry.map_err(|e| dp_err(format!("iterate {name}"), e))?;
@@ -218,13 +224,13 @@ fn sync_routes(ebpf: &mut Ebpf, desired: &HashMap<(u32, RouteKey), RouteHop>) ->
     let mut repair = Repair::default();
     for (k, v) in desired {
         if present.get(k) != Some(v) {
-            set_route(ebpf, *k, Some(v))?;
+            set_route(ebpf, name, *k, Some(v))?;
             repair.written += 1;
         }
     }
     for k in present.keys() {
         if !desired.contains_key(k) {
-            set_route(ebpf, *k, None)?;
+            set_route::<K, V>(ebpf, name, *k, None)?;
             repair.removed += 1;
         }
     }
@@ -345,11 +351,19 @@ impl Datapath {
             // The trie and gateways before the VSIDs that use them.
             (
                 map_names::ROUTES,
-                sync_routes(ebpf, &desired.routing.routes)?,
+                sync_routes(ebpf, map_names::ROUTES, &desired.routing.routes)?,
             ),
             (
                 map_names::GATEWAYS,
                 sync_hash(ebpf, map_names::GATEWAYS, &desired.routing.gateways)?,
+            ),
+            (
+                map_names::ROUTES6,
+                sync_routes(ebpf, map_names::ROUTES6, &desired.routing.routes6)?,
+            ),
+            (
+                map_names::GATEWAYS6,
+                sync_hash(ebpf, map_names::GATEWAYS6, &desired.routing.gateways6)?,
             ),
             (
                 map_names::VSID_ROUTING,
@@ -381,8 +395,10 @@ impl Datapath {
             Write::VsidRouting(vsid, v) => {
                 set_entry(ebpf, map_names::VSID_ROUTING, vsid, v.as_ref())
             }
-            Write::Route(k, v) => set_route(ebpf, *k, v.as_ref()),
+            Write::Route(k, v) => set_route(ebpf, map_names::ROUTES, *k, v.as_ref()),
             Write::Gateway(k, v) => set_entry(ebpf, map_names::GATEWAYS, k, v.as_ref()),
+            Write::Route6(k, v) => set_route(ebpf, map_names::ROUTES6, *k, v.as_ref()),
+            Write::Gateway6(k, v) => set_entry(ebpf, map_names::GATEWAYS6, k, v.as_ref()),
             Write::Config(c) => self.set_config(**c),
         }
     }

@@ -114,7 +114,7 @@ pub fn purge(pin_path: &Path) -> Result<()> {
     clippy::too_many_lines,
     reason = "one entry per map, formatted one field a line"
 )]
-fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u32>); 19] {
+fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u32>); 21] {
     use std::mem::size_of;
 
     use aya::maps::MapType::{
@@ -123,7 +123,8 @@ fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u3
     use nv_common::monitor::{MAX_VSID_STATS, MONITOR_RING_BYTES};
     // Name, type, key and value sizes, and the entry count where it is fixed.
     use nv_common::routing::{
-        GatewayKey, MAX_GATEWAYS, MAX_ROUTED_VSIDS, MAX_ROUTES, RouteHop, RouteKey, VsidRouting,
+        GatewayKey, GatewayKey6, MAX_GATEWAYS, MAX_ROUTED_VSIDS, MAX_ROUTES, RouteHop, RouteHop6,
+        RouteKey, RouteKey6, VsidRouting,
     };
     [
         (
@@ -222,6 +223,20 @@ fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u3
             size_of::<nv_common::LookupKey6>(),
             size_of::<LookupValue>(),
             Some(nv_common::MAX_LOOKUPS6),
+        ),
+        (
+            map_names::ROUTES6,
+            MapType::LpmTrie,
+            4 + size_of::<RouteKey6>(),
+            size_of::<RouteHop6>(),
+            Some(MAX_ROUTES),
+        ),
+        (
+            map_names::GATEWAYS6,
+            H,
+            size_of::<GatewayKey6>(),
+            4,
+            Some(MAX_GATEWAYS),
         ),
     ]
 }

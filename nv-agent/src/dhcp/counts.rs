@@ -1,5 +1,5 @@
 //! What the DHCP server counts, read by the metrics endpoint: requests by kind, answers by
-//! kind, frames unanswered by reason.
+//! kind, frames unanswered by reason; and the router advertisements the slow path sent.
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dhcproto::v4::MessageType;
@@ -11,12 +11,16 @@ pub const REQUEST_KINDS: [&str; 6] = [
     "discover", "request", "inform", "release", "decline", "other",
 ];
 
+/// Why a router advertisement was sent (`nv_router_adverts_total{why}`).
+pub const ADVERT_WHYS: [&str; 2] = ["solicited", "periodic"];
+
 /// What the server counted since the agent started.
 #[derive(Debug, Default)]
 pub struct Counts {
     requests: [AtomicU64; REQUEST_KINDS.len()],
     replies: [AtomicU64; REPLY_KINDS.len()],
     unanswered: [AtomicU64; Unanswered::ALL.len()],
+    adverts: [AtomicU64; ADVERT_WHYS.len()],
 }
 
 impl Counts {
@@ -34,6 +38,7 @@ impl Counts {
             requests: read(&self.requests, &REQUEST_KINDS),
             replies: read(&self.replies, &REPLY_KINDS),
             unanswered: read(&self.unanswered, &reasons),
+            adverts: read(&self.adverts, &ADVERT_WHYS),
         }
     }
 
@@ -55,6 +60,11 @@ impl Counts {
         }
     }
 
+    /// One more advertisement sent: `solicited`, else periodic.
+    pub(super) fn advert(&self, solicited: bool) {
+        self.adverts[usize::from(!solicited)].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(super) fn unanswered(&self, why: Unanswered) {
         if let Some(i) = Unanswered::ALL.iter().position(|u| *u == why) {
             self.unanswered[i].fetch_add(1, Ordering::Relaxed);
@@ -68,4 +78,5 @@ pub struct CountsNow {
     pub requests: Vec<(&'static str, u64)>,
     pub replies: Vec<(&'static str, u64)>,
     pub unanswered: Vec<(&'static str, u64)>,
+    pub adverts: Vec<(&'static str, u64)>,
 }

@@ -1,7 +1,10 @@
-//! The DHCP server: reads the frames the datapath handed over (its slow-path ring), answers
-//! each from the agent's records and routes ([`Agent::dhcp_lease`](crate::agent::Agent)), and
-//! writes the answer into the VM's port through a packet socket that only sends (protocol 0:
-//! the kernel hands it no frame, so it costs the datapath nothing).
+//! The slow-path server: reads the frames the datapath handed over (its slow-path ring), answers
+//! each from the agent's records and routes (a DHCP request with
+//! [`Agent::dhcp_lease`](crate::agent::Agent), an IPv6 router solicitation with
+//! [`Agent::router_advert`](crate::agent::Agent)), and writes the answer into the VM's port
+//! through a packet socket that only sends (protocol 0: the kernel hands it no frame, so it
+//! costs the datapath nothing). It also advertises the router to every VM with an IPv6 subnet
+//! every [`ra::INTERVAL`].
 use std::{
     io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
@@ -13,11 +16,13 @@ use tokio::io::unix::AsyncFd;
 use tracing::{debug, warn};
 
 use super::{Unanswered, answer, request_of};
-use crate::shared::Shared;
+use crate::{ra, shared::Shared};
 
-/// Answers the datapath's DHCP frames for as long as the agent runs.
+/// Answers the datapath's slow-path frames, and advertises the router, for as long as the
+/// agent runs.
 pub fn spawn(agent: Shared, ring: RingBuf<MapData>) -> io::Result<()> {
-    let writer = PortWriter::new()?;
+    let writer = std::sync::Arc::new(PortWriter::new()?);
+    tokio::spawn(advertise(agent.clone(), writer.clone()));
     // SAFETY: the AsyncFd owns the ring buffer, and with it the map's descriptor, which
     // stays open for as long as it is registered.
     let mut ring = unsafe { AsyncFd::register(ring) }?;
@@ -55,7 +60,37 @@ fn frame_of(item: &[u8]) -> Option<(u32, Vec<u8>)> {
     Some((f.ifindex, f.bytes[..len].to_vec()))
 }
 
+/// Every VM with an IPv6 subnet is told of its router every [`ra::INTERVAL`], the first time
+/// right away (VMs up before the agent).
+async fn advertise(agent: Shared, writer: std::sync::Arc<PortWriter>) {
+    let mut every = tokio::time::interval(ra::INTERVAL);
+    loop {
+        every.tick().await;
+        let adverts = agent.lock().await.router_adverts();
+        for (ifindex, a) in adverts {
+            send_advert(&agent, &writer, ifindex, &a, false);
+        }
+    }
+}
+
+fn send_advert(agent: &Shared, writer: &PortWriter, ifindex: u32, a: &ra::Advert, asked: bool) {
+    match writer.send(ifindex, &ra::frame(a)) {
+        Ok(()) => agent.dhcp_counts().advert(asked),
+        Err(e) => debug!(
+            ifindex,
+            "router advertisement: cannot write into the port: {e}"
+        ),
+    }
+}
+
 async fn serve(agent: &Shared, writer: &PortWriter, ifindex: u32, frame: &[u8]) {
+    if ra::is_solicitation(frame) {
+        let advert = agent.lock().await.router_advert(ifindex);
+        if let Some(a) = advert {
+            send_advert(agent, writer, ifindex, &a, true);
+        }
+        return;
+    }
     let counts = agent.dhcp_counts();
     let req = match request_of(frame) {
         Ok(req) => req,

@@ -1,8 +1,5 @@
 //! nvctl's command line: the flags are the contract operators script against (DESIGN.md).
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
-};
+use std::{net::IpAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -268,19 +265,21 @@ pub enum RouteCmd {
         /// The virtual subnet the prefix (on-link) or the next hop lives in.
         #[arg(long)]
         vsid: u32,
-        /// Destination prefix, e.g. 10.2.0.0/16 or 0.0.0.0/0.
+        /// Destination prefix, e.g. 10.2.0.0/16, 0.0.0.0/0 or `fd00:2::/64` (IPv6: NVGRE VSIDs).
         #[arg(long, value_parser = parse::<Subnet>)]
         prefix: Subnet,
-        /// 0.0.0.0: the prefix is the VSID's subnet (on-link); otherwise a CA of the VSID
-        /// that traffic for the prefix is forwarded to.
+        /// 0.0.0.0 (IPv6: `::`): the prefix is the VSID's subnet (on-link); otherwise a CA of
+        /// the VSID that traffic for the prefix is forwarded to, of the prefix's family.
         #[arg(long)]
-        nexthop: Ipv4Addr,
+        nexthop: IpAddr,
         /// Among routes to the same prefix, the lower wins.
         #[arg(long, default_value_t = 0)]
         metric: u32,
-        /// On-link routes: the subnet's router address [default: its first address].
+        /// On-link routes: the subnet's router address [default: its first address, e.g.
+        /// 10.1.0.1 or `fd00:1::1`]. On an IPv6 subnet the router also speaks from its
+        /// link-local address, the default router its advertisements give.
         #[arg(long)]
-        gateway: Option<Ipv4Addr>,
+        gateway: Option<IpAddr>,
     },
     /// Delete the routes of a domain to a prefix (only the one through --nexthop, if given).
     Del {
@@ -289,7 +288,7 @@ pub enum RouteCmd {
         #[arg(long, value_parser = parse::<Subnet>)]
         prefix: Subnet,
         #[arg(long)]
-        nexthop: Option<Ipv4Addr>,
+        nexthop: Option<IpAddr>,
     },
     /// List routes, in (domain, prefix, next hop) order.
     List {

@@ -116,7 +116,7 @@ impl Client {
         &self,
         rdid: &Rdid,
         prefix: Subnet,
-        nexthop: Option<std::net::Ipv4Addr>,
+        nexthop: Option<std::net::IpAddr>,
     ) -> anyhow::Result<Vec<RouteRecord>> {
         let via = nexthop.map(|n| format!("&nexthop={n}")).unwrap_or_default();
         self.call(

@@ -5,10 +5,7 @@
 //! a host's own ports and provider addresses stay with that host, which leaves a bad record
 //! out and reports it. It is written through the etcd writer as a compare-and-write
 //! ([`crate::etcd_records`]); when an agent runs here, nvctl answers once it has applied it.
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    time::Duration,
-};
+use std::{net::IpAddr, time::Duration};
 
 use anyhow::Context as _;
 
@@ -286,7 +283,7 @@ impl<'a> Operator<'a> {
         &self,
         rdid: &Rdid,
         prefix: Subnet,
-        nexthop: Option<Ipv4Addr>,
+        nexthop: Option<IpAddr>,
     ) -> anyhow::Result<Vec<RouteRecord>> {
         let here = self.here().await;
         let (held, _) = self.held_routes().await?;

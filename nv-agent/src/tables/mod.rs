@@ -77,7 +77,7 @@ pub enum Change {
     DelRoute {
         rdid: Rdid,
         prefix: Subnet,
-        nexthop: std::net::Ipv4Addr,
+        nexthop: std::net::IpAddr,
     },
 }
 

@@ -10,7 +10,10 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use nv_common::routing::{GatewayKey, RouteHop, RouteKey as DpRouteKey, VsidRouting, domain_id};
+use nv_common::routing::{
+    GatewayKey, GatewayKey6, RouteHop, RouteHop6, RouteKey as DpRouteKey, RouteKey6, VsidRouting,
+    domain_id,
+};
 
 use super::Table;
 use crate::{
@@ -80,6 +83,9 @@ pub struct RouteEntries {
     /// By (trie prefix length, key).
     pub routes: HashMap<(u32, DpRouteKey), RouteHop>,
     pub gateways: HashMap<GatewayKey, u32>,
+    /// IPv6's, in maps of their own: IPv4 keeps its short keys.
+    pub routes6: HashMap<(u32, RouteKey6), RouteHop6>,
+    pub gateways6: HashMap<GatewayKey6, u32>,
 }
 
 /// The datapath's number of a routing domain.
@@ -93,39 +99,70 @@ pub fn entries(index: &RouteIndex) -> RouteEntries {
     for r in index.routes.values() {
         let rdid = domain_number(&r.rdid);
         e.vsids.insert(r.vsid, VsidRouting { rdid });
-        let key = (
-            DpRouteKey::prefix_len(r.prefix.len),
-            DpRouteKey {
-                rdid: rdid.to_be_bytes(),
-                addr: r.prefix.addr.octets(),
-            },
-        );
         // The lowest metric of a prefix; the key's order breaks no tie (metrics differ).
         let best = index
             .matching(&r.rdid, r.prefix, None)
             .into_iter()
             .min_by_key(|o| o.metric);
-        if best.as_ref().is_some_and(|b| b.key() == r.key()) {
-            e.routes.insert(
-                key,
-                RouteHop {
-                    vsid: r.vsid,
-                    nexthop: r.nexthop.octets(),
-                    gateway: r.gateway_addr().map_or([0; 4], |g| g.octets()),
-                },
-            );
-        }
-        if let Some(g) = r.gateway_addr() {
-            e.gateways.insert(
-                GatewayKey {
-                    rdid,
-                    addr: g.octets(),
-                },
-                r.vsid,
-            );
+        let best = best.as_ref().is_some_and(|b| b.key() == r.key());
+        let len = DpRouteKey::prefix_len(r.prefix.len);
+        let rdid_be = rdid.to_be_bytes();
+        match (r.prefix.addr, r.nexthop, r.gateway_addr()) {
+            (IpAddr::V4(addr), IpAddr::V4(nexthop), gateway) => {
+                let gateway = gateway.and_then(|g| v4(g).map(|g| g.octets()));
+                if best {
+                    let hop = RouteHop {
+                        vsid: r.vsid,
+                        nexthop: nexthop.octets(),
+                        gateway: gateway.unwrap_or([0; 4]),
+                    };
+                    let key = DpRouteKey {
+                        rdid: rdid_be,
+                        addr: addr.octets(),
+                    };
+                    e.routes.insert((len, key), hop);
+                }
+                if let Some(addr) = gateway {
+                    e.gateways.insert(GatewayKey { rdid, addr }, r.vsid);
+                }
+            }
+            (IpAddr::V6(addr), IpAddr::V6(nexthop), gateway) => {
+                let gateway = gateway.and_then(|g| v6(g).map(|g| g.octets()));
+                if best {
+                    let hop = RouteHop6 {
+                        vsid: r.vsid,
+                        nexthop: nexthop.octets(),
+                        gateway: gateway.unwrap_or([0; 16]),
+                    };
+                    let key = RouteKey6 {
+                        rdid: rdid_be,
+                        addr: addr.octets(),
+                    };
+                    e.routes6.insert((len, key), hop);
+                }
+                if let Some(addr) = gateway {
+                    e.gateways6.insert(GatewayKey6 { rdid, addr }, r.vsid);
+                }
+            }
+            // Refused by validation: a route's addresses are of one family.
+            _ => {}
         }
     }
     e
+}
+
+fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    }
+}
+
+fn v6(ip: IpAddr) -> Option<std::net::Ipv6Addr> {
+    match ip {
+        IpAddr::V6(a) => Some(a),
+        IpAddr::V4(_) => None,
+    }
 }
 
 /// The route key of an etcd key under [`ETCD_PREFIX`] (`RDID/ADDR_LEN/NEXTHOP`).
@@ -159,7 +196,7 @@ pub struct RouteIndex {
 
 /// The rows of one VSID's subnets' gateways, for the lookup records' rules.
 pub struct Gateway<'a> {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub route: &'a RouteRecord,
 }
 
@@ -194,7 +231,7 @@ impl RouteIndex {
     pub fn put_checked(
         &mut self,
         r: &RouteRecord,
-        record_at: &dyn Fn(u32, Ipv4Addr) -> Option<String>,
+        record_at: &dyn Fn(u32, IpAddr) -> Option<String>,
     ) -> Result<()> {
         r.validate()?;
         self.check_put(r, record_at)?;
@@ -237,10 +274,11 @@ impl RouteIndex {
         &self,
         rdid: &Rdid,
         prefix: Subnet,
-        nexthop: Option<Ipv4Addr>,
+        nexthop: Option<IpAddr>,
     ) -> Vec<RouteRecord> {
+        let first = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
         self.routes
-            .range((rdid.clone(), prefix, Ipv4Addr::UNSPECIFIED)..)
+            .range((rdid.clone(), prefix, first)..)
             .take_while(|((d, p, _), _)| d == rdid && *p == prefix)
             .filter(|((_, _, n), _)| nexthop.is_none_or(|want| *n == want))
             .map(|(_, r)| r.clone())
@@ -254,7 +292,6 @@ impl RouteIndex {
 
     /// The gateway of the subnet of `vsid` that holds `ca`, if `ca` is that gateway.
     pub fn gateway_at(&self, vsid: u32, ca: IpAddr) -> Option<Gateway<'_>> {
-        let IpAddr::V4(ca) = ca else { return None };
         let rdid = self.domain_of(vsid)?;
         self.subnets(rdid)
             .filter(|r| r.vsid == vsid)
@@ -267,7 +304,7 @@ impl RouteIndex {
 
     /// The route of `rdid` that takes `addr`, as the datapath picks it: the longest prefix
     /// that holds it, then the lowest metric.
-    pub fn best<'a>(&'a self, rdid: &'a Rdid, addr: Ipv4Addr) -> Option<&'a RouteRecord> {
+    pub fn best<'a>(&'a self, rdid: &'a Rdid, addr: IpAddr) -> Option<&'a RouteRecord> {
         self.of_domain(rdid)
             .filter(|r| r.prefix.contains(addr))
             .min_by_key(|r| (std::cmp::Reverse(r.prefix.len), r.metric))
@@ -275,23 +312,20 @@ impl RouteIndex {
 
     /// The routes of `rdid`, in (prefix, next hop) order, borrowed.
     pub fn of_domain<'a>(&'a self, rdid: &'a Rdid) -> impl Iterator<Item = &'a RouteRecord> + 'a {
+        // The least key of the domain: IPv4 sorts before IPv6.
+        let first = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let all = Subnet {
+            addr: first,
+            len: 0,
+        };
         self.routes
-            .range(
-                (
-                    rdid.clone(),
-                    Subnet {
-                        addr: Ipv4Addr::UNSPECIFIED,
-                        len: 0,
-                    },
-                    Ipv4Addr::UNSPECIFIED,
-                )..,
-            )
+            .range((rdid.clone(), all, first)..)
             .take_while(move |((d, _, _), _)| d == rdid)
             .map(|(_, r)| r)
     }
 
     /// The subnet of `vsid` that holds `addr`, if any.
-    pub fn subnet_of(&self, vsid: u32, addr: Ipv4Addr) -> Option<&RouteRecord> {
+    pub fn subnet_of(&self, vsid: u32, addr: IpAddr) -> Option<&RouteRecord> {
         let rdid = self.domain_of(vsid)?;
         self.subnets(rdid)
             .find(|r| r.vsid == vsid && r.prefix.contains(addr))
@@ -302,7 +336,7 @@ impl RouteIndex {
     pub fn check_put(
         &self,
         r: &RouteRecord,
-        record_at: &dyn Fn(u32, Ipv4Addr) -> Option<String>,
+        record_at: &dyn Fn(u32, IpAddr) -> Option<String>,
     ) -> Result<()> {
         let key = r.key();
         if let Some((domain, _)) = self.domains.get(&r.vsid)
@@ -352,7 +386,7 @@ impl RouteIndex {
         &self,
         r: &RouteRecord,
         key: &RouteKey,
-        record_at: &dyn Fn(u32, Ipv4Addr) -> Option<String>,
+        record_at: &dyn Fn(u32, IpAddr) -> Option<String>,
     ) -> Result<()> {
         if let Some(o) = self
             .subnets(&r.rdid)
@@ -364,7 +398,7 @@ impl RouteIndex {
                 r.prefix, o.prefix, o.vsid, r.rdid
             )));
         }
-        let gateway = r.gateway_addr().unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let gateway = r.gateway_addr().unwrap_or(r.nexthop);
         if let Some(name) = record_at(r.vsid, gateway) {
             return Err(NvError::Conflict(format!(
                 "{gateway}, the gateway of {} in VSID {}, is the CA of {name}: choose \
@@ -519,7 +553,7 @@ mod tests {
         }
     }
 
-    fn none(_: u32, _: Ipv4Addr) -> Option<String> {
+    fn none(_: u32, _: IpAddr) -> Option<String> {
         None
     }
 
@@ -629,14 +663,14 @@ mod tests {
     #[test]
     fn a_gateway_is_no_records_address() {
         let i = RouteIndex::default();
-        let at = |vsid: u32, ca: Ipv4Addr| {
-            (vsid == 5001 && ca == Ipv4Addr::new(10, 1, 0, 1)).then(|| "VM a".to_owned())
+        let at = |vsid: u32, ca: IpAddr| {
+            (vsid == 5001 && ca == IpAddr::from([10, 1, 0, 1])).then(|| "VM a".to_owned())
         };
         let r = route("red", 5001, "10.1.0.0/24", "0.0.0.0", 0);
         let e = i.check_put(&r, &at).unwrap_err().to_string();
         assert!(e.contains("--gateway") && e.contains("VM a"), "{e}");
         let mut elsewhere = r.clone();
-        elsewhere.gateway = Some(Ipv4Addr::new(10, 1, 0, 254));
+        elsewhere.gateway = Some(IpAddr::from([10, 1, 0, 254]));
         i.check_put(&elsewhere, &at).unwrap();
         let mut i = i;
         i.insert(elsewhere);
@@ -644,5 +678,45 @@ mod tests {
         assert_eq!(g.route.prefix.to_string(), "10.1.0.0/24");
         assert!(i.gateway_at(5001, IpAddr::from([10, 1, 0, 1])).is_none());
         assert!(i.gateway_at(5002, IpAddr::from([10, 1, 0, 254])).is_none());
+    }
+
+    #[test]
+    fn ipv6_routes_keep_the_same_rules_in_maps_of_their_own() {
+        let i = index(&[
+            route("red", 5001, "10.1.0.0/24", "0.0.0.0", 0),
+            route("red", 5001, "fd00:1::/64", "::", 0),
+            route("red", 5002, "fd00:2::/64", "::", 0),
+            route("red", 5002, "fd00:99::/48", "fd00:2::9", 0),
+        ]);
+        let e = refused(&i, &route("red", 5003, "fd00:1::/80", "::", 0));
+        assert!(e.contains("overlaps fd00:1::/64 of VSID 5001"), "{e}");
+        let e = refused(&i, &route("red", 5001, "::/0", "fd00:2::9", 0));
+        assert!(e.contains("in no subnet of VSID 5001"), "{e}");
+        // The families never meet: an IPv4 default route is no IPv6 one.
+        i.check_put(&route("red", 5001, "0.0.0.0/0", "10.1.0.9", 0), &none)
+            .unwrap();
+        let red = "red".parse().unwrap();
+        let best = i.best(&red, "fd00:99::5".parse().unwrap()).unwrap();
+        assert_eq!(best.nexthop.to_string(), "fd00:2::9");
+        assert!(i.best(&red, "10.9.0.1".parse().unwrap()).is_none());
+        let e = entries(&i);
+        assert_eq!((e.routes.len(), e.gateways.len()), (1, 1));
+        assert_eq!((e.routes6.len(), e.gateways6.len()), (3, 2));
+        let rdid = domain_number(&red).to_be_bytes();
+        let subnet = RouteKey6 {
+            rdid,
+            addr: "fd00:1::".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+        };
+        let hop = e.routes6[&(DpRouteKey::prefix_len(64), subnet)];
+        assert!(hop.on_link() && hop.vsid == 5001);
+        assert_eq!(
+            std::net::Ipv6Addr::from(hop.gateway).to_string(),
+            "fd00:1::1"
+        );
+        assert_eq!(
+            i.gateway_at(5002, "fd00:2::1".parse().unwrap())
+                .map(|g| g.route.prefix.to_string()),
+            Some("fd00:2::/64".to_owned())
+        );
     }
 }

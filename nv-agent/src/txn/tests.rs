@@ -70,6 +70,8 @@ impl Maps for Faulty {
                 Write::VsidRouting(k, v) => set(&mut m.routing.vsids, k, v),
                 Write::Route(k, v) => set(&mut m.routing.routes, k, v),
                 Write::Gateway(k, v) => set(&mut m.routing.gateways, k, v),
+                Write::Route6(k, v) => set(&mut m.routing.routes6, k, v),
+                Write::Gateway6(k, v) => set(&mut m.routing.gateways6, k, v),
                 Write::Config(c) => m.config = *c,
             }
         }
