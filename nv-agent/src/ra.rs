@@ -7,7 +7,7 @@
 //! This file is the protocol, pure; the slow-path server sends.
 use std::{net::Ipv6Addr, time::Duration};
 
-use etherparse::{Icmpv6Type, LaxSlicedPacket, TransportSlice};
+use etherparse::{LaxSlicedPacket, TransportSlice};
 use nv_common::routing::router_link_local;
 
 /// How often every VM is advertised to without asking (RFC 4861's `MaxRtrAdvInterval` is
@@ -19,6 +19,8 @@ const ROUTER_LIFETIME: u16 = 1800;
 /// Seconds the prefix stays valid and preferred (RFC 4861's defaults).
 const VALID_LIFETIME: u32 = 2_592_000;
 const PREFERRED_LIFETIME: u32 = 604_800;
+
+const ROUTER_SOLICITATION: u8 = 133;
 
 /// All-nodes: where advertisements go (each frame to one VM's MAC only).
 const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
@@ -59,7 +61,8 @@ pub fn is_solicitation(frame: &[u8]) -> bool {
     };
     h.hop_limit() == 255
         && (src.is_unspecified() || src.is_unicast_link_local())
-        && icmp.icmp_type() == Icmpv6Type::RouterSolicitation
+        // By number: etherparse's slices decode no router solicitation.
+        && (icmp.type_u8(), icmp.code_u8()) == (ROUTER_SOLICITATION, 0)
 }
 
 /// The advertisement as a whole Ethernet frame to the VM.
@@ -128,7 +131,7 @@ fn checksum(src: Ipv6Addr, dst: Ipv6Addr, msg: &[u8]) -> u16 {
 
 #[cfg(test)]
 mod tests {
-    use etherparse::SlicedPacket;
+    use etherparse::{Icmpv6Type, SlicedPacket};
 
     use super::*;
 

@@ -654,6 +654,40 @@ impl TwoHosts {
         Ok(())
     }
 
+    /// Each VM's IPv6 record beside its IPv4 one, through nvctl on both hosts (`10.X.0.Y`
+    /// becomes `fd00:X::Y`: RED-1 and BLUE-1 `fd00::1`, RED-2 and BLUE-2 `fd00::2`), and the
+    /// address in the VM.
+    pub fn add_ipv6_records(&self) -> anyhow::Result<()> {
+        for (i, h) in self.hosts.iter().enumerate() {
+            for vm in &self.vms {
+                let ca = ipv6_of(&vm.ca);
+                let vsid = vm.vsid.to_string();
+                let pa = &self.hosts[vm.host].pa;
+                let mut args = vec![
+                    "lookup", "add", "--vsid", &vsid, "--ca", &ca, "--pa", pa, "--mac", &vm.mac,
+                    "--method", "encap", "--name", &vm.name,
+                ];
+                if vm.host == i {
+                    args.extend(["--port", &vm.port]);
+                }
+                h.nvctl(&args)?;
+            }
+        }
+        for vm in &self.vms {
+            let ca = ipv6_of(&vm.ca);
+            vm.ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ca}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+        }
+        Ok(())
+    }
+
     /// Plugs a real guest's port: a tap on `host` (created as libvirt does before it starts
     /// QEMU), and the guest's record on both hosts through nvctl, with the port on its own.
     pub fn plug_tap(&self, tap: &TapVm) -> anyhow::Result<()> {
@@ -930,5 +964,15 @@ impl PingStream {
                 .parse()?)
         };
         Ok((field(" packets transmitted")?, field(" received")?))
+    }
+}
+
+/// The IPv6 address the beds give a VM of IPv4 address `10.X.0.Y`: `fd00:X::Y`.
+pub fn ipv6_of(ca: &str) -> String {
+    let o: Vec<&str> = ca.split('.').collect();
+    match o.as_slice() {
+        ["10", x, "0", y] if *x == "0" => format!("fd00::{y}"),
+        ["10", x, "0", y] => format!("fd00:{x}::{y}"),
+        _ => panic!("no IPv6 address for {ca}"),
     }
 }

@@ -458,39 +458,6 @@ fn the_router_answers_for_its_ipv6_addresses_and_routes_between_ipv6_subnets() -
     Ok(())
 }
 
-/// Each VM's IPv6 record beside its IPv4 one, through nvctl on both hosts (RED-1 and BLUE-1
-/// `fd00::1`, RED-2 and BLUE-2 `fd00::2`), and the address in the VM.
-fn add_ipv6_records(bed: &nv_tests::testbed::TwoHosts) -> anyhow::Result<()> {
-    for (i, h) in bed.hosts.iter().enumerate() {
-        for vm in &bed.vms {
-            let ca = vm.ca.replace("10.0.0.", "fd00::");
-            let vsid = vm.vsid.to_string();
-            let pa = &bed.hosts[vm.host].pa;
-            let mut args = vec![
-                "lookup", "add", "--vsid", &vsid, "--ca", &ca, "--pa", pa, "--mac", &vm.mac,
-                "--method", "encap", "--name", &vm.name,
-            ];
-            if vm.host == i {
-                args.extend(["--port", &vm.port]);
-            }
-            h.nvctl(&args)?;
-        }
-    }
-    for vm in &bed.vms {
-        let ca = vm.ca.replace("10.0.0.", "fd00::");
-        vm.ns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{ca}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-    }
-    Ok(())
-}
-
 /// What tshark sees on the underlay while `traffic` runs: (GRE key, inner IPv6 source) of
 /// every NVGRE packet carrying IPv6, and how many packets show a customer's IPv6 address
 /// outside GRE.
@@ -599,7 +566,7 @@ fn dual_stack_tenants_with_the_same_ipv6_addresses_cross_hosts_isolated_on_eithe
     use nv_tests::testbed::{BLUE_VSID, RED_VSID, TwoHosts};
     let mut bed = TwoHosts::build_with("v6", &["--decap-hook", "tc"])?;
     bed.configure()?;
-    add_ipv6_records(&bed)?;
+    bed.add_ipv6_records()?;
     what_the_agent_refuses(&bed.hosts[0])?;
     for hook in ["tc", "xdp"] {
         if hook == "xdp" {

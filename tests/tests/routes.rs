@@ -315,6 +315,7 @@ fn two_subnets_of_a_domain_are_routed_by_every_host_and_other_domains_never_see_
         the_other_domain_never_sees_a_frame(&bed)?;
         ttl_one_expires_at_the_router(&bed)?;
         if hook == "xdp" {
+            ipv6_subnets_are_routed_too(&bed)?;
             a_guest_configures_itself_by_dhcp(&bed)?;
             trace_names_the_route_and_the_hop(&bed)?;
         }
@@ -394,8 +395,104 @@ fn sample(scrape: &str, series: &str) -> u64 {
 /// other prefix through the gateway (option 121: the domain has no default route); with them
 /// it reaches RED-1 (10.0.0.0/24, on its host) and RED-2 (on host 2) through the router. A
 /// VM of a VSID without a subnet asks too, and gets no answer, counted.
+/// The same domains with IPv6 subnets beside the IPv4 ones (`fd00::/64` with gateway
+/// `fd00::fe` in RED and BLUE, `fd00:1::/64` in RED-B's and BLUE-B's VSIDs): the gateway
+/// answers ping6, RED-1 reaches RED-B across hosts through the router, BLUE-1 BLUE-B, and
+/// neither domain sees the other's frames (each capture with its own as a positive control).
+fn ipv6_subnets_are_routed_too(bed: &TwoHosts) -> anyhow::Result<()> {
+    for h in &bed.hosts {
+        for (rdid, a, b) in [("contoso", RED_VSID, 7002), ("fabrikam", BLUE_VSID, 8002)] {
+            h.nvctl(&strs(&add(
+                rdid,
+                a,
+                "fd00::/64",
+                "::",
+                &["--gateway", "fd00::fe"],
+            )))?;
+            h.nvctl(&strs(&add(rdid, b, "fd00:1::/64", "::", &[])))?;
+        }
+    }
+    bed.add_ipv6_records()?;
+    for (vm, gateway) in [
+        ("RED-1", "fd00::fe"),
+        ("RED-2", "fd00::fe"),
+        ("BLUE-1", "fd00::fe"),
+        ("BLUE-2", "fd00::fe"),
+        ("RED-B", "fd00:1::1"),
+        ("BLUE-B", "fd00:1::1"),
+    ] {
+        bed.vm(vm)
+            .ns
+            .ip(&["-6", "route", "add", "default", "via", gateway])?;
+    }
+    ensure!(
+        bed.ping("RED-1", "fd00::fe", 3)? == 3,
+        "RED-1 -> its IPv6 gateway"
+    );
+    let watch = |vm: &str| -> anyhow::Result<Capture> {
+        let file = bed.tmp_dir().join(format!("{vm}-domain6.pcap"));
+        Capture::start(&bed.vm(vm).ns, "eth0", &file, 30)
+    };
+    let (red_b, blue_b) = (watch("RED-B")?, watch("BLUE-B")?);
+    let before = bed.hosts[0].counters()?;
+    let far = "fd00:1::5";
+    ensure!(
+        ping_with(bed, "RED-1", far, "a6", 64)? == 3,
+        "RED-1 -> RED-B by IPv6"
+    );
+    ensure!(
+        ping_with(bed, "BLUE-1", far, "b6", 64)? == 3,
+        "BLUE-1 -> BLUE-B by IPv6"
+    );
+    let routed = delta(&before, &bed.hosts[0].counters()?, "vm_routed");
+    ensure!(routed >= 6, "host 1 routed {routed} IPv6 packets");
+    let red_b = capture::frames(&red_b.stop()?)?;
+    let blue_b = capture::frames(&blue_b.stop()?)?;
+    let (red_own, red_other) = (frames_with(&red_b, 0xa6), frames_with(&red_b, 0xb6));
+    let (blue_own, blue_other) = (frames_with(&blue_b, 0xb6), frames_with(&blue_b, 0xa6));
+    ensure!(
+        red_own >= 3 && red_other == 0 && blue_own >= 3 && blue_other == 0,
+        "IPv6: RED-B saw contoso's {red_own} and fabrikam's {red_other} frames, BLUE-B \
+         fabrikam's {blue_own} and contoso's {blue_other}"
+    );
+    // Hop limit 1 dies at the router.
+    let before = bed.hosts[0].counters()?;
+    let lost = ping_with(bed, "RED-1", far, "a6", 1)?;
+    let expired = delta(&before, &bed.hosts[0].counters()?, "drop_vm_ttl_exceeded");
+    ensure!(
+        lost == 0 && expired == 3,
+        "hop limit 1: {lost} replies, {expired} expired"
+    );
+    Ok(())
+}
+
+/// The guest's IPv6 address: SLAAC's for its MAC (`02:00:00:00:07:11`) in `fd00:1::/64`.
+const RED_BG_IPV6: &str = "fd00:1::ff:fe00:711";
+
 fn a_guest_configures_itself_by_dhcp(bed: &TwoHosts) -> anyhow::Result<()> {
     bed.plug_tap(&RED_BG)?;
+    for (i, h) in bed.hosts.iter().enumerate() {
+        let mut args = vec![
+            "lookup",
+            "add",
+            "--vsid",
+            "7002",
+            "--ca",
+            RED_BG_IPV6,
+            "--pa",
+            &bed.hosts[0].pa,
+            "--mac",
+            RED_BG.mac,
+            "--method",
+            "encap",
+            "--name",
+            "RED-BG",
+        ];
+        if i == 0 {
+            args.extend(["--port", RED_BG.port]);
+        }
+        h.nvctl(&args)?;
+    }
     let mut spec = bed.guest_spec(&RED_BG, None);
     spec.ip = "dhcp".into();
     let host1 = &bed.hosts[0];
@@ -453,7 +550,55 @@ fn a_guest_configures_itself_by_dhcp(bed: &TwoHosts) -> anyhow::Result<()> {
         routed >= 10,
         "nv_routed_packets_total{{rdid=\"contoso\"}} is {routed}"
     );
+    the_guest_learns_its_ipv6_router(&mut g, mtu, bed, &metrics_before)?;
     g.stop();
+    Ok(())
+}
+
+/// The guest's kernel solicited a router when eth0 came up: from nv's advertisement it took
+/// its SLAAC address, its default router (the router's link-local address) and its MTU,
+/// and it reaches RED-1 and RED-2 in the other IPv6 subnet.
+fn the_guest_learns_its_ipv6_router(
+    g: &mut Guest,
+    mtu: u64,
+    bed: &TwoHosts,
+    metrics_before: &str,
+) -> anyhow::Result<()> {
+    let show = "ip -6 addr show dev eth0; ip -6 route; cat /proc/sys/net/ipv6/conf/eth0/mtu";
+    let wants = [
+        format!("inet6 {RED_BG_IPV6}/64"),
+        "default via fe80::6e:76ff:fe00:1 dev eth0".into(),
+        format!("\n{mtu}"),
+    ];
+    let mut config = String::new();
+    for _ in 0..20 {
+        config = g.ok(show, std::time::Duration::from_secs(10))?;
+        // Tentative until duplicate address detection is over.
+        if wants.iter().all(|w| config.contains(w.as_str())) && !config.contains("tentative") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    for want in &wants {
+        ensure!(
+            config.contains(want.as_str()),
+            "guest lacks {want:?}: {config}"
+        );
+    }
+    for (dst, what) in [
+        ("fd00::1", "RED-1 on its host"),
+        ("fd00::2", "RED-2 on host 2"),
+    ] {
+        let got = g.ping(dst, 5)?;
+        ensure!(
+            got == 5,
+            "RED-BG -> {what} by IPv6 through the router: {got} of 5"
+        );
+    }
+    let metrics = scrape(bed, 0)?;
+    let series = "nv_router_adverts_total{why=\"solicited\"}";
+    let (was, is) = (sample(metrics_before, series), sample(&metrics, series));
+    ensure!(is > was, "{series} did not rise ({was} -> {is})");
     Ok(())
 }
 
