@@ -184,6 +184,10 @@ pub enum Counter {
     /// a DHCPv6 server's message, which no host sends another: hosts answer their VMs
     /// themselves.
     DropUplinkRouterGuard,
+    /// From a VM: an IPv6 packet too big for the uplink once encapsulated, answered with
+    /// ICMPv6 "packet too big" naming the MTU the VM must use (RFC 8201). Unanswered ones
+    /// count under `DropVmTooBig`.
+    VmIcmpPacketTooBig,
     /// Only in the layout-probe build (a counter this version does not have).
     #[cfg(feature = "layout-probe")]
     LayoutProbe,
@@ -191,7 +195,7 @@ pub enum Counter {
 
 impl Counter {
     #[cfg(not(feature = "layout-probe"))]
-    pub const COUNT: u32 = Counter::DropUplinkRouterGuard as u32 + 1;
+    pub const COUNT: u32 = Counter::VmIcmpPacketTooBig as u32 + 1;
     #[cfg(feature = "layout-probe")]
     pub const COUNT: u32 = Counter::LayoutProbe as u32 + 1;
     /// Entries of the counter map: room for counters yet to come, so a new one does not
@@ -265,6 +269,7 @@ impl Counter {
         Counter::DropVmIpv6Ext,
         Counter::DropVmDhcpRingFull,
         Counter::DropUplinkRouterGuard,
+        Counter::VmIcmpPacketTooBig,
         #[cfg(feature = "layout-probe")]
         Counter::LayoutProbe,
     ];
@@ -339,6 +344,7 @@ impl Counter {
             Counter::DropVmIpv6Ext => "drop_vm_ipv6_ext",
             Counter::DropVmDhcpRingFull => "drop_vm_dhcp_ring_full",
             Counter::DropUplinkRouterGuard => "drop_uplink_router_guard",
+            Counter::VmIcmpPacketTooBig => "vm_icmp_packet_too_big",
             #[cfg(feature = "layout-probe")]
             Counter::LayoutProbe => "layout_probe",
         }

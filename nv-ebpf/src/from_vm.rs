@@ -70,7 +70,7 @@ fn try_run_on(ctx: &TcContext, ifindex: u32, bounced: bool) -> Result<i32, Count
     match eth.proto() {
         ETH_P_ARP if !bounced => arp::reply(ctx, port),
         ETH_P_IP => forward_ipv4(ctx, port, ifindex, bounced),
-        ETH_P_IPV6 => crate::from_vm6::forward(ctx, port, ifindex, bounced),
+        ETH_P_IPV6 => crate::from_vm6::run(ctx, port, ifindex, bounced),
         ETH_P_8021Q | ETH_P_8021AD => Err(Counter::DropVmVlan),
         _ => Err(Counter::DropVmNotIp),
     }

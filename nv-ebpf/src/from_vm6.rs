@@ -11,17 +11,19 @@ use nv_common::{
         DHCPV6_CLIENT_PORT, DHCPV6_SERVER_PORT, ETH_HLEN, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT,
         IPPROTO_HOPOPTS, IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_UDP, IPV6_HLEN,
         ND_NEIGHBOR_ADVERT, ND_NEIGHBOR_SOLICIT, ND_REDIRECT, ND_ROUTER_ADVERT, ND_ROUTER_SOLICIT,
+        NVGRE_V4_OVERHEAD,
     },
 };
 
 use crate::{
     deliver,
     encap::{self, Inner},
+    icmp6,
     maps::LOOKUPS6,
     monitor::sent,
     nd,
     packet::{EthHdr, Ipv6Hdr, pull, view_at},
-    router, router6,
+    pmtu, router, router6,
 };
 
 /// Linear bytes for the IPv6 header, a few extension headers and the upper-layer header.
@@ -102,16 +104,66 @@ fn screen(ctx: &TcContext, proto: u8, l4: usize, bounced: bool) -> u32 {
     PASS
 }
 
-// Out of line: its own stack frame, apart from the IPv4 path's.
+/// ICMPv6 "packet too big" back to the VM behind `port`, naming `mtu`: from the packet's
+/// destination and `from_mac`, the MAC the VM sent to.
+#[inline(always)]
+fn too_big(ctx: &TcContext, port: &PortInfo, from_mac: [u8; 6], mtu: u32) -> Result<i32, Counter> {
+    match answer_too_big(ctx, port, from_mac, mtu) {
+        UNANSWERED => Err(Counter::DropVmTooBig),
+        action => {
+            crate::counters::count(Counter::VmIcmpPacketTooBig);
+            #[expect(clippy::cast_possible_wrap, reason = "a TC action")]
+            Ok(action as i32)
+        }
+    }
+}
+
+const UNANSWERED: u32 = u32::MAX;
+
+// Out of line, returning a scalar: its own stack frame, apart from the forwarding path's (a
+// BPF subprogram cannot hand back an aggregate).
 #[inline(never)]
-pub fn forward(
-    ctx: &TcContext,
-    port: &PortInfo,
-    ifindex: u32,
-    bounced: bool,
-) -> Result<i32, Counter> {
-    pull(ctx, PULL_LEN);
-    let len = ctx.len();
+fn answer_too_big(ctx: &TcContext, port: &PortInfo, from_mac: [u8; 6], mtu: u32) -> u32 {
+    let Ok(dst) = ctx.load::<[u8; 16]>(ETH_HLEN + 24) else {
+        return UNANSWERED;
+    };
+    let error = icmp6::Icmp6Error {
+        src: dst,
+        kind_code: icmp6::PACKET_TOO_BIG,
+        mtu,
+    };
+    #[expect(clippy::cast_sign_loss, reason = "a TC action")]
+    icmp6::answer(ctx, port, from_mac, &error).map_or(UNANSWERED, |a| a as u32)
+}
+
+/// Everything IPv6 a VM sends: what [`inspect`] says of it decides, and the neighbour
+/// responder and forwarding each run in a frame of their own (the BPF stack is 512 bytes for
+/// a whole chain of calls).
+#[inline(always)]
+pub fn run(ctx: &TcContext, port: &PortInfo, ifindex: u32, bounced: bool) -> Result<i32, Counter> {
+    match inspect(ctx, bounced) {
+        PASS => forward(ctx, port, ifindex, bounced),
+        // Only right after the IPv6 header (`inspect` saw to it).
+        SOLICIT => nd::answer(ctx, port, ifindex, ETH_HLEN + IPV6_HLEN),
+        // The agent advertises the router of a routed VSID; elsewhere there is none.
+        ROUTER_SOLICIT if router::domain(port.vsid).is_some() => {
+            crate::dhcp::hand_over(ctx, ifindex)
+        }
+        ROUTER_SOLICIT => Err(Counter::DropVmNdUnanswered),
+        // Masked behind a barrier: the compiler may check the bound on one register and index
+        // with another, and the verifier then sees the read unbounded; masked, it stays within
+        // the table's read-only section whatever the check.
+        drop => Err(Counter::ALL
+            .get((core::hint::black_box(drop) & 0x7f) as usize)
+            .copied()
+            .unwrap_or(Counter::DropVmMalformed)),
+    }
+}
+
+/// The IPv6 packet's header and where its upper-layer header starts, checked: `Ok` of
+/// (protocol, offset), else why it is dropped.
+#[inline(always)]
+fn headers(ctx: &TcContext) -> Result<(u8, usize), Counter> {
     let ip: &Ipv6Hdr =
         view_at(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(Counter::DropVmMalformed)?;
     if ip.version() != 6 {
@@ -124,21 +176,32 @@ pub fn forward(
     if proto != IPPROTO_FRAGMENT && l4 + 8 > payload_end {
         return Err(Counter::DropVmMalformed);
     }
-    match screen(ctx, proto, l4, bounced) {
-        PASS => {}
-        SOLICIT => return nd::answer(ctx, port, ifindex, l4),
-        // The agent advertises the router of a routed VSID; elsewhere there is none.
-        ROUTER_SOLICIT if router::domain(port.vsid).is_some() => {
-            return crate::dhcp::hand_over(ctx, ifindex);
-        }
-        ROUTER_SOLICIT => return Err(Counter::DropVmNdUnanswered),
-        drop => {
-            return Err(Counter::ALL
-                .get(drop as usize)
-                .copied()
-                .unwrap_or(Counter::DropVmMalformed));
-        }
+    Ok((proto, l4))
+}
+
+/// What the IPv6 packet is: [`screen`]'s verdict.
+// Out of line, returning a scalar: its own stack frame.
+#[inline(never)]
+fn inspect(ctx: &TcContext, bounced: bool) -> u32 {
+    pull(ctx, PULL_LEN);
+    match headers(ctx) {
+        Ok((proto, l4)) => match screen(ctx, proto, l4, bounced) {
+            // On the link only (RFC 4861 7.1.1), right after the IPv6 header.
+            SOLICIT if l4 != ETH_HLEN + IPV6_HLEN => Counter::DropVmNdUnanswered as u32,
+            verdict => verdict,
+        },
+        Err(c) => c as u32,
     }
+}
+
+/// A packet [`inspect`] passed.
+// Out of line: its own stack frame, apart from the IPv4 path's.
+#[inline(never)]
+fn forward(ctx: &TcContext, port: &PortInfo, ifindex: u32, bounced: bool) -> Result<i32, Counter> {
+    let (proto, l4) = headers(ctx)?;
+    let len = ctx.len();
+    let ip: &Ipv6Hdr =
+        view_at(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(Counter::DropVmMalformed)?;
     if !nd::is_own(port, ifindex, &ip.src) {
         return Err(Counter::DropVmSpoofedIp);
     }
@@ -156,30 +219,34 @@ pub fn forward(
                 return router6::echo(ctx, port, proto, l4);
             }
             if ip.hop_limit <= 1 {
-                return Err(Counter::DropVmTtlExceeded);
+                let expired = Counter::DropVmTtlExceeded;
+                return router6::icmp_error(ctx, port, rdid, icmp6::TIME_EXCEEDED, expired);
             }
-            router6::lookup(rdid, ip.dst).ok_or(Counter::DropVmNoRoute)?
+            let Some(hop) = router6::lookup(rdid, ip.dst) else {
+                let why = icmp6::DEST_UNREACH_NO_ROUTE;
+                return router6::icmp_error(ctx, port, rdid, why, Counter::DropVmNoRoute);
+            };
+            hop
         }
         None => (port.vsid, ip.dst),
     };
     let key = LookupKey6 { vsid, ca: target };
     // SAFETY: read-only use of a value the agent replaces whole.
-    let dst = unsafe { LOOKUPS6.get(key) }.ok_or(if rdid.is_some() {
-        Counter::DropVmNoRoute
-    } else {
-        Counter::DropVmUnknownDst
-    })?;
+    let Some(dst) = (unsafe { LOOKUPS6.get(key) }) else {
+        let Some(rdid) = rdid else {
+            return Err(Counter::DropVmUnknownDst);
+        };
+        let why = icmp6::DEST_UNREACH_ADDRESS;
+        return router6::icmp_error(ctx, port, rdid, why, Counter::DropVmNoRoute);
+    };
     if bounced && (dst.ifindex != 0 || dst.method != Method::Encap as u8) {
         return Err(Counter::DropVmTranslateFailed);
     }
     let inner = Inner::of6(ctx, ip, proto, l4);
-    // A routed packet rides in its destination's VSID, as for IPv4.
-    let mut from = *port;
-    if let Some(rdid) = rdid {
-        router6::hop(ctx, rdid, dst.mac)?;
-        from.vsid = vsid;
-    }
     if dst.ifindex != 0 {
+        if let Some(rdid) = rdid {
+            router6::hop(ctx, rdid, dst.mac)?;
+        }
         let action = deliver::to_vm6(ctx, dst.ifindex, vsid, dst.mac)?;
         sent(ctx, Counter::VmTxLocal, port, ifindex, Stats::LOCAL, len);
         return Ok(action);
@@ -187,7 +254,29 @@ pub fn forward(
     if dst.method != Method::Encap as u8 {
         return Err(Counter::DropVmMethod);
     }
-    let bounce = crate::underlay::config()?.bounce_ifindex;
+    let config = crate::underlay::config()?;
+    #[expect(clippy::cast_possible_truncation, reason = "42 bytes")]
+    let mtu = pmtu::too_big6(ctx, config, proto, l4, NVGRE_V4_OVERHEAD as u32);
+    if mtu != 0 {
+        // An answer would leave by the bounce device, not the VM's port; and IPv6 never asks
+        // for less than its minimum.
+        if bounced || mtu < icmp6::IPV6_MIN_MTU {
+            return Err(Counter::DropVmTooBig);
+        }
+        let from = if rdid.is_some() {
+            router::mac()
+        } else {
+            dst.mac
+        };
+        return too_big(ctx, port, from, mtu);
+    }
+    // A routed packet rides in its destination's VSID, as for IPv4.
+    let mut from = *port;
+    if let Some(rdid) = rdid {
+        router6::hop(ctx, rdid, dst.mac)?;
+        from.vsid = vsid;
+    }
+    let bounce = config.bounce_ifindex;
     let action = match encap::nvgre(ctx, &from, dst, inner) {
         // A routed super-packet of the VM's own tunnel: its segments would come back as from
         // the router, not the VM.

@@ -8,6 +8,8 @@
 //! - `csum_offload`: a VM's checksum offload state, checked before IP rewrite
 //! - `underlay`: MTU check, next hop from the FIB, redirect to the uplink
 //! - `pmtu`: ICMP "fragmentation needed" for VM packets too big for the uplink
+//! - `icmp6`: ICMPv6 errors to VMs: packet too big, and the router's time exceeded and
+//!   unreachable
 //! - `router`: the distributed router: routes between the subnets of a routing domain
 //! - `router6`: the distributed router for IPv6
 //! - `dhcp`: DHCP requests of VMs, handed to the agent (the slow path)
@@ -31,6 +33,7 @@ mod dhcp;
 mod encap;
 mod from_vm;
 mod from_vm6;
+mod icmp6;
 mod maps;
 mod monitor;
 mod nd;

@@ -69,6 +69,43 @@ pub fn fits(
     }
 }
 
+/// For an IPv6 packet whose upper-layer header (`proto`) starts at `l4`: 0 when it still fits
+/// the uplink with `overhead` more bytes (every segment of a GSO packet, or the packet
+/// itself); otherwise the MTU the VM must use. A scalar: it is read by the caller's caller.
+#[inline(always)]
+pub fn too_big6(
+    ctx: &TcContext,
+    config: &DatapathConfig,
+    proto: u8,
+    l4: usize,
+    overhead: u32,
+) -> u32 {
+    let mtu = uplink_mtu(ctx, config);
+    // SAFETY: the context pointer is valid for the whole program run.
+    let (gso_segs, gso_size) = unsafe { ((*ctx.skb.skb).gso_segs, (*ctx.skb.skb).gso_size) };
+    #[expect(clippy::cast_possible_truncation, reason = "within the pulled headers")]
+    let headers = (l4 - ETH_HLEN) as u32;
+    let l3_len = if gso_segs > 1 || gso_size != 0 {
+        // The largest segment: headers and one gso_size of payload. Read as a word: the
+        // offset depends on the packet.
+        let l4_hlen = match proto {
+            IPPROTO_TCP => ctx
+                .load::<[u8; 4]>(l4 + 12)
+                .map_or(60, |w| u32::from(w[0] >> 4) * 4),
+            IPPROTO_UDP => 8,
+            _ => 0,
+        };
+        headers + l4_hlen + gso_size
+    } else {
+        ctx.len() - ETH_HLEN as u32
+    };
+    if mtu == 0 || l3_len + overhead <= mtu {
+        0
+    } else {
+        mtu.saturating_sub(overhead).max(1)
+    }
+}
+
 /// The uplink's MTU: as the agent last saw it, or (before it said) the device's own.
 #[inline(always)]
 fn uplink_mtu(ctx: &TcContext, config: &DatapathConfig) -> u32 {

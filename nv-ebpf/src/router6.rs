@@ -12,6 +12,7 @@ use nv_common::{
 
 use crate::{
     counters::count,
+    icmp6::{self, Icmp6Error},
     maps::{GATEWAYS6, LOOKUPS6, ROUTES6},
     packet::{EthHdr, Ipv6Hdr, csum_fold, ptr_at},
     router::{count_in, domain, mac},
@@ -103,6 +104,50 @@ fn is_link_local_of(addr: &[u8; 16], mac: [u8; 6]) -> bool {
         ])
     };
     word(addr, 0) == word(&want, 0) && word(addr, 8) == word(&want, 8)
+}
+
+/// ICMPv6 `kind_code` back to the VM behind `port`, from the gateway of its subnet in domain
+/// `rdid` and the router's MAC; `unanswered` when it must not be answered. The VM's address
+/// is the packet's source (checked against its record).
+#[inline(always)]
+pub fn icmp_error(
+    ctx: &TcContext,
+    port: &PortInfo,
+    rdid: u32,
+    kind_code: [u8; 2],
+    unanswered: Counter,
+) -> Result<i32, Counter> {
+    match answer_error(ctx, port, rdid, kind_code) {
+        NOT_ANSWERED => Err(unanswered),
+        action => {
+            count(Counter::VmIcmpFromRouter);
+            #[expect(clippy::cast_possible_wrap, reason = "a TC action")]
+            Ok(action as i32)
+        }
+    }
+}
+
+const NOT_ANSWERED: u32 = u32::MAX;
+
+// Out of line, returning a scalar: its own stack frame, apart from the forwarding path's.
+#[inline(never)]
+fn answer_error(ctx: &TcContext, port: &PortInfo, rdid: u32, kind_code: [u8; 2]) -> u32 {
+    let Ok(vm_ca) = ctx.load::<[u8; 16]>(ETH_HLEN + 8) else {
+        return NOT_ANSWERED;
+    };
+    let Some(hop) = route_to(rdid, vm_ca) else {
+        return NOT_ANSWERED;
+    };
+    if !hop.on_link() || hop.gateway == [0; 16] {
+        return NOT_ANSWERED;
+    }
+    let error = Icmp6Error {
+        src: hop.gateway,
+        kind_code,
+        mtu: 0,
+    };
+    #[expect(clippy::cast_sign_loss, reason = "a TC action")]
+    icmp6::answer(ctx, port, mac(), &error).map_or(NOT_ANSWERED, |a| a as u32)
 }
 
 /// Decrements the hop limit of a packet about to be routed, and readdresses its frame: from

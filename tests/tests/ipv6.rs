@@ -347,6 +347,44 @@ fn echo6(dst: [u8; 16]) -> Vec<u8> {
     out
 }
 
+/// Checks `out` is `ICMPv6` `kind_code` to RED-1 from `src` (Ethernet `from_mac`), naming `mtu`,
+/// quoting the start of `offender`, its checksum right (etherparse's).
+fn icmp6_error(
+    out: &[u8],
+    src: [u8; 16],
+    from_mac: [u8; 6],
+    kind_code: [u8; 2],
+    mtu: u32,
+    offender: &[u8],
+) -> anyhow::Result<()> {
+    let p = SlicedPacket::from_ethernet(out)?;
+    let (Some(NetSlice::Ipv6(ip)), Some(TransportSlice::Icmpv6(icmp))) = (&p.net, &p.transport)
+    else {
+        anyhow::bail!("no ICMPv6 in {out:02x?}");
+    };
+    let (s, d) = (ip.header().source(), ip.header().destination());
+    ensure!(
+        s == src && d == CA6_1 && out[..6] == RED1_MAC && out[6..12] == from_mac,
+        "ICMPv6 error addresses: {:02x?}",
+        &out[..54]
+    );
+    let body = icmp.slice();
+    ensure!(
+        body[..2] == kind_code && body[4..8] == mtu.to_be_bytes(),
+        "ICMPv6 header {:02x?}",
+        &body[..8]
+    );
+    ensure!(icmp.is_checksum_valid(s, d), "ICMPv6 error checksum");
+    let quoted = offender.len().min(14 + 128) - 14;
+    ensure!(
+        body[8..8 + quoted] == offender[14..14 + quoted],
+        "the quote is not the offending packet's start: {:02x?} vs {:02x?}",
+        &body[8..8 + quoted],
+        &offender[14..14 + quoted]
+    );
+    Ok(())
+}
+
 /// A router solicitation from RED-1's link-local address.
 fn router_solicitation() -> Vec<u8> {
     let b = etherparse::PacketBuilder::ethernet2(RED1_MAC, [0x33, 0x33, 0, 0, 0, 2])
@@ -419,20 +457,24 @@ fn the_router_answers_for_its_ipv6_addresses_and_routes_between_ipv6_subnets() -
         "routed inner frame {:02x?}",
         &out[42..42 + 22]
     );
-    // Hop limit 1, and no route.
+    // Hop limit 1, no route, no VM at the address: the router answers from RED's gateway.
     let mut last_hop = frame.clone();
     last_hop[14 + 7] = 1;
-    let expired = "drop_vm_ttl_exceeded";
-    h.expect(FROM_VM, &last_hop, Some(h.red1), TC_ACT_SHOT, expired)?;
     let nowhere = [0xfd, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
     let lost = udp6(RED1_MAC, ROUTER_MAC, CA6_1, nowhere, (40000, 7));
-    h.expect(
-        FROM_VM,
-        &lost,
-        Some(h.red1),
-        TC_ACT_SHOT,
-        "drop_vm_no_route",
-    )?;
+    let mut vacant = CA6_B;
+    vacant[15] = 6;
+    let empty = udp6(RED1_MAC, ROUTER_MAC, CA6_1, vacant, (40000, 7));
+    for (offender, kind, code) in [(&last_hop, 3, 0), (&lost, 1, 0), (&empty, 1, 3)] {
+        let out = h.expect(
+            FROM_VM,
+            offender,
+            Some(h.red1),
+            TC_ACT_REDIRECT,
+            "vm_icmp_from_router",
+        )?;
+        icmp6_error(&out, GATEWAY6_A, ROUTER_MAC, [kind, code], 0, offender)?;
+    }
     // In from RED-B's host: routed there, so from the router's MAC; from RED-B's own MAC,
     // or from an address of no subnet of the domain, refused.
     let uplink_mac = h.uplink_mac;
@@ -456,6 +498,58 @@ fn the_router_answers_for_its_ipv6_addresses_and_routes_between_ipv6_subnets() -
     let pa = "drop_uplink_spoofed_pa";
     h.expect(UPLINK_XDP, &packet(&stranger), None, XDP_DROP, pa)?;
     Ok(())
+}
+
+#[test]
+fn ipv6_too_big_for_the_uplink_is_answered_with_packet_too_big() -> anyhow::Result<()> {
+    let mut h = ipv6_host()?;
+    // The uplink's MTU is 1500: 1458 bytes of IPv6 fit once encapsulated, 1459 do not.
+    let fits = udp6_sized(CA6_2, RED2_MAC, 1458 - 48);
+    let big = udp6_sized(CA6_2, RED2_MAC, 1459 - 48);
+    h.expect(FROM_VM, &fits, Some(h.red1), TC_ACT_REDIRECT, "vm_tx_encap")?;
+    let out = h.expect(
+        FROM_VM,
+        &big,
+        Some(h.red1),
+        TC_ACT_REDIRECT,
+        "vm_icmp_packet_too_big",
+    )?;
+    // From the address the VM wrote to, with the MAC it wrote to.
+    icmp6_error(&out, CA6_2, RED2_MAC, [2, 0], 1458, &big)?;
+    // Routed: from the destination's address and the router's MAC.
+    h.add_domains()?;
+    h.add_ipv6_routes()?;
+    let routed = udp6_sized(CA6_B, ROUTER_MAC, 1459 - 48);
+    let out = h.expect(
+        FROM_VM,
+        &routed,
+        Some(h.red1),
+        TC_ACT_REDIRECT,
+        "vm_icmp_packet_too_big",
+    )?;
+    icmp6_error(&out, CA6_B, ROUTER_MAC, [2, 0], 1458, &routed)?;
+    // Never an error about an error.
+    let mut error = big.clone();
+    error[14 + 6] = 58;
+    error[14 + 40] = 1;
+    h.expect(
+        FROM_VM,
+        &error,
+        Some(h.red1),
+        TC_ACT_SHOT,
+        "drop_vm_too_big",
+    )?;
+    Ok(())
+}
+
+/// A UDP packet from RED-1 to `dst` (Ethernet `dst_mac`) with `payload` bytes of UDP payload.
+fn udp6_sized(dst: [u8; 16], dst_mac: [u8; 6], payload: usize) -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ethernet2(RED1_MAC, dst_mac)
+        .ipv6(CA6_1, dst, 64)
+        .udp(40000, 7);
+    let mut out = Vec::new();
+    b.write(&mut out, &vec![0x5a; payload]).expect("build UDP");
+    out
 }
 
 /// What tshark sees on the underlay while `traffic` runs: (GRE key, inner IPv6 source) of
