@@ -3,11 +3,11 @@
 //! programs on the live maps with `BPF_PROG_TEST_RUN` (`Datapath::load_tracer`: its counters
 //! and caches are its own, so a trace changes nothing that forwards or is counted), and the
 //! verdict, the records that matched, the output port and the output frame decoded come back.
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use etherparse::{
-    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, PacketBuilder,
-    TcpHeader, UdpHeader,
+    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, Icmpv6Header, IpNumber, Ipv4Header,
+    Ipv6Header, PacketBuilder, TcpHeader, UdpHeader,
 };
 use serde::{Deserialize, Serialize};
 
@@ -47,9 +47,9 @@ pub struct Request {
     #[serde(default)]
     pub vsid: Option<u32>,
     #[serde(default)]
-    pub src: Option<Ipv4Addr>,
+    pub src: Option<IpAddr>,
     #[serde(default)]
-    pub dst: Option<Ipv4Addr>,
+    pub dst: Option<IpAddr>,
     #[serde(default)]
     pub proto: Option<Proto>,
     #[serde(default)]
@@ -146,7 +146,13 @@ fn v4(ip: IpAddr) -> Result<Ipv4Addr> {
 /// A frame the VM behind `port` sends, as described or given.
 fn from_port(host: &Host, port: &str, req: &Request) -> Result<Built> {
     let catalog = &host.tables.catalog;
-    let record = catalog.by_port(port);
+    // The VM's record of the destination's family (IPv6 to an IPv6 destination).
+    let v6 = req.dst.is_some_and(|d| d.is_ipv6());
+    let record = catalog
+        .on_port(port)
+        .into_iter()
+        .find(|r| r.ca.is_ipv6() == v6)
+        .or_else(|| catalog.by_port(port));
     let ports = &host.tables.ports;
     let ifindex = ports
         .get(port)
@@ -175,15 +181,18 @@ fn from_port(host: &Host, port: &str, req: &Request) -> Result<Built> {
         let dst = req
             .dst
             .ok_or_else(|| invalid("--dst is needed: the destination CA"))?;
-        let src = match req.src {
-            Some(s) => s,
-            None => v4(r.ca)?,
-        };
-        let dst_mac = if let Some(router_mac) = routed(host, r.vsid, v4(r.ca)?, dst, &mut lookups) {
+        if r.ca.is_ipv6() != v6 {
+            return Err(invalid(format!(
+                "port '{port}' has no {} record: it cannot send to {dst}",
+                if v6 { "IPv6" } else { "IPv4" }
+            )));
+        }
+        let src = req.src.unwrap_or(r.ca);
+        let dst_mac = if let Some(router_mac) = routed(host, r.vsid, r.ca, dst, &mut lookups) {
             router_mac
         } else {
             lookups.push(record_line(host, r.vsid, dst, ""));
-            let to = catalog.get(&(r.vsid, IpAddr::V4(dst)));
+            let to = catalog.get(&(r.vsid, dst));
             to.map_or([2, 0, 0, 0, 0, 0], |d| d.mac.0)
         };
         customer_frame(
@@ -192,7 +201,7 @@ fn from_port(host: &Host, port: &str, req: &Request) -> Result<Built> {
             dst,
             req.proto.unwrap_or_default(),
             (req.sport.unwrap_or(40_000), req.dport.unwrap_or(7)),
-        )
+        )?
     };
     Ok(Built {
         frame,
@@ -209,11 +218,10 @@ fn from_port(host: &Host, port: &str, req: &Request) -> Result<Built> {
 fn routed(
     host: &Host,
     vsid: u32,
-    own: Ipv4Addr,
-    dst: Ipv4Addr,
+    own: IpAddr,
+    dst: IpAddr,
     lookups: &mut Vec<String>,
 ) -> Option<[u8; 6]> {
-    let (own, dst) = (IpAddr::V4(own), IpAddr::V4(dst));
     let routes = host.tables.catalog.routes();
     let rdid = routes.domain_of(vsid)?;
     let subnet = routes.subnet_of(vsid, own);
@@ -249,7 +257,8 @@ fn routed(
     ));
     let to = host.tables.catalog.get(&(route.vsid, target));
     lookups.push(format!(
-        "hop: TTL - 1, source MAC {} (the router), destination MAC {}, sent in VSID {}",
+        "hop: {} - 1, source MAC {} (the router), destination MAC {}, sent in VSID {}",
+        if dst.is_ipv6() { "hop limit" } else { "TTL" },
         crate::model::Mac(router_mac),
         to.map_or_else(|| "unknown".to_owned(), |d| d.mac.to_string()),
         route.vsid
@@ -286,9 +295,9 @@ fn from_uplink(host: &Host, req: &Request) -> Result<Built> {
     };
     let catalog = &host.tables.catalog;
     let from = catalog
-        .get(&(vsid, IpAddr::V4(src)))
+        .get(&(vsid, src))
         .ok_or_else(|| NvError::NotFound(format!("no lookup record for VSID {vsid} CA {src}")))?;
-    let to = catalog.get(&(vsid, IpAddr::V4(dst)));
+    let to = catalog.get(&(vsid, dst));
     let lookups = vec![
         record_line(host, vsid, src, " (source)"),
         record_line(host, vsid, dst, ""),
@@ -309,11 +318,11 @@ fn from_uplink(host: &Host, req: &Request) -> Result<Built> {
         // IP rewrite: provider addresses on the wire, no header added.
         customer_frame(
             (router, host.uplink_mac),
-            v4(from.pa)?,
-            local_pa,
+            from.pa,
+            IpAddr::V4(local_pa),
             proto,
             ports,
-        )
+        )?
     } else {
         let inner = customer_frame(
             (
@@ -324,7 +333,7 @@ fn from_uplink(host: &Host, req: &Request) -> Result<Built> {
             dst,
             proto,
             ports,
-        );
+        )?;
         nvgre_frame(
             (router, host.uplink_mac),
             v4(from.pa)?,
@@ -459,15 +468,25 @@ fn why(out: &Outcome, req: &Request) -> String {
     }
 }
 
-/// A customer frame from `src` to `dst`.
+/// A customer frame from `src` to `dst` (one family: an IPv4 source with an IPv6 destination
+/// is refused).
 pub fn customer_frame(
     macs: ([u8; 6], [u8; 6]),
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
+    src: IpAddr,
+    dst: IpAddr,
     proto: Proto,
     ports: (u16, u16),
-) -> Vec<u8> {
-    let ip = PacketBuilder::ethernet2(macs.0, macs.1).ipv4(src.octets(), dst.octets(), 64);
+) -> Result<Vec<u8>> {
+    let eth = PacketBuilder::ethernet2(macs.0, macs.1);
+    let ip = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
+        _ => {
+            return Err(invalid(format!(
+                "--src {src} and --dst {dst} are of different address families"
+            )));
+        }
+    };
     let payload = [0u8; 32];
     let mut out = Vec::new();
     let written = match proto {
@@ -481,14 +500,19 @@ pub fn customer_frame(
             out.reserve(b.size(0));
             b.write(&mut out, &[])
         }
+        Proto::Icmp if dst.is_ipv6() => {
+            let b = ip.icmpv6_echo_request(ports.0, 1);
+            out.reserve(b.size(payload.len()));
+            b.write(&mut out, &payload)
+        }
         Proto::Icmp => {
             let b = ip.icmpv4_echo_request(ports.0, 1);
             out.reserve(b.size(payload.len()));
             b.write(&mut out, &payload)
         }
     };
-    written.expect("a frame of fixed headers always builds");
-    out
+    written.map_err(|e| invalid(format!("cannot build the frame: {e}")))?;
+    Ok(out)
 }
 
 /// `inner` in NVGRE from `src` to `dst` (provider addresses), VSID `vsid`.
@@ -616,6 +640,10 @@ fn decode_into(frame: &[u8], out: &mut Vec<String>, depth: u8) {
         }
         return;
     }
+    if eth.ether_type == EtherType::IPV6 {
+        decode_ipv6(rest, out);
+        return;
+    }
     if eth.ether_type != EtherType::IPV4 {
         return;
     }
@@ -690,6 +718,46 @@ fn decode_into(frame: &[u8], out: &mut Vec<String>, depth: u8) {
     }
 }
 
+/// An IPv6 packet: its header and what it carries (extension headers are named, not walked).
+fn decode_ipv6(packet: &[u8], out: &mut Vec<String>) {
+    let Ok((ip, payload)) = Ipv6Header::from_slice(packet) else {
+        out.push("IPv6, malformed".into());
+        return;
+    };
+    out.push(format!(
+        "IPv6 {} > {} next {} hop limit {} len {}",
+        Ipv6Addr::from(ip.source),
+        Ipv6Addr::from(ip.destination),
+        ip.next_header.0,
+        ip.hop_limit,
+        ip.payload_length
+    ));
+    match ip.next_header {
+        IpNumber::UDP => {
+            if let Ok((udp, _)) = UdpHeader::from_slice(payload) {
+                out.push(format!(
+                    "UDP {} > {} len {}",
+                    udp.source_port, udp.destination_port, udp.length
+                ));
+            }
+        }
+        IpNumber::TCP => {
+            if let Ok((tcp, _)) = TcpHeader::from_slice(payload) {
+                out.push(format!(
+                    "TCP {} > {}",
+                    tcp.source_port, tcp.destination_port
+                ));
+            }
+        }
+        IpNumber::IPV6_ICMP => {
+            if let Ok((icmp, _)) = Icmpv6Header::from_slice(payload) {
+                out.push(format!("ICMPv6 {:?}", icmp.icmp_type));
+            }
+        }
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -698,11 +766,12 @@ mod tests {
     fn frames_built_here_decode_layer_by_layer() {
         let inner = customer_frame(
             ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]),
-            Ipv4Addr::new(10, 0, 0, 1),
-            Ipv4Addr::new(10, 0, 0, 2),
+            IpAddr::from([10, 0, 0, 1]),
+            IpAddr::from([10, 0, 0, 2]),
             Proto::Udp,
             (40_000, 53),
-        );
+        )
+        .unwrap();
         let outer = nvgre_frame(
             ([2, 0, 0, 0, 9, 9], [2, 0, 0, 0, 8, 8]),
             Ipv4Addr::new(198, 18, 0, 2),
@@ -721,11 +790,40 @@ mod tests {
         assert!(from_hex("0g").is_err());
         let tcp = customer_frame(
             ([2; 6], [4; 6]),
-            Ipv4Addr::new(10, 0, 0, 1),
-            Ipv4Addr::new(10, 0, 0, 2),
+            IpAddr::from([10, 0, 0, 1]),
+            IpAddr::from([10, 0, 0, 2]),
             Proto::Tcp,
             (1, 80),
-        );
+        )
+        .unwrap();
         assert_eq!(decode(&tcp)[2], "TCP 1 > 80 flags S");
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        let ping6 = customer_frame(
+            ([2; 6], [4; 6]),
+            v6,
+            "fd00::2".parse().unwrap(),
+            Proto::Icmp,
+            (7, 0),
+        )
+        .unwrap();
+        let layers = decode(&ping6);
+        assert!(
+            layers[1].starts_with("IPv6 fd00::1 > fd00::2 next 58 hop limit 64"),
+            "{layers:?}"
+        );
+        assert!(layers[2].starts_with("ICMPv6 EchoRequest"), "{layers:?}");
+        let mixed = customer_frame(
+            ([2; 6], [4; 6]),
+            v6,
+            IpAddr::from([10, 0, 0, 2]),
+            Proto::Udp,
+            (1, 2),
+        );
+        assert!(
+            mixed
+                .unwrap_err()
+                .to_string()
+                .contains("different address families")
+        );
     }
 }

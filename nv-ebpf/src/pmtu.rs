@@ -99,7 +99,8 @@ pub fn too_big6(
     } else {
         ctx.len() - ETH_HLEN as u32
     };
-    if mtu == 0 || l3_len + overhead <= mtu {
+    let fits = mtu == 0 || l3_len + overhead <= mtu;
+    if fits {
         0
     } else {
         mtu.saturating_sub(overhead).max(1)

@@ -714,6 +714,24 @@ impl TwoHosts {
         Ok(())
     }
 
+    /// The IPv6 record of the guest behind `tap` (`ca`, NVGRE), beside its IPv4 one, on both
+    /// hosts through nvctl.
+    pub fn plug_tap_ipv6(&self, tap: &TapVm, ca: &str) -> anyhow::Result<()> {
+        let vsid = tap.vsid.to_string();
+        let pa = &self.hosts[tap.host].pa;
+        for (i, h) in self.hosts.iter().enumerate() {
+            let mut args = vec![
+                "lookup", "add", "--vsid", &vsid, "--ca", ca, "--pa", pa, "--mac", tap.mac,
+                "--method", "encap", "--name", tap.name,
+            ];
+            if i == tap.host {
+                args.extend(["--port", tap.port]);
+            }
+            h.nvctl(&args)?;
+        }
+        Ok(())
+    }
+
     /// How to boot the guest behind `tap` (its MTU the kernel's default unless `mtu`).
     pub fn guest_spec(&self, tap: &TapVm, mtu: Option<u32>) -> crate::guest::Spec {
         crate::guest::Spec {

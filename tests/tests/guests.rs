@@ -272,6 +272,28 @@ fn guests_with_mtu_1500_over_a_1500_underlay_find_the_path_mtu_through_nv() -> a
     ensure!(got >= 3, "RED-G2's 1500-byte pings: {got} of 5 replies");
     let answered = delta(&before[1], &bed.hosts[1].counters()?, "vm_icmp_frag_needed");
     ensure!(answered >= 1, "host2 sent no ICMP fragmentation needed");
+    // IPv6 has no fragmenting router: the guest learns the path MTU from "packet too big".
+    bed.plug_tap_ipv6(&RED_G1, "fd00::11")?;
+    bed.plug_tap_ipv6(&RED_G2, "fd00::12")?;
+    for (g, ca) in [(&mut *g1, "fd00::11"), (&mut *g2, "fd00::12")] {
+        g.ok(
+            // busybox's ip has no `nodad`: duplicate address detection (unanswered: nv
+            // answers no solicitation from ::) is over within its one second.
+            &format!("ip -6 addr add {ca}/64 dev eth0 && sleep 2"),
+            std::time::Duration::from_secs(10),
+        )?;
+    }
+    let before = bed.hosts[0].counters()?;
+    g2.listen(47013)?;
+    let made = g1.make_file(TWO_MB)?;
+    g1.send_file("fd00::12", 47013)?;
+    let got = g2.received()?;
+    ensure!(
+        made == got,
+        "RED-G1 -> RED-G2 by IPv6: sent {made}, got {got}"
+    );
+    let answered = delta(&before, &bed.hosts[0].counters()?, "vm_icmp_packet_too_big");
+    ensure!(answered >= 1, "host1 sent no ICMPv6 packet too big");
     Ok(())
 }
 

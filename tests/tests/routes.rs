@@ -455,13 +455,41 @@ fn ipv6_subnets_are_routed_too(bed: &TwoHosts) -> anyhow::Result<()> {
         "IPv6: RED-B saw contoso's {red_own} and fabrikam's {red_other} frames, BLUE-B \
          fabrikam's {blue_own} and contoso's {blue_other}"
     );
-    // Hop limit 1 dies at the router.
-    let before = bed.hosts[0].counters()?;
-    let lost = ping_with(bed, "RED-1", far, "a6", 1)?;
-    let expired = delta(&before, &bed.hosts[0].counters()?, "drop_vm_ttl_exceeded");
+    // Hop limit 1: time exceeded from RED's IPv6 gateway; no route: unreachable.
+    let out = bed
+        .vm("RED-1")
+        .ns
+        .exec_output("ping", &["-c", "3", "-i", "0.2", "-W", "1", "-t", "1", far])?;
+    let text = String::from_utf8_lossy(&out.stdout);
     ensure!(
-        lost == 0 && expired == 3,
-        "hop limit 1: {lost} replies, {expired} expired"
+        text.matches("From fd00::fe").count() == 3 && text.contains("Time exceeded"),
+        "hop limit 1: time exceeded from RED's gateway, three times: {text}"
+    );
+    let out = bed
+        .vm("RED-1")
+        .ns
+        .exec_output("ping", &["-c", "1", "-W", "1", "fd00:9::1"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        text.contains("From fd00::fe") && text.to_lowercase().contains("unreachable"),
+        "no IPv6 route: {text}"
+    );
+    // trace tells the IPv6 route and hop as it does IPv4's.
+    let t = bed.hosts[0].nvctl_json(&["trace", "--port", "red1", "--dst", far])?;
+    let lookups = t["lookups"].to_string();
+    for want in [
+        "routing domain contoso: route contoso fd00:1::/64 on-link",
+        "VSID 7002 CA fd00:1::5",
+        "hop: hop limit - 1, source MAC 02:6e:76:00:00:01 (the router)",
+    ] {
+        ensure!(lookups.contains(want), "IPv6 trace lacks {want:?}: {t}");
+    }
+    let output = t["output"].to_string();
+    ensure!(
+        t["verdict"] == "redirect"
+            && output.contains("NVGRE VSID 7002")
+            && output.contains("IPv6 fd00::1 > fd00:1::5 next 58 hop limit 63"),
+        "routed IPv6 trace: {t:#}"
     );
     Ok(())
 }

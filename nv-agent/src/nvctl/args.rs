@@ -334,12 +334,12 @@ pub struct TraceArgs {
     /// With --from-uplink: the virtual subnet.
     #[arg(long)]
     pub vsid: Option<u32>,
-    /// Source customer address [default: the port's].
+    /// Source customer address [default: the port's record of the destination's family].
     #[arg(long)]
-    pub src: Option<std::net::Ipv4Addr>,
-    /// Destination customer address.
+    pub src: Option<std::net::IpAddr>,
+    /// Destination customer address, IPv4 or IPv6.
     #[arg(long, required_unless_present = "pcap")]
-    pub dst: Option<std::net::Ipv4Addr>,
+    pub dst: Option<std::net::IpAddr>,
     #[arg(long, value_enum)]
     pub proto: Option<crate::trace::Proto>,
     /// Destination port (TCP, UDP) or echo id (ICMP).
