@@ -17,6 +17,7 @@ use crate::model::Subnet;
 
 pub mod counts;
 pub mod server;
+pub mod v6;
 
 /// Seconds a lease lasts. Records change rarely, and a VM renews at half of it.
 pub const LEASE_SECS: u32 = 3600;

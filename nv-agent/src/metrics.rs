@@ -384,6 +384,18 @@ impl Snapshot {
                 &self.dhcp.unanswered,
             ),
             (
+                "nv_dhcp6_requests",
+                "DHCPv6 messages of VMs the agent read, by message type.",
+                "type",
+                &self.dhcp.requests6,
+            ),
+            (
+                "nv_dhcp6_replies",
+                "DHCPv6 answers the agent wrote into VM ports, by message type.",
+                "type",
+                &self.dhcp.replies6,
+            ),
+            (
                 "nv_router_adverts",
                 "IPv6 router advertisements the agent wrote into VM ports, solicited or periodic.",
                 "why",

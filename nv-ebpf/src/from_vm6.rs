@@ -68,6 +68,7 @@ fn upper_layer(ctx: &TcContext, first: u8) -> Result<(u8, usize), Counter> {
 const PASS: u32 = u32::MAX;
 const SOLICIT: u32 = u32::MAX - 1;
 const ROUTER_SOLICIT: u32 = u32::MAX - 2;
+const DHCP6_REQUEST: u32 = u32::MAX - 3;
 
 /// The messages only nv may send or answer, by the upper-layer protocol `proto` at `l4`.
 // Out of line, returning a scalar: its own stack frame, and a BPF subprogram cannot hand back
@@ -94,11 +95,17 @@ fn screen(ctx: &TcContext, proto: u8, l4: usize, bounced: bool) -> u32 {
         let Ok(ports) = ctx.load::<[u8; 4]>(l4) else {
             return drop(Counter::DropVmMalformed);
         };
+        let (src, dst) = (
+            u16::from_be_bytes([ports[0], ports[1]]),
+            u16::from_be_bytes([ports[2], ports[3]]),
+        );
         // A server's message: from the server's port, or to a client's from any.
-        if u16::from_be_bytes([ports[0], ports[1]]) == DHCPV6_SERVER_PORT
-            || u16::from_be_bytes([ports[2], ports[3]]) == DHCPV6_CLIENT_PORT
-        {
+        if src == DHCPV6_SERVER_PORT || dst == DHCPV6_CLIENT_PORT {
             return drop(Counter::DropVmRouterGuard);
+        }
+        // A client's: the agent's to answer where nv is the router.
+        if src == DHCPV6_CLIENT_PORT && dst == DHCPV6_SERVER_PORT && !bounced {
+            return DHCP6_REQUEST;
         }
     }
     PASS
@@ -150,6 +157,11 @@ pub fn run(ctx: &TcContext, port: &PortInfo, ifindex: u32, bounced: bool) -> Res
             crate::dhcp::hand_over(ctx, ifindex)
         }
         ROUTER_SOLICIT => Err(Counter::DropVmNdUnanswered),
+        // The agent serves DHCPv6 in a routed VSID; elsewhere the request is any packet.
+        DHCP6_REQUEST if router::domain(port.vsid).is_some() => {
+            crate::dhcp::hand_over(ctx, ifindex)
+        }
+        DHCP6_REQUEST => forward(ctx, port, ifindex, bounced),
         // Masked behind a barrier: the compiler may check the bound on one register and index
         // with another, and the verifier then sees the read unbounded; masked, it stays within
         // the table's read-only section whatever the check.

@@ -410,6 +410,23 @@ fn the_router_answers_for_its_ipv6_addresses_and_routes_between_ipv6_subnets() -
     h.expect(FROM_VM, &ns, Some(h.red1), TC_ACT_SHOT, unanswered)?;
     let rs = router_solicitation();
     h.expect(FROM_VM, &rs, Some(h.red1), TC_ACT_SHOT, unanswered)?;
+    // A DHCPv6 client's solicit: any packet where nv is no router (its link-local source is
+    // no record's), the agent's where it is.
+    let all_servers = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 2];
+    let solicit = udp6(
+        RED1_MAC,
+        [0x33, 0x33, 0, 1, 0, 2],
+        link_local(RED1_MAC),
+        all_servers,
+        (546, 547),
+    );
+    h.expect(
+        FROM_VM,
+        &solicit,
+        Some(h.red1),
+        TC_ACT_SHOT,
+        "drop_vm_spoofed_ip",
+    )?;
     h.add_domains()?;
     h.add_ipv6_routes()?;
     // Its link-local address and the subnet's gateway: the router's MAC, flagged a router.
@@ -426,8 +443,15 @@ fn the_router_answers_for_its_ipv6_addresses_and_routes_between_ipv6_subnets() -
     let other = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
     let ns = solicitation(RED1_MAC, link_local(RED1_MAC), other);
     h.expect(FROM_VM, &ns, Some(h.red1), TC_ACT_SHOT, unanswered)?;
-    // A solicitation goes to the agent, within the port's budget.
+    // A solicitation goes to the agent, within the port's budget; so does DHCPv6.
     h.expect(FROM_VM, &rs, Some(h.red1), TC_ACT_SHOT, "vm_dhcp_to_agent")?;
+    h.expect(
+        FROM_VM,
+        &solicit,
+        Some(h.red1),
+        TC_ACT_SHOT,
+        "vm_dhcp_to_agent",
+    )?;
     // Echo to the gateway: answered back into the port, from the gateway.
     let out = h.expect(
         FROM_VM,
@@ -475,6 +499,13 @@ fn the_router_answers_for_its_ipv6_addresses_and_routes_between_ipv6_subnets() -
         )?;
         icmp6_error(&out, GATEWAY6_A, ROUTER_MAC, [kind, code], 0, offender)?;
     }
+    routed_ipv6_comes_in_from_the_router_s_mac(&h, nowhere)
+}
+
+/// NVGRE from RED-B's host with RED-B's IPv6 source in RED's VSID: routed there, so taken
+/// from the router's MAC only; from RED-B's own MAC, or from `nowhere` (no subnet of the
+/// domain), refused.
+fn routed_ipv6_comes_in_from_the_router_s_mac(h: &Host, nowhere: [u8; 16]) -> anyhow::Result<()> {
     // In from RED-B's host: routed there, so from the router's MAC; from RED-B's own MAC,
     // or from an address of no subnet of the domain, refused.
     let uplink_mac = h.uplink_mac;

@@ -316,6 +316,7 @@ fn two_subnets_of_a_domain_are_routed_by_every_host_and_other_domains_never_see_
         ttl_one_expires_at_the_router(&bed)?;
         if hook == "xdp" {
             ipv6_subnets_are_routed_too(&bed)?;
+            a_vm_takes_its_ipv6_address_from_dhcpv6(&bed)?;
             a_guest_configures_itself_by_dhcp(&bed)?;
             trace_names_the_route_and_the_hop(&bed)?;
         }
@@ -491,6 +492,81 @@ fn ipv6_subnets_are_routed_too(bed: &TwoHosts) -> anyhow::Result<()> {
             && output.contains("IPv6 fd00::1 > fd00:1::5 next 58 hop limit 63"),
         "routed IPv6 trace: {t:#}"
     );
+    Ok(())
+}
+
+/// A real `DHCPv6` client (ISC's `dhclient -6`, in the foreground), killed by its pid on drop.
+struct Dhclient(std::process::Child);
+
+impl Drop for Dhclient {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// RED-B's record (`fd00:1::5`) is not the address SLAAC gives its MAC, so nv's advertisement
+/// says "managed": RED-B, its address taken away, asks `DHCPv6` with ISC's client and is given
+/// its record's address by nv's server, and reaches RED-1 from it.
+fn a_vm_takes_its_ipv6_address_from_dhcpv6(bed: &TwoHosts) -> anyhow::Result<()> {
+    let red_b = &bed.vm("RED-B").ns;
+    red_b.ip(&["-6", "addr", "del", "fd00:1::5/64", "dev", "eth0"])?;
+    let metrics_before = scrape(bed, 1)?;
+    let tmp = bed.tmp_dir();
+    let (leases, pid) = (tmp.join("redb6.leases"), tmp.join("redb6.pid"));
+    let child = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &red_b.name,
+            "dhclient",
+            "-6",
+            "-d",
+            "-1",
+            "-v",
+        ])
+        .arg("-lf")
+        .arg(&leases)
+        .arg("-pf")
+        .arg(&pid)
+        .arg("eth0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("start dhclient -6")?;
+    let _client = Dhclient(child);
+    let mut addrs = String::new();
+    for _ in 0..40 {
+        addrs = red_b.ip(&["-6", "addr", "show", "dev", "eth0"])?;
+        if addrs.contains("fd00:1::5/128") && !addrs.contains("tentative") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    ensure!(
+        addrs.contains("inet6 fd00:1::5/128"),
+        "RED-B got no address from nv's DHCPv6: {addrs}"
+    );
+    // DHCPv6 gives an address alone (a /128); the default router is the advertisements' to
+    // give: the router's link-local address.
+    red_b.ip(&[
+        "-6",
+        "route",
+        "replace",
+        "default",
+        "via",
+        "fe80::6e:76ff:fe00:1",
+        "dev",
+        "eth0",
+    ])?;
+    ensure!(
+        bed.ping("RED-B", "fd00::1", 3)? == 3,
+        "RED-B -> RED-1 from its DHCPv6 address"
+    );
+    let metrics = scrape(bed, 1)?;
+    let series = "nv_dhcp6_replies_total{type=\"reply\"}";
+    let (was, is) = (sample(&metrics_before, series), sample(&metrics, series));
+    ensure!(is > was, "{series} did not rise ({was} -> {is})");
     Ok(())
 }
 

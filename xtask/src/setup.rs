@@ -27,6 +27,8 @@ const PACKAGES: &[&str] = &[
     "linux-image-amd64",
     "busybox-static",
     "cpio",
+    // A real DHCPv6 client (dhclient -6) for nv's DHCPv6 server: the guests' busybox has none.
+    "isc-dhcp-client",
     // The unit file's check (systemd-analyze) and the man pages' (man -l).
     "systemd",
     "man-db",

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use super::Agent;
 use crate::{
-    dhcp::{Lease, MAX_CLASSLESS_ROUTES, Unanswered},
+    dhcp::{Lease, MAX_CLASSLESS_ROUTES, Unanswered, v6::Lease6},
     model::Subnet,
     ra::{Advert, slaac_address},
 };
@@ -47,6 +47,32 @@ impl Agent {
             len,
             slaac: len == 64 && slaac_address(prefix, record.mac.0) == ca,
             mtu: self.vm_mtu(),
+        })
+    }
+
+    /// The `DHCPv6` lease of the VM behind the port `ifindex`: its IPv6 record, in an IPv6
+    /// subnet of its VSID.
+    pub fn dhcp6_lease(&self, ifindex: u32) -> Result<Lease6, Unanswered> {
+        let port = self.port_at(ifindex).ok_or(Unanswered::NoRecord)?;
+        let record = self
+            .tables
+            .catalog
+            .on_port(port)
+            .into_iter()
+            .find(|r| r.ca.is_ipv6())
+            .ok_or(Unanswered::NoRecord)?;
+        let IpAddr::V6(ca) = record.ca else {
+            return Err(Unanswered::NoRecord);
+        };
+        self.tables
+            .catalog
+            .routes()
+            .subnet_of(record.vsid, record.ca)
+            .ok_or(Unanswered::NoSubnet)?;
+        Ok(Lease6 {
+            mac: record.mac.0,
+            ca,
+            router_mac: *crate::datapath::router_mac(),
         })
     }
 

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dhcproto::v4::MessageType;
 
-use super::{REPLY_KINDS, Unanswered};
+use super::{REPLY_KINDS, Unanswered, v6};
 
 /// Request kinds as Prometheus labels (`nv_dhcp_requests_total{type}`).
 pub const REQUEST_KINDS: [&str; 6] = [
@@ -21,6 +21,8 @@ pub struct Counts {
     replies: [AtomicU64; REPLY_KINDS.len()],
     unanswered: [AtomicU64; Unanswered::ALL.len()],
     adverts: [AtomicU64; ADVERT_WHYS.len()],
+    requests6: [AtomicU64; v6::REQUEST_KINDS.len()],
+    replies6: [AtomicU64; v6::REPLY_KINDS.len()],
 }
 
 impl Counts {
@@ -39,6 +41,8 @@ impl Counts {
             replies: read(&self.replies, &REPLY_KINDS),
             unanswered: read(&self.unanswered, &reasons),
             adverts: read(&self.adverts, &ADVERT_WHYS),
+            requests6: read(&self.requests6, &v6::REQUEST_KINDS),
+            replies6: read(&self.replies6, &v6::REPLY_KINDS),
         }
     }
 
@@ -57,6 +61,19 @@ impl Counts {
     pub(super) fn reply(&self, kind: &str) {
         if let Some(i) = REPLY_KINDS.iter().position(|k| *k == kind) {
             self.replies[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One more `DHCPv6` message of kind `i` ([`v6::REQUEST_KINDS`]).
+    pub(super) fn request6(&self, i: usize) {
+        if let Some(n) = self.requests6.get(i) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn reply6(&self, kind: &str) {
+        if let Some(i) = v6::REPLY_KINDS.iter().position(|k| *k == kind) {
+            self.replies6[i].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -79,4 +96,6 @@ pub struct CountsNow {
     pub replies: Vec<(&'static str, u64)>,
     pub unanswered: Vec<(&'static str, u64)>,
     pub adverts: Vec<(&'static str, u64)>,
+    pub requests6: Vec<(&'static str, u64)>,
+    pub replies6: Vec<(&'static str, u64)>,
 }

@@ -15,7 +15,7 @@ use nv_common::slow_path::{SLOW_FRAME_BYTES, SlowFrame};
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, warn};
 
-use super::{Unanswered, answer, request_of};
+use super::{Unanswered, answer, request_of, v6};
 use crate::{ra, shared::Shared};
 
 /// Answers the datapath's slow-path frames, and advertises the router, for as long as the
@@ -91,6 +91,9 @@ async fn serve(agent: &Shared, writer: &PortWriter, ifindex: u32, frame: &[u8]) 
         }
         return;
     }
+    if v6::is_request(frame) {
+        return serve6(agent, writer, ifindex, frame).await;
+    }
     let counts = agent.dhcp_counts();
     let req = match request_of(frame) {
         Ok(req) => req,
@@ -109,6 +112,30 @@ async fn serve(agent: &Shared, writer: &PortWriter, ifindex: u32, frame: &[u8]) 
     });
     match answered {
         Ok(kind) => counts.reply(kind),
+        Err(why) => counts.unanswered(why),
+    }
+}
+
+/// A `DHCPv6` client's message: answered from the VM's IPv6 record.
+async fn serve6(agent: &Shared, writer: &PortWriter, ifindex: u32, frame: &[u8]) {
+    let counts = agent.dhcp_counts();
+    let req = match v6::request_of(frame) {
+        Ok(req) => req,
+        Err(why) => return counts.unanswered(why),
+    };
+    counts.request6(v6::kind_of(&req));
+    let lease = agent.lock().await.dhcp6_lease(ifindex);
+    let answered = lease.and_then(|lease| {
+        let (frame, kind) = v6::answer(&req, &lease)?;
+        writer.send(ifindex, &frame).map_err(|e| {
+            warn!(ifindex, "DHCPv6: cannot write into the port: {e}");
+            Unanswered::SendFailed
+        })?;
+        debug!(ifindex, ca = %lease.ca, "DHCPv6 {kind}");
+        Ok(kind)
+    });
+    match answered {
+        Ok(kind) => counts.reply6(kind),
         Err(why) => counts.unanswered(why),
     }
 }
