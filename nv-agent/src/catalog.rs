@@ -349,12 +349,18 @@ impl Catalog {
     /// Whether the record of `key` may go: a VM's IPv4 record stays while its IPv6 record
     /// is on the same port (the port's entry is the IPv4 record's).
     pub fn check_del(&self, key: &Key) -> Result<()> {
-        let Some(k) = key4(key) else { return Ok(()) };
-        if let Some(port) = self.ports.get(&k)
-            && let Some(k6) = self.v6.by_port.get(port)
-        {
+        if key4(key).is_none() {
+            return Ok(());
+        }
+        // By VSID and MAC, which the two records share: the same answer on every host, the
+        // VM's own or not.
+        let Some(r) = self.get(key) else {
+            return Ok(());
+        };
+        if let Some(k6) = self.v6.by_mac.get(&(r.vsid, r.mac.0)) {
             return Err(NvError::Conflict(format!(
-                "port '{port}' also has the IPv6 record {}: delete that first",
+                "the VM of {} also has the IPv6 record {}: delete that first",
+                describe(&r),
                 describe(&self.v6.records[k6])
             )));
         }

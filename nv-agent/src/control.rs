@@ -89,6 +89,8 @@ pub async fn delete(shared: &Shared, vsid: u32, ca: IpAddr) -> Result<LookupReco
     match shared.cluster() {
         None => shared.lock().await.remove_lookup(vsid, ca).await,
         Some(cluster) => {
+            // As this host applied etcd: another host's answer is the same.
+            shared.lock().await.catalog().check_del(&(vsid, ca))?;
             let records = cluster.records();
             let (current, at) = records.current(vsid, ca).await?;
             let revision = records.remove(vsid, ca, at).await?;

@@ -100,6 +100,7 @@ fn records_written_on_one_host_reach_every_host_and_a_vm_migrates() -> anyhow::R
     let (mut bed, _etcd) = bed()?;
     ensure!(bed.ping("RED-1", "10.0.0.2", 3)? == 3, "RED-1 -> RED-2");
     ensure!(bed.ping("BLUE-2", "10.0.0.1", 3)? == 3, "BLUE-2 -> BLUE-1");
+    ipv6_records_are_distributed_too(&bed)?;
     // nvctl on every host lists the same records, with the hosts of their ports.
     for h in &bed.hosts {
         let listed = h.nvctl_json(&["lookup", "list", "--vsid", "5001"])?;
@@ -163,6 +164,68 @@ fn records_written_on_one_host_reach_every_host_and_a_vm_migrates() -> anyhow::R
             .is_some_and(|p| p.iter().all(|p| p["port"] != "red2")),
         "host 2 still has red2: {status}"
     );
+    Ok(())
+}
+
+/// RED-1's and RED-2's IPv6 records, both typed on host 3: every host applies them, RED-1
+/// reaches RED-2 by IPv6 across hosts, and no host deletes RED-2's IPv4 record while its IPv6
+/// record stands (its port's entry is the IPv4 record's). Then they go, as they came.
+fn ipv6_records_are_distributed_too(bed: &TwoHosts) -> anyhow::Result<()> {
+    let typed = &bed.hosts[2];
+    for (vm, ca, host) in [("RED-1", "fd00::1", 0), ("RED-2", "fd00::2", 1)] {
+        let v = bed.vm(vm);
+        typed.nvctl(&[
+            "lookup",
+            "add",
+            "--vsid",
+            "5001",
+            "--ca",
+            ca,
+            "--pa",
+            &bed.hosts[host].pa,
+            "--mac",
+            &v.mac,
+            "--port",
+            &v.port,
+            "--host",
+            &bed.hosts[host].name,
+        ])?;
+        v.ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ca}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+    }
+    for h in &bed.hosts {
+        let listed = h.nvctl_json(&["lookup", "list", "--vsid", "5001"])?;
+        let v6 = listed.as_array().map_or(0, |l| {
+            l.iter()
+                .filter(|r| r["ca"].as_str().is_some_and(|c| c.contains(':')))
+                .count()
+        });
+        ensure!(v6 == 2, "{}: {v6} IPv6 records of 2: {listed}", h.name);
+    }
+    ensure!(
+        bed.ping("RED-1", "fd00::2", 3)? == 3,
+        "RED-1 -> RED-2 by IPv6"
+    );
+    for h in &bed.hosts {
+        let refused = h
+            .nvctl(&["lookup", "del", "--vsid", "5001", "--ca", "10.0.0.2"])
+            .map_or_else(|e| e.to_string(), |out| format!("done: {out}"));
+        ensure!(
+            refused.contains("delete that first"),
+            "{}: deleting RED-2's IPv4 record under its IPv6 one: {refused}",
+            h.name
+        );
+    }
+    for ca in ["fd00::1", "fd00::2"] {
+        typed.nvctl(&["lookup", "del", "--vsid", "5001", "--ca", ca])?;
+    }
     Ok(())
 }
 

@@ -197,6 +197,8 @@ impl<'a> Operator<'a> {
 
     /// Takes a record away.
     pub async fn delete(&self, vsid: u32, ca: IpAddr) -> anyhow::Result<LookupRecord> {
+        // A VM's IPv4 record stays while its IPv6 record does, as on a host alone.
+        self.catalog().await?.check_del(&(vsid, ca))?;
         let here = self.here().await;
         let (record, at) = self
             .records()
