@@ -475,6 +475,17 @@ impl Host {
         Ok(copy)
     }
 
+    /// Another build's programs (`object`: its eBPF ELF) on this host's maps, for the
+    /// benchmark's parent-tree rows. Loaded with this build's layout of the maps it shares.
+    pub fn load_foreign(&self, object: &[u8]) -> anyhow::Result<Datapath> {
+        Ok(Datapath::load_object(
+            &self.pin.0,
+            self.max_lookups,
+            Programs::Forwarding,
+            object,
+        )?)
+    }
+
     /// Replaces the datapath flags (`DatapathConfig::*`).
     pub fn set_flags(&mut self, flags: u32) -> anyhow::Result<()> {
         self.desired.config.flags = flags;

@@ -359,6 +359,17 @@ impl Datapath {
         max_lookups: u32,
         programs: Programs,
     ) -> Result<Datapath> {
+        Self::load_object(pin_path, max_lookups, programs, crate::EBPF_OBJECT)
+    }
+
+    /// As [`Datapath::load_programs`], from another build's eBPF object (the benchmark's
+    /// parent tree, on this tree's maps where their layouts agree).
+    pub fn load_object(
+        pin_path: &Path,
+        max_lookups: u32,
+        programs: Programs,
+        object: &[u8],
+    ) -> Result<Datapath> {
         ensure_bpffs(pin_path)?;
         let maps_dir = pin_path.join("maps");
         let links_dir = pin_path.join("links");
@@ -400,7 +411,7 @@ impl Datapath {
             .override_global("NV_SKB_IP_SUMMED_SHIFT", &skb.ip_summed_shift, true)
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(map_names::LOOKUPS, max_lookups)
-            .load(crate::EBPF_OBJECT)
+            .load(object)
             .map_err(|e| dp_err("load eBPF object", e));
         let mut ebpf = match loaded {
             Ok(ebpf) => ebpf,

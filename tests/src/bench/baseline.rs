@@ -112,3 +112,25 @@ pub fn table(c: &Comparison) -> String {
     }
     s
 }
+
+/// The eBPF object the baseline's agent was built with, found beside its release binaries in
+/// `bin` (aya-build's output in the agent's build directory; the newest if several).
+pub fn object(bin: &Path) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context as _;
+    let build = bin.join("build");
+    let mut found: Vec<(std::time::SystemTime, std::path::PathBuf)> = std::fs::read_dir(&build)
+        .with_context(|| format!("read {}", build.display()))?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("nv-agent-"))
+        .map(|e| {
+            e.path()
+                .join("out/aya-build/target/nv-ebpf/bpfel-unknown-none/release/nv")
+        })
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .collect();
+    found.sort();
+    let (_, newest) = found
+        .pop()
+        .with_context(|| format!("no eBPF object under {}", build.display()))?;
+    std::fs::read(&newest).with_context(|| format!("read {}", newest.display()))
+}

@@ -306,20 +306,51 @@ pub fn run(scale: Scale) -> anyhow::Result<(Vec<Cost>, Vec<Overhead>)> {
 fn overheads(scale: Scale) -> anyhow::Result<Vec<Overhead>> {
     let mut h = host_with(true, 1_000, Programs::Forwarding)?;
     h.ns.ip(&["link", "set", "uplink0", "mtu", "9000"])?;
-    let copies = [
+    let copies = vec![
         (
-            "control: the same programs",
+            "control: the same programs".to_owned(),
             h.load_copy(Programs::Forwarding)?,
         ),
         (
-            "per-VSID counting",
+            "per-VSID counting".to_owned(),
             h.load_copy(Programs::WithoutVsidCounts)?,
         ),
         (
-            "monitor and debug-event checks, off",
+            "monitor and debug-event checks, off".to_owned(),
             h.load_copy(Programs::WithoutMonitor)?,
         ),
     ];
+    side_by_side(scale, &mut h, &copies)
+}
+
+/// This tree's programs against another build's (`object`, the eBPF ELF of revision `rev`)
+/// on the IPv4 paths, on the same maps, in turns: what this tree's changes cost IPv4. A second
+/// copy of this tree's programs is the control. Runs in its own thread (the fixture moves it
+/// into its namespace).
+pub fn against(scale: Scale, object: Vec<u8>, rev: String) -> anyhow::Result<Vec<Overhead>> {
+    std::thread::spawn(move || {
+        let mut h = host_with(true, 1_000, Programs::Forwarding)?;
+        h.ns.ip(&["link", "set", "uplink0", "mtu", "9000"])?;
+        let copies = vec![
+            (
+                "control: the same programs".to_owned(),
+                h.load_copy(Programs::Forwarding)?,
+            ),
+            (format!("the tree of {rev}"), h.load_foreign(&object)?),
+        ];
+        side_by_side(scale, &mut h, &copies)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("program benchmark panicked"))?
+}
+
+/// The host's programs against each of `copies` (sharing its maps, each checked to take the
+/// path), on the paths that matter, in turns so the machine's noise falls on all alike.
+fn side_by_side(
+    scale: Scale,
+    h: &mut Host,
+    copies: &[(String, nv_agent::datapath::Datapath)],
+) -> anyhow::Result<Vec<Overhead>> {
     let rounds = 10;
     let singles = scale.pick(20_000, 100);
     let repeat = scale.pick(1_000_000, 1_000);
@@ -331,15 +362,15 @@ fn overheads(scale: Scale) -> anyhow::Result<Vec<Overhead>> {
         "rewrite_out",
         "drop_vm_unknown_dst",
     ];
-    for p in paths(&h, 64)
+    for p in paths(h, 64)
         .into_iter()
         .filter(|p| wanted.contains(&p.name))
     {
         if h.desired.config.flags != p.flags {
             h.set_flags(p.flags)?;
         }
-        check(&h, &p)?;
-        for (feature, copy) in &copies {
+        check(h, &p)?;
+        for (feature, copy) in copies {
             let verdict = copy.test_run(p.program, &p.frame, p.ifindex, 1)?.ret;
             anyhow::ensure!(
                 verdict == expected(p.name).0,
@@ -366,7 +397,7 @@ fn overheads(scale: Scale) -> anyhow::Result<Vec<Overhead>> {
         for ((feature, _), s) in copies.iter().zip(samples.iter_mut().skip(1)) {
             let without = quantile(s, 0.5);
             out.push(Overhead {
-                feature: (*feature).to_owned(),
+                feature: feature.clone(),
                 path: p.name.to_owned(),
                 frame_bytes: 64,
                 with_ns: with,

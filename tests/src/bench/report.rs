@@ -149,6 +149,28 @@ pub fn goals(
     goals
 }
 
+/// This tree's programs against another revision's (`nv-bench --baseline-bin`), as a table.
+pub fn against_table(rows: &[programs::Overhead]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\nthis tree's programs against another revision's, IPv4 paths (64 B, 1K records, same maps, in turns)"
+    );
+    let _ = writeln!(
+        s,
+        "{:<38} {:<20} {:>9} {:>9} {:>7}",
+        "against", "path", "tree ns", "base ns", "ratio"
+    );
+    for o in rows {
+        let _ = writeln!(
+            s,
+            "{:<38} {:<20} {:>9.1} {:>9.1} {:>7.3}  ({})",
+            o.feature, o.path, o.with_ns, o.without_ns, o.ratio, o.how
+        );
+    }
+    s
+}
+
 /// The features' costs, each against a copy of the programs without it.
 fn overheads(s: &mut String, overheads: &[programs::Overhead]) {
     if overheads.is_empty() {

@@ -27,9 +27,16 @@ fn run() -> anyhow::Result<()> {
         // Another revision's control plane beside this tree's, and nothing else.
         let rev = arg("--baseline-rev").unwrap_or_else(|| bin.clone());
         let rounds = arg("--rounds").map_or(Ok(3), |r| r.parse())?;
+        std::fs::create_dir_all(&out)?;
+        // Its datapath programs beside this tree's, on the IPv4 paths.
+        let object = baseline::object(std::path::Path::new(&bin))?;
+        let rows = programs::against(scale, object, rev.clone())?;
+        print!("{}", report::against_table(&rows));
+        let file = out.join("baseline-programs.json");
+        std::fs::write(&file, serde_json::to_string_pretty(&rows)?)?;
+        println!("\nwrote {}", file.display());
         let c = baseline::run(scale, std::path::Path::new(&bin), &rev, rounds)?;
         print!("{}", baseline::table(&c));
-        std::fs::create_dir_all(&out)?;
         let file = out.join("baseline.json");
         std::fs::write(&file, serde_json::to_string_pretty(&c)?)?;
         println!("\nwrote {}", file.display());
