@@ -346,6 +346,16 @@ impl Catalog {
         Ok(provider.is_some())
     }
 
+    /// Whether the port's map entry is `r`'s: its IPv4 record's, or (an IPv6-only VM) its IPv6
+    /// record's when its port has no IPv4 record. The entry's address is the one IPv4's checks
+    /// read; IPv6's read the IPv6 records.
+    pub fn port_entry_of(&self, r: &LookupRecord) -> bool {
+        r.ca.is_ipv4()
+            || r.port
+                .as_deref()
+                .is_none_or(|p| !self.by_port.contains_key(p))
+    }
+
     /// Whether the record of `key` may go: a VM's IPv4 record stays while its IPv6 record
     /// is on the same port (the port's entry is the IPv4 record's).
     pub fn check_del(&self, key: &Key) -> Result<()> {
@@ -421,6 +431,18 @@ impl Catalog {
             return Err(NvError::Conflict(format!(
                 "port '{port}' already belongs to {}",
                 self.name(*k)
+            )));
+        }
+        // An IPv6-only VM taking an IPv4 address: the same VM, its VSID and MAC.
+        if let Some(port) = &r.port
+            && let Some(k6) = self.v6.by_port.get(port.as_str())
+            && let Some(v6) = self.v6.records.get(k6)
+            && (v6.vsid != r.vsid || v6.mac != r.mac)
+        {
+            return Err(invalid(format!(
+                "port '{port}' is {} with MAC {}: its IPv4 record has the same VSID and MAC",
+                describe(v6),
+                v6.mac
             )));
         }
         // IP rewrite dedicates a PA to one CA: no other record, of either method, may share it.
@@ -525,14 +547,10 @@ impl Catalog {
                     describe(&self.v6.records[k])
                 )));
             }
-            let Some(v4) = self.by_port(port).filter(|v| v.ca.is_ipv4()) else {
-                return Err(invalid(format!(
-                    "port '{port}' has no IPv4 record: a VM's IPv6 record joins its IPv4 \
-                         record on the same port (add that first; IPv6-only VMs are not \
-                         supported yet)"
-                )));
-            };
-            if v4.vsid != r.vsid || v4.mac != r.mac {
+            // An IPv6-only VM's port has no IPv4 record; a dual-stack VM's is the same VM's.
+            if let Some(v4) = self.by_port(port).filter(|v| v.ca.is_ipv4())
+                && (v4.vsid != r.vsid || v4.mac != r.mac)
+            {
                 return Err(invalid(format!(
                     "port '{port}' is {} with MAC {}: its IPv6 record has the same VSID \
                          and MAC",

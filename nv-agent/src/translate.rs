@@ -107,7 +107,11 @@ pub fn desired(
         ..Desired::default()
     };
     for r in catalog.iter() {
-        let e = entries(&r, r.port.as_deref().and_then(&at));
+        let e = entries(
+            &r,
+            r.port.as_deref().and_then(&at),
+            catalog.port_entry_of(&r),
+        );
         e.put_lookup(&mut d);
         if let Some(p) = e.port {
             d.ports.insert(e.value.ifindex, p);

@@ -269,9 +269,11 @@ impl PortView<'_> {
     }
 }
 
-/// The map entries of `r` with its port where `ports` says.
-fn entries_of(r: &LookupRecord, ports: &PortView) -> translate::Entries {
-    translate::entries(r, r.port.as_deref().and_then(|p| ports.at(p)))
+/// The map entries of `r` with its port where `ports` says, as `catalog` holds the port's
+/// other record.
+fn entries_of(r: &LookupRecord, ports: &PortView, catalog: &Catalog) -> translate::Entries {
+    let at = r.port.as_deref().and_then(|p| ports.at(p));
+    translate::entries(r, at, catalog.port_entry_of(r))
 }
 
 /// The write of a lookup entry, in the map of its address family.
@@ -584,7 +586,7 @@ impl Tables {
                 Change::PutLookup { record } => Some(record),
                 _ => None,
             };
-            let old_entries = old.as_ref().map(|o| entries_of(o, &view));
+            let old_entries = old.as_ref().map(|o| entries_of(o, &view, &self.catalog));
             if let Some(port) = old.as_ref().and_then(|o| o.port.as_ref())
                 && new.and_then(|n| n.port.as_ref()) != Some(port)
             {
@@ -599,7 +601,7 @@ impl Tables {
                 }
                 view.now.insert(port.clone(), at);
             }
-            let new_entries = new.map(|n| entries_of(n, &view));
+            let new_entries = new.map(|n| entries_of(n, &view, &self.catalog));
             record_writes(&mut records, old_entries.as_ref(), new_entries.as_ref());
             if let Some((w, u)) = local_pa_write(change, &undo, self.base.uplink_ifindex) {
                 records.push(w, u);
@@ -698,10 +700,13 @@ impl Tables {
         {
             plan.filter(port, at.ifindex);
         }
-        // The VM's IPv4 record and its IPv6 one alike follow the port.
+        // The VM's IPv4 record and its IPv6 one alike follow the port; the port's entry is the
+        // IPv4 record's, or the IPv6 one's when it has no other.
+        let has_v4 = records.iter().any(|r| r.ca.is_ipv4());
         for record in &records {
-            let old = translate::entries(record, before);
-            let new = translate::entries(record, link);
+            let port_entry = record.ca.is_ipv4() || !has_v4;
+            let old = translate::entries(record, before, port_entry);
+            let new = translate::entries(record, link, port_entry);
             record_writes(&mut plan, Some(&old), Some(&new));
         }
         if let Err(Stopped { done, error }) = maps.write_all(&plan.writes) {

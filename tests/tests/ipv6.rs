@@ -743,5 +743,99 @@ fn dual_stack_tenants_with_the_same_ipv6_addresses_cross_hosts_isolated_on_eithe
             "{hook}: inner sources {tunnelled:?}"
         );
     }
+    an_ipv6_only_vm_reaches_its_tenant_and_sends_no_ipv4(&mut bed)
+}
+
+/// RED-6 has an IPv6 record only (`fd00::6`, its port's entry is that record's): it reaches
+/// RED-2 across hosts by IPv6, and nothing it sends by IPv4 crosses (the IPv4 address its
+/// namespace still holds is no record's). Its port later takes an IPv4 record of the same VM.
+fn an_ipv6_only_vm_reaches_its_tenant_and_sends_no_ipv4(
+    bed: &mut nv_tests::testbed::TwoHosts,
+) -> anyhow::Result<()> {
+    let mac = "02:00:00:00:01:06";
+    bed.add_vm(
+        "RED-6",
+        nv_tests::testbed::RED_VSID,
+        "10.0.0.6",
+        mac,
+        "red6",
+        0,
+    )?;
+    for (i, h) in bed.hosts.iter().enumerate() {
+        let mut args = vec![
+            "lookup",
+            "add",
+            "--vsid",
+            "5001",
+            "--ca",
+            "fd00::6",
+            "--pa",
+            &bed.hosts[0].pa,
+            "--mac",
+            mac,
+            "--name",
+            "RED-6",
+        ];
+        if i == 0 {
+            args.extend(["--port", "red6"]);
+        }
+        h.nvctl(&args)?;
+    }
+    let vm = &bed.vm("RED-6").ns;
+    vm.ip(&["-6", "addr", "add", "fd00::6/64", "dev", "eth0", "nodad"])?;
+    ensure!(
+        bed.ping("RED-6", "fd00::2", 3)? == 3,
+        "RED-6 -> RED-2 by IPv6"
+    );
+    let before = bed.hosts[0].counters()?;
+    ensure!(
+        bed.ping("RED-6", "10.0.0.2", 3)? == 0,
+        "RED-6 reached RED-2 by IPv4"
+    );
+    let after = bed.hosts[0].counters()?;
+    let refused: u64 = ["drop_vm_spoofed_ip", "drop_vm_spoofed_arp"]
+        .iter()
+        .map(|c| nv_tests::testbed::delta(&before, &after, c))
+        .sum();
+    ensure!(refused >= 1, "RED-6's IPv4 was not refused as spoofed");
+    // The same VM takes an IPv4 address: the port's entry becomes that record's.
+    bed.hosts[0].nvctl(&[
+        "lookup",
+        "add",
+        "--vsid",
+        "5001",
+        "--ca",
+        "10.0.0.6",
+        "--pa",
+        &bed.hosts[0].pa,
+        "--mac",
+        mac,
+        "--port",
+        "red6",
+        "--name",
+        "RED-6",
+    ])?;
+    bed.hosts[1].nvctl(&[
+        "lookup",
+        "add",
+        "--vsid",
+        "5001",
+        "--ca",
+        "10.0.0.6",
+        "--pa",
+        &bed.hosts[0].pa,
+        "--mac",
+        mac,
+        "--name",
+        "RED-6",
+    ])?;
+    ensure!(
+        bed.ping("RED-6", "10.0.0.2", 3)? == 3,
+        "RED-6 -> RED-2 by IPv4, now recorded"
+    );
+    ensure!(
+        bed.ping("RED-6", "fd00::2", 3)? == 3,
+        "RED-6 -> RED-2 by IPv6, still"
+    );
     Ok(())
 }

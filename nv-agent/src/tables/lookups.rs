@@ -145,7 +145,11 @@ impl Entries {
     }
 }
 
-pub fn entries(r: &LookupRecord, at: Option<Attached>) -> Entries {
+/// The map entries of `r` with its port `at`; `port_entry`: the port's entry is this record's
+/// (a VM's IPv4 record's, or its IPv6 record's when it has no IPv4 one: [`Catalog::port_entry_of`]).
+///
+/// [`Catalog::port_entry_of`]: crate::catalog::Catalog::port_entry_of
+pub fn entries(r: &LookupRecord, at: Option<Attached>, port_entry: bool) -> Entries {
     let method = datapath_method(r.method) as u8;
     let ifindex = match (&r.port, at) {
         (Some(_), Some(a)) => a.ifindex,
@@ -162,7 +166,7 @@ pub fn entries(r: &LookupRecord, at: Option<Attached>) -> Entries {
             ifindex,
         },
         port: at
-            .filter(|_| r.port.is_some() && r.ca.is_ipv4())
+            .filter(|_| r.port.is_some() && port_entry)
             .map(|a| PortInfo {
                 vsid: r.vsid,
                 ca: addr16(r.ca),
