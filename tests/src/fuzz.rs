@@ -19,10 +19,11 @@ use nv_common::{
 };
 
 use crate::fixture::{
-    BLUE1_MAC, BLUE2_MAC, CA_B, CA_GB, CA1, CA2, CA3, CA6_1, CA6_2, CA6_3, GATEWAY_A, GATEWAY_MAC,
-    GREEN_B, GREEN_B_PA, GREEN_GATEWAY_MAC, GREEN1_MAC, GREEN1_PA, GREEN2_MAC, GREEN2_PA, Host,
-    LOCAL_PA, RED, RED1_MAC, RED2_MAC, RED3_MAC, REMOTE_PA, ROUTER_MAC, arp_frame, dhcp_discover,
-    green_packets, host, nvgre, solicitation, udp_frame, udp6,
+    BLUE1_MAC, BLUE2_MAC, CA_B, CA_GB, CA1, CA2, CA3, CA6_1, CA6_2, CA6_3, CA6_B, GATEWAY_A,
+    GATEWAY_MAC, GATEWAY6_A, GREEN_B, GREEN_B_PA, GREEN_GATEWAY_MAC, GREEN1_MAC, GREEN1_PA,
+    GREEN2_MAC, GREEN2_PA, Host, LOCAL_PA, RED, RED1_MAC, RED2_MAC, RED3_MAC, REMOTE_PA,
+    ROUTER_MAC, arp_frame, dhcp_discover, green_packets, host, nvgre, solicitation, udp_frame,
+    udp6,
 };
 
 const XDP_DROP: u32 = 1;
@@ -96,6 +97,68 @@ fn ipv6_seeds(h: &Host) -> Vec<Vec<u8>> {
             RED << 8,
             0,
             &udp(RED2_MAC, RED1_MAC, CA6_2, CA6_1),
+        ),
+    ]
+    .into_iter()
+    .chain(ipv6_router_seeds(h))
+    .collect()
+}
+
+/// IPv6 and the router: a routed packet, one whose hop limit ends at the router, an echo to
+/// a gateway, solicitations for the router's addresses, a router solicitation, a `DHCPv6`
+/// solicit, a packet too big for the uplink, and a routed packet arriving by NVGRE.
+fn ipv6_router_seeds(h: &Host) -> Vec<Vec<u8>> {
+    let udp = |src_mac, dst_mac, src, dst| udp6(src_mac, dst_mac, src, dst, (40000, 7));
+    let routed = udp(RED1_MAC, ROUTER_MAC, CA6_1, CA6_B);
+    let mut last_hop = routed.clone();
+    last_hop[21] = 1;
+    let mut echo = Vec::new();
+    etherparse::PacketBuilder::ethernet2(RED1_MAC, ROUTER_MAC)
+        .ipv6(CA6_1, GATEWAY6_A, 64)
+        .icmpv6_echo_request(1, 1)
+        .write(&mut echo, b"ping")
+        .expect("build echo");
+    let router_ll = nv_common::routing::router_link_local(ROUTER_MAC);
+    let mut rs = Vec::new();
+    etherparse::PacketBuilder::ethernet2(RED1_MAC, [0x33, 0x33, 0, 0, 0, 2])
+        .ipv6(
+            CA6_1,
+            [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            255,
+        )
+        .icmpv6(etherparse::Icmpv6Type::RouterSolicitation)
+        .write(&mut rs, &[])
+        .expect("build RS");
+    let solicit = udp6(
+        RED1_MAC,
+        [0x33, 0x33, 0, 1, 0, 2],
+        CA6_1,
+        [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 2],
+        (546, 547),
+    );
+    let mut big = Vec::new();
+    etherparse::PacketBuilder::ethernet2(RED1_MAC, RED2_MAC)
+        .ipv6(CA6_1, CA6_2, 64)
+        .udp(40000, 7)
+        .write(&mut big, &[0x5a; 1460])
+        .expect("build big");
+    vec![
+        routed,
+        last_hop,
+        echo,
+        solicitation(RED1_MAC, CA6_1, router_ll),
+        solicitation(RED1_MAC, CA6_1, GATEWAY6_A),
+        rs,
+        solicit,
+        big,
+        nvgre(
+            GATEWAY_MAC,
+            h.uplink_mac,
+            REMOTE_PA,
+            LOCAL_PA,
+            RED << 8,
+            0,
+            &udp(ROUTER_MAC, RED1_MAC, CA6_B, CA6_1),
         ),
     ]
 }
@@ -366,8 +429,10 @@ struct Known {
     gateways: HashMap<(u32, [u8; 4]), u32>,
     /// Routes through a next hop.
     appliances: Vec<Appliance>,
-    /// The IPv6 records.
+    /// The IPv6 records, and the IPv6 subnets and gateways of the domains.
     v6: ipv6::Records,
+    routes6: Vec<ipv6::Subnet6>,
+    gateways6: HashMap<(u32, [u8; 16]), u32>,
 }
 
 /// A route through a next hop: in `domain`, `prefix`/`len` is behind the VM (`vsid`, `ca`).
@@ -422,7 +487,27 @@ impl Known {
 impl Known {
     fn of(h: &Host) -> anyhow::Result<Known> {
         Ok(Known {
-            v6: h.ipv6_records()?.into_iter().collect(),
+            v6: h.desired.lookups6.clone(),
+            routes6: h
+                .desired
+                .routing
+                .routes6
+                .iter()
+                .filter(|(_, hop)| hop.on_link())
+                .map(|((len, k), hop)| ipv6::Subnet6 {
+                    domain: u32::from_be_bytes(k.rdid),
+                    prefix: k.addr,
+                    len: len - 32,
+                    vsid: hop.vsid,
+                })
+                .collect(),
+            gateways6: h
+                .desired
+                .routing
+                .gateways6
+                .iter()
+                .map(|(k, v)| ((k.rdid, k.addr), *v))
+                .collect(),
             ports: ports_by_record(h),
             sources: sources_by_record(h),
             uplink: h.ns.ifindex("uplink0")?,
@@ -989,6 +1074,8 @@ pub struct Stats {
     /// IPv6 neighbour solicitations answered, and IPv6 frames of VMs forwarded or delivered.
     pub nd_answers: u64,
     pub ipv6_forwarded: u64,
+    /// Of those, sent to the router's MAC and routed into another VSID's NVGRE.
+    pub ipv6_routed: u64,
 }
 
 /// Runs `frames` random and mutated frames from `seed` through every program.
@@ -1002,6 +1089,7 @@ fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
     let mut h = host(true)?;
     h.add_domains()?;
     h.add_ipv6()?;
+    h.add_ipv6_routes()?;
     let known = Known::of(&h)?;
     let ports = [
         (h.red1, RED, RED1_MAC),
@@ -1039,6 +1127,7 @@ fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
             };
             check_from_vm(&known, &run).map_err(why)?;
             stats.ipv6_forwarded += ipv6::forwarded(out.ret == TC_ACT_REDIRECT, &frame, &out.data);
+            stats.ipv6_routed += ipv6::routed(out.ret == TC_ACT_REDIRECT, &frame, &out.data);
             dropped += u64::from(out.ret == TC_ACT_SHOT);
             stats.delivered += u64::from(out.ret == TC_ACT_REDIRECT);
             // The same frame as a segment back from the bounce pair: marked with its port, or

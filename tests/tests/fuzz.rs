@@ -13,7 +13,8 @@ fn random_and_mutated_frames_never_escape_their_tenant() -> anyhow::Result<()> {
             && s.gateway_answers > 100
             && s.dhcp > 10
             && s.nd_answers > 50
-            && s.ipv6_forwarded > 100,
+            && s.ipv6_forwarded > 100
+            && s.ipv6_routed > 20,
         "{s:?}"
     );
     Ok(())

@@ -10,7 +10,108 @@ use nv_common::{DeliverMeta6, LookupKey6, LookupValue, RedirectTrace, v4_mapped}
 
 use super::{Known, VmRun, back_to, ensure_to_uplink, into_vm, ipv4, nvgre_parts};
 
+/// An answer back into the VM's port: a neighbour advertisement for a record of its VSID or
+/// the router, the router's echo reply, or an `ICMPv6` error to the VM's own address.
+fn check_answer(known: &Known, run: &VmRun) -> anyhow::Result<()> {
+    let VmRun {
+        port,
+        vsid,
+        mac,
+        out,
+        ..
+    } = *run;
+    ensure!(
+        is_ipv6(out) && out.get(20) == Some(&58) && out.get(0..6) == Some(&mac[..]),
+        "answered an IPv6 frame with something other than ICMPv6 to the VM"
+    );
+    let own = |a: Option<[u8; 16]>| record(known, vsid, a).is_some_and(|r| r.ifindex == port);
+    match out.get(54).copied() {
+        Some(136) => {
+            let target = addr(out, 62);
+            if let Some(rec) = record(known, vsid, target) {
+                ensure!(
+                    out.get(6..12) == Some(&rec.mac[..]),
+                    "advertisement's MAC {:02x?}",
+                    out.get(6..12)
+                );
+                ensure!(rec.ifindex != port, "advertised the VM's own address to it");
+                return Ok(());
+            }
+            let target = target.context("no target")?;
+            ensure!(
+                known.router_address(vsid, target, false)
+                    && out.get(6..12) == Some(&ROUTER_MAC[..])
+                    && out.get(58).is_some_and(|f| f & 0x80 != 0),
+                "advertised {target:02x?} for VSID {vsid}: no record, not the router's"
+            );
+        }
+        Some(129) => ensure!(
+            addr(out, 22).is_some_and(|a| known.router_address(vsid, a, true))
+                && own(addr(out, 38))
+                && out.get(6..12) == Some(&ROUTER_MAC[..]),
+            "an echo reply not from the router to the VM's own address"
+        ),
+        Some(1 | 3) => ensure!(
+            addr(out, 22).is_some_and(|a| known
+                .gateways6
+                .contains_key(&(known.domains.get(&vsid).copied().unwrap_or(0), a)))
+                && own(addr(out, 38))
+                && out.get(6..12) == Some(&ROUTER_MAC[..]),
+            "the router's error not from a gateway of the VM's domain to its own address"
+        ),
+        Some(2) => ensure!(
+            own(addr(out, 38)),
+            "packet too big not to the VM's own address"
+        ),
+        other => bail!("answered with ICMPv6 type {other:?}"),
+    }
+    Ok(())
+}
+
 pub type Records = HashMap<LookupKey6, LookupValue>;
+
+/// An IPv6 subnet of a routing domain: `prefix`/`len` is VSID `vsid`'s.
+pub struct Subnet6 {
+    pub domain: u32,
+    pub prefix: [u8; 16],
+    pub len: u32,
+    pub vsid: u32,
+}
+
+impl Subnet6 {
+    fn covers(&self, addr: [u8; 16]) -> bool {
+        let mask = u128::MAX.checked_shl(128 - self.len).unwrap_or(0);
+        u128::from_be_bytes(addr) & mask == u128::from_be_bytes(self.prefix)
+    }
+}
+
+const ROUTER_MAC: [u8; 6] = nv_common::routing::DEFAULT_ROUTER_MAC;
+
+impl Known {
+    /// The VSID the subnet of `vsid`'s domain holding `addr` belongs to.
+    fn subnet_of(&self, vsid: u32, addr: [u8; 16]) -> Option<u32> {
+        let domain = self.domains.get(&vsid)?;
+        self.routes6
+            .iter()
+            .filter(|s| s.domain == *domain && s.covers(addr))
+            .max_by_key(|s| s.len)
+            .map(|s| s.vsid)
+    }
+
+    /// Whether `addr` is the router's to a VM of `vsid`: a gateway of `vsid`'s subnets (for
+    /// neighbour discovery, `any_subnet` false) or of its domain (echo), or the router's
+    /// link-local address in a routed VSID.
+    fn router_address(&self, vsid: u32, addr: [u8; 16], any_subnet: bool) -> bool {
+        let Some(domain) = self.domains.get(&vsid) else {
+            return false;
+        };
+        addr == nv_common::routing::router_link_local(ROUTER_MAC)
+            || self
+                .gateways6
+                .get(&(*domain, addr))
+                .is_some_and(|v| any_subnet || *v == vsid)
+    }
+}
 
 pub fn is_ipv6(frame: &[u8]) -> bool {
     frame.get(12..14) == Some(&[0x86, 0xdd][..])
@@ -62,20 +163,7 @@ pub fn check_from_vm(known: &Known, run: &VmRun, bounced: bool) -> anyhow::Resul
         ..
     } = *run;
     if !bounced && redirect == Some(back_to(port)) {
-        ensure!(
-            is_ipv6(out) && out.get(20) == Some(&58) && out.get(54) == Some(&136),
-            "answered an IPv6 frame with something other than an advertisement"
-        );
-        let target = addr(out, 62);
-        let rec = record(known, vsid, target)
-            .with_context(|| format!("advertised {target:02x?}, no record of VSID {vsid}"))?;
-        ensure!(
-            out.get(6..12) == Some(&rec.mac[..]) && out.get(0..6) == Some(&mac[..]),
-            "advertisement's MACs {:02x?}",
-            out.get(0..12)
-        );
-        ensure!(rec.ifindex != port, "advertised the VM's own address to it");
-        return Ok(());
+        return check_answer(known, run);
     }
     let (src, dst) = (addr(input, 22), addr(input, 38));
     ensure!(
@@ -90,13 +178,37 @@ pub fn check_from_vm(known: &Known, run: &VmRun, bounced: bool) -> anyhow::Resul
         Some((17, [0x02, 0x23, ..])) => bail!("a DHCPv6 server's message crossed"),
         _ => {}
     }
-    let to = record(known, vsid, dst)
-        .with_context(|| format!("sent to {dst:02x?}, no record of VSID {vsid}"))?;
+    // To the router's MAC in a routed VSID: the destination's subnet's VSID, readdressed
+    // by the router (its MAC to the record's, hop limit - 1).
+    let routed =
+        !bounced && input.get(0..6) == Some(&ROUTER_MAC[..]) && known.domains.contains_key(&vsid);
+    let to_vsid = if routed {
+        let dst = dst.context("no destination")?;
+        known
+            .subnet_of(vsid, dst)
+            .with_context(|| format!("routed to {dst:02x?}, in no subnet of the domain"))?
+    } else {
+        vsid
+    };
+    let to = record(known, to_vsid, dst)
+        .with_context(|| format!("sent to {dst:02x?}, no record of VSID {to_vsid}"))?;
+    let expected = if routed {
+        let mut e = input.to_vec();
+        e[0..6].copy_from_slice(&to.mac);
+        e[6..12].copy_from_slice(&ROUTER_MAC);
+        e[21] = input[21]
+            .checked_sub(1)
+            .context("routed with hop limit 0")?;
+        e
+    } else {
+        input.to_vec()
+    };
     if out.len() == input.len() + 42 && out.get(23) == Some(&47) {
         let (key_vsid, inner) = nvgre_parts(out).context("bad NVGRE out")?;
         ensure!(
-            key_vsid == vsid && inner == input,
-            "NVGRE of VSID {key_vsid} for a VM of VSID {vsid}, or the frame changed"
+            key_vsid == to_vsid && inner == expected.as_slice(),
+            "NVGRE of VSID {key_vsid} for a VM of VSID {to_vsid}, or the frame is not the one \
+             expected"
         );
         let (outer_src, outer_dst) = ipv4(out, 14).context("no outer IPv4")?;
         ensure!(
@@ -109,7 +221,7 @@ pub fn check_from_vm(known: &Known, run: &VmRun, bounced: bool) -> anyhow::Resul
     }
     ensure!(!bounced, "a bounced IPv6 segment left by other than NVGRE");
     ensure!(
-        out == input && to.ifindex != 0 && redirect == Some(into_vm(to.ifindex)),
+        out == expected.as_slice() && to.ifindex != 0 && redirect == Some(into_vm(to.ifindex)),
         "IPv6 delivered as {redirect:?}, the record says port {}",
         to.ifindex
     );
@@ -137,11 +249,24 @@ pub fn check_delivered(
         "neighbour discovery crossed between hosts"
     );
     let (outer_src, _) = ipv4(input, 14).context("no outer IPv4")?;
-    let from = record(known, vsid, addr(inner, 22)).context("from no record")?;
+    // The source's record in this VSID; or, routed by its host, in another VSID of the same
+    // domain, from the router's MAC.
+    let src = addr(inner, 22);
+    let (from, mac) = match record(known, vsid, src) {
+        Some(r) => (r, r.mac),
+        None => known
+            .v6
+            .iter()
+            .find(|(k, _)| Some(k.ca) == src && k.vsid != vsid && known.same_domain(k.vsid, vsid))
+            .map(|(_, r)| (r, ROUTER_MAC))
+            .context("from no record of the VSID or its domain")?,
+    };
+    let router_here =
+        known.domains.contains_key(&vsid) && inner.get(6..12) == Some(&ROUTER_MAC[..]);
     ensure!(
         from.pa == v4_mapped(outer_src)
             && from.ifindex == 0
-            && inner.get(6..12) == Some(&from.mac[..]),
+            && (inner.get(6..12) == Some(&mac[..]) || router_here),
         "VSID {vsid} delivered from {outer_src:?} with MAC {:02x?}, the source's record says \
          {:02x?} {:02x?}",
         inner.get(6..12),
@@ -179,4 +304,14 @@ pub fn decapsulated(input: &[u8], out: &[u8]) -> bool {
 /// 1 for a VM's IPv6 frame that was `redirected` other than as a neighbour advertisement.
 pub fn forwarded(redirected: bool, input: &[u8], out: &[u8]) -> u64 {
     u64::from(redirected && is_ipv6(input) && out.get(54) != Some(&136))
+}
+
+/// 1 for a VM's IPv6 frame to the router's MAC that left by NVGRE: routed.
+pub fn routed(redirected: bool, input: &[u8], out: &[u8]) -> u64 {
+    u64::from(
+        redirected
+            && is_ipv6(input)
+            && input.get(0..6) == Some(&ROUTER_MAC[..])
+            && out.len() == input.len() + 42,
+    )
 }
