@@ -663,32 +663,7 @@ fn decode_into(frame: &[u8], out: &mut Vec<String>, depth: u8) {
         ip.total_len
     ));
     match ip.protocol {
-        IpNumber::UDP => {
-            if let Ok((udp, _)) = UdpHeader::from_slice(payload) {
-                out.push(format!(
-                    "UDP {} > {} len {}",
-                    udp.source_port, udp.destination_port, udp.length
-                ));
-            }
-        }
-        IpNumber::TCP => {
-            if let Ok((tcp, _)) = TcpHeader::from_slice(payload) {
-                let flags = [
-                    (tcp.syn, "S"),
-                    (tcp.ack, "A"),
-                    (tcp.fin, "F"),
-                    (tcp.rst, "R"),
-                ]
-                .iter()
-                .filter(|(on, _)| *on)
-                .map(|(_, f)| *f)
-                .collect::<String>();
-                out.push(format!(
-                    "TCP {} > {} flags {flags}",
-                    tcp.source_port, tcp.destination_port
-                ));
-            }
-        }
+        IpNumber::UDP | IpNumber::TCP => transport(ip.protocol, payload, out),
         IpNumber::ICMP => {
             if let Ok((icmp, _)) = Icmpv4Header::from_slice(payload) {
                 out.push(match icmp.icmp_type {
@@ -718,6 +693,33 @@ fn decode_into(frame: &[u8], out: &mut Vec<String>, depth: u8) {
     }
 }
 
+/// UDP's or TCP's header, IPv4's and IPv6's alike.
+fn transport(proto: IpNumber, payload: &[u8], out: &mut Vec<String>) {
+    if proto == IpNumber::UDP {
+        if let Ok((udp, _)) = UdpHeader::from_slice(payload) {
+            out.push(format!(
+                "UDP {} > {} len {}",
+                udp.source_port, udp.destination_port, udp.length
+            ));
+        }
+    } else if let Ok((tcp, _)) = TcpHeader::from_slice(payload) {
+        let flags = [
+            (tcp.syn, "S"),
+            (tcp.ack, "A"),
+            (tcp.fin, "F"),
+            (tcp.rst, "R"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, f)| *f)
+        .collect::<String>();
+        out.push(format!(
+            "TCP {} > {} flags {flags}",
+            tcp.source_port, tcp.destination_port
+        ));
+    }
+}
+
 /// An IPv6 packet: its header and what it carries (extension headers are named, not walked).
 fn decode_ipv6(packet: &[u8], out: &mut Vec<String>) {
     let Ok((ip, payload)) = Ipv6Header::from_slice(packet) else {
@@ -733,22 +735,7 @@ fn decode_ipv6(packet: &[u8], out: &mut Vec<String>) {
         ip.payload_length
     ));
     match ip.next_header {
-        IpNumber::UDP => {
-            if let Ok((udp, _)) = UdpHeader::from_slice(payload) {
-                out.push(format!(
-                    "UDP {} > {} len {}",
-                    udp.source_port, udp.destination_port, udp.length
-                ));
-            }
-        }
-        IpNumber::TCP => {
-            if let Ok((tcp, _)) = TcpHeader::from_slice(payload) {
-                out.push(format!(
-                    "TCP {} > {}",
-                    tcp.source_port, tcp.destination_port
-                ));
-            }
-        }
+        IpNumber::UDP | IpNumber::TCP => transport(ip.next_header, payload, out),
         IpNumber::IPV6_ICMP => {
             if let Ok((icmp, _)) = Icmpv6Header::from_slice(payload) {
                 out.push(format!("ICMPv6 {:?}", icmp.icmp_type));

@@ -761,26 +761,31 @@ fn an_ipv6_only_vm_reaches_its_tenant_and_sends_no_ipv4(
         "red6",
         0,
     )?;
-    for (i, h) in bed.hosts.iter().enumerate() {
-        let mut args = vec![
-            "lookup",
-            "add",
-            "--vsid",
-            "5001",
-            "--ca",
-            "fd00::6",
-            "--pa",
-            &bed.hosts[0].pa,
-            "--mac",
-            mac,
-            "--name",
-            "RED-6",
-        ];
-        if i == 0 {
-            args.extend(["--port", "red6"]);
+    // RED-6's record of `ca` on both hosts, its port on host 1.
+    let record = |bed: &nv_tests::testbed::TwoHosts, ca: &str| -> anyhow::Result<()> {
+        for (i, h) in bed.hosts.iter().enumerate() {
+            let mut args = vec![
+                "lookup",
+                "add",
+                "--vsid",
+                "5001",
+                "--ca",
+                ca,
+                "--pa",
+                &bed.hosts[0].pa,
+                "--mac",
+                mac,
+                "--name",
+                "RED-6",
+            ];
+            if i == 0 {
+                args.extend(["--port", "red6"]);
+            }
+            h.nvctl(&args)?;
         }
-        h.nvctl(&args)?;
-    }
+        Ok(())
+    };
+    record(bed, "fd00::6")?;
     let vm = &bed.vm("RED-6").ns;
     vm.ip(&["-6", "addr", "add", "fd00::6/64", "dev", "eth0", "nodad"])?;
     ensure!(
@@ -799,36 +804,7 @@ fn an_ipv6_only_vm_reaches_its_tenant_and_sends_no_ipv4(
         .sum();
     ensure!(refused >= 1, "RED-6's IPv4 was not refused as spoofed");
     // The same VM takes an IPv4 address: the port's entry becomes that record's.
-    bed.hosts[0].nvctl(&[
-        "lookup",
-        "add",
-        "--vsid",
-        "5001",
-        "--ca",
-        "10.0.0.6",
-        "--pa",
-        &bed.hosts[0].pa,
-        "--mac",
-        mac,
-        "--port",
-        "red6",
-        "--name",
-        "RED-6",
-    ])?;
-    bed.hosts[1].nvctl(&[
-        "lookup",
-        "add",
-        "--vsid",
-        "5001",
-        "--ca",
-        "10.0.0.6",
-        "--pa",
-        &bed.hosts[0].pa,
-        "--mac",
-        mac,
-        "--name",
-        "RED-6",
-    ])?;
+    record(bed, "10.0.0.6")?;
     ensure!(
         bed.ping("RED-6", "10.0.0.2", 3)? == 3,
         "RED-6 -> RED-2 by IPv4, now recorded"
