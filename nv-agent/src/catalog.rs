@@ -274,9 +274,15 @@ impl Catalog {
         v4.into_iter().chain(v6).collect()
     }
 
-    /// The ports of this host's records.
+    /// The ports of this host's records (an IPv6-only VM's among them).
     pub fn ports(&self) -> impl Iterator<Item = &str> {
-        self.by_port.keys().map(AsRef::as_ref)
+        self.by_port.keys().map(AsRef::as_ref).chain(
+            self.v6
+                .by_port
+                .keys()
+                .filter(|p| !self.by_port.contains_key(*p))
+                .map(AsRef::as_ref),
+        )
     }
 
     /// The records with a port: this host's VMs.
@@ -407,11 +413,11 @@ impl Catalog {
     /// Checks the rules that involve other records. `replacing` is the key of a record `r`
     /// replaces (a move), which does not count against it.
     pub fn check(&self, r: &LookupRecord, replacing: Option<&Key>) -> Result<()> {
+        self.not_a_gateway(r)?;
         if r.ca.is_ipv6() {
             return self.check6(r, replacing);
         }
         let (_, pa) = ipv4_only(r)?;
-        self.not_a_gateway(r)?;
         let replacing = replacing.and_then(key4);
         let own = |k: &Key4| replacing.as_ref() == Some(k);
         if replacing.is_none()

@@ -284,6 +284,77 @@ fn lookup_write(k: translate::MapKey, v: Option<LookupValue>) -> Write {
     }
 }
 
+/// The port a record left (`old`'s, not `new`'s): no longer the VM's in `view`, unless the
+/// VM's other record is still on it (a dual-stack VM losing its IPv4 record).
+fn port_left<'a>(
+    catalog: &Catalog,
+    view: &mut PortView,
+    old: Option<&'a LookupRecord>,
+    new: Option<&LookupRecord>,
+) -> Option<&'a String> {
+    let left = old
+        .and_then(|o| o.port.as_ref())
+        .filter(|p| new.and_then(|n| n.port.as_ref()) != Some(*p));
+    if let Some(port) = left
+        && catalog.by_port(port).is_none()
+    {
+        view.now.insert(port.clone(), None);
+    }
+    left
+}
+
+/// The IPv6 record of a VM on `port`, if it has one.
+fn ipv6_on(catalog: &Catalog, port: &str) -> Option<LookupRecord> {
+    catalog.on_port(port).into_iter().find(|r| r.ca.is_ipv6())
+}
+
+/// An IPv4 record joining an IPv6-only VM's port takes the port's entry over: undone, the
+/// entry is the IPv6 record's again (a write of what it holds, undone last).
+fn ipv6_entry_held(
+    plan: &mut Plan,
+    catalog: &Catalog,
+    view: &PortView,
+    old: Option<&LookupRecord>,
+    new: Option<&LookupRecord>,
+) {
+    let Some(port) = new
+        .filter(|n| n.ca.is_ipv4())
+        .and_then(|n| n.port.as_deref())
+        .filter(|p| old.and_then(|o| o.port.as_deref()) != Some(*p))
+    else {
+        return;
+    };
+    if let Some(v6) = ipv6_on(catalog, port) {
+        let e = translate::entries(&v6, view.at(port), true);
+        if let Some(p) = e.port {
+            let held = Write::Port(e.value.ifindex, Some(p));
+            plan.push(held.clone(), held);
+        }
+    }
+}
+
+/// An IPv4 record left a port its VM's IPv6 record stays on (a delete the etcd watch took,
+/// or a move): the port's entry becomes the IPv6 record's.
+fn ipv6_entry_taken(
+    plan: &mut Plan,
+    catalog: &Catalog,
+    view: &PortView,
+    old: Option<&LookupRecord>,
+    left: Option<&String>,
+) {
+    if let Some(port) = left
+        && old.is_some_and(|o| o.ca.is_ipv4())
+        && let Some(v6) = ipv6_on(catalog, port)
+    {
+        let at = view.at(port);
+        let (before, after) = (
+            translate::entries(&v6, at, false),
+            translate::entries(&v6, at, catalog.port_entry_of(&v6)),
+        );
+        record_writes(plan, Some(&before), Some(&after));
+    }
+}
+
 /// Writes turning one record's entries `old` into `new`: puts first (port, rewrite, lookup),
 /// then removals (lookup, rewrite, port), each with its undo.
 fn record_writes(
@@ -587,11 +658,7 @@ impl Tables {
                 _ => None,
             };
             let old_entries = old.as_ref().map(|o| entries_of(o, &view, &self.catalog));
-            if let Some(port) = old.as_ref().and_then(|o| o.port.as_ref())
-                && new.and_then(|n| n.port.as_ref()) != Some(port)
-            {
-                view.now.insert(port.clone(), None);
-            }
+            let left = port_left(&self.catalog, &mut view, old.as_ref(), new);
             if let Some(port) = new.and_then(|n| n.port.as_ref()) {
                 let at = links.get(port).copied();
                 if let Some(at) = at
@@ -602,7 +669,9 @@ impl Tables {
                 view.now.insert(port.clone(), at);
             }
             let new_entries = new.map(|n| entries_of(n, &view, &self.catalog));
+            ipv6_entry_held(&mut records, &self.catalog, &view, old.as_ref(), new);
             record_writes(&mut records, old_entries.as_ref(), new_entries.as_ref());
+            ipv6_entry_taken(&mut records, &self.catalog, &view, old.as_ref(), left);
             if let Some((w, u)) = local_pa_write(change, &undo, self.base.uplink_ifindex) {
                 records.push(w, u);
             }

@@ -414,6 +414,25 @@ fn ipv6_subnets_are_routed_too(bed: &TwoHosts) -> anyhow::Result<()> {
         }
     }
     bed.add_ipv6_records()?;
+    // A subnet's IPv6 gateway is the router's address, no VM's.
+    let refused = bed.hosts[0]
+        .nvctl(&[
+            "lookup",
+            "add",
+            "--vsid",
+            "7002",
+            "--ca",
+            "fd00:1::1",
+            "--pa",
+            "198.18.0.2",
+            "--mac",
+            "02:00:00:00:07:99",
+        ])
+        .map_or_else(|e| e.to_string(), |out| format!("added: {out}"));
+    ensure!(
+        refused.contains("is the gateway of fd00:1::/64"),
+        "a record at RED-B's IPv6 gateway: {refused}"
+    );
     for (vm, gateway) in [
         ("RED-1", "fd00::fe"),
         ("RED-2", "fd00::fe"),

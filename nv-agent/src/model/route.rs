@@ -229,6 +229,20 @@ impl RouteRecord {
             )));
         }
         if self.on_link() {
+            // An IPv6 subnet of global or unique-local unicast addresses: its gateway and its
+            // VMs' addresses are VMs' and the router's, answered by neighbour discovery.
+            if let IpAddr::V6(a) = p.addr
+                && (p.len < 8
+                    || a.is_multicast()
+                    || a.is_unicast_link_local()
+                    || a.is_loopback()
+                    || a.to_ipv4_mapped().is_some())
+            {
+                return Err(invalid(format!(
+                    "{p} is no unicast subnet: an IPv6 subnet lies in global or unique-local \
+                     unicast addresses (e.g. fd00:1::/64)"
+                )));
+            }
             let most = bits(p.addr).1 - 2;
             if p.len > most {
                 return Err(invalid(format!(
@@ -354,6 +368,18 @@ mod tests {
             (
                 r#"{"rdid":"t1","vsid":5001,"prefix":"fd00:2::/64","nexthop":"fe80::1"}"#,
                 "unicast",
+            ),
+            (
+                r#"{"rdid":"t1","vsid":5001,"prefix":"fe80::/64","nexthop":"::"}"#,
+                "no unicast subnet",
+            ),
+            (
+                r#"{"rdid":"t1","vsid":5001,"prefix":"::/0","nexthop":"::"}"#,
+                "no unicast subnet",
+            ),
+            (
+                r#"{"rdid":"t1","vsid":5001,"prefix":"ff00::/8","nexthop":"::"}"#,
+                "no unicast subnet",
             ),
         ] {
             let e = route(bad).validate().unwrap_err().to_string();

@@ -182,6 +182,10 @@ fn host() -> (Tables, Faulty, Links) {
     }
     let records = [
         record(5001, "10.0.0.1", "198.18.0.1", 1, Some("red1")),
+        // RED-7 is dual-stack; RED-6 is IPv6-only.
+        record(5001, "10.0.0.7", "198.18.0.1", 7, Some("red7")),
+        record(5001, "fd00::7", "198.18.0.1", 7, Some("red7")),
+        record(5001, "fd00::6", "198.18.0.1", 6, Some("red6")),
         record(5001, "10.0.0.2", "198.18.0.2", 2, None),
         record(5001, "10.0.0.3", "198.18.0.2", 3, None),
         rewrite(record(6001, "10.0.0.1", "198.18.1.1", 1, Some("blue1"))),
@@ -199,6 +203,8 @@ fn host() -> (Tables, Faulty, Links) {
     let mut tables = Tables::new(catalog, base);
     tables.ports.attach("red1", at(11));
     tables.ports.attach("blue1", at(12));
+    tables.ports.attach("red6", at(16));
+    tables.ports.attach("red7", at(17));
     tables.config = tables.wanted_config();
     let maps = Faulty {
         maps: mapped(&tables),
@@ -208,6 +214,8 @@ fn host() -> (Tables, Faulty, Links) {
     let links: Links = [
         ("red1", at(11)),
         ("blue1", at(12)),
+        ("red6", at(16)),
+        ("red7", at(17)),
         ("red2", at(21)),
         ("blue3", at(23)),
     ]
@@ -257,6 +265,25 @@ fn change_sets() -> Vec<(&'static str, Vec<Change>)> {
             vec![Change::DelLookup {
                 vsid: 6001,
                 ca: "10.0.0.1".parse().unwrap(),
+            }],
+        ),
+        (
+            // As the etcd watch takes it: no rule keeps it while the IPv6 record stands.
+            "a dual-stack VM's IPv4 record deleted",
+            vec![Change::DelLookup {
+                vsid: 5001,
+                ca: "10.0.0.7".parse().unwrap(),
+            }],
+        ),
+        (
+            "an IPv6-only VM takes an IPv4 address",
+            vec![put(record(5001, "10.0.0.6", "198.18.0.1", 6, Some("red6")))],
+        ),
+        (
+            "an IPv6-only VM deleted",
+            vec![Change::DelLookup {
+                vsid: 5001,
+                ca: "fd00::6".parse().unwrap(),
             }],
         ),
         (
@@ -431,7 +458,7 @@ fn a_refused_record_in_an_import_changes_nothing() {
     assert!(err.contains("MAC"), "{err}");
     assert_eq!(maps.writes, 0);
     assert_eq!(maps.maps, before);
-    assert_eq!(tables.catalog.len(), 5);
+    assert_eq!(tables.catalog.len(), 8);
 }
 
 #[test]
@@ -527,7 +554,7 @@ fn a_big_import_refused_half_way_stores_nothing() {
     let err = apply(&mut tables, &store, &mut maps, &links, &changes).unwrap_err();
     assert!(err.to_string().contains("MAC"), "{err}");
     assert_eq!(maps.writes, 0);
-    assert_eq!(tables.catalog.len(), 5);
+    assert_eq!(tables.catalog.len(), 8);
     drop(store);
     let (_, state, _) = Store::open(dir.path()).unwrap();
     assert!(state.lookups.is_empty());
