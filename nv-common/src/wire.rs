@@ -17,6 +17,8 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_HOPOPTS: u8 = 0;
 pub const IPPROTO_ROUTING: u8 = 43;
 pub const IPPROTO_FRAGMENT: u8 = 44;
+/// The authentication header (RFC 4302): its length counts 4-byte words, less 2.
+pub const IPPROTO_AH: u8 = 51;
 pub const IPPROTO_DSTOPTS: u8 = 60;
 /// ICMPv6 neighbour discovery (RFC 4861) and multicast listener messages.
 pub const ND_ROUTER_SOLICIT: u8 = 133;

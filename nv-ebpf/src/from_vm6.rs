@@ -8,8 +8,8 @@ use aya_ebpf::programs::TcContext;
 use nv_common::{
     Counter, LookupKey6, Method, PortInfo, VsidStatsKey as Stats,
     wire::{
-        DHCPV6_CLIENT_PORT, DHCPV6_SERVER_PORT, ETH_HLEN, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT,
-        IPPROTO_HOPOPTS, IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_UDP, IPV6_HLEN,
+        DHCPV6_CLIENT_PORT, DHCPV6_SERVER_PORT, ETH_HLEN, IPPROTO_AH, IPPROTO_DSTOPTS,
+        IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_UDP, IPV6_HLEN,
         ND_NEIGHBOR_ADVERT, ND_NEIGHBOR_SOLICIT, ND_REDIRECT, ND_ROUTER_ADVERT, ND_ROUTER_SOLICIT,
         NVGRE_V4_OVERHEAD,
     },
@@ -48,6 +48,12 @@ fn upper_layer(ctx: &TcContext, first: u8) -> Result<(u8, usize), Counter> {
                 let h: [u8; 2] = ctx.load(off).map_err(|_| Counter::DropVmIpv6Ext)?;
                 next = h[0];
                 off += (usize::from(h[1]) + 1) * 8;
+            }
+            // Walked too: an advertisement behind it is still an advertisement.
+            IPPROTO_AH => {
+                let h: [u8; 2] = ctx.load(off).map_err(|_| Counter::DropVmIpv6Ext)?;
+                next = h[0];
+                off += (usize::from(h[1]) + 2) * 4;
             }
             IPPROTO_FRAGMENT => {
                 let h: [u8; 4] = ctx.load(off).map_err(|_| Counter::DropVmIpv6Ext)?;

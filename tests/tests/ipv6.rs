@@ -264,6 +264,28 @@ fn a_vm_sends_ipv6_only_from_its_own_address_and_never_as_a_router() -> anyhow::
 }
 
 #[test]
+fn an_advertisement_behind_an_authentication_header_is_still_one() -> anyhow::Result<()> {
+    let h = ipv6_host()?;
+    // Behind an authentication header (12 bytes: its length counts words less 2): an
+    // advertisement all the same; an echo request crosses (the positive control).
+    for (kind, counter, ret) in [
+        (134, "drop_vm_router_guard", TC_ACT_SHOT),
+        (128, "vm_tx_encap", TC_ACT_REDIRECT),
+    ] {
+        let mut ah = icmp6_behind(kind, 0);
+        ah[20] = 51;
+        let icmp = ah.split_off(54);
+        ah.extend_from_slice(&[58, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1]);
+        ah.extend_from_slice(&icmp);
+        let len = u16::try_from(ah.len() - 54)?;
+        ah[18..20].copy_from_slice(&len.to_be_bytes());
+        h.expect(FROM_VM, &ah, Some(h.red1), ret, counter)
+            .with_context(|| format!("ICMPv6 type {kind} behind AH"))?;
+    }
+    Ok(())
+}
+
+#[test]
 fn ipv6_in_nvgre_is_delivered_on_either_hook_only_from_its_sender_s_pa_and_mac()
 -> anyhow::Result<()> {
     let mut h = ipv6_host()?;

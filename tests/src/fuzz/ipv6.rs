@@ -137,6 +137,11 @@ fn upper_layer(frame: &[u8]) -> Option<(u8, &[u8])> {
                 next = h[0];
                 at += (usize::from(h[1]) + 1) * 8;
             }
+            51 => {
+                let h = frame.get(at..at + 2)?;
+                next = h[0];
+                at += (usize::from(h[1]) + 2) * 4;
+            }
             44 => {
                 let h = frame.get(at..at + 4)?;
                 if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
