@@ -152,40 +152,37 @@ pub fn goals(
 /// This tree's programs against another revision's (`nv-bench --baseline-bin`), as a table.
 pub fn against_table(rows: &[programs::Overhead]) -> String {
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "\nthis tree's programs against another revision's, IPv4 paths (64 B, 1K records, same maps, in turns)"
+    side_by_side(
+        &mut s,
+        "this tree's programs against another revision's, IPv4 paths (64 B, 1K records, same maps, in turns)",
+        ["against", "tree ns", "base ns"],
+        rows,
     );
-    let _ = writeln!(
-        s,
-        "{:<38} {:<20} {:>9} {:>9} {:>7}",
-        "against", "path", "tree ns", "base ns", "ratio"
-    );
-    for o in rows {
-        let _ = writeln!(
-            s,
-            "{:<38} {:<20} {:>9.1} {:>9.1} {:>7.3}  ({})",
-            o.feature, o.path, o.with_ns, o.without_ns, o.ratio, o.how
-        );
-    }
     s
 }
 
 /// The features' costs, each against a copy of the programs without it.
 fn overheads(s: &mut String, overheads: &[programs::Overhead]) {
-    if overheads.is_empty() {
+    side_by_side(
+        s,
+        "what a feature costs, against a copy of the programs without it (64 B, 1K records, same run)",
+        ["feature", "with ns", "w/o ns"],
+        overheads,
+    );
+}
+
+/// Rows of programs measured against other programs on the same maps, under `heading`.
+fn side_by_side(s: &mut String, heading: &str, names: [&str; 3], rows: &[programs::Overhead]) {
+    if rows.is_empty() {
         return;
     }
-    let _ = writeln!(
-        s,
-        "\nwhat a feature costs, against a copy of the programs without it (64 B, 1K records, same run)"
-    );
+    let _ = writeln!(s, "\n{heading}");
     let _ = writeln!(
         s,
         "{:<38} {:<20} {:>9} {:>9} {:>7}",
-        "feature", "path", "with ns", "w/o ns", "ratio"
+        names[0], "path", names[1], names[2], "ratio"
     );
-    for o in overheads {
+    for o in rows {
         let _ = writeln!(
             s,
             "{:<38} {:<20} {:>9.1} {:>9.1} {:>7.3}  ({})",
