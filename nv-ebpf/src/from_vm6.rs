@@ -216,6 +216,9 @@ fn inspect(ctx: &TcContext, bounced: bool) -> u32 {
 // Out of line: its own stack frame, apart from the IPv4 path's.
 #[inline(never)]
 fn forward(ctx: &TcContext, port: &PortInfo, ifindex: u32, bounced: bool) -> Result<i32, Counter> {
+    // Walked again rather than handed over by `inspect`: a packed verdict indexed the counter
+    // table in a form the verifier could not bound, and a sixth argument is one too many. One
+    // more call per packet; no extension headers is one comparison.
     let (proto, l4) = headers(ctx)?;
     let len = ctx.len();
     let ip: &Ipv6Hdr =
