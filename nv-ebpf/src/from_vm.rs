@@ -99,15 +99,8 @@ fn forward_ipv4(
     if appliance && !router::speaks_for(port.vsid, own, ip.src) {
         return Err(Counter::DropVmSpoofedIp);
     }
-    // To the router's MAC, in a VSID of a routing domain: routed (never a bounced segment,
-    // whose frame the router already readdressed). Elsewhere the destination is a CA of the
-    // VM's own VSID.
     let eth: &EthHdr = view_at(data, end, 0).ok_or(Counter::DropVmMalformed)?;
-    let rdid = if !bounced && eth.dst == router::mac() {
-        router::domain(port.vsid)
-    } else {
-        None
-    };
+    let rdid = router::routed_in(port, &eth.dst, bounced);
     let (vsid, target) = match rdid {
         Some(rdid) => {
             if router::is_gateway_in(rdid, ip.dst) {

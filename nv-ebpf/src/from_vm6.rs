@@ -226,14 +226,8 @@ fn forward(ctx: &TcContext, port: &PortInfo, ifindex: u32, bounced: bool) -> Res
     if !nd::is_own(port, ifindex, &ip.src) {
         return Err(Counter::DropVmSpoofedIp);
     }
-    // To the router's MAC, in a VSID of a routing domain: routed (never a bounced segment,
-    // whose frame the router already readdressed).
     let eth: &EthHdr = view_at(ctx.data(), ctx.data_end(), 0).ok_or(Counter::DropVmMalformed)?;
-    let rdid = if !bounced && eth.dst == router::mac() {
-        router::domain(port.vsid)
-    } else {
-        None
-    };
+    let rdid = router::routed_in(port, &eth.dst, bounced);
     let (vsid, target) = match rdid {
         Some(rdid) => {
             if router6::is_gateway_in(rdid, &ip.dst) {

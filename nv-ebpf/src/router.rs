@@ -35,6 +35,18 @@ pub fn domain(vsid: u32) -> Option<u32> {
     unsafe { VSID_ROUTING.get(vsid) }.map(|r| r.rdid)
 }
 
+/// The domain a VM's frame to `dst_mac` is routed in: sent to the router's MAC from a VSID of
+/// a routing domain, and never a bounced segment (whose frame the router already
+/// readdressed). `None`: the destination is a CA of the VM's own VSID.
+#[inline(always)]
+pub fn routed_in(port: &PortInfo, dst_mac: &[u8; 6], bounced: bool) -> Option<u32> {
+    if !bounced && *dst_mac == mac() {
+        domain(port.vsid)
+    } else {
+        None
+    }
+}
+
 /// The route of domain `rdid` whose prefix holds `addr` most closely.
 #[inline(always)]
 fn route_to(rdid: u32, addr: [u8; 4]) -> Option<&'static RouteHop> {

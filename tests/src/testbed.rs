@@ -54,6 +54,17 @@ pub struct Vm {
     pub ns: Netns,
 }
 
+impl Vm {
+    /// Gives the VM's `eth0` the IPv6 address `ca`/64, without duplicate address detection
+    /// (nv answers none: the address is usable at once).
+    pub fn add_ipv6(&self, ca: &str) -> anyhow::Result<()> {
+        let addr = format!("{ca}/64");
+        self.ns
+            .ip(&["-6", "addr", "add", &addr, "dev", "eth0", "nodad"])?;
+        Ok(())
+    }
+}
+
 /// A VM that is a real guest (QEMU) behind a tap port.
 #[derive(Debug)]
 pub struct TapVm {
@@ -674,16 +685,7 @@ impl TwoHosts {
             }
         }
         for vm in &self.vms {
-            let ca = ipv6_of(&vm.ca);
-            vm.ns.ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{ca}/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ])?;
+            vm.add_ipv6(&ipv6_of(&vm.ca))?;
         }
         Ok(())
     }

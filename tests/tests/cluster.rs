@@ -190,15 +190,7 @@ fn ipv6_records_are_distributed_too(bed: &TwoHosts) -> anyhow::Result<()> {
             "--host",
             &bed.hosts[host].name,
         ])?;
-        v.ns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{ca}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
+        v.add_ipv6(ca)?;
     }
     for h in &bed.hosts {
         let listed = h.nvctl_json(&["lookup", "list", "--vsid", "5001"])?;

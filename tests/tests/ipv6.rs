@@ -808,8 +808,7 @@ fn an_ipv6_only_vm_reaches_its_tenant_and_sends_no_ipv4(
         Ok(())
     };
     record(bed, "fd00::6")?;
-    let vm = &bed.vm("RED-6").ns;
-    vm.ip(&["-6", "addr", "add", "fd00::6/64", "dev", "eth0", "nodad"])?;
+    bed.vm("RED-6").add_ipv6("fd00::6")?;
     ensure!(
         bed.ping("RED-6", "fd00::2", 3)? == 3,
         "RED-6 -> RED-2 by IPv6"
