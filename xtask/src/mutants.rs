@@ -354,9 +354,9 @@ const MUTATIONS: &[Mutation] = &[
     },
     Mutation {
         name: "only VSIDs of a routing domain are routed",
-        file: "nv-ebpf/src/from_vm.rs",
-        check: "        router::domain(port.vsid)\n",
-        removed: "        Some(router::domain(port.vsid).unwrap_or(0))\n",
+        file: "nv-ebpf/src/router.rs",
+        check: "        domain(port.vsid)\n",
+        removed: "        Some(domain(port.vsid).unwrap_or(0))\n",
         tests: &["router"],
     },
     Mutation {
