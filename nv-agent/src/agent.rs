@@ -4,7 +4,7 @@
 //! reconcile compare the whole table with the maps; changes touch only their own entries.
 use std::collections::HashMap;
 
-use nv_common::{DatapathConfig, wire::NVGRE_V4_OVERHEAD};
+use nv_common::{DatapathConfig, wire::nvgre_overhead};
 use tracing::{info, warn};
 
 use crate::{
@@ -228,12 +228,18 @@ impl Agent {
         self.tables.sync_config(&mut self.datapath)
     }
 
-    /// The MTU VMs must use: configured, or what fits the uplink after NVGRE.
+    /// The MTU VMs with an IPv4 PA must use: configured, or what fits the uplink after NVGRE.
     pub(super) fn vm_mtu(&self) -> u32 {
+        self.vm_mtu_over(std::net::Ipv4Addr::UNSPECIFIED.into())
+    }
+
+    /// The MTU a VM whose PA is `pa` must use: configured, or what fits the uplink after
+    /// NVGRE over `pa`'s family (20 bytes less over IPv6).
+    pub(super) fn vm_mtu_over(&self, pa: std::net::IpAddr) -> u32 {
         self.vm_mtu.unwrap_or_else(|| {
-            #[expect(clippy::cast_possible_truncation, reason = "42")]
-            let overhead = NVGRE_V4_OVERHEAD as u32;
-            self.uplink_mtu.saturating_sub(overhead)
+            let overhead = nvgre_overhead(&crate::translate::addr16(pa));
+            #[expect(clippy::cast_possible_truncation, reason = "42 or 62")]
+            self.uplink_mtu.saturating_sub(overhead as u32)
         })
     }
 

@@ -8,7 +8,7 @@
 //! here has its IPv4 record on the same port (its port's map entry is the IPv4 record's).
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use crate::{
@@ -40,9 +40,21 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// A record without its key, port and name: 12 bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Rec {
+    /// The IPv4 PA, or (`Rec::PA6`) the index of an IPv6 one in `Catalog::pa6`: IPv4 customer
+    /// addresses over an IPv6 underlay keep the 12-byte record.
     pa: [u8; 4],
     mac: [u8; 6],
-    rewrite: bool,
+    /// `Rec::REWRITE`, `Rec::PA6`.
+    flags: u8,
+}
+
+impl Rec {
+    const REWRITE: u8 = 1;
+    const PA6: u8 = 2;
+
+    fn rewrite(self) -> bool {
+        self.flags & Rec::REWRITE != 0
+    }
 }
 
 /// Who uses a provider address.
@@ -72,9 +84,12 @@ pub struct Catalog {
     by_port: Map<Box<str>, Key4>,
     /// (VSID, MAC) → the CA that has it.
     by_mac: Map<(u32, [u8; 6]), [u8; 4]>,
-    by_pa: Map<[u8; 4], PaUse>,
+    by_pa: Map<IpAddr, PaUse>,
     by_vsid: Map<u32, VsidUse>,
     v6: V6,
+    /// The IPv6 PAs IPv4 records have named, by index (few: one per host, never dropped).
+    pa6: Vec<Ipv6Addr>,
+    pa6_index: Map<Ipv6Addr, u32>,
 }
 
 pub fn describe(r: &LookupRecord) -> String {
@@ -102,13 +117,10 @@ fn key6(key: &Key) -> Option<Key6> {
     }
 }
 
-fn ipv4_only(r: &LookupRecord) -> Result<(Key4, [u8; 4])> {
-    match (v4(r.ca), v4(r.pa)) {
-        (Some(ca), Some(pa)) => Ok(((r.vsid, ca), pa)),
-        _ => Err(invalid(format!(
-            "{}: IPv6 customer and provider addresses are not supported yet",
-            describe(r)
-        ))),
+fn ipv4_only(r: &LookupRecord) -> Result<Key4> {
+    match v4(r.ca) {
+        Some(ca) => Ok((r.vsid, ca)),
+        None => Err(invalid(format!("{}: not an IPv4 record", describe(r)))),
     }
 }
 
@@ -171,13 +183,37 @@ impl Catalog {
         self.providers.iter().any(|p| p.pa.addr == pa)
     }
 
+    /// The PA of an IPv4 record.
+    fn pa_of(&self, r: Rec) -> IpAddr {
+        if r.flags & Rec::PA6 == 0 {
+            return IpAddr::V4(Ipv4Addr::from(r.pa));
+        }
+        let i = u32::from_le_bytes(r.pa) as usize;
+        IpAddr::V6(self.pa6.get(i).copied().unwrap_or(Ipv6Addr::UNSPECIFIED))
+    }
+
+    /// How an IPv4 record holds `pa`: the address, or an IPv6 PA's index (`Rec::PA6`).
+    fn pa_slot(&mut self, pa: IpAddr) -> ([u8; 4], u8) {
+        match pa {
+            IpAddr::V4(a) => (a.octets(), 0),
+            IpAddr::V6(a) => {
+                let next = u32::try_from(self.pa6.len()).unwrap_or(u32::MAX);
+                let i = *self.pa6_index.entry(a).or_insert(next);
+                if i == next {
+                    self.pa6.push(a);
+                }
+                (i.to_le_bytes(), Rec::PA6)
+            }
+        }
+    }
+
     fn record(&self, k: Key4, r: Rec) -> LookupRecord {
         LookupRecord {
             vsid: k.0,
             ca: IpAddr::V4(Ipv4Addr::from(k.1)),
-            pa: IpAddr::V4(Ipv4Addr::from(r.pa)),
+            pa: self.pa_of(r),
             mac: Mac(r.mac),
-            method: if r.rewrite {
+            method: if r.rewrite() {
                 Method::Rewrite
             } else {
                 Method::Encap
@@ -305,24 +341,22 @@ impl Catalog {
 
     /// How many records without a port (other hosts' VMs) use `pa`.
     pub fn remote_users_of(&self, pa: IpAddr) -> usize {
-        v4(pa)
-            .and_then(|pa| self.by_pa.get(&pa))
+        self.by_pa
+            .get(&pa)
             .map_or(0, |u| (u.records - u.local) as usize)
     }
 
     /// Whether a local VM's rewrite record uses `pa`.
     pub fn is_local_rewrite_pa(&self, pa: IpAddr) -> bool {
-        v4(pa)
-            .and_then(|pa| self.by_pa.get(&pa))
+        self.by_pa
+            .get(&pa)
             .and_then(|u| u.rewrite)
             .is_some_and(|k| self.ports.contains_key(&k))
     }
 
     /// How many records with a port use `pa` (local records make a provider address busy).
     pub fn local_users_of(&self, pa: IpAddr) -> usize {
-        v4(pa)
-            .and_then(|pa| self.by_pa.get(&pa))
-            .map_or(0, |u| u.local as usize)
+        self.by_pa.get(&pa).map_or(0, |u| u.local as usize)
     }
 
     /// The record's PA among this host's providers: whether it is one (a local PA), and
@@ -417,7 +451,16 @@ impl Catalog {
         if r.ca.is_ipv6() {
             return self.check6(r, replacing);
         }
-        let (_, pa) = ipv4_only(r)?;
+        ipv4_only(r)?;
+        // Rewrite swaps addresses in place: an IPv4 packet keeps an IPv4 header.
+        if r.method == Method::Rewrite && r.pa.is_ipv6() {
+            return Err(invalid(format!(
+                "{}: IP rewrite of an IPv4 customer address needs an IPv4 PA; over an IPv6 \
+                 underlay, use NVGRE (--method encap)",
+                describe(r)
+            )));
+        }
+        let pa = r.pa;
         let replacing = replacing.and_then(key4);
         let own = |k: &Key4| replacing.as_ref() == Some(k);
         if replacing.is_none()
@@ -455,7 +498,7 @@ impl Catalog {
         if let Some(u) = self.by_pa.get(&pa) {
             let replaced_here = replacing
                 .and_then(|k| self.records.get(&k))
-                .is_some_and(|o| o.pa == pa);
+                .is_some_and(|o| self.pa_of(*o) == pa);
             let others = u.records - u32::from(replaced_here);
             let rewrite_other = u.rewrite.filter(|k| !own(k));
             if (r.method == Method::Rewrite && others > 0) || rewrite_other.is_some() {
@@ -577,7 +620,7 @@ impl Catalog {
         // The MAC of an IPv4 record of the VSID is that VM's: the same PA (and port) only.
         if let Some(ca) = self.by_mac.get(&(r.vsid, r.mac.0))
             && let Some(rec) = self.records.get(&(r.vsid, *ca))
-            && (IpAddr::V4(Ipv4Addr::from(rec.pa)) != r.pa
+            && (self.pa_of(*rec) != r.pa
                 || self.ports.get(&(r.vsid, *ca)).map(AsRef::as_ref) != r.port.as_deref())
         {
             return Err(NvError::Conflict(format!(
@@ -595,11 +638,9 @@ impl Catalog {
             self.v6.by_port.insert(port.as_str().into(), key);
         }
         self.v6.by_mac.insert((r.vsid, r.mac.0), key);
-        if let Some(pa) = v4(r.pa) {
-            let u = self.by_pa.entry(pa).or_default();
-            u.records += 1;
-            u.local += u32::from(r.port.is_some());
-        }
+        let u = self.by_pa.entry(r.pa).or_default();
+        u.records += 1;
+        u.local += u32::from(r.port.is_some());
         self.v6.records.insert(key, r);
         old
     }
@@ -610,23 +651,21 @@ impl Catalog {
             self.v6.by_port.remove(port.as_str());
         }
         self.v6.by_mac.remove(&(r.vsid, r.mac.0));
-        if let Some(pa) = v4(r.pa)
-            && let Some(u) = self.by_pa.get_mut(&pa)
-        {
+        if let Some(u) = self.by_pa.get_mut(&r.pa) {
             u.records -= 1;
             u.local -= u32::from(r.port.is_some());
             if u.records == 0 {
-                self.by_pa.remove(&pa);
+                self.by_pa.remove(&r.pa);
             }
         }
         Some(r)
     }
 
     /// A record using `pa` other than `not`, to name in an error (a scan: errors only).
-    fn user_of(&self, pa: [u8; 4], not: Option<Key4>) -> Option<Key4> {
+    fn user_of(&self, pa: IpAddr, not: Option<Key4>) -> Option<Key4> {
         self.records
             .iter()
-            .find(|(k, r)| r.pa == pa && Some(**k) != not)
+            .find(|(k, r)| self.pa_of(**r) == pa && Some(**k) != not)
             .map(|(k, _)| *k)
     }
 
@@ -645,8 +684,10 @@ impl Catalog {
         if let Some(key) = key6(&r.key()) {
             return self.insert6(key, r);
         }
-        let (key, pa) = ipv4_only(&r).expect("checked records have an IPv4 PA");
+        let key = ipv4_only(&r).expect("checked records have an IPv4 CA");
+        let pa = r.pa;
         let old = self.remove(&r.key());
+        let (pa_slot, pa_flags) = self.pa_slot(pa);
         let rewrite = r.method == Method::Rewrite;
         if let Some(port) = r.port {
             let port: Box<str> = port.into();
@@ -673,9 +714,9 @@ impl Catalog {
         self.records.insert(
             key,
             Rec {
-                pa,
+                pa: pa_slot,
                 mac: r.mac.0,
-                rewrite,
+                flags: pa_flags | if rewrite { Rec::REWRITE } else { 0 },
             },
         );
         old
@@ -688,22 +729,23 @@ impl Catalog {
         let k = key4(key)?;
         let rec = *self.records.get(&k)?;
         let r = self.record(k, rec);
+        let pa = r.pa;
         self.records.remove(&k);
         if let Some(port) = self.ports.remove(&k) {
             self.by_port.remove(&port);
-            if let Some(u) = self.by_pa.get_mut(&rec.pa) {
+            if let Some(u) = self.by_pa.get_mut(&pa) {
                 u.local -= 1;
             }
         }
         self.names.remove(&k);
         self.by_mac.remove(&(k.0, rec.mac));
-        if let Some(u) = self.by_pa.get_mut(&rec.pa) {
+        if let Some(u) = self.by_pa.get_mut(&pa) {
             u.records -= 1;
             if u.rewrite == Some(k) {
                 u.rewrite = None;
             }
             if u.records == 0 {
-                self.by_pa.remove(&rec.pa);
+                self.by_pa.remove(&pa);
             }
         }
         if let Some(v) = self.by_vsid.get_mut(&k.0) {
@@ -806,9 +848,45 @@ mod tests {
         moved.method = Method::Rewrite;
         moved.pa = "198.18.1.1".parse().unwrap();
         c.check(&moved, Some(&a.key())).unwrap();
-        let mut v6 = record("10.0.0.4", "198.18.0.2", 4);
-        v6.pa = "2001:db8::2".parse().unwrap();
-        assert!(c.check(&v6, None).unwrap_err().to_string().contains("IPv6"));
+        // IPv4 over an IPv6 underlay: NVGRE, not rewrite.
+        let mut rw6 = record("10.0.0.4", "198.18.0.2", 4);
+        rw6.pa = "2001:db8::2".parse().unwrap();
+        rw6.method = Method::Rewrite;
+        let err = c.check(&rw6, None).unwrap_err().to_string();
+        assert!(err.contains("needs an IPv4 PA"), "{err}");
+    }
+
+    #[test]
+    fn ipv4_records_over_ipv6_pas_keep_their_pa() {
+        let mut c = Catalog::default();
+        let mut recs = Vec::new();
+        for (i, pa) in ["2001:2::1", "198.18.0.2", "2001:2::2", "2001:2::1"]
+            .iter()
+            .enumerate()
+        {
+            let i = u8::try_from(i).unwrap() + 1;
+            let mut r = record(&format!("10.0.0.{i}"), "198.18.0.2", i);
+            r.pa = pa.parse().unwrap();
+            c.check(&r, None).unwrap();
+            c.insert(r.clone());
+            recs.push(r);
+        }
+        for r in &recs {
+            assert_eq!(c.get(&r.key()).as_ref(), Some(r));
+        }
+        assert_eq!(c.remote_users_of("2001:2::1".parse().unwrap()), 2);
+        assert_eq!(c.remote_users_of("2001:2::2".parse().unwrap()), 1);
+        assert_eq!(c.remote_users_of("198.18.0.2".parse().unwrap()), 1);
+        // A VM's IPv6 record shares its IPv4 record's PA, whatever its family.
+        let mut a6 = recs[0].clone();
+        a6.ca = "fd00::1".parse().unwrap();
+        c.check(&a6, None).unwrap();
+        a6.pa = "2001:2::2".parse().unwrap();
+        let err = c.check(&a6, None).unwrap_err().to_string();
+        assert!(err.contains("another PA"), "{err}");
+        c.remove(&recs[0].key());
+        assert_eq!(c.remote_users_of("2001:2::1".parse().unwrap()), 1);
+        assert_eq!(c.get(&recs[3].key()).map(|r| r.pa), Some(recs[3].pa));
     }
 
     #[test]

@@ -236,9 +236,14 @@ impl LookupRecord {
                 self.ca
             )));
         }
-        if !self.pa.is_ipv4() {
+        // An IPv6 PA is a routable address of the underlay: its link-local ones are not, and
+        // an IPv4-mapped one is IPv4's.
+        if let IpAddr::V6(a) = self.pa
+            && (a.is_unicast_link_local() || a.to_ipv4_mapped().is_some())
+        {
             return Err(invalid(format!(
-                "provider address {} is IPv6: the IPv6 underlay is not supported yet",
+                "provider address {} is link-local or IPv4-mapped: give the host's global or \
+                 unique local IPv6 address on the underlay",
                 self.pa
             )));
         }

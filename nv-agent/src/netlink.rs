@@ -7,7 +7,7 @@ use rtnetlink::{
     packet_core::{NetlinkMessage, NetlinkPayload, Nla as _},
     packet_route::{
         RouteNetlinkMessage,
-        address::AddressAttribute,
+        address::{AddressAttribute, AddressFlags, AddressHeaderFlags},
         link::{
             InfoData, InfoKind, InfoTun, LinkAttribute, LinkFlags, LinkInfo as Info, LinkMessage,
         },
@@ -310,11 +310,18 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Adds `addr/len`; an IPv6 address without duplicate address detection, as the kernel's
+    /// tunnels do for theirs: a provider address is the operator's to give once, and a
+    /// tentative one would not be answered for, nor sent from, for a second or more.
     pub async fn add_address(&self, index: u32, addr: IpAddr, len: u8) -> Result<()> {
-        self.handle
-            .address()
-            .add(index, addr, len)
-            .execute()
+        let mut req = self.handle.address().add(index, addr, len);
+        if addr.is_ipv6() {
+            let msg = req.message_mut();
+            msg.header.flags |= AddressHeaderFlags::Nodad;
+            msg.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        req.execute()
             .await
             .map_err(|e| nl_err(&format!("add address {addr}/{len}"), e))
     }

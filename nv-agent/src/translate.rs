@@ -84,13 +84,20 @@ pub fn config(base: &DatapathConfig, catalog: &Catalog) -> DatapathConfig {
     config
 }
 
-/// The local provider addresses.
-pub fn local_pas(catalog: &Catalog, uplink_ifindex: u32) -> HashMap<V4, LocalPa> {
-    catalog
-        .providers()
-        .iter()
-        .map(|p| (key_v4(p.pa.addr), providers::local_pa(p, uplink_ifindex)))
-        .collect()
+/// The local provider addresses: IPv4's and IPv6's.
+pub fn local_pas(
+    catalog: &Catalog,
+    uplink_ifindex: u32,
+) -> (HashMap<V4, LocalPa>, HashMap<nv_common::Addr, LocalPa>) {
+    let (mut v4, mut v6) = (HashMap::new(), HashMap::new());
+    for p in catalog.providers() {
+        let entry = providers::local_pa(p, uplink_ifindex);
+        match p.pa.addr {
+            IpAddr::V4(a) => v4.insert(a.octets(), entry),
+            IpAddr::V6(a) => v6.insert(a.octets(), entry),
+        };
+    }
+    (v4, v6)
 }
 
 /// Everything the maps must hold for `catalog`, with each port where `at` says it is.
@@ -99,8 +106,10 @@ pub fn desired(
     at: impl Fn(&str) -> Option<Attached>,
     base: &DatapathConfig,
 ) -> Desired {
+    let (local_pas, local_pas6) = local_pas(catalog, base.uplink_ifindex);
     let mut d = Desired {
-        local_pas: local_pas(catalog, base.uplink_ifindex),
+        local_pas,
+        local_pas6,
         hosted_vsids: hosted_vsids(catalog),
         config: config(base, catalog),
         routing: crate::tables::routes::entries(catalog.routes()),

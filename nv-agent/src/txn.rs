@@ -14,6 +14,7 @@
 //! are told to; a cluster store plugs in where the journal is.
 use std::{
     collections::HashMap,
+    net::IpAddr,
     sync::atomic::{AtomicBool, Ordering},
 };
 
@@ -68,6 +69,7 @@ pub enum Write {
     Lookup(LookupKey, Option<LookupValue>),
     Lookup6(nv_common::LookupKey6, Option<LookupValue>),
     LocalPa(V4, Option<LocalPa>),
+    LocalPa6(nv_common::Addr, Option<LocalPa>),
     /// The distributed router's entries ([`crate::tables::routes::RouteEntries`]).
     VsidRouting(u32, Option<VsidRouting>),
     Route((u32, RouteKey), Option<RouteHop>),
@@ -88,6 +90,7 @@ impl Write {
             Write::Lookup(k, _) => Write::Lookup(*k, None),
             Write::Lookup6(k, _) => Write::Lookup6(*k, None),
             Write::LocalPa(pa, _) => Write::LocalPa(*pa, None),
+            Write::LocalPa6(pa, _) => Write::LocalPa6(*pa, None),
             Write::VsidRouting(v, _) => Write::VsidRouting(*v, None),
             Write::Route(k, _) => Write::Route(*k, None),
             Write::Gateway(k, _) => Write::Gateway(*k, None),
@@ -909,9 +912,14 @@ fn local_pa_write(change: &Change, undo: &Change, uplink_ifindex: u32) -> Option
         Change::DelProvider { pa } => *pa,
         _ => return None,
     };
-    let pa = translate::key_v4(pa);
-    Some((
-        Write::LocalPa(pa, entry(change)),
-        Write::LocalPa(pa, entry(undo)),
-    ))
+    Some(match pa {
+        IpAddr::V4(v4) => (
+            Write::LocalPa(v4.octets(), entry(change)),
+            Write::LocalPa(v4.octets(), entry(undo)),
+        ),
+        IpAddr::V6(v6) => (
+            Write::LocalPa6(v6.octets(), entry(change)),
+            Write::LocalPa6(v6.octets(), entry(undo)),
+        ),
+    })
 }

@@ -188,6 +188,10 @@ pub enum Counter {
     /// ICMPv6 "packet too big" naming the MTU the VM must use (RFC 8201). Unanswered ones
     /// count under `DropVmTooBig`.
     VmIcmpPacketTooBig,
+    /// From a VM: its provider address and its destination's are of different families (one
+    /// IPv4, one IPv6): no NVGRE header can carry it. Give both hosts a PA of the family the
+    /// VSID's records use.
+    DropVmUnderlayFamily,
     /// Only in the layout-probe build (a counter this version does not have).
     #[cfg(feature = "layout-probe")]
     LayoutProbe,
@@ -195,7 +199,7 @@ pub enum Counter {
 
 impl Counter {
     #[cfg(not(feature = "layout-probe"))]
-    pub const COUNT: u32 = Counter::VmIcmpPacketTooBig as u32 + 1;
+    pub const COUNT: u32 = Counter::DropVmUnderlayFamily as u32 + 1;
     #[cfg(feature = "layout-probe")]
     pub const COUNT: u32 = Counter::LayoutProbe as u32 + 1;
     /// Entries of the counter map: room for counters yet to come, so a new one does not
@@ -270,6 +274,7 @@ impl Counter {
         Counter::DropVmDhcpRingFull,
         Counter::DropUplinkRouterGuard,
         Counter::VmIcmpPacketTooBig,
+        Counter::DropVmUnderlayFamily,
         #[cfg(feature = "layout-probe")]
         Counter::LayoutProbe,
     ];
@@ -345,6 +350,7 @@ impl Counter {
             Counter::DropVmDhcpRingFull => "drop_vm_dhcp_ring_full",
             Counter::DropUplinkRouterGuard => "drop_uplink_router_guard",
             Counter::VmIcmpPacketTooBig => "vm_icmp_packet_too_big",
+            Counter::DropVmUnderlayFamily => "drop_vm_underlay_family",
             #[cfg(feature = "layout-probe")]
             Counter::LayoutProbe => "layout_probe",
         }

@@ -28,10 +28,13 @@ pub mod map_names {
     pub const LOOKUPS: &str = "NV_LOOKUPS";
     pub const PORTS: &str = "NV_PORTS";
     pub const LOCAL_PAS: &str = "NV_LOCAL_PAS";
+    /// This host's IPv6 provider addresses, keyed by the 16-byte address.
+    pub const LOCAL_PAS6: &str = "NV_LOCAL_PAS6";
     pub const CONFIG: &str = "NV_CONFIG";
     pub const COUNTERS: &str = "NV_COUNTERS";
     pub const REWRITE_PAS: &str = "NV_REWRITE_PAS";
     pub const NEXTHOPS: &str = "NV_NEXTHOPS";
+    pub const NEXTHOPS6: &str = "NV_NEXTHOPS6";
     pub const HOSTED_VSIDS: &str = "NV_HOSTED_VSIDS";
     pub const ICMP_BUCKET: &str = "NV_ICMP_BUCKET";
     /// Traffic per VSID, direction and method ([`crate::VsidStats`]).
@@ -55,7 +58,7 @@ pub mod map_names {
     pub const SLOW_BUCKET: &str = "NV_SLOW_BUCKET";
     /// Not pinned: each loaded copy of the programs has its own ([`RedirectTrace`]).
     pub const TRACE_REDIRECT: &str = "NV_TRACE_REDIRECT";
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 23] = [
         LOOKUPS,
         PORTS,
         LOCAL_PAS,
@@ -77,6 +80,8 @@ pub mod map_names {
         LOOKUPS6,
         ROUTES6,
         GATEWAYS6,
+        LOCAL_PAS6,
+        NEXTHOPS6,
     ];
 }
 
@@ -276,6 +281,32 @@ impl NextHop {
     #[must_use]
     pub fn slot(pa: u32) -> u32 {
         pa.wrapping_mul(0x9e37_79b1) >> 22
+    }
+}
+
+/// [`NextHop`] for an IPv6 PA: the same cache, with the 16-byte address (a table of its own,
+/// so IPv4's entries stay 32 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextHop6 {
+    /// The PA this entry is for (all zero: empty).
+    pub pa: Addr,
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub mtu: u32,
+    pub _pad: u32,
+    pub expires: u64,
+}
+
+impl NextHop6 {
+    pub const SLOTS: u32 = 256;
+
+    /// The slot of `pa`: its last word, hashed (hosts of one underlay share the prefix).
+    #[inline(always)]
+    #[must_use]
+    pub fn slot(pa: &Addr) -> u32 {
+        u32::from_ne_bytes([pa[12], pa[13], pa[14], pa[15]]).wrapping_mul(0x9e37_79b1) >> 24
     }
 }
 
@@ -508,6 +539,7 @@ const _: () = {
     assert!(core::mem::align_of::<RewritePa>() >= 4);
     assert!(core::mem::offset_of!(RewritePa, ca) % 4 == 0);
     assert!(core::mem::size_of::<NextHop>() == 32);
+    assert!(core::mem::size_of::<NextHop6>() == 48);
     assert!(core::mem::size_of::<IcmpBucket>() == 16);
     assert!(core::mem::size_of::<RedirectTrace>() == 8);
 };
@@ -524,6 +556,7 @@ mod pod {
     unsafe impl aya::Pod for super::DatapathConfig {}
     unsafe impl aya::Pod for super::RewritePa {}
     unsafe impl aya::Pod for super::NextHop {}
+    unsafe impl aya::Pod for super::NextHop6 {}
     unsafe impl aya::Pod for super::IcmpBucket {}
     unsafe impl aya::Pod for super::RedirectTrace {}
 }

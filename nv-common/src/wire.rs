@@ -50,6 +50,19 @@ pub const GRE_FLAG_S: u16 = 0x1000;
 
 /// Outer Ethernet + IPv4 + GRE (the inner Ethernet header is the customer's).
 pub const NVGRE_V4_OVERHEAD: usize = ETH_HLEN + IPV4_HLEN + GRE_HLEN;
+/// Outer Ethernet + IPv6 + GRE: NVGRE over an IPv6 underlay.
+pub const NVGRE_V6_OVERHEAD: usize = ETH_HLEN + IPV6_HLEN + GRE_HLEN;
+
+/// What NVGRE adds in front of a customer's IP packet from a VM whose provider address is
+/// `pa` (16-byte form): IPv4 and IPv6 underlays differ by 20 bytes.
+#[must_use]
+pub fn nvgre_overhead(pa: &crate::Addr) -> usize {
+    if crate::mapped_v4(pa).is_some() {
+        NVGRE_V4_OVERHEAD
+    } else {
+        NVGRE_V6_OVERHEAD
+    }
+}
 pub const OUTER_TTL: u8 = 64;
 
 pub const ARP_HLEN: usize = 28;

@@ -4,9 +4,7 @@
 use aya_ebpf::{bindings::TC_ACT_REDIRECT, programs::TcContext};
 use nv_common::{
     Counter, LookupKey, Method, PortInfo, VsidStatsKey as Stats,
-    wire::{
-        ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, NVGRE_V4_OVERHEAD,
-    },
+    wire::{ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6},
 };
 
 use crate::{
@@ -169,7 +167,7 @@ fn forward_ipv4(
     // The destination's record decides the method (README: "Translation methods").
     let overhead = match dst.method {
         m if m == Method::Rewrite as u8 => 0,
-        m if m == Method::Encap as u8 => NVGRE_V4_OVERHEAD as u32,
+        m if m == Method::Encap as u8 => encap::overhead(port),
         _ => return Err(Counter::DropVmMethod),
     };
     if overhead == 0 && hlen != 20 {

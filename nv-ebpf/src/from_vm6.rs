@@ -11,7 +11,6 @@ use nv_common::{
         DHCPV6_CLIENT_PORT, DHCPV6_SERVER_PORT, ETH_HLEN, IPPROTO_AH, IPPROTO_DSTOPTS,
         IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_UDP, IPV6_HLEN,
         ND_NEIGHBOR_ADVERT, ND_NEIGHBOR_SOLICIT, ND_REDIRECT, ND_ROUTER_ADVERT, ND_ROUTER_SOLICIT,
-        NVGRE_V4_OVERHEAD,
     },
 };
 
@@ -270,8 +269,7 @@ fn forward(ctx: &TcContext, port: &PortInfo, ifindex: u32, bounced: bool) -> Res
         return Err(Counter::DropVmMethod);
     }
     let config = crate::underlay::config()?;
-    #[expect(clippy::cast_possible_truncation, reason = "42 bytes")]
-    let mtu = pmtu::too_big6(ctx, config, proto, l4, NVGRE_V4_OVERHEAD as u32);
+    let mtu = pmtu::too_big6(ctx, config, proto, l4, encap::overhead(port));
     if mtu != 0 {
         // An answer would leave by the bounce device, not the VM's port; and IPv6 never asks
         // for less than its minimum.

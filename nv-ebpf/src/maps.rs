@@ -25,6 +25,10 @@ pub static PORTS: HashMap<u32, PortInfo> = HashMap::pinned(MAX_PORTS, 0);
 #[map(name = "NV_LOCAL_PAS")]
 pub static LOCAL_PAS: HashMap<V4, LocalPa> = HashMap::pinned(MAX_LOCAL_PAS, 0);
 
+/// IPv6 provider addresses: a map of their own, so IPv4's keeps its 4-byte key.
+#[map(name = "NV_LOCAL_PAS6")]
+pub static LOCAL_PAS6: HashMap<nv_common::Addr, LocalPa> = HashMap::pinned(MAX_LOCAL_PAS, 0);
+
 #[map(name = "NV_CONFIG")]
 pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 
@@ -37,6 +41,11 @@ pub static REWRITE_PAS: HashMap<V4, RewritePa> = HashMap::pinned(MAX_REWRITE_PAS
 /// The underlay next hops of destination PAs, cached by the datapath ([`NextHop`]).
 #[map(name = "NV_NEXTHOPS")]
 pub static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::pinned(NextHop::SLOTS, 0);
+
+/// The same for IPv6 PAs.
+#[map(name = "NV_NEXTHOPS6")]
+pub static NEXTHOPS6: PerCpuArray<nv_common::NextHop6> =
+    PerCpuArray::pinned(nv_common::NextHop6::SLOTS, 0);
 
 /// VSIDs with a VM on this host (value: how many ports): NVGRE for any other VSID is refused
 /// with its own reason.

@@ -10,14 +10,15 @@ use aya_ebpf::{
     helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_jiffies64},
     programs::TcContext,
 };
-use nv_common::{Counter, DatapathConfig, NextHop, wire::ETH_HLEN};
+use nv_common::{Addr, Counter, DatapathConfig, NextHop, NextHop6, wire::ETH_HLEN};
 
 use crate::{
-    maps::{CONFIG, NEXTHOPS},
+    maps::{CONFIG, NEXTHOPS, NEXTHOPS6},
     packet::{EthHdr, ptr_at},
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// The datapath's config once the agent has named the uplink, or a counted drop before.
 #[inline(always)]
@@ -121,6 +122,48 @@ pub fn next_hop(
     }
 }
 
+/// [`next_hop`] for an IPv6 PA, from its own cache.
+#[inline(always)]
+pub fn next_hop6(
+    ctx: &TcContext,
+    uplink: u32,
+    src_pa: &Addr,
+    dst_pa: &Addr,
+) -> Result<Hop, Counter> {
+    let slot = NextHop6::slot(dst_pa);
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_jiffies64() };
+    if let Some(nh) = NEXTHOPS6.get_ptr(slot) {
+        // SAFETY: this CPU's slot; only this CPU writes it, and not while we run.
+        let nh = unsafe { &*nh };
+        if nh.pa == *dst_pa && nh.expires > now {
+            // SAFETY: the context pointer is valid for the whole program run.
+            let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+            if gso || ctx.len() > nh.mtu + ETH_HLEN as u32 {
+                check_mtu(ctx, uplink)?;
+            }
+            return Ok(Hop::Direct {
+                ifindex: nh.ifindex,
+                dmac: nh.dmac,
+                smac: nh.smac,
+            });
+        }
+    }
+    check_mtu(ctx, uplink)?;
+    match ask_fib6(ctx, uplink, src_pa, dst_pa) {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            let nh = NEXTHOPS6.get(slot).ok_or(Counter::DropVmNoUnderlayRoute)?;
+            Ok(Hop::Direct {
+                ifindex: nh.ifindex,
+                dmac: nh.dmac,
+                smac: nh.smac,
+            })
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_FWD_DISABLED => Ok(Hop::Kernel),
+        _ => Err(Counter::DropVmNoUnderlayRoute),
+    }
+}
+
 /// The frame (and, for GSO, each of its segments) must fit the uplink's MTU.
 #[inline(always)]
 fn check_mtu(ctx: &TcContext, uplink: u32) -> Result<(), Counter> {
@@ -194,4 +237,67 @@ fn ask_fib(ctx: &TcContext, uplink: u32, src_pa: u32, dst_pa: u32, l4_protocol: 
         }
     }
     rc
+}
+
+/// [`ask_fib`] for an IPv6 PA.
+#[inline(never)]
+fn ask_fib6(ctx: &TcContext, uplink: u32, src_pa: &Addr, dst_pa: &Addr) -> u32 {
+    // SAFETY: zeroed bindgen struct of plain integers.
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET6;
+    fib.l4_protocol = nv_common::wire::IPPROTO_GRE;
+    fib.ifindex = uplink;
+    // The helper reads the addresses as four network-order words.
+    fib.__bindgen_anon_3.ipv6_src = words(src_pa);
+    fib.__bindgen_anon_4.ipv6_dst = words(dst_pa);
+    // SAFETY: helper with a stack struct of the size we pass.
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        reason = "64 bytes"
+    )]
+    let rc = unsafe {
+        fib_lookup(
+            ctx.skb.skb.cast::<c_void>(),
+            &raw mut fib,
+            size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    };
+    #[expect(
+        clippy::cast_sign_loss,
+        clippy::cast_possible_truncation,
+        reason = "return codes are small and non-negative"
+    )]
+    let rc = rc as u32;
+    if rc == BPF_FIB_LKUP_RET_SUCCESS {
+        let Some(slot) = NEXTHOPS6.get_ptr_mut(NextHop6::slot(dst_pa)) else {
+            return BPF_FIB_LKUP_RET_NO_NEIGH;
+        };
+        // SAFETY: this CPU's slot, written whole.
+        unsafe {
+            *slot = NextHop6 {
+                pa: *dst_pa,
+                ifindex: fib.ifindex,
+                smac: fib.smac,
+                dmac: fib.dmac,
+                // SAFETY: union member the helper fills on success.
+                mtu: u32::from(fib.__bindgen_anon_1.mtu_result),
+                _pad: 0,
+                // SAFETY: plain helper call.
+                expires: bpf_jiffies64() + NextHop::TTL_JIFFIES,
+            };
+        }
+    }
+    rc
+}
+
+#[inline(always)]
+fn words(a: &Addr) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
 }

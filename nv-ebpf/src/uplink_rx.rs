@@ -10,16 +10,16 @@
 //! traffic that arrives tagged is dropped; the kernel would strip a priority tag (VID 0) after
 //! the hook and hand the packet to the host's stack.
 use nv_common::{
-    Counter, DatapathConfig, LookupKey, LookupKey6, LookupValue, RestoreMeta, RewritePa,
+    Addr, Counter, DatapathConfig, LookupKey, LookupKey6, LookupValue, RestoreMeta, RewritePa,
     wire::{
         DHCPV6_CLIENT_PORT, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6,
-        ETH_P_TEB, GRE_FLAGS_NVGRE, GRE_HLEN, IPPROTO_GRE, IPPROTO_ICMP, IPPROTO_ICMPV6,
-        IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, ND_REDIRECT, ND_ROUTER_SOLICIT,
+        ETH_P_TEB, GRE_FLAGS_NVGRE, GRE_HLEN, IPPROTO_FRAGMENT, IPPROTO_GRE, IPPROTO_ICMP,
+        IPPROTO_ICMPV6, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, ND_REDIRECT, ND_ROUTER_SOLICIT,
     },
 };
 
 use crate::{
-    maps::{HOSTED_VSIDS, LOCAL_PAS, LOOKUPS, LOOKUPS6, REWRITE_PAS},
+    maps::{HOSTED_VSIDS, LOCAL_PAS, LOCAL_PAS6, LOOKUPS, LOOKUPS6, REWRITE_PAS},
     packet::{EthHdr, GreHdr, Ipv4Hdr, Ipv6Hdr, read_at, v4_of, view_at},
     router,
 };
@@ -27,12 +27,13 @@ use crate::{
 pub enum Verdict {
     /// Not tenant traffic for this host.
     Pass,
-    /// NVGRE for the VM behind `port`, whose PA is `pa`; the customer's frame starts `strip`
+    /// NVGRE for the VM behind `port`; the customer's frame starts `strip`
     /// bytes in. The VM is named by its IPv4 `ca`, or (`v6`: an IPv6 frame) by its `mac`.
     Nvgre {
         strip: usize,
         port: u32,
-        pa: [u8; 4],
+        /// The outer destination is the PA of the VM the frame is for.
+        at_pa: bool,
         vsid: u32,
         ca: [u8; 4],
         mac: [u8; 6],
@@ -63,6 +64,9 @@ pub fn classify(
     let proto = eth.proto();
     if !tagged && proto == ETH_P_IP {
         return classify_ipv4(config, data, end, ETH_HLEN);
+    }
+    if !tagged && proto == ETH_P_IPV6 {
+        return classify_ipv6(config, data, end, ETH_HLEN);
     }
     if !tagged && proto == ETH_P_ARP {
         return Ok(if crate::uplink_arp::is_request_for_owned(data, end) {
@@ -98,10 +102,12 @@ fn is_tenant_traffic_tagged(
         proto = u16::from_be_bytes([tag[2], tag[3]]);
         l3 += 4;
     }
-    if proto != ETH_P_IP {
-        return false;
-    }
-    !matches!(classify_ipv4(config, data, end, l3), Ok(Verdict::Pass))
+    let verdict = match proto {
+        ETH_P_IP => classify_ipv4(config, data, end, l3),
+        ETH_P_IPV6 => classify_ipv6(config, data, end, l3),
+        _ => return false,
+    };
+    !matches!(verdict, Ok(Verdict::Pass))
 }
 
 /// The IPv4 packet at `l3`.
@@ -139,63 +145,168 @@ fn classify_ipv4(
     if ip.proto == IPPROTO_GRE {
         return classify_gre(config, data, end, ip, l3 + hlen);
     }
-    not_ours(ip)
+    ip.not_ours()
 }
 
-/// Host traffic passes; anything to or from a rewrite PA this host knows does not.
+/// The IPv6 packet at `l3`: NVGRE over an IPv6 underlay, or not ours. The outer header must
+/// be plain: GRE right after it. A fragment of GRE to one of our PAs is dropped, as an IPv4
+/// one is; any other extension header means the host's own traffic (or none of ours).
 #[inline(always)]
-fn not_ours(ip: &Ipv4Hdr) -> Result<Verdict, Counter> {
-    // SAFETY: presence checks only.
-    if unsafe { REWRITE_PAS.get(ip.src) }.is_some() {
-        return Err(Counter::DropUplinkFromRewritePa);
+fn classify_ipv6(
+    config: &DatapathConfig,
+    data: usize,
+    end: usize,
+    l3: usize,
+) -> Result<Verdict, Counter> {
+    let Some(ip) = view_at::<Ipv6Hdr>(data, end, l3) else {
+        return Ok(Verdict::Pass);
+    };
+    if ip.version() != 6 {
+        return Ok(Verdict::Pass);
     }
-    // SAFETY: as above.
-    if unsafe { REWRITE_PAS.get(ip.dst) }.is_some() {
-        return Err(Counter::DropUplinkRewriteNoVm);
+    match ip.next {
+        IPPROTO_GRE => classify_gre(config, data, end, ip, l3 + IPV6_HLEN),
+        IPPROTO_FRAGMENT => {
+            let carries_gre =
+                read_at::<[u8; 4]>(data, end, l3 + IPV6_HLEN).is_some_and(|h| h[0] == IPPROTO_GRE);
+            if carries_gre && ip.to_us() {
+                Err(Counter::DropUplinkFragment)
+            } else {
+                Ok(Verdict::Pass)
+            }
+        }
+        _ => Ok(Verdict::Pass),
     }
-    Ok(Verdict::Pass)
+}
+
+/// The outer IP header of NVGRE, IPv4 or IPv6: what the checks ask of it.
+trait Outer {
+    /// Bytes the header says follow it.
+    fn carried(&self) -> usize;
+    /// A fragment (IPv6 ones never get this far).
+    fn is_fragment(&self) -> bool;
+    /// The packet comes from `pa` (a record's, 16-byte form).
+    fn sent_from(&self, pa: &Addr) -> bool;
+    /// The packet is addressed to `pa`.
+    fn sent_to(&self, pa: &Addr) -> bool;
+    /// The destination is one of this host's PAs.
+    fn to_us(&self) -> bool;
+    /// What becomes of a packet that is not NVGRE for a VM here: host traffic passes;
+    /// anything to or from a rewrite PA this host knows does not.
+    fn not_ours(&self) -> Result<Verdict, Counter>;
+}
+
+impl Outer for Ipv4Hdr {
+    #[inline(always)]
+    fn carried(&self) -> usize {
+        usize::from(u16::from_be_bytes(self.tot_len)).saturating_sub(self.hlen())
+    }
+
+    #[inline(always)]
+    fn is_fragment(&self) -> bool {
+        Ipv4Hdr::is_fragment(self)
+    }
+
+    #[inline(always)]
+    fn sent_from(&self, pa: &Addr) -> bool {
+        v4_of(pa) == Some(self.src)
+    }
+
+    #[inline(always)]
+    fn sent_to(&self, pa: &Addr) -> bool {
+        v4_of(pa) == Some(self.dst)
+    }
+
+    #[inline(always)]
+    fn to_us(&self) -> bool {
+        // SAFETY: presence check only.
+        unsafe { LOCAL_PAS.get(self.dst) }.is_some()
+    }
+
+    #[inline(always)]
+    fn not_ours(&self) -> Result<Verdict, Counter> {
+        // SAFETY: presence checks only.
+        if unsafe { REWRITE_PAS.get(self.src) }.is_some() {
+            return Err(Counter::DropUplinkFromRewritePa);
+        }
+        // SAFETY: as above.
+        if unsafe { REWRITE_PAS.get(self.dst) }.is_some() {
+            return Err(Counter::DropUplinkRewriteNoVm);
+        }
+        Ok(Verdict::Pass)
+    }
+}
+
+impl Outer for Ipv6Hdr {
+    #[inline(always)]
+    fn carried(&self) -> usize {
+        usize::from(u16::from_be_bytes(self.payload_len))
+    }
+
+    #[inline(always)]
+    fn is_fragment(&self) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    fn sent_from(&self, pa: &Addr) -> bool {
+        *pa == self.src
+    }
+
+    #[inline(always)]
+    fn sent_to(&self, pa: &Addr) -> bool {
+        *pa == self.dst
+    }
+
+    #[inline(always)]
+    fn to_us(&self) -> bool {
+        // SAFETY: presence check only.
+        unsafe { LOCAL_PAS6.get(self.dst) }.is_some()
+    }
+
+    #[inline(always)]
+    fn not_ours(&self) -> Result<Verdict, Counter> {
+        // IP rewrite PAs are IPv4 only: nothing of the datapath's to guard here.
+        Ok(Verdict::Pass)
+    }
 }
 
 /// GRE: NVGRE for a VM here, or some other user's GRE (passed), or neither (dropped when it
 /// is addressed to one of our PAs).
 #[inline(always)]
-fn classify_gre(
+fn classify_gre<O: Outer>(
     config: &DatapathConfig,
     data: usize,
     end: usize,
-    ip: &Ipv4Hdr,
+    ip: &O,
     gre_off: usize,
 ) -> Result<Verdict, Counter> {
     // GRE to an address that is not one of our PAs belongs to some other user of the host:
     // not ours to judge. Asked only when the answer matters (a drop, or a destination record
     // whose PA is not the outer destination), so a valid packet pays no lookup for it.
-    let ours = || {
-        // SAFETY: presence check only.
-        unsafe { LOCAL_PAS.get(ip.dst) }.is_some()
-    };
     match nvgre(config, data, end, ip, gre_off) {
         // NVGRE goes only to the PA of the VM it is for.
-        Ok(Verdict::Nvgre { pa, .. }) if pa != ip.dst => {
-            if ours() {
+        Ok(Verdict::Nvgre { at_pa: false, .. }) => {
+            if ip.to_us() {
                 Err(Counter::DropUplinkWrongPa)
             } else {
-                not_ours(ip)
+                ip.not_ours()
             }
         }
-        Ok(Verdict::Pass) => not_ours(ip),
+        Ok(Verdict::Pass) => ip.not_ours(),
         Ok(v) => Ok(v),
-        Err(_) if !ours() => not_ours(ip),
+        Err(_) if !ip.to_us() => ip.not_ours(),
         Err(reason) => Err(reason),
     }
 }
 
 /// NVGRE, whoever it is addressed to: the caller decides whether the outer destination is ours.
 #[inline(always)]
-fn nvgre(
+fn nvgre<O: Outer>(
     config: &DatapathConfig,
     data: usize,
     end: usize,
-    ip: &Ipv4Hdr,
+    ip: &O,
     gre_off: usize,
 ) -> Result<Verdict, Counter> {
     let gre: &GreHdr = view_at(data, end, gre_off).ok_or(Counter::DropUplinkMalformed)?;
@@ -213,8 +324,7 @@ fn nvgre(
     to_our_mac(config, data, end)?;
     // The outer packet must at least hold what it claims to carry: GRE and an inner Ethernet
     // and IPv4 header.
-    let hlen = ip.hlen();
-    if usize::from(u16::from_be_bytes(ip.tot_len)) < hlen + GRE_HLEN + ETH_HLEN + IPV4_HLEN {
+    if ip.carried() < GRE_HLEN + ETH_HLEN + IPV4_HLEN {
         return Err(Counter::DropUplinkMalformed);
     }
     let key: [u8; 4] = read_at(data, end, gre_off + 4).ok_or(Counter::DropUplinkMalformed)?;
@@ -286,7 +396,7 @@ fn nvgre(
     Ok(Verdict::Nvgre {
         strip: inner,
         port: dst.ifindex,
-        pa: v4_of(&dst.pa).unwrap_or_default(),
+        at_pa: ip.sent_to(&dst.pa),
         vsid,
         ca: dst_ca,
         mac: dst.mac,
@@ -298,15 +408,15 @@ fn nvgre(
 /// VSID behind the outer source PA with the MAC its record says; or, routed by the sender's
 /// host, from a VM of another subnet of the VSID's routing domain, with the router's MAC.
 #[inline(always)]
-fn nvgre6(
+fn nvgre6<O: Outer>(
     data: usize,
     end: usize,
-    ip: &Ipv4Hdr,
+    ip: &O,
     vsid: u32,
     inner: usize,
     inner_eth: &EthHdr,
 ) -> Result<Verdict, Counter> {
-    if usize::from(u16::from_be_bytes(ip.tot_len)) < ip.hlen() + GRE_HLEN + ETH_HLEN + IPV6_HLEN {
+    if ip.carried() < GRE_HLEN + ETH_HLEN + IPV6_HLEN {
         return Err(Counter::DropUplinkMalformed);
     }
     let inner_ip: &Ipv6Hdr =
@@ -348,7 +458,7 @@ fn nvgre6(
     Ok(Verdict::Nvgre {
         strip: inner,
         port: dst.ifindex,
-        pa: v4_of(&dst.pa).unwrap_or_default(),
+        at_pa: ip.sent_to(&dst.pa),
         vsid,
         ca: [0; 4],
         mac: dst.mac,
@@ -366,7 +476,7 @@ const SENDER_OK: u32 = u32::MAX;
 // Out of line, returning a scalar: its own stack frame, apart from the uplink programs' (their
 // delivery path is deep).
 #[inline(never)]
-fn sender6(ip: &Ipv4Hdr, vsid: u32, src: &[u8; 16], mac: &[u8; 6]) -> u32 {
+fn sender6<O: Outer>(ip: &O, vsid: u32, src: &[u8; 16], mac: &[u8; 6]) -> u32 {
     let key = LookupKey6 { vsid, ca: *src };
     // SAFETY: read-only use of a value the agent replaces whole.
     let (record, recorded) = match unsafe { LOOKUPS6.get(key) } {
@@ -408,8 +518,8 @@ fn for_a_vm_here(dst: &LookupValue) -> Result<(), Counter> {
 
 /// The sender's record puts it behind the outer source PA (`ip`), on another host.
 #[inline(always)]
-fn behind(src: &LookupValue, ip: &Ipv4Hdr) -> Result<(), Counter> {
-    if v4_of(&src.pa) != Some(ip.src) {
+fn behind<O: Outer>(src: &LookupValue, ip: &O) -> Result<(), Counter> {
+    if !ip.sent_from(&src.pa) {
         return Err(Counter::DropUplinkSpoofedPa);
     }
     // A VM of this host never sends through the underlay to come back here: its PA as the

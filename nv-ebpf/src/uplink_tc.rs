@@ -7,8 +7,8 @@
 //! frames (DESIGN.md); delivery from here (`deliver`) does not. Other frames pass untouched.
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO,
+        TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     programs::TcContext,
 };
@@ -28,8 +28,8 @@ use crate::{
 };
 
 /// Linear bytes needed to classify: outer Ethernet with two VLAN tags, IPv4 with options, GRE,
-/// inner Ethernet and inner IPv4.
-const PULL_LEN: u32 = (ETH_HLEN + 8 + 60 + 8 + ETH_HLEN + 20) as u32;
+/// inner Ethernet, an inner IPv6 header and the first word after it.
+const PULL_LEN: u32 = (ETH_HLEN + 8 + 60 + 8 + ETH_HLEN + 40 + 4) as u32;
 
 pub fn run(ctx: &TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
@@ -148,11 +148,13 @@ fn decap(ctx: &TcContext, strip: usize, v6: bool) -> Result<(), ()> {
     } else {
         0
     };
-    // The skb still says IPv4 (the outer header's); a redirect to a veth peer does not look
-    // again, so the VM's IPv4 input would get the IPv6 packet and discard it.
-    if v6 {
-        flags |= u64::from(BPF_F_ADJ_ROOM_DECAP_L3_IPV6);
-    }
+    // The skb still names the outer header's family; a redirect to a veth peer does not look
+    // again, so the VM's input of that family would get the inner packet and discard it.
+    flags |= u64::from(if v6 {
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV6
+    } else {
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4
+    });
     ctx.adjust_room(shrink, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| ())?;
     if write_at(ctx.data(), ctx.data_end(), 0, inner_eth) {

@@ -219,3 +219,91 @@ pub fn decode(file: &Path) -> anyhow::Result<Vec<Decoded>> {
     }
     Ok(packets)
 }
+
+/// One packet with an IPv6 layer as tshark decoded it: NVGRE over an IPv6 underlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decoded6 {
+    /// `ipv6.src`/`ipv6.dst` of every IPv6 layer, outermost first.
+    pub ipv6_src: Vec<String>,
+    pub ipv6_dst: Vec<String>,
+    /// The outer header's flow label.
+    pub flow_label: Option<u32>,
+    /// `ip.src`/`ip.dst` of every IPv4 layer (inside GRE).
+    pub ip_src: Vec<String>,
+    pub ip_dst: Vec<String>,
+    pub gre_key: Option<u32>,
+    pub gre_proto: Option<u16>,
+    pub protocols: String,
+}
+
+/// Decodes every packet with an IPv6 layer of a capture with tshark.
+pub fn decode6(file: &Path) -> anyhow::Result<Vec<Decoded6>> {
+    let file = file.to_str().context("utf-8 path")?;
+    let out = run(
+        "tshark",
+        &[
+            "-r",
+            file,
+            "-Y",
+            "ipv6",
+            "-T",
+            "fields",
+            "-E",
+            "separator=|",
+            "-E",
+            "occurrence=a",
+            "-E",
+            "aggregator=,",
+            "-e",
+            "ipv6.src",
+            "-e",
+            "ipv6.dst",
+            "-e",
+            "ipv6.flow",
+            "-e",
+            "ip.src",
+            "-e",
+            "ip.dst",
+            "-e",
+            "gre.key",
+            "-e",
+            "gre.proto",
+            "-e",
+            "frame.protocols",
+        ],
+    )?;
+    let list = |s: &str| {
+        s.split(',')
+            .filter(|x| !x.is_empty())
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let num = |s: &str| -> anyhow::Result<Option<u32>> {
+        let s = s.split(',').next().unwrap_or("");
+        if s.is_empty() {
+            return Ok(None);
+        }
+        let v = s
+            .strip_prefix("0x")
+            .map_or_else(|| s.parse(), |h| u32::from_str_radix(h, 16))?;
+        Ok(Some(v))
+    };
+    let mut packets = Vec::new();
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split('|').collect();
+        if f.len() < 8 {
+            bail!("unexpected tshark line: {line}");
+        }
+        packets.push(Decoded6 {
+            ipv6_src: list(f[0]),
+            ipv6_dst: list(f[1]),
+            flow_label: num(f[2])?,
+            ip_src: list(f[3]),
+            ip_dst: list(f[4]),
+            gre_key: num(f[5])?,
+            gre_proto: num(f[6])?.map(|p| u16::try_from(p).unwrap_or(0)),
+            protocols: f[7].to_owned(),
+        });
+    }
+    Ok(packets)
+}

@@ -257,13 +257,15 @@ impl Host {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// `nvctl provider add` of `pa` (in 198.18.0.0/15) on the uplink.
+    /// `nvctl provider add` of `pa` (in 198.18.0.0/15, or an IPv6 PA in `2001:2::/64`) on the
+    /// uplink.
     pub fn add_provider(&self, pa: &str) -> anyhow::Result<String> {
+        let len = if pa.contains(':') { 64 } else { 15 };
         self.nvctl(&[
             "provider",
             "add",
             "--pa",
-            &format!("{pa}/15"),
+            &format!("{pa}/{len}"),
             "--dev",
             "uplink0",
         ])
@@ -802,7 +804,8 @@ impl TwoHosts {
     }
 }
 
-/// Runs `nv-transfer` over TCP in two VMs: sends `bytes` pseudo-random bytes and returns
+/// Runs `nv-transfer` over TCP in two VMs (IPv4 or IPv6, as `dst` is): sends `bytes`
+/// pseudo-random bytes and returns
 /// ("BYTES SHA256" the client sent, the same for what the server received).
 pub fn tcp_transfer(
     server: &Vm,
@@ -810,16 +813,17 @@ pub fn tcp_transfer(
     dst: &str,
     bytes: u64,
 ) -> anyhow::Result<(String, String)> {
+    // An IPv6 destination: the server listens on IPv6, the client writes `[dst]:port`.
+    let (listen, to) = if dst.contains(':') {
+        ("[::]:47001", format!("[{dst}]:47001"))
+    } else {
+        ("0.0.0.0:47001", format!("{dst}:47001"))
+    };
     transfer(
         server,
         client,
-        &["tcp-serve", "0.0.0.0:47001"],
-        &[
-            "tcp-send",
-            &format!("{dst}:47001"),
-            "--bytes",
-            &bytes.to_string(),
-        ],
+        &["tcp-serve", listen],
+        &["tcp-send", &to, "--bytes", &bytes.to_string()],
     )
 }
 

@@ -46,7 +46,7 @@ impl Agent {
             prefix,
             len,
             slaac: len == 64 && slaac_address(prefix, record.mac.0) == ca,
-            mtu: self.vm_mtu(),
+            mtu: self.vm_mtu_over(record.pa),
         })
     }
 
@@ -131,7 +131,7 @@ impl Agent {
             subnet: own.prefix,
             gateway,
             router_mac: *crate::datapath::router_mac(),
-            mtu: u16::try_from(self.vm_mtu()).unwrap_or(u16::MAX),
+            mtu: u16::try_from(self.vm_mtu_over(record.pa)).unwrap_or(u16::MAX),
             routes,
         })
     }

@@ -272,7 +272,11 @@ impl Agent {
                 m::LOOKUPS => catalog.len() - catalog.ipv6_records(),
                 m::LOOKUPS6 => catalog.ipv6_records(),
                 m::PORTS => self.tables.ports.len(),
-                m::LOCAL_PAS => catalog.providers().len(),
+                m::LOCAL_PAS | m::LOCAL_PAS6 => catalog
+                    .providers()
+                    .iter()
+                    .filter(|p| p.pa.addr.is_ipv4() == (map == m::LOCAL_PAS))
+                    .count(),
                 m::REWRITE_PAS => catalog.rewrite_records(),
                 m::HOSTED_VSIDS => translate::hosted_vsids(catalog).len(),
                 _ => return None,

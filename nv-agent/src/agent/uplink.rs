@@ -15,6 +15,8 @@ use crate::{
 /// The shortest prefix a provider address may have (IPv4): the underlay of the README's
 /// examples is 198.18.0.0/15.
 const MIN_PROVIDER_PREFIX: u8 = 15;
+/// The same for an IPv6 provider address: a site's /48.
+const MIN_PROVIDER_PREFIX6: u8 = 48;
 
 impl Agent {
     /// Follows the uplink's MTU: into the config map, and onto the ports when the VM MTU is
@@ -150,9 +152,12 @@ impl Agent {
 
     #[tracing::instrument(skip_all, fields(pa = %p.pa, dev = ?p.dev))]
     pub async fn add_provider(&mut self, p: Provider) -> Result<ProviderState> {
-        if !p.pa.addr.is_ipv4() {
+        if let IpAddr::V6(a) = p.pa.addr
+            && (a.is_unicast_link_local() || a.to_ipv4_mapped().is_some())
+        {
             return Err(invalid(format!(
-                "provider address {} is IPv6: the IPv6 underlay is not supported yet",
+                "provider address {} is link-local or IPv4-mapped: give the host's global or \
+                 unique local IPv6 address on the underlay, with its prefix",
                 p.pa
             )));
         }
@@ -168,11 +173,15 @@ impl Agent {
         }
         // The prefix becomes a route on the underlay: a short one would make much of the
         // Internet on-link there.
-        if p.pa.len < MIN_PROVIDER_PREFIX {
+        let min = if p.pa.addr.is_ipv4() {
+            MIN_PROVIDER_PREFIX
+        } else {
+            MIN_PROVIDER_PREFIX6
+        };
+        if p.pa.len < min {
             return Err(invalid(format!(
-                "provider address {}: a prefix shorter than /{MIN_PROVIDER_PREFIX} would make \
-                 that much address space on-link on the underlay; give the provider network's \
-                 own prefix",
+                "provider address {}: a prefix shorter than /{min} would make that much \
+                 address space on-link on the underlay; give the provider network's own prefix",
                 p.pa
             )));
         }

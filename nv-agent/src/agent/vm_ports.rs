@@ -46,7 +46,10 @@ impl Agent {
     /// the VM's bigger frames before nv sees them. Best effort either way: a VM that sends
     /// more than fits is answered with ICMP "fragmentation needed".
     pub(super) async fn set_port_mtu(&self, link: &LinkInfo) {
-        let mtu = self.vm_mtu();
+        let mtu = match self.tables.catalog.on_port(&link.name).first() {
+            Some(record) => self.vm_mtu_over(record.pa),
+            None => self.vm_mtu(),
+        };
         if link.kind != LinkKind::Tap || link.mtu == mtu {
             return;
         }

@@ -33,6 +33,7 @@ pub struct Desired {
     pub lookups6: HashMap<nv_common::LookupKey6, LookupValue>,
     pub ports: HashMap<u32, PortInfo>,
     pub local_pas: HashMap<V4, LocalPa>,
+    pub local_pas6: HashMap<nv_common::Addr, LocalPa>,
     pub rewrite_pas: HashMap<V4, RewritePa>,
     /// VSIDs with a VM on this host, and how many ports each has.
     pub hosted_vsids: HashMap<u32, u32>,
@@ -329,6 +330,10 @@ impl Datapath {
                 sync_hash(ebpf, map_names::LOCAL_PAS, &desired.local_pas)?,
             ),
             (
+                map_names::LOCAL_PAS6,
+                sync_hash(ebpf, map_names::LOCAL_PAS6, &desired.local_pas6)?,
+            ),
+            (
                 map_names::PORTS,
                 sync_hash(ebpf, map_names::PORTS, &desired.ports)?,
             ),
@@ -392,6 +397,7 @@ impl Datapath {
             Write::Lookup(k, v) => set_entry(ebpf, map_names::LOOKUPS, k, v.as_ref()),
             Write::Lookup6(k, v) => set_entry(ebpf, map_names::LOOKUPS6, k, v.as_ref()),
             Write::LocalPa(pa, v) => set_entry(ebpf, map_names::LOCAL_PAS, pa, v.as_ref()),
+            Write::LocalPa6(pa, v) => set_entry(ebpf, map_names::LOCAL_PAS6, pa, v.as_ref()),
             Write::VsidRouting(vsid, v) => {
                 set_entry(ebpf, map_names::VSID_ROUTING, vsid, v.as_ref())
             }

@@ -114,7 +114,7 @@ pub fn purge(pin_path: &Path) -> Result<()> {
     clippy::too_many_lines,
     reason = "one entry per map, formatted one field a line"
 )]
-fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u32>); 21] {
+fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u32>); 23] {
     use std::mem::size_of;
 
     use aya::maps::MapType::{
@@ -164,6 +164,14 @@ fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u3
             size_of::<NextHop>(),
             Some(NextHop::SLOTS),
         ),
+        (
+            map_names::NEXTHOPS6,
+            P,
+            4,
+            size_of::<nv_common::NextHop6>(),
+            Some(nv_common::NextHop6::SLOTS),
+        ),
+        (map_names::LOCAL_PAS6, H, 16, size_of::<LocalPa>(), None),
         (map_names::HOSTED_VSIDS, H, 4, 4, None),
         (
             map_names::ICMP_BUCKET,
@@ -458,9 +466,10 @@ impl Datapath {
     /// writes maps of its own (counters, next-hop cache, ICMP budget, per-VSID traffic, the
     /// monitor's), so a trace changes nothing that forwards or is reported. Never attached.
     pub fn load_tracer(pin_path: &Path, max_lookups: u32) -> Result<Datapath> {
-        const OWN: [&str; 9] = [
+        const OWN: [&str; 10] = [
             map_names::COUNTERS,
             map_names::NEXTHOPS,
+            map_names::NEXTHOPS6,
             map_names::ICMP_BUCKET,
             map_names::VSID_STATS,
             map_names::MONITOR,

@@ -23,6 +23,7 @@ struct MemMaps {
     lookups: HashMap<LookupKey, LookupValue>,
     lookups6: HashMap<nv_common::LookupKey6, LookupValue>,
     local_pas: HashMap<V4, LocalPa>,
+    local_pas6: HashMap<nv_common::Addr, LocalPa>,
     routing: crate::tables::routes::RouteEntries,
     config: DatapathConfig,
 }
@@ -67,6 +68,7 @@ impl Maps for Faulty {
                 Write::Lookup(k, v) => set(&mut m.lookups, k, v),
                 Write::Lookup6(k, v) => set(&mut m.lookups6, k, v),
                 Write::LocalPa(k, v) => set(&mut m.local_pas, k, v),
+                Write::LocalPa6(k, v) => set(&mut m.local_pas6, k, v),
                 Write::VsidRouting(k, v) => set(&mut m.routing.vsids, k, v),
                 Write::Route(k, v) => set(&mut m.routing.routes, k, v),
                 Write::Gateway(k, v) => set(&mut m.routing.gateways, k, v),
@@ -164,6 +166,7 @@ fn mapped(tables: &Tables) -> MemMaps {
         lookups: d.lookups,
         lookups6: d.lookups6,
         local_pas: d.local_pas,
+        local_pas6: d.local_pas6,
         routing: d.routing,
         config: d.config,
     }

@@ -1,0 +1,341 @@
+//! NVGRE over an IPv6 underlay. Each host has an IPv4 PA (198.18.0.N) and an IPv6 PA
+//! (`2001:2::N`) at once: RED rides the IPv6 one, BLUE the IPv4 one, both dual-stack with the same
+//! addresses (10.0.0.N and `fd00::N`). On a 1500-byte underlay, on the XDP hook and (agents
+//! restarted) the TC hook: pings and TCP (content compared) in both families, tshark decoding
+//! RED's NVGRE over IPv6 with its VSID and no customer address outside GRE, BLUE's over IPv4,
+//! BLUE never seeing RED's payload, path MTU naming 62 bytes of overhead for RED and 42 for BLUE,
+//! and the uplink's checks against forged NVGRE over IPv6 (spoofed PA, another tenant over the
+//! wrong PA family, not our MAC, a fragment), beside a forged frame that is delivered.
+use std::{thread, time::Duration};
+
+use anyhow::{Context as _, ensure};
+use nv_tests::{
+    capture::{self, Capture},
+    testbed::{BLUE_VSID, RED_VSID, TwoHosts, delta, ipv6_of, tcp_transfer},
+};
+
+const PYTHON: &str = "/usr/bin/python3";
+
+fn pa6(host: usize) -> String {
+    format!("2001:2::{}", host + 1)
+}
+
+/// Both PAs on each host; every VM's IPv4 and IPv6 record on both hosts (RED over its host's
+/// IPv6 PA, BLUE over its IPv4 one); the IPv6 addresses in the VMs.
+fn configure(bed: &TwoHosts) -> anyhow::Result<()> {
+    for (i, h) in bed.hosts.iter().enumerate() {
+        h.add_provider(&h.pa)?;
+        h.add_provider(&pa6(i))?;
+    }
+    for (i, h) in bed.hosts.iter().enumerate() {
+        for vm in &bed.vms {
+            let pa = if vm.vsid == RED_VSID {
+                pa6(vm.host)
+            } else {
+                bed.hosts[vm.host].pa.clone()
+            };
+            let vsid = vm.vsid.to_string();
+            for ca in [vm.ca.clone(), ipv6_of(&vm.ca)] {
+                let mut args = vec![
+                    "lookup", "add", "--vsid", &vsid, "--ca", &ca, "--pa", &pa, "--mac", &vm.mac,
+                    "--name", &vm.name,
+                ];
+                if vm.host == i {
+                    args.extend(["--port", &vm.port]);
+                }
+                h.nvctl(&args)?;
+            }
+        }
+    }
+    for vm in &bed.vms {
+        vm.add_ipv6(&ipv6_of(&vm.ca))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn dual_stack_tenants_cross_an_ipv6_underlay_beside_an_ipv4_one_on_either_hook()
+-> anyhow::Result<()> {
+    let mut bed = TwoHosts::build_on("u6", &["--decap-hook", "xdp"], "1500")?;
+    configure(&bed)?;
+    what_the_agent_refuses(&bed)?;
+    for hook in ["xdp", "tc"] {
+        if hook == "tc" {
+            for h in &mut bed.hosts {
+                h.stop_agent();
+                h.agent_args = vec!["--decap-hook".into(), "tc".into()];
+                h.start_agent()?;
+            }
+        }
+        traffic_rides_its_tenant_s_underlay(&bed, hook)?;
+        path_mtu_names_each_underlay_s_overhead(&bed, hook)?;
+        the_uplink_checks_hold_over_ipv6(&bed, hook)?;
+    }
+    Ok(())
+}
+
+/// Pings in both families from RED-1 and BLUE-1 (payload patterns a5 and b6) and TCP in both
+/// families for RED, while the underlay and BLUE-2 are captured.
+fn traffic_rides_its_tenant_s_underlay(bed: &TwoHosts, hook: &str) -> anyhow::Result<()> {
+    let file = bed.tmp_dir().join(format!("u6-{hook}.pcap"));
+    let cap = Capture::start(&bed.underlay, "br0", &file, 120)?;
+    let blue2 = Capture::start(
+        &bed.vm("BLUE-2").ns,
+        "eth0",
+        &bed.tmp_dir().join(format!("u6-blue2-{hook}.pcap")),
+        120,
+    )?;
+    for (vm, pattern) in [("RED-1", "a5"), ("BLUE-1", "b6")] {
+        for dst in ["10.0.0.2", "fd00::2"] {
+            let got = bed.ping_with(vm, dst, 3, &["-p", pattern])?;
+            ensure!(got == 3, "{hook}: {vm} -> {dst}: {got} of 3 answered");
+        }
+    }
+    for dst in ["10.0.0.2", "fd00::2"] {
+        let (sent, received) = tcp_transfer(bed.vm("RED-2"), bed.vm("RED-1"), dst, 1 << 20)?;
+        ensure!(
+            sent.starts_with(&format!("{} ", 1 << 20)) && sent == received,
+            "{hook}: TCP to {dst}: sent {sent}, received {received}"
+        );
+    }
+    let file = cap.stop()?;
+    let seen = capture::frames(&blue2.stop()?)?;
+    let with = |b: u8| {
+        seen.iter()
+            .filter(|f| f.windows(16).any(|w| w.iter().all(|x| *x == b)))
+            .count()
+    };
+    ensure!(
+        with(0xa5) == 0 && with(0xb6) >= 6,
+        "{hook}: BLUE-2 saw {} of RED's frames and {} of BLUE's",
+        with(0xa5),
+        with(0xb6)
+    );
+
+    // RED: NVGRE over IPv6 between the IPv6 PAs, its VSID in the key, a customer packet of
+    // either family inside, and nothing of the customer's outside GRE.
+    let v6 = capture::decode6(&file)?;
+    let pas6 = [pa6(0), pa6(1)];
+    let (mut red4, mut red6, mut labels) = (0, 0, std::collections::BTreeSet::new());
+    // Packets whose outer header is IPv6 (BLUE's IPv6 customers ride IPv4).
+    for p in v6
+        .iter()
+        .filter(|p| p.protocols.starts_with("eth:ethertype:ipv6"))
+    {
+        let outer = (p.ipv6_src.first(), p.ipv6_dst.first());
+        let (Some(src), Some(dst)) = outer else {
+            continue;
+        };
+        ensure!(
+            !src.starts_with("fd00:") && !dst.starts_with("fd00:"),
+            "{hook}: a customer IPv6 address outside GRE: {p:?}"
+        );
+        if !(pas6.contains(src) && pas6.contains(dst)) {
+            continue;
+        }
+        // The hosts' own neighbour discovery for each other's PA.
+        if p.gre_key.is_none() && p.protocols == "eth:ethertype:ipv6:icmpv6" {
+            continue;
+        }
+        let key = p
+            .gre_key
+            .with_context(|| format!("{hook}: not NVGRE: {p:?}"))?;
+        ensure!(
+            key >> 8 == RED_VSID && p.gre_proto == Some(0x6558),
+            "{hook}: GRE key {key:#x} / protocol {:?}, expected RED's VSID over TEB: {p:?}",
+            p.gre_proto
+        );
+        if let Some(label) = p.flow_label {
+            labels.insert(label);
+        }
+        match (p.ip_src.first(), p.ipv6_src.get(1)) {
+            (Some(inner), None) if inner.starts_with("10.0.0.") => red4 += 1,
+            (None, Some(inner)) if inner.starts_with("fd00::") => red6 += 1,
+            _ => anyhow::bail!("{hook}: inner packet of RED: {p:?}"),
+        }
+    }
+    ensure!(
+        red4 >= 6 && red6 >= 6,
+        "{hook}: RED over IPv6: {red4} IPv4 and {red6} IPv6 customer packets"
+    );
+    ensure!(
+        labels.iter().filter(|l| **l != 0).count() >= 2,
+        "{hook}: flow labels of RED's NVGRE: {labels:?} (one per flow expected)"
+    );
+
+    blue_rides_ipv4(&file, hook)
+}
+
+/// BLUE: NVGRE over IPv4 between the IPv4 PAs, never over IPv6.
+fn blue_rides_ipv4(file: &std::path::Path, hook: &str) -> anyhow::Result<()> {
+    let v4 = capture::decode(file)?;
+    let mut blue = 0;
+    for p in v4
+        .iter()
+        .filter(|p| p.protocols.starts_with("eth:ethertype:ip:"))
+    {
+        let (Some(src), Some(dst)) = (p.ip_src.first(), p.ip_dst.first()) else {
+            continue;
+        };
+        ensure!(
+            !src.starts_with("10.") && !dst.starts_with("10."),
+            "{hook}: a customer IPv4 address outside GRE: {p:?}"
+        );
+        if src.starts_with("198.18.0.") && dst.starts_with("198.18.0.") {
+            ensure!(
+                p.gre_key.is_some_and(|k| k >> 8 == BLUE_VSID),
+                "{hook}: between the IPv4 PAs, not BLUE's NVGRE: {p:?}"
+            );
+            blue += 1;
+        }
+    }
+    ensure!(blue >= 12, "{hook}: {blue} of BLUE's packets over IPv4");
+    Ok(())
+}
+
+/// On a 1500-byte underlay, a VM whose PA is IPv6 may send 1438-byte packets (62 bytes of
+/// NVGRE over IPv6), one whose PA is IPv4 1458: the datapath answers the first byte more with
+/// "fragmentation needed" or "packet too big" naming that MTU.
+fn path_mtu_names_each_underlay_s_overhead(bed: &TwoHosts, hook: &str) -> anyhow::Result<()> {
+    // (VM, destination, ICMP/IP header bytes, MTU)
+    for (vm, dst, headers, mtu) in [
+        ("RED-1", "10.0.0.2", 28, 1438),
+        ("RED-1", "fd00::2", 48, 1438),
+        ("BLUE-1", "10.0.0.2", 28, 1458),
+        ("BLUE-1", "fd00::2", 48, 1458),
+    ] {
+        let fits = (mtu - headers).to_string();
+        let got = bed.ping_with(vm, dst, 1, &["-M", "do", "-s", &fits])?;
+        ensure!(got == 1, "{hook}: {vm} -> {dst}: {mtu} bytes did not cross");
+        let over = (mtu - headers + 1).to_string();
+        let out = bed.vm(vm).ns.exec_output(
+            "ping",
+            &[
+                "-c", "2", "-i", "0.2", "-W", "1", "-M", "do", "-s", &over, dst,
+            ],
+        )?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(
+            text.contains(&mtu.to_string()) && !text.contains(" 0% packet loss"),
+            "{hook}: {vm} -> {dst}: {} bytes were not answered with MTU {mtu}: {text}",
+            mtu + 1
+        );
+    }
+    Ok(())
+}
+
+/// Forged NVGRE over IPv6 from the underlay to host 2 (RED-1 -> RED-2, ICMP echo with a c3
+/// payload): the genuine one is delivered; a spoofed outer source, BLUE over IPv6 (its records
+/// are behind IPv4 PAs), a frame not addressed to host 2's MAC and a fragment are dropped,
+/// each under its counter.
+const FORGE: &str = r#"
+import sys
+from scapy.all import Ether, IPv6, IPv6ExtHdrFragment, GRE, IP, ICMP, Raw, sendp
+iface, mac, kind = sys.argv[1], sys.argv[2], sys.argv[3]
+def nvgre(vsid, src_mac, dst_mac):
+    inner = Ether(src=src_mac, dst=dst_mac) / IP(src="10.0.0.1", dst="10.0.0.2")
+    inner = inner / ICMP(id=77, seq=1) / Raw(b"\xc3" * 64)
+    return GRE(key_present=1, key=(vsid << 8) | 1, proto=0x6558) / inner
+red = nvgre(5001, "02:00:00:00:01:01", "02:00:00:00:02:01")
+blue = nvgre(6001, "02:00:00:00:01:02", "02:00:00:00:02:02")
+outer = lambda src: IPv6(src=src, dst="2001:2::2")
+frame = {
+    "genuine": Ether(dst=mac) / outer("2001:2::1") / red,
+    "spoofed": Ether(dst=mac) / outer("2001:2::9") / red,
+    "family": Ether(dst=mac) / outer("2001:2::1") / blue,
+    "mac": Ether(dst="02:00:5e:00:53:99") / outer("2001:2::1") / red,
+    "fragment": Ether(dst=mac) / outer("2001:2::1") / IPv6ExtHdrFragment(nh=47, m=1, id=7) / red,
+}[kind]
+sendp(frame, iface=iface, verbose=False)
+"#;
+
+fn the_uplink_checks_hold_over_ipv6(bed: &TwoHosts, hook: &str) -> anyhow::Result<()> {
+    let h2 = &bed.hosts[1];
+    let mac = h2.ns.mac("uplink0")?;
+    let mac = mac.map(|b| format!("{b:02x}")).join(":");
+    for (kind, counter) in [
+        ("genuine", "uplink_delivered"),
+        ("spoofed", "drop_uplink_spoofed_pa"),
+        ("family", "drop_uplink_spoofed_pa"),
+        ("mac", "drop_uplink_not_our_mac"),
+        ("fragment", "drop_uplink_fragment"),
+    ] {
+        let red2 = Capture::start(
+            &bed.vm("RED-2").ns,
+            "eth0",
+            &bed.tmp_dir().join(format!("u6-forged-{kind}-{hook}.pcap")),
+            30,
+        )?;
+        let before = h2.counters()?;
+        bed.underlay
+            .exec(PYTHON, &["-c", FORGE, "br0", &mac, kind])?;
+        thread::sleep(Duration::from_millis(300));
+        let after = h2.counters()?;
+        let arrived = capture::frames(&red2.stop()?)?
+            .iter()
+            // Frames in (from RED-1's MAC), not RED-2's answer.
+            .filter(|f| f.len() > 12 && f[6..12] == [2, 0, 0, 0, 1, 1])
+            .filter(|f| f.windows(32).any(|w| w.iter().all(|x| *x == 0xc3)))
+            .count();
+        let counted = delta(&before, &after, counter);
+        if kind == "genuine" {
+            ensure!(
+                arrived == 1 && counted >= 1,
+                "{hook}: the genuine forged frame: {arrived} arrived at RED-2, {counter} +{counted}"
+            );
+        } else {
+            ensure!(
+                arrived == 0 && counted == 1,
+                "{hook}: {kind}: {arrived} arrived at RED-2, {counter} +{counted}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What an IPv6 underlay does not take: a link-local PA, IP rewrite of an IPv4 CA over an
+/// IPv6 PA, and a VM's IPv6 record over another PA than its IPv4 record's.
+fn what_the_agent_refuses(bed: &TwoHosts) -> anyhow::Result<()> {
+    let h1 = &bed.hosts[0];
+    h1.expect_refused(
+        &["provider", "add", "--pa", "fe80::9/64", "--dev", "uplink0"],
+        "link-local",
+    )?;
+    h1.expect_refused(
+        &[
+            "lookup",
+            "add",
+            "--vsid",
+            "7001",
+            "--ca",
+            "10.9.0.1",
+            "--pa",
+            "2001:2::77",
+            "--mac",
+            "02:00:00:00:77:01",
+            "--method",
+            "rewrite",
+        ],
+        "needs an IPv4 PA",
+    )?;
+    h1.expect_refused(
+        &[
+            "lookup",
+            "add",
+            "--vsid",
+            "5001",
+            "--ca",
+            "fd00::22",
+            "--pa",
+            "198.18.0.2",
+            "--mac",
+            "02:00:00:00:02:01",
+        ],
+        "MAC 02:00:00:00:02:01",
+    )?;
+    Ok(())
+}
