@@ -3,7 +3,7 @@
 //! monitor runs (the config says so), so with none attached it pays a branch and nothing more.
 use std::{
     collections::HashMap,
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -29,9 +29,9 @@ pub struct Event {
     /// The VM port (or the uplink) by name, when the agent knows it.
     pub port: Option<String>,
     pub ifindex: u32,
-    pub src: Option<Ipv4Addr>,
-    pub dst: Option<Ipv4Addr>,
-    /// `icmp`, `tcp`, `udp`, `gre` or the IP protocol number.
+    pub src: Option<IpAddr>,
+    pub dst: Option<IpAddr>,
+    /// `icmp`, `icmpv6`, `tcp`, `udp`, `gre` or the IP protocol (IPv6 next header) number.
     pub proto: Option<String>,
     pub src_mac: String,
     pub dst_mac: String,
@@ -51,6 +51,7 @@ fn proto_name(p: u8) -> String {
         6 => "tcp".into(),
         17 => "udp".into(),
         47 => "gre".into(),
+        58 => "icmpv6".into(),
         other => other.to_string(),
     }
 }
@@ -60,7 +61,10 @@ impl Event {
     pub fn of(e: &MonitorEvent, names: &HashMap<u32, String>) -> Event {
         let counter = Counter::ALL.get(usize::from(e.counter)).copied();
         let name = counter.map_or("unknown", Counter::name);
-        let ip = |a: [u8; 4]| (a != [0; 4]).then(|| Ipv4Addr::from(a));
+        let ip = |a: [u8; 16]| {
+            (a != [0; 16])
+                .then(|| nv_common::mapped_v4(&a).map_or_else(|| IpAddr::from(a), IpAddr::from))
+        };
         Event {
             kind: if e.kind == MonitorEvent::DROP {
                 "drop"
@@ -94,7 +98,7 @@ impl Event {
             .port
             .clone()
             .unwrap_or_else(|| format!("ifindex {}", self.ifindex));
-        let addr = |a: Option<Ipv4Addr>| a.map_or_else(|| "-".to_owned(), |a| a.to_string());
+        let addr = |a: Option<IpAddr>| a.map_or_else(|| "-".to_owned(), |a| a.to_string());
         format!(
             "{:<8} {:<28} vsid {:<8} {:<12} {} > {} {} {} > {} {} B",
             self.kind,
@@ -285,12 +289,28 @@ mod tests {
                 counter: Counter::DropVmSpoofedIp as u8,
                 vsid: 5001,
                 ifindex: 7,
-                src: [10, 0, 0, 9],
-                dst: [10, 0, 0, 2],
+                src: nv_common::v4_mapped([10, 0, 0, 9]),
+                dst: nv_common::v4_mapped([10, 0, 0, 2]),
                 proto: 1,
                 ..MonitorEvent::default()
             },
             &HashMap::from([(7, "red1".to_owned())]),
+        );
+        let v6 = Event::of(
+            &MonitorEvent {
+                kind: MonitorEvent::DROP,
+                counter: Counter::DropVmSpoofedIp as u8,
+                src: "fd00::9".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+                dst: "fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+                proto: 58,
+                ..MonitorEvent::default()
+            },
+            &HashMap::new(),
+        );
+        assert!(
+            v6.line().contains("fd00::9 > fd00::2 icmpv6"),
+            "{}",
+            v6.line()
         );
         assert_eq!(drop.reason, "vm_spoofed_ip");
         assert_eq!(drop.port.as_deref(), Some("red1"));

@@ -1,6 +1,6 @@
 //! What the datapath reports beyond its counters: traffic per VSID (Prometheus, `nvctl stats
 //! --vsid`) and events on a ring buffer (`nvctl monitor`).
-use crate::V4;
+use crate::Addr;
 
 /// A VSID's traffic in one direction by one method: how the agent reports the per-VSID map,
 /// whose key is the VSID and whose value ([`VsidTraffic`]) holds every such pair.
@@ -68,7 +68,7 @@ pub struct MonitorEvent {
     pub kind: u8,
     /// The [`crate::Counter`] it was counted under: the drop reason, or how it was forwarded.
     pub counter: u8,
-    /// IP protocol of the (inner) packet, 0 when it is not IPv4.
+    /// IP protocol (IPv6: next header) of the (inner) packet, 0 when it is not IP.
     pub proto: u8,
     pub _pad: u8,
     /// The VM port it came from (or was delivered to), or the uplink.
@@ -77,9 +77,9 @@ pub struct MonitorEvent {
     pub vsid: u32,
     /// Bytes of the frame as the program saw it.
     pub len: u32,
-    /// (Inner) IPv4 source and destination; zero when not IPv4.
-    pub src: V4,
-    pub dst: V4,
+    /// (Inner) IP source and destination, IPv4 mapped into IPv6; zero when not IP.
+    pub src: Addr,
+    pub dst: Addr,
     /// (Inner) Ethernet addresses.
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
@@ -99,7 +99,7 @@ const _: () = {
     assert!(core::mem::size_of::<VsidStatsKey>() == 8);
     assert!(core::mem::size_of::<VsidStats>() == 16);
     assert!(core::mem::size_of::<VsidTraffic>() == 96);
-    assert!(core::mem::size_of::<MonitorEvent>() == 36);
+    assert!(core::mem::size_of::<MonitorEvent>() == 60);
 };
 
 #[cfg(feature = "user")]

@@ -11,14 +11,14 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use nv_common::{
-    Counter, DatapathConfig, MonitorEvent, VsidStatsKey, VsidTraffic,
-    wire::{ETH_HLEN, ETH_P_IP, GRE_HLEN, IPPROTO_GRE},
+    Counter, DatapathConfig, MonitorEvent, VsidStatsKey, VsidTraffic, v4_mapped,
+    wire::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, GRE_HLEN, IPPROTO_GRE, IPV6_HLEN},
 };
 
 use crate::{
     counters::count,
     maps::{CONFIG, MONITOR, MONITOR_SAMPLE, PORTS, VSID_STATS},
-    packet::{EthHdr, Ipv4Hdr, read_at, view_at},
+    packet::{EthHdr, Ipv4Hdr, Ipv6Hdr, read_at, view_at},
 };
 
 /// Set to 0 by the loader for the benchmark's copy without per-VSID counting, so its cost is
@@ -237,41 +237,51 @@ fn report(data: usize, end: usize, what: u32, ids: u64, len: u32) {
         len,
         ..MonitorEvent::default()
     };
-    let mut at = 0;
-    if let Some(eth) = view_at::<EthHdr>(data, end, 0) {
-        e.src_mac = eth.src;
-        e.dst_mac = eth.dst;
-        if eth.proto() == ETH_P_IP
-            && let Some(ip) = view_at::<Ipv4Hdr>(data, end, ETH_HLEN)
-        {
-            e.src = ip.src;
-            e.dst = ip.dst;
-            e.proto = ip.proto;
-            at = ETH_HLEN + ip.hlen();
-            if ip.proto != IPPROTO_GRE {
-                at = 0;
-            }
-        }
-    }
     // NVGRE: the VSID from the key, and the customer's frame inside.
-    if at != 0
-        && let Some(key) = read_at::<[u8; 4]>(data, end, at + 4)
+    let gre = read_frame(data, end, 0, &mut e);
+    if gre != 0
+        && let Some(key) = read_at::<[u8; 4]>(data, end, gre + 4)
     {
         e.vsid = u32::from_be_bytes(key) >> 8;
-        let inner = at + GRE_HLEN;
-        if let Some(eth) = view_at::<EthHdr>(data, end, inner) {
-            e.src_mac = eth.src;
-            e.dst_mac = eth.dst;
-            if eth.proto() == ETH_P_IP
-                && let Some(ip) = view_at::<Ipv4Hdr>(data, end, inner + ETH_HLEN)
-            {
-                e.src = ip.src;
-                e.dst = ip.dst;
-                e.proto = ip.proto;
-            }
-        }
+        read_frame(data, end, gre + GRE_HLEN, &mut e);
     }
     let _ = MONITOR.output::<MonitorEvent>(&e, 0);
+}
+
+/// Fills `e` with the addresses of the Ethernet frame at `at` and of its IPv4 or IPv6 packet;
+/// returns where its GRE header starts when it carries GRE (0 otherwise).
+#[inline(always)]
+fn read_frame(data: usize, end: usize, at: usize, e: &mut MonitorEvent) -> usize {
+    let Some(eth) = view_at::<EthHdr>(data, end, at) else {
+        return 0;
+    };
+    e.src_mac = eth.src;
+    e.dst_mac = eth.dst;
+    let l3 = at + ETH_HLEN;
+    match eth.proto() {
+        ETH_P_IP => {
+            if let Some(ip) = view_at::<Ipv4Hdr>(data, end, l3) {
+                e.src = v4_mapped(ip.src);
+                e.dst = v4_mapped(ip.dst);
+                e.proto = ip.proto;
+                if ip.proto == IPPROTO_GRE {
+                    return l3 + ip.hlen();
+                }
+            }
+        }
+        ETH_P_IPV6 => {
+            if let Some(ip) = view_at::<Ipv6Hdr>(data, end, l3) {
+                e.src = ip.src;
+                e.dst = ip.dst;
+                e.proto = ip.next;
+                if ip.next == IPPROTO_GRE {
+                    return l3 + IPV6_HLEN;
+                }
+            }
+        }
+        _ => {}
+    }
+    0
 }
 
 /// A frame the VM sent went out (`how`: its counter; `method`: [`nv_common::VsidStatsKey`]'s): counted for its

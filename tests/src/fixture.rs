@@ -76,6 +76,15 @@ pub const GREEN_B: u32 = 7005;
 pub const CA_GB: [u8; 4] = [10, 3, 0, 5];
 pub const GREEN_B_PA: [u8; 4] = [198, 18, 1, 7];
 pub const GREEN_B_MAC: [u8; 6] = [2, 0, 0, 0, 7, 11];
+/// AMBER rides the IPv6 underlay ([`Host::add_ipv6_underlay`]): AMBER-1 here (`10.0.0.1`,
+/// `fd00::1`) behind `LOCAL_PA6`, AMBER-2 remote (`10.0.0.2`, `fd00::2`) behind `REMOTE_PA6`,
+/// and AMBER-3 (`10.0.0.3`) remote behind the IPv4 `REMOTE_PA`: out of AMBER-1's reach.
+pub const AMBER: u32 = 7101;
+pub const LOCAL_PA6: [u8; 16] = [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+pub const REMOTE_PA6: [u8; 16] = [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+pub const AMBER1_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0x0a];
+pub const AMBER2_MAC: [u8; 6] = [2, 0, 0, 0, 2, 0x0a];
+pub const AMBER3_MAC: [u8; 6] = [2, 0, 0, 0, 3, 0x0a];
 
 /// A pin directory, purged on drop (also when loading into it failed half way).
 pub struct PinDir(PathBuf);
@@ -440,6 +449,78 @@ impl Host {
         Ok(())
     }
 
+    /// An IPv6 PA beside the IPv4 ones (`LOCAL_PA6` on the uplink, `REMOTE_PA6`'s neighbour
+    /// known) and AMBER's VMs over it (AMBER-1 on a new port `amber1`); returns its ifindex.
+    pub fn add_ipv6_underlay(&mut self) -> anyhow::Result<u32> {
+        let ns = &self.ns;
+        ns.ip(&[
+            "link", "add", "amber1", "type", "veth", "peer", "name", "amber1p",
+        ])?;
+        ns.ip(&["link", "set", "amber1", "up"])?;
+        ns.ip(&["link", "set", "amber1p", "up"])?;
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            "2001:2::1/64",
+            "dev",
+            "uplink0",
+            "nodad",
+        ])?;
+        ns.ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            "2001:2::2",
+            "lladdr",
+            "02:aa:00:00:00:02",
+            "dev",
+            "uplink0",
+            "nud",
+            "permanent",
+        ])?;
+        let amber1 = ns.ifindex("amber1")?;
+        let value = |pa: [u8; 16], mac, ifindex| LookupValue {
+            pa,
+            mac,
+            method: 0,
+            _pad: 0,
+            ifindex,
+        };
+        let d = &mut self.desired;
+        d.local_pas6
+            .insert(LOCAL_PA6, LocalPa::new(self.ns.ifindex("uplink0")?, 0));
+        d.ports.insert(
+            amber1,
+            PortInfo {
+                vsid: AMBER,
+                ca: v4_mapped(CA1),
+                pa: LOCAL_PA6,
+                mac: AMBER1_MAC,
+                method: 0,
+                flags: 0,
+            },
+        );
+        for (ca, pa, mac, ifindex) in [
+            (CA1, LOCAL_PA6, AMBER1_MAC, amber1),
+            (CA2, REMOTE_PA6, AMBER2_MAC, 0),
+            (CA3, v4_mapped(REMOTE_PA), AMBER3_MAC, 0),
+        ] {
+            d.lookups
+                .insert(LookupKey { vsid: AMBER, ca }, value(pa, mac, ifindex));
+        }
+        for (ca, pa, mac, ifindex) in [
+            (CA6_1, LOCAL_PA6, AMBER1_MAC, amber1),
+            (CA6_2, REMOTE_PA6, AMBER2_MAC, 0),
+        ] {
+            d.lookups6
+                .insert(LookupKey6 { vsid: AMBER, ca }, value(pa, mac, ifindex));
+        }
+        d.hosted_vsids.insert(AMBER, 1);
+        self.dp.sync(&self.desired)?;
+        Ok(amber1)
+    }
+
     /// The entries [`Host::add_ipv6`] writes.
     pub fn ipv6_records(&self) -> anyhow::Result<Vec<(LookupKey6, LookupValue)>> {
         let red3 = self.ns.ifindex("red3")?;
@@ -654,6 +735,35 @@ pub fn nvgre(
     out.extend_from_slice(&dst_mac);
     out.extend_from_slice(&src_mac);
     out.extend_from_slice(&0x0800u16.to_be_bytes());
+    out.extend_from_slice(&ip.to_bytes());
+    out.extend_from_slice(&0x2000u16.to_be_bytes());
+    out.extend_from_slice(&0x6558u16.to_be_bytes());
+    out.extend_from_slice(&key.to_be_bytes());
+    out.extend_from_slice(inner);
+    out
+}
+
+/// [`nvgre`] over IPv6: NVGRE from `src` to `dst` (IPv6 PAs), hop limit 64.
+pub fn nvgre6(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    key: u32,
+    inner: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&dst_mac);
+    out.extend_from_slice(&src_mac);
+    out.extend_from_slice(&0x86ddu16.to_be_bytes());
+    let ip = etherparse::Ipv6Header {
+        payload_length: u16::try_from(8 + inner.len()).expect("fits"),
+        next_header: IpNumber(47),
+        hop_limit: 64,
+        source: src,
+        destination: dst,
+        ..etherparse::Ipv6Header::default()
+    };
     out.extend_from_slice(&ip.to_bytes());
     out.extend_from_slice(&0x2000u16.to_be_bytes());
     out.extend_from_slice(&0x6558u16.to_be_bytes());

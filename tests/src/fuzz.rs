@@ -16,14 +16,15 @@ use anyhow::{bail, ensure};
 use nv_common::{
     DatapathConfig, DeliverMeta, DeliverMeta6, LookupKey, RedirectTrace, RestoreMeta,
     program_names::{FROM_BOUNCE, FROM_VM, UPLINK_TC, UPLINK_XDP},
+    v4_mapped,
 };
 
 use crate::fixture::{
-    BLUE1_MAC, BLUE2_MAC, CA_B, CA_GB, CA1, CA2, CA3, CA6_1, CA6_2, CA6_3, CA6_B, GATEWAY_A,
-    GATEWAY_MAC, GATEWAY6_A, GREEN_B, GREEN_B_PA, GREEN_GATEWAY_MAC, GREEN1_MAC, GREEN1_PA,
-    GREEN2_MAC, GREEN2_PA, Host, LOCAL_PA, RED, RED1_MAC, RED2_MAC, RED3_MAC, REMOTE_PA,
-    ROUTER_MAC, arp_frame, dhcp_discover, green_packets, host, nvgre, solicitation, udp_frame,
-    udp6,
+    AMBER, AMBER1_MAC, AMBER2_MAC, AMBER3_MAC, BLUE1_MAC, BLUE2_MAC, CA_B, CA_GB, CA1, CA2, CA3,
+    CA6_1, CA6_2, CA6_3, CA6_B, GATEWAY_A, GATEWAY_MAC, GATEWAY6_A, GREEN_B, GREEN_B_PA,
+    GREEN_GATEWAY_MAC, GREEN1_MAC, GREEN1_PA, GREEN2_MAC, GREEN2_PA, Host, LOCAL_PA, LOCAL_PA6,
+    RED, RED1_MAC, RED2_MAC, RED3_MAC, REMOTE_PA, REMOTE_PA6, ROUTER_MAC, arp_frame, dhcp_discover,
+    green_packets, host, nvgre, nvgre6, solicitation, udp_frame, udp6,
 };
 
 const XDP_DROP: u32 = 1;
@@ -220,6 +221,7 @@ fn seeds(h: &Host) -> Vec<Vec<u8>> {
     // A DHCP discover: handed to the agent (the slow path), never forwarded.
     seeds.push(dhcp_discover(RED1_MAC, [0; 4], [255; 4]));
     seeds.extend(ipv6_seeds(h));
+    seeds.extend(ipv6_underlay_seeds(h));
     let echo = etherparse::PacketBuilder::ethernet2(RED1_MAC, ROUTER_MAC)
         .ipv4(CA1, GATEWAY_A, 64)
         .icmpv4_echo_request(1, 1);
@@ -322,11 +324,11 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
 
 /// Where each (VSID, CA) of the fixture lives: its port ifindex (0 when remote).
 /// The PA and MAC each record says its CA sends from: what NVGRE delivered for it must carry.
-fn sources_by_record(h: &Host) -> HashMap<LookupKey, ([u8; 4], [u8; 6])> {
+fn sources_by_record(h: &Host) -> HashMap<LookupKey, ([u8; 16], [u8; 6])> {
     h.desired
         .lookups
         .iter()
-        .map(|(k, v)| (*k, (nv_common::mapped_v4(&v.pa).unwrap_or_default(), v.mac)))
+        .map(|(k, v)| (*k, (v.pa, v.mac)))
         .collect()
 }
 
@@ -334,7 +336,7 @@ fn sources_by_record(h: &Host) -> HashMap<LookupKey, ([u8; 4], [u8; 6])> {
 /// PA and with the MAC recorded for (VSID, inner source CA); or, routed, for a CA of another
 /// VSID of the same routing domain, from its PA and the router's MAC.
 fn check_nvgre_source(known: &Known, input: &[u8], vsid: u32, inner: &[u8]) -> anyhow::Result<()> {
-    let (outer_src, _) = ipv4(input, 14).ok_or_else(|| anyhow::anyhow!("no outer IPv4"))?;
+    let (outer_src, _, _) = outer(input).ok_or_else(|| anyhow::anyhow!("not NVGRE"))?;
     let (inner_src, _) = ipv4(inner, 14).ok_or_else(|| anyhow::anyhow!("no inner IPv4"))?;
     let recorded = known.sources.get(&LookupKey {
         vsid,
@@ -398,10 +400,32 @@ fn ipv4(frame: &[u8], at: usize) -> Option<([u8; 4], [u8; 4])> {
     Some((ip[12..16].try_into().ok()?, ip[16..20].try_into().ok()?))
 }
 
+/// The outer header of a frame carrying GRE, IPv4 or IPv6 (GRE right after it): its source
+/// and destination (16-byte form, IPv4 mapped) and where GRE starts.
+fn outer(frame: &[u8]) -> Option<([u8; 16], [u8; 16], usize)> {
+    match frame.get(12..14)? {
+        [0x08, 0x00] if frame.get(23) == Some(&47) => {
+            let (src, dst) = ipv4(frame, 14)?;
+            let ihl = usize::from(*frame.get(14)? & 0x0f) * 4;
+            Some((v4_mapped(src), v4_mapped(dst), 14 + ihl))
+        }
+        [0x86, 0xdd] if frame.get(20) == Some(&47) => Some((
+            frame.get(22..38)?.try_into().ok()?,
+            frame.get(38..54)?.try_into().ok()?,
+            54,
+        )),
+        _ => None,
+    }
+}
+
+/// Whether `out` is `input` in NVGRE: grown by exactly the outer headers of its family.
+fn encapsulated(input: &[u8], out: &[u8]) -> bool {
+    outer(out).is_some_and(|(_, _, gre)| out.len() == input.len() + gre + 8)
+}
+
 /// The VSID and inner frame of an NVGRE input, as the fuzzer's own reading of RFC 7637.
 fn nvgre_parts(frame: &[u8]) -> Option<(u32, &[u8])> {
-    let ihl = usize::from(*frame.get(14)? & 0x0f) * 4;
-    let gre = 14 + ihl;
+    let (_, _, gre) = outer(frame)?;
     let key = u32::from_be_bytes(frame.get(gre + 4..gre + 8)?.try_into().ok()?);
     Some((key >> 8, frame.get(gre + 8..)?))
 }
@@ -419,7 +443,9 @@ fn drops(h: &Host) -> anyhow::Result<u64> {
 /// What the records say: the port of each CA here, and where each CA sends from.
 struct Known {
     ports: HashMap<LookupKey, u32>,
-    sources: HashMap<LookupKey, ([u8; 4], [u8; 6])>,
+    sources: HashMap<LookupKey, ([u8; 16], [u8; 6])>,
+    /// Each VM port's PA (16-byte form): its family is the underlay it sends on.
+    port_pas: HashMap<u32, [u8; 16]>,
     uplink: u32,
     uplink_mac: [u8; 6],
     /// The provider addresses the datapath owns (answers ARP for).
@@ -510,6 +536,7 @@ impl Known {
                 .collect(),
             ports: ports_by_record(h),
             sources: sources_by_record(h),
+            port_pas: h.desired.ports.iter().map(|(i, p)| (*i, p.pa)).collect(),
             uplink: h.ns.ifindex("uplink0")?,
             uplink_mac: h.uplink_mac,
             owned: h
@@ -646,8 +673,7 @@ fn check_uplink(
         // TC decapsulated or restored it: what remains is a customer frame for a VM here.
         if ipv6::decapsulated(input, out) {
             ipv6::check_delivered(known, input, redirect.map_or(0, |r| r.ifindex), redirect)?;
-        } else if input.get(23) == Some(&47)
-            && let Some((vsid, inner)) = nvgre_parts(input)
+        } else if let Some((vsid, inner)) = nvgre_parts(input)
             && out == inner
         {
             let (_, dst) =
@@ -740,14 +766,28 @@ struct VmRun<'a> {
 
 /// What left for the underlay as NVGRE: exactly the VM's frame of VSID `vsid`, to a CA of that
 /// VSID, out of the uplink.
-fn check_nvgre_out(
-    known: &Known,
-    vsid: u32,
-    input: &[u8],
-    out: &[u8],
-    redirect: Option<RedirectTrace>,
-) -> anyhow::Result<()> {
+/// NVGRE a VM's frame left in comes from its port's PA, over that PA's family, to another PA.
+fn check_outer(known: &Known, port: u32, out: &[u8]) -> anyhow::Result<()> {
+    let (src, dst, _) = outer(out).ok_or_else(|| anyhow::anyhow!("bad NVGRE out"))?;
+    let own = known.port_pas.get(&port);
+    ensure!(
+        own == Some(&src) && src != dst,
+        "NVGRE from port {port} with outer source {src:02x?} to {dst:02x?}, its PA is {own:02x?}"
+    );
+    Ok(())
+}
+
+fn check_nvgre_out(known: &Known, run: &VmRun) -> anyhow::Result<()> {
+    let VmRun {
+        port,
+        vsid,
+        input,
+        out,
+        redirect,
+        ..
+    } = *run;
     let (key_vsid, inner) = nvgre_parts(out).ok_or_else(|| anyhow::anyhow!("bad NVGRE out"))?;
+    check_outer(known, port, out)?;
     let (_, dst) = ipv4(inner, 14).ok_or_else(|| anyhow::anyhow!("no inner IPv4"))?;
     if inner == input {
         ensure!(
@@ -939,8 +979,8 @@ fn check_from_vm(known: &Known, run: &VmRun) -> anyhow::Result<()> {
     }
     // NVGRE grows the frame by exactly its 42 bytes (a rewritten frame keeps its size, even
     // when the customer's own protocol is GRE).
-    if out.len() == input.len() + 42 && out.get(23) == Some(&47) {
-        return check_nvgre_out(known, vsid, input, out, redirect);
+    if encapsulated(input, out) {
+        return check_nvgre_out(known, run);
     }
     let (src, dst) =
         ipv4(out, 14).ok_or_else(|| anyhow::anyhow!("redirected a frame without IPv4"))?;
@@ -1028,12 +1068,11 @@ fn check_from_vm(known: &Known, run: &VmRun) -> anyhow::Result<()> {
 fn check_bounced(known: &Known, run: &VmRun) -> anyhow::Result<()> {
     let VmRun {
         port,
-        vsid,
         mac,
         input,
         ret,
         out,
-        redirect,
+        ..
     } = *run;
     match ret {
         TC_ACT_SHOT => return Ok(()),
@@ -1046,13 +1085,13 @@ fn check_bounced(known: &Known, run: &VmRun) -> anyhow::Result<()> {
         "a bounced frame with another source MAC got through"
     );
     ensure!(
-        out.len() == input.len() + 42 && out.get(23) == Some(&47),
+        encapsulated(input, out),
         "the bounce program sent something other than NVGRE"
     );
     if ipv6::is_ipv6(input) {
         return ipv6::check_from_vm(known, run, true);
     }
-    check_nvgre_out(known, vsid, input, out, redirect)
+    check_nvgre_out(known, run)
 }
 
 /// What a fuzzing run saw: every category must be non-empty for the properties to mean much.
@@ -1076,6 +1115,41 @@ pub struct Stats {
     pub ipv6_forwarded: u64,
     /// Of those, sent to the router's MAC and routed into another VSID's NVGRE.
     pub ipv6_routed: u64,
+    /// NVGRE over the IPv6 underlay: sent by a VM, or delivered from the uplink.
+    pub ipv6_underlay: u64,
+}
+
+/// 1 for a frame that crossed the IPv6 underlay: `out` of a VM in NVGRE over IPv6, or `input`
+/// from the uplink in it, delivered.
+fn over_ipv6(delivered: bool, input: &[u8], out: &[u8]) -> u64 {
+    let v6 = |f: &[u8]| f.get(12..14) == Some(&[0x86, 0xdd][..]) && outer(f).is_some();
+    u64::from(delivered && (v6(input) || v6(out)))
+}
+
+/// AMBER over the IPv6 underlay: AMBER-1's IPv4 and IPv6 to AMBER-2 (NVGRE over IPv6), to
+/// AMBER-3 (behind an IPv4 PA: out of reach); NVGRE over IPv6 in, carrying either family, and
+/// RED's (whose records are behind IPv4 PAs).
+fn ipv6_underlay_seeds(h: &Host) -> Vec<Vec<u8>> {
+    let to_amber1 = udp_frame(AMBER2_MAC, AMBER1_MAC, CA2, CA1, b"amber");
+    let to_amber1_6 = udp6(AMBER2_MAC, AMBER1_MAC, CA6_2, CA6_1, (40000, 7));
+    let in6 = |vsid: u32, inner: &[u8]| {
+        nvgre6(
+            GATEWAY_MAC,
+            h.uplink_mac,
+            REMOTE_PA6,
+            LOCAL_PA6,
+            vsid << 8,
+            inner,
+        )
+    };
+    vec![
+        udp_frame(AMBER1_MAC, AMBER2_MAC, CA1, CA2, b"amber"),
+        udp_frame(AMBER1_MAC, AMBER3_MAC, CA1, CA3, b"amber"),
+        udp6(AMBER1_MAC, AMBER2_MAC, CA6_1, CA6_2, (40000, 7)),
+        in6(AMBER, &to_amber1),
+        in6(AMBER, &to_amber1_6),
+        in6(RED, &udp_frame(RED2_MAC, RED1_MAC, CA2, CA1, b"red")),
+    ]
 }
 
 /// Runs `frames` random and mutated frames from `seed` through every program.
@@ -1085,16 +1159,25 @@ pub fn run(frames: u64, seed: u64) -> anyhow::Result<Stats> {
         .map_err(|_| anyhow::anyhow!("fuzzer panicked"))?
 }
 
-fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
+/// The fixture's host with everything it can hold: routing domains, IPv6 records and routes,
+/// and the IPv6 underlay; returns it and AMBER-1's port.
+fn full_host() -> anyhow::Result<(Host, u32)> {
     let mut h = host(true)?;
     h.add_domains()?;
     h.add_ipv6()?;
     h.add_ipv6_routes()?;
+    let amber1 = h.add_ipv6_underlay()?;
+    Ok((h, amber1))
+}
+
+fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
+    let (mut h, amber1) = full_host()?;
     let known = Known::of(&h)?;
     let ports = [
         (h.red1, RED, RED1_MAC),
         (h.blue1, 6001, BLUE1_MAC),
         (h.green1, 7001, GREEN1_MAC),
+        (amber1, AMBER, AMBER1_MAC),
     ];
     let seeds = seeds(&h);
     let mut rng = Rng::of_seed(seed);
@@ -1128,6 +1211,7 @@ fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
             check_from_vm(&known, &run).map_err(why)?;
             stats.ipv6_forwarded += ipv6::forwarded(out.ret == TC_ACT_REDIRECT, &frame, &out.data);
             stats.ipv6_routed += ipv6::routed(out.ret == TC_ACT_REDIRECT, &frame, &out.data);
+            stats.ipv6_underlay += over_ipv6(out.ret == TC_ACT_REDIRECT, &frame, &out.data);
             dropped += u64::from(out.ret == TC_ACT_SHOT);
             stats.delivered += u64::from(out.ret == TC_ACT_REDIRECT);
             // The same frame as a segment back from the bounce pair: marked with its port, or
@@ -1173,6 +1257,7 @@ fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
                     .contains(&u32::from_ne_bytes(out.data[..4].try_into()?));
             if out.ret == TC_ACT_REDIRECT || (out.ret == XDP_PASS && hook == UPLINK_XDP && meta) {
                 stats.delivered += 1;
+                stats.ipv6_underlay += over_ipv6(true, &frame, &[]);
             } else if out.ret == pass {
                 stats.passed += 1;
             }

@@ -14,7 +14,8 @@ fn random_and_mutated_frames_never_escape_their_tenant() -> anyhow::Result<()> {
             && s.dhcp > 10
             && s.nd_answers > 50
             && s.ipv6_forwarded > 100
-            && s.ipv6_routed > 20,
+            && s.ipv6_routed > 20
+            && s.ipv6_underlay > 100,
         "{s:?}"
     );
     Ok(())

@@ -59,6 +59,7 @@ fn dual_stack_tenants_cross_an_ipv6_underlay_beside_an_ipv4_one_on_either_hook()
     let mut bed = TwoHosts::build_on("u6", &["--decap-hook", "xdp"], "1500")?;
     configure(&bed)?;
     what_the_agent_refuses(&bed)?;
+    no_packet_crosses_between_underlay_families(&bed)?;
     for hook in ["xdp", "tc"] {
         if hook == "tc" {
             for h in &mut bed.hosts {
@@ -337,5 +338,41 @@ fn what_the_agent_refuses(bed: &TwoHosts) -> anyhow::Result<()> {
         ],
         "MAC 02:00:00:00:02:01",
     )?;
+    Ok(())
+}
+
+/// RED-1's PA is IPv6; a record of its VSID behind an IPv4 PA (`10.0.0.9` at host 2's
+/// 198.18.0.2) cannot be reached by any NVGRE header RED-1 may send: its packets are counted
+/// drops, while RED-2 (behind an IPv6 PA) answers it (the control).
+fn no_packet_crosses_between_underlay_families(bed: &TwoHosts) -> anyhow::Result<()> {
+    let h1 = &bed.hosts[0];
+    h1.nvctl(&[
+        "lookup",
+        "add",
+        "--vsid",
+        "5001",
+        "--ca",
+        "10.0.0.9",
+        "--pa",
+        "198.18.0.2",
+        "--mac",
+        "02:00:00:00:02:09",
+    ])?;
+    let before = h1.counters()?;
+    ensure!(
+        bed.ping("RED-1", "10.0.0.9", 2)? == 0,
+        "RED-1 reached 10.0.0.9 over another underlay family"
+    );
+    let after = h1.counters()?;
+    let dropped = delta(&before, &after, "drop_vm_underlay_family");
+    ensure!(
+        dropped == 2,
+        "RED-1's 2 pings to an IPv4 PA: drop_vm_underlay_family +{dropped}"
+    );
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 2)? == 2,
+        "control: RED-1 -> RED-2"
+    );
+    h1.nvctl(&["lookup", "del", "--vsid", "5001", "--ca", "10.0.0.9"])?;
     Ok(())
 }

@@ -63,7 +63,7 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "no super-packet of a VM's own tunnel under NVGRE",
         file: "nv-ebpf/src/encap.rs",
-        check: "        if gso {\n            return Err(Counter::DropVmNestedGso);",
+        check: "        if unsafe { (*ctx.skb.skb).gso_size } != 0 {\n            return Err(Counter::DropVmNestedGso);",
         removed: "        if false {\n            return Err(Counter::DropVmNestedGso);",
         // Only the kernel's segmentation of a real super-packet shows it.
         tests: &["two_hosts"],
@@ -170,7 +170,7 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "NVGRE from the PA recorded for its source",
         file: "nv-ebpf/src/uplink_rx.rs",
-        check: "if v4_of(&src.pa) != Some(ip.src) {",
+        check: "if !ip.sent_from(&src.pa) {",
         removed: "if false {",
         tests: PROGRAMS,
     },
@@ -248,14 +248,14 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "nothing from a rewrite PA reaches the host",
         file: "nv-ebpf/src/uplink_rx.rs",
-        check: "if unsafe { REWRITE_PAS.get(ip.src) }.is_some() {",
+        check: "if unsafe { REWRITE_PAS.get(self.src) }.is_some() {",
         removed: "if false {",
         tests: PROGRAMS,
     },
     Mutation {
         name: "nothing to another host's rewrite PA reaches the host",
         file: "nv-ebpf/src/uplink_rx.rs",
-        check: "if unsafe { REWRITE_PAS.get(ip.dst) }.is_some() {",
+        check: "if unsafe { REWRITE_PAS.get(self.dst) }.is_some() {",
         removed: "if false {",
         tests: PROGRAMS,
     },
@@ -284,8 +284,8 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "a guest's super-packet known by its segment size",
         file: "nv-ebpf/src/encap.rs",
-        check: "    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;\n    // A GSO",
-        removed: "    let gso = unsafe { (*ctx.skb.skb).gso_segs } > 1;\n    // A GSO",
+        check: "    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;\n    // A GSO super-packet's IPv4",
+        removed: "    let gso = unsafe { (*ctx.skb.skb).gso_segs } > 1;\n    // A GSO super-packet's IPv4",
         // A tap's super-packet has no segment count; BPF_PROG_TEST_RUN cannot make one.
         tests: &["host_isolation"],
     },
@@ -306,7 +306,7 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "provider prefix at least /15",
         file: "nv-agent/src/agent/uplink.rs",
-        check: "if p.pa.len < MIN_PROVIDER_PREFIX {",
+        check: "if p.pa.len < min {",
         removed: "if false {",
         tests: &["host_isolation"],
     },
@@ -453,8 +453,8 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "TC decapsulation says IPv6 for an IPv6 frame",
         file: "nv-ebpf/src/uplink_tc.rs",
-        check: "flags |= u64::from(BPF_F_ADJ_ROOM_DECAP_L3_IPV6);",
-        removed: "flags |= 0;",
+        check: "if v6 {\n        BPF_F_ADJ_ROOM_DECAP_L3_IPV6\n",
+        removed: "if v6 {\n        BPF_F_ADJ_ROOM_DECAP_L3_IPV4\n",
         tests: &["ipv6"],
     },
     Mutation {
@@ -484,6 +484,34 @@ const MUTATIONS: &[Mutation] = &[
         check: "let is_error = ip.next == IPPROTO_ICMPV6",
         removed: "let is_error = ip.next == 0 && ip.next == IPPROTO_ICMPV6",
         tests: &["ipv6"],
+    },
+    Mutation {
+        name: "IPv6 underlay: NVGRE over IPv6 comes from its sender's recorded PA",
+        file: "nv-ebpf/src/uplink_rx.rs",
+        check: "        *pa == self.src\n",
+        removed: "        *pa != [0xff; 16]\n",
+        tests: &["underlay6", "fuzz"],
+    },
+    Mutation {
+        name: "IPv6 underlay: a fragment of NVGRE over IPv6 to our PA is dropped",
+        file: "nv-ebpf/src/uplink_rx.rs",
+        check: "if carries_gre && ip.to_us() {",
+        removed: "if carries_gre && ip.to_us() && ip.next == 0 {",
+        tests: &["underlay6"],
+    },
+    Mutation {
+        name: "IPv6 underlay: a VM whose PA is IPv6 never sends to an IPv4 PA",
+        file: "nv-ebpf/src/encap.rs",
+        check: "(false, false) => over_ipv6(ctx, src, dst, inner),",
+        removed: "(false, _) => over_ipv6(ctx, src, dst, inner),",
+        tests: &["underlay6", "fuzz"],
+    },
+    Mutation {
+        name: "IPv6 underlay: TC decapsulation says IPv4 for an IPv4 frame from it",
+        file: "nv-ebpf/src/uplink_tc.rs",
+        check: "    } else {\n        BPF_F_ADJ_ROOM_DECAP_L3_IPV4\n",
+        removed: "    } else {\n        0\n",
+        tests: &["underlay6"],
     },
 ];
 

@@ -6,9 +6,11 @@
 use std::collections::HashMap;
 
 use anyhow::{Context as _, bail, ensure};
-use nv_common::{DeliverMeta6, LookupKey6, LookupValue, RedirectTrace, v4_mapped};
+use nv_common::{DeliverMeta6, LookupKey6, LookupValue, RedirectTrace};
 
-use super::{Known, VmRun, back_to, ensure_to_uplink, into_vm, ipv4, nvgre_parts};
+use super::{
+    Known, VmRun, back_to, check_outer, encapsulated, ensure_to_uplink, into_vm, nvgre_parts, outer,
+};
 
 /// An answer back into the VM's port: a neighbour advertisement for a record of its VSID or
 /// the router, the router's echo reply, or an `ICMPv6` error to the VM's own address.
@@ -208,16 +210,17 @@ pub fn check_from_vm(known: &Known, run: &VmRun, bounced: bool) -> anyhow::Resul
     } else {
         input.to_vec()
     };
-    if out.len() == input.len() + 42 && out.get(23) == Some(&47) {
+    if encapsulated(input, out) {
         let (key_vsid, inner) = nvgre_parts(out).context("bad NVGRE out")?;
         ensure!(
             key_vsid == to_vsid && inner == expected.as_slice(),
             "NVGRE of VSID {key_vsid} for a VM of VSID {to_vsid}, or the frame is not the one \
              expected"
         );
-        let (outer_src, outer_dst) = ipv4(out, 14).context("no outer IPv4")?;
+        check_outer(known, run.port, out)?;
+        let (outer_src, outer_dst, _) = outer(out).context("no outer header")?;
         ensure!(
-            to.ifindex == 0 && v4_mapped(outer_dst) == to.pa && outer_src != outer_dst,
+            to.ifindex == 0 && outer_dst == to.pa && outer_src != outer_dst,
             "NVGRE to {outer_dst:?} for a record at {:02x?} (port {})",
             to.pa,
             to.ifindex
@@ -253,7 +256,7 @@ pub fn check_delivered(
         !matches!((inner.get(20), inner.get(54)), (Some(58), Some(133..=137))),
         "neighbour discovery crossed between hosts"
     );
-    let (outer_src, _) = ipv4(input, 14).context("no outer IPv4")?;
+    let (outer_src, _, _) = outer(input).context("not NVGRE")?;
     // The source's record in this VSID; or, routed by its host, in another VSID of the same
     // domain, from the router's MAC.
     let src = addr(inner, 22);
@@ -269,7 +272,7 @@ pub fn check_delivered(
     let router_here =
         known.domains.contains_key(&vsid) && inner.get(6..12) == Some(&ROUTER_MAC[..]);
     ensure!(
-        from.pa == v4_mapped(outer_src)
+        from.pa == outer_src
             && from.ifindex == 0
             && (inner.get(6..12) == Some(&mac[..]) || router_here),
         "VSID {vsid} delivered from {outer_src:?} with MAC {:02x?}, the source's record says \
@@ -302,8 +305,7 @@ pub fn delivered_by_xdp(known: &Known, input: &[u8], out: &[u8]) -> Option<anyho
 
 /// Whether `out` is the IPv6 frame the NVGRE packet `input` carried.
 pub fn decapsulated(input: &[u8], out: &[u8]) -> bool {
-    input.get(23) == Some(&47)
-        && nvgre_parts(input).is_some_and(|(_, inner)| out == inner && is_ipv6(inner))
+    nvgre_parts(input).is_some_and(|(_, inner)| out == inner && is_ipv6(inner))
 }
 
 /// 1 for a VM's IPv6 frame that was `redirected` other than as a neighbour advertisement.
@@ -317,6 +319,6 @@ pub fn routed(redirected: bool, input: &[u8], out: &[u8]) -> u64 {
         redirected
             && is_ipv6(input)
             && input.get(0..6) == Some(&ROUTER_MAC[..])
-            && out.len() == input.len() + 42,
+            && encapsulated(input, out),
     )
 }
