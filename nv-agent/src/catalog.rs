@@ -32,6 +32,8 @@ struct V6 {
     records: Map<Key6, LookupRecord>,
     by_port: Map<Box<str>, Key6>,
     by_mac: Map<(u32, [u8; 6]), Key6>,
+    /// The method of a VSID's IPv6 records, and how many it has.
+    by_vsid: Map<u32, (Method, u32)>,
 }
 
 /// The tables hash with foldhash: `SipHash` cost as much as the rest of an import's checks.
@@ -61,8 +63,9 @@ impl Rec {
 #[derive(Clone, Debug, Default)]
 struct PaUse {
     records: u32,
-    /// The rewrite record it is dedicated to, if any.
+    /// The rewrite record it is dedicated to, if any (IPv4's, or IPv6's).
     rewrite: Option<Key4>,
+    rewrite6: Option<Key6>,
     /// Records with a port (this host's VMs) using it.
     local: u32,
 }
@@ -104,6 +107,11 @@ fn v4(ip: IpAddr) -> Option<[u8; 4]> {
         IpAddr::V4(a) => Some(a.octets()),
         IpAddr::V6(_) => None,
     }
+}
+
+/// Two records of one VM that both use IP rewrite: each has a PA of its own (of its family).
+fn both_rewrite(a: Method, b: Method) -> bool {
+    a == Method::Rewrite && b == Method::Rewrite
 }
 
 fn key4(key: &Key) -> Option<Key4> {
@@ -339,6 +347,12 @@ impl Catalog {
         self.by_pa.values().filter(|u| u.rewrite.is_some()).count()
     }
 
+    /// How many IPv6 records are IP rewrite records (each has an entry in the IPv6
+    /// rewrite-PA map).
+    pub fn rewrite6_records(&self) -> usize {
+        self.by_pa.values().filter(|u| u.rewrite6.is_some()).count()
+    }
+
     /// How many records without a port (other hosts' VMs) use `pa`.
     pub fn remote_users_of(&self, pa: IpAddr) -> usize {
         self.by_pa
@@ -348,10 +362,12 @@ impl Catalog {
 
     /// Whether a local VM's rewrite record uses `pa`.
     pub fn is_local_rewrite_pa(&self, pa: IpAddr) -> bool {
-        self.by_pa
-            .get(&pa)
-            .and_then(|u| u.rewrite)
-            .is_some_and(|k| self.ports.contains_key(&k))
+        self.by_pa.get(&pa).is_some_and(|u| {
+            u.rewrite.is_some_and(|k| self.ports.contains_key(&k))
+                || u.rewrite6
+                    .and_then(|k| self.v6.records.get(&k))
+                    .is_some_and(|r| r.port.is_some())
+        })
     }
 
     /// How many records with a port use `pa` (local records make a provider address busy).
@@ -501,7 +517,10 @@ impl Catalog {
                 .is_some_and(|o| self.pa_of(*o) == pa);
             let others = u.records - u32::from(replaced_here);
             let rewrite_other = u.rewrite.filter(|k| !own(k));
-            if (r.method == Method::Rewrite && others > 0) || rewrite_other.is_some() {
+            if (r.method == Method::Rewrite && others > 0)
+                || rewrite_other.is_some()
+                || u.rewrite6.is_some()
+            {
                 let other = rewrite_other
                     .or_else(|| self.user_of(pa, replacing))
                     .map_or_else(|| "another record".to_owned(), |k| self.name(k));
@@ -511,25 +530,7 @@ impl Catalog {
                 )));
             }
         }
-        // One method per VSID: a sender can only rewrite if it has a rewrite PA itself, so mixing
-        // methods in a VSID would leave some pairs unable to talk.
-        if let Some(v) = self.by_vsid.get(&r.vsid)
-            && v.method != r.method
-        {
-            let replaced_alone = v.records == 1
-                && replacing.is_some_and(|k| k.0 == r.vsid && self.records.contains_key(&k));
-            if !replaced_alone {
-                let example = self
-                    .records
-                    .keys()
-                    .find(|k| k.0 == r.vsid && !own(k))
-                    .map_or_else(|| "another record".to_owned(), |k| self.name(*k));
-                return Err(NvError::Conflict(format!(
-                    "VSID {} uses method {} ({example}); all records of a VSID use one method",
-                    r.vsid, v.method
-                )));
-            }
-        }
+        self.one_method4(r, replacing)?;
         if let Some(ca) = self.by_mac.get(&(r.vsid, r.mac.0))
             && !own(&(r.vsid, *ca))
         {
@@ -539,10 +540,11 @@ impl Catalog {
                 self.name((r.vsid, *ca))
             )));
         }
-        // The MAC of an IPv6 record of the VSID is that VM's: the same PA and port only.
+        // The MAC of an IPv6 record of the VSID is that VM's: the same PA and port only (by
+        // rewrite, a PA of each family, each its CA's own).
         if let Some(k) = self.v6.by_mac.get(&(r.vsid, r.mac.0))
             && let Some(other) = self.v6.records.get(k)
-            && (other.pa != r.pa || other.port != r.port)
+            && ((other.pa != r.pa && !both_rewrite(other.method, r.method)) || other.port != r.port)
         {
             return Err(NvError::Conflict(format!(
                 "MAC {} is {}'s, a VM with another PA or port",
@@ -553,17 +555,18 @@ impl Catalog {
         Ok(())
     }
 
-    /// The rules of an IPv6 record: NVGRE only; a VM here keeps its IPv4 record on the same
-    /// port, with the same VSID and MAC; a MAC is one VM's in its VSID.
+    /// The rules of an IPv6 record: IP rewrite over an IPv6 PA of its own only; one method
+    /// per VSID; a VM here keeps its IPv4 record on the same port, with the same VSID and
+    /// MAC; a MAC is one VM's in its VSID.
     fn check6(&self, r: &LookupRecord, replacing: Option<&Key>) -> Result<()> {
         let Some(key) = key6(&r.key()) else {
             return Err(invalid("not an IPv6 record"));
         };
         let own = |k: &Key6| replacing.and_then(key6).as_ref() == Some(k);
-        if r.method != Method::Encap {
+        if r.method == Method::Rewrite && r.pa.is_ipv4() {
             return Err(invalid(format!(
-                "{}: IPv6 customer addresses cross by NVGRE (--method encap); IP rewrite of IPv6 \
-                 is not supported yet",
+                "{}: IP rewrite of an IPv6 customer address needs an IPv6 PA; over an IPv4 \
+                 underlay, use NVGRE (--method encap)",
                 describe(r)
             )));
         }
@@ -575,17 +578,8 @@ impl Catalog {
                 describe(existing)
             )));
         }
-        if self
-            .by_vsid
-            .get(&r.vsid)
-            .is_some_and(|v| v.method == Method::Rewrite)
-        {
-            return Err(NvError::Conflict(format!(
-                "VSID {} uses IP rewrite for IPv4; its IPv6 records come when rewrite speaks \
-                 IPv6",
-                r.vsid
-            )));
-        }
+        self.one_method6(r, replacing)?;
+        self.dedicated6(r, replacing)?;
         self.placed(r)?;
         if let Some(port) = &r.port {
             if let Some(k) = self.v6.by_port.get(port.as_str())
@@ -617,10 +611,11 @@ impl Catalog {
                 describe(&self.v6.records[k])
             )));
         }
-        // The MAC of an IPv4 record of the VSID is that VM's: the same PA (and port) only.
+        // The MAC of an IPv4 record of the VSID is that VM's: the same PA (and port) only (by
+        // rewrite, a PA of each family, each its CA's own).
         if let Some(ca) = self.by_mac.get(&(r.vsid, r.mac.0))
             && let Some(rec) = self.records.get(&(r.vsid, *ca))
-            && (self.pa_of(*rec) != r.pa
+            && ((self.pa_of(*rec) != r.pa && !(rec.rewrite() && r.method == Method::Rewrite))
                 || self.ports.get(&(r.vsid, *ca)).map(AsRef::as_ref) != r.port.as_deref())
         {
             return Err(NvError::Conflict(format!(
@@ -632,8 +627,94 @@ impl Catalog {
         Ok(())
     }
 
+    /// One method per VSID, across both families: a sender can only rewrite if it has a
+    /// rewrite PA itself, so mixing methods in a VSID would leave some pairs unable to talk.
+    /// The VSID's only record may change its own (a move).
+    fn one_method4(&self, r: &LookupRecord, replacing: Option<Key4>) -> Result<()> {
+        let own = |k: &Key4| replacing.as_ref() == Some(k);
+        if let Some(v) = self.by_vsid.get(&r.vsid)
+            && v.method != r.method
+        {
+            let replaced_alone = v.records == 1
+                && replacing.is_some_and(|k| k.0 == r.vsid && self.records.contains_key(&k));
+            if !replaced_alone {
+                let example = self
+                    .records
+                    .keys()
+                    .find(|k| k.0 == r.vsid && !own(k))
+                    .map_or_else(|| "another record".to_owned(), |k| self.name(*k));
+                return Err(NvError::Conflict(format!(
+                    "VSID {} uses method {} ({example}); all records of a VSID use one method",
+                    r.vsid, v.method
+                )));
+            }
+        }
+        if let Some((method, _)) = self.v6.by_vsid.get(&r.vsid)
+            && *method != r.method
+        {
+            return Err(NvError::Conflict(format!(
+                "VSID {} uses method {method} (its IPv6 records); all records of a VSID use one \
+                 method",
+                r.vsid
+            )));
+        }
+        Ok(())
+    }
+
+    /// One method per VSID, across both families (the VSID's only IPv6 record may change
+    /// its own).
+    fn one_method6(&self, r: &LookupRecord, replacing: Option<&Key>) -> Result<()> {
+        if let Some(v) = self.by_vsid.get(&r.vsid)
+            && v.method != r.method
+        {
+            return Err(NvError::Conflict(format!(
+                "VSID {} uses method {} (its IPv4 records); all records of a VSID use one method",
+                r.vsid, v.method
+            )));
+        }
+        if let Some((method, n)) = self.v6.by_vsid.get(&r.vsid)
+            && *method != r.method
+        {
+            let replaced_alone = *n == 1
+                && replacing
+                    .and_then(key6)
+                    .is_some_and(|k| k.0 == r.vsid && self.v6.records.contains_key(&k));
+            if !replaced_alone {
+                return Err(NvError::Conflict(format!(
+                    "VSID {} uses method {method} (its IPv6 records); all records of a VSID use \
+                     one method",
+                    r.vsid
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// IP rewrite dedicates a PA to one CA: no other record, of either method or family, may
+    /// share it.
+    fn dedicated6(&self, r: &LookupRecord, replacing: Option<&Key>) -> Result<()> {
+        let Some(u) = self.by_pa.get(&r.pa) else {
+            return Ok(());
+        };
+        let replaced_here = replacing
+            .and_then(|k| self.get(k))
+            .is_some_and(|o| o.pa == r.pa);
+        let others = u.records - u32::from(replaced_here);
+        let own = replacing.and_then(key6);
+        let rewrite_other = u.rewrite.is_some() || u.rewrite6.is_some_and(|k| Some(k) != own);
+        if (r.method == Method::Rewrite && others > 0) || rewrite_other {
+            return Err(NvError::Conflict(format!(
+                "PA {} is already used by another record; a rewrite record needs a PA of its own",
+                r.pa
+            )));
+        }
+        Ok(())
+    }
+
     fn insert6(&mut self, key: Key6, r: LookupRecord) -> Option<LookupRecord> {
         let old = self.remove(&r.key());
+        let v = self.v6.by_vsid.entry(r.vsid).or_insert((r.method, 0));
+        v.1 += 1;
         if let Some(port) = &r.port {
             self.v6.by_port.insert(port.as_str().into(), key);
         }
@@ -641,6 +722,9 @@ impl Catalog {
         let u = self.by_pa.entry(r.pa).or_default();
         u.records += 1;
         u.local += u32::from(r.port.is_some());
+        if r.method == Method::Rewrite {
+            u.rewrite6 = Some(key);
+        }
         self.v6.records.insert(key, r);
         old
     }
@@ -654,8 +738,17 @@ impl Catalog {
         if let Some(u) = self.by_pa.get_mut(&r.pa) {
             u.records -= 1;
             u.local -= u32::from(r.port.is_some());
+            if u.rewrite6 == Some(key) {
+                u.rewrite6 = None;
+            }
             if u.records == 0 {
                 self.by_pa.remove(&r.pa);
+            }
+        }
+        if let Some(v) = self.v6.by_vsid.get_mut(&r.vsid) {
+            v.1 -= 1;
+            if v.1 == 0 {
+                self.v6.by_vsid.remove(&r.vsid);
             }
         }
         Some(r)

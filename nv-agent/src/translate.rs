@@ -69,16 +69,18 @@ pub fn hosted_vsids(catalog: &Catalog) -> HashMap<u32, u32> {
 /// the datapath owns (traffic to them is a local VM's, or dropped: never the host's).
 pub fn config(base: &DatapathConfig, catalog: &Catalog) -> DatapathConfig {
     let mut config = *base;
+    let filter_key = |pa: IpAddr| match pa {
+        IpAddr::V4(a) => a.octets(),
+        IpAddr::V6(a) => DatapathConfig::filter_key6(&a.octets()),
+    };
     for r in catalog.local() {
-        if r.method == Method::Rewrite
-            && let IpAddr::V4(pa) = r.pa
-        {
-            config.add_rewrite_pa(pa.octets());
+        if r.method == Method::Rewrite {
+            config.add_rewrite_pa(filter_key(r.pa));
         }
     }
     for p in catalog.providers() {
         if p.rewrite {
-            config.add_rewrite_pa(key_v4(p.pa.addr));
+            config.add_rewrite_pa(filter_key(p.pa.addr));
         }
     }
     config

@@ -65,7 +65,8 @@ pub enum Write {
     Filter(String),
     Port(u32, Option<PortInfo>),
     Hosted(u32, Option<u32>),
-    Rewrite(V4, Option<RewritePa>),
+    /// A rewrite PA's entry, by its 16-byte form (the map of its family).
+    Rewrite(nv_common::Addr, Option<RewritePa>),
     Lookup(LookupKey, Option<LookupValue>),
     Lookup6(nv_common::LookupKey6, Option<LookupValue>),
     LocalPa(V4, Option<LocalPa>),

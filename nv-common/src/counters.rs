@@ -192,6 +192,12 @@ pub enum Counter {
     /// IPv4, one IPv6): no NVGRE header can carry it. Give both hosts a PA of the family the
     /// VSID's records use.
     DropVmUnderlayFamily,
+    /// From a VM: an IPv6 packet to a VM reached by IP rewrite that rewrite cannot restore
+    /// exactly: extension headers, or neither TCP, UDP nor ICMPv6 (NVGRE carries anything).
+    DropVmRewriteIpv6,
+    /// On the uplink: a neighbour solicitation for an IPv6 rewrite PA the datapath owns,
+    /// answered with the uplink's MAC.
+    UplinkNdReplied,
     /// Only in the layout-probe build (a counter this version does not have).
     #[cfg(feature = "layout-probe")]
     LayoutProbe,
@@ -199,7 +205,7 @@ pub enum Counter {
 
 impl Counter {
     #[cfg(not(feature = "layout-probe"))]
-    pub const COUNT: u32 = Counter::DropVmUnderlayFamily as u32 + 1;
+    pub const COUNT: u32 = Counter::UplinkNdReplied as u32 + 1;
     #[cfg(feature = "layout-probe")]
     pub const COUNT: u32 = Counter::LayoutProbe as u32 + 1;
     /// Entries of the counter map: room for counters yet to come, so a new one does not
@@ -275,6 +281,8 @@ impl Counter {
         Counter::DropUplinkRouterGuard,
         Counter::VmIcmpPacketTooBig,
         Counter::DropVmUnderlayFamily,
+        Counter::DropVmRewriteIpv6,
+        Counter::UplinkNdReplied,
         #[cfg(feature = "layout-probe")]
         Counter::LayoutProbe,
     ];
@@ -351,6 +359,8 @@ impl Counter {
             Counter::DropUplinkRouterGuard => "drop_uplink_router_guard",
             Counter::VmIcmpPacketTooBig => "vm_icmp_packet_too_big",
             Counter::DropVmUnderlayFamily => "drop_vm_underlay_family",
+            Counter::DropVmRewriteIpv6 => "drop_vm_rewrite_ipv6",
+            Counter::UplinkNdReplied => "uplink_nd_replied",
             #[cfg(feature = "layout-probe")]
             Counter::LayoutProbe => "layout_probe",
         }

@@ -35,6 +35,8 @@ pub mod map_names {
     pub const REWRITE_PAS: &str = "NV_REWRITE_PAS";
     pub const NEXTHOPS: &str = "NV_NEXTHOPS";
     pub const NEXTHOPS6: &str = "NV_NEXTHOPS6";
+    /// IPv6 rewrite PAs ([`crate::RewritePa`]), keyed by the 16-byte address.
+    pub const REWRITE_PAS6: &str = "NV_REWRITE_PAS6";
     pub const HOSTED_VSIDS: &str = "NV_HOSTED_VSIDS";
     pub const ICMP_BUCKET: &str = "NV_ICMP_BUCKET";
     /// Traffic per VSID, direction and method ([`crate::VsidStats`]).
@@ -58,7 +60,7 @@ pub mod map_names {
     pub const SLOW_BUCKET: &str = "NV_SLOW_BUCKET";
     /// Not pinned: each loaded copy of the programs has its own ([`RedirectTrace`]).
     pub const TRACE_REDIRECT: &str = "NV_TRACE_REDIRECT";
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 24] = [
         LOOKUPS,
         PORTS,
         LOCAL_PAS,
@@ -82,6 +84,7 @@ pub mod map_names {
         GATEWAYS6,
         LOCAL_PAS6,
         NEXTHOPS6,
+        REWRITE_PAS6,
     ];
 }
 
@@ -408,6 +411,20 @@ impl DatapathConfig {
         ((h >> 5) as usize, 1 << (h & 31))
     }
 
+    /// The filter's key of an IPv6 rewrite PA: its words folded into one (the filter is
+    /// shared with IPv4's; a collision only costs a lookup).
+    #[inline(always)]
+    #[must_use]
+    pub fn filter_key6(pa: &Addr) -> [u8; 4] {
+        let mut k = [0u8; 4];
+        let mut i = 0;
+        while i < 16 {
+            k[i % 4] ^= pa[i];
+            i += 1;
+        }
+        k
+    }
+
     pub fn add_rewrite_pa(&mut self, pa: [u8; 4]) {
         let (word, bit) = Self::rewrite_filter_slot(pa);
         if let Some(w) = self.rewrite_filter.get_mut(word) {
@@ -451,6 +468,10 @@ pub struct DeliverMeta {
 
 impl DeliverMeta {
     pub const MAGIC: u32 = 0x6e76_6d31; // "nvm1"
+    /// Only the magic counts: XDP classified the frame as one TC must handle whole (an IPv6
+    /// rewrite packet to restore, a neighbour solicitation for an owned PA to answer), whose
+    /// description would not fit XDP's 32 bytes of metadata; TC classifies it again.
+    pub const CLASSIFY: u32 = 0x6e76_6331; // "nvc1"
 }
 
 /// XDP metadata in front of a decapsulated IPv6 frame: the VM is named by its VSID and MAC

@@ -9,8 +9,9 @@ use nv_common::{
     Counter, LookupKey6, Method, PortInfo, VsidStatsKey as Stats,
     wire::{
         DHCPV6_CLIENT_PORT, DHCPV6_SERVER_PORT, ETH_HLEN, IPPROTO_AH, IPPROTO_DSTOPTS,
-        IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_UDP, IPV6_HLEN,
-        ND_NEIGHBOR_ADVERT, ND_NEIGHBOR_SOLICIT, ND_REDIRECT, ND_ROUTER_ADVERT, ND_ROUTER_SOLICIT,
+        IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_TCP,
+        IPPROTO_UDP, IPV6_HLEN, ND_NEIGHBOR_ADVERT, ND_NEIGHBOR_SOLICIT, ND_REDIRECT,
+        ND_ROUTER_ADVERT, ND_ROUTER_SOLICIT,
     },
 };
 
@@ -196,6 +197,50 @@ fn headers(ctx: &TcContext) -> Result<(u8, usize), Counter> {
     Ok((proto, l4))
 }
 
+/// To a VM reached by IP rewrite: only what rewrite restores exactly (TCP, UDP or ICMPv6
+/// right after the IPv6 header), from the sender's own IPv6 rewrite record.
+#[inline(always)]
+fn rewrite_out(
+    ctx: &TcContext,
+    port: &PortInfo,
+    ifindex: u32,
+    dst: &nv_common::LookupValue,
+    proto: u8,
+    l4: usize,
+    len: u32,
+) -> Result<i32, Counter> {
+    if l4 != ETH_HLEN + IPV6_HLEN || !matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMPV6) {
+        return Err(Counter::DropVmRewriteIpv6);
+    }
+    let config = crate::underlay::config()?;
+    let mtu = pmtu::too_big6(ctx, config, proto, l4, 0);
+    if mtu != 0 {
+        if mtu < icmp6::IPV6_MIN_MTU {
+            return Err(Counter::DropVmTooBig);
+        }
+        return too_big(ctx, port, dst.mac, mtu);
+    }
+    let ip: &Ipv6Hdr =
+        view_at(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(Counter::DropVmMalformed)?;
+    let key = LookupKey6 {
+        vsid: port.vsid,
+        ca: ip.src,
+    };
+    let info = u32::from_le_bytes([proto, ip.traffic_class(), 0, 0]);
+    // SAFETY: read-only use of a value the agent replaces whole.
+    let from = unsafe { LOOKUPS6.get(key) }.ok_or(Counter::DropVmNoRewritePa)?;
+    let action = crate::rewrite6::send(ctx, from, dst, info)?;
+    sent(
+        ctx,
+        Counter::VmTxRewrite,
+        port,
+        ifindex,
+        Stats::REWRITE,
+        len,
+    );
+    Ok(action)
+}
+
 /// What the IPv6 packet is: [`screen`]'s verdict.
 // Out of line, returning a scalar: its own stack frame.
 #[inline(never)]
@@ -264,6 +309,12 @@ fn forward(ctx: &TcContext, port: &PortInfo, ifindex: u32, bounced: bool) -> Res
         let action = deliver::to_vm6(ctx, dst.ifindex, vsid, dst.mac)?;
         sent(ctx, Counter::VmTxLocal, port, ifindex, Stats::LOCAL, len);
         return Ok(action);
+    }
+    if dst.method == Method::Rewrite as u8 {
+        if rdid.is_some() {
+            return Err(Counter::DropVmRoutedRewrite);
+        }
+        return rewrite_out(ctx, port, ifindex, dst, proto, l4, len);
     }
     if dst.method != Method::Encap as u8 {
         return Err(Counter::DropVmMethod);

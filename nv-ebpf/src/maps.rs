@@ -38,6 +38,10 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::SLOTS, 0);
 #[map(name = "NV_REWRITE_PAS")]
 pub static REWRITE_PAS: HashMap<V4, RewritePa> = HashMap::pinned(MAX_REWRITE_PAS, 0);
 
+/// IPv6 rewrite PAs: a map of their own, so IPv4's keeps its 4-byte key.
+#[map(name = "NV_REWRITE_PAS6")]
+pub static REWRITE_PAS6: HashMap<nv_common::Addr, RewritePa> = HashMap::pinned(MAX_REWRITE_PAS, 0);
+
 /// The underlay next hops of destination PAs, cached by the datapath ([`NextHop`]).
 #[map(name = "NV_NEXTHOPS")]
 pub static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::pinned(NextHop::SLOTS, 0);

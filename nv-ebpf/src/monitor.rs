@@ -71,21 +71,38 @@ pub fn traffic(vsid: u32, method: u8, tx: bool, rx: bool, len: u32) {
 
 /// A VSID's first counted frame on this host: its entry is made (out of line, off the hot
 /// path). A full map leaves the frame uncounted here; its host-wide counter still counts it.
+// The entry is inserted empty from read-only data, then counted in place: no 96-byte value
+// on the stack of a call chain that runs deep (the uplink's delivery).
 #[inline(never)]
 fn first_traffic(vsid: u32, method: u32, dirs: u32, len: u32) {
-    let mut first = VsidTraffic::default();
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by reference the value stays in read-only data, off the stack"
+    )]
+    let _ = VSID_STATS.insert(vsid, &NO_TRAFFIC, u64::from(BPF_NOEXIST));
+    let Some(v) = VSID_STATS.get_ptr_mut(vsid) else {
+        return;
+    };
+    // SAFETY: this CPU's value, written only by this CPU while the program runs.
+    let by = unsafe { &mut (*v).by };
     for (dir, bit) in [(VsidStatsKey::TX, 1), (VsidStatsKey::RX, 2)] {
         #[expect(clippy::cast_possible_truncation, reason = "a method, < 3")]
         let slot = VsidStatsKey::slot(dir, method as u8);
         if dirs & bit != 0
-            && let Some(s) = first.by.get_mut(slot)
+            && let Some(s) = by.get_mut(slot)
         {
-            s.packets = 1;
-            s.bytes = u64::from(len);
+            s.packets += 1;
+            s.bytes += u64::from(len);
         }
     }
-    let _ = VSID_STATS.insert(vsid, first, u64::from(BPF_NOEXIST));
 }
+
+static NO_TRAFFIC: VsidTraffic = VsidTraffic {
+    by: [nv_common::VsidStats {
+        packets: 0,
+        bytes: 0,
+    }; 6],
+};
 
 /// A frame forwarded (`how`: the counter it was counted under): reports one in
 /// `monitor_sample` while a monitor asks for samples.

@@ -39,7 +39,7 @@ const _: () = assert!(ND_LEN == 32);
 const _: () = assert!(core::mem::size_of::<Answer>() == ETH_HLEN + IPV6_HLEN + ND_LEN);
 
 /// Solicited and override (RFC 4861 4.4): the answer for a neighbour the VM asked about.
-const NA_SOLICITED_OVERRIDE: [u8; 4] = [0x60, 0, 0, 0];
+pub const NA_SOLICITED_OVERRIDE: [u8; 4] = [0x60, 0, 0, 0];
 /// The same from a router.
 const NA_ROUTER_SOLICITED_OVERRIDE: [u8; 4] = [0xe0, 0, 0, 0];
 /// The target link-layer address option, one 8-byte unit.
@@ -95,6 +95,22 @@ pub fn answer(ctx: &TcContext, port: &PortInfo, ifindex: u32, l4: usize) -> Resu
     } else {
         NA_SOLICITED_OVERRIDE
     };
+    advertise(ctx, port.mac, mac, &asker, &target, flags)?;
+    count(Counter::VmNdReplied);
+    Ok(crate::redirect::egress(ifindex))
+}
+
+/// Turns the frame into the advertisement to `asker` (at `to_mac`) that `target` is at
+/// `mac`, with `flags`; the caller sends it.
+#[inline(always)]
+pub fn advertise(
+    ctx: &TcContext,
+    to_mac: [u8; 6],
+    mac: [u8; 6],
+    asker: &[u8; 16],
+    target: &[u8; 16],
+    flags: [u8; 4],
+) -> Result<(), Counter> {
     #[expect(clippy::cast_possible_truncation, reason = "86 bytes")]
     let len = core::mem::size_of::<Answer>() as u32;
     // SAFETY: helper on the program's own context; pointers are derived again below.
@@ -104,7 +120,7 @@ pub fn answer(ctx: &TcContext, port: &PortInfo, ifindex: u32, l4: usize) -> Resu
     let a = ptr_at::<Answer>(ctx.data(), ctx.data_end(), 0).ok_or(Counter::DropVmMalformed)?;
     // SAFETY: bounds-checked just above; every field is a byte array (alignment 1).
     let a = unsafe { &mut *a };
-    a.eth.dst = port.mac;
+    a.eth.dst = to_mac;
     a.eth.src = mac;
     a.eth.proto = ETH_P_IPV6.to_be_bytes();
     #[expect(clippy::cast_possible_truncation, reason = "32 bytes")]
@@ -113,19 +129,18 @@ pub fn answer(ctx: &TcContext, port: &PortInfo, ifindex: u32, l4: usize) -> Resu
     a.ip.payload_len = payload;
     a.ip.next = IPPROTO_ICMPV6;
     a.ip.hop_limit = 255;
-    a.ip.src = target;
-    a.ip.dst = asker;
+    a.ip.src = *target;
+    a.ip.dst = *asker;
     a.nd.kind = ND_NEIGHBOR_ADVERT;
     a.nd.code = 0;
     a.nd.flags = flags;
-    a.nd.target = target;
+    a.nd.target = *target;
     a.nd.opt_type = OPT_TARGET_LLADDR;
     a.nd.opt_len = 1;
     a.nd.opt_mac = mac;
     a.nd.csum = [0; 2];
     a.nd.csum = checksum(a).to_be_bytes();
-    count(Counter::VmNdReplied);
-    Ok(crate::redirect::egress(ifindex))
+    Ok(())
 }
 
 /// [`neighbour`]'s answers: nobody to name; the router's MAC (flagged).

@@ -19,7 +19,7 @@ use nv_common::{
 };
 
 use crate::{
-    maps::{HOSTED_VSIDS, LOCAL_PAS, LOCAL_PAS6, LOOKUPS, LOOKUPS6, REWRITE_PAS},
+    maps::{HOSTED_VSIDS, LOCAL_PAS, LOCAL_PAS6, LOOKUPS, LOOKUPS6, REWRITE_PAS, REWRITE_PAS6},
     packet::{EthHdr, GreHdr, Ipv4Hdr, Ipv6Hdr, read_at, v4_of, view_at},
     router,
 };
@@ -41,6 +41,13 @@ pub enum Verdict {
     },
     /// IP rewrite for a VM here: how to restore it.
     Rewrite(RestoreMeta),
+    /// IPv6 rewrite from the VM of `from` (another host's) to the VM of `to` (here).
+    Rewrite6 {
+        from: &'static RewritePa,
+        to: &'static RewritePa,
+    },
+    /// A neighbour solicitation for an IPv6 PA the datapath owns: answer it (`uplink_nd`).
+    NdRequest,
     /// An ARP request for a PA the datapath owns: answer it (`uplink_arp`).
     ArpRequest,
 }
@@ -164,6 +171,28 @@ fn classify_ipv6(
     if ip.version() != 6 {
         return Ok(Verdict::Pass);
     }
+    if crate::uplink_nd::is_solicitation_for_owned(data, end, ip, l3) {
+        return Ok(Verdict::NdRequest);
+    }
+    // An IPv6 rewrite PA of this host carries only its VM's rewrite traffic, as IPv4's does.
+    if config.may_be_rewrite_pa(DatapathConfig::filter_key6(&ip.dst)) {
+        // SAFETY: read-only use of a value the agent replaces whole.
+        if let Some(dst) = unsafe { REWRITE_PAS6.get(ip.dst) } {
+            if dst.ifindex != 0 {
+                return rewrite6(config, data, end, ip, dst);
+            }
+            return Err(Counter::DropUplinkRewriteNoVm);
+        }
+        // SAFETY: as above.
+        if unsafe { LOCAL_PAS6.get(ip.dst) }.is_some_and(nv_common::LocalPa::is_owned) {
+            return Err(Counter::DropUplinkRewriteNoVm);
+        }
+    }
+    // Neighbour discovery on the link, also from an owned PA (`uplink_nd` answering for it,
+    // on another host): the host's stack resolves the underlay's next hops with it.
+    if crate::uplink_nd::is_discovery(data, end, ip, l3) {
+        return Ok(Verdict::Pass);
+    }
     match ip.next {
         IPPROTO_GRE => classify_gre(config, data, end, ip, l3 + IPV6_HLEN),
         IPPROTO_FRAGMENT => {
@@ -172,10 +201,10 @@ fn classify_ipv6(
             if carries_gre && ip.to_us() {
                 Err(Counter::DropUplinkFragment)
             } else {
-                Ok(Verdict::Pass)
+                ip.not_ours()
             }
         }
-        _ => Ok(Verdict::Pass),
+        _ => ip.not_ours(),
     }
 }
 
@@ -266,7 +295,14 @@ impl Outer for Ipv6Hdr {
 
     #[inline(always)]
     fn not_ours(&self) -> Result<Verdict, Counter> {
-        // IP rewrite PAs are IPv4 only: nothing of the datapath's to guard here.
+        // SAFETY: presence checks only.
+        if unsafe { REWRITE_PAS6.get(self.src) }.is_some() {
+            return Err(Counter::DropUplinkFromRewritePa);
+        }
+        // SAFETY: as above.
+        if unsafe { REWRITE_PAS6.get(self.dst) }.is_some() {
+            return Err(Counter::DropUplinkRewriteNoVm);
+        }
         Ok(Verdict::Pass)
     }
 }
@@ -539,6 +575,36 @@ fn to_our_mac(config: &DatapathConfig, data: usize, end: usize) -> Result<(), Co
         return Err(Counter::DropUplinkNotOurMac);
     }
     Ok(())
+}
+
+/// An IPv6 rewrite packet for the local VM of `dst`: from the dedicated PA of a CA of the same
+/// VSID on another host (IPv6 rewrite is never routed), to the uplink's MAC.
+#[inline(always)]
+fn rewrite6(
+    config: &DatapathConfig,
+    data: usize,
+    end: usize,
+    ip: &Ipv6Hdr,
+    dst: &'static RewritePa,
+) -> Result<Verdict, Counter> {
+    // SAFETY: read-only use of a value the agent replaces whole.
+    let Some(src) = (unsafe { REWRITE_PAS6.get(ip.src) }) else {
+        // An underlay router's ICMPv6 error about something sent from this PA is not
+        // spoofing, and it is not the tenant's either.
+        return Err(if ip.next == IPPROTO_ICMPV6 {
+            Counter::DropUplinkRewriteIcmp
+        } else {
+            Counter::DropUplinkRewriteUnknownSrc
+        });
+    };
+    if src.vsid != dst.vsid {
+        return Err(Counter::DropUplinkRewriteUnknownSrc);
+    }
+    if src.ifindex != 0 {
+        return Err(Counter::DropUplinkOwnSource);
+    }
+    to_our_mac(config, data, end)?;
+    Ok(Verdict::Rewrite6 { from: src, to: dst })
 }
 
 /// An IP-rewrite packet for a local VM: the source PA must be the dedicated PA of a CA in the

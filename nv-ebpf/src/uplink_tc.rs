@@ -13,7 +13,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use nv_common::{
-    Counter, DatapathConfig, DeliverMeta, DeliverMeta6, RestoreMeta, VsidStatsKey as Stats,
+    Counter, DatapathConfig, DeliverMeta, DeliverMeta6, RestoreMeta, RewritePa,
+    VsidStatsKey as Stats,
     wire::{ETH_HLEN, ETH_P_ARP, IPPROTO_UDP},
 };
 
@@ -36,11 +37,13 @@ pub fn run(ctx: &TcContext) -> i32 {
     let meta_start = unsafe { (*ctx.skb.skb).data_meta } as usize;
     // SAFETY: as above.
     let tagged = unsafe { (*ctx.skb.skb).vlan_present } != 0;
+    let mut classify_again = false;
     if let Some(head) = read_at::<DeliverMeta>(meta_start, ctx.data(), 0) {
         // XDP classified the frame without the tag the NIC took out of it.
         if tagged
             && (head.magic == DeliverMeta::MAGIC
                 || head.magic == DeliverMeta6::MAGIC
+                || head.magic == DeliverMeta::CLASSIFY
                 || head.magic == RestoreMeta::MAGIC)
         {
             return drop(ctx, Counter::DropUplinkVlan);
@@ -59,6 +62,7 @@ pub fn run(ctx: &TcContext) -> i32 {
                     None => TC_ACT_OK,
                 };
             }
+            DeliverMeta::CLASSIFY => classify_again = true,
             _ => {}
         }
     }
@@ -69,6 +73,7 @@ pub fn run(ctx: &TcContext) -> i32 {
     // the NIC) moved out of it, and left ARP to be answered here.
     if config.flags & DatapathConfig::TC_DECAP == 0
         && !tagged
+        && !classify_again
         && read_at::<[u8; 2]>(ctx.data(), ctx.data_end(), 12) != Some(ETH_P_ARP.to_be_bytes())
     {
         return TC_ACT_OK;
@@ -116,6 +121,21 @@ pub fn run(ctx: &TcContext) -> i32 {
             Err(()) => drop(ctx, Counter::DropUplinkDecapFailed),
         },
         Ok(Verdict::Rewrite(meta)) => restore_and_deliver(ctx, &meta),
+        Ok(Verdict::Rewrite6 { from, to }) => restore6_and_deliver(ctx, from, to),
+        Ok(Verdict::NdRequest) => match answer_solicitation(ctx, config.uplink_mac) {
+            ANSWERED => {
+                count(Counter::UplinkNdReplied);
+                crate::redirect::egress(config.uplink_ifindex)
+            }
+            // Masked as `from_vm6` does: an index the verifier can bound.
+            reason => drop(
+                ctx,
+                Counter::ALL
+                    .get((core::hint::black_box(reason) & 0x7f) as usize)
+                    .copied()
+                    .unwrap_or(Counter::DropUplinkMalformed),
+            ),
+        },
         Err(reason) => drop(ctx, reason),
     }
 }
@@ -161,6 +181,37 @@ fn decap(ctx: &TcContext, strip: usize, v6: bool) -> Result<(), ()> {
         Ok(())
     } else {
         Err(())
+    }
+}
+
+/// Restores an IPv6 rewrite packet from the VM of `from` and hands it to the VM of `to`.
+// Out of line: its own stack frame, apart from the classifier's.
+#[inline(never)]
+fn restore6_and_deliver(ctx: &TcContext, from: &RewritePa, to: &RewritePa) -> i32 {
+    if crate::rewrite6::restore(ctx, from, to).is_err() {
+        return drop(ctx, Counter::DropUplinkRewriteFailed);
+    }
+    let delivered = deliver::to_vm6(ctx, to.ifindex, to.vsid, to.mac);
+    finish(
+        ctx,
+        delivered,
+        to.ifindex,
+        to.vsid,
+        Counter::UplinkRewriteDelivered,
+    )
+}
+
+/// What [`answer_solicitation`] says of a solicitation it turned into its answer; otherwise
+/// the number of the counter it is dropped under.
+const ANSWERED: u32 = u32::MAX;
+
+/// Turns a neighbour solicitation for an owned IPv6 PA into its advertisement from `mac`.
+// Out of line, returning a scalar: its own stack frame, apart from the drop path's.
+#[inline(never)]
+fn answer_solicitation(ctx: &TcContext, mac: [u8; 6]) -> u32 {
+    match crate::uplink_nd::answer(ctx, mac) {
+        Ok(()) => ANSWERED,
+        Err(reason) => reason as u32,
     }
 }
 

@@ -81,6 +81,19 @@ fn try_run(ctx: &XdpContext) -> Result<u32, Counter> {
             write_meta(ctx, meta)?;
             Ok(XDP_PASS)
         }
+        // More than XDP's 32 bytes of metadata would say: TC classifies these again.
+        Verdict::Rewrite6 { .. } | Verdict::NdRequest => {
+            write_meta(
+                ctx,
+                DeliverMeta {
+                    magic: DeliverMeta::CLASSIFY,
+                    ifindex: 0,
+                    vsid: 0,
+                    ca: [0; 4],
+                },
+            )?;
+            Ok(XDP_PASS)
+        }
     }
 }
 

@@ -234,6 +234,8 @@ pub struct Decoded6 {
     pub gre_key: Option<u32>,
     pub gre_proto: Option<u16>,
     pub protocols: String,
+    /// TCP, UDP or `ICMPv6` checksum status per tshark (1 good, 0 bad, 2 unverified).
+    pub l4_checksum_status: Option<u32>,
 }
 
 /// Decodes every packet with an IPv6 layer of a capture with tshark.
@@ -244,6 +246,10 @@ pub fn decode6(file: &Path) -> anyhow::Result<Vec<Decoded6>> {
         &[
             "-r",
             file,
+            "-o",
+            "tcp.check_checksum:TRUE",
+            "-o",
+            "udp.check_checksum:TRUE",
             "-Y",
             "ipv6",
             "-T",
@@ -270,6 +276,12 @@ pub fn decode6(file: &Path) -> anyhow::Result<Vec<Decoded6>> {
             "gre.proto",
             "-e",
             "frame.protocols",
+            "-e",
+            "tcp.checksum.status",
+            "-e",
+            "udp.checksum.status",
+            "-e",
+            "icmpv6.checksum.status",
         ],
     )?;
     let list = |s: &str| {
@@ -291,7 +303,7 @@ pub fn decode6(file: &Path) -> anyhow::Result<Vec<Decoded6>> {
     let mut packets = Vec::new();
     for line in out.lines().filter(|l| !l.trim().is_empty()) {
         let f: Vec<&str> = line.split('|').collect();
-        if f.len() < 8 {
+        if f.len() < 11 {
             bail!("unexpected tshark line: {line}");
         }
         packets.push(Decoded6 {
@@ -303,6 +315,7 @@ pub fn decode6(file: &Path) -> anyhow::Result<Vec<Decoded6>> {
             gre_key: num(f[5])?,
             gre_proto: num(f[6])?.map(|p| u16::try_from(p).unwrap_or(0)),
             protocols: f[7].to_owned(),
+            l4_checksum_status: num(f[8])?.or(num(f[9])?).or(num(f[10])?),
         });
     }
     Ok(packets)

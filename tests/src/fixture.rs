@@ -250,13 +250,15 @@ pub fn host_maps(ns: &Netns) -> anyhow::Result<Desired> {
         .insert(key(GREEN, CA1), rewrite(GREEN1_PA, GREEN1_MAC, green1));
     d.lookups
         .insert(key(GREEN, CA2), rewrite(GREEN2_PA, GREEN2_MAC, 0));
+    d.rewrite_pas.insert(
+        v4_mapped(GREEN1_PA),
+        dedicated(GREEN, CA1, GREEN1_MAC, green1),
+    );
     d.rewrite_pas
-        .insert(GREEN1_PA, dedicated(GREEN, CA1, GREEN1_MAC, green1));
-    d.rewrite_pas
-        .insert(GREEN2_PA, dedicated(GREEN, CA2, GREEN2_MAC, 0));
+        .insert(v4_mapped(GREEN2_PA), dedicated(GREEN, CA2, GREEN2_MAC, 0));
     // A rewrite PA of another VSID, to prove sources are checked within the VSID.
     d.rewrite_pas
-        .insert(OTHER_PA, dedicated(7002, CA2, GREEN2_MAC, 0));
+        .insert(v4_mapped(OTHER_PA), dedicated(7002, CA2, GREEN2_MAC, 0));
     // RED (RED-1, RED-3), BLUE (BLUE-1) and GREEN (GREEN-1) have VMs here.
     d.hosted_vsids.extend([(RED, 2), (BLUE, 1), (GREEN, 1)]);
     Ok(d)
@@ -389,7 +391,7 @@ impl Host {
             },
         );
         self.desired.rewrite_pas.insert(
-            GREEN_B_PA,
+            v4_mapped(GREEN_B_PA),
             RewritePa {
                 vsid: GREEN_B,
                 ca: v4_mapped(CA_GB),

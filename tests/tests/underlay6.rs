@@ -53,13 +53,147 @@ fn configure(bed: &TwoHosts) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// GREEN (VSID 7001) is dual-stack by IP rewrite: GREEN-N has `10.7.0.N` behind its own IPv4
+/// rewrite PA `198.18.1.N` and `fd07::N` behind its own IPv6 rewrite PA `2001:2::1:N`.
+const GREEN_VSID: &str = "7001";
+
+fn green_pas(host: usize) -> (String, String) {
+    (
+        format!("198.18.1.{}", host + 1),
+        format!("2001:2::1:{}", host + 1),
+    )
+}
+
+/// GREEN-1 on host 1, GREEN-2 on host 2; the rewrite PAs on their hosts; every GREEN record on
+/// both hosts.
+fn add_green(bed: &mut TwoHosts) -> anyhow::Result<()> {
+    for host in 0..2 {
+        let mac = format!("02:00:00:00:0{}:07", host + 1);
+        let name = format!("GREEN-{}", host + 1);
+        let ca = format!("10.7.0.{}", host + 1);
+        bed.add_vm(&name, 7001, &ca, &mac, &format!("green{}", host + 1), host)?;
+        let (pa4, pa6) = green_pas(host);
+        bed.hosts[host].add_provider(&pa4)?;
+        bed.hosts[host].add_provider(&pa6)?;
+    }
+    for (i, h) in bed.hosts.iter().enumerate() {
+        for host in 0..2 {
+            let mac = format!("02:00:00:00:0{}:07", host + 1);
+            let name = format!("GREEN-{}", host + 1);
+            let port = format!("green{}", host + 1);
+            let (pa4, pa6) = green_pas(host);
+            for (ca, pa) in [
+                (format!("10.7.0.{}", host + 1), pa4),
+                (format!("fd07::{}", host + 1), pa6),
+            ] {
+                let mut args = vec![
+                    "lookup", "add", "--vsid", GREEN_VSID, "--ca", &ca, "--pa", &pa, "--mac", &mac,
+                    "--method", "rewrite", "--name", &name,
+                ];
+                if host == i {
+                    args.extend(["--port", &port]);
+                }
+                h.nvctl(&args)?;
+            }
+        }
+    }
+    for host in 0..2 {
+        let vm = bed.vm(&format!("GREEN-{}", host + 1));
+        vm.add_ipv6(&format!("fd07::{}", host + 1))?;
+        // Full checksums from the VM, so tshark can check them on the underlay.
+        vm.ns.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
+    }
+    Ok(())
+}
+
+/// GREEN-1 reaches GREEN-2 by IPv6 and IPv4, ping and TCP (content compared); on the underlay
+/// GREEN's IPv6 is plain IPv6 between the two IPv6 rewrite PAs (no GRE, no customer address,
+/// TCP and `ICMPv6` checksums valid per tshark); each host answered neighbour discovery for its
+/// rewrite PA, which is on no device of the host.
+fn green_crosses_by_ipv6_rewrite(bed: &TwoHosts, hook: &str) -> anyhow::Result<()> {
+    let file = bed.tmp_dir().join(format!("u6-green-{hook}.pcap"));
+    let cap = Capture::start(&bed.underlay, "br0", &file, 120)?;
+    for dst in ["fd07::2", "10.7.0.2"] {
+        let before: Vec<_> = bed
+            .hosts
+            .iter()
+            .map(nv_tests::testbed::Host::counters)
+            .collect::<Result<_, _>>()?;
+        let got = bed.ping("GREEN-1", dst, 3)?;
+        if got != 3 {
+            for (h, b) in bed.hosts.iter().zip(&before) {
+                let after = h.counters()?;
+                let moved: Vec<String> = after
+                    .iter()
+                    .filter(|(k, v)| b.get(*k) != Some(*v))
+                    .map(|(k, v)| format!("{k} +{}", v - b.get(k).copied().unwrap_or(0)))
+                    .collect();
+                eprintln!("{}: {moved:?}", h.name);
+            }
+        }
+        ensure!(got == 3, "{hook}: GREEN-1 -> {dst}: {got} of 3 answered");
+    }
+    let (sent, received) = tcp_transfer(bed.vm("GREEN-2"), bed.vm("GREEN-1"), "fd07::2", 1 << 20)?;
+    ensure!(
+        sent.starts_with(&format!("{} ", 1 << 20)) && sent == received,
+        "{hook}: GREEN TCP over IPv6 rewrite: sent {sent}, received {received}"
+    );
+    let packets = capture::decode6(&cap.stop()?)?;
+    let pas = [green_pas(0).1, green_pas(1).1];
+    let (mut rewritten, mut checked) = (0, 0);
+    for p in &packets {
+        let (Some(src), Some(dst)) = (p.ipv6_src.first(), p.ipv6_dst.first()) else {
+            continue;
+        };
+        ensure!(
+            !src.starts_with("fd07:") && !dst.starts_with("fd07:"),
+            "{hook}: GREEN's customer address on the underlay: {p:?}"
+        );
+        if !(pas.contains(src) && pas.contains(dst)) {
+            continue;
+        }
+        ensure!(
+            p.ipv6_src.len() == 1 && p.gre_key.is_none() && p.ip_src.is_empty(),
+            "{hook}: between GREEN's rewrite PAs, not one plain IPv6 header: {p:?}"
+        );
+        rewritten += 1;
+        if let Some(status) = p.l4_checksum_status {
+            ensure!(status == 1, "{hook}: checksum not valid per tshark: {p:?}");
+            checked += 1;
+        }
+    }
+    ensure!(
+        rewritten >= 100 && checked >= 100,
+        "{hook}: {rewritten} rewritten IPv6 packets, {checked} checksums checked"
+    );
+    for (i, h) in bed.hosts.iter().enumerate() {
+        let on_uplink = h.ns.ip(&["-6", "addr", "show", "dev", "uplink0"])?;
+        let (_, pa6) = green_pas(i);
+        ensure!(
+            !on_uplink.contains(&format!("{pa6}/")),
+            "{hook}: host {} still has its rewrite PA {pa6}: {on_uplink}",
+            i + 1
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn dual_stack_tenants_cross_an_ipv6_underlay_beside_an_ipv4_one_on_either_hook()
 -> anyhow::Result<()> {
     let mut bed = TwoHosts::build_on("u6", &["--decap-hook", "xdp"], "1500")?;
     configure(&bed)?;
+    add_green(&mut bed)?;
     what_the_agent_refuses(&bed)?;
     no_packet_crosses_between_underlay_families(&bed)?;
+    let nd_before: u64 = bed
+        .hosts
+        .iter()
+        .map(|h| {
+            h.counters()
+                .map(|c| c.get("uplink_nd_replied").copied().unwrap_or(0))
+        })
+        .sum::<anyhow::Result<u64>>()?;
     for hook in ["xdp", "tc"] {
         if hook == "tc" {
             for h in &mut bed.hosts {
@@ -69,6 +203,21 @@ fn dual_stack_tenants_cross_an_ipv6_underlay_beside_an_ipv4_one_on_either_hook()
             }
         }
         traffic_rides_its_tenant_s_underlay(&bed, hook)?;
+        green_crosses_by_ipv6_rewrite(&bed, hook)?;
+        if hook == "xdp" {
+            let nd_after: u64 = bed
+                .hosts
+                .iter()
+                .map(|h| {
+                    h.counters()
+                        .map(|c| c.get("uplink_nd_replied").copied().unwrap_or(0))
+                })
+                .sum::<anyhow::Result<u64>>()?;
+            ensure!(
+                nd_after > nd_before,
+                "no neighbour solicitation for a rewrite PA was answered"
+            );
+        }
         path_mtu_names_each_underlay_s_overhead(&bed, hook)?;
         the_uplink_checks_hold_over_ipv6(&bed, hook)?;
     }

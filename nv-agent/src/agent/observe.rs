@@ -278,6 +278,7 @@ impl Agent {
                     .filter(|p| p.pa.addr.is_ipv4() == (map == m::LOCAL_PAS))
                     .count(),
                 m::REWRITE_PAS => catalog.rewrite_records(),
+                m::REWRITE_PAS6 => catalog.rewrite6_records(),
                 m::HOSTED_VSIDS => translate::hosted_vsids(catalog).len(),
                 _ => return None,
             };

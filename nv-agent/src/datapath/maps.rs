@@ -34,10 +34,26 @@ pub struct Desired {
     pub ports: HashMap<u32, PortInfo>,
     pub local_pas: HashMap<V4, LocalPa>,
     pub local_pas6: HashMap<nv_common::Addr, LocalPa>,
-    pub rewrite_pas: HashMap<V4, RewritePa>,
+    /// Rewrite PAs of either family, by their 16-byte form.
+    pub rewrite_pas: HashMap<nv_common::Addr, RewritePa>,
     /// VSIDs with a VM on this host, and how many ports each has.
     pub hosted_vsids: HashMap<u32, u32>,
     pub routing: crate::tables::routes::RouteEntries,
+}
+
+/// The IPv4 rewrite PAs' entries, keyed as their map is.
+fn rewrite4(all: &HashMap<nv_common::Addr, RewritePa>) -> HashMap<V4, RewritePa> {
+    all.iter()
+        .filter_map(|(pa, v)| Some((nv_common::mapped_v4(pa)?, *v)))
+        .collect()
+}
+
+/// The IPv6 rewrite PAs' entries.
+fn rewrite6(all: &HashMap<nv_common::Addr, RewritePa>) -> HashMap<nv_common::Addr, RewritePa> {
+    all.iter()
+        .filter(|(pa, _)| nv_common::mapped_v4(pa).is_none())
+        .map(|(pa, v)| (*pa, *v))
+        .collect()
 }
 
 /// Every counter, summed over all CPUs.
@@ -347,7 +363,19 @@ impl Datapath {
             ),
             (
                 map_names::REWRITE_PAS,
-                sync_hash(ebpf, map_names::REWRITE_PAS, &desired.rewrite_pas)?,
+                sync_hash(
+                    ebpf,
+                    map_names::REWRITE_PAS,
+                    &rewrite4(&desired.rewrite_pas),
+                )?,
+            ),
+            (
+                map_names::REWRITE_PAS6,
+                sync_hash(
+                    ebpf,
+                    map_names::REWRITE_PAS6,
+                    &rewrite6(&desired.rewrite_pas),
+                )?,
             ),
             (
                 map_names::HOSTED_VSIDS,
@@ -393,7 +421,10 @@ impl Datapath {
             Write::Filter(port) => self.attach_port(port),
             Write::Port(i, v) => set_entry(ebpf, map_names::PORTS, i, v.as_ref()),
             Write::Hosted(vsid, n) => set_entry(ebpf, map_names::HOSTED_VSIDS, vsid, n.as_ref()),
-            Write::Rewrite(pa, v) => set_entry(ebpf, map_names::REWRITE_PAS, pa, v.as_ref()),
+            Write::Rewrite(pa, v) => match nv_common::mapped_v4(pa) {
+                Some(v4) => set_entry(ebpf, map_names::REWRITE_PAS, &v4, v.as_ref()),
+                None => set_entry(ebpf, map_names::REWRITE_PAS6, pa, v.as_ref()),
+            },
             Write::Lookup(k, v) => set_entry(ebpf, map_names::LOOKUPS, k, v.as_ref()),
             Write::Lookup6(k, v) => set_entry(ebpf, map_names::LOOKUPS6, k, v.as_ref()),
             Write::LocalPa(pa, v) => set_entry(ebpf, map_names::LOCAL_PAS, pa, v.as_ref()),

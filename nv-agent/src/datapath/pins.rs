@@ -114,7 +114,7 @@ pub fn purge(pin_path: &Path) -> Result<()> {
     clippy::too_many_lines,
     reason = "one entry per map, formatted one field a line"
 )]
-fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u32>); 23] {
+fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u32>); 24] {
     use std::mem::size_of;
 
     use aya::maps::MapType::{
@@ -172,6 +172,7 @@ fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u3
             Some(nv_common::NextHop6::SLOTS),
         ),
         (map_names::LOCAL_PAS6, H, 16, size_of::<LocalPa>(), None),
+        (map_names::REWRITE_PAS6, H, 16, size_of::<RewritePa>(), None),
         (map_names::HOSTED_VSIDS, H, 4, 4, None),
         (
             map_names::ICMP_BUCKET,

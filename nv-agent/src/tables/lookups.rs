@@ -6,7 +6,7 @@
 //! port entry, and a rewrite PA's.
 use std::net::IpAddr;
 
-use nv_common::{IFINDEX_GONE, LookupKey, LookupValue, PortInfo, RewritePa, V4};
+use nv_common::{IFINDEX_GONE, LookupKey, LookupValue, PortInfo, RewritePa};
 
 use super::Table;
 use crate::{
@@ -132,7 +132,8 @@ pub struct Entries {
     pub key: MapKey,
     pub value: LookupValue,
     pub port: Option<PortInfo>,
-    pub rewrite: Option<(V4, RewritePa)>,
+    /// The rewrite PA's entry (16-byte form: IPv4 mapped, or IPv6).
+    pub rewrite: Option<(nv_common::Addr, RewritePa)>,
 }
 
 impl Entries {
@@ -177,7 +178,7 @@ pub fn entries(r: &LookupRecord, at: Option<Attached>, port_entry: bool) -> Entr
             }),
         rewrite: (r.method == Method::Rewrite).then(|| {
             (
-                key_v4(r.pa),
+                addr16(r.pa),
                 RewritePa {
                     vsid: r.vsid,
                     ca: addr16(r.ca),

@@ -19,7 +19,7 @@ struct MemMaps {
     filters: BTreeSet<String>,
     ports: HashMap<u32, PortInfo>,
     hosted: HashMap<u32, u32>,
-    rewrite: HashMap<V4, RewritePa>,
+    rewrite: HashMap<nv_common::Addr, RewritePa>,
     lookups: HashMap<LookupKey, LookupValue>,
     lookups6: HashMap<nv_common::LookupKey6, LookupValue>,
     local_pas: HashMap<V4, LocalPa>,
