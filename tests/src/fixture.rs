@@ -85,6 +85,15 @@ pub const REMOTE_PA6: [u8; 16] = [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
 pub const AMBER1_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0x0a];
 pub const AMBER2_MAC: [u8; 6] = [2, 0, 0, 0, 2, 0x0a];
 pub const AMBER3_MAC: [u8; 6] = [2, 0, 0, 0, 3, 0x0a];
+/// TEAL uses IP rewrite over IPv6 ([`Host::add_ipv6_rewrite`]): TEAL-1 here (`fd00::1` only,
+/// its own PA `LOCAL_RW6`), TEAL-2 remote (`fd00::2`, `REMOTE_RW6`); `OTHER_RW6` is a rewrite
+/// PA of another VSID (7202).
+pub const TEAL: u32 = 7201;
+pub const LOCAL_RW6: [u8; 16] = [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1];
+pub const REMOTE_RW6: [u8; 16] = [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 2];
+pub const OTHER_RW6: [u8; 16] = [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 9];
+pub const TEAL1_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0x0b];
+pub const TEAL2_MAC: [u8; 6] = [2, 0, 0, 0, 2, 0x0b];
 
 /// A pin directory, purged on drop (also when loading into it failed half way).
 pub struct PinDir(PathBuf);
@@ -521,6 +530,84 @@ impl Host {
         d.hosted_vsids.insert(AMBER, 1);
         self.dp.sync(&self.desired)?;
         Ok(amber1)
+    }
+
+    /// TEAL over IPv6 rewrite, beside [`Host::add_ipv6_underlay`] (called first): TEAL-1 on a
+    /// new port `teal1`, IPv6 only, its rewrite PA owned by the datapath (in the uplink's
+    /// filter); returns its ifindex.
+    pub fn add_ipv6_rewrite(&mut self) -> anyhow::Result<u32> {
+        let ns = &self.ns;
+        ns.ip(&[
+            "link", "add", "teal1", "type", "veth", "peer", "name", "teal1p",
+        ])?;
+        ns.ip(&["link", "set", "teal1", "up"])?;
+        ns.ip(&["link", "set", "teal1p", "up"])?;
+        ns.ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            "2001:2::1:2",
+            "lladdr",
+            "02:aa:00:00:00:02",
+            "dev",
+            "uplink0",
+            "nud",
+            "permanent",
+        ])?;
+        let (teal1, uplink) = (ns.ifindex("teal1")?, ns.ifindex("uplink0")?);
+        let rewrite = |pa: [u8; 16], mac, ifindex| LookupValue {
+            pa,
+            mac,
+            method: Method::Rewrite as u8,
+            _pad: 0,
+            ifindex,
+        };
+        let dedicated = |vsid, ca, mac, ifindex| RewritePa {
+            vsid,
+            ca,
+            mac,
+            _pad: [0; 2],
+            ifindex,
+        };
+        let d = &mut self.desired;
+        d.ports.insert(
+            teal1,
+            PortInfo {
+                vsid: TEAL,
+                ca: CA6_1,
+                pa: LOCAL_RW6,
+                mac: TEAL1_MAC,
+                method: Method::Rewrite as u8,
+                flags: 0,
+            },
+        );
+        d.lookups6.insert(
+            LookupKey6 {
+                vsid: TEAL,
+                ca: CA6_1,
+            },
+            rewrite(LOCAL_RW6, TEAL1_MAC, teal1),
+        );
+        d.lookups6.insert(
+            LookupKey6 {
+                vsid: TEAL,
+                ca: CA6_2,
+            },
+            rewrite(REMOTE_RW6, TEAL2_MAC, 0),
+        );
+        d.rewrite_pas
+            .insert(LOCAL_RW6, dedicated(TEAL, CA6_1, TEAL1_MAC, teal1));
+        d.rewrite_pas
+            .insert(REMOTE_RW6, dedicated(TEAL, CA6_2, TEAL2_MAC, 0));
+        d.rewrite_pas
+            .insert(OTHER_RW6, dedicated(7202, CA6_2, TEAL2_MAC, 0));
+        d.local_pas6
+            .insert(LOCAL_RW6, LocalPa::new(uplink, LocalPa::OWNED));
+        d.config
+            .add_rewrite_pa(DatapathConfig::filter_key6(&LOCAL_RW6));
+        d.hosted_vsids.insert(TEAL, 1);
+        self.dp.sync(&self.desired)?;
+        Ok(teal1)
     }
 
     /// The entries [`Host::add_ipv6`] writes.
