@@ -950,6 +950,52 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_rewrite_dedicates_an_ipv6_pa_and_keeps_one_method_per_vsid() {
+        let mut c = Catalog::default();
+        let rw = |ca: &str, pa: &str, mac: u8| {
+            let mut r = record(ca, pa, mac);
+            r.method = Method::Rewrite;
+            r
+        };
+        // A dual-stack VM by rewrite: a PA of each family, each its CA's own.
+        let a4 = rw("10.0.0.1", "198.18.1.1", 1);
+        let a6 = rw("fd00::1", "2001:2::1:1", 1);
+        for r in [&a4, &a6] {
+            c.check(r, None).unwrap();
+            c.insert(r.clone());
+        }
+        assert_eq!(c.rewrite_records(), 1);
+        assert_eq!(c.rewrite6_records(), 1);
+        // Its IPv6 PA is its own: no other record of either method or family may use it.
+        // (An NVGRE record in another VSID, so the VSID's method is not what refuses it.)
+        for (ca, method, vsid) in [
+            ("fd00::2", Method::Rewrite, 5001),
+            ("fd00::2", Method::Encap, 5002),
+            ("10.0.0.3", Method::Encap, 5002),
+        ] {
+            let mut r = rw(ca, "2001:2::1:1", 2);
+            r.method = method;
+            r.vsid = vsid;
+            let err = c.check(&r, None).unwrap_err().to_string();
+            assert!(err.contains("a PA of its own"), "{ca} {method}: {err}");
+        }
+        // One method per VSID, across families.
+        let enc6 = record("fd00::4", "2001:2::4", 4);
+        let err = c.check(&enc6, None).unwrap_err().to_string();
+        assert!(err.contains("one method"), "{err}");
+        // IPv6 rewrite over an IPv4 PA is refused.
+        let err = c
+            .check(&rw("fd00::5", "198.18.1.5", 5), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs an IPv6 PA"), "{err}");
+        // Deleting the IPv6 record frees its PA.
+        c.remove(&a6.key());
+        assert_eq!(c.rewrite6_records(), 0);
+        c.check(&rw("fd00::2", "2001:2::1:1", 2), None).unwrap();
+    }
+
+    #[test]
     fn ipv4_records_over_ipv6_pas_keep_their_pa() {
         let mut c = Catalog::default();
         let mut recs = Vec::new();

@@ -44,8 +44,8 @@ pub fn addr16(ip: IpAddr) -> nv_common::Addr {
     }
 }
 
-/// The IPv4 form of an address in a map key. IPv6 customer and provider addresses are refused
-/// before they get here (model.rs), and the datapath has no IPv6 maps yet.
+/// The IPv4 form of an address in an IPv4 map's key (IPv6 keys go to the IPv6 maps: callers
+/// pick the map by family first).
 pub fn key_v4(ip: IpAddr) -> V4 {
     match ip {
         IpAddr::V4(v4) => v4.octets(),

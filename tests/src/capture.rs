@@ -191,22 +191,6 @@ pub fn decode(file: &Path) -> anyhow::Result<Vec<Decoded>> {
         if f.len() < 8 {
             bail!("unexpected tshark line: {line}");
         }
-        let list = |s: &str| {
-            s.split(',')
-                .filter(|x| !x.is_empty())
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        };
-        let num = |s: &str| -> anyhow::Result<Option<u32>> {
-            let s = s.split(',').next().unwrap_or("");
-            if s.is_empty() {
-                return Ok(None);
-            }
-            let v = s
-                .strip_prefix("0x")
-                .map_or_else(|| s.parse(), |h| u32::from_str_radix(h, 16))?;
-            Ok(Some(v))
-        };
         packets.push(Decoded {
             ip_src: list(f[0]),
             ip_dst: list(f[1]),
@@ -284,22 +268,6 @@ pub fn decode6(file: &Path) -> anyhow::Result<Vec<Decoded6>> {
             "icmpv6.checksum.status",
         ],
     )?;
-    let list = |s: &str| {
-        s.split(',')
-            .filter(|x| !x.is_empty())
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
-    let num = |s: &str| -> anyhow::Result<Option<u32>> {
-        let s = s.split(',').next().unwrap_or("");
-        if s.is_empty() {
-            return Ok(None);
-        }
-        let v = s
-            .strip_prefix("0x")
-            .map_or_else(|| s.parse(), |h| u32::from_str_radix(h, 16))?;
-        Ok(Some(v))
-    };
     let mut packets = Vec::new();
     for line in out.lines().filter(|l| !l.trim().is_empty()) {
         let f: Vec<&str> = line.split('|').collect();
@@ -319,4 +287,24 @@ pub fn decode6(file: &Path) -> anyhow::Result<Vec<Decoded6>> {
         });
     }
     Ok(packets)
+}
+
+/// A tshark field of every occurrence (`aggregator=,`), as strings.
+fn list(s: &str) -> Vec<String> {
+    s.split(',')
+        .filter(|x| !x.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The first occurrence of a numeric tshark field (decimal or 0x hex), if any.
+fn num(s: &str) -> anyhow::Result<Option<u32>> {
+    let s = s.split(',').next().unwrap_or("");
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let v = s
+        .strip_prefix("0x")
+        .map_or_else(|| s.parse(), |h| u32::from_str_radix(h, 16))?;
+    Ok(Some(v))
 }

@@ -95,6 +95,33 @@ pub const OTHER_RW6: [u8; 16] = [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0,
 pub const TEAL1_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0x0b];
 pub const TEAL2_MAC: [u8; 6] = [2, 0, 0, 0, 2, 0x0b];
 
+/// A VM port `name` (a veth whose peer is `{name}p`), up.
+fn vm_port(ns: &Netns, name: &str) -> anyhow::Result<()> {
+    let peer = format!("{name}p");
+    ns.ip(&["link", "add", name, "type", "veth", "peer", "name", &peer])?;
+    ns.ip(&["link", "set", name, "up"])?;
+    ns.ip(&["link", "set", &peer, "up"])?;
+    Ok(())
+}
+
+/// The remote host's IPv6 address `addr` is at its MAC, for good (the FIB helper then finds
+/// it without asking).
+fn remote_neighbour(ns: &Netns, addr: &str) -> anyhow::Result<()> {
+    ns.ip(&[
+        "-6",
+        "neigh",
+        "replace",
+        addr,
+        "lladdr",
+        "02:aa:00:00:00:02",
+        "dev",
+        "uplink0",
+        "nud",
+        "permanent",
+    ])?;
+    Ok(())
+}
+
 /// A pin directory, purged on drop (also when loading into it failed half way).
 pub struct PinDir(PathBuf);
 
@@ -464,11 +491,7 @@ impl Host {
     /// known) and AMBER's VMs over it (AMBER-1 on a new port `amber1`); returns its ifindex.
     pub fn add_ipv6_underlay(&mut self) -> anyhow::Result<u32> {
         let ns = &self.ns;
-        ns.ip(&[
-            "link", "add", "amber1", "type", "veth", "peer", "name", "amber1p",
-        ])?;
-        ns.ip(&["link", "set", "amber1", "up"])?;
-        ns.ip(&["link", "set", "amber1p", "up"])?;
+        vm_port(ns, "amber1")?;
         ns.ip(&[
             "-6",
             "addr",
@@ -478,18 +501,7 @@ impl Host {
             "uplink0",
             "nodad",
         ])?;
-        ns.ip(&[
-            "-6",
-            "neigh",
-            "replace",
-            "2001:2::2",
-            "lladdr",
-            "02:aa:00:00:00:02",
-            "dev",
-            "uplink0",
-            "nud",
-            "permanent",
-        ])?;
+        remote_neighbour(ns, "2001:2::2")?;
         let amber1 = ns.ifindex("amber1")?;
         let value = |pa: [u8; 16], mac, ifindex| LookupValue {
             pa,
@@ -537,23 +549,8 @@ impl Host {
     /// filter); returns its ifindex.
     pub fn add_ipv6_rewrite(&mut self) -> anyhow::Result<u32> {
         let ns = &self.ns;
-        ns.ip(&[
-            "link", "add", "teal1", "type", "veth", "peer", "name", "teal1p",
-        ])?;
-        ns.ip(&["link", "set", "teal1", "up"])?;
-        ns.ip(&["link", "set", "teal1p", "up"])?;
-        ns.ip(&[
-            "-6",
-            "neigh",
-            "replace",
-            "2001:2::1:2",
-            "lladdr",
-            "02:aa:00:00:00:02",
-            "dev",
-            "uplink0",
-            "nud",
-            "permanent",
-        ])?;
+        vm_port(ns, "teal1")?;
+        remote_neighbour(ns, "2001:2::1:2")?;
         let (teal1, uplink) = (ns.ifindex("teal1")?, ns.ifindex("uplink0")?);
         let rewrite = |pa: [u8; 16], mac, ifindex| LookupValue {
             pa,
