@@ -92,16 +92,34 @@ pub fn next_hop(
         // SAFETY: this CPU's slot; only this CPU writes it, and not while we run.
         let nh = unsafe { &*nh };
         if nh.pa == dst_pa && nh.expires > now {
-            return cached(ctx, uplink, nh.mtu, direct(nh.ifindex, nh.smac, nh.dmac));
+            // A guest's super-packet has no segment count yet: its segment size says GSO.
+            // SAFETY: the context pointer is valid for the whole program run.
+            let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+            if gso || ctx.len() > nh.mtu + ETH_HLEN as u32 {
+                check_mtu(ctx, uplink)?;
+            }
+            return Ok(Hop::Direct {
+                ifindex: nh.ifindex,
+                dmac: nh.dmac,
+                smac: nh.smac,
+            });
         }
     }
     check_mtu(ctx, uplink)?;
-    let rc = ask_fib(ctx, uplink, src_pa, dst_pa, l4_protocol);
-    hop_after(rc, || {
-        NEXTHOPS
-            .get(slot)
-            .map(|nh| direct(nh.ifindex, nh.smac, nh.dmac))
-    })
+    match ask_fib(ctx, uplink, src_pa, dst_pa, l4_protocol) {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            let nh = NEXTHOPS.get(slot).ok_or(Counter::DropVmNoUnderlayRoute)?;
+            Ok(Hop::Direct {
+                ifindex: nh.ifindex,
+                dmac: nh.dmac,
+                smac: nh.smac,
+            })
+        }
+        // The FIB helper also refuses when the host does not forward on the uplink (it checks
+        // that even for output lookups).
+        BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_FWD_DISABLED => Ok(Hop::Kernel),
+        _ => Err(Counter::DropVmNoUnderlayRoute),
+    }
 }
 
 /// [`next_hop`] for an IPv6 PA, from its own cache.
@@ -119,77 +137,31 @@ pub fn next_hop6(
         // SAFETY: this CPU's slot; only this CPU writes it, and not while we run.
         let nh = unsafe { &*nh };
         if nh.pa == *dst_pa && nh.expires > now {
-            return cached(ctx, uplink, nh.mtu, direct(nh.ifindex, nh.smac, nh.dmac));
+            // SAFETY: the context pointer is valid for the whole program run.
+            let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+            if gso || ctx.len() > nh.mtu + ETH_HLEN as u32 {
+                check_mtu(ctx, uplink)?;
+            }
+            return Ok(Hop::Direct {
+                ifindex: nh.ifindex,
+                dmac: nh.dmac,
+                smac: nh.smac,
+            });
         }
     }
     check_mtu(ctx, uplink)?;
-    let rc = ask_fib6(ctx, uplink, src_pa, dst_pa);
-    hop_after(rc, || {
-        NEXTHOPS6
-            .get(slot)
-            .map(|nh| direct(nh.ifindex, nh.smac, nh.dmac))
-    })
-}
-
-#[inline(always)]
-fn direct(ifindex: u32, smac: [u8; 6], dmac: [u8; 6]) -> Hop {
-    Hop::Direct {
-        ifindex,
-        dmac,
-        smac,
-    }
-}
-
-/// A cached next hop whose route has MTU `mtu`: a frame that is not GSO and fits needs no
-/// MTU helper.
-#[inline(always)]
-fn cached(ctx: &TcContext, uplink: u32, mtu: u32, hop: Hop) -> Result<Hop, Counter> {
-    // A guest's super-packet has no segment count yet: its segment size says GSO.
-    // SAFETY: the context pointer is valid for the whole program run.
-    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
-    if gso || ctx.len() > mtu + ETH_HLEN as u32 {
-        check_mtu(ctx, uplink)?;
-    }
-    Ok(hop)
-}
-
-/// The next hop after a FIB lookup that returned `rc`: the entry it cached (`entry`), the
-/// kernel's neighbour resolution, or no route.
-#[inline(always)]
-fn hop_after(rc: u32, entry: impl FnOnce() -> Option<Hop>) -> Result<Hop, Counter> {
-    match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => entry().ok_or(Counter::DropVmNoUnderlayRoute),
-        // The FIB helper also refuses when the host does not forward on the uplink (it checks
-        // that even for output lookups).
+    match ask_fib6(ctx, uplink, src_pa, dst_pa) {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            let nh = NEXTHOPS6.get(slot).ok_or(Counter::DropVmNoUnderlayRoute)?;
+            Ok(Hop::Direct {
+                ifindex: nh.ifindex,
+                dmac: nh.dmac,
+                smac: nh.smac,
+            })
+        }
         BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_FWD_DISABLED => Ok(Hop::Kernel),
         _ => Err(Counter::DropVmNoUnderlayRoute),
     }
-}
-
-/// Runs the FIB helper on `fib` (output lookup), returning its result code.
-#[inline(always)]
-fn run_fib(ctx: &TcContext, fib: &mut bpf_fib_lookup) -> u32 {
-    // SAFETY: helper with a stack struct of the size we pass.
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_possible_wrap,
-        reason = "64 bytes"
-    )]
-    let rc = unsafe {
-        fib_lookup(
-            ctx.skb.skb.cast::<c_void>(),
-            fib,
-            size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
-        )
-    };
-    #[expect(
-        clippy::cast_sign_loss,
-        clippy::cast_possible_truncation,
-        reason = "return codes are small and non-negative"
-    )]
-    let rc = rc as u32;
-    rc
 }
 
 /// The frame (and, for GSO, each of its segments) must fit the uplink's MTU.
@@ -225,7 +197,26 @@ fn ask_fib(ctx: &TcContext, uplink: u32, src_pa: u32, dst_pa: u32, l4_protocol: 
     fib.ifindex = uplink;
     fib.__bindgen_anon_3.ipv4_src = src_pa;
     fib.__bindgen_anon_4.ipv4_dst = dst_pa;
-    let rc = run_fib(ctx, &mut fib);
+    // SAFETY: helper with a stack struct of the size we pass.
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        reason = "64 bytes"
+    )]
+    let rc = unsafe {
+        fib_lookup(
+            ctx.skb.skb.cast::<c_void>(),
+            &raw mut fib,
+            size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    };
+    #[expect(
+        clippy::cast_sign_loss,
+        clippy::cast_possible_truncation,
+        reason = "return codes are small and non-negative"
+    )]
+    let rc = rc as u32;
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
         let Some(slot) = NEXTHOPS.get_ptr_mut(NextHop::slot(dst_pa)) else {
             return BPF_FIB_LKUP_RET_NO_NEIGH;
@@ -259,7 +250,26 @@ fn ask_fib6(ctx: &TcContext, uplink: u32, src_pa: &Addr, dst_pa: &Addr) -> u32 {
     // The helper reads the addresses as four network-order words.
     fib.__bindgen_anon_3.ipv6_src = words(src_pa);
     fib.__bindgen_anon_4.ipv6_dst = words(dst_pa);
-    let rc = run_fib(ctx, &mut fib);
+    // SAFETY: helper with a stack struct of the size we pass.
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        reason = "64 bytes"
+    )]
+    let rc = unsafe {
+        fib_lookup(
+            ctx.skb.skb.cast::<c_void>(),
+            &raw mut fib,
+            size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    };
+    #[expect(
+        clippy::cast_sign_loss,
+        clippy::cast_possible_truncation,
+        reason = "return codes are small and non-negative"
+    )]
+    let rc = rc as u32;
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
         let Some(slot) = NEXTHOPS6.get_ptr_mut(NextHop6::slot(dst_pa)) else {
             return BPF_FIB_LKUP_RET_NO_NEIGH;
