@@ -23,8 +23,9 @@ use crate::fixture::{
     AMBER, AMBER1_MAC, AMBER2_MAC, AMBER3_MAC, BLUE1_MAC, BLUE2_MAC, CA_B, CA_GB, CA1, CA2, CA3,
     CA6_1, CA6_2, CA6_3, CA6_B, GATEWAY_A, GATEWAY_MAC, GATEWAY6_A, GREEN_B, GREEN_B_PA,
     GREEN_GATEWAY_MAC, GREEN1_MAC, GREEN1_PA, GREEN2_MAC, GREEN2_PA, Host, LOCAL_PA, LOCAL_PA6,
-    RED, RED1_MAC, RED2_MAC, RED3_MAC, REMOTE_PA, REMOTE_PA6, ROUTER_MAC, arp_frame, dhcp_discover,
-    green_packets, host, nvgre, nvgre6, solicitation, udp_frame, udp6,
+    LOCAL_RW6, RED, RED1_MAC, RED2_MAC, RED3_MAC, REMOTE_PA, REMOTE_PA6, REMOTE_RW6, ROUTER_MAC,
+    TEAL, TEAL1_MAC, TEAL2_MAC, arp_frame, dhcp_discover, green_packets, host, nvgre, nvgre6,
+    solicitation, udp_frame, udp6,
 };
 
 const XDP_DROP: u32 = 1;
@@ -457,6 +458,9 @@ struct Known {
     appliances: Vec<Appliance>,
     /// The IPv6 records, and the IPv6 subnets and gateways of the domains.
     v6: ipv6::Records,
+    /// The IPv6 rewrite PAs, and the IPv6 PAs the datapath owns (answers solicitations for).
+    rewrite6: HashMap<[u8; 16], nv_common::RewritePa>,
+    owned6: Vec<[u8; 16]>,
     routes6: Vec<ipv6::Subnet6>,
     gateways6: HashMap<(u32, [u8; 16]), u32>,
 }
@@ -514,6 +518,20 @@ impl Known {
     fn of(h: &Host) -> anyhow::Result<Known> {
         Ok(Known {
             v6: h.desired.lookups6.clone(),
+            rewrite6: h
+                .desired
+                .rewrite_pas
+                .iter()
+                .filter(|(pa, _)| nv_common::mapped_v4(pa).is_none())
+                .map(|(pa, v)| (*pa, *v))
+                .collect(),
+            owned6: h
+                .desired
+                .local_pas6
+                .iter()
+                .filter(|(_, v)| v.is_owned())
+                .map(|(pa, _)| *pa)
+                .collect(),
             routes6: h
                 .desired
                 .routing
@@ -655,6 +673,9 @@ fn check_uplink(
     if hook == UPLINK_XDP
         && let Some(checked) = ipv6::delivered_by_xdp(known, input, out)
     {
+        return checked;
+    }
+    if let Some(checked) = ipv6::rewrite_in(known, input, out, redirect) {
         return checked;
     }
     if hook == UPLINK_XDP
@@ -1117,6 +1138,8 @@ pub struct Stats {
     pub ipv6_routed: u64,
     /// NVGRE over the IPv6 underlay: sent by a VM, or delivered from the uplink.
     pub ipv6_underlay: u64,
+    /// IPv6 by IP rewrite: rewritten from a VM, or handed over or restored on the uplink.
+    pub ipv6_rewrite: u64,
 }
 
 /// 1 for a frame that crossed the IPv6 underlay: `out` of a VM in NVGRE over IPv6, or `input`
@@ -1149,6 +1172,11 @@ fn ipv6_underlay_seeds(h: &Host) -> Vec<Vec<u8>> {
         in6(AMBER, &to_amber1),
         in6(AMBER, &to_amber1_6),
         in6(RED, &udp_frame(RED2_MAC, RED1_MAC, CA2, CA1, b"red")),
+        // TEAL by IPv6 rewrite: out, in, and a solicitation for TEAL-1's PA.
+        udp6(TEAL1_MAC, TEAL2_MAC, CA6_1, CA6_2, (40000, 7)),
+        udp6(GATEWAY_MAC, h.uplink_mac, REMOTE_RW6, LOCAL_RW6, (7, 40000)),
+        udp6(GATEWAY_MAC, h.uplink_mac, OTHER_RW6, LOCAL_RW6, (7, 40000)),
+        solicitation(GATEWAY_MAC, REMOTE_PA6, LOCAL_RW6),
     ]
 }
 
@@ -1159,26 +1187,31 @@ pub fn run(frames: u64, seed: u64) -> anyhow::Result<Stats> {
         .map_err(|_| anyhow::anyhow!("fuzzer panicked"))?
 }
 
+/// A VM port of the fuzzing host: its ifindex, VSID and MAC.
+type VmPort = (u32, u32, [u8; 6]);
+
 /// The fixture's host with everything it can hold: routing domains, IPv6 records and routes,
-/// and the IPv6 underlay; returns it and AMBER-1's port.
-fn full_host() -> anyhow::Result<(Host, u32)> {
+/// the IPv6 underlay and IPv6 rewrite; returns it and its VM ports (ifindex, VSID, MAC).
+fn full_host() -> anyhow::Result<(Host, [VmPort; 5])> {
     let mut h = host(true)?;
     h.add_domains()?;
     h.add_ipv6()?;
     h.add_ipv6_routes()?;
     let amber1 = h.add_ipv6_underlay()?;
-    Ok((h, amber1))
-}
-
-fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
-    let (mut h, amber1) = full_host()?;
-    let known = Known::of(&h)?;
+    let teal1 = h.add_ipv6_rewrite()?;
     let ports = [
         (h.red1, RED, RED1_MAC),
         (h.blue1, 6001, BLUE1_MAC),
         (h.green1, 7001, GREEN1_MAC),
         (amber1, AMBER, AMBER1_MAC),
+        (teal1, TEAL, TEAL1_MAC),
     ];
+    Ok((h, ports))
+}
+
+fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
+    let (mut h, ports) = full_host()?;
+    let known = Known::of(&h)?;
     let seeds = seeds(&h);
     let mut rng = Rng::of_seed(seed);
     let mut stats = Stats::default();
@@ -1212,6 +1245,7 @@ fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
             stats.ipv6_forwarded += ipv6::forwarded(out.ret == TC_ACT_REDIRECT, &frame, &out.data);
             stats.ipv6_routed += ipv6::routed(out.ret == TC_ACT_REDIRECT, &frame, &out.data);
             stats.ipv6_underlay += over_ipv6(out.ret == TC_ACT_REDIRECT, &frame, &out.data);
+            stats.ipv6_rewrite += ipv6::rewritten(out.ret == TC_ACT_REDIRECT, &frame, &out.data);
             dropped += u64::from(out.ret == TC_ACT_SHOT);
             stats.delivered += u64::from(out.ret == TC_ACT_REDIRECT);
             // The same frame as a segment back from the bounce pair: marked with its port, or
@@ -1258,6 +1292,7 @@ fn fuzz(frames: u64, seed: u64) -> anyhow::Result<Stats> {
             if out.ret == TC_ACT_REDIRECT || (out.ret == XDP_PASS && hook == UPLINK_XDP && meta) {
                 stats.delivered += 1;
                 stats.ipv6_underlay += over_ipv6(true, &frame, &[]);
+                stats.ipv6_rewrite += ipv6::rewritten(true, &frame, &out.data);
             } else if out.ret == pass {
                 stats.passed += 1;
             }

@@ -161,7 +161,7 @@ fn malformed_api_requests_are_refused_and_change_nothing() -> anyhow::Result<()>
             "POST",
             "/v1/providers",
             "application/json",
-            r#"{"pa":"fd00::9/64"}"#.into(),
+            r#"{"pa":"fe80::9/64"}"#.into(),
         ),
         (
             "POST",

@@ -310,11 +310,11 @@ fn nvctl_refuses_bad_input_with_one_line_and_changes_nothing() -> anyhow::Result
                 "--ca",
                 "fd00::9",
                 "--pa",
-                "2001:db8::2",
+                "fe80::2",
                 "--mac",
                 "02:00:00:00:09:01",
             ],
-            "IPv6",
+            "link-local",
         ),
         (
             &[

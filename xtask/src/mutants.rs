@@ -490,7 +490,7 @@ const MUTATIONS: &[Mutation] = &[
         file: "nv-ebpf/src/uplink_rx.rs",
         check: "if src.vsid != dst.vsid {",
         removed: "if src.vsid == 0 {",
-        tests: &["rewrite6"],
+        tests: &["rewrite6", "fuzz"],
     },
     Mutation {
         name: "IPv6 rewrite: only what it restores exactly leaves by it",

@@ -14,7 +14,7 @@ fn main() {
     println!("fuzzing {packets} frames, seed {seed}");
     match nv_tests::fuzz::run(packets, seed) {
         Ok(s) => println!(
-            "{} program runs checked ({} dropped, {} delivered, {} passed to the host, {} bounced segments encapsulated, {} IPv6 frames forwarded, {} routed, {} across the IPv6 underlay): no verdict out of contract, every drop counted, every delivered frame in its own tenant",
+            "{} program runs checked ({} dropped, {} delivered, {} passed to the host, {} bounced segments encapsulated, {} IPv6 frames forwarded, {} routed, {} across the IPv6 underlay, {} by IPv6 rewrite): no verdict out of contract, every drop counted, every delivered frame in its own tenant",
             s.runs,
             s.dropped,
             s.delivered,
@@ -22,7 +22,8 @@ fn main() {
             s.bounced,
             s.ipv6_forwarded,
             s.ipv6_routed,
-            s.ipv6_underlay
+            s.ipv6_underlay,
+            s.ipv6_rewrite
         ),
         Err(e) => {
             eprintln!("error: {e:#}");

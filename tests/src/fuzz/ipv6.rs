@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use anyhow::{Context as _, bail, ensure};
-use nv_common::{DeliverMeta6, LookupKey6, LookupValue, RedirectTrace};
+use nv_common::{DeliverMeta, DeliverMeta6, LookupKey6, LookupValue, Method, RedirectTrace};
 
 use super::{
     Known, VmRun, back_to, check_outer, encapsulated, ensure_to_uplink, into_vm, nvgre_parts, outer,
@@ -228,12 +228,207 @@ pub fn check_from_vm(known: &Known, run: &VmRun, bounced: bool) -> anyhow::Resul
         return ensure_to_uplink(known, redirect);
     }
     ensure!(!bounced, "a bounced IPv6 segment left by other than NVGRE");
+    if to.method == Method::Rewrite as u8 {
+        ensure!(!routed, "an IPv6 packet routed by rewrite");
+        return check_rewritten(known, run, to);
+    }
     ensure!(
         out == expected.as_slice() && to.ifindex != 0 && redirect == Some(into_vm(to.ifindex)),
         "IPv6 delivered as {redirect:?}, the record says port {}",
         to.ifindex
     );
     Ok(())
+}
+
+/// 1 for an IPv6 frame that went by IP rewrite: a VM's, readdressed and `redirected`; or on
+/// the uplink, handed from XDP to TC, or redirected whole (restored, or answered).
+pub fn rewritten(redirected: bool, input: &[u8], out: &[u8]) -> u64 {
+    let marked = out.get(..4) == Some(&DeliverMeta::CLASSIFY.to_ne_bytes()[..]);
+    let readdressed = redirected
+        && is_ipv6(input)
+        && outer(input).is_none()
+        && outer(out).is_none()
+        && addr(out, 22).is_some()
+        && addr(out, 22) != addr(input, 22);
+    u64::from(marked || readdressed)
+}
+
+/// Where the checksum of the upper layer `next` sits in it (TCP, UDP, `ICMPv6`).
+fn checksum_at(next: u8) -> Option<usize> {
+    match next {
+        6 => Some(16),
+        17 => Some(6),
+        58 => Some(2),
+        _ => None,
+    }
+}
+
+/// Whether the upper layer's checksum of an IPv6 frame without extension headers is valid
+/// (RFC 8200 8.1: the pseudo-header and the segment sum to all ones).
+fn checksum_ok(frame: &[u8]) -> bool {
+    let (Some(ip), Some(segment)) = (frame.get(14..54), frame.get(54..)) else {
+        return false;
+    };
+    let payload = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    let Some(segment) = segment.get(..payload) else {
+        return false;
+    };
+    let mut sum: u64 = 0;
+    let mut add = |b: &[u8]| {
+        for pair in b.chunks(2) {
+            sum += (u64::from(pair[0]) << 8) | pair.get(1).map_or(0, |lo| u64::from(*lo));
+        }
+    };
+    add(&ip[8..40]);
+    add(&u32::try_from(segment.len()).unwrap_or(0).to_be_bytes());
+    add(&[0, 0, 0, ip[6]]);
+    add(segment);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
+}
+
+/// `a` and `b` are the same frame but for their IPv6 addresses, traffic class, the upper
+/// layer's checksum and (`macs`) their Ethernet addresses.
+fn same_but_addresses(a: &[u8], b: &[u8], macs: bool) -> bool {
+    let Some(at) = a.get(20).copied().and_then(checksum_at) else {
+        return false;
+    };
+    let skip = |i: usize| {
+        (macs && i < 12)
+            || (22..54).contains(&i)
+            || i == 14
+            || i == 15
+            || i == 54 + at
+            || i == 55 + at
+    };
+    a.len() == b.len()
+        && a.get(15).map(|x| x & 0x0f) == b.get(15).map(|x| x & 0x0f)
+        && a.iter()
+            .zip(b)
+            .enumerate()
+            .all(|(i, (x, y))| skip(i) || x == y)
+}
+
+/// An IPv6 packet a VM sent to a VM reached by IP rewrite: from the sender's own rewrite PA
+/// to the destination's, the rest unchanged but for the checksum, which is valid exactly when
+/// the VM's was; out of the uplink.
+fn check_rewritten(known: &Known, run: &VmRun, to: &LookupValue) -> anyhow::Result<()> {
+    let (input, out) = (run.input, run.out);
+    let from = record(known, run.vsid, addr(input, 22)).context("no sender record")?;
+    ensure!(
+        from.method == Method::Rewrite as u8 && to.ifindex == 0,
+        "rewrite from a VM without its own rewrite PA, or to a VM here"
+    );
+    ensure!(
+        addr(out, 22) == Some(from.pa) && addr(out, 38) == Some(to.pa),
+        "rewritten to {:02x?} -> {:02x?}, the records say {:02x?} -> {:02x?}",
+        addr(out, 22),
+        addr(out, 38),
+        from.pa,
+        to.pa
+    );
+    ensure!(
+        same_but_addresses(input, out, true),
+        "rewrite changed more than the addresses, class and checksum"
+    );
+    ensure!(
+        checksum_ok(input) == checksum_ok(out),
+        "the checksum's validity changed in rewrite"
+    );
+    ensure_to_uplink(known, run.redirect)
+}
+
+/// What the uplink made of an IPv6 frame that is not NVGRE: handed from XDP to TC whole
+/// (`out` behind a classify marker), an owned PA's neighbour advertisement, or an IPv6
+/// rewrite packet restored for its VM. `None`: none of those.
+pub fn rewrite_in(
+    known: &Known,
+    input: &[u8],
+    out: &[u8],
+    redirect: Option<RedirectTrace>,
+) -> Option<anyhow::Result<()>> {
+    let meta = std::mem::size_of::<DeliverMeta>();
+    if out.get(..4) == Some(&DeliverMeta::CLASSIFY.to_ne_bytes()[..]) {
+        return Some((|| {
+            ensure!(
+                out.get(meta..) == Some(input),
+                "XDP changed a frame it handed to TC"
+            );
+            ensure!(
+                solicits_owned(known, input) || restorable(known, input).is_some(),
+                "XDP handed TC a frame that is neither a solicitation for an owned PA nor \
+                 rewrite for a VM here"
+            );
+            Ok(())
+        })());
+    }
+    if !is_ipv6(input) || outer(input).is_some() || redirect.is_none() {
+        return None;
+    }
+    Some((|| {
+        if redirect == Some(back_to(known.uplink)) {
+            ensure!(
+                solicits_owned(known, input),
+                "answered a solicitation for no owned PA"
+            );
+            ensure!(
+                out.get(54) == Some(&136)
+                    && out.get(6..12) == Some(&known.uplink_mac[..])
+                    && out.get(62..78) == input.get(62..78)
+                    && addr(out, 22) == addr(input, 62)
+                    && checksum_ok(out),
+                "the answer is not the owned PA's advertisement from the uplink's MAC"
+            );
+            return Ok(());
+        }
+        let (from, to) =
+            restorable(known, input).context("restored a frame that is not rewrite")?;
+        ensure!(
+            addr(out, 22) == Some(from.ca)
+                && addr(out, 38) == Some(to.ca)
+                && out.get(0..6) == Some(&to.mac[..])
+                && out.get(6..12) == Some(&from.mac[..]),
+            "restored to {:02x?} -> {:02x?}",
+            addr(out, 22),
+            addr(out, 38)
+        );
+        ensure!(
+            same_but_addresses(input, out, true) && checksum_ok(input) == checksum_ok(out),
+            "restore changed more than the addresses and the checksum, or broke it"
+        );
+        ensure!(
+            redirect == Some(into_vm(to.ifindex)),
+            "restored for port {} as {redirect:?}",
+            to.ifindex
+        );
+        Ok(())
+    })())
+}
+
+/// A neighbour solicitation (on the link) for a PA the datapath owns.
+fn solicits_owned(known: &Known, input: &[u8]) -> bool {
+    is_ipv6(input)
+        && input.get(20) == Some(&58)
+        && input.get(21) == Some(&255)
+        && input.get(54) == Some(&135)
+        && addr(input, 62).is_some_and(|t| known.owned6.contains(&t))
+}
+
+/// The rewrite PAs of an IPv6 rewrite packet for a VM here: from a rewrite PA of the same
+/// VSID on another host, to the uplink's MAC.
+fn restorable<'a>(
+    known: &'a Known,
+    input: &[u8],
+) -> Option<(&'a nv_common::RewritePa, &'a nv_common::RewritePa)> {
+    let to = known.rewrite6.get(&addr(input, 38)?)?;
+    let from = known.rewrite6.get(&addr(input, 22)?)?;
+    (to.ifindex != 0
+        && from.ifindex == 0
+        && from.vsid == to.vsid
+        && input.get(0..6) == Some(&known.uplink_mac[..]))
+    .then_some((from, to))
 }
 
 /// NVGRE from the uplink whose inner frame is IPv6, delivered to `port` (`redirect`: how, for
