@@ -23,9 +23,9 @@ use crate::fixture::{
     AMBER, AMBER1_MAC, AMBER2_MAC, AMBER3_MAC, BLUE1_MAC, BLUE2_MAC, CA_B, CA_GB, CA1, CA2, CA3,
     CA6_1, CA6_2, CA6_3, CA6_B, GATEWAY_A, GATEWAY_MAC, GATEWAY6_A, GREEN_B, GREEN_B_PA,
     GREEN_GATEWAY_MAC, GREEN1_MAC, GREEN1_PA, GREEN2_MAC, GREEN2_PA, Host, LOCAL_PA, LOCAL_PA6,
-    LOCAL_RW6, RED, RED1_MAC, RED2_MAC, RED3_MAC, REMOTE_PA, REMOTE_PA6, REMOTE_RW6, ROUTER_MAC,
-    TEAL, TEAL1_MAC, TEAL2_MAC, arp_frame, dhcp_discover, green_packets, host, nvgre, nvgre6,
-    solicitation, udp_frame, udp6,
+    LOCAL_RW6, OTHER_RW6, RED, RED1_MAC, RED2_MAC, RED3_MAC, REMOTE_PA, REMOTE_PA6, REMOTE_RW6,
+    ROUTER_MAC, TEAL, TEAL1_MAC, TEAL2_MAC, arp_frame, dhcp_discover, green_packets, host, nvgre,
+    nvgre6, solicitation, udp_frame, udp6,
 };
 
 const XDP_DROP: u32 = 1;
