@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
 use crate::{
@@ -269,6 +269,32 @@ impl Host {
             "--dev",
             "uplink0",
         ])
+    }
+
+    /// Runs `nvctl -o json monitor ARGS` (with a `--count N` among them) on this host in the
+    /// background, bounded to 30 s; [`monitor_events`] collects what it printed.
+    pub fn monitor(&self, args: &[&str]) -> anyhow::Result<std::process::Child> {
+        Ok(Command::new("timeout")
+            .arg("30")
+            .arg(bin("nvctl")?)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["-o", "json", "monitor"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?)
+    }
+
+    /// Waits until `n` monitors watch on this host.
+    pub fn monitors_become(&self, n: u64) -> anyhow::Result<()> {
+        for _ in 0..100 {
+            if self.nvctl_json(&["status"])?["monitors"].as_u64() == Some(n) {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        bail!("{n} monitors never watched on {}", self.name)
     }
 
     /// Runs nvctl against this host's agent; `Err` carries nvctl's stderr.
@@ -999,4 +1025,19 @@ pub fn ipv6_of(ca: &str) -> String {
         ["10", x, "0", y] => format!("fd00:{x}::{y}"),
         _ => panic!("no IPv6 address for {ca}"),
     }
+}
+
+/// The JSON lines an `nvctl monitor` ([`Host::monitor`]) printed before it ended.
+pub fn monitor_events(child: std::process::Child) -> anyhow::Result<Vec<Value>> {
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "nvctl monitor: {} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| Ok(serde_json::from_str(l)?))
+        .collect()
 }

@@ -4,7 +4,10 @@
 use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, ensure};
-use nv_tests::{prometheus::Prometheus, testbed::TwoHosts};
+use nv_tests::{
+    prometheus::Prometheus,
+    testbed::{TwoHosts, monitor_events},
+};
 
 /// Bytes of one `ping` echo as the VM sends it: Ethernet 14, IPv4 20, ICMP 8, data 56.
 const PING_FRAME: f64 = 98.0;
@@ -249,46 +252,6 @@ fn the_alert_rules_fire_on_what_they_are_for() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `nvctl -o json monitor ARGS --count N` on `h` in the background (bounded: 30 s).
-fn monitor(h: &nv_tests::testbed::Host, args: &[&str]) -> anyhow::Result<std::process::Child> {
-    Ok(Command::new("timeout")
-        .arg("30")
-        .arg(nv_tests::sys::bin("nvctl")?)
-        .arg("--socket")
-        .arg(&h.socket)
-        .args(["-o", "json", "monitor"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?)
-}
-
-/// Waits until `n` monitors watch on `h`.
-fn monitors_become(h: &nv_tests::testbed::Host, n: u64) -> anyhow::Result<()> {
-    for _ in 0..100 {
-        if h.nvctl_json(&["status"])?["monitors"].as_u64() == Some(n) {
-            return Ok(());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    anyhow::bail!("{n} monitors never watched on {}", h.name)
-}
-
-/// The JSON lines a monitor printed before it ended.
-fn events(child: std::process::Child) -> anyhow::Result<Vec<serde_json::Value>> {
-    let out = child.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "nvctl monitor: {} {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| Ok(serde_json::from_str(l)?))
-        .collect()
-}
-
 #[test]
 fn nvctl_monitor_shows_each_drop_with_its_reason_vsid_port_and_addresses() -> anyhow::Result<()> {
     let bed = TwoHosts::build("mo")?;
@@ -296,17 +259,14 @@ fn nvctl_monitor_shows_each_drop_with_its_reason_vsid_port_and_addresses() -> an
     let h1 = &bed.hosts[0];
     // RED-1 sends from an address that is not its own (10.0.0.9), to RED-2 whose MAC it is
     // given: three spoofed echoes, each a drop for this monitor.
-    let spoof = monitor(
-        h1,
-        &[
-            "--port",
-            "red1",
-            "--reason",
-            "vm_spoofed_ip",
-            "--count",
-            "3",
-        ],
-    )?;
+    let spoof = h1.monitor(&[
+        "--port",
+        "red1",
+        "--reason",
+        "vm_spoofed_ip",
+        "--count",
+        "3",
+    ])?;
     // Another client: BLUE's events, every forwarded packet sampled too. BLUE-1 is kept from
     // IPv6 chatter (each a drop), so what it sees is its two echoes, out and back.
     bed.vm("BLUE-1").ns.exec(
@@ -317,8 +277,8 @@ fn nvctl_monitor_shows_each_drop_with_its_reason_vsid_port_and_addresses() -> an
             "net.ipv6.conf.eth0.disable_ipv6=1",
         ],
     )?;
-    let blue = monitor(h1, &["--vsid", "6001", "--sample", "1", "--count", "4"])?;
-    monitors_become(h1, 2)?;
+    let blue = h1.monitor(&["--vsid", "6001", "--sample", "1", "--count", "4"])?;
+    h1.monitors_become(2)?;
     let red1 = &bed.vm("RED-1").ns;
     red1.ip(&["addr", "add", "10.0.0.9/32", "dev", "eth0"])?;
     let red2_mac = bed.vm("RED-2").mac.clone();
@@ -346,7 +306,7 @@ fn nvctl_monitor_shows_each_drop_with_its_reason_vsid_port_and_addresses() -> an
     let dropped = nv_tests::testbed::delta(&before, &h1.counters()?, "drop_vm_spoofed_ip");
     ensure!(dropped == 3, "drop_vm_spoofed_ip counted {dropped}");
 
-    let spoofed = events(spoof)?;
+    let spoofed = monitor_events(spoof)?;
     ensure!(spoofed.len() == 3, "spoof monitor saw {spoofed:?}");
     for e in &spoofed {
         for (field, want) in [
@@ -361,7 +321,7 @@ fn nvctl_monitor_shows_each_drop_with_its_reason_vsid_port_and_addresses() -> an
         }
         ensure!(e["vsid"] == 5001, "vsid of {e}");
     }
-    let seen = events(blue)?;
+    let seen = monitor_events(blue)?;
     ensure!(seen.len() == 4, "BLUE monitor saw {seen:?}");
     ensure!(
         seen.iter().all(|e| e["vsid"] == 6001),
@@ -376,7 +336,7 @@ fn nvctl_monitor_shows_each_drop_with_its_reason_vsid_port_and_addresses() -> an
         );
     }
     // Both gone: the datapath stops reporting.
-    monitors_become(h1, 0)?;
+    h1.monitors_become(0)?;
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use std::{thread, time::Duration};
 use anyhow::{Context as _, ensure};
 use nv_tests::{
     capture::{self, Capture},
-    testbed::{BLUE_VSID, RED_VSID, TwoHosts, delta, ipv6_of, tcp_transfer},
+    testbed::{BLUE_VSID, RED_VSID, TwoHosts, delta, ipv6_of, monitor_events, tcp_transfer},
 };
 
 const PYTHON: &str = "/usr/bin/python3";
@@ -53,8 +53,9 @@ fn configure(bed: &TwoHosts) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// GREEN (VSID 7001) is dual-stack by IP rewrite: GREEN-N has `10.7.0.N` behind its own IPv4
-/// rewrite PA `198.18.1.N` and `fd07::N` behind its own IPv6 rewrite PA `2001:2::1:N`.
+/// GREEN (VSID 7001) is dual-stack by IP rewrite, with RED's and BLUE's very addresses: GREEN-N
+/// has `10.0.0.N` behind its own IPv4 rewrite PA `198.18.1.N` and `fd00::N` behind its own IPv6
+/// rewrite PA `2001:2::1:N`.
 const GREEN_VSID: &str = "7001";
 
 fn green_pas(host: usize) -> (String, String) {
@@ -70,7 +71,7 @@ fn add_green(bed: &mut TwoHosts) -> anyhow::Result<()> {
     for host in 0..2 {
         let mac = format!("02:00:00:00:0{}:07", host + 1);
         let name = format!("GREEN-{}", host + 1);
-        let ca = format!("10.7.0.{}", host + 1);
+        let ca = format!("10.0.0.{}", host + 1);
         bed.add_vm(&name, 7001, &ca, &mac, &format!("green{}", host + 1), host)?;
         let (pa4, pa6) = green_pas(host);
         bed.hosts[host].add_provider(&pa4)?;
@@ -83,8 +84,8 @@ fn add_green(bed: &mut TwoHosts) -> anyhow::Result<()> {
             let port = format!("green{}", host + 1);
             let (pa4, pa6) = green_pas(host);
             for (ca, pa) in [
-                (format!("10.7.0.{}", host + 1), pa4),
-                (format!("fd07::{}", host + 1), pa6),
+                (format!("10.0.0.{}", host + 1), pa4),
+                (format!("fd00::{}", host + 1), pa6),
             ] {
                 let mut args = vec![
                     "lookup", "add", "--vsid", GREEN_VSID, "--ca", &ca, "--pa", &pa, "--mac", &mac,
@@ -99,7 +100,7 @@ fn add_green(bed: &mut TwoHosts) -> anyhow::Result<()> {
     }
     for host in 0..2 {
         let vm = bed.vm(&format!("GREEN-{}", host + 1));
-        vm.add_ipv6(&format!("fd07::{}", host + 1))?;
+        vm.add_ipv6(&format!("fd00::{}", host + 1))?;
         // Full checksums from the VM, so tshark can check them on the underlay.
         vm.ns.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
     }
@@ -113,13 +114,19 @@ fn add_green(bed: &mut TwoHosts) -> anyhow::Result<()> {
 fn green_crosses_by_ipv6_rewrite(bed: &TwoHosts, hook: &str) -> anyhow::Result<()> {
     let file = bed.tmp_dir().join(format!("u6-green-{hook}.pcap"));
     let cap = Capture::start(&bed.underlay, "br0", &file, 120)?;
-    for dst in ["fd07::2", "10.7.0.2"] {
+    let red2 = Capture::start(
+        &bed.vm("RED-2").ns,
+        "eth0",
+        &bed.tmp_dir().join(format!("u6-red2-{hook}.pcap")),
+        120,
+    )?;
+    for dst in ["fd00::2", "10.0.0.2"] {
         let before: Vec<_> = bed
             .hosts
             .iter()
             .map(nv_tests::testbed::Host::counters)
             .collect::<Result<_, _>>()?;
-        let got = bed.ping("GREEN-1", dst, 3)?;
+        let got = bed.ping_with("GREEN-1", dst, 3, &["-p", "c7"])?;
         if got != 3 {
             for (h, b) in bed.hosts.iter().zip(&before) {
                 let after = h.counters()?;
@@ -133,7 +140,22 @@ fn green_crosses_by_ipv6_rewrite(bed: &TwoHosts, hook: &str) -> anyhow::Result<(
         }
         ensure!(got == 3, "{hook}: GREEN-1 -> {dst}: {got} of 3 answered");
     }
-    let (sent, received) = tcp_transfer(bed.vm("GREEN-2"), bed.vm("GREEN-1"), "fd07::2", 1 << 20)?;
+    // RED-2 has GREEN-2's addresses: it sees RED's pings (the control), never GREEN's.
+    let got = bed.ping_with("RED-1", "fd00::2", 3, &["-p", "a5"])?;
+    ensure!(got == 3, "{hook}: RED-1 -> fd00::2: {got} of 3");
+    let seen = capture::frames(&red2.stop()?)?;
+    let with = |b: u8| {
+        seen.iter()
+            .filter(|f| f.windows(16).any(|w| w.iter().all(|x| *x == b)))
+            .count()
+    };
+    ensure!(
+        with(0xc7) == 0 && with(0xa5) >= 3,
+        "{hook}: RED-2 saw {} of GREEN's frames and {} of RED's",
+        with(0xc7),
+        with(0xa5)
+    );
+    let (sent, received) = tcp_transfer(bed.vm("GREEN-2"), bed.vm("GREEN-1"), "fd00::2", 1 << 20)?;
     ensure!(
         sent.starts_with(&format!("{} ", 1 << 20)) && sent == received,
         "{hook}: GREEN TCP over IPv6 rewrite: sent {sent}, received {received}"
@@ -146,7 +168,7 @@ fn green_crosses_by_ipv6_rewrite(bed: &TwoHosts, hook: &str) -> anyhow::Result<(
             continue;
         };
         ensure!(
-            !src.starts_with("fd07:") && !dst.starts_with("fd07:"),
+            !src.starts_with("fd00:") && !dst.starts_with("fd00:"),
             "{hook}: GREEN's customer address on the underlay: {p:?}"
         );
         if !(pas.contains(src) && pas.contains(dst)) {
@@ -220,6 +242,74 @@ fn dual_stack_tenants_cross_an_ipv6_underlay_beside_an_ipv4_one_on_either_hook()
         }
         path_mtu_names_each_underlay_s_overhead(&bed, hook)?;
         the_uplink_checks_hold_over_ipv6(&bed, hook)?;
+    }
+    the_monitor_names_ipv6_addresses(&bed)
+}
+
+/// `nvctl monitor` shows IPv6 as it shows IPv4: RED-1's pings from an address not its own
+/// (`fd00::9`) as drops with their IPv6 addresses, and on host 2 RED's echoes, in from the IPv6
+/// underlay, sampled with theirs; RED-1's own pings cross meanwhile (the control).
+fn the_monitor_names_ipv6_addresses(bed: &TwoHosts) -> anyhow::Result<()> {
+    let (h1, h2) = (&bed.hosts[0], &bed.hosts[1]);
+    let spoof = h1.monitor(&[
+        "--port",
+        "red1",
+        "--reason",
+        "vm_spoofed_ip",
+        "--count",
+        "2",
+    ])?;
+    let forwarded = h2.monitor(&["--vsid", "5001", "--sample", "1", "--count", "2"])?;
+    h1.monitors_become(1)?;
+    h2.monitors_become(1)?;
+    let red1 = &bed.vm("RED-1").ns;
+    red1.ip(&["-6", "addr", "add", "fd00::9/64", "dev", "eth0", "nodad"])?;
+    red1.ip(&[
+        "-6",
+        "neigh",
+        "replace",
+        "fd00::2",
+        "lladdr",
+        &bed.vm("RED-2").mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ])?;
+    let _ = red1.exec_output(
+        "ping",
+        &[
+            "-6", "-c", "2", "-i", "0.2", "-W", "1", "-I", "fd00::9", "fd00::2",
+        ],
+    )?;
+    ensure!(
+        bed.ping_with("RED-1", "fd00::2", 2, &["-I", "fd00::1"])? == 2,
+        "RED-1's pings from its own address"
+    );
+    red1.ip(&["-6", "addr", "del", "fd00::9/64", "dev", "eth0"])?;
+    let spoofed = monitor_events(spoof)?;
+    ensure!(spoofed.len() == 2, "the drop monitor saw {spoofed:?}");
+    for e in &spoofed {
+        for (field, want) in [
+            ("kind", "drop"),
+            ("reason", "vm_spoofed_ip"),
+            ("src", "fd00::9"),
+            ("dst", "fd00::2"),
+            ("proto", "icmpv6"),
+        ] {
+            ensure!(e[field] == want, "{field} of {e}: expected {want}");
+        }
+    }
+    let seen = monitor_events(forwarded)?;
+    ensure!(seen.len() == 2, "the sample monitor saw {seen:?}");
+    for e in &seen {
+        ensure!(
+            e["kind"] == "forward"
+                && e["vsid"] == 5001
+                && e["proto"] == "icmpv6"
+                && ["fd00::1", "fd00::2"].contains(&e["src"].as_str().unwrap_or("")),
+            "a sampled RED event that is not one of its IPv6 echoes: {e}"
+        );
     }
     Ok(())
 }
