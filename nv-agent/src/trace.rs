@@ -136,13 +136,6 @@ fn record_line(host: &Host, vsid: u32, ca: impl Into<IpAddr>, what: &str) -> Str
     }
 }
 
-fn v4(ip: IpAddr) -> Result<Ipv4Addr> {
-    match ip {
-        IpAddr::V4(a) => Ok(a),
-        IpAddr::V6(_) => Err(invalid("IPv6 addresses are not supported yet")),
-    }
-}
-
 /// A frame the VM behind `port` sends, as described or given.
 fn from_port(host: &Host, port: &str, req: &Request) -> Result<Built> {
     let catalog = &host.tables.catalog;
@@ -302,27 +295,30 @@ fn from_uplink(host: &Host, req: &Request) -> Result<Built> {
         record_line(host, vsid, src, " (source)"),
         record_line(host, vsid, dst, ""),
     ];
+    // The destination's PA; with no record, a PA of this host of the source's family.
     let local_pa = match &to {
-        Some(d) => v4(d.pa)?,
-        None => v4(catalog
-            .providers()
-            .first()
-            .ok_or_else(|| invalid("this host has no provider address"))?
-            .pa
-            .addr)?,
+        Some(d) => d.pa,
+        None => {
+            catalog
+                .providers()
+                .iter()
+                .find(|p| p.pa.addr.is_ipv4() == from.pa.is_ipv4())
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "this host has no provider address of {}'s family",
+                        from.pa
+                    ))
+                })?
+                .pa
+                .addr
+        }
     };
     let router = [2, 0, 0, 0, 0xfe, 0xfe];
     let proto = req.proto.unwrap_or_default();
     let ports = (req.sport.unwrap_or(40_000), req.dport.unwrap_or(7));
     let frame = if to.as_ref().is_some_and(|d| d.method == Method::Rewrite) {
         // IP rewrite: provider addresses on the wire, no header added.
-        customer_frame(
-            (router, host.uplink_mac),
-            from.pa,
-            IpAddr::V4(local_pa),
-            proto,
-            ports,
-        )?
+        customer_frame((router, host.uplink_mac), from.pa, local_pa, proto, ports)?
     } else {
         let inner = customer_frame(
             (
@@ -334,13 +330,7 @@ fn from_uplink(host: &Host, req: &Request) -> Result<Built> {
             proto,
             ports,
         )?;
-        nvgre_frame(
-            (router, host.uplink_mac),
-            v4(from.pa)?,
-            local_pa,
-            vsid,
-            &inner,
-        )?
+        nvgre_frame((router, host.uplink_mac), from.pa, local_pa, vsid, &inner)?
     };
     Ok(built(frame, lookups))
 }
@@ -515,29 +505,50 @@ pub fn customer_frame(
     Ok(out)
 }
 
-/// `inner` in NVGRE from `src` to `dst` (provider addresses), VSID `vsid`.
+/// `inner` in NVGRE from `src` to `dst` (provider addresses, IPv4 or IPv6 both), VSID `vsid`.
 pub fn nvgre_frame(
     macs: ([u8; 6], [u8; 6]),
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
+    src: IpAddr,
+    dst: IpAddr,
     vsid: u32,
     inner: &[u8],
 ) -> Result<Vec<u8>> {
     let len = u16::try_from(8 + inner.len()).map_err(|_| invalid("the frame is too big"))?;
-    let mut ip = Ipv4Header::new(len, 64, IpNumber::GRE, src.octets(), dst.octets())
-        .map_err(|e| invalid(format!("cannot build the outer header: {e}")))?;
-    ip.dont_fragment = true;
-    ip.header_checksum = ip.calc_header_checksum();
-    let mut out = Vec::with_capacity(42 + inner.len());
+    let (ether_type, outer) = match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let mut ip = Ipv4Header::new(len, 64, IpNumber::GRE, src.octets(), dst.octets())
+                .map_err(|e| invalid(format!("cannot build the outer header: {e}")))?;
+            ip.dont_fragment = true;
+            ip.header_checksum = ip.calc_header_checksum();
+            (EtherType::IPV4, ip.to_bytes().to_vec())
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let ip = Ipv6Header {
+                payload_length: len,
+                next_header: IpNumber::GRE,
+                hop_limit: 64,
+                source: src.octets(),
+                destination: dst.octets(),
+                ..Ipv6Header::default()
+            };
+            (EtherType::IPV6, ip.to_bytes().to_vec())
+        }
+        _ => {
+            return Err(invalid(format!(
+                "{src} and {dst} are of different families: no NVGRE header carries that"
+            )));
+        }
+    };
+    let mut out = Vec::with_capacity(62 + inner.len());
     out.extend_from_slice(
         &Ethernet2Header {
             source: macs.0,
             destination: macs.1,
-            ether_type: EtherType::IPV4,
+            ether_type,
         }
         .to_bytes(),
     );
-    out.extend_from_slice(&ip.to_bytes());
+    out.extend_from_slice(&outer);
     out.extend_from_slice(&[0x20, 0x00, 0x65, 0x58]);
     out.extend_from_slice(&(vsid << 8).to_be_bytes());
     out.extend_from_slice(inner);
@@ -641,7 +652,7 @@ fn decode_into(frame: &[u8], out: &mut Vec<String>, depth: u8) {
         return;
     }
     if eth.ether_type == EtherType::IPV6 {
-        decode_ipv6(rest, out);
+        decode_ipv6(rest, out, depth);
         return;
     }
     if eth.ether_type != EtherType::IPV4 {
@@ -676,20 +687,27 @@ fn decode_into(frame: &[u8], out: &mut Vec<String>, depth: u8) {
                 });
             }
         }
-        IpNumber::GRE if payload.len() >= 8 => {
-            let flags = u16::from_be_bytes([payload[0], payload[1]]);
-            let proto = u16::from_be_bytes([payload[2], payload[3]]);
-            let key = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
-            if flags == 0x2000 && proto == 0x6558 {
-                out.push(format!("NVGRE VSID {} flow {:#04x}", key >> 8, key & 0xff));
-                if depth == 0 {
-                    decode_into(&payload[8..], out, depth + 1);
-                }
-            } else {
-                out.push(format!("GRE flags {flags:#06x} proto {proto:#06x}"));
-            }
-        }
+        IpNumber::GRE => gre(payload, out, depth),
         _ => {}
+    }
+}
+
+/// GRE after an outer IPv4 or IPv6 header: NVGRE's VSID and flow ID, and (once) the customer's
+/// frame inside.
+fn gre(payload: &[u8], out: &mut Vec<String>, depth: u8) {
+    if payload.len() < 8 {
+        return;
+    }
+    let flags = u16::from_be_bytes([payload[0], payload[1]]);
+    let proto = u16::from_be_bytes([payload[2], payload[3]]);
+    let key = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+    if flags == 0x2000 && proto == 0x6558 {
+        out.push(format!("NVGRE VSID {} flow {:#04x}", key >> 8, key & 0xff));
+        if depth == 0 {
+            decode_into(&payload[8..], out, depth + 1);
+        }
+    } else {
+        out.push(format!("GRE flags {flags:#06x} proto {proto:#06x}"));
     }
 }
 
@@ -721,7 +739,7 @@ fn transport(proto: IpNumber, payload: &[u8], out: &mut Vec<String>) {
 }
 
 /// An IPv6 packet: its header and what it carries (extension headers are named, not walked).
-fn decode_ipv6(packet: &[u8], out: &mut Vec<String>) {
+fn decode_ipv6(packet: &[u8], out: &mut Vec<String>, depth: u8) {
     let Ok((ip, payload)) = Ipv6Header::from_slice(packet) else {
         out.push("IPv6, malformed".into());
         return;
@@ -741,6 +759,7 @@ fn decode_ipv6(packet: &[u8], out: &mut Vec<String>) {
                 out.push(format!("ICMPv6 {:?}", icmp.icmp_type));
             }
         }
+        IpNumber::GRE => gre(payload, out, depth),
         _ => {}
     }
 }
@@ -761,12 +780,32 @@ mod tests {
         .unwrap();
         let outer = nvgre_frame(
             ([2, 0, 0, 0, 9, 9], [2, 0, 0, 0, 8, 8]),
-            Ipv4Addr::new(198, 18, 0, 2),
-            Ipv4Addr::new(198, 18, 0, 1),
+            IpAddr::from([198, 18, 0, 2]),
+            IpAddr::from([198, 18, 0, 1]),
             5001,
             &inner,
         )
         .unwrap();
+        // Over an IPv6 underlay, the same inside.
+        let (a, b): (IpAddr, IpAddr) = ("2001:2::2".parse().unwrap(), "2001:2::1".parse().unwrap());
+        let over6 = nvgre_frame(([2; 6], [4; 6]), a, b, 5001, &inner).unwrap();
+        let layers6 = decode(&over6);
+        assert!(
+            layers6[1].starts_with("IPv6 2001:2::2 > 2001:2::1 next 47"),
+            "{layers6:?}"
+        );
+        assert_eq!(layers6[2], "NVGRE VSID 5001 flow 0x00");
+        assert!(layers6[4].starts_with("IPv4 10.0.0.1 > 10.0.0.2 proto 17"));
+        assert!(
+            nvgre_frame(
+                ([2; 6], [4; 6]),
+                a,
+                IpAddr::from([198, 18, 0, 1]),
+                5001,
+                &inner
+            )
+            .is_err()
+        );
         let layers = decode(&outer);
         assert_eq!(layers.len(), 6, "{layers:?}");
         assert!(layers[1].starts_with("IPv4 198.18.0.2 > 198.18.0.1 proto 47"));

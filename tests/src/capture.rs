@@ -308,3 +308,22 @@ fn num(s: &str) -> anyhow::Result<Option<u32>> {
         .map_or_else(|| s.parse(), |h| u32::from_str_radix(h, 16))?;
     Ok(Some(v))
 }
+
+/// Writes `frames` as a classic pcap file (Ethernet), for tshark.
+pub fn write_pcap(file: &Path, frames: &[Vec<u8>]) -> anyhow::Result<()> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
+    out.extend_from_slice(&2u16.to_le_bytes());
+    out.extend_from_slice(&4u16.to_le_bytes());
+    for word in [0u32, 0, 65_535, 1] {
+        out.extend_from_slice(&word.to_le_bytes());
+    }
+    for frame in frames {
+        let len = u32::try_from(frame.len())?;
+        for word in [0u32, 0, len, len] {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+        out.extend_from_slice(frame);
+    }
+    Ok(std::fs::write(file, out)?)
+}

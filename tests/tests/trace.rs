@@ -13,20 +13,6 @@ fn trace(h: &Host, args: &[&str]) -> anyhow::Result<serde_json::Value> {
     h.nvctl_json(&all)
 }
 
-/// A classic pcap file holding `frame`, for tshark.
-fn pcap_of(frame: &[u8], file: &std::path::Path) -> anyhow::Result<()> {
-    let mut out = Vec::new();
-    out.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
-    out.extend_from_slice(&2u16.to_le_bytes());
-    out.extend_from_slice(&4u16.to_le_bytes());
-    let len = u32::try_from(frame.len())?;
-    for word in [0u32, 0, 65_535, 1, 0, 0, len, len] {
-        out.extend_from_slice(&word.to_le_bytes());
-    }
-    out.extend_from_slice(frame);
-    Ok(std::fs::write(file, out)?)
-}
-
 fn unhex(s: &str) -> Vec<u8> {
     (0..s.len() / 2)
         .filter_map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
@@ -89,9 +75,9 @@ fn from_a_vm(bed: &TwoHosts) -> anyhow::Result<()> {
         "{t}"
     );
     let file = bed.tmp_dir().join("trace-out.pcap");
-    pcap_of(
-        &unhex(t["output_frame"].as_str().context("output frame")?),
+    nv_tests::capture::write_pcap(
         &file,
+        &[unhex(t["output_frame"].as_str().context("output frame")?)],
     )?;
     let decoded = nv_tests::capture::decode(&file)?;
     let p = decoded.first().context("tshark read nothing")?;

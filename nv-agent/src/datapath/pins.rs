@@ -485,12 +485,19 @@ impl Datapath {
         fs::create_dir_all(&own).map_err(|e| dp_err(format!("create {}", own.display()), e))?;
         let (on, off) = (1u32, 0u32);
         let own_pins: Vec<PathBuf> = OWN.iter().map(|n| own.join(n)).collect();
+        // The skb's layout as the forwarding copy has it: without it, rewrite's checksum
+        // offload check fails closed, and every traced rewrite would read as a drop.
+        let skb = skb_offsets();
         let mut loader = EbpfLoader::new();
         loader
             .override_global(TRACE_GLOBAL, &on, true)
             .override_global("NV_COUNT_VSIDS", &on, true)
             .override_global("NV_MONITORING", &off, true)
             .override_global("NV_ROUTER_MAC", router_mac(), true)
+            .override_global("NV_SKB_HEAD", &skb.head, true)
+            .override_global("NV_SKB_CSUM", &skb.csum, true)
+            .override_global("NV_SKB_IP_SUMMED", &skb.ip_summed, true)
+            .override_global("NV_SKB_IP_SUMMED_SHIFT", &skb.ip_summed_shift, true)
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(map_names::LOOKUPS, max_lookups);
         for (name, pin) in OWN.iter().zip(&own_pins) {
