@@ -325,11 +325,11 @@ fn nvctl_refuses_bad_input_with_one_line_and_changes_nothing() -> anyhow::Result
                 "--ca",
                 "10.0.0.9",
                 "--pa",
-                "fd00::2",
+                "::ffff:198.18.0.2",
                 "--mac",
                 "02:00:00:00:09:01",
             ],
-            "IPv6",
+            "IPv4-mapped",
         ),
         (
             &[
