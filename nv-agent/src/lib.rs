@@ -33,10 +33,16 @@ pub mod txn;
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nv"));
 
 /// A fingerprint of the eBPF object this agent loads (FNV-1a of its bytes): two agents with
-/// the same one run the same datapath.
+/// the same one run the same datapath. Computed once: the object is megabytes, and status
+/// (published after every change) names it.
 pub fn programs_version() -> String {
-    let hash = EBPF_OBJECT.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    format!("{hash:016x}")
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION
+        .get_or_init(|| {
+            let hash = EBPF_OBJECT.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+            });
+            format!("{hash:016x}")
+        })
+        .clone()
 }
