@@ -116,10 +116,11 @@ pub fn nvgre(
     inner: Inner,
 ) -> Result<i32, Counter> {
     // Each family's path in a frame of its own, called from here: one frame deep, not two.
-    match (v4_of(&src.pa).is_some(), v4_of(&dst.pa).is_some()) {
-        (true, true) => over_ipv4(ctx, src, dst, inner),
-        (false, false) => over_ipv6(ctx, src, dst, inner),
-        _ => Err(Counter::DropVmUnderlayFamily),
+    // The sender's PA picks it; each refuses a destination of the other family.
+    if v4_of(&src.pa).is_some() {
+        over_ipv4(ctx, src, dst, inner)
+    } else {
+        over_ipv6(ctx, src, dst, inner)
     }
 }
 
@@ -269,6 +270,9 @@ fn over_ipv6(
     dst: &LookupValue,
     inner: Inner,
 ) -> Result<i32, Counter> {
+    if v4_of(&dst.pa).is_some() {
+        return Err(Counter::DropVmUnderlayFamily);
+    }
     let (vsid, outer_src, outer_dst) = (src.vsid, src.pa, dst.pa);
     let config = underlay::config()?;
     let (uplink, tclass) = (config.uplink_ifindex, config.underlay_tos(inner.tos()));

@@ -537,8 +537,8 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "IPv6 underlay: a VM whose PA is IPv6 never sends to an IPv4 PA",
         file: "nv-ebpf/src/encap.rs",
-        check: "(false, false) => over_ipv6(ctx, src, dst, inner),",
-        removed: "(false, _) => over_ipv6(ctx, src, dst, inner),",
+        check: "    if v4_of(&dst.pa).is_some() {\n        return Err(Counter::DropVmUnderlayFamily);",
+        removed: "    if false {\n        return Err(Counter::DropVmUnderlayFamily);",
         tests: &["underlay6", "fuzz"],
     },
     Mutation {
