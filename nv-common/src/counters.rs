@@ -198,6 +198,9 @@ pub enum Counter {
     /// On the uplink: a neighbour solicitation for an IPv6 rewrite PA the datapath owns,
     /// answered with the uplink's MAC.
     UplinkNdReplied,
+    /// Leaving by the uplink: a host process's packet from an IPv6 PA the datapath owns (an
+    /// IP rewrite PA, which only the datapath sends from; `IPV6_FREEBIND` lets any user try).
+    DropHostFromRewritePa,
     /// Only in the layout-probe build (a counter this version does not have).
     #[cfg(feature = "layout-probe")]
     LayoutProbe,
@@ -205,7 +208,7 @@ pub enum Counter {
 
 impl Counter {
     #[cfg(not(feature = "layout-probe"))]
-    pub const COUNT: u32 = Counter::UplinkNdReplied as u32 + 1;
+    pub const COUNT: u32 = Counter::DropHostFromRewritePa as u32 + 1;
     #[cfg(feature = "layout-probe")]
     pub const COUNT: u32 = Counter::LayoutProbe as u32 + 1;
     /// Entries of the counter map: room for counters yet to come, so a new one does not
@@ -283,6 +286,7 @@ impl Counter {
         Counter::DropVmUnderlayFamily,
         Counter::DropVmRewriteIpv6,
         Counter::UplinkNdReplied,
+        Counter::DropHostFromRewritePa,
         #[cfg(feature = "layout-probe")]
         Counter::LayoutProbe,
     ];
@@ -361,6 +365,7 @@ impl Counter {
             Counter::DropVmUnderlayFamily => "drop_vm_underlay_family",
             Counter::DropVmRewriteIpv6 => "drop_vm_rewrite_ipv6",
             Counter::UplinkNdReplied => "uplink_nd_replied",
+            Counter::DropHostFromRewritePa => "drop_host_from_rewrite_pa",
             #[cfg(feature = "layout-probe")]
             Counter::LayoutProbe => "layout_probe",
         }

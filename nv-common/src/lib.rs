@@ -18,6 +18,11 @@ pub mod wire;
 pub use counters::Counter;
 pub use monitor::{MonitorEvent, VsidStats, VsidStatsKey, VsidTraffic};
 
+/// The skb mark on what the datapath sends from an IPv6 PA it owns: the uplink's egress
+/// program lets only such packets leave from one ("nv" and 6). A host process cannot set a
+/// mark without `CAP_NET_ADMIN`.
+pub const DATAPATH_SENT_MARK: u32 = 0x6e76_0006;
+
 /// Lowest valid Virtual Subnet ID; 0x000000-0x000FFF are reserved by RFC 7637.
 pub const VSID_MIN: u32 = 0x1000;
 /// Highest valid Virtual Subnet ID; 0xFFFFFF is reserved by RFC 7637.
@@ -96,6 +101,8 @@ pub mod program_names {
     pub const UPLINK_XDP: &str = "nv_uplink_xdp";
     /// TC ingress on the uplink: hands decapsulated frames to their VM port.
     pub const UPLINK_TC: &str = "nv_uplink_tc";
+    /// TC egress on the uplink: nothing from a PA the datapath owns but what it sends.
+    pub const UPLINK_EGRESS: &str = "nv_uplink_egress";
     /// TC ingress on the bounce device's peer: a VM's tunnel super-packet, segmented.
     pub const FROM_BOUNCE: &str = "nv_from_bounce";
     /// Do-nothing programs: the benchmark's floors.

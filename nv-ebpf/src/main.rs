@@ -46,6 +46,7 @@ mod router;
 mod router6;
 mod underlay;
 mod uplink_arp;
+mod uplink_egress;
 mod uplink_nd;
 mod uplink_rx;
 mod uplink_tc;
@@ -75,6 +76,11 @@ pub fn nv_uplink_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn nv_uplink_tc(ctx: TcContext) -> i32 {
     uplink_tc::run(&ctx)
+}
+
+#[classifier]
+pub fn nv_uplink_egress(ctx: TcContext) -> i32 {
+    uplink_egress::run(&ctx)
 }
 
 /// The floor for benchmarks: an XDP program that does nothing, measured in the same run.

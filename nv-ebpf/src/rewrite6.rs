@@ -106,6 +106,8 @@ pub fn send(
             (*eth).src = *smac;
         }
     }
+    // From a PA the datapath owns: the uplink's egress lets it by its mark alone.
+    ctx.set_mark(crate::uplink_egress::SENT_MARK);
     Ok(underlay::send(uplink, &hop))
 }
 

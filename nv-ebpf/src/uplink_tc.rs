@@ -125,6 +125,8 @@ pub fn run(ctx: &TcContext) -> i32 {
         Ok(Verdict::NdRequest) => match answer_solicitation(ctx, config.uplink_mac) {
             ANSWERED => {
                 count(Counter::UplinkNdReplied);
+                // From an owned PA: the uplink's egress lets it by its mark alone.
+                ctx.set_mark(crate::uplink_egress::SENT_MARK);
                 crate::redirect::egress(config.uplink_ifindex)
             }
             // Masked as `from_vm6` does: an index the verifier can bound.

@@ -200,6 +200,67 @@ fn green_crosses_by_ipv6_rewrite(bed: &TwoHosts, hook: &str) -> anyhow::Result<(
     Ok(())
 }
 
+/// Sends three datagrams from `src` (port 47002) to `dst` (port 47003), the socket bound with
+/// `IPV6_FREEBIND` (78): no privilege needed, and the kernel lets IPv6 leave from an address
+/// that is not the host's.
+const FREEBIND_SEND: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, 78, 1)
+s.bind((sys.argv[1], 47002))
+for _ in range(3):
+    s.sendto(b"not from the VM", (sys.argv[2], 47003))
+"#;
+
+/// A local unprivileged user on host 1 sends from GREEN-1's IPv6 rewrite PA (off the uplink,
+/// bound with `IPV6_FREEBIND`) to GREEN-2's: host 2 would take it as GREEN-1's, so the uplink's
+/// egress drops it. GREEN-1's own three datagrams arrive beside (the control).
+fn a_local_user_cannot_send_from_an_ipv6_rewrite_pa(bed: &TwoHosts) -> anyhow::Result<()> {
+    let h1 = &bed.hosts[0];
+    let sink = std::process::Command::new("ip")
+        .args(["netns", "exec", &bed.vm("GREEN-2").ns.name])
+        .arg(nv_tests::sys::bin("nv-transfer")?)
+        .args(["udp-sink", "[::]:47003", "--seconds", "4"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    thread::sleep(Duration::from_millis(300));
+    let before = h1.counters()?;
+    let (pa1, pa2) = (green_pas(0).1, green_pas(1).1);
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &h1.ns.name])
+        .args([
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ])
+        .args([PYTHON, "-c", FREEBIND_SEND, &pa1, &pa2])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "the unprivileged sender failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    thread::sleep(Duration::from_millis(500));
+    bed.vm("GREEN-1").ns.exec(
+        PYTHON,
+        &[
+            "-c",
+            "import socket\ns = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+             for _ in range(3): s.sendto(b'from GREEN-1', ('fd00::2', 47003))",
+        ],
+    )?;
+    let got = sink.wait_with_output()?;
+    let received = String::from_utf8_lossy(&got.stdout).trim().to_owned();
+    let dropped = delta(&before, &h1.counters()?, "drop_host_from_rewrite_pa");
+    ensure!(
+        received == "received 3" && dropped >= 1,
+        "GREEN-2 {received} (3 from GREEN-1 expected, none from the host user); the uplink's \
+         egress dropped {dropped} of the user's"
+    );
+    Ok(())
+}
+
 #[test]
 fn dual_stack_tenants_cross_an_ipv6_underlay_beside_an_ipv4_one_on_either_hook()
 -> anyhow::Result<()> {
@@ -216,6 +277,12 @@ fn dual_stack_tenants_cross_an_ipv6_underlay_beside_an_ipv4_one_on_either_hook()
                 .map(|c| c.get("uplink_nd_replied").copied().unwrap_or(0))
         })
         .sum::<anyhow::Result<u64>>()?;
+    // The rewrite PAs are resolved once GREEN has spoken; then a host user tries one.
+    ensure!(
+        bed.ping("GREEN-1", "fd00::2", 1)? == 1,
+        "GREEN-1 -> GREEN-2"
+    );
+    a_local_user_cannot_send_from_an_ipv6_rewrite_pa(&bed)?;
     for hook in ["xdp", "tc"] {
         if hook == "tc" {
             for h in &mut bed.hosts {

@@ -486,6 +486,13 @@ const MUTATIONS: &[Mutation] = &[
         tests: &["ipv6"],
     },
     Mutation {
+        name: "IPv6 rewrite: no host process sends from a rewrite PA",
+        file: "nv-ebpf/src/uplink_egress.rs",
+        check: "if unsafe { LOCAL_PAS6.get(ip.src) }.is_some_and(LocalPa::is_owned) {",
+        removed: "if false {",
+        tests: &["underlay6"],
+    },
+    Mutation {
         name: "IPv6 rewrite: taken only from a rewrite PA of the same VSID",
         file: "nv-ebpf/src/uplink_rx.rs",
         check: "if src.vsid != dst.vsid {",

@@ -62,16 +62,30 @@ impl Linked for SchedClassifier {
     }
 
     fn attach_new(&mut self, ifname: &str) -> Result<FdLink> {
-        let id = self
-            .attach_with_options(
-                ifname,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::first()),
-            )
-            .map_err(|e| dp_err(format!("attach TC ingress to {ifname}"), e))?;
-        FdLink::try_from(self.take_link(id).map_err(|e| dp_err("take TC link", e))?)
-            .map_err(|e| dp_err("TC link is not an fd link", e))
+        attach_tcx(self, ifname, TcAttachType::Ingress)
     }
+}
+
+/// A TC program for a device's egress.
+struct Egress<'a>(&'a mut SchedClassifier);
+
+impl Linked for Egress<'_> {
+    fn replace(&mut self, old: FdLink) -> Result<()> {
+        self.0.replace(old)
+    }
+
+    fn attach_new(&mut self, ifname: &str) -> Result<FdLink> {
+        attach_tcx(self.0, ifname, TcAttachType::Egress)
+    }
+}
+
+/// Attaches `prog` first on `ifname`'s TCX hook `at`; the new link, to be pinned.
+fn attach_tcx(prog: &mut SchedClassifier, ifname: &str, at: TcAttachType) -> Result<FdLink> {
+    let id = prog
+        .attach_with_options(ifname, at, TcAttachOptions::TcxOrder(LinkOrder::first()))
+        .map_err(|e| dp_err(format!("attach TC {at:?} to {ifname}"), e))?;
+    FdLink::try_from(prog.take_link(id).map_err(|e| dp_err("take TC link", e))?)
+        .map_err(|e| dp_err("TC link is not an fd link", e))
 }
 
 /// Puts `prog` on `ifname` through the link pinned at `pin`: the pinned link's program is
@@ -93,10 +107,13 @@ fn attach_pinned(prog: &mut impl Linked, ifname: &str, pin: &Path) -> Result<()>
 }
 
 impl Datapath {
-    /// Attaches TC ingress, and XDP unless decapsulation runs on TC, to the uplink, replacing
-    /// earlier links in place.
+    /// Attaches TC ingress and egress, and XDP unless decapsulation runs on TC, to the uplink,
+    /// replacing earlier links in place.
     pub fn attach_uplink(&mut self, ifname: &str, hook: DecapHook) -> Result<()> {
         self.attach_tc(program_names::UPLINK_TC, ifname, "uplink-tc")?;
+        let pin = self.links_dir.join("uplink-egress");
+        let egress: &mut SchedClassifier = program(&mut self.ebpf, program_names::UPLINK_EGRESS)?;
+        attach_pinned(&mut Egress(egress), ifname, &pin)?;
         if hook == DecapHook::Xdp {
             self.attach_uplink_xdp(ifname)?;
         }

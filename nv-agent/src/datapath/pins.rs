@@ -340,6 +340,7 @@ fn load_programs_of(ebpf: &mut Ebpf) -> Result<()> {
     for name in [
         program_names::FROM_VM,
         program_names::UPLINK_TC,
+        program_names::UPLINK_EGRESS,
         program_names::FROM_BOUNCE,
     ] {
         let prog: &mut SchedClassifier = program(ebpf, name)?;
