@@ -5,7 +5,7 @@
 //! state. Only packets whose TCP, UDP or ICMPv6 header follows the IPv6 header are rewritten
 //! (`from_vm6` sends nothing else this way): those are the ones restored exactly.
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     helpers::bpf_csum_diff,
     programs::TcContext,
 };
@@ -41,8 +41,11 @@ fn replace(ctx: &TcContext, proto: u8, src: &Addr, dst: &Addr) -> Result<(), ()>
     if diff < 0 {
         return Err(());
     }
-    ctx.store(ADDRS, src, 0).map_err(|_| ())?;
-    ctx.store(ADDRS + 16, dst, 0).map_err(|_| ())?;
+    // IPv6 has no header checksum to absorb the change: a CHECKSUM_COMPLETE skb's sum is
+    // moved by the store, and back by the checksum's own change below.
+    let recompute = u64::from(BPF_F_RECOMPUTE_CSUM);
+    ctx.store(ADDRS, src, recompute).map_err(|_| ())?;
+    ctx.store(ADDRS + 16, dst, recompute).map_err(|_| ())?;
     let (off, flags) = match proto {
         IPPROTO_TCP => (16, 0),
         IPPROTO_UDP => (6, u64::from(BPF_F_MARK_MANGLED_0)),

@@ -43,6 +43,14 @@ pub fn is_discovery(data: usize, end: usize, ip: &Ipv6Hdr, l3: usize) -> bool {
             .is_some_and(|h| h[0] == ND_NEIGHBOR_SOLICIT || h[0] == ND_NEIGHBOR_ADVERT)
 }
 
+/// Whether the discovery message at `l3` ([`is_discovery`]) is an advertisement of its own
+/// source address: what `answer` sends for an owned PA.
+#[inline(always)]
+pub fn advertises_itself(data: usize, end: usize, ip: &Ipv6Hdr, l3: usize) -> bool {
+    read_at::<[u8; 4]>(data, end, l3 + IPV6_HLEN).is_some_and(|h| h[0] == ND_NEIGHBOR_ADVERT)
+        && read_at::<[u8; 16]>(data, end, l3 + IPV6_HLEN + 8) == Some(ip.src)
+}
+
 /// Turns the solicitation into its advertisement in place: the owned PA is at `mac` (the
 /// uplink's). The caller sends it back out of the uplink.
 #[inline(always)]

@@ -191,6 +191,14 @@ fn classify_ipv6(
     // Neighbour discovery on the link, also from an owned PA (`uplink_nd` answering for it,
     // on another host): the host's stack resolves the underlay's next hops with it.
     if crate::uplink_nd::is_discovery(data, end, ip, l3) {
+        // From a rewrite PA, only another host's datapath answering for it: an
+        // advertisement of itself. Anything else from it is no host's to take.
+        // SAFETY: presence check only.
+        if unsafe { REWRITE_PAS6.get(ip.src) }.is_some()
+            && !crate::uplink_nd::advertises_itself(data, end, ip, l3)
+        {
+            return Err(Counter::DropUplinkFromRewritePa);
+        }
         return Ok(Verdict::Pass);
     }
     match ip.next {
@@ -277,14 +285,15 @@ impl Outer for Ipv6Hdr {
         false
     }
 
+    // An IPv4 PA is held IPv4-mapped: an outer IPv6 header naming it is never its.
     #[inline(always)]
     fn sent_from(&self, pa: &Addr) -> bool {
-        *pa == self.src
+        *pa == self.src && v4_of(pa).is_none()
     }
 
     #[inline(always)]
     fn sent_to(&self, pa: &Addr) -> bool {
-        *pa == self.dst
+        *pa == self.dst && v4_of(pa).is_none()
     }
 
     #[inline(always)]
@@ -477,18 +486,7 @@ fn nvgre6<O: Outer>(
                 .unwrap_or(Counter::DropUplinkSpoofedPa));
         }
     }
-    // Hosts answer their own VMs' neighbour discovery and DHCPv6: such messages never cross.
-    let l4 = inner + ETH_HLEN + IPV6_HLEN;
-    let router_talk = match inner_ip.next {
-        // Read as the header's first word: a single byte at a variable offset is checked
-        // by the compiler in a form the verifier cannot follow.
-        IPPROTO_ICMPV6 => read_at::<[u8; 4]>(data, end, l4)
-            .is_some_and(|h| (ND_ROUTER_SOLICIT..=ND_REDIRECT).contains(&h[0])),
-        IPPROTO_UDP => read_at::<[u8; 4]>(data, end, l4)
-            .is_some_and(|p| u16::from_be_bytes([p[2], p[3]]) == DHCPV6_CLIENT_PORT),
-        _ => false,
-    };
-    if router_talk {
+    if router_talk(data, end, inner_ip.next, inner + ETH_HLEN + IPV6_HLEN) {
         return Err(Counter::DropUplinkRouterGuard);
     }
     Ok(Verdict::Nvgre {
@@ -500,6 +498,21 @@ fn nvgre6<O: Outer>(
         mac: dst.mac,
         v6: true,
     })
+}
+
+/// Whether the IPv6 payload `next` at `l4` is neighbour discovery, a router's message or a
+/// `DHCPv6` server's: hosts answer their own VMs, so such messages never cross between hosts.
+#[inline(always)]
+fn router_talk(data: usize, end: usize, next: u8, l4: usize) -> bool {
+    match next {
+        // Read as the header's first word: a single byte at a variable offset is checked
+        // by the compiler in a form the verifier cannot follow.
+        IPPROTO_ICMPV6 => read_at::<[u8; 4]>(data, end, l4)
+            .is_some_and(|h| (ND_ROUTER_SOLICIT..=ND_REDIRECT).contains(&h[0])),
+        IPPROTO_UDP => read_at::<[u8; 4]>(data, end, l4)
+            .is_some_and(|p| u16::from_be_bytes([p[2], p[3]]) == DHCPV6_CLIENT_PORT),
+        _ => false,
+    }
 }
 
 /// What [`sender6`] says of a sender it takes; otherwise the number of the counter it drops
@@ -604,6 +617,11 @@ fn rewrite6(
         return Err(Counter::DropUplinkOwnSource);
     }
     to_our_mac(config, data, end)?;
+    // As in NVGRE: no host speaks for another's router (the sending datapath never
+    // rewrites such a message; a forger would).
+    if router_talk(data, end, ip.next, ETH_HLEN + IPV6_HLEN) {
+        return Err(Counter::DropUplinkRouterGuard);
+    }
     Ok(Verdict::Rewrite6 { from: src, to: dst })
 }
 

@@ -210,13 +210,82 @@ fn ipv6_rewrite_is_restored_for_its_vm_only_from_its_vsid_s_pas() -> anyhow::Res
         h.expect(UPLINK_TC, &frame, None, TC_ACT_SHOT, counter)
             .with_context(|| what.to_owned())?;
     }
-    // The host's own traffic passes, even from a rewrite PA's neighbour discovery.
-    let ns = solicitation(GATEWAY_MAC, REMOTE_RW6, LOCAL_PA6);
-    let out = h.dp.test_run(UPLINK_TC, &ns, None, 1)?;
+    Ok(())
+}
+
+/// From a rewrite PA: no router's message reaches a VM, and only an advertisement of that PA
+/// itself (another host's datapath answering for it) reaches the host.
+#[test]
+fn from_a_rewrite_pa_no_router_talk_and_only_its_own_advertisement() -> anyhow::Result<()> {
+    let (mut h, _) = teal_host()?;
+    h.set_flags(DatapathConfig::TC_DECAP)?;
+    let mac = h.uplink_mac;
+    // A router's message by rewrite is no host's to send (a forger's).
+    let mut ra = echo6(GATEWAY_MAC, mac, REMOTE_RW6, LOCAL_RW6);
+    ra[54] = 134;
+    h.expect(
+        UPLINK_TC,
+        &ra,
+        None,
+        TC_ACT_SHOT,
+        "drop_uplink_router_guard",
+    )?;
+    // From a rewrite PA, neighbour discovery passes to the host only as another host's
+    // datapath sends it: an advertisement of that PA itself.
+    let mut na = solicitation(GATEWAY_MAC, REMOTE_RW6, REMOTE_RW6);
+    na[54] = 136;
+    let out = h.dp.test_run(UPLINK_TC, &na, None, 1)?;
     ensure!(
-        out.ret == TC_ACT_OK && out.data == ns,
-        "a solicitation for the host's own PA: {}",
+        out.ret == TC_ACT_OK && out.data == na,
+        "a rewrite PA's advertisement of itself: {}",
         out.ret
+    );
+    let ns = solicitation(GATEWAY_MAC, REMOTE_RW6, LOCAL_PA6);
+    h.expect(
+        UPLINK_TC,
+        &ns,
+        None,
+        TC_ACT_SHOT,
+        "drop_uplink_from_rewrite_pa",
+    )?;
+    Ok(())
+}
+
+/// An outer IPv6 header naming IPv4 PAs (IPv4-mapped) is never NVGRE between them: RED-2's
+/// record is behind the IPv4 PA 198.18.0.2; the same frame over real IPv4 is delivered.
+#[test]
+fn ipv4_mapped_outer_addresses_are_no_ipv4_pa() -> anyhow::Result<()> {
+    let (h, _) = teal_host()?;
+    let inner = udp_frame(RED2_MAC, RED1_MAC, CA2, CA1, b"mapped");
+    let key = RED << 8;
+    let mapped = nvgre6(
+        GATEWAY_MAC,
+        h.uplink_mac,
+        nv_common::v4_mapped(REMOTE_PA),
+        nv_common::v4_mapped(LOCAL_PA),
+        key,
+        &inner,
+    );
+    let out = h.dp.test_run(UPLINK_XDP, &mapped, None, 1)?;
+    ensure!(
+        out.ret == XDP_PASS && out.data == mapped,
+        "NVGRE over IPv4-mapped IPv6 was taken: {} {:02x?}",
+        out.ret,
+        out.data.get(..4)
+    );
+    let real = nvgre(
+        GATEWAY_MAC,
+        h.uplink_mac,
+        REMOTE_PA,
+        LOCAL_PA,
+        key,
+        0,
+        &inner,
+    );
+    let out = h.dp.test_run(UPLINK_XDP, &real, None, 1)?;
+    ensure!(
+        out.data.get(..4) == Some(&DeliverMeta::MAGIC.to_ne_bytes()[..]),
+        "control: the same over IPv4 was not delivered"
     );
     Ok(())
 }

@@ -493,6 +493,27 @@ const MUTATIONS: &[Mutation] = &[
         tests: &["underlay6"],
     },
     Mutation {
+        name: "IPv6 rewrite: no router talk arrives by it",
+        file: "nv-ebpf/src/uplink_rx.rs",
+        check: "    if router_talk(data, end, ip.next, ETH_HLEN + IPV6_HLEN) {",
+        removed: "    if false {",
+        tests: &["rewrite6"],
+    },
+    Mutation {
+        name: "IPv6 rewrite: from a rewrite PA only its own advertisement reaches the host",
+        file: "nv-ebpf/src/uplink_rx.rs",
+        check: "            && !crate::uplink_nd::advertises_itself(data, end, ip, l3)",
+        removed: "            && false",
+        tests: &["rewrite6"],
+    },
+    Mutation {
+        name: "IPv6 underlay: an IPv4-mapped outer address is no IPv4 PA",
+        file: "nv-ebpf/src/uplink_rx.rs",
+        check: "        *pa == self.dst && v4_of(pa).is_none()",
+        removed: "        *pa == self.dst",
+        tests: &["rewrite6"],
+    },
+    Mutation {
         name: "IPv6 rewrite: taken only from a rewrite PA of the same VSID",
         file: "nv-ebpf/src/uplink_rx.rs",
         check: "if src.vsid != dst.vsid {",
@@ -530,7 +551,7 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "IPv6 underlay: NVGRE over IPv6 comes from its sender's recorded PA",
         file: "nv-ebpf/src/uplink_rx.rs",
-        check: "        *pa == self.src\n",
+        check: "        *pa == self.src && v4_of(pa).is_none()\n",
         removed: "        *pa != [0xff; 16]\n",
         tests: &["underlay6", "fuzz"],
     },
