@@ -274,6 +274,13 @@ impl Outer for Ipv4Hdr {
     }
 }
 
+/// Whether the outer IPv6 address `addr` is the PA `pa`. An IPv4 PA is held IPv4-mapped: an
+/// IPv6 header naming it is never its.
+#[inline(always)]
+fn names_pa(addr: &Addr, pa: &Addr) -> bool {
+    *pa == *addr && v4_of(pa).is_none()
+}
+
 impl Outer for Ipv6Hdr {
     #[inline(always)]
     fn carried(&self) -> usize {
@@ -285,15 +292,14 @@ impl Outer for Ipv6Hdr {
         false
     }
 
-    // An IPv4 PA is held IPv4-mapped: an outer IPv6 header naming it is never its.
     #[inline(always)]
     fn sent_from(&self, pa: &Addr) -> bool {
-        *pa == self.src && v4_of(pa).is_none()
+        names_pa(&self.src, pa)
     }
 
     #[inline(always)]
     fn sent_to(&self, pa: &Addr) -> bool {
-        *pa == self.dst && v4_of(pa).is_none()
+        names_pa(&self.dst, pa)
     }
 
     #[inline(always)]
