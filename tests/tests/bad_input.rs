@@ -712,7 +712,14 @@ fn stalled_imports_hold_no_slot_others_need(h: &Host) -> anyhow::Result<()> {
     for s in &mut stalled {
         s.set_read_timeout(Some(Duration::from_millis(500)))?;
         let mut buf = [0u8; 512];
-        match s.read(&mut buf) {
+        // A signal to this process (another test's child ending) may cut the wait short.
+        let read = loop {
+            match s.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                other => break other,
+            }
+        };
+        match read {
             Ok(n) if n > 0 => {
                 let text = String::from_utf8_lossy(&buf[..n]);
                 ensure!(
