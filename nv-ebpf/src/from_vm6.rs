@@ -168,13 +168,7 @@ pub fn run(ctx: &TcContext, port: &PortInfo, ifindex: u32, bounced: bool) -> Res
             crate::dhcp::hand_over(ctx, ifindex)
         }
         DHCP6_REQUEST => forward(ctx, port, ifindex, bounced),
-        // Masked behind a barrier: the compiler may check the bound on one register and index
-        // with another, and the verifier then sees the read unbounded; masked, it stays within
-        // the table's read-only section whatever the check.
-        drop => Err(Counter::ALL
-            .get((core::hint::black_box(drop) & 0x7f) as usize)
-            .copied()
-            .unwrap_or(Counter::DropVmMalformed)),
+        drop => Err(crate::counters::numbered(drop, Counter::DropVmMalformed)),
     }
 }
 

@@ -486,10 +486,10 @@ fn nvgre6<O: Outer>(
     match sender6(ip, vsid, &inner_ip.src, &inner_eth.src) {
         SENDER_OK => {}
         drop => {
-            return Err(Counter::ALL
-                .get(drop as usize)
-                .copied()
-                .unwrap_or(Counter::DropUplinkSpoofedPa));
+            return Err(crate::counters::numbered(
+                drop,
+                Counter::DropUplinkSpoofedPa,
+            ));
         }
     }
     if router_talk(data, end, inner_ip.next, inner + ETH_HLEN + IPV6_HLEN) {

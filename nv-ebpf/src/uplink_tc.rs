@@ -129,13 +129,9 @@ pub fn run(ctx: &TcContext) -> i32 {
                 ctx.set_mark(crate::uplink_egress::SENT_MARK);
                 crate::redirect::egress(config.uplink_ifindex)
             }
-            // Masked as `from_vm6` does: an index the verifier can bound.
             reason => drop(
                 ctx,
-                Counter::ALL
-                    .get((core::hint::black_box(reason) & 0x7f) as usize)
-                    .copied()
-                    .unwrap_or(Counter::DropUplinkMalformed),
+                crate::counters::numbered(reason, Counter::DropUplinkMalformed),
             ),
         },
         Err(reason) => drop(ctx, reason),
