@@ -145,63 +145,71 @@ pub struct Decoded {
 
 /// Decodes every IPv4 packet of a capture with tshark.
 pub fn decode(file: &Path) -> anyhow::Result<Vec<Decoded>> {
+    let fields = [
+        "ip.src",
+        "ip.dst",
+        "gre.key",
+        "gre.proto",
+        "ip.checksum.status",
+        "frame.protocols",
+        "tcp.checksum.status",
+        "udp.checksum.status",
+    ];
+    tshark_fields(file, "ip", &["ip.check_checksum:TRUE"], &fields)?
+        .iter()
+        .map(|f| {
+            Ok(Decoded {
+                ip_src: list(&f[0]),
+                ip_dst: list(&f[1]),
+                gre_key: num(&f[2])?,
+                gre_proto: num(&f[3])?.map(|p| u16::try_from(p).unwrap_or(0)),
+                ip_checksum_ok: list(&f[4]).iter().map(|s| s == "1").collect(),
+                protocols: f[5].clone(),
+                l4_checksum_status: num(&f[6])?.or(num(&f[7])?),
+            })
+        })
+        .collect()
+}
+
+/// The fields of every packet of `file` that `filter` selects, as tshark prints them (every
+/// occurrence, comma-joined), with TCP and UDP checksums verified and `options` set too.
+fn tshark_fields(
+    file: &Path,
+    filter: &str,
+    options: &[&str],
+    fields: &[&str],
+) -> anyhow::Result<Vec<Vec<String>>> {
     let file = file.to_str().context("utf-8 path")?;
-    let out = run(
-        "tshark",
-        &[
-            "-r",
-            file,
-            "-o",
-            "ip.check_checksum:TRUE",
-            "-Y",
-            "ip",
-            "-T",
-            "fields",
-            "-E",
-            "separator=|",
-            "-E",
-            "occurrence=a",
-            "-E",
-            "aggregator=,",
-            "-e",
-            "ip.src",
-            "-e",
-            "ip.dst",
-            "-e",
-            "gre.key",
-            "-e",
-            "gre.proto",
-            "-e",
-            "ip.checksum.status",
-            "-e",
-            "frame.protocols",
-            "-o",
-            "tcp.check_checksum:TRUE",
-            "-o",
-            "udp.check_checksum:TRUE",
-            "-e",
-            "tcp.checksum.status",
-            "-e",
-            "udp.checksum.status",
-        ],
-    )?;
-    let mut packets = Vec::new();
-    for line in out.lines().filter(|l| !l.trim().is_empty()) {
-        let f: Vec<&str> = line.split('|').collect();
-        if f.len() < 8 {
-            bail!("unexpected tshark line: {line}");
-        }
-        packets.push(Decoded {
-            ip_src: list(f[0]),
-            ip_dst: list(f[1]),
-            gre_key: num(f[2])?,
-            gre_proto: num(f[3])?.map(|p| u16::try_from(p).unwrap_or(0)),
-            ip_checksum_ok: list(f[4]).iter().map(|s| s == "1").collect(),
-            protocols: f[5].to_owned(),
-            l4_checksum_status: num(f[6])?.or(num(f[7])?),
-        });
+    let mut args = vec!["-r", file];
+    for o in ["tcp.check_checksum:TRUE", "udp.check_checksum:TRUE"]
+        .iter()
+        .chain(options)
+    {
+        args.extend(["-o", o]);
     }
-    Ok(packets)
+    args.extend(["-Y", filter, "-T", "fields"]);
+    args.extend([
+        "-E",
+        "separator=|",
+        "-E",
+        "occurrence=a",
+        "-E",
+        "aggregator=,",
+    ]);
+    for f in fields {
+        args.extend(["-e", f]);
+    }
+    let out = run("tshark", &args)?;
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let f: Vec<String> = line.split('|').map(str::to_owned).collect();
+            if f.len() < fields.len() {
+                bail!("unexpected tshark line: {line}");
+            }
+            Ok(f)
+        })
+        .collect()
 }
 
 /// One packet with an IPv6 layer as tshark decoded it: NVGRE over an IPv6 underlay.
@@ -224,69 +232,35 @@ pub struct Decoded6 {
 
 /// Decodes every packet with an IPv6 layer of a capture with tshark.
 pub fn decode6(file: &Path) -> anyhow::Result<Vec<Decoded6>> {
-    let file = file.to_str().context("utf-8 path")?;
-    let out = run(
-        "tshark",
-        &[
-            "-r",
-            file,
-            "-o",
-            "tcp.check_checksum:TRUE",
-            "-o",
-            "udp.check_checksum:TRUE",
-            "-Y",
-            "ipv6",
-            "-T",
-            "fields",
-            "-E",
-            "separator=|",
-            "-E",
-            "occurrence=a",
-            "-E",
-            "aggregator=,",
-            "-e",
-            "ipv6.src",
-            "-e",
-            "ipv6.dst",
-            "-e",
-            "ipv6.flow",
-            "-e",
-            "ip.src",
-            "-e",
-            "ip.dst",
-            "-e",
-            "gre.key",
-            "-e",
-            "gre.proto",
-            "-e",
-            "frame.protocols",
-            "-e",
-            "tcp.checksum.status",
-            "-e",
-            "udp.checksum.status",
-            "-e",
-            "icmpv6.checksum.status",
-        ],
-    )?;
-    let mut packets = Vec::new();
-    for line in out.lines().filter(|l| !l.trim().is_empty()) {
-        let f: Vec<&str> = line.split('|').collect();
-        if f.len() < 11 {
-            bail!("unexpected tshark line: {line}");
-        }
-        packets.push(Decoded6 {
-            ipv6_src: list(f[0]),
-            ipv6_dst: list(f[1]),
-            flow_label: num(f[2])?,
-            ip_src: list(f[3]),
-            ip_dst: list(f[4]),
-            gre_key: num(f[5])?,
-            gre_proto: num(f[6])?.map(|p| u16::try_from(p).unwrap_or(0)),
-            protocols: f[7].to_owned(),
-            l4_checksum_status: num(f[8])?.or(num(f[9])?).or(num(f[10])?),
-        });
-    }
-    Ok(packets)
+    let fields = [
+        "ipv6.src",
+        "ipv6.dst",
+        "ipv6.flow",
+        "ip.src",
+        "ip.dst",
+        "gre.key",
+        "gre.proto",
+        "frame.protocols",
+        "tcp.checksum.status",
+        "udp.checksum.status",
+        "icmpv6.checksum.status",
+    ];
+    tshark_fields(file, "ipv6", &[], &fields)?
+        .iter()
+        .map(|f| {
+            Ok(Decoded6 {
+                ipv6_src: list(&f[0]),
+                ipv6_dst: list(&f[1]),
+                flow_label: num(&f[2])?,
+                ip_src: list(&f[3]),
+                ip_dst: list(&f[4]),
+                gre_key: num(&f[5])?,
+                gre_proto: num(&f[6])?.map(|p| u16::try_from(p).unwrap_or(0)),
+                protocols: f[7].clone(),
+                l4_checksum_status: num(&f[8])?.or(num(&f[9])?).or(num(&f[10])?),
+            })
+        })
+        .collect()
 }
 
 /// A tshark field of every occurrence (`aggregator=,`), as strings.
@@ -326,4 +300,15 @@ pub fn write_pcap(file: &Path, frames: &[Vec<u8>]) -> anyhow::Result<()> {
         out.extend_from_slice(frame);
     }
     Ok(std::fs::write(file, out)?)
+}
+
+/// Whether `frame` holds `len` bytes of `byte` in a row: a payload pattern a test sent (ping's
+/// `-p`), found wherever the frame carries it (bare, or inside a tunnel).
+pub fn has_run(frame: &[u8], byte: u8, len: usize) -> bool {
+    frame.windows(len).any(|w| w.iter().all(|x| *x == byte))
+}
+
+/// How many of `frames` carry 16 bytes of `byte` in a row ([`has_run`]).
+pub fn with_pattern(frames: &[Vec<u8>], byte: u8) -> usize {
+    frames.iter().filter(|f| has_run(f, byte, 16)).count()
 }

@@ -738,11 +738,7 @@ fn dual_stack_tenants_with_the_same_ipv6_addresses_cross_hosts_isolated_on_eithe
             Ok(())
         })?;
         let seen = nv_tests::capture::frames(&watch.stop()?)?;
-        let with = |b: u8| {
-            seen.iter()
-                .filter(|f| f.windows(16).any(|w| w.iter().all(|x| *x == b)))
-                .count()
-        };
+        let with = |b: u8| nv_tests::capture::with_pattern(&seen, b);
         ensure!(
             with(0xa5) == 0 && with(0xb6) >= 3,
             "{hook}: BLUE-2 saw {} of RED's frames and {} of BLUE's",

@@ -144,11 +144,7 @@ fn green_crosses_by_ipv6_rewrite(bed: &TwoHosts, hook: &str) -> anyhow::Result<(
     let got = bed.ping_with("RED-1", "fd00::2", 3, &["-p", "a5"])?;
     ensure!(got == 3, "{hook}: RED-1 -> fd00::2: {got} of 3");
     let seen = capture::frames(&red2.stop()?)?;
-    let with = |b: u8| {
-        seen.iter()
-            .filter(|f| f.windows(16).any(|w| w.iter().all(|x| *x == b)))
-            .count()
-    };
+    let with = |b: u8| nv_tests::capture::with_pattern(&seen, b);
     ensure!(
         with(0xc7) == 0 && with(0xa5) >= 3,
         "{hook}: RED-2 saw {} of GREEN's frames and {} of RED's",
@@ -487,11 +483,7 @@ fn traffic_rides_its_tenant_s_underlay(bed: &TwoHosts, hook: &str) -> anyhow::Re
     }
     let file = cap.stop()?;
     let seen = capture::frames(&blue2.stop()?)?;
-    let with = |b: u8| {
-        seen.iter()
-            .filter(|f| f.windows(16).any(|w| w.iter().all(|x| *x == b)))
-            .count()
-    };
+    let with = |b: u8| nv_tests::capture::with_pattern(&seen, b);
     ensure!(
         with(0xa5) == 0 && with(0xb6) >= 6,
         "{hook}: BLUE-2 saw {} of RED's frames and {} of BLUE's",
@@ -666,7 +658,7 @@ fn the_uplink_checks_hold_over_ipv6(bed: &TwoHosts, hook: &str) -> anyhow::Resul
             .iter()
             // Frames in (from RED-1's MAC), not RED-2's answer.
             .filter(|f| f.len() > 12 && f[6..12] == [2, 0, 0, 0, 1, 1])
-            .filter(|f| f.windows(32).any(|w| w.iter().all(|x| *x == 0xc3)))
+            .filter(|f| capture::has_run(f, 0xc3, 32))
             .count();
         let counted = delta(&before, &after, counter);
         if kind == "genuine" {
