@@ -201,6 +201,16 @@ pub enum Counter {
     /// Leaving by the uplink: a host process's packet from an IPv6 PA the datapath owns (an
     /// IP rewrite PA, which only the datapath sends from; `IPV6_FREEBIND` lets any user try).
     DropHostFromRewritePa,
+    /// From a VM: denied by a rule of its port's ACL for what it sends (`nvctl monitor`
+    /// names the rule).
+    DropVmAclDenied,
+    /// To a VM: denied by a rule of its port's ACL for what it receives, after
+    /// decapsulation, rewrite restore, or from a VM on this host.
+    DropAclInDenied,
+    /// A packet a stateful ACL rule allowed whose connection could not be tracked: the port's
+    /// flow table is not there (being made or taken away). It went through; its answers meet
+    /// the rules alone.
+    AclFlowUntracked,
     /// Only in the layout-probe build (a counter this version does not have).
     #[cfg(feature = "layout-probe")]
     LayoutProbe,
@@ -208,7 +218,7 @@ pub enum Counter {
 
 impl Counter {
     #[cfg(not(feature = "layout-probe"))]
-    pub const COUNT: u32 = Counter::DropHostFromRewritePa as u32 + 1;
+    pub const COUNT: u32 = Counter::AclFlowUntracked as u32 + 1;
     #[cfg(feature = "layout-probe")]
     pub const COUNT: u32 = Counter::LayoutProbe as u32 + 1;
     /// Entries of the counter map: room for counters yet to come, so a new one does not
@@ -287,6 +297,9 @@ impl Counter {
         Counter::DropVmRewriteIpv6,
         Counter::UplinkNdReplied,
         Counter::DropHostFromRewritePa,
+        Counter::DropVmAclDenied,
+        Counter::DropAclInDenied,
+        Counter::AclFlowUntracked,
         #[cfg(feature = "layout-probe")]
         Counter::LayoutProbe,
     ];
@@ -366,6 +379,9 @@ impl Counter {
             Counter::DropVmRewriteIpv6 => "drop_vm_rewrite_ipv6",
             Counter::UplinkNdReplied => "uplink_nd_replied",
             Counter::DropHostFromRewritePa => "drop_host_from_rewrite_pa",
+            Counter::DropVmAclDenied => "drop_vm_acl_denied",
+            Counter::DropAclInDenied => "drop_acl_in_denied",
+            Counter::AclFlowUntracked => "acl_flow_untracked",
             #[cfg(feature = "layout-probe")]
             Counter::LayoutProbe => "layout_probe",
         }

@@ -8,6 +8,7 @@
 //! Cilium's are. These are the IPv4 ones; IPv6 customers and underlay will add their own.
 #![no_std]
 
+pub mod acl;
 pub mod counters;
 pub mod flow;
 pub mod monitor;
@@ -65,7 +66,12 @@ pub mod map_names {
     pub const SLOW_BUCKET: &str = "NV_SLOW_BUCKET";
     /// Not pinned: each loaded copy of the programs has its own ([`RedirectTrace`]).
     pub const TRACE_REDIRECT: &str = "NV_TRACE_REDIRECT";
-    pub const ALL: [&str; 24] = [
+    /// Port ACLs ([`crate::acl`]): rule sets, meters, tracked connections, the last deny.
+    pub const ACL_SETS: &str = "NV_ACL_SETS";
+    pub const ACL_METERS: &str = "NV_ACL_METERS";
+    pub const ACL_FLOWS: &str = "NV_ACL_FLOWS";
+    pub const ACL_DENIED: &str = "NV_ACL_DENIED";
+    pub const ALL: [&str; 28] = [
         LOOKUPS,
         PORTS,
         LOCAL_PAS,
@@ -90,6 +96,10 @@ pub mod map_names {
         LOCAL_PAS6,
         NEXTHOPS6,
         REWRITE_PAS6,
+        ACL_SETS,
+        ACL_METERS,
+        ACL_FLOWS,
+        ACL_DENIED,
     ];
 }
 
@@ -230,6 +240,10 @@ impl PortInfo {
     /// down). The kernel would free a frame redirected there without a trace, so the
     /// datapath drops it with its own reason instead.
     pub const DOWN: u8 = 2;
+    /// The port has rules for what it receives ([`acl`]): delivery checks them.
+    pub const ACL_IN: u8 = 4;
+    /// The port has rules for what it sends: checked before anything is forwarded.
+    pub const ACL_OUT: u8 = 8;
 
     #[inline(always)]
     #[must_use]

@@ -83,6 +83,8 @@ pub struct MonitorEvent {
     /// (Inner) Ethernet addresses.
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
+    /// The ACL rule that denied it (`DropVmAclDenied`, `DropAclInDenied`), 0 otherwise.
+    pub rule: u32,
 }
 
 impl MonitorEvent {
@@ -99,7 +101,7 @@ const _: () = {
     assert!(core::mem::size_of::<VsidStatsKey>() == 8);
     assert!(core::mem::size_of::<VsidStats>() == 16);
     assert!(core::mem::size_of::<VsidTraffic>() == 96);
-    assert!(core::mem::size_of::<MonitorEvent>() == 60);
+    assert!(core::mem::size_of::<MonitorEvent>() == 64);
 };
 
 #[cfg(feature = "user")]

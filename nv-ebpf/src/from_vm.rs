@@ -4,11 +4,12 @@
 use aya_ebpf::{bindings::TC_ACT_REDIRECT, programs::TcContext};
 use nv_common::{
     Counter, LookupKey, Method, PortInfo, VsidStatsKey as Stats,
+    acl::DIR_OUT,
     wire::{ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6},
 };
 
 use crate::{
-    arp,
+    acl, arp,
     counters::count,
     deliver, dhcp, encap,
     maps::{LOOKUPS, PORTS},
@@ -96,6 +97,11 @@ fn forward_ipv4(
     let appliance = own != ip.src;
     if appliance && !router::speaks_for(port.vsid, own, ip.src) {
         return Err(Counter::DropVmSpoofedIp);
+    }
+    // The port's rules see what the VM sent, before any routing or translation; segments
+    // back from the bounce device were checked as the super-packet they were.
+    if !bounced {
+        acl::admits(ctx, port, ifindex, DIR_OUT)?;
     }
     let eth: &EthHdr = view_at(data, end, 0).ok_or(Counter::DropVmMalformed)?;
     let rdid = router::routed_in(port, &eth.dst, bounced);

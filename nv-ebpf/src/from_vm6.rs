@@ -258,6 +258,10 @@ fn forward(ctx: &TcContext, port: &PortInfo, ifindex: u32, bounced: bool) -> Res
     // table in a form the verifier could not bound, and a sixth argument is one too many. One
     // more call per packet; no extension headers is one comparison.
     let (proto, l4) = headers(ctx)?;
+    // As for IPv4: the port's rules, before anything else (not again for the segments).
+    if !bounced {
+        crate::acl::admits(ctx, port, ifindex, nv_common::acl::DIR_OUT)?;
+    }
     let len = ctx.len();
     let ip: &Ipv6Hdr =
         view_at(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(Counter::DropVmMalformed)?;

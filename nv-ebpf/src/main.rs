@@ -1,4 +1,5 @@
 //! nv's datapath. One concern per file:
+//! - `acl`: port ACLs: rules, connection tracking and meters of a VM's port
 //! - `from_vm`: TC ingress on VM ports (traffic leaving a VM): identity, ARP, forwarding
 //! - `from_vm6`: IPv6 from a VM: router guard, source check, delivery or NVGRE
 //! - `arp`: the ARP responder that answers VMs from the lookup records
@@ -24,6 +25,7 @@
 #![no_std]
 #![no_main]
 
+mod acl;
 mod arp;
 mod budget;
 mod counters;

@@ -8,6 +8,10 @@ use nv_common::{
     Counter, DEFAULT_MAX_LOOKUPS, DatapathConfig, IcmpBucket, LocalPa, LookupKey, LookupKey6,
     LookupValue, MAX_HOSTED_VSIDS, MAX_LOCAL_PAS, MAX_LOOKUPS6, MAX_PORTS, MAX_REWRITE_PAS,
     NextHop, PortInfo, RewritePa, V4, VsidTraffic,
+    acl::{
+        AclFlowKey, AclFlowSet, AclMeter, AclMeterKey, AclSet, AclSetKey, MAX_ACL_METERS,
+        MAX_ACL_SETS, MAX_FLOW_SETS,
+    },
     monitor::{MAX_VSID_STATS, MONITOR_RING_BYTES},
     routing::{
         GatewayKey, GatewayKey6, MAX_GATEWAYS, MAX_ROUTED_VSIDS, MAX_ROUTES, RouteHop, RouteHop6,
@@ -106,3 +110,29 @@ pub static ROUTES6: LpmTrie<RouteKey6, RouteHop6> = LpmTrie::pinned(MAX_ROUTES, 
 
 #[map(name = "NV_GATEWAYS6")]
 pub static GATEWAYS6: HashMap<GatewayKey6, u32> = HashMap::pinned(MAX_GATEWAYS, 0);
+
+/// Each VM port's ACL rules of one direction ([`nv_common::acl::AclSet`]), allocated as
+/// written: a port without rules has none.
+#[map(name = "NV_ACL_SETS")]
+pub static ACL_SETS: HashMap<AclSetKey, AclSet> = HashMap::pinned(MAX_ACL_SETS, NO_PREALLOC);
+
+/// Packets and bytes each ACL rule decided, by direction, per CPU.
+#[map(name = "NV_ACL_METERS")]
+pub static ACL_METERS: PerCpuHashMap<AclMeterKey, AclMeter> =
+    PerCpuHashMap::pinned(MAX_ACL_METERS, NO_PREALLOC);
+
+/// The connections stateful ACL rules admitted: each port's flow sets, made by the agent.
+#[map(name = "NV_ACL_FLOWS")]
+pub static ACL_FLOWS: HashMap<AclFlowKey, AclFlowSet> = HashMap::pinned(MAX_FLOW_SETS, NO_PREALLOC);
+
+/// Per CPU: the ACL rule behind the last deny, for the monitor's report of it.
+#[map(name = "NV_ACL_DENIED")]
+pub static ACL_DENIED: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
+
+/// Per CPU: the tuple of the packet the ACLs are looking at (off the stack). Not pinned: a
+/// scratch value of each loaded copy.
+#[map(name = "NV_ACL_TUPLE")]
+pub static ACL_TUPLE: PerCpuArray<nv_common::acl::AclTuple> = PerCpuArray::with_max_entries(1, 0);
+
+/// `BPF_F_NO_PREALLOC`: entries take memory as they are made.
+const NO_PREALLOC: u32 = 1;

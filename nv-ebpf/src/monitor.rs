@@ -254,6 +254,9 @@ fn report(data: usize, end: usize, what: u32, ids: u64, len: u32) {
         len,
         ..MonitorEvent::default()
     };
+    if e.counter == Counter::DropVmAclDenied as u8 || e.counter == Counter::DropAclInDenied as u8 {
+        e.rule = crate::maps::ACL_DENIED.get(0).copied().unwrap_or(0);
+    }
     // NVGRE: the VSID from the key, and the customer's frame inside.
     let gre = read_frame(data, end, 0, &mut e);
     if gre != 0

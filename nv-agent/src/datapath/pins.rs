@@ -114,13 +114,16 @@ pub fn purge(pin_path: &Path) -> Result<()> {
     clippy::too_many_lines,
     reason = "one entry per map, formatted one field a line"
 )]
-fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u32>); 24] {
+fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u32>); 28] {
     use std::mem::size_of;
 
     use aya::maps::MapType::{
         Array as A, Hash as H, PerCpuArray as P, PerCpuHash as PH, RingBuf as R,
     };
-    use nv_common::monitor::{MAX_VSID_STATS, MONITOR_RING_BYTES};
+    use nv_common::{
+        acl,
+        monitor::{MAX_VSID_STATS, MONITOR_RING_BYTES},
+    };
     // Name, type, key and value sizes, and the entry count where it is fixed.
     use nv_common::routing::{
         GatewayKey, GatewayKey6, MAX_GATEWAYS, MAX_ROUTED_VSIDS, MAX_ROUTES, RouteHop, RouteHop6,
@@ -247,6 +250,28 @@ fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u3
             4,
             Some(MAX_GATEWAYS),
         ),
+        (
+            map_names::ACL_SETS,
+            H,
+            size_of::<acl::AclSetKey>(),
+            size_of::<acl::AclSet>(),
+            Some(acl::MAX_ACL_SETS),
+        ),
+        (
+            map_names::ACL_METERS,
+            PH,
+            size_of::<acl::AclMeterKey>(),
+            size_of::<acl::AclMeter>(),
+            Some(acl::MAX_ACL_METERS),
+        ),
+        (
+            map_names::ACL_FLOWS,
+            H,
+            size_of::<acl::AclFlowKey>(),
+            size_of::<acl::AclFlowSet>(),
+            Some(acl::MAX_FLOW_SETS),
+        ),
+        (map_names::ACL_DENIED, P, 4, 4, Some(1)),
     ]
 }
 
