@@ -18,6 +18,7 @@ use crate::{
     {store::Store, tables::Change},
 };
 
+mod acls;
 mod cluster_ops;
 mod dhcp;
 mod observe;
@@ -26,6 +27,7 @@ mod routes;
 mod uplink;
 mod vm_ports;
 
+pub use acls::AclName;
 pub use observe::{PortStatus, Published, Status};
 use vm_ports::FdReserve;
 
@@ -92,6 +94,12 @@ fn apply_legacy(catalog: &mut Catalog, change: Change) {
         } => {
             catalog.routes_mut().remove(&(rdid, prefix, nexthop));
         }
+        Change::PutAcl { rule } => {
+            catalog.acls_mut().insert(rule);
+        }
+        Change::DelAcl { id } => {
+            catalog.acls_mut().remove(id);
+        }
     }
 }
 
@@ -121,6 +129,7 @@ impl Agent {
             state.lookups.clear();
         }
         let mut catalog = Catalog::from_state(state)?;
+        catalog.acls_mut().max_flows = config.acl_max_flows;
         if let Some(c) = &cluster {
             Self::load_cluster_cache(&mut catalog, &store, c, &uplink)?;
         }

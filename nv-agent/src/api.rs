@@ -14,6 +14,10 @@
 //! | POST   | /v1/routes           | a route            |
 //! | DELETE | /v1/routes           | `?rdid=ID&prefix=CIDR&nexthop=ADDR` (`nexthop` optional) |
 //! | POST   | /v1/routes/import    | a JSON list of routes; all or none |
+//! | GET    | /v1/acls             | `?vsid=N` (optional): rules with their meters |
+//! | POST   | /v1/acls             | a rule (its `id` is nv's); answers it numbered |
+//! | DELETE | /v1/acls             | `?id=N` or `?name=TEXT` |
+//! | POST   | /v1/acls/import      | a JSON list of rules; all or none |
 //! | GET    | /v1/stats            | `?vsid=N`: that VSID's traffic instead of the counters |
 //! | GET    | /v1/status           |                    |
 //! | POST   | /v1/trace            | a packet to trace (`nvctl trace`) |
@@ -169,6 +173,8 @@ pub fn router(agent: Shared, metrics: crate::metrics::ApiMetrics) -> Router {
             "/v1/routes",
             get(list_routes).post(add_route).delete(del_routes),
         )
+        .route("/v1/acls", get(list_acls).post(add_acl).delete(del_acl))
+        .route("/v1/acls/import", post(import_acls))
         .route("/v1/stats", get(stats))
         .route("/v1/trace", post(trace))
         .route("/v1/debug", axum::routing::put(debug))
@@ -357,6 +363,84 @@ async fn del_routes(
         whole(async move { control::routes::delete(&a, &q.rdid, q.prefix, q.nexthop).await })
             .await?,
     ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AclsQuery {
+    vsid: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AclQuery {
+    id: Option<u32>,
+    name: Option<String>,
+}
+
+/// ACLs are this host's own until they are distributed through etcd.
+fn acls_alone(a: &Shared) -> ApiResult<()> {
+    if a.cluster().is_some() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "ACL rules are not distributed through etcd yet: in cluster mode they are refused"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Every rule in id order with its meters; `?vsid=N`: that VSID's only.
+async fn list_acls(
+    State(a): State<Shared>,
+    q: Result<Query<AclsQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Query(q) = q.map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))?;
+    Ok(Json(a.lock().await.acls(q.vsid)))
+}
+
+async fn add_acl(
+    State(a): State<Shared>,
+    body: Result<Json<crate::model::acl::AclRule>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(r) = body?;
+    acls_alone(&a)?;
+    let mut added = whole(async move { a.lock().await.add_acls(vec![r]).await }).await?;
+    Ok((StatusCode::CREATED, Json(added.remove(0))))
+}
+
+async fn del_acl(
+    State(a): State<Shared>,
+    q: Result<Query<AclQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Query(q) = q.map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))?;
+    acls_alone(&a)?;
+    let name = match (q.id, q.name) {
+        (Some(id), None) => crate::agent::AclName::Id(id),
+        (None, Some(n)) => crate::agent::AclName::Name(n),
+        _ => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "name the rule by id or by name (one of them)".into(),
+            ));
+        }
+    };
+    Ok(Json(
+        whole(async move { a.lock().await.remove_acl(name).await }).await?,
+    ))
+}
+
+/// A JSON list of rules, numbered and applied all or none.
+async fn import_acls(
+    State(a): State<Shared>,
+    body: Result<Json<Vec<crate::model::acl::AclRule>>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(rules) = body?;
+    acls_alone(&a)?;
+    let imported = whole(async move { a.lock().await.add_acls(rules).await })
+        .await?
+        .len();
+    Ok((StatusCode::CREATED, Json(Imported { imported })))
 }
 
 /// A JSON list of routes, applied all or none.

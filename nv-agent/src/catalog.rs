@@ -14,7 +14,7 @@ use std::{
 use crate::{
     error::{NvError, Result, invalid},
     model::{LookupRecord, Mac, Method, ProviderState, RouteRecord},
-    tables::{State, routes::RouteIndex},
+    tables::{State, acls::AclIndex, routes::RouteIndex},
 };
 
 /// (VSID, CA): a lookup record's identity.
@@ -81,6 +81,7 @@ struct VsidUse {
 pub struct Catalog {
     providers: Vec<ProviderState>,
     routes: RouteIndex,
+    acls: AclIndex,
     records: Map<Key4, Rec>,
     ports: Map<Key4, Box<str>>,
     names: Map<Key4, Box<str>>,
@@ -138,9 +139,11 @@ impl Catalog {
     pub fn from_state(state: State) -> Result<Catalog> {
         let routes = RouteIndex::from_rows(state.routes)
             .map_err(|e| NvError::store(crate::error::one_line(&e)))?;
+        let acls = AclIndex::from_rows(state.acls)?;
         let mut c = Catalog {
             providers: state.providers,
             routes,
+            acls,
             ..Catalog::default()
         };
         c.reserve(state.lookups.len());
@@ -161,7 +164,34 @@ impl Catalog {
             providers: self.providers.clone(),
             lookups: self.lookups(None),
             routes: self.routes.list(None),
+            acls: self.acls.list(None),
         }
+    }
+
+    pub fn acls(&self) -> &AclIndex {
+        &self.acls
+    }
+
+    pub fn acls_mut(&mut self) -> &mut AclIndex {
+        &mut self.acls
+    }
+
+    /// The port entry `r` writes, if it writes it ([`Catalog::port_entry_of`]): the ACL flags
+    /// of its VM.
+    pub fn port_flags_of(&self, r: &LookupRecord) -> Option<u8> {
+        self.port_entry_of(r).then(|| self.acl_flags_of(r))
+    }
+
+    /// The ACL flags of the port entry of `r`'s VM.
+    pub fn acl_flags_of(&self, r: &LookupRecord) -> u8 {
+        if self.acls.is_empty() {
+            return 0;
+        }
+        let vm = r
+            .port
+            .as_deref()
+            .map_or_else(|| vec![r.clone()], |p| self.on_port(p));
+        self.acls.port_flags(&vm)
     }
 
     pub fn routes(&self) -> &RouteIndex {

@@ -41,6 +41,10 @@ pub struct AgentArgs {
     /// Capacity of the lookup map [default: 1048576].
     #[arg(long)]
     pub max_lookups: Option<u32>,
+    /// Connections stateful ACL rules track per VM, at most: a VM opening more evicts its own
+    /// oldest, never another VM's [default: 4096].
+    #[arg(long)]
+    pub acl_max_flows: Option<u32>,
     /// Where NVGRE is decapsulated and IP rewrite undone on the uplink: `tc` keeps GSO
     /// super-packets whole (on a veth uplink an XDP program forces per-segment receive, which
     /// halved TCP throughput in `cargo xtask bench`); `xdp` drops bad underlay traffic before
@@ -105,6 +109,7 @@ struct FileConfig {
     pin_path: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,
     max_lookups: Option<u32>,
+    acl_max_flows: Option<u32>,
     decap_hook: Option<DecapHook>,
     vm_mtu: Option<u32>,
     underlay_dscp: Option<DscpPolicy>,
@@ -183,6 +188,7 @@ pub struct Config {
     pub pin_path: PathBuf,
     pub metrics_addr: SocketAddr,
     pub max_lookups: u32,
+    pub acl_max_flows: u32,
     pub decap_hook: DecapHook,
     /// `None`: derived from the uplink's MTU.
     pub vm_mtu: Option<u32>,
@@ -211,6 +217,7 @@ fn hostname() -> String {
 }
 
 impl Config {
+    #[expect(clippy::too_many_lines, reason = "one group of lines per setting")]
     pub fn resolve(args: &AgentArgs) -> Result<Config> {
         let file = match &args.config {
             Some(path) => read_file(path)?,
@@ -241,6 +248,10 @@ impl Config {
                 .max_lookups
                 .or(file.max_lookups)
                 .unwrap_or(nv_common::DEFAULT_MAX_LOOKUPS),
+            acl_max_flows: args
+                .acl_max_flows
+                .or(file.acl_max_flows)
+                .unwrap_or(nv_common::acl::DEFAULT_MAX_FLOWS),
             decap_hook: args.decap_hook.or(file.decap_hook).unwrap_or_default(),
             vm_mtu: args.vm_mtu.or(file.vm_mtu),
             underlay_dscp: args
@@ -297,6 +308,12 @@ impl Config {
             return Err(invalid(format!(
                 "max_lookups {} is out of range 1-67108864",
                 config.max_lookups
+            )));
+        }
+        if !(4..=1 << 20).contains(&config.acl_max_flows) {
+            return Err(invalid(format!(
+                "acl_max_flows {} is out of range 4-1048576",
+                config.acl_max_flows
             )));
         }
         if let Some(mtu) = config.vm_mtu

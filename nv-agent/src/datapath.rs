@@ -13,6 +13,7 @@ use nv_common::RedirectTrace;
 
 use crate::error::{NvError, Result};
 
+mod acl;
 mod attach;
 pub mod batch;
 mod maps;

@@ -6,6 +6,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{NvError, Result, invalid};
 
+pub mod acl;
 mod route;
 
 pub use route::{ON_LINK, Rdid, RouteKey, RouteRecord, Subnet};

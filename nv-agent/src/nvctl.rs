@@ -1,6 +1,7 @@
 //! nvctl, laid out after bpfman's CLI: the command line alone in [`args`], one module per
 //! subcommand with its `execute`, the agent reached through a typed [`client::Client`] in the
 //! API's own types, and etcd (cluster mode, as the operator) through [`operator`].
+mod acl;
 pub mod args;
 pub mod client;
 mod debug;
@@ -25,6 +26,7 @@ pub async fn execute(cli: &Cli) -> anyhow::Result<()> {
         Command::Provider(cmd) => provider::execute(&agent, cmd, output).await,
         Command::Lookup(cmd) => lookup::execute(&agent, &cli.etcd, cmd, output).await,
         Command::Route(cmd) => route::execute(&agent, &cli.etcd, cmd, output).await,
+        Command::Acl(cmd) => acl::execute(&agent, cmd, output).await,
         Command::Stats { vsid } => stats::execute(&agent, *vsid, output).await,
         Command::Status => status::execute(&agent, output).await,
         Command::Trace(args) => trace::execute(&agent, args, output).await,

@@ -15,7 +15,7 @@ use crate::{
     error::{NvError, Result, StoreSource},
     model::LookupRecord,
     store_legacy,
-    tables::{Change, Lookups, Providers, Routes, State, Table},
+    tables::{Acls, Change, Lookups, Providers, Routes, State, Table},
 };
 
 const FILE: &str = "nv.redb";
@@ -96,6 +96,7 @@ impl Store {
             lookups: self.read_rows::<Lookups>(&txn)?,
             providers: self.read_rows::<Providers>(&txn)?,
             routes: self.read_rows::<Routes>(&txn)?,
+            acls: self.read_rows::<Acls>(&txn)?,
         })
     }
 
@@ -297,6 +298,7 @@ impl Store {
             LOOKUPS_JSON,
             rows::<Providers>(),
             rows::<Routes>(),
+            rows::<Acls>(),
         ] {
             txn.delete_table(table).map_err(|e| err(e.into()))?;
         }
@@ -318,6 +320,10 @@ impl Store {
                 .map_err(|e| err(e.into()))?;
             for r in &state.routes {
                 put_row::<Routes>(&mut routes, r).map_err(err)?;
+            }
+            let mut acls = txn.open_table(rows::<Acls>()).map_err(|e| err(e.into()))?;
+            for r in &state.acls {
+                put_row::<Acls>(&mut acls, r).map_err(err)?;
             }
         }
         txn.commit().map_err(|e| err(e.into()))?;
@@ -450,6 +456,7 @@ mod tests {
             providers: vec![],
             lookups: vec![record("10.0.0.7")],
             routes: vec![route("10.3.0.0/24")],
+            acls: vec![],
         };
         store.snapshot(&snap).unwrap();
         drop(store);

@@ -115,13 +115,14 @@ pub fn desired(
         hosted_vsids: hosted_vsids(catalog),
         config: config(base, catalog),
         routing: crate::tables::routes::entries(catalog.routes()),
+        acls: crate::tables::acls::entries(catalog),
         ..Desired::default()
     };
     for r in catalog.iter() {
         let e = entries(
             &r,
             r.port.as_deref().and_then(&at),
-            catalog.port_entry_of(&r),
+            catalog.port_flags_of(&r),
         );
         e.put_lookup(&mut d);
         if let Some(p) = e.port {

@@ -20,6 +20,7 @@ use std::{
 
 use nv_common::{
     DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, V4,
+    acl::{AclMeterKey, AclSet, AclSetKey},
     routing::{GatewayKey, GatewayKey6, RouteHop, RouteHop6, RouteKey, RouteKey6, VsidRouting},
 };
 
@@ -28,7 +29,7 @@ use crate::{
     error::{NvError, Result},
     model::LookupRecord,
     ports::PortTracker,
-    tables::{Change, routes},
+    tables::{Change, acls, routes},
     translate::{self, Attached},
 };
 
@@ -79,6 +80,13 @@ pub enum Write {
     Gateway6(GatewayKey6, Option<u32>),
     /// Boxed: the config is 128 bytes of filter, and an import makes a million writes.
     Config(Box<DatapathConfig>),
+    /// A VM's ACL rules of one direction ([`crate::tables::acls::AclEntries`]), 86 KB.
+    AclSet(AclSetKey, Option<Box<AclSet>>),
+    /// A VM's flow sets: made (empty, where missing: flows a restart finds stay) up to the
+    /// count, or all taken away.
+    AclFlows(acls::Vm, Option<u32>),
+    /// A rule's meter in one direction: made (at zero, where missing) or taken away.
+    AclMeter(AclMeterKey, bool),
 }
 
 impl Write {
@@ -97,6 +105,9 @@ impl Write {
             Write::Gateway(k, _) => Write::Gateway(*k, None),
             Write::Route6(k, _) => Write::Route6(*k, None),
             Write::Gateway6(k, _) => Write::Gateway6(*k, None),
+            Write::AclSet(k, _) => Write::AclSet(*k, None),
+            Write::AclFlows(k, _) => Write::AclFlows(*k, None),
+            Write::AclMeter(k, _) => Write::AclMeter(*k, false),
             Write::Filter(_) | Write::Config(_) => return None,
         })
     }
@@ -126,6 +137,15 @@ struct Planned {
     skipped: Vec<(usize, NvError)>,
 }
 
+/// The aggregates a change set may change, before it: the hosted VSIDs (local records
+/// changed), the router's entries (routes changed), the ACL entries and port entries (local
+/// records or rules changed).
+struct Aggregates {
+    hosted: Option<HashMap<u32, u32>>,
+    routes: Option<routes::RouteEntries>,
+    acls: Option<(acls::AclEntries, HashMap<u32, PortInfo>)>,
+}
+
 /// A caller's check of one change, with the changes before it applied.
 type CheckFn<'a> = dyn FnMut(&Catalog, &Change) -> Result<()> + 'a;
 
@@ -147,6 +167,7 @@ impl Checks<'_> {
                     crate::control::admit::admit_watched(catalog, record)
                 }
                 Change::PutRoute { route } => catalog.check_route(route),
+                Change::PutAcl { rule } => rule.validate(),
                 _ => Ok(()),
             },
         }
@@ -277,7 +298,7 @@ impl PortView<'_> {
 /// other record.
 fn entries_of(r: &LookupRecord, ports: &PortView, catalog: &Catalog) -> translate::Entries {
     let at = r.port.as_deref().and_then(|p| ports.at(p));
-    translate::entries(r, at, catalog.port_entry_of(r))
+    translate::entries(r, at, catalog.port_flags_of(r))
 }
 
 /// The write of a lookup entry, in the map of its address family.
@@ -329,7 +350,7 @@ fn ipv6_entry_held(
         return;
     };
     if let Some(v6) = ipv6_on(catalog, port) {
-        let e = translate::entries(&v6, view.at(port), true);
+        let e = translate::entries(&v6, view.at(port), Some(catalog.acl_flags_of(&v6)));
         if let Some(p) = e.port {
             let held = Write::Port(e.value.ifindex, Some(p));
             plan.push(held.clone(), held);
@@ -352,8 +373,8 @@ fn ipv6_entry_taken(
     {
         let at = view.at(port);
         let (before, after) = (
-            translate::entries(&v6, at, false),
-            translate::entries(&v6, at, catalog.port_entry_of(&v6)),
+            translate::entries(&v6, at, None),
+            translate::entries(&v6, at, catalog.port_flags_of(&v6)),
         );
         record_writes(plan, Some(&before), Some(&after));
     }
@@ -477,6 +498,14 @@ fn apply_to_catalog(catalog: &mut Catalog, change: &Change) -> Change {
                 None => Change::del_route(key),
             }
         }
+        Change::PutAcl { rule } => match catalog.acls_mut().insert(rule.clone()) {
+            Some(old) => Change::PutAcl { rule: old },
+            None => Change::DelAcl { id: rule.id },
+        },
+        Change::DelAcl { id } => match catalog.acls_mut().remove(*id) {
+            Some(old) => Change::PutAcl { rule: old },
+            None => Change::DelAcl { id: *id },
+        },
     }
 }
 
@@ -617,12 +646,7 @@ impl Tables {
     /// need; a refused change puts the catalog back and is the error.
     fn plan(&mut self, links: &Links, changes: &[Change], mut checks: Checks) -> Result<Planned> {
         let mut skipped = Vec::new();
-        let local_before = self.has_local(changes);
-        let hosted_before = local_before.then(|| translate::hosted_vsids(&self.catalog));
-        let routes_before = changes
-            .iter()
-            .any(Change::is_route)
-            .then(|| routes::entries(self.catalog.routes()));
+        let before = self.aggregates(changes);
         let mut undo_catalog: Vec<Undo> = Vec::with_capacity(changes.len());
         self.catalog.reserve(changes.len());
         let mut view = PortView {
@@ -689,14 +713,7 @@ impl Tables {
         // Aggregates: the hosted-VSID counts and the uplink's rewrite-PA filter.
         let mut grow = Plan::default();
         let mut shrink = Plan::default();
-        if let Some(before) = &hosted_before {
-            let after = translate::hosted_vsids(&self.catalog);
-            hosted_writes(before, &after, &mut grow, &mut shrink);
-        }
-        if let Some(before) = &routes_before {
-            let after = routes::entries(self.catalog.routes());
-            route_writes(before, &after, &mut grow, &mut shrink);
-        }
+        self.aggregate_writes(&before, &ports, [&mut grow, &mut records, &mut shrink]);
         let config = self.wanted_config();
         if config != self.config {
             shrink.push(
@@ -777,7 +794,8 @@ impl Tables {
         // IPv4 record's, or the IPv6 one's when it has no other.
         let has_v4 = records.iter().any(|r| r.ca.is_ipv4());
         for record in &records {
-            let port_entry = record.ca.is_ipv4() || !has_v4;
+            let port_entry =
+                (record.ca.is_ipv4() || !has_v4).then(|| self.catalog.acl_flags_of(record));
             let old = translate::entries(record, before, port_entry);
             let new = translate::entries(record, link, port_entry);
             record_writes(&mut plan, Some(&old), Some(&new));
@@ -805,6 +823,84 @@ impl Tables {
             self.config = config;
         }
         Ok(())
+    }
+
+    /// What the aggregates `changes` may change are before them.
+    fn aggregates(&self, changes: &[Change]) -> Aggregates {
+        let local = self.has_local(changes);
+        Aggregates {
+            hosted: local.then(|| translate::hosted_vsids(&self.catalog)),
+            routes: changes
+                .iter()
+                .any(Change::is_route)
+                .then(|| routes::entries(self.catalog.routes())),
+            acls: (local || changes.iter().any(Change::is_acl))
+                .then(|| (acls::entries(&self.catalog), self.acl_ports(&self.ports))),
+        }
+    }
+
+    /// The writes that turn the aggregates `before` into what the catalog now wants.
+    fn aggregate_writes(
+        &self,
+        before: &Aggregates,
+        ports: &HashMap<String, Option<Attached>>,
+        [grow, records, shrink]: [&mut Plan; 3],
+    ) {
+        if let Some(before) = &before.hosted {
+            let after = translate::hosted_vsids(&self.catalog);
+            hosted_writes(before, &after, grow, shrink);
+        }
+        if let Some(before) = &before.routes {
+            let after = routes::entries(self.catalog.routes());
+            route_writes(before, &after, grow, shrink);
+        }
+        if let Some(before) = &before.acls {
+            self.acl_plan(before, ports, [grow, records, shrink]);
+        }
+    }
+
+    /// The ACL writes of a change set: sets, flow sets and meters in `grow` and `shrink`, and
+    /// (in `records`) the entries of ports whose VM's rules changed direction, after the sets
+    /// they name are there and before the sets they no longer name go.
+    fn acl_plan(
+        &self,
+        (before, ports_before): &(acls::AclEntries, HashMap<u32, PortInfo>),
+        ports: &HashMap<String, Option<Attached>>,
+        [grow, records, shrink]: [&mut Plan; 3],
+    ) {
+        let after = acls::entries(&self.catalog);
+        acl_writes(before, &after, grow, shrink);
+        let view = PortView {
+            tracker: &self.ports,
+            now: ports.clone(),
+        };
+        for (ifindex, now) in self.acl_ports_in(&view) {
+            let was = ports_before.get(&ifindex).copied();
+            if was != Some(now) {
+                records.push(Write::Port(ifindex, Some(now)), Write::Port(ifindex, was));
+            }
+        }
+    }
+
+    /// The port entries of this host's VMs as they are where `tracker` says, by ifindex.
+    fn acl_ports(&self, tracker: &PortTracker) -> HashMap<u32, PortInfo> {
+        self.acl_ports_in(&PortView {
+            tracker,
+            now: HashMap::new(),
+        })
+    }
+
+    fn acl_ports_in(&self, view: &PortView) -> HashMap<u32, PortInfo> {
+        let mut out = HashMap::new();
+        for port in self.catalog.ports() {
+            for r in self.catalog.on_port(port) {
+                let e = translate::entries(&r, view.at(port), self.catalog.port_flags_of(&r));
+                if let Some(p) = e.port {
+                    out.insert(e.value.ifindex, p);
+                }
+            }
+        }
+        out
     }
 
     fn has_local(&self, changes: &[Change]) -> bool {
@@ -854,6 +950,47 @@ fn route_writes(
     removals(&before.gateways6, &after.gateways6, shrink, Write::Gateway6);
 }
 
+/// Writes that turn the ACL entries `before` into `after`: new sets, flow sets and meters in
+/// `grow`, those that go in `shrink`.
+fn acl_writes(
+    before: &acls::AclEntries,
+    after: &acls::AclEntries,
+    grow: &mut Plan,
+    shrink: &mut Plan,
+) {
+    for (k, v) in &after.sets {
+        let was = before.sets.get(k);
+        if was != Some(v) {
+            grow.push(
+                Write::AclSet(*k, Some(v.clone())),
+                Write::AclSet(*k, was.cloned()),
+            );
+        }
+    }
+    for (vm, n) in &after.flows {
+        let was = before.flows.get(vm).copied();
+        if was != Some(*n) {
+            grow.push(Write::AclFlows(*vm, Some(*n)), Write::AclFlows(*vm, was));
+        }
+    }
+    for k in after.meters.difference(&before.meters) {
+        grow.push(Write::AclMeter(*k, true), Write::AclMeter(*k, false));
+    }
+    for (k, v) in &before.sets {
+        if !after.sets.contains_key(k) {
+            shrink.push(Write::AclSet(*k, None), Write::AclSet(*k, Some(v.clone())));
+        }
+    }
+    for (vm, n) in &before.flows {
+        if !after.flows.contains_key(vm) {
+            shrink.push(Write::AclFlows(*vm, None), Write::AclFlows(*vm, Some(*n)));
+        }
+    }
+    for k in before.meters.difference(&after.meters) {
+        shrink.push(Write::AclMeter(*k, false), Write::AclMeter(*k, true));
+    }
+}
+
 /// The writes (with their undos) that put what `after` has and `before` has not, or not so.
 fn puts<K: Copy + Eq + std::hash::Hash, V: Copy + PartialEq>(
     before: &HashMap<K, V>,
@@ -895,6 +1032,9 @@ fn taken_away(catalog: &Catalog, change: &Change) -> Option<Change> {
         }
         Change::PutRoute { route } if catalog.routes().get(&route.key()).is_some() => {
             Some(Change::del_route(route.key()))
+        }
+        Change::PutAcl { rule } if catalog.acls().get(rule.id).is_some() => {
+            Some(Change::DelAcl { id: rule.id })
         }
         _ => None,
     }

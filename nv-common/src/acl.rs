@@ -25,13 +25,16 @@ pub const DIR_IN: u32 = 0;
 /// From the VM (what it sends).
 pub const DIR_OUT: u32 = 1;
 
-/// Key of the rule-set map.
+/// Key of the rule-set map: the VM as its port entry names it (VSID and address: its IPv4
+/// one, or its IPv6 one when it has no other), so a port re-created under another ifindex
+/// keeps its rules and flows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AclSetKey {
-    pub ifindex: u32,
+    pub vsid: u32,
     /// [`DIR_IN`] or [`DIR_OUT`].
     pub dir: u32,
+    pub ca: crate::Addr,
 }
 
 /// One rule as the datapath matches it. Prefixes are stored masked, with their mask.
@@ -171,12 +174,13 @@ impl AclTuple {
     }
 }
 
-/// Key of the flow table: a port's flow set.
+/// Key of the flow table: one flow set of a VM (named as in [`AclSetKey`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AclFlowKey {
-    pub ifindex: u32,
+    pub vsid: u32,
     pub set: u32,
+    pub ca: crate::Addr,
 }
 
 /// A connection a stateful allow admitted, from the VM's side.

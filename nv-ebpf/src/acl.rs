@@ -25,7 +25,7 @@ use nv_common::{
     },
 };
 
-use crate::maps::{ACL_DENIED, ACL_FLOWS, ACL_METERS, ACL_SETS, ACL_TUPLE};
+use crate::maps::{ACL_DENIED, ACL_FLOWS, ACL_METERS, ACL_SETS, ACL_TUPLE, PORTS};
 
 /// A flow's last-seen time is written at most this often: its cache line is not bounced
 /// between CPUs on every packet.
@@ -42,8 +42,13 @@ const SEEN_EVERY_NS: u64 = 1_000_000_000;
 pub extern "C" fn nv_acl_check(skb: *mut __sk_buff, ifindex: u32, dir: u32) -> u32 {
     let ctx = &TcContext::new(skb);
     const DENIED: u32 = 1;
-    // SAFETY: read-only use of a value the agent replaces whole.
-    let Some(set) = (unsafe { ACL_SETS.get(AclSetKey { ifindex, dir }) }) else {
+    // SAFETY: read-only uses of values the agent replaces whole.
+    let Some(port) = (unsafe { PORTS.get(ifindex) }) else {
+        return DENIED;
+    };
+    let (vsid, ca) = (port.vsid, port.ca);
+    // SAFETY: as above.
+    let Some(set) = (unsafe { ACL_SETS.get(AclSetKey { vsid, dir, ca }) }) else {
         // The port's entry names rules its set does not hold yet (or any more): the port's
         // entry is written after its sets and taken away before them, so this is a port
         // being re-created. Nothing the rules would refuse may pass meanwhile.
@@ -63,8 +68,9 @@ pub extern "C" fn nv_acl_check(skb: *mut __sk_buff, ifindex: u32, dir: u32) -> u
     }
     let len = u64::from(ctx.len());
     let flows = AclFlowKey {
-        ifindex,
+        vsid,
         set: t.flow_set(set.flow_sets),
+        ca,
     };
     let now = if set.flow_sets != 0 {
         // SAFETY: a helper without arguments.

@@ -19,7 +19,7 @@ use nv_common::{
     VsidStatsKey, VsidTraffic, map_names,
 };
 
-use super::{Datapath, batch, dp_err};
+use super::{Datapath, acl, batch, dp_err};
 use crate::{
     error::{NvError, Result},
     txn::{Maps, Stopped, Write},
@@ -39,6 +39,7 @@ pub struct Desired {
     /// VSIDs with a VM on this host, and how many ports each has.
     pub hosted_vsids: HashMap<u32, u32>,
     pub routing: crate::tables::routes::RouteEntries,
+    pub acls: crate::tables::acls::AclEntries,
 }
 
 /// The IPv4 rewrite PAs' entries, keyed as their map is.
@@ -171,7 +172,7 @@ impl LookupView {
     }
 }
 
-fn map<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<T>
+pub(super) fn map<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<T>
 where
     T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
 {
@@ -196,7 +197,12 @@ fn del_entry<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &str, k: &K) -> Result<()> {
 }
 
 /// Puts `v` under `k`, or removes `k` (absent already is fine).
-fn set_entry<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &str, k: &K, v: Option<&V>) -> Result<()> {
+pub(super) fn set_entry<K: Pod, V: Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    k: &K,
+    v: Option<&V>,
+) -> Result<()> {
     match v {
         Some(v) => put_entry(ebpf, name, k, v),
         None => del_entry::<K, V>(ebpf, name, k),
@@ -402,6 +408,20 @@ impl Datapath {
                 map_names::VSID_ROUTING,
                 sync_hash(ebpf, map_names::VSID_ROUTING, &desired.routing.vsids)?,
             ),
+            // Sets, flow sets and meters before the port entries name them: the ports were
+            // synced above with what the store says, a restart's usual nothing-to-do.
+            (
+                map_names::ACL_SETS,
+                acl::sync_sets(ebpf, &desired.acls.sets)?,
+            ),
+            (
+                map_names::ACL_FLOWS,
+                acl::sync_flows(ebpf, &desired.acls.flows)?,
+            ),
+            (
+                map_names::ACL_METERS,
+                acl::sync_meters(ebpf, &desired.acls.meters)?,
+            ),
         ] {
             if repair != Repair::default() {
                 repairs.push((name, repair));
@@ -437,6 +457,9 @@ impl Datapath {
             Write::Route6(k, v) => set_route(ebpf, map_names::ROUTES6, *k, v.as_ref()),
             Write::Gateway6(k, v) => set_entry(ebpf, map_names::GATEWAYS6, k, v.as_ref()),
             Write::Config(c) => self.set_config(**c),
+            Write::AclSet(k, v) => set_entry(ebpf, map_names::ACL_SETS, k, v.as_deref()),
+            Write::AclFlows(vm, n) => acl::set_flows(ebpf, *vm, *n),
+            Write::AclMeter(k, on) => acl::set_meter(ebpf, *k, *on),
         }
     }
 

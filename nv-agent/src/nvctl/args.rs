@@ -88,6 +88,25 @@ pub enum Command {
     ///   nvctl route list --rdid contoso
     #[command(subcommand, verbatim_doc_comment)]
     Route(RouteCmd),
+    /// Port ACLs: what a VM may send and receive.
+    ///
+    /// A rule is on one VM (--vsid and --ca, its lookup record; it covers both the VM's
+    /// address families) or on every VM of a VSID (--vsid alone). The highest --weight that
+    /// matches decides, deny first at equal weight; a packet no rule matches passes. A
+    /// --stateful allow also admits the answers of the connections it allowed (TCP, UDP,
+    /// ICMP echo) until they are idle for --idle-timeout. Outbound rules are checked on the
+    /// sender's host before translation, inbound ones on the receiver's at delivery.
+    ///
+    /// Examples (a web server that may only answer, and open connections out):
+    ///   nvctl acl add --vsid 5001 --ca 10.0.0.2 --direction in --action deny --weight 1
+    ///   nvctl acl add --vsid 5001 --ca 10.0.0.2 --direction in --action allow \
+    ///       --protocol tcp --local-port 443 --weight 10 --name web
+    ///   nvctl acl add --vsid 5001 --ca 10.0.0.2 --direction out --action allow \
+    ///       --protocol tcp --stateful --weight 10
+    ///   nvctl acl list --vsid 5001
+    ///   nvctl acl del --name web
+    #[command(subcommand, verbatim_doc_comment)]
+    Acl(AclCmd),
     /// Datapath counters: packets forwarded, and packets dropped by reason. With --vsid, that
     /// virtual subnet's traffic instead: frames and bytes its VMs here sent (tx) and got (rx),
     /// by method (encap, rewrite, or local for VM to VM on this host).
@@ -305,6 +324,75 @@ pub enum RouteCmd {
     /// (rdid, vsid, prefix, nexthop, metric, gateway; the last two may be left out). FILE `-`
     /// reads standard input.
     Import { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AclCmd {
+    /// Add a rule; nv gives it an id.
+    Add(Box<AclAdd>),
+    /// Delete a rule, by --id or by --name (when only one rule has it).
+    Del {
+        #[arg(long, conflicts_with = "name", required_unless_present = "name")]
+        id: Option<u32>,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List rules in id order, with the packets and bytes each decided on this host.
+    List {
+        /// Only this VSID's rules.
+        #[arg(long)]
+        vsid: Option<u32>,
+    },
+    /// Write rules to standard output as a JSON list, the import format.
+    Export {
+        #[arg(long)]
+        vsid: Option<u32>,
+    },
+    /// Add many rules at once, all or none, from a JSON list of rules in the flag names
+    /// (ids are nv's: those in the file are left out). FILE `-` reads standard input.
+    Import { file: PathBuf },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AclAdd {
+    /// The VSID of the VM (with --ca) or of every VM the rule covers.
+    #[arg(long)]
+    pub vsid: u32,
+    /// The VM's lookup record; without it the rule covers every VM of the VSID.
+    #[arg(long)]
+    pub ca: Option<IpAddr>,
+    /// What the VM receives (in), sends (out), or both.
+    #[arg(long, value_enum)]
+    pub direction: crate::model::acl::Direction,
+    #[arg(long, value_enum)]
+    pub action: crate::model::acl::Action,
+    /// The other end's prefix (e.g. 10.0.0.0/8, `::/0`); its family is the rule's.
+    #[arg(long, value_parser = parse::<Subnet>)]
+    pub remote: Option<Subnet>,
+    /// The VM's own prefix.
+    #[arg(long, value_parser = parse::<Subnet>)]
+    pub local: Option<Subnet>,
+    /// tcp, udp, icmp, icmpv6 or a protocol number [default: any].
+    #[arg(long, value_parser = parse::<crate::model::acl::Protocol>)]
+    pub protocol: Option<crate::model::acl::Protocol>,
+    /// The other end's port or range (N or N-M; with tcp or udp).
+    #[arg(long, value_parser = parse::<crate::model::acl::PortRange>)]
+    pub remote_port: Option<crate::model::acl::PortRange>,
+    /// The VM's port or range.
+    #[arg(long, value_parser = parse::<crate::model::acl::PortRange>)]
+    pub local_port: Option<crate::model::acl::PortRange>,
+    /// 1-65535: the highest weight that matches decides.
+    #[arg(long)]
+    pub weight: u16,
+    /// Also admit the answers of the connections this allow lets through.
+    #[arg(long)]
+    pub stateful: bool,
+    /// Seconds a stateful connection lives without a packet.
+    #[arg(long, default_value_t = crate::model::acl::DEFAULT_IDLE_TIMEOUT)]
+    pub idle_timeout: u32,
+    /// A name to find the rule by.
+    #[arg(long)]
+    pub name: Option<String>,
 }
 
 fn parse<T: std::str::FromStr<Err = crate::error::NvError>>(s: &str) -> Result<T, String> {

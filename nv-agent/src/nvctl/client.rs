@@ -1,5 +1,6 @@
 //! nvctl's side of the API: a typed client over the agent's unix socket (HTTP/1.1), whose
 //! requests and answers are the API's own serde types.
+use crate::model::acl::{AclListed, AclRule};
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
@@ -129,6 +130,27 @@ impl Client {
 
     pub async fn import_routes(&self, routes: &[RouteRecord]) -> anyhow::Result<Imported> {
         self.send(Method::POST, "/v1/routes/import", &routes).await
+    }
+
+    /// ACL rules in id order, of one VSID or all, with their meters.
+    pub async fn acls(&self, vsid: Option<u32>) -> anyhow::Result<Vec<AclListed>> {
+        match vsid {
+            Some(v) => self.get(&format!("/v1/acls?vsid={v}")).await,
+            None => self.get("/v1/acls").await,
+        }
+    }
+
+    pub async fn add_acl(&self, r: &AclRule) -> anyhow::Result<AclRule> {
+        self.send(Method::POST, "/v1/acls", r).await
+    }
+
+    pub async fn delete_acl(&self, query: &str) -> anyhow::Result<AclRule> {
+        self.call(Method::DELETE, &format!("/v1/acls?{query}"), Body::None)
+            .await
+    }
+
+    pub async fn import_acls(&self, rules: &[AclRule]) -> anyhow::Result<Imported> {
+        self.send(Method::POST, "/v1/acls/import", &rules).await
     }
 
     pub async fn counters(&self) -> anyhow::Result<Vec<CounterValue>> {

@@ -150,7 +150,7 @@ impl Entries {
 /// (a VM's IPv4 record's, or its IPv6 record's when it has no IPv4 one: [`Catalog::port_entry_of`]).
 ///
 /// [`Catalog::port_entry_of`]: crate::catalog::Catalog::port_entry_of
-pub fn entries(r: &LookupRecord, at: Option<Attached>, port_entry: bool) -> Entries {
+pub fn entries(r: &LookupRecord, at: Option<Attached>, port_entry: Option<u8>) -> Entries {
     let method = datapath_method(r.method) as u8;
     let ifindex = match (&r.port, at) {
         (Some(_), Some(a)) => a.ifindex,
@@ -167,14 +167,15 @@ pub fn entries(r: &LookupRecord, at: Option<Attached>, port_entry: bool) -> Entr
             ifindex,
         },
         port: at
-            .filter(|_| r.port.is_some() && port_entry)
-            .map(|a| PortInfo {
+            .filter(|_| r.port.is_some())
+            .zip(port_entry)
+            .map(|(a, acl)| PortInfo {
                 vsid: r.vsid,
                 ca: addr16(r.ca),
                 pa: addr16(r.pa),
                 mac: r.mac.0,
                 method,
-                flags: a.flags,
+                flags: a.flags | acl,
             }),
         rewrite: (r.method == Method::Rewrite).then(|| {
             (

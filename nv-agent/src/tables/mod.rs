@@ -12,10 +12,12 @@ use crate::{
     model::{LookupRecord, ProviderState, Rdid, RouteKey, RouteRecord, Subnet},
 };
 
+pub mod acls;
 pub mod lookups;
 pub mod providers;
 pub mod routes;
 
+pub use acls::Acls;
 pub use lookups::Lookups;
 pub use providers::Providers;
 pub use routes::Routes;
@@ -51,6 +53,8 @@ pub struct State {
     pub lookups: Vec<LookupRecord>,
     #[serde(default)]
     pub routes: Vec<RouteRecord>,
+    #[serde(default)]
+    pub acls: Vec<crate::model::acl::AclRule>,
 }
 
 /// One change to one table. Each table adds its variants; everything else about a change
@@ -79,6 +83,12 @@ pub enum Change {
         prefix: Subnet,
         nexthop: std::net::IpAddr,
     },
+    PutAcl {
+        rule: crate::model::acl::AclRule,
+    },
+    DelAcl {
+        id: u32,
+    },
 }
 
 /// A change as the store writes it: in `table`, the row under `key` becomes `value`
@@ -102,7 +112,13 @@ impl Change {
                 prefix,
                 nexthop,
             } => del::<Routes>(&(rdid.clone(), *prefix, *nexthop)),
+            Change::PutAcl { rule } => put::<Acls>(rule),
+            Change::DelAcl { id } => del::<Acls>(id),
         }
+    }
+
+    pub fn is_acl(&self) -> bool {
+        matches!(self, Change::PutAcl { .. } | Change::DelAcl { .. })
     }
 
     pub fn is_route(&self) -> bool {

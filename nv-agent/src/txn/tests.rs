@@ -25,6 +25,7 @@ struct MemMaps {
     local_pas: HashMap<V4, LocalPa>,
     local_pas6: HashMap<nv_common::Addr, LocalPa>,
     routing: crate::tables::routes::RouteEntries,
+    acls: crate::tables::acls::AclEntries,
     config: DatapathConfig,
 }
 
@@ -75,6 +76,15 @@ impl Maps for Faulty {
                 Write::Route6(k, v) => set(&mut m.routing.routes6, k, v),
                 Write::Gateway6(k, v) => set(&mut m.routing.gateways6, k, v),
                 Write::Config(c) => m.config = *c,
+                Write::AclSet(k, v) => set(&mut m.acls.sets, k, v),
+                Write::AclFlows(k, v) => set(&mut m.acls.flows, k, v),
+                Write::AclMeter(k, on) => {
+                    if on {
+                        m.acls.meters.insert(k);
+                    } else {
+                        m.acls.meters.remove(&k);
+                    }
+                }
             }
         }
         Ok(())
@@ -168,6 +178,7 @@ fn mapped(tables: &Tables) -> MemMaps {
         local_pas: d.local_pas,
         local_pas6: d.local_pas6,
         routing: d.routing,
+        acls: d.acls,
         config: d.config,
     }
 }

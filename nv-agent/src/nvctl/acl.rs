@@ -1,0 +1,83 @@
+//! `nvctl acl`: port ACL rules, through this host's agent.
+use super::{
+    args::{AclCmd, Output},
+    client::Client,
+    render,
+};
+use crate::{
+    import,
+    model::acl::AclRule,
+    tables::{Table as _, acls::Acls},
+};
+
+const IMPORTED: render::Columns = &[("IMPORTED", "imported")];
+
+pub async fn execute(agent: &Client, cmd: &AclCmd, output: Output) -> anyhow::Result<()> {
+    let columns = Acls::COLUMNS;
+    match cmd {
+        AclCmd::Add(a) => {
+            let rule = AclRule {
+                id: 0,
+                name: a.name.clone(),
+                vsid: a.vsid,
+                ca: a.ca,
+                direction: a.direction,
+                action: a.action,
+                remote: a.remote,
+                local: a.local,
+                protocol: a.protocol,
+                remote_port: a.remote_port,
+                local_port: a.local_port,
+                weight: a.weight,
+                stateful: a.stateful,
+                idle_timeout: a.idle_timeout,
+            };
+            let added = agent.add_acl(&rule).await?;
+            render::one(output, &added, columns)
+        }
+        AclCmd::Del { id, name } => {
+            let query = match (id, name) {
+                (Some(id), _) => format!("id={id}"),
+                (None, Some(n)) => format!("name={}", urlencoding(n)),
+                (None, None) => anyhow::bail!("name the rule: --id N or --name TEXT"),
+            };
+            let deleted = agent.delete_acl(&query).await?;
+            render::one(output, &deleted, columns)
+        }
+        AclCmd::List { vsid } => render::rows(output, &agent.acls(*vsid).await?, columns),
+        AclCmd::Export { vsid } => {
+            let rules: Vec<AclRule> = agent
+                .acls(*vsid)
+                .await?
+                .into_iter()
+                .map(|l| l.rule)
+                .collect();
+            import::write_json(&rules, &mut std::io::stdout().lock())
+        }
+        AclCmd::Import { file } => {
+            let (text, _) = import::load(file)?;
+            let rules: Vec<AclRule> = serde_json::from_slice(&text).map_err(|e| {
+                anyhow::anyhow!("{}: not a JSON list of ACL rules: {e}", file.display())
+            })?;
+            let imported = agent
+                .import_acls(&rules)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            render::one(output, &imported, IMPORTED)
+        }
+    }
+}
+
+/// A name as a query value: names are letters, digits, '-', '_' and '.', which need no
+/// escaping; anything else is sent escaped and refused by the agent's check.
+fn urlencoding(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
