@@ -53,6 +53,13 @@ pub struct Snapshot {
     /// Connections each listener closed at once because it served its most.
     pub refused: Vec<(&'static str, u64)>,
     pub cluster: Option<crate::cluster::Status>,
+    /// ACL rules (id, VSID), and this host's VMs with ACLs (their port) and flow budget.
+    pub acl_rules: Vec<(u32, u32)>,
+    pub acl_ports: Vec<(crate::tables::acls::Vm, String)>,
+    pub acl_budget: u32,
+    /// Read at scrape time: each rule's meters by direction, and live flows per VM.
+    pub acl_meters: Vec<(nv_common::acl::AclMeterKey, nv_common::acl::AclMeter)>,
+    pub acl_flows: std::collections::HashMap<crate::tables::acls::Vm, u64>,
 }
 
 /// What a scrape reads as it is now, beside what the agent published.
@@ -64,6 +71,8 @@ pub struct Live {
     /// Connections each listener closed at once because it served its most.
     pub refused: Vec<(&'static str, u64)>,
     pub dhcp: crate::dhcp::counts::CountsNow,
+    pub acl_meters: Vec<(nv_common::acl::AclMeterKey, nv_common::acl::AclMeter)>,
+    pub acl_flows: std::collections::HashMap<crate::tables::acls::Vm, u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -166,7 +175,63 @@ impl Snapshot {
         self.routed = live.routed;
         self.refused = live.refused;
         self.dhcp = live.dhcp;
+        self.acl_meters = live.acl_meters;
+        self.acl_flows = live.acl_flows;
         self
+    }
+
+    /// Each ACL rule's meters, and each VM's tracked connections against its budget.
+    fn encode_acls(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let vsid_of: std::collections::HashMap<u32, u32> = self.acl_rules.iter().copied().collect();
+        let meters = || {
+            self.acl_meters.iter().filter_map(|(k, m)| {
+                let vsid = vsid_of.get(&k.rule)?;
+                let dir = if k.dir == nv_common::acl::DIR_IN {
+                    "in"
+                } else {
+                    "out"
+                };
+                let labels = vec![
+                    ("rule", k.rule.to_string()),
+                    ("vsid", vsid.to_string()),
+                    ("direction", dir.to_owned()),
+                ];
+                Some((labels, *m))
+            })
+        };
+        family(
+            e,
+            "nv_acl_packets",
+            "Packets each ACL rule decided on this host (its connections' included), by direction.",
+            MetricType::Counter,
+            meters().map(|(l, m)| (l, m.packets)),
+        )?;
+        family(
+            e,
+            "nv_acl_bytes",
+            "Bytes (Ethernet header included) each ACL rule decided on this host, by direction.",
+            MetricType::Counter,
+            meters().map(|(l, m)| (l, m.bytes)),
+        )?;
+        family(
+            e,
+            "nv_acl_flows",
+            "Connections stateful ACL rules track for each VM port now.",
+            MetricType::Gauge,
+            self.acl_ports.iter().map(|(vm, port)| {
+                let n = self.acl_flows.get(vm).copied().unwrap_or(0);
+                (vec![("port", port.clone())], n)
+            }),
+        )?;
+        family(
+            e,
+            "nv_acl_flow_budget",
+            "Connections stateful ACL rules may track per VM port (acl_max_flows).",
+            MetricType::Gauge,
+            self.acl_ports
+                .iter()
+                .map(|(_, port)| (vec![("port", port.clone())], u64::from(self.acl_budget))),
+        )
     }
 
     /// The build, the datapath's counters and the per-VSID traffic.
@@ -292,6 +357,7 @@ impl Snapshot {
                 .map(|(rdid, n)| (vec![("rdid", rdid.clone())], *n as u64)),
         )?;
         self.encode_routed_and_dhcp(e)?;
+        self.encode_acls(e)?;
         for (name, help, value) in [
             (
                 "nv_ports_missing",

@@ -39,6 +39,9 @@ pub struct Event {
     /// For `lost`: how many.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost: Option<u64>,
+    /// For an ACL's deny: the rule's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<u32>,
 }
 
 fn mac(m: [u8; 6]) -> String {
@@ -83,6 +86,7 @@ impl Event {
             dst_mac: mac(e.dst_mac),
             len: e.len,
             lost: None,
+            rule: (e.rule != 0).then_some(e.rule),
         }
     }
 
@@ -99,8 +103,9 @@ impl Event {
             .clone()
             .unwrap_or_else(|| format!("ifindex {}", self.ifindex));
         let addr = |a: Option<IpAddr>| a.map_or_else(|| "-".to_owned(), |a| a.to_string());
+        let rule = self.rule.map(|r| format!(" rule {r}")).unwrap_or_default();
         format!(
-            "{:<8} {:<28} vsid {:<8} {:<12} {} > {} {} {} > {} {} B",
+            "{:<8} {:<28} vsid {:<8} {:<12} {} > {} {} {} > {} {} B{rule}",
             self.kind,
             self.reason,
             self.vsid,

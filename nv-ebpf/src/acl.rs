@@ -25,7 +25,7 @@ use nv_common::{
     },
 };
 
-use crate::maps::{ACL_DENIED, ACL_FLOWS, ACL_METERS, ACL_SETS, ACL_TUPLE, PORTS};
+use crate::maps::{ACL_DENIED, ACL_FLOWS, ACL_METERS, ACL_SCRATCH, ACL_SETS, PORTS};
 
 /// A flow's last-seen time is written at most this often: its cache line is not bounced
 /// between CPUs on every packet.
@@ -42,42 +42,50 @@ const SEEN_EVERY_NS: u64 = 1_000_000_000;
 pub extern "C" fn nv_acl_check(skb: *mut __sk_buff, ifindex: u32, dir: u32) -> u32 {
     let ctx = &TcContext::new(skb);
     const DENIED: u32 = 1;
+    // The tuple and the map keys live in a per-CPU scratch value, off this frame: the
+    // delivery paths' frames and this one share the 512 bytes of a call chain.
+    let Some(s) = ACL_SCRATCH.get_ptr_mut(0) else {
+        return DENIED;
+    };
+    // SAFETY: this CPU's scratch value, used by this program run alone.
+    let s = unsafe { &mut *s };
     // SAFETY: read-only uses of values the agent replaces whole.
     let Some(port) = (unsafe { PORTS.get(ifindex) }) else {
         return DENIED;
     };
-    let (vsid, ca) = (port.vsid, port.ca);
+    s.set = AclSetKey {
+        vsid: port.vsid,
+        dir,
+        ca: port.ca,
+    };
     // SAFETY: as above.
-    let Some(set) = (unsafe { ACL_SETS.get(AclSetKey { vsid, dir, ca }) }) else {
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "the key stays in the scratch value, off the stack"
+    )]
+    let Some(set) = (unsafe { ACL_SETS.get(&s.set) }) else {
         // The port's entry names rules its set does not hold yet (or any more): the port's
         // entry is written after its sets and taken away before them, so this is a port
         // being re-created. Nothing the rules would refuse may pass meanwhile.
         return DENIED;
     };
-    // The tuple lives in a per-CPU scratch value, off this frame: the IPv6 forwarding path's
-    // frame and this one share the 512 bytes of a call chain.
-    let Some(t) = ACL_TUPLE.get_ptr_mut(0) else {
-        return DENIED;
-    };
-    // SAFETY: this CPU's scratch value, used by this program run alone.
-    let t = unsafe { &mut *t };
-    *t = AclTuple::default();
-    if tuple(ctx, dir, t) == 0 {
+    s.t = AclTuple::default();
+    if tuple(ctx, dir, &mut s.t) == 0 {
         // Not IP: ARP and the like are answered or dropped before any rule.
         return 0;
     }
     let len = u64::from(ctx.len());
-    let flows = AclFlowKey {
-        vsid,
-        set: t.flow_set(set.flow_sets),
-        ca,
+    s.flow = AclFlowKey {
+        vsid: s.set.vsid,
+        set: s.t.flow_set(set.flow_sets),
+        ca: s.set.ca,
     };
     let now = if set.flow_sets != 0 {
         // SAFETY: a helper without arguments.
         let now = unsafe { bpf_ktime_get_coarse_ns() };
-        let rule = established(&flows, t, dir, now);
+        let rule = established(&s.flow, &s.t, dir, now);
         if rule != 0 {
-            meter(rule, dir, len);
+            meter(s, rule, dir, len);
             return 0;
         }
         now
@@ -86,7 +94,6 @@ pub extern "C" fn nv_acl_check(skb: *mut __sk_buff, ifindex: u32, dir: u32) -> u
     };
     let mut scan = Scan {
         set,
-        t,
         len: set.len,
         found: NONE,
     };
@@ -105,6 +112,7 @@ pub extern "C" fn nv_acl_check(skb: *mut __sk_buff, ifindex: u32, dir: u32) -> u
     let Some(rule) = set.rules.get(scan.found as usize) else {
         return 0;
     };
+    meter(s, rule.id, dir, len);
     if !rule.allows() {
         if let Some(last) = ACL_DENIED.get_ptr_mut(0) {
             // SAFETY: this CPU's slot, read by the monitor's report of this drop.
@@ -112,21 +120,28 @@ pub extern "C" fn nv_acl_check(skb: *mut __sk_buff, ifindex: u32, dir: u32) -> u
         }
         return DENIED;
     }
-    meter(rule.id, dir, len);
-    if rule.is_stateful() && t.trackable() {
+    if rule.is_stateful() && s.t.trackable() {
         if set.flow_sets == 0 {
             crate::counters::count(Counter::AclFlowUntracked);
         } else {
-            track(&flows, t, rule, dir, now);
+            track(&s.flow, &s.t, rule, dir, now);
         }
     }
     0
 }
 
-/// What [`scan_rule`] reads and finds.
+/// What [`nv_acl_check`] works on: the packet's tuple and the keys of its lookups.
+#[repr(C)]
+pub struct AclScratch {
+    t: AclTuple,
+    set: AclSetKey,
+    flow: AclFlowKey,
+    meter: AclMeterKey,
+}
+
+/// What [`scan_rule`] reads and finds (the tuple: in the scratch value).
 struct Scan<'a> {
     set: &'a AclSet,
-    t: &'a AclTuple,
     len: u32,
     /// The index of the first rule that matches, or [`NONE`].
     found: u32,
@@ -149,7 +164,11 @@ unsafe extern "C" fn scan_rule(i: u32, ctx: *mut c_void) -> i64 {
     let Some(rule) = scan.set.rules.get(at as usize) else {
         return 1;
     };
-    if rule.matches(scan.t) {
+    // SAFETY: this CPU's scratch value, filled by `nv_acl_check` before the loop.
+    let Some(t) = ACL_SCRATCH.get(0) else {
+        return 1;
+    };
+    if rule.matches(&t.t) {
         scan.found = i;
         return 1;
     }
@@ -245,7 +264,7 @@ const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 /// The rule of the live connection `t` belongs to (0: none), refreshing its last-seen time.
 #[inline(always)]
 fn established(key: &AclFlowKey, t: &AclTuple, dir: u32, now: u64) -> u32 {
-    let Some(fs) = ACL_FLOWS.get_ptr_mut(*key) else {
+    let Some(fs) = ACL_FLOWS.get_ptr_mut(key) else {
         return 0;
     };
     for w in 0..FLOW_WAYS {
@@ -273,7 +292,7 @@ fn established(key: &AclFlowKey, t: &AclTuple, dir: u32, now: u64) -> u32 {
 /// a free or expired way, or over the oldest.
 #[inline(always)]
 fn track(key: &AclFlowKey, t: &AclTuple, rule: &AclRule, dir: u32, now: u64) {
-    let Some(fs) = ACL_FLOWS.get_ptr_mut(*key) else {
+    let Some(fs) = ACL_FLOWS.get_ptr_mut(key) else {
         crate::counters::count(Counter::AclFlowUntracked);
         return;
     };
@@ -308,8 +327,13 @@ fn track(key: &AclFlowKey, t: &AclTuple, rule: &AclRule, dir: u32, now: u64) {
 
 /// Counts a packet of `len` bytes decided by `rule` going `dir`.
 #[inline(always)]
-fn meter(rule: u32, dir: u32, len: u64) {
-    if let Some(m) = ACL_METERS.get_ptr_mut(AclMeterKey { rule, dir }) {
+fn meter(s: &mut AclScratch, rule: u32, dir: u32, len: u64) {
+    s.meter = AclMeterKey { rule, dir };
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "the key stays in the scratch value, off the stack"
+    )]
+    if let Some(m) = ACL_METERS.get_ptr_mut(&s.meter) {
         // SAFETY: this CPU's value, written only by this CPU while the program runs.
         let m: &mut AclMeter = unsafe { &mut *m };
         m.packets += 1;

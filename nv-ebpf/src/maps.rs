@@ -129,10 +129,10 @@ pub static ACL_FLOWS: HashMap<AclFlowKey, AclFlowSet> = HashMap::pinned(MAX_FLOW
 #[map(name = "NV_ACL_DENIED")]
 pub static ACL_DENIED: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
 
-/// Per CPU: the tuple of the packet the ACLs are looking at (off the stack). Not pinned: a
-/// scratch value of each loaded copy.
-#[map(name = "NV_ACL_TUPLE")]
-pub static ACL_TUPLE: PerCpuArray<nv_common::acl::AclTuple> = PerCpuArray::with_max_entries(1, 0);
+/// Per CPU: the tuple of the packet the ACLs are looking at and its lookups' keys (off the
+/// stack). Not pinned: a scratch value of each loaded copy.
+#[map(name = "NV_ACL_SCRATCH")]
+pub static ACL_SCRATCH: PerCpuArray<crate::acl::AclScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// `BPF_F_NO_PREALLOC`: entries take memory as they are made.
 const NO_PREALLOC: u32 = 1;

@@ -324,6 +324,16 @@ impl Agent {
             cluster: self.cluster.as_ref().map(crate::cluster::Cluster::status),
             routed: Vec::new(),
             dhcp: crate::dhcp::counts::CountsNow::default(),
+            acl_rules: catalog
+                .acls()
+                .list(None)
+                .iter()
+                .map(|r| (r.id, r.vsid))
+                .collect(),
+            acl_ports: crate::tables::acls::vm_ports(catalog),
+            acl_budget: catalog.acls().max_flows,
+            acl_meters: Vec::new(),
+            acl_flows: std::collections::HashMap::new(),
         }
     }
 

@@ -233,6 +233,8 @@ fn serve_metrics(
                         ("metrics", refused[1].over_cap()),
                     ],
                     dhcp: agent.dhcp_counts().read(),
+                    acl_meters: reader.acl_meters()?.into_iter().collect(),
+                    acl_flows: reader.acl_flows()?,
                 })
             };
             let snapshot = live()

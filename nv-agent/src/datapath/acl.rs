@@ -146,36 +146,55 @@ pub fn sync_meters(ebpf: &mut Ebpf, desired: &HashSet<AclMeterKey>) -> Result<Re
     Ok(repair)
 }
 
+/// Each rule's packets and bytes by direction in `m`, summed over all CPUs.
+pub fn read_meters<T: std::borrow::Borrow<MapData>>(
+    m: &PerCpuHashMap<T, AclMeterKey, AclMeter>,
+) -> Result<HashMap<AclMeterKey, AclMeter>> {
+    let mut out = HashMap::new();
+    for entry in m {
+        let (k, per_cpu) = entry.map_err(|e| dp_err("read NV_ACL_METERS", e))?;
+        let sum = per_cpu.iter().fold(AclMeter::default(), |a, v| AclMeter {
+            packets: a.packets + v.packets,
+            bytes: a.bytes + v.bytes,
+        });
+        out.insert(k, sum);
+    }
+    Ok(out)
+}
+
+/// The clock the datapath stamps flows with (`bpf_ktime_get_coarse_ns`), now.
+fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: fills the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// Live tracked connections per VM in `m`.
+pub fn read_flows<T: std::borrow::Borrow<MapData>>(
+    m: &BpfHashMap<T, AclFlowKey, AclFlowSet>,
+) -> Result<HashMap<Vm, u64>> {
+    let now = coarse_now_ns();
+    let mut out: HashMap<Vm, u64> = HashMap::new();
+    for entry in m {
+        let (k, set) = entry.map_err(|e| dp_err("read NV_ACL_FLOWS", e))?;
+        let live = set
+            .ways
+            .iter()
+            .filter(|f| f.valid != 0 && !f.expired(now))
+            .count();
+        *out.entry((k.vsid, k.ca)).or_default() += live as u64;
+    }
+    Ok(out)
+}
+
 impl Datapath {
     /// Each rule's packets and bytes by direction, summed over all CPUs.
     pub fn acl_meters(&mut self) -> Result<HashMap<AclMeterKey, AclMeter>> {
-        let m = meters(&mut self.ebpf)?;
-        let mut out = HashMap::new();
-        for entry in &m {
-            let (k, per_cpu) = entry.map_err(|e| dp_err("read NV_ACL_METERS", e))?;
-            let sum = per_cpu.iter().fold(AclMeter::default(), |a, v| AclMeter {
-                packets: a.packets + v.packets,
-                bytes: a.bytes + v.bytes,
-            });
-            out.insert(k, sum);
-        }
-        Ok(out)
-    }
-
-    /// Live tracked connections per VM at `now_ns` (`bpf_ktime_get_coarse_ns`'s clock).
-    pub fn acl_flows(&mut self, now_ns: u64) -> Result<HashMap<Vm, u64>> {
-        let m = flows(&mut self.ebpf)?;
-        let mut out: HashMap<Vm, u64> = HashMap::new();
-        for entry in &m {
-            let (k, set) = entry.map_err(|e| dp_err("read NV_ACL_FLOWS", e))?;
-            let live = set
-                .ways
-                .iter()
-                .filter(|f| f.valid != 0 && !f.expired(now_ns))
-                .count();
-            *out.entry((k.vsid, k.ca)).or_default() += live as u64;
-        }
-        Ok(out)
+        read_meters(&meters(&mut self.ebpf)?)
     }
 
     /// Takes out the tracked connections the rules now in the maps no longer admit (a deny

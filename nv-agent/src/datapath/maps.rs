@@ -16,7 +16,9 @@ use aya::{
 };
 use nv_common::{
     Counter, DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, V4, VsidStats,
-    VsidStatsKey, VsidTraffic, map_names,
+    VsidStatsKey, VsidTraffic,
+    acl::{AclFlowKey, AclFlowSet, AclMeter, AclMeterKey},
+    map_names,
 };
 
 use super::{Datapath, acl, batch, dp_err};
@@ -105,6 +107,8 @@ pub struct CounterReader {
     counters: PerCpuArray<MapData, u64>,
     vsids: aya::maps::PerCpuHashMap<MapData, u32, VsidTraffic>,
     routed: aya::maps::PerCpuHashMap<MapData, u32, u64>,
+    acl_meters: aya::maps::PerCpuHashMap<MapData, AclMeterKey, AclMeter>,
+    acl_flows: BpfHashMap<MapData, AclFlowKey, AclFlowSet>,
 }
 
 impl CounterReader {
@@ -126,7 +130,23 @@ impl CounterReader {
                 map_names::ROUTED_STATS,
             )?))
             .map_err(|e| dp_err("routed-packets map", e))?,
+            acl_meters: aya::maps::PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(open(
+                map_names::ACL_METERS,
+            )?))
+            .map_err(|e| dp_err("ACL meter map", e))?,
+            acl_flows: BpfHashMap::try_from(aya::maps::Map::HashMap(open(map_names::ACL_FLOWS)?))
+                .map_err(|e| dp_err("ACL flow map", e))?,
         })
+    }
+
+    /// Each ACL rule's packets and bytes by direction.
+    pub fn acl_meters(&self) -> Result<HashMap<AclMeterKey, AclMeter>> {
+        acl::read_meters(&self.acl_meters)
+    }
+
+    /// Live tracked connections per VM.
+    pub fn acl_flows(&self) -> Result<HashMap<crate::tables::acls::Vm, u64>> {
+        acl::read_flows(&self.acl_flows)
     }
 
     /// Routed packets by routing domain number, summed over all CPUs.

@@ -186,6 +186,24 @@ impl AclIndex {
 /// A VM as the ACL maps name it: the VSID and address of its port entry.
 pub type Vm = (u32, nv_common::Addr);
 
+/// This host's VMs with a stateful rule, with their port's name.
+pub fn vm_ports(catalog: &Catalog) -> Vec<(Vm, String)> {
+    if catalog.acls().is_empty() {
+        return Vec::new();
+    }
+    let flows = entries(catalog).flows;
+    let mut out: Vec<(Vm, String)> = catalog
+        .local()
+        .filter(|r| catalog.port_entry_of(r))
+        .filter_map(|r| {
+            let vm = (r.vsid, addr16(r.ca));
+            Some((vm, r.port?)).filter(|_| flows.contains_key(&vm))
+        })
+        .collect();
+    out.sort_by(|a, b| a.1.cmp(&b.1));
+    out
+}
+
 /// What the datapath holds for the rules of this host's VMs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AclEntries {

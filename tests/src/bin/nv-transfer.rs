@@ -11,6 +11,10 @@
 //! nv-transfer udp-sink ADDR --seconds S             counts datagrams for S seconds: "received N"
 //! nv-transfer tap-sink TAP --seconds S              reads frames from tap TAP as QEMU does:
 //!                                                   "received N"
+//! nv-transfer tcp-connect ADDR --count N            N connections, 1 s each:
+//!                                                   "connected C refused R timedout T"
+//! nv-transfer udp-spray ADDR --count N              one datagram from each of N sockets
+//!                                                   (N flows): "sent N"
 //! ```
 use std::{
     collections::BTreeMap,
@@ -65,6 +69,15 @@ fn main() -> Result<()> {
                 Duration::from_secs_f64(flag("--seconds").ok_or("--seconds is required")?.parse()?),
             )?;
             println!("received {got}");
+            return Ok(());
+        }
+        "tcp-connect" => {
+            let (c, r, t) = tcp_connect(addr, number("--count")?)?;
+            println!("connected {c} refused {r} timedout {t}");
+            return Ok(());
+        }
+        "udp-spray" => {
+            println!("sent {}", udp_spray(addr, number("--count")?)?);
             return Ok(());
         }
         _ => {}
@@ -399,4 +412,32 @@ fn tap_sink(name: &str, duration: Duration) -> Result<u64> {
         }
     }
     Ok(got)
+}
+
+/// Opens `count` TCP connections to `addr` one after another, each given 1 s: how many
+/// connected, were refused (a reset: the packets reached the host) and timed out (nothing
+/// came back).
+fn tcp_connect(addr: &str, count: u64) -> Result<(u64, u64, u64)> {
+    let to: std::net::SocketAddr = addr.parse()?;
+    let (mut connected, mut refused, mut timedout) = (0, 0, 0);
+    for _ in 0..count {
+        match TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
+            Ok(_) => connected += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+            Err(_) => timedout += 1,
+        }
+    }
+    Ok((connected, refused, timedout))
+}
+
+/// Sends one datagram to `addr` from each of `count` sockets (each its own source port, so
+/// its own flow).
+fn udp_spray(addr: &str, count: u64) -> Result<u64> {
+    let mut sent = 0;
+    for _ in 0..count {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.send_to(b"nv", addr)?;
+        sent += 1;
+    }
+    Ok(sent)
 }
