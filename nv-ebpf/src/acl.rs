@@ -21,7 +21,8 @@ use nv_common::{
         FLOW_WAYS, MAX_SET_RULES,
     },
     wire::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_AH, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT,
+        IPPROTO_HOPOPTS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP,
     },
 };
 
@@ -211,7 +212,11 @@ fn parse(ctx: &TcContext, dir: u32, t: &mut AclTuple) -> Option<()> {
             let (local, remote) = if out { (8, 24) } else { (24, 8) };
             load_into(ctx, ETH_HLEN + local, &mut t.local)?;
             load_into(ctx, ETH_HLEN + remote, &mut t.remote)?;
-            ETH_HLEN + 40
+            // The rules see the upper-layer protocol behind any extension headers (a TCP
+            // segment behind a hop-by-hop header is still TCP to the VM's stack).
+            let (proto, l4) = upper_layer6(ctx, t.proto);
+            t.proto = proto;
+            l4
         }
         _ => return None,
     };
@@ -240,6 +245,51 @@ fn parse(ctx: &TcContext, dir: u32, t: &mut AclTuple) -> Option<()> {
         _ => {}
     }
     Some(())
+}
+
+/// The upper-layer protocol behind the IPv6 extension headers of the packet whose first
+/// next header is `first`, and where it starts (0: a later fragment, or headers not walked,
+/// which carry no ports). More than four extension headers leave `IPPROTO_FRAGMENT`'s
+/// number: only rules for any protocol match it.
+#[inline(always)]
+fn upper_layer6(ctx: &TcContext, first: u8) -> (u8, usize) {
+    let (mut next, mut off) = (first, ETH_HLEN + 40);
+    for _ in 0..4 {
+        let len = match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let Ok(h) = ctx.load::<[u8; 2]>(off) else {
+                    return (IPPROTO_FRAGMENT, 0);
+                };
+                next = h[0];
+                (usize::from(h[1]) + 1) * 8
+            }
+            IPPROTO_AH => {
+                let Ok(h) = ctx.load::<[u8; 2]>(off) else {
+                    return (IPPROTO_FRAGMENT, 0);
+                };
+                next = h[0];
+                (usize::from(h[1]) + 2) * 4
+            }
+            IPPROTO_FRAGMENT => {
+                let Ok(h) = ctx.load::<[u8; 4]>(off) else {
+                    return (IPPROTO_FRAGMENT, 0);
+                };
+                next = h[0];
+                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+                    return (next, 0);
+                }
+                8
+            }
+            _ => return (next, off),
+        };
+        off += len;
+    }
+    match next {
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => {
+            (IPPROTO_FRAGMENT, 0)
+        }
+        _ => (next, off),
+    }
 }
 
 /// Loads the `N` words at `offset` straight into `dst`, with no copy on the stack.

@@ -576,6 +576,48 @@ const MUTATIONS: &[Mutation] = &[
         removed: "    } else {\n        0\n",
         tests: &["underlay6"],
     },
+    Mutation {
+        name: "ACL: rules see the upper layer behind IPv6 extension headers",
+        file: "nv-ebpf/src/acl.rs",
+        check: "let (proto, l4) = upper_layer6(ctx, t.proto);",
+        removed: "let (proto, l4) = (t.proto, ETH_HLEN + 40);",
+        tests: &["acl_programs"],
+    },
+    Mutation {
+        name: "ACL: a VM's inbound rules are checked at delivery",
+        file: "nv-ebpf/src/deliver.rs",
+        check: "    crate::acl::admits(ctx, port, ifindex, nv_common::acl::DIR_IN)?;",
+        removed: "    let _ = nv_common::acl::DIR_IN;",
+        tests: &["acl_programs"],
+    },
+    Mutation {
+        name: "ACL: a VM's outbound rules are checked before forwarding",
+        file: "nv-ebpf/src/from_vm.rs",
+        check: "        acl::admits(ctx, port, ifindex, DIR_OUT)?;",
+        removed: "        let _ = (acl::admits, DIR_OUT);",
+        tests: &["acl_programs"],
+    },
+    Mutation {
+        name: "ACL: a stateful allow admits its connections' answers",
+        file: "nv-ebpf/src/acl.rs",
+        check: "let rule = established(&s.flow, &s.t, dir, now);",
+        removed: "let rule = 0;",
+        tests: &["acl"],
+    },
+    Mutation {
+        name: "ACL: a VM's flows spread over its whole budget",
+        file: "nv-ebpf/src/acl.rs",
+        check: "        set: s.t.flow_set(set.flow_sets),",
+        removed: "        set: 0,",
+        tests: &["acl"],
+    },
+    Mutation {
+        name: "ACL: deny wins at equal weight",
+        file: "nv-agent/src/model/acl.rs",
+        check: "u8::from(self.action == Action::Allow),",
+        removed: "u8::from(self.action == Action::Deny),",
+        tests: &["acl"],
+    },
 ];
 
 pub fn run(only: Option<&str>) -> anyhow::Result<()> {

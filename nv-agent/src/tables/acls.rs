@@ -260,7 +260,7 @@ pub fn entries(catalog: &Catalog) -> AclEntries {
 }
 
 /// A rule set with no rule, made on the heap (it is 86 KB).
-fn empty_set() -> Box<dp::AclSet> {
+pub fn empty_set() -> Box<dp::AclSet> {
     // SAFETY: every field is an integer or an array of them: all-zero is a valid set.
     unsafe { Box::<dp::AclSet>::new_zeroed().assume_init() }
 }
@@ -286,7 +286,7 @@ fn prefix(s: Option<&Subnet>) -> ([u32; 4], [u32; 4]) {
     (a, m)
 }
 
-fn compile(r: &AclRule) -> dp::AclRule {
+pub fn compile(r: &AclRule) -> dp::AclRule {
     let (remote, remote_mask) = prefix(r.remote.as_ref());
     let (local, local_mask) = prefix(r.local.as_ref());
     let ports = |p: Option<crate::model::acl::PortRange>| p.map_or([0, u16::MAX], |p| [p.0, p.1]);
