@@ -27,7 +27,6 @@ mod routes;
 mod uplink;
 mod vm_ports;
 
-pub use acls::AclName;
 pub use observe::{PortStatus, Published, Status};
 use vm_ports::FdReserve;
 

@@ -378,12 +378,14 @@ struct AclQuery {
     name: Option<String>,
 }
 
-/// ACLs are this host's own until they are distributed through etcd.
+/// In cluster mode ACL rules are etcd's, written by the operator.
 fn acls_alone(a: &Shared) -> ApiResult<()> {
     if a.cluster().is_some() {
         return Err(ApiError(
             StatusCode::CONFLICT,
-            "ACL rules are not distributed through etcd yet: in cluster mode they are refused"
+            "in cluster mode ACL rules live in etcd and are written by the operator: run nvctl \
+             with --etcd-endpoints and the operator's certificate (--etcd-ca-file, \
+             --etcd-cert-file, --etcd-key-file)"
                 .into(),
         ));
     }
@@ -416,8 +418,8 @@ async fn del_acl(
     let Query(q) = q.map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))?;
     acls_alone(&a)?;
     let name = match (q.id, q.name) {
-        (Some(id), None) => crate::agent::AclName::Id(id),
-        (None, Some(n)) => crate::agent::AclName::Name(n),
+        (Some(id), None) => crate::control::acls::AclName::Id(id),
+        (None, Some(n)) => crate::control::acls::AclName::Name(n),
         _ => {
             return Err(ApiError(
                 StatusCode::BAD_REQUEST,

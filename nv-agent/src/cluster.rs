@@ -25,16 +25,19 @@ use crate::{
     etcd_writer::EtcdWriter,
     model::LookupRecord,
     tables::{
-        Change,
+        Change, acls,
         lookups::{ETCD_PREFIX, local_view, parse_etcd_key},
         routes,
     },
 };
 
-/// Whether `key` is a row of a table etcd shares (lookup records, routes); the hosts' own
+/// Whether `key` is a row of a table etcd shares (lookup records, routes, ACL rules); the
+/// hosts' own
 /// keys are not.
 fn table_key(key: &[u8]) -> bool {
-    key.starts_with(ETCD_PREFIX.as_bytes()) || key.starts_with(routes::ETCD_PREFIX.as_bytes())
+    key.starts_with(ETCD_PREFIX.as_bytes())
+        || key.starts_with(routes::ETCD_PREFIX.as_bytes())
+        || key.starts_with(acls::ETCD_PREFIX.as_bytes())
 }
 
 /// Everything nv keeps in etcd, watched by every agent.
@@ -469,6 +472,8 @@ pub fn changes_of(updates: &[Update], me: &str) -> (Vec<usize>, Vec<Change>, Vec
     for (i, (k, v)) in updates.iter().enumerate() {
         let change = if k.starts_with(routes::ETCD_PREFIX.as_bytes()) {
             route_change(k, v.as_deref())
+        } else if k.starts_with(acls::ETCD_PREFIX.as_bytes()) {
+            acl_change(k, v.as_deref())
         } else {
             lookup_change(k, v.as_deref(), me)
         };
@@ -489,9 +494,10 @@ pub fn changes_of(updates: &[Update], me: &str) -> (Vec<usize>, Vec<Change>, Vec
     // by one in that order keeps what a set written in any order keeps (a subnet resized, a
     // VSID moved to another domain, a record at a former gateway).
     let rank = |c: &Change| match c {
-        Change::DelLookup { .. } | Change::DelRoute { .. } => 0,
+        Change::DelLookup { .. } | Change::DelRoute { .. } | Change::DelAcl { .. } => 0,
         Change::PutRoute { route } if route.on_link() => 2,
         Change::PutRoute { .. } => 3,
+        Change::PutAcl { .. } => 4,
         _ => 1,
     };
     let mut order: Vec<usize> = (0..changes.len()).collect();
@@ -546,6 +552,22 @@ fn route_change(k: &[u8], v: Option<&[u8]>) -> Meaning {
             format!("its value is the route {}", routes::show(&r)),
             Some(gone),
         ),
+        Err(e) => Meaning::LeftOut(format!("does not parse: {e}"), Some(gone)),
+    }
+}
+
+/// An ACL rule's key: its rule.
+fn acl_change(k: &[u8], v: Option<&[u8]>) -> Meaning {
+    let Some(id) = acls::parse_etcd_key(k) else {
+        return Meaning::LeftOut("not an ACL rule's key".to_owned(), None);
+    };
+    let gone = Change::DelAcl { id };
+    let Some(v) = v else {
+        return Meaning::Row(gone);
+    };
+    match serde_json::from_slice::<crate::model::acl::AclRule>(v) {
+        Ok(r) if r.id == id => Meaning::Row(Change::PutAcl { rule: r }),
+        Ok(r) => Meaning::LeftOut(format!("its value is ACL rule {}", r.id), Some(gone)),
         Err(e) => Meaning::LeftOut(format!("does not parse: {e}"), Some(gone)),
     }
 }

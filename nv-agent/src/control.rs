@@ -16,6 +16,7 @@ use crate::{
     shared::{Guard, Shared},
 };
 
+pub mod acls;
 pub mod admit;
 pub mod routes;
 

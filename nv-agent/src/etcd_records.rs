@@ -119,6 +119,35 @@ impl EtcdRecords<'_> {
         self.write(&writes, "a route").await
     }
 
+    /// New ACL rules under their ids, every key absent (another writer who took an id
+    /// meanwhile makes it a conflict), all in one transaction or none.
+    pub async fn create_acls(&self, rules: &[crate::model::acl::AclRule]) -> Result<i64> {
+        let writes = rules
+            .iter()
+            .map(|r| {
+                Ok(KeyWrite {
+                    key: crate::tables::acls::etcd_key(r.id),
+                    expect: Expect::Absent,
+                    value: Some(
+                        serde_json::to_vec(r)
+                            .map_err(|e| invalid(format!("cannot encode the rule: {e}")))?,
+                    ),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.write(&writes, "an ACL rule").await
+    }
+
+    /// The ACL rule `id` removed, unchanged since `revision`.
+    pub async fn remove_acl(&self, id: u32, revision: i64) -> Result<i64> {
+        let write = KeyWrite {
+            key: crate::tables::acls::etcd_key(id),
+            expect: Expect::At(revision),
+            value: None,
+        };
+        self.write(&[write], &format!("ACL rule {id}")).await
+    }
+
     async fn write(&self, writes: &[KeyWrite], what: &str) -> Result<i64> {
         self.writer.write(writes).await.map_err(|e| match e {
             EtcdError::Conflict => NvError::Conflict(format!(

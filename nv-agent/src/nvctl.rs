@@ -26,7 +26,7 @@ pub async fn execute(cli: &Cli) -> anyhow::Result<()> {
         Command::Provider(cmd) => provider::execute(&agent, cmd, output).await,
         Command::Lookup(cmd) => lookup::execute(&agent, &cli.etcd, cmd, output).await,
         Command::Route(cmd) => route::execute(&agent, &cli.etcd, cmd, output).await,
-        Command::Acl(cmd) => acl::execute(&agent, cmd, output).await,
+        Command::Acl(cmd) => acl::execute(&agent, &cli.etcd, cmd, output).await,
         Command::Stats { vsid } => stats::execute(&agent, *vsid, output).await,
         Command::Status => status::execute(&agent, output).await,
         Command::Trace(args) => trace::execute(&agent, args, output).await,

@@ -579,6 +579,7 @@ fn a_cluster_trusts_no_single_host() -> anyhow::Result<()> {
 
     the_operator_adds_moves_and_deletes(&bed)?;
     routes_reach_every_hosts_router(&bed, &etcd)?;
+    acls_reach_every_host(&bed, &etcd)?;
     a_host_identity_cannot_change_a_record(&bed, &etcd)?;
     clients_etcd_does_not_know_are_refused(&bed, &etcd)?;
     // The operator's listing (positive control) shows RED and BLUE's records, unchanged.
@@ -639,6 +640,54 @@ fn routes_reach_every_hosts_router(bed: &TwoHosts, etcd: &Etcd) -> anyhow::Resul
     ensure!(
         bed.ping("RED-1", "10.0.0.254", 1)? == 0,
         "the gateway answers after its subnet went"
+    );
+    Ok(())
+}
+
+/// ACL rules are a table etcd shares: the operator's deny reaches the hosts of RED's VMs
+/// (RED's pings stop, BLUE's go on), a host's identity cannot write one, and its deletion
+/// reaches all.
+fn acls_reach_every_host(bed: &TwoHosts, etcd: &Etcd) -> anyhow::Result<()> {
+    let rules = |h: &Host| -> anyhow::Result<usize> {
+        Ok(h.nvctl_json(&["acl", "list"])?
+            .as_array()
+            .context("acl list is a list")?
+            .len())
+    };
+    let deny = [
+        "acl",
+        "add",
+        "--vsid",
+        "5001",
+        "--direction",
+        "in",
+        "--action",
+        "deny",
+        "--protocol",
+        "icmp",
+        "--weight",
+        "10",
+    ];
+    let (ok, err) = nvctl_as(&bed.hosts[0], &[], &deny)?;
+    ensure!(
+        !ok && err.lines().count() == 1 && err.contains("written by the operator"),
+        "a rule through host 1's agent: {ok} {err}"
+    );
+    let rule = r#"{"id":1,"vsid":5001,"direction":"in","action":"deny","weight":10}"#;
+    let e = etcd
+        .ctl_as(Some("host1"), &["put", "/nv/v1/acls/1", rule])
+        .expect_err("etcd lets host 1 write an ACL rule");
+    ensure!(e.to_string().contains("permission denied"), "{e}");
+    let added = bed.hosts[2].nvctl_json(&deny)?;
+    let id = added["id"].as_u64().context("the rule's id")?;
+    converge(bed, "the operator's ACL rule", |_, h| Ok(rules(h)? == 1))?;
+    ensure!(bed.ping("RED-1", "10.0.0.2", 2)? == 0, "RED's pings denied");
+    ensure!(bed.ping("BLUE-1", "10.0.0.2", 2)? == 2, "BLUE's pass");
+    bed.hosts[2].nvctl(&["acl", "del", "--id", &id.to_string()])?;
+    converge(bed, "the rule's deletion", |_, h| Ok(rules(h)? == 0))?;
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 2)? == 2,
+        "RED's pings once the rule went"
     );
     Ok(())
 }

@@ -6,44 +6,22 @@ use tracing::{info, warn};
 
 use super::Agent;
 use crate::{
-    error::{NvError, Result, invalid},
+    control::acls::{AclName, admit_add, pick},
+    error::Result,
     model::acl::{AclListed, AclRule},
     tables::Change,
 };
-
-/// How `nvctl acl del` names a rule.
-pub enum AclName {
-    Id(u32),
-    Name(String),
-}
 
 impl Agent {
     /// Adds rules (an add is an import of one), numbering them; all or none.
     #[tracing::instrument(skip_all, fields(rules = rules.len()))]
     pub async fn add_acls(&mut self, rules: Vec<AclRule>) -> Result<Vec<AclRule>> {
-        let many = rules.len() > 1;
-        let first = self.tables.catalog.acls().next_id();
-        let mut added = Vec::with_capacity(rules.len());
-        for (next, (i, mut r)) in (first..).zip(rules.into_iter().enumerate()) {
-            let numbered = |e: NvError| {
-                if many {
-                    invalid(format!("rule {}: {e}", i + 1))
-                } else {
-                    e
-                }
-            };
-            r.validate().map_err(numbered)?;
-            if let Some(ca) = r.ca
-                && self.tables.catalog.get(&(r.vsid, ca)).is_none()
-            {
-                return Err(numbered(NvError::NotFound(format!(
-                    "no lookup record {ca} in VSID {}: a VM's rules name its record",
-                    r.vsid
-                ))));
-            }
-            r.id = next;
-            added.push(r);
-        }
+        let catalog = &self.tables.catalog;
+        let added = admit_add(
+            catalog.acls(),
+            |vsid, ca| catalog.get(&(vsid, ca)).is_some(),
+            rules,
+        )?;
         let changes: Vec<Change> = added
             .iter()
             .map(|rule| Change::PutAcl { rule: rule.clone() })
@@ -59,14 +37,7 @@ impl Agent {
     /// Takes a rule away.
     #[tracing::instrument(skip_all)]
     pub async fn remove_acl(&mut self, name: AclName) -> Result<AclRule> {
-        let acls = self.tables.catalog.acls();
-        let rule = match name {
-            AclName::Id(id) => acls
-                .get(id)
-                .cloned()
-                .ok_or_else(|| NvError::NotFound(format!("no ACL rule {id}")))?,
-            AclName::Name(n) => acls.by_name(&n)?.clone(),
-        };
+        let rule = pick(self.tables.catalog.acls(), &name)?;
         let changes = [Change::DelAcl { id: rule.id }];
         self.apply(&changes, &HashMap::new(), |_, _| Ok(())).await?;
         self.cut_flows();
@@ -106,7 +77,7 @@ impl Agent {
     }
 
     /// Cuts the tracked connections the rules in the maps no longer admit.
-    fn cut_flows(&mut self) {
+    pub(super) fn cut_flows(&mut self) {
         match self.datapath.cut_flows() {
             Ok(0) => {}
             Ok(n) => info!("cut {n} tracked connection(s) the rules no longer admit"),

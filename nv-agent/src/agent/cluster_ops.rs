@@ -67,6 +67,9 @@ impl Agent {
                 Change::PutRoute { route } => catalog.check_route(&route).map(|()| {
                     catalog.routes_mut().insert(route);
                 }),
+                Change::PutAcl { rule } => rule.validate().map(|()| {
+                    catalog.acls_mut().insert(rule);
+                }),
                 _ => Ok(()),
             };
             if let Err(e) = refused {
@@ -113,6 +116,15 @@ impl Agent {
             for r in self.tables.catalog.routes().list(None) {
                 if !keep.contains(&r.key()) {
                     changes.push(Change::del_route(r.key()));
+                }
+            }
+            let keep: std::collections::HashSet<u32> = updates
+                .iter()
+                .filter_map(|(k, _)| crate::tables::acls::parse_etcd_key(k))
+                .collect();
+            for r in self.tables.catalog.acls().list(None) {
+                if !keep.contains(&r.id) {
+                    changes.push(Change::DelAcl { id: r.id });
                 }
             }
         }
@@ -171,6 +183,9 @@ impl Agent {
             }
         }
         self.try_take_rewrite_pas().await;
+        if changes.iter().any(Change::is_acl) {
+            self.cut_flows();
+        }
         for (i, why) in &left_out {
             warn!(key = %String::from_utf8_lossy(&updates[*i].0), "etcd record left out: {why}");
         }

@@ -1,10 +1,12 @@
 //! `nvctl acl`: port ACL rules, through this host's agent.
 use super::{
-    args::{AclCmd, Output},
+    args::{AclCmd, EtcdArgs, Output},
     client::Client,
+    operator::Operator,
     render,
 };
 use crate::{
+    control::acls::AclName,
     import,
     model::acl::AclRule,
     tables::{Table as _, acls::Acls},
@@ -12,7 +14,13 @@ use crate::{
 
 const IMPORTED: render::Columns = &[("IMPORTED", "imported")];
 
-pub async fn execute(agent: &Client, cmd: &AclCmd, output: Output) -> anyhow::Result<()> {
+pub async fn execute(
+    agent: &Client,
+    etcd: &EtcdArgs,
+    cmd: &AclCmd,
+    output: Output,
+) -> anyhow::Result<()> {
+    let operator = Operator::from_args(etcd, agent)?;
     let columns = Acls::COLUMNS;
     match cmd {
         AclCmd::Add(a) => {
@@ -32,16 +40,27 @@ pub async fn execute(agent: &Client, cmd: &AclCmd, output: Output) -> anyhow::Re
                 stateful: a.stateful,
                 idle_timeout: a.idle_timeout,
             };
-            let added = agent.add_acl(&rule).await?;
+            let added = match &operator {
+                Some(op) => op.add_acls(vec![rule]).await?.remove(0),
+                None => agent.add_acl(&rule).await?,
+            };
             render::one(output, &added, columns)
         }
         AclCmd::Del { id, name } => {
-            let query = match (id, name) {
-                (Some(id), _) => format!("id={id}"),
-                (None, Some(n)) => format!("name={}", urlencoding(n)),
+            let named = match (id, name) {
+                (Some(id), _) => AclName::Id(*id),
+                (None, Some(n)) => AclName::Name(n.clone()),
                 (None, None) => anyhow::bail!("name the rule: --id N or --name TEXT"),
             };
-            let deleted = agent.delete_acl(&query).await?;
+            let deleted = match (&operator, &named) {
+                (Some(op), _) => op.delete_acl(&named).await?,
+                (None, AclName::Id(id)) => agent.delete_acl(&format!("id={id}")).await?,
+                (None, AclName::Name(n)) => {
+                    agent
+                        .delete_acl(&format!("name={}", urlencoding(n)))
+                        .await?
+                }
+            };
             render::one(output, &deleted, columns)
         }
         AclCmd::List { vsid } => render::rows(output, &agent.acls(*vsid).await?, columns),
@@ -59,10 +78,16 @@ pub async fn execute(agent: &Client, cmd: &AclCmd, output: Output) -> anyhow::Re
             let rules: Vec<AclRule> = serde_json::from_slice(&text).map_err(|e| {
                 anyhow::anyhow!("{}: not a JSON list of ACL rules: {e}", file.display())
             })?;
-            let imported = agent
-                .import_acls(&rules)
-                .await
-                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let imported = match &operator {
+                Some(op) => op
+                    .add_acls(rules)
+                    .await
+                    .map(|added| crate::api::types::Imported {
+                        imported: added.len(),
+                    }),
+                None => agent.import_acls(&rules).await,
+            }
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             render::one(output, &imported, IMPORTED)
         }
     }

@@ -21,9 +21,10 @@ use crate::{
     etcd_access::{self, EtcdAccess, TlsFiles},
     etcd_records::EtcdRecords,
     etcd_writer::EtcdWriter,
-    model::{LookupRecord, Rdid, RouteKey, RouteRecord, Subnet},
+    model::{LookupRecord, Rdid, RouteKey, RouteRecord, Subnet, acl::AclRule},
     tables::{
         Table,
+        acls::{self, AclIndex, Acls},
         lookups::{Lookups, etcd_key, local_view, parse_etcd_key, placed},
         routes::{self, RouteIndex, Routes},
     },
@@ -298,6 +299,58 @@ impl<'a> Operator<'a> {
             .map_err(|e| self.said(&e))?;
         self.applied_here(here.as_ref(), revision, &[]).await?;
         Ok(gone)
+    }
+
+    /// Every ACL rule etcd holds that parses, in id order, and how many keys under the rules
+    /// are none.
+    pub async fn held_acls(&self) -> anyhow::Result<(AclIndex, usize)> {
+        let (_, held, bad) = self.rows::<Acls>(acls::parse_etcd_key).await?;
+        Ok((AclIndex::lenient(held), bad))
+    }
+
+    /// Adds ACL rules, all or none, numbered after etcd's and checked against its records.
+    pub async fn add_acls(&self, new: Vec<AclRule>) -> anyhow::Result<Vec<AclRule>> {
+        let here = self.here().await;
+        let catalog = self.catalog().await?;
+        let (held, _) = self.held_acls().await?;
+        let admitted =
+            crate::control::acls::admit_add(&held, |v, ca| catalog.get(&(v, ca)).is_some(), new)?;
+        let revision = self
+            .records()
+            .create_acls(&admitted)
+            .await
+            .map_err(|e| self.said(&e))?;
+        let keys: Vec<(String, String)> = admitted
+            .iter()
+            .map(|r| (acls::etcd_key(r.id), format!("ACL rule {}", r.id)))
+            .collect();
+        self.applied_here(here.as_ref(), revision, &keys).await?;
+        Ok(admitted)
+    }
+
+    /// Takes an ACL rule away, as etcd holds it now.
+    pub async fn delete_acl(
+        &self,
+        name: &crate::control::acls::AclName,
+    ) -> anyhow::Result<AclRule> {
+        let here = self.here().await;
+        let (held, _) = self.held_acls().await?;
+        let rule = crate::control::acls::pick(&held, name)?;
+        let key = acls::etcd_key(rule.id);
+        let at = self
+            .writer
+            .get(&key)
+            .await
+            .map_err(|e| self.said(&e))?
+            .with_context(|| format!("ACL rule {} went from etcd meanwhile", rule.id))?
+            .mod_revision;
+        let revision = self
+            .records()
+            .remove_acl(rule.id, at)
+            .await
+            .map_err(|e| self.said(&e))?;
+        self.applied_here(here.as_ref(), revision, &[]).await?;
+        Ok(rule)
     }
 
     /// Waits until the agent here has applied `revision` (when one runs); a row it left out

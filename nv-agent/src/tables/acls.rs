@@ -20,10 +20,27 @@ use crate::{
 
 pub struct Acls;
 
+/// Where rules live in etcd, by id: `/nv/v1/acls/ID`.
+pub const ETCD_PREFIX: &str = "/nv/v1/acls/";
+
+/// A rule's key in etcd.
+pub fn etcd_key(id: u32) -> String {
+    format!("{ETCD_PREFIX}{id}")
+}
+
+/// The rule id of an etcd key under [`ETCD_PREFIX`].
+pub fn parse_etcd_key(key: &[u8]) -> Option<u32> {
+    let id = std::str::from_utf8(key).ok()?.strip_prefix(ETCD_PREFIX)?;
+    // One spelling per id: no sign, no leading zero.
+    id.parse::<u32>()
+        .ok()
+        .filter(|n| *n != 0 && n.to_string() == id)
+}
+
 impl Table for Acls {
     const NAME: &'static str = "acls";
     const STORE: &'static str = "acls_v1";
-    const ETCD_PREFIX: Option<&'static str> = Some("/nv/v1/acls/");
+    const ETCD_PREFIX: Option<&'static str> = Some(ETCD_PREFIX);
     const COLUMNS: &'static [(&'static str, &'static str)] = &[
         ("ID", "id"),
         ("NAME", "name"),
@@ -96,6 +113,15 @@ impl AclIndex {
             index.rules.insert(r.id, r);
         }
         Ok(index)
+    }
+
+    /// The rules etcd holds, as the operator reads them: each that keeps its own rules.
+    pub fn lenient(rows: Vec<AclRule>) -> AclIndex {
+        let mut index = AclIndex::default();
+        for r in rows.into_iter().filter(|r| r.validate().is_ok()) {
+            index.rules.insert(r.id, r);
+        }
+        index
     }
 
     pub fn get(&self, id: u32) -> Option<&AclRule> {
