@@ -49,7 +49,7 @@ enum Task {
         /// With --baseline: turns of each (the median is compared).
         #[arg(long, default_value_t = 3, requires = "baseline")]
         rounds: u32,
-        /// Measure one part only: programs, e2e, routing, control or cluster.
+        /// Measure one part only: programs, e2e, routing, acls, control or cluster.
         #[arg(long, value_name = "PART")]
         only: Option<String>,
     },

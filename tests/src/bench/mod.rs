@@ -3,10 +3,13 @@
 //!   programs (the floor), with 1K and 1M lookup records.
 //! - `e2e`: the two-host topology for nv encap, nv rewrite, the kernel's VXLAN over a bridge (the
 //!   baseline) and plain routed veth (the ceiling): 64-byte UDP pps, TCP throughput, RTT.
+//! - `acls`: a VM's path with 0, 10 and 1,000 port ACL rules, stateless and stateful,
+//!   against the same path without, program cost and end to end.
 //! - `cluster`: cluster mode: a change from one host to every host's datapath against the same
 //!   change alone, a VM's migration, a million records in etcd.
 //! - `control`: how long `nvctl lookup add` takes until the record is in the datapath; an import
 //!   of a million records against the same entries written straight into a BPF map (`mapfill`).
+pub mod acls;
 pub mod baseline;
 pub mod cluster;
 pub mod control;

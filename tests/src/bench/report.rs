@@ -5,7 +5,7 @@ use std::{fmt::Write as _, path::Path};
 use serde::Serialize;
 
 use super::{
-    cluster, control, e2e,
+    acls, cluster, control, e2e,
     programs::{self, Cost},
     routing,
 };
@@ -26,6 +26,9 @@ pub struct Report {
     pub e2e: Vec<e2e::Result>,
     /// A routed packet against a same-subnet one, with 10 and 10,000 routes.
     pub routing: Vec<routing::Row>,
+    /// A VM's path with port ACLs against the same path without, in one run.
+    #[serde(default)]
+    pub acls: Vec<acls::Row>,
     pub control: control::Result,
     pub cluster: cluster::Result,
     pub goals: Vec<Goal>,
@@ -266,6 +269,7 @@ pub fn table(r: &Report) -> String {
         }
     }
     routing_lines(&mut s, &r.routing);
+    acl_lines(&mut s, &r.acls);
     let c = &r.control;
     let _ = writeln!(
         s,
@@ -306,6 +310,43 @@ pub fn table(r: &Report) -> String {
         );
     }
     s
+}
+
+/// Port ACLs' cost: each configuration against the same path without rules, same run.
+fn acl_lines(s: &mut String, rows: &[acls::Row]) {
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nport ACLs: RED-1's outbound and its peer's inbound rules (the allow last), against the same path without, same run"
+    );
+    let _ = writeln!(
+        s,
+        "{:>6} {:<9} {:>11} {:>9} {:>12} {:>9} {:>10} {:>8}",
+        "rules", "kind", "program ns", "x", "64B pps", "x", "TCP Gb/s", "x"
+    );
+    for r in rows {
+        let ratio = |a: f64, b: f64| {
+            if b > 0.0 {
+                format!("{:.3}", a / b)
+            } else {
+                "-".to_owned()
+            }
+        };
+        let _ = writeln!(
+            s,
+            "{:>6} {:<9} {:>11.1} {:>9} {:>12.0} {:>9} {:>10.2} {:>8}",
+            r.rules,
+            if r.stateful { "stateful" } else { "stateless" },
+            r.program_ns,
+            ratio(r.program_ns, r.program_without_ns),
+            r.pps,
+            ratio(r.pps, r.pps_without),
+            r.tcp_gbps,
+            ratio(r.tcp_gbps, r.tcp_without_gbps),
+        );
+    }
 }
 
 /// The router's cost: each routed row beside the same-subnet row of its route count.

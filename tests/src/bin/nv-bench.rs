@@ -2,7 +2,7 @@
 //! target/bench/results.json and target/bench/e2e.svg.
 use std::path::PathBuf;
 
-use nv_tests::bench::{Scale, baseline, cluster, control, e2e, programs, report, routing};
+use nv_tests::bench::{Scale, acls, baseline, cluster, control, e2e, programs, report, routing};
 
 fn main() {
     if let Err(e) = run() {
@@ -46,9 +46,11 @@ fn run() -> anyhow::Result<()> {
     let only = std::env::args().skip_while(|a| a != "--only").nth(1);
     let wanted = |part: &str| only.as_deref().is_none_or(|o| o == part);
     if let Some(part) = &only
-        && !["programs", "e2e", "routing", "control", "cluster"].contains(&part.as_str())
+        && !["programs", "e2e", "routing", "acls", "control", "cluster"].contains(&part.as_str())
     {
-        anyhow::bail!("--only takes programs, e2e, routing, control or cluster, not '{part}'");
+        anyhow::bail!(
+            "--only takes programs, e2e, routing, acls, control or cluster, not '{part}'"
+        );
     }
     let (programs, overheads) = if wanted("programs") {
         eprintln!("bench: program cost ...");
@@ -65,6 +67,12 @@ fn run() -> anyhow::Result<()> {
     let routing = if wanted("routing") {
         eprintln!("bench: the distributed router ...");
         routing::run(scale)?
+    } else {
+        Vec::new()
+    };
+    let acls = if wanted("acls") {
+        eprintln!("bench: port ACLs ...");
+        acls::run(scale)?
     } else {
         Vec::new()
     };
@@ -87,6 +95,7 @@ fn run() -> anyhow::Result<()> {
         overheads,
         e2e,
         routing,
+        acls,
         control,
         cluster,
         goals,
