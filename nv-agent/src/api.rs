@@ -53,7 +53,7 @@ use crate::{
 const MAX_BODY: usize = 64 * 1024;
 /// An import carries a table: a million records are about 150 MB of JSON.
 const MAX_IMPORT_BODY: usize = 512 * 1024 * 1024;
-/// A routes import: 100,000 routes are about 10 MB of JSON.
+/// A routes import: 100,000 routes are about 10 MB of JSON (an ACL rules import too).
 const MAX_ROUTES_BODY: usize = 16 * 1024 * 1024;
 /// Imports read, parsed and applied at once: each may hold a table's worth of memory, so more
 /// wait their turn (unread) instead of exhausting the host.
@@ -174,7 +174,6 @@ pub fn router(agent: Shared, metrics: crate::metrics::ApiMetrics) -> Router {
             get(list_routes).post(add_route).delete(del_routes),
         )
         .route("/v1/acls", get(list_acls).post(add_acl).delete(del_acl))
-        .route("/v1/acls/import", post(import_acls))
         .route("/v1/stats", get(stats))
         .route("/v1/trace", post(trace))
         .route("/v1/debug", axum::routing::put(debug))
@@ -186,6 +185,12 @@ pub fn router(agent: Shared, metrics: crate::metrics::ApiMetrics) -> Router {
         .route(
             "/v1/monitor",
             get(watch::monitor).layer(ConcurrencyLimitLayer::new(watch::WATCHERS_AT_ONCE)),
+        )
+        .route(
+            "/v1/acls/import",
+            post(import_acls)
+                .layer::<_, std::convert::Infallible>(DefaultBodyLimit::max(MAX_ROUTES_BODY))
+                .layer(ConcurrencyLimitLayer::new(IMPORTS_AT_ONCE)),
         )
         .route(
             "/v1/routes/import",

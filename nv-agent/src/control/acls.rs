@@ -46,7 +46,56 @@ pub fn admit_add(
         r.id = id;
         added.push(r);
     }
+    fits(held, &added)?;
     Ok(added)
+}
+
+/// Whether every VM's rules of each direction, its own and its VSID's, still fit the
+/// datapath's rule set ([`nv_common::acl::MAX_SET_RULES`]) with `added`.
+fn fits(held: &AclIndex, added: &[AclRule]) -> Result<()> {
+    use std::collections::HashMap;
+    // Per (VSID, direction): rules on the whole VSID, and on each CA.
+    let mut wide: HashMap<(u32, u32), usize> = HashMap::new();
+    let mut own: HashMap<(u32, u32, std::net::IpAddr), usize> = HashMap::new();
+    for r in held.list(None).iter().chain(added) {
+        for dir in [nv_common::acl::DIR_IN, nv_common::acl::DIR_OUT] {
+            if !r.direction.covers(dir) {
+                continue;
+            }
+            match r.ca {
+                Some(ca) => *own.entry((r.vsid, dir, ca)).or_default() += 1,
+                None => *wide.entry((r.vsid, dir)).or_default() += 1,
+            }
+        }
+    }
+    let max = nv_common::acl::MAX_SET_RULES;
+    for r in added {
+        for dir in [nv_common::acl::DIR_IN, nv_common::acl::DIR_OUT] {
+            let vsid_rules = wide.get(&(r.vsid, dir)).copied().unwrap_or(0);
+            let most = own
+                .iter()
+                .filter(|((v, d, ca), _)| {
+                    *v == r.vsid && *d == dir && r.ca.is_none_or(|c| c == *ca)
+                })
+                .map(|(_, n)| *n)
+                .max()
+                .unwrap_or(0);
+            if vsid_rules + most > max {
+                return Err(invalid(format!(
+                    "{} would have {} rules for what it {}: a VM's own and its VSID's rules \
+                     of a direction are {max} at most",
+                    r.target(),
+                    vsid_rules + most,
+                    if dir == nv_common::acl::DIR_IN {
+                        "receives"
+                    } else {
+                        "sends"
+                    }
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The rule `name` names in `held`.
