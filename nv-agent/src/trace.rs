@@ -84,6 +84,9 @@ pub struct Outcome {
     /// And its bytes, hex, for another decoder.
     #[serde(default)]
     pub output_frame: Option<String>,
+    /// For an ACL's deny: the rule's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<u32>,
 }
 
 /// What a trace needs of the host.
@@ -442,6 +445,10 @@ fn why(out: &Outcome, req: &Request) -> String {
                 }
                 "port_gone" => "the destination's port is gone (or being re-created)".into(),
                 "port_down" => "the destination's port is down".into(),
+                "vm_acl_denied" => "a rule of the sender's port ACL denies what it sends".into(),
+                "acl_in_denied" => {
+                    "a rule of the destination's port ACL denies what it receives".into()
+                }
                 _ => "see `nvctl stats` for the counter".into(),
             };
             format!("dropped as {reason}: {detail}")

@@ -66,12 +66,13 @@ pub mod map_names {
     pub const SLOW_BUCKET: &str = "NV_SLOW_BUCKET";
     /// Not pinned: each loaded copy of the programs has its own ([`RedirectTrace`]).
     pub const TRACE_REDIRECT: &str = "NV_TRACE_REDIRECT";
-    /// Port ACLs ([`crate::acl`]): rule sets, meters, tracked connections, the last deny.
+    /// Port ACLs ([`crate::acl`]): rule sets, meters, tracked connections; the last deny
+    /// (not pinned: each loaded copy has its own).
     pub const ACL_SETS: &str = "NV_ACL_SETS";
     pub const ACL_METERS: &str = "NV_ACL_METERS";
     pub const ACL_FLOWS: &str = "NV_ACL_FLOWS";
     pub const ACL_DENIED: &str = "NV_ACL_DENIED";
-    pub const ALL: [&str; 28] = [
+    pub const ALL: [&str; 27] = [
         LOOKUPS,
         PORTS,
         LOCAL_PAS,
@@ -99,7 +100,6 @@ pub mod map_names {
         ACL_SETS,
         ACL_METERS,
         ACL_FLOWS,
-        ACL_DENIED,
     ];
 }
 

@@ -125,9 +125,10 @@ pub static ACL_METERS: PerCpuHashMap<AclMeterKey, AclMeter> =
 #[map(name = "NV_ACL_FLOWS")]
 pub static ACL_FLOWS: HashMap<AclFlowKey, AclFlowSet> = HashMap::pinned(MAX_FLOW_SETS, NO_PREALLOC);
 
-/// Per CPU: the ACL rule behind the last deny, for the monitor's report of it.
+/// Per CPU: the ACL rule behind the last deny, for the monitor's report of it (in the same
+/// run) and a trace's. Not pinned: each loaded copy has its own.
 #[map(name = "NV_ACL_DENIED")]
-pub static ACL_DENIED: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
+pub static ACL_DENIED: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per CPU: the tuple of the packet the ACLs are looking at and its lookups' keys (off the
 /// stack). Not pinned: a scratch value of each loaded copy.

@@ -132,6 +132,16 @@ fn a_vm_that_may_only_connect_out() -> anyhow::Result<()> {
                 .all(|e| e["rule"].as_u64() == Some(deny_in) && e["dst"] == "10.0.0.1"),
         "the monitor names rule {deny_in}: {events:?}"
     );
+    // `nvctl trace` names the rule too.
+    let t = h0.nvctl_json(&[
+        "trace", "--port", "red3", "--dst", "10.0.0.1", "--proto", "tcp", "--dport", "22",
+    ])?;
+    ensure!(
+        t["verdict"] == "drop"
+            && t["counter"] == "drop_acl_in_denied"
+            && t["rule"].as_u64() == Some(deny_in),
+        "trace: {t}"
+    );
     ensure!(bed.ping("RED-2", "10.0.0.1", 2)? == 0, "ping in is denied");
     ensure!(
         bed.ping("RED-1", "10.0.0.2", 2)? == 0,

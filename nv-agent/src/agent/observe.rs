@@ -352,9 +352,11 @@ impl Agent {
         if self.tracer.is_none() {
             self.tracer = Some(Datapath::load_tracer(&self.pin_path, self.max_lookups)?);
         }
-        let tracer = self.tracer.as_ref().expect("loaded above");
+        let tracer = self.tracer.as_mut().expect("loaded above");
+        tracer.clear_acl_denied()?;
         let before = tracer.counters()?;
         let run = tracer.test_run(built.program, &built.frame, built.ifindex, 1)?;
+        let rule = tracer.acl_denied()?;
         let counted: Vec<&'static str> = tracer
             .counters()?
             .iter()
@@ -362,12 +364,11 @@ impl Agent {
             .filter(|((_, after), (_, was))| after > was)
             .map(|((c, _), _)| c.name())
             .collect();
-        Ok(crate::trace::outcome(
-            built,
-            &run,
-            &counted,
-            &self.port_names(),
-            req,
-        ))
+        let mut out = crate::trace::outcome(built, &run, &counted, &self.port_names(), req);
+        if rule != 0 && out.verdict == "drop" {
+            out.rule = Some(rule);
+            out.why = format!("{} (ACL rule {rule})", out.why);
+        }
+        Ok(out)
     }
 }

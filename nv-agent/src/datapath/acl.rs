@@ -197,6 +197,37 @@ impl Datapath {
         read_meters(&meters(&mut self.ebpf)?)
     }
 
+    /// The ACL rule behind this copy's last deny (0: none since [`Datapath::clear_acl_denied`]).
+    pub fn acl_denied(&self) -> Result<u32> {
+        Ok(self
+            .acl_denied_map()?
+            .get(&0, 0)
+            .map_err(|e| dp_err("read NV_ACL_DENIED", e))?
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0))
+    }
+
+    /// Forgets this copy's last deny (a trace's copy, before its run).
+    pub fn clear_acl_denied(&mut self) -> Result<()> {
+        let cpus = nr_cpus().map_err(|(_, e)| dp_err("count the CPUs", e))?;
+        let zero = PerCpuValues::try_from(vec![0u32; cpus])
+            .map_err(|e| dp_err("NV_ACL_DENIED's values", e))?;
+        let mut m: aya::maps::PerCpuArray<&mut MapData, u32> =
+            map(&mut self.ebpf, map_names::ACL_DENIED)?;
+        m.set(0, zero, 0)
+            .map_err(|e| dp_err("clear NV_ACL_DENIED", e))
+    }
+
+    fn acl_denied_map(&self) -> Result<aya::maps::PerCpuArray<&MapData, u32>> {
+        let m = self
+            .ebpf
+            .map(map_names::ACL_DENIED)
+            .ok_or_else(|| crate::error::NvError::datapath("NV_ACL_DENIED missing"))?;
+        aya::maps::PerCpuArray::try_from(m).map_err(|e| dp_err("NV_ACL_DENIED", e))
+    }
+
     /// Takes out the tracked connections the rules now in the maps no longer admit (a deny
     /// added, a stateful allow taken away), and names the rule that admits the others.
     /// Returns how many went.

@@ -114,7 +114,7 @@ pub fn purge(pin_path: &Path) -> Result<()> {
     clippy::too_many_lines,
     reason = "one entry per map, formatted one field a line"
 )]
-fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u32>); 28] {
+fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u32>); 27] {
     use std::mem::size_of;
 
     use aya::maps::MapType::{
@@ -271,7 +271,6 @@ fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u3
             size_of::<acl::AclFlowSet>(),
             Some(acl::MAX_FLOW_SETS),
         ),
-        (map_names::ACL_DENIED, P, 4, 4, Some(1)),
     ]
 }
 
