@@ -194,6 +194,9 @@ impl Agent {
         }
         agent.tables.base = agent.base_config();
         agent.reconcile().await?;
+        // Connections an earlier run tracked that the rules no longer admit (it may have
+        // stopped between a change and its cut).
+        agent.cut_flows();
         // A store of an agent before rewrite PAs were the datapath's.
         agent.take_rewrite_pas().await?;
         agent.datapath.finish_migration()?;

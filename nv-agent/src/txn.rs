@@ -958,15 +958,7 @@ fn acl_writes(
     grow: &mut Plan,
     shrink: &mut Plan,
 ) {
-    for (k, v) in &after.sets {
-        let was = before.sets.get(k);
-        if was != Some(v) {
-            grow.push(
-                Write::AclSet(*k, Some(v.clone())),
-                Write::AclSet(*k, was.cloned()),
-            );
-        }
-    }
+    // Flow sets and meters before the sets whose rules use them.
     for (vm, n) in &after.flows {
         let was = before.flows.get(vm).copied();
         if was != Some(*n) {
@@ -975,6 +967,15 @@ fn acl_writes(
     }
     for k in after.meters.difference(&before.meters) {
         grow.push(Write::AclMeter(*k, true), Write::AclMeter(*k, false));
+    }
+    for (k, v) in &after.sets {
+        let was = before.sets.get(k);
+        if was != Some(v) {
+            grow.push(
+                Write::AclSet(*k, Some(v.clone())),
+                Write::AclSet(*k, was.cloned()),
+            );
+        }
     }
     for (k, v) in &before.sets {
         if !after.sets.contains_key(k) {

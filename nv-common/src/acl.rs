@@ -15,10 +15,11 @@ pub const FLOW_WAYS: usize = 4;
 pub const MAX_ACL_SETS: u32 = 8_192;
 /// Entries of the meter map: a rule counted in each direction.
 pub const MAX_ACL_METERS: u32 = 131_072;
-/// Flow sets on a host, all ports together (4 flows each).
-pub const MAX_FLOW_SETS: u32 = 1 << 18;
-/// The default budget of tracked connections per VM port.
-pub const DEFAULT_MAX_FLOWS: u32 = 4_096;
+/// Flow sets on a host, all ports together (4 flows each, 224 bytes): made as VMs get
+/// stateful rules, so only the hash's buckets are taken up front.
+pub const MAX_FLOW_SETS: u32 = 1 << 20;
+/// The default budget of tracked connections per VM port (115 KB of flow sets).
+pub const DEFAULT_MAX_FLOWS: u32 = 2_048;
 
 /// Into the VM (delivered to its port).
 pub const DIR_IN: u32 = 0;

@@ -71,9 +71,13 @@ pub extern "C" fn nv_acl_check(skb: *mut __sk_buff, ifindex: u32, dir: u32) -> u
         return DENIED;
     };
     s.t = AclTuple::default();
-    if tuple(ctx, dir, &mut s.t) == 0 {
+    match tuple(ctx, dir, &mut s.t) {
         // Not IP: ARP and the like are answered or dropped before any rule.
-        return 0;
+        NOT_IP => return 0,
+        TUPLE => {}
+        // IP whose protocol or ports cannot be read (cut short, or behind more extension
+        // headers than are walked): what the rules would say is unknown, so it does not pass.
+        _ => return DENIED,
     }
     let len = u64::from(ctx.len());
     s.flow = AclFlowKey {
@@ -84,9 +88,10 @@ pub extern "C" fn nv_acl_check(skb: *mut __sk_buff, ifindex: u32, dir: u32) -> u
     let now = if set.flow_sets != 0 {
         // SAFETY: a helper without arguments.
         let now = unsafe { bpf_ktime_get_coarse_ns() };
-        let rule = established(&s.flow, &s.t, dir, now);
+        let (rule, opened) = established(&s.flow, &s.t, dir, now);
         if rule != 0 {
-            meter(s, rule, dir, len);
+            // Metered under the direction of the rule that admitted the connection.
+            meter(s, rule, opened, len);
             return 0;
         }
         now
@@ -176,16 +181,26 @@ unsafe extern "C" fn scan_rule(i: u32, ctx: *mut c_void) -> i64 {
     0
 }
 
-/// Fills `t` with the packet's tuple from the VM's side: 1, or 0 when it is not IP.
+/// What [`tuple`] made of a frame.
+const NOT_IP: u32 = 0;
+const TUPLE: u32 = 1;
+const UNKNOWN: u32 = 2;
+
+/// Fills `t` with the packet's tuple from the VM's side: [`TUPLE`], [`NOT_IP`], or
+/// [`UNKNOWN`] for IP whose protocol or ports cannot be read.
 #[inline(always)]
 fn tuple(ctx: &TcContext, dir: u32, t: &mut AclTuple) -> u32 {
-    parse(ctx, dir, t).map_or(0, |()| 1)
+    match parse(ctx, dir, t) {
+        Some(true) => TUPLE,
+        Some(false) => NOT_IP,
+        None => UNKNOWN,
+    }
 }
 
 // Fields are loaded straight into `t`: whole headers would make this frame, on top of the
 // IPv6 forwarding path's, too big for the 512 bytes of a call chain.
 #[inline(always)]
-fn parse(ctx: &TcContext, dir: u32, t: &mut AclTuple) -> Option<()> {
+fn parse(ctx: &TcContext, dir: u32, t: &mut AclTuple) -> Option<bool> {
     let out = dir == DIR_OUT;
     let proto: [u8; 2] = ctx.load(ETH_HLEN - 2).ok()?;
     let l4 = match u16::from_be_bytes(proto) {
@@ -214,18 +229,18 @@ fn parse(ctx: &TcContext, dir: u32, t: &mut AclTuple) -> Option<()> {
             load_into(ctx, ETH_HLEN + remote, &mut t.remote)?;
             // The rules see the upper-layer protocol behind any extension headers (a TCP
             // segment behind a hop-by-hop header is still TCP to the VM's stack).
-            let (proto, l4) = upper_layer6(ctx, t.proto);
+            let (proto, l4) = upper_layer6(ctx, t.proto)?;
             t.proto = proto;
             l4
         }
-        _ => return None,
+        _ => return Some(false),
     };
     if l4 == 0 {
-        return Some(());
+        return Some(true);
     }
     match t.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
-            let ports: [u8; 4] = ctx.load(l4).unwrap_or([0; 4]);
+            let ports: [u8; 4] = ctx.load(l4).ok()?;
             let (sport, dport) = (
                 u16::from_be_bytes([ports[0], ports[1]]),
                 u16::from_be_bytes([ports[2], ports[3]]),
@@ -233,7 +248,7 @@ fn parse(ctx: &TcContext, dir: u32, t: &mut AclTuple) -> Option<()> {
             (t.lport, t.rport) = if out { (sport, dport) } else { (dport, sport) };
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            let icmp: [u8; 6] = ctx.load(l4).unwrap_or([0xff; 6]);
+            let icmp: [u8; 6] = ctx.load(l4).ok()?;
             t.echo = match (t.proto, icmp[0]) {
                 (IPPROTO_ICMP, 8) | (IPPROTO_ICMPV6, 128) => AclTuple::ECHO_REQUEST,
                 (IPPROTO_ICMP, 0) | (IPPROTO_ICMPV6, 129) => AclTuple::ECHO_REPLY,
@@ -244,51 +259,42 @@ fn parse(ctx: &TcContext, dir: u32, t: &mut AclTuple) -> Option<()> {
         }
         _ => {}
     }
-    Some(())
+    Some(true)
 }
 
 /// The upper-layer protocol behind the IPv6 extension headers of the packet whose first
-/// next header is `first`, and where it starts (0: a later fragment, or headers not walked,
-/// which carry no ports). More than four extension headers leave `IPPROTO_FRAGMENT`'s
-/// number: only rules for any protocol match it.
+/// next header is `first`, and where it starts (0: a later fragment, which carries no ports);
+/// `None` when a header cannot be read or there are more than four.
 #[inline(always)]
-fn upper_layer6(ctx: &TcContext, first: u8) -> (u8, usize) {
+fn upper_layer6(ctx: &TcContext, first: u8) -> Option<(u8, usize)> {
     let (mut next, mut off) = (first, ETH_HLEN + 40);
     for _ in 0..4 {
         let len = match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                let Ok(h) = ctx.load::<[u8; 2]>(off) else {
-                    return (IPPROTO_FRAGMENT, 0);
-                };
+                let h: [u8; 2] = ctx.load(off).ok()?;
                 next = h[0];
                 (usize::from(h[1]) + 1) * 8
             }
             IPPROTO_AH => {
-                let Ok(h) = ctx.load::<[u8; 2]>(off) else {
-                    return (IPPROTO_FRAGMENT, 0);
-                };
+                let h: [u8; 2] = ctx.load(off).ok()?;
                 next = h[0];
                 (usize::from(h[1]) + 2) * 4
             }
             IPPROTO_FRAGMENT => {
-                let Ok(h) = ctx.load::<[u8; 4]>(off) else {
-                    return (IPPROTO_FRAGMENT, 0);
-                };
+                let h: [u8; 4] = ctx.load(off).ok()?;
                 next = h[0];
                 if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
-                    return (next, 0);
+                    return Some((next, 0));
                 }
                 8
             }
-            _ => return (next, off),
+            _ => return Some((next, off)),
         };
         off += len;
     }
     match next {
-        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => {
-            (IPPROTO_FRAGMENT, 0)
-        }
-        _ => (next, off),
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => None,
+        _ => Some((next, off)),
     }
 }
 
@@ -311,11 +317,17 @@ fn load_into<const N: usize>(ctx: &TcContext, offset: usize, dst: &mut [u32; N])
 /// The third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), as loaded.
 const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
-/// The rule of the live connection `t` belongs to (0: none), refreshing its last-seen time.
+/// The rule of the live connection `t` belongs to (0: none) and the direction it was opened
+/// in, refreshing its last-seen time.
 #[inline(always)]
-fn established(key: &AclFlowKey, t: &AclTuple, dir: u32, now: u64) -> u32 {
+fn established(key: &AclFlowKey, t: &AclTuple, dir: u32, now: u64) -> (u32, u32) {
+    // Of ICMP only echoes belong to a connection: an error or a timestamp request from a
+    // pinged peer meets the rules.
+    if (t.proto == IPPROTO_ICMP || t.proto == IPPROTO_ICMPV6) && t.echo == 0 {
+        return (0, 0);
+    }
     let Some(fs) = ACL_FLOWS.get_ptr_mut(key) else {
-        return 0;
+        return (0, 0);
     };
     for w in 0..FLOW_WAYS {
         // SAFETY: the map's value; other CPUs may write a way at once, which at worst loses
@@ -328,14 +340,14 @@ fn established(key: &AclFlowKey, t: &AclTuple, dir: u32, now: u64) -> u32 {
         }
         // An echo's answer passes, not another request the other way.
         if t.echo != 0 && (t.echo == AclTuple::ECHO_REQUEST) != (u32::from(f.dir) == dir) {
-            return 0;
+            return (0, 0);
         }
         if now.wrapping_sub(f.seen_ns) > SEEN_EVERY_NS {
             f.seen_ns = now;
         }
-        return f.rule;
+        return (f.rule, u32::from(f.dir));
     }
-    0
+    (0, 0)
 }
 
 /// Records the connection `t` the stateful `rule` admitted in the port's flow set `key`: in

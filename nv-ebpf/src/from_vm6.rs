@@ -258,16 +258,19 @@ fn forward(ctx: &TcContext, port: &PortInfo, ifindex: u32, bounced: bool) -> Res
     // table in a form the verifier could not bound, and a sixth argument is one too many. One
     // more call per packet; no extension headers is one comparison.
     let (proto, l4) = headers(ctx)?;
-    // As for IPv4: the port's rules, before anything else (not again for the segments).
+    let ip: &Ipv6Hdr =
+        view_at(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(Counter::DropVmMalformed)?;
+    if !nd::is_own(port, ifindex, &ip.src) {
+        return Err(Counter::DropVmSpoofedIp);
+    }
+    // As for IPv4: the port's rules, after the identity checks and before anything else
+    // (not again for the segments).
     if !bounced {
         crate::acl::admits(ctx, port, ifindex, nv_common::acl::DIR_OUT)?;
     }
     let len = ctx.len();
     let ip: &Ipv6Hdr =
         view_at(ctx.data(), ctx.data_end(), ETH_HLEN).ok_or(Counter::DropVmMalformed)?;
-    if !nd::is_own(port, ifindex, &ip.src) {
-        return Err(Counter::DropVmSpoofedIp);
-    }
     let eth: &EthHdr = view_at(ctx.data(), ctx.data_end(), 0).ok_or(Counter::DropVmMalformed)?;
     let rdid = router::routed_in(port, &eth.dst, bounced);
     let (vsid, target) = match rdid {

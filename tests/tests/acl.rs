@@ -152,10 +152,61 @@ fn a_vm_that_may_only_connect_out() -> anyhow::Result<()> {
     ensure!(bed.ping("RED-3", "10.0.0.2", 3)? == 3, "RED-3 -> RED-2");
     ensure!(bed.ping("BLUE-1", "10.0.0.2", 2)? == 2, "BLUE is untouched");
 
+    bad_rules_are_refused_in_one_line(&bed)?;
     weights_decide(&bed)?;
     the_meter_counts_what_was_sent(&bed)?;
     a_deny_added_later_cuts_connections(&bed)?;
     deleted_by_name_and_restarted(&mut bed, deny_in)?;
+    Ok(())
+}
+
+/// Each rule a rule keeps on its own, refused with what to do, and nothing added.
+fn bad_rules_are_refused_in_one_line(bed: &TwoHosts) -> anyhow::Result<()> {
+    let h = &bed.hosts[0];
+    let before = rules(bed, 0)?.len();
+    let r1 = red("10.0.0.1");
+    for (spec, says) in [
+        (
+            format!("{r1} --direction in --action deny --weight 0"),
+            "weight",
+        ),
+        (
+            format!("{r1} --direction in --action deny --weight 5 --remote-port 80"),
+            "--protocol tcp or udp",
+        ),
+        (
+            format!("{r1} --direction in --action deny --weight 5 --stateful"),
+            "--action allow",
+        ),
+        (
+            format!(
+                "{r1} --direction in --action deny --weight 5 --remote 10.0.0.0/8 --local fd00::/64"
+            ),
+            "families",
+        ),
+        (
+            format!(
+                "{r1} --direction in --action deny --weight 5 --protocol icmpv6 --remote 10.0.0.0/8"
+            ),
+            "IPv4",
+        ),
+        (
+            format!("--vsid {RED_VSID} --ca 10.0.0.77 --direction in --action deny --weight 5"),
+            "no lookup record",
+        ),
+        (
+            format!(
+                "{r1} --direction in --action deny --weight 5 --remote-port 9-1 --protocol tcp"
+            ),
+            "range",
+        ),
+    ] {
+        let mut args = vec!["acl", "add"];
+        args.extend(spec.split_whitespace());
+        h.expect_refused(&args, says)?;
+    }
+    h.expect_refused(&["acl", "del", "--id", "999"], "no ACL rule 999")?;
+    ensure!(rules(bed, 0)?.len() == before, "nothing was added");
     Ok(())
 }
 

@@ -579,7 +579,7 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "ACL: rules see the upper layer behind IPv6 extension headers",
         file: "nv-ebpf/src/acl.rs",
-        check: "let (proto, l4) = upper_layer6(ctx, t.proto);",
+        check: "let (proto, l4) = upper_layer6(ctx, t.proto)?;",
         removed: "let (proto, l4) = (t.proto, ETH_HLEN + 40);",
         tests: &["acl_programs"],
     },
@@ -600,8 +600,8 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "ACL: a stateful allow admits its connections' answers",
         file: "nv-ebpf/src/acl.rs",
-        check: "let rule = established(&s.flow, &s.t, dir, now);",
-        removed: "let rule = 0;",
+        check: "let (rule, opened) = established(&s.flow, &s.t, dir, now);",
+        removed: "let (rule, opened) = (0, dir);",
         tests: &["acl"],
     },
     Mutation {

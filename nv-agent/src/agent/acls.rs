@@ -19,7 +19,13 @@ impl Agent {
         let catalog = &self.tables.catalog;
         let added = admit_add(
             catalog.acls(),
-            |vsid, ca| catalog.get(&(vsid, ca)).is_some(),
+            |vsid, ca| {
+                let r = catalog.get(&(vsid, ca))?;
+                Some(match r.port.as_deref() {
+                    Some(port) => catalog.on_port(port).iter().map(|r| r.ca).collect(),
+                    None => vec![r.ca],
+                })
+            },
             rules,
         )?;
         let changes: Vec<Change> = added

@@ -16,11 +16,13 @@ pub enum AclName {
     Name(String),
 }
 
-/// Numbers `rules` after `held`'s and checks each: its own rules, and that the record a VM's
-/// rule names exists (`has_record`). All or none; an import's errors name the rule.
+/// Numbers `rules` after `held`'s and checks each: its own rules, that the record a VM's
+/// rule names exists (`vm_of`: the addresses of the VM whose record it is, its IPv4 and IPv6
+/// ones; `None` without a record), and that every VM's rules still fit the datapath. All or
+/// none; an import's errors name the rule.
 pub fn admit_add(
     held: &AclIndex,
-    has_record: impl Fn(u32, std::net::IpAddr) -> bool,
+    vm_of: impl Fn(u32, std::net::IpAddr) -> Option<Vec<std::net::IpAddr>>,
     rules: Vec<AclRule>,
 ) -> Result<Vec<AclRule>> {
     let many = rules.len() > 1;
@@ -36,7 +38,7 @@ pub fn admit_add(
         };
         r.validate().map_err(numbered)?;
         if let Some(ca) = r.ca
-            && !has_record(r.vsid, ca)
+            && vm_of(r.vsid, ca).is_none()
         {
             return Err(numbered(NvError::NotFound(format!(
                 "no lookup record {ca} in VSID {}: a VM's rules name its record",
@@ -46,19 +48,25 @@ pub fn admit_add(
         r.id = id;
         added.push(r);
     }
-    fits(held, &added)?;
+    fits(held, &added, &vm_of)?;
     Ok(added)
 }
 
-/// Whether every VM's rules of each direction, its own and its VSID's, still fit the
-/// datapath's rule set ([`nv_common::acl::MAX_SET_RULES`]) with `added`.
-fn fits(held: &AclIndex, added: &[AclRule]) -> Result<()> {
+/// Whether every VM's rules of each direction, its own (on any of its addresses) and its
+/// VSID's, still fit the datapath's rule set ([`nv_common::acl::MAX_SET_RULES`]) with
+/// `added`.
+fn fits(
+    held: &AclIndex,
+    added: &[AclRule],
+    vm_of: &impl Fn(u32, std::net::IpAddr) -> Option<Vec<std::net::IpAddr>>,
+) -> Result<()> {
+    use nv_common::acl::{DIR_IN, DIR_OUT, MAX_SET_RULES};
     use std::collections::HashMap;
     // Per (VSID, direction): rules on the whole VSID, and on each CA.
     let mut wide: HashMap<(u32, u32), usize> = HashMap::new();
     let mut own: HashMap<(u32, u32, std::net::IpAddr), usize> = HashMap::new();
     for r in held.list(None).iter().chain(added) {
-        for dir in [nv_common::acl::DIR_IN, nv_common::acl::DIR_OUT] {
+        for dir in [DIR_IN, DIR_OUT] {
             if !r.direction.covers(dir) {
                 continue;
             }
@@ -68,29 +76,33 @@ fn fits(held: &AclIndex, added: &[AclRule]) -> Result<()> {
             }
         }
     }
-    let max = nv_common::acl::MAX_SET_RULES;
+    // A VM's own rules: those on each of its addresses.
+    let vm_rules = |vsid: u32, dir: u32, ca: std::net::IpAddr| -> usize {
+        vm_of(vsid, ca)
+            .unwrap_or_else(|| vec![ca])
+            .iter()
+            .map(|a| own.get(&(vsid, dir, *a)).copied().unwrap_or(0))
+            .sum()
+    };
     for r in added {
-        for dir in [nv_common::acl::DIR_IN, nv_common::acl::DIR_OUT] {
+        for dir in [DIR_IN, DIR_OUT] {
             let vsid_rules = wide.get(&(r.vsid, dir)).copied().unwrap_or(0);
-            let most = own
-                .iter()
-                .filter(|((v, d, ca), _)| {
-                    *v == r.vsid && *d == dir && r.ca.is_none_or(|c| c == *ca)
-                })
-                .map(|(_, n)| *n)
-                .max()
-                .unwrap_or(0);
-            if vsid_rules + most > max {
+            let most = match r.ca {
+                Some(ca) => vm_rules(r.vsid, dir, ca),
+                None => own
+                    .keys()
+                    .filter(|(v, d, _)| *v == r.vsid && *d == dir)
+                    .map(|(_, _, ca)| vm_rules(r.vsid, dir, *ca))
+                    .max()
+                    .unwrap_or(0),
+            };
+            if vsid_rules + most > MAX_SET_RULES {
                 return Err(invalid(format!(
                     "{} would have {} rules for what it {}: a VM's own and its VSID's rules \
-                     of a direction are {max} at most",
+                     of a direction are {MAX_SET_RULES} at most",
                     r.target(),
                     vsid_rules + most,
-                    if dir == nv_common::acl::DIR_IN {
-                        "receives"
-                    } else {
-                        "sends"
-                    }
+                    if dir == DIR_IN { "receives" } else { "sends" }
                 )));
             }
         }

@@ -38,6 +38,19 @@ pub fn set_flows(ebpf: &mut Ebpf, vm: Vm, n: Option<u32>) -> Result<()> {
             Ok(()) => {}
             // Already there: its flows stay.
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            // The host's flow table is full: this VM's stateful rules track what fits (the
+            // rest counts as acl_flow_untracked), and nothing else stops.
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                tracing::error!(
+                    vsid = vm.0,
+                    "the host's ACL flow table ({} sets) is full: VSID {}'s VM tracks {} of its \
+                     {keep} flow sets; lower acl_max_flows or move VMs with stateful rules",
+                    nv_common::acl::MAX_FLOW_SETS,
+                    vm.0,
+                    k.set
+                );
+                break;
+            }
             Err(e) => return Err(dp_err("make a flow set", e)),
         }
     }

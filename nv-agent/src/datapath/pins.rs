@@ -490,9 +490,10 @@ impl Datapath {
     /// A tracing copy of the programs on the live maps of the agent at `pin_path`, for
     /// `nvctl trace`: it reads the maps that say where packets go (records, ports, config) and
     /// writes maps of its own (counters, next-hop cache, ICMP budget, per-VSID traffic, the
-    /// monitor's), so a trace changes nothing that forwards or is reported. Never attached.
+    /// monitor's, ACL flows and meters), so a trace changes nothing that forwards or is
+    /// reported. Never attached.
     pub fn load_tracer(pin_path: &Path, max_lookups: u32) -> Result<Datapath> {
-        const OWN: [&str; 10] = [
+        const OWN: [&str; 12] = [
             map_names::COUNTERS,
             map_names::NEXTHOPS,
             map_names::NEXTHOPS6,
@@ -503,6 +504,10 @@ impl Datapath {
             map_names::ROUTED_STATS,
             map_names::SLOW_PATH,
             map_names::SLOW_BUCKET,
+            // A traced stateful allow tracks nothing live, and a traced packet is metered
+            // nowhere.
+            map_names::ACL_FLOWS,
+            map_names::ACL_METERS,
         ];
         let maps_dir = pin_path.join("maps");
         let own = pin_path.join("trace");

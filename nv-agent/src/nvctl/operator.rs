@@ -313,8 +313,11 @@ impl<'a> Operator<'a> {
         let here = self.here().await;
         let catalog = self.catalog().await?;
         let (held, _) = self.held_acls().await?;
-        let admitted =
-            crate::control::acls::admit_add(&held, |v, ca| catalog.get(&(v, ca)).is_some(), new)?;
+        let admitted = crate::control::acls::admit_add(
+            &held,
+            |v, ca| Some(vec![catalog.get(&(v, ca))?.ca]),
+            new,
+        )?;
         let revision = self
             .records()
             .create_acls(&admitted)

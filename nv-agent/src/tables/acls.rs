@@ -263,12 +263,36 @@ pub fn entries(catalog: &Catalog) -> AclEntries {
                 continue;
             }
             let mut set = empty_set();
-            set.len = u32::try_from(rules.len().min(dp::MAX_SET_RULES)).unwrap_or(0);
             set.flow_sets = if stateful { sets } else { 0 };
-            for (slot, r) in set.rules.iter_mut().zip(&rules) {
+            // More than a set holds (admission refuses it, but a dual-stack VM's two
+            // addresses or etcd's rules may get there): what does not fit is denied.
+            let fit = if rules.len() > dp::MAX_SET_RULES {
+                tracing::error!(
+                    vsid = key.0,
+                    "a VM of VSID {} has {} rules for one direction, above {}: the rest is \
+                     denied",
+                    key.0,
+                    rules.len(),
+                    dp::MAX_SET_RULES
+                );
+                dp::MAX_SET_RULES - 1
+            } else {
+                rules.len()
+            };
+            for (slot, r) in set.rules.iter_mut().zip(&rules[..fit]) {
                 *slot = compile(r);
                 e.meters.insert(AclMeterKey { rule: r.id, dir });
             }
+            if fit < rules.len() {
+                let mut deny_rest = compile(rules[fit]);
+                (deny_rest.family, deny_rest.proto, deny_rest.id) = (0, 0, 0);
+                (deny_rest.remote_mask, deny_rest.local_mask) = ([0; 4], [0; 4]);
+                (deny_rest.remote, deny_rest.local) = ([0; 4], [0; 4]);
+                (deny_rest.remote_ports, deny_rest.local_ports) = ([0, u16::MAX], [0, u16::MAX]);
+                (deny_rest.action, deny_rest.flags) = (dp::AclRule::DENY, 0);
+                set.rules[fit] = deny_rest;
+            }
+            set.len = u32::try_from(fit + usize::from(fit < rules.len())).unwrap_or(0);
             e.sets.insert(
                 AclSetKey {
                     vsid: key.0,
