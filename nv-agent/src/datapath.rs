@@ -21,9 +21,27 @@ mod pins;
 pub mod skb_btf;
 mod test_run;
 
-pub use maps::{CounterReader, Desired, LookupView, Repair};
+pub use maps::{CounterReader, Desired, LookupView};
 pub use pins::{ensure_bpffs, purge, router_mac, set_router_mac};
 pub use test_run::TestRunOutcome;
+
+/// What a sync wrote into one map and removed from it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Repair {
+    pub written: usize,
+    pub removed: usize,
+}
+
+/// The map `name` of `ebpf`, as the kind `T`.
+fn map<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    ebpf.map_mut(name)
+        .ok_or_else(|| NvError::datapath(format!("map {name} missing from the object")))?
+        .try_into()
+        .map_err(|e| dp_err(format!("map {name}"), e))
+}
 
 /// A datapath error: what failed, caused by `e` (aya's, the system's).
 fn dp_err(what: impl Into<String>, e: impl Into<crate::error::DatapathSource>) -> NvError {

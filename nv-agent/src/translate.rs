@@ -10,7 +10,7 @@ use crate::{
     datapath::Desired,
     model::Method,
     netlink::{LinkInfo, LinkKind},
-    tables::providers,
+    tables::{acls, providers},
 };
 
 /// A VM port as the agent found it: where the datapath delivers to it.
@@ -115,7 +115,7 @@ pub fn desired(
         hosted_vsids: hosted_vsids(catalog),
         config: config(base, catalog),
         routing: crate::tables::routes::entries(catalog.routes()),
-        acls: crate::tables::acls::entries(catalog),
+        acls: acl_entries(catalog),
         ..Desired::default()
     };
     for r in catalog.iter() {
@@ -133,4 +133,29 @@ pub fn desired(
         }
     }
     d
+}
+
+/// This host's VMs, as the ACL maps name them (the VSID and address of their port entry),
+/// with their ports and records; none while there is no rule.
+pub fn local_vms(catalog: &Catalog) -> Vec<acls::LocalVm> {
+    if catalog.acls().is_empty() {
+        return Vec::new();
+    }
+    catalog
+        .ports()
+        .filter_map(|port| {
+            let records = catalog.on_port(port);
+            let entry = records.iter().find(|r| catalog.port_entry_of(r))?;
+            Some(acls::LocalVm {
+                key: (entry.vsid, addr16(entry.ca)),
+                port: port.to_owned(),
+                records,
+            })
+        })
+        .collect()
+}
+
+/// The ACL maps' entries for `catalog`'s rules and this host's VMs.
+pub fn acl_entries(catalog: &Catalog) -> acls::AclEntries {
+    acls::entries(catalog.acls(), &local_vms(catalog))
 }

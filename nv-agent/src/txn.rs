@@ -834,8 +834,12 @@ impl Tables {
                 .iter()
                 .any(Change::is_route)
                 .then(|| routes::entries(self.catalog.routes())),
-            acls: (local || changes.iter().any(Change::is_acl))
-                .then(|| (acls::entries(&self.catalog), self.acl_ports(&self.ports))),
+            acls: (local || changes.iter().any(Change::is_acl)).then(|| {
+                (
+                    translate::acl_entries(&self.catalog),
+                    self.acl_ports(&self.ports),
+                )
+            }),
         }
     }
 
@@ -868,7 +872,7 @@ impl Tables {
         ports: &HashMap<String, Option<Attached>>,
         [grow, records, shrink]: [&mut Plan; 3],
     ) {
-        let after = acls::entries(&self.catalog);
+        let after = translate::acl_entries(&self.catalog);
         acl_writes(before, &after, grow, shrink);
         let view = PortView {
             tracker: &self.ports,

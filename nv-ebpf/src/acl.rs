@@ -26,7 +26,7 @@ use nv_common::{
     },
 };
 
-use crate::maps::{ACL_DENIED, ACL_FLOWS, ACL_METERS, ACL_SCRATCH, ACL_SETS, PORTS};
+use crate::maps::{ACL_DENIED, ACL_FLOWS, ACL_METERS, ACL_SCRATCH, ACL_SETS, AclScratch, PORTS};
 
 /// A flow's last-seen time is written at most this often: its cache line is not bounced
 /// between CPUs on every packet.
@@ -134,15 +134,6 @@ pub extern "C" fn nv_acl_check(skb: *mut __sk_buff, ifindex: u32, dir: u32) -> u
         }
     }
     0
-}
-
-/// What [`nv_acl_check`] works on: the packet's tuple and the keys of its lookups.
-#[repr(C)]
-pub struct AclScratch {
-    t: AclTuple,
-    set: AclSetKey,
-    flow: AclFlowKey,
-    meter: AclMeterKey,
 }
 
 /// What [`scan_rule`] reads and finds (the tuple: in the scratch value).

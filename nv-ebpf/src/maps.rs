@@ -133,7 +133,16 @@ pub static ACL_DENIED: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 /// Per CPU: the tuple of the packet the ACLs are looking at and its lookups' keys (off the
 /// stack). Not pinned: a scratch value of each loaded copy.
 #[map(name = "NV_ACL_SCRATCH")]
-pub static ACL_SCRATCH: PerCpuArray<crate::acl::AclScratch> = PerCpuArray::with_max_entries(1, 0);
+pub static ACL_SCRATCH: PerCpuArray<AclScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// What the ACL check works on: the packet's tuple and the keys of its lookups.
+#[repr(C)]
+pub struct AclScratch {
+    pub t: nv_common::acl::AclTuple,
+    pub set: AclSetKey,
+    pub flow: AclFlowKey,
+    pub meter: AclMeterKey,
+}
 
 /// `BPF_F_NO_PREALLOC`: entries take memory as they are made.
 const NO_PREALLOC: u32 = 1;

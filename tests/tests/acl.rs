@@ -255,12 +255,38 @@ fn the_meter_counts_what_was_sent(bed: &TwoHosts) -> anyhow::Result<()> {
         bed,
         0,
         &format!(
-            "{r3} --direction out --action allow --protocol udp --remote-port 47002 --weight 5"
+            "{r3} --direction out --action allow --protocol udp --remote-port 47000-47099 --weight 5"
         ),
     )?;
     let (sent, got) = udp_transfer(bed.vm("RED-2"), bed.vm("RED-3"), "10.0.0.2", 40, 1000)?;
     ensure!(sent == got, "UDP RED-3 -> RED-2: sent {sent}, got {got}");
     let m = rule(bed, 0, udp)?;
+    // `-o json`: every field of a rule, a range as "N-M".
+    let fields = [
+        "id",
+        "name",
+        "vsid",
+        "ca",
+        "direction",
+        "action",
+        "remote",
+        "local",
+        "protocol",
+        "remote_port",
+        "local_port",
+        "weight",
+        "stateful",
+        "idle_timeout",
+        "packets",
+        "bytes",
+    ];
+    ensure!(
+        fields.iter().all(|f| m.get(f).is_some())
+            && m["remote_port"] == "47000-47099"
+            && m["protocol"] == "udp"
+            && m["ca"] == "10.0.0.3",
+        "the rule as JSON: {m}"
+    );
     // 40 frames of 1000 bytes of payload, UDP (8), IPv4 (20) and Ethernet (14) headers.
     ensure!(
         m["packets"].as_u64() == Some(40) && m["bytes"].as_u64() == Some(40 * 1042),

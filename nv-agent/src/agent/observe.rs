@@ -330,7 +330,10 @@ impl Agent {
                 .iter()
                 .map(|r| (r.id, r.vsid))
                 .collect(),
-            acl_ports: crate::tables::acls::vm_ports(catalog),
+            acl_ports: crate::tables::acls::vm_ports(
+                catalog.acls(),
+                &translate::local_vms(catalog),
+            ),
             acl_budget: catalog.acls().max_flows,
             acl_meters: Vec::new(),
             acl_flows: std::collections::HashMap::new(),

@@ -14,7 +14,7 @@ use nv_common::{
     map_names,
 };
 
-use super::{Datapath, dp_err, maps::Repair, maps::map};
+use super::{Datapath, Repair, dp_err, map};
 use crate::{
     error::Result,
     tables::acls::{self, Vm},

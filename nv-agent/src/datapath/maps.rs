@@ -21,7 +21,7 @@ use nv_common::{
     map_names,
 };
 
-use super::{Datapath, acl, batch, dp_err};
+use super::{Datapath, Repair, acl, batch, dp_err, map};
 use crate::{
     error::{NvError, Result},
     txn::{Maps, Stopped, Write},
@@ -192,16 +192,6 @@ impl LookupView {
     }
 }
 
-pub(super) fn map<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<T>
-where
-    T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
-{
-    ebpf.map_mut(name)
-        .ok_or_else(|| NvError::datapath(format!("map {name} missing from the object")))?
-        .try_into()
-        .map_err(|e| dp_err(format!("map {name}"), e))
-}
-
 fn put_entry<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &str, k: &K, v: &V) -> Result<()> {
     let mut m: BpfHashMap<&mut MapData, K, V> = map(ebpf, name)?;
     m.insert(k, v, 0)
@@ -306,13 +296,6 @@ impl Maps for Datapath {
         }
         Ok(())
     }
-}
-
-/// What a sync wrote into one map and removed from it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Repair {
-    pub written: usize,
-    pub removed: usize,
 }
 
 fn sync_hash<K, V>(ebpf: &mut Ebpf, name: &str, desired: &HashMap<K, V>) -> Result<Repair>

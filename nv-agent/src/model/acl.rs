@@ -153,28 +153,29 @@ pub const DEFAULT_IDLE_TIMEOUT: u32 = 300;
 /// The longest idle timeout a rule may ask for (a day).
 pub const MAX_IDLE_TIMEOUT: u32 = 86_400;
 
-/// One ACL rule. `id` is nv's (0 in a rule to be added: the agent numbers it).
+/// One ACL rule. `id` is nv's (0 in a rule to be added: the agent numbers it). Every field
+/// is written, `null` where a rule has none (`nvctl acl list -o json` gives them all).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AclRule {
     #[serde(default)]
     pub id: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub name: Option<String>,
     pub vsid: u32,
     /// The VM's record; `None`: every VM of the VSID.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub ca: Option<IpAddr>,
     pub direction: Direction,
     pub action: Action,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub remote: Option<Subnet>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub local: Option<Subnet>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub protocol: Option<Protocol>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub remote_port: Option<PortRange>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub local_port: Option<PortRange>,
     pub weight: u16,
     #[serde(default)]

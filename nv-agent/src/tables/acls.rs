@@ -9,13 +9,11 @@ use nv_common::acl::{self as dp, AclFlowKey, AclMeterKey, AclSetKey, DIR_IN, DIR
 
 use super::Table;
 use crate::{
-    catalog::Catalog,
     error::{NvError, Result},
     model::{
         LookupRecord, Subnet,
         acl::{AclRule, Action},
     },
-    translate::addr16,
 };
 
 pub struct Acls;
@@ -212,19 +210,23 @@ impl AclIndex {
 /// A VM as the ACL maps name it: the VSID and address of its port entry.
 pub type Vm = (u32, nv_common::Addr);
 
-/// This host's VMs with a stateful rule, with their port's name.
-pub fn vm_ports(catalog: &Catalog) -> Vec<(Vm, String)> {
-    if catalog.acls().is_empty() {
+/// A VM of this host, as the ACL maps name it ([`Vm`]), with its port and records.
+pub struct LocalVm {
+    pub key: Vm,
+    pub port: String,
+    pub records: Vec<LookupRecord>,
+}
+
+/// The VMs of `vms` with a stateful rule, with their port's name.
+pub fn vm_ports(acls: &AclIndex, vms: &[LocalVm]) -> Vec<(Vm, String)> {
+    if acls.is_empty() {
         return Vec::new();
     }
-    let flows = entries(catalog).flows;
-    let mut out: Vec<(Vm, String)> = catalog
-        .local()
-        .filter(|r| catalog.port_entry_of(r))
-        .filter_map(|r| {
-            let vm = (r.vsid, addr16(r.ca));
-            Some((vm, r.port?)).filter(|_| flows.contains_key(&vm))
-        })
+    let flows = entries(acls, vms).flows;
+    let mut out: Vec<(Vm, String)> = vms
+        .iter()
+        .filter(|vm| flows.contains_key(&vm.key))
+        .map(|vm| (vm.key, vm.port.clone()))
         .collect();
     out.sort_by(|a, b| a.1.cmp(&b.1));
     out
@@ -239,22 +241,17 @@ pub struct AclEntries {
     pub meters: HashSet<AclMeterKey>,
 }
 
-/// The rules of every VM of `catalog` on this host, compiled.
-pub fn entries(catalog: &Catalog) -> AclEntries {
-    let acls = catalog.acls();
+/// The rules of the VMs `vms` (this host's), compiled.
+pub fn entries(acls: &AclIndex, vms: &[LocalVm]) -> AclEntries {
     let mut e = AclEntries::default();
     if acls.is_empty() {
         return e;
     }
     let ways = u32::try_from(dp::FLOW_WAYS).unwrap_or(1);
     let sets = (acls.max_flows / ways).max(1);
-    for port in catalog.ports() {
-        let vm = catalog.on_port(port);
-        let Some(entry) = vm.iter().find(|r| catalog.port_entry_of(r)) else {
-            continue;
-        };
-        let key: Vm = (entry.vsid, addr16(entry.ca));
-        let by_dir = [DIR_IN, DIR_OUT].map(|dir| (dir, acls.of_vm(&vm, dir)));
+    for LocalVm { key, records, .. } in vms {
+        let (key, vm) = (*key, records.as_slice());
+        let by_dir = [DIR_IN, DIR_OUT].map(|dir| (dir, acls.of_vm(vm, dir)));
         let stateful = by_dir
             .iter()
             .any(|(_, rules)| rules.iter().any(|r| r.stateful));
@@ -321,8 +318,8 @@ fn prefix(s: Option<&Subnet>) -> ([u32; 4], [u32; 4]) {
         return ([0; 4], [0; 4]);
     };
     let (addr, len) = match s.addr {
-        std::net::IpAddr::V4(_) => (addr16(s.addr), 96 + u32::from(s.len)),
-        std::net::IpAddr::V6(_) => (addr16(s.addr), u32::from(s.len)),
+        std::net::IpAddr::V4(a) => (a.to_ipv6_mapped().octets(), 96 + u32::from(s.len)),
+        std::net::IpAddr::V6(a) => (a.octets(), u32::from(s.len)),
     };
     let mask_bits = u128::MAX.checked_shl(128 - len).unwrap_or(0);
     let mask = mask_bits.to_be_bytes();
@@ -394,7 +391,9 @@ mod tests {
     fn prefixes_are_masked_and_mapped() {
         let s: Subnet = "10.1.0.0/16".parse().unwrap();
         let (a, m) = prefix(Some(&s));
-        let mapped = addr16("10.1.0.0".parse().unwrap());
+        let mapped = std::net::Ipv4Addr::new(10, 1, 0, 0)
+            .to_ipv6_mapped()
+            .octets();
         let w = |i: usize| u32::from_ne_bytes(mapped[i * 4..i * 4 + 4].try_into().unwrap());
         assert_eq!(a, [w(0), w(1), w(2), w(3)]);
         assert_eq!(m[..3], [u32::MAX; 3]);
