@@ -56,10 +56,9 @@ fn red(ca: &str) -> String {
     format!("--vsid {RED_VSID} --ca {ca}")
 }
 
-#[test]
-fn a_vm_that_may_only_connect_out() -> anyhow::Result<()> {
-    let mut bed = TwoHosts::build("acl")?;
-    // RED-3 beside RED-1 on host 1: VM to VM on one host, and the neighbour that keeps working.
+/// The bed (agents with `args`) with RED-3 (10.0.0.3) beside RED-1 on host 1, configured.
+fn with_red3(tag: &str, args: &[&str]) -> anyhow::Result<TwoHosts> {
+    let mut bed = TwoHosts::build_with(tag, args)?;
     bed.add_vm(
         "RED-3",
         RED_VSID,
@@ -69,6 +68,13 @@ fn a_vm_that_may_only_connect_out() -> anyhow::Result<()> {
         0,
     )?;
     bed.configure()?;
+    Ok(bed)
+}
+
+#[test]
+fn a_vm_that_may_only_connect_out() -> anyhow::Result<()> {
+    // RED-3 beside RED-1 on host 1: VM to VM on one host, and the neighbour that keeps working.
+    let mut bed = with_red3("acl", &[])?;
     let h0 = &bed.hosts[0];
 
     // Before any rule: RED-2 reaches RED-1's stack (refused: nothing listens), and pings.
@@ -446,16 +452,7 @@ fn rules_hold_by_rewrite_on_xdp_for_ipv6_and_for_a_whole_vsid() -> anyhow::Resul
 
 #[test]
 fn a_vm_flooding_connections_spends_its_own_budget() -> anyhow::Result<()> {
-    let mut bed = TwoHosts::build_with("acf", &["--acl-max-flows", "64"])?;
-    bed.add_vm(
-        "RED-3",
-        RED_VSID,
-        "10.0.0.3",
-        "02:00:00:00:01:03",
-        "red3",
-        0,
-    )?;
-    bed.configure()?;
+    let mut bed = with_red3("acf", &["--acl-max-flows", "64"])?;
     // RED-1 and RED-3 (host 1): anything out, statefully; nothing in but answers.
     for ca in ["10.0.0.1", "10.0.0.3"] {
         let vm = red(ca);
