@@ -493,7 +493,9 @@ fn a_vm_flooding_connections_spends_its_own_budget() -> anyhow::Result<()> {
     // RED-1's own newest flows evicted its oldest: a connection it opens now works too.
     let (sent, got) = tcp_transfer(bed.vm("RED-2"), bed.vm("RED-1"), "10.0.0.2", 1 << 16)?;
     ensure!(sent == got, "RED-1 -> RED-2 after its flood");
-    // Established connections survive an agent restart (the flows live in the pins).
+    // Established connections survive an agent restart (the flows live in the pins): RED-3
+    // opens a UDP flow, the agent restarts, and only then does RED-2 answer on it.
+    udp_from(bed.vm("RED-3"), "10.0.0.2:47010", 47011, 1)?;
     let before = metric(&bed, 0, "nv_acl_flows", "port=\"red3\"")?;
     bed.hosts[0].stop_agent();
     bed.hosts[0].start_agent()?;
@@ -502,5 +504,52 @@ fn a_vm_flooding_connections_spends_its_own_budget() -> anyhow::Result<()> {
         after == before,
         "RED-3's tracked connections over a restart: {before} -> {after}"
     );
+    let answered = |from: u16| -> anyhow::Result<u64> {
+        let tool = bin("nv-transfer")?;
+        let tool = tool.to_str().context("utf-8 path")?.to_owned();
+        let ns = bed.vm("RED-3").ns.name.clone();
+        let sink = std::thread::spawn(move || {
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &ns, &tool, "udp-sink", "0.0.0.0:47011"])
+                .args(["--seconds", "2"])
+                .output()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        udp_from(bed.vm("RED-2"), "10.0.0.3:47011", from, 5)?;
+        let out = sink
+            .join()
+            .map_err(|_| anyhow::anyhow!("sink panicked"))??;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.trim()
+            .strip_prefix("received ")
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("udp-sink said {text:?}"))
+    };
+    ensure!(
+        answered(47010)? == 5,
+        "RED-2's answers on RED-3's flow opened before the restart"
+    );
+    ensure!(
+        answered(47012)? == 0,
+        "the same from another port (no flow): denied in"
+    );
+    Ok(())
+}
+
+/// `nv-transfer udp-from` in `vm`: `count` datagrams to `to` from local port `from`.
+fn udp_from(vm: &Vm, to: &str, from: u16, count: u32) -> anyhow::Result<()> {
+    let tool = bin("nv-transfer")?;
+    let line = vm.ns.exec(
+        tool.to_str().context("utf-8 path")?,
+        &[
+            "udp-from",
+            to,
+            "--from",
+            &from.to_string(),
+            "--count",
+            &count.to_string(),
+        ],
+    )?;
+    ensure!(line.trim() == format!("sent {count}"), "udp-from: {line}");
     Ok(())
 }

@@ -15,6 +15,8 @@
 //!                                                   "connected C refused R timedout T"
 //! nv-transfer udp-spray ADDR --count N              one datagram from each of N sockets
 //!                                                   (N flows): "sent N"
+//! nv-transfer udp-from ADDR --from PORT --count N    N datagrams from local port PORT:
+//!                                                   "sent N"
 //! ```
 use std::{
     collections::BTreeMap,
@@ -74,6 +76,16 @@ fn main() -> Result<()> {
         "tcp-connect" => {
             let (c, r, t) = tcp_connect(addr, number("--count")?)?;
             println!("connected {c} refused {r} timedout {t}");
+            return Ok(());
+        }
+        "udp-from" => {
+            let port = u16::try_from(number("--from")?)?;
+            let s = UdpSocket::bind(("0.0.0.0", port))?;
+            let count = number("--count")?;
+            for _ in 0..count {
+                s.send_to(b"nv", addr)?;
+            }
+            println!("sent {count}");
             return Ok(());
         }
         "udp-spray" => {
