@@ -82,9 +82,20 @@ fn rules_see_the_upper_layer_and_meter_their_denies() -> anyhow::Result<()> {
     let red3 = h.ns.ifindex("red3")?;
     // RED-1 may not send TCP to port 22; RED-3 takes no UDP. Both VMs' rules, as the agent
     // compiles them, with their ports' entries saying so.
+    // RED-1 also sends anything else statefully, and takes nothing in but its answers.
     let mut out = empty_set();
-    out.len = 1;
+    out.len = 2;
+    out.flow_sets = 16;
     out.rules[0] = compile(&rule(7, Direction::Out, Protocol::TCP, Some(22)));
+    let mut any_out = rule(9, Direction::Out, Protocol(0), None);
+    (any_out.protocol, any_out.action, any_out.stateful) = (None, Action::Allow, true);
+    out.rules[1] = compile(&any_out);
+    let mut deny_in = empty_set();
+    deny_in.len = 1;
+    deny_in.flow_sets = 16;
+    let mut all_in = rule(10, Direction::In, Protocol(0), None);
+    all_in.protocol = None;
+    deny_in.rules[0] = compile(&all_in);
     let mut inbound = empty_set();
     inbound.len = 1;
     inbound.rules[0] = compile(&rule(8, Direction::In, Protocol::UDP, None));
@@ -94,11 +105,16 @@ fn rules_see_the_upper_layer_and_meter_their_denies() -> anyhow::Result<()> {
         ca: v4_mapped(ca),
     };
     h.desired.acls.sets.insert(key(DIR_OUT, CA1), out);
+    h.desired.acls.sets.insert(key(DIR_IN, CA1), deny_in);
+    h.desired.acls.flows.insert((RED, v4_mapped(CA1)), 16);
     h.desired.acls.sets.insert(key(DIR_IN, CA3), inbound);
     for (k, dir) in [(7, DIR_OUT), (8, DIR_IN)] {
         h.desired.acls.meters.insert(AclMeterKey { rule: k, dir });
     }
-    for (port, f) in [(h.red1, PortInfo::ACL_OUT), (red3, PortInfo::ACL_IN)] {
+    for (port, f) in [
+        (h.red1, PortInfo::ACL_OUT | PortInfo::ACL_IN),
+        (red3, PortInfo::ACL_IN),
+    ] {
         if let Some(p) = h.desired.ports.get_mut(&port) {
             p.flags |= f;
         }
@@ -115,6 +131,41 @@ fn rules_see_the_upper_layer_and_meter_their_denies() -> anyhow::Result<()> {
     h.expect(FROM_VM, &other, red1, TC_ACT_REDIRECT, "vm_tx_local")?;
     // RED-3's inbound rule, at delivery from a VM on the same host.
     h.expect(FROM_VM, &udp4(), red1, TC_ACT_SHOT, "drop_acl_in_denied")?;
+
+    // RED-1's ping is tracked: RED-3's echo reply comes in on it, but no other ICMP with the
+    // same identifier (a timestamp request), which meets RED-1's deny.
+    let icmp = |reply: bool| {
+        let b = PacketBuilder::ethernet2(
+            if reply { RED3_MAC } else { RED1_MAC },
+            if reply { RED1_MAC } else { RED3_MAC },
+        );
+        let b = if reply {
+            b.ipv4(CA3, CA1, 64).icmpv4_echo_reply(0x1234, 1)
+        } else {
+            b.ipv4(CA1, CA3, 64).icmpv4_echo_request(0x1234, 1)
+        };
+        let mut f = Vec::new();
+        b.write(&mut f, b"ping").expect("build ICMP");
+        f
+    };
+    let red3_port = Some(red3);
+    h.expect(FROM_VM, &icmp(false), red1, TC_ACT_REDIRECT, "vm_tx_local")?;
+    h.expect(
+        FROM_VM,
+        &icmp(true),
+        red3_port,
+        TC_ACT_REDIRECT,
+        "vm_tx_local",
+    )?;
+    let mut timestamp = icmp(true);
+    timestamp[14 + 20] = 13;
+    h.expect(
+        FROM_VM,
+        &timestamp,
+        red3_port,
+        TC_ACT_SHOT,
+        "drop_acl_in_denied",
+    )?;
 
     let meters = h.dp.acl_meters()?;
     let sent = |rule, dir| meters.get(&AclMeterKey { rule, dir }).copied();

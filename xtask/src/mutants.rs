@@ -618,6 +618,13 @@ const MUTATIONS: &[Mutation] = &[
         removed: "u8::from(self.action == Action::Deny),",
         tests: &["acl"],
     },
+    Mutation {
+        name: "ACL: of ICMP only echoes belong to a tracked connection",
+        file: "nv-ebpf/src/acl.rs",
+        check: "if (t.proto == IPPROTO_ICMP || t.proto == IPPROTO_ICMPV6) && t.echo == 0 {",
+        removed: "if (t.proto == IPPROTO_ICMP || t.proto == IPPROTO_ICMPV6) && t.echo == 9 {",
+        tests: &["acl_programs"],
+    },
 ];
 
 pub fn run(only: Option<&str>) -> anyhow::Result<()> {
