@@ -57,7 +57,7 @@ pub async fn execute(
                 (None, AclName::Id(id)) => agent.delete_acl(&format!("id={id}")).await?,
                 (None, AclName::Name(n)) => {
                     agent
-                        .delete_acl(&format!("name={}", urlencoding(n)))
+                        .delete_acl(&format!("name={}", super::monitor::url_escape(n)))
                         .await?
                 }
             };
@@ -91,18 +91,4 @@ pub async fn execute(
             render::one(output, &imported, IMPORTED)
         }
     }
-}
-
-/// A name as a query value: names are letters, digits, '-', '_' and '.', which need no
-/// escaping; anything else is sent escaped and refused by the agent's check.
-fn urlencoding(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }

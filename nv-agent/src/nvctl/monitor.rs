@@ -39,7 +39,7 @@ pub async fn execute(agent: &Client, args: &MonitorArgs, output: Output) -> anyh
 }
 
 /// `s` for a URL's query: letters, digits and `_.-` as they are, the rest %-escaped.
-fn url_escape(s: &str) -> String {
+pub(super) fn url_escape(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' | b'-' => {
