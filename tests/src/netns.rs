@@ -52,12 +52,7 @@ impl Netns {
 
     /// Moves the calling thread into this namespace (for `BPF_PROG_TEST_RUN` device lookups).
     pub fn enter_current_thread(&self) -> anyhow::Result<()> {
-        let f = File::open(self.path()).with_context(|| format!("open {}", self.path()))?;
-        // SAFETY: setns on a valid namespace fd; affects only the calling thread.
-        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("setns");
-        }
-        Ok(())
+        enter_path(&self.path())
     }
 
     /// The ifindex of a link inside the namespace.
@@ -73,6 +68,16 @@ impl Netns {
         let out = self.exec("cat", &[&format!("/sys/class/net/{link}/address")])?;
         Ok(out.trim().parse::<nv_agent::model::Mac>()?.0)
     }
+}
+
+/// Moves the calling thread into the namespace at `path` (a thread that holds no [`Netns`]).
+pub fn enter_path(path: &str) -> anyhow::Result<()> {
+    let f = File::open(path).with_context(|| format!("open {path}"))?;
+    // SAFETY: setns on a valid namespace fd; affects only the calling thread.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("setns");
+    }
+    Ok(())
 }
 
 impl Drop for Netns {

@@ -49,7 +49,7 @@ enum Task {
         /// With --baseline: turns of each (the median is compared).
         #[arg(long, default_value_t = 3, requires = "baseline")]
         rounds: u32,
-        /// Measure one part only: programs, e2e, routing, acls, control or cluster.
+        /// Measure one part only: programs, e2e, pressure, routing, acls, control or cluster.
         #[arg(long, value_name = "PART")]
         only: Option<String>,
     },
@@ -364,8 +364,8 @@ fn run_tool(bin: &str, build: Build, args: &[&str]) -> anyhow::Result<()> {
 }
 
 /// Runs cargo with the tool directory on PATH (bpf-linker for the eBPF build).
-/// Clippy on the eBPF crate, which builds only for BPF with nightly (DESIGN.md), so the
-/// workspace's clippy leaves it out.
+/// Clippy on the eBPF crates (nv's and the benchmark's peer), which build only for BPF with
+/// nightly (DESIGN.md), so the workspace's clippy leaves them out.
 fn clippy_ebpf() -> anyhow::Result<()> {
     let args = [
         "+nightly",
@@ -373,6 +373,8 @@ fn clippy_ebpf() -> anyhow::Result<()> {
         "--quiet",
         "-p",
         "nv-ebpf",
+        "-p",
+        "nv-bench-ebpf",
         "--release",
         "--target",
         "bpfel-unknown-none",
@@ -387,7 +389,7 @@ fn clippy_ebpf() -> anyhow::Result<()> {
         .env("PATH", setup::path_with_tools()?)
         .env_remove("RUSTUP_TOOLCHAIN")
         .status()
-        .context("run cargo +nightly clippy on nv-ebpf")?;
+        .context("run cargo +nightly clippy on the eBPF crates")?;
     if !status.success() {
         bail!("`cargo {}` failed ({status})", args.join(" "));
     }

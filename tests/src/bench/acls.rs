@@ -222,29 +222,15 @@ fn end_to_end(scale: Scale) -> anyhow::Result<Vec<(u32, bool, [f64; 4])>> {
             continue;
         }
         let without = measure()?;
-        let mut ids: Vec<(usize, u64)> = Vec::new();
-        for (h, ca, dir) in [
-            (0, "10.0.0.1", Direction::Out),
-            (1, "10.0.0.2", Direction::In),
-        ] {
-            let mut rs = rules(n, dir, stateful);
-            for r in &mut rs {
-                r.ca = Some(ca.parse()?);
-            }
-            let file = bed.tmp_dir().join(format!("bench-acls-{h}.json"));
-            std::fs::write(&file, serde_json::to_vec(&rs)?)?;
-            bed.hosts[h].nvctl(&["acl", "import", &file.to_string_lossy()])?;
-            for r in bed.hosts[h]
-                .nvctl_json(&["acl", "list"])?
-                .as_array()
-                .into_iter()
-                .flatten()
-            {
-                if let Some(id) = r["id"].as_u64() {
-                    ids.push((h, id));
-                }
-            }
-        }
+        let ids = add_rules(
+            &bed,
+            n,
+            stateful,
+            &[
+                (0, RED_VSID, "10.0.0.1", Direction::Out),
+                (1, RED_VSID, "10.0.0.2", Direction::In),
+            ],
+        )?;
         let with = measure()?;
         for (h, id) in ids {
             bed.hosts[h].nvctl(&["acl", "del", "--id", &id.to_string()])?;
@@ -252,4 +238,35 @@ fn end_to_end(scale: Scale) -> anyhow::Result<Vec<(u32, bool, [f64; 4])>> {
         out.push((n, stateful, [with.0, without.0, with.1, without.1]));
     }
     Ok(out)
+}
+
+/// `n` rules (as [`rules`]) on each VM given as (host, VSID, CA, direction), imported on its
+/// host: the ids of every rule on those hosts, as (host, id).
+pub(super) fn add_rules(
+    bed: &TwoHosts,
+    n: u32,
+    stateful: bool,
+    vms: &[(usize, u32, &str, Direction)],
+) -> anyhow::Result<Vec<(usize, u64)>> {
+    let mut ids = Vec::new();
+    for &(h, vsid, ca, dir) in vms {
+        let mut rs = rules(n, dir, stateful);
+        for r in &mut rs {
+            (r.vsid, r.ca) = (vsid, Some(ca.parse()?));
+        }
+        let file = bed.tmp_dir().join(format!("bench-acls-{h}.json"));
+        std::fs::write(&file, serde_json::to_vec(&rs)?)?;
+        bed.hosts[h].nvctl(&["acl", "import", &file.to_string_lossy()])?;
+        for r in bed.hosts[h]
+            .nvctl_json(&["acl", "list"])?
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            if let Some(id) = r["id"].as_u64() {
+                ids.push((h, id));
+            }
+        }
+    }
+    Ok(ids)
 }

@@ -1,12 +1,15 @@
-//! End to end on the two-host topology, RED-1 to RED-2, one configuration after another in the
-//! same run: nv encap, nv rewrite, the kernel's VXLAN over a bridge (the baseline operators use
-//! today) and plain routed veth (no tunnel at all: the ceiling).
+//! End to end on the two-host topology, one bed per configuration, all built first and then
+//! measured in turns, repetition after repetition, so the machine's noise falls on every
+//! configuration alike: nv (NVGRE and IP rewrite, decapsulating on XDP and on TC; NVGRE routed
+//! through 10 routes with 10 stateful rules on each VM), the Cilium-style peer
+//! ([`super::peer`]), the kernel's VXLAN over a bridge (what operators use today) and plain
+//! routed veth (no tunnel at all: the ceiling).
 use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use super::{Scale, quantile};
+use super::{Scale, load, peer, quantile};
 use crate::{
     sys::{bin, run},
     testbed::{RED_VSID, TapVm, Translation, TwoHosts, Vm},
@@ -15,33 +18,104 @@ use crate::{
 #[derive(Clone, Debug, Serialize)]
 pub struct Result {
     pub config: String,
+    /// Medians over the repetitions of the `_runs` below.
     /// 64-byte UDP packets per second delivered into the receiving VM (its eth0 rx counter).
     pub pps: f64,
     pub tcp_gbps: f64,
+    /// CPU time of every CPU (softirq included) per packet delivered, at a fixed offered rate
+    /// below every configuration's top, ns.
+    pub cpu_ns: f64,
+    /// Two floods from senders on two CPUs, packets delivered a second.
+    pub two_flow_pps: f64,
     pub rtt_p50_us: f64,
     pub rtt_p99_us: f64,
     /// For nv on TC: the same 64-byte flood into a tap port on host2 that a process reads, as
     /// QEMU does, measured in the same bed right after the veth one (frames read per second).
     pub tap_pps: Option<f64>,
+    pub pps_runs: Vec<f64>,
+    pub tcp_runs: Vec<f64>,
+    pub cpu_ns_runs: Vec<f64>,
+    /// The share of the fixed rate's frames delivered, per repetition.
+    pub delivered_runs: Vec<f64>,
+    pub two_flow_runs: Vec<f64>,
 }
 
-/// nv with decapsulation on XDP (`-xdp`) and on TC (`-tc`), DESIGN.md's two delivery
-/// candidates, then the baseline and the ceiling.
-pub const CONFIGS: [&str; 6] = [
+/// nv with decapsulation on XDP (`-xdp`) and on TC (`-tc`, as shipped), DESIGN.md's two
+/// delivery candidates; nv routed with port ACLs; then the peer, the baseline and the ceiling.
+pub const CONFIGS: [&str; 8] = [
     "nv-encap-xdp",
     "nv-encap-tc",
     "nv-rewrite-xdp",
     "nv-rewrite-tc",
+    "nv-routes-acls",
+    "cilium-peer",
     "vxlan-bridge",
     "routed-veth",
 ];
 
-pub fn run_all(scale: Scale) -> anyhow::Result<Vec<Result>> {
-    CONFIGS.iter().map(|c| run_one(c, scale)).collect()
+/// The fixed offered rate of the CPU measure, 64-byte frames a second: below every
+/// configuration's top rate on this machine (the slowest, VXLAN over a bridge, tops well above).
+const FIXED_RATE: f64 = 100_000.0;
+
+/// One configuration's bed, and where its flood goes.
+struct Setup {
+    config: &'static str,
+    bed: TwoHosts,
+    _peer: Option<peer::Peer>,
+    from: &'static str,
+    to: &'static str,
+    dst: &'static str,
 }
 
-fn run_one(config: &str, scale: Scale) -> anyhow::Result<Result> {
+pub fn run_all(scale: Scale) -> anyhow::Result<Vec<Result>> {
+    let beds = CONFIGS
+        .iter()
+        .map(|c| build(c))
+        .collect::<anyhow::Result<Vec<Setup>>>()?;
+    let mut results: Vec<Result> = beds
+        .iter()
+        .map(|b| first(b, scale))
+        .collect::<anyhow::Result<_>>()?;
+    for rep in 0..scale.pick(3, 2) {
+        for (b, r) in beds.iter().zip(&mut results) {
+            eprintln!("bench: end to end, repetition {}, {}", rep + 1, b.config);
+            repetition(b, r, scale)?;
+        }
+    }
+    for r in &mut results {
+        r.pps = quantile(&mut r.pps_runs.clone(), 0.5);
+        r.tcp_gbps = quantile(&mut r.tcp_runs.clone(), 0.5);
+        r.cpu_ns = quantile(&mut r.cpu_ns_runs.clone(), 0.5);
+        r.two_flow_pps = quantile(&mut r.two_flow_runs.clone(), 0.5);
+    }
+    Ok(results)
+}
+
+fn build(config: &'static str) -> anyhow::Result<Setup> {
+    let (from, mut to, mut dst, mut peer) = ("RED-1", "RED-2", "10.0.0.2", None);
     let bed = match config.split_once('-').map(|(_, rest)| rest.split_once('-')) {
+        _ if config == "nv-routes-acls" => {
+            let mut bed = TwoHosts::build("bp")?;
+            bed.add_vm("RED-B", 7002, "10.1.0.5", "02:00:00:00:07:05", "redb", 1)?;
+            bed.configure()?;
+            super::routing::add_routes(&bed, 10)?;
+            super::acls::add_rules(
+                &bed,
+                10,
+                true,
+                &[
+                    (
+                        0,
+                        RED_VSID,
+                        "10.0.0.1",
+                        nv_agent::model::acl::Direction::Out,
+                    ),
+                    (1, 7002, "10.1.0.5", nv_agent::model::acl::Direction::In),
+                ],
+            )?;
+            (to, dst) = ("RED-B", "10.1.0.5");
+            bed
+        }
         Some(Some((method, hook))) if config.starts_with("nv-") => {
             let bed = TwoHosts::build_with("bn", &["--decap-hook", hook])?;
             bed.configure_with(if method == "rewrite" {
@@ -52,6 +126,11 @@ fn run_one(config: &str, scale: Scale) -> anyhow::Result<Result> {
             bed
         }
         _ => match config {
+            "cilium-peer" => {
+                let bed = TwoHosts::build_bare("bc")?;
+                peer = Some(peer::install(&bed, 0)?);
+                bed
+            }
             "vxlan-bridge" => {
                 let bed = TwoHosts::build_bare("bx")?;
                 vxlan_bridge(&bed)?;
@@ -65,34 +144,71 @@ fn run_one(config: &str, scale: Scale) -> anyhow::Result<Result> {
             other => bail!("unknown configuration {other}"),
         },
     };
-    let (red1, red2) = (bed.vm("RED-1"), bed.vm("RED-2"));
-    // Warm up ARP and neighbours so no measurement pays for them (bounded: 10 tries).
-    let mut answered = false;
-    for _ in 0..10 {
-        if bed.ping("RED-1", "10.0.0.2", 1)? == 1 {
-            answered = true;
-            break;
-        }
-    }
-    if !answered {
-        bail!("{config}: RED-1 cannot reach RED-2");
-    }
-    let (p50, p99) = rtt(red1, "10.0.0.2", scale.pick(500, 20))?;
-    let seconds = scale.pick(5.0, 0.5);
-    let pps = pps(red1, red2, "10.0.0.2", seconds)?;
-    let tap_pps = if config == "nv-encap-tc" {
-        Some(tap_pps(&bed, seconds)?)
+    Ok(Setup {
+        config,
+        bed,
+        _peer: peer,
+        from,
+        to,
+        dst,
+    })
+}
+
+/// What a configuration measures once: reachability, RTT, and for nv on TC the tap.
+fn first(b: &Setup, scale: Scale) -> anyhow::Result<Result> {
+    warm(b)?;
+    let (p50, p99) = rtt(b.bed.vm(b.from), b.dst, scale.pick(500, 20))?;
+    let tap_pps = if b.config == "nv-encap-tc" {
+        Some(tap_pps(&b.bed, scale.pick(4.0, 0.3))?)
     } else {
         None
     };
     Ok(Result {
-        config: config.to_owned(),
-        pps,
-        tcp_gbps: tcp(red1, red2, "10.0.0.2", scale.pick(10, 1))?,
+        config: b.config.to_owned(),
+        pps: 0.0,
+        tcp_gbps: 0.0,
+        cpu_ns: 0.0,
+        two_flow_pps: 0.0,
         rtt_p50_us: p50,
         rtt_p99_us: p99,
         tap_pps,
+        pps_runs: Vec::new(),
+        tcp_runs: Vec::new(),
+        cpu_ns_runs: Vec::new(),
+        delivered_runs: Vec::new(),
+        two_flow_runs: Vec::new(),
     })
+}
+
+/// Neighbours and flows warm, so no measurement pays for them (bounded: 10 tries).
+fn warm(b: &Setup) -> anyhow::Result<()> {
+    for _ in 0..10 {
+        if b.bed.ping(b.from, b.dst, 1)? == 1 {
+            return Ok(());
+        }
+    }
+    bail!("{}: {} cannot reach {}", b.config, b.from, b.dst)
+}
+
+/// One repetition's measures, appended to `r`.
+fn repetition(b: &Setup, r: &mut Result, scale: Scale) -> anyhow::Result<()> {
+    warm(b)?;
+    let (from, to) = (b.bed.vm(b.from), b.bed.vm(b.to));
+    let seconds = scale.pick(3.0, 0.3);
+    r.pps_runs.push(pps(from, to, b.dst, seconds)?);
+    r.tcp_runs.push(tcp(from, to, b.dst, scale.pick(4, 1))?);
+    let (cpu, delivered) = load::cpu_per_packet(
+        from,
+        to,
+        b.dst,
+        scale.pick(FIXED_RATE, FIXED_RATE / 10.0),
+        seconds,
+    )?;
+    r.cpu_ns_runs.push(cpu);
+    r.delivered_runs.push(delivered);
+    r.two_flow_runs
+        .push(load::two_flows(from, to, b.dst, seconds)?);
+    Ok(())
 }
 
 /// The kernel's VXLAN (VNI 5001) bridged with RED's port on each host.

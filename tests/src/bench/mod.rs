@@ -1,8 +1,12 @@
 //! `cargo xtask bench`: nv measured against a baseline run in the same invocation.
 //! - `programs`: ns per packet of each datapath path with `BPF_PROG_TEST_RUN`, against do-nothing
 //!   programs (the floor), with 1K and 1M lookup records.
-//! - `e2e`: the two-host topology for nv encap, nv rewrite, the kernel's VXLAN over a bridge (the
-//!   baseline) and plain routed veth (the ceiling): 64-byte UDP pps, TCP throughput, RTT.
+//! - `e2e`: the two-host topology for nv (NVGRE, rewrite, and routed with port ACLs), the
+//!   Cilium-style peer (`peer`), the kernel's VXLAN over a bridge and plain routed veth (the
+//!   ceiling), measured in turns over repetitions: 64-byte UDP pps, TCP throughput, RTT, CPU per
+//!   delivered packet at a fixed rate and two flows on two cores (`load`).
+//! - `pressure`: nv and the peer with a million records and traffic to 100k of them, against
+//!   traffic to one, on the same bed.
 //! - `acls`: a VM's path with 0, 10 and 1,000 port ACL rules, stateless and stateful,
 //!   against the same path without, program cost and end to end.
 //! - `cluster`: cluster mode: a change from one host to every host's datapath against the same
@@ -14,7 +18,10 @@ pub mod baseline;
 pub mod cluster;
 pub mod control;
 pub mod e2e;
+pub mod load;
 pub mod mapfill;
+pub mod peer;
+pub mod pressure;
 pub mod programs;
 pub mod report;
 pub mod routing;

@@ -4,16 +4,16 @@ use std::{fmt::Write as _, path::Path};
 
 use serde::Serialize;
 
-use super::{
-    acls, cluster, control, e2e,
-    programs::{self, Cost},
-    routing,
-};
+use super::{acls, cluster, control, e2e, pressure, programs, quantile, routing};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Goal {
     pub name: String,
+    /// The median of `runs` where there are repetitions.
     pub measured: f64,
+    /// One value per repetition (empty for a single measure); a goal over repetitions is met
+    /// only when every one of them meets it.
+    pub runs: Vec<f64>,
     pub target: String,
     pub met: bool,
 }
@@ -21,9 +21,12 @@ pub struct Goal {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub smoke: bool,
-    pub programs: Vec<Cost>,
+    pub programs: Vec<programs::Cost>,
     pub overheads: Vec<programs::Overhead>,
     pub e2e: Vec<e2e::Result>,
+    /// nv and the peer with a million records, traffic to 100k of them against traffic to one.
+    #[serde(default)]
+    pub pressure: Vec<pressure::Row>,
     /// A routed packet against a same-subnet one, with 10 and 10,000 routes.
     pub routing: Vec<routing::Row>,
     /// A VM's path with port ACLs against the same path without, in one run.
@@ -32,12 +35,6 @@ pub struct Report {
     pub control: control::Result,
     pub cluster: cluster::Result,
     pub goals: Vec<Goal>,
-}
-
-fn cost<'a>(programs: &'a [Cost], path: &str, size: usize, records: u32) -> Option<&'a Cost> {
-    programs
-        .iter()
-        .find(|c| c.path == path && c.frame_bytes == size && c.records == records)
 }
 
 /// The lifecycle issue's scale goals, at a million records.
@@ -50,12 +47,14 @@ fn control_goals(c: &control::Result) -> Vec<Goal> {
         Goal {
             name: "import of 1M records, nvctl until forwarding (s)".into(),
             measured: c.import_seconds,
+            runs: Vec::new(),
             target: "<= 2".into(),
             met: c.import_seconds <= 2.0,
         },
         Goal {
             name: "agent RSS + lookup map per record (B)".into(),
             measured: per_record,
+            runs: Vec::new(),
             target: "<= 200".into(),
             met: per_record <= 200.0,
         },
@@ -64,7 +63,6 @@ fn control_goals(c: &control::Result) -> Vec<Goal> {
 
 /// The issue's goals, evaluated on this run.
 pub fn goals(
-    programs: &[Cost],
     e2e: &[e2e::Result],
     control: &control::Result,
     cluster: &cluster::Result,
@@ -74,80 +72,79 @@ pub fn goals(
         goals.push(Goal {
             name: "cluster: move to the last of 3 agents' maps, p99 (ms)".into(),
             measured: cluster.move_p99_ms,
+            runs: Vec::new(),
             target: "<= 100".into(),
             met: cluster.move_p99_ms <= 100.0,
         });
         goals.push(Goal {
             name: "cluster: pings lost per migration / in its window".into(),
             measured: cluster.lost_per_migration / cluster.window_pings_per_migration.max(1.0),
+            runs: Vec::new(),
             target: "<= 1".into(),
             met: cluster.lost_per_migration <= cluster.window_pings_per_migration + 1.0,
         });
     }
-    let max_records = programs.iter().map(|c| c.records).max().unwrap_or(0);
-    for size in [64, 1500] {
-        for (path, limit) in [
-            ("decap", 25.0),
-            ("decap_tc", 25.0),
-            ("encap", 50.0),
-            ("rewrite_out", 50.0),
-            ("pass_host_traffic", 5.0),
-            ("pass_host_traffic_tc", 5.0),
-        ] {
-            if let Some(c) = cost(programs, path, size, 1000) {
-                // Repeat runs where the packet allows them (steadier), single runs otherwise.
-                let (measured, how) = c
-                    .above_floor_repeat_ns
-                    .map_or((c.above_floor_ns, "single"), |r| (r, "repeat"));
-                goals.push(Goal {
-                    name: format!("{path} above floor, {size} B, 1K records (ns, {how})"),
-                    measured,
-                    target: format!("<= {limit}"),
-                    met: measured <= limit,
-                });
-            }
-        }
-        for path in [
-            "encap",
-            "decap",
-            "rewrite_out",
-            "rewrite_in",
-            "pass_host_traffic",
-        ] {
-            if let (Some(small), Some(big)) = (
-                cost(programs, path, size, 1000),
-                cost(programs, path, size, max_records),
-            ) {
-                let ratio = big.single_ns / small.single_ns;
-                goals.push(Goal {
-                    name: format!("{path} {size} B, {max_records} / 1K records"),
-                    measured: ratio,
-                    target: "<= 1.3".into(),
-                    met: ratio <= 1.3,
-                });
-            }
-        }
-    }
+    goals.extend(peer_goals(e2e));
+    goals
+}
+
+/// The ratio of `a` to `b` in each repetition.
+fn ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(a, b)| a / b).collect()
+}
+
+/// nv against the Cilium-style peer, each repetition's ratio (both measured in it, in turns):
+/// nv as shipped (decapsulating on TC) and on XDP, and nv routed with port ACLs.
+fn peer_goals(e2e: &[e2e::Result]) -> Vec<Goal> {
     let by = |c: &str| e2e.iter().find(|r| r.config == c);
-    for hook in ["xdp", "tc"] {
-        let (encap, rewrite) = (
-            by(&format!("nv-encap-{hook}")),
-            by(&format!("nv-rewrite-{hook}")),
+    let Some(peer) = by("cilium-peer") else {
+        return Vec::new();
+    };
+    let mut goals = Vec::new();
+    let mut goal = |name: String, runs: Vec<f64>, at_least: bool, target: f64| {
+        let met = !runs.is_empty()
+            && runs
+                .iter()
+                .all(|&r| if at_least { r >= target } else { r <= target });
+        goals.push(Goal {
+            name,
+            measured: quantile(&mut runs.clone(), 0.5),
+            runs,
+            target: format!("{} {target}", if at_least { ">=" } else { "<=" }),
+            met,
+        });
+    };
+    for (config, how) in [
+        ("nv-encap-tc", "NVGRE, TC (shipped)"),
+        ("nv-encap-xdp", "NVGRE, XDP"),
+    ] {
+        let Some(nv) = by(config) else { continue };
+        goal(
+            format!("nv {how} / peer, 64 B pps"),
+            ratios(&nv.pps_runs, &peer.pps_runs),
+            true,
+            1.3,
         );
-        if let (Some(base), Some(encap), Some(rewrite)) = (by("vxlan-bridge"), encap, rewrite) {
-            for (name, measured, target) in [
-                ("encap / VXLAN pps", encap.pps / base.pps, 1.5),
-                ("encap / VXLAN TCP", encap.tcp_gbps / base.tcp_gbps, 1.0),
-                ("rewrite / VXLAN TCP", rewrite.tcp_gbps / base.tcp_gbps, 1.2),
-            ] {
-                goals.push(Goal {
-                    name: format!("nv {name}, decap on {hook}"),
-                    measured,
-                    target: format!(">= {target}"),
-                    met: measured >= target,
-                });
-            }
-        }
+        goal(
+            format!("nv {how} / peer, TCP"),
+            ratios(&nv.tcp_runs, &peer.tcp_runs),
+            true,
+            1.05,
+        );
+        goal(
+            format!("nv {how} / peer, CPU per packet"),
+            ratios(&nv.cpu_ns_runs, &peer.cpu_ns_runs),
+            false,
+            0.75,
+        );
+    }
+    if let Some(nv) = by("nv-routes-acls") {
+        goal(
+            "nv routed, 10 routes + 10 stateful rules / peer, 64 B pps".into(),
+            ratios(&nv.pps_runs, &peer.pps_runs),
+            true,
+            1.2,
+        );
     }
     goals
 }
@@ -244,30 +241,8 @@ pub fn table(r: &Report) -> String {
         );
     }
     overheads(&mut s, &r.overheads);
-    let _ = writeln!(s, "\nend to end, RED-1 -> RED-2 (same run)");
-    let _ = writeln!(
-        s,
-        "{:<14} {:>12} {:>10} {:>10} {:>10}",
-        "config", "64B pps", "TCP Gb/s", "RTT p50us", "RTT p99us"
-    );
-    for e in &r.e2e {
-        let _ = writeln!(
-            s,
-            "{:<14} {:>12.0} {:>10.2} {:>10.1} {:>10.1}",
-            e.config, e.pps, e.tcp_gbps, e.rtt_p50_us, e.rtt_p99_us
-        );
-    }
-    for e in &r.e2e {
-        if let Some(tap) = e.tap_pps {
-            let _ = writeln!(
-                s,
-                "{:<14} {:>12.0}   into a tap read by a process (as QEMU does): {:.2} of the veth rate",
-                format!("{}", e.config.replace("nv-encap-tc", "  tap")),
-                tap,
-                tap / e.pps
-            );
-        }
-    }
+    e2e_lines(&mut s, &r.e2e);
+    pressure_lines(&mut s, &r.pressure);
     routing_lines(&mut s, &r.routing);
     acl_lines(&mut s, &r.acls);
     let c = &r.control;
@@ -300,9 +275,14 @@ pub fn table(r: &Report) -> String {
     cluster_lines(&mut s, &r.cluster);
     let _ = writeln!(s, "\ngoals");
     for g in &r.goals {
+        let runs = if g.runs.is_empty() {
+            String::new()
+        } else {
+            format!(" ({} of {} runs)", spread(&g.runs, 2), g.runs.len())
+        };
         let _ = writeln!(
             s,
-            "{:<4} {:<48} {:>9.2} (target {})",
+            "{:<4} {:<58} {:>7.2}{runs:<22} target {}",
             if g.met { "met" } else { "MISS" },
             g.name,
             g.measured,
@@ -310,6 +290,113 @@ pub fn table(r: &Report) -> String {
         );
     }
     s
+}
+
+/// `runs`' lowest and highest, as "lo-hi" with `digits` decimals.
+fn spread(runs: &[f64], digits: usize) -> String {
+    let lo = runs.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = runs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if runs.is_empty() {
+        "-".to_owned()
+    } else {
+        format!("{lo:.digits$}-{hi:.digits$}")
+    }
+}
+
+/// End to end: medians over the repetitions, with their spread.
+fn e2e_lines(s: &mut String, e2e: &[e2e::Result]) {
+    if e2e.is_empty() {
+        return;
+    }
+    let reps = e2e.first().map_or(0, |e| e.pps_runs.len());
+    let _ = writeln!(
+        s,
+        "\nend to end, RED-1 -> RED-2 (nv-routes-acls: to RED-B through the router), medians of {reps} repetitions taken in turns (lowest-highest)"
+    );
+    let _ = writeln!(
+        s,
+        "{:<15} {:>9} {:<15} {:>6} {:<11} {:>7} {:<11} {:>6} {:>9} {:>8} {:>8}",
+        "config",
+        "64B kpps",
+        "",
+        "TCP",
+        "Gb/s",
+        "CPU ns",
+        "per packet",
+        "deliv",
+        "2 flows",
+        "RTT p50",
+        "RTT p99"
+    );
+    for e in e2e {
+        let kpps: Vec<f64> = e.pps_runs.iter().map(|p| p / 1e3).collect();
+        let _ = writeln!(
+            s,
+            "{:<15} {:>9.0} {:<15} {:>6.2} {:<11} {:>7.0} {:<11} {:>5.0}% {:>9.0} {:>8.1} {:>8.1}",
+            e.config,
+            e.pps / 1e3,
+            format!("({})", spread(&kpps, 0)),
+            e.tcp_gbps,
+            format!("({})", spread(&e.tcp_runs, 2)),
+            e.cpu_ns,
+            format!("({})", spread(&e.cpu_ns_runs, 0)),
+            quantile(&mut e.delivered_runs.clone(), 0.5) * 100.0,
+            e.two_flow_pps / 1e3,
+            e.rtt_p50_us,
+            e.rtt_p99_us
+        );
+    }
+    let _ = writeln!(
+        s,
+        "(kpps: 64-byte frames delivered a second from one sender; CPU: every CPU's busy time per packet delivered at a fixed 100k frames a second, deliv the share delivered; 2 flows: kpps from senders on two CPUs; RTT in us)"
+    );
+    for e in e2e {
+        if let Some(tap) = e.tap_pps {
+            let _ = writeln!(
+                s,
+                "{} into a tap read by a process (as QEMU does): {:.0} kpps, {:.2} of the veth rate",
+                e.config,
+                tap / 1e3,
+                tap / e.pps
+            );
+        }
+    }
+}
+
+/// Hash and cache pressure: traffic to 100k of a million records against traffic to one.
+fn pressure_lines(s: &mut String, rows: &[pressure::Row]) {
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nhash and cache pressure: frames a second leaving host 1 to one destination and to many in turns, same bed (lowest-highest)"
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "{:<13} {} records: to 1 {:.0} kpps ({}), to {} {:.0} kpps ({}): {:.3} of one",
+            r.config,
+            r.records,
+            r.one_pps / 1e3,
+            spread(&r.one_runs.iter().map(|p| p / 1e3).collect::<Vec<_>>(), 0),
+            r.flows,
+            r.spread_pps / 1e3,
+            spread(
+                &r.spread_runs.iter().map(|p| p / 1e3).collect::<Vec<_>>(),
+                0
+            ),
+            r.spread_pps / r.one_pps
+        );
+    }
+    if let [nv, peer] = rows {
+        let _ = writeln!(
+            s,
+            "nv / peer under pressure: {:.3} (to one: {:.3})",
+            nv.spread_pps / peer.spread_pps,
+            nv.one_pps / peer.one_pps
+        );
+    }
 }
 
 /// Port ACLs' cost: each configuration against the same path without rules, same run.
@@ -384,56 +471,92 @@ fn routing_lines(s: &mut String, rows: &[routing::Row]) {
     }
 }
 
-/// A bar chart of the end-to-end results, one panel per measure, as SVG.
+/// A bar chart of the end-to-end results, one panel per measure (medians, with the lowest and
+/// highest repetition as whiskers), as SVG.
 pub fn chart(e2e: &[e2e::Result]) -> String {
-    type Measure = fn(&e2e::Result) -> f64;
-    let panels: [(&str, Measure); 4] = [
-        ("64-byte UDP, Mpps", |r| r.pps / 1e6),
-        ("TCP, Gbit/s", |r| r.tcp_gbps),
-        ("RTT p50, us", |r| r.rtt_p50_us),
-        ("RTT p99, us", |r| r.rtt_p99_us),
+    type Measure = fn(&e2e::Result) -> (f64, Vec<f64>);
+    let panels: [(&str, Measure); 6] = [
+        ("64-byte UDP, Mpps (one sender)", |r| {
+            (r.pps / 1e6, r.pps_runs.iter().map(|x| x / 1e6).collect())
+        }),
+        ("TCP, Gbit/s", |r| (r.tcp_gbps, r.tcp_runs.clone())),
+        ("CPU per delivered packet, ns (lower is better)", |r| {
+            (r.cpu_ns, r.cpu_ns_runs.clone())
+        }),
+        ("64-byte UDP, Mpps, two senders on two CPUs", |r| {
+            (
+                r.two_flow_pps / 1e6,
+                r.two_flow_runs.iter().map(|x| x / 1e6).collect(),
+            )
+        }),
+        ("RTT p50, us", |r| (r.rtt_p50_us, Vec::new())),
+        ("RTT p99, us", |r| (r.rtt_p99_us, Vec::new())),
     ];
     let colors = [
-        "#1f77b4", "#aec7e8", "#2ca02c", "#98df8a", "#7f7f7f", "#ff7f0e",
+        "#1f77b4", "#aec7e8", "#2ca02c", "#98df8a", "#9467bd", "#d62728", "#7f7f7f", "#ff7f0e",
     ];
-    let (pw, ph) = (420.0, 260.0);
+    let (pw, ph, bar) = (620.0, 300.0, 72.0);
     let mut svg = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="12">"#,
-        pw * 4.0,
-        ph + 60.0
+        pw * 3.0,
+        ph * 2.0 + 50.0
     );
     svg.push_str(r#"<rect width="100%" height="100%" fill="white"/>"#);
-    for (p, (title, value)) in panels.iter().enumerate() {
-        #[expect(clippy::cast_precision_loss, reason = "four panels")]
-        let x0 = p as f64 * pw;
-        let max = e2e.iter().map(value).fold(0.0_f64, f64::max).max(1e-9);
+    for (p, (title, measure)) in panels.iter().enumerate() {
+        #[expect(clippy::cast_precision_loss, reason = "six panels")]
+        let (x0, y0) = ((p % 3) as f64 * pw, (p / 3) as f64 * ph);
+        let values: Vec<(f64, Vec<f64>)> = e2e.iter().map(measure).collect();
+        let max = values
+            .iter()
+            .flat_map(|(m, runs)| runs.iter().chain(std::iter::once(m)))
+            .copied()
+            .fold(0.0_f64, f64::max)
+            .max(1e-9);
         let _ = write!(
             svg,
-            r#"<text x="{}" y="20" text-anchor="middle" font-weight="bold">{title}</text>"#,
-            x0 + pw / 2.0
+            r#"<text x="{}" y="{}" text-anchor="middle" font-weight="bold">{title}</text>"#,
+            x0 + pw / 2.0,
+            y0 + 20.0
         );
-        for (i, r) in e2e.iter().enumerate() {
-            #[expect(clippy::cast_precision_loss, reason = "four bars")]
-            let bx = x0 + 20.0 + i as f64 * 66.0;
-            let h = value(r) / max * (ph - 60.0);
-            let y = ph - h;
+        let height = ph - 90.0;
+        let base = y0 + ph - 40.0;
+        for (i, (r, (value, runs))) in e2e.iter().zip(&values).enumerate() {
+            #[expect(clippy::cast_precision_loss, reason = "eight bars")]
+            let bx = x0 + 14.0 + i as f64 * bar;
+            let h = value / max * height;
+            let y = base - h;
             let _ = write!(
                 svg,
-                r#"<rect x="{bx}" y="{y}" width="54" height="{h}" fill="{}"/><text x="{}" y="{}" text-anchor="middle">{:.2}</text><text x="{}" y="{}" text-anchor="middle" font-size="9">{}</text>"#,
+                r#"<rect x="{bx}" y="{y}" width="{}" height="{h}" fill="{}"/><text x="{}" y="{}" text-anchor="middle">{value:.2}</text><text x="{}" y="{}" text-anchor="middle" font-size="9">{}</text>"#,
+                bar - 12.0,
                 colors[i % colors.len()],
-                bx + 27.0,
-                y - 4.0,
-                value(r),
-                bx + 27.0,
-                ph + 16.0,
+                bx + (bar - 12.0) / 2.0,
+                y - 6.0,
+                bx + (bar - 12.0) / 2.0,
+                base + 14.0,
                 r.config
             );
+            if let (Some(lo), Some(hi)) = (
+                runs.iter().copied().reduce(f64::min),
+                runs.iter().copied().reduce(f64::max),
+            ) {
+                let cx = bx + (bar - 12.0) / 2.0;
+                let (ylo, yhi) = (base - lo / max * height, base - hi / max * height);
+                let _ = write!(
+                    svg,
+                    r#"<line x1="{cx}" y1="{ylo}" x2="{cx}" y2="{yhi}" stroke="black"/><line x1="{}" y1="{ylo}" x2="{}" y2="{ylo}" stroke="black"/><line x1="{}" y1="{yhi}" x2="{}" y2="{yhi}" stroke="black"/>"#,
+                    cx - 6.0,
+                    cx + 6.0,
+                    cx - 6.0,
+                    cx + 6.0
+                );
+            }
         }
     }
     let _ = write!(
         svg,
-        r#"<text x="10" y="{}" font-size="11">nv encap and rewrite (decapsulating on XDP and on TC), kernel VXLAN over a bridge (baseline) and routed veth (ceiling), measured in one run on the two-host namespace topology.</text></svg>"#,
-        ph + 48.0
+        r#"<text x="10" y="{}" font-size="11">nv (NVGRE and IP rewrite, decapsulating on XDP and on TC; NVGRE routed with 10 routes and 10 stateful ACL rules per VM), the Cilium-style peer (eBPF + kernel VXLAN in collect_md mode), kernel VXLAN over a bridge and routed veth (the ceiling): one run, configurations in turns; bars are medians, whiskers the lowest and highest repetition.</text></svg>"#,
+        ph * 2.0 + 30.0
     );
     svg
 }

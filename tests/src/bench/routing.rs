@@ -100,6 +100,35 @@ fn end_to_end(routes: u32, scale: Scale) -> anyhow::Result<[(f64, f64, f64); 2]>
     let mut bed = TwoHosts::build_with("bq", &["--decap-hook", "xdp"])?;
     bed.add_vm("RED-B", 7002, "10.1.0.5", "02:00:00:00:07:05", "redb", 1)?;
     bed.configure()?;
+    add_routes(&bed, routes)?;
+    for dst in ["10.0.0.2", "10.1.0.5"] {
+        anyhow::ensure!(
+            (0..10).any(|_| bed.ping("RED-1", dst, 1).unwrap_or(0) == 1),
+            "{routes} routes: RED-1 cannot reach {dst}"
+        );
+    }
+    let seconds = scale.pick(5.0, 0.5);
+    let red1 = bed.vm("RED-1");
+    let mut out = [(0.0, 0.0, 0.0); 2];
+    for (i, (vm, dst)) in [("RED-2", "10.0.0.2"), ("RED-B", "10.1.0.5")]
+        .into_iter()
+        .enumerate()
+    {
+        let to = bed.vm(vm);
+        let (p50, _) = rtt(red1, dst, scale.pick(300, 20))?;
+        out[i] = (
+            pps(red1, to, dst, seconds)?,
+            tcp(red1, to, dst, scale.pick(5, 1))?,
+            p50,
+        );
+    }
+    Ok(out)
+}
+
+/// Routes RED (10.0.0.0/24, gateway 10.0.0.254) and VSID 7002 (10.1.0.0/24, RED-B's) in one
+/// domain, with `routes` routes in all on every host (the rest to 100.64.x.0/24 via RED-B),
+/// and default routes in RED-1 and RED-B through the router.
+pub(super) fn add_routes(bed: &TwoHosts, routes: u32) -> anyhow::Result<()> {
     let route = |vsid: u32, prefix: String, nexthop: &str, gateway: Option<&str>| {
         serde_json::json!({
             "rdid": "contoso", "vsid": vsid, "prefix": prefix, "nexthop": nexthop,
@@ -130,26 +159,5 @@ fn end_to_end(routes: u32, scale: Scale) -> anyhow::Result<[(f64, f64, f64); 2]>
     bed.vm("RED-B")
         .ns
         .ip(&["route", "add", "default", "via", "10.1.0.1"])?;
-    for dst in ["10.0.0.2", "10.1.0.5"] {
-        anyhow::ensure!(
-            (0..10).any(|_| bed.ping("RED-1", dst, 1).unwrap_or(0) == 1),
-            "{routes} routes: RED-1 cannot reach {dst}"
-        );
-    }
-    let seconds = scale.pick(5.0, 0.5);
-    let red1 = bed.vm("RED-1");
-    let mut out = [(0.0, 0.0, 0.0); 2];
-    for (i, (vm, dst)) in [("RED-2", "10.0.0.2"), ("RED-B", "10.1.0.5")]
-        .into_iter()
-        .enumerate()
-    {
-        let to = bed.vm(vm);
-        let (p50, _) = rtt(red1, dst, scale.pick(300, 20))?;
-        out[i] = (
-            pps(red1, to, dst, seconds)?,
-            tcp(red1, to, dst, scale.pick(5, 1))?,
-            p50,
-        );
-    }
-    Ok(out)
+    Ok(())
 }

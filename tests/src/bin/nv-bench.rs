@@ -2,7 +2,9 @@
 //! target/bench/results.json and target/bench/e2e.svg.
 use std::path::PathBuf;
 
-use nv_tests::bench::{Scale, acls, baseline, cluster, control, e2e, programs, report, routing};
+use nv_tests::bench::{
+    Scale, acls, baseline, cluster, control, e2e, pressure, programs, report, routing,
+};
 
 fn main() {
     if let Err(e) = run() {
@@ -24,32 +26,19 @@ fn run() -> anyhow::Result<()> {
         );
     let arg = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
     if let Some(bin) = arg("--baseline-bin") {
-        // Another revision's control plane beside this tree's, and nothing else.
-        let rev = arg("--baseline-rev").unwrap_or_else(|| bin.clone());
-        let rounds = arg("--rounds").map_or(Ok(3), |r| r.parse())?;
-        std::fs::create_dir_all(&out)?;
-        // Its datapath programs beside this tree's, on the IPv4 paths.
-        let object = baseline::object(std::path::Path::new(&bin))?;
-        let rows = programs::against(scale, object, rev.clone())?;
-        print!("{}", report::against_table(&rows));
-        let file = out.join("baseline-programs.json");
-        std::fs::write(&file, serde_json::to_string_pretty(&rows)?)?;
-        println!("\nwrote {}", file.display());
-        let c = baseline::run(scale, std::path::Path::new(&bin), &rev, rounds)?;
-        print!("{}", baseline::table(&c));
-        let file = out.join("baseline.json");
-        std::fs::write(&file, serde_json::to_string_pretty(&c)?)?;
-        println!("\nwrote {}", file.display());
-        return Ok(());
+        return against_baseline(scale, &out, &bin, arg("--baseline-rev"), arg("--rounds"));
     }
     // `--only control` (or programs, e2e) measures one part, for working on it.
     let only = std::env::args().skip_while(|a| a != "--only").nth(1);
     let wanted = |part: &str| only.as_deref().is_none_or(|o| o == part);
     if let Some(part) = &only
-        && !["programs", "e2e", "routing", "acls", "control", "cluster"].contains(&part.as_str())
+        && ![
+            "programs", "e2e", "pressure", "routing", "acls", "control", "cluster",
+        ]
+        .contains(&part.as_str())
     {
         anyhow::bail!(
-            "--only takes programs, e2e, routing, acls, control or cluster, not '{part}'"
+            "--only takes programs, e2e, pressure, routing, acls, control or cluster, not '{part}'"
         );
     }
     let (programs, overheads) = if wanted("programs") {
@@ -61,6 +50,12 @@ fn run() -> anyhow::Result<()> {
     let e2e = if wanted("e2e") {
         eprintln!("bench: end to end ...");
         e2e::run_all(scale)?
+    } else {
+        Vec::new()
+    };
+    let pressure = if wanted("pressure") {
+        eprintln!("bench: a million records, traffic to 100k of them ...");
+        pressure::run(scale)?
     } else {
         Vec::new()
     };
@@ -88,12 +83,13 @@ fn run() -> anyhow::Result<()> {
     } else {
         Scale { smoke: true }
     })?;
-    let goals = report::goals(&programs, &e2e, &control, &cluster);
+    let goals = report::goals(&e2e, &control, &cluster);
     let r = report::Report {
         smoke: scale.smoke,
         programs,
         overheads,
         e2e,
+        pressure,
         routing,
         acls,
         control,
@@ -107,5 +103,31 @@ fn run() -> anyhow::Result<()> {
         out.join("results.json").display(),
         out.join("e2e.svg").display()
     );
+    Ok(())
+}
+
+/// Another revision's programs and control plane beside this tree's, and nothing else.
+fn against_baseline(
+    scale: Scale,
+    out: &std::path::Path,
+    bin: &str,
+    rev: Option<String>,
+    rounds: Option<String>,
+) -> anyhow::Result<()> {
+    let rev = rev.unwrap_or_else(|| bin.to_owned());
+    let rounds = rounds.map_or(Ok(3), |r| r.parse())?;
+    std::fs::create_dir_all(out)?;
+    // Its datapath programs beside this tree's, on the IPv4 paths.
+    let object = baseline::object(std::path::Path::new(bin))?;
+    let rows = programs::against(scale, object, rev.clone())?;
+    print!("{}", report::against_table(&rows));
+    let file = out.join("baseline-programs.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&rows)?)?;
+    println!("\nwrote {}", file.display());
+    let c = baseline::run(scale, std::path::Path::new(bin), &rev, rounds)?;
+    print!("{}", baseline::table(&c));
+    let file = out.join("baseline.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&c)?)?;
+    println!("\nwrote {}", file.display());
     Ok(())
 }

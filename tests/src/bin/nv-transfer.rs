@@ -8,6 +8,8 @@
 //! nv-transfer udp-serve ADDR --count N [--timeout S]   COUNT is datagrams arrived intact
 //! nv-transfer udp-send ADDR --count N --size B [--timeout S]
 //! nv-transfer frame-flood ADDR --seconds S --size B  UDP as raw frames, for S seconds: "sent N"
+//!     [--rate PPS]                                   at most PPS frames a second
+//!     [--spread N]                                   to N addresses from ADDR's on, in turns
 //! nv-transfer udp-sink ADDR --seconds S             counts datagrams for S seconds: "received N"
 //! nv-transfer tap-sink TAP --seconds S              reads frames from tap TAP as QEMU does:
 //!                                                   "received N"
@@ -53,6 +55,10 @@ fn main() -> Result<()> {
                 addr,
                 Duration::from_secs_f64(flag("--seconds").ok_or("--seconds is required")?.parse()?),
                 usize::try_from(number("--size")?)?,
+                Pace {
+                    rate: flag("--rate").map(|r| r.parse()).transpose()?,
+                    spread: flag("--spread").map_or(Ok(1), |n| n.parse())?,
+                },
             )?;
             println!("sent {sent}");
             return Ok(());
@@ -231,12 +237,21 @@ fn udp_serve(addr: &str, count: u64, timeout: Duration) -> Result<(u64, Digest)>
     Ok((intact.len() as u64, hash.finalize()))
 }
 
+/// How a flood sends: at most `rate` frames a second (as fast as it can without), to `spread`
+/// consecutive addresses in turns.
+#[derive(Clone, Copy)]
+struct Pace {
+    rate: Option<f64>,
+    spread: u32,
+}
+
 /// Sends UDP datagrams of `size` payload bytes to `addr` as ready-made Ethernet frames in
 /// batches of 64 (`sendmmsg` on an `AF_PACKET` socket that bypasses the qdisc) until `duration`
 /// has passed. A UDP socket spends most of each packet in its own stack (route, socket, IP
 /// output, neighbour), which would bound every configuration alike and hide the path under
-/// test; a raw frame costs little more than the device's transmit.
-fn frame_flood(addr: &str, duration: Duration, size: usize) -> Result<u64> {
+/// test; a raw frame costs little more than the device's transmit. Every frame of a spread goes
+/// to the MAC of `addr`'s neighbour (or gateway).
+fn frame_flood(addr: &str, duration: Duration, size: usize, pace: Pace) -> Result<u64> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
     const BATCH: u32 = 64;
     let dst: std::net::SocketAddrV4 = addr.parse()?;
@@ -251,11 +266,18 @@ fn frame_flood(addr: &str, duration: Duration, size: usize) -> Result<u64> {
     let src_mac = mac(&std::fs::read_to_string(format!(
         "/sys/class/net/{dev}/address"
     ))?)?;
-    let mut frame = Vec::new();
-    etherparse::PacketBuilder::ethernet2(src_mac, dst_mac)
-        .ipv4(src.ip().octets(), dst.ip().octets(), 64)
-        .udp(src.port(), dst.port())
-        .write(&mut frame, &vec![0x5au8; size])?;
+    let first = u32::from(*dst.ip());
+    let frames = (0..pace.spread.max(1))
+        .map(|n| {
+            let mut frame = Vec::new();
+            let to = std::net::Ipv4Addr::from(first.wrapping_add(n));
+            etherparse::PacketBuilder::ethernet2(src_mac, dst_mac)
+                .ipv4(src.ip().octets(), to.octets(), 64)
+                .udp(src.port(), dst.port())
+                .write(&mut frame, &vec![0x5au8; size])?;
+            Ok(frame)
+        })
+        .collect::<Result<Vec<Vec<u8>>>>()?;
 
     // SAFETY: plain socket call; the descriptor is owned right after.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
@@ -287,16 +309,24 @@ fn frame_flood(addr: &str, duration: Duration, size: usize) -> Result<u64> {
     to.sll_ifindex = ifindex;
     to.sll_halen = 6;
     to.sll_addr[..6].copy_from_slice(&dst_mac);
-    let mut iov = libc::iovec {
-        iov_base: frame.as_ptr().cast_mut().cast(),
-        iov_len: frame.len(),
-    };
-    // SAFETY: zeroed mmsghdr is valid; each points at the iovec and address above, which
+    let mut iovs: Vec<libc::iovec> = frames
+        .iter()
+        .map(|f| libc::iovec {
+            iov_base: f.as_ptr().cast_mut().cast(),
+            iov_len: f.len(),
+        })
+        .collect();
+    // Every frame of the spread once, then as many more as make whole batches.
+    let per_round = iovs.len().div_ceil(BATCH as usize) * BATCH as usize;
+    let base = iovs.as_mut_ptr();
+    let count = iovs.len();
+    // SAFETY: zeroed mmsghdr is valid; each points at an iovec and the address above, which
     // outlive the loop.
-    let mut msgs: Vec<libc::mmsghdr> = (0..BATCH)
-        .map(|_| {
+    let mut msgs: Vec<libc::mmsghdr> = (0..per_round)
+        .map(|i| {
             let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_iov = &raw mut iov;
+            // SAFETY: `i % count` is within `iovs`.
+            m.msg_hdr.msg_iov = unsafe { base.add(i % count) };
             m.msg_hdr.msg_iovlen = 1;
             m.msg_hdr.msg_name = (&raw mut to).cast();
             #[expect(clippy::cast_possible_truncation, reason = "20 bytes")]
@@ -305,13 +335,22 @@ fn frame_flood(addr: &str, duration: Duration, size: usize) -> Result<u64> {
             m
         })
         .collect();
-    let deadline = Instant::now() + duration;
-    let mut sent = 0u64;
+    let start = Instant::now();
+    let deadline = start + duration;
+    let (mut sent, mut at) = (0u64, 0usize);
     while Instant::now() < deadline {
-        // SAFETY: msgs holds BATCH valid headers.
-        let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH, 0) };
+        if let Some(rate) = pace.rate {
+            #[expect(clippy::cast_precision_loss, reason = "frame counts")]
+            let due = start + Duration::from_secs_f64(sent as f64 / rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        // SAFETY: msgs holds `per_round` valid headers, and `at` + BATCH <= per_round.
+        let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr().add(at), BATCH, 0) };
         if let Ok(n) = u64::try_from(n) {
             sent += n;
+            at = (at + BATCH as usize) % per_round;
         }
     }
     Ok(sent)
@@ -346,8 +385,12 @@ fn neighbour(ip: std::net::Ipv4Addr) -> Result<(String, [u8; 6])> {
     let table = std::fs::read_to_string("/proc/net/arp")?;
     for line in table.lines().skip(1) {
         let f: Vec<&str> = line.split_whitespace().collect();
-        // IP address, HW type, flags (0x2: complete), HW address, mask, device.
-        if f.len() == 6 && f[0] == ip.to_string() && f[2] == "0x2" {
+        // IP address, HW type, flags (0x2: complete, 0x4: permanent), HW address, mask, device.
+        let complete = f
+            .get(2)
+            .and_then(|x| u32::from_str_radix(x.trim_start_matches("0x"), 16).ok())
+            .is_some_and(|flags| flags & 0x2 != 0);
+        if f.len() == 6 && f[0] == ip.to_string() && complete {
             return Ok((f[5].to_owned(), mac(f[3])?));
         }
     }

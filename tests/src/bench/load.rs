@@ -1,0 +1,135 @@
+//! Floods that measure more than the top rate of one sender: the CPU time a delivered packet
+//! costs at a fixed offered rate (meaningful when the receiver, not the datapath, bounds pps),
+//! and two flows from senders on two CPUs.
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+
+use super::e2e::rx_packets;
+use crate::{sys::bin, testbed::Vm};
+
+/// CPU time every CPU spent busy, softirq included (`/proc/stat`'s user, nice, system, irq and
+/// softirq; not idle, iowait or steal), in ns.
+fn busy_ns() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat is empty")?;
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let [user, nice, system, _idle, _iowait, irq, softirq, ..] = f[..] else {
+        anyhow::bail!("short /proc/stat line: {line}");
+    };
+    // USER_HZ is 100 on Linux whatever the kernel's HZ.
+    Ok((user + nice + system + irq + softirq) * 1e7)
+}
+
+/// A sink on `to` (so the frames end in a socket, as the pps measure's do) for `seconds`.
+fn sink(to: &Vm, seconds: f64) -> anyhow::Result<std::process::Child> {
+    let tool = bin("nv-transfer")?;
+    Ok(Command::new("ip")
+        .args(["netns", "exec", &to.ns.name])
+        .arg(tool)
+        .args(["udp-sink", "0.0.0.0:47003", "--seconds"])
+        .arg(format!("{}", seconds + 2.0))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+/// A 64-byte flood from `from` to `dst` on CPU `cpu` (bounded by `seconds`), at `rate` frames
+/// a second if given.
+fn flood(
+    from: &Vm,
+    dst: &str,
+    seconds: f64,
+    cpu: u32,
+    rate: Option<f64>,
+) -> anyhow::Result<Command> {
+    let tool = bin("nv-transfer")?;
+    let mut c = Command::new("ip");
+    c.args([
+        "netns",
+        "exec",
+        &from.ns.name,
+        "taskset",
+        "-c",
+        &cpu.to_string(),
+    ])
+    .arg(tool)
+    .args(["frame-flood", &format!("{dst}:47003"), "--seconds"])
+    .arg(seconds.to_string())
+    .args(["--size", "18"])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    if let Some(r) = rate {
+        c.args(["--rate", &r.to_string()]);
+    }
+    Ok(c)
+}
+
+/// At `rate` 64-byte frames a second for `seconds`: (CPU ns per delivered packet, share of
+/// the offered frames delivered). The machine's busy time in an idle second just before is
+/// taken off, so what is left is what the traffic cost.
+pub fn cpu_per_packet(
+    from: &Vm,
+    to: &Vm,
+    dst: &str,
+    rate: f64,
+    seconds: f64,
+) -> anyhow::Result<(f64, f64)> {
+    let mut sink = sink(to, seconds)?;
+    std::thread::sleep(Duration::from_millis(200));
+    let (idle_from, idle_at) = (busy_ns()?, Instant::now());
+    std::thread::sleep(Duration::from_secs(1));
+    let idle_rate = (busy_ns()? - idle_from) / idle_at.elapsed().as_secs_f64();
+    let (before, cpu_before, start) = (rx_packets(to)?, busy_ns()?, Instant::now());
+    let out = flood(from, dst, seconds, 0, Some(rate))?.output()?;
+    // The last frames land within a few ms.
+    std::thread::sleep(Duration::from_millis(100));
+    let (after, cpu_after) = (rx_packets(to)?, busy_ns()?);
+    let elapsed = start.elapsed().as_secs_f64();
+    let _ = sink.kill();
+    let _ = sink.wait();
+    anyhow::ensure!(
+        out.status.success(),
+        "flood: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent: f64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .strip_prefix("sent ")
+        .context("flood output")?
+        .parse()?;
+    #[expect(clippy::cast_precision_loss, reason = "packet counts")]
+    let delivered = (after - before) as f64;
+    anyhow::ensure!(delivered > 0.0, "no frame of the fixed-rate flood arrived");
+    let busy = (cpu_after - cpu_before - idle_rate * elapsed).max(0.0);
+    Ok((busy / delivered, delivered / sent.max(1.0)))
+}
+
+/// Two floods at once, from senders pinned to CPU 0 and CPU 1 (two flows: each sender's own
+/// source port), for `seconds`: packets delivered a second.
+pub fn two_flows(from: &Vm, to: &Vm, dst: &str, seconds: f64) -> anyhow::Result<f64> {
+    let mut sink = sink(to, seconds)?;
+    std::thread::sleep(Duration::from_millis(200));
+    let (before, start) = (rx_packets(to)?, Instant::now());
+    let floods =
+        [0, 1].map(|cpu| flood(from, dst, seconds, cpu, None).and_then(|mut c| Ok(c.spawn()?)));
+    let mut ok = true;
+    for f in floods {
+        ok &= f?.wait_with_output()?.status.success();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(100));
+    let after = rx_packets(to)?;
+    let _ = sink.kill();
+    let _ = sink.wait();
+    anyhow::ensure!(ok, "a flood of the two failed");
+    #[expect(clippy::cast_precision_loss, reason = "packet counts")]
+    Ok((after - before) as f64 / elapsed)
+}
