@@ -285,6 +285,9 @@ pub struct RewritePa {
 pub struct NextHop {
     /// The PA this entry is for (IPv4, network order; 0: empty).
     pub pa: u32,
+    /// 0: the host does not forward on the uplink, so the FIB helper refuses and the kernel
+    /// routes the packet (`bpf_redirect_neigh`); remembered, so the refusal is not asked for
+    /// again with every packet.
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],

@@ -92,11 +92,10 @@ pub fn next_hop(
         // SAFETY: this CPU's slot; only this CPU writes it, and not while we run.
         let nh = unsafe { &*nh };
         if nh.pa == dst_pa && nh.expires > now {
-            // A guest's super-packet has no segment count yet: its segment size says GSO.
-            // SAFETY: the context pointer is valid for the whole program run.
-            let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
-            if gso || ctx.len() > nh.mtu + ETH_HLEN as u32 {
-                check_mtu(ctx, uplink)?;
+            check_cached_mtu(ctx, uplink, nh.mtu)?;
+            // Written out here: a helper returning the hop would return it through the stack.
+            if nh.ifindex == 0 {
+                return Ok(Hop::Kernel);
             }
             return Ok(Hop::Direct {
                 ifindex: nh.ifindex,
@@ -137,10 +136,10 @@ pub fn next_hop6(
         // SAFETY: this CPU's slot; only this CPU writes it, and not while we run.
         let nh = unsafe { &*nh };
         if nh.pa == *dst_pa && nh.expires > now {
-            // SAFETY: the context pointer is valid for the whole program run.
-            let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
-            if gso || ctx.len() > nh.mtu + ETH_HLEN as u32 {
-                check_mtu(ctx, uplink)?;
+            check_cached_mtu(ctx, uplink, nh.mtu)?;
+            // Written out here: a helper returning the hop would return it through the stack.
+            if nh.ifindex == 0 {
+                return Ok(Hop::Kernel);
             }
             return Ok(Hop::Direct {
                 ifindex: nh.ifindex,
@@ -162,6 +161,19 @@ pub fn next_hop6(
         BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_FWD_DISABLED => Ok(Hop::Kernel),
         _ => Err(Counter::DropVmNoUnderlayRoute),
     }
+}
+
+/// A frame sent to a cached hop: checked by the MTU helper unless it is no GSO super-packet
+/// and fits the cached route MTU (0 for the kernel's hop: every frame is checked).
+#[inline(always)]
+fn check_cached_mtu(ctx: &TcContext, uplink: u32, mtu: u32) -> Result<(), Counter> {
+    // A guest's super-packet has no segment count yet: its segment size says GSO.
+    // SAFETY: the context pointer is valid for the whole program run.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    if gso || ctx.len() > mtu + ETH_HLEN as u32 {
+        check_mtu(ctx, uplink)?;
+    }
+    Ok(())
 }
 
 /// The frame (and, for GSO, each of its segments) must fit the uplink's MTU.
@@ -217,7 +229,10 @@ fn ask_fib(ctx: &TcContext, uplink: u32, src_pa: u32, dst_pa: u32, l4_protocol: 
         reason = "return codes are small and non-negative"
     )]
     let rc = rc as u32;
-    if rc == BPF_FIB_LKUP_RET_SUCCESS {
+    // A host that does not forward on the uplink is remembered as such: the kernel's hop,
+    // every frame's MTU checked (an unresolved neighbour is asked for again next time).
+    let found = rc == BPF_FIB_LKUP_RET_SUCCESS;
+    if found || rc == BPF_FIB_LKUP_RET_FWD_DISABLED {
         let Some(slot) = NEXTHOPS.get_ptr_mut(NextHop::slot(dst_pa)) else {
             return BPF_FIB_LKUP_RET_NO_NEIGH;
         };
@@ -225,12 +240,16 @@ fn ask_fib(ctx: &TcContext, uplink: u32, src_pa: u32, dst_pa: u32, l4_protocol: 
         unsafe {
             *slot = NextHop {
                 pa: dst_pa,
-                ifindex: fib.ifindex,
+                ifindex: if found { fib.ifindex } else { 0 },
                 smac: fib.smac,
                 dmac: fib.dmac,
                 // SAFETY: union member the helper fills on success (0 for GSO: the helper
                 // then checks every packet).
-                mtu: u32::from(fib.__bindgen_anon_1.mtu_result),
+                mtu: if found {
+                    u32::from(fib.__bindgen_anon_1.mtu_result)
+                } else {
+                    0
+                },
                 // SAFETY: plain helper call.
                 expires: bpf_jiffies64() + NextHop::TTL_JIFFIES,
             };
@@ -270,7 +289,9 @@ fn ask_fib6(ctx: &TcContext, uplink: u32, src_pa: &Addr, dst_pa: &Addr) -> u32 {
         reason = "return codes are small and non-negative"
     )]
     let rc = rc as u32;
-    if rc == BPF_FIB_LKUP_RET_SUCCESS {
+    // As in `ask_fib`.
+    let found = rc == BPF_FIB_LKUP_RET_SUCCESS;
+    if found || rc == BPF_FIB_LKUP_RET_FWD_DISABLED {
         let Some(slot) = NEXTHOPS6.get_ptr_mut(NextHop6::slot(dst_pa)) else {
             return BPF_FIB_LKUP_RET_NO_NEIGH;
         };
@@ -278,11 +299,15 @@ fn ask_fib6(ctx: &TcContext, uplink: u32, src_pa: &Addr, dst_pa: &Addr) -> u32 {
         unsafe {
             *slot = NextHop6 {
                 pa: *dst_pa,
-                ifindex: fib.ifindex,
+                ifindex: if found { fib.ifindex } else { 0 },
                 smac: fib.smac,
                 dmac: fib.dmac,
                 // SAFETY: union member the helper fills on success.
-                mtu: u32::from(fib.__bindgen_anon_1.mtu_result),
+                mtu: if found {
+                    u32::from(fib.__bindgen_anon_1.mtu_result)
+                } else {
+                    0
+                },
                 _pad: 0,
                 // SAFETY: plain helper call.
                 expires: bpf_jiffies64() + NextHop::TTL_JIFFIES,

@@ -4,7 +4,7 @@
 use anyhow::{Context as _, ensure};
 use etherparse::PacketBuilder;
 use nv_common::{
-    DatapathConfig, DeliverMeta, Method, RestoreMeta,
+    DatapathConfig, DeliverMeta, Method, RedirectTrace, RestoreMeta,
     flow::flow_id_v4,
     program_names::{FROM_VM, UPLINK_TC, UPLINK_XDP},
 };
@@ -394,6 +394,26 @@ fn encapsulation_without_host_forwarding_leaves_l2_to_the_kernel() -> anyhow::Re
         out[12..] == expected[12..],
         "encap differs beyond the MACs: {out:02x?}"
     );
+    // The refusal is remembered per CPU (not asked for with every frame): the frames after
+    // the first still go to the kernel's hop, never to a cached neighbour of none.
+    let uplink = h.ns.ifindex("uplink0")?;
+    for n in 0..3 {
+        let run = h.dp.test_run(FROM_VM, &inner, Some(h.red1), 1)?;
+        ensure!(
+            run.redirect
+                == Some(RedirectTrace {
+                    ifindex: uplink,
+                    how: RedirectTrace::NEIGH,
+                }),
+            "frame {n} after the first redirected as {:?}",
+            run.redirect
+        );
+        ensure!(
+            run.data[12..] == expected[12..],
+            "frame {n} after the first: {:02x?}",
+            run.data
+        );
+    }
     Ok(())
 }
 

@@ -625,6 +625,13 @@ const MUTATIONS: &[Mutation] = &[
         removed: "if (t.proto == IPPROTO_ICMP || t.proto == IPPROTO_ICMPV6) && t.echo == 9 {",
         tests: &["acl_programs"],
     },
+    Mutation {
+        name: "a host that does not forward keeps the kernel's hop once cached",
+        file: "nv-ebpf/src/underlay.rs",
+        check: "        if nh.pa == dst_pa && nh.expires > now {\n            check_cached_mtu(ctx, uplink, nh.mtu)?;\n            // Written out here: a helper returning the hop would return it through the stack.\n            if nh.ifindex == 0 {",
+        removed: "        if nh.pa == dst_pa && nh.expires > now {\n            check_cached_mtu(ctx, uplink, nh.mtu)?;\n            // Written out here: a helper returning the hop would return it through the stack.\n            if nh.ifindex == 9 {",
+        tests: &["programs"],
+    },
 ];
 
 pub fn run(only: Option<&str>) -> anyhow::Result<()> {

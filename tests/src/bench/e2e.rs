@@ -197,12 +197,13 @@ fn repetition(b: &Setup, r: &mut Result, scale: Scale) -> anyhow::Result<()> {
     let seconds = scale.pick(3.0, 0.3);
     r.pps_runs.push(pps(from, to, b.dst, seconds)?);
     r.tcp_runs.push(tcp(from, to, b.dst, scale.pick(4, 1))?);
+    // Long enough for a few hundred thousand packets: /proc/stat counts in 10 ms ticks.
     let (cpu, delivered) = load::cpu_per_packet(
         from,
         to,
         b.dst,
         scale.pick(FIXED_RATE, FIXED_RATE / 10.0),
-        seconds,
+        scale.pick(4.0, 0.3),
     )?;
     r.cpu_ns_runs.push(cpu);
     r.delivered_runs.push(delivered);

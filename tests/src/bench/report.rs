@@ -348,7 +348,7 @@ fn e2e_lines(s: &mut String, e2e: &[e2e::Result]) {
     }
     let _ = writeln!(
         s,
-        "(kpps: 64-byte frames delivered a second from one sender; CPU: every CPU's busy time per packet delivered at a fixed 100k frames a second, deliv the share delivered; 2 flows: kpps from senders on two CPUs; RTT in us)"
+        "(kpps: 64-byte frames delivered a second from one sender, read by a process; CPU: every CPU's busy time per packet delivered at a fixed 100k frames a second into a socket nobody reads, deliv the share delivered; 2 flows: kpps from senders on two CPUs; RTT in us)"
     );
     for e in e2e {
         if let Some(tap) = e.tap_pps {

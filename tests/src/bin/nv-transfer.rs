@@ -11,6 +11,7 @@
 //!     [--rate PPS]                                   at most PPS frames a second
 //!     [--spread N]                                   to N addresses from ADDR's on, in turns
 //! nv-transfer udp-sink ADDR --seconds S             counts datagrams for S seconds: "received N"
+//! nv-transfer udp-hold ADDR --seconds S             a bound socket nobody reads, for S seconds
 //! nv-transfer tap-sink TAP --seconds S              reads frames from tap TAP as QEMU does:
 //!                                                   "received N"
 //! nv-transfer tcp-connect ADDR --count N            N connections, 1 s each:
@@ -69,6 +70,15 @@ fn main() -> Result<()> {
                 Duration::from_secs_f64(flag("--seconds").ok_or("--seconds is required")?.parse()?),
             )?;
             println!("received {got}");
+            return Ok(());
+        }
+        "udp-hold" => {
+            // Datagrams queue until the socket's buffer is full, then the kernel drops them:
+            // delivered, without a reader's wake-up per datagram.
+            let _sock = UdpSocket::bind(addr)?;
+            std::thread::sleep(Duration::from_secs_f64(
+                flag("--seconds").ok_or("--seconds is required")?.parse()?,
+            ));
             return Ok(());
         }
         "udp-sink" => {
