@@ -71,7 +71,7 @@ pub extern "C" fn nv_acl_check(skb: *mut __sk_buff, ifindex: u32, dir: u32) -> u
         return DENIED;
     };
     s.t = AclTuple::default();
-    match tuple(ctx, dir, &mut s.t) {
+    match tuple(ctx, dir, &mut s.t, &mut s.ip4) {
         // Not IP: ARP and the like are answered or dropped before any rule.
         NOT_IP => return 0,
         TUPLE => {}
@@ -180,8 +180,8 @@ const UNKNOWN: u32 = 2;
 /// Fills `t` with the packet's tuple from the VM's side: [`TUPLE`], [`NOT_IP`], or
 /// [`UNKNOWN`] for IP whose protocol or ports cannot be read.
 #[inline(always)]
-fn tuple(ctx: &TcContext, dir: u32, t: &mut AclTuple) -> u32 {
-    match parse(ctx, dir, t) {
+fn tuple(ctx: &TcContext, dir: u32, t: &mut AclTuple, ip4: &mut [u8; 20]) -> u32 {
+    match parse(ctx, dir, t, ip4) {
         Some(true) => TUPLE,
         Some(false) => NOT_IP,
         None => UNKNOWN,
@@ -191,23 +191,28 @@ fn tuple(ctx: &TcContext, dir: u32, t: &mut AclTuple) -> u32 {
 // Fields are loaded straight into `t`: whole headers would make this frame, on top of the
 // IPv6 forwarding path's, too big for the 512 bytes of a call chain.
 #[inline(always)]
-fn parse(ctx: &TcContext, dir: u32, t: &mut AclTuple) -> Option<bool> {
+fn parse(ctx: &TcContext, dir: u32, t: &mut AclTuple, ip4: &mut [u8; 20]) -> Option<bool> {
     let out = dir == DIR_OUT;
     let proto: [u8; 2] = ctx.load(ETH_HLEN - 2).ok()?;
     let l4 = match u16::from_be_bytes(proto) {
         ETH_P_IP => {
-            // Version and length, then (at 6) fragment, TTL and protocol.
-            let head: [u8; 10] = ctx.load(ETH_HLEN).ok()?;
+            // The fixed header in one helper call: version and length, (at 6) fragment, TTL
+            // and protocol, (at 12) the addresses.
+            load_bytes(ctx, ETH_HLEN, ip4)?;
             t.family = 4;
-            t.proto = head[9];
-            let (local, remote) = if out { (12, 16) } else { (16, 12) };
+            t.proto = ip4[9];
+            let word =
+                |at: usize| u32::from_ne_bytes([ip4[at], ip4[at + 1], ip4[at + 2], ip4[at + 3]]);
+            let (local, remote) = if out {
+                (word(12), word(16))
+            } else {
+                (word(16), word(12))
+            };
             (t.local[2], t.remote[2]) = (V4_MAPPED, V4_MAPPED);
-            let (l, r) = (t.local.split_at_mut(3).1, t.remote.split_at_mut(3).1);
-            load_into::<1>(ctx, ETH_HLEN + local, l.try_into().ok()?)?;
-            load_into::<1>(ctx, ETH_HLEN + remote, r.try_into().ok()?)?;
+            (t.local[3], t.remote[3]) = (local, remote);
             // A later fragment has no ports: it meets the rules with none.
-            if u16::from_be_bytes([head[6], head[7]]) & 0x1fff == 0 {
-                ETH_HLEN + usize::from(head[0] & 0x0f) * 4
+            if u16::from_be_bytes([ip4[6], ip4[7]]) & 0x1fff == 0 {
+                ETH_HLEN + usize::from(ip4[0] & 0x0f) * 4
             } else {
                 0
             }
@@ -289,19 +294,28 @@ fn upper_layer6(ctx: &TcContext, first: u8) -> Option<(u8, usize)> {
     }
 }
 
-/// Loads the `N` words at `offset` straight into `dst`, with no copy on the stack.
+/// `N` bytes of the packet at `offset` into `dst` (memory off the stack, such as the scratch
+/// value).
+#[inline(always)]
+fn load_bytes<const N: usize>(ctx: &TcContext, offset: usize, dst: &mut [u8; N]) -> Option<()> {
+    load_raw(ctx, offset, dst.as_mut_ptr().cast(), N)
+}
+
+/// The `N` words at `offset` straight into `dst`, with no copy on the stack.
 #[inline(always)]
 fn load_into<const N: usize>(ctx: &TcContext, offset: usize, dst: &mut [u32; N]) -> Option<()> {
-    #[expect(clippy::cast_possible_truncation, reason = "offsets within a frame")]
-    // SAFETY: `dst` is N words of writable memory; the helper checks the packet's bounds.
-    let rc = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb.cast(),
-            offset as u32,
-            dst.as_mut_ptr().cast(),
-            (N * 4) as u32,
-        )
-    };
+    load_raw(ctx, offset, dst.as_mut_ptr().cast(), N * 4)
+}
+
+#[inline(always)]
+fn load_raw(ctx: &TcContext, offset: usize, dst: *mut c_void, len: usize) -> Option<()> {
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "offsets and lengths within a frame"
+    )]
+    // SAFETY: the callers pass `len` bytes of writable memory; the helper checks the packet's
+    // bounds.
+    let rc = unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), offset as u32, dst, len as u32) };
     (rc == 0).then_some(())
 }
 

@@ -139,6 +139,8 @@ pub static ACL_SCRATCH: PerCpuArray<AclScratch> = PerCpuArray::with_max_entries(
 #[repr(C)]
 pub struct AclScratch {
     pub t: nv_common::acl::AclTuple,
+    /// An IPv4 header's fixed 20 bytes, read in one helper call.
+    pub ip4: [u8; 20],
     pub set: AclSetKey,
     pub flow: AclFlowKey,
     pub meter: AclMeterKey,

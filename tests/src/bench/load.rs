@@ -74,8 +74,9 @@ fn flood(
 }
 
 /// At `rate` 64-byte frames a second for `seconds`: (CPU ns per delivered packet, share of
-/// the offered frames delivered). The machine's busy time in an idle second just before is
-/// taken off, so what is left is what the traffic cost. The frames end in a socket nobody
+/// the offered frames delivered). The machine's busy time in as long an idle window just
+/// before is taken off (agents and the other beds idling), so what is left is what the
+/// traffic cost. The frames end in a socket nobody
 /// reads: a reader's wake-up per datagram (a fifth of the sending CPU's time in the pps
 /// measure, the same for every datapath) is the application's cost, not the datapath's.
 pub fn cpu_per_packet(
@@ -85,10 +86,10 @@ pub fn cpu_per_packet(
     rate: f64,
     seconds: f64,
 ) -> anyhow::Result<(f64, f64)> {
-    let mut sink = sink(to, "udp-hold", seconds)?;
-    std::thread::sleep(Duration::from_millis(200));
+    let mut sink = sink(to, "udp-hold", 2.0 * seconds)?;
+    std::thread::sleep(Duration::from_millis(300));
     let (idle_from, idle_at) = (busy_ns()?, Instant::now());
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs_f64(seconds));
     let idle_rate = (busy_ns()? - idle_from) / idle_at.elapsed().as_secs_f64();
     let (before, cpu_before, start) = (rx_packets(to)?, busy_ns()?, Instant::now());
     let out = flood(from, dst, seconds, 0, Some(rate))?.output()?;
