@@ -11,21 +11,31 @@ use anyhow::Context as _;
 use super::e2e::rx_packets;
 use crate::{sys::bin, testbed::Vm};
 
-/// CPU time every CPU spent busy, softirq included (`/proc/stat`'s user, nice, system, irq and
-/// softirq; not idle, iowait or steal), in ns.
-fn busy_ns() -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let line = stat.lines().next().context("/proc/stat is empty")?;
-    let f: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(str::parse)
-        .collect::<Result<_, _>>()?;
-    let [user, nice, system, _idle, _iowait, irq, softirq, ..] = f[..] else {
-        anyhow::bail!("short /proc/stat line: {line}");
-    };
-    // USER_HZ is 100 on Linux whatever the kernel's HZ.
-    Ok((user + nice + system + irq + softirq) * 1e7)
+/// The CPU time of every `ksoftirqd` thread (the softirq work the kernel defers from where it
+/// was raised), ns, from `/proc/PID/stat` (10 ms resolution).
+fn ksoftirqd_ns() -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc")? {
+        let path = entry?.path();
+        let is_ksoftirqd =
+            std::fs::read_to_string(path.join("comm")).is_ok_and(|c| c.starts_with("ksoftirqd/"));
+        if !is_ksoftirqd {
+            continue;
+        }
+        let stat = std::fs::read_to_string(path.join("stat"))?;
+        // After the command's closing parenthesis: state is field 3, utime and stime 14 and 15.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let ticks: f64 = fields.get(11..13).map_or(Ok(0.0), |f| {
+            f.iter().map(|x| x.parse::<f64>()).sum::<Result<f64, _>>()
+        })?;
+        // USER_HZ is 100 on Linux whatever the kernel's HZ.
+        total += ticks * 1e7;
+    }
+    Ok(total)
 }
 
 /// A socket on `to` for `seconds` that the frames end in: `mode` `udp-sink` reads them (as the
@@ -74,11 +84,12 @@ fn flood(
 }
 
 /// At `rate` 64-byte frames a second for `seconds`: (CPU ns per delivered packet, share of
-/// the offered frames delivered). The machine's busy time in as long an idle window just
-/// before is taken off (agents and the other beds idling), so what is left is what the
-/// traffic cost. The frames end in a socket nobody
-/// reads: a reader's wake-up per datagram (a fifth of the sending CPU's time in the pps
-/// measure, the same for every datapath) is the application's cost, not the datapath's.
+/// the offered frames delivered). The CPU time is the sending process's (the scheduler's exact
+/// run time: with veth ports the softirq work of a frame's whole way runs in the sender's
+/// context) and the `ksoftirqd` threads' (work deferred). `/proc/stat`'s tick samples alias with
+/// a paced sender's sleeps and were off by up to 10x. The frames end in a socket nobody reads:
+/// a reader's wake-up per datagram (a fifth of the sending CPU's time in the pps measure, the
+/// same for every datapath) is the application's cost, not the datapath's.
 pub fn cpu_per_packet(
     from: &Vm,
     to: &Vm,
@@ -86,33 +97,34 @@ pub fn cpu_per_packet(
     rate: f64,
     seconds: f64,
 ) -> anyhow::Result<(f64, f64)> {
-    let mut sink = sink(to, "udp-hold", 2.0 * seconds)?;
+    let mut sink = sink(to, "udp-hold", seconds)?;
     std::thread::sleep(Duration::from_millis(300));
-    let (idle_from, idle_at) = (busy_ns()?, Instant::now());
-    std::thread::sleep(Duration::from_secs_f64(seconds));
-    let idle_rate = (busy_ns()? - idle_from) / idle_at.elapsed().as_secs_f64();
-    let (before, cpu_before, start) = (rx_packets(to)?, busy_ns()?, Instant::now());
+    let (before, softirq_before) = (rx_packets(to)?, ksoftirqd_ns()?);
     let out = flood(from, dst, seconds, 0, Some(rate))?.output()?;
     // The last frames land within a few ms.
     std::thread::sleep(Duration::from_millis(100));
-    let (after, cpu_after) = (rx_packets(to)?, busy_ns()?);
-    let elapsed = start.elapsed().as_secs_f64();
+    let (after, softirq_after) = (rx_packets(to)?, ksoftirqd_ns()?);
     let _ = sink.kill();
     let _ = sink.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(
         out.status.success(),
         "flood: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let sent: f64 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .strip_prefix("sent ")
-        .context("flood output")?
-        .parse()?;
+    let field = |name: &str| -> anyhow::Result<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .with_context(|| format!("flood output without {name}: {text}"))?
+            .trim()
+            .parse()
+            .context("flood output")
+    };
+    let (sent, cpu) = (field("sent ")?, field("cpu_ns ")?);
     #[expect(clippy::cast_precision_loss, reason = "packet counts")]
     let delivered = (after - before) as f64;
     anyhow::ensure!(delivered > 0.0, "no frame of the fixed-rate flood arrived");
-    let busy = (cpu_after - cpu_before - idle_rate * elapsed).max(0.0);
+    let busy = cpu + (softirq_after - softirq_before);
     Ok((busy / delivered, delivered / sent.max(1.0)))
 }
 
