@@ -372,6 +372,29 @@ fn e2e_lines(s: &mut String, e2e: &[e2e::Result]) {
             let _ = writeln!(s, "{line}");
         }
     }
+    if let Some(ceiling) = e2e.iter().find(|r| r.config == "routed-veth") {
+        // What every configuration pays alike (the sender's syscall, the veth pairs, the
+        // receiving stack) is what routed veth pays; the rest is the tunnel's own.
+        let _ = writeln!(
+            s,
+            "CPU per packet above routed veth (no tunnel), each repetition's: the tunnel's own cost"
+        );
+        for e in e2e.iter().filter(|e| e.config != ceiling.config) {
+            let above: Vec<f64> = e
+                .cpu_ns_runs
+                .iter()
+                .zip(&ceiling.cpu_ns_runs)
+                .map(|(a, b)| a - b)
+                .collect();
+            let _ = writeln!(
+                s,
+                "{:<15} {:>6.0} ns ({})",
+                e.config,
+                quantile(&mut above.clone(), 0.5),
+                spread(&above, 0)
+            );
+        }
+    }
     for e in e2e {
         if let Some(tap) = e.tap_pps {
             let _ = writeln!(
