@@ -348,6 +348,23 @@ fn e2e_lines(s: &mut String, e2e: &[e2e::Result]) {
         s,
         "(kpps: 64-byte frames delivered a second from one sender, read by a process; CPU: every CPU's busy time per packet delivered at a fixed 100k frames a second into a socket nobody reads, deliv the share delivered; 2 flows: kpps from senders on two CPUs; RTT in us)"
     );
+    against_peer(s, e2e);
+    above_ceiling(s, e2e);
+    for e in e2e {
+        if let Some(tap) = e.tap_pps {
+            let _ = writeln!(
+                s,
+                "{} into a tap read by a process (as QEMU does): {:.0} kpps, {:.2} of the veth rate",
+                e.config,
+                tap / 1e3,
+                tap / e.pps
+            );
+        }
+    }
+}
+
+/// Every configuration's ratios to the peer, each repetition's.
+fn against_peer(s: &mut String, e2e: &[e2e::Result]) {
     if let Some(peer) = e2e.iter().find(|r| r.config == "cilium-peer") {
         let _ = writeln!(
             s,
@@ -372,6 +389,10 @@ fn e2e_lines(s: &mut String, e2e: &[e2e::Result]) {
             let _ = writeln!(s, "{line}");
         }
     }
+}
+
+/// CPU per packet above routed veth: the tunnel's own cost.
+fn above_ceiling(s: &mut String, e2e: &[e2e::Result]) {
     if let Some(ceiling) = e2e.iter().find(|r| r.config == "routed-veth") {
         // What every configuration pays alike (the sender's syscall, the veth pairs, the
         // receiving stack) is what routed veth pays; the rest is the tunnel's own.
@@ -392,17 +413,6 @@ fn e2e_lines(s: &mut String, e2e: &[e2e::Result]) {
                 e.config,
                 quantile(&mut above.clone(), 0.5),
                 spread(&above, 0)
-            );
-        }
-    }
-    for e in e2e {
-        if let Some(tap) = e.tap_pps {
-            let _ = writeln!(
-                s,
-                "{} into a tap read by a process (as QEMU does): {:.0} kpps, {:.2} of the veth rate",
-                e.config,
-                tap / 1e3,
-                tap / e.pps
             );
         }
     }
