@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use nv_common::{
-    Counter,
+    Counter, PortInfo,
     acl::{
         AclFlowKey, AclMeter, AclMeterKey, AclRule, AclSet, AclSetKey, AclTuple, DIR_OUT,
         FLOW_WAYS, MAX_SET_RULES,
@@ -26,21 +26,23 @@ use nv_common::{
     },
 };
 
-use crate::maps::{ACL_DENIED, ACL_FLOWS, ACL_METERS, ACL_SCRATCH, ACL_SETS, AclScratch, PORTS};
+use crate::maps::{ACL_DENIED, ACL_FLOWS, ACL_METERS, ACL_SCRATCH, ACL_SETS, AclScratch};
 
 /// A flow's last-seen time is written at most this often: its cache line is not bounced
 /// between CPUs on every packet.
 const SEEN_EVERY_NS: u64 = 1_000_000_000;
 
-/// What the rules of the VM port `ifindex` say about the frame in `skb` going `dir`
+/// What the rules of the VM port whose entry is `port` say about the frame in `skb` going `dir`
 /// ([`DIR_IN`]: delivered to the VM; [`DIR_OUT`]: sent by it): 0 to let it pass, 1 to drop
 /// it.
 ///
 /// A global function (exported, C calling convention): the verifier checks it once, on its
-/// own, not again at each of the delivery paths that call it.
+/// own, not again at each of the delivery paths that call it. It takes the caller's port entry
+/// (a struct of plain integers: to the verifier, memory of its size, or null) rather than
+/// looking it up again.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn nv_acl_check(skb: *mut __sk_buff, ifindex: u32, dir: u32) -> u32 {
+pub extern "C" fn nv_acl_check(skb: *mut __sk_buff, port: *const PortInfo, dir: u32) -> u32 {
     let ctx = &TcContext::new(skb);
     const DENIED: u32 = 1;
     // The tuple and the map keys live in a per-CPU scratch value, off this frame: the
@@ -50,8 +52,8 @@ pub extern "C" fn nv_acl_check(skb: *mut __sk_buff, ifindex: u32, dir: u32) -> u
     };
     // SAFETY: this CPU's scratch value, used by this program run alone.
     let s = unsafe { &mut *s };
-    // SAFETY: read-only uses of values the agent replaces whole.
-    let Some(port) = (unsafe { PORTS.get(ifindex) }) else {
+    // SAFETY: the caller's entry of the port (a map value the agent replaces whole), or null.
+    let Some(port) = (unsafe { port.as_ref() }) else {
         return DENIED;
     };
     s.set = AclSetKey {
@@ -410,18 +412,13 @@ fn meter(s: &mut AclScratch, rule: u32, dir: u32, len: u64) {
 
 /// Whether the port `port` has rules for what goes `dir`; then [`nv_acl_check`] them.
 #[inline(always)]
-pub fn admits(
-    ctx: &TcContext,
-    port: &nv_common::PortInfo,
-    ifindex: u32,
-    dir: u32,
-) -> Result<(), Counter> {
+pub fn admits(ctx: &TcContext, port: &PortInfo, dir: u32) -> Result<(), Counter> {
     let (flag, denied) = if dir == DIR_OUT {
         (nv_common::PortInfo::ACL_OUT, Counter::DropVmAclDenied)
     } else {
         (nv_common::PortInfo::ACL_IN, Counter::DropAclInDenied)
     };
-    if port.flags & flag == 0 || nv_acl_check(ctx.skb.skb, ifindex, dir) == 0 {
+    if port.flags & flag == 0 || nv_acl_check(ctx.skb.skb, port, dir) == 0 {
         return Ok(());
     }
     // One counter per direction, known where this is inlined: the drop paths after it stay

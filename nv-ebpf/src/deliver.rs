@@ -40,7 +40,7 @@ fn hand_over(ctx: &TcContext, ifindex: u32, port: &nv_common::PortInfo) -> Resul
         return Err(Counter::DropPortDown);
     }
     // The port's rules for what it receives, whatever brought the frame.
-    crate::acl::admits(ctx, port, ifindex, nv_common::acl::DIR_IN)?;
+    crate::acl::admits(ctx, port, nv_common::acl::DIR_IN)?;
     // The frame was classified against another MAC on the way in (the uplink's, or the
     // sending VM's port); the VM must see it as addressed to it, and neither redirect
     // classifies again.

@@ -101,7 +101,7 @@ fn forward_ipv4(
     // The port's rules see what the VM sent, before any routing or translation; segments
     // back from the bounce device were checked as the super-packet they were.
     if !bounced {
-        acl::admits(ctx, port, ifindex, DIR_OUT)?;
+        acl::admits(ctx, port, DIR_OUT)?;
     }
     let eth: &EthHdr = view_at(data, end, 0).ok_or(Counter::DropVmMalformed)?;
     let rdid = router::routed_in(port, &eth.dst, bounced);

@@ -266,7 +266,7 @@ fn forward(ctx: &TcContext, port: &PortInfo, ifindex: u32, bounced: bool) -> Res
     // As for IPv4: the port's rules, after the identity checks and before anything else
     // (not again for the segments).
     if !bounced {
-        crate::acl::admits(ctx, port, ifindex, nv_common::acl::DIR_OUT)?;
+        crate::acl::admits(ctx, port, nv_common::acl::DIR_OUT)?;
     }
     let len = ctx.len();
     let ip: &Ipv6Hdr =
