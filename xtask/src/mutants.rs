@@ -586,14 +586,14 @@ const MUTATIONS: &[Mutation] = &[
     Mutation {
         name: "ACL: a VM's inbound rules are checked at delivery",
         file: "nv-ebpf/src/deliver.rs",
-        check: "    crate::acl::admits(ctx, port, ifindex, nv_common::acl::DIR_IN)?;",
+        check: "    crate::acl::admits(ctx, port, nv_common::acl::DIR_IN)?;",
         removed: "    let _ = nv_common::acl::DIR_IN;",
         tests: &["acl_programs"],
     },
     Mutation {
         name: "ACL: a VM's outbound rules are checked before forwarding",
         file: "nv-ebpf/src/from_vm.rs",
-        check: "        acl::admits(ctx, port, ifindex, DIR_OUT)?;",
+        check: "        acl::admits(ctx, port, DIR_OUT)?;",
         removed: "        let _ = (acl::admits, DIR_OUT);",
         tests: &["acl_programs"],
     },
