@@ -414,9 +414,9 @@ fn meter(s: &mut AclScratch, rule: u32, dir: u32, len: u64) {
 #[inline(always)]
 pub fn admits(ctx: &TcContext, port: &PortInfo, dir: u32) -> Result<(), Counter> {
     let (flag, denied) = if dir == DIR_OUT {
-        (nv_common::PortInfo::ACL_OUT, Counter::DropVmAclDenied)
+        (PortInfo::ACL_OUT, Counter::DropVmAclDenied)
     } else {
-        (nv_common::PortInfo::ACL_IN, Counter::DropAclInDenied)
+        (PortInfo::ACL_IN, Counter::DropAclInDenied)
     };
     if port.flags & flag == 0 || nv_acl_check(ctx.skb.skb, port, dir) == 0 {
         return Ok(());

@@ -22,8 +22,8 @@ pub struct Result {
     /// 64-byte UDP packets per second delivered into the receiving VM (its eth0 rx counter).
     pub pps: f64,
     pub tcp_gbps: f64,
-    /// CPU time of every CPU (softirq included) per packet delivered, at a fixed offered rate
-    /// below every configuration's top, ns.
+    /// CPU time (the sender's, in whose context veth runs the softirq work, and ksoftirqd's)
+    /// per packet delivered, at a fixed offered rate below every configuration's top, ns.
     pub cpu_ns: f64,
     /// Two floods from senders on two CPUs, packets delivered a second.
     pub two_flow_pps: f64,
@@ -197,7 +197,7 @@ fn repetition(b: &Setup, r: &mut Result, scale: Scale) -> anyhow::Result<()> {
     let seconds = scale.pick(3.0, 0.3);
     r.pps_runs.push(pps(from, to, b.dst, seconds)?);
     r.tcp_runs.push(tcp(from, to, b.dst, scale.pick(4, 1))?);
-    // Long enough for a few hundred thousand packets: /proc/stat counts in 10 ms ticks.
+    // Long enough for a few hundred thousand packets: ksoftirqd's time counts in 10 ms ticks.
     let (cpu, delivered) = load::cpu_per_packet(
         from,
         to,
