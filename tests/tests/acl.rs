@@ -1,7 +1,8 @@
 //! Port ACLs on a live bed: a VM that may only connect out (stateful), on NVGRE across hosts
-//! and VM to VM on one host; weights; meters against the bytes sent; denies counted and
-//! monitored with their rule; rules cut connections they no longer admit; a flooding VM
-//! spends its own flow budget only.
+//! and VM to VM on one host; weights; meters against the bytes sent (and in Prometheus); denies
+//! counted and monitored with their rule; rules cut connections they no longer admit; export
+//! and import; rewrite restored on XDP and on TC; IPv6, statefully; a flooding VM spends its
+//! own flow budget only, and tracked connections outlive a restart and an upgrade.
 
 use anyhow::{Context as _, ensure};
 use nv_tests::{
@@ -298,25 +299,51 @@ fn the_meter_counts_what_was_sent(bed: &TwoHosts) -> anyhow::Result<()> {
         m["packets"].as_u64() == Some(40) && m["bytes"].as_u64() == Some(40 * 1042),
         "the meter: {m}"
     );
+    // The same meter in Prometheus, by rule, VSID and direction.
+    let (rule_label, vsid_label) = (format!("rule=\"{udp}\""), format!("vsid=\"{RED_VSID}\""));
+    let labels = [
+        rule_label.as_str(),
+        vsid_label.as_str(),
+        "direction=\"out\"",
+    ];
+    let (packets, bytes) = (
+        metric(bed, 0, "nv_acl_packets_total", &labels)?,
+        metric(bed, 0, "nv_acl_bytes_total", &labels)?,
+    );
+    ensure!(
+        packets == 40 && bytes == 40 * 1042,
+        "Prometheus: {packets} packets, {bytes} bytes for rule {udp}"
+    );
+    ensure!(
+        metric(
+            bed,
+            0,
+            "nv_acl_packets_total",
+            &[rule_label.as_str(), "direction=\"in\""]
+        )
+        .is_err(),
+        "rule {udp} is an outbound rule: nothing metered in"
+    );
     Ok(())
 }
 
-/// The value of the series of `name` whose labels include `label` in host `h`'s `/metrics`.
-fn metric(bed: &TwoHosts, h: usize, name: &str, label: &str) -> anyhow::Result<u64> {
+/// The value of the series of `name` whose labels include every one of `labels` in host `h`'s
+/// `/metrics`.
+fn metric(bed: &TwoHosts, h: usize, name: &str, labels: &[&str]) -> anyhow::Result<u64> {
     let text = bed.hosts[h]
         .ns
         .exec("curl", &["-sf", "http://127.0.0.1:9469/metrics"])?;
     text.lines()
-        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .find(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .with_context(|| format!("{name} with {label} in the metrics"))
+        .with_context(|| format!("{name} with {labels:?} in the metrics"))
 }
 
 /// RED-1's tracked connections to RED-2 go once a deny of higher weight covers them, and
 /// its connections elsewhere stay admitted.
 fn a_deny_added_later_cuts_connections(bed: &TwoHosts) -> anyhow::Result<()> {
     let port = "port=\"red1\"";
-    let tracked = metric(bed, 0, "nv_acl_flows", port)?;
+    let tracked = metric(bed, 0, "nv_acl_flows", &[port])?;
     ensure!(
         tracked >= 2,
         "RED-1's connections to RED-2 and RED-3 are tracked ({tracked})"
@@ -329,7 +356,7 @@ fn a_deny_added_later_cuts_connections(bed: &TwoHosts) -> anyhow::Result<()> {
             "{r1} --direction out --action deny --protocol tcp --remote 10.0.0.2/32 --weight 50"
         ),
     )?;
-    let left = metric(bed, 0, "nv_acl_flows", port)?;
+    let left = metric(bed, 0, "nv_acl_flows", &[port])?;
     ensure!(
         left >= 1 && left < tracked,
         "the connection to RED-2 is cut, RED-3's stays: {tracked} -> {left}"
@@ -368,6 +395,59 @@ fn deleted_by_name_and_restarted(bed: &mut TwoHosts, deny_in: u64) -> anyhow::Re
         "pings in again once the deny is gone"
     );
     bed.hosts[0].expect_refused(&["acl", "del", "--name", "deny-in"], "no ACL rule")?;
+    exported_and_imported(bed)
+}
+
+/// The fields of a rule that say what it does (not its id or meters).
+fn what_it_does(rule: &Value) -> Value {
+    let mut r = rule.clone();
+    if let Some(o) = r.as_object_mut() {
+        for f in ["id", "packets", "bytes"] {
+            o.remove(f);
+        }
+    }
+    r
+}
+
+/// `acl export`, every rule deleted, an import with one bad rule among them refused whole,
+/// then the export imported: the same rules (numbered anew) doing the same again.
+fn exported_and_imported(bed: &TwoHosts) -> anyhow::Result<()> {
+    let h = &bed.hosts[0];
+    let listed: Vec<Value> = rules(bed, 0)?.iter().map(what_it_does).collect();
+    ensure!(listed.len() >= 3, "rules to export: {listed:?}");
+    let exported = h.nvctl(&["acl", "export"])?;
+    let file = bed.tmp_dir().join("acls.json");
+    std::fs::write(&file, &exported)?;
+    for r in rules(bed, 0)? {
+        let id = r["id"].as_u64().context("id")?.to_string();
+        h.nvctl(&["acl", "del", "--id", &id])?;
+    }
+    ensure!(rules(bed, 0)?.is_empty(), "every rule deleted");
+    ensure!(
+        connect(bed.vm("RED-1"), "10.0.0.2:47009", 1)? == (0, 1, 0),
+        "without rules RED-1 reaches RED-2 (refused: nothing listens)"
+    );
+    let mut bad: Vec<Value> = serde_json::from_str(&exported)?;
+    let mut weightless = bad[0].clone();
+    weightless["weight"] = 0.into();
+    bad.push(weightless);
+    let bad_file = bed.tmp_dir().join("acls-bad.json");
+    std::fs::write(&bad_file, serde_json::to_string(&bad)?)?;
+    let bad_path = bad_file.to_str().context("utf-8")?;
+    h.expect_refused(&["acl", "import", bad_path], "weight")?;
+    ensure!(rules(bed, 0)?.is_empty(), "a refused import adds nothing");
+    let out = h.nvctl_json(&["acl", "import", file.to_str().context("utf-8")?])?;
+    ensure!(
+        out["imported"].as_u64() == u64::try_from(listed.len()).ok(),
+        "import said {out}"
+    );
+    let again: Vec<Value> = rules(bed, 0)?.iter().map(what_it_does).collect();
+    ensure!(again == listed, "imported {again:?}, exported {listed:?}");
+    // They act again: the outbound TCP deny to RED-2 of `a_deny_added_later_cuts_connections`.
+    ensure!(
+        connect(bed.vm("RED-1"), "10.0.0.2:47009", 1)? == (0, 0, 1),
+        "RED-1 -> RED-2 by TCP denied again after the import"
+    );
     Ok(())
 }
 
@@ -450,6 +530,96 @@ fn rules_hold_by_rewrite_on_xdp_for_ipv6_and_for_a_whole_vsid() -> anyhow::Resul
     Ok(())
 }
 
+/// IP rewrite restored on TC: an outbound deny acts before the rewrite and an inbound one at
+/// delivery; BLUE-2, by a rule on its IPv4 record, may only connect out, over IPv6 as over IPv4
+/// (stateful: TCP and ping (`ICMPv6` echo) answers come back, nothing comes in).
+#[test]
+fn rules_hold_by_rewrite_on_tc_and_statefully_over_ipv6() -> anyhow::Result<()> {
+    let bed = TwoHosts::build_with("act", &["--decap-hook", "tc"])?;
+    bed.configure_with(Translation::Rewrite)?;
+    blue_ipv6(&bed)?;
+    ensure!(bed.ping("RED-1", "10.0.0.2", 2)? == 2, "RED by rewrite");
+    ensure!(bed.ping("BLUE-1", "fd00::2", 2)? == 2, "BLUE over IPv6");
+    ensure!(bed.ping("BLUE-1", "10.0.0.2", 2)? == 2, "BLUE over IPv4");
+
+    // RED-1's pings go no further than its port: denied before the rewrite.
+    let r1 = red("10.0.0.1");
+    let deny_out = add(
+        &bed,
+        0,
+        &format!("{r1} --direction out --action deny --protocol icmp --weight 5"),
+    )?;
+    let h0 = &bed.hosts[0];
+    let before = h0.counters()?;
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 2)? == 0,
+        "RED-1's pings denied out"
+    );
+    let after = h0.counters()?;
+    ensure!(
+        delta(&before, &after, "drop_vm_acl_denied") >= 2
+            && delta(&before, &after, "vm_tx_rewrite") == 0,
+        "denied before the rewrite, and counted"
+    );
+    ensure!(
+        rule(&bed, 0, deny_out)?["packets"].as_u64() >= Some(2),
+        "the deny metered its drops"
+    );
+    let (sent, got) = tcp_transfer(bed.vm("RED-2"), bed.vm("RED-1"), "10.0.0.2", 1 << 20)?;
+    ensure!(sent == got, "TCP by rewrite passes the ICMP deny");
+
+    // RED-2: TCP to port 47009 denied in, after the restore on TC; port 47001 still comes in.
+    let r2 = red("10.0.0.2");
+    add(
+        &bed,
+        1,
+        &format!("{r2} --direction in --action deny --protocol tcp --local-port 47009 --weight 5"),
+    )?;
+    let h1 = &bed.hosts[1];
+    let before = h1.counters()?;
+    ensure!(
+        connect(bed.vm("RED-1"), "10.0.0.2:47009", 1)? == (0, 0, 1),
+        "RED-1 -> RED-2:47009 denied in"
+    );
+    let after = h1.counters()?;
+    ensure!(
+        delta(&before, &after, "drop_acl_in_denied") >= 1,
+        "the restored SYNs are denied at delivery"
+    );
+    let (sent, got) = tcp_transfer(bed.vm("RED-2"), bed.vm("RED-1"), "10.0.0.2", 1 << 16)?;
+    ensure!(sent == got, "TCP to RED-2's port 47001 still by rewrite");
+
+    // BLUE-2, named by its IPv4 record: nothing in, anything out statefully.
+    let b2 = format!("--vsid {BLUE_VSID} --ca 10.0.0.2");
+    add(
+        &bed,
+        1,
+        &format!("{b2} --direction in --action deny --weight 1"),
+    )?;
+    add(
+        &bed,
+        1,
+        &format!("{b2} --direction out --action allow --stateful --weight 10"),
+    )?;
+    let (sent, got) = tcp_transfer(bed.vm("BLUE-1"), bed.vm("BLUE-2"), "fd00::1", 1 << 20)?;
+    ensure!(sent == got, "BLUE-2 -> BLUE-1 over IPv6 by TCP");
+    ensure!(
+        bed.ping("BLUE-2", "fd00::1", 2)? == 2,
+        "BLUE-2's own pings out over IPv6 are answered"
+    );
+    ensure!(
+        bed.ping("BLUE-2", "10.0.0.1", 2)? == 2,
+        "BLUE-2's own pings out over IPv4 are answered"
+    );
+    ensure!(
+        connect(bed.vm("BLUE-1"), "[fd00::2]:47009", 1)? == (0, 0, 1),
+        "BLUE-1 -> BLUE-2 over IPv6 by TCP denied in"
+    );
+    ensure!(bed.ping("BLUE-1", "fd00::2", 2)? == 0, "ping6 in denied");
+    ensure!(bed.ping("BLUE-1", "10.0.0.2", 2)? == 0, "ping in denied");
+    Ok(())
+}
+
 #[test]
 fn a_vm_flooding_connections_spends_its_own_budget() -> anyhow::Result<()> {
     let mut bed = with_red3("acf", &["--acl-max-flows", "64"])?;
@@ -468,7 +638,7 @@ fn a_vm_flooding_connections_spends_its_own_budget() -> anyhow::Result<()> {
         )?;
     }
     ensure!(
-        metric(&bed, 0, "nv_acl_flow_budget", "port=\"red1\"")? == 64,
+        metric(&bed, 0, "nv_acl_flow_budget", &["port=\"red1\""])? == 64,
         "the budget is the flag's"
     );
     // RED-1 opens 2000 UDP flows as fast as it can.
@@ -478,7 +648,7 @@ fn a_vm_flooding_connections_spends_its_own_budget() -> anyhow::Result<()> {
         &["udp-spray", "10.0.0.2:47003", "--count", "2000"],
     )?;
     ensure!(line.trim() == "sent 2000", "udp-spray: {line}");
-    let red1 = metric(&bed, 0, "nv_acl_flows", "port=\"red1\"")?;
+    let red1 = metric(&bed, 0, "nv_acl_flows", &["port=\"red1\""])?;
     ensure!(
         (48..=64).contains(&red1),
         "RED-1 fills its own budget and no more: {red1} of 64"
@@ -488,7 +658,7 @@ fn a_vm_flooding_connections_spends_its_own_budget() -> anyhow::Result<()> {
         let (sent, got) = tcp_transfer(bed.vm("RED-2"), bed.vm("RED-3"), "10.0.0.2", 1 << 16)?;
         ensure!(sent == got, "RED-3 -> RED-2 by TCP while RED-1 floods");
     }
-    let red3 = metric(&bed, 0, "nv_acl_flows", "port=\"red3\"")?;
+    let red3 = metric(&bed, 0, "nv_acl_flows", &["port=\"red3\""])?;
     ensure!(red3 >= 1, "RED-3's connections are tracked: {red3}");
     // RED-1's own newest flows evicted its oldest: a connection it opens now works too.
     let (sent, got) = tcp_transfer(bed.vm("RED-2"), bed.vm("RED-1"), "10.0.0.2", 1 << 16)?;
@@ -496,44 +666,64 @@ fn a_vm_flooding_connections_spends_its_own_budget() -> anyhow::Result<()> {
     // Established connections survive an agent restart (the flows live in the pins): RED-3
     // opens a UDP flow, the agent restarts, and only then does RED-2 answer on it.
     udp_from(bed.vm("RED-3"), "10.0.0.2:47010", 47011, 1)?;
-    let before = metric(&bed, 0, "nv_acl_flows", "port=\"red3\"")?;
+    let before = metric(&bed, 0, "nv_acl_flows", &["port=\"red3\""])?;
     bed.hosts[0].stop_agent();
     bed.hosts[0].start_agent()?;
-    let after = metric(&bed, 0, "nv_acl_flows", "port=\"red3\"")?;
+    let after = metric(&bed, 0, "nv_acl_flows", &["port=\"red3\""])?;
     ensure!(
         after == before,
         "RED-3's tracked connections over a restart: {before} -> {after}"
     );
-    let answered = |from: u16| -> anyhow::Result<u64> {
-        let tool = bin("nv-transfer")?;
-        let tool = tool.to_str().context("utf-8 path")?.to_owned();
-        let ns = bed.vm("RED-3").ns.name.clone();
-        let sink = std::thread::spawn(move || {
-            std::process::Command::new("ip")
-                .args(["netns", "exec", &ns, &tool, "udp-sink", "0.0.0.0:47011"])
-                .args(["--seconds", "2"])
-                .output()
-        });
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        udp_from(bed.vm("RED-2"), "10.0.0.3:47011", from, 5)?;
-        let out = sink
-            .join()
-            .map_err(|_| anyhow::anyhow!("sink panicked"))??;
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.trim()
-            .strip_prefix("received ")
-            .and_then(|n| n.parse().ok())
-            .with_context(|| format!("udp-sink said {text:?}"))
-    };
     ensure!(
-        answered(47010)? == 5,
+        answered(&bed, 47010)? == 5,
         "RED-2's answers on RED-3's flow opened before the restart"
     );
     ensure!(
-        answered(47012)? == 0,
+        answered(&bed, 47012)? == 0,
         "the same from another port (no flow): denied in"
     );
+    // And over an upgrade: to another build (whose local-PA map has another layout, migrated
+    // while the old programs forward) and back; the flow table keeps its layout and its pin.
+    let probe = nv_tests::sys::probe_agent()?;
+    for build in [Some(probe), None] {
+        let h = &mut bed.hosts[0];
+        h.stop_agent();
+        h.agent_bin.clone_from(&build);
+        h.start_agent()?;
+        let which = if build.is_some() { "to" } else { "back from" };
+        ensure!(
+            h.counters()?.contains_key("layout_probe") == build.is_some(),
+            "the upgrade {which} the probe build did not happen"
+        );
+        ensure!(
+            answered(&bed, 47010)? == 5 && answered(&bed, 47012)? == 0,
+            "RED-3's flow over the upgrade {which} another build"
+        );
+    }
     Ok(())
+}
+
+/// RED-2 sends 5 datagrams from its port `from` to RED-3's port 47011: how many RED-3 got.
+fn answered(bed: &TwoHosts, from: u16) -> anyhow::Result<u64> {
+    let tool = bin("nv-transfer")?;
+    let tool = tool.to_str().context("utf-8 path")?.to_owned();
+    let ns = bed.vm("RED-3").ns.name.clone();
+    let sink = std::thread::spawn(move || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, &tool, "udp-sink", "0.0.0.0:47011"])
+            .args(["--seconds", "2"])
+            .output()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    udp_from(bed.vm("RED-2"), "10.0.0.3:47011", from, 5)?;
+    let out = sink
+        .join()
+        .map_err(|_| anyhow::anyhow!("sink panicked"))??;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .strip_prefix("received ")
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("udp-sink said {text:?}"))
 }
 
 /// `nv-transfer udp-from` in `vm`: `count` datagrams to `to` from local port `from`.

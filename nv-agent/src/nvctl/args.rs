@@ -41,9 +41,9 @@ pub struct Cli {
 #[derive(Debug, Default, clap::Args)]
 #[command(next_help_heading = "Cluster mode, as the operator")]
 pub struct EtcdArgs {
-    /// etcd's client URLs, comma-separated (https:// with the files below). Given, `lookup
-    /// add|del|move|import|list|export` work on etcd itself, as the operator; when an agent
-    /// runs here, a change is answered once it has applied it.
+    /// etcd's client URLs, comma-separated (https:// with the files below). Given, `lookup`,
+    /// `route` and `acl` commands work on etcd itself, as the operator; when an agent runs
+    /// here, a change is answered once it has applied it.
     #[arg(long, global = true, env = "NV_ETCD_ENDPOINTS", value_name = "URLS")]
     pub etcd_endpoints: Option<String>,
     /// The CA certificate (PEM) that signed etcd's certificates.
@@ -332,8 +332,10 @@ pub enum AclCmd {
     Add(Box<AclAdd>),
     /// Delete a rule, by --id or by --name (when only one rule has it).
     Del {
+        /// The rule's id, as `nvctl acl list` shows it.
         #[arg(long, conflicts_with = "name", required_unless_present = "name")]
         id: Option<u32>,
+        /// The rule's name; refused when more than one rule has it (delete by --id then).
         #[arg(long)]
         name: Option<String>,
     },
@@ -345,6 +347,7 @@ pub enum AclCmd {
     },
     /// Write rules to standard output as a JSON list, the import format.
     Export {
+        /// Only this VSID's rules.
         #[arg(long)]
         vsid: Option<u32>,
     },
