@@ -80,6 +80,21 @@ pub fn enter_path(path: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `f` on a thread of its own inside the namespace at `path` and returns its result: for
+/// work that names devices of that namespace (TCX attaches by name) without moving the caller.
+pub fn on_thread_in<T: Send + 'static>(
+    path: String,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let name = path.clone();
+    std::thread::spawn(move || {
+        enter_path(&path)?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("a thread in {name} panicked"))?
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = run("ip", &["netns", "del", &self.name]);

@@ -525,6 +525,17 @@ impl TwoHosts {
         };
         bed.underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
         bed.underlay.ip(&["link", "set", "br0", "up"])?;
+        // The underlay stands for a switch: bridged frames skip the host firewall's hooks
+        // (br_netfilter, on by default where the module is loaded) as they would on a switch.
+        for family in ["iptables", "ip6tables", "arptables"] {
+            let key = format!("/proc/sys/net/bridge/bridge-nf-call-{family}");
+            if std::path::Path::new(&key).exists() {
+                bed.underlay.exec(
+                    "sysctl",
+                    &["-qw", &format!("net.bridge.bridge-nf-call-{family}=0")],
+                )?;
+            }
+        }
         for i in 0..hosts {
             let name = format!("host{}", i + 1);
             let ns = Netns::new(&format!("{prefix}-h{}", i + 1))?;

@@ -16,11 +16,7 @@ use nv_common::{
 };
 use serde::Serialize;
 
-use super::{
-    Scale,
-    e2e::{pps, tcp},
-    quantile,
-};
+use super::{Scale, e2e::tcp, quantile};
 use crate::{
     fixture::{CA1, CA3, Host, Programs, RED, RED1_MAC, RED3_MAC, host_with, udp_frame},
     testbed::{RED_VSID, TwoHosts},
@@ -210,7 +206,7 @@ fn end_to_end(scale: Scale) -> anyhow::Result<Vec<(u32, bool, [f64; 4])>> {
             "RED-1 cannot reach RED-2"
         );
         Ok((
-            pps(red1, red2, "10.0.0.2", seconds)?,
+            super::load::delivered_pps(red1, red2, "10.0.0.2", seconds, &[0])?,
             tcp(red1, red2, "10.0.0.2", tcp_seconds)?,
         ))
     };

@@ -19,12 +19,15 @@ use crate::{
 pub struct Result {
     pub config: String,
     /// Medians over the repetitions of the `_runs` below.
-    /// 64-byte UDP packets per second delivered into the receiving VM (its eth0 rx counter).
+    /// 64-byte UDP packets per second delivered into the receiving VM (its eth0 rx counter),
+    /// ending at its NIC ([`super::sink`]).
     pub pps: f64,
     pub tcp_gbps: f64,
     /// CPU time (the sender's, in whose context veth runs the softirq work, and ksoftirqd's)
-    /// per packet delivered, at a fixed offered rate below every configuration's top, ns.
+    /// per packet delivered, at a fixed offered rate below every configuration's top, ns:
+    /// ending at the receiving VM's NIC, and (`cpu_socket_ns`) in a socket there.
     pub cpu_ns: f64,
+    pub cpu_socket_ns: f64,
     /// Two floods from senders on two CPUs, packets delivered a second.
     pub two_flow_pps: f64,
     pub rtt_p50_us: f64,
@@ -35,6 +38,7 @@ pub struct Result {
     pub pps_runs: Vec<f64>,
     pub tcp_runs: Vec<f64>,
     pub cpu_ns_runs: Vec<f64>,
+    pub cpu_socket_ns_runs: Vec<f64>,
     /// The share of the fixed rate's frames delivered, per repetition.
     pub delivered_runs: Vec<f64>,
     pub two_flow_runs: Vec<f64>,
@@ -86,6 +90,7 @@ pub fn run_all(scale: Scale) -> anyhow::Result<Vec<Result>> {
         r.pps = quantile(&mut r.pps_runs.clone(), 0.5);
         r.tcp_gbps = quantile(&mut r.tcp_runs.clone(), 0.5);
         r.cpu_ns = quantile(&mut r.cpu_ns_runs.clone(), 0.5);
+        r.cpu_socket_ns = quantile(&mut r.cpu_socket_ns_runs.clone(), 0.5);
         r.two_flow_pps = quantile(&mut r.two_flow_runs.clone(), 0.5);
     }
     Ok(results)
@@ -168,6 +173,7 @@ fn first(b: &Setup, scale: Scale) -> anyhow::Result<Result> {
         pps: 0.0,
         tcp_gbps: 0.0,
         cpu_ns: 0.0,
+        cpu_socket_ns: 0.0,
         two_flow_pps: 0.0,
         rtt_p50_us: p50,
         rtt_p99_us: p99,
@@ -175,6 +181,7 @@ fn first(b: &Setup, scale: Scale) -> anyhow::Result<Result> {
         pps_runs: Vec::new(),
         tcp_runs: Vec::new(),
         cpu_ns_runs: Vec::new(),
+        cpu_socket_ns_runs: Vec::new(),
         delivered_runs: Vec::new(),
         two_flow_runs: Vec::new(),
     })
@@ -195,20 +202,21 @@ fn repetition(b: &Setup, r: &mut Result, scale: Scale) -> anyhow::Result<()> {
     warm(b)?;
     let (from, to) = (b.bed.vm(b.from), b.bed.vm(b.to));
     let seconds = scale.pick(3.0, 0.3);
-    r.pps_runs.push(pps(from, to, b.dst, seconds)?);
+    r.pps_runs
+        .push(load::delivered_pps(from, to, b.dst, seconds, &[0])?);
     r.tcp_runs.push(tcp(from, to, b.dst, scale.pick(4, 1))?);
     // Long enough for a few hundred thousand packets: ksoftirqd's time counts in 10 ms ticks.
-    let (cpu, delivered) = load::cpu_per_packet(
-        from,
-        to,
-        b.dst,
+    let fixed = (
         scale.pick(FIXED_RATE, FIXED_RATE / 10.0),
         scale.pick(4.0, 0.3),
-    )?;
+    );
+    let (cpu, delivered) = load::cpu_per_packet(from, to, b.dst, fixed, load::End::Nic)?;
     r.cpu_ns_runs.push(cpu);
     r.delivered_runs.push(delivered);
+    let (cpu, _) = load::cpu_per_packet(from, to, b.dst, fixed, load::End::Socket)?;
+    r.cpu_socket_ns_runs.push(cpu);
     r.two_flow_runs
-        .push(load::two_flows(from, to, b.dst, seconds)?);
+        .push(load::delivered_pps(from, to, b.dst, seconds, &[0, 1])?);
     Ok(())
 }
 
@@ -271,64 +279,6 @@ fn routed(bed: &TwoHosts) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(super) fn rx_packets(vm: &Vm) -> anyhow::Result<u64> {
-    Ok(vm
-        .ns
-        .exec("cat", &["/sys/class/net/eth0/statistics/rx_packets"])?
-        .trim()
-        .parse()?)
-}
-
-/// 64-byte frames (18 bytes of UDP payload, sent as raw frames so the sender's own UDP stack
-/// does not bound the result) from RED-1 as fast as one sender can, for `seconds`; counted as
-/// they arrive on RED-2's eth0 (at `dst`).
-pub(super) fn pps(red1: &Vm, red2: &Vm, dst: &str, seconds: f64) -> anyhow::Result<f64> {
-    let tool = bin("nv-transfer")?;
-    let tool = tool.to_str().context("utf-8 path")?;
-    let sink_seconds = format!("{}", seconds + 2.0);
-    let mut sink = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &red2.ns.name,
-            tool,
-            "udp-sink",
-            "0.0.0.0:47003",
-            "--seconds",
-            &sink_seconds,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let before = rx_packets(red2)?;
-    let start = std::time::Instant::now();
-    let flood = run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &red1.ns.name,
-            tool,
-            "frame-flood",
-            &format!("{dst}:47003"),
-            "--seconds",
-            &seconds.to_string(),
-            "--size",
-            "18",
-        ],
-    );
-    let elapsed = start.elapsed().as_secs_f64();
-    // Let the last packets land before reading the counter.
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let after = rx_packets(red2)?;
-    let _ = sink.kill();
-    let _ = sink.wait();
-    flood?;
-    #[expect(clippy::cast_precision_loss, reason = "packet counts")]
-    Ok((after - before) as f64 / elapsed)
-}
-
 /// The flood of `pps`, from RED-1 into RED-T: a tap on host2 read by `nv-transfer tap-sink`
 /// as QEMU reads its tap; frames read per second.
 fn tap_pps(bed: &TwoHosts, seconds: f64) -> anyhow::Result<f64> {
@@ -361,21 +311,7 @@ fn tap_pps(bed: &TwoHosts, seconds: f64) -> anyhow::Result<f64> {
     // RED-1 learns RED-T's MAC from nv's ARP answer (nobody answers the ping itself).
     let _ = bed.ping("RED-1", tap.ca, 1)?;
     let start = std::time::Instant::now();
-    let flood = run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &bed.vm("RED-1").ns.name,
-            tool,
-            "frame-flood",
-            &format!("{}:47003", tap.ca),
-            "--seconds",
-            &seconds.to_string(),
-            "--size",
-            "18",
-        ],
-    );
+    let flood = load::Flood::new(bed.vm("RED-1"), tap.ca, seconds).run();
     let elapsed = start.elapsed().as_secs_f64();
     let out = sink.wait_with_output()?;
     flood?;

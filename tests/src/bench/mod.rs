@@ -25,6 +25,7 @@ pub mod pressure;
 pub mod programs;
 pub mod report;
 pub mod routing;
+pub mod sink;
 
 /// How much to measure: `smoke` runs everything with tiny counts so the benchmark cannot rot.
 #[derive(Clone, Copy, Debug)]

@@ -91,10 +91,7 @@ pub fn install(bed: &TwoHosts, extra: u32) -> anyhow::Result<Peer> {
             let far = remote.pa.parse::<Ipv4Addr>()?;
             remotes.extend((0..extra).map(|n| (Ipv4Addr::from(0x0a40_0000 + n), far)));
         }
-        let ns = h.ns.path();
-        let ebpf = std::thread::spawn(move || -> anyhow::Result<Ebpf> {
-            // This thread only: TCX attaches by the name of the device in its namespace.
-            crate::netns::enter_path(&ns)?;
+        let ebpf = crate::netns::on_thread_in(h.ns.path(), move || {
             let mut ebpf = Ebpf::load(OBJECT).context("load the peer's object")?;
             let mut map: HashMap<_, u32, Remote> =
                 HashMap::try_from(ebpf.map_mut("PEER_REMOTES").context("PEER_REMOTES")?)?;
@@ -124,9 +121,7 @@ pub fn install(bed: &TwoHosts, extra: u32) -> anyhow::Result<Peer> {
                     .with_context(|| format!("attach {name} to {iface}"))?;
             }
             Ok(ebpf)
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("loading the peer panicked"))??;
+        })?;
         hosts.push(ebpf);
     }
     Ok(Peer { _hosts: hosts })

@@ -10,10 +10,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use super::{Scale, peer, quantile};
-use crate::{
-    sys::bin,
-    testbed::{RED_VSID, TwoHosts},
-};
+use crate::testbed::{RED_VSID, TwoHosts};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
@@ -133,22 +130,11 @@ fn leaving_host1(bed: &TwoHosts, spread: u32, seconds: f64) -> anyhow::Result<f6
             .trim()
             .parse()?)
     };
-    let tool = bin("nv-transfer")?;
     let before = count()?;
     let start = std::time::Instant::now();
-    bed.vm("RED-1").ns.exec(
-        tool.to_str().context("utf-8 path")?,
-        &[
-            "frame-flood",
-            &format!("{FIRST}:47003"),
-            "--seconds",
-            &seconds.to_string(),
-            "--size",
-            "18",
-            "--spread",
-            &spread.to_string(),
-        ],
-    )?;
+    super::load::Flood::new(bed.vm("RED-1"), FIRST, seconds)
+        .spread(spread)
+        .run()?;
     let elapsed = start.elapsed().as_secs_f64();
     std::thread::sleep(std::time::Duration::from_millis(100));
     #[expect(clippy::cast_precision_loss, reason = "frame counts")]

@@ -313,7 +313,7 @@ fn e2e_lines(s: &mut String, e2e: &[e2e::Result]) {
     );
     let _ = writeln!(
         s,
-        "{:<15} {:>9} {:<15} {:>6} {:<11} {:>7} {:<11} {:>6} {:>9} {:>8} {:>8}",
+        "{:<15} {:>9} {:<15} {:>6} {:<11} {:>7} {:<11} {:>6} {:>8} {:>9} {:>8} {:>8}",
         "config",
         "64B kpps",
         "",
@@ -322,6 +322,7 @@ fn e2e_lines(s: &mut String, e2e: &[e2e::Result]) {
         "CPU ns",
         "per packet",
         "deliv",
+        "CPU sock",
         "2 flows",
         "RTT p50",
         "RTT p99"
@@ -330,7 +331,7 @@ fn e2e_lines(s: &mut String, e2e: &[e2e::Result]) {
         let kpps: Vec<f64> = e.pps_runs.iter().map(|p| p / 1e3).collect();
         let _ = writeln!(
             s,
-            "{:<15} {:>9.0} {:<15} {:>6.2} {:<11} {:>7.0} {:<11} {:>5.0}% {:>9.0} {:>8.1} {:>8.1}",
+            "{:<15} {:>9.0} {:<15} {:>6.2} {:<11} {:>7.0} {:<11} {:>5.0}% {:>8.0} {:>9.0} {:>8.1} {:>8.1}",
             e.config,
             e.pps / 1e3,
             format!("({})", spread(&kpps, 0)),
@@ -339,6 +340,7 @@ fn e2e_lines(s: &mut String, e2e: &[e2e::Result]) {
             e.cpu_ns,
             format!("({})", spread(&e.cpu_ns_runs, 0)),
             quantile(&mut e.delivered_runs.clone(), 0.5) * 100.0,
+            e.cpu_socket_ns,
             e.two_flow_pps / 1e3,
             e.rtt_p50_us,
             e.rtt_p99_us
@@ -346,7 +348,7 @@ fn e2e_lines(s: &mut String, e2e: &[e2e::Result]) {
     }
     let _ = writeln!(
         s,
-        "(kpps: 64-byte frames delivered a second from one sender, read by a process; CPU: every CPU's busy time per packet delivered at a fixed 100k frames a second into a socket nobody reads, deliv the share delivered; 2 flows: kpps from senders on two CPUs; RTT in us)"
+        "(delivered: counted by the receiving VM's eth0, the frames ending there (the VM's stack is the same for every datapath); kpps: 64-byte frames delivered a second from one sender; CPU: the sender's and ksoftirqd's busy time per packet delivered at a fixed 100k frames a second, deliv the share delivered; CPU sock: the same into a socket nobody reads; 2 flows: kpps from senders on two CPUs; RTT in us)"
     );
     against_peer(s, e2e);
     above_ceiling(s, e2e);
@@ -368,7 +370,7 @@ fn against_peer(s: &mut String, e2e: &[e2e::Result]) {
     if let Some(peer) = e2e.iter().find(|r| r.config == "cilium-peer") {
         let _ = writeln!(
             s,
-            "against the peer, each repetition's ratio (median, lowest-highest): pps, TCP, CPU per packet, 2 flows"
+            "against the peer, each repetition's ratio (median, lowest-highest): pps, TCP, CPU per packet, 2 flows, CPU per packet into a socket"
         );
         for e in e2e.iter().filter(|e| e.config != peer.config) {
             let mut line = format!("{:<15}", e.config);
@@ -377,6 +379,7 @@ fn against_peer(s: &mut String, e2e: &[e2e::Result]) {
                 (&e.tcp_runs, &peer.tcp_runs),
                 (&e.cpu_ns_runs, &peer.cpu_ns_runs),
                 (&e.two_flow_runs, &peer.two_flow_runs),
+                (&e.cpu_socket_ns_runs, &peer.cpu_socket_ns_runs),
             ] {
                 let r = ratios(a, b);
                 let _ = write!(

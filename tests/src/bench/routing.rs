@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::{
     Scale,
-    e2e::{pps, rtt, tcp},
+    e2e::{rtt, tcp},
     quantile,
 };
 use crate::{
@@ -117,7 +117,7 @@ fn end_to_end(routes: u32, scale: Scale) -> anyhow::Result<[(f64, f64, f64); 2]>
         let to = bed.vm(vm);
         let (p50, _) = rtt(red1, dst, scale.pick(300, 20))?;
         out[i] = (
-            pps(red1, to, dst, seconds)?,
+            super::load::delivered_pps(red1, to, dst, seconds, &[0])?,
             tcp(red1, to, dst, scale.pick(5, 1))?,
             p50,
         );
