@@ -35,6 +35,8 @@ pub struct Result {
     /// For nv on TC: the same 64-byte flood into a tap port on host2 that a process reads, as
     /// QEMU does, measured in the same bed right after the veth one (frames read per second).
     pub tap_pps: Option<f64>,
+    /// The same flood into the veth VM's socket, read by a process (the tap's comparison).
+    pub veth_read_pps: Option<f64>,
     pub pps_runs: Vec<f64>,
     pub tcp_runs: Vec<f64>,
     pub cpu_ns_runs: Vec<f64>,
@@ -163,10 +165,22 @@ fn build(config: &'static str) -> anyhow::Result<Setup> {
 fn first(b: &Setup, scale: Scale) -> anyhow::Result<Result> {
     warm(b)?;
     let (p50, p99) = rtt(b.bed.vm(b.from), b.dst, scale.pick(500, 20))?;
-    let tap_pps = if b.config == "nv-encap-tc" {
-        Some(tap_pps(&b.bed, scale.pick(4.0, 0.3))?)
+    let (tap_pps, veth_read_pps) = if b.config == "nv-encap-tc" {
+        let seconds = scale.pick(4.0, 0.3);
+        let (from, to) = (b.bed.vm(b.from), b.bed.vm(b.to));
+        (
+            Some(tap_pps(&b.bed, seconds)?),
+            Some(load::delivered_pps_to(
+                from,
+                to,
+                b.dst,
+                seconds,
+                &[0],
+                load::End::Reader,
+            )?),
+        )
     } else {
-        None
+        (None, None)
     };
     Ok(Result {
         config: b.config.to_owned(),
@@ -178,6 +192,7 @@ fn first(b: &Setup, scale: Scale) -> anyhow::Result<Result> {
         rtt_p50_us: p50,
         rtt_p99_us: p99,
         tap_pps,
+        veth_read_pps,
         pps_runs: Vec::new(),
         tcp_runs: Vec::new(),
         cpu_ns_runs: Vec::new(),
@@ -311,7 +326,9 @@ fn tap_pps(bed: &TwoHosts, seconds: f64) -> anyhow::Result<f64> {
     // RED-1 learns RED-T's MAC from nv's ARP answer (nobody answers the ping itself).
     let _ = bed.ping("RED-1", tap.ca, 1)?;
     let start = std::time::Instant::now();
-    let flood = load::Flood::new(bed.vm("RED-1"), tap.ca, seconds).run();
+    let flood = load::Flood::new(bed.vm("RED-1"), tap.ca, seconds)
+        .on_cpu(0)
+        .run();
     let elapsed = start.elapsed().as_secs_f64();
     let out = sink.wait_with_output()?;
     flood?;

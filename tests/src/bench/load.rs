@@ -106,6 +106,53 @@ impl<'a> Flood<'a> {
     }
 }
 
+/// Where a flood's frames end on the receiving VM.
+#[derive(Clone, Copy, Debug)]
+pub enum End {
+    /// Dropped at its NIC once counted: the datapath's work alone.
+    Nic,
+    /// In a socket nobody reads (the kernel drops what its full buffer cannot take): the VM's
+    /// UDP stack too, as an application's socket would cost without its reads.
+    Socket,
+    /// Read by a process, datagram after datagram, as an application would.
+    Reader,
+}
+
+/// What holds a flood's end in place; dropped, it goes.
+enum Ending {
+    Nic(#[expect(dead_code, reason = "held for its drop: the sink detaches")] NicSink),
+    Process(std::process::Child),
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        if let Ending::Process(p) = self {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+}
+
+/// Sets up `end` on `to` for a flood of `seconds`.
+fn end_at(to: &Vm, end: End, seconds: f64) -> anyhow::Result<Ending> {
+    let mode = match end {
+        End::Nic => return Ok(Ending::Nic(NicSink::attach(to)?)),
+        End::Socket => "udp-hold",
+        End::Reader => "udp-sink",
+    };
+    let process = Command::new("ip")
+        .args(["netns", "exec", &to.ns.name])
+        .arg(bin("nv-transfer")?)
+        .args([mode, "0.0.0.0:47003", "--seconds"])
+        .arg(format!("{}", seconds + 2.0))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    // Bound before the flood starts.
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(Ending::Process(process))
+}
+
 /// Packets `vm`'s eth0 has received.
 pub fn rx_packets(vm: &Vm) -> anyhow::Result<u64> {
     Ok(vm
@@ -124,7 +171,19 @@ pub fn delivered_pps(
     seconds: f64,
     cpus: &[u32],
 ) -> anyhow::Result<f64> {
-    let _sink = NicSink::attach(to)?;
+    delivered_pps_to(from, to, dst, seconds, cpus, End::Nic)
+}
+
+/// As [`delivered_pps`], the frames ending at `end`.
+pub fn delivered_pps_to(
+    from: &Vm,
+    to: &Vm,
+    dst: &str,
+    seconds: f64,
+    cpus: &[u32],
+    end: End,
+) -> anyhow::Result<f64> {
+    let _end = end_at(to, end, seconds)?;
     let (before, start) = (rx_packets(to)?, Instant::now());
     let floods: Vec<_> = cpus
         .iter()
@@ -183,16 +242,6 @@ fn ksoftirqd_ns() -> anyhow::Result<f64> {
     Ok(total)
 }
 
-/// Where the CPU measure's frames end on the receiving VM.
-#[derive(Clone, Copy, Debug)]
-pub enum End {
-    /// Dropped at its NIC once counted: the datapath's work alone.
-    Nic,
-    /// In a socket nobody reads (the kernel drops what its full buffer cannot take): the VM's
-    /// UDP stack too, as an application's socket would cost without its reads.
-    Socket,
-}
-
 /// At `rate` 64-byte frames a second for `seconds`: (CPU ns per delivered packet, share of
 /// the offered frames delivered). The CPU time is the sending process's (the scheduler's exact
 /// run time: with veth ports the softirq work of a frame's whole way runs in the sender's
@@ -205,30 +254,13 @@ pub fn cpu_per_packet(
     (rate, seconds): (f64, f64),
     end: End,
 ) -> anyhow::Result<(f64, f64)> {
-    let (_nic, mut socket) = match end {
-        End::Nic => (Some(NicSink::attach(to)?), None),
-        End::Socket => {
-            let socket = Command::new("ip")
-                .args(["netns", "exec", &to.ns.name])
-                .arg(bin("nv-transfer")?)
-                .args(["udp-hold", "0.0.0.0:47003", "--seconds"])
-                .arg(format!("{}", seconds + 2.0))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?;
-            std::thread::sleep(Duration::from_millis(300));
-            (None, Some(socket))
-        }
-    };
+    let ending = end_at(to, end, seconds)?;
     let (before, softirq_before) = (rx_packets(to)?, ksoftirqd_ns()?);
     let flood = Flood::new(from, dst, seconds).on_cpu(0).at_rate(rate).run();
     // The last frames land within a few ms.
     std::thread::sleep(Duration::from_millis(100));
     let (after, softirq_after) = (rx_packets(to)?, ksoftirqd_ns()?);
-    if let Some(s) = socket.as_mut() {
-        let _ = s.kill();
-        let _ = s.wait();
-    }
+    drop(ending);
     let (sent, cpu) = flood?;
     #[expect(clippy::cast_precision_loss, reason = "packet counts")]
     let delivered = (after - before) as f64;

@@ -353,13 +353,14 @@ fn e2e_lines(s: &mut String, e2e: &[e2e::Result]) {
     against_peer(s, e2e);
     above_ceiling(s, e2e);
     for e in e2e {
-        if let Some(tap) = e.tap_pps {
+        if let (Some(tap), Some(veth)) = (e.tap_pps, e.veth_read_pps) {
             let _ = writeln!(
                 s,
-                "{} into a tap read by a process (as QEMU does): {:.0} kpps, {:.2} of the veth rate",
+                "{} into a tap read by a process (as QEMU does): {:.0} kpps, {:.2} of a veth VM's socket read by a process ({:.0} kpps)",
                 e.config,
                 tap / 1e3,
-                tap / e.pps
+                tap / veth,
+                veth / 1e3
             );
         }
     }
