@@ -465,7 +465,7 @@ fn acl_lines(s: &mut String, rows: &[acls::Row]) {
     }
     let _ = writeln!(
         s,
-        "\nport ACLs: RED-1's outbound and its peer's inbound rules (the allow last), against the same path without, same run"
+        "\nport ACLs: RED-1's outbound and its peer's inbound rules (the allow last), against the same path without, same run (0 rules: the same path twice, the noise floor)"
     );
     let _ = writeln!(
         s,
