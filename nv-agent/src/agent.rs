@@ -24,6 +24,7 @@ mod dhcp;
 mod observe;
 mod records;
 mod routes;
+mod underlay_hops;
 mod uplink;
 mod vm_ports;
 

@@ -383,6 +383,18 @@ impl Catalog {
         self.by_pa.values().filter(|u| u.rewrite6.is_some()).count()
     }
 
+    /// The IPv4 PAs of other hosts that records name: where this host's packets go.
+    pub fn remote_pas4(&self) -> Vec<Ipv4Addr> {
+        self.by_pa
+            .iter()
+            .filter(|(pa, u)| u.records > u.local && !self.is_local_pa(**pa))
+            .filter_map(|(pa, _)| match pa {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
+    }
+
     /// How many records without a port (other hosts' VMs) use `pa`.
     pub fn remote_users_of(&self, pa: IpAddr) -> usize {
         self.by_pa

@@ -28,6 +28,7 @@ pub mod tables;
 pub mod trace;
 pub mod translate;
 pub mod txn;
+pub mod underlay_hops;
 
 /// The eBPF object built from nv-ebpf by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nv"));

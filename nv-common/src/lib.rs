@@ -40,6 +40,8 @@ pub mod map_names {
     pub const COUNTERS: &str = "NV_COUNTERS";
     pub const REWRITE_PAS: &str = "NV_REWRITE_PAS";
     pub const NEXTHOPS: &str = "NV_NEXTHOPS";
+    /// Next hops the agent resolved for remote IPv4 PAs ([`crate::UnderlayHop`]).
+    pub const UNDERLAY_HOPS: &str = "NV_UNDERLAY_HOPS";
     pub const NEXTHOPS6: &str = "NV_NEXTHOPS6";
     /// IPv6 rewrite PAs ([`crate::RewritePa`]), keyed by the 16-byte address.
     pub const REWRITE_PAS6: &str = "NV_REWRITE_PAS6";
@@ -72,7 +74,7 @@ pub mod map_names {
     pub const ACL_METERS: &str = "NV_ACL_METERS";
     pub const ACL_FLOWS: &str = "NV_ACL_FLOWS";
     pub const ACL_DENIED: &str = "NV_ACL_DENIED";
-    pub const ALL: [&str; 27] = [
+    pub const ALL: [&str; 28] = [
         LOOKUPS,
         PORTS,
         LOCAL_PAS,
@@ -100,6 +102,7 @@ pub mod map_names {
         ACL_SETS,
         ACL_METERS,
         ACL_FLOWS,
+        UNDERLAY_HOPS,
     ];
 }
 
@@ -310,6 +313,23 @@ impl NextHop {
         pa.wrapping_mul(0x9e37_79b1) >> 22
     }
 }
+
+/// Where the uplink sends a remote IPv4 PA's packets, as the agent resolved it from the host's
+/// routes and neighbours (keyed by the PA in network order, as a native `u32`): for hosts that
+/// do not forward on the uplink, where the FIB helper refuses. Without an entry the kernel
+/// routes each packet (`bpf_redirect_neigh`). The agent follows route and neighbour changes;
+/// the datapath caches an entry as it caches the FIB's answers ([`NextHop::TTL_JIFFIES`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnderlayHop {
+    /// The uplink's ifindex (the agent keeps only hops out of the uplink).
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// Remote PAs the agent resolves next hops for (hosts of the underlay).
+pub const MAX_UNDERLAY_HOPS: u32 = 65_536;
 
 /// [`NextHop`] for an IPv6 PA: the same cache, with the 16-byte address (a table of its own,
 /// so IPv4's entries stay 32 bytes).
@@ -585,6 +605,7 @@ const _: () = {
     assert!(core::mem::offset_of!(RewritePa, ca) % 4 == 0);
     assert!(core::mem::size_of::<NextHop>() == 32);
     assert!(core::mem::size_of::<NextHop6>() == 48);
+    assert!(core::mem::size_of::<UnderlayHop>() == 16);
     assert!(core::mem::size_of::<IcmpBucket>() == 16);
     assert!(core::mem::size_of::<RedirectTrace>() == 8);
 };
@@ -602,6 +623,8 @@ mod pod {
     unsafe impl aya::Pod for super::RewritePa {}
     unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::NextHop6 {}
+    // SAFETY: plain `repr(C)` data without padding (4 + 6 + 6 bytes).
+    unsafe impl aya::Pod for super::UnderlayHop {}
     unsafe impl aya::Pod for super::IcmpBucket {}
     unsafe impl aya::Pod for super::RedirectTrace {}
 }

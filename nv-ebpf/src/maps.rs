@@ -50,6 +50,11 @@ pub static REWRITE_PAS6: HashMap<nv_common::Addr, RewritePa> = HashMap::pinned(M
 #[map(name = "NV_NEXTHOPS")]
 pub static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::pinned(NextHop::SLOTS, 0);
 
+/// The agent's next hops for remote IPv4 PAs ([`nv_common::UnderlayHop`]).
+#[map(name = "NV_UNDERLAY_HOPS")]
+pub static UNDERLAY_HOPS: HashMap<u32, nv_common::UnderlayHop> =
+    HashMap::pinned(nv_common::MAX_UNDERLAY_HOPS, 0);
+
 /// The same for IPv6 PAs.
 #[map(name = "NV_NEXTHOPS6")]
 pub static NEXTHOPS6: PerCpuArray<nv_common::NextHop6> =

@@ -13,7 +13,7 @@ use aya_ebpf::{
 use nv_common::{Addr, Counter, DatapathConfig, NextHop, NextHop6, wire::ETH_HLEN};
 
 use crate::{
-    maps::{CONFIG, NEXTHOPS, NEXTHOPS6},
+    maps::{CONFIG, NEXTHOPS, NEXTHOPS6, UNDERLAY_HOPS},
     packet::{EthHdr, ptr_at},
 };
 
@@ -229,9 +229,21 @@ fn ask_fib(ctx: &TcContext, uplink: u32, src_pa: u32, dst_pa: u32, l4_protocol: 
         reason = "return codes are small and non-negative"
     )]
     let rc = rc as u32;
-    // A host that does not forward on the uplink is remembered as such: the kernel's hop,
-    // every frame's MTU checked (an unresolved neighbour is asked for again next time).
-    let found = rc == BPF_FIB_LKUP_RET_SUCCESS;
+    // A host that does not forward on the uplink: the hop the agent resolved from the host's
+    // routes and neighbours, or else the kernel's hop; remembered either way, every frame's
+    // MTU checked (an unresolved neighbour is asked for again next time).
+    let mut found = rc == BPF_FIB_LKUP_RET_SUCCESS;
+    if rc == BPF_FIB_LKUP_RET_FWD_DISABLED
+        // SAFETY: map values are plain data the agent writes whole.
+        && let Some(hop) = unsafe { UNDERLAY_HOPS.get(dst_pa) }
+    {
+        fib.ifindex = hop.ifindex;
+        fib.smac = hop.smac;
+        fib.dmac = hop.dmac;
+        // The route's MTU is not known here: 0 has the helper check every frame.
+        fib.__bindgen_anon_1.mtu_result = 0;
+        found = true;
+    }
     if found || rc == BPF_FIB_LKUP_RET_FWD_DISABLED {
         let Some(slot) = NEXTHOPS.get_ptr_mut(NextHop::slot(dst_pa)) else {
             return BPF_FIB_LKUP_RET_NO_NEIGH;
@@ -255,7 +267,7 @@ fn ask_fib(ctx: &TcContext, uplink: u32, src_pa: u32, dst_pa: u32, l4_protocol: 
             };
         }
     }
-    rc
+    if found { BPF_FIB_LKUP_RET_SUCCESS } else { rc }
 }
 
 /// [`ask_fib`] for an IPv6 PA.

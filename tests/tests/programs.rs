@@ -418,6 +418,55 @@ fn encapsulation_without_host_forwarding_leaves_l2_to_the_kernel() -> anyhow::Re
 }
 
 #[test]
+fn without_host_forwarding_the_agents_underlay_hop_is_used_while_it_is_there() -> anyhow::Result<()>
+{
+    // The agent's hop for the remote PA (its route and neighbour, resolved over netlink): the
+    // frame goes straight out of the uplink with the hop's MACs, not to the kernel's routing.
+    let mut h = host(false)?;
+    let uplink = h.ns.ifindex("uplink0")?;
+    let dmac = [0x02, 0, 0, 0, 0x99, 0x01];
+    let hop = nv_common::UnderlayHop {
+        ifindex: uplink,
+        smac: h.uplink_mac,
+        dmac,
+    };
+    let pa = u32::from_ne_bytes(REMOTE_PA);
+    h.dp.set_underlay_hops(&std::collections::HashMap::from([(pa, hop)]))?;
+    let inner = udp_frame(RED1_MAC, RED2_MAC, CA1, CA2, b"x");
+    let key = (RED << 8) | u32::from(udp_flow_id(CA1, CA2));
+    let expected = nvgre(h.uplink_mac, dmac, LOCAL_PA, REMOTE_PA, key, 0, &inner);
+    for n in 0..4 {
+        let run = h.dp.test_run(FROM_VM, &inner, Some(h.red1), 1)?;
+        ensure!(
+            run.redirect
+                == Some(RedirectTrace {
+                    ifindex: uplink,
+                    how: RedirectTrace::EGRESS,
+                })
+                && run.data == expected,
+            "frame {n} with the agent's hop: {:?}, {:02x?}",
+            run.redirect,
+            run.data
+        );
+    }
+    // Taken away (its neighbour went): once this CPU's cache of it has expired (50 jiffies,
+    // 200 ms at 250 Hz), the kernel routes the frames again.
+    h.dp.set_underlay_hops(&std::collections::HashMap::new())?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let run = h.dp.test_run(FROM_VM, &inner, Some(h.red1), 1)?;
+    ensure!(
+        run.redirect
+            == Some(RedirectTrace {
+                ifindex: uplink,
+                how: RedirectTrace::NEIGH,
+            }),
+        "without the hop: {:?}",
+        run.redirect
+    );
+    Ok(())
+}
+
+#[test]
 fn flow_ids_spread_flows_and_stay_put_per_flow() -> anyhow::Result<()> {
     let h = host(true)?;
     let mut ids = std::collections::HashSet::new();

@@ -905,3 +905,135 @@ fn bounce_pair_comes_back(mut bed: TwoHosts) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Host 1's entry for `pa` in its pinned map of the agent's underlay hops: the destination
+/// MAC, from the raw bytes (`ifindex`, source MAC, destination MAC) as bpftool dumps them.
+fn underlay_hop(bed: &TwoHosts, pa: [u8; 4]) -> anyhow::Result<Option<[u8; 6]>> {
+    let pin = bed.hosts[0].pin_path.join("maps/NV_UNDERLAY_HOPS");
+    let dump: serde_json::Value = serde_json::from_str(&nv_tests::sys::run(
+        "bpftool",
+        &[
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            pin.to_str().context("utf-8")?,
+        ],
+    )?)?;
+    let bytes = |v: &serde_json::Value| -> Vec<u8> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
+            .collect()
+    };
+    for entry in dump.as_array().context("a JSON list")? {
+        if bytes(&entry["key"]) == pa {
+            let value = bytes(&entry["value"]);
+            return Ok(Some(
+                value.get(10..16).context("16-byte value")?.try_into()?,
+            ));
+        }
+    }
+    Ok(None)
+}
+
+/// Waits (up to 5 s) until host 1's hop for `pa` is `want`.
+fn underlay_hop_becomes(bed: &TwoHosts, pa: [u8; 4], want: Option<[u8; 6]>) -> anyhow::Result<()> {
+    let mut last = None;
+    for _ in 0..50 {
+        last = underlay_hop(bed, pa)?;
+        if last == want {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    anyhow::bail!("host 1's underlay hop for {pa:?} is {last:02x?}, not {want:02x?}")
+}
+
+/// The bed's hosts do not forward on the uplink, so the FIB helper refuses them: the agent
+/// resolves the next hop of host 2's PA from host 1's routes and neighbours, the NVGRE frames
+/// leave for that neighbour (tshark), and the hop follows the neighbour when it changes and
+/// when it goes (the kernel's hop then, which resolves it anew).
+#[test]
+fn a_host_that_does_not_forward_sends_to_the_neighbours_the_agent_resolved() -> anyhow::Result<()> {
+    let bed = TwoHosts::build("uh")?;
+    bed.configure()?;
+    let h1 = &bed.hosts[0];
+    let forwarding = h1
+        .ns
+        .exec("sysctl", &["-n", "net.ipv4.conf.uplink0.forwarding"])?;
+    ensure!(forwarding.trim() == "0", "host 1 forwards on its uplink");
+    let pa2 = [198, 18, 0, 2];
+    let host2 = bed.hosts[1].ns.mac("uplink0")?;
+    ensure!(bed.ping("RED-1", "10.0.0.2", 2)? == 2, "RED-1 -> RED-2");
+    underlay_hop_becomes(&bed, pa2, Some(host2))?;
+
+    // On the wire (tshark): NVGRE from host 1's uplink to host 2's.
+    let file = bed.tmp_dir().join("hops.pcap");
+    let cap = nv_tests::capture::Capture::start(&bed.underlay, "ul1", &file, 20)?;
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 5)? == 5,
+        "pings while captured"
+    );
+    let file = cap.stop()?;
+    let macs = nv_tests::sys::run(
+        "tshark",
+        &[
+            "-r",
+            file.to_str().context("utf-8")?,
+            "-Y",
+            "gre && ip.dst == 198.18.0.2",
+            "-T",
+            "fields",
+            // The outer Ethernet header's (the inner frame's is the second occurrence).
+            "-E",
+            "occurrence=f",
+            "-e",
+            "eth.src",
+            "-e",
+            "eth.dst",
+        ],
+    )?;
+    let want = |m: [u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    let line = format!("{}\t{}", want(h1.ns.mac("uplink0")?), want(host2));
+    let lines: Vec<&str> = macs.lines().collect();
+    ensure!(
+        lines.len() >= 5 && lines.iter().all(|l| *l == line),
+        "NVGRE to host 2 on the wire: {lines:?}, not all {line:?}"
+    );
+
+    // The neighbour changes (host 2's NIC replaced, say): the hop follows.
+    let moved = [0x02, 0, 0, 0, 0x99, 0x02];
+    h1.ns.ip(&[
+        "neigh",
+        "replace",
+        "198.18.0.2",
+        "lladdr",
+        "02:00:00:00:99:02",
+        "dev",
+        "uplink0",
+        "nud",
+        "permanent",
+    ])?;
+    underlay_hop_becomes(&bed, pa2, Some(moved))?;
+    // It goes: no hop, and the kernel's hop resolves host 2 again at the next packet.
+    h1.ns
+        .ip(&["neigh", "del", "198.18.0.2", "dev", "uplink0"])?;
+    underlay_hop_becomes(&bed, pa2, None)?;
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 3)? >= 2,
+        "RED-1 -> RED-2 through the kernel's hop"
+    );
+    underlay_hop_becomes(&bed, pa2, Some(host2))?;
+    ensure!(
+        bed.ping("RED-1", "10.0.0.2", 3)? == 3,
+        "RED-1 -> RED-2 again"
+    );
+    Ok(())
+}

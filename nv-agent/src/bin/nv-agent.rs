@@ -171,6 +171,8 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         spawn_reconciler(agent.clone(), every);
     }
     spawn_port_watcher(agent.clone())?;
+    nv_agent::underlay_hops::follow(&agent)
+        .context("cannot follow the host's routes and neighbours")?;
     nv_agent::control::follow(&agent);
     if let Some(cluster) = agent.cluster().cloned() {
         // Ready once caught up with etcd; if etcd does not answer, from what was applied last.

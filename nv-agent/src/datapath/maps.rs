@@ -15,8 +15,8 @@ use aya::{
     },
 };
 use nv_common::{
-    Counter, DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, V4, VsidStats,
-    VsidStatsKey, VsidTraffic,
+    Counter, DatapathConfig, LocalPa, LookupKey, LookupValue, PortInfo, RewritePa, UnderlayHop, V4,
+    VsidStats, VsidStatsKey, VsidTraffic,
     acl::{AclFlowKey, AclFlowSet, AclMeter, AclMeterKey},
     map_names,
 };
@@ -431,6 +431,27 @@ impl Datapath {
             }
         }
         Ok(repairs)
+    }
+
+    /// Makes the underlay-hop map hold `hops` (by IPv4 PA in network order) and nothing else:
+    /// how many entries it wrote or removed.
+    pub fn set_underlay_hops(&mut self, hops: &HashMap<u32, UnderlayHop>) -> Result<usize> {
+        let mut m: BpfHashMap<&mut MapData, u32, UnderlayHop> =
+            map(&mut self.ebpf, map_names::UNDERLAY_HOPS)?;
+        let now: HashMap<u32, UnderlayHop> = m.iter().filter_map(Result::ok).collect();
+        let mut changed = 0;
+        for pa in now.keys().filter(|pa| !hops.contains_key(pa)) {
+            match m.remove(pa) {
+                Ok(()) | Err(MapError::KeyNotFound) => changed += 1,
+                Err(e) => return Err(dp_err("delete from NV_UNDERLAY_HOPS", e)),
+            }
+        }
+        for (pa, hop) in hops.iter().filter(|(pa, hop)| now.get(pa) != Some(hop)) {
+            m.insert(pa, hop, 0)
+                .map_err(|e| dp_err("update NV_UNDERLAY_HOPS", e))?;
+            changed += 1;
+        }
+        Ok(changed)
     }
 
     pub fn put_port(&mut self, ifindex: u32, p: &PortInfo) -> Result<()> {

@@ -114,7 +114,7 @@ pub fn purge(pin_path: &Path) -> Result<()> {
     clippy::too_many_lines,
     reason = "one entry per map, formatted one field a line"
 )]
-fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u32>); 27] {
+fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u32>); 28] {
     use std::mem::size_of;
 
     use aya::maps::MapType::{
@@ -173,6 +173,13 @@ fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u3
             4,
             size_of::<nv_common::NextHop6>(),
             Some(nv_common::NextHop6::SLOTS),
+        ),
+        (
+            map_names::UNDERLAY_HOPS,
+            H,
+            4,
+            size_of::<nv_common::UnderlayHop>(),
+            Some(nv_common::MAX_UNDERLAY_HOPS),
         ),
         (map_names::LOCAL_PAS6, H, 16, size_of::<LocalPa>(), None),
         (map_names::REWRITE_PAS6, H, 16, size_of::<RewritePa>(), None),

@@ -1,0 +1,242 @@
+//! Next hops of other hosts' IPv4 PAs, resolved from this host's routes and neighbours, for a
+//! host that does not forward on the uplink. There the datapath's FIB helper refuses (it checks
+//! forwarding even for output lookups), and without these the kernel would route every NVGRE or
+//! rewritten packet on its own (`bpf_redirect_neigh`). Only a unicast route out of the uplink
+//! to a neighbour the kernel holds as usable gives an entry; anything else stays the kernel's.
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use futures::TryStreamExt as _;
+use nv_common::UnderlayHop;
+use rtnetlink::{
+    Handle, RouteMessageBuilder,
+    packet_core::{NetlinkMessage, NetlinkPayload},
+    packet_route::{
+        RouteNetlinkMessage,
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+        route::{RouteAddress, RouteAttribute, RouteType},
+    },
+    sys::{AsyncSocket as _, SocketAddr},
+};
+
+use crate::error::{NvError, Result};
+
+/// The kernel's multicast groups of neighbour and IPv4 route changes.
+const RTMGRP_NEIGH: u32 = 0x4;
+const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+
+fn nl_err(what: &str, e: impl Into<crate::error::NetlinkSource>) -> NvError {
+    NvError::netlink_by(what, e)
+}
+
+/// Asks the kernel for routes and neighbours on a netlink connection of its own.
+pub struct Resolver {
+    handle: Handle,
+}
+
+impl Resolver {
+    /// Opens the connection; its driver task runs on the current tokio runtime.
+    pub fn connect() -> Result<Resolver> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| nl_err("connect", e))?;
+        tokio::spawn(conn);
+        Ok(Resolver { handle })
+    }
+
+    /// The hops of `pas` out of the uplink (`uplink`, its MAC `mac`), keyed by PA in network
+    /// order as the datapath reads it. A PA the host cannot route, routes elsewhere or over
+    /// several paths, or whose neighbour is not resolved, has none.
+    pub async fn resolve(
+        &self,
+        uplink: u32,
+        mac: [u8; 6],
+        pas: &[Ipv4Addr],
+    ) -> Result<HashMap<u32, UnderlayHop>> {
+        let mut hops = HashMap::new();
+        if uplink == 0 || pas.is_empty() {
+            return Ok(hops);
+        }
+        let neighbours = self.neighbours(uplink).await?;
+        for &pa in pas {
+            let Some((oif, gateway)) = self.route_to(pa).await? else {
+                continue;
+            };
+            if oif != uplink {
+                continue;
+            }
+            if let Some(dmac) = neighbours.get(&gateway.unwrap_or(pa)) {
+                hops.insert(
+                    u32::from_ne_bytes(pa.octets()),
+                    UnderlayHop {
+                        ifindex: uplink,
+                        smac: mac,
+                        dmac: *dmac,
+                    },
+                );
+            }
+        }
+        Ok(hops)
+    }
+
+    /// The output link and gateway of the host's route to `dst` (as `ip route get`), when it
+    /// is one unicast path; `None` for no route, a local address or several paths.
+    async fn route_to(&self, dst: Ipv4Addr) -> Result<Option<(u32, Option<Ipv4Addr>)>> {
+        let query = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, 32)
+            .build();
+        let mut answers = self.handle.route().get(query).execute();
+        let route = match answers.try_next().await {
+            Ok(Some(r)) => r,
+            // Unreachable, prohibited, no route: the kernel's hop says so to the sender.
+            Ok(None) | Err(rtnetlink::Error::NetlinkError(_)) => return Ok(None),
+            Err(e) => return Err(nl_err(&format!("get the route to {dst}"), e)),
+        };
+        if route.header.kind != RouteType::Unicast {
+            return Ok(None);
+        }
+        let (mut oif, mut gateway) = (None, None);
+        for a in &route.attributes {
+            match a {
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(*g),
+                RouteAttribute::MultiPath(_) => return Ok(None),
+                _ => {}
+            }
+        }
+        Ok(oif.map(|i| (i, gateway)))
+    }
+
+    /// The IPv4 neighbours on link `index` the kernel sends to without asking again
+    /// (reachable, stale, delay, probe, permanent), with their link-layer addresses.
+    async fn neighbours(&self, index: u32) -> Result<HashMap<Ipv4Addr, [u8; 6]>> {
+        let mut dump = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(rtnetlink::packet_route::AddressFamily::Inet)
+            .execute();
+        let mut out = HashMap::new();
+        while let Some(n) = dump
+            .try_next()
+            .await
+            .map_err(|e| nl_err("get neighbours", e))?
+        {
+            let usable = matches!(
+                n.header.state,
+                NeighbourState::Reachable
+                    | NeighbourState::Stale
+                    | NeighbourState::Delay
+                    | NeighbourState::Probe
+                    | NeighbourState::Permanent
+            );
+            if n.header.ifindex != index || !usable {
+                continue;
+            }
+            let (mut ip, mut lladdr) = (None, None);
+            for a in &n.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => ip = Some(*d),
+                    NeighbourAttribute::LinkLayerAddress(l) => {
+                        lladdr = <[u8; 6]>::try_from(l.as_slice()).ok();
+                    }
+                    _ => {}
+                }
+            }
+            if let (Some(ip), Some(l)) = (ip, lladdr)
+                && l != [0; 6]
+            {
+                out.insert(ip, l);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A wake-up for every neighbour or IPv4 route change the kernel announces in this network
+/// namespace. A lost one (the socket overran) is made up for by the periodic resolution.
+pub fn changes() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
+    let (mut conn, _handle, mut messages) =
+        rtnetlink::new_connection().map_err(|e| nl_err("connect", e))?;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&SocketAddr::new(0, RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE))
+        .map_err(|e| nl_err("subscribe to neighbour and route changes", e))?;
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        use futures::StreamExt as _;
+        while let Some((msg, _)) = messages.next().await {
+            let msg: NetlinkMessage<RouteNetlinkMessage> = msg;
+            let change = matches!(
+                msg.payload,
+                NetlinkPayload::InnerMessage(
+                    RouteNetlinkMessage::NewNeighbour(_)
+                        | RouteNetlinkMessage::DelNeighbour(_)
+                        | RouteNetlinkMessage::NewRoute(_)
+                        | RouteNetlinkMessage::DelRoute(_)
+                )
+            );
+            if change && tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// How often the hops are resolved again without a change announced: records come and go,
+/// and a lost announcement is made up for.
+const REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
+/// Changes announced within this time (a link flap, a neighbour table refilled) are taken as
+/// one.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Keeps the datapath's underlay hops in line with the host's routes and neighbours and the
+/// records' PAs: after each change the kernel announces, and every [`REFRESH`].
+pub fn follow(shared: &crate::shared::Shared) -> Result<()> {
+    let resolver = Resolver::connect()?;
+    let mut changes = Some(changes()?);
+    let agent = shared.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(REFRESH);
+        loop {
+            tokio::select! {
+                c = next(&mut changes) => {
+                    if c.is_none() {
+                        tracing::warn!(
+                            "route and neighbour changes stopped; underlay hops are resolved every {REFRESH:?}"
+                        );
+                        changes = None;
+                    }
+                    tokio::time::sleep(SETTLE).await;
+                    if let Some(rx) = changes.as_mut() {
+                        while rx.try_recv().is_ok() {}
+                    }
+                }
+                _ = tick.tick() => {}
+            }
+            let (uplink, mac, pas) = agent.lock().await.underlay_targets();
+            let done = match resolver.resolve(uplink, mac, &pas).await {
+                Ok(hops) => agent.lock().await.set_underlay_hops(&hops).map(|changed| {
+                    if changed > 0 {
+                        tracing::debug!(changed, hops = hops.len(), "underlay hops updated");
+                    }
+                }),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = done {
+                tracing::warn!(
+                    "resolving the underlay's next hops: {}",
+                    crate::error::one_line(&e)
+                );
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The next change; never, once they stopped.
+async fn next(changes: &mut Option<tokio::sync::mpsc::UnboundedReceiver<()>>) -> Option<()> {
+    match changes {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
