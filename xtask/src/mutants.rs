@@ -632,6 +632,13 @@ const MUTATIONS: &[Mutation] = &[
         removed: "        if nh.pa == dst_pa && nh.expires > now {\n            check_cached_mtu(ctx, uplink, nh.mtu)?;\n            // Written out here: a helper returning the hop would return it through the stack.\n            if nh.ifindex == 9 {",
         tests: &["programs"],
     },
+    Mutation {
+        name: "a host that does not forward sends to the agent's underlay hop",
+        file: "nv-ebpf/src/underlay.rs",
+        check: "&& let Some(hop) = unsafe { UNDERLAY_HOPS.get(dst_pa) }",
+        removed: "&& let Some(hop) = unsafe { UNDERLAY_HOPS.get(dst_pa.wrapping_add(1)) }",
+        tests: &["programs"],
+    },
 ];
 
 pub fn run(only: Option<&str>) -> anyhow::Result<()> {
