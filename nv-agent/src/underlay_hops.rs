@@ -2,7 +2,11 @@
 //! host that does not forward on the uplink. There the datapath's FIB helper refuses (it checks
 //! forwarding even for output lookups), and without these the kernel would route every NVGRE or
 //! rewritten packet on its own (`bpf_redirect_neigh`). Only a unicast route out of the uplink
-//! to a neighbour the kernel holds as usable gives an entry; anything else stays the kernel's.
+//! to a neighbour the kernel would send to gives an entry; anything else stays the kernel's.
+//! The datapath's packets do not confirm a neighbour as the kernel's own do, so a neighbour
+//! in use that has gone stale is marked used (`NTF_USE`): the kernel then probes it as it
+//! would at its own next packet, and a PA that moved to another MAC is found again within
+//! seconds (the probes fail, the neighbour fails, its hop goes, the kernel resolves anew).
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use futures::TryStreamExt as _;
@@ -12,7 +16,7 @@ use rtnetlink::{
     packet_core::{NetlinkMessage, NetlinkPayload},
     packet_route::{
         RouteNetlinkMessage,
-        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState},
         route::{RouteAddress, RouteAttribute, RouteType},
     },
     sys::{AsyncSocket as _, SocketAddr},
@@ -28,9 +32,22 @@ fn nl_err(what: &str, e: impl Into<crate::error::NetlinkSource>) -> NvError {
     NvError::netlink_by(what, e)
 }
 
-/// Asks the kernel for routes and neighbours on a netlink connection of its own.
+/// What the kernel announced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    Route,
+    Neighbour,
+}
+
+/// The output link and gateway of a route, when it is one unicast path.
+type Path = Option<(u32, Option<Ipv4Addr>)>;
+
+/// Asks the kernel for routes and neighbours on a netlink connection of its own, and keeps the
+/// routes it was told until a route changes: with thousands of hosts, asking for every PA's
+/// route at every look would cost a netlink round trip each.
 pub struct Resolver {
     handle: Handle,
+    routes: HashMap<Ipv4Addr, Path>,
 }
 
 impl Resolver {
@@ -38,14 +55,22 @@ impl Resolver {
     pub fn connect() -> Result<Resolver> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| nl_err("connect", e))?;
         tokio::spawn(conn);
-        Ok(Resolver { handle })
+        Ok(Resolver {
+            handle,
+            routes: HashMap::new(),
+        })
+    }
+
+    /// Routes are asked for again, each at its next resolution.
+    pub fn forget_routes(&mut self) {
+        self.routes.clear();
     }
 
     /// The hops of `pas` out of the uplink (`uplink`, its MAC `mac`), keyed by PA in network
     /// order as the datapath reads it. A PA the host cannot route, routes elsewhere or over
     /// several paths, or whose neighbour is not resolved, has none.
     pub async fn resolve(
-        &self,
+        &mut self,
         uplink: u32,
         mac: [u8; 6],
         pas: &[Ipv4Addr],
@@ -55,30 +80,65 @@ impl Resolver {
             return Ok(hops);
         }
         let neighbours = self.neighbours(uplink).await?;
+        let mut stale = std::collections::HashSet::new();
+        // PAs no record names any more are not kept.
+        let named: std::collections::HashSet<&Ipv4Addr> = pas.iter().collect();
+        self.routes.retain(|pa, _| named.contains(pa));
         for &pa in pas {
-            let Some((oif, gateway)) = self.route_to(pa).await? else {
+            let path = if let Some(p) = self.routes.get(&pa) {
+                *p
+            } else {
+                let p = self.route_to(pa).await?;
+                self.routes.insert(pa, p);
+                p
+            };
+            let Some((oif, gateway)) = path else {
                 continue;
             };
             if oif != uplink {
                 continue;
             }
-            if let Some(dmac) = neighbours.get(&gateway.unwrap_or(pa)) {
+            let next = gateway.unwrap_or(pa);
+            if let Some(&(dmac, state)) = neighbours.get(&next) {
                 hops.insert(
                     u32::from_ne_bytes(pa.octets()),
                     UnderlayHop {
                         ifindex: uplink,
                         smac: mac,
-                        dmac: *dmac,
+                        dmac,
                     },
                 );
+                if state == NeighbourState::Stale {
+                    stale.insert(next);
+                }
             }
+        }
+        for next in stale {
+            self.mark_used(uplink, next).await;
         }
         Ok(hops)
     }
 
+    /// Has the kernel treat neighbour `ip` on link `index` as used by a packet (`NTF_USE`):
+    /// from stale it goes to delay, then to a probe. Nothing else of the entry changes.
+    async fn mark_used(&self, index: u32, ip: Ipv4Addr) {
+        let done = self
+            .handle
+            .neighbours()
+            .add(index, ip.into())
+            .state(NeighbourState::None)
+            .flags(NeighbourFlags::Use)
+            .replace()
+            .execute()
+            .await;
+        if let Err(e) = done {
+            tracing::warn!("asking the kernel to confirm neighbour {ip}: {e}");
+        }
+    }
+
     /// The output link and gateway of the host's route to `dst` (as `ip route get`), when it
     /// is one unicast path; `None` for no route, a local address or several paths.
-    async fn route_to(&self, dst: Ipv4Addr) -> Result<Option<(u32, Option<Ipv4Addr>)>> {
+    async fn route_to(&self, dst: Ipv4Addr) -> Result<Path> {
         let query = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst, 32)
             .build();
@@ -104,9 +164,9 @@ impl Resolver {
         Ok(oif.map(|i| (i, gateway)))
     }
 
-    /// The IPv4 neighbours on link `index` the kernel sends to without asking again
-    /// (reachable, stale, delay, probe, permanent), with their link-layer addresses.
-    async fn neighbours(&self, index: u32) -> Result<HashMap<Ipv4Addr, [u8; 6]>> {
+    /// The IPv4 neighbours on link `index` the kernel sends to (reachable, stale, delay,
+    /// probe, permanent), with their link-layer addresses and states.
+    async fn neighbours(&self, index: u32) -> Result<HashMap<Ipv4Addr, ([u8; 6], NeighbourState)>> {
         let mut dump = self
             .handle
             .neighbours()
@@ -143,16 +203,16 @@ impl Resolver {
             if let (Some(ip), Some(l)) = (ip, lladdr)
                 && l != [0; 6]
             {
-                out.insert(ip, l);
+                out.insert(ip, (l, n.header.state));
             }
         }
         Ok(out)
     }
 }
 
-/// A wake-up for every neighbour or IPv4 route change the kernel announces in this network
-/// namespace. A lost one (the socket overran) is made up for by the periodic resolution.
-pub fn changes() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
+/// Every neighbour or IPv4 route change the kernel announces in this network namespace. A lost
+/// one (the socket overran) is made up for by the periodic resolution.
+pub fn changes() -> Result<tokio::sync::mpsc::UnboundedReceiver<Change>> {
     let (mut conn, _handle, mut messages) =
         rtnetlink::new_connection().map_err(|e| nl_err("connect", e))?;
     conn.socket_mut()
@@ -165,16 +225,16 @@ pub fn changes() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
         use futures::StreamExt as _;
         while let Some((msg, _)) = messages.next().await {
             let msg: NetlinkMessage<RouteNetlinkMessage> = msg;
-            let change = matches!(
-                msg.payload,
+            let change = match msg.payload {
                 NetlinkPayload::InnerMessage(
-                    RouteNetlinkMessage::NewNeighbour(_)
-                        | RouteNetlinkMessage::DelNeighbour(_)
-                        | RouteNetlinkMessage::NewRoute(_)
-                        | RouteNetlinkMessage::DelRoute(_)
-                )
-            );
-            if change && tx.send(()).is_err() {
+                    RouteNetlinkMessage::NewNeighbour(_) | RouteNetlinkMessage::DelNeighbour(_),
+                ) => Change::Neighbour,
+                NetlinkPayload::InnerMessage(
+                    RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_),
+                ) => Change::Route,
+                _ => continue,
+            };
+            if tx.send(change).is_err() {
                 return;
             }
         }
@@ -182,9 +242,11 @@ pub fn changes() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
     Ok(rx)
 }
 
-/// How often the hops are resolved again without a change announced: records come and go,
-/// and a lost announcement is made up for.
+/// How often the hops are resolved again without a change announced: PAs that records name
+/// anew get theirs (a route asked for once), and the neighbours are read again.
 const REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often every route is asked for again in any case: a lost announcement is made up for.
+const ROUTES_AGAIN: u32 = 15;
 /// Changes announced within this time (a link flap, a neighbour table refilled) are taken as
 /// one.
 const SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
@@ -192,26 +254,39 @@ const SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
 /// Keeps the datapath's underlay hops in line with the host's routes and neighbours and the
 /// records' PAs: after each change the kernel announces, and every [`REFRESH`].
 pub fn follow(shared: &crate::shared::Shared) -> Result<()> {
-    let resolver = Resolver::connect()?;
+    let mut resolver = Resolver::connect()?;
     let mut changes = Some(changes()?);
     let agent = shared.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(REFRESH);
+        let mut ticks = 0u32;
         loop {
             tokio::select! {
                 c = next(&mut changes) => {
-                    if c.is_none() {
+                    let Some(first) = c else {
                         tracing::warn!(
                             "route and neighbour changes stopped; underlay hops are resolved every {REFRESH:?}"
                         );
                         changes = None;
-                    }
+                        continue;
+                    };
                     tokio::time::sleep(SETTLE).await;
+                    let mut route = first == Change::Route;
                     if let Some(rx) = changes.as_mut() {
-                        while rx.try_recv().is_ok() {}
+                        while let Ok(c) = rx.try_recv() {
+                            route |= c == Change::Route;
+                        }
+                    }
+                    if route {
+                        resolver.forget_routes();
                     }
                 }
-                _ = tick.tick() => {}
+                _ = tick.tick() => {
+                    ticks = ticks.wrapping_add(1);
+                    if ticks.is_multiple_of(ROUTES_AGAIN) {
+                        resolver.forget_routes();
+                    }
+                }
             }
             let (uplink, mac, pas) = agent.lock().await.underlay_targets();
             let done = match resolver.resolve(uplink, mac, &pas).await {
@@ -234,7 +309,9 @@ pub fn follow(shared: &crate::shared::Shared) -> Result<()> {
 }
 
 /// The next change; never, once they stopped.
-async fn next(changes: &mut Option<tokio::sync::mpsc::UnboundedReceiver<()>>) -> Option<()> {
+async fn next(
+    changes: &mut Option<tokio::sync::mpsc::UnboundedReceiver<Change>>,
+) -> Option<Change> {
     match changes {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

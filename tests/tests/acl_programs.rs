@@ -3,7 +3,7 @@
 //! behind a hop-by-hop header is TCP to the VM's stack), and each deny is metered under its
 //! rule. Each refusal beside a frame that passes. RED-1 (10.0.0.1, `fd00::1`) sends to
 //! RED-3 (10.0.0.3, `fd00::3`) on the same host.
-use anyhow::ensure;
+use anyhow::{Context as _, ensure};
 use etherparse::PacketBuilder;
 use nv_agent::{
     model::acl::{AclRule, Action, Direction, PortRange, Protocol},
@@ -179,5 +179,127 @@ fn rules_see_the_upper_layer_and_meter_their_denies() -> anyhow::Result<()> {
         inb.is_some_and(|m| m.packets == 1 && m.bytes == udp_len as u64),
         "rule 8 metered its deny: {inb:?}"
     );
+    Ok(())
+}
+
+/// A UDP datagram from RED-3 back to RED-1 (an answer to `udp4`: its ports swapped).
+fn udp4_back() -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(RED3_MAC, RED1_MAC)
+        .ipv4(CA3, CA1, 64)
+        .udp(7001, 40000);
+    let mut out = Vec::new();
+    b.write(&mut out, b"acl").expect("build UDP");
+    out
+}
+
+#[test]
+fn rules_match_protocol_numbers_icmpv6_local_prefixes_and_flows_expire_when_idle()
+-> anyhow::Result<()> {
+    let mut h = fixture::host(false)?;
+    h.add_ipv6()?;
+    let red3 = h.ns.ifindex("red3")?;
+    // RED-1 out: ICMPv6 denied; GRE (protocol 47, by number) denied; TCP denied only from a
+    // local prefix that is not RED-1's; UDP allowed statefully for one idle second.
+    // RED-1 in: nothing but answers.
+    let mut out = empty_set();
+    out.len = 4;
+    out.flow_sets = 16;
+    out.rules[0] = compile(&rule(21, Direction::Out, Protocol::ICMPV6, None));
+    out.rules[1] = compile(&rule(22, Direction::Out, Protocol(47), None));
+    let mut elsewhere = rule(23, Direction::Out, Protocol::TCP, None);
+    elsewhere.local = Some("10.9.0.0/16".parse()?);
+    out.rules[2] = compile(&elsewhere);
+    let mut udp = rule(24, Direction::Out, Protocol::UDP, None);
+    (udp.action, udp.stateful, udp.idle_timeout, udp.weight) = (Action::Allow, true, 1, 5);
+    out.rules[3] = compile(&udp);
+    let mut deny_in = empty_set();
+    deny_in.len = 1;
+    deny_in.flow_sets = 16;
+    let mut all_in = rule(25, Direction::In, Protocol(0), None);
+    all_in.protocol = None;
+    deny_in.rules[0] = compile(&all_in);
+    let key = |dir| AclSetKey {
+        vsid: RED,
+        dir,
+        ca: v4_mapped(CA1),
+    };
+    h.desired.acls.sets.insert(key(DIR_OUT), out);
+    h.desired.acls.sets.insert(key(DIR_IN), deny_in);
+    h.desired.acls.flows.insert((RED, v4_mapped(CA1)), 16);
+    for rule in [21, 22] {
+        h.desired
+            .acls
+            .meters
+            .insert(AclMeterKey { rule, dir: DIR_OUT });
+    }
+    if let Some(p) = h.desired.ports.get_mut(&h.red1) {
+        p.flags |= PortInfo::ACL_OUT | PortInfo::ACL_IN;
+    }
+    h.dp.sync(&h.desired)?;
+
+    let red1 = Some(h.red1);
+    let echo6 = {
+        let b = PacketBuilder::ethernet2(RED1_MAC, RED3_MAC)
+            .ipv6(CA6_1, CA6_3, 64)
+            .icmpv6_echo_request(7, 1);
+        let mut f = Vec::new();
+        b.write(&mut f, b"ping")?;
+        f
+    };
+    h.expect(FROM_VM, &echo6, red1, TC_ACT_SHOT, "drop_vm_acl_denied")
+        .context("step 1")?;
+    let echo4 = {
+        let b = PacketBuilder::ethernet2(RED1_MAC, RED3_MAC)
+            .ipv4(CA1, CA3, 64)
+            .icmpv4_echo_request(7, 1);
+        let mut f = Vec::new();
+        b.write(&mut f, b"ping")?;
+        f
+    };
+    h.expect(FROM_VM, &echo4, red1, TC_ACT_REDIRECT, "vm_tx_local")
+        .context("step 2")?;
+    let mut gre = tcp4(80);
+    gre[14 + 9] = 47;
+    // The IPv4 checksum is not what the rule reads; the protocol field is.
+    h.expect(FROM_VM, &gre, red1, TC_ACT_SHOT, "drop_vm_acl_denied")
+        .context("step 3")?;
+    // Another protocol number passes: the deny above was rule 22's, not the protocol's.
+    let mut esp = gre.clone();
+    esp[14 + 9] = 50;
+    h.expect(FROM_VM, &esp, red1, TC_ACT_REDIRECT, "vm_tx_local")
+        .context("step 4")?;
+    h.expect(FROM_VM, &tcp4(80), red1, TC_ACT_REDIRECT, "vm_tx_local")
+        .context("step 5")?;
+    let meters = h.dp.acl_meters()?;
+    for rule in [21, 22] {
+        let m = meters.get(&AclMeterKey { rule, dir: DIR_OUT });
+        ensure!(
+            m.is_some_and(|m| m.packets == 1),
+            "rule {rule} denied one frame: {m:?}"
+        );
+    }
+
+    // RED-1's UDP opens a flow: RED-3's answer comes in, until the flow has been idle for
+    // longer than its second.
+    let red3_port = Some(red3);
+    h.expect(FROM_VM, &udp4(), red1, TC_ACT_REDIRECT, "vm_tx_local")
+        .context("step 6")?;
+    h.expect(
+        FROM_VM,
+        &udp4_back(),
+        red3_port,
+        TC_ACT_REDIRECT,
+        "vm_tx_local",
+    )
+    .context("step 7")?;
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    h.expect(
+        FROM_VM,
+        &udp4_back(),
+        red3_port,
+        TC_ACT_SHOT,
+        "drop_acl_in_denied",
+    )
+    .context("step 8")?;
     Ok(())
 }

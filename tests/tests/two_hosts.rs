@@ -938,10 +938,10 @@ fn underlay_hop(bed: &TwoHosts, pa: [u8; 4]) -> anyhow::Result<Option<[u8; 6]>> 
     Ok(None)
 }
 
-/// Waits (up to 5 s) until host 1's hop for `pa` is `want`.
+/// Waits (up to 10 s) until host 1's hop for `pa` is `want`.
 fn underlay_hop_becomes(bed: &TwoHosts, pa: [u8; 4], want: Option<[u8; 6]>) -> anyhow::Result<()> {
     let mut last = None;
-    for _ in 0..50 {
+    for _ in 0..100 {
         last = underlay_hop(bed, pa)?;
         if last == want {
             return Ok(());
@@ -951,25 +951,18 @@ fn underlay_hop_becomes(bed: &TwoHosts, pa: [u8; 4], want: Option<[u8; 6]>) -> a
     anyhow::bail!("host 1's underlay hop for {pa:?} is {last:02x?}, not {want:02x?}")
 }
 
-/// The bed's hosts do not forward on the uplink, so the FIB helper refuses them: the agent
-/// resolves the next hop of host 2's PA from host 1's routes and neighbours, the NVGRE frames
-/// leave for that neighbour (tshark), and the hop follows the neighbour when it changes and
-/// when it goes (the kernel's hop then, which resolves it anew).
-#[test]
-fn a_host_that_does_not_forward_sends_to_the_neighbours_the_agent_resolved() -> anyhow::Result<()> {
-    let bed = TwoHosts::build("uh")?;
-    bed.configure()?;
-    let h1 = &bed.hosts[0];
-    let forwarding = h1
-        .ns
-        .exec("sysctl", &["-n", "net.ipv4.conf.uplink0.forwarding"])?;
-    ensure!(forwarding.trim() == "0", "host 1 forwards on its uplink");
-    let pa2 = [198, 18, 0, 2];
-    let host2 = bed.hosts[1].ns.mac("uplink0")?;
-    ensure!(bed.ping("RED-1", "10.0.0.2", 2)? == 2, "RED-1 -> RED-2");
-    underlay_hop_becomes(&bed, pa2, Some(host2))?;
+/// A MAC as `ip` and tshark write it.
+fn mac_text(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
 
-    // On the wire (tshark): NVGRE from host 1's uplink to host 2's.
+/// On the wire (tshark, outer Ethernet header): host 1's NVGRE to host 2 leaves host 1's
+/// uplink for `dmac`.
+fn nvgre_leaves_for(bed: &TwoHosts, dmac: [u8; 6]) -> anyhow::Result<()> {
+    let h1 = &bed.hosts[0];
     let file = bed.tmp_dir().join("hops.pcap");
     let cap = nv_tests::capture::Capture::start(&bed.underlay, "ul1", &file, 20)?;
     ensure!(
@@ -995,18 +988,35 @@ fn a_host_that_does_not_forward_sends_to_the_neighbours_the_agent_resolved() -> 
             "eth.dst",
         ],
     )?;
-    let want = |m: [u8; 6]| {
-        m.iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    };
-    let line = format!("{}\t{}", want(h1.ns.mac("uplink0")?), want(host2));
+    let line = format!("{}\t{}", mac_text(h1.ns.mac("uplink0")?), mac_text(dmac));
     let lines: Vec<&str> = macs.lines().collect();
     ensure!(
         lines.len() >= 5 && lines.iter().all(|l| *l == line),
         "NVGRE to host 2 on the wire: {lines:?}, not all {line:?}"
     );
+
+    Ok(())
+}
+
+/// The bed's hosts do not forward on the uplink, so the FIB helper refuses them: the agent
+/// resolves the next hop of host 2's PA from host 1's routes and neighbours, the NVGRE frames
+/// leave for that neighbour (tshark), and the hop follows the neighbour when it changes and when
+/// it goes (the kernel's hop then, which resolves it anew); a neighbour gone stale is probed.
+#[test]
+fn a_host_that_does_not_forward_sends_to_the_neighbours_the_agent_resolved() -> anyhow::Result<()> {
+    let bed = TwoHosts::build("uh")?;
+    bed.configure()?;
+    let h1 = &bed.hosts[0];
+    let forwarding = h1
+        .ns
+        .exec("sysctl", &["-n", "net.ipv4.conf.uplink0.forwarding"])?;
+    ensure!(forwarding.trim() == "0", "host 1 forwards on its uplink");
+    let pa2 = [198, 18, 0, 2];
+    let host2 = bed.hosts[1].ns.mac("uplink0")?;
+    ensure!(bed.ping("RED-1", "10.0.0.2", 2)? == 2, "RED-1 -> RED-2");
+    underlay_hop_becomes(&bed, pa2, Some(host2))?;
+
+    nvgre_leaves_for(&bed, host2)?;
 
     // The neighbour changes (host 2's NIC replaced, say): the hop follows.
     let moved = [0x02, 0, 0, 0, 0x99, 0x02];
@@ -1034,6 +1044,37 @@ fn a_host_that_does_not_forward_sends_to_the_neighbours_the_agent_resolved() -> 
     ensure!(
         bed.ping("RED-1", "10.0.0.2", 3)? == 3,
         "RED-1 -> RED-2 again"
+    );
+    // Gone stale (unconfirmed for a while; the datapath's packets do not confirm it): the
+    // agent has the kernel probe it, without a packet of the kernel's own, and the hop stays.
+    h1.ns.ip(&[
+        "neigh",
+        "change",
+        "198.18.0.2",
+        "lladdr",
+        &mac_text(host2),
+        "dev",
+        "uplink0",
+        "nud",
+        "stale",
+    ])?;
+    let state = || h1.ns.ip(&["neigh", "show", "198.18.0.2", "dev", "uplink0"]);
+    let mut confirmed = false;
+    for _ in 0..100 {
+        if state()?.contains("REACHABLE") {
+            confirmed = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    ensure!(
+        confirmed,
+        "the stale neighbour was not confirmed: {}",
+        state()?
+    );
+    ensure!(
+        underlay_hop(&bed, pa2)? == Some(host2),
+        "the hop stayed host 2's"
     );
     Ok(())
 }

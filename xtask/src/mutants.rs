@@ -639,6 +639,13 @@ const MUTATIONS: &[Mutation] = &[
         removed: "&& let Some(hop) = unsafe { UNDERLAY_HOPS.get(dst_pa.wrapping_add(1)) }",
         tests: &["programs"],
     },
+    Mutation {
+        name: "a stale neighbour of an underlay hop is probed",
+        file: "nv-agent/src/underlay_hops.rs",
+        check: "            self.mark_used(uplink, next).await;",
+        removed: "            let _ = next;",
+        tests: &["two_hosts"],
+    },
 ];
 
 pub fn run(only: Option<&str>) -> anyhow::Result<()> {
