@@ -80,6 +80,7 @@ impl Resolver {
             return Ok(hops);
         }
         let neighbours = self.neighbours(uplink).await?;
+        let expires = monotonic_ns().saturating_add(UnderlayHop::LIFETIME_NS);
         let mut stale = std::collections::HashSet::new();
         // PAs no record names any more are not kept.
         let named: std::collections::HashSet<&Ipv4Addr> = pas.iter().collect();
@@ -106,6 +107,7 @@ impl Resolver {
                         ifindex: uplink,
                         smac: mac,
                         dmac,
+                        expires,
                     },
                 );
                 if state == NeighbourState::Stale {
@@ -208,6 +210,20 @@ impl Resolver {
         }
         Ok(out)
     }
+}
+
+/// `CLOCK_MONOTONIC` in ns, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes the timespec given, which lives for the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
 }
 
 /// Every neighbour or IPv4 route change the kernel announces in this network namespace. A lost

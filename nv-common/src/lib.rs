@@ -326,6 +326,15 @@ pub struct UnderlayHop {
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+    /// `CLOCK_MONOTONIC` ns (`bpf_ktime_get_ns`) after which the entry is not used: the agent
+    /// renews it at every look, so while no agent follows the host's neighbours (stopped, or
+    /// between two builds for longer than that), the kernel routes the packets again.
+    pub expires: u64,
+}
+
+impl UnderlayHop {
+    /// How long an entry stays good after the agent last wrote it, ns.
+    pub const LIFETIME_NS: u64 = 10_000_000_000;
 }
 
 /// Remote PAs the agent resolves next hops for (hosts of the underlay).
@@ -605,7 +614,7 @@ const _: () = {
     assert!(core::mem::offset_of!(RewritePa, ca) % 4 == 0);
     assert!(core::mem::size_of::<NextHop>() == 32);
     assert!(core::mem::size_of::<NextHop6>() == 48);
-    assert!(core::mem::size_of::<UnderlayHop>() == 16);
+    assert!(core::mem::size_of::<UnderlayHop>() == 24);
     assert!(core::mem::size_of::<IcmpBucket>() == 16);
     assert!(core::mem::size_of::<RedirectTrace>() == 8);
 };
@@ -623,7 +632,7 @@ mod pod {
     unsafe impl aya::Pod for super::RewritePa {}
     unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::NextHop6 {}
-    // SAFETY: plain `repr(C)` data without padding (4 + 6 + 6 bytes).
+    // SAFETY: plain `repr(C)` data without padding (4 + 6 + 6 + 8 bytes).
     unsafe impl aya::Pod for super::UnderlayHop {}
     unsafe impl aya::Pod for super::IcmpBucket {}
     unsafe impl aya::Pod for super::RedirectTrace {}

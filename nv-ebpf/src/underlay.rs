@@ -7,7 +7,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         BPF_FIB_LOOKUP_OUTPUT, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_fib_lookup,
     },
-    helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_jiffies64},
+    helpers::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_jiffies64, bpf_ktime_get_ns},
     programs::TcContext,
 };
 use nv_common::{Addr, Counter, DatapathConfig, NextHop, NextHop6, wire::ETH_HLEN};
@@ -236,6 +236,8 @@ fn ask_fib(ctx: &TcContext, uplink: u32, src_pa: u32, dst_pa: u32, l4_protocol: 
     if rc == BPF_FIB_LKUP_RET_FWD_DISABLED
         // SAFETY: map values are plain data the agent writes whole.
         && let Some(hop) = unsafe { UNDERLAY_HOPS.get(dst_pa) }
+        // SAFETY: plain helper call.
+        && hop.expires > unsafe { bpf_ktime_get_ns() }
     {
         fib.ifindex = hop.ifindex;
         fib.smac = hop.smac;

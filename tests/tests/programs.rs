@@ -429,6 +429,7 @@ fn without_host_forwarding_the_agents_underlay_hop_is_used_while_it_is_there() -
         ifindex: uplink,
         smac: h.uplink_mac,
         dmac,
+        expires: u64::MAX,
     };
     let pa = u32::from_ne_bytes(REMOTE_PA);
     h.dp.set_underlay_hops(&std::collections::HashMap::from([(pa, hop)]))?;
@@ -449,20 +450,35 @@ fn without_host_forwarding_the_agents_underlay_hop_is_used_while_it_is_there() -
             run.data
         );
     }
-    // Taken away (its neighbour went): once this CPU's cache of it has expired (50 jiffies,
-    // 200 ms at 250 Hz), the kernel routes the frames again.
-    h.dp.set_underlay_hops(&std::collections::HashMap::new())?;
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let run = h.dp.test_run(FROM_VM, &inner, Some(h.red1), 1)?;
-    ensure!(
-        run.redirect
-            == Some(RedirectTrace {
-                ifindex: uplink,
-                how: RedirectTrace::NEIGH,
-            }),
-        "without the hop: {:?}",
-        run.redirect
-    );
+    // Taken away (its neighbour went), or left behind by an agent that no longer renews it:
+    // once this CPU's cache of it has expired (50 jiffies, 200 ms at 250 Hz), the kernel
+    // routes the frames again.
+    let expired = nv_common::UnderlayHop { expires: 1, ..hop };
+    for (why, hops) in [
+        ("taken away", std::collections::HashMap::new()),
+        ("expired", std::collections::HashMap::from([(pa, expired)])),
+    ] {
+        h.dp.set_underlay_hops(&std::collections::HashMap::from([(pa, hop)]))?;
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let run = h.dp.test_run(FROM_VM, &inner, Some(h.red1), 1)?;
+        ensure!(
+            run.redirect.is_some_and(|r| r.how == RedirectTrace::EGRESS),
+            "with the hop again: {:?}",
+            run.redirect
+        );
+        h.dp.set_underlay_hops(&hops)?;
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let run = h.dp.test_run(FROM_VM, &inner, Some(h.red1), 1)?;
+        ensure!(
+            run.redirect
+                == Some(RedirectTrace {
+                    ifindex: uplink,
+                    how: RedirectTrace::NEIGH,
+                }),
+            "with the hop {why}: {:?}",
+            run.redirect
+        );
+    }
     Ok(())
 }
 

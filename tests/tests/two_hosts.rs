@@ -907,7 +907,8 @@ fn bounce_pair_comes_back(mut bed: TwoHosts) -> anyhow::Result<()> {
 }
 
 /// Host 1's entry for `pa` in its pinned map of the agent's underlay hops: the destination
-/// MAC, from the raw bytes (`ifindex`, source MAC, destination MAC) as bpftool dumps them.
+/// MAC, from the raw bytes (`ifindex`, source MAC, destination MAC, expiry) as bpftool dumps
+/// them.
 fn underlay_hop(bed: &TwoHosts, pa: [u8; 4]) -> anyhow::Result<Option<[u8; 6]>> {
     let pin = bed.hosts[0].pin_path.join("maps/NV_UNDERLAY_HOPS");
     let dump: serde_json::Value = serde_json::from_str(&nv_tests::sys::run(

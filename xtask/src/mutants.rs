@@ -640,6 +640,13 @@ const MUTATIONS: &[Mutation] = &[
         tests: &["programs"],
     },
     Mutation {
+        name: "an underlay hop the agent no longer renews is not used",
+        file: "nv-ebpf/src/underlay.rs",
+        check: "&& hop.expires > unsafe { bpf_ktime_get_ns() }",
+        removed: "&& hop.expires > unsafe { bpf_ktime_get_ns() } - bpf_ktime_get_ns()",
+        tests: &["programs"],
+    },
+    Mutation {
         name: "a stale neighbour of an underlay hop is probed",
         file: "nv-agent/src/underlay_hops.rs",
         check: "            self.mark_used(uplink, next).await;",

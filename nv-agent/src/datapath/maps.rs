@@ -433,8 +433,8 @@ impl Datapath {
         Ok(repairs)
     }
 
-    /// Makes the underlay-hop map hold `hops` (by IPv4 PA in network order) and nothing else:
-    /// how many entries it wrote or removed.
+    /// Makes the underlay-hop map hold `hops` (by IPv4 PA in network order) and nothing else,
+    /// each entry written again (its lifetime renewed): how many were new, changed or removed.
     pub fn set_underlay_hops(&mut self, hops: &HashMap<u32, UnderlayHop>) -> Result<usize> {
         let mut m: BpfHashMap<&mut MapData, u32, UnderlayHop> =
             map(&mut self.ebpf, map_names::UNDERLAY_HOPS)?;
@@ -446,10 +446,13 @@ impl Datapath {
                 Err(e) => return Err(dp_err("delete from NV_UNDERLAY_HOPS", e)),
             }
         }
-        for (pa, hop) in hops.iter().filter(|(pa, hop)| now.get(pa) != Some(hop)) {
+        for (pa, hop) in hops {
+            let same = now
+                .get(pa)
+                .is_some_and(|o| (o.ifindex, o.smac, o.dmac) == (hop.ifindex, hop.smac, hop.dmac));
+            changed += usize::from(!same);
             m.insert(pa, hop, 0)
                 .map_err(|e| dp_err("update NV_UNDERLAY_HOPS", e))?;
-            changed += 1;
         }
         Ok(changed)
     }
