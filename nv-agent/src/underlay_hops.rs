@@ -17,7 +17,7 @@ use rtnetlink::{
     packet_route::{
         RouteNetlinkMessage,
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState},
-        route::{RouteAddress, RouteAttribute, RouteType},
+        route::{RouteAddress, RouteAttribute, RouteFlags, RouteType},
     },
     sys::{AsyncSocket as _, SocketAddr},
 };
@@ -35,19 +35,22 @@ fn nl_err(what: &str, e: impl Into<crate::error::NetlinkSource>) -> NvError {
 /// What the kernel announced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Change {
+    /// A route changed (or announcements were lost: anything may have).
     Route,
-    Neighbour,
+    /// A neighbour on this link changed.
+    Neighbour(u32),
 }
 
-/// The output link and gateway of a route, when it is one unicast path.
-type Path = Option<(u32, Option<Ipv4Addr>)>;
+/// The gateway of a route out of the uplink (`None`: on-link), when it is one unicast path;
+/// `None` when there is no such route.
+type RoutePath = Option<Option<Ipv4Addr>>;
 
 /// Asks the kernel for routes and neighbours on a netlink connection of its own, and keeps the
 /// routes it was told until a route changes: with thousands of hosts, asking for every PA's
 /// route at every look would cost a netlink round trip each.
 pub struct Resolver {
     handle: Handle,
-    routes: HashMap<Ipv4Addr, Path>,
+    routes: HashMap<Ipv4Addr, RoutePath>,
 }
 
 impl Resolver {
@@ -66,13 +69,12 @@ impl Resolver {
         self.routes.clear();
     }
 
-    /// The hops of `pas` out of the uplink (`uplink`, its MAC `mac`), keyed by PA in network
-    /// order as the datapath reads it. A PA the host cannot route, routes elsewhere or over
-    /// several paths, or whose neighbour is not resolved, has none.
+    /// The hops of `pas` out of the uplink (ifindex `uplink`), keyed by PA in network order as
+    /// the datapath reads it. A PA the host cannot route out of the uplink, routes over several
+    /// paths, or whose neighbour is not resolved, has none.
     pub async fn resolve(
         &mut self,
         uplink: u32,
-        mac: [u8; 6],
         pas: &[Ipv4Addr],
     ) -> Result<HashMap<u32, UnderlayHop>> {
         let mut hops = HashMap::new();
@@ -80,7 +82,6 @@ impl Resolver {
             return Ok(hops);
         }
         let neighbours = self.neighbours(uplink).await?;
-        let expires = monotonic_ns().saturating_add(UnderlayHop::LIFETIME_NS);
         let mut stale = std::collections::HashSet::new();
         // PAs no record names any more are not kept.
         let named: std::collections::HashSet<&Ipv4Addr> = pas.iter().collect();
@@ -89,26 +90,18 @@ impl Resolver {
             let path = if let Some(p) = self.routes.get(&pa) {
                 *p
             } else {
-                let p = self.route_to(pa).await?;
+                let p = self.route_to(pa, uplink).await?;
                 self.routes.insert(pa, p);
                 p
             };
-            let Some((oif, gateway)) = path else {
+            let Some(gateway) = path else {
                 continue;
             };
-            if oif != uplink {
-                continue;
-            }
             let next = gateway.unwrap_or(pa);
             if let Some(&(dmac, state)) = neighbours.get(&next) {
                 hops.insert(
                     u32::from_ne_bytes(pa.octets()),
-                    UnderlayHop {
-                        ifindex: uplink,
-                        smac: mac,
-                        dmac,
-                        expires,
-                    },
+                    UnderlayHop { dmac, _pad: [0; 2] },
                 );
                 if state == NeighbourState::Stale {
                     stale.insert(next);
@@ -138,12 +131,15 @@ impl Resolver {
         }
     }
 
-    /// The output link and gateway of the host's route to `dst` (as `ip route get`), when it
-    /// is one unicast path; `None` for no route, a local address or several paths.
-    async fn route_to(&self, dst: Ipv4Addr) -> Result<Path> {
-        let query = RouteMessageBuilder::<Ipv4Addr>::new()
+    /// The gateway of the host's route to `dst` out of `uplink`, looked up as the kernel's hop
+    /// (`bpf_redirect_neigh`) looks it up, with the uplink as the output link; the FIB entry
+    /// itself (`RTM_F_FIB_MATCH`), so a route over several paths shows as such.
+    async fn route_to(&self, dst: Ipv4Addr, uplink: u32) -> Result<RoutePath> {
+        let mut query = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst, 32)
+            .output_interface(uplink)
             .build();
+        query.header.flags |= RouteFlags::FibMatch;
         let mut answers = self.handle.route().get(query).execute();
         let route = match answers.try_next().await {
             Ok(Some(r)) => r,
@@ -163,7 +159,7 @@ impl Resolver {
                 _ => {}
             }
         }
-        Ok(oif.map(|i| (i, gateway)))
+        Ok((oif == Some(uplink)).then_some(gateway))
     }
 
     /// The IPv4 neighbours on link `index` the kernel sends to (reachable, stale, delay,
@@ -243,11 +239,12 @@ pub fn changes() -> Result<tokio::sync::mpsc::UnboundedReceiver<Change>> {
             let msg: NetlinkMessage<RouteNetlinkMessage> = msg;
             let change = match msg.payload {
                 NetlinkPayload::InnerMessage(
-                    RouteNetlinkMessage::NewNeighbour(_) | RouteNetlinkMessage::DelNeighbour(_),
-                ) => Change::Neighbour,
+                    RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n),
+                ) => Change::Neighbour(n.header.ifindex),
                 NetlinkPayload::InnerMessage(
                     RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_),
-                ) => Change::Route,
+                )
+                | NetlinkPayload::Overrun(_) => Change::Route,
                 _ => continue,
             };
             if tx.send(change).is_err() {
@@ -259,23 +256,26 @@ pub fn changes() -> Result<tokio::sync::mpsc::UnboundedReceiver<Change>> {
 }
 
 /// How often the hops are resolved again without a change announced: PAs that records name
-/// anew get theirs (a route asked for once), and the neighbours are read again.
+/// anew get theirs (a route asked for once), the neighbours are read again, and the hops stay
+/// good for another [`UNDERLAY_LIFETIME_NS`](nv_common::UNDERLAY_LIFETIME_NS).
 const REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
-/// How often every route is asked for again in any case: a lost announcement is made up for.
+/// How often every route is asked for again in any case: changes to next-hop objects and
+/// routing rules are not announced to this socket.
 const ROUTES_AGAIN: u32 = 15;
-/// Changes announced within this time (a link flap, a neighbour table refilled) are taken as
-/// one.
-const SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
+/// The least time between two resolutions: a burst of changes (a link flap, a neighbour table
+/// refilled, the probes the agent itself asks for) is taken as one.
+const MIN_GAP: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Keeps the datapath's underlay hops in line with the host's routes and neighbours and the
-/// records' PAs: after each change the kernel announces, and every [`REFRESH`].
+/// records' PAs: after the changes the kernel announces, and every [`REFRESH`].
 pub fn follow(shared: &crate::shared::Shared) -> Result<()> {
     let mut resolver = Resolver::connect()?;
     let mut changes = Some(changes()?);
     let agent = shared.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(REFRESH);
-        let mut ticks = 0u32;
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut ticks, mut uplink) = (0u32, 0u32);
         loop {
             tokio::select! {
                 c = next(&mut changes) => {
@@ -286,15 +286,18 @@ pub fn follow(shared: &crate::shared::Shared) -> Result<()> {
                         changes = None;
                         continue;
                     };
-                    tokio::time::sleep(SETTLE).await;
-                    let mut route = first == Change::Route;
+                    tokio::time::sleep(MIN_GAP).await;
+                    let mut all = vec![first];
                     if let Some(rx) = changes.as_mut() {
                         while let Ok(c) = rx.try_recv() {
-                            route |= c == Change::Route;
+                            all.push(c);
                         }
                     }
-                    if route {
+                    if all.contains(&Change::Route) {
                         resolver.forget_routes();
+                    } else if !all.contains(&Change::Neighbour(uplink)) {
+                        // Neighbours of other links: nothing of the uplink's hops changed.
+                        continue;
                     }
                 }
                 _ = tick.tick() => {
@@ -304,13 +307,25 @@ pub fn follow(shared: &crate::shared::Shared) -> Result<()> {
                     }
                 }
             }
-            let (uplink, mac, pas) = agent.lock().await.underlay_targets();
-            let done = match resolver.resolve(uplink, mac, &pas).await {
-                Ok(hops) => agent.lock().await.set_underlay_hops(&hops).map(|changed| {
-                    if changed > 0 {
-                        tracing::debug!(changed, hops = hops.len(), "underlay hops updated");
-                    }
-                }),
+            let pas;
+            (uplink, pas) = agent.lock().await.underlay_targets();
+            let done = match resolver.resolve(uplink, &pas).await {
+                Ok(hops) => {
+                    let alive = monotonic_ns().saturating_add(nv_common::UNDERLAY_LIFETIME_NS);
+                    agent
+                        .lock()
+                        .await
+                        .set_underlay_hops(&hops, alive)
+                        .map(|changed| {
+                            if changed > 0 {
+                                tracing::debug!(
+                                    changed,
+                                    hops = hops.len(),
+                                    "underlay hops updated"
+                                );
+                            }
+                        })
+                }
                 Err(e) => Err(e),
             };
             if let Err(e) = done {

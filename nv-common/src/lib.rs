@@ -40,8 +40,10 @@ pub mod map_names {
     pub const COUNTERS: &str = "NV_COUNTERS";
     pub const REWRITE_PAS: &str = "NV_REWRITE_PAS";
     pub const NEXTHOPS: &str = "NV_NEXTHOPS";
-    /// Next hops the agent resolved for remote IPv4 PAs ([`crate::UnderlayHop`]).
+    /// Next hops the agent resolved for remote IPv4 PAs ([`crate::UnderlayHop`]), and until
+    /// when they are good (`CLOCK_MONOTONIC` ns, as `bpf_ktime_get_ns` reads it; index 0).
     pub const UNDERLAY_HOPS: &str = "NV_UNDERLAY_HOPS";
+    pub const UNDERLAY_ALIVE: &str = "NV_UNDERLAY_ALIVE";
     pub const NEXTHOPS6: &str = "NV_NEXTHOPS6";
     /// IPv6 rewrite PAs ([`crate::RewritePa`]), keyed by the 16-byte address.
     pub const REWRITE_PAS6: &str = "NV_REWRITE_PAS6";
@@ -74,7 +76,7 @@ pub mod map_names {
     pub const ACL_METERS: &str = "NV_ACL_METERS";
     pub const ACL_FLOWS: &str = "NV_ACL_FLOWS";
     pub const ACL_DENIED: &str = "NV_ACL_DENIED";
-    pub const ALL: [&str; 28] = [
+    pub const ALL: [&str; 29] = [
         LOOKUPS,
         PORTS,
         LOCAL_PAS,
@@ -103,6 +105,7 @@ pub mod map_names {
         ACL_METERS,
         ACL_FLOWS,
         UNDERLAY_HOPS,
+        UNDERLAY_ALIVE,
     ];
 }
 
@@ -317,25 +320,21 @@ impl NextHop {
 /// Where the uplink sends a remote IPv4 PA's packets, as the agent resolved it from the host's
 /// routes and neighbours (keyed by the PA in network order, as a native `u32`): for hosts that
 /// do not forward on the uplink, where the FIB helper refuses. Without an entry the kernel
-/// routes each packet (`bpf_redirect_neigh`). The agent follows route and neighbour changes;
-/// the datapath caches an entry as it caches the FIB's answers ([`NextHop::TTL_JIFFIES`]).
+/// routes each packet (`bpf_redirect_neigh`). Out of the uplink, from its MAC (the config's):
+/// the entry holds only the neighbour's MAC. The agent follows route and neighbour changes; the
+/// datapath caches an entry as it caches the FIB's answers ([`NextHop::TTL_JIFFIES`]), and
+/// uses none while [`UNDERLAY_ALIVE`](map_names::UNDERLAY_ALIVE) has run out.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UnderlayHop {
-    /// The uplink's ifindex (the agent keeps only hops out of the uplink).
-    pub ifindex: u32,
-    pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    /// `CLOCK_MONOTONIC` ns (`bpf_ktime_get_ns`) after which the entry is not used: the agent
-    /// renews it at every look, so while no agent follows the host's neighbours (stopped, or
-    /// between two builds for longer than that), the kernel routes the packets again.
-    pub expires: u64,
+    pub _pad: [u8; 2],
 }
 
-impl UnderlayHop {
-    /// How long an entry stays good after the agent last wrote it, ns.
-    pub const LIFETIME_NS: u64 = 10_000_000_000;
-}
+/// How long the agent's underlay hops stay good after it last looked at the host's routes and
+/// neighbours, ns: while no agent follows them (stopped, or between two builds for longer than
+/// that), the kernel routes the packets again.
+pub const UNDERLAY_LIFETIME_NS: u64 = 10_000_000_000;
 
 /// Remote PAs the agent resolves next hops for (hosts of the underlay).
 pub const MAX_UNDERLAY_HOPS: u32 = 65_536;
@@ -614,7 +613,7 @@ const _: () = {
     assert!(core::mem::offset_of!(RewritePa, ca) % 4 == 0);
     assert!(core::mem::size_of::<NextHop>() == 32);
     assert!(core::mem::size_of::<NextHop6>() == 48);
-    assert!(core::mem::size_of::<UnderlayHop>() == 24);
+    assert!(core::mem::size_of::<UnderlayHop>() == 8);
     assert!(core::mem::size_of::<IcmpBucket>() == 16);
     assert!(core::mem::size_of::<RedirectTrace>() == 8);
 };
@@ -632,7 +631,7 @@ mod pod {
     unsafe impl aya::Pod for super::RewritePa {}
     unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::NextHop6 {}
-    // SAFETY: plain `repr(C)` data without padding (4 + 6 + 6 + 8 bytes).
+    // SAFETY: plain `repr(C)` data, its padding explicit (6 + 2 bytes).
     unsafe impl aya::Pod for super::UnderlayHop {}
     unsafe impl aya::Pod for super::IcmpBucket {}
     unsafe impl aya::Pod for super::RedirectTrace {}

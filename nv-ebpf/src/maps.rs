@@ -55,6 +55,9 @@ pub static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::pinned(NextHop::SLOTS, 
 pub static UNDERLAY_HOPS: HashMap<u32, nv_common::UnderlayHop> =
     HashMap::pinned(nv_common::MAX_UNDERLAY_HOPS, 0);
 
+#[map(name = "NV_UNDERLAY_ALIVE")]
+pub static UNDERLAY_ALIVE: Array<u64> = Array::pinned(1, 0);
+
 /// The same for IPv6 PAs.
 #[map(name = "NV_NEXTHOPS6")]
 pub static NEXTHOPS6: PerCpuArray<nv_common::NextHop6> =

@@ -13,7 +13,7 @@ use aya_ebpf::{
 use nv_common::{Addr, Counter, DatapathConfig, NextHop, NextHop6, wire::ETH_HLEN};
 
 use crate::{
-    maps::{CONFIG, NEXTHOPS, NEXTHOPS6, UNDERLAY_HOPS},
+    maps::{CONFIG, NEXTHOPS, NEXTHOPS6, UNDERLAY_ALIVE, UNDERLAY_HOPS},
     packet::{EthHdr, ptr_at},
 };
 
@@ -234,13 +234,15 @@ fn ask_fib(ctx: &TcContext, uplink: u32, src_pa: u32, dst_pa: u32, l4_protocol: 
     // MTU checked (an unresolved neighbour is asked for again next time).
     let mut found = rc == BPF_FIB_LKUP_RET_SUCCESS;
     if rc == BPF_FIB_LKUP_RET_FWD_DISABLED
+        && let Some(&alive) = UNDERLAY_ALIVE.get(0)
+        // SAFETY: plain helper call.
+        && alive > unsafe { bpf_ktime_get_ns() }
         // SAFETY: map values are plain data the agent writes whole.
         && let Some(hop) = unsafe { UNDERLAY_HOPS.get(dst_pa) }
-        // SAFETY: plain helper call.
-        && hop.expires > unsafe { bpf_ktime_get_ns() }
+        && let Ok(c) = config()
     {
-        fib.ifindex = hop.ifindex;
-        fib.smac = hop.smac;
+        fib.ifindex = uplink;
+        fib.smac = c.uplink_mac;
         fib.dmac = hop.dmac;
         // The route's MTU is not known here: 0 has the helper check every frame.
         fib.__bindgen_anon_1.mtu_result = 0;

@@ -198,14 +198,17 @@ fn rules_match_protocol_numbers_icmpv6_local_prefixes_and_flows_expire_when_idle
     let mut h = fixture::host(false)?;
     h.add_ipv6()?;
     let red3 = h.ns.ifindex("red3")?;
-    // RED-1 out: ICMPv6 denied; GRE (protocol 47, by number) denied; TCP denied only from a
-    // local prefix that is not RED-1's; UDP allowed statefully for one idle second.
+    // RED-1 out: ICMPv6 denied; GRE (protocol 47, by number) denied from RED-1's prefix; TCP
+    // denied only from a local prefix that is not RED-1's; UDP allowed statefully for one idle second.
     // RED-1 in: nothing but answers.
     let mut out = empty_set();
     out.len = 4;
     out.flow_sets = 16;
     out.rules[0] = compile(&rule(21, Direction::Out, Protocol::ICMPV6, None));
-    out.rules[1] = compile(&rule(22, Direction::Out, Protocol(47), None));
+    // By number, and from a local prefix that is RED-1's.
+    let mut gre = rule(22, Direction::Out, Protocol(47), None);
+    gre.local = Some("10.0.0.0/24".parse()?);
+    out.rules[1] = compile(&gre);
     let mut elsewhere = rule(23, Direction::Out, Protocol::TCP, None);
     elsewhere.local = Some("10.9.0.0/16".parse()?);
     out.rules[2] = compile(&elsewhere);

@@ -425,14 +425,10 @@ fn without_host_forwarding_the_agents_underlay_hop_is_used_while_it_is_there() -
     let mut h = host(false)?;
     let uplink = h.ns.ifindex("uplink0")?;
     let dmac = [0x02, 0, 0, 0, 0x99, 0x01];
-    let hop = nv_common::UnderlayHop {
-        ifindex: uplink,
-        smac: h.uplink_mac,
-        dmac,
-        expires: u64::MAX,
-    };
+    let hop = nv_common::UnderlayHop { dmac, _pad: [0; 2] };
     let pa = u32::from_ne_bytes(REMOTE_PA);
-    h.dp.set_underlay_hops(&std::collections::HashMap::from([(pa, hop)]))?;
+    let hops = std::collections::HashMap::from([(pa, hop)]);
+    h.dp.set_underlay_hops(&hops, u64::MAX)?;
     let inner = udp_frame(RED1_MAC, RED2_MAC, CA1, CA2, b"x");
     let key = (RED << 8) | u32::from(udp_flow_id(CA1, CA2));
     let expected = nvgre(h.uplink_mac, dmac, LOCAL_PA, REMOTE_PA, key, 0, &inner);
@@ -450,24 +446,24 @@ fn without_host_forwarding_the_agents_underlay_hop_is_used_while_it_is_there() -
             run.data
         );
     }
-    // Taken away (its neighbour went), or left behind by an agent that no longer renews it:
-    // once this CPU's cache of it has expired (50 jiffies, 200 ms at 250 Hz), the kernel
-    // routes the frames again.
-    let expired = nv_common::UnderlayHop { expires: 1, ..hop };
-    for (why, hops) in [
-        ("taken away", std::collections::HashMap::new()),
-        ("expired", std::collections::HashMap::from([(pa, expired)])),
+    // Taken away (its neighbour went), or left behind by an agent that no longer renews the
+    // hops: once this CPU's cache of it has expired (50 jiffies), the kernel routes the frames
+    // again.
+    // (1 s: 50 jiffies at HZ 100 are half a second.)
+    for (why, then, alive) in [
+        ("taken away", std::collections::HashMap::new(), u64::MAX),
+        ("run out", hops.clone(), 1),
     ] {
-        h.dp.set_underlay_hops(&std::collections::HashMap::from([(pa, hop)]))?;
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        h.dp.set_underlay_hops(&hops, u64::MAX)?;
+        std::thread::sleep(std::time::Duration::from_secs(1));
         let run = h.dp.test_run(FROM_VM, &inner, Some(h.red1), 1)?;
         ensure!(
             run.redirect.is_some_and(|r| r.how == RedirectTrace::EGRESS),
             "with the hop again: {:?}",
             run.redirect
         );
-        h.dp.set_underlay_hops(&hops)?;
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        h.dp.set_underlay_hops(&then, alive)?;
+        std::thread::sleep(std::time::Duration::from_secs(1));
         let run = h.dp.test_run(FROM_VM, &inner, Some(h.red1), 1)?;
         ensure!(
             run.redirect

@@ -906,9 +906,8 @@ fn bounce_pair_comes_back(mut bed: TwoHosts) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Host 1's entry for `pa` in its pinned map of the agent's underlay hops: the destination
-/// MAC, from the raw bytes (`ifindex`, source MAC, destination MAC, expiry) as bpftool dumps
-/// them.
+/// Host 1's entry for `pa` in its pinned map of the agent's underlay hops: the neighbour's
+/// MAC, from the raw bytes (the MAC, two of padding) as bpftool dumps them.
 fn underlay_hop(bed: &TwoHosts, pa: [u8; 4]) -> anyhow::Result<Option<[u8; 6]>> {
     let pin = bed.hosts[0].pin_path.join("maps/NV_UNDERLAY_HOPS");
     let dump: serde_json::Value = serde_json::from_str(&nv_tests::sys::run(
@@ -931,9 +930,7 @@ fn underlay_hop(bed: &TwoHosts, pa: [u8; 4]) -> anyhow::Result<Option<[u8; 6]>> 
     for entry in dump.as_array().context("a JSON list")? {
         if bytes(&entry["key"]) == pa {
             let value = bytes(&entry["value"]);
-            return Ok(Some(
-                value.get(10..16).context("16-byte value")?.try_into()?,
-            ));
+            return Ok(Some(value.get(..6).context("8-byte value")?.try_into()?));
         }
     }
     Ok(None)
@@ -1018,6 +1015,31 @@ fn a_host_that_does_not_forward_sends_to_the_neighbours_the_agent_resolved() -> 
     underlay_hop_becomes(&bed, pa2, Some(host2))?;
 
     nvgre_leaves_for(&bed, host2)?;
+
+    // A PA behind a gateway (host 2, by a route of host 1's): its hop is the gateway's MAC.
+    let far = [198, 19, 0, 9];
+    h1.ns.ip(&[
+        "route",
+        "add",
+        "198.19.0.9/32",
+        "via",
+        "198.18.0.2",
+        "dev",
+        "uplink0",
+    ])?;
+    h1.nvctl(&[
+        "lookup",
+        "add",
+        "--vsid",
+        "5001",
+        "--ca",
+        "10.0.0.77",
+        "--pa",
+        "198.19.0.9",
+        "--mac",
+        "02:00:00:00:07:77",
+    ])?;
+    underlay_hop_becomes(&bed, far, Some(host2))?;
 
     // The neighbour changes (host 2's NIC replaced, say): the hop follows.
     let moved = [0x02, 0, 0, 0, 0x99, 0x02];

@@ -640,10 +640,10 @@ const MUTATIONS: &[Mutation] = &[
         tests: &["programs"],
     },
     Mutation {
-        name: "an underlay hop the agent no longer renews is not used",
+        name: "underlay hops the agent no longer renews are not used",
         file: "nv-ebpf/src/underlay.rs",
-        check: "&& hop.expires > unsafe { bpf_ktime_get_ns() }",
-        removed: "&& hop.expires > unsafe { bpf_ktime_get_ns() } - bpf_ktime_get_ns()",
+        check: "&& alive > unsafe { bpf_ktime_get_ns() }",
+        removed: "&& alive > 0",
         tests: &["programs"],
     },
     Mutation {

@@ -7,17 +7,18 @@ use super::Agent;
 use crate::error::Result;
 
 impl Agent {
-    /// The uplink (ifindex and MAC) and the other hosts' IPv4 PAs the records name.
-    pub fn underlay_targets(&self) -> (u32, [u8; 6], Vec<Ipv4Addr>) {
-        (
-            self.uplink_ifindex,
-            self.uplink_mac,
-            self.tables.catalog.remote_pas4(),
-        )
+    /// The uplink's ifindex and the other hosts' IPv4 PAs the records name.
+    pub fn underlay_targets(&self) -> (u32, Vec<Ipv4Addr>) {
+        (self.uplink_ifindex, self.tables.catalog.remote_pas4())
     }
 
-    /// Makes the datapath's underlay hops `hops`: how many entries changed.
-    pub fn set_underlay_hops(&mut self, hops: &HashMap<u32, UnderlayHop>) -> Result<usize> {
-        self.datapath.set_underlay_hops(hops)
+    /// Makes the datapath's underlay hops `hops`, good until `alive` (`CLOCK_MONOTONIC` ns):
+    /// how many entries changed.
+    pub fn set_underlay_hops(
+        &mut self,
+        hops: &HashMap<u32, UnderlayHop>,
+        alive: u64,
+    ) -> Result<usize> {
+        self.datapath.set_underlay_hops(hops, alive)
     }
 }

@@ -434,11 +434,20 @@ impl Datapath {
     }
 
     /// Makes the underlay-hop map hold `hops` (by IPv4 PA in network order) and nothing else,
-    /// each entry written again (its lifetime renewed): how many were new, changed or removed.
-    pub fn set_underlay_hops(&mut self, hops: &HashMap<u32, UnderlayHop>) -> Result<usize> {
+    /// writing only what differs, then has them good until `alive` (`CLOCK_MONOTONIC` ns): how
+    /// many entries were new, changed or removed.
+    pub fn set_underlay_hops(
+        &mut self,
+        hops: &HashMap<u32, UnderlayHop>,
+        alive: u64,
+    ) -> Result<usize> {
         let mut m: BpfHashMap<&mut MapData, u32, UnderlayHop> =
             map(&mut self.ebpf, map_names::UNDERLAY_HOPS)?;
-        let now: HashMap<u32, UnderlayHop> = m.iter().filter_map(Result::ok).collect();
+        let mut now = HashMap::new();
+        for entry in &m {
+            let (pa, hop) = entry.map_err(|e| dp_err("read NV_UNDERLAY_HOPS", e))?;
+            now.insert(pa, hop);
+        }
         let mut changed = 0;
         for pa in now.keys().filter(|pa| !hops.contains_key(pa)) {
             match m.remove(pa) {
@@ -446,14 +455,14 @@ impl Datapath {
                 Err(e) => return Err(dp_err("delete from NV_UNDERLAY_HOPS", e)),
             }
         }
-        for (pa, hop) in hops {
-            let same = now
-                .get(pa)
-                .is_some_and(|o| (o.ifindex, o.smac, o.dmac) == (hop.ifindex, hop.smac, hop.dmac));
-            changed += usize::from(!same);
+        for (pa, hop) in hops.iter().filter(|(pa, hop)| now.get(pa) != Some(hop)) {
             m.insert(pa, hop, 0)
                 .map_err(|e| dp_err("update NV_UNDERLAY_HOPS", e))?;
+            changed += 1;
         }
+        let mut a: Array<&mut MapData, u64> = map(&mut self.ebpf, map_names::UNDERLAY_ALIVE)?;
+        a.set(0, alive, 0)
+            .map_err(|e| dp_err("update NV_UNDERLAY_ALIVE", e))?;
         Ok(changed)
     }
 

@@ -114,7 +114,7 @@ pub fn purge(pin_path: &Path) -> Result<()> {
     clippy::too_many_lines,
     reason = "one entry per map, formatted one field a line"
 )]
-fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u32>); 28] {
+fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u32>); 29] {
     use std::mem::size_of;
 
     use aya::maps::MapType::{
@@ -181,6 +181,7 @@ fn layouts(max_lookups: u32) -> [(&'static str, MapType, usize, usize, Option<u3
             size_of::<nv_common::UnderlayHop>(),
             Some(nv_common::MAX_UNDERLAY_HOPS),
         ),
+        (map_names::UNDERLAY_ALIVE, MapType::Array, 4, 8, Some(1)),
         (map_names::LOCAL_PAS6, H, 16, size_of::<LocalPa>(), None),
         (map_names::REWRITE_PAS6, H, 16, size_of::<RewritePa>(), None),
         (map_names::HOSTED_VSIDS, H, 4, 4, None),
