@@ -312,6 +312,22 @@ impl Host {
         Ok(cmd)
     }
 
+    /// `bpftool -j map dump` of the agent's pinned map `name` (e.g. `NV_LOOKUPS`): a JSON list
+    /// of entries, keys and values as lists of hex bytes.
+    pub fn map_dump(&self, name: &str) -> anyhow::Result<Value> {
+        let pin = self.pin_path.join("maps").join(name);
+        Ok(serde_json::from_str(&run(
+            "bpftool",
+            &[
+                "-j",
+                "map",
+                "dump",
+                "pinned",
+                pin.to_str().context("utf-8 path")?,
+            ],
+        )?)?)
+    }
+
     pub fn nvctl(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = self.nvctl_command()?.args(args).output()?;
         if !out.status.success() {

@@ -607,17 +607,7 @@ fn sigkill_during_a_large_import_leaves_the_old_state_or_the_new() -> anyhow::Re
     }
     println!("20 kills: {old} left the old state, {new} the new; {cut} cut the import's request");
     ensure!(cut > 0, "no kill landed before the import was answered");
-    let pin = bed.hosts[0].pin_path.join("maps/NV_LOOKUPS");
-    let dump: serde_json::Value = serde_json::from_str(&nv_tests::sys::run(
-        "bpftool",
-        &[
-            "-j",
-            "map",
-            "dump",
-            "pinned",
-            pin.to_str().context("utf-8")?,
-        ],
-    )?)?;
+    let dump = bed.hosts[0].map_dump("NV_LOOKUPS")?;
     ensure!(
         dump.as_array().map_or(0, Vec::len) == bed.hosts[0].listed()?,
         "store and map disagree after the last kill"

@@ -909,17 +909,7 @@ fn bounce_pair_comes_back(mut bed: TwoHosts) -> anyhow::Result<()> {
 /// Host 1's entry for `pa` in its pinned map of the agent's underlay hops: the neighbour's
 /// MAC, from the raw bytes (the MAC, two of padding) as bpftool dumps them.
 fn underlay_hop(bed: &TwoHosts, pa: [u8; 4]) -> anyhow::Result<Option<[u8; 6]>> {
-    let pin = bed.hosts[0].pin_path.join("maps/NV_UNDERLAY_HOPS");
-    let dump: serde_json::Value = serde_json::from_str(&nv_tests::sys::run(
-        "bpftool",
-        &[
-            "-j",
-            "map",
-            "dump",
-            "pinned",
-            pin.to_str().context("utf-8")?,
-        ],
-    )?)?;
+    let dump = bed.hosts[0].map_dump("NV_UNDERLAY_HOPS")?;
     let bytes = |v: &serde_json::Value| -> Vec<u8> {
         v.as_array()
             .into_iter()
