@@ -589,6 +589,8 @@ fn rules_hold_by_rewrite_on_tc_and_statefully_over_ipv6() -> anyhow::Result<()> 
     let (sent, got) = tcp_transfer(bed.vm("RED-2"), bed.vm("RED-1"), "10.0.0.2", 1 << 16)?;
     ensure!(sent == got, "TCP to RED-2's port 47001 still by rewrite");
 
+    both_directions_and_a_vsids_rule_at_equal_weight(&bed)?;
+
     // BLUE-2, named by its IPv4 record: nothing in, anything out statefully.
     let b2 = format!("--vsid {BLUE_VSID} --ca 10.0.0.2");
     add(
@@ -617,6 +619,58 @@ fn rules_hold_by_rewrite_on_tc_and_statefully_over_ipv6() -> anyhow::Result<()> 
     );
     ensure!(bed.ping("BLUE-1", "fd00::2", 2)? == 0, "ping6 in denied");
     ensure!(bed.ping("BLUE-1", "10.0.0.2", 2)? == 0, "ping in denied");
+    Ok(())
+}
+
+/// A rule `--direction both` holds each way; a VSID's deny and a VM's allow of equal weight
+/// deny (deny wins a tie, whoever's rule it is), and a heavier VM allow admits. Each rule is
+/// deleted again, by name.
+fn both_directions_and_a_vsids_rule_at_equal_weight(bed: &TwoHosts) -> anyhow::Result<()> {
+    let b1 = format!("--vsid {BLUE_VSID} --ca 10.0.0.1");
+    add(
+        bed,
+        0,
+        &format!("{b1} --direction both --action deny --protocol icmp --weight 5 --name both"),
+    )?;
+    ensure!(bed.ping("BLUE-1", "10.0.0.2", 2)? == 0, "BLUE-1's ping out");
+    ensure!(bed.ping("BLUE-2", "10.0.0.1", 2)? == 0, "ping in to BLUE-1");
+    ensure!(
+        bed.ping("BLUE-1", "fd00::2", 2)? == 2,
+        "ICMPv6 is not ICMP (the control)"
+    );
+    bed.hosts[0].nvctl(&["acl", "del", "--name", "both"])?;
+    ensure!(bed.ping("BLUE-1", "10.0.0.2", 2)? == 2, "the rule is gone");
+
+    let b2 = format!("--vsid {BLUE_VSID} --ca 10.0.0.2");
+    let port = "--protocol tcp --local-port 47009";
+    add(
+        bed,
+        1,
+        &format!(
+            "--vsid {BLUE_VSID} --direction in --action deny {port} --weight 7 --name vsid-deny"
+        ),
+    )?;
+    add(
+        bed,
+        1,
+        &format!("{b2} --direction in --action allow {port} --weight 7 --name vm-allow"),
+    )?;
+    ensure!(
+        connect(bed.vm("BLUE-1"), "10.0.0.2:47009", 1)? == (0, 0, 1),
+        "the VSID's deny wins a tie with the VM's allow"
+    );
+    add(
+        bed,
+        1,
+        &format!("{b2} --direction in --action allow {port} --weight 8 --name vm-allow-8"),
+    )?;
+    ensure!(
+        connect(bed.vm("BLUE-1"), "10.0.0.2:47009", 1)? == (0, 1, 0),
+        "the heavier VM allow reaches BLUE-2's stack (refused: nothing listens)"
+    );
+    for name in ["vsid-deny", "vm-allow", "vm-allow-8"] {
+        bed.hosts[1].nvctl(&["acl", "del", "--name", name])?;
+    }
     Ok(())
 }
 
