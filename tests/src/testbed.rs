@@ -313,7 +313,7 @@ impl Host {
     }
 
     /// `bpftool -j map dump` of the agent's pinned map `name` (e.g. `NV_LOOKUPS`): a JSON list
-    /// of entries, keys and values as lists of hex bytes.
+    /// of entries, keys and values as lists of hex bytes ([`dumped_bytes`]).
     pub fn map_dump(&self, name: &str) -> anyhow::Result<Value> {
         let pin = self.pin_path.join("maps").join(name);
         Ok(serde_json::from_str(&run(
@@ -855,6 +855,18 @@ impl TwoHosts {
     pub fn tmp_dir(&self) -> &PathBuf {
         &self.tmp
     }
+}
+
+/// The bytes of a key or value in [`Host::map_dump`]'s JSON (`["0x0a", ...]`).
+pub fn dumped_bytes(v: &Value) -> anyhow::Result<Vec<u8>> {
+    v.as_array()
+        .context("a list of bytes")?
+        .iter()
+        .map(|b| {
+            let b = b.as_str().context("a byte as text")?;
+            Ok(u8::from_str_radix(b.trim_start_matches("0x"), 16)?)
+        })
+        .collect()
 }
 
 /// Runs `nv-transfer` over TCP in two VMs (IPv4 or IPv6, as `dst` is): sends `bytes`

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use nv_tests::{
-    sys::{bin, run},
+    sys::bin,
     testbed::{Host, TwoHosts},
 };
 
@@ -510,18 +510,7 @@ fn the_api_socket_admits_root_and_its_group_only() -> anyhow::Result<()> {
 
 /// Entries of a host's pinned lookup map, as bpftool dumps it.
 fn lookup_entries(h: &Host) -> anyhow::Result<usize> {
-    let pin = h.pin_path.join("maps/NV_LOOKUPS");
-    let out = run(
-        "bpftool",
-        &[
-            "-j",
-            "map",
-            "dump",
-            "pinned",
-            pin.to_str().context("utf-8 path")?,
-        ],
-    )?;
-    let dump: serde_json::Value = serde_json::from_str(&out)?;
+    let dump = h.map_dump("NV_LOOKUPS")?;
     Ok(dump.as_array().context("a list of entries")?.len())
 }
 

@@ -6,8 +6,9 @@ use nv_common::DatapathConfig;
 use nv_tests::{
     capture::{self, Capture},
     checks,
-    sys::run,
-    testbed::{BLUE_VSID, Host, Translation, TwoHosts, Vm, tcp_transfer, udp_transfer},
+    testbed::{
+        BLUE_VSID, Host, Translation, TwoHosts, Vm, dumped_bytes, tcp_transfer, udp_transfer,
+    },
 };
 
 const RED_PAS: [&str; 2] = ["198.18.1.1", "198.18.1.2"];
@@ -267,21 +268,8 @@ fn filter_follows_red1(h: &Host) -> anyhow::Result<()> {
 
 /// The rewrite-PA filter words of a host's datapath config, as bpftool dumps the pinned map.
 fn filter_words(h: &Host) -> anyhow::Result<Vec<u32>> {
-    let pin = h.pin_path.join("maps/NV_CONFIG");
-    let out = run(
-        "bpftool",
-        &["-j", "map", "dump", "pinned", &pin.to_string_lossy()],
-    )?;
-    let json: serde_json::Value = serde_json::from_str(&out)?;
-    let bytes: Vec<u8> = json[0]["value"]
-        .as_array()
-        .context("no value in the config dump")?
-        .iter()
-        .map(|b| {
-            let b = b.as_str().context("byte")?;
-            Ok(u8::from_str_radix(b.trim_start_matches("0x"), 16)?)
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let json = h.map_dump("NV_CONFIG")?;
+    let bytes = dumped_bytes(&json[0]["value"]).context("no value in the config dump")?;
     ensure!(
         bytes.len() == std::mem::size_of::<DatapathConfig>(),
         "config value of {} bytes",

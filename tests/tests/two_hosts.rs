@@ -4,7 +4,9 @@
 use anyhow::{Context as _, ensure};
 use nv_tests::{
     checks,
-    testbed::{BLUE_VSID, RED_VSID, Translation, TwoHosts, delta, tcp_transfer, udp_transfer},
+    testbed::{
+        BLUE_VSID, RED_VSID, Translation, TwoHosts, delta, dumped_bytes, tcp_transfer, udp_transfer,
+    },
 };
 
 #[test]
@@ -910,16 +912,9 @@ fn bounce_pair_comes_back(mut bed: TwoHosts) -> anyhow::Result<()> {
 /// MAC, from the raw bytes (the MAC, two of padding) as bpftool dumps them.
 fn underlay_hop(bed: &TwoHosts, pa: [u8; 4]) -> anyhow::Result<Option<[u8; 6]>> {
     let dump = bed.hosts[0].map_dump("NV_UNDERLAY_HOPS")?;
-    let bytes = |v: &serde_json::Value| -> Vec<u8> {
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
-            .collect()
-    };
     for entry in dump.as_array().context("a JSON list")? {
-        if bytes(&entry["key"]) == pa {
-            let value = bytes(&entry["value"]);
+        if dumped_bytes(&entry["key"])? == pa {
+            let value = dumped_bytes(&entry["value"])?;
             return Ok(Some(value.get(..6).context("8-byte value")?.try_into()?));
         }
     }
