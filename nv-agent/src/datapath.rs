@@ -43,6 +43,21 @@ where
         .map_err(|e| dp_err(format!("map {name}"), e))
 }
 
+/// `clock` now, in ns: the clocks the datapath reads (`CLOCK_MONOTONIC` is `bpf_ktime_get_ns`'s,
+/// `CLOCK_MONOTONIC_COARSE` `bpf_ktime_get_coarse_ns`'s).
+pub fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: fills the timespec we own.
+    unsafe { libc::clock_gettime(clock, &raw mut ts) };
+    u64::try_from(ts.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
+}
+
 /// A datapath error: what failed, caused by `e` (aya's, the system's).
 fn dp_err(what: impl Into<String>, e: impl Into<crate::error::DatapathSource>) -> NvError {
     NvError::datapath_by(what, e)

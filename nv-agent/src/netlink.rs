@@ -31,7 +31,7 @@ pub struct Netlink {
     handle: Handle,
 }
 
-fn nl_err(what: &str, e: impl Into<crate::error::NetlinkSource>) -> NvError {
+pub(crate) fn nl_err(what: &str, e: impl Into<crate::error::NetlinkSource>) -> NvError {
     NvError::netlink_by(what, e)
 }
 
@@ -183,36 +183,58 @@ const RTMGRP_LINK: u32 = 1;
 /// appear, go down, come up, vanish. A lost event (the socket overran) is made up for by the
 /// agent's periodic look at its ports.
 pub fn link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<LinkEvent>> {
+    announced(RTMGRP_LINK, "link events", |payload| match payload {
+        NetlinkPayload::InnerMessage(
+            RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l),
+        ) => {
+            let link = link_info(&l);
+            Some(LinkEvent {
+                name: link.name,
+                index: link.index,
+            })
+        }
+        _ => None,
+    })
+}
+
+/// What the kernel announces to the multicast `groups` (an `RTMGRP_*` mask) in this network
+/// namespace, each message as `pick` takes it (`None`: not wanted), on a connection of its
+/// own. The channel closes when the announcements stop.
+pub(crate) fn announced<T: Send + 'static>(
+    groups: u32,
+    what: &str,
+    pick: impl Fn(NetlinkPayload<RouteNetlinkMessage>) -> Option<T> + Send + 'static,
+) -> Result<tokio::sync::mpsc::UnboundedReceiver<T>> {
     let (mut conn, _handle, mut messages) =
         rtnetlink::new_connection().map_err(|e| nl_err("connect", e))?;
     conn.socket_mut()
         .socket_mut()
-        .bind(&SocketAddr::new(0, RTMGRP_LINK))
-        .map_err(|e| nl_err("subscribe to link events", e))?;
+        .bind(&SocketAddr::new(0, groups))
+        .map_err(|e| nl_err(&format!("subscribe to {what}"), e))?;
     tokio::spawn(conn);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         use futures::StreamExt as _;
         while let Some((msg, _)) = messages.next().await {
             let msg: NetlinkMessage<RouteNetlinkMessage> = msg;
-            let link = match msg.payload {
-                NetlinkPayload::InnerMessage(
-                    RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l),
-                ) => link_info(&l),
-                _ => continue,
-            };
-            if tx
-                .send(LinkEvent {
-                    name: link.name,
-                    index: link.index,
-                })
-                .is_err()
+            if let Some(t) = pick(msg.payload)
+                && tx.send(t).is_err()
             {
                 return;
             }
         }
     });
     Ok(rx)
+}
+
+/// The next of `rx`'s messages; never, once there is no channel (it closed earlier).
+pub async fn next_or_never<T>(
+    rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<T>>,
+) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Netlink {

@@ -13,24 +13,19 @@ use futures::TryStreamExt as _;
 use nv_common::UnderlayHop;
 use rtnetlink::{
     Handle, RouteMessageBuilder,
-    packet_core::{NetlinkMessage, NetlinkPayload},
+    packet_core::NetlinkPayload,
     packet_route::{
         RouteNetlinkMessage,
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState},
         route::{RouteAddress, RouteAttribute, RouteFlags, RouteType},
     },
-    sys::{AsyncSocket as _, SocketAddr},
 };
 
-use crate::error::{NvError, Result};
+use crate::{error::Result, netlink::nl_err};
 
 /// The kernel's multicast groups of neighbour and IPv4 route changes.
 const RTMGRP_NEIGH: u32 = 0x4;
 const RTMGRP_IPV4_ROUTE: u32 = 0x40;
-
-fn nl_err(what: &str, e: impl Into<crate::error::NetlinkSource>) -> NvError {
-    NvError::netlink_by(what, e)
-}
 
 /// What the kernel announced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,51 +203,23 @@ impl Resolver {
     }
 }
 
-/// `CLOCK_MONOTONIC` in ns, the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: writes the timespec given, which lives for the call.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    u64::try_from(ts.tv_sec)
-        .unwrap_or(0)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
-}
-
 /// Every neighbour or IPv4 route change the kernel announces in this network namespace. A lost
 /// one (the socket overran) is made up for by the periodic resolution.
 pub fn changes() -> Result<tokio::sync::mpsc::UnboundedReceiver<Change>> {
-    let (mut conn, _handle, mut messages) =
-        rtnetlink::new_connection().map_err(|e| nl_err("connect", e))?;
-    conn.socket_mut()
-        .socket_mut()
-        .bind(&SocketAddr::new(0, RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE))
-        .map_err(|e| nl_err("subscribe to neighbour and route changes", e))?;
-    tokio::spawn(conn);
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        use futures::StreamExt as _;
-        while let Some((msg, _)) = messages.next().await {
-            let msg: NetlinkMessage<RouteNetlinkMessage> = msg;
-            let change = match msg.payload {
-                NetlinkPayload::InnerMessage(
-                    RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n),
-                ) => Change::Neighbour(n.header.ifindex),
-                NetlinkPayload::InnerMessage(
-                    RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_),
-                )
-                | NetlinkPayload::Overrun(_) => Change::Route,
-                _ => continue,
-            };
-            if tx.send(change).is_err() {
-                return;
-            }
-        }
-    });
-    Ok(rx)
+    crate::netlink::announced(
+        RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE,
+        "neighbour and route changes",
+        |payload| match payload {
+            NetlinkPayload::InnerMessage(
+                RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n),
+            ) => Some(Change::Neighbour(n.header.ifindex)),
+            NetlinkPayload::InnerMessage(
+                RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_),
+            )
+            | NetlinkPayload::Overrun(_) => Some(Change::Route),
+            _ => None,
+        },
+    )
 }
 
 /// How often the hops are resolved again without a change announced: PAs that records name
@@ -278,7 +245,7 @@ pub fn follow(shared: &crate::shared::Shared) -> Result<()> {
         let (mut ticks, mut uplink) = (0u32, 0u32);
         loop {
             tokio::select! {
-                c = next(&mut changes) => {
+                c = crate::netlink::next_or_never(&mut changes) => {
                     let Some(first) = c else {
                         tracing::warn!(
                             "route and neighbour changes stopped; underlay hops are resolved every {REFRESH:?}"
@@ -311,7 +278,8 @@ pub fn follow(shared: &crate::shared::Shared) -> Result<()> {
             (uplink, pas) = agent.lock().await.underlay_targets();
             let done = match resolver.resolve(uplink, &pas).await {
                 Ok(hops) => {
-                    let alive = monotonic_ns().saturating_add(nv_common::UNDERLAY_LIFETIME_NS);
+                    let alive = crate::datapath::clock_ns(libc::CLOCK_MONOTONIC)
+                        .saturating_add(nv_common::UNDERLAY_LIFETIME_NS);
                     agent
                         .lock()
                         .await
@@ -337,14 +305,4 @@ pub fn follow(shared: &crate::shared::Shared) -> Result<()> {
         }
     });
     Ok(())
-}
-
-/// The next change; never, once they stopped.
-async fn next(
-    changes: &mut Option<tokio::sync::mpsc::UnboundedReceiver<Change>>,
-) -> Option<Change> {
-    match changes {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
 }

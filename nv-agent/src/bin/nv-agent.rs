@@ -286,7 +286,7 @@ fn spawn_port_watcher(watched: Shared) -> anyhow::Result<()> {
                 Retry,
             }
             let wake = tokio::select! {
-                e = next_event(&mut events) => Wake::Event(e),
+                e = nv_agent::netlink::next_or_never(&mut events) => Wake::Event(e),
                 _ = tick.tick() => Wake::Refresh,
                 _ = retry.tick() => Wake::Retry,
             };
@@ -335,14 +335,4 @@ fn notify_ready(status: &nv_agent::agent::Status) {
         tracing::warn!("cannot tell systemd the agent is ready: {e}");
     }
     info!("ready: {summary}");
-}
-
-/// The next link event; never, once they stopped.
-async fn next_event(
-    events: &mut Option<tokio::sync::mpsc::UnboundedReceiver<nv_agent::netlink::LinkEvent>>,
-) -> Option<nv_agent::netlink::LinkEvent> {
-    match events {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
 }

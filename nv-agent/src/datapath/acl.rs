@@ -175,22 +175,11 @@ pub fn read_meters<T: std::borrow::Borrow<MapData>>(
     Ok(out)
 }
 
-/// The clock the datapath stamps flows with (`bpf_ktime_get_coarse_ns`), now.
-fn coarse_now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: fills the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
 /// Live tracked connections per VM in `m`.
 pub fn read_flows<T: std::borrow::Borrow<MapData>>(
     m: &BpfHashMap<T, AclFlowKey, AclFlowSet>,
 ) -> Result<HashMap<Vm, u64>> {
-    let now = coarse_now_ns();
+    let now = super::clock_ns(libc::CLOCK_MONOTONIC_COARSE);
     let mut out: HashMap<Vm, u64> = HashMap::new();
     for entry in m {
         let (k, set) = entry.map_err(|e| dp_err("read NV_ACL_FLOWS", e))?;
