@@ -52,6 +52,15 @@ enum Task {
         /// Measure one part only: programs, e2e, pressure, routing, acls, control or cluster.
         #[arg(long, value_name = "PART")]
         only: Option<String>,
+        /// End to end: measure only these configurations, comma-separated (e.g.
+        /// `nv-encap-tc,cilium-peer,routed-veth`); the goals that need one left out are not shown.
+        #[arg(long, value_name = "LIST")]
+        configs: Option<String>,
+        /// End to end: also record where the CPU time goes (`perf record -a`) during one extra
+        /// fixed-rate flood per configuration, not counted in any figure; writes
+        /// target/bench/perf/CONFIG.data and prints each one's busiest functions.
+        #[arg(long)]
+        profile: bool,
     },
     /// Set up, then fuzz every datapath program with random and mutated frames (a short run
     /// is part of `cargo xtask test`).
@@ -127,6 +136,8 @@ fn main() -> anyhow::Result<()> {
             baseline,
             rounds,
             only,
+            configs,
+            profile,
         } => {
             setup::run()?;
             require_root("the benchmark loads BPF programs and creates network namespaces")?;
@@ -139,6 +150,12 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(part) = &only {
                 args.extend(["--only", part]);
+            }
+            if let Some(list) = &configs {
+                args.extend(["--configs", list]);
+            }
+            if profile {
+                args.push("--profile");
             }
             let baseline_dir = baseline_bin.map(|b| b.display().to_string());
             if let (Some(dir), Some(rev)) = (&baseline_dir, &baseline) {

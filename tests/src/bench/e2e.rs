@@ -4,7 +4,10 @@
 //! through 10 routes with 10 stateful rules on each VM), the Cilium-style peer
 //! ([`super::peer`]), the kernel's VXLAN over a bridge (what operators use today) and plain
 //! routed veth (no tunnel at all: the ceiling).
-use std::process::{Command, Stdio};
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
@@ -73,11 +76,34 @@ struct Setup {
     dst: &'static str,
 }
 
-pub fn run_all(scale: Scale) -> anyhow::Result<Vec<Result>> {
+/// What to measure end to end.
+#[derive(Default)]
+pub struct Options<'a> {
+    /// Only these of [`CONFIGS`] (all without).
+    pub configs: Option<Vec<&'a str>>,
+    /// Where to write a CPU profile of each configuration's fixed-rate flood, if anywhere.
+    pub profile: Option<PathBuf>,
+}
+
+pub fn run_all(scale: Scale, options: &Options) -> anyhow::Result<Vec<Result>> {
+    if let Some(wanted) = &options.configs
+        && let Some(unknown) = wanted.iter().find(|c| !CONFIGS.contains(c))
+    {
+        bail!(
+            "--configs: no configuration '{unknown}' (there are {})",
+            CONFIGS.join(", ")
+        );
+    }
     let beds = CONFIGS
         .iter()
+        .filter(|c| options.configs.as_ref().is_none_or(|w| w.contains(c)))
         .map(|c| build(c))
         .collect::<anyhow::Result<Vec<Setup>>>()?;
+    if let Some(dir) = &options.profile {
+        for b in &beds {
+            profile(b, scale, dir)?;
+        }
+    }
     let mut results: Vec<Result> = beds
         .iter()
         .map(|b| first(b, scale))
@@ -202,6 +228,87 @@ fn first(b: &Setup, scale: Scale) -> anyhow::Result<Result> {
     })
 }
 
+/// What an idle CPU runs, as `perf report` names it.
+const IDLE: [&str; 5] = [
+    "pv_native_safe_halt",
+    "native_safe_halt",
+    "default_idle",
+    "poll_idle",
+    "acpi_idle_do_entry",
+];
+
+/// A fixed-rate flood of `b` (ending at the NIC) under `perf record -a`, counted nowhere:
+/// writes `dir/CONFIG.data` and prints the functions that took most of the CPU time.
+fn profile(b: &Setup, scale: Scale, dir: &Path) -> anyhow::Result<()> {
+    warm(b)?;
+    std::fs::create_dir_all(dir)?;
+    let data = dir.join(format!("{}.data", b.config));
+    let seconds = scale.pick(4.0, 0.3);
+    let perf = Command::new("perf")
+        .args(["record", "-a", "-q", "-o"])
+        .arg(&data)
+        .args(["--", "sleep"])
+        .arg((seconds + 0.5).to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("--profile needs perf (Debian: apt install linux-perf)")?;
+    // perf has opened its counters before the flood starts.
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    let (from, to) = (b.bed.vm(b.from), b.bed.vm(b.to));
+    let flood = load::cpu_per_packet(
+        from,
+        to,
+        b.dst,
+        (scale.pick(FIXED_RATE, FIXED_RATE / 10.0), seconds),
+        load::End::Nic,
+    );
+    let recorded = perf.wait_with_output()?;
+    flood?;
+    anyhow::ensure!(
+        recorded.status.success(),
+        "perf record: {}",
+        String::from_utf8_lossy(&recorded.stderr)
+    );
+    let report = Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--sort",
+            "sym",
+            "--percent-limit",
+            "0.1",
+            "-i",
+        ])
+        .arg(&data)
+        .stderr(Stdio::null())
+        .output()?;
+    let text = String::from_utf8_lossy(&report.stdout);
+    // "12.34%  [k] symbol" lines; the idle CPUs' halt is left out and the rest is shown as
+    // shares of the busy time.
+    let rows: Vec<(f64, &str)> = text
+        .lines()
+        .filter_map(|l| {
+            let (share, symbol) = l.trim().split_once('%')?;
+            Some((share.trim().parse().ok()?, symbol.trim()))
+        })
+        .filter(|(_, symbol)| !IDLE.iter().any(|idle| symbol.ends_with(idle)))
+        .collect();
+    let busy: f64 = rows.iter().map(|(share, _)| share).sum();
+    println!(
+        "\nwhere {}'s busy CPU time goes ({}):",
+        b.config,
+        data.display()
+    );
+    for (share, symbol) in rows.iter().take(25) {
+        println!(
+            "  {:5.1}%  {symbol}",
+            share * 100.0 / busy.max(f64::MIN_POSITIVE)
+        );
+    }
+    Ok(())
+}
+
 /// Neighbours and flows warm, so no measurement pays for them (bounded: 10 tries).
 fn warm(b: &Setup) -> anyhow::Result<()> {
     for _ in 0..10 {
@@ -219,7 +326,13 @@ fn repetition(b: &Setup, r: &mut Result, scale: Scale) -> anyhow::Result<()> {
     let seconds = scale.pick(3.0, 0.3);
     r.pps_runs
         .push(load::delivered_pps(from, to, b.dst, seconds, &[0])?);
-    r.tcp_runs.push(tcp(from, to, b.dst, scale.pick(4, 1))?);
+    r.tcp_runs.push(tcp_median(
+        from,
+        to,
+        b.dst,
+        scale.pick(3, 1),
+        scale.pick(3, 1),
+    )?);
     // Long enough for a few hundred thousand packets: ksoftirqd's time counts in 10 ms ticks.
     let fixed = (
         scale.pick(FIXED_RATE, FIXED_RATE / 10.0),
@@ -346,7 +459,23 @@ fn tap_pps(bed: &TwoHosts, seconds: f64) -> anyhow::Result<f64> {
     Ok(got / elapsed)
 }
 
-/// iperf3, one TCP stream, `seconds` long; the receiver's throughput.
+/// [`tcp`] `n` times, one connection after another: the median. On these machines one
+/// connection's level differs from the next one's by up to 15% whatever the datapath.
+fn tcp_median(from: &Vm, to: &Vm, dst: &str, seconds: u32, n: u32) -> anyhow::Result<f64> {
+    let mut each = (0..n)
+        .map(|_| tcp(from, to, dst, seconds))
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    Ok(quantile(&mut each, 0.5))
+}
+
+/// iperf3, one TCP stream: the median of its half-second throughputs over `seconds`, after a
+/// first second left out. With the sender on CPU 0 and the receiver on CPU 1, the sender's
+/// segments leave from both CPUs (those its ACKs release go out in the softirq on CPU 1), and
+/// veth's per-CPU queues reorder them: the sender then takes a spurious loss and runs at half
+/// speed for a second or two, at random moments, on nv, the peer and routed veth alike. A whole
+/// run's mean mixed those in and a repetition read 20-45% low. The sender is pinned to CPU 0,
+/// in whose context veth carries each segment all the way to the receiving socket, and the
+/// receiver to CPU 1, as the scheduler would not always place them.
 pub(super) fn tcp(red1: &Vm, red2: &Vm, dst: &str, seconds: u32) -> anyhow::Result<f64> {
     let mut server = Command::new("ip")
         .args([
@@ -355,6 +484,9 @@ pub(super) fn tcp(red1: &Vm, red2: &Vm, dst: &str, seconds: u32) -> anyhow::Resu
             &red2.ns.name,
             "timeout",
             &(seconds + 20).to_string(),
+            "taskset",
+            "-c",
+            "1",
             "iperf3",
             "-s",
             "-1",
@@ -373,6 +505,9 @@ pub(super) fn tcp(red1: &Vm, red2: &Vm, dst: &str, seconds: u32) -> anyhow::Resu
             &red1.ns.name,
             "timeout",
             &(seconds + 15).to_string(),
+            "taskset",
+            "-c",
+            "0",
             "iperf3",
             "-c",
             dst,
@@ -380,15 +515,31 @@ pub(super) fn tcp(red1: &Vm, red2: &Vm, dst: &str, seconds: u32) -> anyhow::Resu
             "47004",
             "-t",
             &seconds.to_string(),
+            // Warm-up: see above.
+            "-O",
+            "1",
+            "-i",
+            "0.5",
             "-J",
         ],
     );
     let _ = server.wait();
     let json: serde_json::Value = serde_json::from_str(&out?)?;
-    let bps = json["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3 JSON without end.sum_received")?;
-    Ok(bps / 1e9)
+    anyhow::ensure!(
+        json["end"]["sum_received"]["bytes"]
+            .as_f64()
+            .is_some_and(|b| b > 0.0),
+        "iperf3: nothing received: {json}"
+    );
+    let mut halves: Vec<f64> = json["intervals"]
+        .as_array()
+        .context("iperf3 JSON without intervals")?
+        .iter()
+        .filter(|i| !i["sum"]["omitted"].as_bool().unwrap_or(false))
+        .filter_map(|i| i["sum"]["bits_per_second"].as_f64())
+        .collect();
+    anyhow::ensure!(!halves.is_empty(), "iperf3 reported no interval");
+    Ok(quantile(&mut halves, 0.5) / 1e9)
 }
 
 /// Round-trip times of `count` pings 2 ms apart, no other load: (p50, p99) in µs.

@@ -49,7 +49,16 @@ fn run() -> anyhow::Result<()> {
     };
     let e2e = if wanted("e2e") {
         eprintln!("bench: end to end ...");
-        e2e::run_all(scale)?
+        let configs = arg("--configs");
+        e2e::run_all(
+            scale,
+            &e2e::Options {
+                configs: configs.as_deref().map(|c| c.split(',').collect()),
+                profile: std::env::args()
+                    .any(|a| a == "--profile")
+                    .then(|| out.join("perf")),
+            },
+        )?
     } else {
         Vec::new()
     };
