@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::{Scale, quantile};
 use crate::testbed::{Host, TwoHosts};
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Result {
     pub adds: u32,
     /// From starting `nvctl lookup add` to finding the record in the map, ms (small table).

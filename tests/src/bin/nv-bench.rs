@@ -41,57 +41,76 @@ fn run() -> anyhow::Result<()> {
             "--only takes programs, e2e, pressure, routing, acls, control or cluster, not '{part}'"
         );
     }
-    let (programs, overheads) = if wanted("programs") {
-        eprintln!("bench: program cost ...");
-        programs::run(scale)?
-    } else {
-        (Vec::new(), Vec::new())
+    // A part that fails (an etcd that stops answering under a million records) is reported
+    // at the end; the other parts' figures are still printed and written.
+    let mut failed = Vec::new();
+    let mut part = |name: &str, run: &mut dyn FnMut() -> anyhow::Result<()>| {
+        eprintln!("bench: {name} ...");
+        if let Err(e) = run() {
+            eprintln!("bench: {name} failed: {e:#}");
+            failed.push(format!("{name}: {e:#}"));
+        }
     };
-    let e2e = if wanted("e2e") {
-        eprintln!("bench: end to end ...");
+    let (mut programs, mut overheads) = (Vec::new(), Vec::new());
+    if wanted("programs") {
+        part("program cost", &mut || {
+            (programs, overheads) = programs::run(scale)?;
+            Ok(())
+        });
+    }
+    let mut e2e = Vec::new();
+    if wanted("e2e") {
         let configs = arg("--configs");
-        e2e::run_all(
-            scale,
-            &e2e::Options {
-                configs: configs.as_deref().map(|c| c.split(',').collect()),
-                profile: std::env::args()
-                    .any(|a| a == "--profile")
-                    .then(|| out.join("perf")),
-            },
-        )?
-    } else {
-        Vec::new()
+        let options = e2e::Options {
+            configs: configs.as_deref().map(|c| c.split(',').collect()),
+            profile: std::env::args()
+                .any(|a| a == "--profile")
+                .then(|| out.join("perf")),
+        };
+        part("end to end", &mut || {
+            e2e = e2e::run_all(scale, &options)?;
+            Ok(())
+        });
+    }
+    let mut pressure = Vec::new();
+    if wanted("pressure") {
+        part("a million records, traffic to 100k of them", &mut || {
+            pressure = pressure::run(scale)?;
+            Ok(())
+        });
+    }
+    let mut routing = Vec::new();
+    if wanted("routing") {
+        part("the distributed router", &mut || {
+            routing = routing::run(scale)?;
+            Ok(())
+        });
+    }
+    let mut acls = Vec::new();
+    if wanted("acls") {
+        part("port ACLs", &mut || {
+            acls = acls::run(scale)?;
+            Ok(())
+        });
+    }
+    // Control and cluster run at least as a smoke check: they are quick at that scale.
+    let at = |name: &str| {
+        if wanted(name) {
+            scale
+        } else {
+            Scale { smoke: true }
+        }
     };
-    let pressure = if wanted("pressure") {
-        eprintln!("bench: a million records, traffic to 100k of them ...");
-        pressure::run(scale)?
-    } else {
-        Vec::new()
-    };
-    let routing = if wanted("routing") {
-        eprintln!("bench: the distributed router ...");
-        routing::run(scale)?
-    } else {
-        Vec::new()
-    };
-    let acls = if wanted("acls") {
-        eprintln!("bench: port ACLs ...");
-        acls::run(scale)?
-    } else {
-        Vec::new()
-    };
-    eprintln!("bench: control plane ...");
-    let control = control::run(if wanted("control") {
-        scale
-    } else {
-        Scale { smoke: true }
-    })?;
-    eprintln!("bench: cluster mode ...");
-    let cluster = cluster::run(if wanted("cluster") {
-        scale
-    } else {
-        Scale { smoke: true }
-    })?;
+    let mut control = control::Result::default();
+    part("control plane", &mut || {
+        control = control::run(at("control"))?;
+        Ok(())
+    });
+    let mut cluster = cluster::Result::default();
+    part("cluster mode", &mut || {
+        cluster = cluster::run(at("cluster"))?;
+        Ok(())
+    });
     let goals = report::goals(&e2e, &control, &cluster);
     let r = report::Report {
         smoke: scale.smoke,
@@ -111,6 +130,12 @@ fn run() -> anyhow::Result<()> {
         "\nwrote {} and {}",
         out.join("results.json").display(),
         out.join("e2e.svg").display()
+    );
+    anyhow::ensure!(
+        failed.is_empty(),
+        "{} part(s) failed, their figures are missing above:\n{}",
+        failed.len(),
+        failed.join("\n")
     );
     Ok(())
 }
