@@ -41,8 +41,31 @@ fn run() -> anyhow::Result<()> {
             "--only takes programs, e2e, pressure, routing, acls, control or cluster, not '{part}'"
         );
     }
-    // A part that fails (an etcd that stops answering under a million records) is reported
-    // at the end; the other parts' figures are still printed and written.
+    let (r, failed) = measure(scale, &out, &wanted);
+    print!("{}", report::table(&r));
+    report::write(&r, &out)?;
+    println!(
+        "\nwrote {} and {}",
+        out.join("results.json").display(),
+        out.join("e2e.svg").display()
+    );
+    anyhow::ensure!(
+        failed.is_empty(),
+        "{} part(s) failed, their figures are missing above:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+    Ok(())
+}
+
+/// Every wanted part (control and cluster at least as a smoke check, quick at that scale):
+/// the report, and what failed. A part that fails (an etcd that stops answering under a
+/// million records) does not stop the others, whose figures are still printed and written.
+fn measure(
+    scale: Scale,
+    out: &std::path::Path,
+    wanted: &dyn Fn(&str) -> bool,
+) -> (report::Report, Vec<String>) {
     let mut failed = Vec::new();
     let mut part = |name: &str, run: &mut dyn FnMut() -> anyhow::Result<()>| {
         eprintln!("bench: {name} ...");
@@ -60,7 +83,7 @@ fn run() -> anyhow::Result<()> {
     }
     let mut e2e = Vec::new();
     if wanted("e2e") {
-        let configs = arg("--configs");
+        let configs = std::env::args().skip_while(|a| a != "--configs").nth(1);
         let options = e2e::Options {
             configs: configs.as_deref().map(|c| c.split(',').collect()),
             profile: std::env::args()
@@ -93,7 +116,6 @@ fn run() -> anyhow::Result<()> {
             Ok(())
         });
     }
-    // Control and cluster run at least as a smoke check: they are quick at that scale.
     let at = |name: &str| {
         if wanted(name) {
             scale
@@ -124,20 +146,7 @@ fn run() -> anyhow::Result<()> {
         cluster,
         goals,
     };
-    print!("{}", report::table(&r));
-    report::write(&r, &out)?;
-    println!(
-        "\nwrote {} and {}",
-        out.join("results.json").display(),
-        out.join("e2e.svg").display()
-    );
-    anyhow::ensure!(
-        failed.is_empty(),
-        "{} part(s) failed, their figures are missing above:\n{}",
-        failed.len(),
-        failed.join("\n")
-    );
-    Ok(())
+    (r, failed)
 }
 
 /// Another revision's programs and control plane beside this tree's, and nothing else.
