@@ -85,14 +85,20 @@ pub struct Options<'a> {
     pub profile: Option<PathBuf>,
 }
 
-pub fn run_all(scale: Scale, options: &Options) -> anyhow::Result<Vec<Result>> {
-    if let Some(wanted) = &options.configs
-        && let Some(unknown) = wanted.iter().find(|c| !CONFIGS.contains(c))
-    {
+/// Refuses a configuration [`CONFIGS`] does not name, before anything is measured.
+pub fn check_configs(wanted: &[&str]) -> anyhow::Result<()> {
+    if let Some(unknown) = wanted.iter().find(|c| !CONFIGS.contains(c)) {
         bail!(
             "--configs: no configuration '{unknown}' (there are {})",
             CONFIGS.join(", ")
         );
+    }
+    Ok(())
+}
+
+pub fn run_all(scale: Scale, options: &Options) -> anyhow::Result<Vec<Result>> {
+    if let Some(wanted) = &options.configs {
+        check_configs(wanted)?;
     }
     let beds = CONFIGS
         .iter()

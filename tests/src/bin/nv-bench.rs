@@ -41,6 +41,9 @@ fn run() -> anyhow::Result<()> {
             "--only takes programs, e2e, pressure, routing, acls, control or cluster, not '{part}'"
         );
     }
+    if let Some(list) = arg("--configs") {
+        e2e::check_configs(&list.split(',').collect::<Vec<_>>())?;
+    }
     let (r, failed) = measure(scale, &out, &wanted);
     print!("{}", report::table(&r));
     report::write(&r, &out)?;
