@@ -41,10 +41,17 @@ fn run() -> anyhow::Result<()> {
             "--only takes programs, e2e, pressure, routing, acls, control or cluster, not '{part}'"
         );
     }
-    if let Some(list) = arg("--configs") {
-        e2e::check_configs(&list.split(',').collect::<Vec<_>>())?;
+    let configs = arg("--configs");
+    let options = e2e::Options {
+        configs: configs.as_deref().map(|c| c.split(',').collect()),
+        profile: std::env::args()
+            .any(|a| a == "--profile")
+            .then(|| out.join("perf")),
+    };
+    if let Some(wanted) = &options.configs {
+        e2e::check_configs(wanted)?;
     }
-    let (r, failed) = measure(scale, &out, &wanted);
+    let (r, failed) = measure(scale, &options, &wanted);
     print!("{}", report::table(&r));
     report::write(&r, &out)?;
     println!(
@@ -66,59 +73,31 @@ fn run() -> anyhow::Result<()> {
 /// million records) does not stop the others, whose figures are still printed and written.
 fn measure(
     scale: Scale,
-    out: &std::path::Path,
+    options: &e2e::Options,
     wanted: &dyn Fn(&str) -> bool,
 ) -> (report::Report, Vec<String>) {
     let mut failed = Vec::new();
-    let mut part = |name: &str, run: &mut dyn FnMut() -> anyhow::Result<()>| {
-        eprintln!("bench: {name} ...");
-        if let Err(e) = run() {
-            eprintln!("bench: {name} failed: {e:#}");
-            failed.push(format!("{name}: {e:#}"));
-        }
-    };
-    let (mut programs, mut overheads) = (Vec::new(), Vec::new());
-    if wanted("programs") {
-        part("program cost", &mut || {
-            (programs, overheads) = programs::run(scale)?;
-            Ok(())
-        });
-    }
-    let mut e2e = Vec::new();
-    if wanted("e2e") {
-        let configs = std::env::args().skip_while(|a| a != "--configs").nth(1);
-        let options = e2e::Options {
-            configs: configs.as_deref().map(|c| c.split(',').collect()),
-            profile: std::env::args()
-                .any(|a| a == "--profile")
-                .then(|| out.join("perf")),
-        };
-        part("end to end", &mut || {
-            e2e = e2e::run_all(scale, &options)?;
-            Ok(())
-        });
-    }
-    let mut pressure = Vec::new();
-    if wanted("pressure") {
-        part("a million records, traffic to 100k of them", &mut || {
-            pressure = pressure::run(scale)?;
-            Ok(())
-        });
-    }
-    let mut routing = Vec::new();
-    if wanted("routing") {
-        part("the distributed router", &mut || {
-            routing = routing::run(scale)?;
-            Ok(())
-        });
-    }
-    let mut acls = Vec::new();
-    if wanted("acls") {
-        part("port ACLs", &mut || {
-            acls = acls::run(scale)?;
-            Ok(())
-        });
-    }
+    let (programs, overheads) = part(&mut failed, wanted("programs"), "program cost", || {
+        programs::run(scale)
+    });
+    let e2e = part(&mut failed, wanted("e2e"), "end to end", || {
+        e2e::run_all(scale, options)
+    });
+    let pressure = part(
+        &mut failed,
+        wanted("pressure"),
+        "a million records, traffic to 100k of them",
+        || pressure::run(scale),
+    );
+    let routing = part(
+        &mut failed,
+        wanted("routing"),
+        "the distributed router",
+        || routing::run(scale),
+    );
+    let acls = part(&mut failed, wanted("acls"), "port ACLs", || {
+        acls::run(scale)
+    });
     let at = |name: &str| {
         if wanted(name) {
             scale
@@ -126,15 +105,11 @@ fn measure(
             Scale { smoke: true }
         }
     };
-    let mut control = control::Result::default();
-    part("control plane", &mut || {
-        control = control::run(at("control"))?;
-        Ok(())
+    let control = part(&mut failed, true, "control plane", || {
+        control::run(at("control"))
     });
-    let mut cluster = cluster::Result::default();
-    part("cluster mode", &mut || {
-        cluster = cluster::run(at("cluster"))?;
-        Ok(())
+    let cluster = part(&mut failed, true, "cluster mode", || {
+        cluster::run(at("cluster"))
     });
     let goals = report::goals(&e2e, &control, &cluster);
     let r = report::Report {
@@ -150,6 +125,25 @@ fn measure(
         goals,
     };
     (r, failed)
+}
+
+/// A part's figures when `wanted`; none when not, or when it failed (its failure added to
+/// `failed`).
+fn part<T: Default>(
+    failed: &mut Vec<String>,
+    wanted: bool,
+    name: &str,
+    run: impl FnOnce() -> anyhow::Result<T>,
+) -> T {
+    if !wanted {
+        return T::default();
+    }
+    eprintln!("bench: {name} ...");
+    run().unwrap_or_else(|e| {
+        eprintln!("bench: {name} failed: {e:#}");
+        failed.push(format!("{name}: {e:#}"));
+        T::default()
+    })
 }
 
 /// Another revision's programs and control plane beside this tree's, and nothing else.
